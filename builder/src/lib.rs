@@ -1,0 +1,2 @@
+//! kiln's builder: the Dockerfile frontend, the build graph and solver, the
+//! cache, the exporters and the pieces of the `kiln` CLI.

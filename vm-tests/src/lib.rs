@@ -1,0 +1,1 @@
+//! Shared harness for kiln's end-to-end tests.
