@@ -253,7 +253,7 @@ fn parse_u32(out: &Output) -> u32 {
 }
 
 /// An exclusive lock on a file, held until dropped.
-struct FileLock(fs::File);
+struct FileLock(#[allow(dead_code)] fs::File);
 
 impl FileLock {
     fn acquire(path: &Path) -> Self {
