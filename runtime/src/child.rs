@@ -732,13 +732,46 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
     })
     .or_fail(p, Stage::Stdio);
 
-    // f. seccomp last: from here on only the profile's syscalls work.
+    // f. Signals as a fresh process has them: kiln may block the ones it
+    //    forwards and ignores SIGPIPE (Rust does), and both would survive
+    //    exec.
+    reset_signals();
+
+    // g. seccomp last: from here on only the profile's syscalls work.
     for prog in &p.seccomp {
         sys::seccomp_install(prog).or_fail(p, Stage::Seccomp);
     }
 
-    // g. exec, searching PATH as execvp does.
+    // h. exec, searching PATH as execvp does.
     exec_command(p)
+}
+
+fn reset_signals() {
+    // The raw syscall, because glibc refuses to touch the two real-time
+    // signals it reserves, and those too must reach the command clean.
+    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty
+    // mask; the kernel reads 8 bytes of mask.
+    let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: see above; invalid numbers just fail with EINVAL.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const libc::sigaction,
+                    std::ptr::null_mut::<libc::sigaction>(),
+                    8,
+                )
+            };
+        }
+    }
+    // SAFETY: an empty, initialised set unblocks every signal.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
 }
 
 fn exec_command(p: &Plan) -> ! {
