@@ -23,6 +23,12 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Join kiln's own user namespace while the process is still
+    // single-threaded: steps then map their ids without setuid helpers.
+    if let Err(err) = kiln_runtime::userns::enter(kiln_runtime::userns::Mounts::Shared) {
+        eprintln!("kiln: error: {err}");
+        std::process::exit(kiln_runtime::error::EXIT_SANDBOX_FAILURE);
+    }
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
     };

@@ -145,18 +145,22 @@ fn in_initial_userns(own_map: &str) -> bool {
         }]
 }
 
-/// How many ids starting at 0 are contiguously mapped in our own namespace.
-fn mapped_prefix(own_map: &str) -> u32 {
+/// An identity map over the ids of our own namespace that lie in
+/// `0..FULL_RANGE`, one line per extent of our own map: the kernel requires
+/// each line of a child's map to fall inside a single extent of the
+/// parent's, so a line may not straddle two of them.
+fn identity_over(own_map: &str) -> Vec<Range> {
     let mut ranges = parse_map(own_map);
     ranges.sort_by_key(|r| r.inside);
-    let mut end = 0u32;
-    for r in ranges {
-        if r.inside != end {
-            break;
-        }
-        end = end.saturating_add(r.count);
-    }
-    end
+    ranges
+        .into_iter()
+        .filter(|r| r.inside < FULL_RANGE)
+        .map(|r| Range {
+            inside: r.inside,
+            outside: r.inside,
+            count: r.count.min(FULL_RANGE - r.inside),
+        })
+        .collect()
 }
 
 impl IdMapping {
@@ -214,22 +218,14 @@ impl IdMapping {
             if env.euid != 0 {
                 return single("kiln runs as a non-root user inside a user namespace");
             }
-            let uids = mapped_prefix(&env.own_uid_map).min(FULL_RANGE);
-            let gids = mapped_prefix(&env.own_gid_map).min(FULL_RANGE);
-            if uids == 0 || gids == 0 {
+            let uids = identity_over(&env.own_uid_map);
+            let gids = identity_over(&env.own_gid_map);
+            if !uids.iter().any(|r| r.inside == 0) || !gids.iter().any(|r| r.inside == 0) {
                 return single("uid 0 is not mapped in kiln's own user namespace");
             }
             return IdMapping {
-                uids: vec![Range {
-                    inside: 0,
-                    outside: 0,
-                    count: uids,
-                }],
-                gids: vec![Range {
-                    inside: 0,
-                    outside: 0,
-                    count: gids,
-                }],
+                uids,
+                gids,
                 method: Method::Direct {
                     deny_setgroups: false,
                 },
@@ -507,14 +503,24 @@ mod tests {
         env.own_uid_map = "0 1000 1\n1 165536 65535\n".into();
         env.own_gid_map = "0 1000 1\n1 165536 65535\n".into();
         let m = IdMapping::decide(&env);
+        // One line per extent of the parent's map: a line may not straddle
+        // two of them.
         assert_eq!(
             m.uids,
-            vec![Range {
-                inside: 0,
-                outside: 0,
-                count: FULL_RANGE
-            }]
+            vec![
+                Range {
+                    inside: 0,
+                    outside: 0,
+                    count: 1
+                },
+                Range {
+                    inside: 1,
+                    outside: 1,
+                    count: 65535
+                }
+            ]
         );
+        assert!(m.maps_uid(65535) && !m.maps_uid(65536));
         assert_eq!(
             m.method,
             Method::Direct {
