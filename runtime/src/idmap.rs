@@ -73,23 +73,55 @@ impl IdEnv {
     pub fn from_host() -> Self {
         let euid = nix::unistd::geteuid().as_raw();
         let egid = nix::unistd::getegid().as_raw();
-        let user_name = nix::unistd::User::from_uid(euid.into())
-            .ok()
-            .flatten()
-            .map(|u| u.name);
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let own_uid_map = read("/proc/self/uid_map");
+        // The name only matters for finding a subordinate range, which only
+        // an unprivileged user in the initial namespace needs; skipping the
+        // lookup elsewhere keeps every step start free of NSS.
+        let needs_range = euid != 0 && in_initial_userns(&own_uid_map);
+        let (subuid, subgid, user_name) = if needs_range {
+            (read("/etc/subuid"), read("/etc/subgid"), user_name(euid))
+        } else if euid == 0 && in_initial_userns(&own_uid_map) {
+            (
+                read("/etc/subuid"),
+                read("/etc/subgid"),
+                Some("root".to_string()),
+            )
+        } else {
+            Default::default()
+        };
         IdEnv {
             euid,
             egid,
             user_name,
-            subuid: read("/etc/subuid"),
-            subgid: read("/etc/subgid"),
-            own_uid_map: read("/proc/self/uid_map"),
+            subuid,
+            subgid,
             own_gid_map: read("/proc/self/gid_map"),
-            newuidmap: find_helper("newuidmap"),
-            newgidmap: find_helper("newgidmap"),
+            own_uid_map,
+            newuidmap: needs_range.then(|| find_helper("newuidmap")).flatten(),
+            newgidmap: needs_range.then(|| find_helper("newgidmap")).flatten(),
         }
     }
+}
+
+/// The name of `uid`: from /etc/passwd (as shadow's tools read
+/// /etc/subuid by name), falling back to NSS for directory users.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let id = uid.to_string();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == id).then(|| name.to_string())
+        })
+        .or_else(|| {
+            nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
 }
 
 fn find_helper(name: &str) -> Option<PathBuf> {
