@@ -1,0 +1,1 @@
+//! `kiln debug plan`: print the resolved build plan as JSON.
