@@ -98,6 +98,19 @@ impl SourceMap {
         }
     }
 
+    /// A location at the first occurrence of `needle` on lines `start..=end`,
+    /// or at the start of line `start`.
+    pub fn find_in(&self, start: usize, end: usize, needle: &str) -> Location {
+        if !needle.is_empty() {
+            for line in start..=end.max(start) {
+                if self.line(line).contains(needle) {
+                    return self.find(line, needle);
+                }
+            }
+        }
+        self.find(start, "")
+    }
+
     /// A location at the first occurrence of `needle` on `line`, or at the
     /// first non-blank character of the line when it is not there (for
     /// instance because the token came from a continuation line).
