@@ -1,1 +1,116 @@
-//! `kiln debug plan`: print the resolved build plan as JSON.
+//! `kiln debug plan`: parse a Dockerfile, resolve its stages with the given
+//! build options, and print the plan as JSON, so the frontend can be checked
+//! without running a build.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::frontend::{self, dockerignore, Platform, PlanOptions};
+
+/// Arguments of `kiln debug plan`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlanArgs {
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Stage to build (default: the last one).
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// Build argument; `K` alone takes the value of environment variable K.
+    #[arg(long = "build-arg", value_name = "K=V")]
+    pub build_args: Vec<String>,
+    /// Target platform, e.g. linux/arm64 (default: the host's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+    /// Named build context.
+    #[arg(long = "build-context", value_name = "NAME=SOURCE")]
+    pub build_contexts: Vec<String>,
+    /// The build context directory.
+    #[arg(value_name = "CONTEXT")]
+    pub context: PathBuf,
+}
+
+/// Run `kiln debug plan`.
+pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"));
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read Dockerfile {}", file.display()))?;
+    let name = file.display().to_string();
+    let ast = frontend::parse(&bytes, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let mut build_args = BTreeMap::new();
+    for a in &args.build_args {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                build_args.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    build_args.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    let mut named_contexts = BTreeMap::new();
+    for c in &args.build_contexts {
+        let Some((k, v)) = c.split_once('=') else {
+            bail!("invalid --build-context {c:?}; expected NAME=SOURCE");
+        };
+        named_contexts.insert(k.to_string(), v.to_string());
+    }
+    let target_platform = args
+        .platform
+        .as_deref()
+        .map(Platform::parse)
+        .transpose()
+        .context("invalid --platform")?;
+    let opts = PlanOptions {
+        build_args,
+        target: args.target.clone(),
+        target_platform,
+        named_contexts,
+        ..PlanOptions::default()
+    };
+    let plan = frontend::plan(&ast, &opts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in &plan.warnings {
+        match w.line {
+            Some(l) => eprintln!("warning: {name}:{l}: {}", w.message),
+            None => eprintln!("warning: {}", w.message),
+        }
+    }
+    let ignore = dockerignore::load(&args.context, &file)?;
+    let out = serde_json::json!({
+        "dockerfile": name,
+        "context": args.context,
+        "dockerignore": ignore.patterns(),
+        "plan": plan,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `kiln debug ...`: tools for looking inside kiln without building.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DebugCmd {
+    /// What to inspect.
+    #[command(subcommand)]
+    pub command: DebugCommand,
+}
+
+/// Subcommands of `kiln debug`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DebugCommand {
+    /// Print the resolved stages and dependencies of a Dockerfile as JSON.
+    Plan(PlanArgs),
+}
+
+/// Run `kiln debug ...`.
+pub fn run_debug(cmd: DebugCmd) -> anyhow::Result<()> {
+    match cmd.command {
+        DebugCommand::Plan(args) => run(args),
+    }
+}
