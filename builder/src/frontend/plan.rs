@@ -21,6 +21,7 @@ use super::location::Location;
 use super::mounts::Mount;
 use super::parser::{Ast, Node};
 use super::platform::{Platform, PlatformError};
+use super::shell::Env;
 use super::{Error, ErrorKind};
 
 /// Why a plan could not be made.
@@ -241,6 +242,16 @@ pub fn valid_image_reference(s: &str) -> bool {
     name_len <= 255 && re.is_match(s)
 }
 
+/// Variables for expansion: the first map that has a name wins. Layering
+/// instead of merging keeps planning linear in the number of instructions.
+struct Scope<'a>([&'a BTreeMap<String, String>; 2]);
+
+impl Env for Scope<'_> {
+    fn lookup(&self, name: &str) -> Option<&str> {
+        self.0.iter().find_map(|m| m.get(name).map(String::as_str))
+    }
+}
+
 struct StageDraft {
     name: Option<String>,
     line: usize,
@@ -248,7 +259,7 @@ struct StageDraft {
     platform: Platform,
     deps: BTreeSet<usize>,
     steps: Vec<Step>,
-    env: Vec<(String, String)>,
+    env: BTreeMap<String, String>,
     env_complete: bool,
     used_globals: BTreeSet<String>,
     declared: BTreeSet<String>,
@@ -259,9 +270,9 @@ struct Planner<'a> {
     opts: &'a PlanOptions,
     target_platform: Platform,
     names: BTreeMap<String, (usize, usize)>,
-    globals: Vec<(String, String)>,
+    globals: BTreeMap<String, String>,
     global_declared: BTreeSet<String>,
-    predefined: Vec<(String, String)>,
+    predefined: BTreeMap<String, String>,
     warnings: Vec<PlanWarning>,
 }
 
@@ -277,7 +288,7 @@ impl Planner<'_> {
         self.ast.source.find_in(node.start_line, node.end_line, token)
     }
 
-    fn check(&self, node: &Node, env: &Vec<(String, String)>) -> Result<(Instruction, BTreeSet<String>, BTreeSet<String>), Error> {
+    fn check(&self, node: &Node, env: &dyn Env) -> Result<(Instruction, BTreeSet<String>, BTreeSet<String>), Error> {
         let mut ex = Expander::new(self.ast.escape, env);
         let ins = check(node, &mut ex).map_err(|e| self.err_at(node, e.kind, &e.token))?;
         Ok((ins, ex.matched, ex.unmatched))
@@ -308,8 +319,7 @@ impl Planner<'_> {
 
     fn stage(&mut self, index: usize, nodes: &[Node], done: &[Option<StageDraft>], build_args_used: &mut BTreeSet<String>) -> Result<StageDraft, Error> {
         let from_node = &nodes[0];
-        let mut scope = self.predefined.clone();
-        scope.extend(self.globals.iter().cloned());
+        let scope = Scope([&self.globals, &self.predefined]);
         let (ins, matched, unmatched) = self.check(from_node, &scope)?;
         let Instruction::From(from) = ins else {
             unreachable!("stages start with FROM");
@@ -336,11 +346,11 @@ impl Planner<'_> {
                     parent.is_some_and(|p| p.env_complete),
                 )
             }
-            _ if lower == "scratch" => (Base::Scratch, Vec::new(), true),
+            _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true),
             _ => match self.opts.named_contexts.get(&from.image) {
                 Some(src) => (
                     Base::Context { name: from.image.clone(), source: src.clone() },
-                    Vec::new(),
+                    BTreeMap::new(),
                     false,
                 ),
                 None => {
@@ -350,19 +360,18 @@ impl Planner<'_> {
                     let env = self.opts.image_env.get(&from.image);
                     (
                         Base::Image { reference: from.image.clone() },
-                        env.cloned().unwrap_or_default(),
+                        env.map(|e| e.iter().cloned().collect()).unwrap_or_default(),
                         env.is_some(),
                     )
                 }
             },
         };
-        let mut args: Vec<(String, String)> = Vec::new();
+        let mut args: BTreeMap<String, String> = BTreeMap::new();
         let mut declared = BTreeSet::new();
         let mut steps = Vec::new();
         for node in &nodes[1..] {
             // ENV wins over ARG of the same name, so it goes last.
-            let mut scope = args.clone();
-            scope.extend(env.iter().cloned());
+            let scope = Scope([&env, &args]);
             let (ins, _matched, unmatched) = self.check(node, &scope)?;
             let mut sources = Vec::new();
             match &ins {
@@ -374,21 +383,20 @@ impl Planner<'_> {
                             Some(v.clone())
                         } else if d.default.is_some() {
                             d.default.clone()
-                        } else if let Some((_, v)) = self.globals.iter().rev().find(|(k, _)| *k == d.key) {
+                        } else if let Some(v) = self.globals.get(&d.key) {
                             Some(v.clone())
                         } else {
-                            self.predefined.iter().find(|(k, _)| *k == d.key).map(|(_, v)| v.clone())
+                            self.predefined.get(&d.key).cloned()
                         };
-                        args.retain(|(k, _)| *k != d.key);
-                        if let Some(v) = value {
-                            args.push((d.key.clone(), v));
-                        }
+                        match value {
+                            Some(v) => args.insert(d.key.clone(), v),
+                            None => args.remove(&d.key),
+                        };
                     }
                 }
                 Instruction::Env(kvs) => {
                     for kv in kvs {
-                        env.retain(|(k, _)| *k != kv.key);
-                        env.push((kv.key.clone(), kv.value.clone()));
+                        env.insert(kv.key.clone(), kv.value.clone());
                     }
                 }
                 Instruction::Copy(c) => {
@@ -422,7 +430,7 @@ impl Planner<'_> {
                 original: node.original.trim().to_string(),
                 instruction: ins,
                 sources,
-                args: if is_run { args.clone() } else { Vec::new() },
+                args: if is_run { args.iter().map(|(k, v)| (k.clone(), v.clone())).collect() } else { Vec::new() },
                 unresolved,
             });
         }
@@ -479,7 +487,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
 
     let bp = &opts.build_platform;
     let tp = &target_platform;
-    let mut predefined: Vec<(String, String)> = vec![
+    let mut predefined: BTreeMap<String, String> = BTreeMap::from([
         ("BUILDPLATFORM".into(), bp.to_string()),
         ("BUILDOS".into(), bp.os.clone()),
         ("BUILDARCH".into(), bp.architecture.clone()),
@@ -488,16 +496,16 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         ("TARGETOS".into(), tp.os.clone()),
         ("TARGETARCH".into(), tp.architecture.clone()),
         ("TARGETVARIANT".into(), tp.variant.clone().unwrap_or_default()),
-    ];
+    ]);
 
     let mut planner = Planner {
         ast,
         opts,
         target_platform: target_platform.clone(),
         names: BTreeMap::new(),
-        globals: Vec::new(),
+        globals: BTreeMap::new(),
         global_declared: BTreeSet::new(),
-        predefined: Vec::new(),
+        predefined: BTreeMap::new(),
         warnings: ast
             .warnings
             .iter()
@@ -539,7 +547,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         .iter()
         .find(|(_, &(i, _))| i == target)
         .map_or_else(|| target.to_string(), |(n, _)| n.clone());
-    predefined.push(("TARGETSTAGE".into(), target_name));
+    predefined.insert("TARGETSTAGE".into(), target_name);
     planner.predefined = predefined;
 
     // Global ARGs.
@@ -552,17 +560,16 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             };
             return Err(planner.err_at(node, kind, ""));
         }
-        let mut scope = planner.predefined.clone();
-        scope.extend(planner.globals.iter().cloned());
+        let scope = Scope([&planner.globals, &planner.predefined]);
         let (ins, _, _) = planner.check(node, &scope)?;
         if let Instruction::Arg(decls) = ins {
             for d in decls {
                 planner.global_declared.insert(d.key.clone());
                 let v = opts.build_args.get(&d.key).cloned().or(d.default);
-                planner.globals.retain(|(k, _)| *k != d.key);
-                if let Some(v) = v {
-                    planner.globals.push((d.key, v));
-                }
+                match v {
+                    Some(v) => planner.globals.insert(d.key, v),
+                    None => planner.globals.remove(&d.key),
+                };
             }
         }
     }
