@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::frontend::{self, dockerignore, Platform, PlanOptions};
+use crate::frontend::{self, dockerignore, PlanOptions, Platform};
 
 /// Arguments of `kiln debug plan`.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,7 +38,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         .file
         .clone()
         .unwrap_or_else(|| args.context.join("Dockerfile"));
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read Dockerfile {}", file.display()))?;
+    let bytes = std::fs::read(&file)
+        .with_context(|| format!("cannot read Dockerfile {}", file.display()))?;
     let name = file.display().to_string();
     let ast = frontend::parse(&bytes, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
 

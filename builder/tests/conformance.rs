@@ -53,7 +53,11 @@ fn parser_testfiles_dump_matches_result() {
         cases.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(cases.len() >= 30, "expected BuildKit's ~33 cases, found {}", cases.len());
+    assert!(
+        cases.len() >= 30,
+        "expected BuildKit's ~33 cases, found {}",
+        cases.len()
+    );
 }
 
 #[test]
@@ -79,19 +83,31 @@ fn parser_testfiles_negative_are_rejected() {
 fn parser_testfile_line_numbers() {
     let df = fs::read(root().join("parser/testfile-line/Dockerfile")).unwrap();
     let ast = parser::parse(&df, "Dockerfile").unwrap();
-    let lines: Vec<(usize, usize)> = ast.nodes.iter().map(|n| (n.start_line, n.end_line)).collect();
+    let lines: Vec<(usize, usize)> = ast
+        .nodes
+        .iter()
+        .map(|n| (n.start_line, n.end_line))
+        .collect();
     // The ranges BuildKit's TestParseLineNumber asserts for this file.
     assert_eq!(lines, [(5, 5), (11, 12), (17, 31)]);
 }
 
 fn env_list(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
 fn shell_env_var_test() {
     let text = fs::read_to_string(root().join("shell/envVarTest")).unwrap();
-    let env = env_list(&[("PWD", "/home"), ("SHELL", "bash"), ("KOREAN", "한국어"), ("NULL", "")]);
+    let env = env_list(&[
+        ("PWD", "/home"),
+        ("SHELL", "bash"),
+        ("KOREAN", "한국어"),
+        ("NULL", ""),
+    ]);
     let lex = Lexer::new('\\');
     let (mut total, mut failures) = (0, Vec::new());
     for (n, line) in text.lines().enumerate() {
@@ -113,7 +129,10 @@ fn shell_env_var_test() {
             _ => false,
         };
         if !ok {
-            failures.push(format!("line {}: {input:?}: want {want:?}, got {got:?}", n + 1));
+            failures.push(format!(
+                "line {}: {input:?}: want {want:?}, got {got:?}",
+                n + 1
+            ));
         }
     }
     println!("shell/envVarTest: {}/{total} pass", total - failures.len());
@@ -149,7 +168,10 @@ fn shell_words_test() {
             _ => false,
         };
         if !ok {
-            failures.push(format!("line {}: {input:?}: want {want:?}, got {got:?}", n + 1));
+            failures.push(format!(
+                "line {}: {input:?}: want {want:?}, got {got:?}",
+                n + 1
+            ));
         }
     }
     println!("shell/wordsTest: {}/{total} pass", total - failures.len());

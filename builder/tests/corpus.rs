@@ -16,7 +16,10 @@ use kiln_builder::frontend::{parse, plan, PlanOptions, Platform};
 #[test]
 fn corpus() {
     let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus"));
-    let mut cases: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut cases: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 8, "corpus went missing: {}", dir.display());
     let mut failures = Vec::new();
@@ -30,7 +33,9 @@ fn corpus() {
         };
         let mut checks = Vec::new();
         for line in expect.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line.split_once(" = ").unwrap_or_else(|| panic!("{name}: bad expect line {line:?}"));
+            let (k, v) = line
+                .split_once(" = ")
+                .unwrap_or_else(|| panic!("{name}: bad expect line {line:?}"));
             match k {
                 "platform" => opts.target_platform = Some(Platform::parse(v).unwrap()),
                 "target" => opts.target = Some(v.to_string()),
@@ -41,7 +46,10 @@ fn corpus() {
                 "image-env" => {
                     let (r, kv) = v.split_once(' ').unwrap();
                     let (a, b) = kv.split_once('=').unwrap();
-                    opts.image_env.entry(r.to_string()).or_default().push((a.into(), b.into()));
+                    opts.image_env
+                        .entry(r.to_string())
+                        .or_default()
+                        .push((a.into(), b.into()));
                 }
                 _ => checks.push((k.to_string(), v.to_string())),
             }

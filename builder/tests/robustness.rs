@@ -21,7 +21,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        usize::try_from(self.next() % n as u64).expect("below n, which is a usize")
     }
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
         xs[self.below(xs.len())]
@@ -29,13 +29,85 @@ impl Rng {
 }
 
 const TOKENS: &[&str] = &[
-    "FROM ", "RUN ", "COPY ", "ADD ", "ENV ", "ARG ", "LABEL ", "CMD ", "ENTRYPOINT ", "SHELL ",
-    "EXPOSE ", "WORKDIR ", "USER ", "VOLUME ", "ONBUILD ", "HEALTHCHECK ", "STOPSIGNAL ",
-    "MAINTAINER ", "AS ", "scratch", "alpine", "a", "b", "--from=", "--mount=", "type=cache,",
-    "target=/x", "--chmod=", "--link", "--", "-", "=", " ", "  ", "\t", "\n", "\n", "\n", "\r\n",
-    "\\", "\\\n", "`", "# escape=`\n", "# syntax=x\n", "#", "\"", "'", "$", "${", "}", "{", ":-",
-    ":+", ":?", "#", "%%", "/", "//", "[", "]", "[\"a\", \"b\"]", ",", "<<", "<<-", "EOF", "<<EOF\n",
-    "\nEOF\n", "0", "1", "9999", "é", "☃", "\u{0}", "\u{feff}", "NONE", "CMD", "x=y", "$A", "${A:-b}",
+    "FROM ",
+    "RUN ",
+    "COPY ",
+    "ADD ",
+    "ENV ",
+    "ARG ",
+    "LABEL ",
+    "CMD ",
+    "ENTRYPOINT ",
+    "SHELL ",
+    "EXPOSE ",
+    "WORKDIR ",
+    "USER ",
+    "VOLUME ",
+    "ONBUILD ",
+    "HEALTHCHECK ",
+    "STOPSIGNAL ",
+    "MAINTAINER ",
+    "AS ",
+    "scratch",
+    "alpine",
+    "a",
+    "b",
+    "--from=",
+    "--mount=",
+    "type=cache,",
+    "target=/x",
+    "--chmod=",
+    "--link",
+    "--",
+    "-",
+    "=",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\n",
+    "\n",
+    "\r\n",
+    "\\",
+    "\\\n",
+    "`",
+    "# escape=`\n",
+    "# syntax=x\n",
+    "#",
+    "\"",
+    "'",
+    "$",
+    "${",
+    "}",
+    "{",
+    ":-",
+    ":+",
+    ":?",
+    "#",
+    "%%",
+    "/",
+    "//",
+    "[",
+    "]",
+    "[\"a\", \"b\"]",
+    ",",
+    "<<",
+    "<<-",
+    "EOF",
+    "<<EOF\n",
+    "\nEOF\n",
+    "0",
+    "1",
+    "9999",
+    "é",
+    "☃",
+    "\u{0}",
+    "\u{feff}",
+    "NONE",
+    "CMD",
+    "x=y",
+    "$A",
+    "${A:-b}",
 ];
 
 fn noise(rng: &mut Rng) -> Vec<u8> {
@@ -83,7 +155,14 @@ fn exercise(input: &[u8]) {
     if let Ok(ast) = parse(input, "Dockerfile") {
         let _ = ast.dump();
         for target in [None, Some("a".to_string())] {
-            let _ = plan(&ast, &PlanOptions { target, ..PlanOptions::default() }).map(|p| serde_json::to_string(&p));
+            let _ = plan(
+                &ast,
+                &PlanOptions {
+                    target,
+                    ..PlanOptions::default()
+                },
+            )
+            .map(|p| serde_json::to_string(&p));
         }
     }
     let text = String::from_utf8_lossy(input);
@@ -92,7 +171,8 @@ fn exercise(input: &[u8]) {
     // Matching costs patterns x path depth; exercise it on noise-sized
     // inputs only, with a realistic path.
     if input.len() < 4096 {
-        let _ = Matcher::from_dockerignore(input).map(|m| (m.matches(&text), m.matches("a/b/c.txt")));
+        let _ =
+            Matcher::from_dockerignore(input).map(|m| (m.matches(&text), m.matches("a/b/c.txt")));
     }
 }
 
@@ -106,8 +186,14 @@ const SEEDS: &[&str] = &[
 
 #[test]
 fn random_and_mutated_inputs_never_panic() {
-    let seed = std::env::var("KILN_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15u64);
-    let rounds = std::env::var("KILN_FUZZ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000usize);
+    let seed = std::env::var("KILN_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15u64);
+    let rounds = std::env::var("KILN_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000usize);
     let mut rng = Rng(seed | 1);
     let start = Instant::now();
     for round in 0..rounds {
@@ -119,9 +205,16 @@ fn random_and_mutated_inputs_never_panic() {
         };
         let t = Instant::now();
         if catch_unwind(AssertUnwindSafe(|| exercise(&input))).is_err() {
-            panic!("panicked on round {round} (seed {seed}): {:?}", String::from_utf8_lossy(&input));
+            panic!(
+                "panicked on round {round} (seed {seed}): {:?}",
+                String::from_utf8_lossy(&input)
+            );
         }
-        assert!(t.elapsed() < Duration::from_secs(2), "slow on {:?}", String::from_utf8_lossy(&input));
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "slow on {:?}",
+            String::from_utf8_lossy(&input)
+        );
     }
     eprintln!("{rounds} inputs in {:?}", start.elapsed());
 }
@@ -131,7 +224,8 @@ fn assert_linear(name: &str, make: impl Fn(usize) -> Vec<u8>) {
     let time = |n: usize| {
         let input = make(n);
         let t = Instant::now();
-        catch_unwind(AssertUnwindSafe(|| exercise(&input))).unwrap_or_else(|_| panic!("{name} panicked"));
+        catch_unwind(AssertUnwindSafe(|| exercise(&input)))
+            .unwrap_or_else(|_| panic!("{name} panicked"));
         t.elapsed()
     };
     let n = 4000;
@@ -139,17 +233,35 @@ fn assert_linear(name: &str, make: impl Fn(usize) -> Vec<u8>) {
     let small = time(n).max(Duration::from_millis(1));
     let big = time(4 * n);
     let ratio = big.as_secs_f64() / small.as_secs_f64();
-    assert!(ratio < 9.0, "{name}: n={n} took {small:?}, 4n took {big:?} (x{ratio:.1}): not linear");
+    assert!(
+        ratio < 9.0,
+        "{name}: n={n} took {small:?}, 4n took {big:?} (x{ratio:.1}): not linear"
+    );
     assert!(big < Duration::from_secs(20), "{name}: {big:?}");
 }
 
 #[test]
 fn pathological_shapes_stay_linear() {
-    assert_linear("continuations", |n| format!("FROM a\nRUN x{}\n", " \\\n  y".repeat(n)).into_bytes());
-    assert_linear("continuation comments", |n| format!("FROM a\nRUN x \\\n{}y\n", "# c\n\n".repeat(n)).into_bytes());
-    assert_linear("heredoc body", |n| format!("FROM a\nRUN <<EOF\n{}EOF\n", "line $x\n".repeat(n)).into_bytes());
-    assert_linear("many heredocs", |n| format!("FROM a\nRUN cat {}\n{}", "<<E ".repeat(n), "x\nE\n".repeat(n)).into_bytes());
-    assert_linear("unterminated heredocs", |n| format!("FROM a\nRUN {}\n{}", "<<E ".repeat(n), "x\n".repeat(n)).into_bytes());
+    assert_linear("continuations", |n| {
+        format!("FROM a\nRUN x{}\n", " \\\n  y".repeat(n)).into_bytes()
+    });
+    assert_linear("continuation comments", |n| {
+        format!("FROM a\nRUN x \\\n{}y\n", "# c\n\n".repeat(n)).into_bytes()
+    });
+    assert_linear("heredoc body", |n| {
+        format!("FROM a\nRUN <<EOF\n{}EOF\n", "line $x\n".repeat(n)).into_bytes()
+    });
+    assert_linear("many heredocs", |n| {
+        format!(
+            "FROM a\nRUN cat {}\n{}",
+            "<<E ".repeat(n),
+            "x\nE\n".repeat(n)
+        )
+        .into_bytes()
+    });
+    assert_linear("unterminated heredocs", |n| {
+        format!("FROM a\nRUN {}\n{}", "<<E ".repeat(n), "x\n".repeat(n)).into_bytes()
+    });
     assert_linear("env chain", |n| {
         let mut s = String::from("FROM scratch\n");
         for i in 0..n {
@@ -164,9 +276,23 @@ fn pathological_shapes_stay_linear() {
         }
         s.into_bytes()
     });
-    assert_linear("quotes and escapes", |n| format!("FROM a\nENV a=\"{}\"\n", "\\\"'$".repeat(n)).into_bytes());
-    assert_linear("nested expansions", |n| format!("FROM a\nENV a={}\n", "${x:-".repeat(n.min(60)).repeat(1) + &"y}".repeat(n.min(60)) + &"$y".repeat(n)).into_bytes());
-    assert_linear("flags", |n| format!("FROM a\nCOPY {}a b\n", "--exclude=x ".repeat(n)).into_bytes());
-    assert_linear("long word", |n| format!("FROM a\nLABEL k={}\n", "v".repeat(50 * n)).into_bytes());
-    assert_linear("comments", |n| format!("{}FROM a\n", "# comment\n".repeat(n)).into_bytes());
+    assert_linear("quotes and escapes", |n| {
+        format!("FROM a\nENV a=\"{}\"\n", "\\\"'$".repeat(n)).into_bytes()
+    });
+    assert_linear("nested expansions", |n| {
+        format!(
+            "FROM a\nENV a={}\n",
+            "${x:-".repeat(n.min(60)) + &"y}".repeat(n.min(60)) + &"$y".repeat(n)
+        )
+        .into_bytes()
+    });
+    assert_linear("flags", |n| {
+        format!("FROM a\nCOPY {}a b\n", "--exclude=x ".repeat(n)).into_bytes()
+    });
+    assert_linear("long word", |n| {
+        format!("FROM a\nLABEL k={}\n", "v".repeat(50 * n)).into_bytes()
+    });
+    assert_linear("comments", |n| {
+        format!("{}FROM a\n", "# comment\n".repeat(n)).into_bytes()
+    });
 }

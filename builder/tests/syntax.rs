@@ -50,10 +50,19 @@ const REJECTED: &[(&str, &str)] = &[
     ("FROM a\nENV X", "ENV must have two arguments"),
     ("FROM a\nLABEL X", "LABEL must have two arguments"),
     ("FROM a\nENV a=b c", "can't find = in \"c\""),
-    ("FROM a\nCMD [\"a\", {\"b\": 1}]", "arrays must be comprised of strings only"),
+    (
+        "FROM a\nCMD [\"a\", {\"b\": 1}]",
+        "arrays must be comprised of strings only",
+    ),
     ("# escape=x\nFROM a", "invalid escape token 'x'"),
-    ("# syntax=a\n# SYNTAX=b\nFROM a", "only one syntax parser directive"),
-    ("FROM a\nRUN <<EOF\nno end\n", "unterminated heredoc \"EOF\""),
+    (
+        "# syntax=a\n# SYNTAX=b\nFROM a",
+        "only one syntax parser directive",
+    ),
+    (
+        "FROM a\nRUN <<EOF\nno end\n",
+        "unterminated heredoc \"EOF\"",
+    ),
 ];
 
 #[test]
@@ -90,8 +99,16 @@ fn error_renders_like_a_compiler() {
 
 #[test]
 fn line_ranges_cover_continuations_and_heredocs() {
-    let ast = parse(b"FROM a\nRUN a \\\n  b \\\n  c\nCOPY <<EOF /x\n1\n2\nEOF\nUSER me\n", "D").unwrap();
-    let r: Vec<_> = ast.nodes.iter().map(|n| (n.start_line, n.end_line)).collect();
+    let ast = parse(
+        b"FROM a\nRUN a \\\n  b \\\n  c\nCOPY <<EOF /x\n1\n2\nEOF\nUSER me\n",
+        "D",
+    )
+    .unwrap();
+    let r: Vec<_> = ast
+        .nodes
+        .iter()
+        .map(|n| (n.start_line, n.end_line))
+        .collect();
     assert_eq!(r, [(1, 1), (2, 4), (5, 8), (9, 9)]);
     assert_eq!(ast.nodes[2].heredocs[0].content, "1\n2\n");
 }

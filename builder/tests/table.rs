@@ -1,7 +1,10 @@
 //! A table of every Dockerfile construct the frontend checks, with the
 //! checked instruction it must produce (as JSON) or the error it must give.
 
-use kiln_builder::frontend::{self, instructions::{check, Expander}};
+use kiln_builder::frontend::{
+    self,
+    instructions::{check, Expander},
+};
 
 /// (Dockerfile text, expected JSON of the checked instruction, or
 /// `ERR <message>` / `PARSE-ERR <message>`).
@@ -106,5 +109,11 @@ fn every_construct() {
             failures.push(format!("{input:?}\n  want {want}\n   got {got}"));
         }
     }
-    assert!(failures.is_empty(), "{} of {} rows differ:\n{}", failures.len(), TABLE.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows differ:\n{}",
+        failures.len(),
+        TABLE.len(),
+        failures.join("\n")
+    );
 }

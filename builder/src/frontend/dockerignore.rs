@@ -77,7 +77,11 @@ pub fn read_patterns(text: &[u8]) -> Vec<String> {
                 cleaned.remove(0);
             }
         }
-        out.push(if invert { format!("!{cleaned}") } else { cleaned });
+        out.push(if invert {
+            format!("!{cleaned}")
+        } else {
+            cleaned
+        });
     }
     out
 }
@@ -194,7 +198,13 @@ impl Matcher {
     pub fn patterns(&self) -> Vec<String> {
         self.patterns
             .iter()
-            .map(|p| if p.exclusion { format!("!{}", p.text) } else { p.text.clone() })
+            .map(|p| {
+                if p.exclusion {
+                    format!("!{}", p.text)
+                } else {
+                    p.text.clone()
+                }
+            })
             .collect()
     }
 
@@ -274,7 +284,9 @@ mod tests {
     #[test]
     fn reading_cleans_and_skips_comments() {
         assert_eq!(
-            read_patterns("\u{feff}# c\n  \n/abs/./x/\n !  keep \n  #notcomment\na/../b\n".as_bytes()),
+            read_patterns(
+                "\u{feff}# c\n  \n/abs/./x/\n !  keep \n  #notcomment\na/../b\n".as_bytes()
+            ),
             ["abs/x", "!keep", "#notcomment", "b"]
         );
     }
@@ -282,10 +294,24 @@ mod tests {
     #[test]
     fn globs_and_double_star() {
         let t = m("*.md\n**/*.log\ndocs/**\nbuild/?\n[a-c]x\n");
-        for yes in ["README.md", "a.log", "x/y/z.log", "docs/a/b", "build/1", "bx"] {
+        for yes in [
+            "README.md",
+            "a.log",
+            "x/y/z.log",
+            "docs/a/b",
+            "build/1",
+            "bx",
+        ] {
             assert!(t.matches(yes), "{yes}");
         }
-        for no in ["sub/README.md", "build/12", "dx", "src/main.rs", "doc", "docs"] {
+        for no in [
+            "sub/README.md",
+            "build/12",
+            "dx",
+            "src/main.rs",
+            "doc",
+            "docs",
+        ] {
             assert!(!t.matches(no), "{no}");
         }
     }
@@ -301,7 +327,10 @@ mod tests {
         let t = m("dir\n!dir/keep\n");
         assert!(t.matches("dir/other"));
         assert!(!t.matches("dir/keep"));
-        assert!(!t.matches("dir/keep/deeper"), "an exception covers what is under it");
+        assert!(
+            !t.matches("dir/keep/deeper"),
+            "an exception covers what is under it"
+        );
     }
 
     #[test]
@@ -320,8 +349,14 @@ mod tests {
         assert!(!t.matches("xliteral"));
         assert!(t.matches("q?"));
         assert!(!t.matches("qx"));
-        assert!(matches!(Matcher::new(["!"]), Err(DockerignoreError::IllegalExclusion(1))));
-        assert!(matches!(Matcher::new(["[abc"]), Err(DockerignoreError::BadPattern { .. })));
+        assert!(matches!(
+            Matcher::new(["!"]),
+            Err(DockerignoreError::IllegalExclusion(1))
+        ));
+        assert!(matches!(
+            Matcher::new(["[abc"]),
+            Err(DockerignoreError::BadPattern { .. })
+        ));
     }
 
     #[test]
@@ -333,10 +368,19 @@ mod tests {
         std::fs::write(&df, "FROM a\n").unwrap();
         let root = load(dir.path(), &df).unwrap();
         assert!(root.matches("root-only"));
-        std::fs::write(dir.path().join("sub/app.Dockerfile.dockerignore"), "specific\n").unwrap();
+        std::fs::write(
+            dir.path().join("sub/app.Dockerfile.dockerignore"),
+            "specific\n",
+        )
+        .unwrap();
         let specific = load(dir.path(), &df).unwrap();
         assert!(specific.matches("specific"));
         assert!(!specific.matches("root-only"), "not merged");
-        assert!(load(&dir.path().join("none"), &dir.path().join("none/Dockerfile")).unwrap().is_empty());
+        assert!(load(
+            &dir.path().join("none"),
+            &dir.path().join("none/Dockerfile")
+        )
+        .unwrap()
+        .is_empty());
     }
 }

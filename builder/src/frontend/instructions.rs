@@ -50,7 +50,9 @@ pub enum InstructionError {
     #[error("FROM requires either one or three arguments: FROM image [AS name]")]
     FromArgs,
     /// A stage name outside `[a-z][a-z0-9-_.]*`.
-    #[error("invalid name for build stage: {0:?}, name can't start with a number or contain symbols")]
+    #[error(
+        "invalid name for build stage: {0:?}, name can't start with a number or contain symbols"
+    )]
     InvalidStageName(String),
     /// `FROM $EMPTY`.
     #[error("base name ({0}) should not be blank; check the ARG it uses")]
@@ -71,13 +73,17 @@ pub enum InstructionError {
     #[error("unsupported security mode {0:?}; use sandbox or insecure")]
     Security(String),
     /// `--chmod=x`.
-    #[error("invalid chmod {0:?}; use an octal mode such as 0755 or a symbolic one such as u=rwX,go=rX")]
+    #[error(
+        "invalid chmod {0:?}; use an octal mode such as 0755 or a symbolic one such as u=rwX,go=rX"
+    )]
     Chmod(String),
     /// `--checksum=x`.
     #[error("invalid checksum {0:?}; use ALGORITHM:HEX such as sha256:<64 hex digits>")]
     Checksum(String),
     /// `EXPOSE x`.
-    #[error("invalid containerPort: {0}; use PORT, PORT-PORT, optionally with /tcp, /udp or /sctp")]
+    #[error(
+        "invalid containerPort: {0}; use PORT, PORT-PORT, optionally with /tcp, /udp or /sctp"
+    )]
     Port(String),
     /// A HEALTHCHECK duration.
     #[error("invalid duration {value:?} for --{flag}; use a Go duration such as 30s or 1m30s")]
@@ -453,9 +459,14 @@ impl Flags {
                 (Kind::Str | Kind::List, None) => {
                     return Err(at(InstructionError::FlagNeedsValue(name.into()), f))
                 }
-                (Kind::Bool, Some(v)) if !matches!(v.to_ascii_lowercase().as_str(), "true" | "false") => {
+                (Kind::Bool, Some(v))
+                    if !matches!(v.to_ascii_lowercase().as_str(), "true" | "false") =>
+                {
                     return Err(at(
-                        InstructionError::FlagNotBool { flag: name.into(), value: v.clone() },
+                        InstructionError::FlagNotBool {
+                            flag: name.into(),
+                            value: v.clone(),
+                        },
                         f,
                     ))
                 }
@@ -500,7 +511,9 @@ impl Flags {
 pub fn valid_stage_name(name: &str) -> bool {
     let mut c = name.chars();
     c.next().is_some_and(|f| f.is_ascii_lowercase())
-        && c.all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '-' | '_' | '.'))
+        && c.all(|ch| {
+            ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '-' | '_' | '.')
+        })
 }
 
 /// Parse a `--chmod` value.
@@ -508,7 +521,11 @@ pub fn parse_chmod(s: &str) -> std::result::Result<Chmod, InstructionError> {
     let bad = || InstructionError::Chmod(s.to_string());
     if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
         let m = u32::from_str_radix(s, 8).map_err(|_| bad())?;
-        return if m <= 0o7777 { Ok(Chmod::Octal(m)) } else { Err(bad()) };
+        return if m <= 0o7777 {
+            Ok(Chmod::Octal(m))
+        } else {
+            Err(bad())
+        };
     }
     // [ugoa]*([-+=]([rwxXst]*|[ugo]))+ per clause, comma separated.
     for clause in s.split(',') {
@@ -569,7 +586,11 @@ pub fn parse_port(s: &str) -> std::result::Result<Port, InstructionError> {
     if end < start {
         return Err(bad());
     }
-    Ok(Port { start, end, protocol: proto })
+    Ok(Port {
+        start,
+        end,
+        protocol: proto,
+    })
 }
 
 /// Parse a Go duration (`300ms`, `1.5h`, `2h45m`).
@@ -583,13 +604,17 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     }
     let mut total = 0f64;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_end == 0 {
             return None;
         }
         let n: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "ns" => 1e-9,
             "us" | "µs" | "μs" => 1e-6,
@@ -610,10 +635,22 @@ fn duration_flag(flags: &Flags, name: &str) -> Result<Option<Duration>> {
         return Ok(None);
     };
     let d = parse_go_duration(&v).ok_or_else(|| {
-        at(InstructionError::Duration { flag: name.into(), value: v.clone() }, &v)
+        at(
+            InstructionError::Duration {
+                flag: name.into(),
+                value: v.clone(),
+            },
+            &v,
+        )
     })?;
     if d != Duration::ZERO && d < Duration::from_millis(1) {
-        return Err(at(InstructionError::DurationTooShort { flag: name.into(), value: v.clone() }, &v));
+        return Err(at(
+            InstructionError::DurationTooShort {
+                flag: name.into(),
+                value: v.clone(),
+            },
+            &v,
+        ));
     }
     Ok(Some(d))
 }
@@ -689,13 +726,21 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 Some(p) => Some(ex.word(&p).map_err(|e| at(e, &p))?),
                 None => None,
             };
-            Instruction::From(FromStage { image: expanded, platform, name })
+            Instruction::From(FromStage {
+                image: expanded,
+                platform,
+                name,
+            })
         }
         "run" => {
             let flags = Flags::parse(
                 name,
                 &node.flags,
-                &[("mount", Kind::List), ("network", Kind::Str), ("security", Kind::Str)],
+                &[
+                    ("mount", Kind::List),
+                    ("network", Kind::Str),
+                    ("security", Kind::Str),
+                ],
             )?;
             let mut mounts = Vec::new();
             let mut ssh = 0;
@@ -847,7 +892,10 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                     ))
                 }
                 i if !is_instruction(i) => {
-                    return Err(at(InstructionError::UnknownInstruction(i.to_uppercase()), i))
+                    return Err(at(
+                        InstructionError::UnknownInstruction(i.to_uppercase()),
+                        i,
+                    ))
                 }
                 _ => {}
             }
@@ -969,7 +1017,10 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
     let flags = Flags::parse(&node.instruction, &node.flags, spec)?;
     let args = &node.args;
     if args.len() < 2 {
-        return Err(at(InstructionError::NeedsDestination(up), args.first().map_or("", String::as_str)));
+        return Err(at(
+            InstructionError::NeedsDestination(up),
+            args.first().map_or("", String::as_str),
+        ));
     }
     let (srcs, dest) = args.split_at(args.len() - 1);
     let dest = ex.word(&dest[0]).map_err(|e| at(e, &dest[0]))?;
@@ -979,8 +1030,15 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         if !node.json && parse_heredoc(s).is_some() {
             if let Some(doc) = docs.pop_front() {
                 let body = doc.body();
-                let content = if doc.expand { ex.word_raw_quotes(&body).map_err(|e| at(e, s))? } else { body };
-                sources.push(Source::Heredoc { name: doc.name.clone(), content });
+                let content = if doc.expand {
+                    ex.word_raw_quotes(&body).map_err(|e| at(e, s))?
+                } else {
+                    body
+                };
+                sources.push(Source::Heredoc {
+                    name: doc.name.clone(),
+                    content,
+                });
                 continue;
             }
         }
@@ -1026,7 +1084,11 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
             link: flags.bool("link"),
             keep_git_dir: flags.bool("keep-git-dir"),
             checksum,
-            unpack: if flags.set("unpack") { flags.opt_bool("unpack") } else { None },
+            unpack: if flags.set("unpack") {
+                flags.opt_bool("unpack")
+            } else {
+                None
+            },
             excludes,
         })
     })
@@ -1071,33 +1133,73 @@ mod tests {
 
     #[test]
     fn unknown_things_are_named() {
-        assert_eq!(err("FORM x"), InstructionError::UnknownInstruction("FORM".into()));
+        assert_eq!(
+            err("FORM x"),
+            InstructionError::UnknownInstruction("FORM".into())
+        );
         assert_eq!(
             err("COPY --bogus=1 a b"),
-            InstructionError::UnknownFlag { instruction: "COPY".into(), flag: "bogus".into() }
+            InstructionError::UnknownFlag {
+                instruction: "COPY".into(),
+                flag: "bogus".into()
+            }
         );
         assert_eq!(
             err("ADD --from=x a b"),
-            InstructionError::UnknownFlag { instruction: "ADD".into(), flag: "from".into() }
+            InstructionError::UnknownFlag {
+                instruction: "ADD".into(),
+                flag: "from".into()
+            }
         );
-        assert_eq!(err("COPY --from a b"), InstructionError::FlagNeedsValue("from".into()));
-        assert_eq!(err("COPY --from=a --from=b a b"), InstructionError::DuplicateFlag("from".into()));
-        assert!(matches!(err("COPY --link=maybe a b"), InstructionError::FlagNotBool { .. }));
-        assert_eq!(err("ONBUILD FROM x"), InstructionError::OnbuildForbidden("FROM".into()));
-        assert_eq!(err("ONBUILD ONBUILD RUN x"), InstructionError::OnbuildForbidden("ONBUILD".into()));
-        assert_eq!(err("ONBUILD MAINTAINER x"), InstructionError::OnbuildForbidden("MAINTAINER".into()));
-        assert_eq!(err("ONBUILD FOO x"), InstructionError::UnknownInstruction("FOO".into()));
+        assert_eq!(
+            err("COPY --from a b"),
+            InstructionError::FlagNeedsValue("from".into())
+        );
+        assert_eq!(
+            err("COPY --from=a --from=b a b"),
+            InstructionError::DuplicateFlag("from".into())
+        );
+        assert!(matches!(
+            err("COPY --link=maybe a b"),
+            InstructionError::FlagNotBool { .. }
+        ));
+        assert_eq!(
+            err("ONBUILD FROM x"),
+            InstructionError::OnbuildForbidden("FROM".into())
+        );
+        assert_eq!(
+            err("ONBUILD ONBUILD RUN x"),
+            InstructionError::OnbuildForbidden("ONBUILD".into())
+        );
+        assert_eq!(
+            err("ONBUILD MAINTAINER x"),
+            InstructionError::OnbuildForbidden("MAINTAINER".into())
+        );
+        assert_eq!(
+            err("ONBUILD FOO x"),
+            InstructionError::UnknownInstruction("FOO".into())
+        );
     }
 
     #[test]
     fn from_forms() {
         assert_eq!(
             one("FROM --platform=$V alpine:${V} AS Build").unwrap(),
-            Instruction::From(FromStage { image: "alpine:val".into(), platform: Some("val".into()), name: Some("build".into()) })
+            Instruction::From(FromStage {
+                image: "alpine:val".into(),
+                platform: Some("val".into()),
+                name: Some("build".into())
+            })
         );
         assert_eq!(err("FROM a b"), InstructionError::FromArgs);
-        assert_eq!(err("FROM a AS 1x"), InstructionError::InvalidStageName("1x".into()));
-        assert_eq!(err("FROM $NOPE"), InstructionError::EmptyImage("$NOPE".into()));
+        assert_eq!(
+            err("FROM a AS 1x"),
+            InstructionError::InvalidStageName("1x".into())
+        );
+        assert_eq!(
+            err("FROM $NOPE"),
+            InstructionError::EmptyImage("$NOPE".into())
+        );
     }
 
     #[test]
@@ -1105,28 +1207,55 @@ mod tests {
         assert_eq!(
             one("ENV A=$V B=\"x y\" C=${V}2").unwrap(),
             Instruction::Env(vec![
-                KeyValue { key: "A".into(), value: "val".into() },
-                KeyValue { key: "B".into(), value: "x y".into() },
-                KeyValue { key: "C".into(), value: "val2".into() },
+                KeyValue {
+                    key: "A".into(),
+                    value: "val".into()
+                },
+                KeyValue {
+                    key: "B".into(),
+                    value: "x y".into()
+                },
+                KeyValue {
+                    key: "C".into(),
+                    value: "val2".into()
+                },
             ])
         );
         assert_eq!(
             one("ENV SCUBA \"1 DUBA 3\"").unwrap(),
-            Instruction::Env(vec![KeyValue { key: "SCUBA".into(), value: "1 DUBA 3".into() }])
+            Instruction::Env(vec![KeyValue {
+                key: "SCUBA".into(),
+                value: "1 DUBA 3".into()
+            }])
         );
         assert_eq!(
             one("LABEL a.b=\"c d\" e=f").unwrap(),
             Instruction::Label(vec![
-                KeyValue { key: "a.b".into(), value: "c d".into() },
-                KeyValue { key: "e".into(), value: "f".into() },
+                KeyValue {
+                    key: "a.b".into(),
+                    value: "c d".into()
+                },
+                KeyValue {
+                    key: "e".into(),
+                    value: "f".into()
+                },
             ])
         );
         assert_eq!(
             one("ARG a b=\"1 2\" c=$V").unwrap(),
             Instruction::Arg(vec![
-                ArgDecl { key: "a".into(), default: None },
-                ArgDecl { key: "b".into(), default: Some("1 2".into()) },
-                ArgDecl { key: "c".into(), default: Some("val".into()) },
+                ArgDecl {
+                    key: "a".into(),
+                    default: None
+                },
+                ArgDecl {
+                    key: "b".into(),
+                    default: Some("1 2".into())
+                },
+                ArgDecl {
+                    key: "c".into(),
+                    default: Some("val".into())
+                },
             ])
         );
         assert_eq!(err("ENV"), InstructionError::NoArguments("ENV"));
@@ -1134,21 +1263,57 @@ mod tests {
 
     #[test]
     fn run_forms() {
-        let Instruction::Run(r) = one("RUN --mount=type=cache,target=/c --network=none --security=insecure make").unwrap() else {
+        let Instruction::Run(r) =
+            one("RUN --mount=type=cache,target=/c --network=none --security=insecure make")
+                .unwrap()
+        else {
             panic!()
         };
         assert_eq!(r.command, RunCommand::Shell("make".into()));
         assert_eq!(r.network, Some(NetworkMode::None));
         assert_eq!(r.security, Some(SecurityMode::Insecure));
         assert_eq!(r.mounts.len(), 1);
-        assert_eq!(one("RUN [\"a\", \"b\"]").unwrap(), Instruction::Run(Run { command: RunCommand::Exec(vec!["a".into(), "b".into()]), mounts: vec![], network: None, security: None }));
-        assert!(matches!(err("RUN --network=bridge x"), InstructionError::Network(_)));
-        assert!(matches!(err("RUN --security=x y"), InstructionError::Security(_)));
-        assert!(matches!(err("RUN --mount=type=nope,target=/x y"), InstructionError::Mount(_)));
-        let Instruction::Run(r) = one("RUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\n").unwrap() else { panic!() };
-        assert_eq!(r.command, RunCommand::Heredoc { name: "EOF".into(), content: "#!/usr/bin/env python3\nprint(1)\n".into(), shebang: true });
-        let Instruction::Run(r) = one("RUN cat <<A <<B\na\nA\nb\nB\n").unwrap() else { panic!() };
-        assert_eq!(r.command, RunCommand::Shell("cat <<A <<B\na\nA\nb\nB".into()));
+        assert_eq!(
+            one("RUN [\"a\", \"b\"]").unwrap(),
+            Instruction::Run(Run {
+                command: RunCommand::Exec(vec!["a".into(), "b".into()]),
+                mounts: vec![],
+                network: None,
+                security: None
+            })
+        );
+        assert!(matches!(
+            err("RUN --network=bridge x"),
+            InstructionError::Network(_)
+        ));
+        assert!(matches!(
+            err("RUN --security=x y"),
+            InstructionError::Security(_)
+        ));
+        assert!(matches!(
+            err("RUN --mount=type=nope,target=/x y"),
+            InstructionError::Mount(_)
+        ));
+        let Instruction::Run(r) =
+            one("RUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\n").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            r.command,
+            RunCommand::Heredoc {
+                name: "EOF".into(),
+                content: "#!/usr/bin/env python3\nprint(1)\n".into(),
+                shebang: true
+            }
+        );
+        let Instruction::Run(r) = one("RUN cat <<A <<B\na\nA\nb\nB\n").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            r.command,
+            RunCommand::Shell("cat <<A <<B\na\nA\nb\nB".into())
+        );
     }
 
     #[test]
@@ -1158,44 +1323,126 @@ mod tests {
         assert_eq!(c.chmod, Some(Chmod::Octal(0o644)));
         assert!(c.link && c.parents);
         assert_eq!(c.excludes, ["*.md", "x"]);
-        assert_eq!(c.sources, [Source::Path("a/val".into()), Source::Path("b/".into())]);
+        assert_eq!(
+            c.sources,
+            [Source::Path("a/val".into()), Source::Path("b/".into())]
+        );
         assert_eq!(c.dest, "/dst/");
-        let Instruction::Copy(c) = one("COPY --chmod=u=rwX,go=rX <<EOF <<'RAW' /x/\n$V \"q\"\nEOF\n$V\nRAW\n").unwrap() else { panic!() };
+        let Instruction::Copy(c) =
+            one("COPY --chmod=u=rwX,go=rX <<EOF <<'RAW' /x/\n$V \"q\"\nEOF\n$V\nRAW\n").unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(c.chmod, Some(Chmod::Symbolic("u=rwX,go=rX".into())));
-        assert_eq!(c.sources, [Source::Heredoc { name: "EOF".into(), content: "val \"q\"\n".into() }, Source::Heredoc { name: "RAW".into(), content: "$V\n".into() }]);
-        let Instruction::Add(a) = one(&format!("ADD --checksum=sha256:{} --keep-git-dir --unpack=false https://x/y.tgz /", "a".repeat(64))).unwrap() else { panic!() };
+        assert_eq!(
+            c.sources,
+            [
+                Source::Heredoc {
+                    name: "EOF".into(),
+                    content: "val \"q\"\n".into()
+                },
+                Source::Heredoc {
+                    name: "RAW".into(),
+                    content: "$V\n".into()
+                }
+            ]
+        );
+        let Instruction::Add(a) = one(&format!(
+            "ADD --checksum=sha256:{} --keep-git-dir --unpack=false https://x/y.tgz /",
+            "a".repeat(64)
+        ))
+        .unwrap() else {
+            panic!()
+        };
         assert!(a.keep_git_dir);
         assert_eq!(a.unpack, Some(false));
-        assert!(matches!(err("ADD --checksum=md5:x a b"), InstructionError::Checksum(_)));
-        assert!(matches!(err("COPY --chmod=z+q a b"), InstructionError::Chmod(_)));
+        assert!(matches!(
+            err("ADD --checksum=md5:x a b"),
+            InstructionError::Checksum(_)
+        ));
+        assert!(matches!(
+            err("COPY --chmod=z+q a b"),
+            InstructionError::Chmod(_)
+        ));
         assert_eq!(err("COPY a"), InstructionError::NeedsDestination("COPY"));
-        assert_eq!(err("ADD --parents a b"), InstructionError::UnknownFlag { instruction: "ADD".into(), flag: "parents".into() });
+        assert_eq!(
+            err("ADD --parents a b"),
+            InstructionError::UnknownFlag {
+                instruction: "ADD".into(),
+                flag: "parents".into()
+            }
+        );
     }
 
     #[test]
     fn small_instructions() {
-        assert_eq!(one("EXPOSE $P 53/udp 9000-9010/tcp").unwrap(), Instruction::Expose(vec![
-            Port { start: 8080, end: 8080, protocol: "tcp".into() },
-            Port { start: 53, end: 53, protocol: "udp".into() },
-            Port { start: 9000, end: 9010, protocol: "tcp".into() },
-        ]));
+        assert_eq!(
+            one("EXPOSE $P 53/udp 9000-9010/tcp").unwrap(),
+            Instruction::Expose(vec![
+                Port {
+                    start: 8080,
+                    end: 8080,
+                    protocol: "tcp".into()
+                },
+                Port {
+                    start: 53,
+                    end: 53,
+                    protocol: "udp".into()
+                },
+                Port {
+                    start: 9000,
+                    end: 9010,
+                    protocol: "tcp".into()
+                },
+            ])
+        );
         assert!(matches!(err("EXPOSE 80/icmp"), InstructionError::Port(_)));
-        assert_eq!(one("WORKDIR /a/$V").unwrap(), Instruction::Workdir("/a/val".into()));
+        assert_eq!(
+            one("WORKDIR /a/$V").unwrap(),
+            Instruction::Workdir("/a/val".into())
+        );
         assert_eq!(one("USER $V:g").unwrap(), Instruction::User("val:g".into()));
-        assert_eq!(one("STOPSIGNAL SIG$V").unwrap(), Instruction::StopSignal("SIGval".into()));
-        assert_eq!(one("MAINTAINER Me <m@e>").unwrap(), Instruction::Maintainer("Me <m@e>".into()));
-        assert_eq!(one("VOLUME [\"/a\", \"/$V\"]").unwrap(), Instruction::Volume(vec!["/a".into(), "/val".into()]));
+        assert_eq!(
+            one("STOPSIGNAL SIG$V").unwrap(),
+            Instruction::StopSignal("SIGval".into())
+        );
+        assert_eq!(
+            one("MAINTAINER Me <m@e>").unwrap(),
+            Instruction::Maintainer("Me <m@e>".into())
+        );
+        assert_eq!(
+            one("VOLUME [\"/a\", \"/$V\"]").unwrap(),
+            Instruction::Volume(vec!["/a".into(), "/val".into()])
+        );
         assert_eq!(err("VOLUME [\"\"]"), InstructionError::EmptyVolume);
-        assert_eq!(one("SHELL [\"bash\", \"-c\"]").unwrap(), Instruction::Shell(vec!["bash".into(), "-c".into()]));
+        assert_eq!(
+            one("SHELL [\"bash\", \"-c\"]").unwrap(),
+            Instruction::Shell(vec!["bash".into(), "-c".into()])
+        );
         assert_eq!(err("SHELL bash -c"), InstructionError::ShellNotJson);
-        assert_eq!(one("CMD echo $V").unwrap(), Instruction::Cmd(CommandLine::Shell("echo $V".into())));
-        assert_eq!(one("ENTRYPOINT [\"x\"]").unwrap(), Instruction::Entrypoint(CommandLine::Exec(vec!["x".into()])));
-        assert_eq!(one("ONBUILD RUN echo $V").unwrap(), Instruction::Onbuild(Onbuild { expression: "RUN echo $V".into(), instruction: "run".into() }));
+        assert_eq!(
+            one("CMD echo $V").unwrap(),
+            Instruction::Cmd(CommandLine::Shell("echo $V".into()))
+        );
+        assert_eq!(
+            one("ENTRYPOINT [\"x\"]").unwrap(),
+            Instruction::Entrypoint(CommandLine::Exec(vec!["x".into()]))
+        );
+        assert_eq!(
+            one("ONBUILD RUN echo $V").unwrap(),
+            Instruction::Onbuild(Onbuild {
+                expression: "RUN echo $V".into(),
+                instruction: "run".into()
+            })
+        );
     }
 
     #[test]
     fn healthcheck_forms() {
-        assert_eq!(one("HEALTHCHECK NONE").unwrap(), Instruction::Healthcheck(Healthcheck::None));
+        assert_eq!(
+            one("HEALTHCHECK NONE").unwrap(),
+            Instruction::Healthcheck(Healthcheck::None)
+        );
         assert_eq!(
             one("HEALTHCHECK --interval=5s --timeout=1m30s --start-period=0s --start-interval=100ms --retries=4 CMD curl -f x").unwrap(),
             Instruction::Healthcheck(Healthcheck::Cmd {
@@ -1207,12 +1454,33 @@ mod tests {
                 retries: Some(4),
             })
         );
-        assert_eq!(err("HEALTHCHECK CONNECT TCP 7000"), InstructionError::HealthcheckType("CONNECT".into()));
-        assert_eq!(err("HEALTHCHECK NONE x"), InstructionError::HealthcheckNoneArgs);
-        assert_eq!(err("HEALTHCHECK CMD"), InstructionError::HealthcheckMissingCmd);
-        assert_eq!(err("HEALTHCHECK"), InstructionError::NoArguments("HEALTHCHECK"));
-        assert!(matches!(err("HEALTHCHECK --interval=5 CMD x"), InstructionError::Duration { .. }));
-        assert!(matches!(err("HEALTHCHECK --interval=1us CMD x"), InstructionError::DurationTooShort { .. }));
-        assert!(matches!(err("HEALTHCHECK --retries=-1 CMD x"), InstructionError::Retries(_)));
+        assert_eq!(
+            err("HEALTHCHECK CONNECT TCP 7000"),
+            InstructionError::HealthcheckType("CONNECT".into())
+        );
+        assert_eq!(
+            err("HEALTHCHECK NONE x"),
+            InstructionError::HealthcheckNoneArgs
+        );
+        assert_eq!(
+            err("HEALTHCHECK CMD"),
+            InstructionError::HealthcheckMissingCmd
+        );
+        assert_eq!(
+            err("HEALTHCHECK"),
+            InstructionError::NoArguments("HEALTHCHECK")
+        );
+        assert!(matches!(
+            err("HEALTHCHECK --interval=5 CMD x"),
+            InstructionError::Duration { .. }
+        ));
+        assert!(matches!(
+            err("HEALTHCHECK --interval=1us CMD x"),
+            InstructionError::DurationTooShort { .. }
+        ));
+        assert!(matches!(
+            err("HEALTHCHECK --retries=-1 CMD x"),
+            InstructionError::Retries(_)
+        ));
     }
 }

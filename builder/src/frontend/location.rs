@@ -136,10 +136,7 @@ mod tests {
         let map = SourceMap::new("Dockerfile", "FROM a\nCOPY --bogus x y\n");
         let loc = map.find(2, "--bogus");
         assert_eq!(loc.to_string(), "Dockerfile:2:6");
-        assert_eq!(
-            loc.snippet(),
-            "  |\n2 | COPY --bogus x y\n  |      ^"
-        );
+        assert_eq!(loc.snippet(), "  |\n2 | COPY --bogus x y\n  |      ^");
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
     /// Where (None for problems with the options, such as `--target`).
-    pub location: Option<Location>,
+    /// Boxed to keep `Result<_, Error>` small on the happy path.
+    pub location: Option<Box<Location>>,
     /// What.
     pub kind: ErrorKind,
 }
@@ -78,7 +79,7 @@ impl std::error::Error for Error {}
 impl From<parser::LocatedParseError> for Error {
     fn from(e: parser::LocatedParseError) -> Self {
         Error {
-            location: Some(e.location),
+            location: Some(Box::new(e.location)),
             kind: e.kind.into(),
         }
     }

@@ -15,7 +15,9 @@ pub enum MountError {
     #[error("unsupported mount type {0:?}; use bind, cache, tmpfs, secret or ssh")]
     UnknownType(String),
     /// A key no mount type knows.
-    #[error("unexpected key {0:?} in --mount; see the RUN --mount reference for the keys of each type")]
+    #[error(
+        "unexpected key {0:?} in --mount; see the RUN --mount reference for the keys of each type"
+    )]
     UnknownKey(String),
     /// A key that does not apply to this type.
     #[error("option {key:?} is not allowed for mount type {kind}")]
@@ -37,7 +39,11 @@ pub enum MountError {
     Sharing(String),
     /// `mode=` not octal, `uid=` / `gid=` not a number.
     #[error("invalid {key} {value:?} in --mount; expected {expected}")]
-    Number { key: &'static str, value: String, expected: &'static str },
+    Number {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     /// `size=` not a size.
     #[error("invalid tmpfs size {0:?}; use a number with an optional unit, e.g. 64m")]
     Size(String),
@@ -233,6 +239,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
         return None;
     }
     let bytes = n * mult as f64;
+    // Checked just above and here: finite, non-negative and below u64::MAX,
+    // so the conversion neither wraps nor loses a sign (it drops fractions
+    // of a byte, as go-units does).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     (bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
@@ -260,7 +270,9 @@ pub fn parse_mount(
             (_, None) => None,
         };
         if key == "type" {
-            kind = val.ok_or_else(|| MountError::MissingValue("type".into()))?.to_ascii_lowercase();
+            kind = val
+                .ok_or_else(|| MountError::MissingValue("type".into()))?
+                .to_ascii_lowercase();
         } else {
             opts.push((key, val));
         }
@@ -290,7 +302,10 @@ pub fn parse_mount(
             if kinds.contains(&kind) {
                 Ok(())
             } else {
-                Err(MountError::KeyNotForType { key: key.clone(), kind })
+                Err(MountError::KeyNotForType {
+                    key: key.clone(),
+                    kind,
+                })
             }
         };
         match key.as_str() {
@@ -324,7 +339,12 @@ pub fn parse_mount(
             }
             "mode" => {
                 only(&["cache", "secret", "ssh"])?;
-                mode = Some(parse_u32("mode", &need(val)?, 8, "an octal mode such as 0755")?);
+                mode = Some(parse_u32(
+                    "mode",
+                    &need(val)?,
+                    8,
+                    "an octal mode such as 0755",
+                )?);
             }
             "uid" => {
                 only(&["cache", "secret", "ssh"])?;
@@ -444,7 +464,12 @@ mod tests {
     fn defaults_per_type() {
         assert_eq!(
             m("target=/src").unwrap(),
-            Mount::Bind { target: "/src".into(), source: None, from: None, readwrite: false }
+            Mount::Bind {
+                target: "/src".into(),
+                source: None,
+                from: None,
+                readwrite: false
+            }
         );
         assert_eq!(
             m("type=cache,target=/root/.cache//go/,sharing=locked").unwrap(),
@@ -472,27 +497,79 @@ mod tests {
                 gid: 0
             }
         );
-        assert!(matches!(m("type=secret,id=tok,env=TOKEN").unwrap(), Mount::Secret { target: None, .. }));
-        assert!(matches!(m("type=secret,target=/etc/npmrc").unwrap(), Mount::Secret { ref id, .. } if id == "npmrc"));
-        assert!(matches!(m("type=ssh").unwrap(), Mount::Ssh { ref target, ref id, mode: 0o600, .. } if target == "/run/buildkit/ssh_agent.0" && id == "default"));
-        assert_eq!(m("type=tmpfs,dst=/t,size=64m").unwrap(), Mount::Tmpfs { target: "/t".into(), size: Some(64 << 20) });
+        assert!(matches!(
+            m("type=secret,id=tok,env=TOKEN").unwrap(),
+            Mount::Secret { target: None, .. }
+        ));
+        assert!(
+            matches!(m("type=secret,target=/etc/npmrc").unwrap(), Mount::Secret { ref id, .. } if id == "npmrc")
+        );
+        assert!(
+            matches!(m("type=ssh").unwrap(), Mount::Ssh { ref target, ref id, mode: 0o600, .. } if target == "/run/buildkit/ssh_agent.0" && id == "default")
+        );
+        assert_eq!(
+            m("type=tmpfs,dst=/t,size=64m").unwrap(),
+            Mount::Tmpfs {
+                target: "/t".into(),
+                size: Some(64 << 20)
+            }
+        );
     }
 
     #[test]
     fn options_and_errors() {
-        assert!(matches!(m("type=bind,src=x,target=/x,rw").unwrap(), Mount::Bind { readwrite: true, .. }));
-        assert!(matches!(m("TYPE=cache,Target=$D,ro").unwrap(), Mount::Cache { readonly: true, ref target, .. } if target == "/data"));
-        assert!(matches!(m("type=cache,target=/c,mode=0700,uid=1000,gid=1000").unwrap(), Mount::Cache { mode: 0o700, uid: 1000, gid: 1000, .. }));
-        assert_eq!(m("type=nfs,target=/x"), Err(MountError::UnknownType("nfs".into())));
-        assert_eq!(m("target=/x,bogus=1"), Err(MountError::UnknownKey("bogus".into())));
-        assert!(matches!(m("target=/x,mode=0755"), Err(MountError::KeyNotForType { .. })));
+        assert!(matches!(
+            m("type=bind,src=x,target=/x,rw").unwrap(),
+            Mount::Bind {
+                readwrite: true,
+                ..
+            }
+        ));
+        assert!(
+            matches!(m("TYPE=cache,Target=$D,ro").unwrap(), Mount::Cache { readonly: true, ref target, .. } if target == "/data")
+        );
+        assert!(matches!(
+            m("type=cache,target=/c,mode=0700,uid=1000,gid=1000").unwrap(),
+            Mount::Cache {
+                mode: 0o700,
+                uid: 1000,
+                gid: 1000,
+                ..
+            }
+        ));
+        assert_eq!(
+            m("type=nfs,target=/x"),
+            Err(MountError::UnknownType("nfs".into()))
+        );
+        assert_eq!(
+            m("target=/x,bogus=1"),
+            Err(MountError::UnknownKey("bogus".into()))
+        );
+        assert!(matches!(
+            m("target=/x,mode=0755"),
+            Err(MountError::KeyNotForType { .. })
+        ));
         assert_eq!(m("type=cache"), Err(MountError::MissingTarget("cache")));
         assert_eq!(m("target=/"), Err(MountError::RootTarget));
-        assert_eq!(m("from=$X,target=/x"), Err(MountError::FromExpansion("$X".into())));
-        assert!(matches!(m("type=cache,target=/c,sharing=weird"), Err(MountError::Sharing(_))));
-        assert!(matches!(m("type=cache,target=/c,mode=999"), Err(MountError::Number { .. })));
-        assert!(matches!(m("type=tmpfs,target=/c,size=lots"), Err(MountError::Size(_))));
-        assert!(matches!(m("\"target=/a,b\""), Ok(Mount::Bind { ref target, .. }) if target == "/a,b"));
+        assert_eq!(
+            m("from=$X,target=/x"),
+            Err(MountError::FromExpansion("$X".into()))
+        );
+        assert!(matches!(
+            m("type=cache,target=/c,sharing=weird"),
+            Err(MountError::Sharing(_))
+        ));
+        assert!(matches!(
+            m("type=cache,target=/c,mode=999"),
+            Err(MountError::Number { .. })
+        ));
+        assert!(matches!(
+            m("type=tmpfs,target=/c,size=lots"),
+            Err(MountError::Size(_))
+        ));
+        assert!(
+            matches!(m("\"target=/a,b\""), Ok(Mount::Bind { ref target, .. }) if target == "/a,b")
+        );
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub enum ParseError {
     #[error("file with no instructions; a Dockerfile needs at least a FROM line")]
     NoInstructions,
     /// `# escape=x` with something other than `\` or a backtick.
-    #[error("invalid escape token '{0}' does not match ` or \\; use `# escape=\\` or `# escape=``")]
+    #[error(
+        "invalid escape token '{0}' does not match ` or \\; use `# escape=\\` or `# escape=``"
+    )]
     InvalidEscape(String),
     /// The same directive twice.
     #[error("only one {0} parser directive can be used; remove the second one")]
@@ -623,7 +625,8 @@ fn parse_json(args: &str) -> std::result::Result<Option<Vec<String>>, ParseError
     if !rest.starts_with('[') {
         return Ok(None);
     }
-    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(rest) else {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(rest)
+    else {
         return Ok(None);
     };
     items
@@ -889,7 +892,11 @@ mod tests {
 
     #[test]
     fn directives_only_at_top() {
-        let ast = parse(b"# syntax=docker/dockerfile:1\n# check=skip=all\nFROM a\n# escape=`\n", "D").unwrap();
+        let ast = parse(
+            b"# syntax=docker/dockerfile:1\n# check=skip=all\nFROM a\n# escape=`\n",
+            "D",
+        )
+        .unwrap();
         assert_eq!(ast.directive("syntax"), Some("docker/dockerfile:1"));
         assert_eq!(ast.directive("check"), Some("skip=all"));
         assert_eq!(ast.escape, '\\');
@@ -909,6 +916,9 @@ mod tests {
 
     #[test]
     fn go_quote_matches_strconv() {
-        assert_eq!(go_quote("a\"\\\u{0}\u{7f}\u{85}é\u{feff}"), "\"a\\\"\\\\\\x00\\x7f\\u0085é\\ufeff\"");
+        assert_eq!(
+            go_quote("a\"\\\u{0}\u{7f}\u{85}é\u{feff}"),
+            "\"a\\\"\\\\\\x00\\x7f\\u0085é\\ufeff\""
+        );
     }
 }

@@ -28,7 +28,9 @@ use super::{Error, ErrorKind};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     /// No FROM at all.
-    #[error("the Dockerfile has no FROM instruction; add `FROM image` before the first build step")]
+    #[error(
+        "the Dockerfile has no FROM instruction; add `FROM image` before the first build step"
+    )]
     NoFrom,
     /// An instruction other than ARG before the first FROM.
     #[error("{0} is not allowed before the first FROM; only ARG may come before it")]
@@ -37,7 +39,9 @@ pub enum PlanError {
     #[error("target stage {target:?} could not be found; stages are: {available}")]
     UnknownTarget { target: String, available: String },
     /// Two stages with the same name.
-    #[error("duplicate stage name {name:?}, first defined on line {first_line}; rename one of them")]
+    #[error(
+        "duplicate stage name {name:?}, first defined on line {first_line}; rename one of them"
+    )]
     DuplicateStage { name: String, first_line: usize },
     /// Stages that need each other.
     #[error("circular dependency detected between stages: {0}")]
@@ -279,16 +283,22 @@ struct Planner<'a> {
 impl Planner<'_> {
     fn err_at(&self, node: &Node, kind: impl Into<ErrorKind>, token: &str) -> Error {
         Error {
-            location: Some(self.loc(node, token)),
+            location: Some(Box::new(self.loc(node, token))),
             kind: kind.into(),
         }
     }
 
     fn loc(&self, node: &Node, token: &str) -> Location {
-        self.ast.source.find_in(node.start_line, node.end_line, token)
+        self.ast
+            .source
+            .find_in(node.start_line, node.end_line, token)
     }
 
-    fn check(&self, node: &Node, env: &dyn Env) -> Result<(Instruction, BTreeSet<String>, BTreeSet<String>), Error> {
+    fn check(
+        &self,
+        node: &Node,
+        env: &dyn Env,
+    ) -> Result<(Instruction, BTreeSet<String>, BTreeSet<String>), Error> {
         let mut ex = Expander::new(self.ast.escape, env);
         let ins = check(node, &mut ex).map_err(|e| self.err_at(node, e.kind, &e.token))?;
         Ok((ins, ex.matched, ex.unmatched))
@@ -309,15 +319,26 @@ impl Planner<'_> {
             return Ok(SourceRef::Stage { index: i });
         }
         if let Some(src) = self.opts.named_contexts.get(value) {
-            return Ok(SourceRef::Context { name: value.into(), source: src.clone() });
+            return Ok(SourceRef::Context {
+                name: value.into(),
+                source: src.clone(),
+            });
         }
         if valid_image_reference(value) {
-            return Ok(SourceRef::Image { reference: value.into() });
+            return Ok(SourceRef::Image {
+                reference: value.into(),
+            });
         }
         Err(self.err_at(node, PlanError::InvalidReference(value.into()), value))
     }
 
-    fn stage(&mut self, index: usize, nodes: &[Node], done: &[Option<StageDraft>], build_args_used: &mut BTreeSet<String>) -> Result<StageDraft, Error> {
+    fn stage(
+        &mut self,
+        index: usize,
+        nodes: &[Node],
+        done: &[Option<StageDraft>],
+        build_args_used: &mut BTreeSet<String>,
+    ) -> Result<StageDraft, Error> {
         let from_node = &nodes[0];
         let scope = Scope([&self.globals, &self.predefined]);
         let (ins, matched, unmatched) = self.check(from_node, &scope)?;
@@ -327,11 +348,15 @@ impl Planner<'_> {
         for v in &unmatched {
             self.warnings.push(PlanWarning {
                 line: Some(from_node.start_line),
-                message: format!("FROM uses undefined variable ${v}; declare it with ARG before the first FROM"),
+                message: format!(
+                    "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
+                ),
             });
         }
         let platform = match &from.platform {
-            Some(p) => Platform::parse(p).map_err(|e| self.err_at(from_node, PlanError::from(e), p))?,
+            Some(p) => {
+                Platform::parse(p).map_err(|e| self.err_at(from_node, PlanError::from(e), p))?
+            }
             None => self.target_platform.clone(),
         };
         let mut deps = BTreeSet::new();
@@ -349,17 +374,26 @@ impl Planner<'_> {
             _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true),
             _ => match self.opts.named_contexts.get(&from.image) {
                 Some(src) => (
-                    Base::Context { name: from.image.clone(), source: src.clone() },
+                    Base::Context {
+                        name: from.image.clone(),
+                        source: src.clone(),
+                    },
                     BTreeMap::new(),
                     false,
                 ),
                 None => {
                     if !valid_image_reference(&from.image) {
-                        return Err(self.err_at(from_node, PlanError::InvalidReference(from.image.clone()), &from.image));
+                        return Err(self.err_at(
+                            from_node,
+                            PlanError::InvalidReference(from.image.clone()),
+                            &from.image,
+                        ));
                     }
                     let env = self.opts.image_env.get(&from.image);
                     (
-                        Base::Image { reference: from.image.clone() },
+                        Base::Image {
+                            reference: from.image.clone(),
+                        },
                         env.map(|e| e.iter().cloned().collect()).unwrap_or_default(),
                         env.is_some(),
                     )
@@ -430,7 +464,11 @@ impl Planner<'_> {
                 original: node.original.trim().to_string(),
                 instruction: ins,
                 sources,
-                args: if is_run { args.iter().map(|(k, v)| (k.clone(), v.clone())).collect() } else { Vec::new() },
+                args: if is_run {
+                    args.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                } else {
+                    Vec::new()
+                },
                 unresolved,
             });
         }
@@ -466,14 +504,20 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         let n = ast.nodes.iter().find(|n| n.instruction != "arg");
         return Err(match n {
             Some(n) if instructions::is_instruction(&n.instruction) => Error {
-                location: Some(ast.source.find(n.start_line, "")),
+                location: Some(Box::new(ast.source.find(n.start_line, ""))),
                 kind: PlanError::BeforeFrom(n.instruction.to_uppercase()).into(),
             },
             Some(n) => Error {
-                location: Some(ast.source.find(n.start_line, "")),
-                kind: instructions::InstructionError::UnknownInstruction(n.instruction.to_uppercase()).into(),
+                location: Some(Box::new(ast.source.find(n.start_line, ""))),
+                kind: instructions::InstructionError::UnknownInstruction(
+                    n.instruction.to_uppercase(),
+                )
+                .into(),
             },
-            None => Error { location: None, kind: PlanError::NoFrom.into() },
+            None => Error {
+                location: None,
+                kind: PlanError::NoFrom.into(),
+            },
         });
     };
     let mut stage_nodes: Vec<&[Node]> = Vec::new();
@@ -491,11 +535,17 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         ("BUILDPLATFORM".into(), bp.to_string()),
         ("BUILDOS".into(), bp.os.clone()),
         ("BUILDARCH".into(), bp.architecture.clone()),
-        ("BUILDVARIANT".into(), bp.variant.clone().unwrap_or_default()),
+        (
+            "BUILDVARIANT".into(),
+            bp.variant.clone().unwrap_or_default(),
+        ),
         ("TARGETPLATFORM".into(), tp.to_string()),
         ("TARGETOS".into(), tp.os.clone()),
         ("TARGETARCH".into(), tp.architecture.clone()),
-        ("TARGETVARIANT".into(), tp.variant.clone().unwrap_or_default()),
+        (
+            "TARGETVARIANT".into(),
+            tp.variant.clone().unwrap_or_default(),
+        ),
     ]);
 
     let mut planner = Planner {
@@ -509,7 +559,10 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         warnings: ast
             .warnings
             .iter()
-            .map(|w| PlanWarning { line: Some(w.line), message: w.message.clone() })
+            .map(|w| PlanWarning {
+                line: Some(w.line),
+                message: w.message.clone(),
+            })
             .collect(),
     };
     for (i, nodes) in stage_nodes.iter().enumerate() {
@@ -518,7 +571,14 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             if as_.eq_ignore_ascii_case("as") {
                 let name = name.to_lowercase();
                 if let Some(&(_, first_line)) = planner.names.get(&name) {
-                    return Err(planner.err_at(n, PlanError::DuplicateStage { name: name.clone(), first_line }, &name));
+                    return Err(planner.err_at(
+                        n,
+                        PlanError::DuplicateStage {
+                            name: name.clone(),
+                            first_line,
+                        },
+                        &name,
+                    ));
                 }
                 planner.names.insert(name, (i, n.start_line));
             }
@@ -537,7 +597,11 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
                 }
                 return Err(Error {
                     location: None,
-                    kind: PlanError::UnknownTarget { target: t.clone(), available: available.join(", ") }.into(),
+                    kind: PlanError::UnknownTarget {
+                        target: t.clone(),
+                        available: available.join(", "),
+                    }
+                    .into(),
                 });
             }
         },
@@ -556,7 +620,8 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             let kind: ErrorKind = if instructions::is_instruction(&node.instruction) {
                 PlanError::BeforeFrom(node.instruction.to_uppercase()).into()
             } else {
-                instructions::InstructionError::UnknownInstruction(node.instruction.to_uppercase()).into()
+                instructions::InstructionError::UnknownInstruction(node.instruction.to_uppercase())
+                    .into()
             };
             return Err(planner.err_at(node, kind, ""));
         }
@@ -595,15 +660,27 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     let mut order = Vec::new();
     let mut state = vec![0u8; drafts.len()]; // 0 new, 1 in progress, 2 done
     let mut path = Vec::new();
-    visit(target, &drafts, &mut state, &mut order, &mut path, &failures, &planner)?;
+    visit(
+        target, &drafts, &mut state, &mut order, &mut path, &failures, &planner,
+    )?;
 
     // Unused build args.
     let mut consumed: BTreeSet<String> = BTreeSet::new();
     for &i in &order {
         consumed.extend(used_per_stage[i].iter().cloned());
         if let Some(d) = &drafts[i] {
-            consumed.extend(d.used_globals.iter().filter(|g| planner.global_declared.contains(*g)).cloned());
-            consumed.extend(d.declared.iter().filter(|k| opts.build_args.contains_key(*k)).cloned());
+            consumed.extend(
+                d.used_globals
+                    .iter()
+                    .filter(|g| planner.global_declared.contains(*g))
+                    .cloned(),
+            );
+            consumed.extend(
+                d.declared
+                    .iter()
+                    .filter(|k| opts.build_args.contains_key(*k))
+                    .cloned(),
+            );
         }
     }
     let mut warnings = planner.warnings;
@@ -616,7 +693,12 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     let unused: Vec<&str> = opts
         .build_args
         .keys()
-        .filter(|k| !consumed.contains(*k) && !PROXY_ARGS.contains(&k.as_str()) && !k.starts_with("BUILDKIT_") && *k != "SOURCE_DATE_EPOCH")
+        .filter(|k| {
+            !consumed.contains(*k)
+                && !PROXY_ARGS.contains(&k.as_str())
+                && !k.starts_with("BUILDKIT_")
+                && *k != "SOURCE_DATE_EPOCH"
+        })
         .map(String::as_str)
         .collect();
     if !unused.is_empty() {
@@ -692,7 +774,7 @@ fn visit(
                     .collect();
                 let from = drafts[node].as_ref().map_or(0, |d| d.line);
                 return Err(Error {
-                    location: Some(p.ast.source.find(from, "")),
+                    location: Some(Box::new(p.ast.source.find(from, ""))),
                     kind: PlanError::Cycle(names.join(" -> ")).into(),
                 });
             }

@@ -77,7 +77,16 @@ impl fmt::Display for Platform {
 fn is_os(s: &str) -> bool {
     matches!(
         s,
-        "linux" | "windows" | "darwin" | "freebsd" | "netbsd" | "openbsd" | "solaris" | "illumos" | "aix" | "plan9"
+        "linux"
+            | "windows"
+            | "darwin"
+            | "freebsd"
+            | "netbsd"
+            | "openbsd"
+            | "solaris"
+            | "illumos"
+            | "aix"
+            | "plan9"
     )
 }
 

@@ -249,10 +249,16 @@ impl State<'_> {
         v
     }
 
-    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> Result<(String, Vec<String>)> {
+    fn process_stop_on(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> Result<(String, Vec<String>)> {
         self.depth += 1;
         if self.depth > MAX_NESTING {
-            return Err(ShellError::TooDeep { input: self.input() });
+            return Err(ShellError::TooDeep {
+                input: self.input(),
+            });
         }
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
@@ -306,8 +312,12 @@ impl State<'_> {
         match stop {
             // BuildKit reports a missing `}` / `/` in the caller, which knows
             // which one it wanted.
-            Some('}') => Err(ShellError::MissingBrace { input: self.input() }),
-            Some(_) => Err(ShellError::MissingSlash { input: self.input() }),
+            Some('}') => Err(ShellError::MissingBrace {
+                input: self.input(),
+            }),
+            Some(_) => Err(ShellError::MissingSlash {
+                input: self.input(),
+            }),
             None => Ok((result, words.finish())),
         }
     }
@@ -320,7 +330,11 @@ impl State<'_> {
         }
         loop {
             match self.next() {
-                None => return Err(ShellError::UnterminatedSingleQuote { input: self.input() }),
+                None => {
+                    return Err(ShellError::UnterminatedSingleQuote {
+                        input: self.input(),
+                    })
+                }
                 Some('\'') => {
                     if self.lex.raw_quotes {
                         out.push('\'');
@@ -340,7 +354,11 @@ impl State<'_> {
         }
         loop {
             match self.peek() {
-                None => return Err(ShellError::UnterminatedDoubleQuote { input: self.input() }),
+                None => {
+                    return Err(ShellError::UnterminatedDoubleQuote {
+                        input: self.input(),
+                    })
+                }
                 Some('"') => {
                     self.next();
                     if self.lex.raw_quotes {
@@ -413,29 +431,39 @@ impl State<'_> {
         }
         self.next(); // the '{'
         match self.peek() {
-            None => return Err(ShellError::MissingBrace { input: self.input() }),
-            Some('{' | '}' | ':') => return Err(ShellError::BadSubstitution { input: self.input() }),
+            None => {
+                return Err(ShellError::MissingBrace {
+                    input: self.input(),
+                })
+            }
+            Some('{' | '}' | ':') => {
+                return Err(ShellError::BadSubstitution {
+                    input: self.input(),
+                })
+            }
             Some(_) => {}
         }
         let name = self.process_name();
         let Some(mut op) = self.next() else {
-            return Err(ShellError::MissingBrace { input: self.input() });
+            return Err(ShellError::MissingBrace {
+                input: self.input(),
+            });
         };
         let mut modifier = op.to_string();
         let mut null_is_unset = false;
         match op {
-            '}' => {
-                return Ok(match self.get_env(&name) {
-                    Some(v) => v,
-                    None if self.lex.skip_unset_env => format!("${{{name}}}"),
-                    None => String::new(),
-                })
-            }
+            '}' => Ok(match self.get_env(&name) {
+                Some(v) => v,
+                None if self.lex.skip_unset_env => format!("${{{name}}}"),
+                None => String::new(),
+            }),
             ':' | '+' | '-' | '?' | '#' | '%' => {
                 if op == ':' {
                     null_is_unset = true;
                     let Some(n) = self.next() else {
-                        return Err(ShellError::MissingBrace { input: self.input() });
+                        return Err(ShellError::MissingBrace {
+                            input: self.input(),
+                        });
                     };
                     op = n;
                     modifier.push(n);
@@ -454,7 +482,11 @@ impl State<'_> {
                     '+' => Ok(if empty { String::new() } else { word }),
                     '?' if empty => Err(ShellError::Required {
                         name,
-                        message: if word.is_empty() { "is not allowed to be empty".into() } else { word },
+                        message: if word.is_empty() {
+                            "is not allowed to be empty".into()
+                        } else {
+                            word
+                        },
                     }),
                     '?' => Ok(value),
                     '#' | '%' => {
@@ -468,7 +500,10 @@ impl State<'_> {
                             trim_prefix(&word, &value, greedy)
                         }
                     }
-                    _ => Err(ShellError::UnsupportedModifier { modifier, input: self.input() }),
+                    _ => Err(ShellError::UnsupportedModifier {
+                        modifier,
+                        input: self.input(),
+                    }),
                 }
             }
             '/' => {
@@ -491,7 +526,10 @@ impl State<'_> {
                     re.replace(&value, replacement.as_str()).into_owned()
                 })
             }
-            _ => Err(ShellError::UnsupportedModifier { modifier, input: self.input() }),
+            _ => Err(ShellError::UnsupportedModifier {
+                modifier,
+                input: self.input(),
+            }),
         }
     }
 
@@ -502,16 +540,26 @@ impl State<'_> {
             '+' | '#' | '%' => Ok(String::new()),
             '?' => Err(ShellError::Required {
                 name: name.to_string(),
-                message: if word.is_empty() { "is not allowed to be unset".into() } else { word },
+                message: if word.is_empty() {
+                    "is not allowed to be unset".into()
+                } else {
+                    word
+                },
             }),
-            _ => Err(ShellError::UnsupportedModifier { modifier: modifier.to_string(), input: self.input() }),
+            _ => Err(ShellError::UnsupportedModifier {
+                modifier: modifier.to_string(),
+                input: self.input(),
+            }),
         }
     }
 }
 
 /// Translate a shell pattern (`*`, `?`, `\` escapes; no brackets) to a regex.
 fn pattern_regex(pattern: &str, greedy: bool, anchored: bool) -> Result<Regex> {
-    let invalid = |reason: String| ShellError::InvalidPattern { pattern: pattern.to_string(), reason };
+    let invalid = |reason: String| ShellError::InvalidPattern {
+        pattern: pattern.to_string(),
+        reason,
+    };
     let mut out = String::with_capacity(pattern.len() + 4);
     if anchored {
         out.push('^');
@@ -536,7 +584,8 @@ fn pattern_regex(pattern: &str, greedy: bool, anchored: bool) -> Result<Regex> {
                     None => return Err(invalid("invalid escape at end of pattern".into())),
                 }
             }
-            '[' | ']' | '{' | '}' | '.' | '+' | '(' | ')' | '|' | '^' | '$' | '#' | '&' | '-' | '~' => {
+            '[' | ']' | '{' | '}' | '.' | '+' | '(' | ')' | '|' | '^' | '$' | '#' | '&' | '-'
+            | '~' => {
                 out.push('\\');
                 out.push(c);
             }
@@ -628,18 +677,24 @@ mod tests {
 
     #[test]
     fn required_messages() {
+        assert_eq!(w("${X:?no X}").unwrap_err().to_string(), "X: no X");
         assert_eq!(
-            w("${X:?no X}").unwrap_err().to_string(),
-            "X: no X"
+            w("${E:?}").unwrap_err().to_string(),
+            "E: is not allowed to be empty"
         );
-        assert_eq!(w("${E:?}").unwrap_err().to_string(), "E: is not allowed to be empty");
-        assert_eq!(w("${X?}").unwrap_err().to_string(), "X: is not allowed to be unset");
+        assert_eq!(
+            w("${X?}").unwrap_err().to_string(),
+            "X: is not allowed to be unset"
+        );
     }
 
     #[test]
     fn words_split_unquoted_expansions_only() {
         let lex = Lexer::new('\\');
-        assert_eq!(lex.process_words("x${S}y \"$S\"", &env()).unwrap(), ["xa", "by", "a b"]);
+        assert_eq!(
+            lex.process_words("x${S}y \"$S\"", &env()).unwrap(),
+            ["xa", "by", "a b"]
+        );
     }
 
     #[test]
@@ -650,8 +705,15 @@ mod tests {
 
     #[test]
     fn skip_unset_keeps_text() {
-        let lex = Lexer { skip_unset_env: true, ..Lexer::new('\\') };
-        assert_eq!(lex.process_word("$X ${X} ${X:-a} ${X/a/b} $V", &env()).unwrap(), "$X ${X} ${X:-a} ${X/a/b} foo/bar/baz.tar.gz");
+        let lex = Lexer {
+            skip_unset_env: true,
+            ..Lexer::new('\\')
+        };
+        assert_eq!(
+            lex.process_word("$X ${X} ${X:-a} ${X/a/b} $V", &env())
+                .unwrap(),
+            "$X ${X} ${X:-a} ${X/a/b} foo/bar/baz.tar.gz"
+        );
     }
 
     #[test]
