@@ -20,8 +20,14 @@ use super::shell::{Env, Lexer, ShellError};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InstructionError {
     /// Not a Dockerfile instruction.
-    #[error("unknown instruction: {0}; expected one of FROM, RUN, CMD, LABEL, MAINTAINER, EXPOSE, ENV, ADD, COPY, ENTRYPOINT, VOLUME, USER, WORKDIR, ARG, ONBUILD, STOPSIGNAL, HEALTHCHECK, SHELL")]
+    #[error("unknown instruction: {0}{hint}", hint = instruction_hint(.0))]
     UnknownInstruction(String),
+    /// `ENV =x`, `ARG =x`, `LABEL =x`.
+    #[error("{0} names can not be blank")]
+    BlankName(&'static str),
+    /// `ADD --checksum` with a local file or several sources.
+    #[error("ADD --checksum needs exactly one source, an HTTP(S) URL or a Git repository")]
+    ChecksumSource,
     /// A flag the instruction does not take.
     #[error("unknown flag: --{flag} for {instruction}")]
     UnknownFlag { instruction: String, flag: String },
@@ -507,6 +513,68 @@ impl Flags {
     }
 }
 
+/// Is an ADD source a URL or Git repository rather than a context path?
+pub fn is_remote(src: &str) -> bool {
+    let lower = src.to_ascii_lowercase();
+    lower.starts_with("http://")
+        || lower.starts_with("https://")
+        || lower.starts_with("git@")
+        || lower.starts_with("git://")
+        || lower
+            .split(['#', '?'])
+            .next()
+            .is_some_and(|u| u.ends_with(".git") && u.contains("://"))
+}
+
+const INSTRUCTIONS: [&str; 18] = [
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "MAINTAINER",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+];
+
+/// "; did you mean X?" for a near miss, else the list of instructions.
+fn instruction_hint(name: &str) -> String {
+    let upper = name.to_uppercase();
+    let best = INSTRUCTIONS
+        .iter()
+        .map(|i| (edit_distance(&upper, i), *i))
+        .min()
+        .filter(|(d, _)| *d <= 2);
+    match best {
+        Some((_, i)) => format!("; did you mean {i}?"),
+        None => format!("; expected one of {}", INSTRUCTIONS.join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// Is `name` a valid stage name (`^[a-z][a-z0-9-_.]*$`)?
 pub fn valid_stage_name(name: &str) -> bool {
     let mut c = name.chars();
@@ -808,6 +876,9 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
             for t in args.chunks(3) {
                 let (k, v) = (&t[0], t.get(1).map_or("", String::as_str));
                 let key = ex.word(k).map_err(|e| at(e, k))?;
+                if key.is_empty() {
+                    return Err(at(InstructionError::BlankName(up), k));
+                }
                 let value = ex.word(v).map_err(|e| at(e, v))?;
                 kvs.push(KeyValue { key, value });
             }
@@ -829,6 +900,9 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                     None => (a.as_str(), None),
                 };
                 let key = ex.word(k).map_err(|e| at(e, a))?;
+                if key.is_empty() {
+                    return Err(at(InstructionError::BlankName(up), a));
+                }
                 let default = match v {
                     Some(v) => Some(ex.word(v).map_err(|e| at(e, a))?),
                     None => None,
@@ -1076,6 +1150,9 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
             Some(c) => Some(parse_checksum(&c).map_err(|e| at(e, &c))?),
             None => None,
         };
+        if checksum.is_some() && !matches!(sources.as_slice(), [Source::Path(p)] if is_remote(p)) {
+            return Err(at(InstructionError::ChecksumSource, "--checksum"));
+        }
         Instruction::Add(Add {
             sources,
             dest,
