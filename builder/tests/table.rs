@@ -82,7 +82,8 @@ const TABLE: &[(&str, &str)] = &[
     ("STOPSIGNAL SIGTERM", r#"{"instruction":"stopsignal","args":"SIGTERM"}"#),
     ("STOPSIGNAL", r#"ERR STOPSIGNAL requires at least one argument"#),
     ("MAINTAINER Jane Doe <jane@example.com>", r#"{"instruction":"maintainer","args":"Jane Doe <jane@example.com>"}"#),
-    ("FROB x", r#"ERR unknown instruction: FROB; expected one of FROM, RUN, CMD, LABEL, MAINTAINER, EXPOSE, ENV, ADD, COPY, ENTRYPOINT, VOLUME, USER, WORKDIR, ARG, ONBUILD, STOPSIGNAL, HEALTHCHECK, SHELL"#),
+    ("FROB x", r#"ERR unknown instruction: FROB; did you mean FROM?"#),
+    ("STOPSIGNAL SIGNOPE", r#"ERR failed to parse signal "SIGNOPE"; use a name such as SIGTERM or a number"#),
     ("copy --FROM=x a b", r#"ERR unknown flag: --FROM for COPY"#),
 ];
 

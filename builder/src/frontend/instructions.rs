@@ -103,6 +103,9 @@ pub enum InstructionError {
     /// `HEALTHCHECK FOO`.
     #[error("unknown type {0:?} in HEALTHCHECK (try CMD)")]
     HealthcheckType(String),
+    /// `STOPSIGNAL SIGFOO`.
+    #[error("failed to parse signal {0:?}; use a name such as SIGTERM or a number")]
+    Signal(String),
     /// `HEALTHCHECK NONE x`.
     #[error("HEALTHCHECK NONE takes no arguments")]
     HealthcheckNoneArgs,
@@ -511,6 +514,28 @@ impl Flags {
         let v = v.first()?;
         Some(v.as_deref().is_none_or(|s| s.eq_ignore_ascii_case("true")))
     }
+}
+
+/// Is `s` a signal Linux knows: a number, `RTMIN+n`, or a name with or
+/// without `SIG`, in any case?
+pub fn valid_signal(s: &str) -> bool {
+    const NAMES: [&str; 33] = [
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
+    ];
+    if let Ok(n) = s.parse::<u32>() {
+        return (1..=64).contains(&n);
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    if let Some(rt) = name
+        .strip_prefix("RTMIN+")
+        .or_else(|| name.strip_prefix("RTMAX-"))
+    {
+        return rt.parse::<u32>().is_ok_and(|n| n <= 30);
+    }
+    NAMES.contains(&name) || name == "XFSZ" || name == "RTMIN" || name == "RTMAX"
 }
 
 /// Is an ADD source a URL or Git repository rather than a context path?
@@ -934,7 +959,8 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
             match name {
                 "workdir" => Instruction::Workdir(v),
                 "user" => Instruction::User(v),
-                _ => Instruction::StopSignal(v),
+                _ if valid_signal(&v) => Instruction::StopSignal(v),
+                _ => return Err(at(InstructionError::Signal(v), &raw)),
             }
         }
         "volume" => {
@@ -995,7 +1021,8 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
             };
             match typ.to_uppercase().as_str() {
                 "NONE" => {
-                    if args.len() > 1 || !node.flags.is_empty() {
+                    // Flags are accepted and ignored here, as BuildKit does.
+                    if args.len() > 1 {
                         return Err(InstructionError::HealthcheckNoneArgs.into());
                     }
                     Instruction::Healthcheck(Healthcheck::None)
@@ -1480,9 +1507,16 @@ mod tests {
         );
         assert_eq!(one("USER $V:g").unwrap(), Instruction::User("val:g".into()));
         assert_eq!(
-            one("STOPSIGNAL SIG$V").unwrap(),
-            Instruction::StopSignal("SIGval".into())
+            err("STOPSIGNAL SIG$V"),
+            InstructionError::Signal("SIGval".into())
         );
+        for ok in ["SIGTERM", "term", "9", "SIGRTMIN+3", "SIGWINCH"] {
+            assert_eq!(
+                one(&format!("STOPSIGNAL {ok}")).unwrap(),
+                Instruction::StopSignal(ok.into())
+            );
+        }
+        assert!(matches!(err("STOPSIGNAL 99"), InstructionError::Signal(_)));
         assert_eq!(
             one("MAINTAINER Me <m@e>").unwrap(),
             Instruction::Maintainer("Me <m@e>".into())
@@ -1538,6 +1572,10 @@ mod tests {
         assert_eq!(
             err("HEALTHCHECK NONE x"),
             InstructionError::HealthcheckNoneArgs
+        );
+        assert_eq!(
+            one("HEALTHCHECK --interval=5s NONE").unwrap(),
+            Instruction::Healthcheck(Healthcheck::None)
         );
         assert_eq!(
             err("HEALTHCHECK CMD"),
