@@ -12,7 +12,7 @@ use crate::frontend::{self, dockerignore, PlanOptions, Platform};
 /// Arguments of `kiln debug plan`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PlanArgs {
-    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads standard input).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// Stage to build (default: the last one).
@@ -38,9 +38,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         .file
         .clone()
         .unwrap_or_else(|| args.context.join("Dockerfile"));
-    let bytes = std::fs::read(&file)
-        .with_context(|| format!("cannot read Dockerfile {}", file.display()))?;
-    let name = file.display().to_string();
+    let (bytes, name) = if file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .context("cannot read the Dockerfile from standard input")?;
+        (buf, "Dockerfile".to_string())
+    } else {
+        let bytes = std::fs::read(&file)
+            .with_context(|| format!("cannot read Dockerfile {}", file.display()))?;
+        (bytes, file.display().to_string())
+    };
     let ast = frontend::parse(&bytes, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut build_args = BTreeMap::new();
@@ -83,7 +90,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             None => eprintln!("warning: {}", w.message),
         }
     }
-    let ignore = dockerignore::load(&args.context, &file)?;
+    // A Dockerfile from standard input has no NAME.dockerignore beside it.
+    let ignore = if file.as_os_str() == "-" {
+        let root = args.context.join(".dockerignore");
+        match std::fs::read(&root) {
+            Ok(text) => dockerignore::Matcher::from_dockerignore(&text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dockerignore::Matcher::default(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", root.display())),
+        }
+    } else {
+        dockerignore::load(&args.context, &file)?
+    };
     let out = serde_json::json!({
         "dockerfile": name,
         "context": args.context,
