@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use kiln_builder::frontend::instructions::{CommandLine, Instruction, Source};
+use kiln_builder::frontend::mounts::Mount;
 use kiln_builder::frontend::plan::{Base, PlanError, SourceRef};
 use kiln_builder::frontend::{parse, plan, ErrorKind, Plan, PlanOptions, Platform};
 
@@ -394,4 +395,83 @@ fn plan_serializes_to_json() {
         v["stages"][0]["steps"][0]["instruction"]["args"]["mounts"][0]["type"],
         "secret"
     );
+}
+
+#[test]
+fn workdir_is_tracked_and_relative_mount_targets_join_it() {
+    let src = "FROM scratch AS a\nWORKDIR /src\nWORKDIR app/../pkg\nRUN --mount=type=cache,target=.cache --mount=type=bind,target=/abs x\nFROM a AS child\nRUN --mount=type=tmpfs,target=tmp y\nFROM alpine\nWORKDIR rel\n";
+    let p = plan_of(
+        src,
+        &PlanOptions {
+            target: Some("a".into()),
+            ..opts()
+        },
+    );
+    let steps = &p.stages[0].steps;
+    assert_eq!(steps[0].workdir.as_deref(), Some("/"));
+    assert_eq!(steps[1].workdir.as_deref(), Some("/src"));
+    assert_eq!(steps[2].workdir.as_deref(), Some("/src/pkg"));
+    let targets: Vec<&str> = steps[2]
+        .mounts()
+        .iter()
+        .map(|m| match m {
+            Mount::Cache { target, .. } | Mount::Bind { target, .. } => target.as_str(),
+            _ => "",
+        })
+        .collect();
+    assert_eq!(targets, ["/src/pkg/.cache", "/abs"]);
+    let p = plan_of(
+        src,
+        &PlanOptions {
+            target: Some("child".into()),
+            ..opts()
+        },
+    );
+    let child = p.stage(1).unwrap();
+    assert!(
+        matches!(&child.steps[0].mounts()[0], Mount::Tmpfs { target, .. } if target == "/src/pkg/tmp")
+    );
+    // An image whose config was not given: the working directory is unknown.
+    let p = plan_of(src, &opts());
+    let last = p.stage(2).unwrap();
+    assert_eq!(last.steps[0].workdir, None);
+    let o = PlanOptions {
+        image_workdir: BTreeMap::from([("alpine".to_string(), "/home".to_string())]),
+        ..opts()
+    };
+    let p = plan_of(
+        "FROM alpine\nWORKDIR rel\nRUN --mount=type=bind,target=m x\n",
+        &o,
+    );
+    assert_eq!(p.stages[0].steps[1].workdir.as_deref(), Some("/home/rel"));
+    assert!(
+        matches!(&p.stages[0].steps[1].mounts()[0], Mount::Bind { target, .. } if target == "/home/rel/m")
+    );
+}
+
+#[test]
+fn undefined_variables_warn_only_when_everything_is_known() {
+    let p = plan_of(
+        "FROM scratch\nENV A=$NOPE\nFROM alpine AS other\nENV B=$MAYBE_IN_IMAGE\n",
+        &PlanOptions {
+            target: Some("other".into()),
+            ..opts()
+        },
+    );
+    assert!(
+        p.warnings.iter().all(|w| !w.message.contains("$NOPE")),
+        "stage 0 is not built"
+    );
+    assert!(
+        p.warnings
+            .iter()
+            .all(|w| !w.message.contains("MAYBE_IN_IMAGE")),
+        "may come from the image"
+    );
+    assert_eq!(p.stages[0].steps[0].unresolved, ["MAYBE_IN_IMAGE"]);
+    let p = plan_of("FROM scratch\nENV A=$NOPE\n", &opts());
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("undefined variable $NOPE") && w.line == Some(2)));
 }

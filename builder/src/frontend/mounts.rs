@@ -151,6 +151,17 @@ pub enum Mount {
 }
 
 impl Mount {
+    /// The mount point, when the mount has one.
+    pub fn target_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Mount::Bind { target, .. }
+            | Mount::Cache { target, .. }
+            | Mount::Tmpfs { target, .. }
+            | Mount::Ssh { target, .. } => Some(target),
+            Mount::Secret { target, .. } => target.as_mut(),
+        }
+    }
+
     /// The stage, context or image this mount reads from, if any.
     pub fn from(&self) -> Option<&str> {
         match self {

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::instructions::{self, check, Expander, Instruction};
 use super::location::Location;
-use super::mounts::Mount;
+use super::mounts::{clean_path, Mount};
 use super::parser::{Ast, Node};
 use super::platform::{Platform, PlatformError};
 use super::shell::Env;
@@ -75,6 +75,9 @@ pub struct PlanOptions {
     pub named_contexts: BTreeMap<String, String>,
     /// Config environment of base images, by reference as written in FROM.
     pub image_env: BTreeMap<String, Vec<(String, String)>>,
+    /// Config working directory of base images, by reference as written in
+    /// FROM (an image listed in `image_env` but not here starts in `/`).
+    pub image_workdir: BTreeMap<String, String>,
 }
 
 impl Default for PlanOptions {
@@ -86,6 +89,7 @@ impl Default for PlanOptions {
             build_platform: Platform::host(),
             named_contexts: BTreeMap::new(),
             image_env: BTreeMap::new(),
+            image_workdir: BTreeMap::new(),
         }
     }
 }
@@ -152,6 +156,12 @@ pub struct Step {
     /// What `COPY --from` or each `RUN --mount from=` refers to, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceRef>,
+    /// The working directory the step runs in, when the plan can know it
+    /// (from WORKDIR in this stage or its parents, or the base image's
+    /// config in [`PlanOptions::image_workdir`]). Relative RUN mount targets
+    /// are already joined to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
     /// For RUN: the ARGs in scope, passed to the command as environment.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<(String, String)>,
@@ -205,7 +215,8 @@ pub struct Plan {
     pub stages: Vec<Stage>,
     /// Proxy build args: given to RUN steps, kept out of history and cache keys.
     pub proxy_args: BTreeMap<String, String>,
-    /// Warnings (unused build args, undefined variables in FROM, parser warnings).
+    /// Warnings: parser findings, unused build args, and undefined variables
+    /// in the stages that are built.
     pub warnings: Vec<PlanWarning>,
 }
 
@@ -265,6 +276,8 @@ struct StageDraft {
     steps: Vec<Step>,
     env: BTreeMap<String, String>,
     env_complete: bool,
+    workdir: Option<String>,
+    warnings: Vec<PlanWarning>,
     used_globals: BTreeSet<String>,
     declared: BTreeSet<String>,
 }
@@ -340,13 +353,14 @@ impl Planner<'_> {
         build_args_used: &mut BTreeSet<String>,
     ) -> Result<StageDraft, Error> {
         let from_node = &nodes[0];
+        let mut warnings = Vec::new();
         let scope = Scope([&self.globals, &self.predefined]);
         let (ins, matched, unmatched) = self.check(from_node, &scope)?;
         let Instruction::From(from) = ins else {
             unreachable!("stages start with FROM");
         };
         for v in &unmatched {
-            self.warnings.push(PlanWarning {
+            warnings.push(PlanWarning {
                 line: Some(from_node.start_line),
                 message: format!(
                     "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
@@ -361,7 +375,7 @@ impl Planner<'_> {
         };
         let mut deps = BTreeSet::new();
         let lower = from.image.to_lowercase();
-        let (base, mut env, mut env_complete) = match self.names.get(&lower) {
+        let (base, mut env, mut env_complete, mut workdir) = match self.names.get(&lower) {
             Some(&(i, _)) if i < index => {
                 deps.insert(i);
                 let parent = done[i].as_ref();
@@ -369,9 +383,10 @@ impl Planner<'_> {
                     Base::Stage { index: i },
                     parent.map(|p| p.env.clone()).unwrap_or_default(),
                     parent.is_some_and(|p| p.env_complete),
+                    parent.and_then(|p| p.workdir.clone()),
                 )
             }
-            _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true),
+            _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true, Some("/".into())),
             _ => match self.opts.named_contexts.get(&from.image) {
                 Some(src) => (
                     Base::Context {
@@ -380,6 +395,7 @@ impl Planner<'_> {
                     },
                     BTreeMap::new(),
                     false,
+                    None,
                 ),
                 None => {
                     if !valid_image_reference(&from.image) {
@@ -390,12 +406,18 @@ impl Planner<'_> {
                         ));
                     }
                     let env = self.opts.image_env.get(&from.image);
+                    let workdir = match self.opts.image_workdir.get(&from.image) {
+                        Some(w) if !w.is_empty() => Some(clean_path(w)),
+                        _ if env.is_some() => Some("/".into()),
+                        _ => None,
+                    };
                     (
                         Base::Image {
                             reference: from.image.clone(),
                         },
                         env.map(|e| e.iter().cloned().collect()).unwrap_or_default(),
                         env.is_some(),
+                        workdir,
                     )
                 }
             },
@@ -406,7 +428,7 @@ impl Planner<'_> {
         for node in &nodes[1..] {
             // ENV wins over ARG of the same name, so it goes last.
             let scope = Scope([&env, &args]);
-            let (ins, _matched, unmatched) = self.check(node, &scope)?;
+            let (mut ins, _matched, unmatched) = self.check(node, &scope)?;
             let mut sources = Vec::new();
             match &ins {
                 Instruction::Arg(decls) => {
@@ -453,7 +475,36 @@ impl Planner<'_> {
                 }
             }
             let is_run = matches!(ins, Instruction::Run(_));
-            let unresolved = if env_complete || is_run || matches!(ins, Instruction::Arg(_)) {
+            let step_workdir = workdir.clone();
+            match &mut ins {
+                Instruction::Workdir(w) => {
+                    workdir = if w.starts_with('/') {
+                        Some(clean_path(w))
+                    } else {
+                        workdir.map(|cur| clean_path(&format!("{cur}/{w}")))
+                    };
+                }
+                Instruction::Run(r) => {
+                    if let Some(cur) = &step_workdir {
+                        for m in &mut r.mounts {
+                            if let Some(t) = m.target_mut().filter(|t| !t.starts_with('/')) {
+                                *t = clean_path(&format!("{cur}/{t}"));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let unresolved: Vec<String> = if env_complete {
+                // Everything was visible: an unset variable is really unset.
+                for v in &unmatched {
+                    warnings.push(PlanWarning {
+                        line: Some(node.start_line),
+                        message: format!(
+                            "usage of undefined variable ${v}; define it with ARG or ENV first"
+                        ),
+                    });
+                }
                 Vec::new()
             } else {
                 unmatched.into_iter().collect()
@@ -469,6 +520,7 @@ impl Planner<'_> {
                 } else {
                     Vec::new()
                 },
+                workdir: step_workdir,
                 unresolved,
             });
         }
@@ -484,6 +536,8 @@ impl Planner<'_> {
             steps,
             env,
             env_complete,
+            workdir,
+            warnings,
             used_globals: matched,
             declared,
         })
@@ -684,6 +738,12 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         }
     }
     let mut warnings = planner.warnings;
+    // Findings about stages that are not built are not the user's concern now.
+    for &i in &order {
+        if let Some(d) = &mut drafts[i] {
+            warnings.append(&mut d.warnings);
+        }
+    }
     let proxy_args: BTreeMap<String, String> = opts
         .build_args
         .iter()
