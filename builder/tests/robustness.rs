@@ -297,6 +297,9 @@ fn pathological_shapes_stay_linear() {
     assert_linear("long word", |n| {
         format!("FROM a\nLABEL k={}\n", "v".repeat(50 * n)).into_bytes()
     });
+    assert_linear("onbuild chain", |n| {
+        format!("FROM a\n{}RUN x\n", "ONBUILD ".repeat(25 * n)).into_bytes()
+    });
     assert_linear("comments", |n| {
         format!("{}FROM a\n", "# comment\n".repeat(n)).into_bytes()
     });

@@ -40,6 +40,9 @@ pub enum ParseError {
     /// A JSON array holding something other than strings.
     #[error("when using JSON array syntax, arrays must be comprised of strings only")]
     NotStringArray,
+    /// Hundreds of ONBUILDs in one line.
+    #[error("ONBUILD nested more than {MAX_ONBUILD_NESTING} times; ONBUILD cannot hold ONBUILD")]
+    OnbuildTooDeep,
     /// A heredoc without its terminator line.
     #[error("unterminated heredoc {0:?}; end it with a line holding only {0}")]
     UnterminatedHeredoc(String),
@@ -57,6 +60,9 @@ pub struct LocatedParseError {
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, LocatedParseError>;
+
+/// Deepest `ONBUILD ONBUILD ...` chain the raw parser builds.
+pub const MAX_ONBUILD_NESTING: usize = 32;
 
 /// A parser directive from the top of the file (`# syntax=...`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -441,7 +447,7 @@ pub fn parse(src: &[u8], file: &str) -> Result<Ast> {
                 ),
             });
         }
-        let mut node = node_from_line(&buf, dirs.escape).map_err(|k| LocatedParseError {
+        let mut node = node_from_line(&buf, dirs.escape, 0).map_err(|k| LocatedParseError {
             location: source.find(start, ""),
             kind: k,
         })?;
@@ -550,7 +556,7 @@ pub fn parse_heredoc(word: &str) -> Option<Heredoc> {
 }
 
 /// Split a logical line into a node: keyword, flags, arguments.
-fn node_from_line(line: &str, escape: char) -> std::result::Result<Node, ParseError> {
+fn node_from_line(line: &str, escape: char, depth: usize) -> std::result::Result<Node, ParseError> {
     let (cmd, rest) = split_first_token(trim_space(line));
     let cmd = cmd.to_lowercase();
     let (args, flags) = match rest {
@@ -600,7 +606,12 @@ fn node_from_line(line: &str, escape: char) -> std::result::Result<Node, ParseEr
         }
         "onbuild" => {
             if !args.is_empty() {
-                let mut sub = node_from_line(&args, escape)?;
+                // ONBUILD ONBUILD ... is rejected by the checker anyway; the
+                // cap only keeps hostile input from exhausting the stack.
+                if depth >= MAX_ONBUILD_NESTING {
+                    return Err(ParseError::OnbuildTooDeep);
+                }
+                let mut sub = node_from_line(&args, escape, depth + 1)?;
                 sub.original = args.clone();
                 node.sub = Some(Box::new(sub));
             }
