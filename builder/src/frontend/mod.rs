@@ -7,7 +7,7 @@
 //! - [`shell`]: BuildKit's word expansion and splitting rules;
 //! - [`instructions`] (with [`mounts`] and [`platform`]): typed, checked
 //!   instructions with every flag parsed;
-//! - [`plan`]: ARG/ENV scoping, expansion, the stage graph and `--target`;
+//! - [`mod@plan`]: ARG/ENV scoping, expansion, the stage graph and `--target`;
 //! - [`dockerignore`]: the `.dockerignore` matcher used by context transfer.
 //!
 //! Typical use by the build engine:
