@@ -27,6 +27,9 @@ pub struct PlanArgs {
     /// Named build context.
     #[arg(long = "build-context", value_name = "NAME=SOURCE")]
     pub build_contexts: Vec<String>,
+    /// Print the raw syntax tree in BuildKit's dump format instead of the plan.
+    #[arg(long)]
+    pub syntax_tree: bool,
     /// The build context directory.
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,
@@ -49,6 +52,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         (bytes, file.display().to_string())
     };
     let ast = frontend::parse(&bytes, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.syntax_tree {
+        print!("{}", ast.dump());
+        return Ok(());
+    }
 
     let mut build_args = BTreeMap::new();
     for a in &args.build_args {

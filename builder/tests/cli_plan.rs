@@ -97,3 +97,27 @@ fn reads_stdin_and_reports_errors_with_a_caret() {
         "{stderr}"
     );
 }
+
+#[test]
+fn syntax_tree_flag_prints_the_buildkit_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM a\nCOPY --from=b x y\nFROB\n",
+    )
+    .unwrap();
+    let out = kiln()
+        .args(["debug", "plan", "--syntax-tree"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "(from \"a\")\n(copy [\"--from=b\"] \"x\" \"y\")\n(frob \"\")\n"
+    );
+}
