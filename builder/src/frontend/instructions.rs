@@ -1199,14 +1199,13 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
 }
 
 impl Expander<'_> {
-    /// Expand a heredoc body: variables and escapes are processed but quotes
-    /// are kept, since they are file content.
+    /// Expand a heredoc body as BuildKit does: quotes are file content and
+    /// stay, variables are expanded, and a backslash escapes the next
+    /// character (so `\$X` gives `$X`), whatever the file's escape token.
     pub fn word_raw_quotes(&mut self, s: &str) -> std::result::Result<String, ShellError> {
         let lex = Lexer {
-            raw_quotes: true,
-            raw_escapes: true,
             skip_process_quotes: true,
-            ..self.lexer
+            ..Lexer::new('\\')
         };
         let e = lex.process(s, self.env)?;
         self.matched.extend(e.matched);
@@ -1433,7 +1432,8 @@ mod tests {
         );
         assert_eq!(c.dest, "/dst/");
         let Instruction::Copy(c) =
-            one("COPY --chmod=u=rwX,go=rX <<EOF <<'RAW' /x/\n$V \"q\"\nEOF\n$V\nRAW\n").unwrap()
+            one("COPY --chmod=u=rwX,go=rX <<EOF <<'RAW' /x/\n$V \"q\" '$V' \\$V\nEOF\n$V\nRAW\n")
+                .unwrap()
         else {
             panic!()
         };
@@ -1443,7 +1443,7 @@ mod tests {
             [
                 Source::Heredoc {
                     name: "EOF".into(),
-                    content: "val \"q\"\n".into()
+                    content: "val \"q\" 'val' $V\n".into()
                 },
                 Source::Heredoc {
                     name: "RAW".into(),
