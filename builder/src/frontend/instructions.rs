@@ -924,7 +924,8 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                     Some((k, v)) => (k, Some(v)),
                     None => (a.as_str(), None),
                 };
-                let key = ex.word(k).map_err(|e| at(e, a))?;
+                // BuildKit takes ARG names literally; only defaults expand.
+                let key = k.to_string();
                 if key.is_empty() {
                     return Err(at(InstructionError::BlankName(up), a));
                 }
