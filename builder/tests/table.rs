@@ -59,6 +59,8 @@ const TABLE: &[(&str, &str)] = &[
     ("COPY --from=build --chown=app:app --chmod=755 --link /out /usr/bin/", r#"{"instruction":"copy","args":{"sources":[{"path":"/out"}],"dest":"/usr/bin/","from":"build","chown":"app:app","chmod":{"octal":493},"link":true,"parents":false,"excludes":[]}}"#),
     ("COPY --parents ./src/**/*.go /app/", r#"{"instruction":"copy","args":{"sources":[{"path":"./src/**/*.go"}],"dest":"/app/","from":null,"chown":null,"chmod":null,"link":false,"parents":true,"excludes":[]}}"#),
     ("COPY --exclude=*.tmp --exclude=.git . /src", r#"{"instruction":"copy","args":{"sources":[{"path":"."}],"dest":"/src","from":null,"chown":null,"chmod":null,"link":false,"parents":false,"excludes":["*.tmp",".git"]}}"#),
+    ("COPY --from=$IMG a /b", r#"ERR variable expansion is not supported for --from ("$IMG"); define a new stage with FROM using ARG from global scope as a workaround"#),
+    ("COPY --exclude=$SUB a /b", r#"{"instruction":"copy","args":{"sources":[{"path":"a"}],"dest":"/b","from":null,"chown":null,"chmod":null,"link":false,"parents":false,"excludes":["$SUB"]}}"#),
     ("COPY --chmod=go-w,u+x a /b", r#"{"instruction":"copy","args":{"sources":[{"path":"a"}],"dest":"/b","from":null,"chown":null,"chmod":{"symbolic":"go-w,u+x"},"link":false,"parents":false,"excludes":[]}}"#),
     ("COPY --chmod=8 a /b", r#"ERR invalid chmod "8"; use an octal mode such as 0755 or a symbolic one such as u=rwX,go=rX"#),
     ("COPY --keep-git-dir a /b", r#"ERR unknown flag: --keep-git-dir for COPY"#),

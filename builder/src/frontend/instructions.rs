@@ -103,6 +103,9 @@ pub enum InstructionError {
     /// `HEALTHCHECK FOO`.
     #[error("unknown type {0:?} in HEALTHCHECK (try CMD)")]
     HealthcheckType(String),
+    /// `COPY --from=$X`.
+    #[error("variable expansion is not supported for --from ({0:?}); define a new stage with FROM using ARG from global scope as a workaround")]
+    FromExpansion(String),
     /// `STOPSIGNAL SIGFOO`.
     #[error("failed to parse signal {0:?}; use a name such as SIGTERM or a number")]
     Signal(String),
@@ -536,6 +539,12 @@ pub fn valid_signal(s: &str) -> bool {
         return rt.parse::<u32>().is_ok_and(|n| n <= 30);
     }
     NAMES.contains(&name) || name == "XFSZ" || name == "RTMIN" || name == "RTMAX"
+}
+
+/// Does `s` hold a `$` with something after it (BuildKit's `\$.` test for
+/// the `--from` values it refuses to expand)?
+pub fn has_variable(s: &str) -> bool {
+    s.find('$').is_some_and(|i| i + 1 < s.len())
 }
 
 /// Is an ADD source a URL or Git repository rather than a context path?
@@ -1158,11 +1167,13 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         None => None,
     };
     let mut excludes = Vec::new();
-    for e in flags.all("exclude") {
-        excludes.push(ex.word(&e).map_err(|err| at(err, &e))?);
-    }
+    // BuildKit does not expand --exclude patterns.
+    excludes.extend(flags.all("exclude"));
     Ok(if is_copy {
-        let from = expand_flag(ex, "from")?;
+        let from = flags.get("from");
+        if let Some(f) = from.as_deref().filter(|f| has_variable(f)) {
+            return Err(at(InstructionError::FromExpansion(f.to_string()), f));
+        }
         Instruction::Copy(Copy {
             sources,
             dest,
@@ -1422,11 +1433,16 @@ mod tests {
 
     #[test]
     fn copy_and_add() {
-        let Instruction::Copy(c) = one("COPY --from=$V --chown=1:1 --chmod=0644 --link --parents --exclude=*.md --exclude=x a/$V b/ /dst/").unwrap() else { panic!() };
-        assert_eq!(c.from.as_deref(), Some("val"));
+        let Instruction::Copy(c) = one("COPY --from=build --chown=$V:1 --chmod=0644 --link --parents --exclude=*.md --exclude=$V a/$V b/ /dst/").unwrap() else { panic!() };
+        assert_eq!(c.from.as_deref(), Some("build"));
+        assert_eq!(c.chown.as_deref(), Some("val:1"));
+        assert_eq!(c.excludes, ["*.md", "$V"], "--exclude is not expanded");
+        assert_eq!(
+            err("COPY --from=$V a b"),
+            InstructionError::FromExpansion("$V".into())
+        );
         assert_eq!(c.chmod, Some(Chmod::Octal(0o644)));
         assert!(c.link && c.parents);
-        assert_eq!(c.excludes, ["*.md", "x"]);
         assert_eq!(
             c.sources,
             [Source::Path("a/val".into()), Source::Path("b/".into())]

@@ -275,7 +275,9 @@ pub fn parse_mount(
             continue;
         }
         let val = match (key.as_str(), val) {
-            ("from", Some(v)) if v.contains('$') => return Err(MountError::FromExpansion(v)),
+            ("from", Some(v)) if super::instructions::has_variable(&v) => {
+                return Err(MountError::FromExpansion(v))
+            }
             ("from", v) => v,
             (_, Some(v)) => Some(expand(&v)?),
             (_, None) => None,
