@@ -1,0 +1,49 @@
+//! Writable views of a layer chain: the mechanisms that turn read-only layer
+//! directories plus one upper directory into a merged tree a step can use.
+//!
+//! Every backend reads and writes the same on-disk layer format, so layers are
+//! interchangeable between backends (see `crate::layout` docs):
+//! - a layer directory holds the layer's files with their real owners, modes,
+//!   mtimes and xattrs (kiln runs inside its own user namespace, so owners are
+//!   container ids);
+//! - a deletion is an overlayfs whiteout: a character device 0:0 with the
+//!   deleted name;
+//! - an opaque directory carries the xattr `user.overlay.opaque` = `y`
+//!   (overlayfs `userxattr` convention, usable without privilege).
+//!
+//! A backend never decides what a layer contains: committing the upper
+//! directory into a layer is the snapshotter's job.
+
+use std::path::{Path, PathBuf};
+
+/// Which mechanism serves a writable view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// overlay filesystem served from user space by kiln over /dev/fuse
+    Fuse,
+    /// kernel overlayfs mounted inside kiln's user namespace (`userxattr`)
+    Overlay,
+    /// a full copy of the merged tree; works everywhere, slow
+    Copy,
+}
+
+/// What a backend needs to build one writable view.
+#[derive(Debug, Clone)]
+pub struct ViewSpec {
+    /// read-only layer directories, topmost first
+    pub lowers: Vec<PathBuf>,
+    /// empty directory that receives every change made through the view,
+    /// in the layer format above
+    pub upper: PathBuf,
+    /// empty scratch directory on the same filesystem as `upper`
+    pub work: PathBuf,
+    /// existing empty directory where the merged tree appears
+    pub target: PathBuf,
+}
+
+/// A mounted (or materialised) view; dropping it unmounts the view and stops
+/// serving it. After drop, `upper` holds the view's changes.
+pub trait MountedView: Send {
+    /// where the merged tree is visible
+    fn path(&self) -> &Path;
+}
