@@ -47,3 +47,26 @@ pub trait MountedView: Send {
     /// where the merged tree is visible
     fn path(&self) -> &Path;
 }
+
+pub mod copy;
+
+/// Errors of choosing and mounting a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the {0:?} snapshotter backend is not available in this build of kiln; use --snapshotter copy")]
+    Unavailable(BackendKind),
+    #[error(transparent)]
+    Copy(#[from] copy::Error),
+}
+
+/// Result type of backend dispatch.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Mount a view of `spec` with the backend `kind`.
+pub fn mount(kind: BackendKind, spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
+    match kind {
+        BackendKind::Copy => Ok(Box::new(copy::mount(spec)?)),
+        // wired to `fuse::mount` / `overlay::mount` when those backends land
+        BackendKind::Fuse | BackendKind::Overlay => Err(Error::Unavailable(kind)),
+    }
+}
