@@ -20,12 +20,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use oci_spec::image::{
     Descriptor, Digest, ImageIndex, ImageIndexBuilder, MediaType, OciLayoutBuilder, Sha256Digest,
 };
 use sha2::{Digest as _, Sha256};
 
+use crate::owner::{self, Owner};
 use crate::sys;
 
 /// Errors of the content store.
@@ -63,12 +65,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 /// The annotation naming an image in `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-/// Temp files whose writer died are removed on open only after this many
-/// seconds, unless their lock proves the writer is gone (always the case on
-/// Linux, where flocks die with the process); kept as a second guard for
-/// file systems where flock is a no-op.
-const STALE_INGEST_SECS: u64 = 24 * 3600;
-
 /// A sha256 digest of `bytes`, as an OCI digest.
 pub fn sha256_digest(hash: sha2::digest::Output<Sha256>) -> Digest {
     let hex = hex(&hash);
@@ -91,17 +87,20 @@ pub fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct ContentStore {
     root: PathBuf,
+    owner: Arc<Owner>,
 }
 
 impl ContentStore {
     /// Open (creating if needed) the layout at `root` and remove temp files
     /// left by dead writers.
     pub fn open(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root.join("blobs").join("sha256")).map_err(io_err(root))?;
+        fs::create_dir_all(root.join(".kiln").join("ingest")).map_err(io_err(root))?;
+        let owners = root.join(".kiln").join("owners");
         let store = ContentStore {
             root: root.to_path_buf(),
+            owner: Arc::new(Owner::new(&owners).map_err(io_err(&owners))?),
         };
-        fs::create_dir_all(store.blob_dir()).map_err(io_err(root))?;
-        fs::create_dir_all(store.ingest_dir()).map_err(io_err(root))?;
         let layout = root.join("oci-layout");
         match oci_spec::image::OciLayout::from_file(&layout) {
             Ok(l) if l.image_layout_version() == "1.0.0" => {}
@@ -157,46 +156,43 @@ impl ContentStore {
         self.blob_path(digest).map(|p| p.exists()).unwrap_or(false)
     }
 
-    /// Remove temp files whose writer is gone (its flock can be taken).
+    fn owners_dir(&self) -> PathBuf {
+        self.root.join(".kiln").join("owners")
+    }
+
+    /// Remove temp files whose writer is gone (its owner lock is free).
     fn clean_ingest(&self) -> Result<()> {
         let dir = self.ingest_dir();
+        let owners = self.owners_dir();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
-            let path = entry.path();
-            let Ok(file) = File::open(&path) else { continue };
-            let free = sys::flock(file.as_fd(), true, false).unwrap_or(false);
-            let old = entry
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age.as_secs() > STALE_INGEST_SECS);
-            if free || old {
-                let _ = fs::remove_file(&path);
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !owner::is_alive(&owners, owner::owner_of(&name)) {
+                let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(())
+        owner::clean(&owners).map_err(io_err(&owners))
+    }
+
+    fn temp_name(&self, what: &str) -> PathBuf {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        self.ingest_dir().join(format!(
+            "{}-{what}-{}",
+            self.owner.name(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ))
     }
 
     /// Start writing a blob. With `expected`, commit fails unless the bytes
     /// hash to it.
     pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let dir = self.ingest_dir();
-        let name = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed),
-            nanos()
-        );
-        let path = dir.join(name);
+        let path = self.temp_name("blob");
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .open(&path)
             .map_err(io_err(&path))?;
-        sys::flock(file.as_fd(), true, true).map_err(io_err(&path))?;
         Ok(BlobWriter {
             store: self.clone(),
             file: Some(io::BufWriter::with_capacity(1 << 20, file)),
@@ -301,11 +297,8 @@ impl ContentStore {
     }
 
     fn write_file_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let tmp = self
-            .ingest_dir()
-            .join(format!("file-{}-{}", std::process::id(), nanos()));
+        let tmp = self.temp_name("file");
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        sys::flock(f.as_fd(), true, true).map_err(io_err(&tmp))?;
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -361,13 +354,6 @@ fn empty_index() -> ImageIndex {
         .manifests(Vec::new())
         .build()
         .expect("empty index has all required fields")
-}
-
-fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 /// A blob being written. Dropping it without [`BlobWriter::commit`] removes
@@ -532,7 +518,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ContentStore::open(dir.path()).unwrap();
         // a temp file nobody holds a lock on: a dead writer's leftover
-        fs::write(store.ingest_dir().join("999999-0-0"), b"partial").unwrap();
+        fs::write(store.ingest_dir().join("o999999.0.0-blob-0"), b"partial").unwrap();
         let mut live = store.writer(None).unwrap();
         live.write_all(b"in progress").unwrap();
         live.flush().unwrap();

@@ -470,12 +470,12 @@ mod tests {
     fn pax_record_length_counts_itself() {
         let mut v = Vec::new();
         pax_record(&mut v, b"path", b"a");
-        assert_eq!(v, b"10 path=a\n");
+        assert_eq!(v, b"9 path=a\n");
         let mut v = Vec::new();
         pax_record(&mut v, b"path", &[b'x'; 93]);
-        // 93 + 4 + 3 = 100 body bytes, plus "104" = 103 -> 104 with 3 digits
-        assert_eq!(&v[..4], b"104 ");
-        assert_eq!(v.len(), 104);
+        // 93 + 4 + 3 = 100 body bytes, plus three length digits
+        assert_eq!(&v[..4], b"103 ");
+        assert_eq!(v.len(), 103);
     }
 
     #[test]

@@ -17,17 +17,19 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use oci_spec::image::{Digest, Sha256Digest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::content::sha256_digest;
+use crate::owner::{self, Owner};
 use crate::sys;
 
 /// Errors of the layer store.
@@ -43,6 +45,8 @@ pub enum Error {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("lease {0:?} is held by a running process; pick another name")]
+    LeaseBusy(String),
     #[error("lease name {0:?} must be non-empty and use only letters, digits, '-', '_' and '.'")]
     LeaseName(String),
 }
@@ -110,21 +114,10 @@ pub struct GcReport {
 #[derive(Debug, Clone)]
 pub struct LayerStore {
     root: PathBuf,
+    owner: Arc<Owner>,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{prefix}{}-{}-{nanos}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 fn hex_of(d: &Digest) -> &str {
     d.digest()
@@ -134,13 +127,15 @@ impl LayerStore {
     /// Open (creating if needed) the layer store at `root` and remove what
     /// dead processes left in `tmp/`.
     pub fn open(root: &Path) -> Result<Self> {
-        let store = LayerStore {
-            root: root.to_path_buf(),
-        };
-        for d in ["layers", "tmp", "leases", "pins"] {
+        for d in ["layers", "tmp", "leases", "pins", "owners"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
+        let owners = root.join("owners");
+        let store = LayerStore {
+            root: root.to_path_buf(),
+            owner: Arc::new(Owner::new(&owners).map_err(io_err(&owners))?),
+        };
         store.clean_tmp()?;
         Ok(store)
     }
@@ -155,20 +150,35 @@ impl LayerStore {
         self.root.join("tmp")
     }
 
+    /// A name for scratch files of this store's owner: `<owner>-<what>-<n>`.
+    pub fn unique(&self, what: &str) -> String {
+        format!(
+            "{}-{what}-{}",
+            self.owner.name(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Whether the owner of a scratch name made by [`LayerStore::unique`]
+    /// is alive.
+    pub fn owner_alive(&self, scratch_name: &str) -> bool {
+        owner::is_alive(&self.root.join("owners"), owner::owner_of(scratch_name))
+    }
+
     fn clean_tmp(&self) -> Result<()> {
         let tmp = self.tmp_dir();
         for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
             let e = e.map_err(io_err(&tmp))?;
-            let path = e.path();
-            let Ok(fd) = sys::open_dir(&path) else {
-                let _ = fs::remove_file(&path);
-                continue;
-            };
-            if sys::flock(fd.as_fd(), true, false).unwrap_or(false) {
-                let _ = fs::remove_dir_all(&path);
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !self.owner_alive(&name) {
+                let path = e.path();
+                if fs::remove_dir_all(&path).is_err() {
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
-        Ok(())
+        let owners = self.root.join("owners");
+        owner::clean(&owners).map_err(io_err(&owners))
     }
 
     fn layer_root(&self, chain: &Digest) -> PathBuf {
@@ -236,17 +246,11 @@ impl LayerStore {
     /// Start building a layer: an empty, locked directory whose `fs` is the
     /// layer directory to fill.
     pub fn begin(&self) -> Result<TempLayer> {
-        let path = self.tmp_dir().join(unique("layer-"));
+        let path = self.tmp_dir().join(self.unique("layer"));
         fs::create_dir(&path).map_err(io_err(&path))?;
-        let lock = sys::open_dir(&path).map_err(io_err(&path))?;
-        sys::flock(lock.as_fd(), true, true).map_err(io_err(&path))?;
         let fs_dir = path.join("fs");
         fs::create_dir(&fs_dir).map_err(io_err(&fs_dir))?;
-        Ok(TempLayer {
-            path,
-            _lock: lock,
-            done: false,
-        })
+        Ok(TempLayer { path, done: false })
     }
 
     /// Commit a filled temp layer as the layer `diff_id` on top of
@@ -295,15 +299,22 @@ impl LayerStore {
     pub fn lease(&self, name: &str) -> Result<Lease> {
         check_name(name)?;
         let path = self.root.join("leases").join(name);
+        if let Ok(f) = File::open(&path) {
+            if !sys::flock(f.as_fd(), true, false).map_err(io_err(&path))? {
+                return Err(Error::LeaseBusy(name.to_string()));
+            }
+        }
+        // created under another name and locked before it appears, so GC
+        // never mistakes a new lease for a dead one
+        let new = self.tmp_dir().join(self.unique("lease"));
         let file = OpenOptions::new()
-            .create(true)
+            .create_new(true)
             .append(true)
             .read(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        sys::flock(file.as_fd(), true, true).map_err(io_err(&path))?;
-        // a lease file left by a dead holder of the same name starts empty
-        file.set_len(0).map_err(io_err(&path))?;
+            .open(&new)
+            .map_err(io_err(&new))?;
+        sys::flock(file.as_fd(), true, true).map_err(io_err(&new))?;
+        fs::rename(&new, &path).map_err(io_err(&path))?;
         Ok(Lease {
             store: self.clone(),
             path,
@@ -319,7 +330,7 @@ impl LayerStore {
             return Err(Error::NotFound(chain.clone()));
         }
         let path = self.root.join("pins").join(name);
-        let tmp = self.tmp_dir().join(unique("pin-"));
+        let tmp = self.tmp_dir().join(self.unique("pin"));
         fs::write(&tmp, chain.to_string()).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
@@ -383,7 +394,20 @@ impl LayerStore {
     /// reaches (through parents). Returns the blobs live leases hold so the
     /// caller can collect the content store under the same lock.
     pub fn gc(&self, extra_roots: &[Digest]) -> Result<(GcReport, HashSet<String>)> {
-        let _gc = self.gc_lock(true)?;
+        let guard = self.gc_guard(true)?;
+        self.gc_with(&guard, extra_roots)
+    }
+
+    /// Hold off garbage collection (shared) or hold it (exclusive) until the
+    /// guard is dropped: a shared guard makes "write a blob, then lease it"
+    /// atomic with respect to GC.
+    pub fn gc_guard(&self, exclusive: bool) -> Result<GcGuard> {
+        self.gc_lock(exclusive).map(GcGuard)
+    }
+
+    /// [`LayerStore::gc`] under an exclusive guard the caller holds (to
+    /// collect the content store under the same lock).
+    pub fn gc_with(&self, _guard: &GcGuard, extra_roots: &[Digest]) -> Result<(GcReport, HashSet<String>)> {
         let mut report = GcReport::default();
         let (mut roots, blobs) = self.roots(&mut report)?;
         roots.extend(extra_roots.iter().map(ToString::to_string));
@@ -407,7 +431,7 @@ impl LayerStore {
                 continue;
             }
             let from = self.layer_root(&l.chain_id);
-            let to = self.tmp_dir().join(unique("del-"));
+            let to = self.tmp_dir().join(self.unique("del"));
             // rename first: the layer disappears atomically, then the slow
             // removal cannot leave a half-deleted layer visible
             fs::rename(&from, &to).map_err(io_err(&from))?;
@@ -459,11 +483,14 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// Holds `gc.lock` until dropped; see [`LayerStore::gc_guard`].
+#[derive(Debug)]
+pub struct GcGuard(#[allow(dead_code)] File);
+
 /// A layer being built; removed on drop unless committed.
 #[derive(Debug)]
 pub struct TempLayer {
     path: PathBuf,
-    _lock: OwnedFd,
     done: bool,
 }
 

@@ -15,5 +15,6 @@ pub mod content;
 pub mod diff;
 pub mod layers;
 pub mod snapshot;
+mod owner;
 mod sys;
 mod tree;

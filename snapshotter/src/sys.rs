@@ -87,11 +87,6 @@ pub fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
-/// `fstat(fd)`.
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    lstat_at(fd, c"")
-}
-
 /// `mkdirat(dir, name, mode)`.
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd and NUL-terminated name.
@@ -255,14 +250,6 @@ pub fn set_times_at(dir: BorrowedFd<'_>, name: &CStr, atime: Time, mtime: Time) 
     Ok(())
 }
 
-/// Extended attribute names of an open file (not a symlink), sorted.
-pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    list_with(|buf, len| {
-        // SAFETY: `buf` is writable for `len` bytes (or NULL with len 0).
-        unsafe { libc::flistxattr(fd.as_raw_fd(), buf, len) }
-    })
-}
-
 /// Extended attribute names of a path without following a final symlink.
 pub fn llistxattr(path: &CStr) -> io::Result<Vec<Vec<u8>>> {
     list_with(|buf, len| {
@@ -364,13 +351,6 @@ pub fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Remove an extended attribute from an open file.
-pub fn fremovexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: valid fd and NUL-terminated name.
-    cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) })?;
-    Ok(())
-}
-
 /// Try to take an `flock` on `fd`; `Ok(false)` when another open file
 /// description holds a conflicting lock and `block` is false.
 pub fn flock(fd: BorrowedFd<'_>, exclusive: bool, block: bool) -> io::Result<bool> {
@@ -401,11 +381,6 @@ pub fn fsync_dir(path: &Path) -> io::Result<()> {
 /// Major and minor numbers of a device id.
 pub fn dev_major_minor(dev: u64) -> (u32, u32) {
     (libc::major(dev as libc::dev_t), libc::minor(dev as libc::dev_t))
-}
-
-/// A device id from major and minor numbers.
-pub fn makedev(major: u32, minor: u32) -> u64 {
-    libc::makedev(major, minor)
 }
 
 /// Whether `st` describes an overlayfs whiteout (char device 0:0).
