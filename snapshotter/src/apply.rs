@@ -51,7 +51,11 @@ pub enum Error {
     #[error("tar entry {entry}: hard link target {target} is not in this layer or its parents")]
     LinkOutside { entry: String, target: String },
     #[error("tar entry {entry}: its PAX header holds {size} bytes, more than the {limit} allowed")]
-    PaxTooLarge { entry: String, size: usize, limit: usize },
+    PaxTooLarge {
+        entry: String,
+        size: usize,
+        limit: usize,
+    },
     #[error("tar entry {entry}: name of {len} bytes is longer than PATH_MAX")]
     NameTooLong { entry: String, len: usize },
     #[error("tar entry {entry}: owner {uid}:{gid} is not mapped in kiln's user namespace (ids 0-65535 are); rebuild the image with ids in that range")]
@@ -242,10 +246,7 @@ impl Applier<'_> {
     }
 
     fn walk(&self, comps: &[&[u8]], entry: &str) -> Result<OwnedFd> {
-        let mut fd = self
-            .root
-            .try_clone()
-            .map_err(werr(entry))?;
+        let mut fd = self.root.try_clone().map_err(werr(entry))?;
         for (i, c) in comps.iter().enumerate() {
             let name = cname(c);
             let through = || Error::ThroughSymlink {
@@ -383,7 +384,10 @@ impl Applier<'_> {
             mode: header.mode().map_err(werr(name))? & 0o7777,
             uid: uid32,
             gid: gid32,
-            mtime: Time { sec: mtime, nsec: 0 },
+            mtime: Time {
+                sec: mtime,
+                nsec: 0,
+            },
             xattrs,
         };
         let link = entry.link_name_bytes().map(|l| l.into_owned());
@@ -424,7 +428,8 @@ impl Applier<'_> {
             tar::EntryType::Directory => {
                 let dir = self.open_parent(parent, name)?;
                 let existing = sys::lstat_at(dir, &cbase);
-                let is_dir = matches!(&existing, Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+                let is_dir =
+                    matches!(&existing, Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR);
                 if !is_dir {
                     if existing.is_ok() {
                         sys::unlinkat(dir, &cbase, false).map_err(werr(name))?;
@@ -433,13 +438,19 @@ impl Applier<'_> {
                 }
                 let fd = sys::open_dir_at(dir, &cbase).map_err(werr(name))?;
                 tree::set_meta_fd(fd.as_fd(), &meta).map_err(werr(name))?;
-                self.dirs.push((comps.iter().map(|c| c.to_vec()).collect(), meta.mtime));
+                self.dirs
+                    .push((comps.iter().map(|c| c.to_vec()).collect(), meta.mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.replace(parent, &cbase, name)?;
                 let dir = self.open_parent(parent, name)?;
-                let fd = sys::openat(dir, &cbase, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
-                    .map_err(werr(name))?;
+                let fd = sys::openat(
+                    dir,
+                    &cbase,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    0o600,
+                )
+                .map_err(werr(name))?;
                 let mut file = File::from(fd);
                 tree::write_sparse(&mut file, &mut *entry).map_err(|source| {
                     if source.kind() == io::ErrorKind::UnexpectedEof
@@ -464,8 +475,13 @@ impl Applier<'_> {
                 let dir = self.open_parent(parent, name)?;
                 // a symlink's target is data: it is never followed here
                 sys::symlinkat(&cname(&target), dir, &cbase).map_err(werr(name))?;
-                let dir = self.open_parent(parent, name)?.try_clone_to_owned().map_err(werr(name))?;
-                self.set_owner_checked(&meta, name, |m| tree::set_meta_at(dir.as_fd(), &cbase, m, true))?;
+                let dir = self
+                    .open_parent(parent, name)?
+                    .try_clone_to_owned()
+                    .map_err(werr(name))?;
+                self.set_owner_checked(&meta, name, |m| {
+                    tree::set_meta_at(dir.as_fd(), &cbase, m, true)
+                })?;
             }
             tar::EntryType::Link => {
                 let target = link.unwrap_or_default();
@@ -477,7 +493,9 @@ impl Applier<'_> {
                 sys::mknodat(dir, &cbase, libc::S_IFIFO | (meta.mode & 0o777), 0)
                     .map_err(werr(name))?;
                 let dir = dir.try_clone_to_owned().map_err(werr(name))?;
-                self.set_owner_checked(&meta, name, |m| tree::set_meta_at(dir.as_fd(), &cbase, m, false))?;
+                self.set_owner_checked(&meta, name, |m| {
+                    tree::set_meta_at(dir.as_fd(), &cbase, m, false)
+                })?;
             }
             tar::EntryType::Char if dev == (0, 0) => {
                 // a whiteout stored as overlay's own format (some tools
@@ -541,7 +559,13 @@ impl Applier<'_> {
         }
     }
 
-    fn hard_link(&mut self, target: &[u8], parent: &[&[u8]], base: &CStr, name: &str) -> Result<()> {
+    fn hard_link(
+        &mut self,
+        target: &[u8],
+        parent: &[&[u8]],
+        base: &CStr,
+        name: &str,
+    ) -> Result<()> {
         let outside = || Error::LinkOutside {
             entry: name.to_string(),
             target: String::from_utf8_lossy(target).into_owned(),
@@ -571,7 +595,8 @@ impl Applier<'_> {
             None => {
                 // 2. the target in a lower layer: copy it up first, as
                 // overlayfs does when a lower file is linked
-                let (lower_dir, st, meta) = self.find_in_lowers(tparent, &tbase).ok_or_else(outside)?;
+                let (lower_dir, st, meta) =
+                    self.find_in_lowers(tparent, &tbase).ok_or_else(outside)?;
                 let tdir = self.walk(tparent, name)?;
                 tree::copy_node_at(lower_dir.as_fd(), &tbase, &st, &meta, tdir.as_fd(), &tbase)
                     .map_err(werr(name))?;
@@ -647,9 +672,18 @@ mod tests {
 
     #[test]
     fn components_refuse_absolute_and_dotdot() {
-        assert!(matches!(components(b"/etc/passwd", "e"), Err(Error::Absolute { .. })));
-        assert!(matches!(components(b"a/../../x", "e"), Err(Error::DotDot { .. })));
-        assert_eq!(components(b"./a//b/./c/", "e").unwrap(), vec![&b"a"[..], b"b", b"c"]);
+        assert!(matches!(
+            components(b"/etc/passwd", "e"),
+            Err(Error::Absolute { .. })
+        ));
+        assert!(matches!(
+            components(b"a/../../x", "e"),
+            Err(Error::DotDot { .. })
+        ));
+        assert_eq!(
+            components(b"./a//b/./c/", "e").unwrap(),
+            vec![&b"a"[..], b"b", b"c"]
+        );
         assert!(components(b"./", "e").unwrap().is_empty());
     }
 }

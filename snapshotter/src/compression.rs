@@ -163,7 +163,9 @@ mod tests {
 
     #[test]
     fn roundtrip_each_compression_and_detect_it() {
-        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         for (c, want) in [
             (Compression::None, Detected::Plain),
             (Compression::Gzip { level: 6 }, Detected::Gzip),

@@ -48,7 +48,9 @@ pub enum Error {
         path: PathBuf,
         source: oci_spec::OciSpecError,
     },
-    #[error("{path}: not an OCI image layout (oci-layout says version {version}, kiln reads 1.0.0)")]
+    #[error(
+        "{path}: not an OCI image layout (oci-layout says version {version}, kiln reads 1.0.0)"
+    )]
     LayoutVersion { path: PathBuf, version: String },
 }
 
@@ -118,7 +120,12 @@ impl ContentStore {
                 let bytes = serde_json::to_vec(&l).expect("oci-layout serialises");
                 store.write_file_atomic(&layout, &bytes)?;
             }
-            Err(source) => return Err(Error::Json { path: layout, source }),
+            Err(source) => {
+                return Err(Error::Json {
+                    path: layout,
+                    source,
+                })
+            }
         }
         if !root.join("index.json").exists() {
             let _lock = store.lock_index()?;
@@ -377,7 +384,10 @@ impl Write for BlobWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().expect("writer used after commit").flush()
+        self.file
+            .as_mut()
+            .expect("writer used after commit")
+            .flush()
     }
 }
 

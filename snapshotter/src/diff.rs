@@ -92,7 +92,11 @@ impl<W: Write> HashingWriter<W> {
     }
     /// The digest and byte count so far, and the inner writer.
     pub fn finish(self) -> (Digest, u64, W) {
-        (sha256_digest(self.hasher.finalize()), self.count, self.inner)
+        (
+            sha256_digest(self.hasher.finalize()),
+            self.count,
+            self.inner,
+        )
     }
 }
 
@@ -301,8 +305,7 @@ impl<W: Write> TarWriter<W> {
                 continue;
             }
             // overlay bookkeeping and the host's SELinux label are not content
-            if OVERLAY_XATTRS.iter().any(|p| name.starts_with(p)) || name == b"security.selinux"
-            {
+            if OVERLAY_XATTRS.iter().any(|p| name.starts_with(p)) || name == b"security.selinux" {
                 continue;
             }
             let v = sys::lgetxattr(&cpath, &cname).map_err(self.read_err(rel))?;
@@ -420,7 +423,10 @@ fn split_ustar_name(name: &[u8], prefix: &mut [u8; 155], field: &mut [u8; 100]) 
         return true;
     }
     for (i, b) in name.iter().enumerate() {
-        if *b == b'/' && i <= prefix.len() && name.len() - i - 1 <= field.len() && i + 1 < name.len()
+        if *b == b'/'
+            && i <= prefix.len()
+            && name.len() - i - 1 <= field.len()
+            && i + 1 < name.len()
         {
             prefix[..i].copy_from_slice(&name[..i]);
             field[..name.len() - i - 1].copy_from_slice(&name[i + 1..]);
@@ -457,7 +463,11 @@ fn whiteout_name(rel: &Path, marker: Option<&str>) -> Vec<u8> {
             let parent = rel.parent().unwrap_or(Path::new(""));
             let mut base = WHITEOUT_PREFIX.as_bytes().to_vec();
             base.extend_from_slice(rel.file_name().unwrap_or_default().as_bytes());
-            parent.join(OsStr::from_bytes(&base)).as_os_str().as_bytes().to_vec()
+            parent
+                .join(OsStr::from_bytes(&base))
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
         }
     }
 }
@@ -487,7 +497,11 @@ mod tests {
         assert_eq!(&p[..120], "d".repeat(120).as_bytes());
         let mut p = [0u8; 155];
         let mut n = [0u8; 100];
-        assert!(!split_ustar_name("x".repeat(300).as_bytes(), &mut p, &mut n));
+        assert!(!split_ustar_name(
+            "x".repeat(300).as_bytes(),
+            &mut p,
+            &mut n
+        ));
     }
 
     #[test]

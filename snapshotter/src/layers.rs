@@ -256,7 +256,12 @@ impl LayerStore {
     /// Commit a filled temp layer as the layer `diff_id` on top of
     /// `parent`. If the same chain was committed meanwhile (by another
     /// process), that one is kept and this one discarded.
-    pub fn commit(&self, mut temp: TempLayer, diff_id: &Digest, parent: Option<&Digest>) -> Result<LayerInfo> {
+    pub fn commit(
+        &self,
+        mut temp: TempLayer,
+        diff_id: &Digest,
+        parent: Option<&Digest>,
+    ) -> Result<LayerInfo> {
         if let Some(p) = parent {
             if !self.contains(p) {
                 return Err(Error::NotFound(p.clone()));
@@ -407,7 +412,11 @@ impl LayerStore {
 
     /// [`LayerStore::gc`] under an exclusive guard the caller holds (to
     /// collect the content store under the same lock).
-    pub fn gc_with(&self, _guard: &GcGuard, extra_roots: &[Digest]) -> Result<(GcReport, HashSet<String>)> {
+    pub fn gc_with(
+        &self,
+        _guard: &GcGuard,
+        extra_roots: &[Digest],
+    ) -> Result<(GcReport, HashSet<String>)> {
         let mut report = GcReport::default();
         let (mut roots, blobs) = self.roots(&mut report)?;
         roots.extend(extra_roots.iter().map(ToString::to_string));
@@ -565,7 +574,10 @@ mod tests {
         let mut h = Sha256::new();
         h.update(format!("{a} {b}").as_bytes());
         assert_eq!(chain_id(Some(&a), &b), sha256_digest(h.finalize()));
-        assert_eq!(chain_id_of(&[a.clone(), b.clone()]), Some(chain_id(Some(&a), &b)));
+        assert_eq!(
+            chain_id_of(&[a.clone(), b.clone()]),
+            Some(chain_id(Some(&a), &b))
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod compression;
 pub mod content;
 pub mod diff;
 pub mod layers;
-pub mod snapshot;
 mod owner;
+pub mod snapshot;
 mod sys;
 mod tree;

@@ -19,7 +19,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
+use oci_spec::image::{
+    Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType,
+};
 
 use crate::apply::{self, ApplyReport};
 use crate::backend::{self, copy, BackendKind, MountedView, ViewSpec};
@@ -147,7 +149,9 @@ fn check_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()
         && key != "."
         && key != ".."
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -239,7 +243,9 @@ impl Snapshotter {
         let dir = self.root.join("views").join(key);
         match fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(Error::Busy(key.into())),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(Error::Busy(key.into()))
+            }
             Err(e) => return Err(io_err(&dir)(e)),
         }
         let owner_file = dir.join("owner");
@@ -279,11 +285,22 @@ impl Snapshotter {
         }
         // unmount: after this `upper` holds every change of the view
         view.mounted.take();
+        if let Some(epoch) = opts.source_date_epoch {
+            let upper = &view.spec.upper;
+            let fd = crate::sys::open_dir(upper).map_err(io_err(upper))?;
+            crate::tree::clamp_mtimes(std::os::fd::AsFd::as_fd(&fd), epoch)
+                .map_err(io_err(upper))?;
+        }
         let _no_gc = self.layers.gc_guard(false)?;
         let blob = diff::write_layer(&view.spec.upper, &self.content, opts)?;
         self.lease.add_blob(&blob.digest)?;
-        let upper = view.upper.take().expect("a view has its upper until commit");
-        let info = self.layers.commit(upper, &blob.diff_id, view.parent.as_ref())?;
+        let upper = view
+            .upper
+            .take()
+            .expect("a view has its upper until commit");
+        let info = self
+            .layers
+            .commit(upper, &blob.diff_id, view.parent.as_ref())?;
         self.lease.add_layer(&info.chain_id)?;
         Ok(Committed {
             chain_id: info.chain_id,
@@ -358,7 +375,9 @@ impl Snapshotter {
                 let (info, report) = self
                     .import(reader, parent.as_ref(), Some(&diff_id))
                     .map_err(|e| match e {
-                        Error::DiffIdMismatch { expected, actual, .. } => Error::DiffIdMismatch {
+                        Error::DiffIdMismatch {
+                            expected, actual, ..
+                        } => Error::DiffIdMismatch {
                             digest: layer.digest().to_string(),
                             expected,
                             actual,
@@ -413,10 +432,11 @@ impl Snapshotter {
                 }
                 MediaType::ImageIndex => {
                     let bytes = self.content.read_blob(d.digest())?;
-                    let idx = ImageIndex::from_reader(&bytes[..]).map_err(|source| Error::Image {
-                        digest: d.digest().clone(),
-                        source,
-                    })?;
+                    let idx =
+                        ImageIndex::from_reader(&bytes[..]).map_err(|source| Error::Image {
+                            digest: d.digest().clone(),
+                            source,
+                        })?;
                     todo.extend(idx.manifests().iter().cloned());
                 }
                 _ => {}

@@ -37,7 +37,12 @@ fn cvt_ssize(rc: libc::ssize_t) -> io::Result<usize> {
 }
 
 /// `openat(dir, name, flags | O_CLOEXEC | O_NOFOLLOW, mode)`.
-pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+pub fn openat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<OwnedFd> {
     // SAFETY: `dir` is a valid borrowed fd and `name` a NUL-terminated string
     // that outlives the call; the kernel returns a new fd that nobody else owns.
     let fd = cvt(unsafe {
@@ -258,7 +263,9 @@ pub fn llistxattr(path: &CStr) -> io::Result<Vec<Vec<u8>>> {
     })
 }
 
-fn list_with(mut call: impl FnMut(*mut libc::c_char, usize) -> libc::ssize_t) -> io::Result<Vec<Vec<u8>>> {
+fn list_with(
+    mut call: impl FnMut(*mut libc::c_char, usize) -> libc::ssize_t,
+) -> io::Result<Vec<Vec<u8>>> {
     loop {
         let size = match cvt_ssize(call(std::ptr::null_mut(), 0)) {
             Ok(n) => n,
@@ -287,7 +294,9 @@ fn list_with(mut call: impl FnMut(*mut libc::c_char, usize) -> libc::ssize_t) ->
     }
 }
 
-fn get_with(mut call: impl FnMut(*mut libc::c_void, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+fn get_with(
+    mut call: impl FnMut(*mut libc::c_void, usize) -> libc::ssize_t,
+) -> io::Result<Vec<u8>> {
     loop {
         let size = cvt_ssize(call(std::ptr::null_mut(), 0))?;
         let mut buf = vec![0u8; size];
@@ -354,7 +363,11 @@ pub fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> io::Result<()> {
 /// Try to take an `flock` on `fd`; `Ok(false)` when another open file
 /// description holds a conflicting lock and `block` is false.
 pub fn flock(fd: BorrowedFd<'_>, exclusive: bool, block: bool) -> io::Result<bool> {
-    let mut op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    let mut op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
     if !block {
         op |= libc::LOCK_NB;
     }
@@ -380,7 +393,10 @@ pub fn fsync_dir(path: &Path) -> io::Result<()> {
 
 /// Major and minor numbers of a device id.
 pub fn dev_major_minor(dev: u64) -> (u32, u32) {
-    (libc::major(dev as libc::dev_t), libc::minor(dev as libc::dev_t))
+    (
+        libc::major(dev as libc::dev_t),
+        libc::minor(dev as libc::dev_t),
+    )
 }
 
 /// Whether `st` describes an overlayfs whiteout (char device 0:0).
@@ -436,4 +452,27 @@ pub fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     } else {
         unlinkat(dir, name, false)
     }
+}
+
+/// Birth time of `name` in `dir` (not following a symlink), if the file
+/// system records one.
+pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Time>> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `stx` is writable and sized for struct statx; name is
+    // NUL-terminated; `dir` is a valid fd.
+    cvt(unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_BTIME,
+            stx.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: statx succeeded and filled the struct (it was zeroed anyway).
+    let stx = unsafe { stx.assume_init() };
+    Ok((stx.stx_mask & libc::STATX_BTIME != 0).then_some(Time {
+        sec: stx.stx_btime.tv_sec,
+        nsec: i64::from(stx.stx_btime.tv_nsec),
+    }))
 }

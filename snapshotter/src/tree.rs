@@ -83,7 +83,12 @@ pub fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta) -> io::Result<()> {
 
 /// Set owner, mode (not for symlinks), xattrs and times on `name` in `dir`
 /// without opening it.
-pub fn set_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, is_symlink: bool) -> io::Result<()> {
+pub fn set_meta_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    meta: &Meta,
+    is_symlink: bool,
+) -> io::Result<()> {
     sys::lchown_at(dir, name, meta.uid, meta.gid)?;
     if !is_symlink {
         sys::fchmodat(dir, name, meta.mode)?;
@@ -179,4 +184,29 @@ pub fn copy_node_at(
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// Clamp the mtime of everything under the directory `dir` (not `dir`
+/// itself) to at most `epoch`, dropping sub-second parts of clamped times,
+/// so a layer directory matches a layer tar written with SOURCE_DATE_EPOCH.
+pub fn clamp_mtimes(dir: BorrowedFd<'_>, epoch: i64) -> io::Result<()> {
+    let limit = Time {
+        sec: epoch,
+        nsec: 0,
+    };
+    for name in sys::list_dir(dir)? {
+        let st = sys::lstat_at(dir, &name)?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let sub = sys::open_dir_at(dir, &name)?;
+            clamp_mtimes(sub.as_fd(), epoch)?;
+        }
+        if st.st_mtime >= epoch {
+            let atime = Time {
+                sec: st.st_atime.min(epoch),
+                nsec: 0,
+            };
+            sys::set_times_at(dir, &name, atime, limit)?;
+        }
+    }
+    Ok(())
 }

@@ -15,11 +15,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
-use std::os::unix::ffi::OsStrExt;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::{MountedView, ViewSpec};
@@ -44,7 +44,10 @@ pub enum Error {
 /// Result type of the copy backend.
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn err<'a>(op: &'static str, path: impl Into<PathBuf> + 'a) -> impl FnOnce(io::Error) -> Error + 'a {
+fn err<'a>(
+    op: &'static str,
+    path: impl Into<PathBuf> + 'a,
+) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| Error::Io {
         op,
         path: path.into(),
@@ -114,9 +117,12 @@ fn merge_rec(
             let existing = sys::lstat_at(dst, &name).ok();
             let is_dir = existing.is_some_and(|e| e.st_mode & libc::S_IFMT == libc::S_IFDIR);
             let sub_src = sys::open_dir_at(src, &name).map_err(err("open", &p))?;
-            let opaque = sys::fgetxattr(sub_src.as_fd(), &CString::new(OPAQUE_XATTR).expect("no NUL"))
-                .map(|v| v == b"y")
-                .unwrap_or(false);
+            let opaque = sys::fgetxattr(
+                sub_src.as_fd(),
+                &CString::new(OPAQUE_XATTR).expect("no NUL"),
+            )
+            .map(|v| v == b"y")
+            .unwrap_or(false);
             if existing.is_some() && (!is_dir || opaque) {
                 sys::remove_all_at(dst, &name).map_err(err("remove", &p))?;
             }
@@ -135,7 +141,8 @@ fn merge_rec(
                 continue;
             }
         }
-        let copied = tree::copy_node_at(src, &name, &st, &meta, dst, &name).map_err(err("copy", &p))?;
+        let copied =
+            tree::copy_node_at(src, &name, &st, &meta, dst, &name).map_err(err("copy", &p))?;
         if copied && st.st_nlink > 1 {
             let d = dst.try_clone_to_owned().map_err(err("dup", &p))?;
             links.insert(st.st_ino, (d, name.clone()));
@@ -144,7 +151,16 @@ fn merge_rec(
     Ok(())
 }
 
-/// One manifest line per path: `ino ctime_sec ctime_nsec d|f hexpath`.
+/// Birth time as one number (0 when the file system has none): with the
+/// inode number it tells a replaced file from the original even when the
+/// file system reuses the inode number.
+fn birth(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<i128> {
+    Ok(sys::btime_at(dir, name)?.map_or(0, |t| {
+        i128::from(t.sec) * 1_000_000_000 + i128::from(t.nsec)
+    }))
+}
+
+/// One manifest line per path: `ino birth ctime_sec ctime_nsec d|f hexpath`.
 fn record(
     dir: BorrowedFd<'_>,
     rel: &mut Vec<Vec<u8>>,
@@ -157,8 +173,9 @@ fn record(
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let _ = writeln!(
             out,
-            "{} {} {} {} {}",
+            "{} {} {} {} {} {}",
             st.st_ino,
+            birth(dir, &name)?,
             st.st_ctime,
             st.st_ctime_nsec,
             if is_dir { 'd' } else { 'f' },
@@ -182,6 +199,7 @@ fn record(
 #[derive(Debug, Clone, Copy)]
 struct Rec {
     ino: u64,
+    birth: i128,
     ctime: (i64, i64),
     is_dir: bool,
 }
@@ -202,12 +220,16 @@ fn load_manifest(path: &Path) -> Result<HashMap<Vec<u8>, Rec>> {
     let mut out = HashMap::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let [ino, cs, cn, kind, p] = f[..] else {
+        let [ino, birth, cs, cn, kind, p] = f[..] else {
             return Err(bad());
         };
         let rec = Rec {
             ino: ino.parse().map_err(|_| bad())?,
-            ctime: (cs.parse().map_err(|_| bad())?, cn.parse().map_err(|_| bad())?),
+            birth: birth.parse().map_err(|_| bad())?,
+            ctime: (
+                cs.parse().map_err(|_| bad())?,
+                cn.parse().map_err(|_| bad())?,
+            ),
             is_dir: kind == "d",
         };
         out.insert(unhex(p).ok_or_else(bad)?, rec);
@@ -230,11 +252,16 @@ struct Scan {
     changes: Vec<(Vec<u8>, Change)>,
     /// metadata of every directory in the view, read before anything moves
     dir_meta: HashMap<Vec<u8>, Meta>,
-    /// paths present in the view: (inode, is directory)
-    present: HashMap<Vec<u8>, (u64, bool)>,
+    /// paths present in the view: (inode, birth, is directory)
+    present: HashMap<Vec<u8>, (u64, i128, bool)>,
 }
 
-fn scan(dir: BorrowedFd<'_>, rel: &[u8], manifest: &HashMap<Vec<u8>, Rec>, s: &mut Scan) -> io::Result<()> {
+fn scan(
+    dir: BorrowedFd<'_>,
+    rel: &[u8],
+    manifest: &HashMap<Vec<u8>, Rec>,
+    s: &mut Scan,
+) -> io::Result<()> {
     for name in sys::list_dir(dir)? {
         let mut p = rel.to_vec();
         if !p.is_empty() {
@@ -243,14 +270,17 @@ fn scan(dir: BorrowedFd<'_>, rel: &[u8], manifest: &HashMap<Vec<u8>, Rec>, s: &m
         p.extend_from_slice(name.to_bytes());
         let st = sys::lstat_at(dir, &name)?;
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        s.present.insert(p.clone(), (st.st_ino, is_dir));
+        let born = birth(dir, &name)?;
+        s.present.insert(p.clone(), (st.st_ino, born, is_dir));
         let old = manifest.get(&p);
-        let changed = old.is_none_or(|r| r.ino != st.st_ino || r.ctime != (st.st_ctime, st.st_ctime_nsec));
+        let same_inode = |r: &Rec| r.ino == st.st_ino && r.birth == born;
+        let changed =
+            old.is_none_or(|r| !same_inode(r) || r.ctime != (st.st_ctime, st.st_ctime_nsec));
         if is_dir {
             let (_, meta) = tree::read_meta_at(dir, &name)?;
             s.dir_meta.insert(p.clone(), meta);
             if changed {
-                let opaque = old.is_some_and(|r| r.is_dir && r.ino != st.st_ino);
+                let opaque = old.is_some_and(|r| r.is_dir && !same_inode(r));
                 s.changes.push((p.clone(), Change::Dir { opaque }));
             }
             let sub = sys::open_dir_at(dir, &name)?;
@@ -295,14 +325,15 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
         // that directory's own whiteout or opacity
         let parent_same = parent.is_empty()
             || matches!((s.present.get(parent), manifest.get(parent)),
-                (Some((ino, true)), Some(old)) if *ino == old.ino);
+                (Some((ino, born, true)), Some(old)) if *ino == old.ino && *born == old.birth);
         if parent_same {
             let _ = rec;
             s.changes.push((p.clone(), Change::Whiteout));
         }
     }
     // parents before children; component-wise byte order
-    s.changes.sort_by(|a, b| a.0.split(|c| *c == b'/').cmp(b.0.split(|c| *c == b'/')));
+    s.changes
+        .sort_by(|a, b| a.0.split(|c| *c == b'/').cmp(b.0.split(|c| *c == b'/')));
 
     let mut created: HashMap<Vec<u8>, OwnedFd> = HashMap::new();
     let mut dirs_done: Vec<Vec<u8>> = Vec::new();
@@ -310,8 +341,14 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
     let up = |p: &[u8]| spec.upper.join(OsStr::from_bytes(p));
     for (p, change) in &s.changes {
         let (parent, base) = parent_of(p);
-        let pdir = ensure_upper_dir(upper.as_fd(), parent, &s.dir_meta, &mut created, &mut dirs_done)
-            .map_err(err("create parent of", up(p)))?;
+        let pdir = ensure_upper_dir(
+            upper.as_fd(),
+            parent,
+            &s.dir_meta,
+            &mut created,
+            &mut dirs_done,
+        )
+        .map_err(err("create parent of", up(p)))?;
         let cbase = cstring(base);
         match change {
             Change::Whiteout => {
@@ -322,15 +359,18 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
                     Some(fd) => fd.try_clone().map_err(err("dup", up(p)))?,
                     None => {
                         let fd = walk(target.as_fd(), parent).map_err(err("open", up(parent)))?;
-                        target_dirs.insert(parent.to_vec(), fd.try_clone().map_err(err("dup", up(p)))?);
+                        target_dirs
+                            .insert(parent.to_vec(), fd.try_clone().map_err(err("dup", up(p)))?);
                         fd
                     }
                 };
-                sys::renameat(tdir.as_fd(), &cbase, pdir.as_fd(), &cbase).map_err(err("move", up(p)))?;
+                sys::renameat(tdir.as_fd(), &cbase, pdir.as_fd(), &cbase)
+                    .map_err(err("move", up(p)))?;
             }
             Change::Dir { opaque } => {
-                let fd = ensure_upper_dir(upper.as_fd(), p, &s.dir_meta, &mut created, &mut dirs_done)
-                    .map_err(err("mkdir", up(p)))?;
+                let fd =
+                    ensure_upper_dir(upper.as_fd(), p, &s.dir_meta, &mut created, &mut dirs_done)
+                        .map_err(err("mkdir", up(p)))?;
                 if *opaque {
                     sys::fsetxattr(fd.as_fd(), &cstring(OPAQUE_XATTR.as_bytes()), b"y")
                         .map_err(err("mark opaque", up(p)))?;
@@ -343,7 +383,8 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
     for p in dirs_done.iter().rev() {
         if seen.insert(p.clone()) {
             if let (Some(fd), Some(meta)) = (created.get(p), s.dir_meta.get(p)) {
-                sys::set_times_at(fd.as_fd(), c"", meta.mtime, meta.mtime).map_err(err("set times", up(p)))?;
+                sys::set_times_at(fd.as_fd(), c"", meta.mtime, meta.mtime)
+                    .map_err(err("set times", up(p)))?;
             }
         }
     }
