@@ -303,6 +303,24 @@ fn body() {
         .expect_err("missing trailer must fail");
     assert!(matches!(err, Error::Stream { .. }), "{err}");
 
+    // a plain tar cut inside an entry's data
+    let c = Case::new();
+    let tar = RawTar::default().file("big", &big).finish();
+    let err = c
+        .apply(&tar[..600_000])
+        .expect_err("truncated tar must fail");
+    assert!(matches!(err, Error::Stream { .. }), "{err}");
+    assert!(err.to_string().contains("big"), "{err}");
+    // a tar ending right after its last entry's data (as umoci 0.4 writes
+    // them) is complete
+    let c = Case::new();
+    let tar = RawTar::default()
+        .file("a", b"1")
+        .file("last", b"1234567")
+        .finish();
+    c.apply(&tar[..512 * 3 + 7]).unwrap();
+    assert_eq!(fs::read(c.target.join("last")).unwrap(), b"1234567");
+
     // a corrupt header: nothing after it is applied
     let c = Case::new();
     let mut tar = RawTar::default()
