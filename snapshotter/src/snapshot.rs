@@ -85,6 +85,15 @@ pub struct Committed {
     pub blob: Descriptor,
 }
 
+/// What [`Snapshotter::check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub blobs: usize,
+    pub layers: usize,
+    /// one line per problem, naming the blob or layer at fault
+    pub problems: Vec<String>,
+}
+
 /// A view of a layer chain. Dropping it without commit or remove unmounts
 /// it and removes its files.
 pub struct View {
@@ -443,6 +452,53 @@ impl Snapshotter {
             }
         }
         Ok((blobs, chains))
+    }
+
+    /// Verify the whole store: every blob against its digest, every layer's
+    /// metadata and parent. Read-only.
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut report = CheckReport::default();
+        for d in self.content.list()? {
+            report.blobs += 1;
+            if let Err(e) = self.content.verify(&d) {
+                report.problems.push(e.to_string());
+            }
+        }
+        let dir = self.layers.root().join("layers");
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            report.layers += 1;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(chain) = format!("sha256:{name}").parse::<Digest>() else {
+                report
+                    .problems
+                    .push(format!("layer directory {name} is not a chain id"));
+                continue;
+            };
+            match self.layers.info(&chain) {
+                Ok(info) => {
+                    if info.chain_id != chain {
+                        report
+                            .problems
+                            .push(format!("layer {chain}: layer.json names {}", info.chain_id));
+                    }
+                    if let Some(p) = &info.parent {
+                        if !self.layers.contains(p) {
+                            report
+                                .problems
+                                .push(format!("layer {chain}: parent {p} is missing"));
+                        }
+                    }
+                    if !self.layers.layer_dir(&chain).is_dir() {
+                        report
+                            .problems
+                            .push(format!("layer {chain}: no fs directory"));
+                    }
+                }
+                Err(e) => report.problems.push(e.to_string()),
+            }
+        }
+        Ok(report)
     }
 
     /// Remove layers and blobs that no image in `index.json`, pin or live
