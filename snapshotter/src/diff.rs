@@ -157,6 +157,9 @@ struct TarWriter<W: Write> {
     epoch: Option<i64>,
 }
 
+/// Extended attributes as (name, value) pairs.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One tar entry to write.
 struct Entry<'a> {
     name: &'a [u8],
@@ -293,7 +296,7 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Content xattrs (sorted) and whether the directory is opaque.
-    fn xattrs(&self, path: &Path, rel: &Path) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool)> {
+    fn xattrs(&self, path: &Path, rel: &Path) -> Result<(Xattrs, bool)> {
         let cpath = sys::cstr(path.as_os_str()).map_err(self.read_err(rel))?;
         let mut out = Vec::new();
         let mut opaque = false;

@@ -43,7 +43,7 @@ impl RawTar {
         self.0.extend_from_slice(h.as_bytes());
         self.0.extend_from_slice(data);
         let pad = (512 - data.len() % 512) % 512;
-        self.0.extend(std::iter::repeat_n(0, pad));
+        self.0.extend(vec![0u8; pad]);
         self
     }
     fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
@@ -93,7 +93,7 @@ impl RawTar {
     }
     fn finish(&mut self) -> Vec<u8> {
         let mut v = self.0.clone();
-        v.extend(std::iter::repeat_n(0, 1024));
+        v.extend(vec![0u8; 1024]);
         v
     }
 }
@@ -282,7 +282,7 @@ fn body() {
     // a truncated gzip stream
     let c = Case::new();
     let big: Vec<u8> = (0..1_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
         .collect();
     let tar = RawTar::default()
         .file("big", &big)
@@ -436,7 +436,7 @@ fn hard_link_to_a_lower_layer_file_is_copied_up() {
     fs::create_dir_all(&upper).unwrap();
     fs::write(lower.join("bin/tool"), b"tool").unwrap();
     let tar = RawTar::default().hardlink("bin/alias", "bin/tool").finish();
-    apply(&tar[..], &upper, &[lower.clone()]).unwrap();
+    apply(&tar[..], &upper, std::slice::from_ref(&lower)).unwrap();
     let a = fs::metadata(upper.join("bin/alias")).unwrap();
     let t = fs::metadata(upper.join("bin/tool")).unwrap();
     assert_eq!(a.ino(), t.ino());

@@ -205,7 +205,7 @@ struct Rec {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if s.len() & 1 == 1 {
         return None;
     }
     (0..s.len())
@@ -274,8 +274,10 @@ fn scan(
         s.present.insert(p.clone(), (st.st_ino, born, is_dir));
         let old = manifest.get(&p);
         let same_inode = |r: &Rec| r.ino == st.st_ino && r.birth == born;
-        let changed =
-            old.is_none_or(|r| !same_inode(r) || r.ctime != (st.st_ctime, st.st_ctime_nsec));
+        let changed = match old {
+            None => true,
+            Some(r) => !same_inode(r) || r.ctime != (st.st_ctime, st.st_ctime_nsec),
+        };
         if is_dir {
             let (_, meta) = tree::read_meta_at(dir, &name)?;
             s.dir_meta.insert(p.clone(), meta);
