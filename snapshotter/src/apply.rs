@@ -82,17 +82,28 @@ pub struct ApplyReport {
     pub entries: u64,
     /// device nodes skipped
     pub skipped_devices: u64,
+    /// xattrs in namespaces kiln cannot set in its user namespace
+    /// (`trusted.*` and unknown ones)
+    pub skipped_xattrs: u64,
 }
 
 impl ApplyReport {
     /// The one warning to show for this layer, if any.
     pub fn warning(&self) -> Option<String> {
-        (self.skipped_devices > 0).then(|| {
-            format!(
+        let mut parts = Vec::new();
+        if self.skipped_devices > 0 {
+            parts.push(format!(
                 "skipped {} device node(s): kiln cannot create devices without root; the runtime provides /dev",
                 self.skipped_devices
-            )
-        })
+            ));
+        }
+        if self.skipped_xattrs > 0 {
+            parts.push(format!(
+                "skipped {} extended attribute(s) outside user.*, security.capability and system.posix_acl_*",
+                self.skipped_xattrs
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
@@ -135,6 +146,7 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
         dirs: Vec::new(),
         entries: 0,
         skipped_devices: 0,
+        skipped_xattrs: 0,
     };
     let mut last = String::from("(start)");
     let entries = archive.entries().map_err(|source| Error::Header {
@@ -168,6 +180,7 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
         diff_id: sha256_digest(rest.hasher.finalize()),
         entries: ap.entries,
         skipped_devices: ap.skipped_devices,
+        skipped_xattrs: ap.skipped_xattrs,
     })
 }
 
@@ -202,6 +215,18 @@ struct Applier<'a> {
     dirs: Vec<(Vec<Vec<u8>>, Time)>,
     entries: u64,
     skipped_devices: u64,
+    skipped_xattrs: u64,
+}
+
+/// Whether kiln can set an xattr of this name inside its user namespace:
+/// `user.*`, file capabilities (the kernel stores them relative to the
+/// namespace's root) and POSIX ACLs. `trusted.*` needs CAP_SYS_ADMIN in the
+/// initial namespace; other `security.*` belong to the host's LSM.
+fn settable_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+        || name == b"security.capability"
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
 }
 
 /// Split an entry path into components, refusing absolute paths and `..`.
@@ -344,8 +369,13 @@ impl Applier<'_> {
                     // overlay bookkeeping must never come from a layer: a
                     // crafted `user.overlay.redirect` would point the view
                     // anywhere in the lower layers
-                    if !tree::is_overlay_xattr(x) && x != b"security.selinux" && !has_nul(x) {
+                    if tree::is_overlay_xattr(x) || x == b"security.selinux" || has_nul(x) {
+                        continue;
+                    }
+                    if settable_xattr(x) {
                         xattrs.push((cname(x), ext.value_bytes().to_vec()));
+                    } else {
+                        self.skipped_xattrs += 1;
                     }
                 } else if key == b"mtime" {
                     pax_mtime = ext
@@ -411,6 +441,11 @@ impl Applier<'_> {
         self.entries += 1;
 
         // whiteouts and opaque markers
+        if base.starts_with(b".wh..wh.") && *base != OPAQUE_MARKER.as_bytes() {
+            // aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs): not content
+            self.entries -= 1;
+            return Ok(());
+        }
         if *base == OPAQUE_MARKER.as_bytes() {
             let dir = self.open_parent(parent, name)?;
             sys::fsetxattr(dir, &cname(OPAQUE_XATTR.as_bytes()), b"y").map_err(werr(name))?;

@@ -270,6 +270,17 @@ impl ContentStore {
         Ok(out)
     }
 
+    /// Bytes held by blobs (`du` of the store's content).
+    pub fn usage(&self) -> Result<u64> {
+        let mut total = 0;
+        for d in self.list()? {
+            let path = self.blob_path(&d)?;
+            let meta = fs::metadata(&path).map_err(io_err(&path))?;
+            total += std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        }
+        Ok(total)
+    }
+
     /// Delete a blob (garbage collection); a missing blob is not an error.
     pub fn delete(&self, digest: &Digest) -> Result<()> {
         let path = self.blob_path(digest)?;

@@ -24,7 +24,7 @@ use oci_spec::image::{
 };
 
 use crate::apply::{self, ApplyReport};
-use crate::backend::{self, copy, BackendKind, MountedView, ViewSpec};
+use crate::backend::{self, BackendKind, MountedView, ViewSpec};
 use crate::content::{self, ContentStore};
 use crate::diff::{self, DiffOptions};
 use crate::layers::{self, GcReport, LayerInfo, LayerStore, Lease, TempLayer};
@@ -52,8 +52,6 @@ pub enum Error {
     Layers(#[from] layers::Error),
     #[error(transparent)]
     Backend(#[from] backend::Error),
-    #[error(transparent)]
-    Copy(#[from] copy::Error),
     #[error(transparent)]
     Diff(#[from] diff::Error),
     #[error(transparent)]
@@ -289,11 +287,10 @@ impl Snapshotter {
         if view.readonly {
             return Err(Error::ReadOnly(view.key.clone()));
         }
-        if view.kind == BackendKind::Copy {
-            copy::write_changes(&view.spec)?;
-        }
         // unmount: after this `upper` holds every change of the view
-        view.mounted.take();
+        if let Some(mounted) = view.mounted.take() {
+            backend::unmount(view.kind, mounted, &view.spec)?;
+        }
         if let Some(epoch) = opts.source_date_epoch {
             let upper = &view.spec.upper;
             let fd = crate::sys::open_dir(upper).map_err(io_err(upper))?;

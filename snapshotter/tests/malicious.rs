@@ -336,8 +336,33 @@ fn body() {
     c.host_unchanged();
 }
 
+/// PAX records `key=value` with correct length prefixes.
+fn pax_records(recs: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in recs {
+        let body = k.len() + v.len() + 3;
+        let mut total = body + 1;
+        while body + total.to_string().len() != total {
+            total = body + total.to_string().len();
+        }
+        out.extend_from_slice(format!("{total} {k}=").as_bytes());
+        out.extend_from_slice(v);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// A v2 file capability granting CAP_NET_BIND_SERVICE, effective.
+const CAP_V2: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
 fn legit_body() {
     let c = Case::new();
+    let xattr_recs = pax_records(&[
+        ("SCHILY.xattr.security.capability", &CAP_V2),
+        ("SCHILY.xattr.trusted.secret", b"x"),
+        ("SCHILY.xattr.user.overlay.redirect", b"/etc"),
+        ("SCHILY.xattr.user.mime", b"text/plain"),
+    ]);
     let mut sparse = vec![0u8; 4 << 20];
     sparse[..5].copy_from_slice(b"begin");
     let n = sparse.len();
@@ -355,9 +380,52 @@ fn legit_body() {
         .entry(b"fifo", tar::EntryType::Fifo, b"", b"", 0o600)
         .file("target", b"t")
         .hardlink("hl", "target")
+        .pax(&xattr_recs)
+        .entry(b"bin/ping", tar::EntryType::Regular, b"", b"ELF", 0o755)
         .finish();
     let report = c.apply(&tar).unwrap();
     assert_eq!(report.skipped_devices, 2);
+    assert_eq!(
+        report.skipped_xattrs, 1,
+        "trusted.* cannot be set in a user namespace"
+    );
+    let got = xattrs(&c.target.join("bin/ping"));
+    let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["security.capability", "user.mime"],
+        "overlay xattrs never come from a layer"
+    );
+    // the capability reads back as written, and diff writes it out again
+    let p =
+        std::ffi::CString::new(c.target.join("bin/ping").as_os_str().as_encoded_bytes()).unwrap();
+    let mut cap = vec![0u8; 64];
+    // SAFETY: buffer valid for its length; strings NUL-terminated.
+    let n = unsafe {
+        libc::lgetxattr(
+            p.as_ptr(),
+            c"security.capability".as_ptr(),
+            cap.as_mut_ptr().cast(),
+            64,
+        )
+    };
+    assert_eq!(&cap[..usize::try_from(n).unwrap()], &CAP_V2);
+    let tar_out = kiln_snapshotter::diff::write_tar(&c.target, Vec::new(), None).unwrap();
+    let mut ar = tar::Archive::new(&tar_out[..]);
+    let mut found = false;
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path_bytes().as_ref() == b"bin/ping" {
+            for x in e.pax_extensions().unwrap().unwrap() {
+                let x = x.unwrap();
+                if x.key().unwrap() == "SCHILY.xattr.security.capability" {
+                    assert_eq!(x.value_bytes(), &CAP_V2);
+                    found = true;
+                }
+            }
+        }
+    }
+    assert!(found, "diff keeps security.capability");
     assert!(
         report.warning().unwrap().contains("skipped 2 device node"),
         "{:?}",

@@ -317,3 +317,46 @@ fn gc_keeps_what_images_and_leases_use() {
     let usage = other.layers().usage().unwrap();
     assert_eq!(usage.total, 0);
 }
+
+#[test]
+fn concurrent_commits_of_the_same_layer_share_it() {
+    if !in_userns("concurrent_commits_of_the_same_layer_share_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let snap = Snapshotter::open(&root, BackendKind::Copy).unwrap();
+                let v = snap.prepare(&format!("w{i}"), None).unwrap();
+                for n in 0..50 {
+                    write(&v.path().join(format!("d/f{n}")), format!("{n}").as_bytes());
+                }
+                let c = snap
+                    .commit(
+                        v,
+                        DiffOptions {
+                            compression: Compression::Zstd { level: 3 },
+                            source_date_epoch: Some(1),
+                        },
+                    )
+                    .unwrap();
+                (c, snap)
+            })
+        })
+        .collect();
+    let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let first = &results[0].0;
+    assert!(
+        results.iter().all(|(c, _)| c == first),
+        "same content, same layer and blob"
+    );
+    let snap = &results[0].1;
+    assert_eq!(snap.layers().list().unwrap().len(), 1);
+    assert_eq!(snap.content().list().unwrap().len(), 1);
+    assert!(snap.content().usage().unwrap() > 0);
+    let report = snap.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

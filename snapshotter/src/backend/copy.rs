@@ -57,8 +57,9 @@ fn err<'a>(
 
 const MANIFEST: &str = "copy-manifest";
 
-/// A materialised copy view. Dropping it leaves the tree in place: the
-/// snapshotter removes the view directory after [`write_changes`].
+/// A materialised copy view. Dropping it leaves the tree in place: keeping
+/// its changes is [`write_changes`] (called by `backend::unmount`), and the
+/// snapshotter removes the view directory afterwards.
 #[derive(Debug)]
 pub struct CopyView {
     target: PathBuf,

@@ -70,3 +70,15 @@ pub fn mount(kind: BackendKind, spec: &ViewSpec) -> Result<Box<dyn MountedView>>
         BackendKind::Fuse | BackendKind::Overlay => Err(Error::Unavailable(kind)),
     }
 }
+
+/// Stop serving a view whose changes are to be kept; afterwards
+/// `spec.upper` holds every change in the layer format. The copy backend
+/// has no upper while mounted, so it computes the changes here (a view
+/// that is thrown away is simply dropped instead).
+pub fn unmount(kind: BackendKind, view: Box<dyn MountedView>, spec: &ViewSpec) -> Result<()> {
+    if kind == BackendKind::Copy {
+        copy::write_changes(spec)?;
+    }
+    drop(view);
+    Ok(())
+}
