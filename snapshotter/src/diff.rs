@@ -16,10 +16,11 @@
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Digest, MediaType};
@@ -262,7 +263,11 @@ impl<W: Write> TarWriter<W> {
                     self.links.insert(key, name.to_vec());
                 }
                 e.size = meta.len();
-                let file = File::open(path).map_err(self.read_err(rel))?;
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(self.read_err(rel))?;
                 self.write_data(&e, file)
             }
             libc::S_IFLNK => {

@@ -70,6 +70,19 @@ fn base_tree(root: &Path) {
     }
 }
 
+/// Rename a directory as `mv` does: kernel overlayfs without redirect_dir
+/// answers EXDEV, and then the tree is copied and the original removed.
+fn rename_dir(from: &Path, to: &Path) {
+    match fs::rename(from, to) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            run(std::process::Command::new("cp").arg("-a").arg(from).arg(to));
+            fs::remove_dir_all(from).unwrap();
+        }
+        Err(e) => panic!("rename {}: {e}", from.display()),
+    }
+}
+
 /// The scripted operations a RUN step might do.
 fn script(root: &Path) {
     // create
@@ -99,7 +112,7 @@ fn script(root: &Path) {
         root.join("data/renamed.txt"),
     )
     .unwrap();
-    fs::rename(root.join("dir-a"), root.join("dir-b")).unwrap();
+    rename_dir(&root.join("dir-a"), &root.join("dir-b"));
     // hard link, symlink
     fs::hard_link(root.join("link-src.txt"), root.join("link-dst.txt")).unwrap();
     std::os::unix::fs::symlink("data/keep.txt", root.join("sym")).unwrap();
@@ -224,7 +237,8 @@ fn expected_entries() -> Vec<String> {
     ]
 }
 
-/// The whole check for one backend kind.
+/// The whole check for one backend kind. The fuse and overlay backends plug
+/// in with one `#[test]` each calling this with their kind.
 pub fn check_backend(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let a = scripted_layer(kind, &dir.path().join("a"));
