@@ -26,9 +26,15 @@ fn crash_helper() {
         return;
     };
     let snap = Snapshotter::open(Path::new(&root), BackendKind::Copy).unwrap();
-    let v = snap.prepare("big", None).unwrap();
+    let v = snap
+        .prepare(&format!("big-{}", std::process::id()), None)
+        .unwrap();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..120 {
+    let files: usize = std::env::var("KILN_HELPER_FILES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    for i in 0..files {
         let dir = v.path().join(format!("d{}", i % 8));
         fs::create_dir_all(&dir).unwrap();
         let data: Vec<u8> = (0..256 * 1024)
@@ -43,14 +49,21 @@ fn crash_helper() {
     }
     println!("COMMITTING");
     std::io::stdout().flush().unwrap();
-    snap.commit(
-        v,
-        DiffOptions {
-            compression: Compression::Gzip { level: 9 },
-            source_date_epoch: None,
-        },
-    )
-    .unwrap();
+    let c = snap
+        .commit(
+            v,
+            DiffOptions {
+                compression: Compression::Gzip { level: 9 },
+                source_date_epoch: None,
+            },
+        )
+        .unwrap();
+    snap.content()
+        .set_ref(&format!("img-{}", std::process::id()), &c.blob)
+        .unwrap();
+    snap.layers()
+        .pin(&format!("img-{}", std::process::id()), &c.chain_id)
+        .unwrap();
     println!("DONE");
 }
 
@@ -150,5 +163,56 @@ fn body() {
 fn kill_during_commit_leaves_a_consistent_store() {
     if in_userns("kill_during_commit_leaves_a_consistent_store") {
         body();
+    }
+}
+
+fn concurrent_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "crash_helper",
+                    "--exact",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(ROOT_ENV, &root)
+                .env("KILN_HELPER_FILES", "16")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("DONE"),
+            "writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let snap = Snapshotter::open(&root, BackendKind::Copy).unwrap();
+    assert_eq!(
+        snap.content().index().unwrap().manifests().len(),
+        3,
+        "no index update lost"
+    );
+    let report = snap.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.layers, 3);
+    // pinned by each writer: GC keeps them
+    let (gc, _) = snap.gc().unwrap();
+    assert!(gc.removed.is_empty(), "{gc:?}");
+}
+
+#[test]
+fn concurrent_processes_share_a_store() {
+    if in_userns("concurrent_processes_share_a_store") {
+        concurrent_body();
     }
 }
