@@ -204,7 +204,9 @@ fn concurrent_body() {
     );
     let report = snap.check().unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.layers, 3);
+    // writers that finish within the same second commit identical layers,
+    // which the store keeps once
+    assert!((1..=3).contains(&report.layers), "{report:?}");
     // pinned by each writer: GC keeps them
     let (gc, _) = snap.gc().unwrap();
     assert!(gc.removed.is_empty(), "{gc:?}");
