@@ -1,2 +1,4 @@
 //! kiln's builder: the Dockerfile frontend, the build graph and solver, the
 //! cache, the exporters and the pieces of the `kiln` CLI.
+
+pub mod cli;
