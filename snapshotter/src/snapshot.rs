@@ -19,9 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use oci_spec::image::{
-    Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType,
-};
+use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
 use crate::apply::{self, ApplyReport};
 use crate::backend::{self, BackendKind, MountedView, ViewSpec};
@@ -421,31 +419,28 @@ impl Snapshotter {
         let mut todo: Vec<Descriptor> = self.content.index()?.manifests().clone();
         while let Some(d) = todo.pop() {
             blobs.push(d.digest().clone());
-            match d.media_type() {
-                MediaType::ImageManifest => {
-                    let m = self.manifest(d.digest())?;
-                    blobs.push(m.config().digest().clone());
-                    blobs.extend(m.layers().iter().map(|l| l.digest().clone()));
-                    if let Ok(c) = self.config(m.config().digest()) {
-                        let ids: Vec<Digest> = c
-                            .rootfs()
-                            .diff_ids()
-                            .iter()
-                            .filter_map(|s| s.parse().ok())
-                            .collect();
-                        chains.extend(layers::chain_id_of(&ids));
-                    }
+            let bytes = match self.content.read_blob(d.digest()) {
+                Ok(b) => b,
+                // a dangling reference keeps nothing
+                Err(content::Error::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // decide by content, not media type: Docker schema 2 manifests
+            // and manifest lists (copied in by skopeo) have the OCI shape
+            if let Ok(m) = ImageManifest::from_reader(&bytes[..]) {
+                blobs.push(m.config().digest().clone());
+                blobs.extend(m.layers().iter().map(|l| l.digest().clone()));
+                if let Ok(c) = self.config(m.config().digest()) {
+                    let ids: Vec<Digest> = c
+                        .rootfs()
+                        .diff_ids()
+                        .iter()
+                        .filter_map(|s| s.parse().ok())
+                        .collect();
+                    chains.extend(layers::chain_id_of(&ids));
                 }
-                MediaType::ImageIndex => {
-                    let bytes = self.content.read_blob(d.digest())?;
-                    let idx =
-                        ImageIndex::from_reader(&bytes[..]).map_err(|source| Error::Image {
-                            digest: d.digest().clone(),
-                            source,
-                        })?;
-                    todo.extend(idx.manifests().iter().cloned());
-                }
-                _ => {}
+            } else if let Ok(idx) = ImageIndex::from_reader(&bytes[..]) {
+                todo.extend(idx.manifests().iter().cloned());
             }
         }
         Ok((blobs, chains))
