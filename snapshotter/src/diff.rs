@@ -327,91 +327,16 @@ impl<W: Write> TarWriter<W> {
     }
 
     fn write_data(&mut self, e: &Entry<'_>, data: impl io::Read) -> Result<()> {
-        let mut header = tar::Header::new_ustar();
-        let mut pax: Vec<(&str, Vec<u8>)> = Vec::new();
-        {
-            let ustar = header.as_ustar_mut().expect("new_ustar is ustar");
-            if !split_ustar_name(e.name, &mut ustar.prefix, &mut ustar.name) {
-                pax.push(("path", e.name.to_vec()));
-                let n = e.name.len().min(ustar.name.len());
-                ustar.name[..n].copy_from_slice(&e.name[..n]);
-            }
-            if let Some(link) = e.link {
-                if link.len() <= ustar.linkname.len() {
-                    ustar.linkname[..link.len()].copy_from_slice(link);
-                } else {
-                    pax.push(("linkpath", link.to_vec()));
-                    let n = ustar.linkname.len();
-                    ustar.linkname.copy_from_slice(&link[..n]);
-                }
-            }
-        }
-        header.set_entry_type(e.kind);
-        header.set_mode(e.mode);
-        // ustar numeric fields are octal: 7 digits for ids, 11 for size and
-        // mtime; beyond that PAX carries the value
-        const MAX_ID: u64 = 0o7_777_777;
-        const MAX_BIG: u64 = 0o77_777_777_777;
-        header.set_uid(e.uid.min(MAX_ID));
-        header.set_gid(e.gid.min(MAX_ID));
-        if e.uid > MAX_ID {
-            pax.push(("uid", e.uid.to_string().into_bytes()));
-        }
-        if e.gid > MAX_ID {
-            pax.push(("gid", e.gid.to_string().into_bytes()));
-        }
-        let mtime = e.mtime.unsigned_abs();
-        header.set_mtime(mtime.min(MAX_BIG));
-        if mtime > MAX_BIG {
-            pax.push(("mtime", mtime.to_string().into_bytes()));
-        }
-        header.set_size(e.size.min(MAX_BIG));
-        if e.size > MAX_BIG {
-            pax.push(("size", e.size.to_string().into_bytes()));
-        }
-        if let Some((major, minor)) = e.dev {
-            let wr = |source| Error::Write {
-                path: PathBuf::from(OsStr::from_bytes(e.name)),
-                source,
-            };
-            header.set_device_major(major).map_err(wr)?;
-            header.set_device_minor(minor).map_err(wr)?;
-        }
-        let mut records = Vec::new();
-        for (key, value) in &pax {
-            pax_record(&mut records, key.as_bytes(), value);
-        }
-        for (key, value) in e.xattrs {
-            let mut k = b"SCHILY.xattr.".to_vec();
-            k.extend_from_slice(key);
-            pax_record(&mut records, &k, value);
-        }
         let werr = |source| Error::Write {
             path: PathBuf::from(OsStr::from_bytes(e.name)),
             source,
         };
-        if !records.is_empty() {
-            let mut ph = tar::Header::new_ustar();
-            let mut pname = b"PaxHeaders/".to_vec();
-            let base = e.name.rsplit(|b| *b == b'/').next().unwrap_or(e.name);
-            pname.extend_from_slice(&base[..base.len().min(88)]);
-            let ustar = ph.as_ustar_mut().expect("ustar");
-            ustar.name[..pname.len()].copy_from_slice(&pname);
-            ph.set_entry_type(tar::EntryType::XHeader);
-            ph.set_mode(0o644);
-            ph.set_mtime(0);
-            ph.set_size(records.len() as u64);
-            ph.set_cksum();
+        let (pax, header) = build_headers(e).map_err(werr)?;
+        if let Some((ph, records)) = pax {
             self.builder.append(&ph, &records[..]).map_err(werr)?;
         }
-        header.set_cksum();
         let mut data = data.take(e.size);
-        self.builder
-            .append(&header, &mut data)
-            .map_err(|source| Error::Write {
-                path: PathBuf::from(OsStr::from_bytes(e.name)),
-                source,
-            })?;
+        self.builder.append(&header, &mut data).map_err(werr)?;
         if data.limit() != 0 {
             // the file shrank while being read: the tar would be corrupt
             return Err(Error::Read {
@@ -421,6 +346,83 @@ impl<W: Write> TarWriter<W> {
         }
         Ok(())
     }
+}
+
+/// The ustar header of an entry, preceded by a PAX extended header (and its
+/// records) when ustar cannot hold a value: names over its limits, ids over
+/// 7 octal digits, sizes or times over 11, and every xattr.
+fn build_headers(e: &Entry<'_>) -> io::Result<(Option<(tar::Header, Vec<u8>)>, tar::Header)> {
+    // ustar numeric fields are octal: 7 digits for ids, 11 for size and
+    // mtime; beyond that PAX carries the value
+    const MAX_ID: u64 = 0o7_777_777;
+    const MAX_BIG: u64 = 0o77_777_777_777;
+    let mut header = tar::Header::new_ustar();
+    let mut pax: Vec<(&str, Vec<u8>)> = Vec::new();
+    {
+        let ustar = header.as_ustar_mut().expect("new_ustar is ustar");
+        if !split_ustar_name(e.name, &mut ustar.prefix, &mut ustar.name) {
+            pax.push(("path", e.name.to_vec()));
+            let n = e.name.len().min(ustar.name.len());
+            ustar.name[..n].copy_from_slice(&e.name[..n]);
+        }
+        if let Some(link) = e.link {
+            if link.len() <= ustar.linkname.len() {
+                ustar.linkname[..link.len()].copy_from_slice(link);
+            } else {
+                pax.push(("linkpath", link.to_vec()));
+                let n = ustar.linkname.len();
+                ustar.linkname.copy_from_slice(&link[..n]);
+            }
+        }
+    }
+    header.set_entry_type(e.kind);
+    header.set_mode(e.mode);
+    header.set_uid(e.uid.min(MAX_ID));
+    header.set_gid(e.gid.min(MAX_ID));
+    if e.uid > MAX_ID {
+        pax.push(("uid", e.uid.to_string().into_bytes()));
+    }
+    if e.gid > MAX_ID {
+        pax.push(("gid", e.gid.to_string().into_bytes()));
+    }
+    let mtime = e.mtime.unsigned_abs();
+    header.set_mtime(mtime.min(MAX_BIG));
+    if mtime > MAX_BIG {
+        pax.push(("mtime", mtime.to_string().into_bytes()));
+    }
+    header.set_size(e.size.min(MAX_BIG));
+    if e.size > MAX_BIG {
+        pax.push(("size", e.size.to_string().into_bytes()));
+    }
+    if let Some((major, minor)) = e.dev {
+        header.set_device_major(major)?;
+        header.set_device_minor(minor)?;
+    }
+    header.set_cksum();
+    let mut records = Vec::new();
+    for (key, value) in &pax {
+        pax_record(&mut records, key.as_bytes(), value);
+    }
+    for (key, value) in e.xattrs {
+        let mut k = b"SCHILY.xattr.".to_vec();
+        k.extend_from_slice(key);
+        pax_record(&mut records, &k, value);
+    }
+    if records.is_empty() {
+        return Ok((None, header));
+    }
+    let mut ph = tar::Header::new_ustar();
+    let mut pname = b"PaxHeaders/".to_vec();
+    let base = e.name.rsplit(|b| *b == b'/').next().unwrap_or(e.name);
+    pname.extend_from_slice(&base[..base.len().min(88)]);
+    let ustar = ph.as_ustar_mut().expect("ustar");
+    ustar.name[..pname.len()].copy_from_slice(&pname);
+    ph.set_entry_type(tar::EntryType::XHeader);
+    ph.set_mode(0o644);
+    ph.set_mtime(0);
+    ph.set_size(records.len() as u64);
+    ph.set_cksum();
+    Ok((Some((ph, records)), header))
 }
 
 /// Put `name` into ustar's name (100 bytes) and prefix (155 bytes) fields,
@@ -494,6 +496,33 @@ mod tests {
         // 93 + 4 + 3 = 100 body bytes, plus three length digits
         assert_eq!(&v[..4], b"103 ");
         assert_eq!(v.len(), 103);
+    }
+
+    #[test]
+    fn big_values_go_to_pax_records() {
+        let e = Entry {
+            name: b"huge",
+            kind: tar::EntryType::Regular,
+            mode: 0o644,
+            uid: 3_000_000,
+            gid: 7,
+            mtime: 1,
+            size: 9 << 30,
+            link: None,
+            dev: None,
+            xattrs: &[(b"user.a".to_vec(), b"1".to_vec())],
+        };
+        let (pax, header) = build_headers(&e).unwrap();
+        let (ph, records) = pax.expect("PAX header needed");
+        assert_eq!(ph.entry_type(), tar::EntryType::XHeader);
+        let text = String::from_utf8(records).unwrap();
+        assert!(text.contains(" uid=3000000\n"), "{text}");
+        assert!(text.contains(&format!(" size={}\n", 9u64 << 30)), "{text}");
+        assert!(text.contains(" SCHILY.xattr.user.a=1\n"), "{text}");
+        assert!(!text.contains("gid="), "{text}");
+        // readers that ignore PAX still see a well-formed (clamped) header
+        assert_eq!(header.size().unwrap(), 0o77_777_777_777);
+        assert_eq!(header.gid().unwrap(), 7);
     }
 
     #[test]
