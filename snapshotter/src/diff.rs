@@ -158,6 +158,9 @@ struct TarWriter<W: Write> {
     epoch: Option<i64>,
 }
 
+/// A PAX extended header and its records.
+type PaxHeader = (tar::Header, Vec<u8>);
+
 /// Extended attributes as (name, value) pairs.
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -351,7 +354,7 @@ impl<W: Write> TarWriter<W> {
 /// The ustar header of an entry, preceded by a PAX extended header (and its
 /// records) when ustar cannot hold a value: names over its limits, ids over
 /// 7 octal digits, sizes or times over 11, and every xattr.
-fn build_headers(e: &Entry<'_>) -> io::Result<(Option<(tar::Header, Vec<u8>)>, tar::Header)> {
+fn build_headers(e: &Entry<'_>) -> io::Result<(Option<PaxHeader>, tar::Header)> {
     // ustar numeric fields are octal: 7 digits for ids, 11 for size and
     // mtime; beyond that PAX carries the value
     const MAX_ID: u64 = 0o7_777_777;

@@ -194,9 +194,9 @@ impl Snapshotter {
             let e = e.map_err(io_err(&dir))?;
             let path = e.path();
             let stale = match fs::read_to_string(path.join("owner")) {
-                Ok(owner) => !self.layers.owner_alive(owner.trim()),
+                Ok(owner) if !owner.is_empty() => !self.layers.owner_alive(owner.trim()),
                 // created but not yet claimed: stale only when old
-                Err(_) => e
+                _ => e
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
@@ -253,8 +253,12 @@ impl Snapshotter {
             }
             Err(e) => return Err(io_err(&dir)(e)),
         }
+        // written aside and renamed: a cleaner never reads a half-written
+        // owner and mistakes this live view for a dead one
         let owner_file = dir.join("owner");
-        fs::write(&owner_file, self.layers.unique("view")).map_err(io_err(&owner_file))?;
+        let owner_new = dir.join("owner.new");
+        fs::write(&owner_new, self.layers.unique("view")).map_err(io_err(&owner_new))?;
+        fs::rename(&owner_new, &owner_file).map_err(io_err(&owner_file))?;
         let upper = self.layers.begin()?;
         let spec = ViewSpec {
             lowers,
