@@ -46,6 +46,16 @@ impl RawTar {
         self.0.extend(vec![0u8; pad]);
         self
     }
+    fn owned_file(&mut self, name: &str, uid: u64) -> &mut Self {
+        self.file(name, b"x");
+        let at = self.0.len() - 1024;
+        let mut h = tar::Header::new_ustar();
+        h.as_mut_bytes().copy_from_slice(&self.0[at..at + 512]);
+        h.set_uid(uid);
+        h.set_cksum();
+        self.0[at..at + 512].copy_from_slice(h.as_bytes());
+        self
+    }
     fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
         self.entry(name.as_bytes(), tar::EntryType::Regular, b"", data, 0o644)
     }
@@ -320,6 +330,13 @@ fn body() {
         .finish();
     c.apply(&tar[..512 * 3 + 7]).unwrap();
     assert_eq!(fs::read(c.target.join("last")).unwrap(), b"1234567");
+
+    // an owner outside kiln's id range
+    let c = Case::new();
+    let tar = RawTar::default().owned_file("far", 100_000).finish();
+    let err = c.apply(&tar).expect_err("unmapped owner must fail");
+    assert!(matches!(err, Error::Unmapped { uid: 100_000, .. }), "{err}");
+    assert!(err.to_string().contains("far"), "{err}");
 
     // a corrupt header: nothing after it is applied
     let c = Case::new();
