@@ -217,11 +217,24 @@ fn body() {
 
     // the literal case: a symlink to /etc, then /etc/passwd through it
     let c = Case::new();
-    let tar = RawTar::default().symlink("etc", "/etc").file("etc/passwd", b"pwned").finish();
-    expect_err(&c, &tar, |e| matches!(e, Error::ThroughSymlink { .. }), "etc/passwd");
+    let tar = RawTar::default()
+        .symlink("etc", "/etc")
+        .file("etc/passwd", b"pwned")
+        .finish();
+    expect_err(
+        &c,
+        &tar,
+        |e| matches!(e, Error::ThroughSymlink { .. }),
+        "etc/passwd",
+    );
     assert_ne!(fs::read("/etc/passwd").unwrap(), b"pwned");
     let tar = RawTar::default().hardlink("shadow", "/etc/shadow").finish();
-    expect_err(&c, &tar, |e| matches!(e, Error::LinkOutside { .. }), "/etc/shadow");
+    expect_err(
+        &c,
+        &tar,
+        |e| matches!(e, Error::LinkOutside { .. }),
+        "/etc/shadow",
+    );
 
     // a -> .. then a/x/y
     let c = Case::new();

@@ -374,3 +374,32 @@ fn concurrent_commits_of_the_same_layer_share_it() {
     let report = snap.check().unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+#[test]
+fn read_only_views_refuse_commit_and_remove_cleans_up() {
+    if !in_userns("read_only_views_refuse_commit_and_remove_cleans_up") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::open(dir.path(), BackendKind::Copy).unwrap();
+    let v = snap.prepare("base", None).unwrap();
+    write(&v.path().join("f"), b"1");
+    let base = snap.commit(v, DiffOptions::default()).unwrap();
+    let ro = snap.view("ro", Some(&base.chain_id)).unwrap();
+    assert_eq!(fs::read(ro.path().join("f")).unwrap(), b"1");
+    let err = snap
+        .commit(ro, DiffOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("read-only") && err.contains("\"ro\""), "{err}");
+    let v = snap.prepare("scratch", Some(&base.chain_id)).unwrap();
+    let busy = snap.prepare("scratch", None).unwrap_err().to_string();
+    assert!(busy.contains("in use"), "{busy}");
+    snap.remove(v).unwrap();
+    assert_eq!(fs::read_dir(dir.path().join("views")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    // a parent that is not in the store
+    let unknown = kiln_snapshotter::layers::chain_id(Some(&base.chain_id), &base.diff_id);
+    let err = snap.prepare("x", Some(&unknown)).unwrap_err().to_string();
+    assert!(err.contains("not in the layer store"), "{err}");
+}
