@@ -64,7 +64,10 @@ fn main() -> anyhow::Result<()> {
     let bytes = make_tree(&src, env("BENCH_SMALL", 20_000), env("BENCH_BIG_MIB", 256))?;
     let mib = bytes as f64 / 1_048_576.0;
     println!("content: {mib:.1} MiB");
-    let snap = Snapshotter::open(&root.join("store"), BackendKind::Copy)?;
+    let durable = std::env::var_os("BENCH_DURABLE").is_some();
+    println!("durable layers: {durable}");
+    let mut snap = Snapshotter::open(&root.join("store"), BackendKind::Copy)?;
+    snap.set_durable_layers(durable);
     let mut base = None;
     for (name, c) in [
         ("none", Compression::None),
@@ -90,7 +93,8 @@ fn main() -> anyhow::Result<()> {
             mib / secs,
             committed.blob.size() as f64 / 1_048_576.0
         );
-        let fresh = Snapshotter::open(&root.join(format!("fresh-{name}")), BackendKind::Copy)?;
+        let mut fresh = Snapshotter::open(&root.join(format!("fresh-{name}")), BackendKind::Copy)?;
+        fresh.set_durable_layers(durable);
         let t = Instant::now();
         let blob = snap.content().open_blob(committed.blob.digest())?;
         fresh.import(blob, None, Some(&committed.diff_id))?;

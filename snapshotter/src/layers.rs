@@ -2,10 +2,10 @@
 //! (`layers/<hex>/fs` with `layers/<hex>/layer.json`), the leases that keep
 //! them alive, garbage collection and disk-usage accounting.
 //!
-//! A layer is built in a temp directory under `tmp/` (flocked by its
-//! builder), synced and renamed into `layers/` in one step, so a layer
-//! directory is either complete or absent; a temp directory whose lock can
-//! be taken belongs to a dead process and is removed on open. A lease is a
+//! A layer is built in a temp directory under `tmp/` (named after its
+//! builder's owner lock) and renamed into `layers/` in one step, so a layer
+//! directory is either complete or absent; a temp directory whose owner's
+//! lock can be taken belongs to a dead process and is removed on open. A lease is a
 //! file under `leases/` held with an exclusive flock by a running build and
 //! listing the layers and blobs it uses; GC keeps every layer reachable from
 //! a live lease, a pin (a stored image) or a root the caller passes, and
@@ -115,6 +115,7 @@ pub struct GcReport {
 pub struct LayerStore {
     root: PathBuf,
     owner: Arc<Owner>,
+    durable: bool,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -135,9 +136,20 @@ impl LayerStore {
         let store = LayerStore {
             root: root.to_path_buf(),
             owner: Arc::new(Owner::new(&owners).map_err(io_err(&owners))?),
+            durable: false,
         };
         store.clean_tmp()?;
         Ok(store)
+    }
+
+    /// Make every committed layer durable (one `syncfs` before it becomes
+    /// visible). Off by default: a layer is a cache of its blob, which is
+    /// always fsynced, and atomic renames already make layers safe against
+    /// a killed process; `syncfs` also flushes everything else dirty on the
+    /// file system (a copy view's whole tree), which costs seconds per
+    /// commit. Turn it on where power loss must never leave a torn layer.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
     }
 
     /// The store's root.
@@ -279,7 +291,7 @@ impl LayerStore {
         // one syncfs makes the whole unpacked tree durable before it
         // becomes visible under its chain ID
         // SAFETY: `f` is an open fd for the whole call; syncfs only reads it.
-        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        if self.durable && unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
             return Err(io_err(&meta_path)(io::Error::last_os_error()));
         }
         let dest = self.layer_root(&info.chain_id);

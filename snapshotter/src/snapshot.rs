@@ -6,7 +6,7 @@
 //! `layers/`, `tmp/`, `leases/`, `pins/` (the layer store) and
 //! `views/<key>/{work,merged}`. A view's upper directory is the `fs`
 //! directory of a temp layer, so committing it is one rename; everything a
-//! view owns is flocked by its process and removed on the next open if that
+//! view owns is tied to its process's owner lock and removed on the next open if that
 //! process died.
 //!
 //! Every layer and blob this process creates or uses is recorded in the
@@ -213,6 +213,11 @@ impl Snapshotter {
     /// The content store.
     pub fn content(&self) -> &ContentStore {
         &self.content
+    }
+
+    /// See [`LayerStore::set_durable`].
+    pub fn set_durable_layers(&mut self, durable: bool) {
+        self.layers.set_durable(durable);
     }
 
     /// The layer store.
