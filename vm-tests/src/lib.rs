@@ -1,1 +1,309 @@
-//! Shared harness for kiln's end-to-end tests.
+//! Shared harness for kiln's end-to-end tests: everything here exists so that
+//! a test runs kiln (or a test helper) the way a user would, as an
+//! unprivileged user with a subordinate id range, against the real kernel.
+//!
+//! When the test process is root (as on CI), commands are dropped to the
+//! dedicated user `kiln-test`, created on first use with its own
+//! /etc/subuid and /etc/subgid ranges. Binaries and fixtures are copied to
+//! a world-readable scratch directory first, because the clone may live
+//! under a 0700 home.
+//!
+//! This harness must never make a test pass that should fail: every setup
+//! step that cannot be done panics with the reason.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Name of the unprivileged user tests run as when started by root.
+pub const TEST_USER: &str = "kiln-test";
+/// First subordinate id given to [`TEST_USER`], and how many.
+const TEST_SUBID_START: u32 = 300_000;
+const TEST_SUBID_COUNT: u32 = 65_536;
+
+/// Where binaries and fixtures are staged so the test user can read them.
+pub fn scratch_root() -> PathBuf {
+    PathBuf::from("/tmp/kiln-vm-tests")
+}
+
+/// Whether the test process runs as real root (then commands are dropped to
+/// [`TEST_USER`]).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The uid and gid tests run kiln as: `kiln-test` when root, else ourselves.
+pub fn test_ids() -> (u32, u32) {
+    if running_as_root() {
+        ensure_test_user();
+        let out = run_checked(Command::new("id").arg("-u").arg(TEST_USER));
+        let uid = parse_u32(&out);
+        let out = run_checked(Command::new("id").arg("-g").arg(TEST_USER));
+        (uid, parse_u32(&out))
+    } else {
+        let uid = parse_u32(&run_checked(Command::new("id").arg("-u")));
+        let gid = parse_u32(&run_checked(Command::new("id").arg("-g")));
+        (uid, gid)
+    }
+}
+
+/// The first id of the test user's subordinate range, as /etc/subuid says.
+pub fn test_subuid_start() -> Option<u32> {
+    let (uid, _) = test_ids();
+    let name =
+        String::from_utf8(run_checked(Command::new("id").arg("-un").arg(uid.to_string())).stdout)
+            .expect("user name is utf-8");
+    let name = name.trim();
+    let subuid = fs::read_to_string("/etc/subuid").ok()?;
+    subuid.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let who = f.next()?;
+        let start = f.next()?.parse().ok()?;
+        (who == name || who == uid.to_string()).then_some(start)
+    })
+}
+
+/// Create [`TEST_USER`] with a subordinate id range and make /dev/fuse usable,
+/// once per machine. Only called when running as root.
+fn ensure_test_user() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let _lock = FileLock::acquire(Path::new("/tmp/kiln-vm-tests.lock"));
+        let exists = Command::new("id")
+            .arg(TEST_USER)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !exists {
+            run_checked(Command::new("useradd").args([
+                "--create-home",
+                "--shell",
+                "/bin/sh",
+                TEST_USER,
+            ]));
+        }
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            let text = fs::read_to_string(file).unwrap_or_default();
+            if !text
+                .lines()
+                .any(|l| l.starts_with(&format!("{TEST_USER}:")))
+            {
+                let mut f = fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o644)
+                    .open(file)
+                    .expect(file);
+                writeln!(f, "{TEST_USER}:{TEST_SUBID_START}:{TEST_SUBID_COUNT}").expect(file);
+            }
+        }
+        // Debian ships /dev/fuse 0666; some CI machines have 0600.
+        if let Ok(meta) = fs::metadata("/dev/fuse") {
+            if meta.permissions().mode() & 0o666 != 0o666 {
+                fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o20666))
+                    .expect("chmod /dev/fuse");
+            }
+        }
+    });
+}
+
+/// Copy `src` (a binary or fixture file) into the scratch directory, readable
+/// and executable by everyone, and return the copy's path. The copy is
+/// refreshed when the source changed.
+pub fn stage_file(src: &Path) -> PathBuf {
+    let dir = scratch_root().join("bin");
+    fs::create_dir_all(&dir).expect("create scratch dir");
+    fs::set_permissions(scratch_root(), fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+    let name = src.file_name().expect("file name");
+    let dst = dir.join(name);
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    fs::copy(src, &tmp).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod staged file");
+    fs::rename(&tmp, &dst).expect("rename staged file");
+    dst
+}
+
+/// A fresh scratch directory owned by the test user, for state and outputs.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = scratch_root()
+        .join("work")
+        .join(format!("{name}-{}", std::process::id()));
+    if dir.exists() {
+        remove_tree(&dir);
+    }
+    fs::create_dir_all(&dir).expect("create test dir");
+    fs::set_permissions(scratch_root(), fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+    fs::set_permissions(
+        scratch_root().join("work"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    if running_as_root() {
+        let (uid, gid) = test_ids();
+        run_checked(Command::new("chown").arg(format!("{uid}:{gid}")).arg(&dir));
+    }
+    dir
+}
+
+/// Remove a tree that the test user (and its subordinate ids) may own parts
+/// of. As root plain removal works; as a user, files owned by subordinate ids
+/// are removed from inside a user namespace.
+pub fn remove_tree(dir: &Path) {
+    if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+rwx")
+        .arg(dir)
+        .status();
+    if fs::remove_dir_all(dir).is_ok() {
+        return;
+    }
+    let status = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--map-auto", "--", "rm", "-rf"])
+        .arg(dir)
+        .status();
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false),
+        "cannot remove {}",
+        dir.display()
+    );
+}
+
+/// A command that runs `program` as the unprivileged test user. When the
+/// test process is not root it runs as ourselves; when root, the program is
+/// staged and started through `setpriv` as [`TEST_USER`], with a clean
+/// environment a login would give.
+pub fn unprivileged(program: &Path) -> Command {
+    if !running_as_root() {
+        return Command::new(program);
+    }
+    ensure_test_user();
+    let staged = stage_file(program);
+    let home = format!("/home/{TEST_USER}");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        TEST_USER,
+        "--regid",
+        TEST_USER,
+        "--init-groups",
+        "--reset-env",
+        "--",
+    ])
+    .arg(staged)
+    .env("HOME", &home)
+    .current_dir("/");
+    cmd
+}
+
+/// Like [`unprivileged`], but the program starts as uid 0 of a new user
+/// namespace mapping the test user to 0 and its subordinate range to
+/// 1..65536, in a private mount namespace (util-linux `unshare --map-auto`).
+pub fn in_userns(program: &Path) -> Command {
+    let mut cmd = unprivileged(Path::new("/usr/bin/unshare"));
+    cmd.args([
+        "--user",
+        "--map-root-user",
+        "--map-auto",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+    ]);
+    if running_as_root() {
+        cmd.arg(stage_file(program));
+    } else {
+        cmd.arg(program);
+    }
+    cmd
+}
+
+/// Run a command and panic with its output when it fails to start or exits
+/// non-zero.
+pub fn run_checked(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn parse_u32(out: &Output) -> u32 {
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("numeric id")
+}
+
+/// An exclusive lock on a file, held until dropped.
+struct FileLock(#[allow(dead_code)] fs::File);
+
+impl FileLock {
+    fn acquire(path: &Path) -> Self {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open lock file");
+        // SAFETY: `f` owns a valid open file descriptor for the whole call.
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {}", path.display());
+        FileLock(f)
+    }
+}
+
+/// Build a minimal rootfs from Debian's busybox-static at `dir`: /bin with
+/// busybox and a link per applet, /etc/passwd and /etc/group with root and
+/// user 1000, and empty /proc, /dev, /sys, /tmp. Readable by the test user.
+pub fn busybox_rootfs(dir: &Path) {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install Debian's busybox-static (apt-get install busybox-static)"
+    );
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "dev",
+        "sys",
+        "tmp",
+        "root",
+        "home/user",
+    ] {
+        fs::create_dir_all(dir.join(d)).expect("mkdir rootfs");
+    }
+    fs::copy(busybox, dir.join("bin/busybox")).expect("copy busybox");
+    let list = run_checked(Command::new(busybox).arg("--list"));
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let link = dir.join("bin").join(applet);
+        if applet != "busybox" && !link.exists() {
+            std::os::unix::fs::symlink("busybox", &link).expect("applet link");
+        }
+    }
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n").expect("passwd");
+    fs::write(
+        dir.join("etc/group"),
+        "root:x:0:\nuser:x:1000:\nwheel:x:10:user\nnogroup:x:65534:\n",
+    )
+    .expect("group");
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod tmp");
+    run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(dir));
+}
