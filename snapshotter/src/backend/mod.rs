@@ -14,6 +14,10 @@
 //! A backend never decides what a layer contains: committing the upper
 //! directory into a layer is the snapshotter's job.
 
+pub mod fuse;
+pub mod overlay;
+pub mod probe;
+
 use std::path::{Path, PathBuf};
 
 /// Which mechanism serves a writable view.
