@@ -263,7 +263,10 @@ mod tests {
 
     #[test]
     fn escapes_separators() {
-        assert_eq!(escape(Path::new("/a,b:c\\d"), true), b"/a\\,b\\:c\\\\d".to_vec());
+        assert_eq!(
+            escape(Path::new("/a,b:c\\d"), true),
+            b"/a\\,b\\:c\\\\d".to_vec()
+        );
         assert_eq!(escape(Path::new("/a,b:c"), false), b"/a\\,b:c".to_vec());
     }
 }

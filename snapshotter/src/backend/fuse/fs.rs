@@ -188,7 +188,12 @@ impl OverlayFs {
         };
         // The root merges every lower layer unless the upper root is opaque.
         if fs.is_opaque(&fs.upper, b"")? {
-            fs.node(ROOT_ID)?.state.lock().map_err(poisoned)?.lowers.clear();
+            fs.node(ROOT_ID)?
+                .state
+                .lock()
+                .map_err(poisoned)?
+                .lowers
+                .clear();
         }
         // A lower root may itself be opaque: nothing beneath it shows.
         let mut keep = Vec::new();
@@ -411,7 +416,9 @@ impl OverlayFs {
     }
 
     fn drop_name(&self, id: u64, parent: u64, name: &[u8]) -> io::Result<()> {
-        self.update(id, |s| s.names.retain(|(p, n)| !(*p == parent && n == name)))
+        self.update(id, |s| {
+            s.names.retain(|(p, n)| !(*p == parent && n == name))
+        })
     }
 
     /// What the view shows for a node: the real stat with the view's inode
@@ -493,8 +500,7 @@ impl OverlayFs {
                 }
                 libc::S_IFLNK => {
                     let target = sys::readlink_at(lower.raw(), &c)?;
-                    let target =
-                        CString::new(target).map_err(|_| err(libc::EINVAL))?;
+                    let target = CString::new(target).map_err(|_| err(libc::EINVAL))?;
                     sys::symlink_at(&target, w, &tmp)?;
                 }
                 _ => sys::mknod_at(w, &tmp, st.st_mode, st.st_rdev)?,
@@ -509,10 +515,15 @@ impl OverlayFs {
                 return Err(e);
             }
         };
+        // Copy-up must not show as a change of the parent directory: keep
+        // its times as overlayfs does.
+        let ppath = parent_path(&path);
+        let pst = sys::lstat_at(self.upper.raw(), &rel_cstr(ppath))?;
         if let Err(e) = sys::rename_at(w, &tmp, self.upper.raw(), &c, libc::RENAME_NOREPLACE) {
             let _ = self.remove_work_tree(&tmp);
             return Err(e);
         }
+        sys::lutimens_at(self.upper.raw(), &rel_cstr(ppath), &sys::stat_times(&pst))?;
         self.update(id, |s| {
             s.upper = true;
             if s.kind != libc::S_IFDIR {
@@ -691,8 +702,8 @@ impl OverlayFs {
         // A new directory over a whiteout must hide what the lower layers
         // still hold under that name.
         let ps = self.state(parent)?;
-        let opaque = kind == libc::S_IFDIR
-            && (over_whiteout || self.lower_visible(&ps, &ppath, name)?);
+        let opaque =
+            kind == libc::S_IFDIR && (over_whiteout || self.lower_visible(&ps, &ppath, name)?);
         let setgid = pst.st_mode & libc::S_ISGID != 0;
         let gid = if setgid { pst.st_gid } else { ctx.gid };
         let mut want_mode = mode & 0o7777;
@@ -739,7 +750,11 @@ impl OverlayFs {
             Ok(st) => st,
             Err(e) => {
                 if dirfd == self.upper.raw() {
-                    let flag = if kind == libc::S_IFDIR { libc::AT_REMOVEDIR } else { 0 };
+                    let flag = if kind == libc::S_IFDIR {
+                        libc::AT_REMOVEDIR
+                    } else {
+                        0
+                    };
                     let _ = sys::unlink_at(dirfd, &at, flag);
                 } else {
                     let _ = self.remove_work_tree(&at);
@@ -800,6 +815,14 @@ impl OverlayFs {
         let s = self.state(id)?;
         let path = self.path_of(id)?;
         Ok(self.layer(&s).abs(&path))
+    }
+}
+
+/// The parent part of a relative path ("" for a top-level name).
+fn parent_path(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => &path[..i],
+        None => b"",
     }
 }
 
@@ -1009,9 +1032,14 @@ impl FileSystem for OverlayFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         let _w = self.tree.write().map_err(poisoned)?;
-        let (id, st, _) = self.create_entry(ctx, parent, name.to_bytes(), libc::S_IFLNK, 0o777, |d, n| {
-            sys::symlink_at(linkname, d, n).map(|_| None)
-        })?;
+        let (id, st, _) = self.create_entry(
+            ctx,
+            parent,
+            name.to_bytes(),
+            libc::S_IFLNK,
+            0o777,
+            |d, n| sys::symlink_at(linkname, d, n).map(|_| None),
+        )?;
         let s = self.state(id)?;
         Ok(self.entry(id, &s, st))
     }
@@ -1060,7 +1088,9 @@ impl FileSystem for OverlayFs {
         let _w = self.tree.write().map_err(poisoned)?;
         let ps = self.state(parent)?;
         let ppath = self.path_of(parent)?;
-        let found = self.resolve(&ps, &ppath, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        let found = self
+            .resolve(&ps, &ppath, name)?
+            .ok_or_else(|| err(libc::ENOENT))?;
         if found.is_dir() {
             return Err(err(libc::EISDIR));
         }
@@ -1088,7 +1118,9 @@ impl FileSystem for OverlayFs {
         let _w = self.tree.write().map_err(poisoned)?;
         let ps = self.state(parent)?;
         let ppath = self.path_of(parent)?;
-        let found = self.resolve(&ps, &ppath, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        let found = self
+            .resolve(&ps, &ppath, name)?
+            .ok_or_else(|| err(libc::ENOENT))?;
         if !found.is_dir() {
             return Err(err(libc::ENOTDIR));
         }
@@ -1104,7 +1136,13 @@ impl FileSystem for OverlayFs {
             let tmp = self.tmp_name();
             if needs_whiteout {
                 sys::mknod_at(self.work.raw(), &tmp, libc::S_IFCHR, 0)?;
-                sys::rename_at(self.work.raw(), &tmp, self.upper.raw(), &c, libc::RENAME_EXCHANGE)?;
+                sys::rename_at(
+                    self.work.raw(),
+                    &tmp,
+                    self.upper.raw(),
+                    &c,
+                    libc::RENAME_EXCHANGE,
+                )?;
             } else {
                 sys::rename_at(self.upper.raw(), &c, self.work.raw(), &tmp, 0)?;
             }
@@ -1133,7 +1171,9 @@ impl FileSystem for OverlayFs {
         }
         let ops = self.state(olddir)?;
         let oldp = self.path_of(olddir)?;
-        let src = self.resolve(&ops, &oldp, oldname)?.ok_or_else(|| err(libc::ENOENT))?;
+        let src = self
+            .resolve(&ops, &oldp, oldname)?
+            .ok_or_else(|| err(libc::ENOENT))?;
         let nps = self.state(newdir)?;
         let newp = self.path_of(newdir)?;
         let dst = self.resolve(&nps, &newp, newname)?;
@@ -1187,6 +1227,8 @@ impl FileSystem for OverlayFs {
                 }
             }
         }
+        // Whether the directory merged lower content before we cut it off.
+        let was_merged = src.is_dir() && !self.state(src_id)?.lowers.is_empty();
         if src.is_dir() {
             self.materialize(src_id)?;
         } else {
@@ -1216,7 +1258,13 @@ impl FileSystem for OverlayFs {
         } else {
             sys::rename_at(u, &oc, u, &nc, 0)?;
         }
-        if src.is_dir() && new_lower {
+        // The moved directory must hide whatever the lower layers hold under
+        // its new name. Like overlayfs, a directory that only ever lived in
+        // upper is also made opaque when it lands in a merged directory; a
+        // formerly merged one is marked only when needed, which is what
+        // overlayfs' EXDEV fallback (mkdir, copy, delete) leaves behind.
+        let into_merged = !self.state(newdir)?.lowers.is_empty();
+        if src.is_dir() && (new_lower || (!was_merged && into_merged)) {
             sys::lsetxattr(&self.upper.abs(&newpath), OPAQUE_XATTR, b"y", 0)?;
         }
         if let (Some(d), Some(did)) = (&dst, dst_id) {
@@ -1232,7 +1280,13 @@ impl FileSystem for OverlayFs {
         Ok(())
     }
 
-    fn link(&self, _ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+    fn link(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        newparent: u64,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
         let newname = newname.to_bytes();
         let _w = self.tree.write().map_err(poisoned)?;
         self.copy_up(inode, true)?;
@@ -1294,13 +1348,23 @@ impl FileSystem for OverlayFs {
         let _w = self.tree.write().map_err(poisoned)?;
         let (id, st, file) =
             self.create_entry(ctx, parent, name.to_bytes(), libc::S_IFREG, mode, |d, n| {
-                let f = sys::open_at(d, n, (oflags & !libc::O_TRUNC) | libc::O_CREAT | libc::O_EXCL, mode & 0o7777)?;
+                let f = sys::open_at(
+                    d,
+                    n,
+                    (oflags & !libc::O_TRUNC) | libc::O_CREAT | libc::O_EXCL,
+                    mode & 0o7777,
+                )?;
                 Ok(Some(File::from(f)))
             })?;
         let file = file.ok_or_else(|| err(libc::EIO))?;
         let h = self.new_handle(Handle::File(file))?;
         let s = self.state(id)?;
-        Ok((self.entry(id, &s, st), Some(h), OpenOptions::KEEP_CACHE, None))
+        Ok((
+            self.entry(id, &s, st),
+            Some(h),
+            OpenOptions::KEEP_CACHE,
+            None,
+        ))
     }
 
     fn read(
@@ -1373,7 +1437,12 @@ impl FileSystem for OverlayFs {
         };
         // SAFETY: plain syscall on the handle's fd, which `h` keeps open.
         let rc = unsafe {
-            libc::fallocate64(f.as_raw_fd(), i32::from_ne_bytes(mode.to_ne_bytes()), off, len)
+            libc::fallocate64(
+                f.as_raw_fd(),
+                i32::from_ne_bytes(mode.to_ne_bytes()),
+                off,
+                len,
+            )
         };
         if rc < 0 {
             return Err(io::Error::last_os_error());
@@ -1427,10 +1496,12 @@ impl FileSystem for OverlayFs {
             return Err(err(libc::ENODATA));
         }
         let _t = self.tree.read().map_err(poisoned)?;
-        let value = sys::lgetxattr(&self.xattr_path(inode)?, name)?
-            .ok_or_else(|| err(libc::ENODATA))?;
+        let value =
+            sys::lgetxattr(&self.xattr_path(inode)?, name)?.ok_or_else(|| err(libc::ENODATA))?;
         if size == 0 {
-            Ok(GetxattrReply::Count(u32::try_from(value.len()).map_err(|_| err(libc::E2BIG))?))
+            Ok(GetxattrReply::Count(
+                u32::try_from(value.len()).map_err(|_| err(libc::E2BIG))?,
+            ))
         } else if value.len() > size as usize {
             Err(err(libc::ERANGE))
         } else {
@@ -1449,7 +1520,9 @@ impl FileSystem for OverlayFs {
             }
         }
         if size == 0 {
-            Ok(ListxattrReply::Count(u32::try_from(names.len()).map_err(|_| err(libc::E2BIG))?))
+            Ok(ListxattrReply::Count(
+                u32::try_from(names.len()).map_err(|_| err(libc::E2BIG))?,
+            ))
         } else if names.len() > size as usize {
             Err(err(libc::ERANGE))
         } else {
@@ -1567,7 +1640,12 @@ impl FileSystem for OverlayFs {
             return Ok(());
         }
         let path = self.path_of(inode)?;
-        let f = sys::open_at(self.upper.raw(), &rel_cstr(&path), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let f = sys::open_at(
+            self.upper.raw(),
+            &rel_cstr(&path),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
         sys::fsync(f.as_raw_fd(), datasync)
     }
 
@@ -1590,7 +1668,8 @@ impl FileSystem for OverlayFs {
         };
         let off = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
         // SAFETY: plain syscall on the handle's fd, which `h` keeps open.
-        let r = unsafe { libc::lseek64(f.as_raw_fd(), off, i32::from_ne_bytes(whence.to_ne_bytes())) };
+        let r =
+            unsafe { libc::lseek64(f.as_raw_fd(), off, i32::from_ne_bytes(whence.to_ne_bytes())) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -41,10 +41,7 @@ pub enum Error {
     DevFuse(std::io::Error),
     /// mount(2) of the FUSE filesystem failed.
     #[error("cannot mount the fuse view at {target}: {source} (kiln must run inside its own user and mount namespace)")]
-    Mount {
-        target: PathBuf,
-        source: nix::Error,
-    },
+    Mount { target: PathBuf, source: nix::Error },
     /// The FUSE session could not be set up.
     #[error("fuse session at {target}: {message}")]
     Session { target: PathBuf, message: String },

@@ -53,7 +53,14 @@ pub fn lstat_at(dir: RawFd, rel: &CStr) -> io::Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();
     // SAFETY: `rel` is NUL-terminated, `st` points to writable memory of the
     // right size, and `dir` is a directory fd the caller keeps open.
-    cvt(unsafe { libc::fstatat64(dir, rel.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+    cvt(unsafe {
+        libc::fstatat64(
+            dir,
+            rel.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
     // SAFETY: fstatat64 returned success, so it initialised the whole struct.
     Ok(unsafe { st.assume_init() })
 }
@@ -116,7 +123,13 @@ pub fn unlink_at(dir: RawFd, rel: &CStr, flags: i32) -> io::Result<()> {
 pub fn rename_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr, flags: u32) -> io::Result<()> {
     // SAFETY: both strings are NUL-terminated; both fds are open directories.
     cvt(unsafe {
-        libc::renameat2(odir, orel.as_ptr(), ndir, nrel.as_ptr(), flags as libc::c_uint)
+        libc::renameat2(
+            odir,
+            orel.as_ptr(),
+            ndir,
+            nrel.as_ptr(),
+            flags as libc::c_uint,
+        )
     })
     .map(drop)
 }
@@ -125,9 +138,7 @@ pub fn rename_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr, flags: u32)
 pub fn readlink_at(dir: RawFd, rel: &CStr) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     // SAFETY: `buf` is writable for `buf.len()` bytes; `rel` is NUL-terminated.
-    let n = unsafe {
-        libc::readlinkat(dir, rel.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-    };
+    let n = unsafe { libc::readlinkat(dir, rel.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -139,11 +150,8 @@ pub fn readlink_at(dir: RawFd, rel: &CStr) -> io::Result<Vec<u8>> {
 /// id unchanged.
 pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
-    cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
-        .map(drop)
+    cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
-
-
 
 /// `fchmodat(dir, rel, mode, 0)`. Callers never pass a symlink.
 pub fn chmod_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
@@ -154,12 +162,9 @@ pub fn chmod_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
 /// `utimensat(dir, rel, [atime, mtime], AT_SYMLINK_NOFOLLOW)`.
 pub fn lutimens_at(dir: RawFd, rel: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
     // SAFETY: `rel` is NUL-terminated, `times` points to two timespecs.
-    cvt(unsafe {
-        libc::utimensat(dir, rel.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
-    })
-    .map(drop)
+    cvt(unsafe { libc::utimensat(dir, rel.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+        .map(drop)
 }
-
 
 /// The access and modification times of `st` as `utimensat` takes them.
 pub fn stat_times(st: &Stat) -> [libc::timespec; 2] {
@@ -261,7 +266,12 @@ pub fn lgetxattr(path: &[u8], name: &CStr) -> io::Result<Option<Vec<u8>>> {
         let mut buf = vec![0u8; size.unsigned_abs()];
         // SAFETY: `buf` is writable for `buf.len()` bytes.
         let n = unsafe {
-            libc::lgetxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::lgetxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if n < 0 {
             let err = io::Error::last_os_error();
@@ -309,11 +319,16 @@ pub fn lsetxattr(path: &[u8], name: &CStr, value: &[u8], flags: i32) -> io::Resu
     let p = path_cstr(path)?;
     // SAFETY: strings are NUL-terminated, `value` is readable for its length.
     cvt(unsafe {
-        libc::lsetxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::lsetxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     })
     .map(drop)
 }
-
 
 /// `lremovexattr(path, name)`.
 pub fn lremovexattr(path: &[u8], name: &CStr) -> io::Result<()> {
