@@ -10,7 +10,7 @@
 //! inner (ignored) test and its scratch directory as filters.
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsString};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -322,11 +322,7 @@ fn build_lowers(lowers: &[PathBuf]) {
     set_xattr(&l2.join("xattr_file"), "user.keep", b"2").unwrap();
     w(l2.join("suid"), "#!/bin/sh\n");
     fs::set_permissions(l2.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
-    w(
-        l2.join(OsStr::new("utf8").to_os_string())
-            .join(non_utf8("n-")),
-        "non-utf8 name\n",
-    );
+    w(l2.join("utf8").join(non_utf8("n-")), "non-utf8 name\n");
     fs::create_dir_all(l2.join("home/user")).unwrap();
     std::os::unix::fs::chown(l2.join("home/user"), Some(1000), Some(1000)).unwrap();
     w(l2.join("home/user/.profile"), "export A=1\n");

@@ -1581,7 +1581,12 @@ impl FileSystem for OverlayFs {
         let Handle::Dir(list) = &*h else {
             return Err(err(libc::ENOTDIR));
         };
-        for (i, (name, t, id, _)) in list.entries.iter().enumerate().skip(offset as usize) {
+        for (i, (name, t, id, _)) in list
+            .entries
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
             let n = add_entry(DirEntry {
                 ino: *id,
                 offset: i as u64 + 1,
@@ -1608,7 +1613,12 @@ impl FileSystem for OverlayFs {
         let Handle::Dir(list) = &*h else {
             return Err(err(libc::ENOTDIR));
         };
-        for (i, (name, t, id, st)) in list.entries.iter().enumerate().skip(offset as usize) {
+        for (i, (name, t, id, st)) in list
+            .entries
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
             let entry = match st {
                 Some(st) => {
                     let s = self.state(*id)?;

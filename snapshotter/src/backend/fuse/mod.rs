@@ -167,13 +167,14 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
             .spawn(move || loop {
                 match channel.get_request() {
                     Ok(Some((reader, writer))) => {
-                        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
-                            // A request we could not even decode or answer:
-                            // the kernel will see EIO or an interrupted call.
-                            if let fuse_backend_rs::Error::EncodeMessage(io) = &e {
-                                if io.raw_os_error() == Some(libc::ENODEV) {
-                                    break;
-                                }
+                        // A request we could not decode or answer leaves
+                        // the caller with an error; only a gone connection
+                        // ends the thread.
+                        if let Err(fuse_backend_rs::Error::EncodeMessage(io)) =
+                            server.handle_message(reader, writer.into(), None, None)
+                        {
+                            if io.raw_os_error() == Some(libc::ENODEV) {
+                                break;
                             }
                         }
                     }
