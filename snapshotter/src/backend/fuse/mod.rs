@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::FuseSession;
+use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, FuseSession, Reader};
+use nix::errno::Errno;
 
 use fs::OverlayFs;
 
@@ -138,55 +139,61 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
         target: target.to_path_buf(),
         source,
     })?;
-    // The channels poll the device; reads must not block a thread that lost
-    // the race for a request.
-    let nonblock = nix::fcntl::fcntl(
-        dev.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    );
     session.set_fuse_file(dev);
+    let bufsize = session.bufsize();
     let mut view = FuseView {
         target: session.mountpoint().to_path_buf(),
         session: Some(session),
         threads: Vec::new(),
     };
-    nonblock.map_err(|e| Error::Session {
-        target: target.to_path_buf(),
-        message: format!("set /dev/fuse non-blocking: {e}"),
-    })?;
     let server = Arc::new(Server::new(fs));
     for i in 0..server_threads() {
         let session = view.session.as_ref().ok_or_else(|| Error::Session {
             target: target.to_path_buf(),
             message: "session gone".into(),
         })?;
-        let mut channel = session.new_channel().map_err(session_err)?;
+        // Each thread reads its own clone of the device fd, blocking: the
+        // kernel wakes exactly one reader per request, where polling one
+        // shared fd would wake every thread for each request.
+        let dev = session.clone_fuse_file().map_err(session_err)?;
         let server = server.clone();
         let t = std::thread::Builder::new()
             .name(format!("kiln-fuse-{i}"))
-            .spawn(move || loop {
-                match channel.get_request() {
-                    Ok(Some((reader, writer))) => {
-                        // A request we could not decode or answer leaves
-                        // the caller with an error; only a gone connection
-                        // ends the thread.
-                        if let Err(fuse_backend_rs::Error::EncodeMessage(io)) =
-                            server.handle_message(reader, writer.into(), None, None)
-                        {
-                            if io.raw_os_error() == Some(libc::ENODEV) {
-                                break;
-                            }
-                        }
-                    }
-                    // unmounted, or woken to stop
-                    Ok(None) => break,
-                    Err(_) => break,
-                }
-            })
+            .spawn(move || serve_requests(&dev, &server, bufsize))
             .map_err(Error::Thread)?;
         view.threads.push(t);
     }
     Ok(Box::new(view))
+}
+
+/// One server thread: read a request, answer it, until the connection ends
+/// (ENODEV once the view is unmounted).
+fn serve_requests(dev: &std::fs::File, server: &Server<OverlayFs>, bufsize: usize) {
+    let mut request = vec![0u8; bufsize];
+    let mut reply = vec![0u8; bufsize];
+    loop {
+        let len = match nix::unistd::read(dev.as_raw_fd(), &mut request) {
+            Ok(len) => len,
+            // ENOENT: the request was interrupted before we read it
+            Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
+            Err(_) => return,
+        };
+        let Ok(reader) = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len])) else {
+            continue;
+        };
+        let Ok(writer) = FuseDevWriter::<()>::new(dev.as_raw_fd(), &mut reply) else {
+            continue;
+        };
+        // A request we cannot decode or answer leaves its caller with an
+        // error; only a gone connection ends the thread.
+        if let Err(fuse_backend_rs::Error::EncodeMessage(e)) =
+            server.handle_message(reader, writer.into(), None, None)
+        {
+            if e.raw_os_error() == Some(libc::ENODEV) {
+                return;
+            }
+        }
+    }
 }
 
 /// A mounted FUSE view; dropping it unmounts and waits for the server.
