@@ -40,7 +40,7 @@ if [[ ${1:-} != --inner ]]; then
     chmod -R a+rx "$BENCH_DIR/bin"
     chown "$BENCH_USER:" "$BENCH_DIR"
     setpriv --reuid "$BENCH_USER" --regid "$BENCH_USER" --init-groups --reset-env -- \
-        env REPS="$REPS" BENCH_DIR="$BENCH_DIR" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        env REPS="$REPS" BENCH_DIR="$BENCH_DIR" TRACE="${TRACE:-}" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
         unshare --user --map-root-user --map-auto --mount --propagation private -- \
         bash "$BENCH_DIR/bin/run.sh" --inner
     status=$?
@@ -49,6 +49,7 @@ if [[ ${1:-} != --inner ]]; then
 fi
 
 # ---- inside the user namespace -------------------------------------------
+[[ -z ${TRACE:-} ]] || set -x
 cd "$BENCH_DIR"
 MV=$BENCH_DIR/bin/mount-view
 BACKENDS=(fuse overlay fuse-overlayfs)
@@ -70,7 +71,7 @@ mkdir -p lower
 sync
 
 mount_view() { # backend -> mounts at $BENCH_DIR/m
-    rm -rf up wk m
+    rm -rf up wk m mv.out mv.err
     mkdir up wk m
     case $1 in
     fuse | overlay)
