@@ -767,15 +767,14 @@ impl OverlayFs {
             upper: true,
             lowers: Vec::new(),
         };
+        // The file is brand new: a node still mapped to its (dev, ino) is a
+        // deleted file whose inode number the filesystem recycled, and the
+        // kernel may still hold that node; never hand its id out again.
+        self.ids
+            .lock()
+            .map_err(poisoned)?
+            .remove(&(st.st_dev, st.st_ino));
         let id = self.node_for(&found, parent, name)?;
-        // The identity may be a recycled inode number of a node whose last
-        // link went away outside our bookkeeping: make the state match.
-        self.update(id, |s| {
-            s.upper = true;
-            s.lowers.clear();
-            s.kind = kind;
-            s.names = vec![(parent, name.to_vec())];
-        })?;
         Ok((id, st, file))
     }
 
@@ -1408,7 +1407,10 @@ impl FileSystem for OverlayFs {
     }
 
     fn flush(&self, _ctx: &Context, _inode: u64, _handle: u64, _lock_owner: u64) -> io::Result<()> {
-        Ok(())
+        // Nothing to do at close: data goes straight to the upper file. ENOSYS
+        // makes the kernel stop sending FLUSH (one round trip less per
+        // close); it still writes back cached pages on close before that.
+        Err(err(libc::ENOSYS))
     }
 
     fn fsync(&self, _ctx: &Context, _inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
