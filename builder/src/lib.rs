@@ -3,4 +3,5 @@
 
 pub mod cli;
 pub mod cli_plan;
+pub mod engine;
 pub mod frontend;

@@ -19,6 +19,8 @@ enum Command {
     /// Run one command in a kiln sandbox on a root filesystem directory
     /// (a debugging aid: this is how every RUN step is executed).
     Sandbox(cli::sandbox::SandboxArgs),
+    /// Build an image from a Dockerfile.
+    Build(cli::build::BuildArgs),
     /// Inspect kiln's view of a build without running it.
     Debug(kiln_builder::cli_plan::DebugCmd),
 }
@@ -31,12 +33,18 @@ fn main() {
     }
     // Join kiln's own user namespace while the process is still
     // single-threaded: steps then map their ids without setuid helpers.
-    if let Err(err) = kiln_runtime::userns::enter(kiln_runtime::userns::Mounts::Shared) {
+    // Builds mount snapshots, so they get a mount namespace of their own.
+    let mounts = match cli.command {
+        Command::Build(_) => kiln_runtime::userns::Mounts::Private,
+        _ => kiln_runtime::userns::Mounts::Shared,
+    };
+    if let Err(err) = kiln_runtime::userns::enter(mounts) {
         eprintln!("kiln: error: {err}");
         std::process::exit(kiln_runtime::error::EXIT_SANDBOX_FAILURE);
     }
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
+        Command::Build(args) => cli::build::run(args),
         Command::Debug(_) => unreachable!("handled above"),
     };
     finish(result)
