@@ -107,8 +107,14 @@ pub enum InstructionError {
     #[error("variable expansion is not supported for --from ({0:?}); define a new stage with FROM using ARG from global scope as a workaround")]
     FromExpansion(String),
     /// `STOPSIGNAL SIGFOO`.
-    #[error("failed to parse signal {0:?}; use a name such as SIGTERM or a number")]
+    #[error("invalid signal: {0}; use a name such as SIGTERM or a nonzero number")]
     Signal(String),
+    /// `RUN --device=,x`.
+    #[error("invalid --device value {0:?}; use NAME or NAME,required")]
+    Device(String),
+    /// `COPY a <<EOF`.
+    #[error("{0} cannot accept a heredoc as destination")]
+    HeredocDestination(&'static str),
     /// `HEALTHCHECK NONE x`.
     #[error("HEALTHCHECK NONE takes no arguments")]
     HealthcheckNoneArgs,
@@ -276,6 +282,35 @@ pub struct Run {
     pub network: Option<NetworkMode>,
     /// `--security`.
     pub security: Option<SecurityMode>,
+    /// `--device`s (CDI device names).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
+}
+
+/// `RUN --device=name[,required]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    /// CDI device name, e.g. `vendor.com/gpu=0`.
+    pub name: String,
+    /// Fail when the device is not available.
+    pub required: bool,
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, InstructionError> {
+    let mut parts = s.split(',');
+    let name = parts.next().unwrap_or_default().trim().to_string();
+    if name.is_empty() {
+        return Err(InstructionError::Device(s.to_string()));
+    }
+    let mut required = false;
+    for p in parts {
+        required = match p.trim().to_ascii_lowercase().as_str() {
+            "required" | "required=true" => true,
+            "required=false" => false,
+            _ => return Err(InstructionError::Device(s.to_string())),
+        };
+    }
+    Ok(Device { name, required })
 }
 
 /// `--chmod` value.
@@ -359,10 +394,15 @@ pub struct KeyValue {
 /// One `ARG` declaration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ArgDecl {
-    /// Name.
+    /// Name, taken literally.
     pub key: String,
-    /// Default, expanded; None for `ARG NAME`.
+    /// Default as written; None for `ARG NAME`. BuildKit expands it only
+    /// when no build arg gives the value, so the planner does that.
     pub default: Option<String>,
+    /// The value in force after this ARG (build arg, expanded default or
+    /// global value), filled in by the planner; None when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// An `EXPOSE` entry.
@@ -527,8 +567,8 @@ pub fn valid_signal(s: &str) -> bool {
         "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
         "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
     ];
-    if let Ok(n) = s.parse::<u32>() {
-        return (1..=64).contains(&n);
+    if let Ok(n) = s.parse::<i64>() {
+        return n != 0;
     }
     let up = s.to_ascii_uppercase();
     let name = up.strip_prefix("SIG").unwrap_or(&up);
@@ -842,8 +882,13 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                     ("mount", Kind::List),
                     ("network", Kind::Str),
                     ("security", Kind::Str),
+                    ("device", Kind::List),
                 ],
             )?;
+            let mut devices = Vec::new();
+            for d in flags.all("device") {
+                devices.push(parse_device(&d).map_err(|e| at(e, &d))?);
+            }
             let mut mounts = Vec::new();
             let mut ssh = 0;
             for m in flags.all("mount") {
@@ -878,6 +923,7 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 mounts,
                 network,
                 security,
+                devices,
             })
         }
         "cmd" | "entrypoint" => {
@@ -938,11 +984,11 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 if key.is_empty() {
                     return Err(at(InstructionError::BlankName(up), a));
                 }
-                let default = match v {
-                    Some(v) => Some(ex.word(v).map_err(|e| at(e, a))?),
-                    None => None,
-                };
-                decls.push(ArgDecl { key, default });
+                decls.push(ArgDecl {
+                    key,
+                    default: v.map(str::to_string),
+                    value: None,
+                });
             }
             Instruction::Arg(decls)
         }
@@ -1134,6 +1180,9 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         ));
     }
     let (srcs, dest) = args.split_at(args.len() - 1);
+    if !node.json && parse_heredoc(&dest[0]).is_some() {
+        return Err(at(InstructionError::HeredocDestination(up), &dest[0]));
+    }
     let dest = ex.word(&dest[0]).map_err(|e| at(e, &dest[0]))?;
     let mut docs: std::collections::VecDeque<&Heredoc> = node.heredocs.iter().collect();
     let mut sources = Vec::new();
@@ -1361,15 +1410,18 @@ mod tests {
             Instruction::Arg(vec![
                 ArgDecl {
                     key: "a".into(),
-                    default: None
+                    default: None,
+                    value: None,
                 },
                 ArgDecl {
                     key: "b".into(),
-                    default: Some("1 2".into())
+                    default: Some("\"1 2\"".into()),
+                    value: None,
                 },
                 ArgDecl {
                     key: "c".into(),
-                    default: Some("val".into())
+                    default: Some("$V".into()),
+                    value: None,
                 },
             ])
         );
@@ -1394,8 +1446,35 @@ mod tests {
                 command: RunCommand::Exec(vec!["a".into(), "b".into()]),
                 mounts: vec![],
                 network: None,
-                security: None
+                security: None,
+                devices: vec![],
             })
+        );
+        let Instruction::Run(r) =
+            one("RUN --device=nvidia.com/gpu=all --device=x,required true").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            r.devices,
+            [
+                Device {
+                    name: "nvidia.com/gpu=all".into(),
+                    required: false
+                },
+                Device {
+                    name: "x".into(),
+                    required: true
+                },
+            ]
+        );
+        assert!(matches!(
+            err("RUN --device=,required x"),
+            InstructionError::Device(_)
+        ));
+        assert_eq!(
+            err("COPY a <<EOF\nx\nEOF\n"),
+            InstructionError::HeredocDestination("COPY")
         );
         assert!(matches!(
             err("RUN --network=bridge x"),
@@ -1533,7 +1612,11 @@ mod tests {
                 Instruction::StopSignal(ok.into())
             );
         }
-        assert!(matches!(err("STOPSIGNAL 99"), InstructionError::Signal(_)));
+        assert!(matches!(err("STOPSIGNAL 0"), InstructionError::Signal(_)));
+        assert_eq!(
+            one("STOPSIGNAL 99").unwrap(),
+            Instruction::StopSignal("99".into())
+        );
         assert_eq!(
             one("MAINTAINER Me <m@e>").unwrap(),
             Instruction::Maintainer("Me <m@e>".into())

@@ -526,6 +526,8 @@ pub fn parse_heredoc(word: &str) -> Option<Heredoc> {
         Some(r) => (true, r),
         None => (false, rest),
     };
+    // BuildKit's pattern allows blanks between `<<-` and the name.
+    let rest = rest.trim_start_matches(['\t', '\n', '\u{c}', '\r', ' ']);
     if rest.is_empty() || rest.contains('<') {
         return None;
     }

@@ -49,6 +49,11 @@ pub enum PlanError {
     /// `--from=N` pointing at this stage or a later one.
     #[error("--from={0} refers to the current or a later stage by index; only earlier stages can be used by index")]
     LaterStageIndex(String),
+    /// `COPY --from=x` naming a stage defined further down.
+    #[error(
+        "cannot copy from stage {from:?}, it needs to be defined before current stage {current:?}"
+    )]
+    LaterStage { from: String, current: String },
     /// `--from=x` naming the stage itself.
     #[error("stage {0:?} cannot use itself in --from or --mount from=")]
     SelfReference(String),
@@ -227,6 +232,9 @@ impl Plan {
     }
 }
 
+/// The PATH BuildKit gives stages whose base image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 const PROXY_ARGS: [&str; 10] = [
     "HTTP_PROXY",
     "http_proxy",
@@ -239,6 +247,11 @@ const PROXY_ARGS: [&str; 10] = [
     "ALL_PROXY",
     "all_proxy",
 ];
+
+/// Proxy args are recognised in any letter case.
+fn is_proxy_arg(k: &str) -> bool {
+    PROXY_ARGS.iter().any(|p| p.eq_ignore_ascii_case(k))
+}
 
 /// Does `s` follow the distribution reference grammar
 /// (`[host[:port]/]name[:tag][@digest]`, lower-case name)?
@@ -277,6 +290,7 @@ struct StageDraft {
     env: BTreeMap<String, String>,
     env_complete: bool,
     workdir: Option<String>,
+    args: BTreeMap<String, String>,
     warnings: Vec<PlanWarning>,
     used_globals: BTreeSet<String>,
     declared: BTreeSet<String>,
@@ -317,8 +331,36 @@ impl Planner<'_> {
         Ok((ins, ex.matched, ex.unmatched))
     }
 
-    /// Resolve a `--from` / `from=` value seen in stage `current`.
-    fn resolve(&self, node: &Node, value: &str, current: usize) -> Result<SourceRef, Error> {
+    /// Expand one word at `node` in `scope`, returning the unset names too.
+    fn expand(
+        &self,
+        node: &Node,
+        raw: &str,
+        scope: &dyn Env,
+    ) -> Result<(String, BTreeSet<String>), Error> {
+        let mut ex = Expander::new(self.ast.escape, scope);
+        let v = ex
+            .word(raw)
+            .map_err(|e| self.err_at(node, instructions::InstructionError::from(e), raw))?;
+        Ok((v, ex.unmatched))
+    }
+
+    /// Resolve a `--from` / `from=` value seen in stage `current`;
+    /// `earlier_only` refuses stages defined after it (COPY's rule).
+    fn resolve(
+        &self,
+        node: &Node,
+        value: &str,
+        current: usize,
+        earlier_only: bool,
+    ) -> Result<SourceRef, Error> {
+        // A named context replaces a stage or image of the same name.
+        if let Some(src) = self.opts.named_contexts.get(value) {
+            return Ok(SourceRef::Context {
+                name: value.into(),
+                source: src.clone(),
+            });
+        }
         if !value.is_empty() && value.chars().all(|c| c.is_ascii_digit()) {
             return match value.parse::<usize>() {
                 Ok(i) if i < current => Ok(SourceRef::Stage { index: i }),
@@ -329,13 +371,18 @@ impl Planner<'_> {
             if i == current {
                 return Err(self.err_at(node, PlanError::SelfReference(value.into()), value));
             }
+            if earlier_only && i > current {
+                let here = stage_label(self, current);
+                return Err(self.err_at(
+                    node,
+                    PlanError::LaterStage {
+                        from: value.into(),
+                        current: here,
+                    },
+                    value,
+                ));
+            }
             return Ok(SourceRef::Stage { index: i });
-        }
-        if let Some(src) = self.opts.named_contexts.get(value) {
-            return Ok(SourceRef::Context {
-                name: value.into(),
-                source: src.clone(),
-            });
         }
         if valid_image_reference(value) {
             return Ok(SourceRef::Image {
@@ -367,7 +414,7 @@ impl Planner<'_> {
                 ),
             });
         }
-        let platform = match &from.platform {
+        let mut platform = match &from.platform {
             Some(p) => {
                 Platform::parse(p).map_err(|e| self.err_at(from_node, PlanError::from(e), p))?
             }
@@ -375,10 +422,37 @@ impl Planner<'_> {
         };
         let mut deps = BTreeSet::new();
         let lower = from.image.to_lowercase();
-        let (base, mut env, mut env_complete, mut workdir) = match self.names.get(&lower) {
-            Some(&(i, _)) if i < index => {
+        // Images get the default PATH when their config has none (not on
+        // Windows); scratch always has it.
+        let with_default_path = |mut env: BTreeMap<String, String>, os: &str| {
+            if os != "windows" && !env.contains_key("PATH") {
+                env.insert("PATH".into(), DEFAULT_PATH.into());
+            }
+            env
+        };
+        // The order BuildKit resolves FROM in: a named context, an earlier
+        // stage, scratch, then a registry image.
+        let context = self.opts.named_contexts.get(&from.image);
+        let earlier = self.names.get(&lower).filter(|(i, _)| *i < index);
+        let mut args: BTreeMap<String, String> = BTreeMap::new();
+        let (base, mut env, mut env_complete, mut workdir) = match (context, earlier) {
+            (Some(src), _) => (
+                Base::Context {
+                    name: from.image.clone(),
+                    source: src.clone(),
+                },
+                BTreeMap::new(),
+                false,
+                None,
+            ),
+            (None, Some(&(i, _))) => {
                 deps.insert(i);
                 let parent = done[i].as_ref();
+                // A child stage builds on its parent's platform and ARGs.
+                if let Some(p) = parent {
+                    platform = p.platform.clone();
+                    args = p.args.clone();
+                }
                 (
                     Base::Stage { index: i },
                     parent.map(|p| p.env.clone()).unwrap_or_default(),
@@ -386,64 +460,69 @@ impl Planner<'_> {
                     parent.and_then(|p| p.workdir.clone()),
                 )
             }
-            _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true, Some("/".into())),
-            _ => match self.opts.named_contexts.get(&from.image) {
-                Some(src) => (
-                    Base::Context {
-                        name: from.image.clone(),
-                        source: src.clone(),
-                    },
-                    BTreeMap::new(),
-                    false,
-                    None,
-                ),
-                None => {
-                    if !valid_image_reference(&from.image) {
-                        return Err(self.err_at(
-                            from_node,
-                            PlanError::InvalidReference(from.image.clone()),
-                            &from.image,
-                        ));
-                    }
-                    let env = self.opts.image_env.get(&from.image);
-                    let workdir = match self.opts.image_workdir.get(&from.image) {
-                        Some(w) if !w.is_empty() => Some(clean_path(w)),
-                        _ if env.is_some() => Some("/".into()),
-                        _ => None,
-                    };
-                    (
-                        Base::Image {
-                            reference: from.image.clone(),
-                        },
-                        env.map(|e| e.iter().cloned().collect()).unwrap_or_default(),
-                        env.is_some(),
-                        workdir,
-                    )
+            (None, None) if lower == "scratch" => {
+                // FROM --platform does not apply to scratch.
+                platform = self.target_platform.clone();
+                (
+                    Base::Scratch,
+                    with_default_path(BTreeMap::new(), &platform.os),
+                    true,
+                    Some("/".into()),
+                )
+            }
+            (None, None) => {
+                if !valid_image_reference(&from.image) {
+                    return Err(self.err_at(
+                        from_node,
+                        PlanError::InvalidReference(from.image.clone()),
+                        &from.image,
+                    ));
                 }
-            },
+                let env = self.opts.image_env.get(&from.image);
+                let workdir = match self.opts.image_workdir.get(&from.image) {
+                    Some(w) if !w.is_empty() => Some(clean_path(w)),
+                    _ if env.is_some() => Some("/".into()),
+                    _ => None,
+                };
+                (
+                    Base::Image {
+                        reference: from.image.clone(),
+                    },
+                    match env {
+                        Some(e) => with_default_path(e.iter().cloned().collect(), &platform.os),
+                        None => BTreeMap::new(),
+                    },
+                    env.is_some(),
+                    workdir,
+                )
+            }
         };
-        let mut args: BTreeMap<String, String> = BTreeMap::new();
         let mut declared = BTreeSet::new();
         let mut steps = Vec::new();
         for node in &nodes[1..] {
             // ENV wins over ARG of the same name, so it goes last.
             let scope = Scope([&env, &args]);
-            let (mut ins, _matched, unmatched) = self.check(node, &scope)?;
+            let (mut ins, _matched, mut unmatched) = self.check(node, &scope)?;
             let mut sources = Vec::new();
-            match &ins {
+            match &mut ins {
                 Instruction::Arg(decls) => {
                     for d in decls {
                         declared.insert(d.key.clone());
                         let value = if let Some(v) = self.opts.build_args.get(&d.key) {
                             build_args_used.insert(d.key.clone());
                             Some(v.clone())
-                        } else if d.default.is_some() {
-                            d.default.clone()
+                        } else if let Some(raw) = &d.default {
+                            // Evaluated only now, and only without a build
+                            // arg, so `${X:?msg}` fails only when it should.
+                            let (v, missing) = self.expand(node, raw, &Scope([&env, &args]))?;
+                            unmatched.extend(missing);
+                            Some(v)
                         } else if let Some(v) = self.globals.get(&d.key) {
                             Some(v.clone())
                         } else {
                             self.predefined.get(&d.key).cloned()
                         };
+                        d.value.clone_from(&value);
                         match value {
                             Some(v) => args.insert(d.key.clone(), v),
                             None => args.remove(&d.key),
@@ -457,13 +536,13 @@ impl Planner<'_> {
                 }
                 Instruction::Copy(c) => {
                     if let Some(f) = &c.from {
-                        sources.push(self.resolve(node, f, index)?);
+                        sources.push(self.resolve(node, f, index, true)?);
                     }
                 }
                 Instruction::Run(r) => {
                     for m in &r.mounts {
                         if let Some(f) = m.from() {
-                            sources.push(self.resolve(node, f, index)?);
+                            sources.push(self.resolve(node, f, index, false)?);
                         }
                     }
                 }
@@ -537,6 +616,7 @@ impl Planner<'_> {
             env,
             env_complete,
             workdir,
+            args,
             warnings,
             used_globals: matched,
             declared,
@@ -600,6 +680,8 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             "TARGETVARIANT".into(),
             tp.variant.clone().unwrap_or_default(),
         ),
+        ("BUILDOSVERSION".into(), String::new()),
+        ("TARGETOSVERSION".into(), String::new()),
     ]);
 
     let mut planner = Planner {
@@ -664,8 +746,14 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         .names
         .iter()
         .find(|(_, &(i, _))| i == target)
-        .map_or_else(|| target.to_string(), |(n, _)| n.clone());
+        .map_or_else(|| "default".to_string(), |(n, _)| n.clone());
     predefined.insert("TARGETSTAGE".into(), target_name);
+    // A build arg of the same name overrides each automatic arg.
+    for (k, v) in predefined.iter_mut() {
+        if let Some(b) = opts.build_args.get(k) {
+            v.clone_from(b);
+        }
+    }
     planner.predefined = predefined;
 
     // Global ARGs.
@@ -684,7 +772,14 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         if let Instruction::Arg(decls) = ins {
             for d in decls {
                 planner.global_declared.insert(d.key.clone());
-                let v = opts.build_args.get(&d.key).cloned().or(d.default);
+                let v = match (opts.build_args.get(&d.key), &d.default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(raw)) => {
+                        let scope = Scope([&planner.globals, &planner.predefined]);
+                        Some(planner.expand(node, raw, &scope)?.0)
+                    }
+                    (None, None) => None,
+                };
                 match v {
                     Some(v) => planner.globals.insert(d.key, v),
                     None => planner.globals.remove(&d.key),
@@ -726,7 +821,9 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             consumed.extend(
                 d.used_globals
                     .iter()
-                    .filter(|g| planner.global_declared.contains(*g))
+                    .filter(|g| {
+                        planner.global_declared.contains(*g) || planner.predefined.contains_key(*g)
+                    })
                     .cloned(),
             );
             consumed.extend(
@@ -747,7 +844,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     let proxy_args: BTreeMap<String, String> = opts
         .build_args
         .iter()
-        .filter(|(k, _)| PROXY_ARGS.contains(&k.as_str()))
+        .filter(|(k, _)| is_proxy_arg(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let unused: Vec<&str> = opts
@@ -755,7 +852,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         .keys()
         .filter(|k| {
             !consumed.contains(*k)
-                && !PROXY_ARGS.contains(&k.as_str())
+                && !is_proxy_arg(k)
                 && !k.starts_with("BUILDKIT_")
                 && *k != "SOURCE_DATE_EPOCH"
         })
