@@ -91,6 +91,12 @@ fn env_overrides_arg_and_is_visible_from_the_next_instruction() {
 }
 
 #[test]
+fn a_later_arg_sets_a_name_again_after_env() {
+    let src = "FROM scratch\nENV X=env\nARG X=arg\nENV Y=$X\n";
+    assert_eq!(values(&plan_of(src, &opts())), ["X=env", "Y=arg"]);
+}
+
+#[test]
 fn env_and_args_are_inherited_from_a_parent_stage() {
     let src = "FROM scratch AS base\nARG A=1\nENV E=from-base\nFROM base\nENV F=$E-$A\n";
     assert_eq!(values(&plan_of(src, &opts())), ["F=from-base-1"]);

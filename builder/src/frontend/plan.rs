@@ -500,9 +500,10 @@ impl Planner<'_> {
         let mut declared = BTreeSet::new();
         let mut steps = Vec::new();
         for node in &nodes[1..] {
-            // ENV wins over ARG of the same name, so it goes last.
-            let scope = Scope([&env, &args]);
-            let (mut ins, _matched, mut unmatched) = self.check(node, &scope)?;
+            // `env` is the stage's environment as BuildKit keeps it: the
+            // base's, then every ENV and valued ARG in order, the latest
+            // definition of a name winning.
+            let (mut ins, _matched, mut unmatched) = self.check(node, &env)?;
             let mut sources = Vec::new();
             match &mut ins {
                 Instruction::Arg(decls) => {
@@ -514,7 +515,7 @@ impl Planner<'_> {
                         } else if let Some(raw) = &d.default {
                             // Evaluated only now, and only without a build
                             // arg, so `${X:?msg}` fails only when it should.
-                            let (v, missing) = self.expand(node, raw, &Scope([&env, &args]))?;
+                            let (v, missing) = self.expand(node, raw, &env)?;
                             unmatched.extend(missing);
                             Some(v)
                         } else if let Some(v) = self.globals.get(&d.key) {
@@ -523,10 +524,11 @@ impl Planner<'_> {
                             self.predefined.get(&d.key).cloned()
                         };
                         d.value.clone_from(&value);
-                        match value {
-                            Some(v) => args.insert(d.key.clone(), v),
-                            None => args.remove(&d.key),
-                        };
+                        // An ARG without a value leaves an earlier one in place.
+                        if let Some(v) = value {
+                            env.insert(d.key.clone(), v.clone());
+                            args.insert(d.key.clone(), v);
+                        }
                     }
                 }
                 Instruction::Env(kvs) => {
