@@ -43,6 +43,9 @@ pub enum ParseError {
     /// Hundreds of ONBUILDs in one line.
     #[error("ONBUILD nested more than {MAX_ONBUILD_NESTING} times; ONBUILD cannot hold ONBUILD")]
     OnbuildTooDeep,
+    /// A physical line longer than BuildKit's scanner accepts.
+    #[error("dockerfile line greater than max allowed size of {MAX_LINE}; split it with line continuations")]
+    LineTooLong,
     /// A heredoc without its terminator line.
     #[error("unterminated heredoc {0:?}; end it with a line holding only {0}")]
     UnterminatedHeredoc(String),
@@ -60,6 +63,9 @@ pub struct LocatedParseError {
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, LocatedParseError>;
+
+/// Longest physical line, as BuildKit's line scanner allows.
+pub const MAX_LINE: usize = 65535;
 
 /// Deepest `ONBUILD ONBUILD ...` chain the raw parser builds.
 pub const MAX_ONBUILD_NESTING: usize = 32;
@@ -376,6 +382,12 @@ pub fn parse(src: &[u8], file: &str) -> Result<Ast> {
     let text = String::from_utf8_lossy(src);
     let source = SourceMap::new(file, &text);
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    if let Some(i) = lines.iter().position(|l| trim_newline(l).len() > MAX_LINE) {
+        return Err(LocatedParseError {
+            location: source.at(i + 1, MAX_LINE + 1),
+            kind: ParseError::LineTooLong,
+        });
+    }
     let mut dirs = Directives {
         escape: '\\',
         done: false,
@@ -887,6 +899,15 @@ mod tests {
         assert_eq!(run.heredocs[1].body(), "quoted\n");
         assert_eq!((run.start_line, run.end_line), (2, 6));
         assert_eq!(ast.nodes[2].start_line, 7);
+    }
+
+    #[test]
+    fn overlong_lines_are_rejected_like_buildkit() {
+        let ok = format!("FROM a\nRUN {}\n", "x".repeat(MAX_LINE - 4));
+        assert!(parse(ok.as_bytes(), "D").is_ok());
+        let long = format!("FROM a\nRUN {}\n", "x".repeat(MAX_LINE));
+        let e = parse(long.as_bytes(), "D").unwrap_err();
+        assert_eq!((e.kind, e.location.line), (ParseError::LineTooLong, 2));
     }
 
     #[test]
