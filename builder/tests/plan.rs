@@ -603,3 +603,53 @@ fn a_named_context_replaces_a_stage_of_the_same_name() {
         SourceRef::Context { .. }
     ));
 }
+
+#[test]
+fn onbuild_triggers_run_first_in_child_stages_only() {
+    let src = "\
+FROM alpine AS assets
+FROM alpine AS base
+ONBUILD ARG MODE=debug
+ONBUILD COPY --from=assets /a /a
+ONBUILD RUN echo $MODE
+RUN base-only
+FROM base AS child
+RUN child
+FROM child AS grandchild
+";
+    let p = plan_of(src, &opts());
+    assert_eq!(
+        p.stages.iter().map(|s| s.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    let base = p.stage(1).unwrap();
+    assert_eq!(
+        base.deps,
+        Vec::<usize>::new(),
+        "a trigger is not run where it is declared"
+    );
+    let child = p.stage(2).unwrap();
+    assert_eq!(child.deps, [0, 1]);
+    let summary: Vec<(usize, bool, &str)> = child
+        .steps
+        .iter()
+        .map(|s| (s.line, s.trigger, s.original.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (3, true, "ARG MODE=debug"),
+            (4, true, "COPY --from=assets /a /a"),
+            (5, true, "RUN echo $MODE"),
+            (8, false, "RUN child"),
+        ]
+    );
+    assert_eq!(
+        child.steps[2].args,
+        [("MODE".to_string(), "debug".to_string())]
+    );
+    assert!(
+        p.stage(3).unwrap().steps.is_empty(),
+        "grandchildren do not inherit triggers"
+    );
+}

@@ -150,7 +150,8 @@ pub enum SourceRef {
 /// One instruction of a stage, ready for the build engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Step {
-    /// First line in the Dockerfile.
+    /// First line in the Dockerfile (for an ONBUILD trigger, the line of
+    /// the ONBUILD in the parent stage).
     pub line: usize,
     /// Last line (heredocs included).
     pub end_line: usize,
@@ -175,6 +176,10 @@ pub struct Step {
     /// was not given in [`PlanOptions::image_env`]. Re-plan with it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unresolved: Vec<String>,
+    /// This step is an ONBUILD trigger of the parent stage, run before the
+    /// stage's own instructions.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub trigger: bool,
 }
 
 /// A build stage.
@@ -287,6 +292,7 @@ struct StageDraft {
     platform: Platform,
     deps: BTreeSet<usize>,
     steps: Vec<Step>,
+    triggers: Vec<Node>,
     env: BTreeMap<String, String>,
     env_complete: bool,
     workdir: Option<String>,
@@ -499,7 +505,26 @@ impl Planner<'_> {
         };
         let mut declared = BTreeSet::new();
         let mut steps = Vec::new();
-        for node in &nodes[1..] {
+        // A stage built FROM another stage first runs that stage's ONBUILD
+        // triggers (its own only: BuildKit clears inherited ones).
+        let inherited: Vec<Node> = match &base {
+            Base::Stage { index: i } => done[*i]
+                .as_ref()
+                .map(|p| p.triggers.clone())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let n_triggers = inherited.len();
+        let mut triggers = Vec::new();
+        for (k, node) in inherited.iter().chain(&nodes[1..]).enumerate() {
+            if let (Some(sub), "onbuild") = (&node.sub, node.instruction.as_str()) {
+                let mut t = (**sub).clone();
+                t.start_line = node.start_line;
+                t.end_line = node.end_line;
+                t.heredocs.clone_from(&node.heredocs);
+                triggers.push(t);
+            }
+            let trigger = k < n_triggers;
             // `env` is the stage's environment as BuildKit keeps it: the
             // base's, then every ENV and valued ARG in order, the latest
             // definition of a name winning.
@@ -603,6 +628,7 @@ impl Planner<'_> {
                 },
                 workdir: step_workdir,
                 unresolved,
+                trigger,
             });
         }
         if steps.iter().any(|s| !s.unresolved.is_empty()) {
@@ -615,6 +641,7 @@ impl Planner<'_> {
             platform,
             deps,
             steps,
+            triggers,
             env,
             env_complete,
             workdir,
