@@ -2,13 +2,19 @@
 //! build needs, in dependency order, with checked and expanded instructions.
 //!
 //! It owns ARG/ENV scoping (global ARGs before the first FROM, redeclaration
-//! inside a stage, build-arg overrides, the predefined platform and proxy
-//! args), the stage graph (FROM of an earlier stage, `COPY --from`,
-//! `RUN --mount from=`), `--target` pruning and the checks on it (unknown
-//! stage, cycle, duplicate name, missing FROM). It never pulls an image: when
-//! a stage's base image environment matters for expansion, the caller passes
-//! it in [`PlanOptions::image_env`], and steps that referenced variables the
-//! plan could not see list them in [`Step::unresolved`].
+//! inside a stage, inheritance by child stages, build-arg overrides, the
+//! automatic platform and proxy args), the stage graph (FROM of an earlier
+//! stage, `COPY --from`, `RUN --mount from=`, ONBUILD triggers of a parent
+//! stage), `--target` pruning and the checks on it (unknown stage, cycle,
+//! duplicate name, missing FROM). It never pulls an image: when a stage's
+//! base image configuration matters for expansion, the caller passes it in
+//! [`PlanOptions::image_env`] / [`PlanOptions::image_workdir`], and steps that
+//! referenced variables the plan could not see list them in
+//! [`Step::unresolved`] (re-plan once the base images are resolved).
+//!
+//! Where kiln differs from BuildKit on purpose: a duplicate stage name is an
+//! error (BuildKit only warns and binds the last one), and an unused
+//! `--build-arg` is reported as a warning (BuildKit says nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
@@ -36,8 +42,13 @@ pub enum PlanError {
     #[error("{0} is not allowed before the first FROM; only ARG may come before it")]
     BeforeFrom(String),
     /// `--target` names no stage.
-    #[error("target stage {target:?} could not be found; stages are: {available}")]
-    UnknownTarget { target: String, available: String },
+    #[error("target stage {target:?} could not be found{hint}; stages are: {available}")]
+    UnknownTarget {
+        target: String,
+        available: String,
+        /// ` (did you mean x?)` for a near miss, else empty.
+        hint: String,
+    },
     /// Two stages with the same name.
     #[error(
         "duplicate stage name {name:?}, first defined on line {first_line}; rename one of them"
@@ -756,6 +767,15 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         Some(t) => match planner.names.get(&t.to_lowercase()) {
             Some(&(i, _)) => i,
             None => {
+                let lower = t.to_lowercase();
+                let hint = planner
+                    .names
+                    .keys()
+                    .map(|n| (instructions::edit_distance(&lower, n), n))
+                    .min()
+                    .filter(|(d, _)| *d <= 2)
+                    .map(|(_, n)| format!(" (did you mean {n}?)"))
+                    .unwrap_or_default();
                 let mut available: Vec<&str> = planner.names.keys().map(String::as_str).collect();
                 if available.is_empty() {
                     available.push("(none are named)");
@@ -765,6 +785,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
                     kind: PlanError::UnknownTarget {
                         target: t.clone(),
                         available: available.join(", "),
+                        hint,
                     }
                     .into(),
                 });
