@@ -312,6 +312,17 @@ fn graph_errors() {
         e.to_string(),
         "target stage \"two\" could not be found; stages are: one"
     );
+    let e = plan_err(
+        "FROM a AS build\nFROM b AS test\n",
+        &PlanOptions {
+            target: Some("tset".into()),
+            ..opts()
+        },
+    );
+    assert_eq!(
+        e.to_string(),
+        "target stage \"tset\" could not be found (did you mean test?); stages are: build, test"
+    );
 }
 
 #[test]
