@@ -84,8 +84,14 @@ pub enum InstructionError {
     )]
     Chmod(String),
     /// `--checksum=x`.
-    #[error("invalid checksum {0:?}; use ALGORITHM:HEX such as sha256:<64 hex digits>")]
+    #[error("invalid checksum {0:?}; use sha256:<64 hex digits> for a URL, or the commit for a Git source")]
     Checksum(String),
+    /// `COPY https://...`.
+    #[error("source can't be a URL for COPY; use ADD to download {0:?}")]
+    CopyUrl(String),
+    /// `COPY git@...`.
+    #[error("source can't be a git ref for COPY; use ADD for {0:?}")]
+    CopyGit(String),
     /// `EXPOSE x`.
     #[error(
         "invalid containerPort: {0}; use PORT, PORT-PORT, optionally with /tcp, /udp or /sctp"
@@ -590,10 +596,16 @@ pub fn has_variable(s: &str) -> bool {
 /// Is an ADD source a URL or Git repository rather than a context path?
 pub fn is_remote(src: &str) -> bool {
     let lower = src.to_ascii_lowercase();
-    lower.starts_with("http://")
-        || lower.starts_with("https://")
-        || lower.starts_with("git@")
+    lower.starts_with("http://") || lower.starts_with("https://") || is_git(src)
+}
+
+/// Is an ADD source a Git repository (`git@`, `git://`, `ssh://`, or an
+/// HTTP(S) URL whose path ends in `.git`)?
+pub fn is_git(src: &str) -> bool {
+    let lower = src.to_ascii_lowercase();
+    lower.starts_with("git@")
         || lower.starts_with("git://")
+        || lower.starts_with("ssh://")
         || lower
             .split(['#', '?'])
             .next()
@@ -694,16 +706,21 @@ pub fn parse_chmod(s: &str) -> std::result::Result<Chmod, InstructionError> {
     Ok(Chmod::Symbolic(s.to_string()))
 }
 
-fn parse_checksum(s: &str) -> std::result::Result<String, InstructionError> {
-    let ok = s.split_once(':').is_some_and(|(algo, hex)| {
-        let len = match algo {
-            "sha256" => 64,
-            "sha384" => 96,
-            "sha512" => 128,
-            _ => 0,
-        };
-        len != 0 && hex.len() == len && hex.chars().all(|c| c.is_ascii_hexdigit())
-    });
+/// A checksum for an HTTP source is `sha256:<64 hex>`; for a Git source it
+/// is the commit (a hex object name, optionally prefixed by its algorithm).
+fn parse_checksum(s: &str, git: bool) -> std::result::Result<String, InstructionError> {
+    let hex = |h: &str, lens: &[usize]| {
+        lens.contains(&h.len()) && h.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    let ok = if git {
+        let h = s
+            .strip_prefix("sha1:")
+            .or_else(|| s.strip_prefix("sha256:"))
+            .unwrap_or(s);
+        (7..=64).contains(&h.len()) && hex(h, &[h.len()])
+    } else {
+        s.strip_prefix("sha256:").is_some_and(|h| hex(h, &[64]))
+    };
     if ok {
         Ok(s.to_string())
     } else {
@@ -1217,6 +1234,18 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         None => None,
     };
     let mut excludes = Vec::new();
+    if is_copy {
+        for src in &sources {
+            if let Source::Path(p) = src {
+                if is_git(p) {
+                    return Err(at(InstructionError::CopyGit(p.clone()), p));
+                }
+                if is_remote(p) {
+                    return Err(at(InstructionError::CopyUrl(p.clone()), p));
+                }
+            }
+        }
+    }
     // BuildKit does not expand --exclude patterns.
     excludes.extend(flags.all("exclude"));
     Ok(if is_copy {
@@ -1236,12 +1265,17 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         })
     } else {
         let checksum = match expand_flag(ex, "checksum")? {
-            Some(c) => Some(parse_checksum(&c).map_err(|e| at(e, &c))?),
+            Some(c) => {
+                let [Source::Path(src)] = sources.as_slice() else {
+                    return Err(at(InstructionError::ChecksumSource, "--checksum"));
+                };
+                if !is_remote(src) {
+                    return Err(at(InstructionError::ChecksumSource, "--checksum"));
+                }
+                Some(parse_checksum(&c, is_git(src)).map_err(|e| at(e, &c))?)
+            }
             None => None,
         };
-        if checksum.is_some() && !matches!(sources.as_slice(), [Source::Path(p)] if is_remote(p)) {
-            return Err(at(InstructionError::ChecksumSource, "--checksum"));
-        }
         Instruction::Add(Add {
             sources,
             dest,
@@ -1558,7 +1592,20 @@ mod tests {
         assert!(a.keep_git_dir);
         assert_eq!(a.unpack, Some(false));
         assert!(matches!(
-            err("ADD --checksum=md5:x a b"),
+            err("COPY https://example.com/x /x"),
+            InstructionError::CopyUrl(_)
+        ));
+        assert!(matches!(
+            err("COPY git@github.com:a/b.git /x"),
+            InstructionError::CopyGit(_)
+        ));
+        assert!(one("ADD --checksum=0123abc git@github.com:a/b.git#v1 /x").is_ok());
+        assert!(matches!(
+            err("ADD --checksum=sha512:00 https://x/y /x"),
+            InstructionError::Checksum(_)
+        ));
+        assert!(matches!(
+            err("ADD --checksum=md5:x https://x/a b"),
             InstructionError::Checksum(_)
         ));
         assert!(matches!(
