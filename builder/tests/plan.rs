@@ -664,3 +664,33 @@ FROM child AS grandchild
         "grandchildren do not inherit triggers"
     );
 }
+
+#[test]
+fn check_directive_skips_rules_or_makes_them_errors() {
+    let body = "FROM scratch\nARG DECLARED\nENV A=$NOPE B=$DECLARED\n";
+    let p = plan_of(body, &opts());
+    let rules: Vec<_> = p.warnings.iter().map(|w| (w.rule, w.line)).collect();
+    assert_eq!(
+        rules,
+        [(Some("UndefinedVar"), Some(3))],
+        "a declared ARG is not undefined"
+    );
+    let p = plan_of(&format!("# check=skip=UndefinedVar\n{body}"), &opts());
+    assert!(p.warnings.is_empty());
+    let e = plan_err(&format!("# check=error=true\n{body}"), &opts());
+    assert!(
+        e.to_string()
+            .starts_with("Dockerfile:4:1: lint violation found for rules: UndefinedVar"),
+        "{e}"
+    );
+    plan_of(
+        "# check=error=true\nFROM scratch\nENV A=1\n",
+        &with_args(&[("UNUSED", "x")]),
+    );
+    let e = plan_err("# check=error=maybe\nFROM scratch\n", &opts());
+    assert!(
+        e.to_string()
+            .contains("invalid check option \"error=maybe\""),
+        "{e}"
+    );
+}

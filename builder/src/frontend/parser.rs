@@ -46,6 +46,9 @@ pub enum ParseError {
     /// A physical line longer than BuildKit's scanner accepts.
     #[error("dockerfile line greater than max allowed size of {MAX_LINE}; split it with line continuations")]
     LineTooLong,
+    /// `# check=` with an option BuildKit does not know.
+    #[error("invalid check option {0:?}; use skip=RULE,... or skip=all, error=true|false, experimental=RULE,...")]
+    CheckOption(String),
     /// A heredoc without its terminator line.
     #[error("unterminated heredoc {0:?}; end it with a line holding only {0}")]
     UnterminatedHeredoc(String),
@@ -107,6 +110,25 @@ impl Heredoc {
             out.push_str(line.trim_start_matches('\t'));
         }
         out
+    }
+}
+
+/// The `# check=` directive: which lint rules to skip and whether lint
+/// findings fail the build.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CheckOptions {
+    /// Rules not to report (`all` skips every rule).
+    pub skip: Vec<String>,
+    /// Findings are errors.
+    pub error: bool,
+    /// Experimental rules to enable.
+    pub experimental: Vec<String>,
+}
+
+impl CheckOptions {
+    /// Is `rule` switched off?
+    pub fn skips(&self, rule: &str) -> bool {
+        self.skip.iter().any(|s| s == "all" || s == rule)
     }
 }
 
@@ -197,6 +219,43 @@ impl Ast {
             out.push_str(")\n");
         }
         out
+    }
+
+    /// The `# check=` directive, parsed; defaults when absent.
+    pub fn check_options(&self) -> std::result::Result<CheckOptions, LocatedParseError> {
+        let Some(d) = self.directives.iter().find(|d| d.name == "check") else {
+            return Ok(CheckOptions::default());
+        };
+        let bad = |opt: &str| LocatedParseError {
+            location: self.source.find(d.line, opt),
+            kind: ParseError::CheckOption(opt.to_string()),
+        };
+        let mut out = CheckOptions::default();
+        for opt in d.value.split(';').map(str::trim).filter(|o| !o.is_empty()) {
+            let Some((k, v)) = opt.split_once('=') else {
+                return Err(bad(opt));
+            };
+            let list = || -> Vec<String> {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "skip" => out.skip = list(),
+                "experimental" => out.experimental = list(),
+                "error" => {
+                    out.error = match v.trim().to_ascii_lowercase().as_str() {
+                        "1" | "t" | "true" => true,
+                        "0" | "f" | "false" => false,
+                        _ => return Err(bad(opt)),
+                    }
+                }
+                _ => return Err(bad(opt)),
+            }
+        }
+        Ok(out)
     }
 
     /// The value of directive `name`, if present.
@@ -938,6 +997,26 @@ mod tests {
         assert_eq!(e.kind, ParseError::DuplicateDirective("escape".into()));
         let e = parse(b"# escape=x\nFROM a\n", "D").unwrap_err();
         assert_eq!(e.kind, ParseError::InvalidEscape("x".into()));
+    }
+
+    #[test]
+    fn check_directive_options() {
+        let ast = parse(
+            b"# check=skip=UndefinedVar,JSONArgsRecommended;error=true\nFROM a\n",
+            "D",
+        )
+        .unwrap();
+        let c = ast.check_options().unwrap();
+        assert!(c.error && c.skips("UndefinedVar") && !c.skips("Other"));
+        let ast = parse(b"# check=skip=all\nFROM a\n", "D").unwrap();
+        assert!(ast.check_options().unwrap().skips("Anything"));
+        let ast = parse(b"# check=bogus\nFROM a\n", "D").unwrap();
+        assert_eq!(
+            ast.check_options().unwrap_err().kind,
+            ParseError::CheckOption("bogus".into())
+        );
+        let ast = parse(b"FROM a\n", "D").unwrap();
+        assert_eq!(ast.check_options().unwrap(), CheckOptions::default());
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub enum PlanError {
     /// Neither a stage, a named context nor a valid image reference.
     #[error("{0:?} is not a build stage, a named context or a valid image reference; check the spelling (image names are lower-case)")]
     InvalidReference(String),
+    /// `# check=error=true` and a lint rule fired.
+    #[error("lint violation found for rules: {0}; fix them or skip them with # check=skip=RULE")]
+    LintViolation(String),
     /// A FROM --platform or option platform that does not parse.
     #[error(transparent)]
     Platform(#[from] PlatformError),
@@ -217,6 +220,11 @@ pub struct Stage {
 pub struct PlanWarning {
     /// Line it concerns, when it concerns one.
     pub line: Option<usize>,
+    /// BuildKit's lint rule name (`UndefinedVar`, ...), which
+    /// `# check=skip=...` and `# check=error=true` refer to; None for
+    /// kiln's own notices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'static str>,
     /// What and what to do.
     pub message: String,
 }
@@ -426,6 +434,7 @@ impl Planner<'_> {
         for v in &unmatched {
             warnings.push(PlanWarning {
                 line: Some(from_node.start_line),
+                rule: Some("UndefinedArgInFrom"),
                 message: format!(
                     "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
                 ),
@@ -614,9 +623,12 @@ impl Planner<'_> {
             }
             let unresolved: Vec<String> = if env_complete {
                 // Everything was visible: an unset variable is really unset.
-                for v in &unmatched {
+                // A declared ARG without a value is not reported, as in
+                // BuildKit's UndefinedVar rule.
+                for v in unmatched.iter().filter(|v| !declared.contains(*v)) {
                     warnings.push(PlanWarning {
                         line: Some(node.start_line),
+                        rule: Some("UndefinedVar"),
                         message: format!(
                             "usage of undefined variable ${v}; define it with ARG or ENV first"
                         ),
@@ -737,6 +749,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             .iter()
             .map(|w| PlanWarning {
                 line: Some(w.line),
+                rule: Some("NoEmptyContinuation"),
                 message: w.message.clone(),
             })
             .collect(),
@@ -891,6 +904,24 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             warnings.append(&mut d.warnings);
         }
     }
+    // `# check=`: drop skipped rules, and fail on the rest with error=true.
+    let check = ast.check_options()?;
+    warnings.retain(|w| w.rule.is_none_or(|r| !check.skips(r)));
+    if check.error {
+        let mut rules: Vec<&str> = warnings.iter().filter_map(|w| w.rule).collect();
+        rules.sort_unstable();
+        rules.dedup();
+        if !rules.is_empty() {
+            let first = warnings
+                .iter()
+                .find(|w| w.rule.is_some())
+                .and_then(|w| w.line);
+            return Err(Error {
+                location: first.map(|l| Box::new(ast.source.find(l, ""))),
+                kind: PlanError::LintViolation(rules.join(", ")).into(),
+            });
+        }
+    }
     let proxy_args: BTreeMap<String, String> = opts
         .build_args
         .iter()
@@ -911,6 +942,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     if !unused.is_empty() {
         warnings.push(PlanWarning {
             line: None,
+            rule: None,
             message: format!(
                 "one or more build-args [{}] were not consumed; declare them with ARG in a stage that is built",
                 unused.join(" ")
