@@ -232,8 +232,11 @@ pub enum RunCommand {
     Exec(Vec<String>),
     /// A shell script for SHELL (heredocs already appended to it).
     Shell(String),
-    /// `RUN <<EOF` alone: the body is the script. With a `#!` line it is
-    /// written to a file and executed; otherwise it is passed to SHELL.
+    /// `RUN <<EOF` alone: the body is the script, never expanded by the
+    /// frontend. With a `#!` line BuildKit writes it, mode 0755, to a
+    /// read-only mount at `/dev/pipes/<name>` and runs SHELL with that path
+    /// (so the kernel honours the interpreter line); otherwise the body
+    /// itself is SHELL's `-c` script.
     Heredoc {
         /// Heredoc name (used as the file name).
         name: String,
