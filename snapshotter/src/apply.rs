@@ -147,6 +147,7 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
         entries: 0,
         skipped_devices: 0,
         skipped_xattrs: 0,
+        buf: Vec::new(),
     };
     let mut last = String::from("(start)");
     let entries = archive.entries().map_err(|source| Error::Header {
@@ -216,6 +217,8 @@ struct Applier<'a> {
     entries: u64,
     skipped_devices: u64,
     skipped_xattrs: u64,
+    /// scratch buffer for file data, reused by every entry
+    buf: Vec<u8>,
 }
 
 /// Whether kiln can set an xattr of this name inside its user namespace:
@@ -501,18 +504,20 @@ impl Applier<'_> {
                 .map_err(werr(name))?;
                 let mut file = File::from(fd);
                 let size = entry.size();
-                let written = tree::write_sparse(&mut file, &mut *entry).map_err(|source| {
-                    if source.kind() == io::ErrorKind::UnexpectedEof
-                        || source.to_string().contains("corrupt deflate")
-                    {
-                        Error::Stream {
-                            after: name.to_string(),
-                            source,
+                let written = tree::write_sparse(&mut file, &mut *entry, &mut self.buf).map_err(
+                    |source| {
+                        if source.kind() == io::ErrorKind::UnexpectedEof
+                            || source.to_string().contains("corrupt deflate")
+                        {
+                            Error::Stream {
+                                after: name.to_string(),
+                                source,
+                            }
+                        } else {
+                            werr(name)(source)
                         }
-                    } else {
-                        werr(name)(source)
-                    }
-                })?;
+                    },
+                )?;
                 if written != size {
                     // the stream ended inside this entry's data
                     return Err(Error::Stream {
