@@ -2,8 +2,9 @@
 //! can fail to compile at run time:
 //! - the seccomp profiles in `seccomp-profiles/` are compiled to BPF with
 //!   seccompiler; a profile that does not compile fails the build;
-//! - `init/init.c`, the sandbox's PID 1, is compiled into a static binary
-//!   that the runtime embeds and executes from a sealed memfd.
+//! - `init/init.c`, the sandbox's PID 1, is compiled into a tiny static
+//!   binary (no libc) that the runtime embeds and executes from a sealed
+//!   memfd.
 
 use std::env;
 use std::fs;
@@ -54,7 +55,22 @@ fn compile_init(manifest: &std::path::Path, out: &std::path::Path) {
     let cc = env::var("CC").unwrap_or_else(|_| "cc".into());
     let bin = out.join("kiln-init");
     let status = Command::new(&cc)
-        .args(["-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o"])
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-fno-pie",
+            "-no-pie",
+            "-Os",
+            "-s",
+            "-Wl,--build-id=none",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+        ])
         .arg(&bin)
         .arg(&src)
         .status()

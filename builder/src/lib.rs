@@ -2,3 +2,5 @@
 //! cache, the exporters and the pieces of the `kiln` CLI.
 
 pub mod cli;
+pub mod cli_plan;
+pub mod frontend;

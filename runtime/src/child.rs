@@ -656,7 +656,15 @@ pub unsafe fn run(p: &Plan) -> ! {
             .or_fail(p, Stage::NoNewPrivs);
     }
 
-    // 16. Fork the command; it waits until init is non-dumpable.
+    // 16. seccomp, once for both processes: the filter is inherited by
+    //     the fork below, and what the command still does before exec (ids,
+    //     capabilities, cwd, streams) is all in the allowlist. Installing it
+    //     once instead of twice saves a BPF compile per step.
+    for prog in &p.seccomp {
+        sys::seccomp_install(prog).or_fail(p, Stage::Seccomp);
+    }
+
+    // 17. Fork the command; it waits until init is non-dumpable.
     let mut ready = [0 as RawFd; 2];
     // SAFETY: `ready` has room for two descriptors.
     check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) }.into())
@@ -674,12 +682,13 @@ pub unsafe fn run(p: &Plan) -> ! {
     }
     close(ready[0]);
 
-    // 17. Become kiln-init.
+    // 18. Become kiln-init.
     // SAFETY: still the single-threaded sandbox child.
     unsafe { exec_init(p, pid, ready[1]) }
 }
 
-/// The command process: ids, capabilities, cwd, streams, seccomp, exec.
+/// The command process (already under seccomp): ids, capabilities, cwd,
+/// streams, signals, exec.
 unsafe fn command(p: &Plan, ready: RawFd) -> ! {
     // a. Wait for init to be ready (EOF once it closed its end).
     let mut b = [0u8; 1];
@@ -737,12 +746,7 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
     //    exec.
     reset_signals();
 
-    // g. seccomp last: from here on only the profile's syscalls work.
-    for prog in &p.seccomp {
-        sys::seccomp_install(prog).or_fail(p, Stage::Seccomp);
-    }
-
-    // h. exec, searching PATH as execvp does.
+    // g. exec, searching PATH as execvp does.
     exec_command(p)
 }
 
@@ -866,9 +870,6 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
     }
     // Init needs no capability at all.
     sys::capset(0, 0, 0).or_fail(p, Stage::ExecInit);
-    for prog in &p.seccomp {
-        sys::seccomp_install(prog).or_fail(p, Stage::Seccomp);
-    }
     let mut digits = [0u8; 12];
     let n = sys::itoa(command.cast_unsigned(), &mut digits);
     let mut arg1 = [0u8; 13];
@@ -878,21 +879,9 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
         arg1.as_ptr().cast(),
         std::ptr::null(),
     ];
-    let envp = [std::ptr::null::<libc::c_char>()];
-    // SAFETY: argv/envp are NUL-terminated arrays of NUL-terminated strings
-    // living on this stack frame.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            init,
-            c"".as_ptr(),
-            argv.as_ptr(),
-            envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    let errno = sys::exec_fd(init, &argv);
     // The error pipe is still open here (close-on-exec), so report.
-    fail(p, Stage::ExecInit, Errno::last())
+    fail(p, Stage::ExecInit, errno)
 }
 
 #[cfg(test)]

@@ -88,6 +88,18 @@ pub enum Error {
     Init(std::io::Error),
     #[error("lost contact with the sandbox: {0}")]
     Channel(std::io::Error),
+    #[error("cannot use runtime directory {path}: {source}")]
+    RuntimeDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("runtime directory {0} is not a private directory of the calling user: remove it or set XDG_RUNTIME_DIR")]
+    RuntimeDirUnsafe(PathBuf),
+    #[error("cannot join kiln's user namespace through {path}: {source}")]
+    JoinNamespace {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("waiting for the sandbox failed: {0}")]
     Wait(nix::errno::Errno),
 }

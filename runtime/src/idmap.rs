@@ -73,23 +73,55 @@ impl IdEnv {
     pub fn from_host() -> Self {
         let euid = nix::unistd::geteuid().as_raw();
         let egid = nix::unistd::getegid().as_raw();
-        let user_name = nix::unistd::User::from_uid(euid.into())
-            .ok()
-            .flatten()
-            .map(|u| u.name);
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let own_uid_map = read("/proc/self/uid_map");
+        // The name only matters for finding a subordinate range, which only
+        // an unprivileged user in the initial namespace needs; skipping the
+        // lookup elsewhere keeps every step start free of NSS.
+        let needs_range = euid != 0 && in_initial_userns(&own_uid_map);
+        let (subuid, subgid, user_name) = if needs_range {
+            (read("/etc/subuid"), read("/etc/subgid"), user_name(euid))
+        } else if euid == 0 && in_initial_userns(&own_uid_map) {
+            (
+                read("/etc/subuid"),
+                read("/etc/subgid"),
+                Some("root".to_string()),
+            )
+        } else {
+            Default::default()
+        };
         IdEnv {
             euid,
             egid,
             user_name,
-            subuid: read("/etc/subuid"),
-            subgid: read("/etc/subgid"),
-            own_uid_map: read("/proc/self/uid_map"),
+            subuid,
+            subgid,
             own_gid_map: read("/proc/self/gid_map"),
-            newuidmap: find_helper("newuidmap"),
-            newgidmap: find_helper("newgidmap"),
+            own_uid_map,
+            newuidmap: needs_range.then(|| find_helper("newuidmap")).flatten(),
+            newgidmap: needs_range.then(|| find_helper("newgidmap")).flatten(),
         }
     }
+}
+
+/// The name of `uid`: from /etc/passwd (as shadow's tools read
+/// /etc/subuid by name), falling back to NSS for directory users.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let id = uid.to_string();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == id).then(|| name.to_string())
+        })
+        .or_else(|| {
+            nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
 }
 
 fn find_helper(name: &str) -> Option<PathBuf> {
@@ -145,18 +177,22 @@ fn in_initial_userns(own_map: &str) -> bool {
         }]
 }
 
-/// How many ids starting at 0 are contiguously mapped in our own namespace.
-fn mapped_prefix(own_map: &str) -> u32 {
+/// An identity map over the ids of our own namespace that lie in
+/// `0..FULL_RANGE`, one line per extent of our own map: the kernel requires
+/// each line of a child's map to fall inside a single extent of the
+/// parent's, so a line may not straddle two of them.
+fn identity_over(own_map: &str) -> Vec<Range> {
     let mut ranges = parse_map(own_map);
     ranges.sort_by_key(|r| r.inside);
-    let mut end = 0u32;
-    for r in ranges {
-        if r.inside != end {
-            break;
-        }
-        end = end.saturating_add(r.count);
-    }
-    end
+    ranges
+        .into_iter()
+        .filter(|r| r.inside < FULL_RANGE)
+        .map(|r| Range {
+            inside: r.inside,
+            outside: r.inside,
+            count: r.count.min(FULL_RANGE - r.inside),
+        })
+        .collect()
 }
 
 impl IdMapping {
@@ -214,22 +250,14 @@ impl IdMapping {
             if env.euid != 0 {
                 return single("kiln runs as a non-root user inside a user namespace");
             }
-            let uids = mapped_prefix(&env.own_uid_map).min(FULL_RANGE);
-            let gids = mapped_prefix(&env.own_gid_map).min(FULL_RANGE);
-            if uids == 0 || gids == 0 {
+            let uids = identity_over(&env.own_uid_map);
+            let gids = identity_over(&env.own_gid_map);
+            if !uids.iter().any(|r| r.inside == 0) || !gids.iter().any(|r| r.inside == 0) {
                 return single("uid 0 is not mapped in kiln's own user namespace");
             }
             return IdMapping {
-                uids: vec![Range {
-                    inside: 0,
-                    outside: 0,
-                    count: uids,
-                }],
-                gids: vec![Range {
-                    inside: 0,
-                    outside: 0,
-                    count: gids,
-                }],
+                uids,
+                gids,
                 method: Method::Direct {
                     deny_setgroups: false,
                 },
@@ -507,14 +535,24 @@ mod tests {
         env.own_uid_map = "0 1000 1\n1 165536 65535\n".into();
         env.own_gid_map = "0 1000 1\n1 165536 65535\n".into();
         let m = IdMapping::decide(&env);
+        // One line per extent of the parent's map: a line may not straddle
+        // two of them.
         assert_eq!(
             m.uids,
-            vec![Range {
-                inside: 0,
-                outside: 0,
-                count: FULL_RANGE
-            }]
+            vec![
+                Range {
+                    inside: 0,
+                    outside: 0,
+                    count: 1
+                },
+                Range {
+                    inside: 1,
+                    outside: 1,
+                    count: 65535
+                }
+            ]
         );
+        assert!(m.maps_uid(65535) && !m.maps_uid(65536));
         assert_eq!(
             m.method,
             Method::Direct {

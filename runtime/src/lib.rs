@@ -15,6 +15,7 @@ pub mod seccomp;
 pub mod spec;
 mod sys;
 pub mod user;
+pub mod userns;
 
 pub use error::{Error, Result};
 pub use oci_spec::runtime::Spec;

@@ -102,7 +102,7 @@ pub struct RunOptions {
 const INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-init"));
 
 /// A sealed, executable memfd holding kiln-init, made once per process.
-fn init_memfd() -> Result<RawFd> {
+pub(crate) fn init_memfd() -> Result<RawFd> {
     static INIT: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
     let fd = INIT.get_or_init(|| {
         let fd = nix::sys::memfd::memfd_create(

@@ -127,6 +127,12 @@ pub fn mount(
     Errno::result(rc).map(drop)
 }
 
+/// flock(2) on a descriptor the caller owns.
+pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: plain flock call; an invalid fd only yields EBADF.
+    Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
+}
+
 /// Write all of `buf` to `fd`, retrying on EINTR; errors are dropped because
 /// the callers are reporting an error already.
 pub fn write_all(fd: RawFd, mut buf: &[u8]) {
@@ -161,6 +167,26 @@ pub fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
         }
     }
     Ok(got)
+}
+
+/// Execute the program behind `fd` (kiln-init's memfd) with `argv` (a
+/// NULL-terminated array) and an empty environment. Returns only on failure.
+pub fn exec_fd(fd: RawFd, argv: &[*const libc::c_char]) -> Errno {
+    let envp = [std::ptr::null::<libc::c_char>()];
+    debug_assert!(argv.last().is_some_and(|p| p.is_null()));
+    // SAFETY: argv is NULL-terminated (checked by callers' construction)
+    // and points at NUL-terminated strings that outlive the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    Errno::last()
 }
 
 /// `struct __user_cap_header_struct` / `__user_cap_data_struct` (version 3).

@@ -266,10 +266,11 @@ pub fn check_backend(kind: BackendKind) {
     // the committed layer, viewed again, is the tree the step saw
     let snap = Snapshotter::open(&dir.path().join("a"), kind).unwrap();
     let v = snap.view("check", Some(&a.top.chain_id)).unwrap();
-    assert_eq!(
+    assert_same_view(
+        kind,
         listing_clamped(v.path(), Some(EPOCH)),
-        a.view_listing,
-        "view of the committed layer"
+        &a.view_listing,
+        "view of the committed layer",
     );
     drop(v);
 
@@ -284,11 +285,29 @@ pub fn check_backend(kind: BackendKind) {
         .unwrap();
     assert_eq!(top_info.chain_id, a.top.chain_id);
     let v = fresh.view("check", Some(&top_info.chain_id)).unwrap();
-    assert_eq!(
+    assert_same_view(
+        kind,
         listing_clamped(v.path(), Some(EPOCH)),
-        a.view_listing,
-        "imported layer"
+        &a.view_listing,
+        "imported layer",
     );
+}
+
+/// Compare a view's listing with the expected one. Kernel overlayfs
+/// (without index=on) shows a hard-link pair whose name also exists in a
+/// lower layer with two inode numbers; the layer bytes are compared
+/// elsewhere, so for that backend only the link grouping of the view is
+/// left out.
+fn assert_same_view(kind: BackendKind, mut seen: Vec<String>, want: &[String], what: &str) {
+    let mut want = want.to_vec();
+    if kind == BackendKind::Overlay {
+        for l in seen.iter_mut().chain(want.iter_mut()) {
+            if let Some(i) = l.find(" linkgroup=") {
+                l.truncate(i);
+            }
+        }
+    }
+    assert_eq!(seen, want, "{what}");
 }
 
 #[test]
@@ -299,14 +318,17 @@ fn copy_backend_script_gives_deterministic_expected_layer() {
 }
 
 #[test]
-fn unavailable_backend_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let snap = Snapshotter::open(dir.path(), BackendKind::Fuse).unwrap();
-    let err = snap.prepare("x", None).unwrap_err().to_string();
-    assert!(
-        err.contains("Fuse") && err.contains("--snapshotter copy"),
-        "{err}"
-    );
+fn fuse_backend_script_gives_the_same_layer() {
+    if in_userns("fuse_backend_script_gives_the_same_layer") {
+        check_backend(BackendKind::Fuse);
+    }
+}
+
+#[test]
+fn overlay_backend_script_gives_the_same_layer() {
+    if in_userns("overlay_backend_script_gives_the_same_layer") {
+        check_backend(BackendKind::Overlay);
+    }
 }
 
 #[test]

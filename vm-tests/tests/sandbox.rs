@@ -72,22 +72,61 @@ fn ok(o: Output) -> String {
 
 #[test]
 fn root_inside_is_the_caller_outside() {
-    let (uid, gid) = test_ids();
-    let out = ok(sh("id -u; id -g; cat /proc/self/uid_map"));
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(&lines[..2], ["0", "0"]);
-    let map: Vec<Vec<u32>> = lines[2..]
-        .iter()
+    let (uid, _) = test_ids();
+    let sub = test_subuid_start().expect("the test user has a subuid range");
+    let root = rootfs().to_str().unwrap().to_string();
+    let mut child = kiln([
+        "sandbox",
+        "--rootfs",
+        &root,
+        "--",
+        "/bin/sh",
+        "-c",
+        "id -u; exec sleep 7.31",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first.trim(), "0", "uid 0 inside");
+    // Seen from the host, the same process is the caller, and the step's
+    // user namespace maps 0 to the caller and 1..65535 to the subordinate
+    // range.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pid = loop {
+        if let Some(pid) = host_pids_matching("sleep 7.31").into_iter().next() {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the step is visible from the host"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some(uid.to_string().as_str()),
+        "{uid_line}"
+    );
+    let map: Vec<Vec<u32>> = map
+        .lines()
         .map(|l| l.split_whitespace().map(|w| w.parse().unwrap()).collect())
         .collect();
-    assert_eq!(map[0], vec![0, uid, 1], "uid 0 maps to the caller");
-    let sub = test_subuid_start().expect("the test user has a subuid range");
-    assert_eq!(
-        map[1],
-        vec![1, sub, 65535],
-        "1..65535 map to the subordinate range"
-    );
-    let _ = gid;
+    assert_eq!(map, vec![vec![0, uid, 1], vec![1, sub, 65535]]);
 }
 
 #[test]
@@ -408,19 +447,27 @@ fn zombies_are_reaped() {
     assert_eq!(out.trim(), "0", "no zombie left: {out}");
 }
 
-fn host_processes_matching(needle: &str) -> usize {
-    let mut n = 0;
+fn host_pids_matching(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             if String::from_utf8_lossy(&cmdline)
                 .replace('\0', " ")
-                .contains(needle)
+                .trim_end()
+                == needle
             {
-                n += 1;
+                pids.push(pid);
             }
         }
     }
-    n
+    pids
+}
+
+fn host_processes_matching(needle: &str) -> usize {
+    host_pids_matching(needle).len()
 }
 
 #[test]
@@ -466,14 +513,14 @@ fn fork_bomb_stops_at_rlimit_nproc() {
             "/bin/sh",
             "-c",
             "sh -c 'i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done' 2>/dev/null; \
-             n=0; for p in /proc/[0-9]*; do read c < $p/comm; [ \"$c\" = sleep ] && n=$((n+1)); done; echo $n",
+             n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo $n",
         ],
     );
     let out = ok(o);
     let n: u32 = out.trim().parse().unwrap();
     assert!(
         (30..40).contains(&n),
-        "the bomb forked until RLIMIT_NPROC=40 stopped it: {n} sleeps"
+        "the bomb forked until RLIMIT_NPROC=40 stopped it: {n} processes"
     );
     assert!(start.elapsed() < Duration::from_secs(15));
 }
@@ -616,4 +663,36 @@ fn real_root_never_runs_steps_as_root() {
         fields[1], "0",
         "container root must not be host root: {out}"
     );
+}
+
+#[test]
+fn steps_share_one_kiln_namespace_that_is_recreated_when_killed() {
+    let (uid, _) = test_ids();
+    let ns_of_step = || {
+        // The parent namespace of the step's own: kiln's namespace, seen
+        // through the pause process kiln records.
+        ok(sh("true"));
+        let pid_file = format!("/tmp/kiln-run-{uid}/pause.pid");
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .expect(&pid_file)
+            .trim()
+            .parse()
+            .unwrap();
+        let ns = std::fs::read_link(format!("/proc/{pid}/ns/user")).expect("pause process alive");
+        (pid, ns)
+    };
+    let (pid1, ns1) = ns_of_step();
+    let (pid2, ns2) = ns_of_step();
+    assert_eq!(
+        (pid1, &ns1),
+        (pid2, &ns2),
+        "a second kiln process joins the same namespace"
+    );
+    // As the user would: kill the pause process; the next kiln makes a new one.
+    let _ = kiln_vm_tests::unprivileged(Path::new("/bin/kill"))
+        .arg(pid1.to_string())
+        .status();
+    std::thread::sleep(Duration::from_millis(100));
+    let (pid3, _) = ns_of_step();
+    assert_ne!(pid3, pid1, "a new pause process replaces the killed one");
 }

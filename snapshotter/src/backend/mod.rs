@@ -14,6 +14,10 @@
 //! A backend never decides what a layer contains: committing the upper
 //! directory into a layer is the snapshotter's job.
 
+pub mod fuse;
+pub mod overlay;
+pub mod probe;
+
 use std::path::{Path, PathBuf};
 
 /// Which mechanism serves a writable view.
@@ -53,10 +57,12 @@ pub mod copy;
 /// Errors of choosing and mounting a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the {0:?} snapshotter backend is not available in this build of kiln; use --snapshotter copy")]
-    Unavailable(BackendKind),
     #[error(transparent)]
     Copy(#[from] copy::Error),
+    #[error(transparent)]
+    Fuse(#[from] fuse::Error),
+    #[error(transparent)]
+    Overlay(#[from] overlay::Error),
 }
 
 /// Result type of backend dispatch.
@@ -66,8 +72,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub fn mount(kind: BackendKind, spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
     match kind {
         BackendKind::Copy => Ok(Box::new(copy::mount(spec)?)),
-        // wired to `fuse::mount` / `overlay::mount` when those backends land
-        BackendKind::Fuse | BackendKind::Overlay => Err(Error::Unavailable(kind)),
+        BackendKind::Fuse => Ok(fuse::mount(spec)?),
+        BackendKind::Overlay => Ok(overlay::mount(spec)?),
     }
 }
 

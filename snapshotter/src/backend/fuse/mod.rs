@@ -1,0 +1,227 @@
+//! The `fuse` backend: a writable view served from user space by kiln itself
+//! over /dev/fuse, with the overlay logic in [`fs`] and the FUSE session and
+//! server threads here.
+//!
+//! It owns mounting the view with mount(2) inside kiln's user and mount
+//! namespace, the server threads, and unmounting. It must never use a setuid
+//! helper (fusermount) or need host configuration (/etc/fuse.conf), and it
+//! must never return from unmounting before every change the step made has
+//! reached `upper`.
+
+mod fs;
+mod sys;
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, FuseSession, Reader};
+use nix::errno::Errno;
+
+use fs::OverlayFs;
+
+use super::{MountedView, ViewSpec};
+
+/// Errors of the fuse backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A directory of the view spec cannot be opened.
+    #[error("cannot open {role} directory {path}: {source}")]
+    Dir {
+        role: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `work` is not on the same filesystem as `upper`.
+    #[error("work directory {work} is not on the filesystem of upper directory {upper}: pass a work directory beside upper")]
+    WorkNotBesideUpper { work: PathBuf, upper: PathBuf },
+    /// /dev/fuse cannot be opened.
+    #[error("cannot open /dev/fuse: {0} (load the fuse module and make /dev/fuse mode 0666, or use --snapshotter overlay|copy)")]
+    DevFuse(std::io::Error),
+    /// mount(2) of the FUSE filesystem failed.
+    #[error("cannot mount the fuse view at {target}: {source} (kiln must run inside its own user and mount namespace)")]
+    Mount { target: PathBuf, source: nix::Error },
+    /// The FUSE session could not be set up.
+    #[error("fuse session at {target}: {message}")]
+    Session { target: PathBuf, message: String },
+    /// A server thread could not be started.
+    #[error("cannot start a fuse server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Result of the fuse backend.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How many threads serve one view. Requests are short and mostly wait on
+/// the disk, so a few more threads than cores keep the kernel queue moving.
+fn server_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() * 2)
+        .unwrap_or(4)
+        .clamp(2, 8)
+}
+
+/// Mount a FUSE overlay view of `spec` at `spec.target` and serve it from
+/// threads of this process until the returned view is dropped.
+pub fn mount(spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
+    let open = |role: &'static str, path: &Path| {
+        fs::LayerDir::open(path).map_err(|source| Error::Dir {
+            role,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let upper = open("upper", &spec.upper)?;
+    let work = open("work", &spec.work)?;
+    let lowers = spec
+        .lowers
+        .iter()
+        .map(|l| open("lower", l))
+        .collect::<Result<Vec<_>>>()?;
+    let same_fs = |a: &Path, b: &Path| -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        }
+    };
+    if !same_fs(&spec.work, &spec.upper) {
+        return Err(Error::WorkNotBesideUpper {
+            work: spec.work.clone(),
+            upper: spec.upper.clone(),
+        });
+    }
+    let overlay = OverlayFs::new(lowers, upper, work).map_err(|source| Error::Dir {
+        role: "upper",
+        path: spec.upper.clone(),
+        source,
+    })?;
+    serve(overlay, &spec.target)
+}
+
+/// Mount `fs` at `target` and start the server threads.
+fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
+    let session_err = |e: fuse_backend_rs::transport::Error| Error::Session {
+        target: target.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut session = FuseSession::new(target, "kiln", "kiln", false).map_err(session_err)?;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(Error::DevFuse)?;
+    // The channel buffer holds one request of up to max_read bytes; the
+    // kernel must not send larger reads than the buffer.
+    let max_read = session.bufsize() - 4096;
+    // allow_other: the mount is made inside kiln's user namespace, so the
+    // kernel only lets processes of that namespace and its descendants use
+    // allow_other; without it only our uid 0 could enter the view and a
+    // `USER 1000` step would get EACCES on its own rootfs.
+    // default_permissions: the kernel checks modes and owners against the
+    // attributes we report, exactly as for a local filesystem, so the server
+    // (uid 0 here) never has to impersonate the caller.
+    let opts = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
+        dev.as_raw_fd(),
+        max_read
+    );
+    nix::mount::mount(
+        Some("kiln"),
+        target,
+        Some("fuse.kiln"),
+        nix::mount::MsFlags::MS_NOATIME,
+        Some(opts.as_str()),
+    )
+    .map_err(|source| Error::Mount {
+        target: target.to_path_buf(),
+        source,
+    })?;
+    session.set_fuse_file(dev);
+    let bufsize = session.bufsize();
+    let mut view = FuseView {
+        target: session.mountpoint().to_path_buf(),
+        session: Some(session),
+        threads: Vec::new(),
+    };
+    let server = Arc::new(Server::new(fs));
+    for i in 0..server_threads() {
+        let session = view.session.as_ref().ok_or_else(|| Error::Session {
+            target: target.to_path_buf(),
+            message: "session gone".into(),
+        })?;
+        // Each thread reads its own clone of the device fd, blocking: the
+        // kernel wakes exactly one reader per request, where polling one
+        // shared fd would wake every thread for each request.
+        let dev = session.clone_fuse_file().map_err(session_err)?;
+        let server = server.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("kiln-fuse-{i}"))
+            .spawn(move || serve_requests(&dev, &server, bufsize))
+            .map_err(Error::Thread)?;
+        view.threads.push(t);
+    }
+    Ok(Box::new(view))
+}
+
+/// One server thread: read a request, answer it, until the connection ends
+/// (ENODEV once the view is unmounted).
+fn serve_requests(dev: &std::fs::File, server: &Server<OverlayFs>, bufsize: usize) {
+    let mut request = vec![0u8; bufsize];
+    let mut reply = vec![0u8; bufsize];
+    loop {
+        let len = match nix::unistd::read(dev.as_raw_fd(), &mut request) {
+            Ok(len) => len,
+            // ENOENT: the request was interrupted before we read it
+            Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
+            Err(_) => return,
+        };
+        let Ok(reader) = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len])) else {
+            continue;
+        };
+        let Ok(writer) = FuseDevWriter::<()>::new(dev.as_raw_fd(), &mut reply) else {
+            continue;
+        };
+        // A request we cannot decode or answer leaves its caller with an
+        // error; only a gone connection ends the thread.
+        if let Err(fuse_backend_rs::Error::EncodeMessage(e)) =
+            server.handle_message(reader, writer.into(), None, None)
+        {
+            if e.raw_os_error() == Some(libc::ENODEV) {
+                return;
+            }
+        }
+    }
+}
+
+/// A mounted FUSE view; dropping it unmounts and waits for the server.
+struct FuseView {
+    target: PathBuf,
+    session: Option<FuseSession>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl MountedView for FuseView {
+    fn path(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for FuseView {
+    fn drop(&mut self) {
+        // A synchronous unmount writes back every dirty page through the
+        // still-running server before the connection ends; only when the
+        // view is still busy fall back to a lazy unmount, after which the
+        // connection ends when the last user goes and the threads see it.
+        if nix::mount::umount2(&self.target, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // The session's own drop sees the ended connection and does nothing.
+        self.session.take();
+    }
+}

@@ -1,0 +1,373 @@
+//! Thin, safe wrappers over the raw Linux calls the FUSE overlay makes on its
+//! layer directories: `*at` calls relative to a layer's directory fd, xattrs
+//! by path, data copy. Every raw `libc` call of the overlay lives here.
+//!
+//! Nothing in this module knows about layers, whiteouts or FUSE; it must never
+//! follow a symlink in the last path component unless the caller asks.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// `stat` as the kernel fills it for every call here.
+pub type Stat = libc::stat64;
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A path relative to a layer root as a C string; the root itself is ".".
+pub fn rel_cstr(rel: &[u8]) -> CString {
+    if rel.is_empty() {
+        return CString::from(c".");
+    }
+    // Names come from the kernel (NUL-free C strings) or from readdir, so a
+    // NUL inside cannot happen; map it to EINVAL at the caller instead of
+    // panicking if it ever does.
+    CString::new(rel).unwrap_or_else(|_| CString::from(c"\u{1}invalid"))
+}
+
+/// Open a directory by absolute path as an `O_PATH` fd.
+pub fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the whole call.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstatat(dir, rel, AT_SYMLINK_NOFOLLOW)`.
+pub fn lstat_at(dir: RawFd, rel: &CStr) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: `rel` is NUL-terminated, `st` points to writable memory of the
+    // right size, and `dir` is a directory fd the caller keeps open.
+    cvt(unsafe {
+        libc::fstatat64(
+            dir,
+            rel.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat64 returned success, so it initialised the whole struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `fstat(fd)`.
+pub fn fstat(fd: RawFd) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: `st` is writable memory of the right size; `fd` is open.
+    cvt(unsafe { libc::fstat64(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat64 returned success, so it initialised the whole struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `openat(dir, rel, flags | O_CLOEXEC | O_NOFOLLOW, mode)`.
+pub fn open_at(dir: RawFd, rel: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir,
+            rel.as_ptr(),
+            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mkdirat(dir, rel, mode)`.
+pub fn mkdir_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    cvt(unsafe { libc::mkdirat(dir, rel.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+/// `mknodat(dir, rel, mode, rdev)`.
+pub fn mknod_at(dir: RawFd, rel: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    cvt(unsafe { libc::mknodat(dir, rel.as_ptr(), mode as libc::mode_t, rdev) }).map(drop)
+}
+
+/// `symlinkat(target, dir, rel)`.
+pub fn symlink_at(target: &CStr, dir: RawFd, rel: &CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated; `dir` is an open directory fd.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, rel.as_ptr()) }).map(drop)
+}
+
+/// `linkat(odir, orel, ndir, nrel, 0)`: never follows a symlink.
+pub fn link_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated; both fds are open directories.
+    cvt(unsafe { libc::linkat(odir, orel.as_ptr(), ndir, nrel.as_ptr(), 0) }).map(drop)
+}
+
+/// `unlinkat(dir, rel, flags)`.
+pub fn unlink_at(dir: RawFd, rel: &CStr, flags: i32) -> io::Result<()> {
+    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    cvt(unsafe { libc::unlinkat(dir, rel.as_ptr(), flags) }).map(drop)
+}
+
+/// `renameat2(odir, orel, ndir, nrel, flags)`.
+pub fn rename_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr, flags: u32) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated; both fds are open directories.
+    cvt(unsafe {
+        libc::renameat2(
+            odir,
+            orel.as_ptr(),
+            ndir,
+            nrel.as_ptr(),
+            flags as libc::c_uint,
+        )
+    })
+    .map(drop)
+}
+
+/// `readlinkat(dir, rel)`.
+pub fn readlink_at(dir: RawFd, rel: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is writable for `buf.len()` bytes; `rel` is NUL-terminated.
+    let n = unsafe { libc::readlinkat(dir, rel.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n.unsigned_abs());
+    Ok(buf)
+}
+
+/// `fchownat(dir, rel, uid, gid, AT_SYMLINK_NOFOLLOW)`; `u32::MAX` leaves an
+/// id unchanged.
+pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
+/// `fchmodat(dir, rel, mode, 0)`. Callers never pass a symlink.
+pub fn chmod_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    cvt(unsafe { libc::fchmodat(dir, rel.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+}
+
+/// `utimensat(dir, rel, [atime, mtime], AT_SYMLINK_NOFOLLOW)`.
+pub fn lutimens_at(dir: RawFd, rel: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: `rel` is NUL-terminated, `times` points to two timespecs.
+    cvt(unsafe { libc::utimensat(dir, rel.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+        .map(drop)
+}
+
+/// The access and modification times of `st` as `utimensat` takes them.
+pub fn stat_times(st: &Stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
+/// `ftruncate(fd, len)`.
+pub fn ftruncate(fd: RawFd, len: u64) -> io::Result<()> {
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: plain syscall on an fd the caller keeps open.
+    cvt(unsafe { libc::ftruncate64(fd, len) }).map(drop)
+}
+
+/// `fsync` or `fdatasync`.
+pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller keeps open.
+    cvt(unsafe {
+        if datasync {
+            libc::fdatasync(fd)
+        } else {
+            libc::fsync(fd)
+        }
+    })
+    .map(drop)
+}
+
+/// `fstatvfs(fd)`.
+pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs64> {
+    let mut st = MaybeUninit::<libc::statvfs64>::uninit();
+    // SAFETY: `st` is writable memory of the right size; `fd` is open.
+    cvt(unsafe { libc::fstatvfs64(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstatvfs64 returned success, so it initialised the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Copy all of `src` into `dst` (both at offset 0) in the kernel, falling
+/// back to read/write where `copy_file_range` is not supported.
+pub fn copy_data(src: &std::fs::File, dst: &std::fs::File, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let chunk = usize::try_from((len - done).min(1 << 30)).unwrap_or(1 << 30);
+        // SAFETY: null offsets make the kernel use and advance both fds'
+        // file positions; both fds are open for the call.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) if done == 0 => {
+                    return std::io::copy(&mut &*src, &mut &*dst).map(drop);
+                }
+                Some(libc::EINTR) => continue,
+                _ => return Err(err),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        done += n.unsigned_abs() as u64;
+    }
+    Ok(())
+}
+
+fn path_cstr(path: &[u8]) -> io::Result<CString> {
+    CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `lgetxattr(path, name)`: `Ok(None)` when the attribute is absent.
+pub fn lgetxattr(path: &[u8], name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let p = path_cstr(path)?;
+    loop {
+        // SAFETY: both strings are NUL-terminated; a null buffer of size 0
+        // asks for the size only.
+        let size = unsafe { libc::lgetxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENODATA) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        let mut buf = vec![0u8; size.unsigned_abs()];
+        // SAFETY: `buf` is writable for `buf.len()` bytes.
+        let n = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // the value grew between the two calls: ask again
+                Some(libc::ERANGE) => continue,
+                Some(libc::ENODATA) => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+        buf.truncate(n.unsigned_abs());
+        return Ok(Some(buf));
+    }
+}
+
+/// `llistxattr(path)`: the NUL-separated list of names.
+pub fn llistxattr(path: &[u8]) -> io::Result<Vec<u8>> {
+    let p = path_cstr(path)?;
+    loop {
+        // SAFETY: `p` is NUL-terminated; a null buffer asks for the size.
+        let size = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; size.unsigned_abs()];
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        // SAFETY: `buf` is writable for `buf.len()` bytes.
+        let n = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(err);
+        }
+        buf.truncate(n.unsigned_abs());
+        return Ok(buf);
+    }
+}
+
+/// `lsetxattr(path, name, value, flags)`.
+pub fn lsetxattr(path: &[u8], name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let p = path_cstr(path)?;
+    // SAFETY: strings are NUL-terminated, `value` is readable for its length.
+    cvt(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// `lremovexattr(path, name)`.
+pub fn lremovexattr(path: &[u8], name: &CStr) -> io::Result<()> {
+    let p = path_cstr(path)?;
+    // SAFETY: both strings are NUL-terminated.
+    cvt(unsafe { libc::lremovexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+/// Entries of the directory at absolute `path` (without "." and ".."), with
+/// their `d_type`.
+pub fn read_dir(path: &[u8]) -> io::Result<Vec<(Vec<u8>, u8)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(OsStr::from_bytes(path))? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        use std::os::unix::fs::FileTypeExt;
+        let t = if ft.is_dir() {
+            libc::DT_DIR
+        } else if ft.is_file() {
+            libc::DT_REG
+        } else if ft.is_symlink() {
+            libc::DT_LNK
+        } else if ft.is_char_device() {
+            libc::DT_CHR
+        } else if ft.is_block_device() {
+            libc::DT_BLK
+        } else if ft.is_fifo() {
+            libc::DT_FIFO
+        } else if ft.is_socket() {
+            libc::DT_SOCK
+        } else {
+            libc::DT_UNKNOWN
+        };
+        out.push((entry.file_name().as_bytes().to_vec(), t));
+    }
+    Ok(out)
+}
+
+/// Whether `st` is an overlayfs whiteout: a character device 0:0.
+pub fn is_whiteout(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}

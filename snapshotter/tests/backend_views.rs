@@ -1,0 +1,388 @@
+//! Behaviour of the view backends beyond what overlayfs can serve as an
+//! oracle for: fuse hard links and inode numbers, unmount flushing every
+//! write, large and concurrent I/O, kernel overlay with more layers than one
+//! option page holds, views of no lower layer, and the `auto` probe.
+//!
+//! Each outer test re-executes this binary under `in_userns` (the unprivileged
+//! test user as uid 0 of a new user namespace, as kiln runs), naming its
+//! inner ignored test and a scratch directory as filters.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use kiln_snapshotter::backend::{fuse, overlay, probe, BackendKind, MountedView, ViewSpec};
+
+fn run_inner(case: &str) {
+    // The harness stages the binary under a per-process temporary name, so
+    // tests of one process must not stage at the same time; running the
+    // inner tests one by one also keeps the shared machine calm.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = kiln_vm_tests::test_dir(case);
+    let exe = std::env::current_exe().expect("test binary path");
+    let inner = format!("inner_{case}");
+    let out = kiln_vm_tests::in_userns(&exe)
+        .args(["--exact", &inner, "--ignored", "--nocapture"])
+        .arg(&dir)
+        .output()
+        .expect("run inner test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{inner} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    kiln_vm_tests::remove_tree(&dir);
+}
+
+fn inner_dir() -> Option<PathBuf> {
+    std::env::args()
+        .skip(1)
+        .find(|a| a.starts_with('/'))
+        .map(PathBuf::from)
+}
+
+/// A fresh spec under `dir/name` with the given lower layers.
+fn spec(dir: &Path, name: &str, lowers: Vec<PathBuf>) -> ViewSpec {
+    let root = dir.join(name);
+    let spec = ViewSpec {
+        lowers,
+        upper: root.join("upper"),
+        work: root.join("work"),
+        target: root.join("view"),
+    };
+    for d in [&spec.upper, &spec.work, &spec.target] {
+        fs::create_dir_all(d).unwrap();
+    }
+    spec
+}
+
+macro_rules! userns_case {
+    ($outer:ident, $inner:ident, $body:expr) => {
+        #[test]
+        fn $outer() {
+            run_inner(stringify!($outer));
+        }
+
+        #[test]
+        #[ignore = "run by its outer test inside a user namespace"]
+        fn $inner() {
+            let Some(dir) = inner_dir() else {
+                return;
+            };
+            let body: fn(&Path) = $body;
+            body(&dir);
+        }
+    };
+}
+
+userns_case!(
+    fuse_lower_hard_links_stay_linked,
+    inner_fuse_lower_hard_links_stay_linked,
+    |dir| {
+        let lower = dir.join("lower");
+        fs::create_dir_all(lower.join("d")).unwrap();
+        fs::write(lower.join("d/a"), "shared\n").unwrap();
+        fs::hard_link(lower.join("d/a"), lower.join("b")).unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        let ino_before = fs::metadata(v.join("b")).unwrap().ino();
+        assert_eq!(fs::metadata(v.join("d/a")).unwrap().ino(), ino_before);
+        fs::OpenOptions::new()
+            .append(true)
+            .open(v.join("d/a"))
+            .unwrap()
+            .write_all(b"written through a\n")
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(v.join("b")).unwrap(),
+            "shared\nwritten through a\n"
+        );
+        assert_eq!(
+            fs::metadata(v.join("b")).unwrap().ino(),
+            ino_before,
+            "inode number changed on copy-up"
+        );
+        drop(view);
+        let (a, b) = (
+            fs::metadata(spec.upper.join("d/a")).unwrap(),
+            fs::metadata(spec.upper.join("b")).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino(), "copied-up names are not linked in upper");
+        assert_eq!(
+            fs::read_to_string(spec.upper.join("b")).unwrap(),
+            "shared\nwritten through a\n"
+        );
+    }
+);
+
+userns_case!(
+    fuse_inode_numbers_are_stable,
+    inner_fuse_inode_numbers_are_stable,
+    |dir| {
+        let lower = dir.join("lower");
+        fs::create_dir_all(lower.join("d/e")).unwrap();
+        fs::write(lower.join("d/f"), "f").unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        let before: Vec<u64> = ["d", "d/e", "d/f"]
+            .iter()
+            .map(|p| fs::metadata(v.join(p)).unwrap().ino())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        assert!(
+            before.iter().all(|i| seen.insert(*i)),
+            "inode numbers collide: {before:?}"
+        );
+        // readdir's d_ino must agree with stat
+        for e in fs::read_dir(v.join("d")).unwrap() {
+            let e = e.unwrap();
+            use std::os::unix::fs::DirEntryExt;
+            assert_eq!(
+                e.ino(),
+                fs::symlink_metadata(e.path()).unwrap().ino(),
+                "d_ino of {:?}",
+                e.file_name()
+            );
+        }
+        // copy-up of the file and its parent must not renumber them
+        fs::write(v.join("d/f"), "changed").unwrap();
+        fs::create_dir(v.join("d/e/new")).unwrap();
+        let after: Vec<u64> = ["d", "d/e", "d/f"]
+            .iter()
+            .map(|p| fs::metadata(v.join(p)).unwrap().ino())
+            .collect();
+        assert_eq!(before, after);
+        // a renamed directory keeps its number
+        fs::rename(v.join("d"), v.join("d2")).unwrap();
+        assert_eq!(fs::metadata(v.join("d2")).unwrap().ino(), before[0]);
+        assert_eq!(fs::read_to_string(v.join("d2/f")).unwrap(), "changed");
+        drop(view);
+    }
+);
+
+userns_case!(
+    fuse_unmount_flushes_every_write,
+    inner_fuse_unmount_flushes_every_write,
+    |dir| {
+        let spec = spec(dir, "fuse", Vec::new());
+        let view = fuse::mount(&spec).unwrap();
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        {
+            let mut f = fs::File::create(view.path().join("big")).unwrap();
+            f.write_all(&data).unwrap();
+            // no fsync: the view's drop must write back what the cache holds
+        }
+        let mut g = fs::File::create(view.path().join("still-open")).unwrap();
+        g.write_all(b"open at unmount").unwrap();
+        drop(g);
+        drop(view);
+        assert_eq!(fs::read(spec.upper.join("big")).unwrap(), data);
+        assert_eq!(
+            fs::read(spec.upper.join("still-open")).unwrap(),
+            b"open at unmount"
+        );
+    }
+);
+
+userns_case!(
+    fuse_large_and_concurrent_io,
+    inner_fuse_large_and_concurrent_io,
+    |dir| {
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        let chunk: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(7) % 253) as u8)
+            .collect();
+        {
+            let mut f = fs::File::create(lower.join("lowbig")).unwrap();
+            for _ in 0..32 {
+                f.write_all(&chunk).unwrap();
+            }
+        }
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path().to_path_buf();
+        // 64 MiB sequential write then read through a fresh open
+        {
+            let mut f = fs::File::create(v.join("seq")).unwrap();
+            for _ in 0..64 {
+                f.write_all(&chunk).unwrap();
+            }
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        let mut f = fs::File::open(v.join("seq")).unwrap();
+        for i in 0..64 {
+            f.read_exact(&mut buf).unwrap();
+            assert!(buf == chunk, "chunk {i} differs");
+        }
+        assert_eq!(f.read(&mut buf).unwrap(), 0);
+        // copy-up of a 32 MiB lower file keeps every byte
+        fs::OpenOptions::new()
+            .append(true)
+            .open(v.join("lowbig"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        assert_eq!(
+            fs::metadata(v.join("lowbig")).unwrap().len(),
+            (32 << 20) + 1
+        );
+        // four writers creating and renaming at once
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let v = v.clone();
+                s.spawn(move || {
+                    fs::create_dir(v.join(format!("t{t}"))).unwrap();
+                    for i in 0..200 {
+                        let p = v.join(format!("t{t}/f{i}"));
+                        fs::write(&p, format!("{t}-{i}")).unwrap();
+                        fs::rename(&p, v.join(format!("t{t}/g{i}"))).unwrap();
+                    }
+                });
+            }
+        });
+        for t in 0..4 {
+            assert_eq!(fs::read_dir(v.join(format!("t{t}"))).unwrap().count(), 200);
+            assert_eq!(
+                fs::read_to_string(v.join(format!("t{t}/g77"))).unwrap(),
+                format!("{t}-77")
+            );
+        }
+        drop(f);
+        drop(view);
+        let mut up = fs::File::open(spec.upper.join("lowbig")).unwrap();
+        for i in 0..32 {
+            up.read_exact(&mut buf).unwrap();
+            assert!(buf == chunk, "copied-up chunk {i} differs");
+        }
+        assert_eq!(up.read(&mut buf).unwrap(), 1);
+    }
+);
+
+userns_case!(
+    overlay_many_long_lowers,
+    inner_overlay_many_long_lowers,
+    |dir| {
+        // 120 layers with long names: far beyond one page of mount options
+        let long = "l".repeat(60);
+        let mut lowers = Vec::new();
+        for i in 0..120 {
+            let l = dir.join(format!("{long}-{i:03}"));
+            fs::create_dir_all(&l).unwrap();
+            fs::write(l.join(format!("only-{i}")), i.to_string()).unwrap();
+            fs::write(l.join("shadowed"), i.to_string()).unwrap();
+            lowers.push(l);
+        }
+        let opts: usize = lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
+        assert!(opts > 4096, "the test must exceed one page of options");
+        let spec = spec(dir, "overlay", lowers);
+        let view = overlay::mount(&spec).unwrap();
+        assert_eq!(
+            fs::read_to_string(view.path().join("shadowed")).unwrap(),
+            "0",
+            "topmost layer must win"
+        );
+        assert_eq!(
+            fs::read_to_string(view.path().join("only-119")).unwrap(),
+            "119"
+        );
+        drop(view);
+    }
+);
+
+userns_case!(
+    views_of_no_lower_layer,
+    inner_views_of_no_lower_layer,
+    |dir| {
+        for backend in ["fuse", "overlay"] {
+            let spec = spec(dir, backend, Vec::new());
+            let view: Box<dyn MountedView> = if backend == "fuse" {
+                fuse::mount(&spec).unwrap()
+            } else {
+                overlay::mount(&spec).unwrap()
+            };
+            fs::create_dir(view.path().join("etc")).unwrap();
+            fs::write(view.path().join("etc/hostname"), "kiln").unwrap();
+            drop(view);
+            assert_eq!(
+                fs::read_to_string(spec.upper.join("etc/hostname")).unwrap(),
+                "kiln",
+                "{backend}"
+            );
+        }
+    }
+);
+
+userns_case!(
+    auto_probe_picks_and_caches,
+    inner_auto_probe_picks_and_caches,
+    |dir| {
+        let state = dir.join("state");
+        let kind = probe::probe(&state);
+        // this kernel (6.x) mounts overlayfs in a user namespace
+        assert_eq!(kind, BackendKind::Overlay);
+        let cache = fs::read_to_string(state.join(probe::CACHE_FILE)).unwrap();
+        assert!(cache.contains("backend overlay"), "{cache}");
+        // fuse must work here as well: it is the fallback
+        let tried = probe::probe_uncached(&state);
+        assert!(tried[0].1.is_ok(), "{:?}", tried[0].1);
+        // the cached answer is used as long as the kernel is the same
+        fs::write(
+            state.join(probe::CACHE_FILE),
+            cache.replace("overlay", "fuse"),
+        )
+        .unwrap();
+        assert_eq!(probe::probe(&state), BackendKind::Fuse);
+        // and ignored once the kernel changed
+        let other = cache
+            .lines()
+            .map(|l| {
+                if l.starts_with("kernel ") {
+                    "kernel 0.0-old".to_string()
+                } else {
+                    l.replace("overlay", "fuse")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        fs::write(state.join(probe::CACHE_FILE), other).unwrap();
+        assert_eq!(probe::probe(&state), BackendKind::Overlay);
+        // no scratch tree or mount left behind
+        let left: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(probe::CACHE_FILE)]);
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(state.to_str().unwrap()),
+            "probe left a mount"
+        );
+    }
+);
+
+userns_case!(
+    fuse_delete_leaves_whiteout,
+    inner_fuse_delete_leaves_whiteout,
+    |dir| {
+        // the fuse view must mount and serve even where kernel overlay is not
+        // wanted: mount it directly and check a whiteout lands in upper
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        fs::write(lower.join("gone"), "x").unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        fs::remove_file(view.path().join("gone")).unwrap();
+        assert!(!view.path().join("gone").exists());
+        drop(view);
+        let m = fs::symlink_metadata(spec.upper.join("gone")).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(m.file_type().is_char_device() && m.rdev() == 0);
+    }
+);
