@@ -4,3 +4,4 @@
 pub mod cli;
 pub mod cli_plan;
 pub mod frontend;
+pub mod image;
