@@ -43,6 +43,10 @@ pub enum Error {
     Compression(&'static str),
     #[error("archive entry {entry:?}: {source}")]
     Entry { entry: String, source: io::Error },
+    #[error("the archive is truncated or corrupt after entry {after:?}: {source}")]
+    Corrupt { after: String, source: io::Error },
+    #[error("the input is not a tar archive (nor a gzip or zstd compressed one): {0}")]
+    NotTar(io::Error),
     #[error("archive entry {0:?}: absolute paths and `..` are not allowed in an image archive")]
     BadPath(String),
     #[error(
@@ -233,16 +237,19 @@ fn read_archive(store: &ImageStore<'_>, reader: impl Read) -> Result<Contents> {
         meta: HashMap::new(),
         blobs: Vec::new(),
     };
-    let mut last = String::from("(start of archive)");
+    let mut last: Option<String> = None;
     let entries = archive.entries().map_err(Error::Read)?;
     for entry in entries {
-        let mut entry = entry.map_err(|source| Error::Entry {
-            entry: format!("after {last}"),
-            source,
+        let mut entry = entry.map_err(|source| match &last {
+            None => Error::NotTar(source),
+            Some(after) => Error::Corrupt {
+                after: after.clone(),
+                source,
+            },
         })?;
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let path = clean_path(&raw)?;
-        last.clone_from(&raw);
+        last = Some(raw.clone());
         let entry_err = |source| Error::Entry {
             entry: raw.clone(),
             source,
@@ -377,8 +384,9 @@ fn load_docker(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
     for (index, e) in entries.iter().enumerate() {
         let (config_digest, _) = c.blob(&e.config, "image config")?;
         let config_bytes = content.read_blob(&config_digest)?;
-        let config =
-            ImageConfiguration::from_reader(&config_bytes[..]).map_err(|err| Error::Json {
+        // serde_json directly: its errors say where the JSON is wrong
+        let config: ImageConfiguration =
+            serde_json::from_slice(&config_bytes).map_err(|err| Error::Json {
                 entry: e.config.clone(),
                 reason: err.to_string(),
             })?;
@@ -472,7 +480,7 @@ fn load_oci(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
         path: "index.json".into(),
         what: "the OCI layout's index".into(),
     })?;
-    let index = ImageIndex::from_reader(&index_bytes[..]).map_err(|e| Error::Json {
+    let index: ImageIndex = serde_json::from_slice(index_bytes).map_err(|e| Error::Json {
         entry: "index.json".into(),
         reason: e.to_string(),
     })?;
