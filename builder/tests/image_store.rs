@@ -498,3 +498,64 @@ fn flate2_free_gunzip(data: &[u8], out: &mut Vec<u8>) {
     let kind = detect(&mut r).unwrap();
     decoder(r, kind).unwrap().read_to_end(out).unwrap();
 }
+
+/// An image without layers, distinguished by `n` (nothing to unpack, so
+/// no user namespace is needed).
+fn empty_image(store: &ImageStore<'_>, n: u32) -> kiln_builder::image::Image {
+    let config: oci_spec::image::ImageConfiguration = serde_json::from_value(serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Labels": {"n": n.to_string()}},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }))
+    .unwrap();
+    store.write_image(&config, Vec::new()).unwrap()
+}
+
+#[test]
+fn names_move_prefixes_resolve_or_are_ambiguous() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = open(tmp.path());
+    let store = ImageStore::new(&snap);
+    let a = empty_image(&store, 0);
+    let b = empty_image(&store, 1);
+    store.tag("app", &a.target).unwrap();
+    assert_eq!(
+        store.resolve("docker.io/library/app:latest").unwrap().id(),
+        a.id()
+    );
+    // retagging moves the name; the old image is no longer listed
+    store.tag("app:latest", &b.target).unwrap();
+    assert_eq!(store.resolve("app").unwrap().id(), b.id());
+    assert_eq!(store.list().unwrap().len(), 1);
+    // an unnamed image is listed once, and dropped from the unnamed list
+    // when it gets a name
+    store.add_unnamed(&a.target).unwrap();
+    store.add_unnamed(&a.target).unwrap();
+    let rows = store.list().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().any(|r| r.name.is_none() && r.id == *a.id()));
+    store.tag("localhost/a", &a.target).unwrap();
+    assert!(store.list().unwrap().iter().all(|r| r.name.is_some()));
+    // 17 images: two share a first hex digit, so one digit is ambiguous
+    let mut ids = vec![a.id().digest().to_string(), b.id().digest().to_string()];
+    for n in 2..17 {
+        let i = empty_image(&store, n);
+        store.add_unnamed(&i.target).unwrap();
+        ids.push(i.id().digest().to_string());
+    }
+    let shared = (0..ids.len())
+        .flat_map(|i| (0..i).map(move |j| (i, j)))
+        .find(|&(i, j)| ids[i][..1] == ids[j][..1])
+        .map(|(i, _)| ids[i][..1].to_string())
+        .unwrap();
+    let err = store.resolve(&shared).unwrap_err().to_string();
+    assert!(err.contains("ambiguous"), "{err}");
+    // a full ID always resolves
+    assert_eq!(store.resolve(&ids[5]).unwrap().id().digest(), &ids[5]);
+    assert!(store
+        .resolve("localhost/none")
+        .unwrap_err()
+        .to_string()
+        .contains("no image named"));
+    assert!(store.resolve("Bad Name").is_err());
+}

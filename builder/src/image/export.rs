@@ -468,7 +468,7 @@ fn write_archive(
             if as_dir {
                 return write_layout_dir(store, p, &blobs, img, &spec.names);
             }
-            if p.is_dir() {
+            if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') {
                 return Err(Error::DestIsDir(p.clone(), kind));
             }
             let mut staged = Staged::create(p)?;
@@ -666,7 +666,7 @@ fn write_rootfs(
                 stdout.flush().map_err(write_err(Path::new("-")))
             }
             Dest::Path(p) => {
-                if p.is_dir() {
+                if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') {
                     return Err(Error::DestIsDir(p.clone(), "tar"));
                 }
                 let mut staged = Staged::create(p)?;

@@ -347,6 +347,12 @@ impl OutputSpec {
             }
             _ => {}
         }
+        if out.tar == Some(false) && out.dest == Some(Dest::Stdout) {
+            return Err(Error::StdoutNotAllowed {
+                spec: spec.into(),
+                kind: "oci with tar=false",
+            });
+        }
         if kind == OutputType::Docker && !pairs.iter().any(|(k, _)| k == "oci-mediatypes") {
             out.oci_mediatypes = false;
         }
