@@ -559,3 +559,35 @@ fn names_move_prefixes_resolve_or_are_ambiguous() {
         .contains("no image named"));
     assert!(store.resolve("Bad Name").is_err());
 }
+
+#[test]
+fn written_json_is_canonical_so_digests_are_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = open(tmp.path());
+    let store = ImageStore::new(&snap);
+    let labels: serde_json::Map<String, serde_json::Value> = (0..40)
+        .rev()
+        .map(|i| {
+            (
+                format!("label{i:02}"),
+                serde_json::Value::from(i.to_string()),
+            )
+        })
+        .collect();
+    let config: oci_spec::image::ImageConfiguration = serde_json::from_value(serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Labels": labels, "ExposedPorts": {"80/tcp": {}, "443/tcp": {}, "22/tcp": {}}},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }))
+    .unwrap();
+    let img = store.write_image(&config, Vec::new()).unwrap();
+    let text = String::from_utf8(img.config_bytes.clone()).unwrap();
+    let positions: Vec<usize> = (0..40)
+        .map(|i| text.find(&format!("\"label{i:02}\"")).unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+    // the digest is a function of the content alone
+    let again = store.write_image(&config, Vec::new()).unwrap();
+    assert_eq!(again.id(), img.id());
+    assert_eq!(again.target.digest(), img.target.digest());
+}

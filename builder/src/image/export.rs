@@ -130,6 +130,20 @@ pub fn export_to(
     if spec.rewrite_timestamp && opts.source_date_epoch.is_none() {
         return Err(Error::NoEpoch);
     }
+    // lease the image's blobs: a concurrent `kiln rmi` and GC must not
+    // take them away halfway through the export
+    {
+        let snap = store.snapshotter();
+        let _no_gc = snap.layers().gc_guard(false)?;
+        for d in image
+            .layers()
+            .iter()
+            .map(Descriptor::digest)
+            .chain([image.id(), image.manifest_descriptor.digest()])
+        {
+            snap.lease().add_blob(d)?;
+        }
+    }
     match spec.kind {
         OutputType::Image | OutputType::Oci | OutputType::Docker => {
             let img = rewrite(store, image, spec, opts)?;
@@ -408,7 +422,7 @@ fn index_json(entries: Vec<Descriptor>) -> Vec<u8> {
         .manifests(entries)
         .build()
         .expect("index has its fields");
-    serde_json::to_vec(&index).expect("index serialises")
+    store::canonical_json(&index)
 }
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;

@@ -521,7 +521,7 @@ impl<'s> ImageStore<'s> {
         config: &ImageConfiguration,
         layers: Vec<Descriptor>,
     ) -> Result<Image> {
-        let config_bytes = serde_json::to_vec(config).expect("image config serialises");
+        let config_bytes = canonical_json(config);
         self.write_image_raw(
             config_bytes,
             MediaType::ImageConfig,
@@ -552,7 +552,7 @@ impl<'s> ImageStore<'s> {
             .layers(layers)
             .build()
             .expect("manifest has every required field");
-        let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
+        let bytes = canonical_json(&manifest);
         let desc = self.content().put_bytes(manifest_type, &bytes)?;
         self.snap.lease().add_blob(desc.digest())?;
         self.get(&desc, None)
@@ -569,6 +569,16 @@ impl<'s> ImageStore<'s> {
     pub fn gc(&self) -> Result<(layers::GcReport, Vec<Digest>)> {
         Ok(self.snap.gc()?)
     }
+}
+
+/// JSON with every object's keys sorted. oci-spec keeps labels, volumes,
+/// ports and annotations in `HashMap`s, whose order changes from process to
+/// process; serialising them directly would give the same image a new
+/// digest on every build.
+pub fn canonical_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // serde_json's Value keeps objects in a BTreeMap (no preserve_order)
+    let v = serde_json::to_value(value).expect("OCI types serialise to JSON");
+    serde_json::to_vec(&v).expect("a JSON value serialises")
 }
 
 /// The 12-digit ID docker shows.
