@@ -591,3 +591,71 @@ fn written_json_is_canonical_so_digests_are_reproducible() {
     assert_eq!(again.id(), img.id());
     assert_eq!(again.target.digest(), img.target.digest());
 }
+
+#[test]
+fn oci_archive_with_a_multi_platform_index_loads_the_host_platform() {
+    if !in_userns("oci_archive_with_a_multi_platform_index_loads_the_host_platform") {
+        return;
+    }
+    let host = Platform::host();
+    let layer = layer_tar(&[("etc/os", b"host\n")]);
+    let mut cfg: serde_json::Value = serde_json::from_slice(&config_json(&[sha(&layer)])).unwrap();
+    cfg["architecture"] = host.architecture.clone().into();
+    let cfg = serde_json::to_vec(&cfg).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha(&cfg), "size": cfg.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": sha(&layer), "size": layer.len()}],
+    }))
+    .unwrap();
+    // the other platform's manifest is not in the archive (skopeo copy
+    // without --all leaves it out)
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": sha(b"elsewhere"), "size": 9,
+             "platform": {"os": "linux", "architecture": "s390x"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": sha(&manifest), "size": manifest.len(),
+             "platform": {"os": host.os, "architecture": host.architecture}},
+        ],
+    }))
+    .unwrap();
+    let top = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+                       "digest": sha(&index), "size": index.len(),
+                       "annotations": {"io.containerd.image.name": "localhost/multi:1",
+                                       "org.opencontainers.image.ref.name": "1"}}],
+    }))
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    add(&mut b, "index.json", &top);
+    for blob in [&layer, &cfg, &manifest, &index] {
+        add(&mut b, &format!("blobs/sha256/{}", &sha(blob)[7..]), blob);
+    }
+    add(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    let bytes = b.into_inner().unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = open(tmp.path());
+    let store = ImageStore::new(&snap);
+    let loaded = archive::load(&store, Cursor::new(bytes)).unwrap();
+    assert_eq!(loaded.images[0].names, vec!["localhost/multi:1"]);
+    let img = store.resolve("localhost/multi:1").unwrap();
+    assert_eq!(img.target.digest().to_string(), sha(&index));
+    assert_eq!(img.manifest_descriptor.digest().to_string(), sha(&manifest));
+    let s390x = ImageStore::new(&snap).with_platform(Platform::parse("linux/s390x").unwrap());
+    let err = s390x.resolve("localhost/multi:1").unwrap_err().to_string();
+    assert!(err.contains("no manifest for linux/s390x"), "{err}");
+    // exporting writes the host platform's image
+    let spec = OutputSpec::parse("type=oci,dest=-").unwrap();
+    let mut out = Vec::new();
+    let ex = export_to(&store, &img, &spec, &ExportOptions::default(), &mut out).unwrap();
+    assert_eq!(ex.manifest.digest().to_string(), sha(&manifest));
+}

@@ -38,7 +38,7 @@ pub enum Error {
         digest: Digest,
         source: oci_spec::OciSpecError,
     },
-    #[error("image index {digest} has no manifest for {platform} (it has: {available}); pick one with --platform")]
+    #[error("image index {digest} has no manifest for {platform} in the store (stored: {available}); pick one with --platform")]
     NoPlatform {
         digest: Digest,
         platform: String,
@@ -324,8 +324,7 @@ impl<'s> ImageStore<'s> {
                 return Ok((*only).clone());
             }
         }
-        let available: Vec<String> = index
-            .manifests()
+        let available: Vec<String> = present
             .iter()
             .filter_map(|d| d.platform().as_ref())
             .map(|p| format!("{}/{}", p.os(), p.architecture()))
