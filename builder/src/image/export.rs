@@ -242,11 +242,19 @@ fn rewrite(
     let mut new_layers = Vec::new();
     let mut new_diff_ids = Vec::new();
     for (index, layer) in image.layers().iter().enumerate() {
-        let current =
-            layer_compression(layer.media_type()).ok_or_else(|| Error::UnknownLayerType {
-                index,
-                media_type: layer.media_type().to_string(),
-            })?;
+        let Some(current) = layer_compression(layer.media_type()) else {
+            // a layer type kiln does not know is passed through untouched,
+            // unless it would have to be re-written
+            if spec.compression.is_some() || spec.rewrite_timestamp {
+                return Err(Error::UnknownLayerType {
+                    index,
+                    media_type: layer.media_type().to_string(),
+                });
+            }
+            new_layers.push(layer.clone());
+            new_diff_ids.push(diff_ids[index].clone());
+            continue;
+        };
         let target = spec.compression.unwrap_or(current);
         let recompress = spec.compression.is_some()
             && (spec.force_compression || !same_algorithm(current, target));

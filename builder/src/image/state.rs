@@ -103,12 +103,6 @@ impl StateDir {
     pub fn cache_dir(&self) -> PathBuf {
         self.root.join("cache")
     }
-
-    /// Scratch space for exports and imports (same file system as the
-    /// store, so finished files can be renamed into place).
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
-    }
 }
 
 #[cfg(test)]
