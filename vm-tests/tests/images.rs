@@ -395,3 +395,72 @@ fn local_and_tar_outputs_hold_the_root_filesystem() {
         assert!(names.lines().any(|l| l == f), "{f} missing from {names}");
     }
 }
+
+/// `env VARS... kiln --root STATE ARGS...` as the test user (setpriv
+/// resets the environment, so variables go through env).
+fn kiln_env(state: &Path, vars: &[&str], args: &[&str]) -> String {
+    let mut cmd = unprivileged(Path::new("/usr/bin/env"));
+    cmd.args(vars)
+        .arg(stage_file(&kiln_binary()))
+        .args(["--root", p(state)])
+        .args(args);
+    text(&run_checked(&mut cmd).stdout)
+}
+
+#[test]
+fn same_rootfs_and_epoch_give_byte_identical_exports() {
+    let dir = test_dir("images-repro");
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs);
+    chown_to_test_user(&rootfs);
+    let epoch = "SOURCE_DATE_EPOCH=1700000000";
+    let mut archives = Vec::new();
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        if n == 1 {
+            // a clock-based `created` would now differ
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+        let state = dir.join(format!("state{n}"));
+        ids.push(kiln_env(
+            &state,
+            &[epoch],
+            &["import", p(&rootfs), "-t", "localhost/repro"],
+        ));
+        let out = dir.join(format!("repro{n}.tar"));
+        kiln_env(
+            &state,
+            &[epoch],
+            &[
+                "save",
+                "localhost/repro",
+                "--output",
+                &format!(
+                    "type=oci,dest={},compression=zstd,rewrite-timestamp=true",
+                    p(&out)
+                ),
+            ],
+        );
+        archives.push(fs::read(&out).unwrap());
+    }
+    assert_eq!(ids[0], ids[1], "image IDs differ across state directories");
+    assert!(archives[0] == archives[1], "the two OCI archives differ");
+    // skopeo reads the zstd layers kiln wrote
+    let out = run_checked(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}", p(&dir.join("repro0.tar"))),
+    ]));
+    assert!(
+        text(&out.stdout).contains("application/vnd.oci.image.layer.v1.tar+zstd"),
+        "{}",
+        text(&out.stdout)
+    );
+    let copy = dir.join("copied");
+    run_checked(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &format!("oci-archive:{}", p(&dir.join("repro0.tar"))),
+        &format!("dir:{}", p(&copy)),
+    ]));
+}
