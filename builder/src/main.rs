@@ -33,6 +33,8 @@ enum Command {
     Images(cli::images::ImagesArgs),
     /// Remove stored images
     Rmi(cli::images::RmiArgs),
+    /// Give a stored image another name
+    Tag(cli::images::TagArgs),
     /// Write a stored image out (docker-archive, OCI layout, root filesystem)
     Save(cli::images::SaveArgs),
 }
@@ -62,6 +64,7 @@ fn main() {
         Command::Import(args) => cli::images::import_cmd(root, args),
         Command::Images(args) => cli::images::images(root, args),
         Command::Rmi(args) => cli::images::rmi(root, args),
+        Command::Tag(args) => cli::images::tag(root, args),
         Command::Save(args) => cli::images::save(root, args),
         Command::Debug(_) => unreachable!("handled above"),
     };

@@ -1,5 +1,6 @@
-//! The image commands: `kiln load`, `kiln import`, `kiln images`, `kiln rmi`
-//! and `kiln save` (export a stored image with any `--output` type). Each
+//! The image commands: `kiln load`, `kiln import`, `kiln images`, `kiln rmi`,
+//! `kiln tag` and `kiln save` (export a stored image with any `--output`
+//! type). Each
 //! opens the state directory, does one thing through `kiln_builder::image`
 //! and prints what docker would print. Must run after kiln has entered its
 //! user namespace with a private mount namespace.
@@ -139,6 +140,9 @@ pub fn import_cmd(root: Option<&Path>, args: ImportArgs) -> anyhow::Result<i32> 
 
 #[derive(Args, Debug)]
 pub struct ImagesArgs {
+    /// Only images of this repository (`busybox`), or this name with a tag
+    #[arg(value_name = "REPOSITORY[:TAG]")]
+    reference: Option<String>,
     /// Only show image IDs
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -180,7 +184,21 @@ pub fn human_size(bytes: u64) -> String {
 pub fn images(root: Option<&Path>, args: ImagesArgs) -> anyhow::Result<i32> {
     let (_state, snap) = open_state(root)?;
     let store = ImageStore::new(&snap);
-    let rows = store.list()?;
+    let mut rows = store.list()?;
+    if let Some(want) = &args.reference {
+        let r = Reference::parse(want).with_context(|| format!("{want:?}"))?;
+        // a tag given explicitly must match; the default `latest` does not
+        let tagged = want
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains(':'));
+        rows.retain(|row| {
+            row.name
+                .as_deref()
+                .and_then(|n| Reference::parse(n).ok())
+                .is_some_and(|n| n.repository() == r.repository() && (!tagged || n.tag == r.tag))
+        });
+    }
     let id = |d: &oci_spec::image::Digest| {
         if args.no_trunc {
             d.to_string()
@@ -276,6 +294,26 @@ pub fn rmi(root: Option<&Path>, args: RmiArgs) -> anyhow::Result<i32> {
     }
     store.gc().context("garbage collection after rmi")?;
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+#[derive(Args, Debug)]
+pub struct TagArgs {
+    /// The image: a name, ID or digest
+    #[arg(value_name = "SOURCE")]
+    source: String,
+    /// The new name
+    #[arg(value_name = "TARGET")]
+    target: String,
+}
+
+/// `kiln tag`.
+pub fn tag(root: Option<&Path>, args: TagArgs) -> anyhow::Result<i32> {
+    Reference::parse(&args.target).with_context(|| format!("{:?}", args.target))?;
+    let (_state, snap) = open_state(root)?;
+    let store = ImageStore::new(&snap);
+    let image = store.resolve(&args.source)?;
+    store.tag(&args.target, &image.target)?;
+    Ok(0)
 }
 
 #[derive(Args, Debug)]
