@@ -659,3 +659,65 @@ fn oci_archive_with_a_multi_platform_index_loads_the_host_platform() {
     let ex = export_to(&store, &img, &spec, &ExportOptions::default(), &mut out).unwrap();
     assert_eq!(ex.manifest.digest().to_string(), sha(&manifest));
 }
+
+#[test]
+fn oci_layout_directories_serve_as_build_contexts() {
+    if !in_userns("oci_layout_directories_serve_as_build_contexts") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = open(&tmp.path().join("a"));
+    let store = ImageStore::new(&snap);
+    let (bytes, id) = good_archive(&["localhost/ctx:v1"]);
+    archive::load(&store, Cursor::new(bytes)).unwrap();
+    let img = store.resolve("localhost/ctx:v1").unwrap();
+    let layout = tmp.path().join("layout");
+    let spec = OutputSpec::parse(&format!(
+        "type=oci,dest={}/,name=localhost/ctx:v1",
+        layout.display()
+    ))
+    .unwrap();
+    export_to(
+        &store,
+        &img,
+        &spec,
+        &ExportOptions::default(),
+        &mut Vec::new(),
+    )
+    .unwrap();
+
+    let snap2 = open(&tmp.path().join("b"));
+    let store2 = ImageStore::new(&snap2);
+    let sel = |s: &str| archive::parse_layout_ref(s);
+    let (dir, only) = sel(layout.to_str().unwrap());
+    let a = archive::load_layout_dir(&store2, &dir, &only).unwrap();
+    assert_eq!(a.id().to_string(), id);
+    let (dir, tag) = sel(&format!("{}:v1", layout.display()));
+    assert_eq!(
+        archive::load_layout_dir(&store2, &dir, &tag)
+            .unwrap()
+            .id()
+            .to_string(),
+        id
+    );
+    let (dir, digest) = sel(&format!(
+        "{}@{}",
+        layout.display(),
+        img.manifest_descriptor.digest()
+    ));
+    assert_eq!(
+        archive::load_layout_dir(&store2, &dir, &digest)
+            .unwrap()
+            .id()
+            .to_string(),
+        id
+    );
+    let (dir, missing) = sel(&format!("{}:v2", layout.display()));
+    let err = archive::load_layout_dir(&store2, &dir, &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(":v2") && err.contains("v1"), "{err}");
+    // the image is usable (unpacked), yet unnamed
+    assert!(store2.list().unwrap().is_empty());
+    assert!(snap2.layers().contains(&a.chain_id().unwrap().unwrap()));
+}

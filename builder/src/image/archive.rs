@@ -98,6 +98,16 @@ pub enum Error {
         context: String,
         source: Box<store::Error>,
     },
+    #[error("OCI layout {path}: {source}")]
+    LayoutIo { path: PathBuf, source: io::Error },
+    #[error("OCI layout {dir} has no image {selector} (it has: {available})")]
+    NoSuchImage {
+        dir: PathBuf,
+        selector: String,
+        available: String,
+    },
+    #[error("OCI layout {dir} holds {count} images; name one with {dir}:TAG or {dir}@DIGEST")]
+    WhichImage { dir: PathBuf, count: usize },
     #[error(transparent)]
     Content(#[from] content::Error),
 }
@@ -553,9 +563,222 @@ fn name_all(
     Ok(Loaded { format, images })
 }
 
+/// Which image of an OCI layout directory to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutSelector {
+    /// the only image in `index.json`
+    Only,
+    /// the entry whose `org.opencontainers.image.ref.name` is this tag
+    Tag(String),
+    /// the entry (or any manifest or index in the layout) with this digest
+    Digest(Digest),
+}
+
+/// Split BuildKit's `oci-layout://DIR[:TAG|@DIGEST]` value (without the
+/// scheme) into the directory and the selector. A `:` only starts a tag
+/// after the last `/`.
+pub fn parse_layout_ref(s: &str) -> (PathBuf, LayoutSelector) {
+    if let Some((dir, d)) = s.rsplit_once('@') {
+        if let Ok(digest) = d.parse::<Digest>() {
+            return (PathBuf::from(dir), LayoutSelector::Digest(digest));
+        }
+    }
+    let last = s.rfind('/').map_or(0, |i| i + 1);
+    match s[last..].rfind(':') {
+        Some(i) if last + i > 0 => (
+            PathBuf::from(&s[..last + i]),
+            LayoutSelector::Tag(s[last + i + 1..].to_string()),
+        ),
+        _ => (PathBuf::from(s), LayoutSelector::Only),
+    }
+}
+
+/// Copy one image of the OCI layout directory `dir` into the content store
+/// (every blob verified against its digest) and unpack it, for
+/// `--build-context NAME=oci-layout://DIR`. The image is not named: the
+/// snapshotter's lease keeps it while this process lives.
+pub fn load_layout_dir(
+    store: &ImageStore<'_>,
+    dir: &Path,
+    selector: &LayoutSelector,
+) -> Result<Image> {
+    let snap = store.snapshotter();
+    let content = snap.content();
+    let lio = |path: PathBuf| move |source| Error::LayoutIo { path, source };
+    let _no_gc = snap
+        .layers()
+        .gc_guard(false)
+        .map_err(|e| store_err("cannot take the store's GC lock", e.into()))?;
+    let index_path = dir.join("index.json");
+    let bytes = std::fs::read(&index_path).map_err(lio(index_path.clone()))?;
+    let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        entry: index_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let tag_of = |d: &Descriptor| {
+        d.annotations()
+            .as_ref()
+            .and_then(|a| a.get(content::REF_NAME))
+            .cloned()
+    };
+    let chosen: Descriptor = match selector {
+        LayoutSelector::Only => match index.manifests().as_slice() {
+            [one] => one.clone(),
+            many => {
+                return Err(Error::WhichImage {
+                    dir: dir.to_path_buf(),
+                    count: many.len(),
+                })
+            }
+        },
+        LayoutSelector::Tag(t) => index
+            .manifests()
+            .iter()
+            .find(|d| tag_of(d).as_deref() == Some(t.as_str()))
+            .cloned()
+            .ok_or_else(|| Error::NoSuchImage {
+                dir: dir.to_path_buf(),
+                selector: format!(":{t}"),
+                available: {
+                    let tags: Vec<String> = index.manifests().iter().filter_map(tag_of).collect();
+                    if tags.is_empty() {
+                        "no tagged images".into()
+                    } else {
+                        tags.join(", ")
+                    }
+                },
+            })?,
+        LayoutSelector::Digest(d) => match index.manifests().iter().find(|m| m.digest() == d) {
+            Some(m) => m.clone(),
+            // a manifest inside an index: its media type is read from it
+            None => {
+                let path = blob_path_in(dir, d)?;
+                let bytes = std::fs::read(&path).map_err(|_| Error::NoSuchImage {
+                    dir: dir.to_path_buf(),
+                    selector: format!("@{d}"),
+                    available: index
+                        .manifests()
+                        .iter()
+                        .map(|m| m.digest().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+                        entry: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                let media = if v.get("manifests").is_some() {
+                    MediaType::ImageIndex
+                } else {
+                    MediaType::ImageManifest
+                };
+                Descriptor::new(media, bytes.len() as u64, d.clone())
+            }
+        },
+    };
+    // copy the chosen descriptor's closure: an index's present children,
+    // a manifest's config and layers
+    let mut todo = vec![(chosen.clone(), true)];
+    while let Some((d, required)) = todo.pop() {
+        let path = blob_path_in(dir, d.digest())?;
+        if !path.exists() {
+            if required {
+                return Err(Error::MissingBlob {
+                    digest: d.digest().clone(),
+                    what: format!("in {}", dir.display()),
+                });
+            }
+            continue;
+        }
+        if !content.contains(d.digest()) {
+            let mut r = std::fs::File::open(&path).map_err(lio(path.clone()))?;
+            let mut w = content.writer(Some(d.digest().clone()))?;
+            io::copy(&mut r, &mut w).map_err(lio(path.clone()))?;
+            match w.commit() {
+                Ok(_) => {}
+                Err(content::Error::DigestMismatch { actual, .. }) => {
+                    return Err(Error::BlobDigest {
+                        entry: path.display().to_string(),
+                        actual,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        snap.lease()
+            .add_blob(d.digest())
+            .map_err(|e| store_err("cannot lease a copied blob", e.into()))?;
+        // only manifests and indexes point further (docker's types too)
+        let t = d.media_type().to_string();
+        if !(t.contains("manifest") || t.contains("index")) || d.size() > META_LIMIT {
+            continue;
+        }
+        let bytes = content.read_blob(d.digest())?;
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        if let Some(children) = v.get("manifests").and_then(|m| m.as_array()) {
+            for c in children {
+                if let Ok(c) = serde_json::from_value::<Descriptor>(c.clone()) {
+                    // other platforms may be left out of a layout
+                    todo.push((c, false));
+                }
+            }
+        } else if let Ok(m) = serde_json::from_slice::<oci_spec::image::ImageManifest>(&bytes) {
+            todo.push((m.config().clone(), true));
+            todo.extend(m.layers().iter().map(|l| (l.clone(), true)));
+        }
+    }
+    let image = store
+        .get(&chosen, None)
+        .map_err(|e| store_err(format!("image {} in {}", chosen.digest(), dir.display()), e))?;
+    store.unpack(&image).map_err(|e| {
+        store_err(
+            format!(
+                "cannot unpack the layers of {}",
+                image.manifest_descriptor.digest()
+            ),
+            e,
+        )
+    })?;
+    Ok(image)
+}
+
+fn blob_path_in(dir: &Path, d: &Digest) -> Result<PathBuf> {
+    if d.algorithm().as_ref() != "sha256" {
+        return Err(Error::Algorithm(d.to_string()));
+    }
+    Ok(dir.join("blobs").join("sha256").join(d.digest()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layout_refs_split_like_buildkit() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            parse_layout_ref("/x/layout"),
+            (PathBuf::from("/x/layout"), LayoutSelector::Only)
+        );
+        assert_eq!(
+            parse_layout_ref("/x/layout:v1"),
+            (PathBuf::from("/x/layout"), LayoutSelector::Tag("v1".into()))
+        );
+        assert_eq!(
+            parse_layout_ref("./host:5000/dir"),
+            (PathBuf::from("./host:5000/dir"), LayoutSelector::Only)
+        );
+        assert_eq!(
+            parse_layout_ref(&format!("rel@{d}")),
+            (
+                PathBuf::from("rel"),
+                LayoutSelector::Digest(d.parse().unwrap())
+            )
+        );
+    }
 
     #[test]
     fn paths_are_cleaned_and_links_resolved() {
