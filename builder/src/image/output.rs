@@ -359,6 +359,22 @@ impl OutputSpec {
         Ok(out)
     }
 
+    /// The output of `kiln build -t NAME...` without `--output`: the local
+    /// image store under every name, layers as built.
+    pub fn image_store<S: AsRef<str>>(names: &[S]) -> Result<Self> {
+        let mut out = OutputSpec::new(OutputType::Image, None);
+        for n in names {
+            let full = reference::normalize(n.as_ref()).map_err(|source| Error::Name {
+                spec: format!("-t {}", n.as_ref()),
+                source,
+            })?;
+            if !out.names.contains(&full) {
+                out.names.push(full);
+            }
+        }
+        Ok(out)
+    }
+
     fn new(kind: OutputType, dest: Option<Dest>) -> Self {
         OutputSpec {
             kind,
@@ -415,6 +431,20 @@ mod tests {
     }
     fn e(s: &str) -> Error {
         OutputSpec::parse(s).expect_err(s)
+    }
+
+    #[test]
+    fn image_store_output_for_tags() {
+        let o = OutputSpec::image_store(&["a", "docker.io/library/a:latest", "b:1"]).unwrap();
+        assert_eq!(o.kind, OutputType::Image);
+        assert_eq!(
+            o.names,
+            vec!["docker.io/library/a:latest", "docker.io/library/b:1"]
+        );
+        assert!(matches!(
+            OutputSpec::image_store(&["A"]),
+            Err(Error::Name { .. })
+        ));
     }
 
     #[test]
