@@ -464,3 +464,67 @@ fn same_rootfs_and_epoch_give_byte_identical_exports() {
         &format!("dir:{}", p(&copy)),
     ]));
 }
+
+#[test]
+fn concurrent_loads_imports_and_rmi_on_one_state_dir() {
+    let (dir, state, id) = with_busybox_image("images-concurrent");
+    let archive = dir.join("bb.tar");
+    kiln_ok(&state, &["save", "localhost/bb", "-o", p(&archive)]);
+    kiln_ok(&state, &["tag", "localhost/bb", "localhost/doomed"]);
+    let spawn = |args: Vec<String>| {
+        kiln(
+            ["--root".to_string(), p(&state).to_string()]
+                .into_iter()
+                .chain(args),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln")
+    };
+    let mut children = Vec::new();
+    for n in 0..3 {
+        children.push(spawn(vec!["load".into(), "-i".into(), p(&archive).into()]));
+        children.push(spawn(vec![
+            "tag".into(),
+            "localhost/bb".into(),
+            format!("localhost/copy{n}"),
+        ]));
+    }
+    children.push(spawn(vec!["rmi".into(), "localhost/doomed".into()]));
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let names = kiln_ok(&state, &["images"]);
+    for n in [
+        "localhost/bb",
+        "localhost/copy0",
+        "localhost/copy1",
+        "localhost/copy2",
+    ] {
+        assert!(
+            names.lines().any(|l| l.starts_with(n)),
+            "{n} missing:\n{names}"
+        );
+    }
+    assert!(!names.contains("doomed"), "{names}");
+    // the image still exports completely after the rmi's GC
+    let layout = dir.join("after");
+    kiln_ok(
+        &state,
+        &[
+            "save",
+            "localhost/copy2",
+            "--output",
+            &format!("type=oci,dest={}/", p(&layout)),
+        ],
+    );
+    let out = run_checked(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        &format!("oci:{}:latest", p(&layout)),
+    ]));
+    assert!(text(&out.stdout).contains("diff_ids"));
+    assert_eq!(kiln_ok(&state, &["images", "-q", "--no-trunc"]).trim(), id);
+}
