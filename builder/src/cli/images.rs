@@ -199,6 +199,14 @@ pub fn images(root: Option<&Path>, args: ImagesArgs) -> anyhow::Result<i32> {
                 .is_some_and(|n| n.repository() == r.repository() && (!tagged || n.tag == r.tag))
         });
     }
+    // newest first, as docker lists them; by name within one time
+    let created =
+        |r: &crate::image::store::ImageSummary| r.created.as_deref().and_then(time::parse_rfc3339);
+    rows.sort_by(|a, b| {
+        created(b)
+            .cmp(&created(a))
+            .then_with(|| a.name.cmp(&b.name))
+    });
     let id = |d: &oci_spec::image::Digest| {
         if args.no_trunc {
             d.to_string()
