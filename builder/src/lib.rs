@@ -5,3 +5,4 @@ pub mod cli;
 pub mod cli_plan;
 pub mod engine;
 pub mod frontend;
+pub mod image;

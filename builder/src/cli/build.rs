@@ -10,6 +10,8 @@ use clap::Args;
 use kiln_snapshotter::backend::BackendKind;
 
 use crate::engine::{self, progress};
+use crate::image::export::{export, ExportOptions};
+use crate::image::OutputSpec;
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
@@ -40,9 +42,10 @@ pub struct BuildArgs {
     /// Progress output: auto, plain, rawjson or quiet
     #[arg(long, default_value = "auto", env = "BUILDKIT_PROGRESS")]
     progress: String,
-    /// State directory (default: $XDG_DATA_HOME/kiln or ~/.local/share/kiln)
-    #[arg(long, value_name = "DIR")]
-    root: Option<PathBuf>,
+    /// Where the result goes, BuildKit's CSV syntax: type=image|oci|docker|local|tar,dest=PATH|-,...
+    /// (several allowed; default: the local image store under the -t names)
+    #[arg(long, short = 'o', value_name = "SPEC")]
+    output: Vec<String>,
     /// Snapshotter backend: auto, fuse, overlay or copy
     #[arg(long, default_value = "auto")]
     snapshotter: String,
@@ -54,28 +57,7 @@ pub struct BuildArgs {
     allow: Vec<String>,
 }
 
-/// `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`, created 0700.
-pub fn state_root(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let root = match explicit {
-        Some(r) => r,
-        None => match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-            Some(d) => PathBuf::from(d).join("kiln"),
-            None => {
-                let home = std::env::var_os("HOME")
-                    .context("neither XDG_DATA_HOME nor HOME is set: pass --root DIR")?;
-                PathBuf::from(home).join(".local/share/kiln")
-            }
-        },
-    };
-    std::fs::create_dir_all(&root)
-        .with_context(|| format!("cannot create state directory {}", root.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot make {} private", root.display()))?;
-    Ok(root)
-}
-
-pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
+pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i32> {
     let mode = progress::Mode::parse(&args.progress).map_err(anyhow::Error::msg)?;
     let backend = match args.snapshotter.as_str() {
         "auto" => None,
@@ -131,7 +113,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }),
-        state_root: state_root(args.root.clone())?,
+        state: crate::image::StateDir::open(root)?,
         backend,
         network: if args.network == "host" {
             kiln_runtime::Network::Host
@@ -150,9 +132,27 @@ pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let root = opts.state_root.clone();
+    let mut outputs = args
+        .output
+        .iter()
+        .map(|o| OutputSpec::parse(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    if outputs.is_empty() || !args.tag.is_empty() {
+        outputs.push(OutputSpec::image_store(&args.tag)?);
+    }
     let built = runtime.block_on(engine::build(opts, progress))?;
-    engine::tag(&root, &built, &args.tag)?;
+    let store = crate::image::ImageStore::new(&built.snap);
+    let image = store.get(&built.manifest, None)?;
+    for spec in &outputs {
+        export(
+            &store,
+            &image,
+            spec,
+            &ExportOptions {
+                source_date_epoch: epoch,
+            },
+        )?;
+    }
     println!("{}", built.manifest.digest());
     Ok(0)
 }

@@ -3,6 +3,7 @@
 //! code. Errors are `anyhow` here and nowhere below.
 
 pub mod build;
+pub mod images;
 pub mod sandbox;
 
 /// The error and its causes, joined the way a user reads them.

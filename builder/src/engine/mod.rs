@@ -64,9 +64,9 @@ pub enum Error {
     #[error("base image {0:?} is not in kiln's image store: load it with `kiln load -i FILE` or `kiln import DIR -t NAME` (registry pulls are not supported yet)")]
     BaseNotFound(String),
     #[error("base image {name:?}: {source}")]
-    Base {
+    Image {
         name: String,
-        source: Box<kiln_snapshotter::snapshot::Error>,
+        source: Box<crate::image::store::Error>,
     },
     #[error("base image {name:?} has a malformed {what}")]
     BadBase { name: String, what: &'static str },
@@ -112,7 +112,7 @@ pub struct BuildOptions {
     pub no_cache: bool,
     pub no_cache_filter: Vec<String>,
     pub jobs: usize,
-    pub state_root: PathBuf,
+    pub state: crate::image::StateDir,
     pub backend: Option<BackendKind>,
     pub network: kiln_runtime::Network,
     pub allow_network_host: bool,
@@ -123,8 +123,10 @@ pub struct BuildOptions {
 }
 
 /// A built image, stored in the content store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Built {
+    /// the snapshotter holding the image (and the build's lease)
+    pub snap: Arc<Snapshotter>,
     pub manifest: Descriptor,
     pub config_digest: Digest,
     pub state: ImageState,
@@ -152,34 +154,6 @@ struct Engine {
     results: BTreeMap<usize, watch::Receiver<StageResult>>,
 }
 
-/// Names a local image may be stored under for `name`, most specific first
-/// (`busybox` is also `docker.io/library/busybox:latest`).
-pub fn name_candidates(name: &str) -> Vec<String> {
-    let mut out = vec![name.to_string()];
-    let has_tag = name
-        .rsplit('/')
-        .next()
-        .is_some_and(|last| last.contains(':'))
-        || name.contains('@');
-    let tagged = if has_tag {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    };
-    out.push(tagged.clone());
-    if !tagged.contains('/') {
-        out.push(format!("docker.io/library/{tagged}"));
-    } else if !tagged
-        .split('/')
-        .next()
-        .is_some_and(|h| h.contains('.') || h.contains(':') || h == "localhost")
-    {
-        out.push(format!("docker.io/{tagged}"));
-    }
-    out.dedup();
-    out
-}
-
 fn now_or_epoch(epoch: Option<i64>) -> String {
     let secs = epoch.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -190,45 +164,26 @@ fn now_or_epoch(epoch: Option<i64>) -> String {
     progress::format_rfc3339(secs, 0)
 }
 
-/// Load a base image from the content store: its key, state (config,
+/// Load a base image from the local image store: its key, state (config,
 /// history, layers) and unpacked chain.
 fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key, ImageState)> {
-    let content = snap.content();
-    let desc = name_candidates(name)
-        .iter()
-        .find_map(|n| content.resolve(n).ok().flatten())
-        .ok_or_else(|| Error::BaseNotFound(name.to_string()))?;
-    let base_err = |source: kiln_snapshotter::snapshot::Error| Error::Base {
-        name: name.to_string(),
-        source: Box::new(source),
-    };
-    let manifest_bytes = content
-        .read_blob(desc.digest())
-        .map_err(|e| base_err(e.into()))?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&manifest_bytes).map_err(|_| Error::BadBase {
-            name: name.into(),
-            what: "manifest",
-        })?;
-    let config_digest = manifest["config"]["digest"]
-        .as_str()
-        .ok_or_else(|| Error::BadBase {
-            name: name.into(),
-            what: "manifest",
-        })?;
-    let config_digest: Digest = config_digest.parse().map_err(|_| Error::BadBase {
-        name: name.into(),
-        what: "manifest",
+    let store = crate::image::ImageStore::new(snap);
+    let image = store.resolve(name).map_err(|e| match e {
+        crate::image::store::Error::NotFound(_) => Error::BaseNotFound(name.to_string()),
+        other => Error::Image {
+            name: name.to_string(),
+            source: Box::new(other),
+        },
     })?;
-    let config_bytes = content
-        .read_blob(&config_digest)
-        .map_err(|e| base_err(e.into()))?;
     let config: serde_json::Value =
-        serde_json::from_slice(&config_bytes).map_err(|_| Error::BadBase {
+        serde_json::from_slice(&image.config_bytes).map_err(|_| Error::BadBase {
             name: name.into(),
             what: "config",
         })?;
-    let (chain, _) = snap.unpack_image(desc.digest()).map_err(base_err)?;
+    let (chain, _warnings) = store.unpack(&image).map_err(|e| Error::Image {
+        name: name.to_string(),
+        source: Box::new(e),
+    })?;
     let mut state = ImageState::from_image_config(
         &config,
         Platform {
@@ -245,19 +200,19 @@ fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key
         .as_array()
         .cloned()
         .unwrap_or_default();
-    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    state.layers = layers
+    state.layers = image
+        .layers()
         .iter()
         .zip(diff_ids)
         .map(|(l, d)| LayerRef {
             diff_id: d.as_str().unwrap_or_default().to_string(),
-            digest: l["digest"].as_str().unwrap_or_default().to_string(),
-            size: l["size"].as_u64().unwrap_or(0),
-            media_type: l["mediaType"].as_str().unwrap_or_default().to_string(),
+            digest: l.digest().to_string(),
+            size: l.size(),
+            media_type: l.media_type().to_string(),
         })
         .collect();
     let mut key = KeyBuilder::new("image");
-    key.str(desc.digest().as_ref());
+    key.str(image.manifest_descriptor.digest().as_ref());
     Ok((key.finish(), state))
 }
 
@@ -276,9 +231,12 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     let ast = frontend::parse(&text, &file)?;
     let backend = match opts.backend {
         Some(b) => b,
-        None => kiln_snapshotter::backend::probe::probe(&opts.state_root),
+        None => kiln_snapshotter::backend::probe::probe(opts.state.root()),
     };
-    let snap = Arc::new(Snapshotter::open(&opts.state_root, backend).map_err(|e| Error::State(Box::new(e)))?);
+    let snap = Arc::new(
+        Snapshotter::open(&opts.state.snapshotter_root(), backend)
+            .map_err(|e| Error::State(Box::new(e)))?,
+    );
 
     // Plan once to learn the base images, then again with their
     // environment and working directory (variables may come from them).
@@ -315,7 +273,7 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         source,
     })?;
     let ignore = frontend::dockerignore::load(&opts.context, &opts.dockerfile).unwrap_or_default();
-    let cache = Cache::open(&opts.state_root.join("cache")).map_err(Error::Cache)?;
+    let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
 
     // One watch channel per stage carries its result to the stages that
     // need it.
@@ -835,49 +793,12 @@ impl Engine {
             .put_bytes(MediaType::ImageManifest, &manifest_bytes)
             .map_err(|e| Error::Store(Box::new(e)))?;
         Ok(Built {
+            snap: Arc::clone(&self.snap),
             manifest: manifest_desc,
             config_digest: config_desc.digest().clone(),
             state,
             executed: 0,
             cached: 0,
         })
-    }
-}
-
-/// Give `built` the names `tags` in the local image store.
-pub fn tag(state_root: &Path, built: &Built, tags: &[String]) -> Result<()> {
-    let content = kiln_snapshotter::content::ContentStore::open(&state_root.join("content"))
-        .map_err(|e| Error::Store(Box::new(e)))?;
-    for t in tags {
-        let name = name_candidates(t)
-            .into_iter()
-            .nth(1)
-            .unwrap_or_else(|| t.clone());
-        content
-            .set_ref(&name, &built.manifest)
-            .map_err(|e| Error::Store(Box::new(e)))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_normalise_like_docker() {
-        assert_eq!(
-            name_candidates("busybox"),
-            [
-                "busybox",
-                "busybox:latest",
-                "docker.io/library/busybox:latest"
-            ]
-        );
-        assert_eq!(name_candidates("localhost/x:1"), ["localhost/x:1"]);
-        assert_eq!(
-            name_candidates("me/app"),
-            ["me/app", "me/app:latest", "docker.io/me/app:latest"]
-        );
     }
 }
