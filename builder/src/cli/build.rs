@@ -122,7 +122,10 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
         },
         allow_network_host,
         source_date_epoch: epoch,
-        rewrite_timestamp: false,
+        // SOURCE_DATE_EPOCH also clamps the time of every file in the
+        // layers kiln writes, so two builds of the same inputs give the
+        // same digest (BuildKit needs rewrite-timestamp=true for that).
+        rewrite_timestamp: epoch.is_some(),
     };
     let progress = Arc::new(progress::Progress::new(
         mode,

@@ -384,7 +384,7 @@ impl Engine {
     }
 
     async fn build_stage(
-        &self,
+        self: &Arc<Self>,
         stage: &Stage,
         bases: &BTreeMap<String, (Key, ImageState)>,
     ) -> Result<(Key, ImageState)> {
@@ -445,7 +445,7 @@ impl Engine {
     }
 
     async fn run_step(
-        &self,
+        self: &Arc<Self>,
         stage: &Stage,
         step: &Step,
         key: &Key,
@@ -453,12 +453,8 @@ impl Engine {
         vertex: usize,
         name: &str,
     ) -> Result<(Key, ImageState)> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|e| Error::Join(e.to_string()))?;
-        // Sources of COPY --from: the stage's result or an image.
+        // Sources of COPY --from: the stage's result or an image. Waited
+        // for before taking a job slot, so a waiting step never holds one.
         let mut from = None;
         if let Instruction::Copy(c) = &step.instruction {
             if c.from.is_some() {
@@ -478,11 +474,29 @@ impl Engine {
                 }
             }
         }
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?;
         let no_cache = self.no_cache_for(stage);
         let started = Instant::now();
-        let result = tokio::task::block_in_place(|| {
-            self.step_blocking(step, key, state, from.as_ref(), vertex, name, no_cache)
-        });
+        let this = Arc::clone(self);
+        let (step_c, key_c, state_c, name_c) =
+            (step.clone(), key.clone(), state.clone(), name.to_string());
+        let result = tokio::task::spawn_blocking(move || {
+            this.step_blocking(
+                &step_c,
+                &key_c,
+                &state_c,
+                from.as_ref(),
+                vertex,
+                &name_c,
+                no_cache,
+            )
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?;
         match result {
             Ok((k, s, was_cached)) => {
                 if was_cached {
