@@ -423,7 +423,9 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| stage.index.to_string());
         for (i, step) in stage.steps.iter().enumerate() {
-            if state.apply_config(&step.instruction, step.workdir.as_deref()) {
+            // `step.workdir` is the directory the step runs in, i.e. the one
+            // before a WORKDIR: the config joins WORKDIR onto its own.
+            if state.apply_config(&step.instruction, None) {
                 let mut k = KeyBuilder::new("config");
                 k.str(&key.0)
                     .str(&serde_json::to_string(&step.instruction).unwrap_or_default());
@@ -697,11 +699,13 @@ impl Engine {
             .map_err(|_| StepError::Copy(copy::Error::Pattern(op.excludes.join(","))))?;
         let chmod = op.chmod.map(copy::Mode::parse).transpose()?;
         let source = copy::Source { root, what, ignore };
-        let workdir = if state.config.workdir.is_empty() {
-            "/".to_string()
-        } else {
-            state.config.workdir.clone()
-        };
+        let workdir = step.workdir.clone().unwrap_or_else(|| {
+            if state.config.workdir.is_empty() {
+                "/".to_string()
+            } else {
+                state.config.workdir.clone()
+            }
+        });
         let dest = if op.dest.starts_with('/') {
             op.dest.to_string()
         } else {
