@@ -134,6 +134,8 @@ COPY --chmod=u=rwX,go=rX dir/ /symbolic/
 COPY --chmod=0600 dir/ /octal/
 COPY --chmod=go-rwx,u+x a.txt /sym-file
 COPY links/ /links/
+COPY links/rel /followed
+COPY linkdir /through-linkdir/
 "#;
 
 fn forms_project(name: &str) -> Project {
@@ -148,6 +150,7 @@ fn forms_project(name: &str) -> Project {
     std::fs::create_dir_all(p.ctx().join("links")).unwrap();
     std::os::unix::fs::symlink("../a.txt", p.ctx().join("links/rel")).unwrap();
     std::os::unix::fs::symlink("/etc/shadow", p.ctx().join("links/abs")).unwrap();
+    std::os::unix::fs::symlink("dir/sub", p.ctx().join("linkdir")).unwrap();
     p.chown();
     p.chmod("dir/top.txt", 0o640);
     p.chmod("dir/run.sh", 0o700);
@@ -213,6 +216,12 @@ fn copy_sources_and_destinations_in_every_form() {
         std::fs::read_link(out.join("links/abs")).unwrap(),
         Path::new("/etc/shadow")
     );
+    // A symlink named as the source is followed, inside the context.
+    assert_eq!(read(&out.join("followed")), "a\n");
+    assert!(std::fs::symlink_metadata(out.join("followed"))
+        .unwrap()
+        .is_file());
+    assert_eq!(read(&out.join("through-linkdir/c.md")), "c\n");
 }
 
 /// `path -> (mode string, "uid/gid")` of every entry of a tar, as GNU tar
@@ -526,6 +535,11 @@ fn malicious_archives_are_refused_and_the_host_is_unchanged() {
                 tar_entry("evil/symlink-escape", b'0', "", b"x"),
             ]),
             "symlink",
+        ),
+        (
+            "hardlink",
+            tar_of(&[tar_entry("evil", b'1', "/etc/passwd", b"")]),
+            "hard link",
         ),
     ];
     for (name, bytes, word) in cases {

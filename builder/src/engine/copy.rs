@@ -165,6 +165,19 @@ impl Source<'_> {
         self.ignore.is_some_and(|m| m.matches(&rel_str(rel)))
     }
 
+    /// Open a file to copy or hash. A source named in the Dockerfile may be
+    /// a symlink, which is followed as BuildKit does; RESOLVE_IN_ROOT keeps
+    /// that inside the root, and O_NONBLOCK keeps a fifo swapped in since
+    /// the walk from blocking the build.
+    fn open(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+        let fd = self.root.open_at(rel, libc::O_RDONLY | libc::O_NONBLOCK)?;
+        let f = std::fs::File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(f)
+    }
+
     fn read_err(&self, path: &Path, source: std::io::Error) -> Error {
         Error::Read {
             what: self.what,
@@ -391,10 +404,7 @@ impl Source<'_> {
     /// must be a tar header with a valid checksum (BuildKit also decides
     /// by content, never by the file name).
     fn is_archive(&self, rel: &Path) -> Result<bool> {
-        let f = self
-            .root
-            .open_file(rel)
-            .map_err(|e| self.read_err(rel, e))?;
+        let f = self.open(rel).map_err(|e| self.read_err(rel, e))?;
         let Ok(mut reader) = archive_reader(f) else {
             return Ok(false);
         };
@@ -424,8 +434,7 @@ impl Source<'_> {
                 key.part(&Sha256::digest(bytes));
             } else if e.meta.is_file() {
                 let mut f = self
-                    .root
-                    .open_file(&e.src)
+                    .open(&e.src)
                     .map_err(|err| self.read_err(&e.src, err))?;
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; 1 << 16];
@@ -694,8 +703,7 @@ fn copy_entries(
             fsutil::create(dirfd, name, Node::Dir, mode, uid, gid, &e.meta).map_err(werr)?;
         } else if e.meta.is_file() {
             let mut f = source
-                .root
-                .open_file(&e.src)
+                .open(&e.src)
                 .map_err(|err| source.read_err(&e.src, err))?;
             fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta)
                 .map_err(werr)?;
@@ -721,8 +729,7 @@ fn extract(source: &Source<'_>, e: &Entry, target: &Root, attrs: &CopyAttrs<'_>)
     std::fs::create_dir(&scratch).map_err(scratch_err)?;
     let result = (|| {
         let f = source
-            .root
-            .open_file(&e.src)
+            .open(&e.src)
             .map_err(|err| source.read_err(&e.src, err))?;
         let stream = archive_reader(f).map_err(|err| source.read_err(&e.src, err))?;
         kiln_snapshotter::apply::apply(stream, &scratch, &[]).map_err(|err| Error::Archive {
