@@ -836,4 +836,88 @@ mod tests {
         assert_eq!(parents_pivot("x/y/./z"), 2);
         assert_eq!(parents_pivot("./a"), 0);
     }
+
+    fn dests(entries: &[Entry]) -> Vec<String> {
+        entries.iter().map(|e| rel_str(&e.dest)).collect()
+    }
+
+    #[test]
+    fn collect_maps_sources_to_destinations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path();
+        std::fs::create_dir_all(ctx.join("dir/sub")).unwrap();
+        std::fs::write(ctx.join("dir/a.txt"), "a").unwrap();
+        std::fs::write(ctx.join("dir/x.log"), "x").unwrap();
+        std::fs::write(ctx.join("dir/sub/b.md"), "b").unwrap();
+        let root = Root::open(ctx).unwrap();
+        let source = Source {
+            root: &root,
+            what: "build context",
+            ignore: None,
+        };
+        let path = |p: &str| instructions::Source::Path(p.into());
+        let none = Matcher::default();
+        let plain = Rules {
+            excludes: &none,
+            parents: false,
+            unpack: false,
+        };
+        // A directory's contents, not the directory.
+        let e = source.collect(&[path("dir")], "/d", false, &plain).unwrap();
+        assert_eq!(dests(&e), ["d/a.txt", "d/sub", "d/sub/b.md", "d/x.log"]);
+        // A file to a file, or into a directory.
+        let e = source
+            .collect(&[path("dir/a.txt")], "/f", false, &plain)
+            .unwrap();
+        assert_eq!(dests(&e), ["f"]);
+        let e = source
+            .collect(&[path("dir/a.txt")], "/f", true, &plain)
+            .unwrap();
+        assert_eq!(dests(&e), ["f/a.txt"]);
+        // Excludes match below the copied directory.
+        let ex = Matcher::new(["*.log", "sub/*.md"]).unwrap();
+        let rules = Rules {
+            excludes: &ex,
+            parents: false,
+            unpack: false,
+        };
+        let e = source
+            .collect(&[path("dir/")], "/d/", true, &rules)
+            .unwrap();
+        assert_eq!(dests(&e), ["d/a.txt", "d/sub"]);
+        // --parents keeps parents from the `./` on.
+        let parents = Rules {
+            excludes: &none,
+            parents: true,
+            unpack: false,
+        };
+        let e = source
+            .collect(
+                &[path("dir/./sub/b.md"), path("dir/a.txt")],
+                "/p",
+                false,
+                &parents,
+            )
+            .unwrap();
+        assert_eq!(dests(&e), ["p/sub/b.md", "p/dir/a.txt"]);
+        // Several sources need a directory; a missing one is named.
+        let err = source
+            .collect(&[path("dir/a.txt"), path("dir/x.log")], "/f", false, &plain)
+            .unwrap_err();
+        assert!(matches!(err, Error::DestNotDir(_)), "{err}");
+        let err = source
+            .collect(&[path("nope.txt")], "/f", false, &plain)
+            .unwrap_err();
+        assert!(err.to_string().contains("nope.txt"), "{err}");
+        // Heredocs are named by the destination or their delimiter.
+        let doc = instructions::Source::Heredoc {
+            name: "EOF".into(),
+            content: "hi\n".into(),
+        };
+        let e = source.collect(&[doc.clone()], "/h", false, &plain).unwrap();
+        assert_eq!(dests(&e), ["h"]);
+        assert_eq!(e[0].inline.as_deref(), Some(b"hi\n".as_slice()));
+        let e = source.collect(&[doc], "/h/", true, &plain).unwrap();
+        assert_eq!(dests(&e), ["h/EOF"]);
+    }
 }
