@@ -914,7 +914,9 @@ mod tests {
             name: "EOF".into(),
             content: "hi\n".into(),
         };
-        let e = source.collect(&[doc.clone()], "/h", false, &plain).unwrap();
+        let e = source
+            .collect(std::slice::from_ref(&doc), "/h", false, &plain)
+            .unwrap();
         assert_eq!(dests(&e), ["h"]);
         assert_eq!(e[0].inline.as_deref(), Some(b"hi\n".as_slice()));
         let e = source.collect(&[doc], "/h/", true, &plain).unwrap();
