@@ -327,6 +327,16 @@ fn build_lowers(lowers: &[PathBuf]) {
     std::os::unix::fs::chown(l2.join("home/user"), Some(1000), Some(1000)).unwrap();
     w(l2.join("home/user/.profile"), "export A=1\n");
     std::os::unix::fs::chown(l2.join("home/user/.profile"), Some(1000), Some(1000)).unwrap();
+    for (name, mode) in [
+        ("suid_append", 0o4755),
+        ("sgid_trunc", 0o2775),
+        ("suid_keep", 0o4755),
+    ] {
+        let p = l2.join("home/user").join(name);
+        w(p.clone(), "#!/bin/sh\n");
+        std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
     w(l2.join("root_only"), "secret\n");
     fs::set_permissions(l2.join("root_only"), fs::Permissions::from_mode(0o600)).unwrap();
     // top layer
@@ -568,6 +578,23 @@ fn run_script(v: &Path) -> BTreeMap<String, String> {
     step(
         "user 1000 cannot read root_only",
         as_user(v, "cat root_only"),
+    );
+    step(
+        "user 1000 write drops setuid/setgid",
+        as_user(v, "echo x >> home/user/suid_append && : > home/user/sgid_trunc && stat -c %a home/user/suid_append home/user/sgid_trunc home/user/suid_keep"),
+    );
+    step(
+        "root write to a setuid file",
+        fs::OpenOptions::new()
+            .append(true)
+            .open(v.join("home/user/suid_keep"))
+            .and_then(|mut f| f.write_all(b"# root\n"))
+            .map(|_| {
+                format!(
+                    "{:o}",
+                    fs::metadata(v.join("home/user/suid_keep")).unwrap().mode() & 0o7777
+                )
+            }),
     );
     step(
         "user 1000 cannot write etc",

@@ -23,11 +23,13 @@ use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FOPEN_IN_KILL_SUIDGID, WRITE_KILL_PRIV,
+};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
     SetattrValid, ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
@@ -153,6 +155,8 @@ pub(crate) struct OverlayFs {
     next_handle: AtomicU64,
     next_tmp: AtomicU64,
     writeback: AtomicBool,
+    /// The /dev/fuse fd for notifications to the kernel (-1 until mounted).
+    notify_fd: AtomicI32,
 }
 
 impl OverlayFs {
@@ -185,6 +189,7 @@ impl OverlayFs {
             next_handle: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
             writeback: AtomicBool::new(false),
+            notify_fd: AtomicI32::new(-1),
         };
         // The root merges every lower layer unless the upper root is opaque.
         if fs.is_opaque(&fs.upper, b"")? {
@@ -210,6 +215,31 @@ impl OverlayFs {
         }
         drop(s);
         Ok(fs)
+    }
+
+    /// Where to send notifications: the mounted session's /dev/fuse fd,
+    /// which outlives every request handler.
+    pub(crate) fn set_notify_fd(&self, fd: RawFd) {
+        self.notify_fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// Clear setuid/setgid on an open upper file for a write or truncation
+    /// the kernel flagged, and make the kernel drop the mode it cached: it
+    /// left the clearing to us (or the upper filesystem already did it), so
+    /// its copy is stale either way.
+    fn kill_suidgid(&self, inode: u64, fd: RawFd) -> io::Result<()> {
+        let st = sys::fstat(fd)?;
+        let m = killed_mode(st.st_mode);
+        if m != st.st_mode & 0o7777 {
+            sys::fchmod(fd, m)?;
+        }
+        let nfd = self.notify_fd.load(Ordering::Relaxed);
+        if nfd >= 0 {
+            // attributes only (offset -1): takes no page lock, so it is
+            // safe while the kernel waits for this very request
+            sys::fuse_notify_inval_attr(nfd, inode)?;
+        }
+        Ok(())
     }
 
     fn node(&self, id: u64) -> io::Result<Arc<Node>> {
@@ -817,6 +847,26 @@ impl OverlayFs {
     }
 }
 
+/// What a write by an unprivileged caller does to a file's mode: drop
+/// setuid, and setgid when group-executable (setgid without group exec is a
+/// mandatory-locking marker and stays).
+fn killed_mode(mode: u32) -> u32 {
+    let mut m = mode & 0o7777 & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+fn kill_suidgid_path(dir: RawFd, rel: &CStr, fd: RawFd) -> io::Result<()> {
+    let st = sys::fstat(fd)?;
+    let m = killed_mode(st.st_mode);
+    if m != st.st_mode & 0o7777 {
+        sys::chmod_at(dir, rel, m)?;
+    }
+    Ok(())
+}
+
 /// The parent part of a relative path ("" for a top-level name).
 fn parent_path(path: &[u8]) -> &[u8] {
     match path.iter().rposition(|b| *b == b'/') {
@@ -859,7 +909,11 @@ impl FileSystem for OverlayFs {
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::CACHE_SYMLINKS
-            | FsOptions::WRITEBACK_CACHE;
+            | FsOptions::WRITEBACK_CACHE
+            // We clear setuid/setgid ourselves when the kernel says so; in
+            // exchange the kernel stops asking for security.capability
+            // before every write (SB_NOSEC).
+            | FsOptions::HANDLE_KILLPRIV_V2;
         if capable.contains(FsOptions::WRITEBACK_CACHE) {
             self.writeback.store(true, Ordering::Relaxed);
         }
@@ -1011,6 +1065,10 @@ impl FileSystem for OverlayFs {
                 };
             }
             sys::lutimens_at(u, &c, &times)?;
+        }
+        if valid.contains(SetattrValid::KILL_SUIDGID) && s.kind == libc::S_IFREG {
+            let f = sys::open_at(u, &c, libc::O_PATH, 0)?;
+            kill_suidgid_path(u, &c, f.as_raw_fd())?;
         }
         let st = sys::lstat_at(u, &c)?;
         Ok((self.view_stat(inode, &s, st), TIMEOUT))
@@ -1316,7 +1374,7 @@ impl FileSystem for OverlayFs {
         _ctx: &Context,
         inode: u64,
         flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let oflags = self.open_flags(flags);
         let file = if is_write(flags) {
@@ -1324,7 +1382,11 @@ impl FileSystem for OverlayFs {
             let trunc = oflags & libc::O_TRUNC != 0;
             self.copy_up(inode, !trunc)?;
             let path = self.path_of(inode)?;
-            sys::open_at(self.upper.raw(), &rel_cstr(&path), oflags, 0)?
+            let f = sys::open_at(self.upper.raw(), &rel_cstr(&path), oflags, 0)?;
+            if trunc && fuse_flags & FOPEN_IN_KILL_SUIDGID != 0 {
+                self.kill_suidgid(inode, f.as_raw_fd())?;
+            }
+            f
         } else {
             let _t = self.tree.read().map_err(poisoned)?;
             let s = self.state(inode)?;
@@ -1388,7 +1450,7 @@ impl FileSystem for OverlayFs {
     fn write(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         r: &mut dyn ZeroCopyReader,
         size: u32,
@@ -1396,12 +1458,15 @@ impl FileSystem for OverlayFs {
         _lock_owner: Option<u64>,
         _delayed_write: bool,
         _flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<usize> {
         let h = self.handle(handle)?;
         let Handle::File(f) = &*h else {
             return Err(err(libc::EISDIR));
         };
+        if fuse_flags & WRITE_KILL_PRIV != 0 {
+            self.kill_suidgid(inode, f.as_raw_fd())?;
+        }
         let mut f = borrow_file(f);
         r.read_to(&mut *f, size as usize, offset)
     }

@@ -139,6 +139,7 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
         target: target.to_path_buf(),
         source,
     })?;
+    fs.set_notify_fd(dev.as_raw_fd());
     session.set_fuse_file(dev);
     let bufsize = session.bufsize();
     let mut view = FuseView {

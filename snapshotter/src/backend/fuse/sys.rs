@@ -153,6 +153,12 @@ pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
+/// `fchmod(fd, mode)`.
+pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller keeps open.
+    cvt(unsafe { libc::fchmod(fd, mode as libc::mode_t) }).map(drop)
+}
+
 /// `fchmodat(dir, rel, mode, 0)`. Callers never pass a symlink.
 pub fn chmod_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
@@ -365,6 +371,25 @@ pub fn read_dir(path: &[u8]) -> io::Result<Vec<(Vec<u8>, u8)>> {
         out.push((entry.file_name().as_bytes().to_vec(), t));
     }
     Ok(out)
+}
+
+/// Tell the kernel to forget the cached attributes of FUSE inode `ino`
+/// (FUSE_NOTIFY_INVAL_INODE with offset -1: attributes only, no pages).
+pub fn fuse_notify_inval_attr(dev: RawFd, ino: u64) -> io::Result<()> {
+    const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
+    let mut msg = [0u8; 40];
+    msg[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_INVAL_INODE.to_ne_bytes());
+    // bytes 8..16: unique 0 marks a notification
+    msg[16..24].copy_from_slice(&ino.to_ne_bytes());
+    msg[24..32].copy_from_slice(&(-1i64).to_ne_bytes());
+    // bytes 32..40: length 0
+    // SAFETY: `msg` is readable for its length; `dev` is the open device.
+    let n = unsafe { libc::write(dev, msg.as_ptr().cast(), msg.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether `st` is an overlayfs whiteout: a character device 0:0.
