@@ -386,3 +386,41 @@ userns_case!(
         assert!(m.file_type().is_char_device() && m.rdev() == 0);
     }
 );
+
+userns_case!(
+    fuse_open_files_outlive_their_names,
+    inner_fuse_open_files_outlive_their_names,
+    |dir| {
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        fs::write(lower.join("ro"), "lower content").unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        // a file unlinked while open stays readable, writable and stat-able
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(v.join("tmp"))
+            .unwrap();
+        fs::remove_file(v.join("tmp")).unwrap();
+        f.write_all(b"still here").unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 10);
+        let mut s = String::new();
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "still here");
+        assert!(!v.join("tmp").exists());
+        // a read-only handle opened before a copy-up reports the new attributes
+        let ro = fs::File::open(v.join("ro")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(v.join("ro"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(ro.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        drop((f, ro));
+        drop(view);
+        assert!(!spec.upper.join("tmp").exists());
+    }
+);

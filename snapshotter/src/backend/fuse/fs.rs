@@ -974,18 +974,26 @@ impl FileSystem for OverlayFs {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        if let Some(h) = handle {
-            if let Ok(hd) = self.handle(h) {
-                if let Handle::File(f) = &*hd {
-                    let st = sys::fstat(f.as_raw_fd())?;
-                    let s = self.state(inode)?;
-                    return Ok((self.view_stat(inode, &s, st), TIMEOUT));
+        // By name first: a handle opened before a copy-up still points at
+        // the lower file. The handle serves files that lost every name.
+        let by_name = {
+            let _t = self.tree.read().map_err(poisoned)?;
+            self.stat_node(inode)
+        };
+        match by_name {
+            Ok((s, st)) => Ok((self.view_stat(inode, &s, st), TIMEOUT)),
+            Err(e) => {
+                let file = handle.and_then(|h| self.handle(h).ok());
+                match file.as_deref() {
+                    Some(Handle::File(f)) => {
+                        let st = sys::fstat(f.as_raw_fd())?;
+                        let s = self.state(inode)?;
+                        Ok((self.view_stat(inode, &s, st), TIMEOUT))
+                    }
+                    _ => Err(e),
                 }
             }
         }
-        let _t = self.tree.read().map_err(poisoned)?;
-        let (s, st) = self.stat_node(inode)?;
-        Ok((self.view_stat(inode, &s, st), TIMEOUT))
     }
 
     fn setattr(
