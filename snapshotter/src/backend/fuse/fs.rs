@@ -12,6 +12,15 @@
 //! place with its owner, mode, xattrs and times already set), and never show
 //! the step the `user.overlay.*` xattrs it uses for bookkeeping.
 //!
+//! Where it differs from kernel overlayfs (as mounted by the `overlay`
+//! backend, without index, redirect_dir or xino), on purpose:
+//! - renaming a directory that merges lower content copies it up whole and
+//!   renames it (overlayfs answers EXDEV and `mv` copies it instead; the
+//!   resulting layer is the same);
+//! - a hard-linked lower file stays linked to its other names after copy-up,
+//!   and all names of one inode report one inode number;
+//! - RENAME_EXCHANGE of directories answers EXDEV.
+//!
 //! Concurrency: `tree` is a read-write lock over the shape of the view. Calls
 //! that only look (lookup, getattr, readdir, xattr reads) take it shared;
 //! calls that change names or copy up take it exclusively. Data I/O on open
@@ -608,15 +617,15 @@ impl OverlayFs {
 
     /// Remove a work-dir entry and everything under it.
     fn remove_work_tree(&self, tmp: &CStr) -> io::Result<()> {
-        let abs = self.work.abs(tmp.to_bytes());
-        match std::fs::symlink_metadata(std::ffi::OsStr::new(
-            std::str::from_utf8(&abs).unwrap_or_default(),
-        )) {
-            Ok(m) if m.is_dir() => {
+        match sys::lstat_at(self.work.raw(), tmp) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 use std::os::unix::ffi::OsStrExt;
+                let abs = self.work.abs(tmp.to_bytes());
                 std::fs::remove_dir_all(std::ffi::OsStr::from_bytes(&abs))
             }
-            _ => sys::unlink_at(self.work.raw(), tmp, 0),
+            Ok(_) => sys::unlink_at(self.work.raw(), tmp, 0),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -900,6 +909,12 @@ impl FileSystem for OverlayFs {
     type Inode = u64;
     type Handle = u64;
 
+    // Not used, on purpose: FUSE passthrough (Linux 6.9+) would let the
+    // kernel read and write the upper/lower files directly, but registering a
+    // backing file (FUSE_DEV_IOC_BACKING_OPEN) needs CAP_SYS_ADMIN in the
+    // initial user namespace, which rootless kiln never has. Splice is not
+    // offered by fuse-backend-rs' server either, so data is copied once
+    // through our buffers each way.
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let want = FsOptions::ASYNC_READ
             | FsOptions::PARALLEL_DIROPS
