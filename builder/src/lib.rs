@@ -1,2 +1,6 @@
 //! kiln's builder: the Dockerfile frontend, the build graph and solver, the
 //! cache, the exporters and the pieces of the `kiln` CLI.
+
+pub mod cli;
+pub mod cli_plan;
+pub mod frontend;

@@ -1,2 +1,23 @@
 //! kiln's rootless executor: runs one process in a sandbox described by an
-//! OCI runtime spec. It never sees an image, a layer or a Dockerfile.
+//! OCI runtime spec, started by a non-root user. It never sees an image, a
+//! layer or a Dockerfile: its input is a [`Spec`] (whose root is a prepared
+//! directory) and its output is an [`ExitStatus`].
+//!
+//! A newcomer reads it in this order: [`spec`] (what a default sandbox is),
+//! [`sandbox`] (the parent: prepare, clone, map ids, wait), [`child`] (the
+//! numbered setup sequence up to exec), [`idmap`], [`seccomp`], [`user`].
+
+pub mod child;
+pub mod error;
+pub mod idmap;
+pub mod sandbox;
+pub mod seccomp;
+pub mod spec;
+mod sys;
+pub mod user;
+pub mod userns;
+
+pub use error::{Error, Result};
+pub use oci_spec::runtime::Spec;
+pub use sandbox::{run, ExitStatus, RunOptions, Stdio};
+pub use spec::{Network, Rlimit, SandboxConfig};

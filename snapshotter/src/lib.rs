@@ -1,4 +1,20 @@
 //! kiln's snapshotter: content-addressed blobs, unpacked layers, and writable
 //! views of layer chains. It owns bytes on disk and never sees a Dockerfile.
+//!
+//! - [`content`]: the OCI image layout holding blobs and `index.json`
+//! - [`layers`]: unpacked layers by chain ID, leases and garbage collection
+//! - [`snapshot`]: the Snapshotter API (prepare, view, commit, remove)
+//! - [`diff`] and [`apply`]: layer directory to OCI layer tar and back
+//! - [`backend`]: the mechanisms serving a writable view
+//! - [`compression`]: gzip, zstd and plain layer streams
 
+pub mod apply;
 pub mod backend;
+pub mod compression;
+pub mod content;
+pub mod diff;
+pub mod layers;
+mod owner;
+pub mod snapshot;
+mod sys;
+mod tree;

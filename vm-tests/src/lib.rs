@@ -16,7 +16,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Name of the unprivileged user tests run as when started by root.
 pub const TEST_USER: &str = "kiln-test";
@@ -112,24 +112,62 @@ fn ensure_test_user() {
 }
 
 /// Copy `src` (a binary or fixture file) into the scratch directory, readable
-/// and executable by everyone, and return the copy's path. The copy is
-/// refreshed when the source changed.
+/// and executable by everyone, and return the copy's path. Each source is
+/// staged once per test process.
 pub fn stage_file(src: &Path) -> PathBuf {
-    let dir = scratch_root().join("bin");
+    static STAGED: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+    let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, dst)) = staged.iter().find(|(s, _)| s == src) {
+        return dst.clone();
+    }
+    let dir = scratch_root()
+        .join("bin")
+        .join(std::process::id().to_string());
     fs::create_dir_all(&dir).expect("create scratch dir");
-    fs::set_permissions(scratch_root(), fs::Permissions::from_mode(0o755)).expect("chmod scratch");
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+    for d in [scratch_root(), scratch_root().join("bin"), dir.clone()] {
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+    }
     let name = src.file_name().expect("file name");
     let dst = dir.join(name);
-    let tmp = dir.join(format!(
-        ".{}.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    fs::copy(src, &tmp).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod staged file");
-    fs::rename(&tmp, &dst).expect("rename staged file");
+    // Copy in a child process: a write descriptor held by this (threaded)
+    // process could leak into a concurrent fork and make exec of the copy
+    // fail with ETXTBSY.
+    run_checked(Command::new("cp").arg(src).arg(&dst));
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod staged file");
+    staged.push((src.to_path_buf(), dst.clone()));
     dst
+}
+
+/// The `kiln` binary under test: `$KILN_BIN`, or `kiln` in the cargo target
+/// directory these tests were built into (build it with `cargo build --bins`).
+pub fn kiln_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/kiln
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("kiln"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --bins` before the tests, or set KILN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// `kiln ARGS...` as the unprivileged test user.
+pub fn kiln<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = unprivileged(&kiln_binary());
+    cmd.args(args);
+    cmd
 }
 
 /// A fresh scratch directory owned by the test user, for state and outputs.
@@ -205,6 +243,60 @@ pub fn unprivileged(program: &Path) -> Command {
     .env("HOME", &home)
     .current_dir("/");
     cmd
+}
+
+/// A second unprivileged user that has no subordinate id range, to test
+/// kiln's single-id fallback. Only exists when the tests run as root.
+pub const NOSUB_USER: &str = "kiln-nosub";
+
+/// `program` as [`NOSUB_USER`]; `None` when the tests do not run as root
+/// (then no such user can be made).
+pub fn unprivileged_without_subids(program: &Path) -> Option<Command> {
+    if !running_as_root() {
+        return None;
+    }
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let _lock = FileLock::acquire(Path::new("/tmp/kiln-vm-tests.lock"));
+        let exists = Command::new("id")
+            .arg(NOSUB_USER)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !exists {
+            run_checked(Command::new("useradd").args([
+                "--create-home",
+                "--shell",
+                "/bin/sh",
+                NOSUB_USER,
+            ]));
+        }
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            let text = fs::read_to_string(file).unwrap_or_default();
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{NOSUB_USER}:")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept != text {
+                fs::write(file, kept).expect(file);
+            }
+        }
+    });
+    let staged = stage_file(program);
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        NOSUB_USER,
+        "--regid",
+        NOSUB_USER,
+        "--init-groups",
+        "--reset-env",
+        "--",
+    ])
+    .arg(staged)
+    .current_dir("/");
+    Some(cmd)
 }
 
 /// Like [`unprivileged`], but the program starts as uid 0 of a new user

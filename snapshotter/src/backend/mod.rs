@@ -51,3 +51,40 @@ pub trait MountedView: Send {
     /// where the merged tree is visible
     fn path(&self) -> &Path;
 }
+
+pub mod copy;
+
+/// Errors of choosing and mounting a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Copy(#[from] copy::Error),
+    #[error(transparent)]
+    Fuse(#[from] fuse::Error),
+    #[error(transparent)]
+    Overlay(#[from] overlay::Error),
+}
+
+/// Result type of backend dispatch.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Mount a view of `spec` with the backend `kind`.
+pub fn mount(kind: BackendKind, spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
+    match kind {
+        BackendKind::Copy => Ok(Box::new(copy::mount(spec)?)),
+        BackendKind::Fuse => Ok(fuse::mount(spec)?),
+        BackendKind::Overlay => Ok(overlay::mount(spec)?),
+    }
+}
+
+/// Stop serving a view whose changes are to be kept; afterwards
+/// `spec.upper` holds every change in the layer format. The copy backend
+/// has no upper while mounted, so it computes the changes here (a view
+/// that is thrown away is simply dropped instead).
+pub fn unmount(kind: BackendKind, view: Box<dyn MountedView>, spec: &ViewSpec) -> Result<()> {
+    if kind == BackendKind::Copy {
+        copy::write_changes(spec)?;
+    }
+    drop(view);
+    Ok(())
+}

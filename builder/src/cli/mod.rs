@@ -1,0 +1,26 @@
+//! The pieces of the `kiln` CLI: one module per subcommand, each exposing
+//! a clap `Args` struct and a `run` function returning the process exit
+//! code. Errors are `anyhow` here and nowhere below.
+
+pub mod sandbox;
+
+/// The error and its causes, joined the way a user reads them.
+pub fn chain(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let s = cause.to_string();
+        // thiserror messages often repeat their source; skip exact repeats.
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// The exit code for an error: the runtime's own code when the failure came
+/// from the sandbox (125, or 126/127 when the command cannot run), else 1.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    err.chain()
+        .find_map(|c| c.downcast_ref::<kiln_runtime::Error>())
+        .map_or(1, kiln_runtime::Error::exit_code)
+}

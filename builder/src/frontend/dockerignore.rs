@@ -1,0 +1,386 @@
+//! `.dockerignore` files: reading them and matching context paths against
+//! them, as BuildKit and Docker do.
+//!
+//! Rules: a UTF-8 BOM is stripped, lines starting with `#` are comments,
+//! lines are trimmed and cleaned (`path.Clean`), a leading `/` is dropped,
+//! `!` negates, patterns use Go `filepath.Match` syntax (`*`, `?`, `[...]`,
+//! `\` escapes) plus `**` for any number of directories, and the last
+//! matching line wins. A path also matches when one of its parent
+//! directories does. A `NAME.dockerignore` beside a Dockerfile named `NAME`
+//! replaces the context's `.dockerignore` (they are not merged).
+//!
+//! This module only decides; it never walks or reads the context itself,
+//! except [`load`], which reads the ignore file.
+
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+
+use super::mounts::clean_path;
+
+/// Why ignore patterns could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerignoreError {
+    /// A line holding only `!`.
+    #[error("illegal exclusion pattern: \"!\" on line {0}; write !PATTERN")]
+    IllegalExclusion(usize),
+    /// A pattern `filepath.Match` would reject, e.g. an unclosed `[`.
+    #[error("syntax error in pattern {pattern:?}: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    /// The ignore file exists but cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, DockerignoreError>;
+
+#[derive(Debug, Clone)]
+struct Pattern {
+    text: String,
+    exclusion: bool,
+    regex: Regex,
+}
+
+/// A compiled list of ignore patterns.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    patterns: Vec<Pattern>,
+}
+
+/// The patterns of a `.dockerignore` file, cleaned, in order (`!` kept).
+pub fn read_patterns(text: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(text);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // A comment is a `#` in the first column; an indented `#` is a name.
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut p = line.trim();
+        if p.is_empty() {
+            continue;
+        }
+        let invert = p.starts_with('!');
+        if invert {
+            p = p[1..].trim();
+        }
+        let mut cleaned = String::new();
+        if !p.is_empty() {
+            cleaned = clean_path(p);
+            if cleaned.len() > 1 && cleaned.starts_with('/') {
+                cleaned.remove(0);
+            }
+        }
+        out.push(if invert {
+            format!("!{cleaned}")
+        } else {
+            cleaned
+        });
+    }
+    out
+}
+
+fn compile(pattern: &str) -> std::result::Result<Regex, String> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut re = String::from("(?s)^");
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i += 1;
+        match c {
+            '*' if chars.get(i) == Some(&'*') => {
+                i += 1;
+                if chars.get(i) == Some(&'/') {
+                    i += 1;
+                }
+                if i == chars.len() {
+                    re.push_str(".*");
+                } else {
+                    re.push_str("(.*/)?");
+                }
+            }
+            '*' => re.push_str("[^/]*"),
+            '?' => re.push_str("[^/]"),
+            '\\' => match chars.get(i) {
+                Some(n) => {
+                    re.push_str(&regex::escape(&n.to_string()));
+                    i += 1;
+                }
+                None => re.push_str("\\\\"),
+            },
+            '[' => {
+                // A bracket expression, passed to the regex with Go's
+                // negation `^` kept and `\` escapes preserved.
+                let start = i;
+                let mut j = i;
+                if chars.get(j) == Some(&'^') {
+                    j += 1;
+                }
+                let mut closed = false;
+                while j < chars.len() {
+                    match chars[j] {
+                        '\\' => j += 2,
+                        ']' if j > start => {
+                            closed = true;
+                            break;
+                        }
+                        _ => j += 1,
+                    }
+                }
+                if !closed {
+                    return Err("missing closing ]".into());
+                }
+                let body: String = chars[start..j].iter().collect();
+                if body.is_empty() || body == "^" {
+                    return Err("empty character class".into());
+                }
+                re.push('[');
+                for (k, ch) in body.chars().enumerate() {
+                    if ch == '[' || (ch == '&' || ch == '~' || ch == '-') && k == 0 {
+                        re.push('\\');
+                    }
+                    re.push(ch);
+                }
+                re.push(']');
+                i = j + 1;
+            }
+            c => re.push_str(&regex::escape(&c.to_string())),
+        }
+    }
+    re.push('$');
+    Regex::new(&re).map_err(|e| e.to_string())
+}
+
+impl Matcher {
+    /// Compile cleaned patterns (as from [`read_patterns`]).
+    pub fn new<S: AsRef<str>>(patterns: impl IntoIterator<Item = S>) -> Result<Self> {
+        let mut out = Vec::new();
+        for (n, p) in patterns.into_iter().enumerate() {
+            let p = p.as_ref().trim();
+            if p.is_empty() {
+                continue;
+            }
+            let (exclusion, body) = match p.strip_prefix('!') {
+                Some("") => return Err(DockerignoreError::IllegalExclusion(n + 1)),
+                Some(b) => (true, clean_path(b)),
+                None => (false, clean_path(p)),
+            };
+            let regex = compile(&body).map_err(|reason| DockerignoreError::BadPattern {
+                pattern: p.to_string(),
+                reason,
+            })?;
+            out.push(Pattern {
+                text: body,
+                exclusion,
+                regex,
+            });
+        }
+        Ok(Matcher { patterns: out })
+    }
+
+    /// Read and compile the text of a `.dockerignore` file.
+    pub fn from_dockerignore(text: &[u8]) -> Result<Self> {
+        Matcher::new(read_patterns(text))
+    }
+
+    /// No patterns: nothing is ignored.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// The compiled patterns, `!` included, in order.
+    pub fn patterns(&self) -> Vec<String> {
+        self.patterns
+            .iter()
+            .map(|p| {
+                if p.exclusion {
+                    format!("!{}", p.text)
+                } else {
+                    p.text.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// Is `path` (relative to the context root, `/`-separated) ignored?
+    pub fn matches(&self, path: &str) -> bool {
+        let cleaned = clean_path(path);
+        let file = cleaned.trim_start_matches('/');
+        if file.is_empty() || file == "." {
+            return false;
+        }
+        let parents: Vec<&str> = match file.rfind('/') {
+            Some(i) => file[..i].split('/').collect(),
+            None => Vec::new(),
+        };
+        let mut matched = false;
+        for p in &self.patterns {
+            // An include that already matched, or an exclusion with nothing
+            // to undo, cannot change the outcome.
+            if p.exclusion != matched {
+                continue;
+            }
+            let mut hit = p.regex.is_match(file);
+            if !hit {
+                let mut prefix = String::new();
+                for (i, dir) in parents.iter().enumerate() {
+                    if i > 0 {
+                        prefix.push('/');
+                    }
+                    prefix.push_str(dir);
+                    if p.regex.is_match(&prefix) {
+                        hit = true;
+                        break;
+                    }
+                }
+            }
+            if hit {
+                matched = !p.exclusion;
+            }
+        }
+        matched
+    }
+}
+
+/// Where the ignore file for `dockerfile` in `context` is: `NAME.dockerignore`
+/// beside the Dockerfile if it exists, else `CONTEXT/.dockerignore`.
+pub fn ignore_file(context: &Path, dockerfile: &Path) -> PathBuf {
+    if let Some(name) = dockerfile.file_name() {
+        let mut specific = name.to_os_string();
+        specific.push(".dockerignore");
+        let candidate = dockerfile.with_file_name(specific);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    context.join(".dockerignore")
+}
+
+/// Load the matcher for `dockerfile` building `context`; empty when there is
+/// no ignore file.
+pub fn load(context: &Path, dockerfile: &Path) -> Result<Matcher> {
+    let path = ignore_file(context, dockerfile);
+    match std::fs::read(&path) {
+        Ok(text) => Matcher::from_dockerignore(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Matcher::default()),
+        Err(source) => Err(DockerignoreError::Io { path, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(file: &str) -> Matcher {
+        Matcher::from_dockerignore(file.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn reading_cleans_and_skips_comments() {
+        assert_eq!(
+            read_patterns(
+                "\u{feff}# c\n  \n/abs/./x/\n !  keep \n  #notcomment\na/../b\n".as_bytes()
+            ),
+            ["abs/x", "!keep", "#notcomment", "b"]
+        );
+    }
+
+    #[test]
+    fn globs_and_double_star() {
+        let t = m("*.md\n**/*.log\ndocs/**\nbuild/?\n[a-c]x\n");
+        for yes in [
+            "README.md",
+            "a.log",
+            "x/y/z.log",
+            "docs/a/b",
+            "build/1",
+            "bx",
+        ] {
+            assert!(t.matches(yes), "{yes}");
+        }
+        for no in [
+            "sub/README.md",
+            "build/12",
+            "dx",
+            "src/main.rs",
+            "doc",
+            "docs",
+        ] {
+            assert!(!t.matches(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn parents_and_exceptions_in_order() {
+        let t = m("node_modules\n*.txt\n!keep.txt\n");
+        assert!(t.matches("node_modules/a/b.js"));
+        assert!(t.matches("a.txt"));
+        assert!(!t.matches("keep.txt"));
+        let t = m("!keep.txt\n*.txt\n");
+        assert!(t.matches("keep.txt"), "the last matching line wins");
+        let t = m("dir\n!dir/keep\n");
+        assert!(t.matches("dir/other"));
+        assert!(!t.matches("dir/keep"));
+        assert!(
+            !t.matches("dir/keep/deeper"),
+            "an exception covers what is under it"
+        );
+    }
+
+    #[test]
+    fn paths_are_cleaned() {
+        let t = m("a/b\n");
+        assert!(t.matches("./a/b"));
+        assert!(t.matches("/a//b/"));
+        assert!(t.matches("a/c/../b"));
+        assert!(!t.matches("."));
+    }
+
+    #[test]
+    fn escapes_and_errors() {
+        let t = m("\\*literal\nq\\?\n");
+        assert!(t.matches("*literal"));
+        assert!(!t.matches("xliteral"));
+        assert!(t.matches("q?"));
+        assert!(!t.matches("qx"));
+        assert!(matches!(
+            Matcher::new(["!"]),
+            Err(DockerignoreError::IllegalExclusion(1))
+        ));
+        assert!(matches!(
+            Matcher::new(["[abc"]),
+            Err(DockerignoreError::BadPattern { .. })
+        ));
+    }
+
+    #[test]
+    fn dockerfile_specific_ignore_file_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".dockerignore"), "root-only\n").unwrap();
+        let df = dir.path().join("sub/app.Dockerfile");
+        std::fs::create_dir_all(df.parent().unwrap()).unwrap();
+        std::fs::write(&df, "FROM a\n").unwrap();
+        let root = load(dir.path(), &df).unwrap();
+        assert!(root.matches("root-only"));
+        std::fs::write(
+            dir.path().join("sub/app.Dockerfile.dockerignore"),
+            "specific\n",
+        )
+        .unwrap();
+        let specific = load(dir.path(), &df).unwrap();
+        assert!(specific.matches("specific"));
+        assert!(!specific.matches("root-only"), "not merged");
+        assert!(load(
+            &dir.path().join("none"),
+            &dir.path().join("none/Dockerfile")
+        )
+        .unwrap()
+        .is_empty());
+    }
+}

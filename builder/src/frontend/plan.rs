@@ -1,0 +1,873 @@
+//! The planner: from a parsed Dockerfile and build options to the stages a
+//! build needs, in dependency order, with checked and expanded instructions.
+//!
+//! It owns ARG/ENV scoping (global ARGs before the first FROM, redeclaration
+//! inside a stage, build-arg overrides, the predefined platform and proxy
+//! args), the stage graph (FROM of an earlier stage, `COPY --from`,
+//! `RUN --mount from=`), `--target` pruning and the checks on it (unknown
+//! stage, cycle, duplicate name, missing FROM). It never pulls an image: when
+//! a stage's base image environment matters for expansion, the caller passes
+//! it in [`PlanOptions::image_env`], and steps that referenced variables the
+//! plan could not see list them in [`Step::unresolved`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+
+use regex::Regex;
+use serde::Serialize;
+
+use super::instructions::{self, check, Expander, Instruction};
+use super::location::Location;
+use super::mounts::{clean_path, Mount};
+use super::parser::{Ast, Node};
+use super::platform::{Platform, PlatformError};
+use super::shell::Env;
+use super::{Error, ErrorKind};
+
+/// Why a plan could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// No FROM at all.
+    #[error(
+        "the Dockerfile has no FROM instruction; add `FROM image` before the first build step"
+    )]
+    NoFrom,
+    /// An instruction other than ARG before the first FROM.
+    #[error("{0} is not allowed before the first FROM; only ARG may come before it")]
+    BeforeFrom(String),
+    /// `--target` names no stage.
+    #[error("target stage {target:?} could not be found; stages are: {available}")]
+    UnknownTarget { target: String, available: String },
+    /// Two stages with the same name.
+    #[error(
+        "duplicate stage name {name:?}, first defined on line {first_line}; rename one of them"
+    )]
+    DuplicateStage { name: String, first_line: usize },
+    /// Stages that need each other.
+    #[error("circular dependency detected between stages: {0}")]
+    Cycle(String),
+    /// `--from=N` pointing at this stage or a later one.
+    #[error("--from={0} refers to the current or a later stage by index; only earlier stages can be used by index")]
+    LaterStageIndex(String),
+    /// `--from=x` naming the stage itself.
+    #[error("stage {0:?} cannot use itself in --from or --mount from=")]
+    SelfReference(String),
+    /// Neither a stage, a named context nor a valid image reference.
+    #[error("{0:?} is not a build stage, a named context or a valid image reference; check the spelling (image names are lower-case)")]
+    InvalidReference(String),
+    /// A FROM --platform or option platform that does not parse.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+}
+
+/// Options for [`plan`].
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// `--build-arg K=V`.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`; the last stage when None.
+    pub target: Option<String>,
+    /// `--platform`; the build platform when None.
+    pub target_platform: Option<Platform>,
+    /// Where the build runs (BUILDPLATFORM).
+    pub build_platform: Platform,
+    /// `--build-context name=source`.
+    pub named_contexts: BTreeMap<String, String>,
+    /// Config environment of base images, by reference as written in FROM.
+    pub image_env: BTreeMap<String, Vec<(String, String)>>,
+    /// Config working directory of base images, by reference as written in
+    /// FROM (an image listed in `image_env` but not here starts in `/`).
+    pub image_workdir: BTreeMap<String, String>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            build_args: BTreeMap::new(),
+            target: None,
+            target_platform: None,
+            build_platform: Platform::host(),
+            named_contexts: BTreeMap::new(),
+            image_env: BTreeMap::new(),
+            image_workdir: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a stage starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Base {
+    /// `FROM scratch`.
+    Scratch,
+    /// A registry image.
+    Image {
+        /// The reference as written (expanded).
+        reference: String,
+    },
+    /// An earlier stage.
+    Stage {
+        /// Its index in the Dockerfile.
+        index: usize,
+    },
+    /// A `--build-context` given on the command line.
+    Context {
+        /// The context's name.
+        name: String,
+        /// Where it comes from (directory, image, URL).
+        source: String,
+    },
+}
+
+/// What a `--from` / `from=` reference resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceRef {
+    /// Another stage.
+    Stage {
+        /// Its index.
+        index: usize,
+    },
+    /// A named build context.
+    Context {
+        /// Name.
+        name: String,
+        /// Source.
+        source: String,
+    },
+    /// An image reference.
+    Image {
+        /// Reference.
+        reference: String,
+    },
+}
+
+/// One instruction of a stage, ready for the build engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// First line in the Dockerfile.
+    pub line: usize,
+    /// Last line (heredocs included).
+    pub end_line: usize,
+    /// The instruction as written (continuations joined).
+    pub original: String,
+    /// The checked instruction, expanded where BuildKit expands it.
+    pub instruction: Instruction,
+    /// What `COPY --from` or each `RUN --mount from=` refers to, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceRef>,
+    /// The working directory the step runs in, when the plan can know it
+    /// (from WORKDIR in this stage or its parents, or the base image's
+    /// config in [`PlanOptions::image_workdir`]). Relative RUN mount targets
+    /// are already joined to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// For RUN: the ARGs in scope, passed to the command as environment.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<(String, String)>,
+    /// Variables this step referenced that are neither ARG nor ENV in the
+    /// Dockerfile; they may come from the base image's environment, which
+    /// was not given in [`PlanOptions::image_env`]. Re-plan with it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unresolved: Vec<String>,
+}
+
+/// A build stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stage {
+    /// Position among the Dockerfile's stages (0-based).
+    pub index: usize,
+    /// `AS name`, lower-cased.
+    pub name: Option<String>,
+    /// Line of its FROM.
+    pub line: usize,
+    /// What it starts from.
+    pub base: Base,
+    /// The platform it builds for.
+    pub platform: Platform,
+    /// Indexes of the stages it needs, ascending.
+    pub deps: Vec<usize>,
+    /// Its instructions after FROM.
+    pub steps: Vec<Step>,
+}
+
+/// A non-fatal finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanWarning {
+    /// Line it concerns, when it concerns one.
+    pub line: Option<usize>,
+    /// What and what to do.
+    pub message: String,
+}
+
+/// The resolved build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// `# syntax=` if given.
+    pub syntax: Option<String>,
+    /// Where the build runs.
+    pub build_platform: Platform,
+    /// What it builds for.
+    pub target_platform: Platform,
+    /// Index of the target stage.
+    pub target: usize,
+    /// The needed stages, every stage after the stages it depends on.
+    pub stages: Vec<Stage>,
+    /// Proxy build args: given to RUN steps, kept out of history and cache keys.
+    pub proxy_args: BTreeMap<String, String>,
+    /// Warnings: parser findings, unused build args, and undefined variables
+    /// in the stages that are built.
+    pub warnings: Vec<PlanWarning>,
+}
+
+impl Plan {
+    /// The stage with Dockerfile index `index`, if it is part of the plan.
+    pub fn stage(&self, index: usize) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.index == index)
+    }
+}
+
+const PROXY_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// Does `s` follow the distribution reference grammar
+/// (`[host[:port]/]name[:tag][@digest]`, lower-case name)?
+pub fn valid_image_reference(s: &str) -> bool {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        let label = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)";
+        let host = format!(r"(?:{label}(?:\.{label})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?");
+        let comp = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*";
+        let tag = r"[\w][\w.-]{0,127}";
+        let digest = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,}";
+        let pat = format!(r"^(?:{host}/)?{comp}(?:/{comp})*(?::{tag})?(?:@{digest})?$");
+        Regex::new(&pat).expect("static reference grammar compiles")
+    });
+    let name_len = s.split(['@']).next().unwrap_or(s).len();
+    name_len <= 255 && re.is_match(s)
+}
+
+/// Variables for expansion: the first map that has a name wins. Layering
+/// instead of merging keeps planning linear in the number of instructions.
+struct Scope<'a>([&'a BTreeMap<String, String>; 2]);
+
+impl Env for Scope<'_> {
+    fn lookup(&self, name: &str) -> Option<&str> {
+        self.0.iter().find_map(|m| m.get(name).map(String::as_str))
+    }
+}
+
+struct StageDraft {
+    name: Option<String>,
+    line: usize,
+    base: Base,
+    platform: Platform,
+    deps: BTreeSet<usize>,
+    steps: Vec<Step>,
+    env: BTreeMap<String, String>,
+    env_complete: bool,
+    workdir: Option<String>,
+    warnings: Vec<PlanWarning>,
+    used_globals: BTreeSet<String>,
+    declared: BTreeSet<String>,
+}
+
+struct Planner<'a> {
+    ast: &'a Ast,
+    opts: &'a PlanOptions,
+    target_platform: Platform,
+    names: BTreeMap<String, (usize, usize)>,
+    globals: BTreeMap<String, String>,
+    global_declared: BTreeSet<String>,
+    predefined: BTreeMap<String, String>,
+    warnings: Vec<PlanWarning>,
+}
+
+impl Planner<'_> {
+    fn err_at(&self, node: &Node, kind: impl Into<ErrorKind>, token: &str) -> Error {
+        Error {
+            location: Some(Box::new(self.loc(node, token))),
+            kind: kind.into(),
+        }
+    }
+
+    fn loc(&self, node: &Node, token: &str) -> Location {
+        self.ast
+            .source
+            .find_in(node.start_line, node.end_line, token)
+    }
+
+    fn check(
+        &self,
+        node: &Node,
+        env: &dyn Env,
+    ) -> Result<(Instruction, BTreeSet<String>, BTreeSet<String>), Error> {
+        let mut ex = Expander::new(self.ast.escape, env);
+        let ins = check(node, &mut ex).map_err(|e| self.err_at(node, e.kind, &e.token))?;
+        Ok((ins, ex.matched, ex.unmatched))
+    }
+
+    /// Resolve a `--from` / `from=` value seen in stage `current`.
+    fn resolve(&self, node: &Node, value: &str, current: usize) -> Result<SourceRef, Error> {
+        if !value.is_empty() && value.chars().all(|c| c.is_ascii_digit()) {
+            return match value.parse::<usize>() {
+                Ok(i) if i < current => Ok(SourceRef::Stage { index: i }),
+                _ => Err(self.err_at(node, PlanError::LaterStageIndex(value.into()), value)),
+            };
+        }
+        if let Some(&(i, _)) = self.names.get(&value.to_lowercase()) {
+            if i == current {
+                return Err(self.err_at(node, PlanError::SelfReference(value.into()), value));
+            }
+            return Ok(SourceRef::Stage { index: i });
+        }
+        if let Some(src) = self.opts.named_contexts.get(value) {
+            return Ok(SourceRef::Context {
+                name: value.into(),
+                source: src.clone(),
+            });
+        }
+        if valid_image_reference(value) {
+            return Ok(SourceRef::Image {
+                reference: value.into(),
+            });
+        }
+        Err(self.err_at(node, PlanError::InvalidReference(value.into()), value))
+    }
+
+    fn stage(
+        &mut self,
+        index: usize,
+        nodes: &[Node],
+        done: &[Option<StageDraft>],
+        build_args_used: &mut BTreeSet<String>,
+    ) -> Result<StageDraft, Error> {
+        let from_node = &nodes[0];
+        let mut warnings = Vec::new();
+        let scope = Scope([&self.globals, &self.predefined]);
+        let (ins, matched, unmatched) = self.check(from_node, &scope)?;
+        let Instruction::From(from) = ins else {
+            unreachable!("stages start with FROM");
+        };
+        for v in &unmatched {
+            warnings.push(PlanWarning {
+                line: Some(from_node.start_line),
+                message: format!(
+                    "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
+                ),
+            });
+        }
+        let platform = match &from.platform {
+            Some(p) => {
+                Platform::parse(p).map_err(|e| self.err_at(from_node, PlanError::from(e), p))?
+            }
+            None => self.target_platform.clone(),
+        };
+        let mut deps = BTreeSet::new();
+        let lower = from.image.to_lowercase();
+        let (base, mut env, mut env_complete, mut workdir) = match self.names.get(&lower) {
+            Some(&(i, _)) if i < index => {
+                deps.insert(i);
+                let parent = done[i].as_ref();
+                (
+                    Base::Stage { index: i },
+                    parent.map(|p| p.env.clone()).unwrap_or_default(),
+                    parent.is_some_and(|p| p.env_complete),
+                    parent.and_then(|p| p.workdir.clone()),
+                )
+            }
+            _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true, Some("/".into())),
+            _ => match self.opts.named_contexts.get(&from.image) {
+                Some(src) => (
+                    Base::Context {
+                        name: from.image.clone(),
+                        source: src.clone(),
+                    },
+                    BTreeMap::new(),
+                    false,
+                    None,
+                ),
+                None => {
+                    if !valid_image_reference(&from.image) {
+                        return Err(self.err_at(
+                            from_node,
+                            PlanError::InvalidReference(from.image.clone()),
+                            &from.image,
+                        ));
+                    }
+                    let env = self.opts.image_env.get(&from.image);
+                    let workdir = match self.opts.image_workdir.get(&from.image) {
+                        Some(w) if !w.is_empty() => Some(clean_path(w)),
+                        _ if env.is_some() => Some("/".into()),
+                        _ => None,
+                    };
+                    (
+                        Base::Image {
+                            reference: from.image.clone(),
+                        },
+                        env.map(|e| e.iter().cloned().collect()).unwrap_or_default(),
+                        env.is_some(),
+                        workdir,
+                    )
+                }
+            },
+        };
+        let mut args: BTreeMap<String, String> = BTreeMap::new();
+        let mut declared = BTreeSet::new();
+        let mut steps = Vec::new();
+        for node in &nodes[1..] {
+            // ENV wins over ARG of the same name, so it goes last.
+            let scope = Scope([&env, &args]);
+            let (mut ins, _matched, unmatched) = self.check(node, &scope)?;
+            let mut sources = Vec::new();
+            match &ins {
+                Instruction::Arg(decls) => {
+                    for d in decls {
+                        declared.insert(d.key.clone());
+                        let value = if let Some(v) = self.opts.build_args.get(&d.key) {
+                            build_args_used.insert(d.key.clone());
+                            Some(v.clone())
+                        } else if d.default.is_some() {
+                            d.default.clone()
+                        } else if let Some(v) = self.globals.get(&d.key) {
+                            Some(v.clone())
+                        } else {
+                            self.predefined.get(&d.key).cloned()
+                        };
+                        match value {
+                            Some(v) => args.insert(d.key.clone(), v),
+                            None => args.remove(&d.key),
+                        };
+                    }
+                }
+                Instruction::Env(kvs) => {
+                    for kv in kvs {
+                        env.insert(kv.key.clone(), kv.value.clone());
+                    }
+                }
+                Instruction::Copy(c) => {
+                    if let Some(f) = &c.from {
+                        sources.push(self.resolve(node, f, index)?);
+                    }
+                }
+                Instruction::Run(r) => {
+                    for m in &r.mounts {
+                        if let Some(f) = m.from() {
+                            sources.push(self.resolve(node, f, index)?);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            for s in &sources {
+                if let SourceRef::Stage { index } = s {
+                    deps.insert(*index);
+                }
+            }
+            let is_run = matches!(ins, Instruction::Run(_));
+            let step_workdir = workdir.clone();
+            match &mut ins {
+                Instruction::Workdir(w) => {
+                    workdir = if w.starts_with('/') {
+                        Some(clean_path(w))
+                    } else {
+                        workdir.map(|cur| clean_path(&format!("{cur}/{w}")))
+                    };
+                }
+                Instruction::Run(r) => {
+                    if let Some(cur) = &step_workdir {
+                        for m in &mut r.mounts {
+                            if let Some(t) = m.target_mut().filter(|t| !t.starts_with('/')) {
+                                *t = clean_path(&format!("{cur}/{t}"));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let unresolved: Vec<String> = if env_complete {
+                // Everything was visible: an unset variable is really unset.
+                for v in &unmatched {
+                    warnings.push(PlanWarning {
+                        line: Some(node.start_line),
+                        message: format!(
+                            "usage of undefined variable ${v}; define it with ARG or ENV first"
+                        ),
+                    });
+                }
+                Vec::new()
+            } else {
+                unmatched.into_iter().collect()
+            };
+            steps.push(Step {
+                line: node.start_line,
+                end_line: node.end_line,
+                original: node.original.trim().to_string(),
+                instruction: ins,
+                sources,
+                args: if is_run {
+                    args.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                } else {
+                    Vec::new()
+                },
+                workdir: step_workdir,
+                unresolved,
+            });
+        }
+        if steps.iter().any(|s| !s.unresolved.is_empty()) {
+            env_complete = false;
+        }
+        Ok(StageDraft {
+            name: from.name,
+            line: from_node.start_line,
+            base,
+            platform,
+            deps,
+            steps,
+            env,
+            env_complete,
+            workdir,
+            warnings,
+            used_globals: matched,
+            declared,
+        })
+    }
+}
+
+/// Resolve `ast` with `opts` into the stages to build.
+pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
+    let target_platform = opts
+        .target_platform
+        .clone()
+        .unwrap_or_else(|| opts.build_platform.clone());
+
+    // Split into the global section and stages; name the stages up front so
+    // `COPY --from` can refer to a stage defined later.
+    let first_from = ast.nodes.iter().position(|n| n.instruction == "from");
+    let Some(first_from) = first_from else {
+        let n = ast.nodes.iter().find(|n| n.instruction != "arg");
+        return Err(match n {
+            Some(n) if instructions::is_instruction(&n.instruction) => Error {
+                location: Some(Box::new(ast.source.find(n.start_line, ""))),
+                kind: PlanError::BeforeFrom(n.instruction.to_uppercase()).into(),
+            },
+            Some(n) => Error {
+                location: Some(Box::new(ast.source.find(n.start_line, ""))),
+                kind: instructions::InstructionError::UnknownInstruction(
+                    n.instruction.to_uppercase(),
+                )
+                .into(),
+            },
+            None => Error {
+                location: None,
+                kind: PlanError::NoFrom.into(),
+            },
+        });
+    };
+    let mut stage_nodes: Vec<&[Node]> = Vec::new();
+    let mut start = first_from;
+    for i in first_from + 1..=ast.nodes.len() {
+        if i == ast.nodes.len() || ast.nodes[i].instruction == "from" {
+            stage_nodes.push(&ast.nodes[start..i]);
+            start = i;
+        }
+    }
+
+    let bp = &opts.build_platform;
+    let tp = &target_platform;
+    let mut predefined: BTreeMap<String, String> = BTreeMap::from([
+        ("BUILDPLATFORM".into(), bp.to_string()),
+        ("BUILDOS".into(), bp.os.clone()),
+        ("BUILDARCH".into(), bp.architecture.clone()),
+        (
+            "BUILDVARIANT".into(),
+            bp.variant.clone().unwrap_or_default(),
+        ),
+        ("TARGETPLATFORM".into(), tp.to_string()),
+        ("TARGETOS".into(), tp.os.clone()),
+        ("TARGETARCH".into(), tp.architecture.clone()),
+        (
+            "TARGETVARIANT".into(),
+            tp.variant.clone().unwrap_or_default(),
+        ),
+    ]);
+
+    let mut planner = Planner {
+        ast,
+        opts,
+        target_platform: target_platform.clone(),
+        names: BTreeMap::new(),
+        globals: BTreeMap::new(),
+        global_declared: BTreeSet::new(),
+        predefined: BTreeMap::new(),
+        warnings: ast
+            .warnings
+            .iter()
+            .map(|w| PlanWarning {
+                line: Some(w.line),
+                message: w.message.clone(),
+            })
+            .collect(),
+    };
+    for (i, nodes) in stage_nodes.iter().enumerate() {
+        let n = &nodes[0];
+        if let [_, as_, name] = n.args.as_slice() {
+            if as_.eq_ignore_ascii_case("as") {
+                let name = name.to_lowercase();
+                if let Some(&(_, first_line)) = planner.names.get(&name) {
+                    return Err(planner.err_at(
+                        n,
+                        PlanError::DuplicateStage {
+                            name: name.clone(),
+                            first_line,
+                        },
+                        &name,
+                    ));
+                }
+                planner.names.insert(name, (i, n.start_line));
+            }
+        }
+    }
+
+    // The target, known before expansion so TARGETSTAGE can be set.
+    let target = match &opts.target {
+        None => stage_nodes.len() - 1,
+        Some(t) => match planner.names.get(&t.to_lowercase()) {
+            Some(&(i, _)) => i,
+            None => {
+                let mut available: Vec<&str> = planner.names.keys().map(String::as_str).collect();
+                if available.is_empty() {
+                    available.push("(none are named)");
+                }
+                return Err(Error {
+                    location: None,
+                    kind: PlanError::UnknownTarget {
+                        target: t.clone(),
+                        available: available.join(", "),
+                    }
+                    .into(),
+                });
+            }
+        },
+    };
+    let target_name = planner
+        .names
+        .iter()
+        .find(|(_, &(i, _))| i == target)
+        .map_or_else(|| target.to_string(), |(n, _)| n.clone());
+    predefined.insert("TARGETSTAGE".into(), target_name);
+    planner.predefined = predefined;
+
+    // Global ARGs.
+    for node in &ast.nodes[..first_from] {
+        if node.instruction != "arg" {
+            let kind: ErrorKind = if instructions::is_instruction(&node.instruction) {
+                PlanError::BeforeFrom(node.instruction.to_uppercase()).into()
+            } else {
+                instructions::InstructionError::UnknownInstruction(node.instruction.to_uppercase())
+                    .into()
+            };
+            return Err(planner.err_at(node, kind, ""));
+        }
+        let scope = Scope([&planner.globals, &planner.predefined]);
+        let (ins, _, _) = planner.check(node, &scope)?;
+        if let Instruction::Arg(decls) = ins {
+            for d in decls {
+                planner.global_declared.insert(d.key.clone());
+                let v = opts.build_args.get(&d.key).cloned().or(d.default);
+                match v {
+                    Some(v) => planner.globals.insert(d.key, v),
+                    None => planner.globals.remove(&d.key),
+                };
+            }
+        }
+    }
+
+    // Every stage, in order (a FROM can only name an earlier stage).
+    let mut drafts: Vec<Option<StageDraft>> = Vec::new();
+    let mut failures: BTreeMap<usize, Error> = BTreeMap::new();
+    let mut used_per_stage: Vec<BTreeSet<String>> = Vec::new();
+    for (i, nodes) in stage_nodes.iter().enumerate() {
+        let mut used = BTreeSet::new();
+        match planner.stage(i, nodes, &drafts, &mut used) {
+            Ok(d) => drafts.push(Some(d)),
+            Err(e) => {
+                failures.insert(i, e);
+                drafts.push(None);
+            }
+        }
+        used_per_stage.push(used);
+    }
+
+    // Needed stages, dependencies first; a stage that failed to check only
+    // fails the build when it is needed.
+    let mut order = Vec::new();
+    let mut state = vec![0u8; drafts.len()]; // 0 new, 1 in progress, 2 done
+    let mut path = Vec::new();
+    visit(
+        target, &drafts, &mut state, &mut order, &mut path, &failures, &planner,
+    )?;
+
+    // Unused build args.
+    let mut consumed: BTreeSet<String> = BTreeSet::new();
+    for &i in &order {
+        consumed.extend(used_per_stage[i].iter().cloned());
+        if let Some(d) = &drafts[i] {
+            consumed.extend(
+                d.used_globals
+                    .iter()
+                    .filter(|g| planner.global_declared.contains(*g))
+                    .cloned(),
+            );
+            consumed.extend(
+                d.declared
+                    .iter()
+                    .filter(|k| opts.build_args.contains_key(*k))
+                    .cloned(),
+            );
+        }
+    }
+    let mut warnings = planner.warnings;
+    // Findings about stages that are not built are not the user's concern now.
+    for &i in &order {
+        if let Some(d) = &mut drafts[i] {
+            warnings.append(&mut d.warnings);
+        }
+    }
+    let proxy_args: BTreeMap<String, String> = opts
+        .build_args
+        .iter()
+        .filter(|(k, _)| PROXY_ARGS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let unused: Vec<&str> = opts
+        .build_args
+        .keys()
+        .filter(|k| {
+            !consumed.contains(*k)
+                && !PROXY_ARGS.contains(&k.as_str())
+                && !k.starts_with("BUILDKIT_")
+                && *k != "SOURCE_DATE_EPOCH"
+        })
+        .map(String::as_str)
+        .collect();
+    if !unused.is_empty() {
+        warnings.push(PlanWarning {
+            line: None,
+            message: format!(
+                "one or more build-args [{}] were not consumed; declare them with ARG in a stage that is built",
+                unused.join(" ")
+            ),
+        });
+    }
+
+    let stages = order
+        .iter()
+        .map(|&i| {
+            let d = drafts[i].take().expect("needed stages were checked");
+            Stage {
+                index: i,
+                name: d.name,
+                line: d.line,
+                base: d.base,
+                platform: d.platform,
+                deps: d.deps.into_iter().collect(),
+                steps: d.steps,
+            }
+        })
+        .collect();
+    Ok(Plan {
+        syntax: ast.directive("syntax").map(str::to_string),
+        build_platform: opts.build_platform.clone(),
+        target_platform,
+        target,
+        stages,
+        proxy_args,
+        warnings,
+    })
+}
+
+fn visit(
+    i: usize,
+    drafts: &[Option<StageDraft>],
+    state: &mut [u8],
+    order: &mut Vec<usize>,
+    path: &mut Vec<usize>,
+    failures: &BTreeMap<usize, Error>,
+    p: &Planner<'_>,
+) -> Result<(), Error> {
+    // Iterative DFS so a long chain of stages cannot overflow the stack.
+    let mut stack: Vec<(usize, Vec<usize>)> = Vec::new();
+    let deps_of = |i: usize| -> Result<Vec<usize>, Error> {
+        match (&drafts[i], failures.get(&i)) {
+            (Some(d), _) => Ok(d.deps.iter().rev().copied().collect()),
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => Ok(Vec::new()),
+        }
+    };
+    if state[i] == 2 {
+        return Ok(());
+    }
+    state[i] = 1;
+    path.push(i);
+    stack.push((i, deps_of(i)?));
+    while let Some((node, pending)) = stack.last_mut() {
+        let node = *node;
+        match pending.pop() {
+            Some(d) if state[d] == 2 => {}
+            Some(d) if state[d] == 1 => {
+                let start = path.iter().position(|&x| x == d).unwrap_or(0);
+                let names: Vec<String> = path[start..]
+                    .iter()
+                    .chain(std::iter::once(&d))
+                    .map(|&s| stage_label(p, s))
+                    .collect();
+                let from = drafts[node].as_ref().map_or(0, |d| d.line);
+                return Err(Error {
+                    location: Some(Box::new(p.ast.source.find(from, ""))),
+                    kind: PlanError::Cycle(names.join(" -> ")).into(),
+                });
+            }
+            Some(d) => {
+                state[d] = 1;
+                path.push(d);
+                let deps = deps_of(d)?;
+                stack.push((d, deps));
+            }
+            None => {
+                state[node] = 2;
+                order.push(node);
+                path.pop();
+                stack.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stage_label(p: &Planner<'_>, i: usize) -> String {
+    p.names
+        .iter()
+        .find(|(_, &(s, _))| s == i)
+        .map_or_else(|| format!("stage {i}"), |(n, _)| n.clone())
+}
+
+impl Step {
+    /// The mounts of a RUN step, empty for other instructions.
+    pub fn mounts(&self) -> &[Mount] {
+        match &self.instruction {
+            Instruction::Run(r) => &r.mounts,
+            _ => &[],
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! The planner: ARG/ENV scoping, predefined args, the stage graph,
+//! `--target` pruning, and the errors a user gets for broken graphs.
+
+use std::collections::BTreeMap;
+
+use kiln_builder::frontend::instructions::{CommandLine, Instruction, Source};
+use kiln_builder::frontend::mounts::Mount;
+use kiln_builder::frontend::plan::{Base, PlanError, SourceRef};
+use kiln_builder::frontend::{parse, plan, ErrorKind, Plan, PlanOptions, Platform};
+
+fn opts() -> PlanOptions {
+    PlanOptions {
+        build_platform: Platform::parse("linux/amd64").unwrap(),
+        ..PlanOptions::default()
+    }
+}
+
+fn with_args(args: &[(&str, &str)]) -> PlanOptions {
+    PlanOptions {
+        build_args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..opts()
+    }
+}
+
+fn plan_of(src: &str, o: &PlanOptions) -> Plan {
+    let ast = parse(src.as_bytes(), "Dockerfile").unwrap();
+    plan(&ast, o).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn plan_err(src: &str, o: &PlanOptions) -> kiln_builder::frontend::Error {
+    let ast = parse(src.as_bytes(), "Dockerfile").unwrap_or_else(|e| panic!("{src:?}: {e}"));
+    plan(&ast, o).expect_err("plan should fail")
+}
+
+/// The value of every ENV and WORKDIR of the last stage, in order.
+fn values(p: &Plan) -> Vec<String> {
+    let last = p.stages.last().unwrap();
+    last.steps
+        .iter()
+        .filter_map(|s| match &s.instruction {
+            Instruction::Env(kv) => Some(
+                kv.iter()
+                    .map(|k| format!("{}={}", k.key, k.value))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            Instruction::Workdir(w) => Some(w.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn global_args_reach_from_and_only_redeclared_into_stages() {
+    let src = "ARG TAG=3.19\nARG UNUSED_HERE=x\nFROM alpine:$TAG\nWORKDIR /a/$TAG\nARG TAG\nWORKDIR /b/$TAG\n";
+    let p = plan_of(src, &opts());
+    assert_eq!(
+        p.stages[0].base,
+        Base::Image {
+            reference: "alpine:3.19".into()
+        }
+    );
+    assert_eq!(values(&p), ["/a/", "/b/3.19"]);
+    let p = plan_of(src, &with_args(&[("TAG", "edge")]));
+    assert_eq!(
+        p.stages[0].base,
+        Base::Image {
+            reference: "alpine:edge".into()
+        }
+    );
+    assert_eq!(values(&p), ["/a/", "/b/edge"]);
+}
+
+#[test]
+fn arg_precedence_build_arg_then_stage_default_then_global() {
+    let src = "ARG V=global\nFROM scratch\nARG V=stage\nENV A=$V\n";
+    assert_eq!(values(&plan_of(src, &opts())), ["A=stage"]);
+    assert_eq!(
+        values(&plan_of(src, &with_args(&[("V", "cli")]))),
+        ["A=cli"]
+    );
+}
+
+#[test]
+fn env_overrides_arg_and_is_visible_from_the_next_instruction() {
+    let src = "FROM scratch\nARG X=arg\nENV X=env Y=$X\nENV Z=$X\n";
+    assert_eq!(values(&plan_of(src, &opts())), ["X=env Y=arg", "Z=env"]);
+}
+
+#[test]
+fn env_is_inherited_from_a_parent_stage_but_args_are_not() {
+    let src = "FROM scratch AS base\nARG A=1\nENV E=from-base\nFROM base\nENV F=$E-$A\n";
+    assert_eq!(values(&plan_of(src, &opts())), ["F=from-base-"]);
+}
+
+#[test]
+fn platform_args_are_global_and_need_redeclaring() {
+    let o = PlanOptions {
+        target_platform: Some(Platform::parse("linux/arm/v7").unwrap()),
+        ..opts()
+    };
+    let src = "FROM --platform=$BUILDPLATFORM scratch AS b\nENV T=$TARGETARCH\nARG TARGETARCH TARGETVARIANT BUILDOS TARGETPLATFORM TARGETSTAGE\nENV T=$TARGETARCH V=$TARGETVARIANT O=$BUILDOS P=$TARGETPLATFORM S=$TARGETSTAGE\n";
+    let p = plan_of(src, &o);
+    assert_eq!(p.stages[0].platform.to_string(), "linux/amd64");
+    assert_eq!(values(&p), ["T=", "T=arm V=v7 O=linux P=linux/arm/v7 S=b"]);
+    let p = plan_of("FROM scratch\n", &o);
+    assert_eq!(
+        p.stages[0].platform.to_string(),
+        "linux/arm/v7",
+        "stages default to the target platform"
+    );
+}
+
+#[test]
+fn run_steps_carry_args_in_scope() {
+    let p = plan_of(
+        "FROM scratch\nARG A=1\nRUN echo $A\nARG B\nRUN x\n",
+        &opts(),
+    );
+    let runs: Vec<_> = p.stages[0]
+        .steps
+        .iter()
+        .filter(|s| matches!(s.instruction, Instruction::Run(_)))
+        .collect();
+    assert_eq!(runs[0].args, [("A".to_string(), "1".to_string())]);
+    assert_eq!(
+        runs[1].args,
+        [("A".to_string(), "1".to_string())],
+        "an ARG without value or build-arg is unset"
+    );
+}
+
+#[test]
+fn unused_build_args_warn_and_proxies_do_not() {
+    let p = plan_of(
+        "ARG G\nFROM scratch\nARG USED\n",
+        &with_args(&[
+            ("USED", "1"),
+            ("NOPE", "2"),
+            ("HTTP_PROXY", "http://p"),
+            ("G", "3"),
+        ]),
+    );
+    let w: Vec<&str> = p.warnings.iter().map(|w| w.message.as_str()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("[G NOPE]"), "{w:?}");
+    assert_eq!(
+        p.proxy_args.get("HTTP_PROXY").map(String::as_str),
+        Some("http://p")
+    );
+}
+
+#[test]
+fn from_with_undefined_variable_warns() {
+    let p = plan_of("FROM alpine${SUFFIX}\n", &opts());
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("$SUFFIX") && w.line == Some(1)));
+}
+
+#[test]
+fn graph_edges_and_dependency_order() {
+    let src = "\
+FROM alpine AS deps
+RUN fetch
+FROM golang AS build
+COPY --from=deps /d /d
+RUN --mount=type=bind,from=tools,target=/t --mount=type=cache,target=/c,from=0 make
+FROM busybox AS tools
+FROM build AS test
+FROM scratch
+COPY --from=build /app /app
+COPY --from=nginx:1.25 /etc/nginx /etc/nginx
+";
+    let p = plan_of(src, &opts());
+    let order: Vec<usize> = p.stages.iter().map(|s| s.index).collect();
+    assert_eq!(
+        order,
+        [0, 2, 1, 4],
+        "dependencies first; the unused `test` stage is pruned"
+    );
+    assert_eq!(p.target, 4);
+    assert_eq!(p.stage(1).unwrap().deps, [0, 2]);
+    assert_eq!(p.stage(4).unwrap().deps, [1]);
+    let last = p.stage(4).unwrap();
+    assert_eq!(
+        last.steps[1].sources,
+        [SourceRef::Image {
+            reference: "nginx:1.25".into()
+        }]
+    );
+    let build = p.stage(1).unwrap();
+    assert_eq!(
+        build.steps[1].sources,
+        [SourceRef::Stage { index: 2 }, SourceRef::Stage { index: 0 }]
+    );
+}
+
+#[test]
+fn target_selects_a_stage_and_what_it_needs() {
+    let src = "FROM alpine AS a\nFROM a AS b\nFROM alpine AS c\nRUN ${BROKEN:?this stage is not needed}\n";
+    let p = plan_of(
+        src,
+        &PlanOptions {
+            target: Some("B".into()),
+            ..opts()
+        },
+    );
+    assert_eq!(p.stages.iter().map(|s| s.index).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(p.stages[1].base, Base::Stage { index: 0 });
+}
+
+#[test]
+fn unneeded_stage_errors_do_not_fail_but_needed_ones_do() {
+    let src = "FROM alpine AS a\nENV X=${NEED:?set-NEED}\nFROM alpine AS b\n";
+    plan_of(src, &opts());
+    let e = plan_err(
+        src,
+        &PlanOptions {
+            target: Some("a".into()),
+            ..opts()
+        },
+    );
+    assert_eq!(e.location.as_ref().unwrap().line, 2);
+    assert!(e.to_string().contains("NEED: set-NEED"), "{e}");
+}
+
+#[test]
+fn graph_errors() {
+    let cases: &[(&str, &str, usize)] = &[
+        (
+            "FROM a AS x\nFROM b AS X\n",
+            "duplicate stage name \"x\", first defined on line 1",
+            2,
+        ),
+        (
+            "FROM alpine AS a\nCOPY --from=b / /\nFROM alpine AS b\nCOPY --from=a / /\n",
+            "circular dependency detected between stages: ",
+            0,
+        ),
+        (
+            "FROM alpine\nCOPY --from=1 / /\nFROM alpine\nCOPY --from=0 / /\n",
+            "--from=1 refers to the current or a later stage",
+            2,
+        ),
+        (
+            "FROM alpine AS me\nCOPY --from=me / /\n",
+            "cannot use itself",
+            2,
+        ),
+        (
+            "FROM alpine\nCOPY --from=Not_An_Image / /\n",
+            "\"Not_An_Image\" is not a build stage",
+            2,
+        ),
+        (
+            "FROM Alpine\n",
+            "\"Alpine\" is not a build stage, a named context or a valid image reference",
+            1,
+        ),
+        (
+            "RUN x\nFROM a\n",
+            "RUN is not allowed before the first FROM",
+            1,
+        ),
+        ("ARG A\n", "has no FROM", 0),
+        (
+            "FROM alpine\nRUN --mount=from=$X,target=/x y\n",
+            "'from' doesn't support variable expansion",
+            2,
+        ),
+        ("FROM --platform=linux//x alpine\n", "invalid platform", 1),
+    ];
+    for (src, want, line) in cases {
+        let e = plan_err(src, &opts());
+        assert!(e.to_string().contains(want), "{src:?}: {e}");
+        if *line > 0 {
+            assert_eq!(
+                e.location.as_ref().map(|l| l.line),
+                Some(*line),
+                "{src:?}: {e}"
+            );
+        }
+    }
+    let e = plan_err(
+        "FROM a AS one\n",
+        &PlanOptions {
+            target: Some("two".into()),
+            ..opts()
+        },
+    );
+    assert!(matches!(
+        e.kind,
+        ErrorKind::Plan(PlanError::UnknownTarget { .. })
+    ));
+    assert_eq!(
+        e.to_string(),
+        "target stage \"two\" could not be found; stages are: one"
+    );
+}
+
+#[test]
+fn named_contexts_replace_images() {
+    let o = PlanOptions {
+        named_contexts: BTreeMap::from([
+            (
+                "alpine".to_string(),
+                "docker-image://alpine:edge".to_string(),
+            ),
+            ("src".into(), "../src".into()),
+        ]),
+        ..opts()
+    };
+    let p = plan_of("FROM alpine\nCOPY --from=src . /s\n", &o);
+    assert_eq!(
+        p.stages[0].base,
+        Base::Context {
+            name: "alpine".into(),
+            source: "docker-image://alpine:edge".into()
+        }
+    );
+    assert_eq!(
+        p.stages[0].steps[0].sources,
+        [SourceRef::Context {
+            name: "src".into(),
+            source: "../src".into()
+        }]
+    );
+}
+
+#[test]
+fn image_env_is_used_and_missing_env_is_reported() {
+    let src = "FROM python:3\nENV PATH=/venv/bin:$PATH\nCMD python\n";
+    let p = plan_of(src, &opts());
+    assert_eq!(values(&p), ["PATH=/venv/bin:"]);
+    assert_eq!(p.stages[0].steps[0].unresolved, ["PATH"]);
+    let o = PlanOptions {
+        image_env: BTreeMap::from([(
+            "python:3".to_string(),
+            vec![("PATH".to_string(), "/usr/bin".to_string())],
+        )]),
+        ..opts()
+    };
+    let p = plan_of(src, &o);
+    assert_eq!(values(&p), ["PATH=/venv/bin:/usr/bin"]);
+    assert!(p.stages[0].steps[0].unresolved.is_empty());
+    assert_eq!(
+        p.stages[0].steps[1].instruction,
+        Instruction::Cmd(CommandLine::Shell("python".into()))
+    );
+}
+
+#[test]
+fn copy_heredoc_is_expanded_with_stage_variables() {
+    let p = plan_of(
+        "FROM scratch\nARG NAME=kiln\nCOPY <<EOF <<'RAW' /\nhello $NAME\nEOF\n$NAME\nRAW\n",
+        &opts(),
+    );
+    let Instruction::Copy(c) = &p.stages[0].steps[1].instruction else {
+        panic!()
+    };
+    assert_eq!(
+        c.sources,
+        [
+            Source::Heredoc {
+                name: "EOF".into(),
+                content: "hello kiln\n".into()
+            },
+            Source::Heredoc {
+                name: "RAW".into(),
+                content: "$NAME\n".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn plan_serializes_to_json() {
+    let p = plan_of(
+        "FROM alpine AS a\nRUN --mount=type=secret,id=x true\n",
+        &opts(),
+    );
+    let v = serde_json::to_value(&p).unwrap();
+    assert_eq!(v["stages"][0]["name"], "a");
+    assert_eq!(v["stages"][0]["base"]["kind"], "image");
+    assert_eq!(
+        v["stages"][0]["steps"][0]["instruction"]["instruction"],
+        "run"
+    );
+    assert_eq!(
+        v["stages"][0]["steps"][0]["instruction"]["args"]["mounts"][0]["type"],
+        "secret"
+    );
+}
+
+#[test]
+fn workdir_is_tracked_and_relative_mount_targets_join_it() {
+    let src = "FROM scratch AS a\nWORKDIR /src\nWORKDIR app/../pkg\nRUN --mount=type=cache,target=.cache --mount=type=bind,target=/abs x\nFROM a AS child\nRUN --mount=type=tmpfs,target=tmp y\nFROM alpine\nWORKDIR rel\n";
+    let p = plan_of(
+        src,
+        &PlanOptions {
+            target: Some("a".into()),
+            ..opts()
+        },
+    );
+    let steps = &p.stages[0].steps;
+    assert_eq!(steps[0].workdir.as_deref(), Some("/"));
+    assert_eq!(steps[1].workdir.as_deref(), Some("/src"));
+    assert_eq!(steps[2].workdir.as_deref(), Some("/src/pkg"));
+    let targets: Vec<&str> = steps[2]
+        .mounts()
+        .iter()
+        .map(|m| match m {
+            Mount::Cache { target, .. } | Mount::Bind { target, .. } => target.as_str(),
+            _ => "",
+        })
+        .collect();
+    assert_eq!(targets, ["/src/pkg/.cache", "/abs"]);
+    let p = plan_of(
+        src,
+        &PlanOptions {
+            target: Some("child".into()),
+            ..opts()
+        },
+    );
+    let child = p.stage(1).unwrap();
+    assert!(
+        matches!(&child.steps[0].mounts()[0], Mount::Tmpfs { target, .. } if target == "/src/pkg/tmp")
+    );
+    // An image whose config was not given: the working directory is unknown.
+    let p = plan_of(src, &opts());
+    let last = p.stage(2).unwrap();
+    assert_eq!(last.steps[0].workdir, None);
+    let o = PlanOptions {
+        image_workdir: BTreeMap::from([("alpine".to_string(), "/home".to_string())]),
+        ..opts()
+    };
+    let p = plan_of(
+        "FROM alpine\nWORKDIR rel\nRUN --mount=type=bind,target=m x\n",
+        &o,
+    );
+    assert_eq!(p.stages[0].steps[1].workdir.as_deref(), Some("/home/rel"));
+    assert!(
+        matches!(&p.stages[0].steps[1].mounts()[0], Mount::Bind { target, .. } if target == "/home/rel/m")
+    );
+}
+
+#[test]
+fn undefined_variables_warn_only_when_everything_is_known() {
+    let p = plan_of(
+        "FROM scratch\nENV A=$NOPE\nFROM alpine AS other\nENV B=$MAYBE_IN_IMAGE\n",
+        &PlanOptions {
+            target: Some("other".into()),
+            ..opts()
+        },
+    );
+    assert!(
+        p.warnings.iter().all(|w| !w.message.contains("$NOPE")),
+        "stage 0 is not built"
+    );
+    assert!(
+        p.warnings
+            .iter()
+            .all(|w| !w.message.contains("MAYBE_IN_IMAGE")),
+        "may come from the image"
+    );
+    assert_eq!(p.stages[0].steps[0].unresolved, ["MAYBE_IN_IMAGE"]);
+    let p = plan_of("FROM scratch\nENV A=$NOPE\n", &opts());
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("undefined variable $NOPE") && w.line == Some(2)));
+}

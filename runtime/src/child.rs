@@ -1,0 +1,904 @@
+//! The sandbox child: from the clone to the exec of the user's command.
+//!
+//! This code runs in a forked copy of a possibly multi-threaded process, so
+//! it never allocates and calls only async-signal-safe functions; every
+//! string and table it needs is prepared in a [`Plan`] before the clone.
+//! The path is one numbered sequence; any failure reports the step that
+//! failed to the parent as a [`Msg`] and exits with status 125.
+//!
+//! Two processes come out of it: the first (PID 1 of the new PID namespace)
+//! does the namespace-wide setup and then becomes kiln-init; it forks the
+//! second, which becomes the user's command.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+use nix::errno::Errno;
+
+use crate::sys::{self, FdPath};
+
+/// The setup step a failure happened in, reported to the parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    WaitForParent = 1,
+    BecomeRoot,
+    Hostname,
+    MakeMountsPrivate,
+    BindRootfs,
+    OpenRootfs,
+    MountProc,
+    MountDev,
+    DevNode,
+    MountDevPts,
+    MountDevShm,
+    MountSys,
+    SpecMount,
+    ReadonlyRootfs,
+    PivotRoot,
+    DetachOldRoot,
+    MaskPath,
+    ReadonlyPath,
+    Loopback,
+    Rlimit,
+    DropBoundingSet,
+    ClearAmbient,
+    NoNewPrivs,
+    ForkCommand,
+    WaitForInit,
+    SetGroups,
+    SetGid,
+    SetUid,
+    Capabilities,
+    Chdir,
+    Stdio,
+    Seccomp,
+    Exec,
+    ExecInit,
+}
+
+impl Stage {
+    fn from_u32(v: u32) -> Option<Stage> {
+        use Stage::*;
+        const ALL: [Stage; 34] = [
+            WaitForParent,
+            BecomeRoot,
+            Hostname,
+            MakeMountsPrivate,
+            BindRootfs,
+            OpenRootfs,
+            MountProc,
+            MountDev,
+            DevNode,
+            MountDevPts,
+            MountDevShm,
+            MountSys,
+            SpecMount,
+            ReadonlyRootfs,
+            PivotRoot,
+            DetachOldRoot,
+            MaskPath,
+            ReadonlyPath,
+            Loopback,
+            Rlimit,
+            DropBoundingSet,
+            ClearAmbient,
+            NoNewPrivs,
+            ForkCommand,
+            WaitForInit,
+            SetGroups,
+            SetGid,
+            SetUid,
+            Capabilities,
+            Chdir,
+            Stdio,
+            Seccomp,
+            Exec,
+            ExecInit,
+        ];
+        ALL.iter().copied().find(|s| *s as u32 == v)
+    }
+
+    /// A hint that names the likely cause and fix, for the error message.
+    pub fn hint(self, errno: Errno) -> &'static str {
+        match (self, errno) {
+            (Stage::BindRootfs | Stage::OpenRootfs, _) => {
+                " (is the rootfs a directory the calling user can read?)"
+            }
+            (Stage::MountProc, Errno::EPERM) => {
+                " (the kernel refused a fresh /proc: it does this when the host's /proc has \
+                 masked or read-only submounts, e.g. inside another container; run kiln where /proc is fully visible)"
+            }
+            (Stage::SetUid | Stage::SetGid, Errno::EINVAL) => {
+                " (the id is not mapped in the sandbox: give your user a range in /etc/subuid and /etc/subgid)"
+            }
+            (Stage::Chdir, Errno::ENOENT) => " (the working directory does not exist in the rootfs)",
+            (
+                Stage::MountDev | Stage::MountDevPts | Stage::MountDevShm | Stage::MakeMountsPrivate | Stage::SpecMount,
+                Errno::EPERM,
+            ) => " (the kernel denied a mount in the sandbox's user namespace; an LSM policy such as AppArmor's \
+                   restrict_unprivileged_userns may be in force)",
+            _ => "",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Stage::WaitForParent => "waiting for the id maps",
+            Stage::BecomeRoot => "becoming root in the user namespace",
+            Stage::Hostname => "setting the hostname",
+            Stage::MakeMountsPrivate => "making mounts private",
+            Stage::BindRootfs => "bind-mounting the rootfs",
+            Stage::OpenRootfs => "opening the rootfs",
+            Stage::MountProc => "mounting /proc",
+            Stage::MountDev => "mounting /dev",
+            Stage::DevNode => "binding a device node into /dev",
+            Stage::MountDevPts => "mounting /dev/pts",
+            Stage::MountDevShm => "mounting /dev/shm",
+            Stage::MountSys => "mounting /sys",
+            Stage::SpecMount => "mounting a spec mount",
+            Stage::ReadonlyRootfs => "making the rootfs read-only",
+            Stage::PivotRoot => "pivot_root into the rootfs",
+            Stage::DetachOldRoot => "detaching the old root",
+            Stage::MaskPath => "masking a /proc or /sys path",
+            Stage::ReadonlyPath => "making a /proc path read-only",
+            Stage::Loopback => "bringing up loopback",
+            Stage::Rlimit => "setting resource limits",
+            Stage::DropBoundingSet => "dropping the capability bounding set",
+            Stage::ClearAmbient => "clearing ambient capabilities",
+            Stage::NoNewPrivs => "setting no_new_privs",
+            Stage::ForkCommand => "forking the command",
+            Stage::WaitForInit => "waiting for init",
+            Stage::SetGroups => "setting supplementary groups",
+            Stage::SetGid => "setting the gid",
+            Stage::SetUid => "setting the uid",
+            Stage::Capabilities => "setting capabilities",
+            Stage::Chdir => "changing to the working directory",
+            Stage::Stdio => "setting up standard streams",
+            Stage::Seccomp => "installing the seccomp filter",
+            Stage::Exec => "executing the command",
+            Stage::ExecInit => "executing kiln-init",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A child-to-parent report: the stage that failed and its errno. Fixed
+/// size, so it is written and read in one piece without allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Msg {
+    pub stage: Stage,
+    pub errno: Errno,
+}
+
+impl Msg {
+    pub const SIZE: usize = 8;
+
+    fn encode(self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[..4].copy_from_slice(&(self.stage as u32).to_ne_bytes());
+        b[4..].copy_from_slice(&(self.errno as i32).to_ne_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; Self::SIZE]) -> Option<Msg> {
+        let stage = Stage::from_u32(u32::from_ne_bytes(b[..4].try_into().ok()?))?;
+        let errno = Errno::from_raw(i32::from_ne_bytes(b[4..].try_into().ok()?));
+        Some(Msg { stage, errno })
+    }
+}
+
+/// A mount from the spec, resolved for the child.
+pub enum MountKind {
+    Bind { source: CString, recursive: bool },
+    Tmpfs { data: CString },
+}
+
+pub struct SpecMount {
+    /// destination relative to the rootfs, resolved with RESOLVE_IN_ROOT
+    pub dest: CString,
+    pub kind: MountKind,
+    /// MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC as requested
+    pub flags: libc::c_ulong,
+}
+
+/// Where a standard stream of the command comes from.
+#[derive(Clone, Copy)]
+pub enum StdioFd {
+    /// keep the caller's descriptor
+    Inherit,
+    /// dup this descriptor onto the stream
+    Fd(RawFd),
+}
+
+/// Everything the child needs, prepared before the clone.
+pub struct Plan {
+    pub rootfs: CString,
+    pub rootfs_readonly: bool,
+    pub hostname: Option<CString>,
+    pub new_net: bool,
+    /// whether setgroups(2) is allowed (not denied for a single-id map)
+    pub can_setgroups: bool,
+    pub mounts: Vec<SpecMount>,
+    /// absolute paths inside the new root
+    pub masked: Vec<CString>,
+    pub readonly: Vec<CString>,
+    pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    pub last_cap: u32,
+    pub bounding: u64,
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    /// seccomp programs in install order; empty for `unconfined`
+    pub seccomp: Vec<Vec<libc::sock_filter>>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<libc::gid_t>,
+    pub umask: Option<u32>,
+    pub cwd: CString,
+    pub argv0: CString,
+    pub argv: Vec<*const libc::c_char>,
+    pub envp: Vec<*const libc::c_char>,
+    /// directories to search for `argv0` when it has no slash
+    pub path_dirs: Vec<CString>,
+    pub stdio: [StdioFd; 3],
+    pub init_fd: RawFd,
+    pub sync_read: RawFd,
+    pub err_write: RawFd,
+    pub status_write: RawFd,
+}
+
+/// Report a failure to the parent and exit. Never returns.
+fn fail(p: &Plan, stage: Stage, errno: Errno) -> ! {
+    sys::write_all(p.err_write, &Msg { stage, errno }.encode());
+    // SAFETY: _exit is async-signal-safe and ends the process.
+    unsafe { libc::_exit(crate::error::EXIT_SANDBOX_FAILURE) }
+}
+
+trait OrFail<T> {
+    fn or_fail(self, p: &Plan, stage: Stage) -> T;
+}
+
+impl<T> OrFail<T> for Result<T, Errno> {
+    fn or_fail(self, p: &Plan, stage: Stage) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => fail(p, stage, e),
+        }
+    }
+}
+
+fn check(rc: libc::c_long) -> Result<(), Errno> {
+    Errno::result(rc).map(drop)
+}
+
+/// openat relative to `dir` without following a final symlink; a missing
+/// mount point directory is created (as runc does). No allocation.
+fn open_mountpoint_dir(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated; plain openat/mkdirat calls.
+    unsafe {
+        let fd = libc::openat(dir, name.as_ptr(), flags);
+        if fd >= 0 {
+            return Ok(fd);
+        }
+        if Errno::last() != Errno::ENOENT {
+            return Err(Errno::last());
+        }
+        if libc::mkdirat(dir, name.as_ptr(), 0o755) != 0 && Errno::last() != Errno::EEXIST {
+            return Err(Errno::last());
+        }
+        let fd = libc::openat(dir, name.as_ptr(), flags);
+        if fd < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(fd)
+        }
+    }
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor this process owns.
+    unsafe { libc::close(fd) };
+}
+
+/// Mount `fstype` (no source) over the directory `name` inside `dir`.
+fn mount_fs_at(
+    dir: RawFd,
+    name: &CStr,
+    fstype: &CStr,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), Errno> {
+    let fd = open_mountpoint_dir(dir, name)?;
+    let r = sys::mount(
+        Some(fstype),
+        FdPath::new(fd).as_cstr(),
+        Some(fstype),
+        flags,
+        data,
+    );
+    close(fd);
+    r
+}
+
+const HOST_DEVICES: [(&CStr, &CStr); 6] = [
+    (c"/dev/null", c"null"),
+    (c"/dev/zero", c"zero"),
+    (c"/dev/full", c"full"),
+    (c"/dev/random", c"random"),
+    (c"/dev/urandom", c"urandom"),
+    (c"/dev/tty", c"tty"),
+];
+
+const DEV_LINKS: [(&CStr, &CStr); 5] = [
+    (c"/proc/self/fd", c"fd"),
+    (c"/proc/self/fd/0", c"stdin"),
+    (c"/proc/self/fd/1", c"stdout"),
+    (c"/proc/self/fd/2", c"stderr"),
+    (c"pts/ptmx", c"ptmx"),
+];
+
+/// /dev: a fresh tmpfs holding only the safe host devices (bind-mounted:
+/// a user namespace cannot mknod), a private devpts and /dev/shm.
+fn setup_dev(p: &Plan, root: RawFd) {
+    let nosuid = libc::MS_NOSUID;
+    mount_fs_at(
+        root,
+        c"dev",
+        c"tmpfs",
+        nosuid | libc::MS_NOEXEC,
+        Some(c"mode=755,size=65536k"),
+    )
+    .or_fail(p, Stage::MountDev);
+    let dev = open_mountpoint_dir(root, c"dev").or_fail(p, Stage::MountDev);
+    for (host, name) in HOST_DEVICES {
+        // SAFETY: creating an empty regular file as a bind target in our
+        // fresh tmpfs; `name` is NUL-terminated.
+        let fd = unsafe {
+            libc::openat(
+                dev,
+                name.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o666,
+            )
+        };
+        if fd < 0 {
+            fail(p, Stage::DevNode, Errno::last());
+        }
+        let r = sys::mount(
+            Some(host),
+            FdPath::new(fd).as_cstr(),
+            None,
+            libc::MS_BIND,
+            None,
+        );
+        close(fd);
+        // /dev/tty may not exist for a process without a terminal; the
+        // rest must.
+        if let Err(e) = r {
+            if name != c"tty" {
+                fail(p, Stage::DevNode, e);
+            }
+        }
+    }
+    mount_fs_at(
+        dev,
+        c"pts",
+        c"devpts",
+        nosuid | libc::MS_NOEXEC,
+        Some(c"newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .or_fail(p, Stage::MountDevPts);
+    mount_fs_at(
+        dev,
+        c"shm",
+        c"tmpfs",
+        nosuid | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(c"mode=1777,size=65536k"),
+    )
+    .or_fail(p, Stage::MountDevShm);
+    for (target, name) in DEV_LINKS {
+        // SAFETY: both strings are NUL-terminated; a failure only means a
+        // missing convenience link.
+        unsafe { libc::symlinkat(target.as_ptr(), dev, name.as_ptr()) };
+    }
+    close(dev);
+}
+
+/// The spec's bind and tmpfs mounts, each target resolved inside the
+/// rootfs as a descriptor so no symlink in the image can redirect it.
+fn setup_spec_mounts(p: &Plan, root: RawFd) {
+    for m in &p.mounts {
+        let fd = sys::open_path_in_root(root, &m.dest).or_fail(p, Stage::SpecMount);
+        let target = FdPath::new(fd);
+        match &m.kind {
+            MountKind::Bind { source, recursive } => {
+                let rec = if *recursive { libc::MS_REC } else { 0 };
+                sys::mount(
+                    Some(source),
+                    target.as_cstr(),
+                    None,
+                    libc::MS_BIND | rec,
+                    None,
+                )
+                .or_fail(p, Stage::SpecMount);
+                if m.flags != 0 {
+                    // Re-resolve: the descriptor still names the covered
+                    // directory, the new mount sits on top of it.
+                    let top = sys::open_path_in_root(root, &m.dest).or_fail(p, Stage::SpecMount);
+                    sys::mount(
+                        None,
+                        FdPath::new(top).as_cstr(),
+                        None,
+                        libc::MS_BIND | libc::MS_REMOUNT | m.flags,
+                        None,
+                    )
+                    .or_fail(p, Stage::SpecMount);
+                    close(top);
+                }
+            }
+            MountKind::Tmpfs { data } => {
+                sys::mount(
+                    Some(c"tmpfs"),
+                    target.as_cstr(),
+                    Some(c"tmpfs"),
+                    m.flags,
+                    Some(data),
+                )
+                .or_fail(p, Stage::SpecMount);
+            }
+        }
+        close(fd);
+    }
+}
+
+/// Mask the paths the OCI defaults hide: files get /dev/null, directories
+/// an empty read-only tmpfs. Runs after pivot_root, so every path resolves
+/// inside mounts kiln made itself (/proc and /sys are fresh instances).
+fn mask_paths(p: &Plan) {
+    for path in &p.masked {
+        let mut st: libc::stat = zeroed_stat();
+        // SAFETY: `path` is NUL-terminated and `st` is a valid out buffer.
+        if unsafe { libc::lstat(path.as_ptr(), &mut st) } != 0 {
+            continue; // nothing to hide
+        }
+        let r = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            sys::mount(
+                Some(c"tmpfs"),
+                path,
+                Some(c"tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"size=0"),
+            )
+        } else {
+            sys::mount(Some(c"/dev/null"), path, None, libc::MS_BIND, None)
+        };
+        r.or_fail(p, Stage::MaskPath);
+    }
+    for path in &p.readonly {
+        match sys::mount(Some(path), path, None, libc::MS_BIND | libc::MS_REC, None) {
+            Err(Errno::ENOENT) => continue,
+            r => r.or_fail(p, Stage::ReadonlyPath),
+        }
+        // The flags of the procfs mount are locked in a user namespace and
+        // must be repeated on remount.
+        let flags = libc::MS_BIND
+            | libc::MS_REMOUNT
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC;
+        sys::mount(None, path, None, flags | libc::MS_REC, None).or_fail(p, Stage::ReadonlyPath);
+    }
+}
+
+fn zeroed_stat() -> libc::stat {
+    // SAFETY: `stat` is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// PID 1 of the sandbox: namespace-wide setup, then fork the command and
+/// become kiln-init.
+///
+/// # Safety
+/// Must only be called in the child of [`sys::clone3_fork`] (see there).
+pub unsafe fn run(p: &Plan) -> ! {
+    // 1. Wait until the parent has written our uid and gid maps.
+    let mut byte = [0u8; 1];
+    match sys::read_full(p.sync_read, &mut byte) {
+        Ok(1) => {}
+        Ok(_) => fail(p, Stage::WaitForParent, Errno::EPIPE),
+        Err(e) => fail(p, Stage::WaitForParent, e),
+    }
+    close(p.sync_read);
+
+    // 2. Become uid/gid 0 of the new namespace, without host groups.
+    // SAFETY: plain id syscalls.
+    unsafe {
+        if p.can_setgroups {
+            check(libc::setgroups(0, std::ptr::null()).into()).or_fail(p, Stage::BecomeRoot);
+        }
+        check(libc::setresgid(0, 0, 0).into()).or_fail(p, Stage::BecomeRoot);
+        check(libc::setresuid(0, 0, 0).into()).or_fail(p, Stage::BecomeRoot);
+    }
+
+    // 3. Hostname of the new UTS namespace.
+    if let Some(h) = &p.hostname {
+        // SAFETY: `h` is a valid buffer of the given length.
+        check(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) }.into())
+            .or_fail(p, Stage::Hostname);
+    }
+
+    // 4. Nothing we mount may propagate back to the host.
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .or_fail(p, Stage::MakeMountsPrivate);
+
+    // 5. The rootfs becomes a mount point of its own (pivot_root needs one).
+    sys::mount(
+        Some(&p.rootfs),
+        &p.rootfs,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )
+    .or_fail(p, Stage::BindRootfs);
+    // SAFETY: `rootfs` is NUL-terminated.
+    let root = unsafe {
+        libc::open(
+            p.rootfs.as_ptr(),
+            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if root < 0 {
+        fail(p, Stage::OpenRootfs, Errno::last());
+    }
+
+    // 6. A fresh /proc for the new PID namespace. The mount point is opened
+    //    without following symlinks, so an image whose /proc is a symlink
+    //    cannot redirect the mount (runc CVE-2019-19921 class).
+    mount_fs_at(
+        root,
+        c"proc",
+        c"proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+    .or_fail(p, Stage::MountProc);
+
+    // 7. /dev with only safe devices.
+    setup_dev(p, root);
+
+    // 8. /sys read-only; the kernel allows sysfs only with our own network
+    //    namespace. Without one, /sys stays empty rather than exposing the
+    //    host's.
+    if p.new_net {
+        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        match mount_fs_at(root, c"sys", c"sysfs", flags, None) {
+            Ok(()) | Err(Errno::EPERM) => {}
+            Err(e) => fail(p, Stage::MountSys, e),
+        }
+    }
+
+    // 9. The spec's own bind and tmpfs mounts.
+    setup_spec_mounts(p, root);
+
+    // 10. Read-only rootfs when asked.
+    if p.rootfs_readonly {
+        sys::mount(
+            None,
+            &p.rootfs,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        )
+        .or_fail(p, Stage::ReadonlyRootfs);
+    }
+
+    // 11. pivot_root into the rootfs and detach the old root entirely.
+    // SAFETY: fchdir/pivot_root/umount2/chdir on valid arguments.
+    unsafe {
+        check(libc::fchdir(root).into()).or_fail(p, Stage::PivotRoot);
+        check(libc::syscall(
+            libc::SYS_pivot_root,
+            c".".as_ptr(),
+            c".".as_ptr(),
+        ))
+        .or_fail(p, Stage::PivotRoot);
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into())
+            .or_fail(p, Stage::DetachOldRoot);
+        check(libc::chdir(c"/".as_ptr()).into()).or_fail(p, Stage::DetachOldRoot);
+    }
+    close(root);
+
+    // 12. Masked and read-only paths in the fresh /proc and /sys.
+    mask_paths(p);
+
+    // 13. Loopback up in a new network namespace.
+    if p.new_net {
+        sys::loopback_up().or_fail(p, Stage::Loopback);
+    }
+
+    // 14. Resource limits, inherited by init and the command.
+    for (res, lim) in &p.rlimits {
+        // SAFETY: `lim` is a valid rlimit.
+        check(unsafe { libc::setrlimit(*res, lim) }.into()).or_fail(p, Stage::Rlimit);
+    }
+
+    // 15. Capability bounding set and ambient set, no_new_privs: shared by
+    //     init and the command.
+    for cap in 0..=p.last_cap {
+        if p.bounding & (1u64 << cap) == 0 {
+            // SAFETY: plain prctl.
+            check(
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) }
+                    .into(),
+            )
+            .or_fail(p, Stage::DropBoundingSet);
+        }
+    }
+    // SAFETY: plain prctl calls.
+    unsafe {
+        check(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+            .into(),
+        )
+        .or_fail(p, Stage::ClearAmbient);
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())
+            .or_fail(p, Stage::NoNewPrivs);
+    }
+
+    // 16. seccomp, once for both processes: the filter is inherited by
+    //     the fork below, and what the command still does before exec (ids,
+    //     capabilities, cwd, streams) is all in the allowlist. Installing it
+    //     once instead of twice saves a BPF compile per step.
+    for prog in &p.seccomp {
+        sys::seccomp_install(prog).or_fail(p, Stage::Seccomp);
+    }
+
+    // 17. Fork the command; it waits until init is non-dumpable.
+    let mut ready = [0 as RawFd; 2];
+    // SAFETY: `ready` has room for two descriptors.
+    check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) }.into())
+        .or_fail(p, Stage::ForkCommand);
+    // SAFETY: this process is single-threaded; the child only makes
+    // async-signal-safe calls and leaves by exec or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        fail(p, Stage::ForkCommand, Errno::last());
+    }
+    if pid == 0 {
+        close(ready[1]);
+        // SAFETY: we are the freshly forked command process.
+        unsafe { command(p, ready[0]) }
+    }
+    close(ready[0]);
+
+    // 18. Become kiln-init.
+    // SAFETY: still the single-threaded sandbox child.
+    unsafe { exec_init(p, pid, ready[1]) }
+}
+
+/// The command process (already under seccomp): ids, capabilities, cwd,
+/// streams, signals, exec.
+unsafe fn command(p: &Plan, ready: RawFd) -> ! {
+    // a. Wait for init to be ready (EOF once it closed its end).
+    let mut b = [0u8; 1];
+    let _ = sys::read_full(ready, &mut b);
+    close(ready);
+
+    // b. Ids. Keep capabilities across the uid change so the spec's sets
+    //    apply to any user, as runc does.
+    // SAFETY: plain id and prctl calls on valid buffers.
+    unsafe {
+        if p.can_setgroups {
+            check(libc::setgroups(p.groups.len(), p.groups.as_ptr()).into())
+                .or_fail(p, Stage::SetGroups);
+        }
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into()).or_fail(p, Stage::SetUid);
+        check(libc::setresgid(p.gid, p.gid, p.gid).into()).or_fail(p, Stage::SetGid);
+        check(libc::setresuid(p.uid, p.uid, p.uid).into()).or_fail(p, Stage::SetUid);
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0).into()).or_fail(p, Stage::SetUid);
+    }
+
+    // c. Capabilities.
+    sys::capset(p.effective, p.permitted, p.inheritable).or_fail(p, Stage::Capabilities);
+
+    // d. umask and working directory (inside the new root).
+    // SAFETY: plain calls with NUL-terminated strings.
+    unsafe {
+        if let Some(m) = p.umask {
+            libc::umask(m);
+        }
+        check(libc::chdir(p.cwd.as_ptr()).into()).or_fail(p, Stage::Chdir);
+    }
+
+    // e. Standard streams, then every other descriptor closes on exec
+    //    (the error pipe included, which tells the parent exec succeeded).
+    for (target, src) in p.stdio.iter().enumerate() {
+        if let StdioFd::Fd(fd) = src {
+            let target = RawFd::try_from(target).unwrap_or(0);
+            // SAFETY: plain dup2 on descriptors we own.
+            check(unsafe { libc::dup2(*fd, target) }.into()).or_fail(p, Stage::Stdio);
+        }
+    }
+    // SAFETY: plain close_range call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    })
+    .or_fail(p, Stage::Stdio);
+
+    // f. Signals as a fresh process has them: kiln may block the ones it
+    //    forwards and ignores SIGPIPE (Rust does), and both would survive
+    //    exec.
+    reset_signals();
+
+    // g. exec, searching PATH as execvp does.
+    exec_command(p)
+}
+
+fn reset_signals() {
+    // The raw syscall, because glibc refuses to touch the two real-time
+    // signals it reserves, and those too must reach the command clean.
+    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty
+    // mask; the kernel reads 8 bytes of mask.
+    let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: see above; invalid numbers just fail with EINVAL.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const libc::sigaction,
+                    std::ptr::null_mut::<libc::sigaction>(),
+                    8,
+                )
+            };
+        }
+    }
+    // SAFETY: an empty, initialised set unblocks every signal.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+fn exec_command(p: &Plan) -> ! {
+    let exec = |path: *const libc::c_char| {
+        // SAFETY: argv and envp are NUL-terminated arrays of pointers into
+        // CStrings owned by the plan.
+        unsafe { libc::execve(path, p.argv.as_ptr(), p.envp.as_ptr()) };
+        Errno::last()
+    };
+    let name = p.argv0.as_bytes();
+    if name.contains(&b'/') || p.path_dirs.is_empty() {
+        let e = exec(p.argv0.as_ptr());
+        fail_exec(p, e);
+    }
+    let mut seen_eacces = false;
+    let mut buf = [0u8; 4096];
+    for dir in &p.path_dirs {
+        let d = dir.as_bytes();
+        if d.len() + 1 + name.len() + 1 > buf.len() {
+            continue;
+        }
+        buf[..d.len()].copy_from_slice(d);
+        buf[d.len()] = b'/';
+        buf[d.len() + 1..d.len() + 1 + name.len()].copy_from_slice(name);
+        buf[d.len() + 1 + name.len()] = 0;
+        match exec(buf.as_ptr().cast()) {
+            Errno::EACCES => seen_eacces = true,
+            Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::ENAMETOOLONG => {}
+            e => fail_exec(p, e),
+        }
+    }
+    fail_exec(
+        p,
+        if seen_eacces {
+            Errno::EACCES
+        } else {
+            Errno::ENOENT
+        },
+    )
+}
+
+fn fail_exec(p: &Plan, errno: Errno) -> ! {
+    sys::write_all(
+        p.err_write,
+        &Msg {
+            stage: Stage::Exec,
+            errno,
+        }
+        .encode(),
+    );
+    let code = if errno == Errno::ENOENT {
+        crate::error::EXIT_NOT_FOUND
+    } else {
+        crate::error::EXIT_CANNOT_EXECUTE
+    };
+    // SAFETY: _exit ends the process.
+    unsafe { libc::_exit(code) }
+}
+
+/// Drop everything init does not need and exec it from its sealed memfd.
+unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
+    // Move the descriptors init keeps to high numbers first, so placing
+    // them at 3 and 4 cannot clobber one another.
+    let high = |fd: RawFd| {
+        // SAFETY: plain fcntl on a descriptor we own.
+        let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+        if r < 0 {
+            fail(p, Stage::ExecInit, Errno::last())
+        }
+        r
+    };
+    let init = high(p.init_fd);
+    let status = high(p.status_write);
+    let ready = high(ready_write);
+    // SAFETY: dup2/open/close_range on descriptors we own.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null < 0 {
+            fail(p, Stage::ExecInit, Errno::last());
+        }
+        let null = high(null);
+        for (src, dst) in [(status, 3), (ready, 4), (null, 0), (null, 1), (null, 2)] {
+            check(libc::dup2(src, dst).into()).or_fail(p, Stage::ExecInit);
+        }
+        check(libc::syscall(
+            libc::SYS_close_range,
+            5u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ))
+        .or_fail(p, Stage::ExecInit);
+    }
+    // Init needs no capability at all.
+    sys::capset(0, 0, 0).or_fail(p, Stage::ExecInit);
+    let mut digits = [0u8; 12];
+    let n = sys::itoa(command.cast_unsigned(), &mut digits);
+    let mut arg1 = [0u8; 13];
+    arg1[..n.len()].copy_from_slice(n);
+    let argv = [
+        c"kiln-init".as_ptr(),
+        arg1.as_ptr().cast(),
+        std::ptr::null(),
+    ];
+    let errno = sys::exec_fd(init, &argv);
+    // The error pipe is still open here (close-on-exec), so report.
+    fail(p, Stage::ExecInit, errno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let m = Msg {
+            stage: Stage::MountProc,
+            errno: Errno::EPERM,
+        };
+        assert_eq!(Msg::decode(&m.encode()), Some(m));
+        for v in 1..=34 {
+            let s = Stage::from_u32(v).expect("every stage decodes");
+            assert_eq!(s as u32, v);
+        }
+        assert_eq!(Stage::from_u32(0), None);
+    }
+}

@@ -1,0 +1,117 @@
+//! The runtime's error type: every way starting a sandbox can fail, each
+//! with a message that names the cause and, where there is one, the fix.
+//! A failure of the sandbox itself maps to exit code 125 (as Docker uses),
+//! distinct from anything the command returns.
+
+use std::path::PathBuf;
+
+use crate::child::Stage;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Exit code kiln uses when the sandbox could not be set up.
+pub const EXIT_SANDBOX_FAILURE: i32 = 125;
+/// Exit code when the command exists but cannot be executed (as Docker).
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+/// Exit code when the command does not exist (as Docker and shells).
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("rootfs {0} does not exist: pass a directory holding the sandbox's root filesystem")]
+    RootfsMissing(PathBuf),
+    #[error("rootfs {0} is not a directory")]
+    RootfsNotDirectory(PathBuf),
+    #[error("the spec has no process to run: set process.args")]
+    NoProcess,
+    #[error("the spec's process.args is empty: name a command to run")]
+    NoArgs,
+    #[error("the spec asks for {0}, which kiln's runtime does not support")]
+    Unsupported(String),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("{what} contains a NUL byte")]
+    NulByte { what: String },
+    #[error("user {0:?} is not in the rootfs's /etc/passwd: use a numeric uid or add the user to the image")]
+    UnknownUser(String),
+    #[error("group {0:?} is not in the rootfs's /etc/group: use a numeric gid or add the group to the image")]
+    UnknownGroup(String),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "uid {id} is not mapped in the sandbox: only uid 0 is available because {reason}; \
+         add a range for your user to /etc/subuid and /etc/subgid and install newuidmap (package uidmap)"
+    )]
+    IdNotMapped { id: u32, reason: &'static str },
+    #[error(
+        "user namespaces are disabled on this host ({0}): enable them with \
+         `sysctl -w kernel.unprivileged_userns_clone=1` or `sysctl -w user.max_user_namespaces=15000`"
+    )]
+    UserNamespacesDisabled(&'static str),
+    #[error("cannot create the sandbox: {0}")]
+    Clone(std::io::Error),
+    #[error("{helper} failed to map ids for the sandbox ({status}): {stderr}; check the ranges for your user in /etc/subuid and /etc/subgid")]
+    IdMapHelper {
+        helper: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot run {helper}: {source}; install it with `apt-get install uidmap`")]
+    IdMapHelperMissing {
+        helper: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    WriteIdMap {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("sandbox setup failed at {stage}: {errno}{hint}")]
+    Setup {
+        stage: Stage,
+        errno: nix::errno::Errno,
+        hint: &'static str,
+    },
+    #[error("executable {0:?} not found in the sandbox (searched the spec's PATH)")]
+    ExecNotFound(String),
+    #[error("cannot execute {path:?} in the sandbox: {errno}")]
+    ExecFailed {
+        path: String,
+        errno: nix::errno::Errno,
+    },
+    #[error("cannot compile seccomp profile {path}: {reason}")]
+    SeccompProfile { path: PathBuf, reason: String },
+    #[error("cannot prepare the sandbox's init: {0}")]
+    Init(std::io::Error),
+    #[error("lost contact with the sandbox: {0}")]
+    Channel(std::io::Error),
+    #[error("cannot use runtime directory {path}: {source}")]
+    RuntimeDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("runtime directory {0} is not a private directory of the calling user: remove it or set XDG_RUNTIME_DIR")]
+    RuntimeDirUnsafe(PathBuf),
+    #[error("cannot join kiln's user namespace through {path}: {source}")]
+    JoinNamespace {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("waiting for the sandbox failed: {0}")]
+    Wait(nix::errno::Errno),
+}
+
+impl Error {
+    /// The exit code kiln reports for this error: 126/127 when the command
+    /// itself cannot run (as Docker and shells), 125 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::ExecNotFound(_) => EXIT_NOT_FOUND,
+            Error::ExecFailed { .. } => EXIT_CANNOT_EXECUTE,
+            _ => EXIT_SANDBOX_FAILURE,
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! The parent side of a sandbox: check the spec, prepare everything the
+//! child needs (so the child never allocates), clone it into its
+//! namespaces, write its id maps, and wait for the command's status.
+//!
+//! The parent may be multi-threaded (the build engine runs on tokio): the
+//! only thing done between clone and exec in the child is the
+//! allocation-free sequence in [`crate::child`].
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimitType, Spec};
+
+use crate::child::{self, MountKind, Msg, Plan, SpecMount, Stage, StdioFd};
+use crate::error::{Error, Result};
+use crate::idmap::IdMapping;
+use crate::seccomp::Profile;
+use crate::spec::{DEFAULT_PATH, SECCOMP_ANNOTATION};
+use crate::sys;
+
+/// Where a standard stream of the command goes.
+#[derive(Debug, Default)]
+pub enum Stdio {
+    /// the caller's own stream
+    #[default]
+    Inherit,
+    /// the host's /dev/null, opened by kiln
+    Null,
+    /// this descriptor (e.g. one end of a pipe the caller reads)
+    Fd(OwnedFd),
+}
+
+/// How a sandbox run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// the command exited with this code
+    Exited(i32),
+    /// the command was killed by this signal
+    Signaled(i32),
+    /// the timeout expired and the whole PID namespace was killed
+    TimedOut,
+}
+
+/// Exit code kiln reports when a timeout killed the sandbox (as timeout(1)).
+pub const EXIT_TIMED_OUT: i32 = 124;
+
+impl ExitStatus {
+    /// A shell-style exit code: the code, or 128+signal, or 124 on timeout.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Exited(c) => c,
+            ExitStatus::Signaled(s) => 128 + s,
+            ExitStatus::TimedOut => EXIT_TIMED_OUT,
+        }
+    }
+
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signaled(s) => {
+                let name = Signal::try_from(*s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown signal");
+                write!(f, "killed by signal {s} ({name})")
+            }
+            ExitStatus::TimedOut => f.write_str("timed out"),
+        }
+    }
+}
+
+/// Everything about a run that is not in the spec.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    pub stdin: Stdio,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+    /// kill the whole sandbox after this long
+    pub timeout: Option<Duration>,
+    /// forward SIGINT, SIGTERM, SIGHUP and SIGQUIT received by this process
+    /// to the command (for the CLI; blocks them while the sandbox runs)
+    pub forward_signals: bool,
+    /// the id maps; decided from the host when not given
+    pub id_mapping: Option<IdMapping>,
+}
+
+/// The sandbox's init program, compiled from `init/init.c` by build.rs.
+const INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-init"));
+
+/// A sealed, executable memfd holding kiln-init, made once per process.
+pub(crate) fn init_memfd() -> Result<RawFd> {
+    static INIT: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
+    let fd = INIT.get_or_init(|| {
+        let fd = nix::sys::memfd::memfd_create(
+            c"kiln-init",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+                | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )?;
+        let mut f = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut f, INIT_BINARY)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: plain fcntl on the memfd we own.
+        Errno::result(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+        Ok(OwnedFd::from(f))
+    });
+    match fd {
+        Ok(fd) => Ok(fd.as_raw_fd()),
+        Err(e) => Err(Error::Init(std::io::Error::from_raw_os_error(*e as i32))),
+    }
+}
+
+fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::NulByte { what: what.into() })
+}
+
+fn capability_mask(
+    set: Option<&std::collections::HashSet<oci_spec::runtime::Capability>>,
+) -> Result<u64> {
+    let mut mask = 0u64;
+    for cap in set.into_iter().flatten() {
+        let name = format!("CAP_{cap}");
+        let c: caps::Capability = name
+            .parse()
+            .map_err(|_| Error::InvalidSpec(format!("unknown capability {name}")))?;
+        mask |= c.bitmask();
+    }
+    Ok(mask)
+}
+
+fn rlimit_resource(kind: PosixRlimitType) -> libc::__rlimit_resource_t {
+    match kind {
+        PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
+        PosixRlimitType::RlimitFsize => libc::RLIMIT_FSIZE,
+        PosixRlimitType::RlimitData => libc::RLIMIT_DATA,
+        PosixRlimitType::RlimitStack => libc::RLIMIT_STACK,
+        PosixRlimitType::RlimitCore => libc::RLIMIT_CORE,
+        PosixRlimitType::RlimitRss => libc::RLIMIT_RSS,
+        PosixRlimitType::RlimitNproc => libc::RLIMIT_NPROC,
+        PosixRlimitType::RlimitNofile => libc::RLIMIT_NOFILE,
+        PosixRlimitType::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        PosixRlimitType::RlimitAs => libc::RLIMIT_AS,
+        PosixRlimitType::RlimitLocks => libc::RLIMIT_LOCKS,
+        PosixRlimitType::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        PosixRlimitType::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        PosixRlimitType::RlimitNice => libc::RLIMIT_NICE,
+        PosixRlimitType::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        PosixRlimitType::RlimitRttime => libc::RLIMIT_RTTIME,
+    }
+}
+
+fn spec_mount(m: &Mount) -> Result<SpecMount> {
+    let dest = m.destination().to_string_lossy().into_owned();
+    if !dest.starts_with('/') || dest == "/" {
+        return Err(Error::InvalidSpec(format!(
+            "mount destination {dest:?} must be an absolute path below /"
+        )));
+    }
+    let mut flags: libc::c_ulong = 0;
+    let mut recursive = true;
+    let mut data = Vec::new();
+    let typ = m.typ().as_deref().unwrap_or("bind");
+    for opt in m.options().iter().flatten() {
+        match opt.as_str() {
+            "ro" | "readonly" => flags |= libc::MS_RDONLY,
+            "rw" => {}
+            "nosuid" => flags |= libc::MS_NOSUID,
+            "nodev" => flags |= libc::MS_NODEV,
+            "noexec" => flags |= libc::MS_NOEXEC,
+            "bind" => recursive = false,
+            "rbind" => recursive = true,
+            o if typ == "tmpfs" && (o.starts_with("size=") || o.starts_with("mode=") || o.starts_with("nr_inodes=")) => {
+                data.push(o.to_string())
+            }
+            o => {
+                return Err(Error::Unsupported(format!("mount option {o:?} on {dest} (supported: ro, rw, nosuid, nodev, noexec, bind, rbind, and size/mode for tmpfs)")))
+            }
+        }
+    }
+    let kind = match typ {
+        "bind" | "none" => {
+            let src = m.source().as_ref().ok_or_else(|| Error::InvalidSpec(format!("bind mount on {dest} has no source")))?;
+            if !src.is_absolute() {
+                return Err(Error::InvalidSpec(format!("bind mount source {} must be absolute", src.display())));
+            }
+            MountKind::Bind { source: cstring("mount source", src.as_os_str().as_encoded_bytes())?, recursive }
+        }
+        "tmpfs" => MountKind::Tmpfs { data: cstring("tmpfs options", data.join(","))? },
+        other => {
+            return Err(Error::Unsupported(format!(
+                "mount type {other:?} at {dest}: spec mounts may be bind or tmpfs; kiln mounts /proc, /dev and /sys itself"
+            )))
+        }
+    };
+    Ok(SpecMount {
+        dest: cstring("mount destination", dest.trim_start_matches('/'))?,
+        kind,
+        flags,
+    })
+}
+
+/// Holds the fds and C strings a plan points into, so they outlive the
+/// child's use of them.
+struct Prepared {
+    plan: Plan,
+    _args: Vec<CString>,
+    _env: Vec<CString>,
+    stdio: [Option<OwnedFd>; 3],
+    clone_flags: u64,
+    mapping: IdMapping,
+}
+
+fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
+    // 1. The root filesystem.
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| Error::InvalidSpec("the spec has no root".into()))?;
+    let rootfs =
+        std::path::absolute(root.path()).map_err(|_| Error::RootfsMissing(root.path().clone()))?;
+    match std::fs::metadata(&rootfs) {
+        Err(_) => return Err(Error::RootfsMissing(rootfs)),
+        Ok(m) if !m.is_dir() => return Err(Error::RootfsNotDirectory(rootfs)),
+        Ok(_) => {}
+    }
+
+    // 2. What the spec asks for that kiln does not do is an error, never
+    //    silently ignored.
+    let process = spec.process().as_ref().ok_or(Error::NoProcess)?;
+    if process.terminal() == Some(true) {
+        return Err(Error::Unsupported(
+            "process.terminal (a pseudo-terminal for the command)".into(),
+        ));
+    }
+    if process.no_new_privileges() == Some(false) {
+        return Err(Error::Unsupported(
+            "no_new_privileges=false: kiln always sets no_new_privs".into(),
+        ));
+    }
+    if process.apparmor_profile().is_some() || process.selinux_label().is_some() {
+        return Err(Error::Unsupported(
+            "an AppArmor profile or SELinux label".into(),
+        ));
+    }
+    let linux = spec
+        .linux()
+        .as_ref()
+        .ok_or_else(|| Error::InvalidSpec("the spec has no linux section".into()))?;
+    if linux.seccomp().is_some() {
+        return Err(Error::Unsupported(format!(
+            "linux.seccomp in OCI format; name a seccompiler profile with the {SECCOMP_ANNOTATION} annotation"
+        )));
+    }
+    if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
+        return Err(Error::Unsupported(
+            "linux.uidMappings/gidMappings: kiln decides the id maps itself".into(),
+        ));
+    }
+    let mut new_net = false;
+    let mut seen = Vec::new();
+    for ns in linux.namespaces().iter().flatten() {
+        if ns.path().is_some() {
+            return Err(Error::Unsupported(
+                "joining an existing namespace by path".into(),
+            ));
+        }
+        if ns.typ() == LinuxNamespaceType::Network {
+            new_net = true;
+        }
+        seen.push(ns.typ());
+    }
+    for required in [
+        LinuxNamespaceType::User,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Cgroup,
+    ] {
+        if !seen.contains(&required) {
+            return Err(Error::Unsupported(format!(
+                "running without a new {required:?} namespace"
+            )));
+        }
+    }
+
+    // 3. Ids: decide the maps, then check the process's ids fit in them.
+    let mapping = opts
+        .id_mapping
+        .take()
+        .unwrap_or_else(|| IdMapping::decide(&crate::idmap::IdEnv::from_host()));
+    let user = process.user();
+    let groups: Vec<u32> = user.additional_gids().clone().unwrap_or_default();
+    for uid in [user.uid()] {
+        if !mapping.maps_uid(uid) {
+            return Err(Error::IdNotMapped {
+                id: uid,
+                reason: mapping
+                    .limited
+                    .unwrap_or("it lies outside the mapped range"),
+            });
+        }
+    }
+    for gid in std::iter::once(user.gid()).chain(groups.iter().copied()) {
+        if !mapping.maps_gid(gid) {
+            return Err(Error::IdNotMapped {
+                id: gid,
+                reason: mapping
+                    .limited
+                    .unwrap_or("it lies outside the mapped range"),
+            });
+        }
+    }
+    let can_setgroups = !matches!(
+        mapping.method,
+        crate::idmap::Method::Direct {
+            deny_setgroups: true
+        }
+    );
+    if !can_setgroups && !groups.is_empty() {
+        return Err(Error::IdNotMapped {
+            id: groups[0],
+            reason: mapping.limited.unwrap_or("setgroups is denied"),
+        });
+    }
+
+    // 4. Command, environment and PATH search list.
+    let args = process.args().as_ref().ok_or(Error::NoArgs)?;
+    if args.is_empty() {
+        return Err(Error::NoArgs);
+    }
+    let args: Vec<CString> = args
+        .iter()
+        .map(|a| cstring("an argument", a.as_bytes()))
+        .collect::<Result<_>>()?;
+    let env_strings = process.env().clone().unwrap_or_default();
+    let path_var = env_strings
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    let path_dirs = path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| cstring("PATH", d))
+        .collect::<Result<Vec<_>>>()?;
+    let env: Vec<CString> = env_strings
+        .iter()
+        .map(|e| cstring("an environment entry", e.as_bytes()))
+        .collect::<Result<_>>()?;
+    let ptrs = |v: &[CString]| {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+
+    // 5. Capabilities, limits, seccomp.
+    let caps = process.capabilities().as_ref();
+    if caps
+        .and_then(|c| c.ambient().as_ref())
+        .is_some_and(|a| !a.is_empty())
+    {
+        return Err(Error::Unsupported("ambient capabilities".into()));
+    }
+    let rlimits = process
+        .rlimits()
+        .iter()
+        .flatten()
+        .map(|r| {
+            (
+                rlimit_resource(r.typ()),
+                libc::rlimit {
+                    rlim_cur: r.soft(),
+                    rlim_max: r.hard(),
+                },
+            )
+        })
+        .collect();
+    let profile = Profile::parse(
+        spec.annotations()
+            .as_ref()
+            .and_then(|a| a.get(SECCOMP_ANNOTATION))
+            .map_or("default", String::as_str),
+    );
+    let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+
+    // 6. Mounts, masked and read-only paths.
+    let mounts = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .map(spec_mount)
+        .collect::<Result<Vec<_>>>()?;
+    let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
+        v.iter()
+            .flatten()
+            .map(|p| cstring("a masked path", p.as_bytes()))
+            .collect()
+    };
+
+    // 7. Standard streams.
+    let mut stdio_owned: [Option<OwnedFd>; 3] = [None, None, None];
+    let mut stdio = [StdioFd::Inherit; 3];
+    for (i, s) in [&mut opts.stdin, &mut opts.stdout, &mut opts.stderr]
+        .into_iter()
+        .enumerate()
+    {
+        let fd = match std::mem::take(s) {
+            Stdio::Inherit => continue,
+            Stdio::Null => OwnedFd::from(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                    .map_err(Error::Channel)?,
+            ),
+            Stdio::Fd(fd) => fd,
+        };
+        stdio[i] = StdioFd::Fd(fd.as_raw_fd());
+        stdio_owned[i] = Some(fd);
+    }
+
+    let mut clone_flags = (libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP) as u64;
+    if new_net {
+        clone_flags |= libc::CLONE_NEWNET as u64;
+    }
+
+    let plan = Plan {
+        rootfs: cstring("the rootfs path", rootfs.as_os_str().as_encoded_bytes())?,
+        rootfs_readonly: root.readonly() == Some(true),
+        hostname: spec
+            .hostname()
+            .as_ref()
+            .map(|h| cstring("the hostname", h.as_bytes()))
+            .transpose()?,
+        new_net,
+        can_setgroups,
+        mounts,
+        masked: abs(linux.masked_paths())?,
+        readonly: abs(linux.readonly_paths())?,
+        rlimits,
+        last_cap,
+        bounding: capability_mask(caps.and_then(|c| c.bounding().as_ref()))?,
+        effective: capability_mask(caps.and_then(|c| c.effective().as_ref()))?,
+        permitted: capability_mask(caps.and_then(|c| c.permitted().as_ref()))?,
+        inheritable: capability_mask(caps.and_then(|c| c.inheritable().as_ref()))?,
+        seccomp: profile.programs()?,
+        uid: user.uid(),
+        gid: user.gid(),
+        groups,
+        umask: user.umask(),
+        cwd: cstring(
+            "the working directory",
+            process.cwd().as_os_str().as_encoded_bytes(),
+        )?,
+        argv0: args[0].clone(),
+        argv: ptrs(&args),
+        envp: ptrs(&env),
+        path_dirs,
+        stdio,
+        init_fd: init_memfd()?,
+        sync_read: -1,
+        err_write: -1,
+        status_write: -1,
+    };
+    Ok(Prepared {
+        plan,
+        _args: args,
+        _env: env,
+        stdio: stdio_owned,
+        clone_flags,
+        mapping,
+    })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Channel(e.into()))
+}
+
+/// Why clone failed, in the user's terms.
+fn clone_error(e: Errno) -> Error {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    if matches!(e, Errno::EPERM | Errno::ENOSPC | Errno::EUSERS) {
+        if read("/proc/sys/user/max_user_namespaces") == "0" {
+            return Error::UserNamespacesDisabled("user.max_user_namespaces is 0");
+        }
+        if read("/proc/sys/kernel/unprivileged_userns_clone") == "0" {
+            return Error::UserNamespacesDisabled("kernel.unprivileged_userns_clone is 0");
+        }
+        if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" {
+            return Error::UserNamespacesDisabled(
+                "AppArmor's kernel.apparmor_restrict_unprivileged_userns is 1",
+            );
+        }
+    }
+    Error::Clone(e.into())
+}
+
+/// Run the process described by `spec` in a new sandbox and wait for it.
+pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
+    let mut prepared = prepare(spec, &mut opts)?;
+    prepared.mapping.warn_once();
+
+    // Channels: parent -> child "maps written"; child -> parent failure
+    // reports (closed on exec); init -> parent the command's wait status.
+    let (sync_r, sync_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    prepared.plan.sync_read = sync_r.as_raw_fd();
+    prepared.plan.err_write = err_w.as_raw_fd();
+    prepared.plan.status_write = status_w.as_raw_fd();
+
+    // Signals to forward are blocked before the clone so none is lost; the
+    // child unblocks nothing it does not need: exec resets handlers, and
+    // kiln-init sets its own mask.
+    let forward = SigSet::from_iter([
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ]);
+    let mut old_mask = SigSet::empty();
+    let sigfd = if opts.forward_signals {
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&forward),
+            Some(&mut old_mask),
+        )
+        .map_err(|e| Error::Channel(e.into()))?;
+        Some(
+            SignalFd::with_flags(&forward, SfdFlags::SFD_CLOEXEC)
+                .map_err(|e| Error::Channel(e.into()))?,
+        )
+    } else {
+        None
+    };
+    let restore_mask = || {
+        if opts.forward_signals {
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&old_mask),
+                None,
+            );
+        }
+    };
+
+    // SAFETY: the child runs only `child::run`, which is allocation-free and
+    // async-signal-safe, and leaves by exec or _exit.
+    let cloned = unsafe { sys::clone3_fork(prepared.clone_flags) };
+    let (pid, pidfd) = match cloned {
+        // SAFETY: we are the child of clone3_fork.
+        Ok(None) => unsafe { child::run(&prepared.plan) },
+        Ok(Some(c)) => c,
+        Err(e) => {
+            restore_mask();
+            return Err(clone_error(e));
+        }
+    };
+    drop((sync_r, err_w, status_w));
+    drop(std::mem::take(&mut prepared.stdio));
+
+    // Write the id maps, then release the child.
+    if let Err(e) = prepared.mapping.apply(pid) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(pid), None);
+        restore_mask();
+        return Err(e);
+    }
+    let _ = nix::unistd::write(&sync_w, b"g");
+    drop(sync_w);
+
+    let command = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.args().as_ref())
+        .and_then(|a| a.first())
+        .cloned()
+        .unwrap_or_default();
+    let result = supervise(
+        pid,
+        &pidfd,
+        &err_r,
+        &status_r,
+        sigfd.as_ref(),
+        opts.timeout,
+        &command,
+    );
+    restore_mask();
+    result
+}
+
+fn send_signal(pidfd: &OwnedFd, sig: i32) {
+    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
+/// Wait for the sandbox: failure reports, forwarded signals, the timeout,
+/// and finally the command's status from kiln-init.
+fn supervise(
+    pid: i32,
+    pidfd: &OwnedFd,
+    err_r: &OwnedFd,
+    status_r: &OwnedFd,
+    sigfd: Option<&SignalFd>,
+    timeout: Option<Duration>,
+    command: &str,
+) -> Result<ExitStatus> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut err_open = true;
+    let mut report = Vec::new();
+    let mut exited = false;
+    let mut timed_out = false;
+    while !exited || err_open {
+        let wait = match deadline {
+            Some(d) if !timed_out => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(i32::try_from(left.as_millis()).unwrap_or(i32::MAX))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            _ => PollTimeout::NONE,
+        };
+        let mut fds = vec![PollFd::new(
+            std::os::fd::AsFd::as_fd(pidfd),
+            PollFlags::POLLIN,
+        )];
+        if err_open {
+            fds.push(PollFd::new(
+                std::os::fd::AsFd::as_fd(err_r),
+                PollFlags::POLLIN,
+            ));
+        }
+        if let Some(s) = sigfd {
+            fds.push(PollFd::new(std::os::fd::AsFd::as_fd(s), PollFlags::POLLIN));
+        }
+        let n = match nix::poll::poll(&mut fds, wait) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::Wait(e)),
+            Ok(n) => n,
+        };
+        if n == 0 {
+            // Killing PID 1 of the namespace kills every process in it.
+            send_signal(pidfd, libc::SIGKILL);
+            timed_out = true;
+            continue;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        let mut i = 1;
+        if ready[0] {
+            exited = true;
+        }
+        if err_open {
+            if ready[i] {
+                let mut buf = [0u8; 64];
+                match nix::unistd::read(err_r.as_raw_fd(), &mut buf) {
+                    Ok(0) => err_open = false,
+                    Ok(k) => report.extend_from_slice(&buf[..k]),
+                    Err(Errno::EINTR) => {}
+                    Err(_) => err_open = false,
+                }
+            }
+            i += 1;
+        }
+        if let Some(s) = sigfd {
+            if ready[i] {
+                if let Ok(Some(info)) = s.read_signal() {
+                    send_signal(
+                        pidfd,
+                        i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM),
+                    );
+                }
+            }
+        }
+    }
+    let init_status = waitpid(Pid::from_raw(pid), None).map_err(Error::Wait)?;
+
+    if let Some(msg) = report
+        .get(..Msg::SIZE)
+        .and_then(|b| Msg::decode(b.try_into().ok()?))
+    {
+        return Err(match msg.stage {
+            Stage::Exec if msg.errno == Errno::ENOENT => Error::ExecNotFound(command.to_string()),
+            Stage::Exec => Error::ExecFailed {
+                path: command.to_string(),
+                errno: msg.errno,
+            },
+            stage => Error::Setup {
+                stage,
+                errno: msg.errno,
+                hint: stage.hint(msg.errno),
+            },
+        });
+    }
+    if timed_out {
+        return Ok(ExitStatus::TimedOut);
+    }
+    let mut raw = [0u8; 4];
+    if matches!(nix::unistd::read(status_r.as_raw_fd(), &mut raw), Ok(4)) {
+        let status = i32::from_ne_bytes(raw);
+        if libc::WIFEXITED(status) {
+            return Ok(ExitStatus::Exited(libc::WEXITSTATUS(status)));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(ExitStatus::Signaled(libc::WTERMSIG(status)));
+        }
+    }
+    // kiln-init ended without reporting: it was killed from outside.
+    Ok(match init_status {
+        WaitStatus::Exited(_, c) => ExitStatus::Exited(c),
+        WaitStatus::Signaled(_, s, _) => ExitStatus::Signaled(s as i32),
+        _ => ExitStatus::Exited(crate::error::EXIT_SANDBOX_FAILURE),
+    })
+}
+
+/// The path of the rootfs a spec names, made absolute.
+pub fn spec_rootfs(spec: &Spec) -> Option<PathBuf> {
+    spec.root()
+        .as_ref()
+        .and_then(|r| std::path::absolute(r.path()).ok())
+}

@@ -1,0 +1,217 @@
+//! kiln's default sandbox, expressed as an OCI runtime spec: the namespaces,
+//! capability set, masked and read-only paths every step gets unless the
+//! caller says otherwise. Callers build a [`SandboxConfig`] and turn it into
+//! a [`Spec`] that [`crate::run`] executes.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    Mount, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
+};
+
+use crate::error::{Error, Result};
+
+/// Annotation naming the seccomp profile: `default`, `unconfined`, or the
+/// path of a profile in seccompiler's JSON format.
+pub const SECCOMP_ANNOTATION: &str = "run.kiln.seccomp";
+
+/// PATH when the caller gives none (Docker's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Docker's default capability set (without NET_RAW, as the issue and
+/// Podman do).
+pub const DEFAULT_CAPS: [Capability; 13] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Mknod,
+    Capability::AuditWrite,
+    Capability::Setfcap,
+];
+
+/// The OCI default masked paths.
+pub const MASKED_PATHS: [&str; 9] = [
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+
+/// The OCI default read-only paths.
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// How a sandbox reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// a new network namespace with only loopback up
+    #[default]
+    None,
+    /// the host's network namespace
+    Host,
+}
+
+/// A resource limit: soft and hard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    pub kind: PosixRlimitType,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// What a caller decides about one sandbox; everything else is kiln's
+/// default.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub rootfs: PathBuf,
+    pub args: Vec<String>,
+    /// `K=V` entries; PATH is added when missing
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: Option<u32>,
+    pub hostname: String,
+    pub network: Network,
+    pub rlimits: Vec<Rlimit>,
+    /// `default`, `unconfined` or a profile path
+    pub seccomp: String,
+    pub readonly_rootfs: bool,
+    pub mounts: Vec<Mount>,
+}
+
+impl SandboxConfig {
+    pub fn new(rootfs: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        SandboxConfig {
+            rootfs: rootfs.into(),
+            args,
+            env: Vec::new(),
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
+            umask: Some(0o022),
+            hostname: "kiln".into(),
+            network: Network::None,
+            rlimits: Vec::new(),
+            seccomp: "default".into(),
+            readonly_rootfs: false,
+            mounts: Vec::new(),
+        }
+    }
+
+    /// The OCI runtime spec for this sandbox.
+    pub fn to_spec(&self) -> Result<Spec> {
+        let invalid = |e: oci_spec::OciSpecError| Error::InvalidSpec(e.to_string());
+        let caps: HashSet<Capability> = DEFAULT_CAPS.into_iter().collect();
+        // Non-root users start without effective or permitted capabilities,
+        // as Docker does; the bounding set stays the default.
+        let (eff, perm) = if self.uid == 0 {
+            (caps.clone(), caps.clone())
+        } else {
+            (HashSet::new(), HashSet::new())
+        };
+        let capabilities = LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(eff)
+            .permitted(perm)
+            .inheritable(HashSet::new())
+            .ambient(HashSet::new())
+            .build()
+            .map_err(invalid)?;
+        let mut env = self.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, format!("PATH={DEFAULT_PATH}"));
+        }
+        let rlimits = self
+            .rlimits
+            .iter()
+            .map(|r| {
+                PosixRlimitBuilder::default()
+                    .typ(r.kind)
+                    .soft(r.soft)
+                    .hard(r.hard)
+                    .build()
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        let mut user = UserBuilder::default()
+            .uid(self.uid)
+            .gid(self.gid)
+            .additional_gids(self.additional_gids.clone());
+        if let Some(m) = self.umask {
+            user = user.umask(m);
+        }
+        let process = ProcessBuilder::default()
+            .args(self.args.clone())
+            .env(env)
+            .cwd(self.cwd.clone())
+            .user(user.build().map_err(invalid)?)
+            .capabilities(capabilities)
+            .rlimits(rlimits)
+            .no_new_privileges(true)
+            .build()
+            .map_err(invalid)?;
+        let mut namespaces = vec![
+            LinuxNamespaceType::User,
+            LinuxNamespaceType::Mount,
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Ipc,
+            LinuxNamespaceType::Uts,
+            LinuxNamespaceType::Cgroup,
+        ];
+        if self.network == Network::None {
+            namespaces.push(LinuxNamespaceType::Network);
+        }
+        let namespaces = namespaces
+            .into_iter()
+            .map(|t| LinuxNamespaceBuilder::default().typ(t).build())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        let linux = LinuxBuilder::default()
+            .namespaces(namespaces)
+            .masked_paths(MASKED_PATHS.map(String::from).to_vec())
+            .readonly_paths(READONLY_PATHS.map(String::from).to_vec())
+            .build()
+            .map_err(invalid)?;
+        let root = RootBuilder::default()
+            .path(self.rootfs.clone())
+            .readonly(self.readonly_rootfs)
+            .build()
+            .map_err(invalid)?;
+        SpecBuilder::default()
+            .root(root)
+            .hostname(self.hostname.clone())
+            .process(process)
+            .linux(linux)
+            .mounts(self.mounts.clone())
+            .annotations(
+                [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
+            .build()
+            .map_err(invalid)
+    }
+}

@@ -1,0 +1,346 @@
+//! Raw kernel calls the runtime needs that `nix` does not wrap the way we
+//! need them. Everything callable from the sandbox child is allocation-free
+//! and async-signal-safe: it takes `&CStr` and fixed buffers, and reports
+//! `Errno`.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+
+/// `struct open_how` for openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_IN_ROOT: u64 = 0x10;
+
+/// openat2 relative to `dirfd` with `resolve` flags; no allocation.
+pub fn openat2(dirfd: RawFd, path: &CStr, flags: i32, resolve: u64) -> Result<RawFd, Errno> {
+    let how = OpenHow {
+        flags: u64::from(flags.cast_unsigned()) | libc::O_CLOEXEC as u64,
+        mode: 0,
+        resolve,
+    };
+    // SAFETY: `path` is NUL-terminated, `how` lives across the call and its
+    // size is passed exactly; the kernel only reads both.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        RawFd::try_from(rc).map_err(|_| Errno::EBADF)
+    }
+}
+
+/// Open `path` for reading with every component, symlinks included,
+/// resolved inside `root` (RESOLVE_IN_ROOT), as the sandbox would see it.
+pub fn open_in_root(root: &Path, path: &str) -> std::io::Result<File> {
+    let root = File::open(root)?;
+    let rel = std::ffi::CString::new(path.trim_start_matches('/'))
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fd = openat2(
+        std::os::fd::AsRawFd::as_raw_fd(&root),
+        &rel,
+        libc::O_RDONLY,
+        RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+    )?;
+    // SAFETY: openat2 just returned this fd and nothing else owns it.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Resolve `path` inside the directory `rootfd` (RESOLVE_IN_ROOT) as an
+/// O_PATH descriptor: a mount target that cannot escape the root however
+/// its components are symlinked.
+pub fn open_path_in_root(rootfd: RawFd, path: &CStr) -> Result<RawFd, Errno> {
+    openat2(
+        rootfd,
+        path,
+        libc::O_PATH,
+        RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// A path of the form `/proc/self/fd/N`, built on the stack. Mounting onto
+/// it mounts onto exactly the inode the descriptor holds.
+pub struct FdPath {
+    buf: [u8; 32],
+}
+
+impl FdPath {
+    pub fn new(fd: RawFd) -> FdPath {
+        let mut buf = [0u8; 32];
+        let prefix = b"/proc/self/fd/";
+        buf[..prefix.len()].copy_from_slice(prefix);
+        let mut digits = [0u8; 12];
+        let n = itoa(fd.max(0).cast_unsigned(), &mut digits);
+        buf[prefix.len()..prefix.len() + n.len()].copy_from_slice(n);
+        FdPath { buf }
+    }
+
+    pub fn as_cstr(&self) -> &CStr {
+        // The buffer is zero-initialised and at most 14 + 10 bytes are
+        // written, so a NUL always terminates it.
+        CStr::from_bytes_until_nul(&self.buf).unwrap_or(c"")
+    }
+}
+
+/// Format `n` in decimal into `buf`, returning the digits.
+pub fn itoa(mut n: u32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// mount(2) with optional source, type and data; no allocation.
+pub fn mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), Errno> {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is either null or a NUL-terminated string that
+    // outlives the call.
+    let rc = unsafe { libc::mount(p(src), target.as_ptr(), p(fstype), flags, p(data).cast()) };
+    Errno::result(rc).map(drop)
+}
+
+/// flock(2) on a descriptor the caller owns.
+pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: plain flock call; an invalid fd only yields EBADF.
+    Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
+}
+
+/// Write all of `buf` to `fd`, retrying on EINTR; errors are dropped because
+/// the callers are reporting an error already.
+pub fn write_all(fd: RawFd, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a valid slice for its length.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return;
+        }
+        buf = &buf[usize::try_from(n).unwrap_or(buf.len())..];
+    }
+}
+
+/// Read until `buf` is full or EOF; returns the bytes read.
+pub fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the destination range lies inside `buf`.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        match n {
+            0 => break,
+            n if n < 0 => {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                return Err(Errno::last());
+            }
+            n => got += usize::try_from(n).unwrap_or(0),
+        }
+    }
+    Ok(got)
+}
+
+/// Execute the program behind `fd` (kiln-init's memfd) with `argv` (a
+/// NULL-terminated array) and an empty environment. Returns only on failure.
+pub fn exec_fd(fd: RawFd, argv: &[*const libc::c_char]) -> Errno {
+    let envp = [std::ptr::null::<libc::c_char>()];
+    debug_assert!(argv.last().is_some_and(|p| p.is_null()));
+    // SAFETY: argv is NULL-terminated (checked by callers' construction)
+    // and points at NUL-terminated strings that outlive the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    Errno::last()
+}
+
+/// `struct __user_cap_header_struct` / `__user_cap_data_struct` (version 3).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// capset(2) for the calling thread with 64-bit masks.
+pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno> {
+    let lo = |m: u64| (m & 0xffff_ffff) as u32;
+    let hi = |m: u64| (m >> 32) as u32;
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: lo(effective),
+            permitted: lo(permitted),
+            inheritable: lo(inheritable),
+        },
+        CapData {
+            effective: hi(effective),
+            permitted: hi(permitted),
+            inheritable: hi(inheritable),
+        },
+    ];
+    // SAFETY: header and a two-element data array as version 3 requires;
+    // the kernel only reads them.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    Errno::result(rc).map(drop)
+}
+
+/// Install one classic-BPF seccomp filter (no_new_privs must be set).
+pub fn seccomp_install(prog: &[libc::sock_filter]) -> Result<(), Errno> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| Errno::E2BIG)?,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel
+    // copies the program.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// Bring the loopback interface of the current network namespace up.
+pub fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: plain socket(2) call.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `sock` is open and `req` is a valid ifreq for these requests.
+    let rc = unsafe {
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            -1
+        } else {
+            req.ifr_ifru.ifru_flags |=
+                libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING).unwrap_or(1);
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req)
+        }
+    };
+    let result = Errno::result(rc).map(drop);
+    // SAFETY: `sock` is ours and closed once.
+    unsafe { libc::close(sock) };
+    result
+}
+
+/// clone3(2) arguments (the fields kiln uses; the rest stay zero).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Fork-style clone3 (no new stack) with a pidfd. Returns 0 in the child,
+/// and `(pid, pidfd)` in the parent.
+///
+/// # Safety
+/// The child runs on a copy of the caller's stack in a copy of its address
+/// space with only the calling thread. It must only do async-signal-safe,
+/// allocation-free work and leave with `_exit` or `exec`: other threads may
+/// have held locks (malloc's included) at the moment of the clone.
+pub unsafe fn clone3_fork(flags: u64) -> Result<Option<(i32, OwnedFd)>, Errno> {
+    let mut pidfd: RawFd = -1;
+    let args = CloneArgs {
+        flags: flags | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: `args` and the pidfd slot outlive the call; the caller upholds
+    // the contract above for the child.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match rc {
+        r if r < 0 => Err(Errno::last()),
+        0 => Ok(None),
+        // SAFETY: the kernel stored a new pidfd that nothing else owns.
+        pid => Ok(Some((
+            i32::try_from(pid).map_err(|_| Errno::ERANGE)?,
+            unsafe { OwnedFd::from_raw_fd(pidfd) },
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_paths() {
+        assert_eq!(FdPath::new(0).as_cstr(), c"/proc/self/fd/0");
+        assert_eq!(FdPath::new(1234567).as_cstr(), c"/proc/self/fd/1234567");
+        let mut b = [0; 12];
+        assert_eq!(itoa(u32::MAX, &mut b), b"4294967295");
+    }
+}

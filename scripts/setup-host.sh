@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what kiln and its tests need on a Debian 12 host, idempotently.
+# Run as root (or with sudo available). Everything here is what a standard
+# distribution already ships or what `apt-get install` gives:
+#  - uidmap (newuidmap/newgidmap) for subordinate id ranges
+#  - busybox-static and libc6-dev/gcc for test root filesystems and the
+#    static programs the tests and the runtime compile
+#  - fuse3 for /dev/fuse, fuse-overlayfs/skopeo/umoci/podman/buildah for
+#    interop tests and benchmarks
+# and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
+# ship them (some CI machines have them 0600).
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "setup-host.sh: run as root or install sudo" >&2; exit 1; }
+    SUDO=sudo
+fi
+PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun hyperfine jq
+      iproute2 procps util-linux zstd"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup-host.sh: installing$missing"
+    $SUDO apt-get update -q
+    # shellcheck disable=SC2086
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+for dev in /dev/fuse /dev/net/tun; do
+    [ -e "$dev" ] && $SUDO chmod 0666 "$dev"
+done
+exit 0
