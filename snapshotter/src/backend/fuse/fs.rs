@@ -148,7 +148,9 @@ struct DirList {
 
 enum Handle {
     File(File),
-    Dir(DirList),
+    /// Listed at the first readdir: with FOPEN_CACHE_DIR the kernel often
+    /// answers from its own cache and never asks.
+    Dir(Mutex<Option<Arc<DirList>>>),
 }
 
 /// The overlay filesystem; see the module docs.
@@ -847,6 +849,41 @@ impl OverlayFs {
             f &= !libc::O_APPEND;
         }
         f
+    }
+
+    /// The merged listing of directory `inode`, with a node for every entry.
+    fn list_dir(&self, inode: u64) -> io::Result<DirList> {
+        let _t = self.tree.read().map_err(poisoned)?;
+        let s = self.state(inode)?;
+        let path = self.path_of(inode)?;
+        let parent = s.names.first().map(|(p, _)| *p).unwrap_or(ROOT_ID);
+        let mut entries = vec![
+            (b".".to_vec(), libc::DT_DIR as u32, inode, None),
+            (b"..".to_vec(), libc::DT_DIR as u32, parent, None),
+        ];
+        for (name, _t) in self.merged_names(&s, &path)? {
+            if let Some(found) = self.resolve(&s, &path, &name)? {
+                let id = self.node_for(&found, inode, &name)?;
+                let t = (found.st.st_mode & libc::S_IFMT) >> 12;
+                entries.push((name, t, id, Some(found.st)));
+            }
+        }
+        Ok(DirList { entries })
+    }
+
+    /// The listing behind a directory handle, made on first use.
+    fn dir_list(&self, inode: u64, handle: u64) -> io::Result<Arc<DirList>> {
+        let h = self.handle(handle)?;
+        let Handle::Dir(slot) = &*h else {
+            return Err(err(libc::ENOTDIR));
+        };
+        let mut slot = slot.lock().map_err(poisoned)?;
+        if let Some(list) = &*slot {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(self.list_dir(inode)?);
+        *slot = Some(list.clone());
+        Ok(list)
     }
 
     fn xattr_path(&self, id: u64) -> io::Result<Vec<u8>> {
@@ -1639,38 +1676,21 @@ impl FileSystem for OverlayFs {
         inode: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let _t = self.tree.read().map_err(poisoned)?;
-        let s = self.state(inode)?;
-        let path = self.path_of(inode)?;
-        let parent = s.names.first().map(|(p, _)| *p).unwrap_or(ROOT_ID);
-        let mut entries = vec![
-            (b".".to_vec(), libc::DT_DIR as u32, inode, None),
-            (b"..".to_vec(), libc::DT_DIR as u32, parent, None),
-        ];
-        for (name, _t) in self.merged_names(&s, &path)? {
-            if let Some(found) = self.resolve(&s, &path, &name)? {
-                let id = self.node_for(&found, inode, &name)?;
-                let t = (found.st.st_mode & libc::S_IFMT) >> 12;
-                entries.push((name, t, id, Some(found.st)));
-            }
-        }
-        let h = self.new_handle(Handle::Dir(DirList { entries }))?;
+        self.state(inode)?;
+        let h = self.new_handle(Handle::Dir(Mutex::new(None)))?;
         Ok((Some(h), OpenOptions::CACHE_DIR))
     }
 
     fn readdir(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let h = self.handle(handle)?;
-        let Handle::Dir(list) = &*h else {
-            return Err(err(libc::ENOTDIR));
-        };
+        let list = self.dir_list(inode, handle)?;
         for (i, (name, t, id, _)) in list
             .entries
             .iter()
@@ -1693,16 +1713,13 @@ impl FileSystem for OverlayFs {
     fn readdirplus(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let h = self.handle(handle)?;
-        let Handle::Dir(list) = &*h else {
-            return Err(err(libc::ENOTDIR));
-        };
+        let list = self.dir_list(inode, handle)?;
         for (i, (name, t, id, st)) in list
             .entries
             .iter()
