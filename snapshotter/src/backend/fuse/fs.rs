@@ -1793,3 +1793,41 @@ impl FileSystem for OverlayFs {
         Ok(r.unsigned_abs())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_by_the_unprivileged_drop_setuid_and_group_exec_setgid() {
+        assert_eq!(killed_mode(libc::S_IFREG | 0o4755), 0o755);
+        assert_eq!(killed_mode(libc::S_IFREG | 0o6755), 0o755);
+        // setgid without group exec marks mandatory locking and stays
+        assert_eq!(killed_mode(libc::S_IFREG | 0o2644), 0o2644);
+        assert_eq!(killed_mode(libc::S_IFREG | 0o1777), 0o1777);
+    }
+
+    #[test]
+    fn relative_paths_join_and_split() {
+        assert_eq!(join(b"", b"a"), b"a");
+        assert_eq!(join(b"a/b", b"c"), b"a/b/c");
+        assert_eq!(parent_path(b"a/b/c"), b"a/b");
+        assert_eq!(parent_path(b"a"), b"");
+        assert_eq!(rel_cstr(b"").as_bytes(), b".");
+    }
+
+    #[test]
+    fn only_overlay_xattrs_are_hidden() {
+        assert!(b"user.overlay.opaque".starts_with(OVERLAY_XATTR_PREFIX));
+        assert!(!b"user.overlayx".starts_with(OVERLAY_XATTR_PREFIX));
+        assert!(!b"security.capability".starts_with(OVERLAY_XATTR_PREFIX));
+    }
+
+    #[test]
+    fn write_opens_are_told_apart() {
+        assert!(!is_write(libc::O_RDONLY as u32));
+        assert!(is_write(libc::O_WRONLY as u32));
+        assert!(is_write(libc::O_RDWR as u32));
+        assert!(is_write((libc::O_RDONLY | libc::O_TRUNC) as u32));
+    }
+}
