@@ -610,7 +610,18 @@ impl OverlayFs {
                 }
                 let cname = CString::new(name).map_err(|_| err(libc::EINVAL))?;
                 if let Some(v) = sys::lgetxattr(src_abs, &cname)? {
-                    sys::lsetxattr(&dst_abs, &cname, &v, 0)?;
+                    match sys::lsetxattr(&dst_abs, &cname, &v, 0) {
+                        Ok(()) => {}
+                        // trusted.* and some security.* names cannot be set
+                        // from a user namespace; overlayfs skips them too
+                        Err(e)
+                            if !name.starts_with(b"user.")
+                                && matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::EPERM | libc::EOPNOTSUPP)
+                                ) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
