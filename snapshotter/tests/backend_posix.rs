@@ -159,6 +159,10 @@ fn inner_posix_suite() {
             .unwrap()
     };
     assert!(
+        user("chmod keeps file capabilities").contains("security.capability="),
+        "{flog:#?}"
+    );
+    assert!(
         user("user 1000 writes home").starts_with("ok status=0"),
         "{flog:#?}"
     );
@@ -337,6 +341,14 @@ fn build_lowers(lowers: &[PathBuf]) {
         std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
     }
+    // file capabilities (cap_net_raw, effective), kept through copy-up
+    w(l2.join("capbin"), "#!/bin/sh\n");
+    let mut cap = Vec::new();
+    cap.extend_from_slice(&(0x0200_0000u32 | 1).to_le_bytes());
+    for word in [1u32 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&word.to_le_bytes());
+    }
+    set_xattr(&l2.join("capbin"), "security.capability", &cap).unwrap();
     w(l2.join("root_only"), "secret\n");
     fs::set_permissions(l2.join("root_only"), fs::Permissions::from_mode(0o600)).unwrap();
     // top layer
@@ -426,6 +438,11 @@ fn run_script(v: &Path) -> BTreeMap<String, String> {
                 f.read_to_string(&mut s)?;
                 Ok(s)
             }),
+    );
+    step(
+        "chmod keeps file capabilities",
+        fs::set_permissions(v.join("capbin"), fs::Permissions::from_mode(0o750))
+            .map(|_| xattrs(&v.join("capbin"), true).join(",")),
     );
     step(
         "chmod",
