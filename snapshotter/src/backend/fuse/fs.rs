@@ -897,6 +897,21 @@ impl OverlayFs {
         Ok(list)
     }
 
+    /// The file behind an open file handle (for the splice read path).
+    pub(crate) fn handle_file(&self, h: u64) -> Option<Arc<impl AsRawFd>> {
+        struct HandleFile(Arc<Handle>);
+        impl AsRawFd for HandleFile {
+            fn as_raw_fd(&self) -> RawFd {
+                match &*self.0 {
+                    Handle::File(f) => f.as_raw_fd(),
+                    Handle::Dir(_) => -1,
+                }
+            }
+        }
+        let h = self.handle(h).ok()?;
+        matches!(&*h, Handle::File(_)).then(|| Arc::new(HandleFile(h)))
+    }
+
     fn xattr_path(&self, id: u64) -> io::Result<Vec<u8>> {
         let s = self.state(id)?;
         let path = self.path_of(id)?;
