@@ -424,3 +424,46 @@ userns_case!(
         assert!(!spec.upper.join("tmp").exists());
     }
 );
+
+userns_case!(
+    fuse_reads_match_the_lower_file,
+    inner_fuse_reads_match_the_lower_file,
+    |dir| {
+        use std::os::unix::fs::FileExt;
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        let data: Vec<u8> = (0..(3 << 20) + 123u32)
+            .map(|i| (i.wrapping_mul(31) % 257) as u8)
+            .collect();
+        fs::write(lower.join("f"), &data).unwrap();
+        fs::write(lower.join("empty"), b"").unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        // positional reads at awkward offsets, on a cold cache
+        let f = fs::File::open(v.join("f")).unwrap();
+        for (off, len) in [
+            (0usize, 1usize),
+            (4095, 4098),
+            ((128 << 10) - 1, 300_000),
+            ((1 << 20) + 7, 1 << 20),
+            (data.len() - 10, 64),
+        ] {
+            let mut buf = vec![0u8; len];
+            let n = f.read_at(&mut buf, off as u64).unwrap();
+            let want = &data[off..(off + len).min(data.len())];
+            assert_eq!(&buf[..n], &want[..n], "read at {off}");
+            assert!(n > 0);
+        }
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            f.read_at(&mut buf, data.len() as u64).unwrap(),
+            0,
+            "read at end of file"
+        );
+        assert_eq!(fs::read(v.join("f")).unwrap(), data);
+        assert_eq!(fs::read(v.join("empty")).unwrap(), b"");
+        drop(f);
+        drop(view);
+    }
+);
