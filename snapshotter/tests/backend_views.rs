@@ -433,7 +433,7 @@ userns_case!(
         let lower = dir.join("lower");
         fs::create_dir_all(&lower).unwrap();
         let data: Vec<u8> = (0..(3 << 20) + 123u32)
-            .map(|i| (i.wrapping_mul(31) % 257) as u8)
+            .map(|i| (i.wrapping_mul(31) % 251) as u8)
             .collect();
         fs::write(lower.join("f"), &data).unwrap();
         fs::write(lower.join("empty"), b"").unwrap();
