@@ -6,7 +6,8 @@
 #  - busybox-static and libc6-dev/gcc for test root filesystems and the
 #    static programs the tests and the runtime compile
 #  - fuse3 for /dev/fuse, fuse-overlayfs/skopeo/umoci/podman/buildah for
-#    interop tests and benchmarks
+#    interop tests and benchmarks; runc because crun refuses hybrid cgroup
+#    hosts, where the podman interop test runs `podman --runtime runc`
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
 # ship them (some CI machines have them 0600).
 set -euo pipefail
@@ -15,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || { echo "setup-host.sh: run as root or install sudo" >&2; exit 1; }
     SUDO=sudo
 fi
-PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun hyperfine jq
+PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
       iproute2 procps util-linux zstd"
 missing=""
 for p in $PKGS; do

@@ -3,4 +3,6 @@
 
 pub mod cli;
 pub mod cli_plan;
+pub mod engine;
 pub mod frontend;
+pub mod image;

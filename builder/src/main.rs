@@ -10,6 +10,10 @@ use kiln_builder::cli;
 #[derive(Parser)]
 #[command(name = "kiln", version, about, propagate_version = true)]
 struct Cli {
+    /// kiln's state directory (images, layers, cache); default
+    /// $XDG_DATA_HOME/kiln or ~/.local/share/kiln
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,8 +23,22 @@ enum Command {
     /// Run one command in a kiln sandbox on a root filesystem directory
     /// (a debugging aid: this is how every RUN step is executed).
     Sandbox(cli::sandbox::SandboxArgs),
+    /// Build an image from a Dockerfile.
+    Build(cli::build::BuildArgs),
     /// Inspect kiln's view of a build without running it.
     Debug(kiln_builder::cli_plan::DebugCmd),
+    /// Load images from a docker-archive or oci-archive tar
+    Load(cli::images::LoadArgs),
+    /// Make a single-layer image from a root filesystem directory or tar
+    Import(cli::images::ImportArgs),
+    /// List stored images
+    Images(cli::images::ImagesArgs),
+    /// Remove stored images
+    Rmi(cli::images::RmiArgs),
+    /// Give a stored image another name
+    Tag(cli::images::TagArgs),
+    /// Write a stored image out (docker-archive, OCI layout, root filesystem)
+    Save(cli::images::SaveArgs),
 }
 
 fn main() {
@@ -31,12 +49,26 @@ fn main() {
     }
     // Join kiln's own user namespace while the process is still
     // single-threaded: steps then map their ids without setuid helpers.
-    if let Err(err) = kiln_runtime::userns::enter(kiln_runtime::userns::Mounts::Shared) {
+    // Store commands unpack and copy layers: they get a mount namespace of
+    // their own; the sandbox shares kiln's.
+    let mounts = match cli.command {
+        Command::Sandbox(_) => kiln_runtime::userns::Mounts::Shared,
+        _ => kiln_runtime::userns::Mounts::Private,
+    };
+    if let Err(err) = kiln_runtime::userns::enter(mounts) {
         eprintln!("kiln: error: {err}");
         std::process::exit(kiln_runtime::error::EXIT_SANDBOX_FAILURE);
     }
+    let root = cli.root.as_deref();
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
+        Command::Build(args) => cli::build::run(root, args),
+        Command::Load(args) => cli::images::load(root, args),
+        Command::Import(args) => cli::images::import_cmd(root, args),
+        Command::Images(args) => cli::images::images(root, args),
+        Command::Rmi(args) => cli::images::rmi(root, args),
+        Command::Tag(args) => cli::images::tag(root, args),
+        Command::Save(args) => cli::images::save(root, args),
         Command::Debug(_) => unreachable!("handled above"),
     };
     finish(result)

@@ -91,9 +91,15 @@ fn env_overrides_arg_and_is_visible_from_the_next_instruction() {
 }
 
 #[test]
-fn env_is_inherited_from_a_parent_stage_but_args_are_not() {
+fn a_later_arg_sets_a_name_again_after_env() {
+    let src = "FROM scratch\nENV X=env\nARG X=arg\nENV Y=$X\n";
+    assert_eq!(values(&plan_of(src, &opts())), ["X=env", "Y=arg"]);
+}
+
+#[test]
+fn env_and_args_are_inherited_from_a_parent_stage() {
     let src = "FROM scratch AS base\nARG A=1\nENV E=from-base\nFROM base\nENV F=$E-$A\n";
-    assert_eq!(values(&plan_of(src, &opts())), ["F=from-base-"]);
+    assert_eq!(values(&plan_of(src, &opts())), ["F=from-base-1"]);
 }
 
 #[test]
@@ -102,7 +108,7 @@ fn platform_args_are_global_and_need_redeclaring() {
         target_platform: Some(Platform::parse("linux/arm/v7").unwrap()),
         ..opts()
     };
-    let src = "FROM --platform=$BUILDPLATFORM scratch AS b\nENV T=$TARGETARCH\nARG TARGETARCH TARGETVARIANT BUILDOS TARGETPLATFORM TARGETSTAGE\nENV T=$TARGETARCH V=$TARGETVARIANT O=$BUILDOS P=$TARGETPLATFORM S=$TARGETSTAGE\n";
+    let src = "FROM --platform=$BUILDPLATFORM alpine AS b\nENV T=$TARGETARCH\nARG TARGETARCH TARGETVARIANT BUILDOS TARGETPLATFORM TARGETSTAGE\nENV T=$TARGETARCH V=$TARGETVARIANT O=$BUILDOS P=$TARGETPLATFORM S=$TARGETSTAGE\n";
     let p = plan_of(src, &o);
     assert_eq!(p.stages[0].platform.to_string(), "linux/amd64");
     assert_eq!(values(&p), ["T=", "T=arm V=v7 O=linux P=linux/arm/v7 S=b"]);
@@ -238,9 +244,14 @@ fn graph_errors() {
             2,
         ),
         (
-            "FROM alpine AS a\nCOPY --from=b / /\nFROM alpine AS b\nCOPY --from=a / /\n",
-            "circular dependency detected between stages: ",
+            "FROM alpine AS a\nRUN --mount=from=b,target=/b x\nFROM alpine AS b\nRUN --mount=from=a,target=/a y\n",
+            "circular dependency detected between stages: b -> a -> b",
             0,
+        ),
+        (
+            "FROM alpine AS a\nCOPY --from=b / /\nFROM alpine AS b\nRUN --mount=from=a,target=/a x\n",
+            "cannot copy from stage \"b\", it needs to be defined before current stage \"a\"",
+            2,
         ),
         (
             "FROM alpine\nCOPY --from=1 / /\nFROM alpine\nCOPY --from=0 / /\n",
@@ -300,6 +311,17 @@ fn graph_errors() {
     assert_eq!(
         e.to_string(),
         "target stage \"two\" could not be found; stages are: one"
+    );
+    let e = plan_err(
+        "FROM a AS build\nFROM b AS test\n",
+        &PlanOptions {
+            target: Some("tset".into()),
+            ..opts()
+        },
+    );
+    assert_eq!(
+        e.to_string(),
+        "target stage \"tset\" could not be found (did you mean test?); stages are: build, test"
     );
 }
 
@@ -474,4 +496,201 @@ fn undefined_variables_warn_only_when_everything_is_known() {
         .warnings
         .iter()
         .any(|w| w.message.contains("undefined variable $NOPE") && w.line == Some(2)));
+}
+
+#[test]
+fn arg_defaults_are_evaluated_only_without_a_build_arg() {
+    let src = "ARG G=${G:?set-G}\nFROM scratch\nARG X=${X:?set-X} Y=$X-y\nENV V=$X$Y\n";
+    let e = plan_err(src, &opts());
+    assert!(e.to_string().contains("G: set-G"), "{e}");
+    let e = plan_err(src, &with_args(&[("G", "1")]));
+    assert!(e.to_string().contains("X: set-X"), "{e}");
+    assert_eq!(e.location.as_ref().unwrap().line, 3);
+    let p = plan_of(src, &with_args(&[("G", "1"), ("X", "x")]));
+    assert_eq!(
+        values(&p),
+        ["V=xx-y"],
+        "later defaults see earlier ARGs of the same line"
+    );
+    let Instruction::Arg(decls) = &p.stages[0].steps[0].instruction else {
+        panic!()
+    };
+    assert_eq!(decls[0].default.as_deref(), Some("${X:?set-X}"));
+    assert_eq!(decls[0].value.as_deref(), Some("x"));
+    assert_eq!(decls[1].value.as_deref(), Some("x-y"));
+}
+
+#[test]
+fn automatic_args_target_stage_and_overrides() {
+    let src =
+        "FROM alpine:$TARGETARCH\nARG TARGETSTAGE TARGETARCH\nENV S=$TARGETSTAGE A=$TARGETARCH\n";
+    let p = plan_of(src, &opts());
+    assert_eq!(
+        p.stages[0].base,
+        Base::Image {
+            reference: "alpine:amd64".into()
+        }
+    );
+    assert_eq!(
+        values(&p),
+        ["S=default A=amd64"],
+        "an unnamed target is `default`"
+    );
+    let p = plan_of(src, &with_args(&[("TARGETARCH", "riscv64")]));
+    assert_eq!(
+        p.stages[0].base,
+        Base::Image {
+            reference: "alpine:riscv64".into()
+        }
+    );
+    assert_eq!(values(&p), ["S=default A=riscv64"]);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn platform_of_child_and_scratch_stages() {
+    let o = PlanOptions {
+        target_platform: Some(Platform::parse("linux/arm64").unwrap()),
+        ..opts()
+    };
+    let src = "FROM --platform=linux/amd64 alpine AS a\nFROM --platform=linux/s390x a AS b\nFROM --platform=linux/ppc64le scratch AS c\nCOPY --from=b / /\n";
+    let p = plan_of(src, &o);
+    let plat = |i: usize| p.stage(i).unwrap().platform.to_string();
+    assert_eq!(plat(0), "linux/amd64");
+    assert_eq!(
+        plat(1),
+        "linux/amd64",
+        "a child stage keeps its parent's platform"
+    );
+    assert_eq!(
+        plat(2),
+        "linux/arm64",
+        "FROM --platform does not apply to scratch"
+    );
+}
+
+#[test]
+fn default_path_for_scratch_and_images_without_one() {
+    let p = plan_of("FROM scratch\nENV P=$PATH\n", &opts());
+    assert_eq!(
+        values(&p),
+        ["P=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    );
+    let o = PlanOptions {
+        image_env: BTreeMap::from([(
+            "busybox".to_string(),
+            vec![("HOME".to_string(), "/root".to_string())],
+        )]),
+        ..opts()
+    };
+    let p = plan_of("FROM busybox\nENV P=$PATH:$HOME\n", &o);
+    assert_eq!(
+        values(&p),
+        ["P=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root"]
+    );
+}
+
+#[test]
+fn a_named_context_replaces_a_stage_of_the_same_name() {
+    let o = PlanOptions {
+        named_contexts: BTreeMap::from([(
+            "base".to_string(),
+            "docker-image://alpine:edge".to_string(),
+        )]),
+        ..opts()
+    };
+    let p = plan_of(
+        "FROM alpine AS base\nRUN never\nFROM base\nCOPY --from=base / /\n",
+        &o,
+    );
+    assert_eq!(
+        p.stages.iter().map(|s| s.index).collect::<Vec<_>>(),
+        [1],
+        "the replaced stage is not built"
+    );
+    assert!(matches!(&p.stages[0].base, Base::Context { name, .. } if name == "base"));
+    assert!(matches!(
+        &p.stages[0].steps[0].sources[0],
+        SourceRef::Context { .. }
+    ));
+}
+
+#[test]
+fn onbuild_triggers_run_first_in_child_stages_only() {
+    let src = "\
+FROM alpine AS assets
+FROM alpine AS base
+ONBUILD ARG MODE=debug
+ONBUILD COPY --from=assets /a /a
+ONBUILD RUN echo $MODE
+RUN base-only
+FROM base AS child
+RUN child
+FROM child AS grandchild
+";
+    let p = plan_of(src, &opts());
+    assert_eq!(
+        p.stages.iter().map(|s| s.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    let base = p.stage(1).unwrap();
+    assert_eq!(
+        base.deps,
+        Vec::<usize>::new(),
+        "a trigger is not run where it is declared"
+    );
+    let child = p.stage(2).unwrap();
+    assert_eq!(child.deps, [0, 1]);
+    let summary: Vec<(usize, bool, &str)> = child
+        .steps
+        .iter()
+        .map(|s| (s.line, s.trigger, s.original.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (3, true, "ARG MODE=debug"),
+            (4, true, "COPY --from=assets /a /a"),
+            (5, true, "RUN echo $MODE"),
+            (8, false, "RUN child"),
+        ]
+    );
+    assert_eq!(
+        child.steps[2].args,
+        [("MODE".to_string(), "debug".to_string())]
+    );
+    assert!(
+        p.stage(3).unwrap().steps.is_empty(),
+        "grandchildren do not inherit triggers"
+    );
+}
+
+#[test]
+fn check_directive_skips_rules_or_makes_them_errors() {
+    let body = "FROM scratch\nARG DECLARED\nENV A=$NOPE B=$DECLARED\n";
+    let p = plan_of(body, &opts());
+    let rules: Vec<_> = p.warnings.iter().map(|w| (w.rule, w.line)).collect();
+    assert_eq!(
+        rules,
+        [(Some("UndefinedVar"), Some(3))],
+        "a declared ARG is not undefined"
+    );
+    let p = plan_of(&format!("# check=skip=UndefinedVar\n{body}"), &opts());
+    assert!(p.warnings.is_empty());
+    let e = plan_err(&format!("# check=error=true\n{body}"), &opts());
+    assert!(
+        e.to_string()
+            .starts_with("Dockerfile:4:1: lint violation found for rules: UndefinedVar"),
+        "{e}"
+    );
+    plan_of(
+        "# check=error=true\nFROM scratch\nENV A=1\n",
+        &with_args(&[("UNUSED", "x")]),
+    );
+    let e = plan_err("# check=error=maybe\nFROM scratch\n", &opts());
+    assert!(
+        e.to_string()
+            .contains("invalid check option \"error=maybe\""),
+        "{e}"
+    );
 }

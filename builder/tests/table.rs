@@ -25,7 +25,7 @@ const TABLE: &[(&str, &str)] = &[
     ("RUN --mount=type=ssh,id=gh,required x", r#"{"instruction":"run","args":{"command":{"shell":"x"},"mounts":[{"type":"ssh","id":"gh","target":"/run/buildkit/ssh_agent.0","required":true,"mode":384,"uid":0,"gid":0}],"network":null,"security":null}}"#),
     ("RUN --mount=type=ssh --mount=type=ssh,id=b x", r#"{"instruction":"run","args":{"command":{"shell":"x"},"mounts":[{"type":"ssh","id":"default","target":"/run/buildkit/ssh_agent.0","required":false,"mode":384,"uid":0,"gid":0},{"type":"ssh","id":"b","target":"/run/buildkit/ssh_agent.1","required":false,"mode":384,"uid":0,"gid":0}],"network":null,"security":null}}"#),
     ("RUN --network=host --security=sandbox x", r#"{"instruction":"run","args":{"command":{"shell":"x"},"mounts":[],"network":"host","security":"sandbox"}}"#),
-    ("RUN --device=/dev/fuse x", r#"ERR unknown flag: --device for RUN"#),
+    ("RUN --device=/dev/fuse x", r#"{"instruction":"run","args":{"command":{"shell":"x"},"mounts":[],"network":null,"security":null,"devices":[{"name":"/dev/fuse","required":false}]}}"#),
     ("RUN <<EOF\necho a\nEOF", r#"{"instruction":"run","args":{"command":{"heredoc":{"name":"EOF","content":"echo a\n","shebang":false}},"mounts":[],"network":null,"security":null}}"#),
     ("RUN <<-EOT bash\n\techo a\n\tEOT", r#"{"instruction":"run","args":{"command":{"shell":"<<-EOT bash\n\techo a\nEOT"},"mounts":[],"network":null,"security":null}}"#),
     ("RUN python3 <<'PY'\nprint('$x')\nPY", r#"{"instruction":"run","args":{"command":{"shell":"python3 <<'PY'\nprint('$x')\nPY"},"mounts":[],"network":null,"security":null}}"#),
@@ -42,7 +42,7 @@ const TABLE: &[(&str, &str)] = &[
     ("ENV ONLYKEY", r#"PARSE-ERR ENV must have two arguments; write `ENV name=value`"#),
     ("ENV A=1 B", r#"PARSE-ERR syntax error - can't find = in "B"; must be of the form name=value"#),
     ("ARG VERSION", r#"{"instruction":"arg","args":[{"key":"VERSION","default":null}]}"#),
-    ("ARG VERSION=1.0 OTHER=\"x y\"", r#"{"instruction":"arg","args":[{"key":"VERSION","default":"1.0"},{"key":"OTHER","default":"x y"}]}"#),
+    ("ARG VERSION=1.0 OTHER=\"x y\"", r#"{"instruction":"arg","args":[{"key":"VERSION","default":"1.0"},{"key":"OTHER","default":"\"x y\""}]}"#),
     ("LABEL org.opencontainers.image.title=\"kiln\" version=1", r#"{"instruction":"label","args":[{"key":"org.opencontainers.image.title","value":"kiln"},{"key":"version","value":"1"}]}"#),
     ("LABEL maintainer Someone <a@b.c>", r#"{"instruction":"label","args":[{"key":"maintainer","value":"Someone <a@b.c>"}]}"#),
     ("EXPOSE 80 443/tcp 53/udp 8000-8100", r#"{"instruction":"expose","args":[{"start":80,"end":80,"protocol":"tcp"},{"start":443,"end":443,"protocol":"tcp"},{"start":53,"end":53,"protocol":"udp"},{"start":8000,"end":8100,"protocol":"tcp"}]}"#),
@@ -85,7 +85,7 @@ const TABLE: &[(&str, &str)] = &[
     ("STOPSIGNAL", r#"ERR STOPSIGNAL requires at least one argument"#),
     ("MAINTAINER Jane Doe <jane@example.com>", r#"{"instruction":"maintainer","args":"Jane Doe <jane@example.com>"}"#),
     ("FROB x", r#"ERR unknown instruction: FROB; did you mean FROM?"#),
-    ("STOPSIGNAL SIGNOPE", r#"ERR failed to parse signal "SIGNOPE"; use a name such as SIGTERM or a number"#),
+    ("STOPSIGNAL SIGNOPE", r#"ERR invalid signal: SIGNOPE; use a name such as SIGTERM or a nonzero number"#),
     ("copy --FROM=x a b", r#"ERR unknown flag: --FROM for COPY"#),
 ];
 

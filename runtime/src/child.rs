@@ -516,13 +516,21 @@ pub unsafe fn run(p: &Plan) -> ! {
     close(p.sync_read);
 
     // 2. Become uid/gid 0 of the new namespace, without host groups.
+    //    Raw syscalls: glibc's wrappers broadcast id changes to every
+    //    thread it believes exists, and threads of the parent that were
+    //    not copied by the clone would never answer.
     // SAFETY: plain id syscalls.
     unsafe {
         if p.can_setgroups {
-            check(libc::setgroups(0, std::ptr::null()).into()).or_fail(p, Stage::BecomeRoot);
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                0,
+                std::ptr::null::<libc::gid_t>(),
+            ))
+            .or_fail(p, Stage::BecomeRoot);
         }
-        check(libc::setresgid(0, 0, 0).into()).or_fail(p, Stage::BecomeRoot);
-        check(libc::setresuid(0, 0, 0).into()).or_fail(p, Stage::BecomeRoot);
+        check(libc::syscall(libc::SYS_setresgid, 0, 0, 0)).or_fail(p, Stage::BecomeRoot);
+        check(libc::syscall(libc::SYS_setresuid, 0, 0, 0)).or_fail(p, Stage::BecomeRoot);
     }
 
     // 3. Hostname of the new UTS namespace.
@@ -669,9 +677,13 @@ pub unsafe fn run(p: &Plan) -> ! {
     // SAFETY: `ready` has room for two descriptors.
     check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) }.into())
         .or_fail(p, Stage::ForkCommand);
+    // A raw clone, not glibc's fork: fork runs atfork handlers that take
+    // malloc's locks, which another thread of the parent may have held at
+    // the moment of our own clone.
     // SAFETY: this process is single-threaded; the child only makes
     // async-signal-safe calls and leaves by exec or _exit.
-    let pid = unsafe { libc::fork() };
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
     if pid < 0 {
         fail(p, Stage::ForkCommand, Errno::last());
     }
@@ -700,12 +712,16 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
     // SAFETY: plain id and prctl calls on valid buffers.
     unsafe {
         if p.can_setgroups {
-            check(libc::setgroups(p.groups.len(), p.groups.as_ptr()).into())
-                .or_fail(p, Stage::SetGroups);
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                p.groups.len(),
+                p.groups.as_ptr(),
+            ))
+            .or_fail(p, Stage::SetGroups);
         }
         check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into()).or_fail(p, Stage::SetUid);
-        check(libc::setresgid(p.gid, p.gid, p.gid).into()).or_fail(p, Stage::SetGid);
-        check(libc::setresuid(p.uid, p.uid, p.uid).into()).or_fail(p, Stage::SetUid);
+        check(libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid)).or_fail(p, Stage::SetGid);
+        check(libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid)).or_fail(p, Stage::SetUid);
         check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0).into()).or_fail(p, Stage::SetUid);
     }
 

@@ -16,6 +16,18 @@ use kiln_snapshotter::compression::Compression;
 use kiln_snapshotter::diff::DiffOptions;
 use kiln_snapshotter::snapshot::Snapshotter;
 
+/// CPU seconds (user + system, all threads) this process has used: less
+/// sensitive than wall time to other work on a shared machine.
+fn cpu() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is writable and sized for struct rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    // SAFETY: zero-initialised and filled by getrusage.
+    let ru = unsafe { ru.assume_init() };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -81,25 +93,28 @@ fn main() -> anyhow::Result<()> {
             .arg(v.path())
             .status()?;
         anyhow::ensure!(ok.success(), "cp failed");
-        let t = Instant::now();
+        let (t, c0) = (Instant::now(), cpu());
         let opts = DiffOptions {
             compression: c,
             source_date_epoch: Some(1),
         };
         let committed = snap.commit(v, opts)?;
-        let secs = t.elapsed().as_secs_f64();
+        let (secs, cpus) = (t.elapsed().as_secs_f64(), cpu() - c0);
         println!(
-            "commit {name:7} {secs:6.2} s {:7.1} MiB/s  blob {:.1} MiB",
+            "commit {name:7} {secs:6.2} s wall {cpus:6.2} s cpu {:7.1} MiB/s  blob {:.1} MiB",
             mib / secs,
             committed.blob.size() as f64 / 1_048_576.0
         );
         let mut fresh = Snapshotter::open(&root.join(format!("fresh-{name}")), BackendKind::Copy)?;
         fresh.set_durable_layers(durable);
-        let t = Instant::now();
+        let (t, c0) = (Instant::now(), cpu());
         let blob = snap.content().open_blob(committed.blob.digest())?;
         fresh.import(blob, None, Some(&committed.diff_id))?;
-        let secs = t.elapsed().as_secs_f64();
-        println!("apply  {name:7} {secs:6.2} s {:7.1} MiB/s", mib / secs);
+        let (secs, cpus) = (t.elapsed().as_secs_f64(), cpu() - c0);
+        println!(
+            "apply  {name:7} {secs:6.2} s wall {cpus:6.2} s cpu {:7.1} MiB/s",
+            mib / secs
+        );
         base.get_or_insert(committed.chain_id);
     }
     let t = Instant::now();

@@ -5,7 +5,8 @@
 //! The tar crate only parses entries; every file-system write is done here
 //! through directory fds opened one component at a time with `O_NOFOLLOW`,
 //! so no entry can reach outside the target: absolute paths, `..`
-//! components, parents that are symlinks, hard links to anything outside
+//! components, parents that are symlinks (in this layer or, for a parent the
+//! layer does not create, in a lower one), hard links to anything outside
 //! the layer chain, oversized PAX headers and anything after a corrupt
 //! header are refused with an error naming the entry. Device nodes other
 //! than whiteouts are skipped and counted (kiln has no CAP_MKNOD on the
@@ -147,6 +148,7 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
         entries: 0,
         skipped_devices: 0,
         skipped_xattrs: 0,
+        buf: Vec::new(),
     };
     let mut last = String::from("(start)");
     let entries = archive.entries().map_err(|source| Error::Header {
@@ -216,6 +218,15 @@ struct Applier<'a> {
     entries: u64,
     skipped_devices: u64,
     skipped_xattrs: u64,
+    /// scratch buffer for file data, reused by every entry
+    buf: Vec<u8>,
+}
+
+/// What a path is in the lower layers (see `Applier::lower_at`).
+enum Lower {
+    Dir(Meta),
+    Symlink,
+    Other,
 }
 
 /// Whether kiln can set an xattr of this name inside its user namespace:
@@ -294,9 +305,16 @@ impl Applier<'_> {
             match sys::open_dir_at(fd.as_fd(), &name) {
                 Ok(next) => fd = next,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let lower = self.lower_at(&comps[..=i]);
+                    // a parent that is a symlink in a lower layer: creating
+                    // a directory here would hide what it points to, and
+                    // following it is writing through a symlink
+                    if matches!(lower, Some(Lower::Symlink)) {
+                        return Err(through());
+                    }
                     sys::mkdirat(fd.as_fd(), &name, 0o755).map_err(werr(entry))?;
                     let next = sys::open_dir_at(fd.as_fd(), &name).map_err(werr(entry))?;
-                    if let Some(meta) = self.lower_dir_meta(&comps[..=i]) {
+                    if let Some(Lower::Dir(meta)) = lower {
                         tree::set_meta_fd(next.as_fd(), &meta).map_err(werr(entry))?;
                     }
                     fd = next;
@@ -335,12 +353,29 @@ impl Applier<'_> {
         Some(fd)
     }
 
-    /// Metadata of directory `comps` in the topmost lower layer that has it.
-    fn lower_dir_meta(&self, comps: &[&[u8]]) -> Option<Meta> {
+    /// What the lower layers show at `comps`: the topmost lower in which
+    /// the parent is a directory and the name exists decides; a whiteout
+    /// there means nothing.
+    fn lower_at(&self, comps: &[&[u8]]) -> Option<Lower> {
+        let (base, parent) = comps.split_last()?;
+        let base = cname(base);
         for lower in self.lowers {
-            let root = sys::open_dir(lower).ok()?;
-            if let Some(fd) = Self::walk_existing(root.as_fd(), comps) {
-                return tree::read_meta_at(fd.as_fd(), c"").ok().map(|(_, m)| m);
+            let Ok(root) = sys::open_dir(lower) else {
+                continue;
+            };
+            let Some(dir) = Self::walk_existing(root.as_fd(), parent) else {
+                continue;
+            };
+            match tree::read_meta_at(dir.as_fd(), &base) {
+                Ok((st, _)) if sys::is_whiteout(&st) => return None,
+                Ok((st, _)) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+                    return Some(Lower::Symlink)
+                }
+                Ok((st, meta)) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                    return Some(Lower::Dir(meta))
+                }
+                Ok(_) => return Some(Lower::Other),
+                Err(_) => continue,
             }
         }
         None
@@ -501,18 +536,20 @@ impl Applier<'_> {
                 .map_err(werr(name))?;
                 let mut file = File::from(fd);
                 let size = entry.size();
-                let written = tree::write_sparse(&mut file, &mut *entry).map_err(|source| {
-                    if source.kind() == io::ErrorKind::UnexpectedEof
-                        || source.to_string().contains("corrupt deflate")
-                    {
-                        Error::Stream {
-                            after: name.to_string(),
-                            source,
+                let written = tree::write_sparse(&mut file, &mut *entry, &mut self.buf).map_err(
+                    |source| {
+                        if source.kind() == io::ErrorKind::UnexpectedEof
+                            || source.to_string().contains("corrupt deflate")
+                        {
+                            Error::Stream {
+                                after: name.to_string(),
+                                source,
+                            }
+                        } else {
+                            werr(name)(source)
                         }
-                    } else {
-                        werr(name)(source)
-                    }
-                })?;
+                    },
+                )?;
                 if written != size {
                     // the stream ended inside this entry's data
                     return Err(Error::Stream {

@@ -171,6 +171,11 @@ impl LayerStore {
         )
     }
 
+    /// This store's owner name (the prefix of its scratch names).
+    pub fn owner_name(&self) -> &str {
+        self.owner.name()
+    }
+
     /// Whether the owner of a scratch name made by [`LayerStore::unique`]
     /// is alive.
     pub fn owner_alive(&self, scratch_name: &str) -> bool {

@@ -18,3 +18,8 @@ mod owner;
 pub mod snapshot;
 mod sys;
 mod tree;
+
+pub use backend::BackendKind;
+pub use compression::Compression;
+pub use diff::DiffOptions;
+pub use snapshot::{Committed, Snapshotter, View};

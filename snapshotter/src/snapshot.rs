@@ -101,6 +101,10 @@ pub struct View {
     mounted: Option<Box<dyn MountedView>>,
     upper: Option<TempLayer>,
     dir: PathBuf,
+    /// where the view's files go when it is dropped: renaming is instant,
+    /// deleting a copy view's whole tree is not, so the commit does not wait
+    /// for it ([`Snapshotter::cleanup`] deletes it later)
+    trash: PathBuf,
 }
 
 impl std::fmt::Debug for View {
@@ -137,7 +141,18 @@ impl Drop for View {
     fn drop(&mut self) {
         self.mounted.take();
         self.upper.take();
-        let _ = fs::remove_dir_all(&self.dir);
+        if fs::rename(&self.dir, &self.trash).is_err() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Scratch-name tag of dropped views' files.
+const TRASH: &str = "trash";
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        let _ = self.cleanup();
     }
 }
 
@@ -283,6 +298,7 @@ impl Snapshotter {
             mounted: None,
             upper: Some(upper),
             dir,
+            trash: self.layers.tmp_dir().join(self.layers.unique(TRASH)),
         };
         view.mounted = Some(backend::mount(self.backend, &view.spec)?);
         Ok(view)
@@ -325,10 +341,21 @@ impl Snapshotter {
 
     /// Throw a view away.
     pub fn remove(&self, view: View) -> Result<()> {
-        let dir = view.dir.clone();
         drop(view);
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        self.cleanup()
+    }
+
+    /// Delete the files of views this snapshotter dropped (done on drop of
+    /// the snapshotter too; a dead process's are deleted by the next open).
+    pub fn cleanup(&self) -> Result<()> {
+        let tmp = self.layers.tmp_dir();
+        let prefix = format!("{}-{TRASH}-", self.layers.owner_name());
+        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
+            let e = e.map_err(io_err(&tmp))?;
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let path = e.path();
+                fs::remove_dir_all(&path).map_err(io_err(&path))?;
+            }
         }
         Ok(())
     }

@@ -108,16 +108,25 @@ pub fn set_meta_at(
 }
 
 /// Write `data` to `file` keeping runs of zero blocks as holes, then set
-/// the file's length: sparse files stay sparse.
-pub fn write_sparse(file: &mut File, mut data: impl Read) -> io::Result<u64> {
+/// the file's length: sparse files stay sparse. `buf` is scratch space
+/// reused across calls (one allocation per apply, not per file).
+pub fn write_sparse(file: &mut File, mut data: impl Read, buf: &mut Vec<u8>) -> io::Result<u64> {
     const BLOCK: usize = 4096;
-    let mut buf = vec![0u8; 1 << 20];
+    const BUF: usize = 1 << 20;
+    if buf.len() < BUF {
+        buf.resize(BUF, 0);
+    }
+    let is_zero = |b: &[u8]| {
+        b.len() == BLOCK
+            && b.chunks_exact(16)
+                .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+    };
     let mut pos: u64 = 0;
     let mut seeked = false;
     loop {
         let mut filled = 0;
-        while filled < buf.len() {
-            let n = data.read(&mut buf[filled..])?;
+        while filled < BUF {
+            let n = data.read(&mut buf[filled..BUF])?;
             if n == 0 {
                 break;
             }
@@ -126,16 +135,26 @@ pub fn write_sparse(file: &mut File, mut data: impl Read) -> io::Result<u64> {
         if filled == 0 {
             break;
         }
-        for chunk in buf[..filled].chunks(BLOCK) {
-            if chunk.len() == BLOCK && chunk.iter().all(|b| *b == 0) {
-                file.seek(SeekFrom::Current(BLOCK as i64))?;
+        // one write per run of data blocks, one seek per run of zero blocks
+        let mut at = 0;
+        while at < filled {
+            let zero = is_zero(&buf[at..filled.min(at + BLOCK)]);
+            let mut end = at;
+            while end < filled && is_zero(&buf[end..filled.min(end + BLOCK)]) == zero {
+                end = filled.min(end + BLOCK);
+            }
+            if zero {
+                file.seek(SeekFrom::Current(
+                    i64::try_from(end - at).expect("at most 1 MiB"),
+                ))?;
                 seeked = true;
             } else {
-                file.write_all(chunk)?;
+                file.write_all(&buf[at..end])?;
             }
-            pos += chunk.len() as u64;
+            at = end;
         }
-        if filled < buf.len() {
+        pos += filled as u64;
+        if filled < BUF {
             break;
         }
     }

@@ -543,6 +543,19 @@ fn hard_link_to_a_lower_layer_file_is_copied_up() {
     fs::write(lower.join("bin/tool"), b"tool").unwrap();
     let tar = RawTar::default().hardlink("bin/alias", "bin/tool").finish();
     apply(&tar[..], &upper, std::slice::from_ref(&lower)).unwrap();
+    // a parent that is a symlink in a lower layer is not written through
+    std::os::unix::fs::symlink("usr/lib", lower.join("lib")).unwrap();
+    let tar = RawTar::default().file("lib/libx.so", b"x").finish();
+    let err = apply(&tar[..], &upper, std::slice::from_ref(&lower)).unwrap_err();
+    assert!(matches!(err, Error::ThroughSymlink { .. }), "{err}");
+    assert!(err.to_string().contains("lib/libx.so"), "{err}");
+    // but a layer that replaces it with a directory first may fill it
+    let tar = RawTar::default()
+        .dir("lib")
+        .file("lib/libx.so", b"x")
+        .finish();
+    apply(&tar[..], &upper, std::slice::from_ref(&lower)).unwrap();
+    assert!(upper.join("lib/libx.so").is_file());
     let a = fs::metadata(upper.join("bin/alias")).unwrap();
     let t = fs::metadata(upper.join("bin/tool")).unwrap();
     assert_eq!(a.ino(), t.ino());

@@ -425,3 +425,125 @@ fn read_only_views_refuse_commit_and_remove_cleans_up() {
     let err = snap.prepare("x", Some(&unknown)).unwrap_err().to_string();
     assert!(err.contains("not in the layer store"), "{err}");
 }
+
+/// The copy backend's change detection on the cases a metadata comparison
+/// gets wrong: same size and restored mtime, inode numbers reused by the
+/// file system, type changes, nested deletions, metadata-only changes.
+#[test]
+fn copy_backend_detects_every_kind_of_change() {
+    if !in_userns("copy_backend_detects_every_kind_of_change") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::open(dir.path(), BackendKind::Copy).unwrap();
+    let v = snap.prepare("base", None).unwrap();
+    let r = v.path().to_path_buf();
+    write(&r.join("same-size"), b"aaaa");
+    write(&r.join("file-to-dir"), b"f");
+    fs::create_dir_all(r.join("dir-to-file/sub")).unwrap();
+    std::os::unix::fs::symlink("old-target", r.join("link")).unwrap();
+    write(&r.join("deep/a/b/c/file"), b"x");
+    write(&r.join("keep/unchanged"), b"u");
+    fs::create_dir_all(r.join("chmod-dir/child")).unwrap();
+    write(&r.join("reuse/old"), b"old");
+    write(&r.join("replace-target"), b"1");
+    write(&r.join("replace-source"), b"2");
+    for p in [
+        "same-size",
+        "file-to-dir",
+        "deep/a/b/c/file",
+        "keep/unchanged",
+        "reuse/old",
+    ] {
+        set_mtime(&r.join(p), BASE_TIME);
+    }
+    let base = snap.commit(v, DiffOptions::default()).unwrap();
+
+    let v = snap.prepare("step", Some(&base.chain_id)).unwrap();
+    let r = v.path().to_path_buf();
+    // same size, mtime put back: only the ctime tells
+    fs::write(r.join("same-size"), b"bbbb").unwrap();
+    set_mtime(&r.join("same-size"), BASE_TIME);
+    // type changes
+    fs::remove_file(r.join("file-to-dir")).unwrap();
+    fs::create_dir(r.join("file-to-dir")).unwrap();
+    fs::remove_dir_all(r.join("dir-to-file")).unwrap();
+    write(&r.join("dir-to-file"), b"now a file");
+    // symlink retargeted
+    fs::remove_file(r.join("link")).unwrap();
+    std::os::unix::fs::symlink("new-target", r.join("link")).unwrap();
+    // a whole tree deleted: one whiteout, not one per file
+    fs::remove_dir_all(r.join("deep")).unwrap();
+    // metadata-only change of a directory
+    fs::set_permissions(r.join("chmod-dir"), fs::Permissions::from_mode(0o700)).unwrap();
+    // delete and create in one directory: ext4 may hand out the same inode
+    fs::remove_file(r.join("reuse/old")).unwrap();
+    write(&r.join("reuse/new"), b"new");
+    // rename over an existing file
+    fs::rename(r.join("replace-source"), r.join("replace-target")).unwrap();
+    let top = snap
+        .commit(
+            v,
+            DiffOptions {
+                compression: Compression::None,
+                source_date_epoch: None,
+            },
+        )
+        .unwrap();
+    let tar = snap.content().read_blob(top.blob.digest()).unwrap();
+    let mut got: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            format!(
+                "{} {:?}",
+                String::from_utf8_lossy(&e.path_bytes()),
+                e.header().entry_type()
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = [
+        "chmod-dir Directory",
+        "deep Whiteout",
+        "dir-to-file Regular",
+        "file-to-dir Directory",
+        "link Symlink",
+        "replace-target Regular",
+        "replace-source Whiteout",
+        "reuse Directory",
+        "reuse/new Regular",
+        "reuse/old Whiteout",
+        "same-size Regular",
+    ]
+    .iter()
+    .map(|s| {
+        let (p, t) = s.split_once(' ').unwrap();
+        if t == "Whiteout" {
+            let (dir, base) = p.rsplit_once('/').map_or(("", p), |(d, b)| (d, b));
+            let wh = if dir.is_empty() {
+                format!(".wh.{base}")
+            } else {
+                format!("{dir}/.wh.{base}")
+            };
+            format!("{wh} Regular")
+        } else {
+            s.to_string()
+        }
+    })
+    .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // and the result reads back as the step left it
+    let v = snap.view("check", Some(&top.chain_id)).unwrap();
+    assert_eq!(fs::read(v.path().join("same-size")).unwrap(), b"bbbb");
+    assert_eq!(
+        fs::read_link(v.path().join("link")).unwrap(),
+        Path::new("new-target")
+    );
+    assert!(!v.path().join("deep").exists() && !v.path().join("reuse/old").exists());
+    assert!(v.path().join("file-to-dir").is_dir());
+    assert_eq!(fs::read(v.path().join("replace-target")).unwrap(), b"2");
+    assert_eq!(fs::read(v.path().join("keep/unchanged")).unwrap(), b"u");
+}

@@ -2,6 +2,8 @@
 //! a clap `Args` struct and a `run` function returning the process exit
 //! code. Errors are `anyhow` here and nowhere below.
 
+pub mod build;
+pub mod images;
 pub mod sandbox;
 
 /// The error and its causes, joined the way a user reads them.

@@ -84,8 +84,14 @@ pub enum InstructionError {
     )]
     Chmod(String),
     /// `--checksum=x`.
-    #[error("invalid checksum {0:?}; use ALGORITHM:HEX such as sha256:<64 hex digits>")]
+    #[error("invalid checksum {0:?}; use sha256:<64 hex digits> for a URL, or the commit for a Git source")]
     Checksum(String),
+    /// `COPY https://...`.
+    #[error("source can't be a URL for COPY; use ADD to download {0:?}")]
+    CopyUrl(String),
+    /// `COPY git@...`.
+    #[error("source can't be a git ref for COPY; use ADD for {0:?}")]
+    CopyGit(String),
     /// `EXPOSE x`.
     #[error(
         "invalid containerPort: {0}; use PORT, PORT-PORT, optionally with /tcp, /udp or /sctp"
@@ -107,8 +113,14 @@ pub enum InstructionError {
     #[error("variable expansion is not supported for --from ({0:?}); define a new stage with FROM using ARG from global scope as a workaround")]
     FromExpansion(String),
     /// `STOPSIGNAL SIGFOO`.
-    #[error("failed to parse signal {0:?}; use a name such as SIGTERM or a number")]
+    #[error("invalid signal: {0}; use a name such as SIGTERM or a nonzero number")]
     Signal(String),
+    /// `RUN --device=,x`.
+    #[error("invalid --device value {0:?}; use NAME or NAME,required")]
+    Device(String),
+    /// `COPY a <<EOF`.
+    #[error("{0} cannot accept a heredoc as destination")]
+    HeredocDestination(&'static str),
     /// `HEALTHCHECK NONE x`.
     #[error("HEALTHCHECK NONE takes no arguments")]
     HealthcheckNoneArgs,
@@ -220,8 +232,11 @@ pub enum RunCommand {
     Exec(Vec<String>),
     /// A shell script for SHELL (heredocs already appended to it).
     Shell(String),
-    /// `RUN <<EOF` alone: the body is the script. With a `#!` line it is
-    /// written to a file and executed; otherwise it is passed to SHELL.
+    /// `RUN <<EOF` alone: the body is the script, never expanded by the
+    /// frontend. With a `#!` line BuildKit writes it, mode 0755, to a
+    /// read-only mount at `/dev/pipes/<name>` and runs SHELL with that path
+    /// (so the kernel honours the interpreter line); otherwise the body
+    /// itself is SHELL's `-c` script.
     Heredoc {
         /// Heredoc name (used as the file name).
         name: String,
@@ -276,6 +291,35 @@ pub struct Run {
     pub network: Option<NetworkMode>,
     /// `--security`.
     pub security: Option<SecurityMode>,
+    /// `--device`s (CDI device names).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
+}
+
+/// `RUN --device=name[,required]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    /// CDI device name, e.g. `vendor.com/gpu=0`.
+    pub name: String,
+    /// Fail when the device is not available.
+    pub required: bool,
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, InstructionError> {
+    let mut parts = s.split(',');
+    let name = parts.next().unwrap_or_default().trim().to_string();
+    if name.is_empty() {
+        return Err(InstructionError::Device(s.to_string()));
+    }
+    let mut required = false;
+    for p in parts {
+        required = match p.trim().to_ascii_lowercase().as_str() {
+            "required" | "required=true" => true,
+            "required=false" => false,
+            _ => return Err(InstructionError::Device(s.to_string())),
+        };
+    }
+    Ok(Device { name, required })
 }
 
 /// `--chmod` value.
@@ -359,10 +403,15 @@ pub struct KeyValue {
 /// One `ARG` declaration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ArgDecl {
-    /// Name.
+    /// Name, taken literally.
     pub key: String,
-    /// Default, expanded; None for `ARG NAME`.
+    /// Default as written; None for `ARG NAME`. BuildKit expands it only
+    /// when no build arg gives the value, so the planner does that.
     pub default: Option<String>,
+    /// The value in force after this ARG (build arg, expanded default or
+    /// global value), filled in by the planner; None when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// An `EXPOSE` entry.
@@ -527,8 +576,8 @@ pub fn valid_signal(s: &str) -> bool {
         "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
         "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
     ];
-    if let Ok(n) = s.parse::<u32>() {
-        return (1..=64).contains(&n);
+    if let Ok(n) = s.parse::<i64>() {
+        return n != 0;
     }
     let up = s.to_ascii_uppercase();
     let name = up.strip_prefix("SIG").unwrap_or(&up);
@@ -550,10 +599,16 @@ pub fn has_variable(s: &str) -> bool {
 /// Is an ADD source a URL or Git repository rather than a context path?
 pub fn is_remote(src: &str) -> bool {
     let lower = src.to_ascii_lowercase();
-    lower.starts_with("http://")
-        || lower.starts_with("https://")
-        || lower.starts_with("git@")
+    lower.starts_with("http://") || lower.starts_with("https://") || is_git(src)
+}
+
+/// Is an ADD source a Git repository (`git@`, `git://`, `ssh://`, or an
+/// HTTP(S) URL whose path ends in `.git`)?
+pub fn is_git(src: &str) -> bool {
+    let lower = src.to_ascii_lowercase();
+    lower.starts_with("git@")
         || lower.starts_with("git://")
+        || lower.starts_with("ssh://")
         || lower
             .split(['#', '?'])
             .next()
@@ -595,7 +650,8 @@ fn instruction_hint(name: &str) -> String {
     }
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+/// Levenshtein distance, for "did you mean" hints.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -653,16 +709,21 @@ pub fn parse_chmod(s: &str) -> std::result::Result<Chmod, InstructionError> {
     Ok(Chmod::Symbolic(s.to_string()))
 }
 
-fn parse_checksum(s: &str) -> std::result::Result<String, InstructionError> {
-    let ok = s.split_once(':').is_some_and(|(algo, hex)| {
-        let len = match algo {
-            "sha256" => 64,
-            "sha384" => 96,
-            "sha512" => 128,
-            _ => 0,
-        };
-        len != 0 && hex.len() == len && hex.chars().all(|c| c.is_ascii_hexdigit())
-    });
+/// A checksum for an HTTP source is `sha256:<64 hex>`; for a Git source it
+/// is the commit (a hex object name, optionally prefixed by its algorithm).
+fn parse_checksum(s: &str, git: bool) -> std::result::Result<String, InstructionError> {
+    let hex = |h: &str, lens: &[usize]| {
+        lens.contains(&h.len()) && h.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    let ok = if git {
+        let h = s
+            .strip_prefix("sha1:")
+            .or_else(|| s.strip_prefix("sha256:"))
+            .unwrap_or(s);
+        (7..=64).contains(&h.len()) && hex(h, &[h.len()])
+    } else {
+        s.strip_prefix("sha256:").is_some_and(|h| hex(h, &[64]))
+    };
     if ok {
         Ok(s.to_string())
     } else {
@@ -842,8 +903,13 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                     ("mount", Kind::List),
                     ("network", Kind::Str),
                     ("security", Kind::Str),
+                    ("device", Kind::List),
                 ],
             )?;
+            let mut devices = Vec::new();
+            for d in flags.all("device") {
+                devices.push(parse_device(&d).map_err(|e| at(e, &d))?);
+            }
             let mut mounts = Vec::new();
             let mut ssh = 0;
             for m in flags.all("mount") {
@@ -878,6 +944,7 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 mounts,
                 network,
                 security,
+                devices,
             })
         }
         "cmd" | "entrypoint" => {
@@ -938,11 +1005,11 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 if key.is_empty() {
                     return Err(at(InstructionError::BlankName(up), a));
                 }
-                let default = match v {
-                    Some(v) => Some(ex.word(v).map_err(|e| at(e, a))?),
-                    None => None,
-                };
-                decls.push(ArgDecl { key, default });
+                decls.push(ArgDecl {
+                    key,
+                    default: v.map(str::to_string),
+                    value: None,
+                });
             }
             Instruction::Arg(decls)
         }
@@ -1134,6 +1201,9 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         ));
     }
     let (srcs, dest) = args.split_at(args.len() - 1);
+    if !node.json && parse_heredoc(&dest[0]).is_some() {
+        return Err(at(InstructionError::HeredocDestination(up), &dest[0]));
+    }
     let dest = ex.word(&dest[0]).map_err(|e| at(e, &dest[0]))?;
     let mut docs: std::collections::VecDeque<&Heredoc> = node.heredocs.iter().collect();
     let mut sources = Vec::new();
@@ -1167,6 +1237,18 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         None => None,
     };
     let mut excludes = Vec::new();
+    if is_copy {
+        for src in &sources {
+            if let Source::Path(p) = src {
+                if is_git(p) {
+                    return Err(at(InstructionError::CopyGit(p.clone()), p));
+                }
+                if is_remote(p) {
+                    return Err(at(InstructionError::CopyUrl(p.clone()), p));
+                }
+            }
+        }
+    }
     // BuildKit does not expand --exclude patterns.
     excludes.extend(flags.all("exclude"));
     Ok(if is_copy {
@@ -1186,12 +1268,17 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
         })
     } else {
         let checksum = match expand_flag(ex, "checksum")? {
-            Some(c) => Some(parse_checksum(&c).map_err(|e| at(e, &c))?),
+            Some(c) => {
+                let [Source::Path(src)] = sources.as_slice() else {
+                    return Err(at(InstructionError::ChecksumSource, "--checksum"));
+                };
+                if !is_remote(src) {
+                    return Err(at(InstructionError::ChecksumSource, "--checksum"));
+                }
+                Some(parse_checksum(&c, is_git(src)).map_err(|e| at(e, &c))?)
+            }
             None => None,
         };
-        if checksum.is_some() && !matches!(sources.as_slice(), [Source::Path(p)] if is_remote(p)) {
-            return Err(at(InstructionError::ChecksumSource, "--checksum"));
-        }
         Instruction::Add(Add {
             sources,
             dest,
@@ -1361,15 +1448,18 @@ mod tests {
             Instruction::Arg(vec![
                 ArgDecl {
                     key: "a".into(),
-                    default: None
+                    default: None,
+                    value: None,
                 },
                 ArgDecl {
                     key: "b".into(),
-                    default: Some("1 2".into())
+                    default: Some("\"1 2\"".into()),
+                    value: None,
                 },
                 ArgDecl {
                     key: "c".into(),
-                    default: Some("val".into())
+                    default: Some("$V".into()),
+                    value: None,
                 },
             ])
         );
@@ -1394,8 +1484,35 @@ mod tests {
                 command: RunCommand::Exec(vec!["a".into(), "b".into()]),
                 mounts: vec![],
                 network: None,
-                security: None
+                security: None,
+                devices: vec![],
             })
+        );
+        let Instruction::Run(r) =
+            one("RUN --device=nvidia.com/gpu=all --device=x,required true").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            r.devices,
+            [
+                Device {
+                    name: "nvidia.com/gpu=all".into(),
+                    required: false
+                },
+                Device {
+                    name: "x".into(),
+                    required: true
+                },
+            ]
+        );
+        assert!(matches!(
+            err("RUN --device=,required x"),
+            InstructionError::Device(_)
+        ));
+        assert_eq!(
+            err("COPY a <<EOF\nx\nEOF\n"),
+            InstructionError::HeredocDestination("COPY")
         );
         assert!(matches!(
             err("RUN --network=bridge x"),
@@ -1478,7 +1595,20 @@ mod tests {
         assert!(a.keep_git_dir);
         assert_eq!(a.unpack, Some(false));
         assert!(matches!(
-            err("ADD --checksum=md5:x a b"),
+            err("COPY https://example.com/x /x"),
+            InstructionError::CopyUrl(_)
+        ));
+        assert!(matches!(
+            err("COPY git@github.com:a/b.git /x"),
+            InstructionError::CopyGit(_)
+        ));
+        assert!(one("ADD --checksum=0123abc git@github.com:a/b.git#v1 /x").is_ok());
+        assert!(matches!(
+            err("ADD --checksum=sha512:00 https://x/y /x"),
+            InstructionError::Checksum(_)
+        ));
+        assert!(matches!(
+            err("ADD --checksum=md5:x https://x/a b"),
             InstructionError::Checksum(_)
         ));
         assert!(matches!(
@@ -1533,7 +1663,11 @@ mod tests {
                 Instruction::StopSignal(ok.into())
             );
         }
-        assert!(matches!(err("STOPSIGNAL 99"), InstructionError::Signal(_)));
+        assert!(matches!(err("STOPSIGNAL 0"), InstructionError::Signal(_)));
+        assert_eq!(
+            one("STOPSIGNAL 99").unwrap(),
+            Instruction::StopSignal("99".into())
+        );
         assert_eq!(
             one("MAINTAINER Me <m@e>").unwrap(),
             Instruction::Maintainer("Me <m@e>".into())

@@ -324,7 +324,7 @@ pub fn parse_mount(
         match key.as_str() {
             "target" | "dst" | "destination" => target = Some(need(val)?),
             "source" | "src" => {
-                only(&["bind", "cache"])?;
+                only(&["bind", "cache", "secret"])?;
                 source = Some(need(val)?);
             }
             "from" => {
@@ -409,7 +409,9 @@ pub fn parse_mount(
             size,
         },
         "secret" => {
-            let id = id.unwrap_or_else(|| {
+            // BuildKit names a secret by `source`, else `id`, else the
+            // target's base name.
+            let id = source.or(id).unwrap_or_else(|| {
                 target
                     .as_deref()
                     .map(|t| t.rsplit('/').next().unwrap_or(t).to_string())

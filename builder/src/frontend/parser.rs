@@ -43,6 +43,12 @@ pub enum ParseError {
     /// Hundreds of ONBUILDs in one line.
     #[error("ONBUILD nested more than {MAX_ONBUILD_NESTING} times; ONBUILD cannot hold ONBUILD")]
     OnbuildTooDeep,
+    /// A physical line longer than BuildKit's scanner accepts.
+    #[error("dockerfile line greater than max allowed size of {MAX_LINE}; split it with line continuations")]
+    LineTooLong,
+    /// `# check=` with an option BuildKit does not know.
+    #[error("invalid check option {0:?}; use skip=RULE,... or skip=all, error=true|false, experimental=RULE,...")]
+    CheckOption(String),
     /// A heredoc without its terminator line.
     #[error("unterminated heredoc {0:?}; end it with a line holding only {0}")]
     UnterminatedHeredoc(String),
@@ -60,6 +66,9 @@ pub struct LocatedParseError {
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, LocatedParseError>;
+
+/// Longest physical line, as BuildKit's line scanner allows.
+pub const MAX_LINE: usize = 65535;
 
 /// Deepest `ONBUILD ONBUILD ...` chain the raw parser builds.
 pub const MAX_ONBUILD_NESTING: usize = 32;
@@ -101,6 +110,25 @@ impl Heredoc {
             out.push_str(line.trim_start_matches('\t'));
         }
         out
+    }
+}
+
+/// The `# check=` directive: which lint rules to skip and whether lint
+/// findings fail the build.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CheckOptions {
+    /// Rules not to report (`all` skips every rule).
+    pub skip: Vec<String>,
+    /// Findings are errors.
+    pub error: bool,
+    /// Experimental rules to enable.
+    pub experimental: Vec<String>,
+}
+
+impl CheckOptions {
+    /// Is `rule` switched off?
+    pub fn skips(&self, rule: &str) -> bool {
+        self.skip.iter().any(|s| s == "all" || s == rule)
     }
 }
 
@@ -191,6 +219,43 @@ impl Ast {
             out.push_str(")\n");
         }
         out
+    }
+
+    /// The `# check=` directive, parsed; defaults when absent.
+    pub fn check_options(&self) -> std::result::Result<CheckOptions, LocatedParseError> {
+        let Some(d) = self.directives.iter().find(|d| d.name == "check") else {
+            return Ok(CheckOptions::default());
+        };
+        let bad = |opt: &str| LocatedParseError {
+            location: self.source.find(d.line, opt),
+            kind: ParseError::CheckOption(opt.to_string()),
+        };
+        let mut out = CheckOptions::default();
+        for opt in d.value.split(';').map(str::trim).filter(|o| !o.is_empty()) {
+            let Some((k, v)) = opt.split_once('=') else {
+                return Err(bad(opt));
+            };
+            let list = || -> Vec<String> {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "skip" => out.skip = list(),
+                "experimental" => out.experimental = list(),
+                "error" => {
+                    out.error = match v.trim().to_ascii_lowercase().as_str() {
+                        "1" | "t" | "true" => true,
+                        "0" | "f" | "false" => false,
+                        _ => return Err(bad(opt)),
+                    }
+                }
+                _ => return Err(bad(opt)),
+            }
+        }
+        Ok(out)
     }
 
     /// The value of directive `name`, if present.
@@ -376,6 +441,12 @@ pub fn parse(src: &[u8], file: &str) -> Result<Ast> {
     let text = String::from_utf8_lossy(src);
     let source = SourceMap::new(file, &text);
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    if let Some(i) = lines.iter().position(|l| trim_newline(l).len() > MAX_LINE) {
+        return Err(LocatedParseError {
+            location: source.at(i + 1, MAX_LINE + 1),
+            kind: ParseError::LineTooLong,
+        });
+    }
     let mut dirs = Directives {
         escape: '\\',
         done: false,
@@ -526,6 +597,8 @@ pub fn parse_heredoc(word: &str) -> Option<Heredoc> {
         Some(r) => (true, r),
         None => (false, rest),
     };
+    // BuildKit's pattern allows blanks between `<<-` and the name.
+    let rest = rest.trim_start_matches(['\t', '\n', '\u{c}', '\r', ' ']);
     if rest.is_empty() || rest.contains('<') {
         return None;
     }
@@ -888,6 +961,15 @@ mod tests {
     }
 
     #[test]
+    fn overlong_lines_are_rejected_like_buildkit() {
+        let ok = format!("FROM a\nRUN {}\n", "x".repeat(MAX_LINE - 4));
+        assert!(parse(ok.as_bytes(), "D").is_ok());
+        let long = format!("FROM a\nRUN {}\n", "x".repeat(MAX_LINE));
+        let e = parse(long.as_bytes(), "D").unwrap_err();
+        assert_eq!((e.kind, e.location.line), (ParseError::LineTooLong, 2));
+    }
+
+    #[test]
     fn unterminated_heredoc_is_an_error() {
         let e = parse(b"FROM a\nRUN <<EOF\nx\n", "D").unwrap_err();
         assert_eq!(e.kind, ParseError::UnterminatedHeredoc("EOF".into()));
@@ -915,6 +997,26 @@ mod tests {
         assert_eq!(e.kind, ParseError::DuplicateDirective("escape".into()));
         let e = parse(b"# escape=x\nFROM a\n", "D").unwrap_err();
         assert_eq!(e.kind, ParseError::InvalidEscape("x".into()));
+    }
+
+    #[test]
+    fn check_directive_options() {
+        let ast = parse(
+            b"# check=skip=UndefinedVar,JSONArgsRecommended;error=true\nFROM a\n",
+            "D",
+        )
+        .unwrap();
+        let c = ast.check_options().unwrap();
+        assert!(c.error && c.skips("UndefinedVar") && !c.skips("Other"));
+        let ast = parse(b"# check=skip=all\nFROM a\n", "D").unwrap();
+        assert!(ast.check_options().unwrap().skips("Anything"));
+        let ast = parse(b"# check=bogus\nFROM a\n", "D").unwrap();
+        assert_eq!(
+            ast.check_options().unwrap_err().kind,
+            ParseError::CheckOption("bogus".into())
+        );
+        let ast = parse(b"FROM a\n", "D").unwrap();
+        assert_eq!(ast.check_options().unwrap(), CheckOptions::default());
     }
 
     #[test]

@@ -2,13 +2,19 @@
 //! build needs, in dependency order, with checked and expanded instructions.
 //!
 //! It owns ARG/ENV scoping (global ARGs before the first FROM, redeclaration
-//! inside a stage, build-arg overrides, the predefined platform and proxy
-//! args), the stage graph (FROM of an earlier stage, `COPY --from`,
-//! `RUN --mount from=`), `--target` pruning and the checks on it (unknown
-//! stage, cycle, duplicate name, missing FROM). It never pulls an image: when
-//! a stage's base image environment matters for expansion, the caller passes
-//! it in [`PlanOptions::image_env`], and steps that referenced variables the
-//! plan could not see list them in [`Step::unresolved`].
+//! inside a stage, inheritance by child stages, build-arg overrides, the
+//! automatic platform and proxy args), the stage graph (FROM of an earlier
+//! stage, `COPY --from`, `RUN --mount from=`, ONBUILD triggers of a parent
+//! stage), `--target` pruning and the checks on it (unknown stage, cycle,
+//! duplicate name, missing FROM). It never pulls an image: when a stage's
+//! base image configuration matters for expansion, the caller passes it in
+//! [`PlanOptions::image_env`] / [`PlanOptions::image_workdir`], and steps that
+//! referenced variables the plan could not see list them in
+//! [`Step::unresolved`] (re-plan once the base images are resolved).
+//!
+//! Where kiln differs from BuildKit on purpose: a duplicate stage name is an
+//! error (BuildKit only warns and binds the last one), and an unused
+//! `--build-arg` is reported as a warning (BuildKit says nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
@@ -36,8 +42,13 @@ pub enum PlanError {
     #[error("{0} is not allowed before the first FROM; only ARG may come before it")]
     BeforeFrom(String),
     /// `--target` names no stage.
-    #[error("target stage {target:?} could not be found; stages are: {available}")]
-    UnknownTarget { target: String, available: String },
+    #[error("target stage {target:?} could not be found{hint}; stages are: {available}")]
+    UnknownTarget {
+        target: String,
+        available: String,
+        /// ` (did you mean x?)` for a near miss, else empty.
+        hint: String,
+    },
     /// Two stages with the same name.
     #[error(
         "duplicate stage name {name:?}, first defined on line {first_line}; rename one of them"
@@ -49,12 +60,20 @@ pub enum PlanError {
     /// `--from=N` pointing at this stage or a later one.
     #[error("--from={0} refers to the current or a later stage by index; only earlier stages can be used by index")]
     LaterStageIndex(String),
+    /// `COPY --from=x` naming a stage defined further down.
+    #[error(
+        "cannot copy from stage {from:?}, it needs to be defined before current stage {current:?}"
+    )]
+    LaterStage { from: String, current: String },
     /// `--from=x` naming the stage itself.
     #[error("stage {0:?} cannot use itself in --from or --mount from=")]
     SelfReference(String),
     /// Neither a stage, a named context nor a valid image reference.
     #[error("{0:?} is not a build stage, a named context or a valid image reference; check the spelling (image names are lower-case)")]
     InvalidReference(String),
+    /// `# check=error=true` and a lint rule fired.
+    #[error("lint violation found for rules: {0}; fix them or skip them with # check=skip=RULE")]
+    LintViolation(String),
     /// A FROM --platform or option platform that does not parse.
     #[error(transparent)]
     Platform(#[from] PlatformError),
@@ -145,7 +164,8 @@ pub enum SourceRef {
 /// One instruction of a stage, ready for the build engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Step {
-    /// First line in the Dockerfile.
+    /// First line in the Dockerfile (for an ONBUILD trigger, the line of
+    /// the ONBUILD in the parent stage).
     pub line: usize,
     /// Last line (heredocs included).
     pub end_line: usize,
@@ -170,6 +190,10 @@ pub struct Step {
     /// was not given in [`PlanOptions::image_env`]. Re-plan with it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unresolved: Vec<String>,
+    /// This step is an ONBUILD trigger of the parent stage, run before the
+    /// stage's own instructions.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub trigger: bool,
 }
 
 /// A build stage.
@@ -196,6 +220,11 @@ pub struct Stage {
 pub struct PlanWarning {
     /// Line it concerns, when it concerns one.
     pub line: Option<usize>,
+    /// BuildKit's lint rule name (`UndefinedVar`, ...), which
+    /// `# check=skip=...` and `# check=error=true` refer to; None for
+    /// kiln's own notices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'static str>,
     /// What and what to do.
     pub message: String,
 }
@@ -227,6 +256,9 @@ impl Plan {
     }
 }
 
+/// The PATH BuildKit gives stages whose base image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 const PROXY_ARGS: [&str; 10] = [
     "HTTP_PROXY",
     "http_proxy",
@@ -239,6 +271,11 @@ const PROXY_ARGS: [&str; 10] = [
     "ALL_PROXY",
     "all_proxy",
 ];
+
+/// Proxy args are recognised in any letter case.
+fn is_proxy_arg(k: &str) -> bool {
+    PROXY_ARGS.iter().any(|p| p.eq_ignore_ascii_case(k))
+}
 
 /// Does `s` follow the distribution reference grammar
 /// (`[host[:port]/]name[:tag][@digest]`, lower-case name)?
@@ -274,9 +311,11 @@ struct StageDraft {
     platform: Platform,
     deps: BTreeSet<usize>,
     steps: Vec<Step>,
+    triggers: Vec<Node>,
     env: BTreeMap<String, String>,
     env_complete: bool,
     workdir: Option<String>,
+    args: BTreeMap<String, String>,
     warnings: Vec<PlanWarning>,
     used_globals: BTreeSet<String>,
     declared: BTreeSet<String>,
@@ -317,8 +356,36 @@ impl Planner<'_> {
         Ok((ins, ex.matched, ex.unmatched))
     }
 
-    /// Resolve a `--from` / `from=` value seen in stage `current`.
-    fn resolve(&self, node: &Node, value: &str, current: usize) -> Result<SourceRef, Error> {
+    /// Expand one word at `node` in `scope`, returning the unset names too.
+    fn expand(
+        &self,
+        node: &Node,
+        raw: &str,
+        scope: &dyn Env,
+    ) -> Result<(String, BTreeSet<String>), Error> {
+        let mut ex = Expander::new(self.ast.escape, scope);
+        let v = ex
+            .word(raw)
+            .map_err(|e| self.err_at(node, instructions::InstructionError::from(e), raw))?;
+        Ok((v, ex.unmatched))
+    }
+
+    /// Resolve a `--from` / `from=` value seen in stage `current`;
+    /// `earlier_only` refuses stages defined after it (COPY's rule).
+    fn resolve(
+        &self,
+        node: &Node,
+        value: &str,
+        current: usize,
+        earlier_only: bool,
+    ) -> Result<SourceRef, Error> {
+        // A named context replaces a stage or image of the same name.
+        if let Some(src) = self.opts.named_contexts.get(value) {
+            return Ok(SourceRef::Context {
+                name: value.into(),
+                source: src.clone(),
+            });
+        }
         if !value.is_empty() && value.chars().all(|c| c.is_ascii_digit()) {
             return match value.parse::<usize>() {
                 Ok(i) if i < current => Ok(SourceRef::Stage { index: i }),
@@ -329,13 +396,18 @@ impl Planner<'_> {
             if i == current {
                 return Err(self.err_at(node, PlanError::SelfReference(value.into()), value));
             }
+            if earlier_only && i > current {
+                let here = stage_label(self, current);
+                return Err(self.err_at(
+                    node,
+                    PlanError::LaterStage {
+                        from: value.into(),
+                        current: here,
+                    },
+                    value,
+                ));
+            }
             return Ok(SourceRef::Stage { index: i });
-        }
-        if let Some(src) = self.opts.named_contexts.get(value) {
-            return Ok(SourceRef::Context {
-                name: value.into(),
-                source: src.clone(),
-            });
         }
         if valid_image_reference(value) {
             return Ok(SourceRef::Image {
@@ -362,12 +434,13 @@ impl Planner<'_> {
         for v in &unmatched {
             warnings.push(PlanWarning {
                 line: Some(from_node.start_line),
+                rule: Some("UndefinedArgInFrom"),
                 message: format!(
                     "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
                 ),
             });
         }
-        let platform = match &from.platform {
+        let mut platform = match &from.platform {
             Some(p) => {
                 Platform::parse(p).map_err(|e| self.err_at(from_node, PlanError::from(e), p))?
             }
@@ -375,10 +448,37 @@ impl Planner<'_> {
         };
         let mut deps = BTreeSet::new();
         let lower = from.image.to_lowercase();
-        let (base, mut env, mut env_complete, mut workdir) = match self.names.get(&lower) {
-            Some(&(i, _)) if i < index => {
+        // Images get the default PATH when their config has none (not on
+        // Windows); scratch always has it.
+        let with_default_path = |mut env: BTreeMap<String, String>, os: &str| {
+            if os != "windows" && !env.contains_key("PATH") {
+                env.insert("PATH".into(), DEFAULT_PATH.into());
+            }
+            env
+        };
+        // The order BuildKit resolves FROM in: a named context, an earlier
+        // stage, scratch, then a registry image.
+        let context = self.opts.named_contexts.get(&from.image);
+        let earlier = self.names.get(&lower).filter(|(i, _)| *i < index);
+        let mut args: BTreeMap<String, String> = BTreeMap::new();
+        let (base, mut env, mut env_complete, mut workdir) = match (context, earlier) {
+            (Some(src), _) => (
+                Base::Context {
+                    name: from.image.clone(),
+                    source: src.clone(),
+                },
+                BTreeMap::new(),
+                false,
+                None,
+            ),
+            (None, Some(&(i, _))) => {
                 deps.insert(i);
                 let parent = done[i].as_ref();
+                // A child stage builds on its parent's platform and ARGs.
+                if let Some(p) = parent {
+                    platform = p.platform.clone();
+                    args = p.args.clone();
+                }
                 (
                     Base::Stage { index: i },
                     parent.map(|p| p.env.clone()).unwrap_or_default(),
@@ -386,68 +486,94 @@ impl Planner<'_> {
                     parent.and_then(|p| p.workdir.clone()),
                 )
             }
-            _ if lower == "scratch" => (Base::Scratch, BTreeMap::new(), true, Some("/".into())),
-            _ => match self.opts.named_contexts.get(&from.image) {
-                Some(src) => (
-                    Base::Context {
-                        name: from.image.clone(),
-                        source: src.clone(),
-                    },
-                    BTreeMap::new(),
-                    false,
-                    None,
-                ),
-                None => {
-                    if !valid_image_reference(&from.image) {
-                        return Err(self.err_at(
-                            from_node,
-                            PlanError::InvalidReference(from.image.clone()),
-                            &from.image,
-                        ));
-                    }
-                    let env = self.opts.image_env.get(&from.image);
-                    let workdir = match self.opts.image_workdir.get(&from.image) {
-                        Some(w) if !w.is_empty() => Some(clean_path(w)),
-                        _ if env.is_some() => Some("/".into()),
-                        _ => None,
-                    };
-                    (
-                        Base::Image {
-                            reference: from.image.clone(),
-                        },
-                        env.map(|e| e.iter().cloned().collect()).unwrap_or_default(),
-                        env.is_some(),
-                        workdir,
-                    )
+            (None, None) if lower == "scratch" => {
+                // FROM --platform does not apply to scratch.
+                platform = self.target_platform.clone();
+                (
+                    Base::Scratch,
+                    with_default_path(BTreeMap::new(), &platform.os),
+                    true,
+                    Some("/".into()),
+                )
+            }
+            (None, None) => {
+                if !valid_image_reference(&from.image) {
+                    return Err(self.err_at(
+                        from_node,
+                        PlanError::InvalidReference(from.image.clone()),
+                        &from.image,
+                    ));
                 }
-            },
+                let env = self.opts.image_env.get(&from.image);
+                let workdir = match self.opts.image_workdir.get(&from.image) {
+                    Some(w) if !w.is_empty() => Some(clean_path(w)),
+                    _ if env.is_some() => Some("/".into()),
+                    _ => None,
+                };
+                (
+                    Base::Image {
+                        reference: from.image.clone(),
+                    },
+                    match env {
+                        Some(e) => with_default_path(e.iter().cloned().collect(), &platform.os),
+                        None => BTreeMap::new(),
+                    },
+                    env.is_some(),
+                    workdir,
+                )
+            }
         };
-        let mut args: BTreeMap<String, String> = BTreeMap::new();
         let mut declared = BTreeSet::new();
         let mut steps = Vec::new();
-        for node in &nodes[1..] {
-            // ENV wins over ARG of the same name, so it goes last.
-            let scope = Scope([&env, &args]);
-            let (mut ins, _matched, unmatched) = self.check(node, &scope)?;
+        // A stage built FROM another stage first runs that stage's ONBUILD
+        // triggers (its own only: BuildKit clears inherited ones).
+        let inherited: Vec<Node> = match &base {
+            Base::Stage { index: i } => done[*i]
+                .as_ref()
+                .map(|p| p.triggers.clone())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let n_triggers = inherited.len();
+        let mut triggers = Vec::new();
+        for (k, node) in inherited.iter().chain(&nodes[1..]).enumerate() {
+            if let (Some(sub), "onbuild") = (&node.sub, node.instruction.as_str()) {
+                let mut t = (**sub).clone();
+                t.start_line = node.start_line;
+                t.end_line = node.end_line;
+                t.heredocs.clone_from(&node.heredocs);
+                triggers.push(t);
+            }
+            let trigger = k < n_triggers;
+            // `env` is the stage's environment as BuildKit keeps it: the
+            // base's, then every ENV and valued ARG in order, the latest
+            // definition of a name winning.
+            let (mut ins, _matched, mut unmatched) = self.check(node, &env)?;
             let mut sources = Vec::new();
-            match &ins {
+            match &mut ins {
                 Instruction::Arg(decls) => {
                     for d in decls {
                         declared.insert(d.key.clone());
                         let value = if let Some(v) = self.opts.build_args.get(&d.key) {
                             build_args_used.insert(d.key.clone());
                             Some(v.clone())
-                        } else if d.default.is_some() {
-                            d.default.clone()
+                        } else if let Some(raw) = &d.default {
+                            // Evaluated only now, and only without a build
+                            // arg, so `${X:?msg}` fails only when it should.
+                            let (v, missing) = self.expand(node, raw, &env)?;
+                            unmatched.extend(missing);
+                            Some(v)
                         } else if let Some(v) = self.globals.get(&d.key) {
                             Some(v.clone())
                         } else {
                             self.predefined.get(&d.key).cloned()
                         };
-                        match value {
-                            Some(v) => args.insert(d.key.clone(), v),
-                            None => args.remove(&d.key),
-                        };
+                        d.value.clone_from(&value);
+                        // An ARG without a value leaves an earlier one in place.
+                        if let Some(v) = value {
+                            env.insert(d.key.clone(), v.clone());
+                            args.insert(d.key.clone(), v);
+                        }
                     }
                 }
                 Instruction::Env(kvs) => {
@@ -457,13 +583,13 @@ impl Planner<'_> {
                 }
                 Instruction::Copy(c) => {
                     if let Some(f) = &c.from {
-                        sources.push(self.resolve(node, f, index)?);
+                        sources.push(self.resolve(node, f, index, true)?);
                     }
                 }
                 Instruction::Run(r) => {
                     for m in &r.mounts {
                         if let Some(f) = m.from() {
-                            sources.push(self.resolve(node, f, index)?);
+                            sources.push(self.resolve(node, f, index, false)?);
                         }
                     }
                 }
@@ -497,9 +623,12 @@ impl Planner<'_> {
             }
             let unresolved: Vec<String> = if env_complete {
                 // Everything was visible: an unset variable is really unset.
-                for v in &unmatched {
+                // A declared ARG without a value is not reported, as in
+                // BuildKit's UndefinedVar rule.
+                for v in unmatched.iter().filter(|v| !declared.contains(*v)) {
                     warnings.push(PlanWarning {
                         line: Some(node.start_line),
+                        rule: Some("UndefinedVar"),
                         message: format!(
                             "usage of undefined variable ${v}; define it with ARG or ENV first"
                         ),
@@ -522,6 +651,7 @@ impl Planner<'_> {
                 },
                 workdir: step_workdir,
                 unresolved,
+                trigger,
             });
         }
         if steps.iter().any(|s| !s.unresolved.is_empty()) {
@@ -534,9 +664,11 @@ impl Planner<'_> {
             platform,
             deps,
             steps,
+            triggers,
             env,
             env_complete,
             workdir,
+            args,
             warnings,
             used_globals: matched,
             declared,
@@ -600,6 +732,8 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             "TARGETVARIANT".into(),
             tp.variant.clone().unwrap_or_default(),
         ),
+        ("BUILDOSVERSION".into(), String::new()),
+        ("TARGETOSVERSION".into(), String::new()),
     ]);
 
     let mut planner = Planner {
@@ -615,6 +749,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             .iter()
             .map(|w| PlanWarning {
                 line: Some(w.line),
+                rule: Some("NoEmptyContinuation"),
                 message: w.message.clone(),
             })
             .collect(),
@@ -645,6 +780,15 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         Some(t) => match planner.names.get(&t.to_lowercase()) {
             Some(&(i, _)) => i,
             None => {
+                let lower = t.to_lowercase();
+                let hint = planner
+                    .names
+                    .keys()
+                    .map(|n| (instructions::edit_distance(&lower, n), n))
+                    .min()
+                    .filter(|(d, _)| *d <= 2)
+                    .map(|(_, n)| format!(" (did you mean {n}?)"))
+                    .unwrap_or_default();
                 let mut available: Vec<&str> = planner.names.keys().map(String::as_str).collect();
                 if available.is_empty() {
                     available.push("(none are named)");
@@ -654,6 +798,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
                     kind: PlanError::UnknownTarget {
                         target: t.clone(),
                         available: available.join(", "),
+                        hint,
                     }
                     .into(),
                 });
@@ -664,8 +809,14 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         .names
         .iter()
         .find(|(_, &(i, _))| i == target)
-        .map_or_else(|| target.to_string(), |(n, _)| n.clone());
+        .map_or_else(|| "default".to_string(), |(n, _)| n.clone());
     predefined.insert("TARGETSTAGE".into(), target_name);
+    // A build arg of the same name overrides each automatic arg.
+    for (k, v) in predefined.iter_mut() {
+        if let Some(b) = opts.build_args.get(k) {
+            v.clone_from(b);
+        }
+    }
     planner.predefined = predefined;
 
     // Global ARGs.
@@ -684,7 +835,14 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         if let Instruction::Arg(decls) = ins {
             for d in decls {
                 planner.global_declared.insert(d.key.clone());
-                let v = opts.build_args.get(&d.key).cloned().or(d.default);
+                let v = match (opts.build_args.get(&d.key), &d.default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(raw)) => {
+                        let scope = Scope([&planner.globals, &planner.predefined]);
+                        Some(planner.expand(node, raw, &scope)?.0)
+                    }
+                    (None, None) => None,
+                };
                 match v {
                     Some(v) => planner.globals.insert(d.key, v),
                     None => planner.globals.remove(&d.key),
@@ -726,7 +884,9 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             consumed.extend(
                 d.used_globals
                     .iter()
-                    .filter(|g| planner.global_declared.contains(*g))
+                    .filter(|g| {
+                        planner.global_declared.contains(*g) || planner.predefined.contains_key(*g)
+                    })
                     .cloned(),
             );
             consumed.extend(
@@ -744,10 +904,28 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             warnings.append(&mut d.warnings);
         }
     }
+    // `# check=`: drop skipped rules, and fail on the rest with error=true.
+    let check = ast.check_options()?;
+    warnings.retain(|w| w.rule.is_none_or(|r| !check.skips(r)));
+    if check.error {
+        let mut rules: Vec<&str> = warnings.iter().filter_map(|w| w.rule).collect();
+        rules.sort_unstable();
+        rules.dedup();
+        if !rules.is_empty() {
+            let first = warnings
+                .iter()
+                .find(|w| w.rule.is_some())
+                .and_then(|w| w.line);
+            return Err(Error {
+                location: first.map(|l| Box::new(ast.source.find(l, ""))),
+                kind: PlanError::LintViolation(rules.join(", ")).into(),
+            });
+        }
+    }
     let proxy_args: BTreeMap<String, String> = opts
         .build_args
         .iter()
-        .filter(|(k, _)| PROXY_ARGS.contains(&k.as_str()))
+        .filter(|(k, _)| is_proxy_arg(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let unused: Vec<&str> = opts
@@ -755,7 +933,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         .keys()
         .filter(|k| {
             !consumed.contains(*k)
-                && !PROXY_ARGS.contains(&k.as_str())
+                && !is_proxy_arg(k)
                 && !k.starts_with("BUILDKIT_")
                 && *k != "SOURCE_DATE_EPOCH"
         })
@@ -764,6 +942,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     if !unused.is_empty() {
         warnings.push(PlanWarning {
             line: None,
+            rule: None,
             message: format!(
                 "one or more build-args [{}] were not consumed; declare them with ARG in a stage that is built",
                 unused.join(" ")

@@ -1,0 +1,161 @@
+//! `kiln build`: build an image from a Dockerfile and a context directory,
+//! into kiln's local image store.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kiln_snapshotter::backend::BackendKind;
+
+use crate::engine::{self, progress};
+use crate::image::export::{export, ExportOptions};
+use crate::image::OutputSpec;
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Build context directory
+    #[arg(value_name = "CONTEXT")]
+    context: PathBuf,
+    /// Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Name the image (several allowed)
+    #[arg(long, short = 't', value_name = "NAME[:TAG]")]
+    tag: Vec<String>,
+    /// Set a build argument
+    #[arg(long, value_name = "K=V")]
+    build_arg: Vec<String>,
+    /// Build this stage and what it needs
+    #[arg(long)]
+    target: Option<String>,
+    /// Do not use the cache
+    #[arg(long)]
+    no_cache: bool,
+    /// Do not use the cache for this stage (several allowed)
+    #[arg(long, value_name = "STAGE")]
+    no_cache_filter: Vec<String>,
+    /// How many steps run at once (default: the number of CPUs)
+    #[arg(long, short = 'j')]
+    jobs: Option<usize>,
+    /// Progress output: auto, plain, rawjson or quiet
+    #[arg(long, default_value = "auto", env = "BUILDKIT_PROGRESS")]
+    progress: String,
+    /// Where the result goes, BuildKit's CSV syntax: type=image|oci|docker|local|tar,dest=PATH|-,...
+    /// (several allowed; default: the local image store under the -t names)
+    #[arg(long, short = 'o', value_name = "SPEC")]
+    output: Vec<String>,
+    /// Snapshotter backend: auto, fuse, overlay or copy
+    #[arg(long, default_value = "auto")]
+    snapshotter: String,
+    /// Network of RUN steps: none or host
+    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    network: String,
+    /// Grant an entitlement: network.host
+    #[arg(long, value_name = "ENTITLEMENT")]
+    allow: Vec<String>,
+}
+
+pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i32> {
+    let mode = progress::Mode::parse(&args.progress).map_err(anyhow::Error::msg)?;
+    let backend = match args.snapshotter.as_str() {
+        "auto" => None,
+        "fuse" => Some(BackendKind::Fuse),
+        "overlay" => Some(BackendKind::Overlay),
+        "copy" => Some(BackendKind::Copy),
+        other => bail!("unknown --snapshotter {other:?}: use auto, fuse, overlay or copy"),
+    };
+    let mut allow_network_host = false;
+    for a in &args.allow {
+        match a.as_str() {
+            "network.host" => allow_network_host = true,
+            "security.insecure" => {
+                bail!("--allow security.insecure: kiln never runs a step privileged")
+            }
+            other => bail!("unknown entitlement {other:?}: kiln knows network.host"),
+        }
+    }
+    let mut build_args = BTreeMap::new();
+    for a in &args.build_arg {
+        match a.split_once('=') {
+            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
+            // `--build-arg K` takes K from the environment, as docker does.
+            None => std::env::var(a)
+                .ok()
+                .map(|v| build_args.insert(a.clone(), v))
+                .unwrap_or(None),
+        };
+    }
+    let epoch = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .map(|s| {
+            s.parse::<i64>()
+                .with_context(|| format!("SOURCE_DATE_EPOCH {s:?} is not a number of seconds"))
+        })
+        .transpose()?;
+    let context = std::path::absolute(&args.context)?;
+    let dockerfile = match &args.file {
+        Some(f) => std::path::absolute(f)?,
+        None => context.join("Dockerfile"),
+    };
+    let opts = engine::BuildOptions {
+        context,
+        dockerfile,
+        build_args,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        no_cache_filter: args.no_cache_filter.clone(),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }),
+        state: crate::image::StateDir::open(root)?,
+        backend,
+        network: if args.network == "host" {
+            kiln_runtime::Network::Host
+        } else {
+            kiln_runtime::Network::None
+        },
+        allow_network_host,
+        source_date_epoch: epoch,
+        // SOURCE_DATE_EPOCH also clamps the time of every file in the
+        // layers kiln writes, so two builds of the same inputs give the
+        // same digest (BuildKit needs rewrite-timestamp=true for that).
+        rewrite_timestamp: epoch.is_some(),
+    };
+    let progress = Arc::new(progress::Progress::new(
+        mode,
+        Box::new(std::io::stderr()),
+        Vec::new(),
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut outputs = args
+        .output
+        .iter()
+        .map(|o| OutputSpec::parse(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    if outputs.is_empty() || !args.tag.is_empty() {
+        outputs.push(OutputSpec::image_store(&args.tag)?);
+    }
+    let built = runtime.block_on(engine::build(opts, progress))?;
+    let store = crate::image::ImageStore::new(&built.snap);
+    let image = store.get(&built.manifest, None)?;
+    for spec in &outputs {
+        export(
+            &store,
+            &image,
+            spec,
+            &ExportOptions {
+                source_date_epoch: epoch,
+            },
+        )?;
+    }
+    println!("{}", built.manifest.digest());
+    Ok(0)
+}

@@ -1,0 +1,200 @@
+//! RUN: one command in kiln's sandbox on a writable view of the step's
+//! parent layers. Builds the sandbox's spec from the image state (SHELL,
+//! Env, WorkingDir, User) and the step (its ARGs, network), streams the
+//! command's output to the progress sink, and keeps the last lines for the
+//! error when it fails.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_runtime::{ExitStatus, Network, RunOptions, SandboxConfig, Stdio};
+
+use super::fsutil::Root;
+use super::progress::Progress;
+use super::state::ImageState;
+use crate::frontend::instructions::{Run, RunCommand};
+
+/// How many output lines a failed step's error shows.
+const TAIL_LINES: usize = 10;
+
+/// Errors of a RUN step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the command exited with {status}{}", tail_text(.tail))]
+    Failed {
+        status: ExitStatus,
+        tail: Vec<String>,
+    },
+    #[error(transparent)]
+    Sandbox(#[from] kiln_runtime::Error),
+    #[error("cannot create the working directory {dir}: {source}")]
+    Workdir { dir: String, source: std::io::Error },
+    #[error("cannot set up the step's output pipe: {0}")]
+    Pipe(std::io::Error),
+    #[error("a heredoc script needs an interpreter on its #! line")]
+    EmptyShebang,
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; last output:\n  {}", tail.join("\n  "))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything a RUN needs besides the view.
+pub struct RunSpec<'a> {
+    pub run: &'a Run,
+    pub state: &'a ImageState,
+    /// ARGs in scope and proxy args: environment for the command
+    pub args: &'a [(String, String)],
+    pub workdir: &'a str,
+    pub network: Network,
+    pub vertex: usize,
+}
+
+/// argv and the script to feed on stdin (for `#!` heredocs).
+fn command(spec: &RunSpec<'_>) -> Result<(Vec<String>, Option<String>)> {
+    let shell = spec.state.shell();
+    Ok(match &spec.run.command {
+        RunCommand::Exec(v) => (v.clone(), None),
+        RunCommand::Shell(s) => (shell.into_iter().chain([s.clone()]).collect(), None),
+        RunCommand::Heredoc {
+            content,
+            shebang: false,
+            ..
+        } => (shell.into_iter().chain([content.clone()]).collect(), None),
+        RunCommand::Heredoc {
+            content,
+            shebang: true,
+            ..
+        } => {
+            // The interpreter named on the #! line reads the script from
+            // standard input, as if it were the file.
+            let first = content
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("#!")
+                .trim();
+            let mut argv: Vec<String> = first.split_whitespace().map(String::from).collect();
+            if argv.is_empty() {
+                return Err(Error::EmptyShebang);
+            }
+            argv.push("/dev/stdin".into());
+            (argv, Some(content.clone()))
+        }
+    })
+}
+
+/// The history `created_by` of this RUN, as BuildKit writes it.
+pub fn created_by(run: &Run, state: &ImageState) -> String {
+    let shell = state.shell().join(" ");
+    let body = match &run.command {
+        RunCommand::Exec(v) => serde_json::to_string(v).unwrap_or_default(),
+        RunCommand::Shell(s) => format!("{shell} {s}"),
+        RunCommand::Heredoc { content, .. } => format!("{shell} {content}"),
+    };
+    format!("RUN {body} # buildkit")
+}
+
+/// Run the step on the view at `rootfs`.
+pub fn run(rootfs: &Path, spec: &RunSpec<'_>, progress: &Arc<Progress>) -> Result<()> {
+    // The working directory exists before the command starts (BuildKit
+    // creates a missing WORKDIR).
+    let root = Root::open(rootfs).map_err(|source| Error::Workdir {
+        dir: spec.workdir.into(),
+        source,
+    })?;
+    root.mkdir_all(Path::new(spec.workdir.trim_start_matches('/')), 0, 0)
+        .map_err(|source| Error::Workdir {
+            dir: spec.workdir.into(),
+            source,
+        })?;
+
+    let (args, script) = command(spec)?;
+    let mut config = SandboxConfig::new(rootfs, args);
+    config.cwd = spec.workdir.to_string();
+    config.network = spec.network;
+    config.hostname = "kiln".into();
+    let user = if spec.state.config.user.is_empty() {
+        "0"
+    } else {
+        spec.state.config.user.as_str()
+    };
+    let ids = kiln_runtime::user::resolve(rootfs, user)?;
+    config.uid = ids.uid;
+    config.gid = ids.gid;
+    config.additional_gids = ids.additional_gids;
+    // ENV wins over an ARG of the same name; ARGs are visible to RUN as
+    // environment variables.
+    let env = spec.state.env_pairs();
+    for (k, v) in spec.args {
+        if !env.iter().any(|(ek, _)| ek == k) {
+            config.env.push(format!("{k}={v}"));
+        }
+    }
+    config
+        .env
+        .extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    if !config.env.iter().any(|e| e.starts_with("HOME=")) {
+        config.env.push(format!(
+            "HOME={}",
+            ids.home.unwrap_or_else(|| "/root".into())
+        ));
+    }
+    let oci = config.to_spec()?;
+
+    let (out_r, out_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Pipe(e.into()))?;
+    let err_w: OwnedFd = out_w.try_clone().map_err(Error::Pipe)?;
+    let stdin = match &script {
+        Some(text) => {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| Error::Pipe(e.into()))?;
+            let text = text.clone();
+            std::thread::spawn(move || {
+                let mut w = std::fs::File::from(w);
+                let _ = w.write_all(text.as_bytes());
+            });
+            Stdio::Fd(r)
+        }
+        None => Stdio::Null,
+    };
+    let vertex = spec.vertex;
+    let sink = Arc::clone(progress);
+    let reader = std::thread::spawn(move || {
+        let mut tail = VecDeque::with_capacity(TAIL_LINES);
+        for line in BufReader::new(std::fs::File::from(out_r)).split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = String::from_utf8_lossy(&line).into_owned();
+            sink.log(vertex, 1, &text);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text);
+        }
+        tail
+    });
+    let status = kiln_runtime::run(
+        &oci,
+        RunOptions {
+            stdin,
+            stdout: Stdio::Fd(out_w),
+            stderr: Stdio::Fd(err_w),
+            ..Default::default()
+        },
+    );
+    let tail: Vec<String> = reader.join().unwrap_or_default().into();
+    let status = status?;
+    if !status.success() {
+        return Err(Error::Failed { status, tail });
+    }
+    Ok(())
+}

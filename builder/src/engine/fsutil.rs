@@ -1,0 +1,323 @@
+//! File operations confined to a root directory. Every path inside an image
+//! or a build context is attacker-controlled: a component may be a symlink
+//! to `/etc` or `..`. Everything here resolves paths with openat2's
+//! RESOLVE_IN_ROOT against a directory descriptor, creates and writes
+//! through descriptors, and never follows a final symlink it did not mean
+//! to, so nothing outside the root is read or written (docker cp
+//! CVE-2018-15664 class).
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `struct open_how` for openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_IN_ROOT: u64 = 0x10;
+
+fn cstr(p: &[u8]) -> io::Result<CString> {
+    CString::new(p)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A directory that paths are resolved inside of.
+pub struct Root {
+    fd: OwnedFd,
+}
+
+/// The metadata kiln copies and hashes.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+}
+
+impl Meta {
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFLNK
+    }
+    pub fn is_file(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
+}
+
+fn stat_fd(fd: RawFd, name: &CString, flags: libc::c_int) -> io::Result<Meta> {
+    // SAFETY: `st` is a valid out-buffer and `name` is NUL-terminated.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    check(unsafe { libc::fstatat(fd, name.as_ptr(), &mut st, flags) })?;
+    Ok(Meta {
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec,
+    })
+}
+
+impl Root {
+    pub fn open(dir: &Path) -> io::Result<Root> {
+        let f = File::open(dir)?;
+        Ok(Root {
+            fd: OwnedFd::from(f),
+        })
+    }
+
+    /// openat2 of `rel` with every component resolved inside the root.
+    pub fn open_at(&self, rel: &Path, flags: i32) -> io::Result<OwnedFd> {
+        let rel = rel.as_os_str().as_bytes();
+        let rel = if rel.is_empty() { b"." as &[u8] } else { rel };
+        let path = cstr(rel)?;
+        let how = OpenHow {
+            flags: u64::from((flags | libc::O_CLOEXEC).cast_unsigned()),
+            mode: 0,
+            resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: `path` is NUL-terminated, `how` outlives the call and its
+        // exact size is passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = RawFd::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+        // SAFETY: openat2 returned a new descriptor nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// lstat of `rel` inside the root: intermediate symlinks resolve inside
+    /// the root, the final component is not followed.
+    pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
+        let (parent, name) = split(rel);
+        let dir = self.open_at(parent, libc::O_PATH | libc::O_DIRECTORY)?;
+        stat_fd(
+            dir.as_raw_fd(),
+            &cstr(name.as_bytes())?,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    }
+
+    /// stat following symlinks, all inside the root.
+    pub fn stat(&self, rel: &Path) -> io::Result<Meta> {
+        let fd = self.open_at(rel, libc::O_PATH)?;
+        stat_fd(fd.as_raw_fd(), &cstr(b"")?, libc::AT_EMPTY_PATH)
+    }
+
+    /// Open a regular file for reading, inside the root.
+    pub fn open_file(&self, rel: &Path) -> io::Result<File> {
+        Ok(File::from(
+            self.open_at(rel, libc::O_RDONLY | libc::O_NOFOLLOW)?,
+        ))
+    }
+
+    pub fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        let (parent, name) = split(rel);
+        let dir = self.open_at(parent, libc::O_PATH | libc::O_DIRECTORY)?;
+        let name = cstr(name.as_bytes())?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `buf` has the given capacity; `name` is NUL-terminated.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(usize::try_from(n).unwrap_or(0));
+        Ok(buf)
+    }
+
+    /// Names in the directory `rel` (inside the root), sorted.
+    pub fn list(&self, rel: &Path) -> io::Result<Vec<Vec<u8>>> {
+        let fd = self.open_at(rel, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let dir = nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
+            .map_err(io::Error::from)?;
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(io::Error::from)?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Create every missing directory of `rel` inside the root (0755,
+    /// owned by `uid:gid`), resolving existing components inside the root.
+    /// Returns a descriptor of the last one.
+    pub fn mkdir_all(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<OwnedFd> {
+        let mut done = std::path::PathBuf::new();
+        let mut fd = self.open_at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY)?;
+        for comp in rel.components() {
+            let std::path::Component::Normal(name) = comp else {
+                continue;
+            };
+            done.push(name);
+            match self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(next) => fd = next,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    let n = cstr(name.as_bytes())?;
+                    // SAFETY: `fd` is a directory descriptor, `n` a name.
+                    let rc = unsafe { libc::mkdirat(fd.as_raw_fd(), n.as_ptr(), 0o755) };
+                    if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // SAFETY: as above; no symlink is followed.
+                    check(unsafe {
+                        libc::fchownat(
+                            fd.as_raw_fd(),
+                            n.as_ptr(),
+                            uid,
+                            gid,
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
+                    })?;
+                    fd = self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(fd)
+    }
+}
+
+/// Split a relative path into its parent and final name.
+pub fn split(rel: &Path) -> (&Path, &OsStr) {
+    (
+        rel.parent().unwrap_or(Path::new("")),
+        rel.file_name().unwrap_or(OsStr::new(".")),
+    )
+}
+
+/// What to create at a destination name.
+pub enum Node<'a> {
+    Dir,
+    File(&'a mut File),
+    Symlink(&'a [u8]),
+}
+
+/// Create `name` in directory `dir` with `meta`'s mode and times and the
+/// given owner, replacing a non-directory that is there (a symlink is
+/// replaced, never followed).
+pub fn create(
+    dir: RawFd,
+    name: &OsStr,
+    node: Node<'_>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    meta: &Meta,
+) -> io::Result<()> {
+    let n = cstr(name.as_bytes())?;
+    let existing = stat_fd(dir, &n, libc::AT_SYMLINK_NOFOLLOW).ok();
+    let want_dir = matches!(node, Node::Dir);
+    if let Some(e) = existing {
+        if !(e.is_dir() && want_dir) {
+            let flags = if e.is_dir() { libc::AT_REMOVEDIR } else { 0 };
+            // SAFETY: `dir` is a directory descriptor and `n` a plain name.
+            check(unsafe { libc::unlinkat(dir, n.as_ptr(), flags) })?;
+        }
+    }
+    let perm = mode & 0o7777;
+    let is_link = matches!(node, Node::Symlink(_));
+    match node {
+        Node::Dir => {
+            if existing.is_none_or(|e| !e.is_dir()) {
+                // SAFETY: as above.
+                check(unsafe { libc::mkdirat(dir, n.as_ptr(), 0o700) })?;
+            }
+        }
+        Node::File(src) => {
+            // SAFETY: as above; O_NOFOLLOW|O_EXCL: a fresh file only.
+            let fd = unsafe {
+                libc::openat(
+                    dir,
+                    n.as_ptr(),
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o600,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a descriptor we just opened.
+            let mut out = unsafe { File::from_raw_fd(fd) };
+            io::copy(src, &mut out)?;
+        }
+        Node::Symlink(target) => {
+            let t = cstr(target)?;
+            // SAFETY: NUL-terminated strings, a directory descriptor.
+            check(unsafe { libc::symlinkat(t.as_ptr(), dir, n.as_ptr()) })?;
+        }
+    }
+    // SAFETY: plain *at calls on a name inside `dir`, never following a
+    // final symlink.
+    unsafe {
+        check(libc::fchownat(
+            dir,
+            n.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        ))?;
+        if !is_link {
+            // fchmodat cannot refuse to follow; the node was just made by
+            // us (or is a directory we checked), so no symlink is there.
+            check(libc::fchmodat(dir, n.as_ptr(), perm, 0))?;
+        }
+        let t = libc::timespec {
+            tv_sec: meta.mtime,
+            tv_nsec: meta.mtime_nsec,
+        };
+        let times = [t, t];
+        check(libc::utimensat(
+            dir,
+            n.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        ))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,818 @@
+//! The build engine: a Dockerfile plan in, an image out.
+//!
+//! Every step of every needed stage is a vertex with a content-addressed
+//! cache key (see [`cache`]); stages whose inputs are ready run at the same
+//! time on tokio, and at most `jobs` steps execute at once. A step is born
+//! in the frontend, keyed here, given a filesystem by the snapshotter
+//! (`Snapshotter::prepare`), run by the runtime ([`exec`]) or filled by
+//! [`copy`], and turned into a layer by the snapshotter's diff
+//! (`Snapshotter::commit`).
+
+pub mod cache;
+pub mod copy;
+pub mod exec;
+pub mod fsutil;
+pub mod progress;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_snapshotter::backend::BackendKind;
+use kiln_snapshotter::diff::DiffOptions;
+use kiln_snapshotter::snapshot::Snapshotter;
+use oci_spec::image::{Descriptor, Digest, MediaType};
+use serde_json::json;
+use tokio::sync::{watch, Semaphore};
+
+use self::cache::{Cache, Key, KeyBuilder};
+use self::progress::Progress;
+use self::state::{History, ImageState, LayerRef};
+use crate::frontend::dockerignore::Matcher;
+use crate::frontend::instructions::Instruction;
+use crate::frontend::plan::SourceRef;
+use crate::frontend::{self, Base, Plan, PlanOptions, Platform, Stage, Step};
+
+/// Comment BuildKit puts on every history entry it writes.
+const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
+
+/// Errors of a build.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Frontend(#[from] frontend::Error),
+    #[error("cannot read the Dockerfile {path}: {source}")]
+    Dockerfile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("build context {path} is not a readable directory: {source}")]
+    Context {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {instruction}: {source}")]
+    Step {
+        file: String,
+        line: usize,
+        instruction: String,
+        source: Box<StepError>,
+    },
+    #[error("base image {0:?} is not in kiln's image store: load it with `kiln load -i FILE` or `kiln import DIR -t NAME` (registry pulls are not supported yet)")]
+    BaseNotFound(String),
+    #[error("base image {name:?}: {source}")]
+    Image {
+        name: String,
+        source: Box<crate::image::store::Error>,
+    },
+    #[error("base image {name:?} has a malformed {what}")]
+    BadBase { name: String, what: &'static str },
+    #[error("cannot open kiln's state directory: {0}")]
+    State(Box<kiln_snapshotter::snapshot::Error>),
+    #[error("cache directory: {0}")]
+    Cache(std::io::Error),
+    #[error("cannot store the image: {0}")]
+    Store(Box<kiln_snapshotter::content::Error>),
+    #[error("a build task failed: {0}")]
+    Join(String),
+}
+
+/// Errors of one step; wrapped with its location by [`Error::Step`].
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Run(#[from] exec::Error),
+    #[error(transparent)]
+    Copy(#[from] copy::Error),
+    #[error(transparent)]
+    Snapshot(#[from] kiln_snapshotter::snapshot::Error),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot resolve --chown {spec:?}: {source}")]
+    Chown {
+        spec: String,
+        source: kiln_runtime::Error,
+    },
+    #[error("cannot open the source files: {0}")]
+    Source(std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What `kiln build` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub context: PathBuf,
+    pub dockerfile: PathBuf,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    pub no_cache_filter: Vec<String>,
+    pub jobs: usize,
+    pub state: crate::image::StateDir,
+    pub backend: Option<BackendKind>,
+    pub network: kiln_runtime::Network,
+    pub allow_network_host: bool,
+    /// SOURCE_DATE_EPOCH: config and history times
+    pub source_date_epoch: Option<i64>,
+    /// clamp layer file times to SOURCE_DATE_EPOCH
+    pub rewrite_timestamp: bool,
+}
+
+/// A built image, stored in the content store.
+#[derive(Clone)]
+pub struct Built {
+    /// the snapshotter holding the image (and the build's lease)
+    pub snap: Arc<Snapshotter>,
+    pub manifest: Descriptor,
+    pub config_digest: Digest,
+    pub state: ImageState,
+    /// RUN steps that executed (not cached)
+    pub executed: usize,
+    pub cached: usize,
+}
+
+/// A finished stage: its last key and state.
+type StageResult = Option<std::result::Result<(Key, ImageState), String>>;
+
+struct Engine {
+    snap: Arc<Snapshotter>,
+    cache: Cache,
+    progress: Arc<Progress>,
+    opts: BuildOptions,
+    plan: Plan,
+    context: fsutil::Root,
+    ignore: Matcher,
+    file: String,
+    vertex: AtomicUsize,
+    slots: Semaphore,
+    executed: AtomicUsize,
+    cached: AtomicUsize,
+    results: BTreeMap<usize, watch::Receiver<StageResult>>,
+}
+
+fn now_or_epoch(epoch: Option<i64>) -> String {
+    let secs = epoch.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+            .unwrap_or(0)
+    });
+    progress::format_rfc3339(secs, 0)
+}
+
+/// Load a base image from the local image store: its key, state (config,
+/// history, layers) and unpacked chain.
+fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key, ImageState)> {
+    let store = crate::image::ImageStore::new(snap);
+    let image = store.resolve(name).map_err(|e| match e {
+        crate::image::store::Error::NotFound(_) => Error::BaseNotFound(name.to_string()),
+        other => Error::Image {
+            name: name.to_string(),
+            source: Box::new(other),
+        },
+    })?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&image.config_bytes).map_err(|_| Error::BadBase {
+            name: name.into(),
+            what: "config",
+        })?;
+    let (chain, _warnings) = store.unpack(&image).map_err(|e| Error::Image {
+        name: name.to_string(),
+        source: Box::new(e),
+    })?;
+    let mut state = ImageState::from_image_config(
+        &config,
+        Platform {
+            os: config["os"].as_str().unwrap_or(&platform.os).to_string(),
+            architecture: config["architecture"]
+                .as_str()
+                .unwrap_or(&platform.architecture)
+                .to_string(),
+            variant: config["variant"].as_str().map(String::from),
+        },
+    );
+    state.chain = chain.map(|c| c.to_string());
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    state.layers = image
+        .layers()
+        .iter()
+        .zip(diff_ids)
+        .map(|(l, d)| LayerRef {
+            diff_id: d.as_str().unwrap_or_default().to_string(),
+            digest: l.digest().to_string(),
+            size: l.size(),
+            media_type: l.media_type().to_string(),
+        })
+        .collect();
+    let mut key = KeyBuilder::new("image");
+    key.str(image.manifest_descriptor.digest().as_ref());
+    Ok((key.finish(), state))
+}
+
+/// Build `opts` with progress reported to `progress`.
+pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built> {
+    let started = Instant::now();
+    let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
+        path: opts.dockerfile.clone(),
+        source,
+    })?;
+    let file = opts
+        .dockerfile
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    let ast = frontend::parse(&text, &file)?;
+    let backend = match opts.backend {
+        Some(b) => b,
+        None => kiln_snapshotter::backend::probe::probe(opts.state.root()),
+    };
+    let snap = Arc::new(
+        Snapshotter::open(&opts.state.snapshotter_root(), backend)
+            .map_err(|e| Error::State(Box::new(e)))?,
+    );
+
+    // Plan once to learn the base images, then again with their
+    // environment and working directory (variables may come from them).
+    let mut plan_opts = PlanOptions {
+        build_args: opts.build_args.clone(),
+        target: opts.target.clone(),
+        ..PlanOptions::default()
+    };
+    let first = frontend::plan(&ast, &plan_opts)?;
+    let mut bases = BTreeMap::new();
+    for stage in &first.stages {
+        if let Base::Image { reference } = &stage.base {
+            if !bases.contains_key(reference) {
+                let loaded =
+                    tokio::task::block_in_place(|| load_base(&snap, reference, &stage.platform))?;
+                plan_opts
+                    .image_env
+                    .insert(reference.clone(), loaded.1.env_pairs());
+                plan_opts
+                    .image_workdir
+                    .insert(reference.clone(), loaded.1.config.workdir.clone());
+                bases.insert(reference.clone(), loaded);
+            }
+        }
+    }
+    let plan = frontend::plan(&ast, &plan_opts)?;
+    for w in &plan.warnings {
+        let at = w.line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
+        progress.summary(&format!("WARNING: {at}{}", w.message));
+    }
+
+    let context = fsutil::Root::open(&opts.context).map_err(|source| Error::Context {
+        path: opts.context.clone(),
+        source,
+    })?;
+    let ignore = frontend::dockerignore::load(&opts.context, &opts.dockerfile).unwrap_or_default();
+    let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
+
+    // One watch channel per stage carries its result to the stages that
+    // need it.
+    let mut senders = BTreeMap::new();
+    let mut results = BTreeMap::new();
+    for stage in &plan.stages {
+        let (tx, rx) = watch::channel(None);
+        senders.insert(stage.index, tx);
+        results.insert(stage.index, rx);
+    }
+    let engine = Arc::new(Engine {
+        snap,
+        cache,
+        progress: Arc::clone(&progress),
+        slots: Semaphore::new(opts.jobs.max(1)),
+        opts,
+        plan,
+        context,
+        ignore,
+        file,
+        vertex: AtomicUsize::new(1),
+        executed: AtomicUsize::new(0),
+        cached: AtomicUsize::new(0),
+        results,
+    });
+    let bases = Arc::new(bases);
+    let mut tasks = Vec::new();
+    for stage in engine.plan.stages.clone() {
+        let engine = Arc::clone(&engine);
+        let bases = Arc::clone(&bases);
+        let tx = senders.remove(&stage.index).expect("a sender per stage");
+        tasks.push(tokio::spawn(async move {
+            let r = engine.build_stage(&stage, &bases).await;
+            let _ = tx.send(Some(
+                r.as_ref().map(|v| v.clone()).map_err(|e| e.to_string()),
+            ));
+            r
+        }));
+    }
+    let mut target = None;
+    let mut first_error = None;
+    for (task, stage) in tasks.into_iter().zip(engine.plan.stages.iter()) {
+        match task.await {
+            Ok(Ok(result)) if stage.index == engine.plan.target => target = Some(result),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::Join(e.to_string()));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let (_, state) =
+        target.ok_or_else(|| Error::Join("the target stage produced no result".into()))?;
+    let built = tokio::task::block_in_place(|| engine.store_image(state))?;
+    progress.summary(&format!(
+        "built {} in {:.1}s: {} steps run, {} cached",
+        built.manifest.digest(),
+        started.elapsed().as_secs_f64(),
+        engine.executed.load(Ordering::Relaxed),
+        engine.cached.load(Ordering::Relaxed)
+    ));
+    Ok(Built {
+        executed: engine.executed.load(Ordering::Relaxed),
+        cached: engine.cached.load(Ordering::Relaxed),
+        ..built
+    })
+}
+
+impl Engine {
+    fn step_error(&self, step: &Step, e: StepError) -> Error {
+        Error::Step {
+            file: self.file.clone(),
+            line: step.line,
+            instruction: step.original.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    async fn stage_result(&self, index: usize) -> Result<(Key, ImageState)> {
+        let mut rx = self
+            .results
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| Error::Join(format!("stage {index} is not in the plan")))?;
+        let value = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?;
+        match value.as_ref() {
+            Some(Ok(r)) => Ok(r.clone()),
+            Some(Err(e)) => Err(Error::Join(format!("stage {index} failed: {e}"))),
+            None => Err(Error::Join("no result".into())),
+        }
+    }
+
+    fn no_cache_for(&self, stage: &Stage) -> bool {
+        self.opts.no_cache
+            || self
+                .opts
+                .no_cache_filter
+                .iter()
+                .any(|f| stage.name.as_deref() == Some(f.as_str()) || f == &stage.index.to_string())
+    }
+
+    async fn build_stage(
+        self: &Arc<Self>,
+        stage: &Stage,
+        bases: &BTreeMap<String, (Key, ImageState)>,
+    ) -> Result<(Key, ImageState)> {
+        let (mut key, mut state) = match &stage.base {
+            Base::Scratch => {
+                let mut k = KeyBuilder::new("scratch");
+                k.str(&stage.platform.to_string());
+                (k.finish(), ImageState::scratch(stage.platform.clone()))
+            }
+            Base::Image { reference } => bases
+                .get(reference)
+                .cloned()
+                .ok_or_else(|| Error::BaseNotFound(reference.clone()))?,
+            Base::Stage { index } => self.stage_result(*index).await?,
+            Base::Context { name, .. } => {
+                return Err(Error::Join(format!(
+                    "FROM a --build-context ({name}) is not supported yet"
+                )));
+            }
+        };
+        let total = stage.steps.len();
+        let stage_name = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| stage.index.to_string());
+        for (i, step) in stage.steps.iter().enumerate() {
+            if state.apply_config(&step.instruction, step.workdir.as_deref()) {
+                let mut k = KeyBuilder::new("config");
+                k.str(&key.0)
+                    .str(&serde_json::to_string(&step.instruction).unwrap_or_default());
+                key = k.finish();
+                if !matches!(step.instruction, Instruction::Arg(_)) {
+                    // Config-only steps take the time of the step before
+                    // them, so a rebuild from cache gives the same image.
+                    let created = state
+                        .history
+                        .last()
+                        .and_then(|h| h.created.clone())
+                        .or_else(|| Some(now_or_epoch(self.opts.source_date_epoch)));
+                    state.history.push(History {
+                        created_by: step.original.clone(),
+                        empty_layer: true,
+                        comment: Some(HISTORY_COMMENT.into()),
+                        created,
+                    });
+                }
+                continue;
+            }
+            let vertex = self.vertex.fetch_add(1, Ordering::Relaxed);
+            let name = format!("[{stage_name} {}/{total}] {}", i + 1, step.original);
+            let (k, s) = self
+                .run_step(stage, step, &key, &state, vertex, &name)
+                .await?;
+            key = k;
+            state = s;
+        }
+        Ok((key, state))
+    }
+
+    async fn run_step(
+        self: &Arc<Self>,
+        stage: &Stage,
+        step: &Step,
+        key: &Key,
+        state: &ImageState,
+        vertex: usize,
+        name: &str,
+    ) -> Result<(Key, ImageState)> {
+        // Sources of COPY --from: the stage's result or an image. Waited
+        // for before taking a job slot, so a waiting step never holds one.
+        let mut from = None;
+        if let Instruction::Copy(c) = &step.instruction {
+            if c.from.is_some() {
+                match step.sources.first() {
+                    Some(SourceRef::Stage { index }) => {
+                        from = Some(self.stage_result(*index).await?)
+                    }
+                    Some(other) => {
+                        return Err(self.step_error(
+                            step,
+                            StepError::Unsupported(format!(
+                                "COPY --from {other:?} is not supported yet: copy from a stage"
+                            )),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+        }
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?;
+        let no_cache = self.no_cache_for(stage);
+        let started = Instant::now();
+        let this = Arc::clone(self);
+        let (step_c, key_c, state_c, name_c) =
+            (step.clone(), key.clone(), state.clone(), name.to_string());
+        let result = tokio::task::spawn_blocking(move || {
+            this.step_blocking(
+                &step_c,
+                &key_c,
+                &state_c,
+                from.as_ref(),
+                vertex,
+                &name_c,
+                no_cache,
+            )
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?;
+        match result {
+            Ok((k, s, was_cached)) => {
+                if was_cached {
+                    self.cached.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.progress.done(vertex, started.elapsed().as_secs_f64());
+                }
+                Ok((k, s))
+            }
+            Err(e) => {
+                self.progress.error(vertex, &e.to_string());
+                Err(self.step_error(step, e))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn step_blocking(
+        &self,
+        step: &Step,
+        key: &Key,
+        state: &ImageState,
+        from: Option<&(Key, ImageState)>,
+        vertex: usize,
+        name: &str,
+        no_cache: bool,
+    ) -> std::result::Result<(Key, ImageState, bool), StepError> {
+        let mut k = KeyBuilder::new("step");
+        k.str(&key.0)
+            .str(&serde_json::to_string(&step.instruction).unwrap_or_default());
+        let chain: Option<Digest> = state.chain.as_ref().and_then(|c| c.parse().ok());
+        let mut new_state = state.clone();
+        match &step.instruction {
+            Instruction::Run(run) => {
+                if !run.mounts.is_empty() {
+                    return Err(StepError::Unsupported(
+                        "RUN --mount is not supported yet".into(),
+                    ));
+                }
+                if run.security == Some(crate::frontend::instructions::SecurityMode::Insecure) {
+                    return Err(StepError::Unsupported(
+                        "RUN --security=insecure is not allowed: kiln never runs a step privileged"
+                            .into(),
+                    ));
+                }
+                let network = match run.network {
+                    Some(crate::frontend::instructions::NetworkMode::Host) => {
+                        if !self.opts.allow_network_host {
+                            return Err(StepError::Unsupported(
+                                "RUN --network=host needs the network.host entitlement: start the build with --allow network.host".into(),
+                            ));
+                        }
+                        kiln_runtime::Network::Host
+                    }
+                    Some(crate::frontend::instructions::NetworkMode::None) => {
+                        kiln_runtime::Network::None
+                    }
+                    _ => self.opts.network,
+                };
+                let workdir = step.workdir.clone().unwrap_or_else(|| {
+                    if state.config.workdir.is_empty() {
+                        "/".into()
+                    } else {
+                        state.config.workdir.clone()
+                    }
+                });
+                let mut args: Vec<(String, String)> = step.args.clone();
+                args.extend(
+                    self.plan
+                        .proxy_args
+                        .iter()
+                        .map(|(a, b)| (a.clone(), b.clone())),
+                );
+                for (a, b) in &step.args {
+                    k.str(a).str(b);
+                }
+                k.str(&workdir).str(&format!("{network:?}"));
+                let key = k.finish();
+                if let Some(hit) = self.lookup(&key, no_cache) {
+                    self.progress.cached(vertex, name);
+                    return Ok((key, hit, true));
+                }
+                self.progress.started(vertex, name);
+                let view = self
+                    .snap
+                    .prepare(&format!("run-{}", &key.0[..16]), chain.as_ref())?;
+                let spec = exec::RunSpec {
+                    run,
+                    state,
+                    args: &args,
+                    workdir: &workdir,
+                    network,
+                    vertex,
+                };
+                if let Err(e) = exec::run(view.path(), &spec, &self.progress) {
+                    let _ = self.snap.remove(view);
+                    return Err(e.into());
+                }
+                self.executed.fetch_add(1, Ordering::Relaxed);
+                self.commit(view, &mut new_state, exec::created_by(run, state))?;
+                self.record(&key, &new_state);
+                Ok((key, new_state, false))
+            }
+            Instruction::Copy(c) => {
+                let source_view;
+                let source_root;
+                let (root, what, ignore) = match from {
+                    Some((from_key, from_state)) => {
+                        k.str(&from_key.0);
+                        let from_chain: Option<Digest> =
+                            from_state.chain.as_ref().and_then(|c| c.parse().ok());
+                        source_view = self
+                            .snap
+                            .view(&format!("from-{}", &from_key.0[..16]), from_chain.as_ref())?;
+                        source_root =
+                            fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
+                        (&source_root, "source stage", None)
+                    }
+                    None => (&self.context, "build context", Some(&self.ignore)),
+                };
+                let patterns: Vec<String> = c
+                    .sources
+                    .iter()
+                    .map(|s| match s {
+                        crate::frontend::instructions::Source::Path(p) => Ok(p.clone()),
+                        crate::frontend::instructions::Source::Heredoc { .. } => Err(
+                            StepError::Unsupported("COPY of a heredoc is not supported yet".into()),
+                        ),
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+                let excludes = Matcher::new(c.excludes.iter())
+                    .map_err(|_| StepError::Copy(copy::Error::Pattern(c.excludes.join(","))))?;
+                let source = copy::Source { root, what, ignore };
+                let workdir = if state.config.workdir.is_empty() {
+                    "/".to_string()
+                } else {
+                    state.config.workdir.clone()
+                };
+                let dest = if c.dest.starts_with('/') {
+                    c.dest.clone()
+                } else {
+                    format!("{}/{}", workdir.trim_end_matches('/'), c.dest)
+                };
+                // Whether the destination is a directory depends on the
+                // image; decided on a read-only view of the parent.
+                let dest_is_dir =
+                    c.dest.ends_with('/') || self.is_dir_in_chain(chain.as_ref(), &dest);
+                let entries = source.collect(&patterns, &dest, dest_is_dir, &excludes)?;
+                source.checksum(&entries, &mut k)?;
+                k.str(c.chown.as_deref().unwrap_or(""))
+                    .str(&format!("{:?}", c.chmod))
+                    .str(&dest);
+                let key = k.finish();
+                if let Some(hit) = self.lookup(&key, no_cache) {
+                    self.progress.cached(vertex, name);
+                    return Ok((key, hit, true));
+                }
+                self.progress.started(vertex, name);
+                let view = self
+                    .snap
+                    .prepare(&format!("copy-{}", &key.0[..16]), chain.as_ref())?;
+                let target = fsutil::Root::open(view.path()).map_err(StepError::Source)?;
+                let (uid, gid) = match &c.chown {
+                    Some(spec) => {
+                        let ids =
+                            kiln_runtime::user::resolve(view.path(), spec).map_err(|source| {
+                                StepError::Chown {
+                                    spec: spec.clone(),
+                                    source,
+                                }
+                            })?;
+                        (ids.uid, ids.gid)
+                    }
+                    None => (0, 0),
+                };
+                let chmod = c.chmod.as_ref().map(copy::chmod_bits).transpose()?;
+                if let Err(e) = copy::copy(
+                    &source,
+                    &entries,
+                    &target,
+                    &copy::CopyAttrs { uid, gid, chmod },
+                ) {
+                    let _ = self.snap.remove(view);
+                    return Err(e.into());
+                }
+                self.commit(
+                    view,
+                    &mut new_state,
+                    format!("{} # buildkit", step.original),
+                )?;
+                self.record(&key, &new_state);
+                Ok((key, new_state, false))
+            }
+            Instruction::Add(_) => Err(StepError::Unsupported(
+                "ADD is not supported yet: use COPY for local files".into(),
+            )),
+            other => Err(StepError::Unsupported(format!(
+                "{} is not supported by the build engine yet",
+                serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v["instruction"].as_str().map(String::from))
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Whether `path` is a directory in the layer chain `chain`, looked up
+    /// in the unpacked layers (topmost first) without mounting a view.
+    fn is_dir_in_chain(&self, chain: Option<&Digest>, path: &str) -> bool {
+        let Some(chain) = chain else { return false };
+        let Ok(dirs) = self.snap.layers().chain_dirs(chain) else {
+            return false;
+        };
+        let rel = Path::new(path.trim_start_matches('/'));
+        for dir in dirs {
+            if let Ok(root) = fsutil::Root::open(&dir) {
+                if let Ok(meta) = root.lstat(rel) {
+                    return meta.is_dir();
+                }
+            }
+        }
+        false
+    }
+
+    fn lookup(&self, key: &Key, no_cache: bool) -> Option<ImageState> {
+        if no_cache {
+            return None;
+        }
+        let hit = self.cache.get(key)?;
+        // A record whose layer was garbage-collected is a miss.
+        match &hit.chain {
+            Some(c) => c
+                .parse::<Digest>()
+                .ok()
+                .filter(|d| self.snap.layers().contains(d))
+                .map(|_| hit),
+            None => Some(hit),
+        }
+    }
+
+    fn record(&self, key: &Key, state: &ImageState) {
+        // A cache record that cannot be written only costs a rebuild.
+        let _ = self.cache.put(key, state);
+    }
+
+    fn commit(
+        &self,
+        view: kiln_snapshotter::snapshot::View,
+        state: &mut ImageState,
+        created_by: String,
+    ) -> std::result::Result<(), StepError> {
+        let epoch = if self.opts.rewrite_timestamp {
+            self.opts.source_date_epoch
+        } else {
+            None
+        };
+        let committed = self.snap.commit(
+            view,
+            DiffOptions {
+                source_date_epoch: epoch,
+                ..DiffOptions::default()
+            },
+        )?;
+        state.chain = Some(committed.chain_id.to_string());
+        state.layers.push(LayerRef {
+            diff_id: committed.diff_id.to_string(),
+            digest: committed.blob.digest().to_string(),
+            size: committed.blob.size(),
+            media_type: committed.blob.media_type().to_string(),
+        });
+        let created = Some(now_or_epoch(self.opts.source_date_epoch));
+        state.history.push(History {
+            created_by,
+            empty_layer: false,
+            comment: Some(HISTORY_COMMENT.into()),
+            created,
+        });
+        Ok(())
+    }
+
+    /// Write config and manifest blobs for `state`.
+    fn store_image(&self, state: ImageState) -> Result<Built> {
+        // The image is as old as its newest step (or SOURCE_DATE_EPOCH), so
+        // a rebuild from cache is byte-identical.
+        let created = match self.opts.source_date_epoch {
+            Some(e) => progress::format_rfc3339(e, 0),
+            None => state
+                .history
+                .last()
+                .and_then(|h| h.created.clone())
+                .unwrap_or_else(|| now_or_epoch(None)),
+        };
+        let config = state.config_json(&created);
+        let content = self.snap.content();
+        let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Join(e.to_string()))?;
+        let config_desc = content
+            .put_bytes(MediaType::ImageConfig, &config_bytes)
+            .map_err(|e| Error::Store(Box::new(e)))?;
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_desc.digest().to_string(), "size": config_desc.size()},
+            "layers": state.layers.iter().map(|l| json!({"mediaType": l.media_type, "digest": l.digest, "size": l.size})).collect::<Vec<_>>(),
+        });
+        let manifest_bytes =
+            serde_json::to_vec(&manifest).map_err(|e| Error::Join(e.to_string()))?;
+        let manifest_desc = content
+            .put_bytes(MediaType::ImageManifest, &manifest_bytes)
+            .map_err(|e| Error::Store(Box::new(e)))?;
+        Ok(Built {
+            snap: Arc::clone(&self.snap),
+            manifest: manifest_desc,
+            config_digest: config_desc.digest().clone(),
+            state,
+            executed: 0,
+            cached: 0,
+        })
+    }
+}

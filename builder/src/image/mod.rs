@@ -1,0 +1,37 @@
+//! The image side of kiln: the local image store and everything that moves
+//! images in and out of it.
+//!
+//! - [`state`]: the state directory (`~/.local/share/kiln`, `--root`)
+//! - [`mod@reference`]: image names, normalised as docker does
+//! - [`store`]: names to manifests in the content store's `index.json`, the
+//!   typed [`store::Image`], unpacking an image's layers
+//! - [`archive`]: `kiln load` of docker-archive and oci-archive tars
+//! - [`import`]: `kiln import` of a root filesystem directory or tar
+//! - [`output`]: BuildKit's `--output` CSV syntax
+//! - [`mod@export`]: the exporters for every `--output` type
+//!
+//! How `kiln build` uses it: open the [`StateDir`] and a `Snapshotter` at
+//! its `snapshotter_root()`; resolve `FROM` names with
+//! [`ImageStore::resolve`] and get their chain with [`ImageStore::unpack`]
+//! (`--build-context NAME=oci-layout://...` goes through
+//! [`archive::load_layout_dir`]); store the result with
+//! [`ImageStore::write_image`] (config + committed layer descriptors); then
+//! call [`export()`] once per output: [`OutputSpec::image_store`] for `-t`,
+//! [`OutputSpec::parse`] for each `--output`.
+//!
+//! Bytes on disk belong to the snapshotter; this module decides what they
+//! mean as images. It never runs a process and never reads a Dockerfile.
+
+pub mod archive;
+pub mod export;
+pub mod import;
+pub mod output;
+pub mod reference;
+pub mod state;
+pub mod store;
+pub mod time;
+
+pub use export::{export, ExportOptions, Exported};
+pub use output::OutputSpec;
+pub use state::StateDir;
+pub use store::{Image, ImageStore, Platform};

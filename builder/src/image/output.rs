@@ -1,0 +1,610 @@
+//! `--output` specifications: BuildKit's CSV syntax
+//! (`type=oci,dest=out.tar,compression=zstd`) parsed into an [`OutputSpec`].
+//!
+//! Fields are comma-separated `key=value` pairs; a field or value in double
+//! quotes may hold commas (`"name=a,b"`, as Go's encoding/csv reads it), and
+//! `name=` may list several names separated by commas. Without any `=`, the
+//! spec is BuildKit's shorthand: `-` is `type=tar,dest=-` and anything else
+//! `type=local,dest=THAT`.
+//!
+//! Which keys a type takes: `dest` for oci, docker, local and tar (required
+//! there; `-` is standard output for oci, docker and tar); `name`,
+//! `compression`, `compression-level`, `force-compression`, `oci-mediatypes`
+//! and `rewrite-timestamp` for image, oci and docker; `tar` for oci; `push`
+//! (only `false`) for image. Any other key, or a key a type does not take, is
+//! an error naming it, as is a value outside its set.
+//!
+//! This module only parses: it never touches a file or a store.
+
+use std::path::PathBuf;
+
+use kiln_snapshotter::compression::Compression;
+
+use super::reference;
+
+/// Errors of `--output` parsing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("--output {spec:?}: unterminated double quote")]
+    Quote { spec: String },
+    #[error("--output {spec:?}: field {field:?} is not key=value")]
+    Field { spec: String, field: String },
+    #[error("--output {spec:?}: key {key:?} is given twice")]
+    Duplicate { spec: String, key: String },
+    #[error("--output {spec:?}: type= is missing; use type=image, oci, docker, local or tar")]
+    MissingType { spec: String },
+    #[error("--output {spec:?}: unknown type {value:?}; use image, oci, docker, local or tar")]
+    UnknownType { spec: String, value: String },
+    #[error("--output {spec:?}: unknown key {key:?} for type={kind}; it takes {allowed}")]
+    UnknownKey {
+        spec: String,
+        key: String,
+        kind: &'static str,
+        allowed: &'static str,
+    },
+    #[error("--output {spec:?}: {key}={value:?} is invalid: expected {expected}")]
+    Value {
+        spec: String,
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("--output {spec:?}: type={kind} needs dest=PATH{stdout}")]
+    MissingDest {
+        spec: String,
+        kind: &'static str,
+        stdout: &'static str,
+    },
+    #[error(
+        "--output {spec:?}: type={kind} cannot write to standard output (dest=-); give a directory"
+    )]
+    StdoutNotAllowed { spec: String, kind: &'static str },
+    #[error("--output {spec:?}: compression-level={level} is outside {range} for {compression}")]
+    Level {
+        spec: String,
+        level: i64,
+        range: &'static str,
+        compression: &'static str,
+    },
+    #[error("--output {spec:?}: compression-level has no meaning with compression=uncompressed")]
+    LevelWithoutCompression { spec: String },
+    #[error("--output {spec:?}: compression=estargz is not supported by kiln; use gzip, zstd or uncompressed")]
+    Estargz { spec: String },
+    #[error("--output {spec:?}: push=true is not supported yet (kiln has no registry client); store the image locally and copy it with skopeo")]
+    Push { spec: String },
+    #[error("--output {spec:?}: {source}")]
+    Name {
+        spec: String,
+        source: reference::Error,
+    },
+}
+
+/// Result type of `--output` parsing.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The exporter an output uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputType {
+    /// the local image store
+    Image,
+    /// an OCI image layout, as a tar or a directory
+    Oci,
+    /// a docker-archive tar (`docker load`, `podman load`)
+    Docker,
+    /// the final root filesystem as a directory
+    Local,
+    /// the final root filesystem as a tar stream
+    Tar,
+}
+
+impl OutputType {
+    /// The name used in `type=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputType::Image => "image",
+            OutputType::Oci => "oci",
+            OutputType::Docker => "docker",
+            OutputType::Local => "local",
+            OutputType::Tar => "tar",
+        }
+    }
+
+    fn allowed(self) -> &'static str {
+        match self {
+            OutputType::Image => "name, push, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
+            OutputType::Oci => "dest, tar, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
+            OutputType::Docker => "dest, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
+            OutputType::Local | OutputType::Tar => "dest",
+        }
+    }
+
+    fn takes(self, key: &str) -> bool {
+        let image_keys = [
+            "name",
+            "compression",
+            "compression-level",
+            "force-compression",
+            "oci-mediatypes",
+            "rewrite-timestamp",
+        ];
+        match self {
+            OutputType::Image => key == "push" || image_keys.contains(&key),
+            OutputType::Oci => key == "dest" || key == "tar" || image_keys.contains(&key),
+            OutputType::Docker => key == "dest" || image_keys.contains(&key),
+            OutputType::Local | OutputType::Tar => key == "dest",
+        }
+    }
+}
+
+/// Where an output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// `dest=-`
+    Stdout,
+    Path(PathBuf),
+}
+
+/// A parsed `--output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    pub kind: OutputType,
+    /// required for every type but `image`
+    pub dest: Option<Dest>,
+    /// normalised image names (`name=`)
+    pub names: Vec<String>,
+    /// `None`: keep each layer as it is stored
+    pub compression: Option<Compression>,
+    /// recompress layers already in the requested compression too
+    pub force_compression: bool,
+    /// OCI media types (`true`) or docker schema 2 ones; default `true`
+    /// except for type=docker
+    pub oci_mediatypes: bool,
+    /// clamp file mtimes in re-written layers to SOURCE_DATE_EPOCH
+    pub rewrite_timestamp: bool,
+    /// type=oci only: `Some(false)` forces a directory layout, `Some(true)`
+    /// a tar; `None` decides by the destination (see the exporter)
+    pub tar: Option<bool>,
+}
+
+impl OutputSpec {
+    /// Parse one `--output` value.
+    pub fn parse(spec: &str) -> Result<Self> {
+        if !spec.contains('=') {
+            let (kind, dest) = if spec == "-" {
+                (OutputType::Tar, Dest::Stdout)
+            } else {
+                (OutputType::Local, Dest::Path(PathBuf::from(spec)))
+            };
+            if spec.is_empty() {
+                return Err(Error::MissingType { spec: spec.into() });
+            }
+            return Ok(OutputSpec::new(kind, Some(dest)));
+        }
+        let fields = split_csv(spec)?;
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for f in fields {
+            let Some((k, v)) = f.split_once('=') else {
+                return Err(Error::Field {
+                    spec: spec.into(),
+                    field: f,
+                });
+            };
+            let k = k.trim().to_ascii_lowercase();
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                return Err(Error::Duplicate {
+                    spec: spec.into(),
+                    key: k,
+                });
+            }
+            pairs.push((k, v.to_string()));
+        }
+        let kind = match pairs.iter().find(|(k, _)| k == "type") {
+            None => return Err(Error::MissingType { spec: spec.into() }),
+            Some((_, v)) => match v.as_str() {
+                "image" => OutputType::Image,
+                "oci" => OutputType::Oci,
+                "docker" => OutputType::Docker,
+                "local" => OutputType::Local,
+                "tar" => OutputType::Tar,
+                other => {
+                    return Err(Error::UnknownType {
+                        spec: spec.into(),
+                        value: other.into(),
+                    })
+                }
+            },
+        };
+        let mut out = OutputSpec::new(kind, None);
+        let mut level: Option<(i64, String)> = None;
+        let mut compression: Option<&str> = None;
+        let value_err = |key: &str, value: &str, expected: &'static str| Error::Value {
+            spec: spec.into(),
+            key: key.into(),
+            value: value.into(),
+            expected,
+        };
+        for (k, v) in &pairs {
+            if k == "type" {
+                continue;
+            }
+            if !kind.takes(k) {
+                return Err(Error::UnknownKey {
+                    spec: spec.into(),
+                    key: k.clone(),
+                    kind: kind.as_str(),
+                    allowed: kind.allowed(),
+                });
+            }
+            let boolean = || parse_bool(v).ok_or_else(|| value_err(k, v, "true or false"));
+            match k.as_str() {
+                "dest" => {
+                    if v.is_empty() {
+                        return Err(value_err(k, v, "a path, or - for standard output"));
+                    }
+                    out.dest = Some(if v == "-" {
+                        Dest::Stdout
+                    } else {
+                        Dest::Path(PathBuf::from(v))
+                    });
+                }
+                "name" => {
+                    for n in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                        let full = reference::normalize(n).map_err(|source| Error::Name {
+                            spec: spec.into(),
+                            source,
+                        })?;
+                        if !out.names.contains(&full) {
+                            out.names.push(full);
+                        }
+                    }
+                    if out.names.is_empty() {
+                        return Err(value_err(k, v, "one or more image names"));
+                    }
+                }
+                "compression" => {
+                    compression = Some(match v.as_str() {
+                        "gzip" | "zstd" | "uncompressed" => v.as_str(),
+                        "estargz" => return Err(Error::Estargz { spec: spec.into() }),
+                        _ => return Err(value_err(k, v, "gzip, zstd or uncompressed")),
+                    })
+                }
+                "compression-level" => {
+                    let n: i64 = v
+                        .parse()
+                        .map_err(|_| value_err(k, v, "an integer (gzip 0-9, zstd 0-22)"))?;
+                    level = Some((n, v.clone()));
+                }
+                "force-compression" => out.force_compression = boolean()?,
+                "oci-mediatypes" => out.oci_mediatypes = boolean()?,
+                "rewrite-timestamp" => out.rewrite_timestamp = boolean()?,
+                "tar" => out.tar = Some(boolean()?),
+                "push" => {
+                    if boolean()? {
+                        return Err(Error::Push { spec: spec.into() });
+                    }
+                }
+                _ => unreachable!("takes() lists every key handled here"),
+            }
+        }
+        out.compression = match (compression, level) {
+            (None, None) => None,
+            (Some("uncompressed"), Some(_)) => {
+                return Err(Error::LevelWithoutCompression { spec: spec.into() })
+            }
+            (Some("uncompressed"), None) => Some(Compression::None),
+            // BuildKit applies a bare level to the default, gzip
+            (Some("gzip") | None, l) => Some(Compression::Gzip {
+                level: match l {
+                    None => 6,
+                    Some((n, _)) => {
+                        u32::try_from(n)
+                            .ok()
+                            .filter(|n| *n <= 9)
+                            .ok_or(Error::Level {
+                                spec: spec.into(),
+                                level: n,
+                                range: "0-9",
+                                compression: "gzip",
+                            })?
+                    }
+                },
+            }),
+            (Some(_zstd), l) => Some(Compression::Zstd {
+                level: match l {
+                    None => 3,
+                    // zstd level 0 means its default, 3
+                    Some((0, _)) => 3,
+                    Some((n, _)) => i32::try_from(n)
+                        .ok()
+                        .filter(|n| (1..=22).contains(n))
+                        .ok_or(Error::Level {
+                            spec: spec.into(),
+                            level: n,
+                            range: "0-22",
+                            compression: "zstd",
+                        })?,
+                },
+            }),
+        };
+        match (kind, &out.dest) {
+            (OutputType::Image, _) => {}
+            (OutputType::Local, Some(Dest::Stdout)) => {
+                return Err(Error::StdoutNotAllowed {
+                    spec: spec.into(),
+                    kind: kind.as_str(),
+                })
+            }
+            (_, None) => {
+                return Err(Error::MissingDest {
+                    spec: spec.into(),
+                    kind: kind.as_str(),
+                    stdout: if kind == OutputType::Local {
+                        ""
+                    } else {
+                        " (or dest=- for standard output)"
+                    },
+                })
+            }
+            _ => {}
+        }
+        if out.tar == Some(false) && out.dest == Some(Dest::Stdout) {
+            return Err(Error::StdoutNotAllowed {
+                spec: spec.into(),
+                kind: "oci with tar=false",
+            });
+        }
+        if kind == OutputType::Docker && !pairs.iter().any(|(k, _)| k == "oci-mediatypes") {
+            out.oci_mediatypes = false;
+        }
+        Ok(out)
+    }
+
+    /// The output of `kiln build -t NAME...` without `--output`: the local
+    /// image store under every name, layers as built.
+    pub fn image_store<S: AsRef<str>>(names: &[S]) -> Result<Self> {
+        let mut out = OutputSpec::new(OutputType::Image, None);
+        for n in names {
+            let full = reference::normalize(n.as_ref()).map_err(|source| Error::Name {
+                spec: format!("-t {}", n.as_ref()),
+                source,
+            })?;
+            if !out.names.contains(&full) {
+                out.names.push(full);
+            }
+        }
+        Ok(out)
+    }
+
+    fn new(kind: OutputType, dest: Option<Dest>) -> Self {
+        OutputSpec {
+            kind,
+            dest,
+            names: Vec::new(),
+            compression: None,
+            force_compression: false,
+            oci_mediatypes: true,
+            rewrite_timestamp: false,
+            tar: None,
+        }
+    }
+}
+
+/// Go's strconv.ParseBool.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Split on commas outside double quotes; `""` inside quotes is one quote.
+fn split_csv(spec: &str) -> Result<Vec<String>> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(Error::Quote { spec: spec.into() });
+    }
+    fields.push(cur);
+    Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> OutputSpec {
+        OutputSpec::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+    fn e(s: &str) -> Error {
+        OutputSpec::parse(s).expect_err(s)
+    }
+
+    #[test]
+    fn image_store_output_for_tags() {
+        let o = OutputSpec::image_store(&["a", "docker.io/library/a:latest", "b:1"]).unwrap();
+        assert_eq!(o.kind, OutputType::Image);
+        assert_eq!(
+            o.names,
+            vec!["docker.io/library/a:latest", "docker.io/library/b:1"]
+        );
+        assert!(matches!(
+            OutputSpec::image_store(&["A"]),
+            Err(Error::Name { .. })
+        ));
+    }
+
+    #[test]
+    fn shorthands() {
+        let o = p("-");
+        assert_eq!((o.kind, o.dest), (OutputType::Tar, Some(Dest::Stdout)));
+        let o = p("out/dir");
+        assert_eq!(
+            (o.kind, o.dest),
+            (OutputType::Local, Some(Dest::Path("out/dir".into())))
+        );
+        assert!(matches!(e(""), Error::MissingType { .. }));
+    }
+
+    #[test]
+    fn every_key() {
+        let o = p("type=oci,dest=o.tar,name=busybox,compression=zstd,compression-level=19,force-compression=true,oci-mediatypes=false,rewrite-timestamp=1,tar=false");
+        assert_eq!(o.kind, OutputType::Oci);
+        assert_eq!(o.dest, Some(Dest::Path("o.tar".into())));
+        assert_eq!(o.names, vec!["docker.io/library/busybox:latest"]);
+        assert_eq!(o.compression, Some(Compression::Zstd { level: 19 }));
+        assert!(o.force_compression && o.rewrite_timestamp && !o.oci_mediatypes);
+        assert_eq!(o.tar, Some(false));
+
+        let o = p("type=docker,dest=-");
+        assert_eq!(o.dest, Some(Dest::Stdout));
+        assert!(!o.oci_mediatypes, "docker defaults to docker media types");
+        assert_eq!(o.compression, None);
+        assert!(p("type=docker,dest=x,oci-mediatypes=true").oci_mediatypes);
+
+        let o = p("type=image,\"name=a,localhost/b:t\",push=false");
+        assert_eq!(o.names, vec!["docker.io/library/a:latest", "localhost/b:t"]);
+        assert_eq!(p("type=image,name=\"a,b\"").names.len(), 2);
+        assert!(p("type=image").names.is_empty());
+
+        assert_eq!(
+            p("type=oci,dest=x,compression=gzip").compression,
+            Some(Compression::Gzip { level: 6 })
+        );
+        assert_eq!(
+            p("type=oci,dest=x,compression-level=1").compression,
+            Some(Compression::Gzip { level: 1 })
+        );
+        assert_eq!(
+            p("type=oci,dest=x,compression=zstd").compression,
+            Some(Compression::Zstd { level: 3 })
+        );
+        assert_eq!(
+            p("type=oci,dest=x,compression=zstd,compression-level=0").compression,
+            Some(Compression::Zstd { level: 3 })
+        );
+        assert_eq!(
+            p("type=oci,dest=x,compression=uncompressed").compression,
+            Some(Compression::None)
+        );
+        assert_eq!(
+            p("TYPE=local,Dest=d").dest,
+            Some(Dest::Path("d".into())),
+            "keys are case-insensitive"
+        );
+        assert_eq!(p("type=tar,dest=-").dest, Some(Dest::Stdout));
+        assert_eq!(
+            p("type=oci,dest=a\"\"b").dest,
+            Some(Dest::Path("ab".into()))
+        );
+    }
+
+    #[test]
+    fn every_error() {
+        assert!(matches!(e("type=oci,dest=\"x"), Error::Quote { .. }));
+        assert!(matches!(e("type=oci,dest"), Error::Field { .. }));
+        assert!(matches!(e("type=oci,dest=x,"), Error::Field { .. }));
+        assert!(matches!(
+            e("type=oci,type=tar,dest=x"),
+            Error::Duplicate { .. }
+        ));
+        assert!(matches!(e("dest=x,name=y"), Error::MissingType { .. }));
+        assert!(matches!(e("type=registry"), Error::UnknownType { .. }));
+        assert!(matches!(
+            e("type=oci,dest=x,colour=red"),
+            Error::UnknownKey { .. }
+        ));
+        assert!(matches!(
+            e("type=local,dest=x,name=y"),
+            Error::UnknownKey { .. }
+        ));
+        assert!(matches!(
+            e("type=tar,dest=x,compression=gzip"),
+            Error::UnknownKey { .. }
+        ));
+        assert!(matches!(e("type=image,dest=x"), Error::UnknownKey { .. }));
+        assert!(matches!(
+            e("type=docker,dest=x,tar=true"),
+            Error::UnknownKey { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,push=false"),
+            Error::UnknownKey { .. }
+        ));
+        assert!(matches!(e("type=oci,dest="), Error::Value { .. }));
+        assert!(matches!(
+            e("type=oci,dest=x,compression=lz4"),
+            Error::Value { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,compression-level=high"),
+            Error::Value { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,force-compression=yes"),
+            Error::Value { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,oci-mediatypes=2"),
+            Error::Value { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,rewrite-timestamp=on"),
+            Error::Value { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,tar=maybe"),
+            Error::Value { .. }
+        ));
+        assert!(matches!(e("type=image,name="), Error::Value { .. }));
+        assert!(matches!(e("type=image,push=nope"), Error::Value { .. }));
+        assert!(matches!(e("type=oci"), Error::MissingDest { .. }));
+        assert!(matches!(e("type=docker"), Error::MissingDest { .. }));
+        assert!(matches!(e("type=local"), Error::MissingDest { .. }));
+        assert!(matches!(e("type=tar"), Error::MissingDest { .. }));
+        assert!(matches!(
+            e("type=local,dest=-"),
+            Error::StdoutNotAllowed { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,compression-level=10"),
+            Error::Level { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,compression-level=-1"),
+            Error::Level { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,compression=zstd,compression-level=23"),
+            Error::Level { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,compression=uncompressed,compression-level=1"),
+            Error::LevelWithoutCompression { .. }
+        ));
+        assert!(matches!(
+            e("type=oci,dest=x,compression=estargz"),
+            Error::Estargz { .. }
+        ));
+        assert!(matches!(e("type=image,push=true"), Error::Push { .. }));
+        assert!(matches!(e("type=image,name=Upper"), Error::Name { .. }));
+        let msg = e("type=oci,dest=x,colour=red").to_string();
+        assert!(
+            msg.contains("\"colour\"") && msg.contains("type=oci"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! End-to-end tests of `kiln build`, run as the unprivileged test user:
+//! stages, caching, parallelism and interop of the result.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_vm_tests::{busybox_rootfs, kiln, run_checked, running_as_root, test_dir, test_ids};
+
+/// A context directory with a busybox tree under `rootfs/`, and a state
+/// directory, both owned by the test user.
+struct Project {
+    dir: PathBuf,
+}
+
+impl Project {
+    fn new(name: &str, dockerfile: &str) -> Project {
+        let dir = test_dir(name);
+        busybox_rootfs(&dir.join("ctx/rootfs"));
+        std::fs::write(dir.join("ctx/Dockerfile"), dockerfile).unwrap();
+        let p = Project { dir };
+        p.chown();
+        p
+    }
+
+    fn chown(&self) {
+        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(&self.dir));
+        if running_as_root() {
+            let (uid, gid) = test_ids();
+            run_checked(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{uid}:{gid}"))
+                    .arg(&self.dir),
+            );
+        }
+    }
+
+    fn ctx(&self) -> PathBuf {
+        self.dir.join("ctx")
+    }
+
+    fn build_in(&self, state: &str, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec![
+            "--root".into(),
+            self.dir.join(state).display().to_string(),
+            "build".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(self.ctx().display().to_string());
+        kiln(&args).output().expect("run kiln build")
+    }
+
+    fn build(&self, extra: &[&str]) -> Output {
+        self.build_in("state", extra)
+    }
+}
+
+fn ok(o: Output) -> (String, String) {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "kiln build failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+    (out, err)
+}
+
+const STAGES: &str = r#"FROM scratch AS base
+COPY rootfs/ /
+ENV GREETING=hello
+WORKDIR /app
+RUN echo "$GREETING from $(id -u)" > greeting
+
+FROM base AS other
+RUN echo other > /other
+
+FROM base AS unused
+RUN echo this must never run && exit 1
+
+FROM base
+COPY --from=other /other /copied
+RUN cat /copied /app/greeting > /result
+CMD ["cat", "/result"]
+"#;
+
+#[test]
+fn stages_build_and_unused_ones_never_run() {
+    let p = Project::new("build-stages", STAGES);
+    let out = p.dir.join("out");
+    let (_, err) = ok(p.build(&[
+        "--progress",
+        "plain",
+        "-t",
+        "stages",
+        "-o",
+        &format!("type=local,dest={}", out.display()),
+    ]));
+    assert!(!err.contains("this must never run"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("result")).unwrap(),
+        "other\nhello from 0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("app/greeting")).unwrap(),
+        "hello from 0\n"
+    );
+}
+
+#[test]
+fn rebuild_runs_nothing_and_a_changed_byte_reruns_only_its_dependents() {
+    let p = Project::new(
+        "build-cache",
+        "FROM scratch\nCOPY rootfs/ /\nCOPY a.txt /a.txt\nRUN date +%s%N > /stamp\nCOPY b.txt /b.txt\nRUN cat /b.txt > /b-copy\n",
+    );
+    std::fs::write(p.ctx().join("a.txt"), "a").unwrap();
+    std::fs::write(p.ctx().join("b.txt"), "b").unwrap();
+    p.chown();
+    let local = |n: &str| format!("type=local,dest={}", p.dir.join(n).display());
+    let (digest1, err1) = ok(p.build(&["--progress", "plain", "-o", &local("o1")]));
+    assert!(err1.contains("2 steps run"), "{err1}");
+    let stamp1 = std::fs::read(p.dir.join("o1/stamp")).unwrap();
+    // Nothing changed: no RUN executes, same image.
+    let (digest2, err2) = ok(p.build(&["--progress", "plain", "-o", &local("o2")]));
+    assert!(err2.contains("0 steps run"), "{err2}");
+    assert_eq!(digest1, digest2);
+    assert_eq!(
+        std::fs::read(p.dir.join("o2/stamp")).unwrap(),
+        stamp1,
+        "the RUN was not executed again"
+    );
+    // Touching mtime changes nothing.
+    run_checked(
+        Command::new("touch")
+            .arg("-d")
+            .arg("2001-01-01")
+            .arg(p.ctx().join("a.txt")),
+    );
+    let (_, err3) = ok(p.build(&["--progress", "plain"]));
+    assert!(err3.contains("0 steps run"), "{err3}");
+    // A changed byte of b.txt re-runs only what comes after it.
+    std::fs::write(p.ctx().join("b.txt"), "B").unwrap();
+    p.chown();
+    let (_, err4) = ok(p.build(&["--progress", "plain", "-o", &local("o4")]));
+    assert!(err4.contains("1 steps run"), "{err4}");
+    assert_eq!(std::fs::read(p.dir.join("o4/stamp")).unwrap(), stamp1);
+    assert_eq!(
+        std::fs::read_to_string(p.dir.join("o4/b-copy")).unwrap(),
+        "B"
+    );
+    // --no-cache runs everything again.
+    let (_, err5) = ok(p.build(&["--progress", "plain", "--no-cache"]));
+    assert!(err5.contains("2 steps run"), "{err5}");
+}
+
+#[test]
+fn independent_stages_run_concurrently() {
+    let p = Project::new(
+        "build-parallel",
+        "FROM scratch AS base\nCOPY rootfs/ /\n\nFROM base AS a\nRUN sleep 1 && echo a > /a\n\nFROM base AS b\nRUN sleep 1 && echo b > /b\n\nFROM base\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n",
+    );
+    let (_, err) = ok(p.build(&["--progress", "rawjson", "--jobs", "2"]));
+    // Find the two RUN vertices' start and completion times.
+    let mut spans: Vec<(String, String)> = Vec::new();
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for e in &events {
+        if e["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("RUN sleep 1"))
+            && e["started"].is_string()
+        {
+            let id = &e["vertex"];
+            let done = events
+                .iter()
+                .find(|d| &d["vertex"] == id && d["completed"].is_string())
+                .expect("completed event");
+            spans.push((
+                e["started"].as_str().unwrap().to_string(),
+                done["completed"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    assert_eq!(spans.len(), 2, "{err}");
+    // RFC 3339 UTC strings of equal form compare in time order.
+    let overlap = spans[0].0 < spans[1].1 && spans[1].0 < spans[0].1;
+    assert!(overlap, "the two stages overlapped: {spans:?}");
+}
+
+#[test]
+fn reproducible_with_source_date_epoch_across_state_dirs() {
+    let p = Project::new(
+        "build-repro",
+        "FROM scratch\nCOPY rootfs/ /\nRUN echo hi > /hi\nCMD [\"sh\"]\n",
+    );
+    let a = ok(p.build_in(
+        "state-a",
+        &[
+            "--progress",
+            "quiet",
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1700000000",
+        ],
+    ))
+    .0;
+    let b = ok(p.build_in(
+        "state-b",
+        &[
+            "--progress",
+            "quiet",
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1700000000",
+        ],
+    ))
+    .0;
+    assert_eq!(a, b, "same digest from two state directories");
+}
+
+#[test]
+fn skopeo_and_umoci_read_the_image() {
+    let p = Project::new("build-interop", "FROM scratch\nCOPY rootfs/ /\nRUN echo interop > /made-by-kiln\nCMD [\"cat\", \"/made-by-kiln\"]\n");
+    let tar = p.dir.join("image.tar");
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "-o",
+        &format!("type=oci,dest={},name=kiln-interop:v1", tar.display()),
+    ]));
+    let inspect = run_checked(
+        Command::new("skopeo")
+            .arg("inspect")
+            .arg("--config")
+            .arg(format!("oci-archive:{}", tar.display())),
+    );
+    let config: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        config["config"]["Cmd"],
+        serde_json::json!(["cat", "/made-by-kiln"])
+    );
+    let layout = p.dir.join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    run_checked(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&layout),
+    );
+    let bundle = p.dir.join("bundle");
+    let tag = std::fs::read_to_string(layout.join("index.json")).unwrap();
+    let idx: serde_json::Value = serde_json::from_str(&tag).unwrap();
+    let reference = idx["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+        .as_str()
+        .map(String::from);
+    let image = match reference {
+        Some(r) => format!("{}:{r}", layout.display()),
+        None => layout.display().to_string(),
+    };
+    run_checked(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image", &image])
+            .arg(&bundle),
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/made-by-kiln")).unwrap(),
+        "interop\n"
+    );
+}
+
+#[test]
+fn a_failing_step_names_the_line_and_shows_its_output() {
+    let p = Project::new(
+        "build-fail",
+        "FROM scratch\nCOPY rootfs/ /\nRUN echo about to fail && exit 3\n",
+    );
+    let o = p.build(&["--progress", "plain"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Dockerfile:3"), "{err}");
+    assert!(err.contains("exit code 3"), "{err}");
+    assert!(err.contains("about to fail"), "{err}");
+    let o = p.build(&["--progress", "plain", "--target", "nope"]);
+    assert!(!o.status.success());
+    let o = Project::new("build-missing-base", "FROM nosuchimage\nRUN true\n").build(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nosuchimage"), "{err}");
+}
+
+#[test]
+fn copy_never_follows_context_symlinks_out() {
+    let p = Project::new(
+        "build-symlinks",
+        "FROM scratch\nCOPY rootfs/ /\nCOPY dir/ /dir/\n",
+    );
+    std::fs::create_dir_all(p.ctx().join("dir")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", p.ctx().join("dir/host-link")).unwrap();
+    std::os::unix::fs::symlink("../../../../../etc", p.ctx().join("dir/up")).unwrap();
+    p.chown();
+    let out = p.dir.join("out");
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "-o",
+        &format!("type=local,dest={}", out.display()),
+    ]));
+    let link = std::fs::symlink_metadata(out.join("dir/host-link")).unwrap();
+    assert!(link.file_type().is_symlink(), "copied as a symlink");
+    assert_eq!(
+        std::fs::read_link(out.join("dir/host-link")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    assert!(std::fs::symlink_metadata(out.join("dir/up"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
