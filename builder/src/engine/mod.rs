@@ -411,7 +411,7 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| stage.index.to_string());
         for (i, step) in stage.steps.iter().enumerate() {
-            if state.apply_config(&step.instruction, step.workdir.as_deref()) {
+            if state.apply_config(&step.instruction) {
                 let mut k = KeyBuilder::new("config");
                 k.str(&key.0)
                     .str(&serde_json::to_string(&step.instruction).unwrap_or_default());
