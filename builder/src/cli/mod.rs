@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod images;
+pub mod run;
 pub mod sandbox;
 
 /// The error and its causes, joined the way a user reads them.

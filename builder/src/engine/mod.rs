@@ -423,9 +423,7 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| stage.index.to_string());
         for (i, step) in stage.steps.iter().enumerate() {
-            // `step.workdir` is the directory the step runs in, i.e. the one
-            // before a WORKDIR: the config joins WORKDIR onto its own.
-            if state.apply_config(&step.instruction, None) {
+            if state.apply_config(&step.instruction) {
                 let mut k = KeyBuilder::new("config");
                 k.str(&key.0)
                     .str(&serde_json::to_string(&step.instruction).unwrap_or_default());
