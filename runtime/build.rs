@@ -62,6 +62,9 @@ fn compile_seccomp(manifest: &std::path::Path, out: &std::path::Path) {
 /// for the few conditional rules. Stacked filters of the profile are merged
 /// with the kernel's rule for equal-precedence errno answers (the filter
 /// installed last wins), which is the only stacking kiln's profile uses.
+// Values in the profile were range-checked by seccompiler above (errno
+// numbers, argument indexes, 32-bit compare values), so narrowing is exact.
+#[allow(clippy::cast_possible_truncation)]
 mod bpf {
     use serde_json::Value;
 
