@@ -725,16 +725,8 @@ impl Engine {
         if no_cache {
             return None;
         }
-        let hit = self.cache.get(key)?;
-        // A record whose layer was garbage-collected is a miss.
-        match &hit.chain {
-            Some(c) => c
-                .parse::<Digest>()
-                .ok()
-                .filter(|d| self.snap.layers().contains(d))
-                .map(|_| hit),
-            None => Some(hit),
-        }
+        // a record whose layers or blobs were collected is a miss
+        self.cache.lookup(key, &self.snap)
     }
 
     fn record(&self, key: &Key, state: &ImageState) {
