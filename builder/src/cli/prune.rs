@@ -1,6 +1,7 @@
 //! `kiln prune`: free the build cache (cache records, and the layers and
 //! blobs only they need) without touching what a named image needs; with
-//! `--all` unnamed images go too. `--keep-storage` and `--keep-duration`
+//! `--all` unnamed images go too, and so do records of steps whose layers a
+//! named image holds (otherwise kept: dropping them frees nothing). `--keep-storage` and `--keep-duration`
 //! mean what they mean to `docker builder prune` (BuildKit's prune policy,
 //! see `engine::cache::select_for_prune`).
 //!
@@ -150,6 +151,25 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
     }
 
     let entries = cache_entries(&cache, &snap)?;
+    // Records whose step made a layer a named image stands on free nothing
+    // (the image keeps the layer) and save a rebuild: they stay, as
+    // BuildKit keeps records in use, unless --all.
+    let named = gc::image_roots(snap.content())?.named;
+    let named_layers = gc::layer_closure(&snap.layers().list()?, &named.chains);
+    let in_use = |e: &CacheEntry| {
+        !args.all
+            && e.usable
+            && e.root
+                .top_chain
+                .as_ref()
+                .is_some_and(|c| named_layers.contains(c))
+            && e.root.roots.blobs.is_subset(&named.blobs)
+    };
+    let (held, entries): (Vec<CacheEntry>, Vec<CacheEntry>) = entries.into_iter().partition(in_use);
+    let mut keep = Roots::default();
+    for e in &held {
+        keep.extend(&e.root.roots);
+    }
     let roots: Vec<CacheRoot> = entries.iter().map(|e| e.root.clone()).collect();
     let sizes = gc::record_sizes(&snap, &roots)?;
     // records that can never hit again hold nothing worth keeping
@@ -177,7 +197,6 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
         policy,
         SystemTime::now(),
     ));
-    let mut keep = Roots::default();
     for e in &entries {
         if !doomed.contains(&e.record.key) {
             keep.extend(&e.root.roots);
