@@ -70,7 +70,10 @@ impl Project {
     }
 
     fn build(&self, file: &str, extra: &[&str]) -> (String, String) {
-        ok(self.build_cmd(file, extra).output().expect("run kiln build"))
+        ok(self
+            .build_cmd(file, extra)
+            .output()
+            .expect("run kiln build"))
     }
 
     fn local(&self, name: &str) -> String {
@@ -136,7 +139,10 @@ fn two_builds_on_one_state_dir_at_once_both_succeed() {
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     let (ha, hb) = (ca.spawn().unwrap(), cb.spawn().unwrap());
-    let (oa, ob) = (ha.wait_with_output().unwrap(), hb.wait_with_output().unwrap());
+    let (oa, ob) = (
+        ha.wait_with_output().unwrap(),
+        hb.wait_with_output().unwrap(),
+    );
     ok(oa);
     ok(ob);
     let out = pr.dir.join("out-a");
@@ -194,7 +200,14 @@ fn a_build_killed_mid_run_leaves_a_usable_state_dir() {
     // one runs to the end.
     let (_, err) = pr.build(
         "Dockerfile",
-        &["--progress", "plain", "-t", "killed", "-o", &pr.local("out")],
+        &[
+            "--progress",
+            "plain",
+            "-t",
+            "killed",
+            "-o",
+            &pr.local("out"),
+        ],
     );
     assert!(err.contains("long-run-started"), "{err}");
     assert!(err.contains("1 steps run"), "{err}");
@@ -275,7 +288,10 @@ fn prune_frees_the_cache_and_keeps_tagged_images_usable() {
         cache_after < cache_before && layers_after < layers_before,
         "before: {before}\nafter: {after}"
     );
-    assert!(layers_before - layers_after > 1_000_000, "{before}\n{after}");
+    assert!(
+        layers_before - layers_after > 1_000_000,
+        "{before}\n{after}"
+    );
     assert_eq!(after["images"]["total"], 1, "{after}");
     assert_eq!(after["build_cache"]["total"], 2, "{after}");
 
@@ -347,7 +363,8 @@ fn a_built_image_runs_in_rootless_podman() {
         Path::new("/usr/bin/podman").exists(),
         "podman is missing: run scripts/setup-host.sh (apt-get install podman runc)"
     );
-    let df = "FROM scratch\nCOPY rootfs/ /\nRUN echo made by kiln > /msg\nCMD [\"cat\", \"/msg\"]\n";
+    let df =
+        "FROM scratch\nCOPY rootfs/ /\nRUN echo made by kiln > /msg\nCMD [\"cat\", \"/msg\"]\n";
     let pr = Project::new("state-podman", &[("Dockerfile", df)]);
     let archive = pr.dir.join("image.tar");
     pr.build(
@@ -356,7 +373,10 @@ fn a_built_image_runs_in_rootless_podman() {
             "--progress",
             "quiet",
             "-o",
-            &format!("type=docker,dest={},name=localhost/kiln-built:v1", p(&archive)),
+            &format!(
+                "type=docker,dest={},name=localhost/kiln-built:v1",
+                p(&archive)
+            ),
         ],
     );
     let out = podman(&pr.dir, &["load", "-i", p(&archive)]);

@@ -16,6 +16,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use kiln_snapshotter::snapshot::Snapshotter;
@@ -53,6 +54,20 @@ impl KeyBuilder {
     pub fn finish(self) -> Key {
         Key(format!("{:x}", self.0.finalize()))
     }
+}
+
+/// A snapshotter view key for work on `key`: the step's key for whoever
+/// reads the views directory, then this process and a counter, because two
+/// builds (or two stages of one build) may work on the same key at once and
+/// a view key is exclusive.
+pub fn view_key(what: &str, key: &Key) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{what}-{}-{}-{}",
+        &key.0[..key.0.len().min(16)],
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The directory of cache records.
@@ -292,6 +307,14 @@ mod tests {
         cache.remove(&key).unwrap();
         assert!(cache.get(&key).is_none());
         cache.remove(&key).unwrap();
+    }
+
+    #[test]
+    fn view_keys_never_repeat() {
+        let key = KeyBuilder::new("t").finish();
+        let (a, b) = (view_key("run", &key), view_key("run", &key));
+        assert_ne!(a, b);
+        assert!(a.starts_with(&format!("run-{}-", &key.0[..16])));
     }
 
     #[test]

@@ -582,7 +582,7 @@ impl Engine {
                 self.progress.started(vertex, name);
                 let view = self
                     .snap
-                    .prepare(&format!("run-{}", &key.0[..16]), chain.as_ref())?;
+                    .prepare(&cache::view_key("run", &key), chain.as_ref())?;
                 let spec = exec::RunSpec {
                     run,
                     state,
@@ -610,7 +610,7 @@ impl Engine {
                             from_state.chain.as_ref().and_then(|c| c.parse().ok());
                         source_view = self
                             .snap
-                            .view(&format!("from-{}", &from_key.0[..16]), from_chain.as_ref())?;
+                            .view(&cache::view_key("from", from_key), from_chain.as_ref())?;
                         source_root =
                             fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
                         (&source_root, "source stage", None)
@@ -657,7 +657,7 @@ impl Engine {
                 self.progress.started(vertex, name);
                 let view = self
                     .snap
-                    .prepare(&format!("copy-{}", &key.0[..16]), chain.as_ref())?;
+                    .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
                 let target = fsutil::Root::open(view.path()).map_err(StepError::Source)?;
                 let (uid, gid) = match &c.chown {
                     Some(spec) => {
