@@ -81,6 +81,7 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
         row("Build Cache", &usage.build_cache),
         row("Cache Mounts", &usage.cache_mounts),
     ]);
+    println!("\nTotal on disk: {}", human_size(usage.on_disk));
     if args.verbose {
         let sizes = gc::record_sizes(&snap, &roots)?;
         let now = std::time::SystemTime::now();

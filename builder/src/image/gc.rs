@@ -183,17 +183,20 @@ pub struct Row {
 }
 
 /// Space used in the state directory, split the way `docker system df`
-/// splits it. No byte is counted in two rows.
+/// splits it. The build cache's unpacked layers are also part of the
+/// layers row (as its reclaimable part); `on_disk` counts every byte once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
     /// blobs of stored images (manifests, configs, compressed layers)
     pub images: Row,
     /// unpacked layers (what views are made of)
     pub layers: Row,
-    /// cache records and the compressed layer blobs only they need
+    /// cache records and the layers (blobs and unpacked) only they need
     pub build_cache: Row,
     /// `RUN --mount=type=cache` directories: none until cache mounts exist
     pub cache_mounts: Row,
+    /// blobs, unpacked layers and cache records together
+    pub on_disk: u64,
 }
 
 /// One cache record as the accounting sees it.
@@ -308,8 +311,17 @@ pub fn usage(snap: &Snapshotter, records: &[CacheRoot], usable: usize) -> Result
                 .cloned(),
         );
     }
+    let mut cache_chains = HashSet::new();
+    for r in records {
+        cache_chains.extend(r.roots.chains.iter().cloned());
+    }
+    let image_layers = layer_closure(&all_layers, &all_images.chains);
+    let cache_layer_bytes: u64 = layer_closure(&all_layers, &cache_chains)
+        .difference(&image_layers)
+        .filter_map(|c| layer_usage.layers.get(c))
+        .sum();
     let record_bytes: u64 = records.iter().map(|r| r.bytes).sum();
-    let cache_size = record_bytes + size_of(&cache_blobs);
+    let cache_size = record_bytes + size_of(&cache_blobs) + cache_layer_bytes;
     let cache_row = Row {
         total: records.len(),
         active: usable,
@@ -321,6 +333,7 @@ pub fn usage(snap: &Snapshotter, records: &[CacheRoot], usable: usize) -> Result
         layers: layers_row,
         build_cache: cache_row,
         cache_mounts: Row::default(),
+        on_disk: snap.content().usage()? + layer_usage.total + record_bytes,
     })
 }
 
