@@ -408,3 +408,56 @@ fn a_built_image_runs_in_rootless_podman() {
     kiln_vm_tests::remove_tree(&podman_runroot());
     panic!("podman run failed:\n{}", errors.join("\n"));
 }
+
+#[test]
+fn prune_during_a_build_takes_nothing_the_build_uses() {
+    let first = "FROM scratch\nCOPY rootfs/ /\nRUN echo first > /first\n";
+    let second = "FROM scratch\nCOPY rootfs/ /\nRUN echo first > /first\nRUN echo started && sleep 3 && echo second > /second\nCMD [\"cat\", \"/second\"]\n";
+    let pr = Project::new(
+        "state-prune-race",
+        &[("Dockerfile.first", first), ("Dockerfile.second", second)],
+    );
+    // cache records the second build will hit, held by no image
+    pr.build("Dockerfile.first", &["--progress", "plain"]);
+    let log = pr.dir.join("second.log");
+    let mut cmd = pr.build_cmd(
+        "Dockerfile.second",
+        &["--progress", "plain", "-t", "second"],
+    );
+    cmd.stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("started")
+    {
+        assert!(child.try_wait().unwrap().is_none(), "build ended early");
+        assert!(start.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // everything not in use goes, repeatedly, while the RUN runs
+    while child.try_wait().unwrap().is_none() {
+        ok(pr.kiln(&["prune", "--all"]).output().unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    ok(pr.kiln(&["prune", "--all"]).output().unwrap());
+    ok(pr
+        .kiln(&["save", "second", "--output", &pr.local("out")])
+        .output()
+        .unwrap());
+    assert_eq!(
+        fs::read_to_string(pr.dir.join("out/second")).unwrap(),
+        "second\n"
+    );
+    assert_eq!(
+        fs::read_to_string(pr.dir.join("out/first")).unwrap(),
+        "first\n"
+    );
+}

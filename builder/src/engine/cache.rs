@@ -179,7 +179,7 @@ impl Cache {
 /// Lease what `state` needs into `snap`, or say that something is gone.
 /// Each item is leased before it is checked: once in the lease, no GC can
 /// take it, so a present item stays present.
-fn keep_for_build(state: &ImageState, snap: &Snapshotter) -> bool {
+pub(crate) fn keep_for_build(state: &ImageState, snap: &Snapshotter) -> bool {
     if let Some(chain) = &state.chain {
         let Ok(chain) = chain.parse::<Digest>() else {
             return false;

@@ -76,6 +76,10 @@ pub enum Error {
     Cache(std::io::Error),
     #[error("cannot store the image: {0}")]
     Store(Box<kiln_snapshotter::content::Error>),
+    #[error("cannot keep the image's blobs from garbage collection: {0}")]
+    Lease(Box<kiln_snapshotter::layers::Error>),
+    #[error("a layer of the image was removed by a concurrent `kiln prune` or `kiln rmi` before the image was stored; build again")]
+    Collected,
     #[error("a build task failed: {0}")]
     Join(String),
 }
@@ -783,10 +787,28 @@ impl Engine {
         };
         let config = state.config_json(&created);
         let content = self.snap.content();
+        // Blobs written here are leased before GC may run again, and the
+        // layers' blobs are leased and checked: a concurrent `kiln prune`
+        // must not leave a stored image pointing at collected blobs.
+        let _no_gc = self
+            .snap
+            .layers()
+            .gc_guard(false)
+            .map_err(|e| Error::Lease(Box::new(e)))?;
+        if !cache::keep_for_build(&state, &self.snap) {
+            return Err(Error::Collected);
+        }
+        let lease = |d: &Digest| {
+            self.snap
+                .lease()
+                .add_blob(d)
+                .map_err(|e| Error::Lease(Box::new(e)))
+        };
         let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Join(e.to_string()))?;
         let config_desc = content
             .put_bytes(MediaType::ImageConfig, &config_bytes)
             .map_err(|e| Error::Store(Box::new(e)))?;
+        lease(config_desc.digest())?;
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -798,6 +820,7 @@ impl Engine {
         let manifest_desc = content
             .put_bytes(MediaType::ImageManifest, &manifest_bytes)
             .map_err(|e| Error::Store(Box::new(e)))?;
+        lease(manifest_desc.digest())?;
         Ok(Built {
             snap: Arc::clone(&self.snap),
             manifest: manifest_desc,
