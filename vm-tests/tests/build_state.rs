@@ -461,3 +461,51 @@ fn prune_during_a_build_takes_nothing_the_build_uses() {
         "first\n"
     );
 }
+
+/// Processes of the test user whose command line is `sleep SECS`.
+fn sleepers(secs: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if cmdline == format!("sleep\0{secs}\0").as_bytes() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "runtime: the sandbox init (kiln-init) gets no parent-death signal, so a RUN outlives a SIGKILLed kiln"]
+fn a_killed_build_leaves_no_step_running() {
+    let df = "FROM scratch\nCOPY rootfs/ /\nRUN echo long-run-started && sleep 37\n";
+    let pr = Project::new("state-kill-orphan", &[("Dockerfile", df)]);
+    let log = pr.dir.join("killed.log");
+    let mut cmd = pr.build_cmd("Dockerfile", &["--progress", "plain"]);
+    cmd.stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("long-run-started")
+    {
+        assert!(child.try_wait().unwrap().is_none(), "build ended early");
+        assert!(start.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let left = sleepers("37");
+    for pid in &left {
+        // SAFETY: plain kill of a pid this test's build started.
+        unsafe { libc::kill(i32::try_from(*pid).unwrap(), libc::SIGKILL) };
+    }
+    assert!(
+        left.is_empty(),
+        "the killed build's RUN still runs: {left:?}"
+    );
+}
