@@ -509,3 +509,64 @@ fn a_killed_build_leaves_no_step_running() {
         "the killed build's RUN still runs: {left:?}"
     );
 }
+
+/// Set every cache record's last use to `ago` (a `touch -d` date).
+fn age_records(pr: &Project, ago: &str) {
+    for name in entries(&pr.state().join("cache")) {
+        run_checked(
+            Command::new("touch")
+                .arg("-d")
+                .arg(ago)
+                .arg(pr.state().join("cache").join(name)),
+        );
+    }
+}
+
+#[test]
+fn keep_storage_and_keep_duration_free_the_least_recently_used() {
+    let x = "FROM scratch\nCOPY rootfs/ /\nRUN head -c 2000000 /dev/urandom > /x\n";
+    let y = "FROM scratch\nCOPY rootfs/ /\nRUN head -c 2000000 /dev/urandom > /y\n";
+    let pr = Project::new("state-keep", &[("Dockerfile.x", x), ("Dockerfile.y", y)]);
+    let steps_run = |file: &str| {
+        let (_, err) = pr.build(file, &["--progress", "plain"]);
+        err.lines()
+            .find(|l| l.contains("steps run"))
+            .map(String::from)
+            .unwrap_or(err)
+    };
+    steps_run("Dockerfile.x");
+    steps_run("Dockerfile.y");
+    // x's records are old; a rebuild of y uses (and so refreshes) y's and
+    // the shared COPY
+    age_records(&pr, "3 hours ago");
+    assert!(steps_run("Dockerfile.y").contains("0 steps run"));
+
+    // keep-storage just under the cache size: only the least recently used
+    // record (x's RUN, ~4 MB with its blob) goes
+    let size = pr.du()["build_cache"]["size"].as_u64().unwrap();
+    let keep = (size - 1_000_000).to_string();
+    ok(pr
+        .kiln(&["prune", "--keep-storage", &keep])
+        .output()
+        .unwrap());
+    let after = pr.du()["build_cache"]["size"].as_u64().unwrap();
+    assert!(after <= size - 3_000_000, "{size} -> {after}");
+    assert!(steps_run("Dockerfile.y").contains("0 steps run"));
+    assert!(steps_run("Dockerfile.x").contains("1 steps run"));
+
+    // keep-duration: what was used within it stays
+    age_records(&pr, "3 hours ago");
+    assert!(steps_run("Dockerfile.y").contains("0 steps run"));
+    ok(pr
+        .kiln(&["prune", "--keep-duration", "1h"])
+        .output()
+        .unwrap());
+    assert!(steps_run("Dockerfile.y").contains("0 steps run"));
+    assert!(steps_run("Dockerfile.x").contains("1 steps run"));
+    // nothing older than 30m now: all stays
+    ok(pr
+        .kiln(&["prune", "--keep-duration", "30m"])
+        .output()
+        .unwrap());
+    assert!(steps_run("Dockerfile.x").contains("0 steps run"));
+}
