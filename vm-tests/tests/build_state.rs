@@ -238,7 +238,7 @@ fn a_build_killed_mid_run_leaves_a_usable_state_dir() {
 fn prune_frees_the_cache_and_keeps_tagged_images_usable() {
     let kept = "FROM scratch\nCOPY rootfs/ /\nRUN echo one > /one\nCMD [\"cat\", \"/one\"]\n";
     // a build whose layers only the cache holds
-    let loose = "FROM scratch\nCOPY rootfs/ /\nRUN date +%s%N > /stamp && head -c 2000000 /dev/zero > /zeros\n";
+    let loose = "FROM scratch\nCOPY rootfs/ /\nRUN head -c 16 /dev/urandom | od -An -tx1 > /stamp && head -c 2000000 /dev/zero > /zeros\n";
     let on_top = "FROM kept\nRUN cat /one > /two\n";
     let pr = Project::new(
         "state-prune",
@@ -260,6 +260,9 @@ fn prune_frees_the_cache_and_keeps_tagged_images_usable() {
     assert!(cache_before > 2_000_000, "{before}");
     // COPY (shared by both), two RUNs
     assert_eq!(before["build_cache"]["total"], 3, "{before}");
+    // the tagged image holds the layers of two of them
+    assert_eq!(before["build_cache"]["active"], 2, "{before}");
+    assert!(before["build_cache"]["reclaimable"].as_u64().unwrap() > 2_000_000);
     assert_eq!(before["cache_mounts"]["size"], 0, "{before}");
     let (table, _) = ok(pr.kiln(&["du"]).output().unwrap());
     for row in ["Images", "Layers", "Build Cache", "Cache Mounts"] {
@@ -294,6 +297,7 @@ fn prune_frees_the_cache_and_keeps_tagged_images_usable() {
     );
     assert_eq!(after["images"]["total"], 1, "{after}");
     assert_eq!(after["build_cache"]["total"], 2, "{after}");
+    assert_eq!(after["build_cache"]["reclaimable"], 0, "{after}");
 
     // The tagged image is whole: FROM it works, and so does a local export.
     pr.build(

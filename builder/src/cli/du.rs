@@ -53,8 +53,7 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
     let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
     let entries = cache_entries(&cache, &snap)?;
     let roots: Vec<CacheRoot> = entries.iter().map(|e| e.root.clone()).collect();
-    let usable = entries.iter().filter(|e| e.usable).count();
-    let usage = gc::usage(&snap, &roots, usable)?;
+    let usage = gc::usage(&snap, &roots)?;
     if args.format == "json" {
         println!("{}", serde_json::to_string_pretty(&usage)?);
         return Ok(0);
@@ -97,7 +96,7 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
                 e.record.key.0.chars().take(12).collect(),
                 human_size(size),
                 time::human_age(age),
-                if e.usable { "yes" } else { "no" }.into(),
+                if e.root.usable { "yes" } else { "no" }.into(),
             ]);
         }
         println!();

@@ -1,9 +1,10 @@
 //! `kiln prune`: free the build cache (cache records, and the layers and
 //! blobs only they need) without touching what a named image needs; with
 //! `--all` unnamed images go too, and so do records of steps whose layers a
-//! named image holds (otherwise kept: dropping them frees nothing). `--keep-storage` and `--keep-duration`
-//! mean what they mean to `docker builder prune` (BuildKit's prune policy,
-//! see `engine::cache::select_for_prune`).
+//! named image holds (otherwise kept: dropping them frees nothing).
+//! `--keep-storage` and `--keep-duration` mean what they mean to
+//! `docker builder prune` (BuildKit's prune policy, see
+//! `engine::cache::select_for_prune`).
 //!
 //! Also home of what `kiln du` and `kiln rmi` share with prune: reading the
 //! cache records as GC roots.
@@ -44,8 +45,6 @@ pub struct PruneArgs {
 pub struct CacheEntry {
     pub record: Record,
     pub root: CacheRoot,
-    /// every layer and blob it names is still stored
-    pub usable: bool,
 }
 
 /// The build cache's records as GC roots.
@@ -54,21 +53,17 @@ pub fn cache_entries(cache: &Cache, snap: &Snapshotter) -> anyhow::Result<Vec<Ca
     Ok(records
         .into_iter()
         .map(|record| {
-            let (root, usable) = match &record.state {
-                Some(s) => (root_of(s, record.bytes), usable(s, snap)),
-                None => (
-                    CacheRoot {
-                        bytes: record.bytes,
-                        ..CacheRoot::default()
-                    },
-                    false,
-                ),
+            let root = match &record.state {
+                Some(s) => CacheRoot {
+                    usable: usable(s, snap),
+                    ..root_of(s, record.bytes)
+                },
+                None => CacheRoot {
+                    bytes: record.bytes,
+                    ..CacheRoot::default()
+                },
             };
-            CacheEntry {
-                record,
-                root,
-                usable,
-            }
+            CacheEntry { record, root }
         })
         .collect())
 }
@@ -84,6 +79,7 @@ fn root_of(state: &ImageState, bytes: u64) -> CacheRoot {
         top_chain: state.chain.clone(),
         top_blob: state.layers.last().map(|l| l.digest.clone()),
         bytes,
+        usable: false,
     }
 }
 
@@ -151,20 +147,11 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
     }
 
     let entries = cache_entries(&cache, &snap)?;
-    // Records whose step made a layer a named image stands on free nothing
-    // (the image keeps the layer) and save a rebuild: they stay, as
-    // BuildKit keeps records in use, unless --all.
+    // records whose step made a layer a named image stands on free nothing
+    // and save a rebuild: they stay unless --all (see gc::held_by_images)
     let named = gc::image_roots(snap.content())?.named;
     let named_layers = gc::layer_closure(&snap.layers().list()?, &named.chains);
-    let in_use = |e: &CacheEntry| {
-        !args.all
-            && e.usable
-            && e.root
-                .top_chain
-                .as_ref()
-                .is_some_and(|c| named_layers.contains(c))
-            && e.root.roots.blobs.is_subset(&named.blobs)
-    };
+    let in_use = |e: &CacheEntry| !args.all && gc::held_by_images(&e.root, &named, &named_layers);
     let (held, entries): (Vec<CacheEntry>, Vec<CacheEntry>) = entries.into_iter().partition(in_use);
     let mut keep = Roots::default();
     for e in &held {
@@ -175,13 +162,13 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
     // records that can never hit again hold nothing worth keeping
     let mut doomed: Vec<cache::Key> = entries
         .iter()
-        .filter(|e| !e.usable)
+        .filter(|e| !e.root.usable)
         .map(|e| e.record.key.clone())
         .collect();
     let candidates: Vec<PruneCandidate> = entries
         .iter()
         .zip(&sizes)
-        .filter(|(e, _)| e.usable)
+        .filter(|(e, _)| e.root.usable)
         .map(|(e, bytes)| PruneCandidate {
             key: e.record.key.clone(),
             last_used: e.record.last_used,

@@ -173,12 +173,12 @@ pub fn collect(snap: &Snapshotter, keep: &Roots) -> Result<Collected> {
 pub struct Row {
     /// how many objects
     pub total: usize,
-    /// how many are in use (images: named; layers: needed by an image;
-    /// cache: records still usable)
+    /// how many are in use (images: named; layers: needed by a named
+    /// image; cache: records of steps whose layers named images hold)
     pub active: usize,
     /// bytes on disk
     pub size: u64,
-    /// bytes `kiln prune --all` would free
+    /// bytes `kiln prune` would free (images: `kiln prune --all`)
     pub reclaimable: u64,
 }
 
@@ -209,6 +209,21 @@ pub struct CacheRoot {
     pub top_blob: Option<String>,
     /// the record file's size
     pub bytes: u64,
+    /// every layer and blob it names is still stored (a hit would be used)
+    pub usable: bool,
+}
+
+/// Whether a cache record only names what named images keep anyway (its
+/// step's layer is part of a named image): dropping it frees nothing but
+/// its file and costs a rebuild, so plain `kiln prune` keeps it, as
+/// BuildKit keeps records in use.
+pub fn held_by_images(root: &CacheRoot, named: &Roots, named_layers: &HashSet<String>) -> bool {
+    root.usable
+        && root
+            .top_chain
+            .as_ref()
+            .is_some_and(|c| named_layers.contains(c))
+        && root.roots.blobs.is_subset(&named.blobs)
 }
 
 /// Bytes of each blob in the content store.
@@ -255,9 +270,8 @@ pub fn record_sizes(snap: &Snapshotter, records: &[CacheRoot]) -> Result<Vec<u64
         .collect())
 }
 
-/// Measure the state directory. `records` are the build cache's records
-/// (`usable` counts those whose layers are all still stored).
-pub fn usage(snap: &Snapshotter, records: &[CacheRoot], usable: usize) -> Result<Usage> {
+/// Measure the state directory; `records` are the build cache's records.
+pub fn usage(snap: &Snapshotter, records: &[CacheRoot]) -> Result<Usage> {
     let images = image_roots(snap.content())?;
     let all_images = images.all();
     let blob_bytes = blob_sizes(snap.content())?;
@@ -322,11 +336,15 @@ pub fn usage(snap: &Snapshotter, records: &[CacheRoot], usable: usize) -> Result
         .sum();
     let record_bytes: u64 = records.iter().map(|r| r.bytes).sum();
     let cache_size = record_bytes + size_of(&cache_blobs) + cache_layer_bytes;
+    let held: Vec<&CacheRoot> = records
+        .iter()
+        .filter(|r| held_by_images(r, &images.named, &named_layers))
+        .collect();
     let cache_row = Row {
         total: records.len(),
-        active: usable,
+        active: held.len(),
         size: cache_size,
-        reclaimable: cache_size,
+        reclaimable: cache_size - held.iter().map(|r| r.bytes).sum::<u64>(),
     };
     Ok(Usage {
         images: image_row,
