@@ -574,3 +574,41 @@ fn keep_storage_and_keep_duration_free_the_least_recently_used() {
         .unwrap());
     assert!(steps_run("Dockerfile.x").contains("0 steps run"));
 }
+
+#[test]
+fn kill_at_any_moment_then_the_build_succeeds() {
+    let df = "FROM scratch\nCOPY rootfs/ /\nRUN head -c 30000000 /dev/urandom > /big && mkdir /many && for i in $(seq 1 300); do echo $i > /many/$i; done\nRUN echo after > /after\nCMD [\"cat\", \"/after\"]\n";
+    let pr = Project::new("state-kill-any", &[("Dockerfile", df)]);
+    // SIGKILL after each delay: during COPY, RUN, commit, the next step
+    for ms in [150u64, 400, 800, 1300, 2000, 3000] {
+        let mut child = pr
+            .build_cmd("Dockerfile", &["--progress", "quiet", "-t", "any"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        ok(pr.kiln(&["images"]).output().unwrap());
+        ok(pr.kiln(&["du"]).output().unwrap());
+    }
+    pr.build(
+        "Dockerfile",
+        &["--progress", "plain", "-t", "any", "-o", &pr.local("out")],
+    );
+    assert_eq!(
+        fs::read_to_string(pr.dir.join("out/after")).unwrap(),
+        "after\n"
+    );
+    assert_eq!(
+        fs::metadata(pr.dir.join("out/big")).unwrap().len(),
+        30_000_000
+    );
+    assert_eq!(entries(&pr.dir.join("out/many")).len(), 300);
+    let (_, err) = pr.build("Dockerfile", &["--progress", "plain"]);
+    assert!(err.contains("0 steps run"), "{err}");
+    let snaps = pr.state().join("snapshots");
+    assert_eq!(entries(&snaps.join("views")), Vec::<String>::new());
+    assert_eq!(entries(&snaps.join("tmp")), Vec::<String>::new());
+}
