@@ -146,6 +146,9 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
         }
     }
 
+    cache
+        .remove_orphans()
+        .context("cannot clean the build cache")?;
     let entries = cache_entries(&cache, &snap)?;
     // records whose step made a layer a named image stands on free nothing
     // and save a rebuild: they stay unless --all (see gc::held_by_images)

@@ -128,19 +128,17 @@ impl Cache {
     }
 
     /// Every record, unreadable ones included (with `state` None, so prune
-    /// can remove them), newest use first. Temporary files of writers that
-    /// died are removed on the way.
+    /// can remove them), newest use first.
     pub fn records(&self) -> std::io::Result<Vec<Record>> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
             let Ok(meta) = e.metadata() else { continue };
-            if let Some(rest) = name.strip_prefix('.') {
-                remove_if_orphaned(&e.path(), rest);
-                continue;
-            }
-            let Some(hex) = name.strip_suffix(".json") else {
+            let Some(hex) = name
+                .strip_suffix(".json")
+                .filter(|_| !name.starts_with('.'))
+            else {
                 continue;
             };
             let key = Key(hex.to_string());
@@ -153,6 +151,19 @@ impl Cache {
         }
         out.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.key.0.cmp(&b.key.0)));
         Ok(out)
+    }
+
+    /// Remove the temporary files of record writers that died (killed
+    /// between create and rename).
+    pub fn remove_orphans(&self) -> std::io::Result<()> {
+        for e in std::fs::read_dir(&self.dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix('.') {
+                remove_if_orphaned(&e.path(), rest);
+            }
+        }
+        Ok(())
     }
 
     /// Delete a record: its key is a miss from now on.
@@ -347,6 +358,8 @@ mod tests {
         std::fs::write(&dead, b"{").unwrap();
         std::fs::write(&live, b"{").unwrap();
         assert!(cache.records().unwrap().is_empty());
+        assert!(dead.exists(), "records() only reads");
+        cache.remove_orphans().unwrap();
         assert!(!dead.exists());
         assert!(live.exists());
     }
