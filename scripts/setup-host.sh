@@ -8,6 +8,8 @@
 #  - fuse3 for /dev/fuse, fuse-overlayfs/skopeo/umoci/podman/buildah for
 #    interop tests and benchmarks; runc because crun refuses hybrid cgroup
 #    hosts, where the podman interop test runs `podman --runtime runc`
+#  - liblzma-dev and pkg-config for ADD's xz decoding (liblzma-sys links
+#    the system library), xz-utils, bzip2 and zstd to make test archives
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
 # ship them (some CI machines have them 0600).
 set -euo pipefail
@@ -17,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
-      iproute2 procps util-linux zstd"
+      iproute2 procps util-linux zstd xz-utils bzip2 liblzma-dev pkg-config"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

@@ -114,8 +114,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         "dockerignore": ignore.patterns(),
         "plan": plan,
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    print_out(&serde_json::to_string_pretty(&out)?)
+}
+
+/// Print to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 /// `kiln debug ...`: tools for looking inside kiln without building.

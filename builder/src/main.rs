@@ -25,6 +25,8 @@ enum Command {
     Sandbox(cli::sandbox::SandboxArgs),
     /// Build an image from a Dockerfile.
     Build(cli::build::BuildArgs),
+    /// Run a stored image's command in a kiln sandbox.
+    Run(cli::run::RunArgs),
     /// Inspect kiln's view of a build without running it.
     Debug(kiln_builder::cli_plan::DebugCmd),
     /// Load images from a docker-archive or oci-archive tar
@@ -67,6 +69,7 @@ fn main() {
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
         Command::Build(args) => cli::build::run(root, args),
+        Command::Run(args) => cli::run::run(root, args),
         Command::Load(args) => cli::images::load(root, args),
         Command::Import(args) => cli::images::import_cmd(root, args),
         Command::Images(args) => cli::images::images(root, args),

@@ -159,6 +159,10 @@ fn inner_posix_suite() {
             .unwrap()
     };
     assert!(
+        user("chmod keeps file capabilities").contains("security.capability="),
+        "{flog:#?}"
+    );
+    assert!(
         user("user 1000 writes home").starts_with("ok status=0"),
         "{flog:#?}"
     );
@@ -327,6 +331,24 @@ fn build_lowers(lowers: &[PathBuf]) {
     std::os::unix::fs::chown(l2.join("home/user"), Some(1000), Some(1000)).unwrap();
     w(l2.join("home/user/.profile"), "export A=1\n");
     std::os::unix::fs::chown(l2.join("home/user/.profile"), Some(1000), Some(1000)).unwrap();
+    for (name, mode) in [
+        ("suid_append", 0o4755),
+        ("sgid_trunc", 0o2775),
+        ("suid_keep", 0o4755),
+    ] {
+        let p = l2.join("home/user").join(name);
+        w(p.clone(), "#!/bin/sh\n");
+        std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    // file capabilities (cap_net_raw, effective), kept through copy-up
+    w(l2.join("capbin"), "#!/bin/sh\n");
+    let mut cap = Vec::new();
+    cap.extend_from_slice(&(0x0200_0000u32 | 1).to_le_bytes());
+    for word in [1u32 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&word.to_le_bytes());
+    }
+    set_xattr(&l2.join("capbin"), "security.capability", &cap).unwrap();
     w(l2.join("root_only"), "secret\n");
     fs::set_permissions(l2.join("root_only"), fs::Permissions::from_mode(0o600)).unwrap();
     // top layer
@@ -416,6 +438,11 @@ fn run_script(v: &Path) -> BTreeMap<String, String> {
                 f.read_to_string(&mut s)?;
                 Ok(s)
             }),
+    );
+    step(
+        "chmod keeps file capabilities",
+        fs::set_permissions(v.join("capbin"), fs::Permissions::from_mode(0o750))
+            .map(|_| xattrs(&v.join("capbin"), true).join(",")),
     );
     step(
         "chmod",
@@ -568,6 +595,23 @@ fn run_script(v: &Path) -> BTreeMap<String, String> {
     step(
         "user 1000 cannot read root_only",
         as_user(v, "cat root_only"),
+    );
+    step(
+        "user 1000 write drops setuid/setgid",
+        as_user(v, "echo x >> home/user/suid_append && : > home/user/sgid_trunc && stat -c %a home/user/suid_append home/user/sgid_trunc home/user/suid_keep"),
+    );
+    step(
+        "root write to a setuid file",
+        fs::OpenOptions::new()
+            .append(true)
+            .open(v.join("home/user/suid_keep"))
+            .and_then(|mut f| f.write_all(b"# root\n"))
+            .map(|_| {
+                format!(
+                    "{:o}",
+                    fs::metadata(v.join("home/user/suid_keep")).unwrap().mode() & 0o7777
+                )
+            }),
     );
     step(
         "user 1000 cannot write etc",

@@ -386,3 +386,84 @@ userns_case!(
         assert!(m.file_type().is_char_device() && m.rdev() == 0);
     }
 );
+
+userns_case!(
+    fuse_open_files_outlive_their_names,
+    inner_fuse_open_files_outlive_their_names,
+    |dir| {
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        fs::write(lower.join("ro"), "lower content").unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        // a file unlinked while open stays readable, writable and stat-able
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(v.join("tmp"))
+            .unwrap();
+        fs::remove_file(v.join("tmp")).unwrap();
+        f.write_all(b"still here").unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 10);
+        let mut s = String::new();
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "still here");
+        assert!(!v.join("tmp").exists());
+        // a read-only handle opened before a copy-up reports the new attributes
+        let ro = fs::File::open(v.join("ro")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(v.join("ro"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(ro.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        drop((f, ro));
+        drop(view);
+        assert!(!spec.upper.join("tmp").exists());
+    }
+);
+
+userns_case!(
+    fuse_reads_match_the_lower_file,
+    inner_fuse_reads_match_the_lower_file,
+    |dir| {
+        use std::os::unix::fs::FileExt;
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        let data: Vec<u8> = (0..(3 << 20) + 123u32)
+            .map(|i| (i.wrapping_mul(31) % 251) as u8)
+            .collect();
+        fs::write(lower.join("f"), &data).unwrap();
+        fs::write(lower.join("empty"), b"").unwrap();
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        // positional reads at awkward offsets, on a cold cache
+        let f = fs::File::open(v.join("f")).unwrap();
+        for (off, len) in [
+            (0usize, 1usize),
+            (4095, 4098),
+            ((128 << 10) - 1, 300_000),
+            ((1 << 20) + 7, 1 << 20),
+            (data.len() - 10, 64),
+        ] {
+            let mut buf = vec![0u8; len];
+            let n = f.read_at(&mut buf, off as u64).unwrap();
+            let want = &data[off..(off + len).min(data.len())];
+            assert_eq!(&buf[..n], &want[..n], "read at {off}");
+            assert!(n > 0);
+        }
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            f.read_at(&mut buf, data.len() as u64).unwrap(),
+            0,
+            "read at end of file"
+        );
+        assert_eq!(fs::read(v.join("f")).unwrap(), data);
+        assert_eq!(fs::read(v.join("empty")).unwrap(), b"");
+        drop(f);
+        drop(view);
+    }
+);

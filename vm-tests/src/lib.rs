@@ -67,25 +67,25 @@ pub fn test_subuid_start() -> Option<u32> {
     })
 }
 
+/// Create the local user `name` unless it exists.
+fn create_user(name: &str) {
+    let exists = Command::new("id")
+        .arg(name)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !exists {
+        run_checked(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", name]));
+    }
+}
+
 /// Create [`TEST_USER`] with a subordinate id range and make /dev/fuse usable,
 /// once per machine. Only called when running as root.
 fn ensure_test_user() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let _lock = FileLock::acquire(Path::new("/tmp/kiln-vm-tests.lock"));
-        let exists = Command::new("id")
-            .arg(TEST_USER)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !exists {
-            run_checked(Command::new("useradd").args([
-                "--create-home",
-                "--shell",
-                "/bin/sh",
-                TEST_USER,
-            ]));
-        }
+        create_user(TEST_USER);
         for file in ["/etc/subuid", "/etc/subgid"] {
             let text = fs::read_to_string(file).unwrap_or_default();
             if !text
@@ -258,19 +258,7 @@ pub fn unprivileged_without_subids(program: &Path) -> Option<Command> {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let _lock = FileLock::acquire(Path::new("/tmp/kiln-vm-tests.lock"));
-        let exists = Command::new("id")
-            .arg(NOSUB_USER)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !exists {
-            run_checked(Command::new("useradd").args([
-                "--create-home",
-                "--shell",
-                "/bin/sh",
-                NOSUB_USER,
-            ]));
-        }
+        create_user(NOSUB_USER);
         for file in ["/etc/subuid", "/etc/subgid"] {
             let text = fs::read_to_string(file).unwrap_or_default();
             let kept: String = text

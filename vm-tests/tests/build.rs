@@ -105,6 +105,23 @@ fn stages_build_and_unused_ones_never_run() {
         std::fs::read_to_string(out.join("app/greeting")).unwrap(),
         "hello from 0\n"
     );
+    // The stored image runs its CMD in kiln's sandbox, or a given command.
+    let state = p.dir.join("state").display().to_string();
+    let (printed, _) = ok(kiln(["--root", &state, "run", "stages"]).output().unwrap());
+    assert_eq!(printed, "other\nhello from 0\n");
+    let (printed, _) = ok(kiln([
+        "--root",
+        &state,
+        "run",
+        "stages",
+        "--",
+        "sh",
+        "-c",
+        "pwd; echo $GREETING",
+    ])
+    .output()
+    .unwrap());
+    assert_eq!(printed, "/app\nhello\n");
 }
 
 #[test]

@@ -1,8 +1,16 @@
 //! COPY and ADD: which files a step copies (resolved inside the context or
 //! the source stage, never following a symlink out of it), their content
 //! checksum for the cache key, and the copy itself into a step's view.
+//!
+//! ADD's local archives are unpacked by the snapshotter's layer applier
+//! into a scratch directory (it refuses `..`, absolute names and writes
+//! through symlinks) and that tree is then copied like any other source, so
+//! no archive entry is ever written into the image by a path of its own.
+//! This module never downloads anything and never writes outside the
+//! destination root and that scratch directory.
 
-use std::io::Read;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +20,7 @@ use super::cache::KeyBuilder;
 use super::fsutil::{self, Meta, Node, Root};
 use super::state::clean_path;
 use crate::frontend::dockerignore::Matcher;
+use crate::frontend::instructions::{self, Chmod};
 
 /// Errors of resolving and copying sources.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +48,21 @@ pub enum Error {
         "when copying several sources the destination must be a directory and end with a /: {0:?}"
     )]
     DestNotDir(String),
-    #[error("symbolic --chmod ({0}) is not supported yet: use an octal mode such as 0755")]
-    SymbolicChmod(String),
+    #[error("invalid --chmod {0:?}: use an octal mode such as 0755 or a symbolic one such as u=rwX,go=rX")]
+    BadChmod(String),
+    #[error("ADD {url}: adding {kind} is not supported yet; download it in a RUN step or into the build context")]
+    Remote { url: String, kind: &'static str },
+    #[error("cannot extract the archive {path:?}: {source}")]
+    Archive {
+        path: String,
+        source: Box<kiln_snapshotter::apply::Error>,
+    },
+    #[error("cannot prepare a scratch directory {path} to extract {archive:?}: {source}")]
+    Scratch {
+        path: PathBuf,
+        archive: String,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -48,12 +70,17 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// One thing to copy.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// path inside the source root
+    /// path inside the source root (empty for inline content)
     pub src: PathBuf,
-    /// path inside the destination root
+    /// path inside the destination root; for an archive, the directory it
+    /// is extracted into
     pub dest: PathBuf,
     pub meta: Meta,
     pub link: Option<Vec<u8>>,
+    /// content of a heredoc source
+    pub inline: Option<Vec<u8>>,
+    /// a tar archive (ADD) to extract at `dest`
+    pub archive: bool,
 }
 
 /// Where sources come from.
@@ -63,6 +90,16 @@ pub struct Source<'a> {
     pub what: &'static str,
     /// .dockerignore of the build context
     pub ignore: Option<&'a Matcher>,
+}
+
+/// How sources map to the destination.
+pub struct Rules<'a> {
+    /// `--exclude`
+    pub excludes: &'a Matcher,
+    /// `--parents`: keep the source's parent directories (from a `./` on)
+    pub parents: bool,
+    /// ADD: extract local tar archives named as sources
+    pub unpack: bool,
 }
 
 fn has_glob(s: &str) -> bool {
@@ -79,9 +116,66 @@ fn rel_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// For `--parents`: how many leading components of a match are dropped. A
+/// `./` in the pattern marks where the kept parents start (BuildKit's
+/// pivot); without one the whole path is kept.
+fn parents_pivot(pattern: &str) -> usize {
+    match pattern.find("/./") {
+        Some(i) => clean_rel(&pattern[..i]).components().count(),
+        None => 0,
+    }
+}
+
+/// Reject ADD sources kiln cannot fetch yet, naming them.
+pub fn check_local(sources: &[instructions::Source]) -> Result<()> {
+    for s in sources {
+        if let instructions::Source::Path(p) = s {
+            if instructions::is_git(p) {
+                return Err(Error::Remote {
+                    url: p.clone(),
+                    kind: "a Git repository",
+                });
+            }
+            if instructions::is_remote(p) {
+                return Err(Error::Remote {
+                    url: p.clone(),
+                    kind: "a file from a URL",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Metadata of a heredoc file: a regular file, 0644, time 0 (a heredoc has
+/// no time of its own; a fixed one keeps the layer reproducible).
+fn inline_meta(len: usize) -> Meta {
+    Meta {
+        mode: libc::S_IFREG | 0o644,
+        uid: 0,
+        gid: 0,
+        size: len as u64,
+        mtime: 0,
+        mtime_nsec: 0,
+    }
+}
+
 impl Source<'_> {
     fn ignored(&self, rel: &Path) -> bool {
         self.ignore.is_some_and(|m| m.matches(&rel_str(rel)))
+    }
+
+    /// Open a file to copy or hash. A source named in the Dockerfile may be
+    /// a symlink, which is followed as BuildKit does; RESOLVE_IN_ROOT keeps
+    /// that inside the root, and O_NONBLOCK keeps a fifo swapped in since
+    /// the walk from blocking the build.
+    fn open(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+        let fd = self.root.open_at(rel, libc::O_RDONLY | libc::O_NONBLOCK)?;
+        let f = std::fs::File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(f)
     }
 
     fn read_err(&self, path: &Path, source: std::io::Error) -> Error {
@@ -127,22 +221,46 @@ impl Source<'_> {
         Ok(level)
     }
 
-    /// Resolve `patterns` into the entries to copy to `dest` (absolute
-    /// path in the image). `dest_is_dir` when the destination names a
-    /// directory (trailing `/`, or an existing directory).
+    /// Resolve `sources` into the entries to copy to `dest` (absolute path
+    /// in the image). `dest_is_dir` when the destination names a directory
+    /// (trailing `/`, or an existing directory).
     pub fn collect(
         &self,
-        patterns: &[String],
+        sources: &[instructions::Source],
         dest: &str,
         dest_is_dir: bool,
-        excludes: &Matcher,
+        rules: &Rules<'_>,
     ) -> Result<Vec<Entry>> {
         let dest_rel = clean_rel(dest);
+        // (match, components dropped by --parents)
         let mut matches = Vec::new();
-        for pattern in patterns {
+        let mut inline = Vec::new();
+        for source in sources {
+            let pattern = match source {
+                instructions::Source::Path(p) => p,
+                instructions::Source::Heredoc { name, content } => {
+                    inline.push((name, content));
+                    continue;
+                }
+            };
             let rel = clean_rel(pattern);
             let found = if has_glob(pattern) {
-                self.glob(&rel)?
+                let all = self.glob(&rel)?;
+                if all.is_empty() {
+                    all
+                } else {
+                    let kept: Vec<PathBuf> = all
+                        .into_iter()
+                        .filter(|p| !rules.excludes.matches(&rel_str(p)))
+                        .collect();
+                    let pivot = if rules.parents {
+                        parents_pivot(pattern)
+                    } else {
+                        0
+                    };
+                    matches.extend(kept.into_iter().map(|p| (p, pivot)));
+                    continue;
+                }
             } else if self.root.stat(&rel).is_ok() && !self.ignored(&rel) {
                 vec![rel.clone()]
             } else {
@@ -159,50 +277,101 @@ impl Source<'_> {
                     },
                 });
             }
-            matches.extend(found);
+            let pivot = if rules.parents {
+                parents_pivot(pattern)
+            } else {
+                0
+            };
+            matches.extend(found.into_iter().map(|p| (p, pivot)));
         }
-        let many = matches.len() > 1 || patterns.len() > 1;
+        let many = matches.len() + inline.len() > 1 || sources.len() > 1;
+        let dest_is_dir = dest_is_dir || rules.parents;
         if many && !dest_is_dir {
             return Err(Error::DestNotDir(dest.to_string()));
         }
         let mut out = Vec::new();
-        for m in matches {
+        for (m, pivot) in matches {
             // The named source itself is followed (inside the root); what
             // is below it is copied as it is, symlinks as symlinks.
             let meta = self.root.stat(&m).map_err(|e| self.read_err(&m, e))?;
+            let kept: PathBuf = m.components().skip(pivot).collect();
             if meta.is_dir() {
-                self.walk(&m, &dest_rel, excludes, &mut out)?;
-            } else {
-                let name = m.file_name().map(PathBuf::from).unwrap_or_default();
-                let target = if dest_is_dir || many {
-                    dest_rel.join(name)
+                let into = if rules.parents {
+                    dest_rel.join(&kept)
                 } else {
                     dest_rel.clone()
                 };
-                out.push(Entry {
-                    src: m,
-                    dest: target,
-                    meta,
-                    link: None,
-                });
+                if rules.parents && !kept.as_os_str().is_empty() {
+                    // The kept directory itself, with its own mode.
+                    out.push(Entry {
+                        src: m.clone(),
+                        dest: into.clone(),
+                        meta,
+                        link: None,
+                        inline: None,
+                        archive: false,
+                    });
+                }
+                self.walk(&m, Path::new(""), &into, rules.excludes, &mut out)?;
+                continue;
             }
+            let name = m.file_name().map(PathBuf::from).unwrap_or_default();
+            let archive = rules.unpack && meta.is_file() && self.is_archive(&m)?;
+            let target = if archive {
+                // An archive is extracted into the destination directory.
+                dest_rel.clone()
+            } else if rules.parents {
+                dest_rel.join(&kept)
+            } else if dest_is_dir {
+                dest_rel.join(name)
+            } else {
+                dest_rel.clone()
+            };
+            out.push(Entry {
+                src: m,
+                dest: target,
+                meta,
+                link: None,
+                inline: None,
+                archive,
+            });
+        }
+        for (name, content) in inline {
+            let target = if dest_is_dir {
+                dest_rel.join(name)
+            } else {
+                dest_rel.clone()
+            };
+            out.push(Entry {
+                src: PathBuf::new(),
+                dest: target,
+                meta: inline_meta(content.len()),
+                link: None,
+                inline: Some(content.clone().into_bytes()),
+                archive: false,
+            });
         }
         Ok(out)
     }
 
+    /// Append every entry under `dir` to `out`, at `dest`. `under` is the
+    /// path relative to the copied directory, which `--exclude` patterns
+    /// match (as BuildKit's fsutil does).
     fn walk(
         &self,
         dir: &Path,
+        under: &Path,
         dest: &Path,
         excludes: &Matcher,
         out: &mut Vec<Entry>,
     ) -> Result<()> {
         let names = self.root.list(dir).map_err(|e| self.read_err(dir, e))?;
         for name in names {
-            let name = std::ffi::OsString::from_vec(name);
+            let name = OsString::from_vec(name);
             let src = dir.join(&name);
+            let rel = under.join(&name);
             let rel_under = dest.join(&name);
-            if self.ignored(&src) || excludes.matches(&rel_str(&src)) {
+            if self.ignored(&src) || excludes.matches(&rel_str(&rel)) {
                 continue;
             }
             let meta = self.root.lstat(&src).map_err(|e| self.read_err(&src, e))?;
@@ -220,27 +389,52 @@ impl Source<'_> {
                 dest: rel_under.clone(),
                 meta,
                 link,
+                inline: None,
+                archive: false,
             });
             if meta.is_dir() {
-                self.walk(&src, &rel_under, excludes, out)?;
+                self.walk(&src, &rel, &rel_under, excludes, out)?;
             }
         }
         Ok(())
     }
 
+    /// Whether the file `rel` is a tar archive, plain or compressed: the
+    /// compression is told by magic bytes and the first decompressed block
+    /// must be a tar header with a valid checksum (BuildKit also decides
+    /// by content, never by the file name).
+    fn is_archive(&self, rel: &Path) -> Result<bool> {
+        let f = self.open(rel).map_err(|e| self.read_err(rel, e))?;
+        let Ok(mut reader) = archive_reader(f) else {
+            return Ok(false);
+        };
+        let mut block = [0u8; 512];
+        let mut n = 0;
+        while n < block.len() {
+            match reader.read(&mut block[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        Ok(n == block.len() && tar_header_ok(&block))
+    }
+
     /// Add the content checksum of `entries` to a cache key: destination
     /// path, type, permission bits, size, link target and bytes. Owners
-    /// and times are not in it (COPY sets the owner, as BuildKit does).
+    /// and times are not in it (COPY sets the owner, as BuildKit does; an
+    /// archive's owners are in its bytes).
     pub fn checksum(&self, entries: &[Entry], key: &mut KeyBuilder) -> Result<()> {
         for e in entries {
             key.str(&rel_str(&e.dest));
             key.part(&(e.meta.mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
+            key.part(&[u8::from(e.archive)]);
             if let Some(l) = &e.link {
                 key.part(l);
+            } else if let Some(bytes) = &e.inline {
+                key.part(&Sha256::digest(bytes));
             } else if e.meta.is_file() {
                 let mut f = self
-                    .root
-                    .open_file(&e.src)
+                    .open(&e.src)
                     .map_err(|err| self.read_err(&e.src, err))?;
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; 1 << 16];
@@ -258,12 +452,202 @@ impl Source<'_> {
     }
 }
 
+/// A reader of the decompressed stream of `f`: gzip, bzip2, xz or zstd by
+/// magic bytes, else the plain bytes.
+fn archive_reader(f: std::fs::File) -> std::io::Result<Box<dyn Read>> {
+    use kiln_snapshotter::compression::{decoder, Detected};
+    let mut r = BufReader::new(f);
+    let head = r.fill_buf()?.to_vec();
+    Ok(if head.starts_with(b"BZh") {
+        Box::new(bzip2::bufread::MultiBzDecoder::new(r))
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(r))
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        decoder(r, Detected::Gzip)?
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        decoder(r, Detected::Zstd)?
+    } else {
+        Box::new(r)
+    })
+}
+
+/// A tar header block: not all zero, and its checksum field (octal, at
+/// 148..156) equals the sum of its bytes with that field read as spaces.
+fn tar_header_ok(block: &[u8; 512]) -> bool {
+    if block.iter().all(|&b| b == 0) {
+        return false;
+    }
+    let field = &block[148..156];
+    let text: String = field
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as char)
+        .collect();
+    let Ok(want) = u32::from_str_radix(text.trim(), 8) else {
+        return false;
+    };
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    sum == want
+}
+
+/// The `--chmod` of a COPY or ADD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Octal(u32),
+    Symbolic(Vec<Clause>),
+}
+
+/// One comma-separated clause of a symbolic mode: `who op perms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clause {
+    /// bits of the classes named (`u`, `g`, `o`; none means all)
+    who: u32,
+    ops: Vec<(char, Perms)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Perms {
+    /// `rwxXst` letters
+    Letters(String),
+    /// copy another class's bits: `g=u`
+    Copy(char),
+}
+
+/// Read, write, execute bits of each class, and the special bit it owns.
+const CLASSES: [(char, u32, u32); 3] = [
+    ('u', 0o700, 0o4000),
+    ('g', 0o070, 0o2000),
+    ('o', 0o007, 0o1000),
+];
+
+impl Mode {
+    /// Parse `--chmod`: octal, or symbolic as chmod(1) takes it.
+    pub fn parse(c: &Chmod) -> Result<Mode> {
+        let s = match c {
+            Chmod::Octal(m) => return Ok(Mode::Octal(*m)),
+            Chmod::Symbolic(s) => s,
+        };
+        let bad = || Error::BadChmod(s.clone());
+        let mut clauses = Vec::new();
+        for clause in s.split(',') {
+            let rest = clause.trim_start_matches(['u', 'g', 'o', 'a']);
+            let who_text = &clause[..clause.len() - rest.len()];
+            let mut who = 0;
+            for ch in who_text.chars() {
+                who |= match ch {
+                    'u' => 0o4700,
+                    'g' => 0o2070,
+                    'o' => 0o1007,
+                    _ => 0o7777,
+                };
+            }
+            if who == 0 {
+                who = 0o7777;
+            }
+            let mut ops = Vec::new();
+            let mut rest = rest;
+            while let Some(op) = rest.chars().next() {
+                if !matches!(op, '+' | '-' | '=') {
+                    return Err(bad());
+                }
+                let r = &rest[1..];
+                let end = r.find(['+', '-', '=']).unwrap_or(r.len());
+                let perms = &r[..end];
+                let p = if perms.len() == 1 && "ugo".contains(perms) {
+                    Perms::Copy(perms.chars().next().unwrap_or('u'))
+                } else if perms.chars().all(|c| "rwxXst".contains(c)) {
+                    Perms::Letters(perms.to_string())
+                } else {
+                    return Err(bad());
+                };
+                ops.push((op, p));
+                rest = &r[end..];
+            }
+            if ops.is_empty() {
+                return Err(bad());
+            }
+            clauses.push(Clause { who, ops });
+        }
+        Ok(Mode::Symbolic(clauses))
+    }
+
+    /// The permission bits a file of mode `mode` gets (`X`: execute only
+    /// for a directory or a file some class may already execute).
+    pub fn apply(&self, mode: u32, is_dir: bool) -> u32 {
+        let clauses = match self {
+            Mode::Octal(m) => return *m & 0o7777,
+            Mode::Symbolic(c) => c,
+        };
+        let mut m = mode & 0o7777;
+        for clause in clauses {
+            for (op, perms) in &clause.ops {
+                let bits = match perms {
+                    Perms::Letters(l) => {
+                        let mut b = 0;
+                        for ch in l.chars() {
+                            b |= match ch {
+                                'r' => 0o444,
+                                'w' => 0o222,
+                                'x' => 0o111,
+                                'X' if is_dir || m & 0o111 != 0 => 0o111,
+                                's' => 0o6000,
+                                't' => 0o1000,
+                                _ => 0,
+                            };
+                        }
+                        b
+                    }
+                    Perms::Copy(from) => {
+                        let (_, rwx, _) = CLASSES
+                            .iter()
+                            .find(|(c, _, _)| c == from)
+                            .copied()
+                            .unwrap_or(CLASSES[0]);
+                        let shift = rwx.trailing_zeros();
+                        let v = (m & rwx) >> shift;
+                        v * 0o111
+                    }
+                } & clause.who;
+                match op {
+                    '+' => m |= bits,
+                    '-' => m &= !bits,
+                    _ => {
+                        // `=`: the classes named get exactly these bits; a
+                        // directory keeps its set-id bits, as chmod(1) does.
+                        let mut clear = clause.who;
+                        if is_dir {
+                            clear &= !0o6000;
+                        }
+                        m = (m & !clear) | bits;
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
 /// Owner and mode rules of one COPY.
-pub struct CopyAttrs {
-    pub uid: u32,
-    pub gid: u32,
-    /// octal `--chmod` for files and directories
-    pub chmod: Option<u32>,
+pub struct CopyAttrs<'a> {
+    /// `--chown` resolved; None: 0:0 for sources, the archive's owners for
+    /// the contents of an extracted archive
+    pub owner: Option<(u32, u32)>,
+    pub chmod: Option<Mode>,
+    /// scratch directory (on the state's file system) archives are
+    /// extracted in
+    pub tmp: &'a Path,
+    /// a unique name for each scratch directory
+    pub unique: &'a dyn Fn() -> String,
 }
 
 /// Copy `entries` from `source` into `target`.
@@ -271,51 +655,58 @@ pub fn copy(
     source: &Source<'_>,
     entries: &[Entry],
     target: &Root,
-    attrs: &CopyAttrs,
+    attrs: &CopyAttrs<'_>,
+) -> Result<()> {
+    copy_entries(source, entries, target, attrs, false)
+}
+
+fn copy_entries(
+    source: &Source<'_>,
+    entries: &[Entry],
+    target: &Root,
+    attrs: &CopyAttrs<'_>,
+    keep_owner: bool,
 ) -> Result<()> {
     for e in entries {
-        let (parent, name) = fsutil::split(&e.dest);
         let werr = |source| Error::Write {
             path: format!("/{}", rel_str(&e.dest)),
             source,
         };
-        let dir = target
-            .mkdir_all(parent, attrs.uid, attrs.gid)
-            .map_err(werr)?;
-        let mode = attrs.chmod.unwrap_or(e.meta.mode & 0o7777);
+        let (uid, gid) = match attrs.owner {
+            Some(ids) => ids,
+            None if keep_owner => (e.meta.uid, e.meta.gid),
+            None => (0, 0),
+        };
+        let (puid, pgid) = attrs.owner.unwrap_or((0, 0));
+        if e.archive {
+            target.mkdir_all(&e.dest, puid, pgid).map_err(werr)?;
+            extract(source, e, target, attrs)?;
+            continue;
+        }
+        let (parent, name) = fsutil::split(&e.dest);
+        let dir = target.mkdir_all(parent, puid, pgid).map_err(werr)?;
+        let mode = match &attrs.chmod {
+            Some(m) => m.apply(e.meta.mode, e.meta.is_dir()),
+            None => e.meta.mode & 0o7777,
+        };
         let dirfd = std::os::fd::AsRawFd::as_raw_fd(&dir);
         if name.is_empty() || e.dest.as_os_str().is_empty() {
             continue;
         }
         if let Some(link) = &e.link {
-            fsutil::create(
-                dirfd,
-                name,
-                Node::Symlink(link),
-                0o777,
-                attrs.uid,
-                attrs.gid,
-                &e.meta,
-            )
-            .map_err(werr)?;
-        } else if e.meta.is_dir() {
-            fsutil::create(dirfd, name, Node::Dir, mode, attrs.uid, attrs.gid, &e.meta)
+            fsutil::create(dirfd, name, Node::Symlink(link), 0o777, uid, gid, &e.meta)
                 .map_err(werr)?;
+        } else if let Some(bytes) = &e.inline {
+            fsutil::create(dirfd, name, Node::Bytes(bytes), mode, uid, gid, &e.meta)
+                .map_err(werr)?;
+        } else if e.meta.is_dir() {
+            fsutil::create(dirfd, name, Node::Dir, mode, uid, gid, &e.meta).map_err(werr)?;
         } else if e.meta.is_file() {
             let mut f = source
-                .root
-                .open_file(&e.src)
+                .open(&e.src)
                 .map_err(|err| source.read_err(&e.src, err))?;
-            fsutil::create(
-                dirfd,
-                name,
-                Node::File(&mut f),
-                mode,
-                attrs.uid,
-                attrs.gid,
-                &e.meta,
-            )
-            .map_err(werr)?;
+            fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta)
+                .map_err(werr)?;
         }
         // Devices, fifos and sockets in a context are skipped, as BuildKit
         // does for special files it cannot recreate.
@@ -323,10 +714,212 @@ pub fn copy(
     Ok(())
 }
 
-/// Parse an octal `--chmod`.
-pub fn chmod_bits(c: &crate::frontend::instructions::Chmod) -> Result<u32> {
-    match c {
-        crate::frontend::instructions::Chmod::Octal(m) => Ok(*m),
-        crate::frontend::instructions::Chmod::Symbolic(s) => Err(Error::SymbolicChmod(s.clone())),
+/// Extract the archive `e` into `target` at `e.dest`: the snapshotter's
+/// applier writes it into a fresh scratch directory (refusing any entry
+/// that would leave it), then the tree is copied as a source.
+fn extract(source: &Source<'_>, e: &Entry, target: &Root, attrs: &CopyAttrs<'_>) -> Result<()> {
+    let name = rel_str(&e.src);
+    let scratch = attrs.tmp.join((attrs.unique)());
+    let scratch_err = |source| Error::Scratch {
+        path: scratch.clone(),
+        archive: name.clone(),
+        source,
+    };
+    std::fs::create_dir_all(attrs.tmp).map_err(scratch_err)?;
+    std::fs::create_dir(&scratch).map_err(scratch_err)?;
+    let result = (|| {
+        let f = source
+            .open(&e.src)
+            .map_err(|err| source.read_err(&e.src, err))?;
+        let stream = archive_reader(f).map_err(|err| source.read_err(&e.src, err))?;
+        kiln_snapshotter::apply::apply(stream, &scratch, &[]).map_err(|err| Error::Archive {
+            path: name.clone(),
+            source: Box::new(err),
+        })?;
+        let root = Root::open(&scratch).map_err(scratch_err)?;
+        let tree = Source {
+            root: &root,
+            what: "archive",
+            ignore: None,
+        };
+        let mut entries = Vec::new();
+        tree.walk(
+            Path::new(""),
+            Path::new(""),
+            &e.dest,
+            &Matcher::default(),
+            &mut entries,
+        )?;
+        copy_entries(&tree, &entries, target, attrs, true)
+    })();
+    // The scratch tree only ever held the archive's contents; a leftover is
+    // cleaned by the snapshotter's tmp sweep.
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// Resolve `--chown` against the destination's /etc/passwd and
+/// /etc/group. Numeric ids need no lookup; a user alone sets gid = uid, as
+/// BuildKit does.
+pub fn chown_ids(
+    rootfs: &Path,
+    spec: &str,
+) -> std::result::Result<(u32, u32), kiln_runtime::Error> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let numeric = |s: &str| s.parse::<u32>().ok();
+    let uid = match numeric(user) {
+        Some(u) => u,
+        None => kiln_runtime::user::resolve(rootfs, user)?.uid,
+    };
+    let gid = match group {
+        None => uid,
+        Some(g) => match numeric(g) {
+            Some(g) => g,
+            None => kiln_runtime::user::resolve(rootfs, &format!("{uid}:{g}"))?.gid,
+        },
+    };
+    Ok((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sym(s: &str) -> Mode {
+        Mode::parse(&Chmod::Symbolic(s.into())).unwrap()
+    }
+
+    #[test]
+    fn symbolic_chmod_follows_chmod_1() {
+        let m = sym("u=rwX,go=rX");
+        assert_eq!(m.apply(0o600, false), 0o644);
+        assert_eq!(m.apply(0o700, false), 0o755);
+        assert_eq!(m.apply(0o700, true), 0o755);
+        assert_eq!(m.apply(0o000, true), 0o755);
+        assert_eq!(sym("a+x").apply(0o644, false), 0o755);
+        assert_eq!(sym("+x").apply(0o644, false), 0o755);
+        assert_eq!(sym("go-w").apply(0o666, false), 0o644);
+        assert_eq!(sym("u+s").apply(0o755, false), 0o4755);
+        assert_eq!(sym("g=u").apply(0o640, false), 0o660);
+        assert_eq!(sym("o=").apply(0o777, false), 0o770);
+        assert_eq!(sym("u=rw,g=r,o=").apply(0o777, false), 0o640);
+        assert!(Mode::parse(&Chmod::Symbolic("u=q".into())).is_err());
+        assert_eq!(
+            Mode::parse(&Chmod::Octal(0o751))
+                .unwrap()
+                .apply(0o644, true),
+            0o751
+        );
+    }
+
+    #[test]
+    fn tar_headers_are_told_from_other_bytes() {
+        let mut h = tar::Header::new_ustar();
+        h.set_path("a.txt").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        let block: &[u8; 512] = h.as_bytes();
+        assert!(tar_header_ok(block));
+        let mut text = [b'x'; 512];
+        text[..5].copy_from_slice(b"hello");
+        assert!(!tar_header_ok(&text));
+        assert!(!tar_header_ok(&[0; 512]));
+    }
+
+    #[test]
+    fn parents_pivot_is_the_dot_slash() {
+        assert_eq!(parents_pivot("a/b/c.txt"), 0);
+        assert_eq!(parents_pivot("a/./b/c.txt"), 1);
+        assert_eq!(parents_pivot("x/y/./z"), 2);
+        assert_eq!(parents_pivot("./a"), 0);
+    }
+
+    fn dests(entries: &[Entry]) -> Vec<String> {
+        entries.iter().map(|e| rel_str(&e.dest)).collect()
+    }
+
+    #[test]
+    fn collect_maps_sources_to_destinations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path();
+        std::fs::create_dir_all(ctx.join("dir/sub")).unwrap();
+        std::fs::write(ctx.join("dir/a.txt"), "a").unwrap();
+        std::fs::write(ctx.join("dir/x.log"), "x").unwrap();
+        std::fs::write(ctx.join("dir/sub/b.md"), "b").unwrap();
+        let root = Root::open(ctx).unwrap();
+        let source = Source {
+            root: &root,
+            what: "build context",
+            ignore: None,
+        };
+        let path = |p: &str| instructions::Source::Path(p.into());
+        let none = Matcher::default();
+        let plain = Rules {
+            excludes: &none,
+            parents: false,
+            unpack: false,
+        };
+        // A directory's contents, not the directory.
+        let e = source.collect(&[path("dir")], "/d", false, &plain).unwrap();
+        assert_eq!(dests(&e), ["d/a.txt", "d/sub", "d/sub/b.md", "d/x.log"]);
+        // A file to a file, or into a directory.
+        let e = source
+            .collect(&[path("dir/a.txt")], "/f", false, &plain)
+            .unwrap();
+        assert_eq!(dests(&e), ["f"]);
+        let e = source
+            .collect(&[path("dir/a.txt")], "/f", true, &plain)
+            .unwrap();
+        assert_eq!(dests(&e), ["f/a.txt"]);
+        // Excludes match below the copied directory.
+        let ex = Matcher::new(["*.log", "sub/*.md"]).unwrap();
+        let rules = Rules {
+            excludes: &ex,
+            parents: false,
+            unpack: false,
+        };
+        let e = source
+            .collect(&[path("dir/")], "/d/", true, &rules)
+            .unwrap();
+        assert_eq!(dests(&e), ["d/a.txt", "d/sub"]);
+        // --parents keeps parents from the `./` on.
+        let parents = Rules {
+            excludes: &none,
+            parents: true,
+            unpack: false,
+        };
+        let e = source
+            .collect(
+                &[path("dir/./sub/b.md"), path("dir/a.txt")],
+                "/p",
+                false,
+                &parents,
+            )
+            .unwrap();
+        assert_eq!(dests(&e), ["p/sub/b.md", "p/dir/a.txt"]);
+        // Several sources need a directory; a missing one is named.
+        let err = source
+            .collect(&[path("dir/a.txt"), path("dir/x.log")], "/f", false, &plain)
+            .unwrap_err();
+        assert!(matches!(err, Error::DestNotDir(_)), "{err}");
+        let err = source
+            .collect(&[path("nope.txt")], "/f", false, &plain)
+            .unwrap_err();
+        assert!(err.to_string().contains("nope.txt"), "{err}");
+        // Heredocs are named by the destination or their delimiter.
+        let doc = instructions::Source::Heredoc {
+            name: "EOF".into(),
+            content: "hi\n".into(),
+        };
+        let e = source
+            .collect(std::slice::from_ref(&doc), "/h", false, &plain)
+            .unwrap();
+        assert_eq!(dests(&e), ["h"]);
+        assert_eq!(e[0].inline.as_deref(), Some(b"hi\n".as_slice()));
+        let e = source.collect(&[doc], "/h/", true, &plain).unwrap();
+        assert_eq!(dests(&e), ["h/EOF"]);
     }
 }

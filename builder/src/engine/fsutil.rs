@@ -231,6 +231,8 @@ pub fn split(rel: &Path) -> (&Path, &OsStr) {
 pub enum Node<'a> {
     Dir,
     File(&'a mut File),
+    /// a regular file with these bytes (a heredoc source)
+    Bytes(&'a [u8]),
     Symlink(&'a [u8]),
 }
 
@@ -265,7 +267,7 @@ pub fn create(
                 check(unsafe { libc::mkdirat(dir, n.as_ptr(), 0o700) })?;
             }
         }
-        Node::File(src) => {
+        Node::File(_) | Node::Bytes(_) => {
             // SAFETY: as above; O_NOFOLLOW|O_EXCL: a fresh file only.
             let fd = unsafe {
                 libc::openat(
@@ -284,7 +286,13 @@ pub fn create(
             }
             // SAFETY: a descriptor we just opened.
             let mut out = unsafe { File::from_raw_fd(fd) };
-            io::copy(src, &mut out)?;
+            match node {
+                Node::File(src) => {
+                    io::copy(src, &mut out)?;
+                }
+                Node::Bytes(bytes) => io::Write::write_all(&mut out, bytes)?,
+                Node::Dir | Node::Symlink(_) => {}
+            }
         }
         Node::Symlink(target) => {
             let t = cstr(target)?;

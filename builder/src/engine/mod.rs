@@ -139,6 +139,18 @@ pub struct Built {
     pub cached: usize,
 }
 
+/// What a COPY or ADD asks for, whichever of the two it is.
+struct CopyOp<'a> {
+    sources: &'a [crate::frontend::instructions::Source],
+    dest: &'a str,
+    chown: Option<&'a str>,
+    chmod: Option<&'a crate::frontend::instructions::Chmod>,
+    parents: bool,
+    excludes: &'a [String],
+    /// ADD: extract local tar archives
+    unpack: bool,
+}
+
 /// A finished stage: its last key and state.
 type StageResult = Option<std::result::Result<(Key, ImageState), String>>;
 
@@ -415,7 +427,7 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| stage.index.to_string());
         for (i, step) in stage.steps.iter().enumerate() {
-            if state.apply_config(&step.instruction, step.workdir.as_deref()) {
+            if state.apply_config(&step.instruction) {
                 let mut k = KeyBuilder::new("config");
                 k.str(&key.0)
                     .str(&serde_json::to_string(&step.instruction).unwrap_or_default());
@@ -604,99 +616,46 @@ impl Engine {
                 self.record(&key, &new_state);
                 Ok((key, new_state, false))
             }
-            Instruction::Copy(c) => {
-                let source_view;
-                let source_root;
-                let (root, what, ignore) = match from {
-                    Some((from_key, from_state)) => {
-                        k.str(&from_key.0);
-                        let from_chain: Option<Digest> =
-                            from_state.chain.as_ref().and_then(|c| c.parse().ok());
-                        source_view = self
-                            .snap
-                            .view(&cache::view_key("from", from_key), from_chain.as_ref())?;
-                        source_root =
-                            fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
-                        (&source_root, "source stage", None)
-                    }
-                    None => (&self.context, "build context", Some(&self.ignore)),
-                };
-                let patterns: Vec<String> = c
-                    .sources
-                    .iter()
-                    .map(|s| match s {
-                        crate::frontend::instructions::Source::Path(p) => Ok(p.clone()),
-                        crate::frontend::instructions::Source::Heredoc { .. } => Err(
-                            StepError::Unsupported("COPY of a heredoc is not supported yet".into()),
-                        ),
-                    })
-                    .collect::<std::result::Result<_, _>>()?;
-                let excludes = Matcher::new(c.excludes.iter())
-                    .map_err(|_| StepError::Copy(copy::Error::Pattern(c.excludes.join(","))))?;
-                let source = copy::Source { root, what, ignore };
-                let workdir = if state.config.workdir.is_empty() {
-                    "/".to_string()
-                } else {
-                    state.config.workdir.clone()
-                };
-                let dest = if c.dest.starts_with('/') {
-                    c.dest.clone()
-                } else {
-                    format!("{}/{}", workdir.trim_end_matches('/'), c.dest)
-                };
-                // Whether the destination is a directory depends on the
-                // image; decided on a read-only view of the parent.
-                let dest_is_dir =
-                    c.dest.ends_with('/') || self.is_dir_in_chain(chain.as_ref(), &dest);
-                let entries = source.collect(&patterns, &dest, dest_is_dir, &excludes)?;
-                source.checksum(&entries, &mut k)?;
-                k.str(c.chown.as_deref().unwrap_or(""))
-                    .str(&format!("{:?}", c.chmod))
-                    .str(&dest);
-                let key = k.finish();
-                if let Some(hit) = self.lookup(&key, no_cache) {
-                    self.progress.cached(vertex, name);
-                    return Ok((key, hit, true));
-                }
-                self.progress.started(vertex, name);
-                let view = self
-                    .snap
-                    .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
-                let target = fsutil::Root::open(view.path()).map_err(StepError::Source)?;
-                let (uid, gid) = match &c.chown {
-                    Some(spec) => {
-                        let ids =
-                            kiln_runtime::user::resolve(view.path(), spec).map_err(|source| {
-                                StepError::Chown {
-                                    spec: spec.clone(),
-                                    source,
-                                }
-                            })?;
-                        (ids.uid, ids.gid)
-                    }
-                    None => (0, 0),
-                };
-                let chmod = c.chmod.as_ref().map(copy::chmod_bits).transpose()?;
-                if let Err(e) = copy::copy(
-                    &source,
-                    &entries,
-                    &target,
-                    &copy::CopyAttrs { uid, gid, chmod },
-                ) {
-                    let _ = self.snap.remove(view);
-                    return Err(e.into());
-                }
-                self.commit(
-                    view,
-                    &mut new_state,
-                    format!("{} # buildkit", step.original),
-                )?;
-                self.record(&key, &new_state);
-                Ok((key, new_state, false))
+            Instruction::Copy(c) => self.copy_step(
+                step,
+                &CopyOp {
+                    sources: &c.sources,
+                    dest: &c.dest,
+                    chown: c.chown.as_deref(),
+                    chmod: c.chmod.as_ref(),
+                    parents: c.parents,
+                    excludes: &c.excludes,
+                    unpack: false,
+                },
+                k,
+                state,
+                from,
+                vertex,
+                name,
+                no_cache,
+            ),
+            Instruction::Add(a) => {
+                copy::check_local(&a.sources)?;
+                self.copy_step(
+                    step,
+                    &CopyOp {
+                        sources: &a.sources,
+                        dest: &a.dest,
+                        chown: a.chown.as_deref(),
+                        chmod: a.chmod.as_ref(),
+                        parents: false,
+                        excludes: &a.excludes,
+                        // Local archives are extracted unless --unpack=false.
+                        unpack: a.unpack != Some(false),
+                    },
+                    k,
+                    state,
+                    None,
+                    vertex,
+                    name,
+                    no_cache,
+                )
             }
-            Instruction::Add(_) => Err(StepError::Unsupported(
-                "ADD is not supported yet: use COPY for local files".into(),
-            )),
             other => Err(StepError::Unsupported(format!(
                 "{} is not supported by the build engine yet",
                 serde_json::to_value(other)
@@ -705,6 +664,114 @@ impl Engine {
                     .unwrap_or_default()
             ))),
         }
+    }
+
+    /// COPY and ADD: resolve the sources, key the step by exactly the
+    /// content they copy, and copy it into a new layer.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_step(
+        &self,
+        step: &Step,
+        op: &CopyOp<'_>,
+        mut k: KeyBuilder,
+        state: &ImageState,
+        from: Option<&(Key, ImageState)>,
+        vertex: usize,
+        name: &str,
+        no_cache: bool,
+    ) -> std::result::Result<(Key, ImageState, bool), StepError> {
+        let chain: Option<Digest> = state.chain.as_ref().and_then(|c| c.parse().ok());
+        let mut new_state = state.clone();
+        let source_view;
+        let source_root;
+        let (root, what, ignore) = match from {
+            Some((from_key, from_state)) => {
+                k.str(&from_key.0);
+                let from_chain: Option<Digest> =
+                    from_state.chain.as_ref().and_then(|c| c.parse().ok());
+                source_view = self
+                    .snap
+                    .view(&cache::view_key("from", from_key), from_chain.as_ref())?;
+                source_root = fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
+                (&source_root, "source stage", None)
+            }
+            None => (&self.context, "build context", Some(&self.ignore)),
+        };
+        let excludes = Matcher::new(op.excludes.iter())
+            .map_err(|_| StepError::Copy(copy::Error::Pattern(op.excludes.join(","))))?;
+        let chmod = op.chmod.map(copy::Mode::parse).transpose()?;
+        let source = copy::Source { root, what, ignore };
+        let workdir = step.workdir.clone().unwrap_or_else(|| {
+            if state.config.workdir.is_empty() {
+                "/".to_string()
+            } else {
+                state.config.workdir.clone()
+            }
+        });
+        let dest = if op.dest.starts_with('/') {
+            op.dest.to_string()
+        } else {
+            format!("{}/{}", workdir.trim_end_matches('/'), op.dest)
+        };
+        // Whether the destination is a directory depends on the image;
+        // decided on the unpacked layers. `.` and `x/.` name directories.
+        let dest_is_dir = op.dest.ends_with('/')
+            || op.dest == "."
+            || op.dest.ends_with("/.")
+            || self.is_dir_in_chain(chain.as_ref(), &dest);
+        let rules = copy::Rules {
+            excludes: &excludes,
+            parents: op.parents,
+            unpack: op.unpack,
+        };
+        let entries = source.collect(op.sources, &dest, dest_is_dir, &rules)?;
+        source.checksum(&entries, &mut k)?;
+        k.str(op.chown.unwrap_or(""))
+            .str(&format!("{:?}", op.chmod))
+            .str(&dest);
+        let key = k.finish();
+        if let Some(hit) = self.lookup(&key, no_cache) {
+            self.progress.cached(vertex, name);
+            return Ok((key, hit, true));
+        }
+        self.progress.started(vertex, name);
+        let view = self
+            .snap
+            .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
+        let copied = (|| {
+            let target = fsutil::Root::open(view.path()).map_err(StepError::Source)?;
+            let owner =
+                match op.chown {
+                    Some(spec) => Some(copy::chown_ids(view.path(), spec).map_err(|source| {
+                        StepError::Chown {
+                            spec: spec.to_string(),
+                            source,
+                        }
+                    })?),
+                    None => None,
+                };
+            let layers = self.snap.layers();
+            let unique = || layers.unique("add");
+            let attrs = copy::CopyAttrs {
+                owner,
+                chmod,
+                tmp: &layers.tmp_dir(),
+                unique: &unique,
+            };
+            copy::copy(&source, &entries, &target, &attrs)?;
+            Ok::<(), StepError>(())
+        })();
+        if let Err(e) = copied {
+            let _ = self.snap.remove(view);
+            return Err(e);
+        }
+        self.commit(
+            view,
+            &mut new_state,
+            format!("{} # buildkit", step.original),
+        )?;
+        self.record(&key, &new_state);
+        Ok((key, new_state, false))
     }
 
     /// Whether `path` is a directory in the layer chain `chain`, looked up

@@ -126,7 +126,7 @@ impl ImageState {
 
     /// Apply an instruction that only changes the configuration; returns
     /// false for instructions that are not of that kind.
-    pub fn apply_config(&mut self, ins: &Instruction, workdir_hint: Option<&str>) -> bool {
+    pub fn apply_config(&mut self, ins: &Instruction) -> bool {
         let shell = self.shell();
         if let Instruction::Env(pairs) = ins {
             for kv in pairs {
@@ -155,11 +155,7 @@ impl ImageState {
                     }
                 }
             }
-            Instruction::Workdir(w) => {
-                cfg.workdir = workdir_hint
-                    .map(String::from)
-                    .unwrap_or_else(|| join_workdir(&cfg.workdir, w));
-            }
+            Instruction::Workdir(w) => cfg.workdir = join_workdir(&cfg.workdir, w),
             Instruction::User(u) => cfg.user = u.clone(),
             Instruction::Volume(v) => cfg.volumes.extend(v.iter().cloned()),
             Instruction::StopSignal(s) => cfg.stop_signal = Some(s.clone()),

@@ -12,6 +12,15 @@
 //! place with its owner, mode, xattrs and times already set), and never show
 //! the step the `user.overlay.*` xattrs it uses for bookkeeping.
 //!
+//! Where it differs from kernel overlayfs (as mounted by the `overlay`
+//! backend, without index, redirect_dir or xino), on purpose:
+//! - renaming a directory that merges lower content copies it up whole and
+//!   renames it (overlayfs answers EXDEV and `mv` copies it instead; the
+//!   resulting layer is the same);
+//! - a hard-linked lower file stays linked to its other names after copy-up,
+//!   and all names of one inode report one inode number;
+//! - RENAME_EXCHANGE of directories answers EXDEV.
+//!
 //! Concurrency: `tree` is a read-write lock over the shape of the view. Calls
 //! that only look (lookup, getattr, readdir, xattr reads) take it shared;
 //! calls that change names or copy up take it exclusively. Data I/O on open
@@ -23,11 +32,13 @@ use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FOPEN_IN_KILL_SUIDGID, WRITE_KILL_PRIV,
+};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
     SetattrValid, ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
@@ -137,7 +148,9 @@ struct DirList {
 
 enum Handle {
     File(File),
-    Dir(DirList),
+    /// Listed at the first readdir: with FOPEN_CACHE_DIR the kernel often
+    /// answers from its own cache and never asks.
+    Dir(Mutex<Option<Arc<DirList>>>),
 }
 
 /// The overlay filesystem; see the module docs.
@@ -153,6 +166,8 @@ pub(crate) struct OverlayFs {
     next_handle: AtomicU64,
     next_tmp: AtomicU64,
     writeback: AtomicBool,
+    /// The /dev/fuse fd for notifications to the kernel (-1 until mounted).
+    notify_fd: AtomicI32,
 }
 
 impl OverlayFs {
@@ -185,6 +200,7 @@ impl OverlayFs {
             next_handle: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
             writeback: AtomicBool::new(false),
+            notify_fd: AtomicI32::new(-1),
         };
         // The root merges every lower layer unless the upper root is opaque.
         if fs.is_opaque(&fs.upper, b"")? {
@@ -210,6 +226,31 @@ impl OverlayFs {
         }
         drop(s);
         Ok(fs)
+    }
+
+    /// Where to send notifications: the mounted session's /dev/fuse fd,
+    /// which outlives every request handler.
+    pub(crate) fn set_notify_fd(&self, fd: RawFd) {
+        self.notify_fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// Clear setuid/setgid on an open upper file for a write or truncation
+    /// the kernel flagged, and make the kernel drop the mode it cached: it
+    /// left the clearing to us (or the upper filesystem already did it), so
+    /// its copy is stale either way.
+    fn kill_suidgid(&self, inode: u64, fd: RawFd) -> io::Result<()> {
+        let st = sys::fstat(fd)?;
+        let m = killed_mode(st.st_mode);
+        if m != st.st_mode & 0o7777 {
+            sys::fchmod(fd, m)?;
+        }
+        let nfd = self.notify_fd.load(Ordering::Relaxed);
+        if nfd >= 0 {
+            // attributes only (offset -1): takes no page lock, so it is
+            // safe while the kernel waits for this very request
+            sys::fuse_notify_inval_attr(nfd, inode)?;
+        }
+        Ok(())
     }
 
     fn node(&self, id: u64) -> io::Result<Arc<Node>> {
@@ -569,7 +610,18 @@ impl OverlayFs {
                 }
                 let cname = CString::new(name).map_err(|_| err(libc::EINVAL))?;
                 if let Some(v) = sys::lgetxattr(src_abs, &cname)? {
-                    sys::lsetxattr(&dst_abs, &cname, &v, 0)?;
+                    match sys::lsetxattr(&dst_abs, &cname, &v, 0) {
+                        Ok(()) => {}
+                        // trusted.* and some security.* names cannot be set
+                        // from a user namespace; overlayfs skips them too
+                        Err(e)
+                            if !name.starts_with(b"user.")
+                                && matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::EPERM | libc::EOPNOTSUPP)
+                                ) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -578,15 +630,15 @@ impl OverlayFs {
 
     /// Remove a work-dir entry and everything under it.
     fn remove_work_tree(&self, tmp: &CStr) -> io::Result<()> {
-        let abs = self.work.abs(tmp.to_bytes());
-        match std::fs::symlink_metadata(std::ffi::OsStr::new(
-            std::str::from_utf8(&abs).unwrap_or_default(),
-        )) {
-            Ok(m) if m.is_dir() => {
+        match sys::lstat_at(self.work.raw(), tmp) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 use std::os::unix::ffi::OsStrExt;
+                let abs = self.work.abs(tmp.to_bytes());
                 std::fs::remove_dir_all(std::ffi::OsStr::from_bytes(&abs))
             }
-            _ => sys::unlink_at(self.work.raw(), tmp, 0),
+            Ok(_) => sys::unlink_at(self.work.raw(), tmp, 0),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -810,11 +862,81 @@ impl OverlayFs {
         f
     }
 
+    /// The merged listing of directory `inode`, with a node for every entry.
+    fn list_dir(&self, inode: u64) -> io::Result<DirList> {
+        let _t = self.tree.read().map_err(poisoned)?;
+        let s = self.state(inode)?;
+        let path = self.path_of(inode)?;
+        let parent = s.names.first().map(|(p, _)| *p).unwrap_or(ROOT_ID);
+        let mut entries = vec![
+            (b".".to_vec(), libc::DT_DIR as u32, inode, None),
+            (b"..".to_vec(), libc::DT_DIR as u32, parent, None),
+        ];
+        for (name, _t) in self.merged_names(&s, &path)? {
+            if let Some(found) = self.resolve(&s, &path, &name)? {
+                let id = self.node_for(&found, inode, &name)?;
+                let t = (found.st.st_mode & libc::S_IFMT) >> 12;
+                entries.push((name, t, id, Some(found.st)));
+            }
+        }
+        Ok(DirList { entries })
+    }
+
+    /// The listing behind a directory handle, made on first use.
+    fn dir_list(&self, inode: u64, handle: u64) -> io::Result<Arc<DirList>> {
+        let h = self.handle(handle)?;
+        let Handle::Dir(slot) = &*h else {
+            return Err(err(libc::ENOTDIR));
+        };
+        let mut slot = slot.lock().map_err(poisoned)?;
+        if let Some(list) = &*slot {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(self.list_dir(inode)?);
+        *slot = Some(list.clone());
+        Ok(list)
+    }
+
+    /// The file behind an open file handle (for the splice read path).
+    pub(crate) fn handle_file(&self, h: u64) -> Option<Arc<impl AsRawFd>> {
+        struct HandleFile(Arc<Handle>);
+        impl AsRawFd for HandleFile {
+            fn as_raw_fd(&self) -> RawFd {
+                match &*self.0 {
+                    Handle::File(f) => f.as_raw_fd(),
+                    Handle::Dir(_) => -1,
+                }
+            }
+        }
+        let h = self.handle(h).ok()?;
+        matches!(&*h, Handle::File(_)).then(|| Arc::new(HandleFile(h)))
+    }
+
     fn xattr_path(&self, id: u64) -> io::Result<Vec<u8>> {
         let s = self.state(id)?;
         let path = self.path_of(id)?;
         Ok(self.layer(&s).abs(&path))
     }
+}
+
+/// What a write by an unprivileged caller does to a file's mode: drop
+/// setuid, and setgid when group-executable (setgid without group exec is a
+/// mandatory-locking marker and stays).
+fn killed_mode(mode: u32) -> u32 {
+    let mut m = mode & 0o7777 & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+fn kill_suidgid_path(dir: RawFd, rel: &CStr, fd: RawFd) -> io::Result<()> {
+    let st = sys::fstat(fd)?;
+    let m = killed_mode(st.st_mode);
+    if m != st.st_mode & 0o7777 {
+        sys::chmod_at(dir, rel, m)?;
+    }
+    Ok(())
 }
 
 /// The parent part of a relative path ("" for a top-level name).
@@ -850,6 +972,12 @@ impl FileSystem for OverlayFs {
     type Inode = u64;
     type Handle = u64;
 
+    // Not used, on purpose: FUSE passthrough (Linux 6.9+) would let the
+    // kernel read and write the upper/lower files directly, but registering a
+    // backing file (FUSE_DEV_IOC_BACKING_OPEN) needs CAP_SYS_ADMIN in the
+    // initial user namespace, which rootless kiln never has. Splice is not
+    // offered by fuse-backend-rs' server either, so data is copied once
+    // through our buffers each way.
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let want = FsOptions::ASYNC_READ
             | FsOptions::PARALLEL_DIROPS
@@ -859,7 +987,11 @@ impl FileSystem for OverlayFs {
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::CACHE_SYMLINKS
-            | FsOptions::WRITEBACK_CACHE;
+            | FsOptions::WRITEBACK_CACHE
+            // We clear setuid/setgid ourselves when the kernel says so; in
+            // exchange the kernel stops asking for security.capability
+            // before every write (SB_NOSEC).
+            | FsOptions::HANDLE_KILLPRIV_V2;
         if capable.contains(FsOptions::WRITEBACK_CACHE) {
             self.writeback.store(true, Ordering::Relaxed);
         }
@@ -920,18 +1052,26 @@ impl FileSystem for OverlayFs {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        if let Some(h) = handle {
-            if let Ok(hd) = self.handle(h) {
-                if let Handle::File(f) = &*hd {
-                    let st = sys::fstat(f.as_raw_fd())?;
-                    let s = self.state(inode)?;
-                    return Ok((self.view_stat(inode, &s, st), TIMEOUT));
+        // By name first: a handle opened before a copy-up still points at
+        // the lower file. The handle serves files that lost every name.
+        let by_name = {
+            let _t = self.tree.read().map_err(poisoned)?;
+            self.stat_node(inode)
+        };
+        match by_name {
+            Ok((s, st)) => Ok((self.view_stat(inode, &s, st), TIMEOUT)),
+            Err(e) => {
+                let file = handle.and_then(|h| self.handle(h).ok());
+                match file.as_deref() {
+                    Some(Handle::File(f)) => {
+                        let st = sys::fstat(f.as_raw_fd())?;
+                        let s = self.state(inode)?;
+                        Ok((self.view_stat(inode, &s, st), TIMEOUT))
+                    }
+                    _ => Err(e),
                 }
             }
         }
-        let _t = self.tree.read().map_err(poisoned)?;
-        let (s, st) = self.stat_node(inode)?;
-        Ok((self.view_stat(inode, &s, st), TIMEOUT))
     }
 
     fn setattr(
@@ -1011,6 +1151,10 @@ impl FileSystem for OverlayFs {
                 };
             }
             sys::lutimens_at(u, &c, &times)?;
+        }
+        if valid.contains(SetattrValid::KILL_SUIDGID) && s.kind == libc::S_IFREG {
+            let f = sys::open_at(u, &c, libc::O_PATH, 0)?;
+            kill_suidgid_path(u, &c, f.as_raw_fd())?;
         }
         let st = sys::lstat_at(u, &c)?;
         Ok((self.view_stat(inode, &s, st), TIMEOUT))
@@ -1316,7 +1460,7 @@ impl FileSystem for OverlayFs {
         _ctx: &Context,
         inode: u64,
         flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let oflags = self.open_flags(flags);
         let file = if is_write(flags) {
@@ -1324,7 +1468,11 @@ impl FileSystem for OverlayFs {
             let trunc = oflags & libc::O_TRUNC != 0;
             self.copy_up(inode, !trunc)?;
             let path = self.path_of(inode)?;
-            sys::open_at(self.upper.raw(), &rel_cstr(&path), oflags, 0)?
+            let f = sys::open_at(self.upper.raw(), &rel_cstr(&path), oflags, 0)?;
+            if trunc && fuse_flags & FOPEN_IN_KILL_SUIDGID != 0 {
+                self.kill_suidgid(inode, f.as_raw_fd())?;
+            }
+            f
         } else {
             let _t = self.tree.read().map_err(poisoned)?;
             let s = self.state(inode)?;
@@ -1388,7 +1536,7 @@ impl FileSystem for OverlayFs {
     fn write(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         r: &mut dyn ZeroCopyReader,
         size: u32,
@@ -1396,12 +1544,15 @@ impl FileSystem for OverlayFs {
         _lock_owner: Option<u64>,
         _delayed_write: bool,
         _flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<usize> {
         let h = self.handle(handle)?;
         let Handle::File(f) = &*h else {
             return Err(err(libc::EISDIR));
         };
+        if fuse_flags & WRITE_KILL_PRIV != 0 {
+            self.kill_suidgid(inode, f.as_raw_fd())?;
+        }
         let mut f = borrow_file(f);
         r.read_to(&mut *f, size as usize, offset)
     }
@@ -1551,38 +1702,21 @@ impl FileSystem for OverlayFs {
         inode: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let _t = self.tree.read().map_err(poisoned)?;
-        let s = self.state(inode)?;
-        let path = self.path_of(inode)?;
-        let parent = s.names.first().map(|(p, _)| *p).unwrap_or(ROOT_ID);
-        let mut entries = vec![
-            (b".".to_vec(), libc::DT_DIR as u32, inode, None),
-            (b"..".to_vec(), libc::DT_DIR as u32, parent, None),
-        ];
-        for (name, _t) in self.merged_names(&s, &path)? {
-            if let Some(found) = self.resolve(&s, &path, &name)? {
-                let id = self.node_for(&found, inode, &name)?;
-                let t = (found.st.st_mode & libc::S_IFMT) >> 12;
-                entries.push((name, t, id, Some(found.st)));
-            }
-        }
-        let h = self.new_handle(Handle::Dir(DirList { entries }))?;
+        self.state(inode)?;
+        let h = self.new_handle(Handle::Dir(Mutex::new(None)))?;
         Ok((Some(h), OpenOptions::CACHE_DIR))
     }
 
     fn readdir(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let h = self.handle(handle)?;
-        let Handle::Dir(list) = &*h else {
-            return Err(err(libc::ENOTDIR));
-        };
+        let list = self.dir_list(inode, handle)?;
         for (i, (name, t, id, _)) in list
             .entries
             .iter()
@@ -1605,16 +1739,13 @@ impl FileSystem for OverlayFs {
     fn readdirplus(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let h = self.handle(handle)?;
-        let Handle::Dir(list) = &*h else {
-            return Err(err(libc::ENOTDIR));
-        };
+        let list = self.dir_list(inode, handle)?;
         for (i, (name, t, id, st)) in list
             .entries
             .iter()
@@ -1686,5 +1817,43 @@ impl FileSystem for OverlayFs {
             return Err(io::Error::last_os_error());
         }
         Ok(r.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_by_the_unprivileged_drop_setuid_and_group_exec_setgid() {
+        assert_eq!(killed_mode(libc::S_IFREG | 0o4755), 0o755);
+        assert_eq!(killed_mode(libc::S_IFREG | 0o6755), 0o755);
+        // setgid without group exec marks mandatory locking and stays
+        assert_eq!(killed_mode(libc::S_IFREG | 0o2644), 0o2644);
+        assert_eq!(killed_mode(libc::S_IFREG | 0o1777), 0o1777);
+    }
+
+    #[test]
+    fn relative_paths_join_and_split() {
+        assert_eq!(join(b"", b"a"), b"a");
+        assert_eq!(join(b"a/b", b"c"), b"a/b/c");
+        assert_eq!(parent_path(b"a/b/c"), b"a/b");
+        assert_eq!(parent_path(b"a"), b"");
+        assert_eq!(rel_cstr(b"").as_bytes(), b".");
+    }
+
+    #[test]
+    fn only_overlay_xattrs_are_hidden() {
+        assert!(b"user.overlay.opaque".starts_with(OVERLAY_XATTR_PREFIX));
+        assert!(!b"user.overlayx".starts_with(OVERLAY_XATTR_PREFIX));
+        assert!(!b"security.capability".starts_with(OVERLAY_XATTR_PREFIX));
+    }
+
+    #[test]
+    fn write_opens_are_told_apart() {
+        assert!(!is_write(libc::O_RDONLY as u32));
+        assert!(is_write(libc::O_WRONLY as u32));
+        assert!(is_write(libc::O_RDWR as u32));
+        assert!(is_write((libc::O_RDONLY | libc::O_TRUNC) as u32));
     }
 }

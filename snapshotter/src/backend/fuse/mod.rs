@@ -11,7 +11,7 @@
 mod fs;
 mod sys;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -139,6 +139,7 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
         target: target.to_path_buf(),
         source,
     })?;
+    fs.set_notify_fd(dev.as_raw_fd());
     session.set_fuse_file(dev);
     let bufsize = session.bufsize();
     let mut view = FuseView {
@@ -146,7 +147,8 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
         session: Some(session),
         threads: Vec::new(),
     };
-    let server = Arc::new(Server::new(fs));
+    let fs = Arc::new(fs);
+    let server = Arc::new(Server::new(fs.clone()));
     for i in 0..server_threads() {
         let session = view.session.as_ref().ok_or_else(|| Error::Session {
             target: target.to_path_buf(),
@@ -157,9 +159,10 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
         // shared fd would wake every thread for each request.
         let dev = session.clone_fuse_file().map_err(session_err)?;
         let server = server.clone();
+        let fs = fs.clone();
         let t = std::thread::Builder::new()
             .name(format!("kiln-fuse-{i}"))
-            .spawn(move || serve_requests(&dev, &server, bufsize))
+            .spawn(move || serve_requests(&dev, &server, &fs, bufsize))
             .map_err(Error::Thread)?;
         view.threads.push(t);
     }
@@ -168,9 +171,15 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
 
 /// One server thread: read a request, answer it, until the connection ends
 /// (ENODEV once the view is unmounted).
-fn serve_requests(dev: &std::fs::File, server: &Server<OverlayFs>, bufsize: usize) {
+fn serve_requests(
+    dev: &std::fs::File,
+    server: &Server<Arc<OverlayFs>>,
+    fs: &OverlayFs,
+    bufsize: usize,
+) {
     let mut request = vec![0u8; bufsize];
     let mut reply = vec![0u8; bufsize];
+    let pipe = sys::sized_pipe(SPLICE_PIPE_SIZE);
     loop {
         let len = match nix::unistd::read(dev.as_raw_fd(), &mut request) {
             Ok(len) => len,
@@ -178,6 +187,11 @@ fn serve_requests(dev: &std::fs::File, server: &Server<OverlayFs>, bufsize: usiz
             Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
             Err(_) => return,
         };
+        if let Some((r, w)) = &pipe {
+            if splice_read(dev, fs, &request[..len], r.as_raw_fd(), w.as_raw_fd()) {
+                continue;
+            }
+        }
         let Ok(reader) = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len])) else {
             continue;
         };
@@ -194,6 +208,92 @@ fn serve_requests(dev: &std::fs::File, server: &Server<OverlayFs>, bufsize: usiz
             }
         }
     }
+}
+
+/// Pipe size for spliced reads: one readahead request (128 KiB by default)
+/// and its header fit with room to spare.
+const SPLICE_PIPE_SIZE: usize = 1 << 20;
+const FUSE_READ: u32 = 15;
+const IN_HEADER_LEN: usize = 40;
+const READ_IN_LEN: usize = 40;
+const OUT_HEADER_LEN: usize = 16;
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Answer a READ by splicing file pages through a pipe into /dev/fuse
+/// instead of copying them through our buffer (what libfuse does). Returns
+/// false, having sent nothing, when the request is not a plain read of a
+/// regular file that fits the pipe; the normal path then answers it.
+fn splice_read(dev: &std::fs::File, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: RawFd) -> bool {
+    if req.len() < IN_HEADER_LEN + READ_IN_LEN || u32_at(req, 4) != Some(FUSE_READ) {
+        return false;
+    }
+    let (Some(unique), Some(fh), Some(offset), Some(size)) = (
+        u64_at(req, 8),
+        u64_at(req, IN_HEADER_LEN),
+        u64_at(req, IN_HEADER_LEN + 8),
+        u32_at(req, IN_HEADER_LEN + 16),
+    ) else {
+        return false;
+    };
+    let size = size as usize;
+    if size + OUT_HEADER_LEN > SPLICE_PIPE_SIZE {
+        return false;
+    }
+    let Some(file) = fs.handle_file(fh) else {
+        return false;
+    };
+    let fd = file.as_raw_fd();
+    let Ok(st) = sys::fstat(fd) else {
+        return false;
+    };
+    let (Ok(mut off), Ok(file_size)) = (i64::try_from(offset), u64::try_from(st.st_size)) else {
+        return false;
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return false;
+    }
+    let expected = usize::try_from(file_size.saturating_sub(offset))
+        .unwrap_or(usize::MAX)
+        .min(size);
+    if expected == 0 {
+        return false;
+    }
+    let total = OUT_HEADER_LEN + expected;
+    let mut header = [0u8; OUT_HEADER_LEN];
+    header[0..4].copy_from_slice(&u32::try_from(total).unwrap_or(0).to_ne_bytes());
+    header[8..16].copy_from_slice(&unique.to_ne_bytes());
+    if sys::write_all(pw, &header).is_err() {
+        sys::drain(pr, OUT_HEADER_LEN);
+        return false;
+    }
+    let mut got = 0;
+    while got < expected {
+        match sys::splice(fd, Some(&mut off), pw, expected - got) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    if got != expected {
+        // the file changed size under us: take the copying path
+        sys::drain(pr, OUT_HEADER_LEN + got);
+        return false;
+    }
+    // One splice must carry the whole reply: /dev/fuse takes a message per
+    // write. On failure (the request was interrupted) the reply is dropped,
+    // as a failed write of the copying path would be.
+    match sys::splice(pr, None, dev.as_raw_fd(), total) {
+        Ok(n) if n == total => {}
+        Ok(n) => sys::drain(pr, total - n),
+        Err(_) => sys::drain(pr, total),
+    }
+    true
 }
 
 /// A mounted FUSE view; dropping it unmounts and waits for the server.

@@ -153,6 +153,12 @@ pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
+/// `fchmod(fd, mode)`.
+pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller keeps open.
+    cvt(unsafe { libc::fchmod(fd, mode as libc::mode_t) }).map(drop)
+}
+
 /// `fchmodat(dir, rel, mode, 0)`. Callers never pass a symlink.
 pub fn chmod_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
@@ -365,6 +371,89 @@ pub fn read_dir(path: &[u8]) -> io::Result<Vec<(Vec<u8>, u8)>> {
         out.push((entry.file_name().as_bytes().to_vec(), t));
     }
     Ok(out)
+}
+
+/// Tell the kernel to forget the cached attributes of FUSE inode `ino`
+/// (FUSE_NOTIFY_INVAL_INODE with offset -1: attributes only, no pages).
+pub fn fuse_notify_inval_attr(dev: RawFd, ino: u64) -> io::Result<()> {
+    const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
+    let mut msg = [0u8; 40];
+    msg[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_INVAL_INODE.to_ne_bytes());
+    // bytes 8..16: unique 0 marks a notification
+    msg[16..24].copy_from_slice(&ino.to_ne_bytes());
+    msg[24..32].copy_from_slice(&(-1i64).to_ne_bytes());
+    // bytes 32..40: length 0
+    // SAFETY: `msg` is readable for its length; `dev` is the open device.
+    let n = unsafe { libc::write(dev, msg.as_ptr().cast(), msg.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pipe (read end, write end) resized to at least `size` bytes, or None
+/// when the system refuses (its size limit is then too small to help).
+pub fn sized_pipe(size: usize) -> Option<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let want = libc::c_int::try_from(size).ok()?;
+    // SAFETY: plain fcntl on the pipe we own.
+    let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    (got >= want).then_some((r, w))
+}
+
+/// `splice(2)` without offsets on the pipe side; `off` is the file offset
+/// when `from` is a file (advanced by the kernel).
+pub fn splice(from: RawFd, off: Option<&mut i64>, to: RawFd, len: usize) -> io::Result<usize> {
+    let off_ptr = off.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    // SAFETY: both fds are open for the call; `off_ptr` is null or points to
+    // an i64 the caller owns for the call.
+    let n = unsafe {
+        libc::splice(
+            from,
+            off_ptr,
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.unsigned_abs())
+}
+
+/// `write(2)` of a whole small buffer (into a pipe: atomic below PIPE_BUF).
+pub fn write_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    // SAFETY: `buf` is readable for its length; `fd` is open.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n.unsigned_abs() != buf.len() {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
+}
+
+/// Throw away up to `len` bytes waiting in a pipe.
+pub fn drain(fd: RawFd, mut len: usize) {
+    let mut buf = [0u8; 8192];
+    while len > 0 {
+        // SAFETY: `buf` is writable for its length; `fd` is open.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len().min(len)) };
+        if n <= 0 {
+            return;
+        }
+        len -= n.unsigned_abs();
+    }
 }
 
 /// Whether `st` is an overlayfs whiteout: a character device 0:0.
