@@ -41,6 +41,10 @@ enum Command {
     Tag(cli::images::TagArgs),
     /// Write a stored image out (docker-archive, OCI layout, root filesystem)
     Save(cli::images::SaveArgs),
+    /// Show the space used by images, layers and the build cache
+    Du(cli::du::DuArgs),
+    /// Free the build cache (and with --all unnamed images)
+    Prune(cli::prune::PruneArgs),
 }
 
 fn main() {
@@ -72,6 +76,8 @@ fn main() {
         Command::Rmi(args) => cli::images::rmi(root, args),
         Command::Tag(args) => cli::images::tag(root, args),
         Command::Save(args) => cli::images::save(root, args),
+        Command::Du(args) => cli::du::run(root, args),
+        Command::Prune(args) => cli::prune::run(root, args),
         Command::Debug(_) => unreachable!("handled above"),
     };
     finish(result)

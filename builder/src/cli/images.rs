@@ -278,9 +278,10 @@ pub struct RmiArgs {
     force: bool,
 }
 
-/// `kiln rmi`: untag, then collect what no image needs any more.
+/// `kiln rmi`: untag, then collect what no image and no cache record needs
+/// any more.
 pub fn rmi(root: Option<&Path>, args: RmiArgs) -> anyhow::Result<i32> {
-    let (_state, snap) = open_state(root)?;
+    let (state, snap) = open_state(root)?;
     let store = ImageStore::new(&snap);
     let mut failed = 0;
     for what in &args.images {
@@ -300,7 +301,8 @@ pub fn rmi(root: Option<&Path>, args: RmiArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    store.gc().context("garbage collection after rmi")?;
+    // the build cache keeps its layers: `kiln prune` frees those
+    super::prune::collect_keeping_cache(&state, &snap).context("garbage collection after rmi")?;
     Ok(if failed > 0 { 1 } else { 0 })
 }
 

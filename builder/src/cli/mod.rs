@@ -3,7 +3,9 @@
 //! code. Errors are `anyhow` here and nowhere below.
 
 pub mod build;
+pub mod du;
 pub mod images;
+pub mod prune;
 pub mod run;
 pub mod sandbox;
 

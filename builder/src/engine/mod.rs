@@ -76,6 +76,10 @@ pub enum Error {
     Cache(std::io::Error),
     #[error("cannot store the image: {0}")]
     Store(Box<kiln_snapshotter::content::Error>),
+    #[error("cannot keep the image's blobs from garbage collection: {0}")]
+    Lease(Box<kiln_snapshotter::layers::Error>),
+    #[error("a layer of the image was removed by a concurrent `kiln prune` or `kiln rmi` before the image was stored; build again")]
+    Collected,
     #[error("a build task failed: {0}")]
     Join(String),
 }
@@ -594,7 +598,7 @@ impl Engine {
                 self.progress.started(vertex, name);
                 let view = self
                     .snap
-                    .prepare(&format!("run-{}", &key.0[..16]), chain.as_ref())?;
+                    .prepare(&cache::view_key("run", &key), chain.as_ref())?;
                 let spec = exec::RunSpec {
                     run,
                     state,
@@ -687,7 +691,7 @@ impl Engine {
                     from_state.chain.as_ref().and_then(|c| c.parse().ok());
                 source_view = self
                     .snap
-                    .view(&format!("from-{}", &from_key.0[..16]), from_chain.as_ref())?;
+                    .view(&cache::view_key("from", from_key), from_chain.as_ref())?;
                 source_root = fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
                 (&source_root, "source stage", None)
             }
@@ -733,7 +737,7 @@ impl Engine {
         self.progress.started(vertex, name);
         let view = self
             .snap
-            .prepare(&format!("copy-{}", &key.0[..16]), chain.as_ref())?;
+            .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
         let copied = (|| {
             let target = fsutil::Root::open(view.path()).map_err(StepError::Source)?;
             let owner =
@@ -792,16 +796,8 @@ impl Engine {
         if no_cache {
             return None;
         }
-        let hit = self.cache.get(key)?;
-        // A record whose layer was garbage-collected is a miss.
-        match &hit.chain {
-            Some(c) => c
-                .parse::<Digest>()
-                .ok()
-                .filter(|d| self.snap.layers().contains(d))
-                .map(|_| hit),
-            None => Some(hit),
-        }
+        // a record whose layers or blobs were collected is a miss
+        self.cache.lookup(key, &self.snap)
     }
 
     fn record(&self, key: &Key, state: &ImageState) {
@@ -858,10 +854,28 @@ impl Engine {
         };
         let config = state.config_json(&created);
         let content = self.snap.content();
+        // Blobs written here are leased before GC may run again, and the
+        // layers' blobs are leased and checked: a concurrent `kiln prune`
+        // must not leave a stored image pointing at collected blobs.
+        let _no_gc = self
+            .snap
+            .layers()
+            .gc_guard(false)
+            .map_err(|e| Error::Lease(Box::new(e)))?;
+        if !cache::keep_for_build(&state, &self.snap) {
+            return Err(Error::Collected);
+        }
+        let lease = |d: &Digest| {
+            self.snap
+                .lease()
+                .add_blob(d)
+                .map_err(|e| Error::Lease(Box::new(e)))
+        };
         let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Join(e.to_string()))?;
         let config_desc = content
             .put_bytes(MediaType::ImageConfig, &config_bytes)
             .map_err(|e| Error::Store(Box::new(e)))?;
+        lease(config_desc.digest())?;
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -873,6 +887,7 @@ impl Engine {
         let manifest_desc = content
             .put_bytes(MediaType::ImageManifest, &manifest_bytes)
             .map_err(|e| Error::Store(Box::new(e)))?;
+        lease(manifest_desc.digest())?;
         Ok(Built {
             snap: Arc::clone(&self.snap),
             manifest: manifest_desc,

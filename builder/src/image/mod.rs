@@ -9,6 +9,8 @@
 //! - [`import`]: `kiln import` of a root filesystem directory or tar
 //! - [`output`]: BuildKit's `--output` CSV syntax
 //! - [`mod@export`]: the exporters for every `--output` type
+//! - [`gc`]: what images and the build cache need, `kiln du` accounting,
+//!   collecting the rest
 //!
 //! How `kiln build` uses it: open the [`StateDir`] and a `Snapshotter` at
 //! its `snapshotter_root()`; resolve `FROM` names with
@@ -24,6 +26,7 @@
 
 pub mod archive;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod output;
 pub mod reference;

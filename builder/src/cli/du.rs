@@ -1,0 +1,106 @@
+//! `kiln du`: the space kiln's state directory uses, split like
+//! `docker system df`: image blobs, unpacked layers, the build cache, and
+//! cache mounts (a row that stays at zero until `RUN --mount=type=cache`
+//! exists). Read-only: it never removes anything.
+
+use std::path::Path;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::images::{human_size, open_state};
+use super::prune::cache_entries;
+use crate::engine::cache::Cache;
+use crate::image::gc::{self, CacheRoot, Row};
+use crate::image::time;
+
+#[derive(Args, Debug)]
+pub struct DuArgs {
+    /// Also list every build-cache record
+    #[arg(long, short = 'v')]
+    verbose: bool,
+    /// Output format: table, or json (bytes as numbers)
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "0%".into();
+    }
+    // u128: no overflow for any file-system size
+    format!("{}%", u128::from(part) * 100 / u128::from(whole))
+}
+
+/// Print rows as a left-aligned table, three spaces between columns.
+fn print_table(table: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..table[0].len())
+        .map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}
+
+/// `kiln du`.
+pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
+    let (state, snap) = open_state(root)?;
+    let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
+    let entries = cache_entries(&cache, &snap)?;
+    let roots: Vec<CacheRoot> = entries.iter().map(|e| e.root.clone()).collect();
+    let usage = gc::usage(&snap, &roots)?;
+    if args.format == "json" {
+        println!("{}", serde_json::to_string_pretty(&usage)?);
+        return Ok(0);
+    }
+    let row = |name: &str, r: &Row| {
+        vec![
+            name.to_string(),
+            r.total.to_string(),
+            r.active.to_string(),
+            human_size(r.size),
+            format!(
+                "{} ({})",
+                human_size(r.reclaimable),
+                percent(r.reclaimable, r.size)
+            ),
+        ]
+    };
+    print_table(&[
+        ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
+            .map(String::from)
+            .to_vec(),
+        row("Images", &usage.images),
+        row("Layers", &usage.layers),
+        row("Build Cache", &usage.build_cache),
+        row("Cache Mounts", &usage.cache_mounts),
+    ]);
+    println!("\nTotal on disk: {}", human_size(usage.on_disk));
+    if args.verbose {
+        let sizes = gc::record_sizes(&snap, &roots)?;
+        let now = std::time::SystemTime::now();
+        let mut rows = vec![["CACHE ID", "SIZE", "LAST USED", "USABLE"]
+            .map(String::from)
+            .to_vec()];
+        for (e, size) in entries.iter().zip(sizes) {
+            let age = now
+                .duration_since(e.record.last_used)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            rows.push(vec![
+                e.record.key.0.chars().take(12).collect(),
+                human_size(size),
+                time::human_age(age),
+                if e.root.usable { "yes" } else { "no" }.into(),
+            ]);
+        }
+        println!();
+        print_table(&rows);
+    }
+    Ok(0)
+}
