@@ -245,6 +245,8 @@ pub struct Plan {
     pub path_dirs: Vec<CString>,
     pub stdio: [StdioFd; 3],
     pub init_fd: RawFd,
+    /// pidfd of the process that starts the sandbox
+    pub parent_pidfd: RawFd,
     pub sync_read: RawFd,
     pub err_write: RawFd,
     pub status_write: RawFd,
@@ -531,6 +533,25 @@ pub unsafe fn run(p: &Plan) -> ! {
         }
         check(libc::syscall(libc::SYS_setresgid, 0, 0, 0)).or_fail(p, Stage::BecomeRoot);
         check(libc::syscall(libc::SYS_setresuid, 0, 0, 0)).or_fail(p, Stage::BecomeRoot);
+    }
+
+    // 2b. Die with kiln: if the process that started us is killed (even
+    //     with SIGKILL) the kernel kills us, PID 1, and with us every
+    //     process of the namespace. Set after the id change, which clears
+    //     it; a parent that died before this point is caught by polling
+    //     its pidfd.
+    // SAFETY: plain prctl and poll on a pollfd array on the stack.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0).into())
+            .or_fail(p, Stage::BecomeRoot);
+        let mut pfd = [libc::pollfd {
+            fd: p.parent_pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if libc::poll(pfd.as_mut_ptr(), 1, 0) != 0 {
+            libc::_exit(crate::error::EXIT_SANDBOX_FAILURE);
+        }
     }
 
     // 3. Hostname of the new UTS namespace.

@@ -482,6 +482,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         path_dirs,
         stdio,
         init_fd: init_memfd()?,
+        parent_pidfd: -1,
         sync_read: -1,
         err_write: -1,
         status_write: -1,
@@ -494,6 +495,19 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         clone_flags,
         mapping,
     })
+}
+
+/// A pidfd of this process, for the child to notice our death.
+fn pidfd_self() -> Result<OwnedFd> {
+    // SAFETY: pidfd_open of our own pid; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return Err(Error::Channel(std::io::Error::last_os_error()));
+    }
+    let fd = RawFd::try_from(fd)
+        .map_err(|_| Error::Channel(std::io::Error::from_raw_os_error(libc::EBADF)))?;
+    // SAFETY: a new descriptor nothing else owns; pidfds are close-on-exec.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -536,6 +550,8 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     prepared.plan.sync_read = sync_r.as_raw_fd();
     prepared.plan.err_write = err_w.as_raw_fd();
     prepared.plan.status_write = status_w.as_raw_fd();
+    let parent_pidfd = pidfd_self()?;
+    prepared.plan.parent_pidfd = parent_pidfd.as_raw_fd();
 
     // Signals to forward are blocked before the clone so none is lost; the
     // child unblocks nothing it does not need: exec resets handlers, and

@@ -482,7 +482,6 @@ fn sleepers(secs: &str) -> Vec<u32> {
 }
 
 #[test]
-#[ignore = "runtime: the sandbox init (kiln-init) gets no parent-death signal, so a RUN outlives a SIGKILLed kiln"]
 fn a_killed_build_leaves_no_step_running() {
     let df = "FROM scratch\nCOPY rootfs/ /\nRUN echo long-run-started && sleep 37\n";
     let pr = Project::new("state-kill-orphan", &[("Dockerfile", df)]);
