@@ -387,3 +387,42 @@ pub fn busybox_rootfs(dir: &Path) {
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod tmp");
     run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(dir));
 }
+
+/// Make `dir` readable by everyone and, when the tests run as root, owned
+/// by the test user, so kiln (run as that user) can use it.
+pub fn give_to_test_user(dir: &Path) {
+    run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(dir));
+    if running_as_root() {
+        let (uid, gid) = test_ids();
+        run_checked(
+            Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(dir),
+        );
+    }
+}
+
+/// Rootless podman as the test user, with its storage under `dir` (vfs,
+/// cgroupfs: this host's hybrid cgroups stop podman's default setup).
+/// `tag` keeps the run directory of concurrent test binaries apart; podman
+/// limits that path to 50 characters.
+pub fn podman(dir: &Path, tag: &str, args: &[&str]) -> Output {
+    assert!(
+        Path::new("/usr/bin/podman").exists(),
+        "podman is missing: run scripts/setup-host.sh (apt-get install podman runc)"
+    );
+    let mut cmd = unprivileged(Path::new("/usr/bin/podman"));
+    cmd.arg("--root")
+        .arg(dir.join("podman-root"))
+        .arg("--runroot")
+        .arg(podman_runroot(tag))
+        .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+        .args(args);
+    cmd.output().expect("run podman")
+}
+
+/// The run directory [`podman`] uses for `tag` in this process.
+pub fn podman_runroot(tag: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/kiln-{tag}-run-{}", std::process::id()))
+}

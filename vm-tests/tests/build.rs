@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_vm_tests::{busybox_rootfs, kiln, run_checked, running_as_root, test_dir, test_ids};
+use kiln_vm_tests::{busybox_rootfs, kiln, run_checked, test_dir};
 
 /// A context directory with a busybox tree under `rootfs/`, and a state
 /// directory, both owned by the test user.
@@ -23,16 +23,7 @@ impl Project {
     }
 
     fn chown(&self) {
-        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(&self.dir));
-        if running_as_root() {
-            let (uid, gid) = test_ids();
-            run_checked(
-                Command::new("chown")
-                    .arg("-R")
-                    .arg(format!("{uid}:{gid}"))
-                    .arg(&self.dir),
-            );
-        }
+        kiln_vm_tests::give_to_test_user(&self.dir);
     }
 
     fn ctx(&self) -> PathBuf {

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_vm_tests::{kiln, run_checked, running_as_root, test_dir, test_ids};
+use kiln_vm_tests::{kiln, run_checked, test_dir};
 
 /// A context directory and a state directory owned by the test user.
 struct Project {
@@ -40,16 +40,7 @@ impl Project {
 
     /// Make everything readable and owned by the test user.
     fn chown(&self) {
-        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(&self.dir));
-        if running_as_root() {
-            let (uid, gid) = test_ids();
-            run_checked(
-                Command::new("chown")
-                    .arg("-R")
-                    .arg(format!("{uid}:{gid}"))
-                    .arg(&self.dir),
-            );
-        }
+        kiln_vm_tests::give_to_test_user(&self.dir);
     }
 
     fn build(&self, extra: &[&str]) -> Output {

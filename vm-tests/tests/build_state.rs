@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_vm_tests::{
-    busybox_rootfs, kiln, run_checked, running_as_root, test_dir, test_ids, unprivileged,
-};
+use kiln_vm_tests::{busybox_rootfs, kiln, run_checked, test_dir};
 
 /// A context with a busybox tree under `rootfs/` and any number of
 /// Dockerfiles, and one state directory, all owned by the test user.
@@ -31,16 +29,7 @@ impl Project {
     }
 
     fn chown(&self) {
-        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(&self.dir));
-        if running_as_root() {
-            let (uid, gid) = test_ids();
-            run_checked(
-                Command::new("chown")
-                    .arg("-R")
-                    .arg(format!("{uid}:{gid}"))
-                    .arg(&self.dir),
-            );
-        }
+        kiln_vm_tests::give_to_test_user(&self.dir);
     }
 
     fn ctx(&self) -> PathBuf {
@@ -340,25 +329,8 @@ fn prune_frees_the_cache_and_keeps_tagged_images_usable() {
     assert!(pr.dir.join("saved2/one").exists());
 }
 
-/// podman's run directory: short, since podman limits it to 50 characters.
-fn podman_runroot() -> PathBuf {
-    PathBuf::from(format!("/tmp/kiln-pst-run-{}", std::process::id()))
-}
-
 fn podman(dir: &Path, args: &[&str]) -> Output {
-    let mut cmd = unprivileged(Path::new("/usr/bin/podman"));
-    cmd.args([
-        "--root",
-        p(&dir.join("podman-root")),
-        "--runroot",
-        p(&podman_runroot()),
-        "--storage-driver",
-        "vfs",
-        "--cgroup-manager",
-        "cgroupfs",
-    ]);
-    cmd.args(args);
-    cmd.output().expect("run podman")
+    kiln_vm_tests::podman(dir, "pst", args)
 }
 
 #[test]
@@ -404,12 +376,12 @@ fn a_built_image_runs_in_rootless_podman() {
         let out = podman(&pr.dir, &args);
         if out.status.success() {
             assert_eq!(text(&out.stdout), "made by kiln\n");
-            kiln_vm_tests::remove_tree(&podman_runroot());
+            kiln_vm_tests::remove_tree(&kiln_vm_tests::podman_runroot("pst"));
             return;
         }
         errors.push(format!("podman {args:?}: {}", text(&out.stderr)));
     }
-    kiln_vm_tests::remove_tree(&podman_runroot());
+    kiln_vm_tests::remove_tree(&kiln_vm_tests::podman_runroot("pst"));
     panic!("podman run failed:\n{}", errors.join("\n"));
 }
 

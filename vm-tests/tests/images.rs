@@ -165,27 +165,8 @@ fn default_state_dir_is_xdg_data_home_kiln_0700() {
     assert_eq!(meta.uid(), test_ids().0);
 }
 
-/// podman's run directory: short, since podman limits it to 50 characters.
-fn podman_runroot() -> PathBuf {
-    PathBuf::from(format!("/tmp/kiln-podman-run-{}", std::process::id()))
-}
-
-/// Run podman as the test user with storage under `dir`.
 fn podman(dir: &Path, args: &[&str]) -> Output {
-    let mut cmd = unprivileged(Path::new("/usr/bin/podman"));
-    cmd.args([
-        "--root",
-        p(&dir.join("podman-root")),
-        // podman limits the runroot path to 50 characters
-        "--runroot",
-        p(&podman_runroot()),
-        "--storage-driver",
-        "vfs",
-        "--cgroup-manager",
-        "cgroupfs",
-    ]);
-    cmd.args(args);
-    cmd.output().expect("run podman")
+    kiln_vm_tests::podman(dir, "img", args)
 }
 
 #[test]
@@ -226,7 +207,7 @@ fn docker_export_loads_and_runs_in_rootless_podman() {
         let out = podman(&dir, &args);
         if out.status.success() {
             assert_eq!(text(&out.stdout), "hi\n");
-            kiln_vm_tests::remove_tree(&podman_runroot());
+            kiln_vm_tests::remove_tree(&kiln_vm_tests::podman_runroot("img"));
             return;
         }
         errors.push(format!("podman {args:?}: {}", text(&out.stderr)));
