@@ -324,3 +324,52 @@ fn copy_never_follows_context_symlinks_out() {
         .file_type()
         .is_symlink());
 }
+
+#[test]
+fn copy_from_an_image_and_a_named_context() {
+    let p = Project::new(
+        "build-from-sources",
+        "FROM scratch\nCOPY rootfs/ /\nRUN echo base > /made\n",
+    );
+    ok(p.build(&["--progress", "quiet", "-t", "src-image"]));
+    std::fs::create_dir_all(p.dir.join("extra/sub")).unwrap();
+    std::fs::write(p.dir.join("extra/sub/file.txt"), "from a named context\n").unwrap();
+    std::fs::write(p.dir.join("extra/.dockerignore"), "secret\n").unwrap();
+    std::fs::write(p.dir.join("extra/secret"), "ignored\n").unwrap();
+    // FROM the image through a docker-image:// context too.
+    std::fs::write(
+        p.ctx().join("Dockerfile.two"),
+        "FROM base2 AS b\n\nFROM scratch\nCOPY --from=src-image /made /from-image\nCOPY --from=extra / /ctx/\nCOPY --from=b /made /from-alias\n",
+    )
+    .unwrap();
+    p.chown();
+    let out = p.dir.join("out");
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "-f",
+        &p.ctx().join("Dockerfile.two").display().to_string(),
+        "--build-context",
+        &format!("extra={}", p.dir.join("extra").display()),
+        "--build-context",
+        "base2=docker-image://src-image",
+        "-o",
+        &format!("type=local,dest={}", out.display()),
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(out.join("from-image")).unwrap(),
+        "base\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("from-alias")).unwrap(),
+        "base\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("ctx/sub/file.txt")).unwrap(),
+        "from a named context\n"
+    );
+    assert!(
+        !out.join("ctx/secret").exists(),
+        "the named context's .dockerignore applies"
+    );
+}

@@ -27,6 +27,10 @@ pub struct BuildArgs {
     /// Set a build argument
     #[arg(long, value_name = "K=V")]
     build_arg: Vec<String>,
+    /// A named context for FROM/COPY --from: `NAME=DIR` or
+    /// `NAME=docker-image://REF` (several allowed)
+    #[arg(long, value_name = "NAME=SOURCE")]
+    build_context: Vec<String>,
     /// Build this stage and what it needs
     #[arg(long)]
     target: Option<String>,
@@ -101,7 +105,15 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
         Some(f) => std::path::absolute(f)?,
         None => context.join("Dockerfile"),
     };
+    let mut named_contexts = BTreeMap::new();
+    for c in &args.build_context {
+        let (k, v) = c
+            .split_once('=')
+            .with_context(|| format!("--build-context {c:?}: expected NAME=SOURCE"))?;
+        named_contexts.insert(k.to_string(), v.to_string());
+    }
     let opts = engine::BuildOptions {
+        named_contexts,
         context,
         dockerfile,
         build_args,

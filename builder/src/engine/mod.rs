@@ -112,6 +112,8 @@ pub struct BuildOptions {
     pub context: PathBuf,
     pub dockerfile: PathBuf,
     pub build_args: BTreeMap<String, String>,
+    /// `--build-context NAME=SOURCE`
+    pub named_contexts: BTreeMap<String, String>,
     pub target: Option<String>,
     pub no_cache: bool,
     pub no_cache_filter: Vec<String>,
@@ -149,6 +151,14 @@ struct CopyOp<'a> {
     excludes: &'a [String],
     /// ADD: extract local tar archives
     unpack: bool,
+}
+
+/// Where a `COPY --from` reads: a stage or image result, or a local
+/// directory given with `--build-context NAME=DIR`.
+#[derive(Clone)]
+pub enum FromSource {
+    Image(Key, ImageState),
+    Dir { name: String, path: PathBuf },
 }
 
 /// A finished stage: its last key and state.
@@ -258,6 +268,7 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     // environment and working directory (variables may come from them).
     let mut plan_opts = PlanOptions {
         build_args: opts.build_args.clone(),
+        named_contexts: opts.named_contexts.clone(),
         target: opts.target.clone(),
         ..PlanOptions::default()
     };
@@ -373,6 +384,36 @@ impl Engine {
         }
     }
 
+    /// What `--build-context NAME=SOURCE` gives a `COPY --from=NAME`: a
+    /// local directory, or `docker-image://REF` from the local store.
+    fn context_source(
+        &self,
+        name: &str,
+        source: &str,
+        platform: &Platform,
+    ) -> std::result::Result<FromSource, StepError> {
+        if let Some(reference) = source.strip_prefix("docker-image://") {
+            let (k, st) = load_base(&self.snap, reference, platform)
+                .map_err(|e| StepError::Unsupported(e.to_string()))?;
+            return Ok(FromSource::Image(k, st));
+        }
+        if source.contains("://") {
+            return Err(StepError::Unsupported(format!(
+                "--build-context {name}={source}: only local directories and docker-image:// are supported yet"
+            )));
+        }
+        let path = std::path::absolute(source).map_err(StepError::Source)?;
+        if !path.is_dir() {
+            return Err(StepError::Unsupported(format!(
+                "--build-context {name}={source}: not a directory"
+            )));
+        }
+        Ok(FromSource::Dir {
+            name: name.to_string(),
+            path,
+        })
+    }
+
     async fn stage_result(&self, index: usize) -> Result<(Key, ImageState)> {
         let mut rx = self
             .results
@@ -415,11 +456,18 @@ impl Engine {
                 .cloned()
                 .ok_or_else(|| Error::BaseNotFound(reference.clone()))?,
             Base::Stage { index } => self.stage_result(*index).await?,
-            Base::Context { name, .. } => {
-                return Err(Error::Join(format!(
-                    "FROM a --build-context ({name}) is not supported yet"
-                )));
-            }
+            Base::Context { name, source } => match source.strip_prefix("docker-image://") {
+                Some(reference) => {
+                    let platform = stage.platform.clone();
+                    tokio::task::block_in_place(|| load_base(&self.snap, reference, &platform))?
+                }
+                None => {
+                    return Err(Error::Join(format!(
+                        "FROM --build-context {name}={source}: only docker-image:// contexts can be a base yet \
+                         (a directory context works with COPY --from={name})"
+                    )));
+                }
+            },
         };
         let total = stage.steps.len();
         let stage_name = stage
@@ -474,17 +522,23 @@ impl Engine {
         let mut from = None;
         if let Instruction::Copy(c) = &step.instruction {
             if c.from.is_some() {
+                let step_err = |e| self.step_error(step, e);
                 match step.sources.first() {
                     Some(SourceRef::Stage { index }) => {
-                        from = Some(self.stage_result(*index).await?)
+                        let (k, st) = self.stage_result(*index).await?;
+                        from = Some(FromSource::Image(k, st));
                     }
-                    Some(other) => {
-                        return Err(self.step_error(
-                            step,
-                            StepError::Unsupported(format!(
-                                "COPY --from {other:?} is not supported yet: copy from a stage"
-                            )),
-                        ));
+                    Some(SourceRef::Image { reference }) => {
+                        let (k, st) = tokio::task::block_in_place(|| {
+                            load_base(&self.snap, reference, &stage.platform)
+                        })?;
+                        from = Some(FromSource::Image(k, st));
+                    }
+                    Some(SourceRef::Context { name, source }) => {
+                        from = Some(
+                            self.context_source(name, source, &stage.platform)
+                                .map_err(step_err)?,
+                        );
                     }
                     None => {}
                 }
@@ -535,7 +589,7 @@ impl Engine {
         step: &Step,
         key: &Key,
         state: &ImageState,
-        from: Option<&(Key, ImageState)>,
+        from: Option<&FromSource>,
         vertex: usize,
         name: &str,
         no_cache: bool,
@@ -675,7 +729,7 @@ impl Engine {
         op: &CopyOp<'_>,
         mut k: KeyBuilder,
         state: &ImageState,
-        from: Option<&(Key, ImageState)>,
+        from: Option<&FromSource>,
         vertex: usize,
         name: &str,
         no_cache: bool,
@@ -684,8 +738,16 @@ impl Engine {
         let mut new_state = state.clone();
         let source_view;
         let source_root;
+        let dir_ignore;
         let (root, what, ignore) = match from {
-            Some((from_key, from_state)) => {
+            Some(FromSource::Dir { name, path }) => {
+                k.str("context").str(name);
+                source_root = fsutil::Root::open(path).map_err(StepError::Source)?;
+                dir_ignore = frontend::dockerignore::load(path, &path.join("Dockerfile"))
+                    .unwrap_or_default();
+                (&source_root, "named build context", Some(&dir_ignore))
+            }
+            Some(FromSource::Image(from_key, from_state)) => {
                 k.str(&from_key.0);
                 let from_chain: Option<Digest> =
                     from_state.chain.as_ref().and_then(|c| c.parse().ok());
