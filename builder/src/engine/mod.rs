@@ -157,7 +157,7 @@ struct CopyOp<'a> {
 /// directory given with `--build-context NAME=DIR`.
 #[derive(Clone)]
 pub enum FromSource {
-    Image(Key, ImageState),
+    Image(Key, Box<ImageState>),
     Dir { name: String, path: PathBuf },
 }
 
@@ -395,7 +395,7 @@ impl Engine {
         if let Some(reference) = source.strip_prefix("docker-image://") {
             let (k, st) = load_base(&self.snap, reference, platform)
                 .map_err(|e| StepError::Unsupported(e.to_string()))?;
-            return Ok(FromSource::Image(k, st));
+            return Ok(FromSource::Image(k, Box::new(st)));
         }
         if source.contains("://") {
             return Err(StepError::Unsupported(format!(
@@ -526,13 +526,13 @@ impl Engine {
                 match step.sources.first() {
                     Some(SourceRef::Stage { index }) => {
                         let (k, st) = self.stage_result(*index).await?;
-                        from = Some(FromSource::Image(k, st));
+                        from = Some(FromSource::Image(k, Box::new(st)));
                     }
                     Some(SourceRef::Image { reference }) => {
                         let (k, st) = tokio::task::block_in_place(|| {
                             load_base(&self.snap, reference, &stage.platform)
                         })?;
-                        from = Some(FromSource::Image(k, st));
+                        from = Some(FromSource::Image(k, Box::new(st)));
                     }
                     Some(SourceRef::Context { name, source }) => {
                         from = Some(
