@@ -373,3 +373,54 @@ fn copy_from_an_image_and_a_named_context() {
         "the named context's .dockerignore applies"
     );
 }
+
+#[test]
+fn onbuild_triggers_of_a_base_image_run_in_the_child() {
+    let p = Project::new(
+        "build-onbuild",
+        "FROM scratch\nCOPY rootfs/ /\nENV WHO=parent\nONBUILD RUN echo \"triggered for $WHO\" > /onbuild\nONBUILD COPY marker /marker\n",
+    );
+    ok(p.build(&["--progress", "quiet", "-t", "with-triggers"]));
+    std::fs::write(p.ctx().join("marker"), "child context\n").unwrap();
+    std::fs::write(
+        p.ctx().join("Dockerfile.child"),
+        "FROM with-triggers\nRUN cat /onbuild /marker > /seen\n",
+    )
+    .unwrap();
+    p.chown();
+    let out = p.dir.join("out");
+    let tar = p.dir.join("child.tar");
+    let file = p.ctx().join("Dockerfile.child").display().to_string();
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "-f",
+        &file,
+        "-o",
+        &format!("type=local,dest={}", out.display()),
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(out.join("seen")).unwrap(),
+        "triggered for parent\nchild context\n"
+    );
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "-f",
+        &file,
+        "-o",
+        &format!("type=oci,dest={}", tar.display()),
+    ]));
+    let inspect = run_checked(
+        Command::new("skopeo")
+            .arg("inspect")
+            .arg("--config")
+            .arg(format!("oci-archive:{}", tar.display())),
+    );
+    let config: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert!(
+        config["config"]["OnBuild"].is_null(),
+        "triggers are not inherited: {}",
+        config["config"]
+    );
+}

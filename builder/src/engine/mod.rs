@@ -242,6 +242,32 @@ fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key
     Ok((key.finish(), state))
 }
 
+/// The ONBUILD triggers of a base image as planned steps, expanded against
+/// the image's environment and working directory.
+fn onbuild_steps(state: &ImageState, file: &str) -> Result<Vec<Step>> {
+    const BASE: &str = "kiln-onbuild-base";
+    let mut text = format!("FROM {BASE}\n");
+    for t in &state.config.onbuild {
+        text.push_str(t);
+        text.push('\n');
+    }
+    let ast = frontend::parse(
+        text.as_bytes(),
+        &format!("{file} (ONBUILD triggers of the base image)"),
+    )?;
+    let mut opts = PlanOptions::default();
+    opts.image_env.insert(BASE.into(), state.env_pairs());
+    opts.image_workdir
+        .insert(BASE.into(), state.config.workdir.clone());
+    let plan = frontend::plan(&ast, &opts)?;
+    Ok(plan
+        .stages
+        .into_iter()
+        .next()
+        .map(|s| s.steps)
+        .unwrap_or_default())
+}
+
 /// Build `opts` with progress reported to `progress`.
 pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built> {
     let started = Instant::now();
@@ -469,12 +495,24 @@ impl Engine {
                 }
             },
         };
-        let total = stage.steps.len();
+        // ONBUILD triggers of a base image run first, in this stage, with
+        // this build's context; the resulting image does not inherit them.
+        // (Triggers of an earlier stage are inserted by the frontend.)
+        let from_image = matches!(stage.base, Base::Image { .. } | Base::Context { .. });
+        let triggers = if from_image && !state.config.onbuild.is_empty() {
+            let t = onbuild_steps(&state, &self.file)?;
+            state.config.onbuild.clear();
+            t
+        } else {
+            Vec::new()
+        };
+        let steps: Vec<&Step> = triggers.iter().chain(stage.steps.iter()).collect();
+        let total = steps.len();
         let stage_name = stage
             .name
             .clone()
             .unwrap_or_else(|| stage.index.to_string());
-        for (i, step) in stage.steps.iter().enumerate() {
+        for (i, step) in steps.into_iter().enumerate() {
             if state.apply_config(&step.instruction) {
                 let mut k = KeyBuilder::new("config");
                 k.str(&key.0)
