@@ -19,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
-      iproute2 procps util-linux zstd xz-utils bzip2 liblzma-dev pkg-config"
+      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

@@ -424,3 +424,34 @@ fn onbuild_triggers_of_a_base_image_run_in_the_child() {
         config["config"]
     );
 }
+
+#[test]
+fn a_changed_build_arg_reruns_only_from_its_first_use() {
+    let p = Project::new(
+        "build-args",
+        "FROM scratch\nCOPY rootfs/ /\nRUN date +%s%N > /before\nARG V=1\nRUN echo $V > /v\n",
+    );
+    let local = |n: &str| format!("type=local,dest={}", p.dir.join(n).display());
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "--build-arg",
+        "V=1",
+        "-o",
+        &local("a"),
+    ]));
+    let (_, err) = ok(p.build(&[
+        "--progress",
+        "plain",
+        "--build-arg",
+        "V=2",
+        "-o",
+        &local("b"),
+    ]));
+    assert!(err.contains("1 steps run"), "{err}");
+    assert_eq!(
+        std::fs::read(p.dir.join("a/before")).unwrap(),
+        std::fs::read(p.dir.join("b/before")).unwrap()
+    );
+    assert_eq!(std::fs::read_to_string(p.dir.join("b/v")).unwrap(), "2\n");
+}

@@ -1,0 +1,130 @@
+//! `kiln build` on a real Debian root filesystem made with debootstrap:
+//! dpkg, useradd, USER switching to a subordinate uid, a tool that writes
+//! many files, as an unprivileged user.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_vm_tests::{give_to_test_user, kiln, run_checked, running_as_root, test_dir};
+
+/// A tar of a minimal Debian bookworm made with debootstrap (root only),
+/// kept in /var/tmp between runs on one machine.
+fn debian_tar() -> Option<PathBuf> {
+    let tar = PathBuf::from("/var/tmp/kiln-debian-bookworm-minbase.tar");
+    if tar.exists() {
+        return Some(tar);
+    }
+    if !running_as_root() {
+        return None;
+    }
+    assert!(
+        Path::new("/usr/sbin/debootstrap").exists(),
+        "debootstrap is missing: run scripts/setup-host.sh (apt-get install debootstrap)"
+    );
+    let dir = PathBuf::from(format!("/var/tmp/kiln-debootstrap-{}", std::process::id()));
+    run_checked(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&dir)
+            .arg("http://deb.debian.org/debian"),
+    );
+    let tmp = tar.with_extension("tar.partial");
+    run_checked(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&dir)
+            .arg("-cf")
+            .arg(&tmp)
+            .arg("."),
+    );
+    std::fs::rename(&tmp, &tar).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(tar)
+}
+
+#[test]
+fn builds_on_a_debootstrapped_debian() {
+    let Some(tar) = debian_tar() else {
+        eprintln!("skipped: making the Debian rootfs with debootstrap needs root");
+        return;
+    };
+    let dir = test_dir("build-debian");
+    let staged = dir.join("debian.tar");
+    std::fs::copy(&tar, &staged).unwrap();
+    std::fs::create_dir_all(dir.join("ctx")).unwrap();
+    std::fs::write(
+        dir.join("ctx/Dockerfile"),
+        "FROM debian-local:bookworm\n\
+         RUN dpkg-query -W -f '${Package}\\n' | wc -l > /packages && useradd -m -u 1000 builder\n\
+         USER builder\n\
+         WORKDIR /home/builder\n\
+         RUN id -u > uid && echo ok > owned-by-builder && mkdir -p many && for i in $(seq 1 500); do echo $i > many/$i; done\n\
+         CMD [\"cat\", \"/home/builder/uid\"]\n",
+    )
+    .unwrap();
+    give_to_test_user(&dir);
+    let state = dir.join("state").display().to_string();
+    let o = kiln([
+        "--root",
+        &state,
+        "import",
+        &staged.display().to_string(),
+        "-t",
+        "debian-local:bookworm",
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kiln([
+        "--root",
+        &state,
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "debian-built",
+        "-o",
+        &format!("type=tar,dest={}", dir.join("rootfs.tar").display()),
+        &dir.join("ctx").display().to_string(),
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Read the result back as the image has it: owners in the tar.
+    let listing = run_checked(Command::new("tar").arg("-tvf").arg(dir.join("rootfs.tar")));
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.ends_with("home/builder/owned-by-builder"))
+        .expect("file in the image");
+    assert!(
+        line.contains("1000/1000") || line.contains("builder/builder"),
+        "{line}"
+    );
+    let o = kiln(["--root", &state, "run", "debian-built"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "1000\n",
+        "the image's CMD runs as USER builder"
+    );
+    let o = kiln([
+        "--root",
+        &state,
+        "run",
+        "debian-built",
+        "--",
+        "sh",
+        "-c",
+        "cat /packages; ls /home/builder/many | wc -l",
+    ])
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut lines = text.lines();
+    let packages: u32 = lines.next().unwrap_or("0").trim().parse().unwrap_or(0);
+    assert!(packages > 50, "dpkg lists the minbase packages: {text}");
+    assert_eq!(lines.next().map(str::trim), Some("500"));
+}
