@@ -829,8 +829,7 @@ impl Engine {
             unpack: op.unpack,
         };
         // ADD of URLs: downloaded by this process, never in the sandbox.
-        let (urls, locals): (Vec<_>, Vec<_>) =
-            op.sources.iter().cloned().partition(copy::is_url);
+        let (urls, locals): (Vec<_>, Vec<_>) = op.sources.iter().cloned().partition(copy::is_url);
         if op.sources.len() > 1 && !dest_is_dir && !urls.is_empty() {
             return Err(copy::Error::DestNotDir(op.dest.to_string()).into());
         }
