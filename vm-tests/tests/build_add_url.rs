@@ -200,3 +200,48 @@ fn add_url_with_checksum_is_a_cache_hit_without_the_server() {
     assert!(err.contains("CACHED") || err.contains(" cached"), "{err}");
     check_file(&p.dir.join("second/f"), 0o600);
 }
+
+#[test]
+fn add_url_chown_sets_the_owner() {
+    let s = Server::start();
+    let url = s.url("/files/hello.txt");
+    let p = Project::new(
+        "add-url-chown",
+        &format!("FROM scratch\nADD --chown=7:8 {url} /owned\nADD {url} /root-owned\n"),
+    );
+    let tar = p.dir.join("out.tar");
+    let o = kiln([
+        "--root".to_string(),
+        p.dir.join("state").display().to_string(),
+        "build".into(),
+        "-o".into(),
+        format!("type=tar,dest={}", tar.display()),
+        p.dir.join("ctx").display().to_string(),
+    ])
+    .output()
+    .expect("run kiln build");
+    ok(&o);
+    let out = kiln_vm_tests::run_checked(
+        std::process::Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("-tvf")
+            .arg(&tar),
+    );
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |name: &str| {
+        listing
+            .lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .last()
+                    .is_some_and(|n| n.trim_start_matches("./") == name)
+            })
+            .unwrap_or_else(|| panic!("{name} missing from {listing}"))
+            .to_string()
+    };
+    assert!(line("owned").starts_with("-rw------- 7/8 "), "{listing}");
+    assert!(
+        line("root-owned").starts_with("-rw------- 0/0 "),
+        "{listing}"
+    );
+}
