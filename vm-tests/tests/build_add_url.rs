@@ -245,3 +245,16 @@ fn add_url_chown_sets_the_owner() {
         "{listing}"
     );
 }
+
+#[test]
+fn add_url_unpack_is_a_clear_error_not_a_silent_copy() {
+    let s = Server::start();
+    let url = s.url("/files/hello.txt");
+    let p = Project::new(
+        "add-url-unpack",
+        &format!("FROM scratch\nADD --unpack=true {url} /d/\n"),
+    );
+    let err = failed(&p.build("out"));
+    assert!(err.contains(&url), "{err}");
+    assert!(err.contains("not supported yet"), "{err}");
+}

@@ -153,6 +153,8 @@ struct CopyOp<'a> {
     unpack: bool,
     /// ADD --checksum of a URL source (`sha256:<hex>`)
     checksum: Option<&'a str>,
+    /// ADD --unpack=true, which would extract a downloaded archive
+    unpack_urls: bool,
 }
 
 /// Where a `COPY --from` reads: a stage or image result, or a local
@@ -721,6 +723,7 @@ impl Engine {
                     excludes: &c.excludes,
                     unpack: false,
                     checksum: None,
+                    unpack_urls: false,
                 },
                 k,
                 state,
@@ -743,6 +746,7 @@ impl Engine {
                         // Local archives are extracted unless --unpack=false.
                         unpack: a.unpack != Some(false),
                         checksum: a.checksum.as_deref(),
+                        unpack_urls: a.unpack == Some(true),
                     },
                     k,
                     state,
@@ -842,6 +846,13 @@ impl Engine {
             let crate::frontend::instructions::Source::Path(url) = u else {
                 continue;
             };
+            if op.unpack_urls {
+                return Err(copy::Error::Remote {
+                    url: url.clone(),
+                    kind: "an archive from a URL with --unpack",
+                }
+                .into());
+            }
             let to = if dest_is_dir {
                 dest_rel.join(copy::url_file_name(url))
             } else {
