@@ -349,7 +349,6 @@ fn add_copies_local_files_and_extracts_local_archives() {
 #[test]
 fn add_of_a_url_or_git_repository_is_a_clear_error() {
     for (src, word) in [
-        ("https://example.com/file.tar.gz", "URL"),
         ("https://example.com/repo.git#main", "Git"),
         ("git@example.com:org/repo.git", "Git"),
     ] {

@@ -6,8 +6,10 @@
 //! into a scratch directory (it refuses `..`, absolute names and writes
 //! through symlinks) and that tree is then copied like any other source, so
 //! no archive entry is ever written into the image by a path of its own.
-//! This module never downloads anything and never writes outside the
-//! destination root and that scratch directory.
+//! ADD of an HTTP(S) URL is fetched here, by the host-side kiln process
+//! (never inside the sandbox), into memory with a time and size limit; the
+//! bytes are then written like a heredoc source. This module never writes
+//! outside the destination root and that scratch directory.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -52,6 +54,18 @@ pub enum Error {
     BadChmod(String),
     #[error("ADD {url}: adding {kind} is not supported yet; download it in a RUN step or into the build context")]
     Remote { url: String, kind: &'static str },
+    #[error("ADD {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("ADD {url}: the server answered HTTP {status}")]
+    HttpStatus { url: String, status: u16 },
+    #[error("ADD {url}: the file is larger than the limit of {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+    #[error("ADD {url}: checksum mismatch: expected {expected}, got {actual}")]
+    ChecksumMismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
     #[error("cannot extract the archive {path:?}: {source}")]
     Archive {
         path: String,
@@ -126,7 +140,8 @@ fn parents_pivot(pattern: &str) -> usize {
     }
 }
 
-/// Reject ADD sources kiln cannot fetch yet, naming them.
+/// Reject ADD sources kiln cannot fetch yet (Git repositories), naming
+/// them.
 pub fn check_local(sources: &[instructions::Source]) -> Result<()> {
     for s in sources {
         if let instructions::Source::Path(p) = s {
@@ -136,15 +151,122 @@ pub fn check_local(sources: &[instructions::Source]) -> Result<()> {
                     kind: "a Git repository",
                 });
             }
-            if instructions::is_remote(p) {
-                return Err(Error::Remote {
-                    url: p.clone(),
-                    kind: "a file from a URL",
-                });
-            }
         }
     }
     Ok(())
+}
+
+/// Whether an ADD source is an HTTP(S) file to download.
+pub fn is_url(src: &instructions::Source) -> bool {
+    matches!(src, instructions::Source::Path(p)
+        if instructions::is_remote(p) && !instructions::is_git(p))
+}
+
+/// The largest file ADD downloads; it is held in memory until written.
+pub const MAX_DOWNLOAD: u64 = 1 << 30;
+/// A download that stalls this long (connect or read) fails.
+const DOWNLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Redirects followed before giving up.
+const MAX_REDIRECTS: u32 = 10;
+
+/// A file downloaded for ADD.
+pub struct Download {
+    pub bytes: Vec<u8>,
+    /// `sha256:<hex>` of the bytes
+    pub digest: String,
+    /// Last-Modified, seconds since the epoch (0 without one)
+    pub mtime: i64,
+}
+
+/// The name a URL's file gets in a destination directory: the last
+/// segment of its path, or `__unnamed__` as BuildKit names it.
+pub fn url_file_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let path = rest.split_once('/').map_or("", |(_, p)| p);
+    match path.rsplit('/').next() {
+        Some(n) if !n.is_empty() && n != "." && n != ".." => n.to_string(),
+        _ => "__unnamed__".to_string(),
+    }
+}
+
+/// Download `url` following redirects, at most `limit` bytes.
+pub fn fetch(url: &str, limit: u64) -> Result<Download> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(DOWNLOAD_TIMEOUT)
+        .timeout_read(DOWNLOAD_TIMEOUT)
+        .redirects(MAX_REDIRECTS)
+        .build();
+    let resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(status, _) => Error::HttpStatus {
+            url: url.to_string(),
+            status,
+        },
+        ureq::Error::Transport(t) => Error::Fetch {
+            url: url.to_string(),
+            reason: t.to_string(),
+        },
+    })?;
+    let mtime = resp
+        .header("Last-Modified")
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .unwrap_or(0);
+    let mut bytes = Vec::new();
+    resp.into_reader()
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::Fetch {
+            url: url.to_string(),
+            reason: format!("reading the body: {e}"),
+        })?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::TooLarge {
+            url: url.to_string(),
+            limit,
+        });
+    }
+    let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
+    Ok(Download {
+        bytes,
+        digest,
+        mtime,
+    })
+}
+
+impl Download {
+    /// Check the digest against `--checksum` (`sha256:<hex>`).
+    pub fn verify(&self, url: &str, expected: &str) -> Result<()> {
+        if self.digest.eq_ignore_ascii_case(expected) {
+            return Ok(());
+        }
+        Err(Error::ChecksumMismatch {
+            url: url.to_string(),
+            expected: expected.to_string(),
+            actual: self.digest.clone(),
+        })
+    }
+
+    /// The entry writing this file at `dest` (relative to the root): a
+    /// regular file, 0600, with the Last-Modified time, as BuildKit does.
+    pub fn entry(&self, dest: PathBuf) -> Entry {
+        Entry {
+            src: PathBuf::new(),
+            dest,
+            meta: Meta {
+                mode: libc::S_IFREG | 0o600,
+                uid: 0,
+                gid: 0,
+                size: self.bytes.len() as u64,
+                mtime: self.mtime,
+                mtime_nsec: 0,
+            },
+            link: None,
+            inline: Some(self.bytes.clone()),
+            archive: false,
+        }
+    }
 }
 
 /// Metadata of a heredoc file: a regular file, 0644, time 0 (a heredoc has
@@ -827,6 +949,14 @@ mod tests {
         text[..5].copy_from_slice(b"hello");
         assert!(!tar_header_ok(&text));
         assert!(!tar_header_ok(&[0; 512]));
+    }
+
+    #[test]
+    fn url_file_names_come_from_the_path() {
+        assert_eq!(url_file_name("https://h/a/b.tgz"), "b.tgz");
+        assert_eq!(url_file_name("http://h:80/x.txt?q=1#f"), "x.txt");
+        assert_eq!(url_file_name("https://h/"), "__unnamed__");
+        assert_eq!(url_file_name("https://h"), "__unnamed__");
     }
 
     #[test]

@@ -151,6 +151,10 @@ struct CopyOp<'a> {
     excludes: &'a [String],
     /// ADD: extract local tar archives
     unpack: bool,
+    /// ADD --checksum of a URL source (`sha256:<hex>`)
+    checksum: Option<&'a str>,
+    /// ADD --unpack=true, which would extract a downloaded archive
+    unpack_urls: bool,
 }
 
 /// Where a `COPY --from` reads: a stage or image result, or a local
@@ -718,6 +722,8 @@ impl Engine {
                     parents: c.parents,
                     excludes: &c.excludes,
                     unpack: false,
+                    checksum: None,
+                    unpack_urls: false,
                 },
                 k,
                 state,
@@ -739,6 +745,8 @@ impl Engine {
                         excludes: &a.excludes,
                         // Local archives are extracted unless --unpack=false.
                         unpack: a.unpack != Some(false),
+                        checksum: a.checksum.as_deref(),
+                        unpack_urls: a.unpack == Some(true),
                     },
                     k,
                     state,
@@ -824,8 +832,48 @@ impl Engine {
             parents: op.parents,
             unpack: op.unpack,
         };
-        let entries = source.collect(op.sources, &dest, dest_is_dir, &rules)?;
+        // ADD of URLs: downloaded by this process, never in the sandbox.
+        let (urls, locals): (Vec<_>, Vec<_>) = op.sources.iter().cloned().partition(copy::is_url);
+        if op.sources.len() > 1 && !dest_is_dir && !urls.is_empty() {
+            return Err(copy::Error::DestNotDir(op.dest.to_string()).into());
+        }
+        let mut entries = source.collect(&locals, &dest, dest_is_dir, &rules)?;
         source.checksum(&entries, &mut k)?;
+        let dest_rel = PathBuf::from(dest.trim_start_matches('/'));
+        // (url, destination, download when already fetched)
+        let mut remote = Vec::new();
+        for u in &urls {
+            let crate::frontend::instructions::Source::Path(url) = u else {
+                continue;
+            };
+            if op.unpack_urls {
+                return Err(copy::Error::Remote {
+                    url: url.clone(),
+                    kind: "an archive from a URL with --unpack",
+                }
+                .into());
+            }
+            let to = if dest_is_dir {
+                dest_rel.join(copy::url_file_name(url))
+            } else {
+                dest_rel.clone()
+            };
+            // With --checksum the checksum is the key: a hit needs no
+            // download. Without it the content digest is, as BuildKit does.
+            let download = match op.checksum {
+                Some(sum) => {
+                    k.str(sum);
+                    None
+                }
+                None => {
+                    let d = copy::fetch(url, copy::MAX_DOWNLOAD)?;
+                    k.str(&d.digest);
+                    Some(d)
+                }
+            };
+            k.str("url").str(&to.to_string_lossy());
+            remote.push((url.clone(), to, download));
+        }
         k.str(op.chown.unwrap_or(""))
             .str(&format!("{:?}", op.chmod))
             .str(&dest);
@@ -835,6 +883,16 @@ impl Engine {
             return Ok((key, hit, true));
         }
         self.progress.started(vertex, name);
+        for (url, to, download) in remote {
+            let d = match download {
+                Some(d) => d,
+                None => copy::fetch(&url, copy::MAX_DOWNLOAD)?,
+            };
+            if let Some(sum) = op.checksum {
+                d.verify(&url, sum)?;
+            }
+            entries.push(d.entry(to));
+        }
         let view = self
             .snap
             .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
