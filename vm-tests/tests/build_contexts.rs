@@ -116,7 +116,7 @@ fn from_an_oci_layout_context_saved_by_kiln() {
     let out = p.path("out");
     let dockerfile = p.path("ctx/Dockerfile.two");
     // a fresh state directory: the base can only come from the layout
-    let o = kiln(&[
+    let o = kiln([
         "--root",
         &p.path("state2"),
         "build",
@@ -139,7 +139,7 @@ fn from_an_oci_layout_context_saved_by_kiln() {
     );
 
     // a tag the layout does not hold is a clear error naming it
-    let o = kiln(&[
+    let o = kiln([
         "--root",
         &p.path("state2"),
         "build",
