@@ -43,7 +43,7 @@ pub struct BuildArgs {
     /// How many steps run at once (default: the number of CPUs)
     #[arg(long, short = 'j')]
     jobs: Option<usize>,
-    /// Progress output: auto, plain, rawjson or quiet
+    /// Progress output: auto (tty on a terminal, else plain), plain, tty, rawjson or quiet
     #[arg(long, default_value = "auto", env = "BUILDKIT_PROGRESS")]
     progress: String,
     /// Where the result goes, BuildKit's CSV syntax: type=image|oci|docker|local|tar,dest=PATH|-,...
@@ -62,7 +62,7 @@ pub struct BuildArgs {
 }
 
 pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i32> {
-    let mode = progress::Mode::parse(&args.progress).map_err(anyhow::Error::msg)?;
+    let mode = progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?;
     let backend = match args.snapshotter.as_str() {
         "auto" => None,
         "fuse" => Some(BackendKind::Fuse),

@@ -68,6 +68,11 @@ pub enum Error {
         name: String,
         source: Box<crate::image::store::Error>,
     },
+    #[error("FROM --build-context {name}: {source}")]
+    Layout {
+        name: String,
+        source: Box<crate::image::archive::Error>,
+    },
     #[error("base image {name:?} has a malformed {what}")]
     BadBase { name: String, what: &'static str },
     #[error("cannot open kiln's state directory: {0}")]
@@ -82,6 +87,8 @@ pub enum Error {
     Collected,
     #[error("a build task failed: {0}")]
     Join(String),
+    #[error("FROM --build-context {name}={spec}: a base must be a directory, docker-image://REF or oci-layout://DIR[:TAG|@DIGEST]")]
+    ContextBase { name: String, spec: String },
 }
 
 /// Errors of one step; wrapped with its location by [`Error::Step`].
@@ -205,12 +212,42 @@ fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key
             source: Box::new(other),
         },
     })?;
+    image_base(&store, &image, name, platform)
+}
+
+/// A base from `--build-context NAME=oci-layout://DIR[:TAG|@DIGEST]`: the
+/// layout's image is loaded into the store (its blobs are content-addressed,
+/// so loading twice is cheap), then used like any stored image.
+fn load_layout_base(
+    snap: &Snapshotter,
+    name: &str,
+    layout: &str,
+    platform: &Platform,
+) -> Result<(Key, ImageState)> {
+    let store = crate::image::ImageStore::new(snap);
+    let (dir, selector) = crate::image::archive::parse_layout_ref(layout);
+    let image = crate::image::archive::load_layout_dir(&store, &dir, &selector).map_err(|e| {
+        Error::Layout {
+            name: format!("{name}=oci-layout://{layout}"),
+            source: Box::new(e),
+        }
+    })?;
+    image_base(&store, &image, name, platform)
+}
+
+/// The key and starting state of a stage whose base is `image`.
+fn image_base(
+    store: &crate::image::ImageStore<'_>,
+    image: &crate::image::store::Image,
+    name: &str,
+    platform: &Platform,
+) -> Result<(Key, ImageState)> {
     let config: serde_json::Value =
         serde_json::from_slice(&image.config_bytes).map_err(|_| Error::BadBase {
             name: name.into(),
             what: "config",
         })?;
-    let (chain, _warnings) = store.unpack(&image).map_err(|e| Error::Image {
+    let (chain, _warnings) = store.unpack(image).map_err(|e| Error::Image {
         name: name.to_string(),
         source: Box::new(e),
     })?;
@@ -270,6 +307,28 @@ fn onbuild_steps(state: &ImageState, file: &str) -> Result<Vec<Step>> {
         .next()
         .map(|s| s.steps)
         .unwrap_or_default())
+}
+
+/// The step that makes a directory `--build-context NAME=DIR` the root
+/// filesystem of a stage based on it: `COPY --from=NAME / /`.
+fn context_root_step(name: &str, source: &str, file: &str) -> Result<Step> {
+    const BASE: &str = "kiln-context-base";
+    let text = format!("FROM {BASE}\nCOPY --from={name} / /\n");
+    let ast = frontend::parse(
+        text.as_bytes(),
+        &format!("{file} (FROM --build-context {name})"),
+    )?;
+    let mut opts = PlanOptions::default();
+    opts.named_contexts.insert(name.into(), source.into());
+    let plan = frontend::plan(&ast, &opts)?;
+    plan.stages
+        .into_iter()
+        .next()
+        .and_then(|s| s.steps.into_iter().next())
+        .ok_or_else(|| Error::ContextBase {
+            name: name.into(),
+            spec: source.into(),
+        })
 }
 
 /// Build `opts` with progress reported to `progress`.
@@ -475,6 +534,7 @@ impl Engine {
         stage: &Stage,
         bases: &BTreeMap<String, (Key, ImageState)>,
     ) -> Result<(Key, ImageState)> {
+        let mut dir_root: Option<Step> = None;
         let (mut key, mut state) = match &stage.base {
             Base::Scratch => {
                 let mut k = KeyBuilder::new("scratch");
@@ -486,23 +546,36 @@ impl Engine {
                 .cloned()
                 .ok_or_else(|| Error::BaseNotFound(reference.clone()))?,
             Base::Stage { index } => self.stage_result(*index).await?,
-            Base::Context { name, source } => match source.strip_prefix("docker-image://") {
-                Some(reference) => {
-                    let platform = stage.platform.clone();
+            Base::Context { name, source } => {
+                let platform = stage.platform.clone();
+                if let Some(reference) = source.strip_prefix("docker-image://") {
                     tokio::task::block_in_place(|| load_base(&self.snap, reference, &platform))?
+                } else if let Some(layout) = source.strip_prefix("oci-layout://") {
+                    tokio::task::block_in_place(|| {
+                        load_layout_base(&self.snap, name, layout, &platform)
+                    })?
+                } else if source.contains("://") {
+                    return Err(Error::ContextBase {
+                        name: name.clone(),
+                        spec: source.clone(),
+                    });
+                } else {
+                    // A directory is the stage's root filesystem, as one
+                    // layer (as BuildKit does): scratch plus a COPY of the
+                    // whole context, so it is keyed, cached and filtered by
+                    // the context's .dockerignore like COPY --from=NAME.
+                    dir_root = Some(context_root_step(name, source, &self.file)?);
+                    let mut k = KeyBuilder::new("scratch");
+                    k.str(&stage.platform.to_string());
+                    (k.finish(), ImageState::scratch(stage.platform.clone()))
                 }
-                None => {
-                    return Err(Error::Join(format!(
-                        "FROM --build-context {name}={source}: only docker-image:// contexts can be a base yet \
-                         (a directory context works with COPY --from={name})"
-                    )));
-                }
-            },
+            }
         };
         // ONBUILD triggers of a base image run first, in this stage, with
         // this build's context; the resulting image does not inherit them.
         // (Triggers of an earlier stage are inserted by the frontend.)
-        let from_image = matches!(stage.base, Base::Image { .. } | Base::Context { .. });
+        let from_image =
+            matches!(stage.base, Base::Image { .. } | Base::Context { .. }) && dir_root.is_none();
         let triggers = if from_image && !state.config.onbuild.is_empty() {
             let t = onbuild_steps(&state, &self.file)?;
             state.config.onbuild.clear();
@@ -510,7 +583,11 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let steps: Vec<&Step> = triggers.iter().chain(stage.steps.iter()).collect();
+        let steps: Vec<&Step> = dir_root
+            .iter()
+            .chain(triggers.iter())
+            .chain(stage.steps.iter())
+            .collect();
         let total = steps.len();
         let stage_name = stage
             .name

@@ -2,10 +2,16 @@
 //! its end, written as BuildKit-style plain lines or as one JSON event per
 //! line (`rawjson`). The solver reports events; this module only formats
 //! them, so what a user sees is stable and testable.
+//!
+//! `tty` is a live view: running vertices with a timer and their last few
+//! output lines, redrawn in place a few times a second, finished vertices
+//! printed once above it as permanent lines. The frame is built by the pure
+//! [`render_frame`], so it is unit-tested without a terminal.
 
-use std::io::Write;
-use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
@@ -13,33 +19,99 @@ use serde_json::json;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Plain,
+    Tty,
     RawJson,
     Quiet,
 }
 
 impl Mode {
-    /// `auto`, `plain`, `tty`, `rawjson`, `quiet`. kiln has no live
-    /// terminal view yet, so `tty` is refused rather than silently plain.
-    pub fn parse(s: &str) -> Result<Mode, String> {
+    /// `auto`, `plain`, `tty`, `rawjson`, `quiet`. `auto` is `tty` when
+    /// `stderr_is_terminal`, else `plain` (as BuildKit decides).
+    pub fn parse(s: &str, stderr_is_terminal: bool) -> Result<Mode, String> {
         match s {
+            "auto" if stderr_is_terminal => Ok(Mode::Tty),
             "auto" | "plain" => Ok(Mode::Plain),
+            "tty" => Ok(Mode::Tty),
             "rawjson" => Ok(Mode::RawJson),
             "quiet" => Ok(Mode::Quiet),
-            "tty" => Err("--progress tty is not supported yet: use plain or rawjson".into()),
             other => Err(format!(
-                "unknown --progress mode {other:?}: use auto, plain, rawjson or quiet"
+                "unknown --progress mode {other:?}: use auto, plain, tty, rawjson or quiet"
             )),
         }
     }
+
+    /// [`Mode::parse`] deciding `auto` from the process's real stderr.
+    pub fn parse_for_stderr(s: &str) -> Result<Mode, String> {
+        Mode::parse(s, std::io::stderr().is_terminal())
+    }
+}
+
+/// How many output lines of a running vertex the tty view keeps.
+pub const TTY_TAIL_LINES: usize = 6;
+/// How often the tty view redraws when nothing happens.
+const TTY_TICK: Duration = Duration::from_millis(200);
+
+/// One running vertex as the tty view shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningVertex {
+    pub id: usize,
+    pub name: String,
+    pub elapsed_secs: f64,
+    /// the last output lines, oldest first, at most [`TTY_TAIL_LINES`]
+    pub tail: Vec<String>,
+}
+
+/// The live part of the tty view: a header, then each running vertex with
+/// its timer and its last output lines. Lines are cut to `width` columns so
+/// that a redraw moves the cursor up by exactly the number of lines drawn.
+pub fn render_frame(running: &[RunningVertex], elapsed_secs: f64, width: usize) -> Vec<String> {
+    let width = width.max(20);
+    let cut = |s: String| -> String { s.chars().take(width).collect() };
+    let mut lines = vec![cut(format!(
+        "[+] Building {elapsed_secs:.1}s ({} running)",
+        running.len()
+    ))];
+    for v in running {
+        lines.push(cut(format!("#{} {} {:.1}s", v.id, v.name, v.elapsed_secs)));
+        for t in &v.tail {
+            lines.push(cut(format!("#{} {}", v.id, t)));
+        }
+    }
+    lines
+}
+
+struct TtyVertex {
+    name: String,
+    start: Instant,
+    tail: VecDeque<String>,
+}
+
+/// What the tty view has on screen and what it still shows as running.
+struct TtyState {
+    running: BTreeMap<usize, TtyVertex>,
+    /// lines of the live frame currently drawn below the permanent lines
+    drawn: usize,
+    finished: bool,
+}
+
+fn redact(line: &str, secrets: &[String]) -> String {
+    let mut line = line.to_string();
+    for secret in secrets {
+        if !secret.is_empty() {
+            line = line.replace(secret.as_str(), "****");
+        }
+    }
+    line
 }
 
 /// The sink every vertex reports to.
 pub struct Progress {
     mode: Mode,
     start: Instant,
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
     /// strings never to show (secrets), replaced by `****`
     redact: Vec<String>,
+    tty: Arc<Mutex<TtyState>>,
 }
 
 fn now_rfc3339() -> String {
@@ -72,32 +144,62 @@ pub fn format_rfc3339(secs: i64, nanos: u32) -> String {
 
 impl Progress {
     pub fn new(mode: Mode, out: Box<dyn Write + Send>, redact: Vec<String>) -> Self {
-        Progress {
+        let progress = Progress {
             mode,
             start: Instant::now(),
-            out: Mutex::new(out),
+            out: Arc::new(Mutex::new(out)),
             redact,
+            tty: Arc::new(Mutex::new(TtyState {
+                running: BTreeMap::new(),
+                drawn: 0,
+                finished: false,
+            })),
+        };
+        if mode == Mode::Tty {
+            // The ticker only holds weak references: it ends by itself when
+            // the Progress is dropped or the summary has been printed.
+            let (out, tty) = (Arc::downgrade(&progress.out), Arc::downgrade(&progress.tty));
+            let (start, secrets) = (progress.start, progress.redact.clone());
+            std::thread::spawn(move || ticker(out, tty, start, secrets));
         }
+        progress
     }
 
     fn emit(&self, plain: impl FnOnce() -> String, event: impl FnOnce() -> serde_json::Value) {
         let line = match self.mode {
-            Mode::Quiet => return,
+            Mode::Quiet | Mode::Tty => return,
             Mode::Plain => plain(),
             Mode::RawJson => event().to_string(),
         };
-        let mut line = line;
-        for secret in &self.redact {
-            if !secret.is_empty() {
-                line = line.replace(secret.as_str(), "****");
-            }
-        }
+        let line = redact(&line, &self.redact);
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
 
+    /// Applies `change` to the tty state, prints `permanent` lines above the
+    /// live frame, and redraws the frame. A no-op outside tty mode.
+    fn tty_update(&self, permanent: &[String], change: impl FnOnce(&mut TtyState)) {
+        if self.mode != Mode::Tty {
+            return;
+        }
+        let mut state = self.tty.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut state);
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        draw(&mut **out, &mut state, permanent, self.start, &self.redact);
+    }
+
     pub fn started(&self, id: usize, name: &str) {
+        self.tty_update(&[], |s| {
+            s.running.insert(
+                id,
+                TtyVertex {
+                    name: name.to_string(),
+                    start: Instant::now(),
+                    tail: VecDeque::new(),
+                },
+            );
+        });
         self.emit(
             || format!("#{id} {name}"),
             || json!({"vertex": id, "name": name, "started": now_rfc3339()}),
@@ -105,6 +207,9 @@ impl Progress {
     }
 
     pub fn cached(&self, id: usize, name: &str) {
+        self.tty_update(&[format!("#{id} {name}"), format!("#{id} CACHED")], |s| {
+            s.running.remove(&id);
+        });
         self.emit(
             || format!("#{id} {name}\n#{id} CACHED"),
             || json!({"vertex": id, "name": name, "cached": true, "completed": now_rfc3339()}),
@@ -112,6 +217,16 @@ impl Progress {
     }
 
     pub fn log(&self, id: usize, stream: u8, text: &str) {
+        self.tty_update(&[], |s| {
+            if let Some(v) = s.running.get_mut(&id) {
+                for line in text.lines() {
+                    if v.tail.len() == TTY_TAIL_LINES {
+                        v.tail.pop_front();
+                    }
+                    v.tail.push_back(line.to_string());
+                }
+            }
+        });
         let elapsed = self.start.elapsed().as_secs_f64();
         self.emit(
             || format!("#{id} {elapsed:.3} {text}"),
@@ -120,6 +235,7 @@ impl Progress {
     }
 
     pub fn done(&self, id: usize, secs: f64) {
+        self.finish_vertex(id, format!("#{id} DONE {secs:.1}s"));
         self.emit(
             || format!("#{id} DONE {secs:.1}s"),
             || json!({"vertex": id, "completed": now_rfc3339()}),
@@ -127,6 +243,7 @@ impl Progress {
     }
 
     pub fn error(&self, id: usize, message: &str) {
+        self.finish_vertex(id, format!("#{id} ERROR: {message}"));
         self.emit(
             || format!("#{id} ERROR: {message}"),
             || json!({"vertex": id, "error": message, "completed": now_rfc3339()}),
@@ -134,7 +251,99 @@ impl Progress {
     }
 
     pub fn summary(&self, text: &str) {
+        self.tty_update(&[text.to_string()], |s| {
+            s.running.clear();
+            s.finished = true;
+        });
         self.emit(|| text.to_string(), || json!({"summary": text}));
+    }
+
+    /// Prints a finished vertex once, as permanent lines: its name, its last
+    /// output lines, then the DONE or ERROR line.
+    fn finish_vertex(&self, id: usize, last: String) {
+        let mut lines = Vec::new();
+        {
+            let mut state = self.tty.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = state.running.remove(&id) {
+                lines.push(format!("#{id} {}", v.name));
+                lines.extend(v.tail.iter().map(|t| format!("#{id} {t}")));
+            }
+        }
+        lines.push(last);
+        self.tty_update(&lines, |_| {});
+    }
+}
+
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(80)
+}
+
+/// Erases the live frame, prints `permanent`, then draws the frame again
+/// (unless the build is over). Everything written passes through `redact`.
+fn draw(
+    out: &mut dyn Write,
+    state: &mut TtyState,
+    permanent: &[String],
+    start: Instant,
+    secrets: &[String],
+) {
+    let mut buf = String::new();
+    if state.drawn > 0 {
+        // cursor up to the first line of the old frame, erase to the end
+        buf.push_str(&format!("\x1b[{}A\r\x1b[J", state.drawn));
+    }
+    for line in permanent {
+        buf.push_str(&redact(line, secrets));
+        buf.push('\n');
+    }
+    state.drawn = 0;
+    if !state.finished {
+        let now = Instant::now();
+        let running: Vec<RunningVertex> = state
+            .running
+            .iter()
+            .map(|(id, v)| RunningVertex {
+                id: *id,
+                name: v.name.clone(),
+                elapsed_secs: now.duration_since(v.start).as_secs_f64(),
+                tail: v.tail.iter().cloned().collect(),
+            })
+            .collect();
+        let frame = render_frame(
+            &running,
+            now.duration_since(start).as_secs_f64(),
+            terminal_width(),
+        );
+        for line in &frame {
+            buf.push_str(&redact(line, secrets));
+            buf.push('\n');
+        }
+        state.drawn = frame.len();
+    }
+    let _ = out.write_all(buf.as_bytes());
+    let _ = out.flush();
+}
+
+fn ticker(
+    out: Weak<Mutex<Box<dyn Write + Send>>>,
+    tty: Weak<Mutex<TtyState>>,
+    start: Instant,
+    secrets: Vec<String>,
+) {
+    loop {
+        std::thread::sleep(TTY_TICK);
+        let (Some(out), Some(tty)) = (out.upgrade(), tty.upgrade()) else {
+            return;
+        };
+        let mut state = tty.lock().unwrap_or_else(|e| e.into_inner());
+        if state.finished {
+            return;
+        }
+        let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+        draw(&mut **out, &mut state, &[], start, &secrets);
     }
 }
 
@@ -154,8 +363,88 @@ mod tests {
 
     #[test]
     fn modes() {
-        assert_eq!(Mode::parse("auto"), Ok(Mode::Plain));
-        assert!(Mode::parse("tty").is_err());
-        assert!(Mode::parse("fancy").unwrap_err().contains("fancy"));
+        assert_eq!(Mode::parse("auto", false), Ok(Mode::Plain));
+        assert_eq!(Mode::parse("auto", true), Ok(Mode::Tty));
+        assert_eq!(Mode::parse("tty", false), Ok(Mode::Tty));
+        assert_eq!(Mode::parse("plain", true), Ok(Mode::Plain));
+        assert!(Mode::parse("fancy", false).unwrap_err().contains("fancy"));
+    }
+
+    #[test]
+    fn frame_shows_running_vertices_with_timer_and_tail() {
+        let running = vec![
+            RunningVertex {
+                id: 2,
+                name: "[1/2] RUN make".into(),
+                elapsed_secs: 1.25,
+                tail: vec!["cc a.c".into(), "cc b.c".into()],
+            },
+            RunningVertex {
+                id: 3,
+                name: "[2/2] COPY . /src".into(),
+                elapsed_secs: 0.0,
+                tail: vec![],
+            },
+        ];
+        assert_eq!(
+            render_frame(&running, 3.04, 80),
+            vec![
+                "[+] Building 3.0s (2 running)",
+                "#2 [1/2] RUN make 1.2s",
+                "#2 cc a.c",
+                "#2 cc b.c",
+                "#3 [2/2] COPY . /src 0.0s",
+            ]
+        );
+        assert_eq!(render_frame(&running, 3.0, 20)[1], "#2 [1/2] RUN make 1.");
+    }
+
+    /// A writer the test can read back after Progress is done with it.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn tty_prints_finished_vertices_once_and_redacts() {
+        let buf = Shared::default();
+        let p = Progress::new(Mode::Tty, Box::new(buf.clone()), vec!["s3cret".into()]);
+        p.started(1, "[1/2] RUN echo s3cret");
+        p.log(1, 1, "token=s3cret");
+        p.done(1, 1.23);
+        p.cached(2, "[2/2] COPY a b");
+        p.started(3, "[3/3] RUN false");
+        p.error(3, "exit 1");
+        p.summary("built in 2.0s");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("#1 token=****\n#1 DONE 1.2s\n"), "{text}");
+        assert_eq!(text.matches("#1 DONE 1.2s").count(), 1, "{text}");
+        assert!(text.contains("#2 [2/2] COPY a b\n#2 CACHED\n"), "{text}");
+        assert!(text.contains("#3 ERROR: exit 1\n"), "{text}");
+        assert!(text.ends_with("built in 2.0s\n"), "{text}");
+    }
+
+    #[test]
+    fn plain_is_unchanged() {
+        let buf = Shared::default();
+        let p = Progress::new(Mode::Plain, Box::new(buf.clone()), vec![]);
+        p.started(1, "a");
+        p.cached(2, "b");
+        p.done(1, 0.5);
+        p.error(3, "x");
+        p.summary("s");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "#1 a\n#2 b\n#2 CACHED\n#1 DONE 0.5s\n#3 ERROR: x\ns\n"
+        );
     }
 }
