@@ -455,3 +455,40 @@ fn a_changed_build_arg_reruns_only_from_its_first_use() {
     );
     assert_eq!(std::fs::read_to_string(p.dir.join("b/v")).unwrap(), "2\n");
 }
+
+#[test]
+fn files_no_step_copies_and_ignored_files_are_never_read() {
+    let p = Project::new(
+        "build-lazy-context",
+        "FROM scratch\nCOPY rootfs/ /\nCOPY app/ /app/\n",
+    );
+    std::fs::create_dir_all(p.ctx().join("app")).unwrap();
+    std::fs::write(p.ctx().join("app/main.txt"), "main\n").unwrap();
+    std::fs::write(p.ctx().join("app/ignored.key"), "never read\n").unwrap();
+    std::fs::write(p.ctx().join("elsewhere.bin"), "not copied\n").unwrap();
+    std::fs::write(p.ctx().join(".dockerignore"), "app/*.key\n").unwrap();
+    p.chown();
+    // Unreadable to the builder: reading either would fail the build. Mode
+    // 000 alone does not stop kiln, which is root (with CAP_DAC_OVERRIDE)
+    // in its own user namespace; a file of real root is not mapped there.
+    for f in ["app/ignored.key", "elsewhere.bin"] {
+        let path = p.ctx().join(f);
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o000))
+            .unwrap();
+        if kiln_vm_tests::running_as_root() {
+            std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+        }
+    }
+    let out = p.dir.join("out");
+    ok(p.build(&[
+        "--progress",
+        "quiet",
+        "-o",
+        &format!("type=local,dest={}", out.display()),
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(out.join("app/main.txt")).unwrap(),
+        "main\n"
+    );
+    assert!(!out.join("app/ignored.key").exists());
+}
