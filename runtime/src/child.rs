@@ -17,86 +17,71 @@ use nix::errno::Errno;
 
 use crate::sys::{self, FdPath};
 
-/// The setup step a failure happened in, reported to the parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Stage {
-    WaitForParent = 1,
-    BecomeRoot,
-    Hostname,
-    MakeMountsPrivate,
-    BindRootfs,
-    OpenRootfs,
-    MountProc,
-    MountDev,
-    DevNode,
-    MountDevPts,
-    MountDevShm,
-    MountSys,
-    SpecMount,
-    ReadonlyRootfs,
-    PivotRoot,
-    DetachOldRoot,
-    MaskPath,
-    ReadonlyPath,
-    Loopback,
-    Rlimit,
-    DropBoundingSet,
-    ClearAmbient,
-    NoNewPrivs,
-    ForkCommand,
-    WaitForInit,
-    SetGroups,
-    SetGid,
-    SetUid,
-    Capabilities,
-    Chdir,
-    Stdio,
-    Seccomp,
-    Exec,
-    ExecInit,
+/// Defines [`Stage`] from one table: each step of the sandbox setup and how
+/// an error message names it. On the child-to-parent channel a stage is its
+/// position in the table plus one (0 never names a stage).
+macro_rules! stages {
+    ($($name:ident => $text:literal,)*) => {
+        /// The setup step a failure happened in, reported to the parent.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Stage {
+            $($name,)*
+        }
+
+        impl Stage {
+            const ALL: &'static [Stage] = &[$(Stage::$name,)*];
+
+            fn text(self) -> &'static str {
+                match self {
+                    $(Stage::$name => $text,)*
+                }
+            }
+        }
+    };
+}
+
+stages! {
+    WaitForParent => "waiting for the id maps",
+    BecomeRoot => "becoming root in the user namespace",
+    Hostname => "setting the hostname",
+    MakeMountsPrivate => "making mounts private",
+    BindRootfs => "bind-mounting the rootfs",
+    OpenRootfs => "opening the rootfs",
+    MountProc => "mounting /proc",
+    MountDev => "mounting /dev",
+    DevNode => "binding a device node into /dev",
+    MountDevPts => "mounting /dev/pts",
+    MountDevShm => "mounting /dev/shm",
+    MountSys => "mounting /sys",
+    SpecMount => "mounting a spec mount",
+    ReadonlyRootfs => "making the rootfs read-only",
+    PivotRoot => "pivot_root into the rootfs",
+    DetachOldRoot => "detaching the old root",
+    MaskPath => "masking a /proc or /sys path",
+    ReadonlyPath => "making a /proc path read-only",
+    Loopback => "bringing up loopback",
+    Rlimit => "setting resource limits",
+    DropBoundingSet => "dropping the capability bounding set",
+    ClearAmbient => "clearing ambient capabilities",
+    NoNewPrivs => "setting no_new_privs",
+    ForkCommand => "forking the command",
+    WaitForInit => "waiting for init",
+    SetGroups => "setting supplementary groups",
+    SetGid => "setting the gid",
+    SetUid => "setting the uid",
+    Capabilities => "setting capabilities",
+    Chdir => "changing to the working directory",
+    Stdio => "setting up standard streams",
+    Seccomp => "installing the seccomp filter",
+    Exec => "executing the command",
+    ExecInit => "executing kiln-init",
 }
 
 impl Stage {
     fn from_u32(v: u32) -> Option<Stage> {
-        use Stage::*;
-        const ALL: [Stage; 34] = [
-            WaitForParent,
-            BecomeRoot,
-            Hostname,
-            MakeMountsPrivate,
-            BindRootfs,
-            OpenRootfs,
-            MountProc,
-            MountDev,
-            DevNode,
-            MountDevPts,
-            MountDevShm,
-            MountSys,
-            SpecMount,
-            ReadonlyRootfs,
-            PivotRoot,
-            DetachOldRoot,
-            MaskPath,
-            ReadonlyPath,
-            Loopback,
-            Rlimit,
-            DropBoundingSet,
-            ClearAmbient,
-            NoNewPrivs,
-            ForkCommand,
-            WaitForInit,
-            SetGroups,
-            SetGid,
-            SetUid,
-            Capabilities,
-            Chdir,
-            Stdio,
-            Seccomp,
-            Exec,
-            ExecInit,
-        ];
-        ALL.iter().copied().find(|s| *s as u32 == v)
+        let index = usize::try_from(v.checked_sub(1)?).ok()?;
+        Stage::ALL.get(index).copied()
     }
 
     /// A hint that names the likely cause and fix, for the error message.
@@ -125,43 +110,7 @@ impl Stage {
 
 impl std::fmt::Display for Stage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = match self {
-            Stage::WaitForParent => "waiting for the id maps",
-            Stage::BecomeRoot => "becoming root in the user namespace",
-            Stage::Hostname => "setting the hostname",
-            Stage::MakeMountsPrivate => "making mounts private",
-            Stage::BindRootfs => "bind-mounting the rootfs",
-            Stage::OpenRootfs => "opening the rootfs",
-            Stage::MountProc => "mounting /proc",
-            Stage::MountDev => "mounting /dev",
-            Stage::DevNode => "binding a device node into /dev",
-            Stage::MountDevPts => "mounting /dev/pts",
-            Stage::MountDevShm => "mounting /dev/shm",
-            Stage::MountSys => "mounting /sys",
-            Stage::SpecMount => "mounting a spec mount",
-            Stage::ReadonlyRootfs => "making the rootfs read-only",
-            Stage::PivotRoot => "pivot_root into the rootfs",
-            Stage::DetachOldRoot => "detaching the old root",
-            Stage::MaskPath => "masking a /proc or /sys path",
-            Stage::ReadonlyPath => "making a /proc path read-only",
-            Stage::Loopback => "bringing up loopback",
-            Stage::Rlimit => "setting resource limits",
-            Stage::DropBoundingSet => "dropping the capability bounding set",
-            Stage::ClearAmbient => "clearing ambient capabilities",
-            Stage::NoNewPrivs => "setting no_new_privs",
-            Stage::ForkCommand => "forking the command",
-            Stage::WaitForInit => "waiting for init",
-            Stage::SetGroups => "setting supplementary groups",
-            Stage::SetGid => "setting the gid",
-            Stage::SetUid => "setting the uid",
-            Stage::Capabilities => "setting capabilities",
-            Stage::Chdir => "changing to the working directory",
-            Stage::Stdio => "setting up standard streams",
-            Stage::Seccomp => "installing the seccomp filter",
-            Stage::Exec => "executing the command",
-            Stage::ExecInit => "executing kiln-init",
-        };
-        f.write_str(s)
+        f.write_str(self.text())
     }
 }
 
@@ -178,7 +127,7 @@ impl Msg {
 
     fn encode(self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
-        b[..4].copy_from_slice(&(self.stage as u32).to_ne_bytes());
+        b[..4].copy_from_slice(&(self.stage as u32 + 1).to_ne_bytes());
         b[4..].copy_from_slice(&(self.errno as i32).to_ne_bytes());
         b
     }
@@ -934,8 +883,10 @@ mod tests {
         assert_eq!(Msg::decode(&m.encode()), Some(m));
         for v in 1..=34 {
             let s = Stage::from_u32(v).expect("every stage decodes");
-            assert_eq!(s as u32, v);
+            assert_eq!(s as u32 + 1, v);
+            assert!(!s.to_string().is_empty());
         }
+        assert_eq!(Stage::from_u32(35), None);
         assert_eq!(Stage::from_u32(0), None);
     }
 }
