@@ -21,3 +21,6 @@ pub use error::{Error, Result};
 pub use oci_spec::runtime::Spec;
 pub use sandbox::{run, ExitStatus, RunOptions, Stdio};
 pub use spec::{Network, Rlimit, SandboxConfig};
+/// Path resolution confined to a root directory (openat2 RESOLVE_IN_ROOT),
+/// shared with the build engine's file operations.
+pub use sys::open_in_root_at;

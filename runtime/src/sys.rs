@@ -52,14 +52,17 @@ pub fn open_in_root(root: &Path, path: &str) -> std::io::Result<File> {
     let root = File::open(root)?;
     let rel = std::ffi::CString::new(path.trim_start_matches('/'))
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let fd = openat2(
-        std::os::fd::AsRawFd::as_raw_fd(&root),
-        &rel,
-        libc::O_RDONLY,
-        RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
-    )?;
+    let fd = open_in_root_at(std::os::fd::AsRawFd::as_raw_fd(&root), &rel, libc::O_RDONLY)?;
+    Ok(File::from(fd))
+}
+
+/// Open `path` with `flags`, every component (symlinks included) resolved
+/// inside the directory `rootfd` as if it were `/`: the one way kiln opens
+/// a path inside an image, a context or a layer. Returns an owned fd.
+pub fn open_in_root_at(rootfd: RawFd, path: &CStr, flags: i32) -> std::io::Result<OwnedFd> {
+    let fd = openat2(rootfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)?;
     // SAFETY: openat2 just returned this fd and nothing else owns it.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Resolve `path` inside the directory `rootfd` (RESOLVE_IN_ROOT) as an

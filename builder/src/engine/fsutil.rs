@@ -13,17 +13,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// `struct open_how` for openat2(2).
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_IN_ROOT: u64 = 0x10;
-
 fn cstr(p: &[u8]) -> io::Result<CString> {
     CString::new(p)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
@@ -93,28 +82,7 @@ impl Root {
         let rel = rel.as_os_str().as_bytes();
         let rel = if rel.is_empty() { b"." as &[u8] } else { rel };
         let path = cstr(rel)?;
-        let how = OpenHow {
-            flags: u64::from((flags | libc::O_CLOEXEC).cast_unsigned()),
-            mode: 0,
-            resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
-        };
-        // SAFETY: `path` is NUL-terminated, `how` outlives the call and its
-        // exact size is passed.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.fd.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = RawFd::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-        // SAFETY: openat2 returned a new descriptor nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        kiln_runtime::open_in_root_at(self.fd.as_raw_fd(), &path, flags)
     }
 
     /// lstat of `rel` inside the root: intermediate symlinks resolve inside
