@@ -312,6 +312,14 @@ impl IdMapping {
         }
     }
 
+    /// The mapping for sandboxes of this process, decided once: after
+    /// [`crate::userns::enter`] a process never changes namespace, and a
+    /// build starts many steps (each would otherwise re-read the maps).
+    pub fn current() -> &'static IdMapping {
+        static CURRENT: std::sync::OnceLock<IdMapping> = std::sync::OnceLock::new();
+        CURRENT.get_or_init(|| IdMapping::decide(&IdEnv::from_host()))
+    }
+
     /// Whether container id `id` exists in this mapping.
     pub fn maps_uid(&self, id: u32) -> bool {
         self.uids

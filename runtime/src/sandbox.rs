@@ -303,7 +303,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
     let mapping = opts
         .id_mapping
         .take()
-        .unwrap_or_else(|| IdMapping::decide(&crate::idmap::IdEnv::from_host()));
+        .unwrap_or_else(|| IdMapping::current().clone());
     let user = process.user();
     let groups: Vec<u32> = user.additional_gids().clone().unwrap_or_default();
     for uid in [user.uid()] {
