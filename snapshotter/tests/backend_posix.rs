@@ -29,40 +29,13 @@ const SCRIPT_TIME: i64 = 1_100_000_000;
 #[test]
 fn fuse_view_behaves_like_kernel_overlay() {
     let dir = kiln_vm_tests::test_dir("backend-posix");
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = kiln_vm_tests::in_userns(&exe)
-        .args([
-            "--exact",
-            "inner_posix_suite",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .arg(&dir)
-        .output()
-        .expect("run inner suite");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "inner suite failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    kiln_vm_tests::remove_tree(&dir);
-}
-
-/// The scratch directory the outer test passed as an extra filter.
-fn inner_dir() -> Option<PathBuf> {
-    std::env::args()
-        .skip(1)
-        .find(|a| a.starts_with('/'))
-        .map(PathBuf::from)
+    kiln_vm_tests::run_inner_test("inner_posix_suite", &dir);
 }
 
 #[test]
 #[ignore = "run by fuse_view_behaves_like_kernel_overlay inside a user namespace"]
 fn inner_posix_suite() {
-    let Some(dir) = inner_dir() else {
+    let Some(dir) = kiln_vm_tests::inner_test_dir() else {
         return;
     };
     let lowers = vec![dir.join("l1"), dir.join("l2")];

@@ -15,34 +15,8 @@ use std::path::{Path, PathBuf};
 use kiln_snapshotter::backend::{fuse, overlay, probe, BackendKind, MountedView, ViewSpec};
 
 fn run_inner(case: &str) {
-    // The harness stages the binary under a per-process temporary name, so
-    // tests of one process must not stage at the same time; running the
-    // inner tests one by one also keeps the shared machine calm.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = kiln_vm_tests::test_dir(case);
-    let exe = std::env::current_exe().expect("test binary path");
-    let inner = format!("inner_{case}");
-    let out = kiln_vm_tests::in_userns(&exe)
-        .args(["--exact", &inner, "--ignored", "--nocapture"])
-        .arg(&dir)
-        .output()
-        .expect("run inner test");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{inner} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    kiln_vm_tests::remove_tree(&dir);
-}
-
-fn inner_dir() -> Option<PathBuf> {
-    std::env::args()
-        .skip(1)
-        .find(|a| a.starts_with('/'))
-        .map(PathBuf::from)
+    kiln_vm_tests::run_inner_test(&format!("inner_{case}"), &dir);
 }
 
 /// A fresh spec under `dir/name` with the given lower layers.
@@ -70,7 +44,7 @@ macro_rules! userns_case {
         #[test]
         #[ignore = "run by its outer test inside a user namespace"]
         fn $inner() {
-            let Some(dir) = inner_dir() else {
+            let Some(dir) = kiln_vm_tests::inner_test_dir() else {
                 return;
             };
             let body: fn(&Path) = $body;

@@ -426,3 +426,41 @@ pub fn podman(dir: &Path, tag: &str, args: &[&str]) -> Output {
 pub fn podman_runroot(tag: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/kiln-{tag}-run-{}", std::process::id()))
 }
+
+/// Re-run the calling test binary's ignored test `inner` as uid 0 of a new
+/// user namespace (see [`in_userns`]), passing the scratch directory `dir`
+/// as an extra argument the inner test reads with [`inner_test_dir`];
+/// panics with the inner output when it fails. Inner tests run one at a
+/// time per process, which also keeps a shared machine calm.
+pub fn run_inner_test(inner: &str, dir: &Path) {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = in_userns(&exe)
+        .args([
+            "--exact",
+            inner,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .arg(dir)
+        .output()
+        .expect("run inner test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{inner} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    remove_tree(dir);
+}
+
+/// In an inner test started by [`run_inner_test`]: its scratch directory.
+pub fn inner_test_dir() -> Option<PathBuf> {
+    std::env::args()
+        .skip(1)
+        .find(|a| a.starts_with('/'))
+        .map(PathBuf::from)
+}
