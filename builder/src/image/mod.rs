@@ -11,6 +11,8 @@
 //! - [`mod@export`]: the exporters for every `--output` type
 //! - [`gc`]: what images and the build cache need, `kiln du` accounting,
 //!   collecting the rest
+//! - [`cache_mounts`]: the directories behind `RUN --mount=type=cache`,
+//!   kept across builds and leased to steps under flocks
 //!
 //! How `kiln build` uses it: open the [`StateDir`] and a `Snapshotter` at
 //! its `snapshotter_root()`; resolve `FROM` names with
@@ -25,6 +27,7 @@
 //! mean as images. It never runs a process and never reads a Dockerfile.
 
 pub mod archive;
+pub mod cache_mounts;
 pub mod export;
 pub mod gc;
 pub mod import;

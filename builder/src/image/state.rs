@@ -103,6 +103,12 @@ impl StateDir {
     pub fn cache_dir(&self) -> PathBuf {
         self.root.join("cache")
     }
+
+    /// Where `RUN --mount=type=cache` directories are kept
+    /// (`CacheMounts::open` takes this).
+    pub fn cache_mounts_dir(&self) -> PathBuf {
+        self.root.join("cache-mounts")
+    }
 }
 
 #[cfg(test)]
