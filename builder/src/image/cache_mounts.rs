@@ -296,8 +296,10 @@ fn instance_number(name: &str) -> Option<u32> {
 
 impl CacheMounts {
     /// Open (creating with mode 0700) the store at `dir`, the state
-    /// directory's `cache-mounts_dir()`, and remove what killed processes
-    /// left behind.
+    /// directory's [`StateDir::cache_mounts_dir`], and remove what killed
+    /// processes left behind.
+    ///
+    /// [`StateDir::cache_mounts_dir`]: super::StateDir::cache_mounts_dir
     pub fn open(dir: &Path) -> Result<Self> {
         match fs::DirBuilder::new().mode(0o700).create(dir) {
             Ok(()) => {
@@ -316,6 +318,21 @@ impl CacheMounts {
         };
         store.clean_leftovers()?;
         Ok(store)
+    }
+
+    /// Open the store at `dir` for reading ([`CacheMounts::usage`], as
+    /// `kiln du` does): never creates it and never removes leftovers.
+    /// `None` when no cache mount was ever made.
+    pub fn open_existing(dir: &Path) -> Result<Option<Self>> {
+        match open_dir(dir) {
+            Ok(_) => Ok(Some(CacheMounts {
+                root: dir.to_path_buf(),
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(_) => Err(Error::NotADirectory {
+                path: dir.to_path_buf(),
+            }),
+        }
     }
 
     fn root_lock(&self, arg: FlockArg) -> Result<Option<Flock<File>>> {
@@ -627,6 +644,10 @@ impl CacheMounts {
         fs::rename(&dir, &trash).map_err(io_err(&dir))?;
         remove_tree(&trash).map_err(io_err(&trash))?;
         drop(held);
+        drop(_guard);
+        if let Some(id_dir) = dir.parent() {
+            self.remove_ids_if_empty(&[id_dir.to_path_buf()])?;
+        }
         Ok(Some(bytes))
     }
 
@@ -645,21 +666,24 @@ impl CacheMounts {
             }
             freed += self.remove(&u.instance)?.unwrap_or(0);
         }
-        self.remove_empty_ids()?;
+        // also ids whose last instance an earlier, busy prune left
+        let ids: Vec<PathBuf> = self.ids()?.into_iter().map(|(d, _)| d).collect();
+        self.remove_ids_if_empty(&ids)?;
         Ok(freed)
     }
 
-    /// Remove id directories with no instance left. Only with the root lock
-    /// held exclusively: then no acquire is between making an id directory
-    /// and renaming an instance into it. Skipped when it is busy.
-    fn remove_empty_ids(&self) -> Result<()> {
+    /// Remove those of `id_dirs` with no instance left. Only with the root
+    /// lock held exclusively: then no acquire is between making an id
+    /// directory and renaming an instance into it. Skipped when it is busy
+    /// (a later prune does it).
+    fn remove_ids_if_empty(&self, id_dirs: &[PathBuf]) -> Result<()> {
         let Some(_guard) = self.root_lock(FlockArg::LockExclusiveNonblock)? else {
             return Ok(());
         };
-        for (id_dir, _) in self.ids()? {
-            if Self::instances(&id_dir)?.is_empty() {
+        for id_dir in id_dirs {
+            if id_dir.exists() && Self::instances(id_dir)?.is_empty() {
                 let trash = self.root.join(unique("trash"));
-                fs::rename(&id_dir, &trash).map_err(io_err(&id_dir))?;
+                fs::rename(id_dir, &trash).map_err(io_err(id_dir))?;
                 remove_tree(&trash).map_err(io_err(&trash))?;
             }
         }
@@ -841,7 +865,7 @@ mod tests {
         fs::create_dir_all(&deep).unwrap();
         fs::write(deep.join("f"), b"x").unwrap();
         std::os::unix::fs::lchown(&deep, Some(1234), Some(1234)).unwrap();
-        fs::set_permissions(free.path().join("d"), fs::Permissions::from_mode(0)).unwrap();
+        fs::set_permissions(free.path().join("d"), fs::Permissions::from_mode(0o000)).unwrap();
         let free_instance = free.path().parent().unwrap().to_path_buf();
         drop(free);
         let u = s.usage().unwrap();
@@ -876,6 +900,38 @@ mod tests {
     }
 
     #[test]
+    fn remove_one_instance_by_its_du_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cm");
+        assert!(CacheMounts::open_existing(&root).unwrap().is_none());
+        assert!(!root.exists(), "reading must not create the store");
+        let s = CacheMounts::open(&root).unwrap();
+        let held = get(&s, "a", Sharing::Shared);
+        let r = CacheMounts::open_existing(&root).unwrap().unwrap();
+        let u = r.usage().unwrap();
+        assert_eq!(u.len(), 1);
+        assert_eq!(r.remove(&u[0].instance).unwrap(), None);
+        let id_dir = held
+            .path()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        drop(held);
+        assert_eq!(r.remove(&u[0].instance).unwrap(), Some(u[0].bytes));
+        assert!(!id_dir.exists());
+        for bad in [
+            "../../etc/0",
+            "x/0",
+            &format!("{}/../0", "a".repeat(64)),
+            "lock",
+        ] {
+            assert!(matches!(r.remove(bad), Err(Error::NoInstance(_))), "{bad}");
+        }
+    }
+
+    #[test]
     fn open_cleans_leftovers_of_dead_processes_but_not_of_live_ones() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("cm");
@@ -885,7 +941,7 @@ mod tests {
             let d = root.join(name).join("data/sub");
             fs::create_dir_all(&d).unwrap();
             fs::write(d.join("f"), b"x").unwrap();
-            fs::set_permissions(&d, fs::Permissions::from_mode(0)).unwrap();
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o000)).unwrap();
         }
         // a live creator holds the root lock shared: its entries stay
         let live = s.root_lock(FlockArg::LockShared).unwrap().unwrap();
