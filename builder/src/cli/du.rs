@@ -1,7 +1,8 @@
 //! `kiln du`: the space kiln's state directory uses, split like
 //! `docker system df`: image blobs, unpacked layers, the build cache, and
-//! cache mounts (a row that stays at zero until `RUN --mount=type=cache`
-//! exists). Read-only: it never removes anything.
+//! cache mounts (the `RUN --mount=type=cache` directories, one object per
+//! instance). Read-only: it never removes anything, and never creates the
+//! cache mount store.
 
 use std::path::Path;
 
@@ -11,6 +12,7 @@ use clap::Args;
 use super::images::{human_size, open_state};
 use super::prune::cache_entries;
 use crate::engine::cache::Cache;
+use crate::image::cache_mounts::{CacheMounts, CacheUsage};
 use crate::image::gc::{self, CacheRoot, Row};
 use crate::image::time;
 
@@ -30,6 +32,13 @@ fn percent(part: u64, whole: u64) -> String {
     }
     // u128: no overflow for any file-system size
     format!("{}%", u128::from(part) * 100 / u128::from(whole))
+}
+
+/// Seconds since `then`; 0 for a time in the future (clock skew).
+fn age_secs(now: std::time::SystemTime, then: std::time::SystemTime) -> i64 {
+    now.duration_since(then)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Print rows as a left-aligned table, three spaces between columns.
@@ -53,7 +62,14 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
     let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
     let entries = cache_entries(&cache, &snap)?;
     let roots: Vec<CacheRoot> = entries.iter().map(|e| e.root.clone()).collect();
-    let usage = gc::usage(&snap, &roots)?;
+    let mut usage = gc::usage(&snap, &roots)?;
+    let mounts: Vec<CacheUsage> = match CacheMounts::open_existing(&state.cache_mounts_dir())
+        .context("cannot open the cache mount store")?
+    {
+        Some(store) => store.usage().context("cannot measure the cache mounts")?,
+        None => Vec::new(),
+    };
+    usage.add_cache_mounts(&mounts);
     if args.format == "json" {
         println!("{}", serde_json::to_string_pretty(&usage)?);
         return Ok(0);
@@ -88,10 +104,7 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
             .map(String::from)
             .to_vec()];
         for (e, size) in entries.iter().zip(sizes) {
-            let age = now
-                .duration_since(e.record.last_used)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0);
+            let age = age_secs(now, e.record.last_used);
             rows.push(vec![
                 e.record.key.0.chars().take(12).collect(),
                 human_size(size),
@@ -101,6 +114,22 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
         }
         println!();
         print_table(&rows);
+        if !mounts.is_empty() {
+            let mut rows = vec![["CACHE MOUNT", "INSTANCE", "SIZE", "LAST USED", "IN USE"]
+                .map(String::from)
+                .to_vec()];
+            for m in &mounts {
+                rows.push(vec![
+                    m.id.clone(),
+                    m.instance.clone(),
+                    human_size(m.bytes),
+                    time::human_age(age_secs(now, m.last_used)),
+                    if m.in_use { "yes" } else { "no" }.into(),
+                ]);
+            }
+            println!();
+            print_table(&rows);
+        }
     }
     Ok(0)
 }

@@ -193,10 +193,27 @@ pub struct Usage {
     pub layers: Row,
     /// cache records and the layers (blobs and unpacked) only they need
     pub build_cache: Row,
-    /// `RUN --mount=type=cache` directories: none until cache mounts exist
+    /// `RUN --mount=type=cache` directories, one object per instance;
+    /// active: held by a running build (see [`Usage::add_cache_mounts`])
     pub cache_mounts: Row,
-    /// blobs, unpacked layers and cache records together
+    /// blobs, unpacked layers, cache records and cache mounts together
     pub on_disk: u64,
+}
+
+impl Usage {
+    /// Count the cache mount instances of
+    /// [`CacheMounts::usage`](super::cache_mounts::CacheMounts::usage):
+    /// `kiln prune` frees every one no build holds.
+    pub fn add_cache_mounts(&mut self, mounts: &[super::cache_mounts::CacheUsage]) {
+        let size: u64 = mounts.iter().map(|m| m.bytes).sum();
+        self.cache_mounts = Row {
+            total: mounts.len(),
+            active: mounts.iter().filter(|m| m.in_use).count(),
+            size,
+            reclaimable: mounts.iter().filter(|m| !m.in_use).map(|m| m.bytes).sum(),
+        };
+        self.on_disk += size;
+    }
 }
 
 /// One cache record as the accounting sees it.
