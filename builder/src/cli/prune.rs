@@ -6,6 +6,12 @@
 //! `docker builder prune` (BuildKit's prune policy, see
 //! `engine::cache::select_for_prune`).
 //!
+//! Cache mounts (`RUN --mount=type=cache` directories) go too, as BuildKit's
+//! prune removes its `exec.cachemount` records: each instance no running
+//! build holds is a candidate in the same pool as the cache records, so
+//! `--keep-duration` keeps recently used ones and `--keep-storage` counts
+//! their bytes. An instance a build holds is never touched (try-lock).
+//!
 //! Also home of what `kiln du` and `kiln rmi` share with prune: reading the
 //! cache records as GC roots.
 
@@ -21,6 +27,7 @@ use oci_spec::image::Digest;
 use super::images::{human_size, open_state};
 use crate::engine::cache::{self, Cache, KeepPolicy, PruneCandidate, Record};
 use crate::engine::state::ImageState;
+use crate::image::cache_mounts::CacheMounts;
 use crate::image::gc::{self, CacheRoot, Roots};
 use crate::image::StateDir;
 
@@ -40,6 +47,10 @@ pub struct PruneArgs {
     #[arg(long, short = 'f', hide = true)]
     force: bool,
 }
+
+/// Prefix of a cache mount instance among the prune candidates (record
+/// keys are hex, so it never collides with one).
+const MOUNT_KEY: &str = "mount:";
 
 /// A record with what it keeps alive, for GC and accounting.
 pub struct CacheEntry {
@@ -168,7 +179,10 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
         .filter(|e| !e.root.usable)
         .map(|e| e.record.key.clone())
         .collect();
-    let candidates: Vec<PruneCandidate> = entries
+    let mounts = CacheMounts::open(&state.cache_mounts_dir())
+        .context("cannot open the cache mount store")?;
+    let mount_usage = mounts.usage().context("cannot measure the cache mounts")?;
+    let mut candidates: Vec<PruneCandidate> = entries
         .iter()
         .zip(&sizes)
         .filter(|(e, _)| e.root.usable)
@@ -178,21 +192,31 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
             bytes: *bytes,
         })
         .collect();
+    candidates.extend(
+        mount_usage
+            .iter()
+            .filter(|m| !m.in_use)
+            .map(|m| PruneCandidate {
+                key: cache::Key(format!("{MOUNT_KEY}{}", m.instance)),
+                last_used: m.last_used,
+                bytes: m.bytes,
+            }),
+    );
     let policy = KeepPolicy {
         storage: args.keep_storage,
         duration: args.keep_duration,
     };
-    doomed.extend(cache::select_for_prune(
-        &candidates,
-        policy,
-        SystemTime::now(),
-    ));
+    let (doomed_mounts, selected): (Vec<cache::Key>, Vec<cache::Key>) =
+        cache::select_for_prune(&candidates, policy, SystemTime::now())
+            .into_iter()
+            .partition(|k| k.0.starts_with(MOUNT_KEY));
+    doomed.extend(selected);
     for e in &entries {
         if !doomed.contains(&e.record.key) {
             keep.extend(&e.root.roots);
         }
     }
-    if !doomed.is_empty() {
+    if !doomed.is_empty() || !doomed_mounts.is_empty() {
         println!("Deleted build cache objects:");
     }
     for key in &doomed {
@@ -201,12 +225,28 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot remove cache record {}", key.0))?;
         println!("{}", &key.0[..key.0.len().min(25)]);
     }
+    let mut mounts_freed = 0;
+    for key in &doomed_mounts {
+        let instance = &key.0[MOUNT_KEY.len()..];
+        let removed = mounts
+            .remove(instance)
+            .with_context(|| format!("cannot remove cache mount {instance}"))?;
+        // None: a build took it since we looked; it stays
+        if let Some(bytes) = removed {
+            mounts_freed += bytes;
+            let id = mount_usage
+                .iter()
+                .find(|m| m.instance == instance)
+                .map_or("?", |m| m.id.as_str());
+            println!("cache mount {id} ({instance})");
+        }
+    }
     gc::collect(&snap, &keep).context("garbage collection")?;
     snap.cleanup()?;
     let after = disk_bytes(&snap, &cache)?;
     println!(
         "Total reclaimed space: {}",
-        human_size(before.saturating_sub(after))
+        human_size(before.saturating_sub(after) + mounts_freed)
     );
     Ok(0)
 }
