@@ -335,6 +335,14 @@ impl CacheMounts {
         }
     }
 
+    /// The root lock, shared: held while this process has a `tmp-*` or
+    /// `trash-*` entry.
+    fn root_shared(&self) -> Result<Flock<File>> {
+        let path = self.root.join("lock");
+        self.root_lock(FlockArg::LockShared)?
+            .ok_or_else(|| io_err(&path)(io::ErrorKind::WouldBlock.into()))
+    }
+
     fn root_lock(&self, arg: FlockArg) -> Result<Option<Flock<File>>> {
         let path = self.root.join("lock");
         let file = match open_lock(&path, true) {
@@ -494,9 +502,7 @@ impl CacheMounts {
     /// ([`CacheLease::fresh`] is then true).
     pub fn acquire(&self, id: &str, sharing: Sharing, init: Init) -> Result<CacheLease> {
         loop {
-            let guard = self
-                .root_lock(FlockArg::LockShared)?
-                .expect("a blocking flock returns a lock");
+            let guard = self.root_shared()?;
             let id_dir = self.ensure_id_dir(id)?;
             let arg = match sharing {
                 Sharing::Shared => FlockArg::LockShared,
@@ -634,9 +640,7 @@ impl CacheMounts {
         }
         // the trash entry exists only while this root lock is held shared,
         // so a cleaner never removes it under us
-        let _guard = self
-            .root_lock(FlockArg::LockShared)?
-            .expect("a blocking flock returns a lock");
+        let guard = self.root_shared()?;
         let data = dir.join("data");
         let bytes = disk_usage(&data, &mut HashSet::new()).map_err(io_err(&data))?;
         // out of sight first: an acquire never finds a half-removed cache
@@ -644,7 +648,7 @@ impl CacheMounts {
         fs::rename(&dir, &trash).map_err(io_err(&dir))?;
         remove_tree(&trash).map_err(io_err(&trash))?;
         drop(held);
-        drop(_guard);
+        drop(guard);
         if let Some(id_dir) = dir.parent() {
             self.remove_ids_if_empty(&[id_dir.to_path_buf()])?;
         }
@@ -726,12 +730,26 @@ mod tests {
         };
         let a = s.acquire("/root/.cache", Sharing::Shared, init).unwrap();
         assert!(a.fresh());
+        let lock_file = a.path().parent().unwrap().join("lock");
+        // flock(1) -s -n: can another process share it right now?
+        let shareable = || {
+            Command::new("flock")
+                .args(["-s", "-n"])
+                .arg(&lock_file)
+                .arg("true")
+                .status()
+                .expect("flock(1) from util-linux")
+                .success()
+        };
+        // fresh: held exclusively until seeded and dropped
+        assert!(!shareable());
         let m = fs::metadata(a.path()).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o1777, 1000, 1001));
         fs::write(a.path().join("f"), b"kept").unwrap();
         drop(a);
         let b = get(&s, "/root/.cache", Sharing::Shared);
         assert!(!b.fresh());
+        assert!(shareable());
         assert_eq!(fs::read(b.path().join("f")).unwrap(), b"kept");
         // another id is another directory
         let c = get(&s, "/other", Sharing::Shared);
