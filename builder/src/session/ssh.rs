@@ -1,0 +1,716 @@
+//! The SSH agent a `RUN --mount=type=ssh` step talks to.
+//!
+//! Owns: parsing one `--ssh` flag as BuildKit does ([`parse_flag`]), loading
+//! what it names at build start ([`Agent::load`]: private key files, or the
+//! user's own agent socket), and serving the agent protocol
+//! (draft-miller-ssh-agent) on a listening socket the sandbox hands over
+//! ([`Agent::serve`]).
+//!
+//! The agent answers only "list identities" and "sign". Everything else (add,
+//! remove, lock, extensions) gets `SSH_AGENT_FAILURE`, in both modes: in
+//! forward mode such a request never reaches the user's agent. A step can use
+//! the keys but must never be able to read, add, remove or lock them; that is
+//! the point of this module and nothing here may widen it.
+//!
+//! It never picks which step gets which agent and never creates the socket:
+//! the engine and the sandbox do.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, sockopt, SockType};
+use rsa::pkcs1::DecodeRsaPrivateKey;
+use rsa::pkcs1v15;
+use rsa::signature::{SignatureEncoding, Signer};
+use sha2::{Sha256, Sha512};
+use ssh_encoding::{Decode, Encode};
+use ssh_key::private::{KeypairData, RsaKeypair};
+use ssh_key::{Algorithm, EcdsaCurve, HashAlg, PrivateKey, PublicKey, Signature};
+use zeroize::Zeroizing;
+
+/// The variable `--ssh default` (and `--ssh ID` alone) reads, as in BuildKit.
+pub const AUTH_SOCK_VAR: &str = "SSH_AUTH_SOCK";
+
+/// The largest request or upstream answer accepted, length prefix excluded.
+/// OpenSSH's own agent allows 256 KiB; a client sending more is broken or
+/// hostile, and its connection is closed.
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// Connections served at once per agent. A step that opens more gets the
+/// extra ones closed at once rather than queued, so it cannot tie up threads.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Message numbers from draft-miller-ssh-agent, section 6.1.
+mod msg {
+    pub const FAILURE: u8 = 5;
+    pub const REQUEST_IDENTITIES: u8 = 11;
+    pub const IDENTITIES_ANSWER: u8 = 12;
+    pub const SIGN_REQUEST: u8 = 13;
+    pub const SIGN_RESPONSE: u8 = 14;
+    /// Sign-request flags (section 6.7.1).
+    pub const RSA_SHA2_256: u32 = 2;
+    pub const RSA_SHA2_512: u32 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("--ssh {value}: {var} is not set; start an ssh-agent, or name a socket or key files with --ssh ID=PATH", var = AUTH_SOCK_VAR)]
+    NoAuthSock { value: String },
+    #[error("--ssh {value}: the id before '=' is empty")]
+    EmptyId { value: String },
+    #[error("--ssh {value}: empty path in the list after '='")]
+    EmptyPath { value: String },
+    #[error("--ssh {value}: {path}: {source}")]
+    Path {
+        value: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("--ssh {value}: more than one agent socket; an id forwards a single socket")]
+    TwoSockets { value: String },
+    #[error("--ssh {value}: {socket} is a socket and the other paths are key files; give them separate ids")]
+    SocketAndKeys { value: String, socket: PathBuf },
+    #[error("ssh agent socket {path}: {source}")]
+    Upstream { path: PathBuf, source: io::Error },
+    #[error("ssh agent socket {path}: not a unix socket")]
+    NotASocket { path: PathBuf },
+    #[error("ssh key {path}: {source}")]
+    ReadKey { path: PathBuf, source: io::Error },
+    #[error("ssh key {path}: passphrase-protected keys are not supported; load it into an ssh-agent (ssh-add {path}) and use --ssh default")]
+    Encrypted { path: PathBuf },
+    #[error("ssh key {path}: not an OpenSSH or PEM RSA private key: {reason}")]
+    ParseKey { path: PathBuf, reason: String },
+    #[error("ssh key {path}: {algorithm} keys are not supported; use ed25519, ecdsa (nistp256, nistp384) or rsa")]
+    Unsupported { path: PathBuf, algorithm: String },
+    #[error(
+        "ssh key {path}: the private key does not match its public key or cannot sign: {reason}"
+    )]
+    BrokenKey { path: PathBuf, reason: String },
+    #[error(
+        "ssh agent {id}: the socket handed over is not a listening unix stream socket: {reason}"
+    )]
+    BadListener { id: String, reason: String },
+    #[error("ssh agent {id}: {what}: {source}")]
+    Serve {
+        id: String,
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, SshError>;
+
+/// One `--ssh` flag of `kiln build`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshConfig {
+    pub id: String,
+    pub source: SshSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshSource {
+    /// forward an agent socket (`--ssh default` = $SSH_AUTH_SOCK, `--ssh ID=/path/to/socket`)
+    Forward(PathBuf),
+    /// serve these private key files from an agent inside kiln (`--ssh ID=key[,key2]`)
+    Keys(Vec<PathBuf>),
+}
+
+/// Parse one `--ssh` value as BuildKit does: `default` or `ID` alone forward
+/// `$SSH_AUTH_SOCK`; `ID=PATH[,PATH...]` forwards the path if it is a unix
+/// socket, and otherwise serves the paths as private key files.
+///
+/// `env` looks up environment variables, so callers (and tests) choose the
+/// environment instead of this reading the process's own.
+pub fn parse_flag(value: &str, env: impl Fn(&str) -> Option<OsString>) -> Result<SshConfig> {
+    let (id, paths) = match value.split_once('=') {
+        Some((id, paths)) => (id, Some(paths)),
+        None => (value, None),
+    };
+    if id.is_empty() {
+        return Err(SshError::EmptyId {
+            value: value.to_owned(),
+        });
+    }
+    let Some(paths) = paths else {
+        let sock = env(AUTH_SOCK_VAR)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| SshError::NoAuthSock {
+                value: value.to_owned(),
+            })?;
+        return Ok(SshConfig {
+            id: id.to_owned(),
+            source: SshSource::Forward(PathBuf::from(sock)),
+        });
+    };
+
+    let mut sockets = Vec::new();
+    let mut keys = Vec::new();
+    for path in paths.split(',') {
+        if path.is_empty() {
+            return Err(SshError::EmptyPath {
+                value: value.to_owned(),
+            });
+        }
+        let path = PathBuf::from(path);
+        // Follows symlinks: `~/.ssh/agent.sock -> /run/user/...` is a socket.
+        let meta = fs::metadata(&path).map_err(|source| SshError::Path {
+            value: value.to_owned(),
+            path: path.clone(),
+            source,
+        })?;
+        if meta.file_type().is_socket() {
+            sockets.push(path);
+        } else {
+            keys.push(path);
+        }
+    }
+    let source = match (sockets.len(), keys.is_empty()) {
+        (0, _) => SshSource::Keys(keys),
+        (1, true) => SshSource::Forward(sockets.remove(0)),
+        (1, false) => {
+            return Err(SshError::SocketAndKeys {
+                value: value.to_owned(),
+                socket: sockets.remove(0),
+            })
+        }
+        _ => {
+            return Err(SshError::TwoSockets {
+                value: value.to_owned(),
+            })
+        }
+    };
+    Ok(SshConfig {
+        id: id.to_owned(),
+        source,
+    })
+}
+
+/// A loaded agent: keys parsed and checked (or the upstream socket checked to
+/// accept connections) at build start, so a bad key fails the build before
+/// any step, naming the file.
+pub struct Agent {
+    id: String,
+    backend: Backend,
+}
+
+enum Backend {
+    Keys(Vec<Identity>),
+    Forward(PathBuf),
+}
+
+/// One key the agent holds. The private halves zeroize themselves on drop
+/// (ssh-key's keypairs and rsa's `RsaPrivateKey` both do).
+struct Identity {
+    /// The public key in wire form: what clients list and name in a sign
+    /// request.
+    blob: Vec<u8>,
+    comment: String,
+    key: KeySigner,
+}
+
+enum KeySigner {
+    /// ed25519 and ecdsa: one signature algorithm per key, flags ignored.
+    Plain(PrivateKey),
+    /// rsa: the client picks the hash through the request flags. ssh-key's
+    /// own RSA signer only does SHA-512, so rsa's signers are kept for both.
+    Rsa {
+        sha256: pkcs1v15::SigningKey<Sha256>,
+        sha512: pkcs1v15::SigningKey<Sha512>,
+    },
+}
+
+impl Agent {
+    pub fn load(cfg: &SshConfig) -> Result<Agent> {
+        let backend = match &cfg.source {
+            SshSource::Forward(path) => {
+                check_upstream(path)?;
+                Backend::Forward(path.clone())
+            }
+            SshSource::Keys(paths) => {
+                Backend::Keys(paths.iter().map(|p| load_key(p)).collect::<Result<_>>()?)
+            }
+        };
+        Ok(Agent {
+            id: cfg.id.clone(),
+            backend,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Serve the agent protocol on an already-listening AF_UNIX stream
+    /// socket. The returned [`Serving`] stops everything when dropped.
+    pub fn serve(self: &Arc<Self>, listener: OwnedFd) -> Result<Serving> {
+        self.check_listener(&listener)?;
+        let listener = UnixListener::from(listener);
+        // Non-blocking so the accept loop only ever waits in poll(), where
+        // the stop pipe can wake it.
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| self.serve_error("making the socket non-blocking", source))?;
+        let (stop_rx, stop_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| self.serve_error("creating the stop pipe", e.into()))?;
+        let agent = Arc::clone(self);
+        let accept = thread::Builder::new()
+            .name(format!("ssh-agent-{}", self.id))
+            .spawn(move || agent.accept_loop(listener, Arc::new(stop_rx)))
+            .map_err(|source| self.serve_error("starting the accept thread", source))?;
+        Ok(Serving {
+            stop_tx: Some(stop_tx),
+            accept: Some(accept),
+        })
+    }
+
+    fn serve_error(&self, what: &'static str, source: io::Error) -> SshError {
+        SshError::Serve {
+            id: self.id.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn check_listener(&self, fd: &OwnedFd) -> Result<()> {
+        let bad = |reason: String| SshError::BadListener {
+            id: self.id.clone(),
+            reason,
+        };
+        match getsockopt(fd, sockopt::SockType) {
+            Ok(SockType::Stream) => {}
+            Ok(other) => return Err(bad(format!("socket type {other:?}"))),
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        match getsockopt(fd, sockopt::AcceptConn) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(bad("listen() was not called on it".into())),
+            Err(e) => Err(bad(e.to_string())),
+        }
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: UnixListener, stop: Arc<OwnedFd>) {
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut connections: Vec<JoinHandle<()>> = Vec::new();
+        loop {
+            match wait_for(listener.as_fd(), PollFlags::POLLIN, stop.as_fd()) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break,
+            }
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(_) => {
+                    // EMFILE and friends: the socket stays readable, so back
+                    // off instead of spinning until a descriptor frees up.
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            connections.retain(|c| !c.is_finished());
+            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                drop(stream);
+                continue;
+            }
+            let slot = Slot::take(&active);
+            let agent = Arc::clone(&self);
+            let stop = Arc::clone(&stop);
+            let spawned = thread::Builder::new()
+                .name(format!("ssh-agent-{}-conn", self.id))
+                .spawn(move || {
+                    let _slot = slot;
+                    // Any error ends this one connection and nothing else:
+                    // the client sees its socket close, as with a broken
+                    // agent.
+                    let _ = agent.serve_connection(stream, stop.as_fd());
+                });
+            if let Ok(handle) = spawned {
+                connections.push(handle);
+            }
+        }
+        // Dropping the listener here, before the joins, makes new connects
+        // fail at once while the open connections wind down.
+        drop(listener);
+        for c in connections {
+            let _ = c.join();
+        }
+    }
+
+    fn serve_connection(&self, client: UnixStream, stop: BorrowedFd<'_>) -> io::Result<()> {
+        client.set_nonblocking(true)?;
+        let mut client = Peer {
+            stream: client,
+            stop,
+        };
+        let mut upstream: Option<Peer<'_>> = None;
+        while let Some(request) = client.read_message()? {
+            let answer = match &self.backend {
+                Backend::Keys(identities) => answer(identities, &request),
+                Backend::Forward(path) if is_allowed(&request) => {
+                    let peer = match &mut upstream {
+                        Some(peer) => peer,
+                        None => {
+                            // One upstream connection per client
+                            // connection, opened on first use, so requests
+                            // of different steps never interleave.
+                            let stream = UnixStream::connect(path)?;
+                            stream.set_nonblocking(true)?;
+                            upstream.insert(Peer { stream, stop })
+                        }
+                    };
+                    peer.write_message(&request)?;
+                    match peer.read_message()? {
+                        Some(answer) => answer,
+                        None => return Ok(()),
+                    }
+                }
+                Backend::Forward(_) => vec![msg::FAILURE],
+            };
+            client.write_message(&answer)?;
+        }
+        Ok(())
+    }
+}
+
+/// The only requests either mode lets through: list and sign.
+fn is_allowed(request: &[u8]) -> bool {
+    matches!(
+        request.first(),
+        Some(&msg::REQUEST_IDENTITIES | &msg::SIGN_REQUEST)
+    )
+}
+
+/// The answer of a keys-mode agent to one request (type byte and body).
+fn answer(identities: &[Identity], request: &[u8]) -> Vec<u8> {
+    let answer = match request.split_first() {
+        Some((&msg::REQUEST_IDENTITIES, [])) => identities_answer(identities),
+        Some((&msg::SIGN_REQUEST, body)) => sign_response(identities, body),
+        _ => None,
+    };
+    answer.unwrap_or_else(|| vec![msg::FAILURE])
+}
+
+fn identities_answer(identities: &[Identity]) -> Option<Vec<u8>> {
+    let mut out = vec![msg::IDENTITIES_ANSWER];
+    u32::try_from(identities.len())
+        .ok()?
+        .encode(&mut out)
+        .ok()?;
+    for identity in identities {
+        identity.blob.encode(&mut out).ok()?;
+        identity.comment.encode(&mut out).ok()?;
+    }
+    Some(out)
+}
+
+/// `None` for anything the agent refuses: a malformed request, a key it does
+/// not hold, or an RSA request without a SHA-2 flag.
+fn sign_response(identities: &[Identity], mut body: &[u8]) -> Option<Vec<u8>> {
+    let blob = Vec::<u8>::decode(&mut body).ok()?;
+    let data = Vec::<u8>::decode(&mut body).ok()?;
+    let flags = u32::decode(&mut body).ok()?;
+    if !body.is_empty() {
+        return None;
+    }
+    let identity = identities.iter().find(|i| i.blob == blob)?;
+    let signature = identity.key.sign(&data, flags)?;
+    let mut out = vec![msg::SIGN_RESPONSE];
+    let signature = Vec::<u8>::try_from(signature).ok()?;
+    signature.encode(&mut out).ok()?;
+    Some(out)
+}
+
+impl KeySigner {
+    fn sign(&self, data: &[u8], flags: u32) -> Option<Signature> {
+        match self {
+            KeySigner::Plain(key) => key.try_sign(data).ok(),
+            // OpenSSH's agent checks SHA-256 first when both flags are set;
+            // do the same so kiln answers as the user's agent would.
+            KeySigner::Rsa { sha256, .. } if flags & msg::RSA_SHA2_256 != 0 => {
+                rsa_signature(HashAlg::Sha256, sha256.try_sign(data).ok()?)
+            }
+            KeySigner::Rsa { sha512, .. } if flags & msg::RSA_SHA2_512 != 0 => {
+                rsa_signature(HashAlg::Sha512, sha512.try_sign(data).ok()?)
+            }
+            // No flag means an `ssh-rsa` (SHA-1) signature, which OpenSSH
+            // itself has refused by default since 8.8.
+            KeySigner::Rsa { .. } => None,
+        }
+    }
+}
+
+fn rsa_signature(hash: HashAlg, signature: pkcs1v15::Signature) -> Option<Signature> {
+    Signature::new(Algorithm::Rsa { hash: Some(hash) }, signature.to_vec()).ok()
+}
+
+/// Check at build start that the user's agent is there and accepts
+/// connections: a stale `SSH_AUTH_SOCK` should fail the build, not the step
+/// that first runs `git clone`.
+fn check_upstream(path: &Path) -> Result<()> {
+    let meta = fs::metadata(path).map_err(|source| SshError::Upstream {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_socket() {
+        return Err(SshError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    UnixStream::connect(path).map_err(|source| SshError::Upstream {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn load_key(path: &Path) -> Result<Identity> {
+    let parse_error = |reason: String| SshError::ParseKey {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = Zeroizing::new(
+        fs::read_to_string(path).map_err(|source| SshError::ReadKey {
+            path: path.to_owned(),
+            source,
+        })?,
+    );
+    let key = if text.contains("-----BEGIN RSA PRIVATE KEY-----") {
+        // Old `ssh-keygen -m PEM` RSA keys. An encrypted one carries a
+        // `Proc-Type: 4,ENCRYPTED` header that the PKCS#1 parser rejects
+        // with a message that would not tell the user what to do.
+        if text.contains("ENCRYPTED") {
+            return Err(SshError::Encrypted {
+                path: path.to_owned(),
+            });
+        }
+        let rsa =
+            rsa::RsaPrivateKey::from_pkcs1_pem(&text).map_err(|e| parse_error(e.to_string()))?;
+        let keypair = RsaKeypair::try_from(&rsa).map_err(|e| parse_error(e.to_string()))?;
+        PrivateKey::new(KeypairData::Rsa(keypair), "").map_err(|e| parse_error(e.to_string()))?
+    } else {
+        PrivateKey::from_openssh(text.as_bytes()).map_err(|e| parse_error(e.to_string()))?
+    };
+    if key.is_encrypted() {
+        return Err(SshError::Encrypted {
+            path: path.to_owned(),
+        });
+    }
+    let broken = |reason: String| SshError::BrokenKey {
+        path: path.to_owned(),
+        reason,
+    };
+    let signer = match key.algorithm() {
+        Algorithm::Ed25519
+        | Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256 | EcdsaCurve::NistP384,
+        } => KeySigner::Plain(key.clone()),
+        Algorithm::Rsa { .. } => {
+            let KeypairData::Rsa(keypair) = key.key_data() else {
+                return Err(broken("rsa key without rsa key data".into()));
+            };
+            let rsa = rsa_private_key(keypair).map_err(broken)?;
+            KeySigner::Rsa {
+                sha256: pkcs1v15::SigningKey::new(rsa.clone()),
+                sha512: pkcs1v15::SigningKey::new(rsa),
+            }
+        }
+        other => {
+            return Err(SshError::Unsupported {
+                path: path.to_owned(),
+                algorithm: other.to_string(),
+            })
+        }
+    };
+    let public = key.public_key();
+    self_check(&signer, public).map_err(broken)?;
+    let blob = public.to_bytes().map_err(|e| parse_error(e.to_string()))?;
+    // ssh-add shows the file when a key has no comment; do the same so
+    // `ssh-add -L` in a step says which key is which.
+    let comment = match key.comment() {
+        "" => path.display().to_string(),
+        c => c.to_owned(),
+    };
+    Ok(Identity {
+        blob,
+        comment,
+        key: signer,
+    })
+}
+
+/// Build rsa's private key from the OpenSSH fields, validated (n = p*q, d
+/// inverts e). Done here rather than through ssh-key's conversion, which in
+/// 0.6 passes `p` twice and so rejects every key.
+fn rsa_private_key(keypair: &RsaKeypair) -> std::result::Result<rsa::RsaPrivateKey, String> {
+    let int = |m: &ssh_key::Mpint| rsa::BigUint::try_from(m).map_err(|e| e.to_string());
+    rsa::RsaPrivateKey::from_components(
+        int(&keypair.public.n)?,
+        int(&keypair.public.e)?,
+        int(&keypair.private.d)?,
+        vec![int(&keypair.private.p)?, int(&keypair.private.q)?],
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Sign and verify a fixed message, so a key file whose private half does not
+/// match its public half fails `load` rather than every signature later.
+fn self_check(signer: &KeySigner, public: &PublicKey) -> std::result::Result<(), String> {
+    use rsa::signature::Verifier;
+    const PROBE: &[u8] = b"kiln ssh agent key check";
+    let signature = signer
+        .sign(PROBE, msg::RSA_SHA2_512)
+        .ok_or_else(|| "signing failed".to_owned())?;
+    public
+        .key_data()
+        .verify(PROBE, &signature)
+        .map_err(|e| e.to_string())
+}
+
+/// A running agent. Dropping it (or [`Serving::stop`]) stops accepting,
+/// closes every connection and joins every thread.
+pub struct Serving {
+    /// Closing this write end is the stop signal: every thread polls the read
+    /// end, which then reports hang-up.
+    stop_tx: Option<OwnedFd>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Serving {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        drop(self.stop_tx.take());
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+/// One counted connection; gives its place back when the thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
+        active.fetch_add(1, Ordering::SeqCst);
+        Slot(Arc::clone(active))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A non-blocking stream read and written in whole agent messages, waiting
+/// only in poll() beside the stop pipe so a stop never waits on a client.
+struct Peer<'a> {
+    stream: UnixStream,
+    stop: BorrowedFd<'a>,
+}
+
+impl Peer<'_> {
+    /// The next message (type byte and body), or `None` when the peer closed
+    /// between messages or the agent is stopping.
+    fn read_message(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 4];
+        if !self.read_exact(&mut len, true)? {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len == 0 || len > MAX_MESSAGE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("agent message of {len} bytes"),
+            ));
+        }
+        let mut message = vec![0u8; len];
+        if !self.read_exact(&mut message, false)? {
+            return Ok(None);
+        }
+        Ok(Some(message))
+    }
+
+    /// Fill `buf`. `Ok(false)` on stop, or on end of stream before the first
+    /// byte when `eof_ok`; end of stream anywhere else is an error.
+    fn read_exact(&mut self, buf: &mut [u8], eof_ok: bool) -> io::Result<bool> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.stream.read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 && eof_ok => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait_for(self.stream.as_fd(), PollFlags::POLLIN, self.stop)? {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    fn write_message(&mut self, message: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(message.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "agent message too long"))?;
+        let mut framed = Vec::with_capacity(4 + message.len());
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(message);
+        let mut written = 0;
+        while written < framed.len() {
+            match self.stream.write(&framed[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait_for(self.stream.as_fd(), PollFlags::POLLOUT, self.stop)? {
+                        return Err(io::ErrorKind::Interrupted.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wait until `fd` is ready for `events` (`true`) or the stop pipe hangs up
+/// (`false`). Errors and hang-ups on `fd` count as ready: the read or write
+/// that follows reports them.
+fn wait_for(fd: BorrowedFd<'_>, events: PollFlags, stop: BorrowedFd<'_>) -> io::Result<bool> {
+    loop {
+        let mut fds = [
+            PollFd::new(fd, events),
+            PollFd::new(stop, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(false);
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(true);
+        }
+    }
+}
