@@ -714,3 +714,503 @@ fn wait_for(fd: BorrowedFd<'_>, events: PollFlags, stop: BorrowedFd<'_>) -> io::
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::Instant;
+
+    /// `ssh-keygen` a key without passphrase (unless `extra` sets one) as
+    /// `dir/name`, commented `name@kiln`.
+    fn keygen(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+        let path = dir.join(name);
+        let mut args = vec!["-q", "-C"];
+        let comment = format!("{name}@kiln");
+        args.push(&comment);
+        let file = path.to_str().unwrap().to_owned();
+        args.extend(["-f", &file]);
+        if !extra.contains(&"-N") {
+            args.extend(["-N", ""]);
+        }
+        args.extend(extra);
+        run_ok(Command::new("ssh-keygen").args(&args).stdin(Stdio::null()));
+        path
+    }
+
+    fn run(cmd: &mut Command) -> Output {
+        // Never let ssh-add ask anyone for anything (stdin is null unless
+        // the caller gave one).
+        cmd.env_remove("DISPLAY")
+            .env_remove("SSH_ASKPASS")
+            .output()
+            .expect("spawn")
+    }
+
+    fn run_ok(cmd: &mut Command) -> Output {
+        let out = run(cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn with_sock(program: &str, sock: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env(AUTH_SOCK_VAR, sock).stdin(Stdio::null());
+        cmd
+    }
+
+    /// "type base64" of an OpenSSH public key line, without the comment.
+    fn key_line(line: &str) -> String {
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn pub_line(key: &Path) -> String {
+        key_line(&fs::read_to_string(key.with_extension("pub")).unwrap())
+    }
+
+    fn listed(sock: &Path) -> BTreeSet<String> {
+        let out = run_ok(with_sock("ssh-add", sock).arg("-L"));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(key_line)
+            .collect()
+    }
+
+    fn serve(dir: &Path, source: SshSource) -> (Serving, PathBuf) {
+        let sock = dir.join("kiln-agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let agent = Agent::load(&SshConfig {
+            id: "default".into(),
+            source,
+        })
+        .unwrap();
+        let serving = Arc::new(agent).serve(OwnedFd::from(listener)).unwrap();
+        (serving, sock)
+    }
+
+    /// `ssh-keygen -Y sign` through the agent at `sock` (given only the
+    /// public key, ssh-keygen must ask the agent), then `-Y verify`.
+    fn sign_and_verify(dir: &Path, sock: &Path, key: &Path) -> Output {
+        let message = dir.join("message");
+        fs::write(&message, b"what a step signs\n").unwrap();
+        let sig = dir.join("message.sig");
+        let _ = fs::remove_file(&sig);
+        let out = run(with_sock("ssh-keygen", sock)
+            .args(["-Y", "sign", "-n", "test", "-f"])
+            .arg(key.with_extension("pub"))
+            .arg(&message));
+        if !out.status.success() {
+            return out;
+        }
+        let allowed = dir.join("allowed_signers");
+        fs::write(&allowed, format!("test@kiln {}\n", pub_line(key))).unwrap();
+        run(Command::new("ssh-keygen")
+            .args(["-Y", "verify", "-n", "test", "-I", "test@kiln", "-f"])
+            .arg(&allowed)
+            .arg("-s")
+            .arg(&sig)
+            .stdin(fs::File::open(&message).unwrap()))
+    }
+
+    /// One raw agent request; `None` when the agent closed the connection.
+    fn request(sock: &Path, message: &[u8]) -> Option<Vec<u8>> {
+        let mut stream = UnixStream::connect(sock).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(&u32::try_from(message.len()).unwrap().to_be_bytes())
+            .unwrap();
+        stream.write_all(message).unwrap();
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).ok()?;
+        let mut answer = vec![0u8; u32::from_be_bytes(len) as usize];
+        stream.read_exact(&mut answer).unwrap();
+        Some(answer)
+    }
+
+    fn sign_request(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
+        let mut out = vec![msg::SIGN_REQUEST];
+        blob.encode(&mut out).unwrap();
+        data.encode(&mut out).unwrap();
+        flags.encode(&mut out).unwrap();
+        out
+    }
+
+    fn blob(key: &Path) -> Vec<u8> {
+        PublicKey::read_openssh_file(&key.with_extension("pub"))
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+    }
+
+    /// A real `ssh-agent`, killed when dropped.
+    struct Upstream {
+        child: Child,
+        sock: PathBuf,
+    }
+
+    impl Upstream {
+        fn start(dir: &Path) -> Upstream {
+            let sock = dir.join("upstream.sock");
+            let child = Command::new("ssh-agent")
+                .arg("-D")
+                .arg("-a")
+                .arg(&sock)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while UnixStream::connect(&sock).is_err() {
+                assert!(Instant::now() < deadline, "ssh-agent did not start");
+                thread::sleep(Duration::from_millis(20));
+            }
+            Upstream { child, sock }
+        }
+    }
+
+    impl Drop for Upstream {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn no_env(_: &str) -> Option<OsString> {
+        None
+    }
+
+    #[test]
+    fn parse_default_and_bare_id_forward_ssh_auth_sock() {
+        let env = |name: &str| (name == "SSH_AUTH_SOCK").then(|| OsString::from("/run/agent.sock"));
+        for (value, id) in [("default", "default"), ("gitlab", "gitlab")] {
+            assert_eq!(
+                parse_flag(value, env).unwrap(),
+                SshConfig {
+                    id: id.into(),
+                    source: SshSource::Forward("/run/agent.sock".into()),
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn parse_default_without_ssh_auth_sock_names_the_variable() {
+        for env in [no_env as fn(&str) -> Option<OsString>, |_| {
+            Some(OsString::new())
+        }] {
+            let err = parse_flag("default", env).unwrap_err().to_string();
+            assert!(err.contains("SSH_AUTH_SOCK is not set"), "{err}");
+        }
+    }
+
+    #[test]
+    fn parse_paths_socket_forwards_files_are_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("a.sock");
+        let _l1 = UnixListener::bind(&sock).unwrap();
+        let sock2 = dir.path().join("b.sock");
+        let _l2 = UnixListener::bind(&sock2).unwrap();
+        let k1 = dir.path().join("id_one");
+        let k2 = dir.path().join("id_two");
+        fs::write(&k1, "x").unwrap();
+        fs::write(&k2, "x").unwrap();
+        let s = |p: &Path| p.to_str().unwrap().to_owned();
+
+        let cfg = parse_flag(&format!("default={}", s(&sock)), no_env).unwrap();
+        assert_eq!(cfg.source, SshSource::Forward(sock.clone()));
+        let cfg = parse_flag(&format!("gh={},{}", s(&k1), s(&k2)), no_env).unwrap();
+        assert_eq!(cfg.id, "gh");
+        assert_eq!(cfg.source, SshSource::Keys(vec![k1.clone(), k2.clone()]));
+
+        let two = parse_flag(&format!("x={},{}", s(&sock), s(&sock2)), no_env).unwrap_err();
+        assert!(matches!(two, SshError::TwoSockets { .. }), "{two}");
+        let mixed = parse_flag(&format!("x={},{}", s(&k1), s(&sock)), no_env).unwrap_err();
+        assert!(matches!(mixed, SshError::SocketAndKeys { .. }), "{mixed}");
+        let missing = parse_flag("x=/nonexistent/id_rsa", no_env).unwrap_err();
+        assert!(
+            missing.to_string().contains("/nonexistent/id_rsa"),
+            "{missing}"
+        );
+        assert!(matches!(
+            parse_flag(&format!("={}", s(&k1)), no_env),
+            Err(SshError::EmptyId { .. })
+        ));
+        assert!(matches!(
+            parse_flag(&format!("x={},", s(&k1)), no_env),
+            Err(SshError::EmptyPath { .. })
+        ));
+    }
+
+    #[test]
+    fn keys_mode_lists_exactly_the_keys_and_signs_with_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let keys = [
+            keygen(d, "ed25519", &["-t", "ed25519"]),
+            keygen(d, "p256", &["-t", "ecdsa", "-b", "256"]),
+            keygen(d, "p384", &["-t", "ecdsa", "-b", "384"]),
+            keygen(d, "rsa", &["-t", "rsa", "-b", "2048"]),
+            keygen(d, "rsa_pem", &["-t", "rsa", "-b", "2048", "-m", "PEM"]),
+        ];
+        let (_serving, sock) = serve(d, SshSource::Keys(keys.to_vec()));
+        // The agent holds the keys now; without the files, a signature that
+        // verifies can only have come from it.
+        for key in &keys {
+            fs::remove_file(key).unwrap();
+        }
+
+        let expected: BTreeSet<String> = keys.iter().map(|k| pub_line(k)).collect();
+        assert_eq!(listed(&sock), expected);
+        for key in &keys {
+            let out = sign_and_verify(d, &sock, key);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                key.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn keys_mode_refuses_add_remove_and_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = keygen(d, "ed25519", &["-t", "ed25519"]);
+        let other = keygen(d, "other", &["-t", "ed25519"]);
+        let (_serving, sock) = serve(d, SshSource::Keys(vec![key.clone()]));
+
+        assert!(!run(with_sock("ssh-add", &sock).arg("-D")).status.success());
+        assert!(!run(with_sock("ssh-add", &sock).arg(&key)).status.success());
+        assert!(!run(with_sock("ssh-add", &sock).arg(&other))
+            .status
+            .success());
+        // SSH_AGENTC_LOCK with a passphrase, SSH_AGENTC_REMOVE_IDENTITY and
+        // an extension: all refused without closing the connection.
+        let mut lock = vec![22];
+        b"pw".encode(&mut lock).unwrap();
+        let mut remove = vec![18];
+        blob(&key).encode(&mut remove).unwrap();
+        let mut extension = vec![27];
+        "session-bind@openssh.com".encode(&mut extension).unwrap();
+        for req in [lock, remove, extension] {
+            assert_eq!(request(&sock, &req), Some(vec![msg::FAILURE]));
+        }
+        assert_eq!(listed(&sock), BTreeSet::from([pub_line(&key)]));
+    }
+
+    #[test]
+    fn rsa_signs_only_with_sha2_and_only_held_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let rsa = keygen(d, "rsa", &["-t", "rsa", "-b", "2048"]);
+        let stranger = keygen(d, "stranger", &["-t", "ed25519"]);
+        let (_serving, sock) = serve(d, SshSource::Keys(vec![rsa.clone()]));
+        let public = PublicKey::read_openssh_file(&rsa.with_extension("pub")).unwrap();
+
+        for (flags, hash) in [
+            (msg::RSA_SHA2_256, HashAlg::Sha256),
+            (msg::RSA_SHA2_512, HashAlg::Sha512),
+        ] {
+            let answer = request(&sock, &sign_request(&blob(&rsa), b"data", flags)).unwrap();
+            assert_eq!(answer[0], msg::SIGN_RESPONSE);
+            let mut body = &answer[1..];
+            let sig = Vec::<u8>::decode(&mut body).unwrap();
+            let sig = Signature::try_from(sig.as_slice()).unwrap();
+            assert_eq!(sig.algorithm(), Algorithm::Rsa { hash: Some(hash) });
+            rsa::signature::Verifier::verify(public.key_data(), b"data", &sig).unwrap();
+        }
+        // No flag asks for an SHA-1 `ssh-rsa` signature.
+        assert_eq!(
+            request(&sock, &sign_request(&blob(&rsa), b"data", 0)),
+            Some(vec![msg::FAILURE])
+        );
+        assert_eq!(
+            request(
+                &sock,
+                &sign_request(&blob(&stranger), b"data", msg::RSA_SHA2_512)
+            ),
+            Some(vec![msg::FAILURE])
+        );
+    }
+
+    #[test]
+    fn forward_mode_relays_list_and_sign_and_filters_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = keygen(d, "ed25519", &["-t", "ed25519"]);
+        let other = keygen(d, "other", &["-t", "ecdsa"]);
+        let upstream = Upstream::start(d);
+        run_ok(with_sock("ssh-add", &upstream.sock).arg(&key));
+        let (_serving, sock) = serve(d, SshSource::Forward(upstream.sock.clone()));
+
+        assert_eq!(listed(&sock), BTreeSet::from([pub_line(&key)]));
+        let out = sign_and_verify(d, &sock, &key);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        assert!(!run(with_sock("ssh-add", &sock).arg("-D")).status.success());
+        assert!(!run(with_sock("ssh-add", &sock).arg(&other))
+            .status
+            .success());
+        let mut lock = vec![22];
+        b"pw".encode(&mut lock).unwrap();
+        assert_eq!(request(&sock, &lock), Some(vec![msg::FAILURE]));
+        // The user's agent still holds exactly its key and is not locked.
+        assert_eq!(listed(&upstream.sock), BTreeSet::from([pub_line(&key)]));
+    }
+
+    #[test]
+    fn passphrase_protected_keys_fail_load_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for key in [
+            keygen(d, "openssh", &["-t", "ed25519", "-N", "secret"]),
+            keygen(
+                d,
+                "pem",
+                &["-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "secret"],
+            ),
+        ] {
+            let err = Agent::load(&SshConfig {
+                id: "default".into(),
+                source: SshSource::Keys(vec![key.clone()]),
+            })
+            .err()
+            .expect("an encrypted key must not load")
+            .to_string();
+            assert!(err.contains(&key.display().to_string()), "{err}");
+            assert!(
+                err.contains("passphrase-protected keys are not supported"),
+                "{err}"
+            );
+            assert!(err.contains("--ssh default"), "{err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_bad_key_file_and_the_dead_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let good = keygen(d, "good", &["-t", "ed25519"]);
+        let bad = d.join("not-a-key");
+        fs::write(&bad, "hello\n").unwrap();
+        let err = Agent::load(&SshConfig {
+            id: "x".into(),
+            source: SshSource::Keys(vec![good, bad.clone()]),
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.starts_with(&format!("ssh key {}:", bad.display())),
+            "{err}"
+        );
+
+        // A socket file nobody listens on any more (a stale SSH_AUTH_SOCK).
+        let stale = d.join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        let err = Agent::load(&SshConfig {
+            id: "x".into(),
+            source: SshSource::Forward(stale.clone()),
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains(&stale.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn oversized_message_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = keygen(dir.path(), "k", &["-t", "ed25519"]);
+        let (_serving, sock) = serve(dir.path(), SshSource::Keys(vec![key]));
+        let mut stream = UnixStream::connect(&sock).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let len = u32::try_from(MAX_MESSAGE + 1).unwrap();
+        stream.write_all(&len.to_be_bytes()).unwrap();
+        stream.write_all(&[msg::REQUEST_IDENTITIES]).unwrap();
+        // Closed with the body unread, so the kernel may report a reset
+        // rather than end of stream; either way, closed.
+        let mut buf = [0u8; 1];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("connection still open: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = keygen(dir.path(), "k", &["-t", "ed25519"]);
+        let (_serving, sock) = serve(dir.path(), SshSource::Keys(vec![key]));
+        let mut idle: Vec<UnixStream> = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(UnixStream::connect(&sock).unwrap());
+        }
+        // Wait until the agent has taken all of them in.
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(request(&sock, &[msg::REQUEST_IDENTITIES]), None);
+        idle.pop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(answer) = request(&sock, &[msg::REQUEST_IDENTITIES]) {
+                assert_eq!(answer[0], msg::IDENTITIES_ANSWER);
+                break;
+            }
+            assert!(Instant::now() < deadline, "a freed slot was never reused");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn dropping_serving_stops_promptly_and_closes_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = keygen(dir.path(), "k", &["-t", "ed25519"]);
+        let (serving, sock) = serve(dir.path(), SshSource::Keys(vec![key]));
+        let mut idle = UnixStream::connect(&sock).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Half a message: the connection thread is waiting mid-read.
+        idle.write_all(&[0, 0]).unwrap();
+        thread::sleep(Duration::from_millis(100));
+
+        let started = Instant::now();
+        drop(serving);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "stop took {:?}",
+            started.elapsed()
+        );
+        assert!(UnixStream::connect(&sock).is_err());
+        let mut buf = [0u8; 1];
+        assert_eq!(idle.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn serve_refuses_a_socket_that_is_not_listening() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let agent = Arc::new(Agent {
+            id: "x".into(),
+            backend: Backend::Keys(Vec::new()),
+        });
+        let err = agent.serve(OwnedFd::from(a)).err().unwrap();
+        assert!(matches!(err, SshError::BadListener { .. }), "{err}");
+    }
+}
