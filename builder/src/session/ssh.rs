@@ -222,13 +222,15 @@ struct Identity {
 
 enum KeySigner {
     /// ed25519 and ecdsa: one signature algorithm per key, flags ignored.
-    Plain(PrivateKey),
+    Plain(Box<PrivateKey>),
     /// rsa: the client picks the hash through the request flags. ssh-key's
     /// own RSA signer only does SHA-512, so rsa's signers are kept for both.
-    Rsa {
-        sha256: pkcs1v15::SigningKey<Sha256>,
-        sha512: pkcs1v15::SigningKey<Sha512>,
-    },
+    Rsa(Box<RsaSigners>),
+}
+
+struct RsaSigners {
+    sha256: pkcs1v15::SigningKey<Sha256>,
+    sha512: pkcs1v15::SigningKey<Sha512>,
 }
 
 impl Agent {
@@ -303,11 +305,9 @@ impl Agent {
     fn accept_loop(self: Arc<Self>, listener: UnixListener, stop: Arc<OwnedFd>) {
         let active = Arc::new(AtomicUsize::new(0));
         let mut connections: Vec<JoinHandle<()>> = Vec::new();
-        loop {
-            match wait_for(listener.as_fd(), PollFlags::POLLIN, stop.as_fd()) {
-                Ok(true) => {}
-                Ok(false) | Err(_) => break,
-            }
+        // Ends on stop, or if poll itself fails, which leaves no way to hear
+        // a stop later.
+        while let Ok(true) = wait_for(listener.as_fd(), PollFlags::POLLIN, stop.as_fd()) {
             let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -439,15 +439,15 @@ impl KeySigner {
             KeySigner::Plain(key) => key.try_sign(data).ok(),
             // OpenSSH's agent checks SHA-256 first when both flags are set;
             // do the same so kiln answers as the user's agent would.
-            KeySigner::Rsa { sha256, .. } if flags & msg::RSA_SHA2_256 != 0 => {
-                rsa_signature(HashAlg::Sha256, sha256.try_sign(data).ok()?)
+            KeySigner::Rsa(rsa) if flags & msg::RSA_SHA2_256 != 0 => {
+                rsa_signature(HashAlg::Sha256, rsa.sha256.try_sign(data).ok()?)
             }
-            KeySigner::Rsa { sha512, .. } if flags & msg::RSA_SHA2_512 != 0 => {
-                rsa_signature(HashAlg::Sha512, sha512.try_sign(data).ok()?)
+            KeySigner::Rsa(rsa) if flags & msg::RSA_SHA2_512 != 0 => {
+                rsa_signature(HashAlg::Sha512, rsa.sha512.try_sign(data).ok()?)
             }
             // No flag means an `ssh-rsa` (SHA-1) signature, which OpenSSH
             // itself has refused by default since 8.8.
-            KeySigner::Rsa { .. } => None,
+            KeySigner::Rsa(_) => None,
         }
     }
 }
@@ -516,16 +516,16 @@ fn load_key(path: &Path) -> Result<Identity> {
         Algorithm::Ed25519
         | Algorithm::Ecdsa {
             curve: EcdsaCurve::NistP256 | EcdsaCurve::NistP384,
-        } => KeySigner::Plain(key.clone()),
+        } => KeySigner::Plain(Box::new(key.clone())),
         Algorithm::Rsa { .. } => {
             let KeypairData::Rsa(keypair) = key.key_data() else {
                 return Err(broken("rsa key without rsa key data".into()));
             };
             let rsa = rsa_private_key(keypair).map_err(broken)?;
-            KeySigner::Rsa {
+            KeySigner::Rsa(Box::new(RsaSigners {
                 sha256: pkcs1v15::SigningKey::new(rsa.clone()),
                 sha512: pkcs1v15::SigningKey::new(rsa),
-            }
+            }))
         }
         other => {
             return Err(SshError::Unsupported {
