@@ -224,7 +224,8 @@ enum KeySigner {
     /// ed25519 and ecdsa: one signature algorithm per key, flags ignored.
     Plain(Box<PrivateKey>),
     /// rsa: the client picks the hash through the request flags. ssh-key's
-    /// own RSA signer only does SHA-512, so rsa's signers are kept for both.
+    /// own RSA signer only does SHA-512 (and in 0.6.7 fails outright, see
+    /// [`rsa_private_key`]), so rsa's signers are kept for both hashes.
     Rsa(Box<RsaSigners>),
 }
 
@@ -512,11 +513,18 @@ fn load_key(path: &Path) -> Result<Identity> {
         path: path.to_owned(),
         reason,
     };
+    let public = key.public_key().clone();
+    // ssh-add shows the file when a key has no comment; do the same so
+    // `ssh-add -L` in a step says which key is which.
+    let comment = match key.comment() {
+        "" => path.display().to_string(),
+        c => c.to_owned(),
+    };
     let signer = match key.algorithm() {
         Algorithm::Ed25519
         | Algorithm::Ecdsa {
             curve: EcdsaCurve::NistP256 | EcdsaCurve::NistP384,
-        } => KeySigner::Plain(Box::new(key.clone())),
+        } => KeySigner::Plain(Box::new(key)),
         Algorithm::Rsa { .. } => {
             let KeypairData::Rsa(keypair) = key.key_data() else {
                 return Err(broken("rsa key without rsa key data".into()));
@@ -534,15 +542,8 @@ fn load_key(path: &Path) -> Result<Identity> {
             })
         }
     };
-    let public = key.public_key();
-    self_check(&signer, public).map_err(broken)?;
+    self_check(&signer, &public).map_err(broken)?;
     let blob = public.to_bytes().map_err(|e| parse_error(e.to_string()))?;
-    // ssh-add shows the file when a key has no comment; do the same so
-    // `ssh-add -L` in a step says which key is which.
-    let comment = match key.comment() {
-        "" => path.display().to_string(),
-        c => c.to_owned(),
-    };
     Ok(Identity {
         blob,
         comment,
@@ -552,7 +553,8 @@ fn load_key(path: &Path) -> Result<Identity> {
 
 /// Build rsa's private key from the OpenSSH fields, validated (n = p*q, d
 /// inverts e). Done here rather than through ssh-key's conversion, which in
-/// 0.6 passes `p` twice and so rejects every key.
+/// 0.6.7 passes `p` twice as the primes, so rsa's validation rejects every
+/// key and ssh-key's RSA `try_sign` always fails.
 fn rsa_private_key(keypair: &RsaKeypair) -> std::result::Result<rsa::RsaPrivateKey, String> {
     let int = |m: &ssh_key::Mpint| rsa::BigUint::try_from(m).map_err(|e| e.to_string());
     rsa::RsaPrivateKey::from_components(
