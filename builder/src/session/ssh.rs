@@ -365,8 +365,10 @@ impl Agent {
                         Some(peer) => peer,
                         None => {
                             // One upstream connection per client
-                            // connection, opened on first use, so requests
-                            // of different steps never interleave.
+                            // connection, opened on first use: the protocol
+                            // pairs answers with requests by order alone, so
+                            // a shared one could hand one client another's
+                            // answer.
                             let stream = UnixStream::connect(path)?;
                             stream.set_nonblocking(true)?;
                             upstream.insert(Peer { stream, stop })
