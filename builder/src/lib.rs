@@ -6,3 +6,4 @@ pub mod cli_plan;
 pub mod engine;
 pub mod frontend;
 pub mod image;
+pub mod session;
