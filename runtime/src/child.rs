@@ -55,6 +55,7 @@ stages! {
     MountDevShm => "mounting /dev/shm",
     MountSys => "mounting /sys",
     SpecMount => "mounting a spec mount",
+    PrivateNode => "mounting a secret or agent socket in its private tmpfs",
     ReadonlyRootfs => "making the rootfs read-only",
     PivotRoot => "pivot_root into the rootfs",
     DetachOldRoot => "detaching the old root",
@@ -141,8 +142,38 @@ impl Msg {
 
 /// A mount from the spec, resolved for the child.
 pub enum MountKind {
-    Bind { source: CString, recursive: bool },
-    Tmpfs { data: CString },
+    /// a detached tree made in the parent (source resolved and flags set
+    /// there), attached with move_mount
+    Bind {
+        tree: RawFd,
+    },
+    Tmpfs {
+        data: CString,
+    },
+}
+
+/// What a [`PrivateNode`] holds.
+pub enum NodeContent {
+    /// a regular file with these bytes (a build secret)
+    File(zeroize::Zeroizing<Vec<u8>>),
+    /// a listening unix socket; its descriptor is sent over `sink`
+    /// (SCM_RIGHTS) to whoever serves it
+    Socket { sink: RawFd },
+}
+
+/// A file or socket that exists only in a tmpfs made for this one sandbox,
+/// bind-mounted read-only onto `dest` (which must exist in the rootfs).
+pub struct PrivateNode {
+    /// destination relative to the rootfs, resolved with RESOLVE_IN_ROOT
+    pub dest: CString,
+    /// tmpfs mount options (size, inodes)
+    pub data: CString,
+    /// MS_NOSUID, MS_NODEV and MS_NOEXEC as fit
+    pub flags: libc::c_ulong,
+    pub mode: libc::mode_t,
+    pub uid: u32,
+    pub gid: u32,
+    pub content: NodeContent,
 }
 
 pub struct SpecMount {
@@ -171,6 +202,7 @@ pub struct Plan {
     /// whether setgroups(2) is allowed (not denied for a single-id map)
     pub can_setgroups: bool,
     pub mounts: Vec<SpecMount>,
+    pub private: Vec<PrivateNode>,
     /// absolute paths inside the new root
     pub masked: Vec<CString>,
     pub readonly: Vec<CString>,
@@ -366,30 +398,8 @@ fn setup_spec_mounts(p: &Plan, root: RawFd) {
         let fd = sys::open_path_in_root(root, &m.dest).or_fail(p, Stage::SpecMount);
         let target = FdPath::new(fd);
         match &m.kind {
-            MountKind::Bind { source, recursive } => {
-                let rec = if *recursive { libc::MS_REC } else { 0 };
-                sys::mount(
-                    Some(source),
-                    target.as_cstr(),
-                    None,
-                    libc::MS_BIND | rec,
-                    None,
-                )
-                .or_fail(p, Stage::SpecMount);
-                if m.flags != 0 {
-                    // Re-resolve: the descriptor still names the covered
-                    // directory, the new mount sits on top of it.
-                    let top = sys::open_path_in_root(root, &m.dest).or_fail(p, Stage::SpecMount);
-                    sys::mount(
-                        None,
-                        FdPath::new(top).as_cstr(),
-                        None,
-                        libc::MS_BIND | libc::MS_REMOUNT | m.flags,
-                        None,
-                    )
-                    .or_fail(p, Stage::SpecMount);
-                    close(top);
-                }
+            MountKind::Bind { tree } => {
+                sys::move_mount_fd(*tree, fd).or_fail(p, Stage::SpecMount);
             }
             MountKind::Tmpfs { data } => {
                 sys::mount(
@@ -404,6 +414,132 @@ fn setup_spec_mounts(p: &Plan, root: RawFd) {
         }
         close(fd);
     }
+}
+
+/// Each private node: a tmpfs mounted on a staging directory in the /dev
+/// kiln just made (a tmpfs of this sandbox, never written to disk), the
+/// node created in it, bound read-only onto its target, and the staging
+/// mount detached again. The bind keeps the tmpfs alive for the step's
+/// lifetime; nothing else anywhere names it, so the node's bytes exist only
+/// in memory and only in this mount namespace.
+fn setup_private_nodes(p: &Plan, root: RawFd) {
+    if p.private.is_empty() {
+        return;
+    }
+    const STAGING: &CStr = c".kiln-private";
+    const NODE: &CStr = c"node";
+    let fail_at = |e: Errno| -> ! { fail(p, Stage::PrivateNode, e) };
+    let dev = open_mountpoint_dir(root, c"dev").unwrap_or_else(|e| fail_at(e));
+    for n in &p.private {
+        // SAFETY: NUL-terminated name; `dev` is our own directory fd.
+        if unsafe { libc::mkdirat(dev, STAGING.as_ptr(), 0o700) } != 0 {
+            fail_at(Errno::last());
+        }
+        let covered = open_mountpoint_dir(dev, STAGING).unwrap_or_else(|e| fail_at(e));
+        sys::mount(
+            Some(c"tmpfs"),
+            FdPath::new(covered).as_cstr(),
+            Some(c"tmpfs"),
+            n.flags,
+            Some(&n.data),
+        )
+        .unwrap_or_else(|e| fail_at(e));
+        close(covered);
+        // SAFETY: NUL-terminated name; the fd now names the new tmpfs root.
+        let top = unsafe {
+            libc::openat(
+                dev,
+                STAGING.as_ptr(),
+                libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if top < 0 {
+            fail_at(Errno::last());
+        }
+        match &n.content {
+            NodeContent::File(bytes) => {
+                // SAFETY: NUL-terminated name; plain file calls on our fds.
+                unsafe {
+                    let f = libc::openat(
+                        top,
+                        NODE.as_ptr(),
+                        libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_WRONLY
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC,
+                        0o000,
+                    );
+                    if f < 0 {
+                        fail_at(Errno::last());
+                    }
+                    sys::write_exact(f, bytes).unwrap_or_else(|e| fail_at(e));
+                    if libc::fchown(f, n.uid, n.gid) != 0 || libc::fchmod(f, n.mode) != 0 {
+                        fail_at(Errno::last());
+                    }
+                    close(f);
+                }
+            }
+            NodeContent::Socket { sink } => {
+                let s = sys::listen_unix_at(top, NODE).unwrap_or_else(|e| fail_at(e));
+                // SAFETY: NUL-terminated name inside our own tmpfs.
+                unsafe {
+                    if libc::fchownat(top, NODE.as_ptr(), n.uid, n.gid, libc::AT_SYMLINK_NOFOLLOW)
+                        != 0
+                        || libc::fchmodat(top, NODE.as_ptr(), n.mode, 0) != 0
+                    {
+                        fail_at(Errno::last());
+                    }
+                }
+                sys::send_fd(*sink, s).unwrap_or_else(|e| fail_at(e));
+                close(s);
+            }
+        }
+        // SAFETY: NUL-terminated name; O_PATH open of the node just made.
+        let node = unsafe {
+            libc::openat(
+                top,
+                NODE.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if node < 0 {
+            fail_at(Errno::last());
+        }
+        let target = sys::open_path_in_root(root, &n.dest).unwrap_or_else(|e| fail_at(e));
+        sys::mount(
+            Some(FdPath::new(node).as_cstr()),
+            FdPath::new(target).as_cstr(),
+            None,
+            libc::MS_BIND,
+            None,
+        )
+        .unwrap_or_else(|e| fail_at(e));
+        close(target);
+        let bound = sys::open_path_in_root(root, &n.dest).unwrap_or_else(|e| fail_at(e));
+        sys::mount(
+            None,
+            FdPath::new(bound).as_cstr(),
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | n.flags,
+            None,
+        )
+        .unwrap_or_else(|e| fail_at(e));
+        close(bound);
+        close(node);
+        // The staging mount goes; the bind above keeps the tmpfs alive.
+        // SAFETY: plain umount2/unlinkat on paths we built.
+        unsafe {
+            if libc::umount2(FdPath::new(top).as_cstr().as_ptr(), libc::MNT_DETACH) != 0 {
+                fail_at(Errno::last());
+            }
+            close(top);
+            if libc::unlinkat(dev, STAGING.as_ptr(), libc::AT_REMOVEDIR) != 0 {
+                fail_at(Errno::last());
+            }
+        }
+    }
+    close(dev);
 }
 
 /// Mask the paths the OCI defaults hide: files get /dev/null, directories
@@ -562,6 +698,9 @@ pub unsafe fn run(p: &Plan) -> ! {
 
     // 9. The spec's own bind and tmpfs mounts.
     setup_spec_mounts(p, root);
+
+    // 9b. Secrets and agent sockets, each in a tmpfs of its own.
+    setup_private_nodes(p, root);
 
     // 10. Read-only rootfs when asked.
     if p.rootfs_readonly {
@@ -881,12 +1020,13 @@ mod tests {
             errno: Errno::EPERM,
         };
         assert_eq!(Msg::decode(&m.encode()), Some(m));
-        for v in 1..=34 {
+        let n = u32::try_from(Stage::ALL.len()).unwrap();
+        for v in 1..=n {
             let s = Stage::from_u32(v).expect("every stage decodes");
             assert_eq!(s as u32 + 1, v);
             assert!(!s.to_string().is_empty());
         }
-        assert_eq!(Stage::from_u32(35), None);
+        assert_eq!(Stage::from_u32(n + 1), None);
         assert_eq!(Stage::from_u32(0), None);
     }
 }

@@ -30,6 +30,11 @@ pub enum Error {
     Unsupported(String),
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    #[error("bind mount source {}: {source}", path.display())]
+    MountSource {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} contains a NUL byte")]
     NulByte { what: String },
     #[error("user {0:?} is not in the rootfs's /etc/passwd: use a numeric uid or add the user to the image")]

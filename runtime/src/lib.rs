@@ -19,8 +19,8 @@ pub mod userns;
 
 pub use error::{Error, Result};
 pub use oci_spec::runtime::Spec;
-pub use sandbox::{run, ExitStatus, RunOptions, Stdio};
+pub use sandbox::{run, ExitStatus, PrivateContent, PrivateFile, RunOptions, Stdio};
 pub use spec::{Network, Rlimit, SandboxConfig};
 /// Path resolution confined to a root directory (openat2 RESOLVE_IN_ROOT),
 /// shared with the build engine's file operations.
-pub use sys::open_in_root_at;
+pub use sys::{open_beneath_no_symlinks, open_in_root_at};

@@ -20,7 +20,9 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimitType, Spec};
 
-use crate::child::{self, MountKind, Msg, Plan, SpecMount, Stage, StdioFd};
+use crate::child::{
+    self, MountKind, Msg, NodeContent, Plan, PrivateNode, SpecMount, Stage, StdioFd,
+};
 use crate::error::{Error, Result};
 use crate::idmap::IdMapping;
 use crate::seccomp::Profile;
@@ -96,6 +98,50 @@ pub struct RunOptions {
     pub forward_signals: bool,
     /// the id maps; decided from the host when not given
     pub id_mapping: Option<IdMapping>,
+    /// secrets and agent sockets, each in a tmpfs of the sandbox's own
+    pub private: Vec<PrivateFile>,
+}
+
+/// A file or unix socket that exists only inside one sandbox: kiln mounts
+/// a tmpfs in the sandbox's mount namespace, creates the node there and
+/// bind-mounts it read-only onto `dest`. Nothing is written to disk and no
+/// host path is bind-mounted, so the node is gone with the sandbox.
+pub struct PrivateFile {
+    /// absolute path in the container; it must already exist in the rootfs
+    /// as a file (the caller creates the stub and removes it afterwards)
+    pub dest: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub content: PrivateContent,
+}
+
+impl std::fmt::Debug for PrivateFile {
+    // never prints the bytes: they are usually a secret
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.content {
+            PrivateContent::Bytes(b) => format!("{} bytes", b.len()),
+            PrivateContent::Socket(_) => "socket".into(),
+        };
+        f.debug_struct("PrivateFile")
+            .field("dest", &self.dest)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("content", &what)
+            .finish()
+    }
+}
+
+/// What a [`PrivateFile`] holds.
+pub enum PrivateContent {
+    /// a regular file with these bytes; the buffer is wiped when dropped
+    Bytes(zeroize::Zeroizing<Vec<u8>>),
+    /// a listening AF_UNIX stream socket, created inside the sandbox; its
+    /// descriptor is sent over this socket (SCM_RIGHTS, one byte of
+    /// payload) to whoever serves it. EOF on the other end without a
+    /// descriptor means the sandbox failed before making it.
+    Socket(OwnedFd),
 }
 
 /// The sandbox's init program, compiled from `init/init.c` by build.rs.
@@ -164,7 +210,52 @@ fn rlimit_resource(kind: PosixRlimitType) -> libc::__rlimit_resource_t {
     }
 }
 
-fn spec_mount(m: &Mount) -> Result<SpecMount> {
+/// A [`PrivateFile`] resolved for the child.
+fn private_node(f: PrivateFile, sinks: &mut Vec<OwnedFd>) -> Result<PrivateNode> {
+    let dest = f.dest.trim_start_matches('/');
+    if !f.dest.starts_with('/') || dest.is_empty() {
+        return Err(Error::InvalidSpec(format!(
+            "private file destination {:?} must be an absolute path below /",
+            f.dest
+        )));
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let content = match f.content {
+        PrivateContent::Bytes(bytes) => {
+            // executable only when the mode asks for it, as BuildKit does
+            if f.mode & 0o111 == 0 {
+                flags |= libc::MS_NOEXEC;
+            }
+            NodeContent::File(bytes)
+        }
+        PrivateContent::Socket(sink) => {
+            flags |= libc::MS_NOEXEC;
+            let raw = sink.as_raw_fd();
+            sinks.push(sink);
+            NodeContent::Socket { sink: raw }
+        }
+    };
+    // Room for the content and nothing much else: the tmpfs holds exactly
+    // one node.
+    let size = match &content {
+        NodeContent::File(b) => b.len().div_ceil(4096) * 4096 + 4096,
+        NodeContent::Socket { .. } => 4096,
+    };
+    Ok(PrivateNode {
+        dest: cstring("private file destination", dest)?,
+        data: cstring(
+            "tmpfs options",
+            format!("size={size},nr_inodes=4,mode=0700"),
+        )?,
+        flags,
+        mode: f.mode & 0o7777,
+        uid: f.uid,
+        gid: f.gid,
+        content,
+    })
+}
+
+fn spec_mount(m: &Mount, trees: &mut Vec<OwnedFd>) -> Result<SpecMount> {
     let dest = m.destination().to_string_lossy().into_owned();
     if !dest.starts_with('/') || dest == "/" {
         return Err(Error::InvalidSpec(format!(
@@ -198,7 +289,20 @@ fn spec_mount(m: &Mount) -> Result<SpecMount> {
             if !src.is_absolute() {
                 return Err(Error::InvalidSpec(format!("bind mount source {} must be absolute", src.display())));
             }
-            MountKind::Bind { source: cstring("mount source", src.as_os_str().as_encoded_bytes())?, recursive }
+            // Resolved here, once, in kiln's own mount namespace: the
+            // child attaches exactly this tree, so nothing can swap a
+            // path component for a symlink between here and the mount.
+            let mut attrs = 0;
+            for (ms, attr) in [(libc::MS_RDONLY, 0x1), (libc::MS_NOSUID, 0x2), (libc::MS_NODEV, 0x4), (libc::MS_NOEXEC, 0x8)] {
+                if flags & ms != 0 {
+                    attrs |= attr;
+                }
+            }
+            let tree = sys::open_tree_clone(&cstring("mount source", src.as_os_str().as_encoded_bytes())?, recursive, attrs)
+                .map_err(|source| Error::MountSource { source, path: src.clone() })?;
+            let raw = tree.as_raw_fd();
+            trees.push(tree);
+            MountKind::Bind { tree: raw }
         }
         "tmpfs" => MountKind::Tmpfs { data: cstring("tmpfs options", data.join(","))? },
         other => {
@@ -221,6 +325,10 @@ struct Prepared {
     _args: Vec<CString>,
     _env: Vec<CString>,
     stdio: [Option<OwnedFd>; 3],
+    /// our copies of the private sockets' sinks, closed after the clone
+    sinks: Vec<OwnedFd>,
+    /// detached bind mount trees, attached by the child
+    _trees: Vec<OwnedFd>,
     clone_flags: u64,
     mapping: IdMapping,
 }
@@ -403,11 +511,17 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         .unwrap_or(40);
 
     // 6. Mounts, masked and read-only paths.
+    let mut trees = Vec::new();
     let mounts = spec
         .mounts()
         .iter()
         .flatten()
-        .map(spec_mount)
+        .map(|m| spec_mount(m, &mut trees))
+        .collect::<Result<Vec<_>>>()?;
+    let mut sinks = Vec::new();
+    let private = std::mem::take(&mut opts.private)
+        .into_iter()
+        .map(|f| private_node(f, &mut sinks))
         .collect::<Result<Vec<_>>>()?;
     let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
         v.iter()
@@ -459,6 +573,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         new_net,
         can_setgroups,
         mounts,
+        private,
         masked: abs(linux.masked_paths())?,
         readonly: abs(linux.readonly_paths())?,
         rlimits,
@@ -492,6 +607,8 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         _args: args,
         _env: env,
         stdio: stdio_owned,
+        sinks,
+        _trees: trees,
         clone_flags,
         mapping,
     })
@@ -601,6 +718,7 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     };
     drop((sync_r, err_w, status_w));
     drop(std::mem::take(&mut prepared.stdio));
+    drop(std::mem::take(&mut prepared.sinks));
 
     // Write the id maps, then release the child.
     if let Err(e) = prepared.mapping.apply(pid) {

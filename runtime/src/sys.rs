@@ -65,6 +65,104 @@ pub fn open_in_root_at(rootfd: RawFd, path: &CStr, flags: i32) -> std::io::Resul
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Open `path` beneath `rootfd` refusing every symlink, every `..` out
+/// of it and every mount crossing (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_XDEV): for touching a path kiln made earlier in a tree a step
+/// has since had the run of, where any symlink is the step's doing.
+pub fn open_beneath_no_symlinks(
+    rootfd: RawFd,
+    path: &CStr,
+    flags: i32,
+) -> std::io::Result<OwnedFd> {
+    const RESOLVE_NO_XDEV: u64 = 0x01;
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    const RESOLVE_BENEATH: u64 = 0x08;
+    let fd = openat2(
+        rootfd,
+        path,
+        flags,
+        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+    )?;
+    // SAFETY: openat2 just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A detached copy of the mount tree at `path` (open_tree with
+/// OPEN_TREE_CLONE, recursive when asked), with `attrs` (MOUNT_ATTR_*)
+/// set on it. Made in the caller's mount namespace, it can be attached
+/// in a new one by [`move_mount_fd`]: a bind source resolved once, as an
+/// object, never re-resolved by name in the sandbox.
+pub fn open_tree_clone(path: &CStr, recursive: bool, attrs: u64) -> std::io::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC.cast_unsigned();
+    if recursive {
+        flags |= AT_RECURSIVE;
+    }
+    // SAFETY: `path` is NUL-terminated; open_tree returns a new fd or -1.
+    let rc = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(rc).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: open_tree just returned this fd and nothing else owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+    if attrs != 0 {
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        let attr = MountAttr {
+            attr_set: attrs,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let mut at = libc::AT_EMPTY_PATH.cast_unsigned();
+        if recursive {
+            at |= AT_RECURSIVE;
+        }
+        // SAFETY: `attr` lives across the call and its size is passed
+        // exactly; the path is the empty string with AT_EMPTY_PATH.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                std::os::fd::AsRawFd::as_raw_fd(&tree),
+                c"".as_ptr(),
+                at,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(tree)
+}
+
+/// Attach the detached tree `tree` onto the object the descriptor
+/// `target` holds (move_mount with both paths empty). No allocation.
+pub fn move_mount_fd(tree: RawFd, target: RawFd) -> Result<(), Errno> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    // SAFETY: both paths are the empty string; the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            c"".as_ptr(),
+            target,
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
 /// Resolve `path` inside the directory `rootfd` (RESOLVE_IN_ROOT) as an
 /// O_PATH descriptor: a mount target that cannot escape the root however
 /// its components are symlinked.
@@ -149,6 +247,101 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) {
             return;
         }
         buf = &buf[usize::try_from(n).unwrap_or(buf.len())..];
+    }
+}
+
+/// Write all of `buf` to `fd`, retrying on EINTR, and report failure
+/// (a short write to a full tmpfs is ENOSPC).
+pub fn write_exact(fd: RawFd, mut buf: &[u8]) -> Result<(), Errno> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a valid slice for its length.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        match n {
+            n if n > 0 => buf = &buf[usize::try_from(n).unwrap_or(buf.len())..],
+            0 => return Err(Errno::ENOSPC),
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => return Err(Errno::last()),
+        }
+    }
+    Ok(())
+}
+
+/// A listening AF_UNIX stream socket bound at `name` inside the directory
+/// `dir`. The address is `/proc/self/fd/<dir>/<name>`, so it fits in
+/// `sun_path` however deep the directory is. No allocation.
+pub fn listen_unix_at(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
+    // SAFETY: an all-zero sockaddr_un is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or_default();
+    let dir_path = FdPath::new(dir);
+    let parts = [dir_path.as_cstr().to_bytes(), b"/", name.to_bytes()];
+    let mut at = 0;
+    for part in parts {
+        for &b in part {
+            // keep the last byte for the terminating NUL
+            if at + 1 >= addr.sun_path.len() {
+                return Err(Errno::ENAMETOOLONG);
+            }
+            addr.sun_path[at] = b.cast_signed();
+            at += 1;
+        }
+    }
+    // SAFETY: plain socket calls; `addr` is a valid sockaddr_un of the
+    // size given.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(Errno::last());
+        }
+        let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+            .unwrap_or(libc::socklen_t::MAX);
+        if libc::bind(s, (&raw const addr).cast(), len) != 0 || libc::listen(s, 64) != 0 {
+            let e = Errno::last();
+            libc::close(s);
+            return Err(e);
+        }
+        Ok(s)
+    }
+}
+
+/// Send the descriptor `fd` over the unix socket `sock` (SCM_RIGHTS), with
+/// one byte of payload. No allocation: the control message is a fixed
+/// struct laid out as CMSG_SPACE(sizeof(int)).
+pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), Errno> {
+    #[repr(C)]
+    struct Control {
+        hdr: libc::cmsghdr,
+        fd: libc::c_int,
+        pad: libc::c_int,
+    }
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: zeroed C structs are valid starting values.
+    let mut control: Control = unsafe { std::mem::zeroed() };
+    // SAFETY: CMSG_LEN only computes a length.
+    control.hdr.cmsg_len = unsafe { libc::CMSG_LEN(4) } as _; // sizeof(int)
+    control.hdr.cmsg_level = libc::SOL_SOCKET;
+    control.hdr.cmsg_type = libc::SCM_RIGHTS;
+    control.fd = fd;
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&raw mut control).cast();
+    msg.msg_controllen = std::mem::size_of::<Control>() as _;
+    loop {
+        // SAFETY: `msg` points at `iov` and `control`, which live across
+        // the call and are sized as declared.
+        let rc = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        if Errno::last() != Errno::EINTR {
+            return Err(Errno::last());
+        }
     }
 }
 

@@ -59,6 +59,14 @@ pub struct BuildArgs {
     /// Grant an entitlement: network.host
     #[arg(long, value_name = "ENTITLEMENT")]
     allow: Vec<String>,
+    /// Give RUN --mount=type=secret a secret: id=ID,src=FILE, id=ID,env=VAR,
+    /// or id=ID (the variable ID, else a file named ID); several allowed
+    #[arg(long, value_name = "id=ID[,src=FILE|,env=VAR]")]
+    secret: Vec<String>,
+    /// Give RUN --mount=type=ssh an agent: `default` ($SSH_AUTH_SOCK),
+    /// ID=SOCKET, or ID=KEYFILE[,KEYFILE...] served by kiln; several allowed
+    #[arg(long, value_name = "ID[=SOCKET|KEY[,KEY...]]")]
+    ssh: Vec<String>,
 }
 
 pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i32> {
@@ -112,7 +120,23 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
             .with_context(|| format!("--build-context {c:?}: expected NAME=SOURCE"))?;
         named_contexts.insert(k.to_string(), v.to_string());
     }
+    let mut session = crate::session::Session {
+        secrets: crate::session::secrets::Secrets::load(&args.secret, |k| std::env::var_os(k))?,
+        agents: BTreeMap::new(),
+    };
+    for flag in &args.ssh {
+        let cfg = crate::session::ssh::parse_flag(flag, |k| std::env::var_os(k))?;
+        let agent = crate::session::ssh::Agent::load(&cfg)?;
+        if session
+            .agents
+            .insert(cfg.id.clone(), Arc::new(agent))
+            .is_some()
+        {
+            bail!("--ssh {}: the id is given twice", cfg.id);
+        }
+    }
     let opts = engine::BuildOptions {
+        session: Arc::new(session),
         named_contexts,
         context,
         dockerfile,

@@ -10,12 +10,14 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use kiln_runtime::{ExitStatus, Network, RunOptions, SandboxConfig, Stdio};
+use kiln_runtime::{ExitStatus, Network, PrivateFile, RunOptions, SandboxConfig, Stdio};
+use oci_spec::runtime::Mount;
 
 use super::fsutil::Root;
 use super::progress::Progress;
 use super::state::ImageState;
 use crate::frontend::instructions::{Run, RunCommand};
+use crate::session::secrets::Redactor;
 
 /// How many output lines a failed step's error shows.
 const TAIL_LINES: usize = 10;
@@ -57,6 +59,15 @@ pub struct RunSpec<'a> {
     pub workdir: &'a str,
     pub network: Network,
     pub vertex: usize,
+    /// bind and tmpfs mounts of `RUN --mount`
+    pub mounts: Vec<Mount>,
+    /// secrets and agent sockets in the sandbox's private tmpfs
+    pub private: Vec<PrivateFile>,
+    /// secrets as environment variables, SSH_AUTH_SOCK: set last, so they
+    /// win over ENV and ARG of the same name
+    pub env: Vec<(String, String)>,
+    /// masks the build's secrets in the step's output
+    pub redactor: Arc<Redactor>,
 }
 
 /// argv and the script to feed on stdin (for `#!` heredocs).
@@ -105,7 +116,7 @@ pub fn created_by(run: &Run, state: &ImageState) -> String {
 }
 
 /// Run the step on the view at `rootfs`.
-pub fn run(rootfs: &Path, spec: &RunSpec<'_>, progress: &Arc<Progress>) -> Result<()> {
+pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Result<()> {
     // The working directory exists before the command starts (BuildKit
     // creates a missing WORKDIR).
     let root = Root::open(rootfs).map_err(|source| Error::Workdir {
@@ -118,11 +129,12 @@ pub fn run(rootfs: &Path, spec: &RunSpec<'_>, progress: &Arc<Progress>) -> Resul
             source,
         })?;
 
-    let (args, script) = command(spec)?;
+    let (args, script) = command(&spec)?;
     let mut config = SandboxConfig::new(rootfs, args);
     config.cwd = spec.workdir.to_string();
     config.network = spec.network;
     config.hostname = "kiln".into();
+    config.mounts = std::mem::take(&mut spec.mounts);
     let user = if spec.state.config.user.is_empty() {
         "0"
     } else {
@@ -143,6 +155,11 @@ pub fn run(rootfs: &Path, spec: &RunSpec<'_>, progress: &Arc<Progress>) -> Resul
     config
         .env
         .extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    for (k, v) in &spec.env {
+        let prefix = format!("{k}=");
+        config.env.retain(|e| !e.starts_with(&prefix));
+        config.env.push(format!("{k}={v}"));
+    }
     if !config.env.iter().any(|e| e.starts_with("HOME=")) {
         config.env.push(format!(
             "HOME={}",
@@ -169,11 +186,12 @@ pub fn run(rootfs: &Path, spec: &RunSpec<'_>, progress: &Arc<Progress>) -> Resul
     };
     let vertex = spec.vertex;
     let sink = Arc::clone(progress);
+    let redactor = Arc::clone(&spec.redactor);
     let reader = std::thread::spawn(move || {
         let mut tail = VecDeque::with_capacity(TAIL_LINES);
         for line in BufReader::new(std::fs::File::from(out_r)).split(b'\n') {
             let Ok(line) = line else { break };
-            let text = String::from_utf8_lossy(&line).into_owned();
+            let text = redactor.redact(&String::from_utf8_lossy(&line));
             sink.log(vertex, 1, &text);
             if tail.len() == TAIL_LINES {
                 tail.pop_front();
@@ -188,6 +206,7 @@ pub fn run(rootfs: &Path, spec: &RunSpec<'_>, progress: &Arc<Progress>) -> Resul
             stdin,
             stdout: Stdio::Fd(out_w),
             stderr: Stdio::Fd(err_w),
+            private: std::mem::take(&mut spec.private),
             ..Default::default()
         },
     );

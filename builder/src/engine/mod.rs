@@ -13,6 +13,7 @@ pub mod copy;
 pub mod exec;
 pub mod fsutil;
 pub mod progress;
+pub mod run_mounts;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -79,6 +80,8 @@ pub enum Error {
     State(Box<kiln_snapshotter::snapshot::Error>),
     #[error("cache directory: {0}")]
     Cache(std::io::Error),
+    #[error("cache mounts: {0}")]
+    CacheMounts(Box<crate::image::cache_mounts::Error>),
     #[error("cannot store the image: {0}")]
     Store(Box<kiln_snapshotter::content::Error>),
     #[error("cannot keep the image's blobs from garbage collection: {0}")]
@@ -109,6 +112,8 @@ pub enum StepError {
     },
     #[error("cannot open the source files: {0}")]
     Source(std::io::Error),
+    #[error(transparent)]
+    Mounts(#[from] run_mounts::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -133,6 +138,8 @@ pub struct BuildOptions {
     pub source_date_epoch: Option<i64>,
     /// clamp layer file times to SOURCE_DATE_EPOCH
     pub rewrite_timestamp: bool,
+    /// `--secret` and `--ssh`
+    pub session: Arc<crate::session::Session>,
 }
 
 /// A built image, stored in the content store.
@@ -183,6 +190,8 @@ struct Engine {
     plan: Plan,
     context: fsutil::Root,
     ignore: Matcher,
+    cache_mounts: crate::image::cache_mounts::CacheMounts,
+    redactor: Arc<crate::session::secrets::Redactor>,
     file: String,
     vertex: AtomicUsize,
     slots: Semaphore,
@@ -390,6 +399,9 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     })?;
     let ignore = frontend::dockerignore::load(&opts.context, &opts.dockerfile).unwrap_or_default();
     let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
+    let cache_mounts = crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
+        .map_err(|e| Error::CacheMounts(Box::new(e)))?;
+    let redactor = Arc::new(opts.session.secrets.redactor());
 
     // One watch channel per stage carries its result to the stages that
     // need it.
@@ -409,6 +421,8 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         plan,
         context,
         ignore,
+        cache_mounts,
+        redactor,
         file,
         vertex: AtomicUsize::new(1),
         executed: AtomicUsize::new(0),
@@ -636,31 +650,33 @@ impl Engine {
         vertex: usize,
         name: &str,
     ) -> Result<(Key, ImageState)> {
-        // Sources of COPY --from: the stage's result or an image. Waited
-        // for before taking a job slot, so a waiting step never holds one.
-        let mut from = None;
-        if let Instruction::Copy(c) = &step.instruction {
-            if c.from.is_some() {
+        // Sources of COPY --from and RUN --mount from=: a stage's result,
+        // an image or a named context. Waited for before taking a job
+        // slot, so a waiting step never holds one.
+        let wants_sources = match &step.instruction {
+            Instruction::Copy(c) => c.from.is_some(),
+            Instruction::Run(_) => true,
+            _ => false,
+        };
+        let mut from = Vec::new();
+        if wants_sources {
+            for source in &step.sources {
                 let step_err = |e| self.step_error(step, e);
-                match step.sources.first() {
-                    Some(SourceRef::Stage { index }) => {
+                from.push(match source {
+                    SourceRef::Stage { index } => {
                         let (k, st) = self.stage_result(*index).await?;
-                        from = Some(FromSource::Image(k, Box::new(st)));
+                        FromSource::Image(k, Box::new(st))
                     }
-                    Some(SourceRef::Image { reference }) => {
+                    SourceRef::Image { reference } => {
                         let (k, st) = tokio::task::block_in_place(|| {
                             load_base(&self.snap, reference, &stage.platform)
                         })?;
-                        from = Some(FromSource::Image(k, Box::new(st)));
+                        FromSource::Image(k, Box::new(st))
                     }
-                    Some(SourceRef::Context { name, source }) => {
-                        from = Some(
-                            self.context_source(name, source, &stage.platform)
-                                .map_err(step_err)?,
-                        );
-                    }
-                    None => {}
-                }
+                    SourceRef::Context { name, source } => self
+                        .context_source(name, source, &stage.platform)
+                        .map_err(step_err)?,
+                });
             }
         }
         let _slot = self
@@ -678,7 +694,7 @@ impl Engine {
                 &step_c,
                 &key_c,
                 &state_c,
-                from.as_ref(),
+                &from,
                 vertex,
                 &name_c,
                 no_cache,
@@ -708,7 +724,7 @@ impl Engine {
         step: &Step,
         key: &Key,
         state: &ImageState,
-        from: Option<&FromSource>,
+        from: &[FromSource],
         vertex: usize,
         name: &str,
         no_cache: bool,
@@ -720,11 +736,6 @@ impl Engine {
         let mut new_state = state.clone();
         match &step.instruction {
             Instruction::Run(run) => {
-                if !run.mounts.is_empty() {
-                    return Err(StepError::Unsupported(
-                        "RUN --mount is not supported yet".into(),
-                    ));
-                }
                 if run.security == Some(crate::frontend::instructions::SecurityMode::Insecure) {
                     return Err(StepError::Unsupported(
                         "RUN --security=insecure is not allowed: kiln never runs a step privileged"
@@ -763,6 +774,15 @@ impl Engine {
                     k.str(a).str(b);
                 }
                 k.str(&workdir).str(&format!("{network:?}"));
+                let resources = run_mounts::Resources {
+                    snap: &self.snap,
+                    context: &self.context,
+                    ignore: &self.ignore,
+                    secrets: &self.opts.session.secrets,
+                    agents: &self.opts.session.agents,
+                    cache_mounts: &self.cache_mounts,
+                };
+                run_mounts::key_inputs(&run.mounts, from, &resources, &mut k)?;
                 let key = k.finish();
                 if let Some(hit) = self.lookup(&key, no_cache) {
                     self.progress.cached(vertex, name);
@@ -772,17 +792,29 @@ impl Engine {
                 let view = self
                     .snap
                     .prepare(&cache::view_key("run", &key), chain.as_ref())?;
-                let spec = exec::RunSpec {
-                    run,
-                    state,
-                    args: &args,
-                    workdir: &workdir,
-                    network,
-                    vertex,
-                };
-                if let Err(e) = exec::run(view.path(), &spec, &self.progress) {
+                let ran = (|| {
+                    let mut mounted =
+                        run_mounts::mount(view.path(), &run.mounts, from, &resources)?;
+                    let spec = exec::RunSpec {
+                        run,
+                        state,
+                        args: &args,
+                        workdir: &workdir,
+                        network,
+                        vertex,
+                        mounts: std::mem::take(&mut mounted.spec_mounts),
+                        private: std::mem::take(&mut mounted.private),
+                        env: std::mem::take(&mut mounted.env),
+                        redactor: Arc::clone(&self.redactor),
+                    };
+                    let r = exec::run(view.path(), spec, &self.progress);
+                    // mount stubs go before the layer is made
+                    drop(mounted);
+                    r.map_err(StepError::from)
+                })();
+                if let Err(e) = ran {
                     let _ = self.snap.remove(view);
-                    return Err(e.into());
+                    return Err(e);
                 }
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 self.commit(view, &mut new_state, exec::created_by(run, state))?;

@@ -1,0 +1,770 @@
+//! RUN --mount: what each typed mount of a step becomes for the sandbox,
+//! and the undoing of it afterwards.
+//!
+//! - `bind` from the build context (or a named context directory): the
+//!   source, filtered by `.dockerignore`, copied into a scratch directory
+//!   on the state's file system and bound there (read-only unless `rw`;
+//!   with `rw`, writes land in the scratch copy and go with it).
+//! - `bind` from a stage or image: a view of its layers, the source
+//!   resolved inside it as a descriptor (a symlink in the stage cannot
+//!   point the bind at a host path) and bound by `/proc/self/fd/N`.
+//! - `cache`: a directory of [`CacheMounts`] under the state directory.
+//! - `tmpfs`: a tmpfs of the sandbox.
+//! - `secret` and `ssh`: a file or agent socket in a tmpfs private to the
+//!   sandbox ([`kiln_runtime::PrivateFile`]); never a host path.
+//!
+//! Mount points missing from the rootfs are created as stubs, recorded by
+//! their real path, and removed after the step if they are still exactly
+//! the empty directory or file kiln made, reached without following any
+//! symlink: a step that swaps a stub's parent for a symlink cannot make
+//! kiln delete anything else (the BuildKit CVE-2024-23652 class).
+//!
+//! This module never runs the step and never decides a cache hit.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_runtime::{PrivateContent, PrivateFile};
+use kiln_snapshotter::snapshot::{Snapshotter, View};
+use oci_spec::image::Digest;
+use oci_spec::runtime::{Mount as OciMount, MountBuilder};
+
+use super::cache::{self, KeyBuilder};
+use super::copy;
+use super::fsutil::{self, Root};
+use super::FromSource;
+use crate::frontend::dockerignore::Matcher;
+use crate::frontend::instructions;
+use crate::frontend::mounts::Mount;
+use crate::image::cache_mounts::{CacheLease, CacheMounts, Init};
+use crate::session::secrets::Secrets;
+use crate::session::ssh::{Agent, Serving};
+
+/// Errors of a step's mounts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("secret {id:?} is required (--mount=type=secret,id={id},required) but the build was not given it: pass --secret id={id},src=FILE")]
+    MissingSecret { id: String },
+    #[error("ssh agent {id:?} is required (--mount=type=ssh,id={id},required) but the build was not given it: pass --ssh {id}")]
+    MissingSsh { id: String },
+    #[error("cannot create the mount point {target}: {source}")]
+    Stub {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("mount point {target} is a symlink that points nowhere")]
+    DanglingTarget { target: String },
+    #[error("mount source {path:?} in the {what}: {source}")]
+    Source {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("mount target {inner} lies inside the {kind} mount at {outer}; secret and ssh targets must be outside other mounts")]
+    Nested {
+        inner: String,
+        kind: &'static str,
+        outer: String,
+    },
+    #[error("cache mount {id:?}: {source}")]
+    Cache {
+        id: String,
+        source: crate::image::cache_mounts::Error,
+    },
+    #[error("ssh agent {id:?}: {source}")]
+    Ssh {
+        id: String,
+        source: crate::session::ssh::Error,
+    },
+    #[error("cannot set up the ssh agent socket: {0}")]
+    Socket(std::io::Error),
+    #[error(transparent)]
+    Copy(#[from] copy::Error),
+    #[error(transparent)]
+    Snapshot(#[from] kiln_snapshotter::snapshot::Error),
+    #[error("invalid mount: {0}")]
+    Spec(String),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What the build holds that mounts draw on.
+pub struct Resources<'a> {
+    pub snap: &'a Snapshotter,
+    pub context: &'a Root,
+    pub ignore: &'a Matcher,
+    pub secrets: &'a Secrets,
+    pub agents: &'a BTreeMap<String, Arc<Agent>>,
+    pub cache_mounts: &'a CacheMounts,
+}
+
+/// Where a mount with `from=` reads, paired with the mount.
+fn froms<'m>(mounts: &'m [Mount], sources: &'m [FromSource]) -> Vec<Option<&'m FromSource>> {
+    let mut it = sources.iter();
+    mounts
+        .iter()
+        .map(|m| m.from().and_then(|_| it.next()))
+        .collect()
+}
+
+fn rel(path: &str) -> PathBuf {
+    Path::new(path)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A directory source of a bind or cache mount: the context or a named
+/// context directory, with its `.dockerignore`.
+struct DirSource<'a> {
+    root: RootRef<'a>,
+    ignore: Option<Matcher>,
+    what: &'static str,
+}
+
+enum RootRef<'a> {
+    Borrowed(&'a Root),
+    Owned(Root),
+}
+
+impl DirSource<'_> {
+    fn source(&self) -> copy::Source<'_> {
+        copy::Source {
+            root: match &self.root {
+                RootRef::Borrowed(r) => r,
+                RootRef::Owned(r) => r,
+            },
+            what: self.what,
+            ignore: self.ignore.as_ref(),
+        }
+    }
+}
+
+fn dir_source<'a>(res: &Resources<'a>, from: Option<&FromSource>) -> Result<Option<DirSource<'a>>> {
+    Ok(match from {
+        None => Some(DirSource {
+            root: RootRef::Borrowed(res.context),
+            ignore: Some(res.ignore.clone()),
+            what: "build context",
+        }),
+        Some(FromSource::Dir { path, .. }) => Some(DirSource {
+            root: RootRef::Owned(Root::open(path).map_err(|source| Error::Source {
+                what: "named build context",
+                path: path.display().to_string(),
+                source,
+            })?),
+            ignore: Some(
+                crate::frontend::dockerignore::load(path, &path.join("Dockerfile"))
+                    .unwrap_or_default(),
+            ),
+            what: "named build context",
+        }),
+        Some(FromSource::Image(..)) => None,
+    })
+}
+
+/// The entries a directory source brings in at `source` (its root when
+/// absent), as COPY would collect them into `/`.
+fn dir_entries(src: &DirSource<'_>, source: Option<&str>) -> Result<Vec<copy::Entry>> {
+    let excludes = Matcher::default();
+    let copy_src = src.source();
+    let path = source.map(rel).unwrap_or_default();
+    let name = if path.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        path.to_string_lossy().into_owned()
+    };
+    Ok(copy_src.collect(
+        &[instructions::Source::Path(name)],
+        "/",
+        true,
+        &copy::Rules {
+            excludes: &excludes,
+            parents: false,
+            unpack: false,
+        },
+    )?)
+}
+
+/// Add what the mounts bring into the step to its cache key: the content
+/// of bind sources from a directory, the key of a stage or image they read
+/// from. Secrets, ssh agents, tmpfs and the contents of cache mounts are
+/// never part of the key (as BuildKit).
+pub fn key_inputs(
+    mounts: &[Mount],
+    sources: &[FromSource],
+    res: &Resources<'_>,
+    key: &mut KeyBuilder,
+) -> Result<()> {
+    for (m, from) in mounts.iter().zip(froms(mounts, sources)) {
+        match (m, from) {
+            (_, Some(FromSource::Image(k, _))) => {
+                key.str("mount-from").str(&k.0);
+            }
+            (Mount::Bind { source, .. }, from) => {
+                let Some(src) = dir_source(res, from)? else {
+                    continue;
+                };
+                let entries = dir_entries(&src, source.as_deref())?;
+                key.str("mount-bind");
+                src.source().checksum(&entries, key)?;
+            }
+            (Mount::Cache { .. }, Some(FromSource::Dir { name, .. })) => {
+                key.str("mount-from-context").str(name);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A mount point kiln created: its real path inside the rootfs.
+struct Stub {
+    rel: PathBuf,
+    dir: bool,
+}
+
+/// Something kept alive for the step's run and released after it.
+enum Hold {
+    Fd(OwnedFd),
+    View(View),
+    Scratch(PathBuf),
+    Lease(CacheLease),
+    Agent(std::thread::JoinHandle<Option<Serving>>),
+}
+
+/// The mounts of one step, set up.
+pub struct Mounted<'a> {
+    snap: &'a Snapshotter,
+    rootfs: PathBuf,
+    pub spec_mounts: Vec<OciMount>,
+    pub private: Vec<PrivateFile>,
+    /// secrets given as environment variables, and SSH_AUTH_SOCK
+    pub env: Vec<(String, String)>,
+    stubs: Vec<Stub>,
+    holds: Vec<Hold>,
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Mounted<'_> {
+    /// Undo everything: stop the agents, release cache leases, drop views
+    /// and scratch copies, and remove the stubs still as kiln made them.
+    fn release(&mut self) {
+        for h in self.holds.drain(..).rev() {
+            match h {
+                Hold::Agent(t) => drop(t.join()),
+                Hold::View(v) => drop(self.snap.remove(v)),
+                // a leftover is swept with the snapshotter's tmp directory
+                Hold::Scratch(p) => drop(std::fs::remove_dir_all(&p)),
+                Hold::Fd(_) | Hold::Lease(_) => {}
+            }
+        }
+        remove_stubs(&self.rootfs, &self.stubs);
+        self.stubs.clear();
+    }
+}
+
+fn bind(target: &str, source: &Path, readonly: bool) -> Result<OciMount> {
+    let mut options = vec!["rbind".to_string(), "nosuid".into(), "nodev".into()];
+    options.push(if readonly { "ro" } else { "rw" }.into());
+    MountBuilder::default()
+        .destination(target)
+        .typ("bind")
+        .source(source)
+        .options(options)
+        .build()
+        .map_err(|e| Error::Spec(e.to_string()))
+}
+
+/// `/proc/self/fd/N` of a descriptor the sandbox child inherits (the clone
+/// copies the descriptor table), so the bind mounts exactly that inode.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Set up `mounts` for a step on the view at `rootfs`.
+pub fn mount<'a>(
+    rootfs: &Path,
+    mounts: &[Mount],
+    sources: &[FromSource],
+    res: &Resources<'a>,
+) -> Result<Mounted<'a>> {
+    let rootfs_real = std::fs::canonicalize(rootfs).unwrap_or_else(|_| rootfs.to_path_buf());
+    let mut out = Mounted {
+        snap: res.snap,
+        rootfs: rootfs_real.clone(),
+        spec_mounts: Vec::new(),
+        private: Vec::new(),
+        env: Vec::new(),
+        stubs: Vec::new(),
+        holds: Vec::new(),
+    };
+    let root = Root::open(rootfs).map_err(|source| Error::Stub {
+        target: "/".into(),
+        source,
+    })?;
+    // The runtime mounts /proc, /dev and /sys; a rootfs without them gets
+    // stubs that do not end up in the layer.
+    for dir in ["/proc", "/dev", "/sys"] {
+        ensure(&root, &rootfs_real, dir, true, &mut out.stubs)?;
+    }
+    // Parents before children, so a mount inside another lands on top.
+    let mut order: Vec<(&Mount, Option<&FromSource>)> =
+        mounts.iter().zip(froms(mounts, sources)).collect();
+    order.sort_by_key(|(m, _)| target_of(m).map(|t| rel(&t).components().count()));
+    let mut ssh_first = true;
+    for (m, from) in order {
+        match m {
+            Mount::Bind {
+                target,
+                source,
+                readwrite,
+                ..
+            } => {
+                let readonly = !readwrite;
+                if let Some(src) = dir_source(res, from)? {
+                    let entries = dir_entries(&src, source.as_deref())?;
+                    let layers = res.snap.layers();
+                    let scratch = layers.tmp_dir().join(layers.unique("bind"));
+                    std::fs::create_dir_all(&scratch).map_err(|source| Error::Stub {
+                        target: target.clone(),
+                        source,
+                    })?;
+                    out.holds.push(Hold::Scratch(scratch.clone()));
+                    let dest = Root::open(&scratch).map_err(|source| Error::Stub {
+                        target: target.clone(),
+                        source,
+                    })?;
+                    let unique = || layers.unique("bind");
+                    copy::copy(
+                        &src.source(),
+                        &entries,
+                        &dest,
+                        &copy::CopyAttrs {
+                            owner: None,
+                            chmod: None,
+                            tmp: &layers.tmp_dir(),
+                            unique: &unique,
+                        },
+                    )?;
+                    // A single file is collected as /<name>; bind the file.
+                    let single = match entries.as_slice() {
+                        [e] if !e.meta.is_dir() && source.is_some() => Some(e.dest.clone()),
+                        _ => None,
+                    };
+                    let (path, is_dir) = match single {
+                        Some(name) => (scratch.join(name), false),
+                        None => (scratch, true),
+                    };
+                    ensure(&root, &rootfs_real, target, is_dir, &mut out.stubs)?;
+                    out.spec_mounts.push(bind(target, &path, readonly)?);
+                } else if let Some(FromSource::Image(k, st)) = from {
+                    let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
+                    let view_key = cache::view_key("mount", k);
+                    let view = if readonly {
+                        res.snap.view(&view_key, chain.as_ref())?
+                    } else {
+                        res.snap.prepare(&view_key, chain.as_ref())?
+                    };
+                    let resolved = (|| {
+                        let r = Root::open(view.path())?;
+                        let p = source.as_deref().map(rel).unwrap_or_default();
+                        let fd = r.open_at(&p, libc::O_PATH)?;
+                        let dir = r.stat(&p)?.is_dir();
+                        Ok::<_, std::io::Error>((fd, dir))
+                    })();
+                    out.holds.push(Hold::View(view));
+                    let (fd, is_dir) = resolved.map_err(|e| Error::Source {
+                        what: "source stage",
+                        path: source.clone().unwrap_or_else(|| "/".into()),
+                        source: e,
+                    })?;
+                    ensure(&root, &rootfs_real, target, is_dir, &mut out.stubs)?;
+                    out.spec_mounts.push(bind(target, &fd_path(&fd), readonly)?);
+                    out.holds.push(Hold::Fd(fd));
+                }
+            }
+            Mount::Cache {
+                target,
+                id,
+                sharing,
+                source,
+                readonly,
+                mode,
+                uid,
+                gid,
+                ..
+            } => {
+                let lease = res
+                    .cache_mounts
+                    .acquire(
+                        id,
+                        *sharing,
+                        Init {
+                            mode: *mode,
+                            uid: *uid,
+                            gid: *gid,
+                        },
+                    )
+                    .map_err(|source| Error::Cache {
+                        id: id.clone(),
+                        source,
+                    })?;
+                let cache_root = Root::open(lease.path()).map_err(|e| Error::Source {
+                    what: "cache mount",
+                    path: id.clone(),
+                    source: e,
+                })?;
+                if lease.fresh() && from.is_some() {
+                    seed_cache(res, from, source.as_deref(), &cache_root)?;
+                }
+                // Without from=, source= is a directory inside the cache,
+                // made and resolved inside it (never outside: Buildah
+                // CVE-2024-9675).
+                let fd = match (from, source) {
+                    (None, Some(s)) => cache_root.mkdir_all(&rel(s), *uid, *gid),
+                    _ => cache_root.open_at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY),
+                }
+                .map_err(|e| Error::Source {
+                    what: "cache mount",
+                    path: source.clone().unwrap_or_else(|| "/".into()),
+                    source: e,
+                })?;
+                ensure(&root, &rootfs_real, target, true, &mut out.stubs)?;
+                out.spec_mounts.push(bind(target, &fd_path(&fd), *readonly)?);
+                out.holds.push(Hold::Fd(fd));
+                out.holds.push(Hold::Lease(lease));
+            }
+            Mount::Tmpfs { target, size } => {
+                ensure(&root, &rootfs_real, target, true, &mut out.stubs)?;
+                let mut options = vec!["nosuid".to_string(), "nodev".into()];
+                if let Some(s) = size {
+                    options.push(format!("size={s}"));
+                }
+                out.spec_mounts.push(
+                    MountBuilder::default()
+                        .destination(target)
+                        .typ("tmpfs")
+                        .source("tmpfs")
+                        .options(options)
+                        .build()
+                        .map_err(|e| Error::Spec(e.to_string()))?,
+                );
+            }
+            Mount::Secret {
+                id,
+                target,
+                env,
+                required,
+                mode,
+                uid,
+                gid,
+            } => {
+                let Some(value) = res.secrets.get(id) else {
+                    if *required {
+                        return Err(Error::MissingSecret { id: id.clone() });
+                    }
+                    continue;
+                };
+                if let Some(var) = env {
+                    out.env
+                        .push((var.clone(), String::from_utf8_lossy(value).into_owned()));
+                }
+                if let Some(target) = target {
+                    check_not_nested(target, mounts)?;
+                    ensure(&root, &rootfs_real, target, false, &mut out.stubs)?;
+                    out.private.push(PrivateFile {
+                        dest: target.clone(),
+                        mode: *mode,
+                        uid: *uid,
+                        gid: *gid,
+                        content: PrivateContent::Bytes(value.clone()),
+                    });
+                }
+            }
+            Mount::Ssh {
+                id,
+                target,
+                required,
+                mode,
+                uid,
+                gid,
+            } => {
+                let Some(agent) = res.agents.get(id) else {
+                    if *required {
+                        return Err(Error::MissingSsh { id: id.clone() });
+                    }
+                    continue;
+                };
+                check_not_nested(target, mounts)?;
+                ensure(&root, &rootfs_real, target, false, &mut out.stubs)?;
+                let (ours, theirs) = nix::sys::socket::socketpair(
+                    nix::sys::socket::AddressFamily::Unix,
+                    nix::sys::socket::SockType::SeqPacket,
+                    None,
+                    nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(|e| Error::Socket(e.into()))?;
+                let agent = Arc::clone(agent);
+                out.holds
+                    .push(Hold::Agent(std::thread::spawn(move || {
+                        let listener = receive_fd(&ours)?;
+                        agent.serve(listener).ok()
+                    })));
+                out.private.push(PrivateFile {
+                    dest: target.clone(),
+                    mode: *mode,
+                    uid: *uid,
+                    gid: *gid,
+                    content: PrivateContent::Socket(theirs),
+                });
+                if ssh_first {
+                    out.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
+                    ssh_first = false;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Seed a fresh cache directory from `from`'s `source` (its root when
+/// absent), as BuildKit bases a cache mount on `from`.
+fn seed_cache(
+    res: &Resources<'_>,
+    from: Option<&FromSource>,
+    source: Option<&str>,
+    cache_root: &Root,
+) -> Result<()> {
+    let layers = res.snap.layers();
+    let unique = || layers.unique("cache-seed");
+    let attrs = copy::CopyAttrs {
+        owner: None,
+        chmod: None,
+        tmp: &layers.tmp_dir(),
+        unique: &unique,
+    };
+    if let Some(src) = dir_source(res, from)? {
+        let entries = dir_entries(&src, source)?;
+        copy::copy(&src.source(), &entries, cache_root, &attrs)?;
+    } else if let Some(FromSource::Image(k, st)) = from {
+        let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
+        let view = res
+            .snap
+            .view(&cache::view_key("cache-seed", k), chain.as_ref())?;
+        let copied = (|| {
+            let src = DirSource {
+                root: RootRef::Owned(Root::open(view.path()).map_err(|e| Error::Source {
+                    what: "source stage",
+                    path: "/".into(),
+                    source: e,
+                })?),
+                ignore: None,
+                what: "source stage",
+            };
+            let entries = dir_entries(&src, source)?;
+            copy::copy(&src.source(), &entries, cache_root, &attrs)?;
+            Ok(())
+        })();
+        let _ = res.snap.remove(view);
+        copied?;
+    }
+    Ok(())
+}
+
+/// The listening socket the sandbox sends back, or None when it failed
+/// before making one (EOF).
+fn receive_fd(sock: &OwnedFd) -> Option<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(std::os::fd::RawFd);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    for c in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the kernel just installed these descriptors in our
+            // table for us; nothing else owns them.
+            return fds.first().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    None
+}
+
+fn target_of(m: &Mount) -> Option<String> {
+    match m {
+        Mount::Bind { target, .. }
+        | Mount::Cache { target, .. }
+        | Mount::Tmpfs { target, .. }
+        | Mount::Ssh { target, .. } => Some(target.clone()),
+        Mount::Secret { target, .. } => target.clone(),
+    }
+}
+
+/// Secret and ssh nodes need a stub in the rootfs itself, so their target
+/// cannot be inside another mount of the same step.
+fn check_not_nested(target: &str, mounts: &[Mount]) -> Result<()> {
+    let inner = rel(target);
+    for m in mounts {
+        let (kind, outer) = match m {
+            Mount::Bind { target, .. } => ("bind", target),
+            Mount::Cache { target, .. } => ("cache", target),
+            Mount::Tmpfs { target, .. } => ("tmpfs", target),
+            _ => continue,
+        };
+        let o = rel(outer);
+        if inner.starts_with(&o) && inner != o {
+            return Err(Error::Nested {
+                inner: target.to_string(),
+                kind,
+                outer: outer.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn cstr(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Make `target` exist in the rootfs (a directory, or an empty file when
+/// `dir` is false), creating missing components inside the root and
+/// recording each one created by its real path.
+fn ensure(
+    root: &Root,
+    rootfs_real: &Path,
+    target: &str,
+    dir: bool,
+    stubs: &mut Vec<Stub>,
+) -> Result<()> {
+    let err = |source| Error::Stub {
+        target: target.to_string(),
+        source,
+    };
+    let comps: Vec<PathBuf> = rel(target).iter().map(PathBuf::from).collect();
+    let mut done = PathBuf::new();
+    let mut parent = root
+        .open_at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY)
+        .map_err(err)?;
+    for (i, name) in comps.iter().enumerate() {
+        done.push(name);
+        match root.open_at(&done, libc::O_PATH) {
+            Ok(fd) => {
+                parent = fd;
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(err(e)),
+        }
+        let last = i + 1 == comps.len();
+        let make_dir = !last || dir;
+        let n = cstr(name).map_err(err)?;
+        // SAFETY: `parent` is a directory descriptor and `n` a single
+        // NUL-terminated name; neither call follows a symlink at `n`.
+        let rc = unsafe {
+            if make_dir {
+                libc::mkdirat(parent.as_raw_fd(), n.as_ptr(), 0o755)
+            } else {
+                let fd = libc::openat(
+                    parent.as_raw_fd(),
+                    n.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                    0
+                } else {
+                    -1
+                }
+            }
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                // ENOENT on open but EEXIST on create: a dangling symlink
+                return Err(Error::DanglingTarget {
+                    target: target.to_string(),
+                });
+            }
+            return Err(err(e));
+        }
+        let real_parent = std::fs::read_link(fd_path(&parent)).map_err(err)?;
+        let real = real_parent
+            .strip_prefix(rootfs_real)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| done.clone());
+        stubs.push(Stub {
+            rel: real,
+            dir: make_dir,
+        });
+        parent = root.open_at(&done, libc::O_PATH).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Remove the stubs (children first) that are still the empty directory or
+/// empty file kiln created, reached without following any symlink.
+fn remove_stubs(rootfs: &Path, stubs: &[Stub]) {
+    let Ok(root) = std::fs::File::open(rootfs) else {
+        return;
+    };
+    for s in stubs.iter().rev() {
+        let (parent, name) = fsutil::split(&s.rel);
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        let (Ok(p), Ok(n)) = (cstr(parent), cstr(Path::new(name))) else {
+            continue;
+        };
+        let Ok(dir) = kiln_runtime::open_beneath_no_symlinks(
+            root.as_raw_fd(),
+            &p,
+            libc::O_PATH | libc::O_DIRECTORY,
+        ) else {
+            continue; // moved or replaced by the step: not ours any more
+        };
+        // SAFETY: `st` is a valid out buffer, `n` a NUL-terminated name.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatat(dir.as_raw_fd(), n.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }
+            != 0
+        {
+            continue;
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        let flags = if s.dir && kind == libc::S_IFDIR {
+            libc::AT_REMOVEDIR
+        } else if !s.dir && kind == libc::S_IFREG && st.st_size == 0 {
+            0
+        } else {
+            continue;
+        };
+        // A directory the step filled fails with ENOTEMPTY and stays.
+        // SAFETY: unlinkat of a single name in a directory we hold.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), flags) };
+    }
+}

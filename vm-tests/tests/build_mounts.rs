@@ -1,0 +1,684 @@
+//! End-to-end tests of `RUN --mount` (bind, cache, tmpfs, secret, ssh),
+//! run as the unprivileged test user: what each mount shows a step, what
+//! it leaves in the image (nothing), and the attacks on mount points and
+//! cache directories that hit BuildKit and Buildah.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_vm_tests::{
+    busybox_rootfs, give_to_test_user, kiln, kiln_binary, run_checked, running_as_root,
+    stage_file, test_dir, unprivileged,
+};
+
+/// A context with a busybox tree under `rootfs/` and a state directory,
+/// owned by the test user.
+struct Project {
+    dir: PathBuf,
+}
+
+impl Project {
+    fn new(name: &str, dockerfile: &str) -> Project {
+        let dir = test_dir(name);
+        busybox_rootfs(&dir.join("ctx/rootfs"));
+        std::fs::write(dir.join("ctx/Dockerfile"), dockerfile).unwrap();
+        let p = Project { dir };
+        p.chown();
+        p
+    }
+
+    fn chown(&self) {
+        give_to_test_user(&self.dir);
+    }
+
+    fn ctx(&self) -> PathBuf {
+        self.dir.join("ctx")
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.ctx().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+        self.chown();
+    }
+
+    fn state(&self) -> String {
+        self.dir.join("state").display().to_string()
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec!["--root".into(), self.state(), "build".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(self.ctx().display().to_string());
+        args
+    }
+
+    fn build(&self, extra: &[&str]) -> Output {
+        kiln(self.args(extra)).output().expect("run kiln build")
+    }
+
+    /// `kiln build` with environment variables (setpriv resets the
+    /// environment, so they go through env(1)).
+    fn build_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Output {
+        kiln_env(env, &self.args(extra)).output().expect("run kiln")
+    }
+
+    fn out(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.dir.join("out").join(rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    }
+
+    fn local_out(&self) -> String {
+        format!("type=local,dest={}", self.dir.join("out").display())
+    }
+}
+
+fn kiln_env(env: &[(&str, &str)], args: &[String]) -> Command {
+    let mut cmd = unprivileged(Path::new("/usr/bin/env"));
+    for (k, v) in env {
+        cmd.arg(format!("{k}={v}"));
+    }
+    cmd.arg(stage_file(&kiln_binary()));
+    cmd.args(args);
+    cmd
+}
+
+fn ok(o: Output) -> (String, String) {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "kiln failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+    (out, err)
+}
+
+fn failed(o: Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "kiln should have failed:\n{err}");
+    err
+}
+
+#[test]
+fn bind_mounts_show_context_and_stages_read_only_and_leave_nothing() {
+    let p = Project::new(
+        "mount-bind",
+        r#"FROM scratch AS tools
+COPY rootfs/ /
+RUN mkdir -p /data && echo from-stage > /data/f && ln -s / /data/root-link
+
+FROM tools
+RUN --mount=type=bind,source=files,target=/ctx cat /ctx/a > /out-a && ls -a /ctx > /out-ls && (touch /ctx/new 2>/dev/null && echo writable || echo readonly) > /out-ro
+RUN --mount=type=bind,source=files/a,target=/etc/one cat /etc/one > /out-one
+RUN --mount=type=bind,source=files,target=/rw,rw echo changed > /rw/a && cat /rw/a > /out-rw
+RUN --mount=type=bind,from=tools,source=/data,target=/d cat /d/f > /out-stage
+RUN --mount=type=bind,from=tools,source=/data/root-link,target=/d2 ls /d2 > /out-link
+"#,
+    );
+    p.write("files/a", "alpha\n");
+    p.write("files/ignored", "must not be seen\n");
+    p.write(".dockerignore", "files/ignored\n");
+    let (_, err) = ok(p.build(&["--progress", "plain", "-o", &p.local_out()]));
+    assert_eq!(p.out("out-a"), "alpha\n");
+    let ls = p.out("out-ls");
+    assert!(ls.contains("a\n") && !ls.contains("ignored"), "{ls}");
+    assert_eq!(p.out("out-ro"), "readonly\n");
+    assert_eq!(p.out("out-one"), "alpha\n");
+    assert_eq!(p.out("out-rw"), "changed\n");
+    assert_eq!(p.out("out-stage"), "from-stage\n");
+    // A source that is a symlink to / names the stage's root, never the
+    // host's (Buildah CVE-2024-1753): the stage has /data, the host /usr.
+    let link = p.out("out-link");
+    assert!(link.contains("data") && !link.contains("usr"), "{link}");
+    // rw writes were thrown away: the context is untouched.
+    assert_eq!(
+        std::fs::read_to_string(p.ctx().join("files/a")).unwrap(),
+        "alpha\n"
+    );
+    // Mount points kiln made are not in the image; /etc was there before.
+    for gone in ["ctx", "rw", "d", "d2", "etc/one"] {
+        assert!(!p.dir.join("out").join(gone).exists(), "/{gone} left in the image\n{err}");
+    }
+    assert!(p.dir.join("out/etc/passwd").exists());
+
+    // The bound content is part of the step's key: a changed file reruns
+    // the steps that bind it, and only those.
+    p.write("files/a", "beta\n");
+    let (_, err) = ok(p.build(&["--progress", "plain", "-o", &p.local_out()]));
+    assert_eq!(p.out("out-a"), "beta\n");
+    assert_eq!(p.out("out-one"), "beta\n");
+    assert!(err.contains("3 steps run"), "{err}");
+}
+
+#[test]
+fn tmpfs_mounts_are_memory_with_their_size_and_leave_nothing() {
+    let p = Project::new(
+        "mount-tmpfs",
+        r#"FROM scratch
+COPY rootfs/ /
+RUN --mount=type=tmpfs,target=/scratch/deep,size=1m grep ' /scratch/deep ' /proc/mounts > /out-mount && echo x > /scratch/deep/f
+"#,
+    );
+    ok(p.build(&["-o", &p.local_out()]));
+    let m = p.out("out-mount");
+    assert!(m.contains("tmpfs") && m.contains("size=1024k"), "{m}");
+    assert!(m.contains("nosuid") && m.contains("nodev"), "{m}");
+    assert!(!p.dir.join("out/scratch").exists());
+}
+
+/// Every byte of every file under `dir`, and of every gzip stream and tar
+/// member inside those files, searched for `needle`. Returns the places
+/// it was found.
+fn find_bytes(dir: &Path, needle: &[u8]) -> Vec<String> {
+    fn search(data: &[u8], needle: &[u8], at: &str, hits: &mut Vec<String>) {
+        if data.windows(needle.len()).any(|w| w == needle) {
+            hits.push(at.to_string());
+        }
+        if data.starts_with(&[0x1f, 0x8b]) {
+            let mut out = Vec::new();
+            if flate2::read::MultiGzDecoder::new(data)
+                .read_to_end(&mut out)
+                .is_ok()
+            {
+                search(&out, needle, &format!("{at} (gunzip)"), hits);
+            }
+        } else if data.len() > 262 && &data[257..262] == b"ustar" {
+            let mut ar = tar::Archive::new(data);
+            if let Ok(entries) = ar.entries() {
+                for mut e in entries.flatten() {
+                    let name = e.path().map(|p| p.display().to_string()).unwrap_or_default();
+                    let mut buf = Vec::new();
+                    if e.read_to_end(&mut buf).is_ok() {
+                        search(&buf, needle, &format!("{at}:{name}"), hits);
+                    }
+                }
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                if let Ok(data) = std::fs::read(&path) {
+                    search(&data, needle, &path.display().to_string(), &mut hits);
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn secrets_reach_only_their_step_and_are_found_nowhere_after() {
+    // Unique per run so no earlier run's files could match.
+    let secret = format!("kiln-s3cret-{}-{}", std::process::id(), line!());
+    let env_secret = format!("kiln-envtok-{}", std::process::id());
+    let p = Project::new(
+        "mount-secret",
+        r#"FROM scratch
+COPY rootfs/ /
+RUN --mount=type=secret,id=tok stat -c '%a %u %g' /run/secrets/tok > /out-stat && grep ' /run/secrets/tok ' /proc/mounts > /out-mount && echo "leak: $(cat /run/secrets/tok)"
+RUN --mount=type=secret,id=tok,target=/etc/app.key,mode=0440,uid=1000,gid=1000 stat -c '%a %u %g' /etc/app.key > /out-stat2 && wc -c < /etc/app.key > /out-len
+RUN --mount=type=secret,id=envtok,env=API_TOKEN echo "len ${#API_TOKEN}" > /out-env && test ! -e /run/secrets/envtok
+RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
+"#,
+    );
+    let file = p.dir.join("secret.txt");
+    std::fs::write(&file, &secret).unwrap();
+    give_to_test_user(&p.dir);
+    let secret_flag = format!("id=tok,src={}", file.display());
+    let oci = p.dir.join("image-oci.tar");
+    let docker = p.dir.join("image-docker.tar");
+    let (_, plain) = ok(p.build_env(
+        &[("ENVTOK", &env_secret)],
+        &[
+            "--progress",
+            "plain",
+            "--secret",
+            &secret_flag,
+            "--secret",
+            "id=envtok,env=ENVTOK",
+            "-t",
+            "secret-test",
+            "-o",
+            &p.local_out(),
+            "-o",
+            &format!("type=oci,dest={}", oci.display()),
+            "-o",
+            &format!("type=docker,dest={}", docker.display()),
+        ],
+    ));
+    assert_eq!(p.out("out-stat"), "400 0 0\n");
+    let mount = p.out("out-mount");
+    assert!(
+        mount.contains("tmpfs") && mount.contains("ro,") && mount.contains("noexec"),
+        "{mount}"
+    );
+    assert_eq!(p.out("out-stat2"), "440 1000 1000\n");
+    assert_eq!(p.out("out-len").trim(), secret.len().to_string());
+    assert_eq!(p.out("out-env"), format!("len {}\n", env_secret.len()));
+    assert!(!p.out("out-absent").contains("absent"));
+    // The step printed the secret: the output shows ****.
+    assert!(plain.contains("leak: ****"), "{plain}");
+    for dir in ["run/secrets", "etc/app.key"] {
+        assert!(!p.dir.join("out").join(dir).exists(), "/{dir} left in the image");
+    }
+
+    // Rebuilding with another secret value is a cache hit (the value is
+    // not in the key), with rawjson progress captured too.
+    std::fs::write(&file, format!("{secret}-rotated")).unwrap();
+    let (_, raw) = ok(p.build_env(
+        &[("ENVTOK", &env_secret)],
+        &[
+            "--progress",
+            "rawjson",
+            "--secret",
+            &secret_flag,
+            "--secret",
+            "id=envtok,env=ENVTOK",
+        ],
+    ));
+    assert!(raw.contains("\"cached\":true") || raw.contains("0 steps run"), "{raw}");
+    // And run everything again with rawjson, so its events are searched too.
+    let (_, raw2) = ok(p.build_env(
+        &[("ENVTOK", &env_secret)],
+        &[
+            "--progress",
+            "rawjson",
+            "--no-cache",
+            "--secret",
+            &secret_flag,
+            "--secret",
+            "id=envtok,env=ENVTOK",
+        ],
+    ));
+    assert!(raw2.contains("leak: ****"), "{raw2}");
+
+    // The secrets are nowhere: not in the state directory (blobs, layers,
+    // cache records, cache mounts), not in any exported format, not in the
+    // progress output.
+    std::fs::remove_file(&file).unwrap();
+    for (what, text) in [("plain", &plain), ("rawjson", &raw), ("rawjson", &raw2)] {
+        assert!(!text.contains(&secret), "secret in {what} output");
+        assert!(!text.contains(&env_secret), "env secret in {what} output");
+    }
+    for needle in [&secret, &env_secret] {
+        let hits = find_bytes(&p.dir, needle.as_bytes());
+        assert!(hits.is_empty(), "secret found in {hits:?}");
+    }
+    // The search itself works: a planted copy is found.
+    std::fs::write(p.dir.join("out/planted"), format!("x{secret}x")).unwrap();
+    assert_eq!(find_bytes(&p.dir, secret.as_bytes()).len(), 1);
+}
+
+#[test]
+fn a_required_secret_that_is_missing_fails_before_the_step_runs() {
+    let p = Project::new(
+        "mount-secret-required",
+        r#"FROM scratch
+COPY rootfs/ /
+RUN --mount=type=secret,id=deploy-key,required=true echo the-step-ran
+"#,
+    );
+    let err = failed(p.build(&["--progress", "plain"]));
+    assert!(err.contains("deploy-key") && err.contains("--secret"), "{err}");
+    assert!(!err.contains("the-step-ran"), "{err}");
+    assert!(err.contains("Dockerfile:3"), "{err}");
+}
+
+#[test]
+fn cache_mounts_persist_across_builds_and_never_enter_the_image() {
+    let p = Project::new(
+        "mount-cache",
+        r#"FROM scratch AS seed
+COPY rootfs/ /
+RUN mkdir -p /seed && echo seeded > /seed/s
+
+FROM seed
+ARG RUN=0
+RUN --mount=type=cache,target=/var/cache/app echo "$RUN" >> /var/cache/app/log && cat /var/cache/app/log > /out-log
+RUN --mount=type=cache,id=owned,target=/c2,uid=1000,gid=1000,mode=0700 echo "$RUN" > /dev/null && stat -c '%a %u %g' /c2 > /out-owned
+RUN --mount=type=cache,id=seeded,target=/c3,from=seed,source=/seed echo "$RUN" > /dev/null && cat /c3/s > /out-seeded
+RUN --mount=type=cache,target=/var/cache/app,ro echo "$RUN" > /dev/null && (touch /var/cache/app/x 2>/dev/null && echo rw || echo ro) > /out-ro
+"#,
+    );
+    ok(p.build(&["--build-arg", "RUN=1", "-o", &p.local_out()]));
+    assert_eq!(p.out("out-log"), "1\n");
+    ok(p.build(&["--build-arg", "RUN=2", "-o", &p.local_out()]));
+    assert_eq!(p.out("out-log"), "1\n2\n");
+    assert_eq!(p.out("out-owned"), "700 1000 1000\n");
+    assert_eq!(p.out("out-seeded"), "seeded\n");
+    assert_eq!(p.out("out-ro"), "ro\n");
+    // The cache's directory exists only as the mount point kiln removed.
+    assert!(!p.dir.join("out/var/cache").exists());
+    assert!(!p.dir.join("out/c2").exists());
+
+    // Cache mounts count in du and go with prune.
+    let (du, _) = ok(kiln(["--root", &p.state(), "du"]).output().unwrap());
+    let row = du.lines().find(|l| l.starts_with("Cache Mounts")).unwrap_or_default();
+    assert!(!row.contains(" 0B") && !row.trim_end().ends_with(" 0"), "{du}");
+    ok(kiln(["--root", &p.state(), "prune", "--all"]).output().unwrap());
+    ok(p.build(&["--build-arg", "RUN=3", "-o", &p.local_out()]));
+    assert_eq!(p.out("out-log"), "3\n");
+}
+
+/// Two builds of `dockerfile` at once on one state directory, with
+/// `--build-arg TAG=a` and `TAG=b`; returns both local outputs' directory.
+fn concurrent_builds(p: &Project) -> (PathBuf, PathBuf) {
+    let outs = (p.dir.join("out-a"), p.dir.join("out-b"));
+    let spawn = |tag: &str, out: &Path| {
+        kiln(p.args(&[
+            "--build-arg",
+            &format!("TAG={tag}"),
+            "-o",
+            &format!("type=local,dest={}", out.display()),
+        ]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kiln")
+    };
+    let a = spawn("a", &outs.0);
+    let b = spawn("b", &outs.1);
+    ok(a.wait_with_output().unwrap());
+    ok(b.wait_with_output().unwrap());
+    outs
+}
+
+/// A step fragment: write our marker to `dir` and wait (up to 60 s) until
+/// the other build's marker appears; records `met` or `timeout`.
+const RENDEZVOUS: &str = r#"touch /s/$TAG; i=0; while [ ! -e /s/$OTHER ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e /s/$OTHER ] && echo met > /out-met || echo timeout > /out-met"#;
+
+#[test]
+fn cache_sharing_modes_hold_under_two_concurrent_builds() {
+    // shared: both builds see one directory at the same time (they meet).
+    // private: meeting in a shared cache proves they run together, and
+    // the private cache of each holds only its own marker.
+    // locked: after meeting, each appends in/out with a pause between; the
+    // log shows one whole step after the other, never interleaved.
+    let p = Project::new(
+        "mount-cache-sharing",
+        &format!(
+            r#"FROM scratch
+COPY rootfs/ /
+ARG TAG
+ENV OTHER=x
+RUN --mount=type=cache,id=rv,target=/s,sharing=shared if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; {RENDEZVOUS}
+RUN --mount=type=cache,id=rv2,target=/s --mount=type=cache,id=priv,target=/p,sharing=private if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; touch /p/$TAG; {RENDEZVOUS}; ls /p > /out-private
+RUN --mount=type=cache,id=rv3,target=/s --mount=type=cache,id=lock,target=/l,sharing=locked if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; {RENDEZVOUS}; echo in-$TAG >> /l/log; sleep 1; echo out-$TAG >> /l/log; cat /l/log > /out-locked
+"#
+        ),
+    );
+    let (a, b) = concurrent_builds(&p);
+    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    assert_eq!(read(&a, "out-met"), "met\n");
+    assert_eq!(read(&b, "out-met"), "met\n");
+    assert_eq!(read(&a, "out-private"), "a\n");
+    assert_eq!(read(&b, "out-private"), "b\n");
+    // The later of the two saw the whole log.
+    let (la, lb) = (read(&a, "out-locked"), read(&b, "out-locked"));
+    let full = if la.lines().count() == 4 { la } else { lb };
+    let lines: Vec<&str> = full.lines().collect();
+    assert_eq!(lines.len(), 4, "{full}");
+    assert_eq!(lines[0].replace("in-", ""), lines[1].replace("out-", ""), "{full}");
+    assert_eq!(lines[2].replace("in-", ""), lines[3].replace("out-", ""), "{full}");
+}
+
+#[test]
+fn stub_cleanup_never_follows_a_symlink_the_step_planted() {
+    // The step moves the stub's parent away and puts a symlink to a
+    // directory holding a same-named empty directory in its place, both
+    // inside the image and on the host (BuildKit CVE-2024-23652): kiln
+    // must remove neither.
+    let canary = test_dir("mount-stub-canary");
+    std::fs::create_dir_all(canary.join("stub")).unwrap();
+    std::fs::write(canary.join("keep"), "host canary\n").unwrap();
+    give_to_test_user(&canary);
+    let c = canary.display();
+    let p = Project::new(
+        "mount-stub",
+        &format!(
+            r#"FROM scratch
+COPY rootfs/ /
+RUN mkdir -p {c}/stub
+RUN --mount=type=tmpfs,target=/parent/stub mv /parent /moved && ln -s {c} /parent
+"#
+        ),
+    );
+    ok(p.build(&["-o", &p.local_out()]));
+    assert!(canary.join("stub").is_dir(), "host canary directory removed");
+    assert_eq!(
+        std::fs::read_to_string(canary.join("keep")).unwrap(),
+        "host canary\n"
+    );
+    let out = p.dir.join("out");
+    assert!(
+        out.join(canary.strip_prefix("/").unwrap()).join("stub").is_dir(),
+        "the image's own directory was removed through the symlink"
+    );
+    // What the step made stays as it made it.
+    assert!(out.join("parent").is_symlink());
+    assert!(out.join("moved").is_dir());
+}
+
+#[test]
+fn cache_source_and_id_cannot_leave_the_cache() {
+    // An earlier step plants symlinks in the cache; a later one mounts
+    // them as source=, and an id with ../ is used (BuildKit
+    // CVE-2024-23651, Buildah CVE-2024-9675): everything stays in the
+    // cache root.
+    let marker = format!("kiln-pwned-{}", std::process::id());
+    let p = Project::new(
+        "mount-cache-escape",
+        &format!(
+            r#"FROM scratch
+COPY rootfs/ /
+RUN --mount=type=cache,id=evil,target=/c ln -sfn / /c/up && ln -sfn ../../../../../../ /c/rel && touch /c/inside
+RUN --mount=type=cache,id=evil,target=/d,source=up ls /d > /out-up && touch /d/{marker}
+RUN --mount=type=cache,id=evil,target=/e,source=rel/tmp ls /e > /out-rel
+RUN --mount=type=cache,id=../../../../../../../tmp,target=/f touch /f/{marker}
+"#
+        ),
+    );
+    ok(p.build(&["-o", &p.local_out()]));
+    let up = p.out("out-up");
+    assert!(up.contains("inside") && !up.contains("usr"), "{up}");
+    assert!(!Path::new("/").join(&marker).exists());
+    assert!(!Path::new("/tmp").join(&marker).exists());
+    let found = run_checked(
+        Command::new("find")
+            .arg(&p.dir)
+            .arg("-name")
+            .arg(&marker),
+    );
+    let found = String::from_utf8_lossy(&found.stdout);
+    assert!(
+        found.lines().all(|l| l.contains("/state/")),
+        "marker outside the state directory: {found}"
+    );
+}
+
+/// An sshd on 127.0.0.1, run as the test user, accepting one key.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    user: String,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
+    let host_key = dir.join("host_key");
+    run_checked(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key),
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPidFile none\n",
+            host_key.display(),
+            authorized.display()
+        ),
+    )
+    .unwrap();
+    give_to_test_user(dir);
+    run_checked(Command::new("chmod").arg("600").arg(&host_key));
+    let user = if running_as_root() {
+        "kiln-test".to_string()
+    } else {
+        String::from_utf8_lossy(&run_checked(Command::new("id").arg("-un")).stdout)
+            .trim()
+            .to_string()
+    };
+    let mut cmd = unprivileged(Path::new("/usr/sbin/sshd"));
+    cmd.args(["-D", "-e", "-f"]).arg(&config);
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sshd");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Sshd { child, port, user };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("sshd did not start on port {port}");
+}
+
+/// Copy the host's ssh client and the libraries it needs into `rootfs`.
+fn install_ssh_client(rootfs: &Path) {
+    let ldd = run_checked(Command::new("ldd").arg("/usr/bin/ssh"));
+    let mut files = vec![PathBuf::from("/usr/bin/ssh")];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some(path) = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from)
+        {
+            files.push(path);
+        }
+    }
+    for f in files {
+        let real = std::fs::canonicalize(&f).unwrap();
+        for (at, src) in [(&f, &real), (&real, &real)] {
+            let dst = rootfs.join(at.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            if !dst.exists() {
+                std::fs::copy(src, &dst).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
+    let p = Project::new(
+        "mount-ssh",
+        r#"FROM scratch
+COPY rootfs/ /
+ARG PORT USER MODE
+RUN --network=host --mount=type=ssh echo "$MODE" > /dev/null && stat -c '%a %u %F' $SSH_AUTH_SOCK > /out-sock && ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -p $PORT $USER@127.0.0.1 echo ssh-round-trip-ok > /out-ssh
+"#,
+    );
+    install_ssh_client(&p.ctx().join("rootfs"));
+    let keys = p.dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("id_ed25519");
+    run_checked(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+    );
+    let authorized = keys.join("authorized_keys");
+    std::fs::copy(keys.join("id_ed25519.pub"), &authorized).unwrap();
+    p.chown();
+    run_checked(Command::new("chmod").arg("600").arg(&key));
+    let sshd = start_sshd(&p.dir.join("sshd"), &authorized);
+    let port = sshd.port.to_string();
+    let common = |mode: &str| -> Vec<String> {
+        [
+            "--progress",
+            "plain",
+            "--allow",
+            "network.host",
+            "--build-arg",
+            &format!("PORT={port}"),
+            "--build-arg",
+            &format!("USER={}", sshd.user),
+            "--build-arg",
+            &format!("MODE={mode}"),
+            "-o",
+            &p.local_out(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // --ssh default=KEYFILE: kiln serves the key itself.
+    let mut args = common("keyfile");
+    args.extend(["--ssh".to_string(), format!("default={}", key.display())]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(p.build(&refs));
+    assert_eq!(p.out("out-ssh"), "ssh-round-trip-ok\n");
+    assert_eq!(p.out("out-sock"), "600 0 socket\n");
+    assert!(!p.dir.join("out/run/buildkit").exists());
+
+    // --ssh default: forward the agent at $SSH_AUTH_SOCK.
+    let agent_sock = p.dir.join("agent.sock");
+    let agent = unprivileged(Path::new("/usr/bin/ssh-agent"))
+        .args(["-D", "-a"])
+        .arg(&agent_sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start ssh-agent");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    for _ in 0..100 {
+        if agent_sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sock = agent_sock.display().to_string();
+    run_checked(
+        unprivileged(Path::new("/usr/bin/env"))
+            .arg(format!("SSH_AUTH_SOCK={sock}"))
+            .arg("ssh-add")
+            .arg(&key),
+    );
+    let mut args = common("forward");
+    args.extend(["--ssh".to_string(), "default".to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(p.build_env(&[("SSH_AUTH_SOCK", &sock)], &refs));
+    assert_eq!(p.out("out-ssh"), "ssh-round-trip-ok\n");
+}
