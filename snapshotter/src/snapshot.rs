@@ -153,6 +153,10 @@ const TRASH: &str = "trash";
 impl Drop for Snapshotter {
     fn drop(&mut self) {
         let _ = self.cleanup();
+        // A killed process's views are cleaned at the next open; one whose
+        // sandbox was still dying then (holding its owner lock) is cleaned
+        // here, at the end of that next process.
+        let _ = self.clean_views();
     }
 }
 
