@@ -399,8 +399,9 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     })?;
     let ignore = frontend::dockerignore::load(&opts.context, &opts.dockerfile).unwrap_or_default();
     let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
-    let cache_mounts = crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
-        .map_err(|e| Error::CacheMounts(Box::new(e)))?;
+    let cache_mounts =
+        crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
+            .map_err(|e| Error::CacheMounts(Box::new(e)))?;
     let redactor = Arc::new(opts.session.secrets.redactor());
 
     // One watch channel per stage carries its result to the stages that
@@ -690,15 +691,7 @@ impl Engine {
         let (step_c, key_c, state_c, name_c) =
             (step.clone(), key.clone(), state.clone(), name.to_string());
         let result = tokio::task::spawn_blocking(move || {
-            this.step_blocking(
-                &step_c,
-                &key_c,
-                &state_c,
-                &from,
-                vertex,
-                &name_c,
-                no_cache,
-            )
+            this.step_blocking(&step_c, &key_c, &state_c, &from, vertex, &name_c, no_cache)
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))?;
@@ -836,7 +829,7 @@ impl Engine {
                 },
                 k,
                 state,
-                from,
+                from.first(),
                 vertex,
                 name,
                 no_cache,

@@ -39,7 +39,7 @@ use super::fsutil::{self, Root};
 use super::FromSource;
 use crate::frontend::dockerignore::Matcher;
 use crate::frontend::instructions;
-use crate::frontend::mounts::Mount;
+use crate::frontend::mounts::{Mount, Sharing};
 use crate::image::cache_mounts::{CacheLease, CacheMounts, Init};
 use crate::session::secrets::Secrets;
 use crate::session::ssh::{Agent, Serving};
@@ -74,11 +74,6 @@ pub enum Error {
     Cache {
         id: String,
         source: crate::image::cache_mounts::Error,
-    },
-    #[error("ssh agent {id:?}: {source}")]
-    Ssh {
-        id: String,
-        source: crate::session::ssh::Error,
     },
     #[error("cannot set up the ssh agent socket: {0}")]
     Socket(std::io::Error),
@@ -235,7 +230,7 @@ struct Stub {
 /// Something kept alive for the step's run and released after it.
 enum Hold {
     Fd(OwnedFd),
-    View(View),
+    View(Box<View>),
     Scratch(PathBuf),
     Lease(CacheLease),
     Agent(std::thread::JoinHandle<Option<Serving>>),
@@ -266,10 +261,12 @@ impl Mounted<'_> {
         for h in self.holds.drain(..).rev() {
             match h {
                 Hold::Agent(t) => drop(t.join()),
-                Hold::View(v) => drop(self.snap.remove(v)),
+                Hold::View(v) => drop(self.snap.remove(*v)),
                 // a leftover is swept with the snapshotter's tmp directory
                 Hold::Scratch(p) => drop(std::fs::remove_dir_all(&p)),
-                Hold::Fd(_) | Hold::Lease(_) => {}
+                Hold::Fd(fd) => drop(fd),
+                // unlocks; the next build waiting on it may go
+                Hold::Lease(lease) => drop(lease),
             }
         }
         remove_stubs(&self.rootfs, &self.stubs);
@@ -360,9 +357,12 @@ pub fn mount<'a>(
                             unique: &unique,
                         },
                     )?;
-                    // A single file is collected as /<name>; bind the file.
+                    // A file source is collected as /<name>; bind the file.
+                    let src_path = source.as_deref().map(rel).unwrap_or_default();
+                    let is_file = !src_path.as_os_str().is_empty()
+                        && src.source().root.stat(&src_path).is_ok_and(|m| !m.is_dir());
                     let single = match entries.as_slice() {
-                        [e] if !e.meta.is_dir() && source.is_some() => Some(e.dest.clone()),
+                        [e] if is_file => Some(e.dest.clone()),
                         _ => None,
                     };
                     let (path, is_dir) = match single {
@@ -386,7 +386,7 @@ pub fn mount<'a>(
                         let dir = r.stat(&p)?.is_dir();
                         Ok::<_, std::io::Error>((fd, dir))
                     })();
-                    out.holds.push(Hold::View(view));
+                    out.holds.push(Hold::View(Box::new(view)));
                     let (fd, is_dir) = resolved.map_err(|e| Error::Source {
                         what: "source stage",
                         path: source.clone().unwrap_or_else(|| "/".into()),
@@ -431,6 +431,12 @@ pub fn mount<'a>(
                 if lease.fresh() && from.is_some() {
                     seed_cache(res, from, source.as_deref(), &cache_root)?;
                 }
+                if *sharing == Sharing::Shared {
+                    lease.share().map_err(|source| Error::Cache {
+                        id: id.clone(),
+                        source,
+                    })?;
+                }
                 // Without from=, source= is a directory inside the cache,
                 // made and resolved inside it (never outside: Buildah
                 // CVE-2024-9675).
@@ -444,7 +450,8 @@ pub fn mount<'a>(
                     source: e,
                 })?;
                 ensure(&root, &rootfs_real, target, true, &mut out.stubs)?;
-                out.spec_mounts.push(bind(target, &fd_path(&fd), *readonly)?);
+                out.spec_mounts
+                    .push(bind(target, &fd_path(&fd), *readonly)?);
                 out.holds.push(Hold::Fd(fd));
                 out.holds.push(Hold::Lease(lease));
             }
@@ -519,11 +526,10 @@ pub fn mount<'a>(
                 )
                 .map_err(|e| Error::Socket(e.into()))?;
                 let agent = Arc::clone(agent);
-                out.holds
-                    .push(Hold::Agent(std::thread::spawn(move || {
-                        let listener = receive_fd(&ours)?;
-                        agent.serve(listener).ok()
-                    })));
+                out.holds.push(Hold::Agent(std::thread::spawn(move || {
+                    let listener = receive_fd(&ours)?;
+                    agent.serve(listener).ok()
+                })));
                 out.private.push(PrivateFile {
                     dest: target.clone(),
                     mode: *mode,
@@ -577,7 +583,7 @@ fn seed_cache(
             };
             let entries = dir_entries(&src, source)?;
             copy::copy(&src.source(), &entries, cache_root, &attrs)?;
-            Ok(())
+            Ok::<(), Error>(())
         })();
         let _ = res.snap.remove(view);
         copied?;
@@ -689,7 +695,11 @@ fn ensure(
                 let fd = libc::openat(
                     parent.as_raw_fd(),
                     n.as_ptr(),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
                     0o644,
                 );
                 if fd >= 0 {
@@ -750,8 +760,14 @@ fn remove_stubs(rootfs: &Path, stubs: &[Stub]) {
         // SAFETY: `st` is a valid out buffer, `n` a NUL-terminated name.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
-        if unsafe { libc::fstatat(dir.as_raw_fd(), n.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }
-            != 0
+        if unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                n.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } != 0
         {
             continue;
         }

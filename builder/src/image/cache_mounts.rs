@@ -148,6 +148,18 @@ impl CacheLease {
     pub fn fresh(&self) -> bool {
         self.fresh
     }
+
+    /// Once a fresh instance is seeded, a `Shared` lease gives up its
+    /// exclusivity (flock converts the lock in place) so concurrent steps
+    /// can use the directory together.
+    pub fn share(&self) -> Result<()> {
+        if self.fresh {
+            self.lock
+                .relock(FlockArg::LockShared)
+                .map_err(|e| io_err(&self.data)(e.into()))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for CacheLease {

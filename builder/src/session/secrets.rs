@@ -30,7 +30,9 @@ pub enum Error {
     Both(String),
     #[error("--secret id={id}: the environment variable {var} is not set")]
     NoVariable { id: String, var: String },
-    #[error("--secret id={id}: neither the environment variable {id} nor a file named {id} exists")]
+    #[error(
+        "--secret id={id}: neither the environment variable {id} nor a file named {id} exists"
+    )]
     NotFound { id: String },
     #[error("--secret id={id}: cannot read {}: {source}", path.display())]
     Read {
@@ -253,8 +255,14 @@ mod tests {
         );
         assert_eq!(parse_flag("id=a").unwrap(), ("a".into(), Origin::Guess));
         assert!(matches!(parse_flag("src=/f"), Err(Error::Syntax(_))));
-        assert!(matches!(parse_flag("id=a,x=1"), Err(Error::UnknownKey { .. })));
-        assert!(matches!(parse_flag("id=a,src=f,env=V"), Err(Error::Both(_))));
+        assert!(matches!(
+            parse_flag("id=a,x=1"),
+            Err(Error::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            parse_flag("id=a,src=f,env=V"),
+            Err(Error::Both(_))
+        ));
         assert!(matches!(parse_flag("id=a,type=x"), Err(Error::Type { .. })));
     }
 
