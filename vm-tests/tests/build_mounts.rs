@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kiln_vm_tests::{
-    busybox_rootfs, give_to_test_user, kiln, kiln_binary, run_checked, running_as_root,
-    stage_file, test_dir, unprivileged,
+    busybox_rootfs, give_to_test_user, kiln, kiln_binary, run_checked, running_as_root, stage_file,
+    test_dir, unprivileged,
 };
 
 /// A context with a busybox tree under `rootfs/` and a state directory,
@@ -139,17 +139,24 @@ RUN --mount=type=bind,from=tools,source=/data/root-link,target=/d2 ls /d2 > /out
     );
     // Mount points kiln made are not in the image; /etc was there before.
     for gone in ["ctx", "rw", "d", "d2", "etc/one"] {
-        assert!(!p.dir.join("out").join(gone).exists(), "/{gone} left in the image\n{err}");
+        assert!(
+            !p.dir.join("out").join(gone).exists(),
+            "/{gone} left in the image\n{err}"
+        );
     }
     assert!(p.dir.join("out/etc/passwd").exists());
 
-    // The bound content is part of the step's key: a changed file reruns
-    // the steps that bind it, and only those.
+    // The bound content is part of the step's key: a changed bound file
+    // reruns the first step that binds it (and so every step after it);
+    // a changed file no step reads reruns nothing.
     p.write("files/a", "beta\n");
     let (_, err) = ok(p.build(&["--progress", "plain", "-o", &p.local_out()]));
     assert_eq!(p.out("out-a"), "beta\n");
     assert_eq!(p.out("out-one"), "beta\n");
-    assert!(err.contains("3 steps run"), "{err}");
+    assert!(err.contains("5 steps run"), "{err}");
+    p.write("unrelated.txt", "x\n");
+    let (_, err) = ok(p.build(&["--progress", "plain"]));
+    assert!(err.contains("0 steps run"), "{err}");
 }
 
 #[test]
@@ -188,7 +195,10 @@ fn find_bytes(dir: &Path, needle: &[u8]) -> Vec<String> {
             let mut ar = tar::Archive::new(data);
             if let Ok(entries) = ar.entries() {
                 for mut e in entries.flatten() {
-                    let name = e.path().map(|p| p.display().to_string()).unwrap_or_default();
+                    let name = e
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
                     let mut buf = Vec::new();
                     if e.read_to_end(&mut buf).is_ok() {
                         search(&buf, needle, &format!("{at}:{name}"), hits);
@@ -256,6 +266,8 @@ RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
             &format!("type=oci,dest={}", oci.display()),
             "-o",
             &format!("type=docker,dest={}", docker.display()),
+            "-o",
+            &format!("type=tar,dest={}", p.dir.join("fs.tar").display()),
         ],
     ));
     assert_eq!(p.out("out-stat"), "400 0 0\n");
@@ -271,7 +283,10 @@ RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
     // The step printed the secret: the output shows ****.
     assert!(plain.contains("leak: ****"), "{plain}");
     for dir in ["run/secrets", "etc/app.key"] {
-        assert!(!p.dir.join("out").join(dir).exists(), "/{dir} left in the image");
+        assert!(
+            !p.dir.join("out").join(dir).exists(),
+            "/{dir} left in the image"
+        );
     }
 
     // Rebuilding with another secret value is a cache hit (the value is
@@ -288,7 +303,10 @@ RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
             "id=envtok,env=ENVTOK",
         ],
     ));
-    assert!(raw.contains("\"cached\":true") || raw.contains("0 steps run"), "{raw}");
+    assert!(
+        raw.contains("\"cached\":true") || raw.contains("0 steps run"),
+        "{raw}"
+    );
     // And run everything again with rawjson, so its events are searched too.
     let (_, raw2) = ok(p.build_env(
         &[("ENVTOK", &env_secret)],
@@ -327,12 +345,15 @@ fn a_required_secret_that_is_missing_fails_before_the_step_runs() {
         "mount-secret-required",
         r#"FROM scratch
 COPY rootfs/ /
-RUN --mount=type=secret,id=deploy-key,required=true echo the-step-ran
+RUN --mount=type=secret,id=deploy-key,required=true echo "the-step-$((1+1))-ran"
 "#,
     );
     let err = failed(p.build(&["--progress", "plain"]));
-    assert!(err.contains("deploy-key") && err.contains("--secret"), "{err}");
-    assert!(!err.contains("the-step-ran"), "{err}");
+    assert!(
+        err.contains("deploy-key") && err.contains("--secret"),
+        "{err}"
+    );
+    assert!(!err.contains("the-step-2-ran"), "{err}");
     assert!(err.contains("Dockerfile:3"), "{err}");
 }
 
@@ -365,9 +386,17 @@ RUN --mount=type=cache,target=/var/cache/app,ro echo "$RUN" > /dev/null && (touc
 
     // Cache mounts count in du and go with prune.
     let (du, _) = ok(kiln(["--root", &p.state(), "du"]).output().unwrap());
-    let row = du.lines().find(|l| l.starts_with("Cache Mounts")).unwrap_or_default();
-    assert!(!row.contains(" 0B") && !row.trim_end().ends_with(" 0"), "{du}");
-    ok(kiln(["--root", &p.state(), "prune", "--all"]).output().unwrap());
+    let row = du
+        .lines()
+        .find(|l| l.starts_with("Cache Mounts"))
+        .unwrap_or_default();
+    assert!(
+        !row.contains(" 0B") && !row.trim_end().ends_with(" 0"),
+        "{du}"
+    );
+    ok(kiln(["--root", &p.state(), "prune", "--all"])
+        .output()
+        .unwrap());
     ok(p.build(&["--build-arg", "RUN=3", "-o", &p.local_out()]));
     assert_eq!(p.out("out-log"), "3\n");
 }
@@ -395,34 +424,45 @@ fn concurrent_builds(p: &Project) -> (PathBuf, PathBuf) {
     outs
 }
 
-/// A step fragment: write our marker to `dir` and wait (up to 60 s) until
-/// the other build's marker appears; records `met` or `timeout`.
-const RENDEZVOUS: &str = r#"touch /s/$TAG; i=0; while [ ! -e /s/$OTHER ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e /s/$OTHER ] && echo met > /out-met || echo timeout > /out-met"#;
+/// A step fragment: write our marker to /s and wait (up to 60 s) until
+/// the other build's marker appears; records `met` or `timeout` in
+/// /out-met-N.
+fn rendezvous(n: u32) -> String {
+    format!(
+        r#"if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; touch /s/$TAG; i=0; while [ ! -e /s/$OTHER ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e /s/$OTHER ] && echo met > /out-met-{n} || echo timeout > /out-met-{n}"#
+    )
+}
 
 #[test]
 fn cache_sharing_modes_hold_under_two_concurrent_builds() {
     // shared: both builds see one directory at the same time (they meet).
     // private: meeting in a shared cache proves they run together, and
     // the private cache of each holds only its own marker.
-    // locked: after meeting, each appends in/out with a pause between; the
-    // log shows one whole step after the other, never interleaved.
+    // locked: right after meeting, both reach a step with a locked cache;
+    // each appends in/out with a pause between, and the log shows one
+    // whole step after the other, never interleaved.
     let p = Project::new(
         "mount-cache-sharing",
         &format!(
             r#"FROM scratch
 COPY rootfs/ /
 ARG TAG
-ENV OTHER=x
-RUN --mount=type=cache,id=rv,target=/s,sharing=shared if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; {RENDEZVOUS}
-RUN --mount=type=cache,id=rv2,target=/s --mount=type=cache,id=priv,target=/p,sharing=private if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; touch /p/$TAG; {RENDEZVOUS}; ls /p > /out-private
-RUN --mount=type=cache,id=rv3,target=/s --mount=type=cache,id=lock,target=/l,sharing=locked if [ $TAG = a ]; then OTHER=b; else OTHER=a; fi; {RENDEZVOUS}; echo in-$TAG >> /l/log; sleep 1; echo out-$TAG >> /l/log; cat /l/log > /out-locked
-"#
+RUN --mount=type=cache,id=rv1,target=/s,sharing=shared {}
+RUN --mount=type=cache,id=rv2,target=/s --mount=type=cache,id=priv,target=/p,sharing=private touch /p/$TAG; {}; ls /p > /out-private
+RUN --mount=type=cache,id=rv3,target=/s {}
+RUN --mount=type=cache,id=lock,target=/l,sharing=locked echo in-$TAG >> /l/log; sleep 1; echo out-$TAG >> /l/log; cat /l/log > /out-locked
+"#,
+            rendezvous(1),
+            rendezvous(2),
+            rendezvous(3)
         ),
     );
     let (a, b) = concurrent_builds(&p);
     let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-    assert_eq!(read(&a, "out-met"), "met\n");
-    assert_eq!(read(&b, "out-met"), "met\n");
+    for n in 1..=3 {
+        assert_eq!(read(&a, &format!("out-met-{n}")), "met\n", "step {n}");
+        assert_eq!(read(&b, &format!("out-met-{n}")), "met\n", "step {n}");
+    }
     assert_eq!(read(&a, "out-private"), "a\n");
     assert_eq!(read(&b, "out-private"), "b\n");
     // The later of the two saw the whole log.
@@ -430,8 +470,16 @@ RUN --mount=type=cache,id=rv3,target=/s --mount=type=cache,id=lock,target=/l,sha
     let full = if la.lines().count() == 4 { la } else { lb };
     let lines: Vec<&str> = full.lines().collect();
     assert_eq!(lines.len(), 4, "{full}");
-    assert_eq!(lines[0].replace("in-", ""), lines[1].replace("out-", ""), "{full}");
-    assert_eq!(lines[2].replace("in-", ""), lines[3].replace("out-", ""), "{full}");
+    assert_eq!(
+        lines[0].replace("in-", ""),
+        lines[1].replace("out-", ""),
+        "{full}"
+    );
+    assert_eq!(
+        lines[2].replace("in-", ""),
+        lines[3].replace("out-", ""),
+        "{full}"
+    );
 }
 
 #[test]
@@ -456,14 +504,19 @@ RUN --mount=type=tmpfs,target=/parent/stub mv /parent /moved && ln -s {c} /paren
         ),
     );
     ok(p.build(&["-o", &p.local_out()]));
-    assert!(canary.join("stub").is_dir(), "host canary directory removed");
+    assert!(
+        canary.join("stub").is_dir(),
+        "host canary directory removed"
+    );
     assert_eq!(
         std::fs::read_to_string(canary.join("keep")).unwrap(),
         "host canary\n"
     );
     let out = p.dir.join("out");
     assert!(
-        out.join(canary.strip_prefix("/").unwrap()).join("stub").is_dir(),
+        out.join(canary.strip_prefix("/").unwrap())
+            .join("stub")
+            .is_dir(),
         "the image's own directory was removed through the symlink"
     );
     // What the step made stays as it made it.
@@ -495,12 +548,7 @@ RUN --mount=type=cache,id=../../../../../../../tmp,target=/f touch /f/{marker}
     assert!(up.contains("inside") && !up.contains("usr"), "{up}");
     assert!(!Path::new("/").join(&marker).exists());
     assert!(!Path::new("/tmp").join(&marker).exists());
-    let found = run_checked(
-        Command::new("find")
-            .arg(&p.dir)
-            .arg("-name")
-            .arg(&marker),
-    );
+    let found = run_checked(Command::new("find").arg(&p.dir).arg("-name").arg(&marker));
     let found = String::from_utf8_lossy(&found.stdout);
     assert!(
         found.lines().all(|l| l.contains("/state/")),
@@ -523,6 +571,7 @@ impl Drop for Sshd {
 }
 
 fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
+    std::fs::create_dir_all(dir).unwrap();
     let host_key = dir.join("host_key");
     run_checked(
         Command::new("ssh-keygen")
@@ -559,9 +608,10 @@ fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start sshd");
+    let sshd = Sshd { child, port, user };
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Sshd { child, port, user };
+            return sshd;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -593,16 +643,16 @@ fn install_ssh_client(rootfs: &Path) {
     }
 }
 
-#[test]
-fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
-    let p = Project::new(
-        "mount-ssh",
-        r#"FROM scratch
+const SSH_DOCKERFILE: &str = r#"FROM scratch
 COPY rootfs/ /
 ARG PORT USER MODE
 RUN --network=host --mount=type=ssh echo "$MODE" > /dev/null && stat -c '%a %u %F' $SSH_AUTH_SOCK > /out-sock && ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -p $PORT $USER@127.0.0.1 echo ssh-round-trip-ok > /out-ssh
-"#,
-    );
+RUN --mount=type=ssh,id=default,target=/tmp/agent.sock,mode=0660,uid=1000,gid=10,required=true echo "$MODE" > /dev/null && stat -c '%a %u %g %F' /tmp/agent.sock > /out-sock2 && echo "$SSH_AUTH_SOCK" > /out-env
+"#;
+
+#[test]
+fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
+    let p = Project::new("mount-ssh", SSH_DOCKERFILE);
     install_ssh_client(&p.ctx().join("rootfs"));
     let keys = p.dir.join("keys");
     std::fs::create_dir_all(&keys).unwrap();
@@ -645,7 +695,29 @@ RUN --network=host --mount=type=ssh echo "$MODE" > /dev/null && stat -c '%a %u %
     ok(p.build(&refs));
     assert_eq!(p.out("out-ssh"), "ssh-round-trip-ok\n");
     assert_eq!(p.out("out-sock"), "600 0 socket\n");
+    assert_eq!(p.out("out-sock2"), "660 1000 10 socket\n");
+    assert_eq!(p.out("out-env"), "/tmp/agent.sock\n");
     assert!(!p.dir.join("out/run/buildkit").exists());
+    assert!(!p.dir.join("out/tmp/agent.sock").exists());
+
+    // required=true with no such --ssh id fails before the step, naming it.
+    std::fs::write(
+        p.ctx().join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nRUN --mount=type=ssh,id=deploy,required=true echo \"ran-$((1+1))\"\n",
+    )
+    .unwrap();
+    let err = failed(p.build(&[
+        "--progress",
+        "plain",
+        "--ssh",
+        &format!("default={}", key.display()),
+    ]));
+    assert!(
+        err.contains("\"deploy\"") && err.contains("--ssh deploy"),
+        "{err}"
+    );
+    assert!(!err.contains("ran-2"), "{err}");
+    std::fs::write(p.ctx().join("Dockerfile"), SSH_DOCKERFILE).unwrap();
 
     // --ssh default: forward the agent at $SSH_AUTH_SOCK.
     let agent_sock = p.dir.join("agent.sock");
