@@ -67,6 +67,12 @@ pub struct BuildArgs {
     /// ID=SOCKET, or ID=KEYFILE[,KEYFILE...] served by kiln; several allowed
     #[arg(long, value_name = "ID[=SOCKET|KEY[,KEY...]]")]
     ssh: Vec<String>,
+    /// Export the build cache: type=local,dest=DIR[,mode=min|max]
+    #[arg(long, value_name = "SPEC")]
+    cache_to: Vec<String>,
+    /// Import a build cache: type=local,src=DIR
+    #[arg(long, value_name = "SPEC")]
+    cache_from: Vec<String>,
 }
 
 pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i32> {
@@ -135,8 +141,20 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
             bail!("--ssh {}: the id is given twice", cfg.id);
         }
     }
+    let cache_to = args
+        .cache_to
+        .iter()
+        .map(|s| engine::cache_io::Export::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cache_from = args
+        .cache_from
+        .iter()
+        .map(|s| engine::cache_io::Import::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = engine::BuildOptions {
         session: Arc::new(session),
+        cache_to,
+        cache_from,
         named_contexts,
         context,
         dockerfile,

@@ -9,6 +9,7 @@
 //! (`Snapshotter::commit`).
 
 pub mod cache;
+pub mod cache_io;
 pub mod copy;
 pub mod exec;
 pub mod fsutil;
@@ -80,6 +81,8 @@ pub enum Error {
     State(Box<kiln_snapshotter::snapshot::Error>),
     #[error("cache directory: {0}")]
     Cache(std::io::Error),
+    #[error(transparent)]
+    CacheIo(cache_io::Error),
     #[error("cache mounts: {0}")]
     CacheMounts(Box<crate::image::cache_mounts::Error>),
     #[error("cannot store the image: {0}")]
@@ -140,6 +143,10 @@ pub struct BuildOptions {
     pub rewrite_timestamp: bool,
     /// `--secret` and `--ssh`
     pub session: Arc<crate::session::Session>,
+    /// `--cache-to`
+    pub cache_to: Vec<cache_io::Export>,
+    /// `--cache-from`
+    pub cache_from: Vec<cache_io::Import>,
 }
 
 /// A built image, stored in the content store.
@@ -192,6 +199,10 @@ struct Engine {
     ignore: Matcher,
     cache_mounts: crate::image::cache_mounts::CacheMounts,
     redactor: Arc<crate::session::secrets::Redactor>,
+    /// `--cache-from` records, looked up when a key misses locally
+    imported: cache_io::Imported,
+    /// every step's key and resulting state, for `--cache-to`
+    trail: std::sync::Mutex<Vec<(Key, ImageState)>>,
     file: String,
     vertex: AtomicUsize,
     slots: Semaphore,
@@ -403,6 +414,29 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
             .map_err(|e| Error::CacheMounts(Box::new(e)))?;
     let redactor = Arc::new(opts.session.secrets.redactor());
+    let mut imported = cache_io::Imported::default();
+    for from in &opts.cache_from {
+        match from {
+            cache_io::Import::Local { src } => {
+                // A missing or broken cache is a warning: the build runs
+                // its steps instead (BuildKit does the same).
+                match tokio::task::block_in_place(|| cache_io::read_local(src)) {
+                    Ok(config) => imported.add(
+                        config,
+                        Box::new(cache_io::LayoutBlobs { dir: src.clone() }),
+                    ),
+                    Err(e) => progress.summary(&format!("WARNING: --cache-from: {e}")),
+                }
+            }
+            cache_io::Import::Registry { reference } => {
+                return Err(Error::CacheIo(cache_io::Error::Spec {
+                    dir: "from",
+                    spec: format!("type=registry,ref={reference}"),
+                    why: "registry caches need the registry client, which is not built in yet; use type=local".into(),
+                }))
+            }
+        }
+    }
 
     // One watch channel per stage carries its result to the stages that
     // need it.
@@ -424,6 +458,8 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         ignore,
         cache_mounts,
         redactor,
+        imported,
+        trail: std::sync::Mutex::new(Vec::new()),
         file,
         vertex: AtomicUsize::new(1),
         executed: AtomicUsize::new(0),
@@ -463,6 +499,30 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     }
     let (_, state) =
         target.ok_or_else(|| Error::Join("the target stage produced no result".into()))?;
+    for to in &engine.opts.cache_to {
+        match to {
+            cache_io::Export::Local { dest, mode } => {
+                let trail = engine.trail.lock().map(|t| t.clone()).unwrap_or_default();
+                let records = cache_io::select(&trail, &state, *mode);
+                tokio::task::block_in_place(|| {
+                    cache_io::export_local(&engine.snap, &records, dest)
+                })
+                .map_err(Error::CacheIo)?;
+                progress.summary(&format!(
+                    "exported {} cache records to {}",
+                    records.len(),
+                    dest.display()
+                ));
+            }
+            other => {
+                return Err(Error::CacheIo(cache_io::Error::Spec {
+                    dir: "to",
+                    spec: format!("{other:?}"),
+                    why: "registry and inline caches need the registry client, which is not built in yet; use type=local".into(),
+                }))
+            }
+        }
+    }
     let built = tokio::task::block_in_place(|| engine.store_image(state))?;
     progress.summary(&format!(
         "built {} in {:.1}s: {} steps run, {} cached",
@@ -697,6 +757,9 @@ impl Engine {
         .map_err(|e| Error::Join(e.to_string()))?;
         match result {
             Ok((k, s, was_cached)) => {
+                if let Ok(mut t) = self.trail.lock() {
+                    t.push((k.clone(), s.clone()));
+                }
                 if was_cached {
                     self.cached.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -1057,7 +1120,21 @@ impl Engine {
             return None;
         }
         // a record whose layers or blobs were collected is a miss
-        self.cache.lookup(key, &self.snap)
+        if let Some(hit) = self.cache.lookup(key, &self.snap) {
+            return Some(hit);
+        }
+        if self.imported.is_empty() {
+            return None;
+        }
+        match self.imported.materialize(key, &self.cache, &self.snap) {
+            Ok(hit) => hit,
+            Err(e) => {
+                // a broken imported cache costs a rebuild of the step
+                self.progress
+                    .summary(&format!("WARNING: --cache-from: {e}"));
+                None
+            }
+        }
     }
 
     fn record(&self, key: &Key, state: &ImageState) {

@@ -1,0 +1,599 @@
+//! Build cache export and import (`--cache-to`, `--cache-from`), so an
+//! ephemeral CI runner with an empty state directory can start warm.
+//!
+//! An exported cache is an OCI image layout: one manifest whose config
+//! (media type [`CONFIG_MEDIA_TYPE`]) lists cache records, each a step's
+//! key and the image state it produced, and whose layers are the layer
+//! blobs those states name, exactly as stored (so their digests hold).
+//! The same manifest and blobs go to a registry for `type=registry`.
+//!
+//! Import is lazy: a step whose key misses the local cache looks the key
+//! up in the imported records; on a hit, the blobs it needs are copied in
+//! (each verified against its digest as it is written), its layers are
+//! unpacked (each verified against its diffID), and a local record is
+//! written, so the step is a cache hit without running. Nothing of an
+//! imported cache is trusted beyond those digests: a record can only name
+//! layers, and a layer is only used if its bytes hash to what it claims.
+//!
+//! This module never runs a step and never decides which key a step has.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kiln_snapshotter::layers::chain_id;
+use kiln_snapshotter::snapshot::Snapshotter;
+use oci_spec::image::{
+    Descriptor, DescriptorBuilder, Digest, ImageIndexBuilder, ImageManifest, ImageManifestBuilder,
+    MediaType,
+};
+use serde::{Deserialize, Serialize};
+
+use super::cache::{Cache, Key};
+use super::state::ImageState;
+
+/// The config media type of a kiln cache manifest.
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.buildcache.config.v1+json";
+
+/// Errors of cache export and import.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--cache-{dir} {spec:?}: {why}")]
+    Spec {
+        dir: &'static str,
+        spec: String,
+        why: String,
+    },
+    #[error("cache {place}: {source}")]
+    Io {
+        place: String,
+        source: std::io::Error,
+    },
+    #[error("cache {place} is not a kiln build cache: {why}")]
+    Format { place: String, why: String },
+    #[error("cache {place}: blob {digest}: {source}")]
+    Blob {
+        place: String,
+        digest: String,
+        source: Box<kiln_snapshotter::content::Error>,
+    },
+    #[error("cache {place}: layer {digest}: {source}")]
+    Layer {
+        place: String,
+        digest: String,
+        source: Box<kiln_snapshotter::snapshot::Error>,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `mode=` of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// only the records on the final image's chain
+    Min,
+    /// every record the build produced or used
+    Max,
+}
+
+/// Where `--cache-to` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    Local { dest: PathBuf, mode: Mode },
+    Registry { reference: String, mode: Mode },
+    Inline,
+}
+
+/// Where `--cache-from` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Import {
+    Local { src: PathBuf },
+    Registry { reference: String },
+}
+
+fn fields(dir: &'static str, spec: &str) -> Result<(String, BTreeMap<String, String>)> {
+    let mut kind = None;
+    let mut rest = BTreeMap::new();
+    for part in spec.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| Error::Spec {
+            dir,
+            spec: spec.into(),
+            why: format!("{part:?} is not KEY=VALUE"),
+        })?;
+        if k == "type" {
+            kind = Some(v.to_string());
+        } else {
+            rest.insert(k.to_string(), v.to_string());
+        }
+    }
+    let kind = kind.ok_or_else(|| Error::Spec {
+        dir,
+        spec: spec.into(),
+        why: "type= is missing (local, registry or inline)".into(),
+    })?;
+    Ok((kind, rest))
+}
+
+fn take(
+    dir: &'static str,
+    spec: &str,
+    rest: &mut BTreeMap<String, String>,
+    key: &str,
+) -> Result<String> {
+    rest.remove(key).ok_or_else(|| Error::Spec {
+        dir,
+        spec: spec.into(),
+        why: format!("{key}= is required"),
+    })
+}
+
+fn no_more(dir: &'static str, spec: &str, rest: &BTreeMap<String, String>) -> Result<()> {
+    match rest.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(Error::Spec {
+            dir,
+            spec: spec.into(),
+            why: format!("unknown key {k:?}"),
+        }),
+    }
+}
+
+impl Export {
+    /// Parse a `--cache-to` value.
+    pub fn parse(spec: &str) -> Result<Export> {
+        let d = "to";
+        let (kind, mut rest) = fields(d, spec)?;
+        let mode = match rest.remove("mode").as_deref() {
+            None | Some("min") => Mode::Min,
+            Some("max") => Mode::Max,
+            Some(m) => {
+                return Err(Error::Spec {
+                    dir: d,
+                    spec: spec.into(),
+                    why: format!("mode={m}: use min or max"),
+                })
+            }
+        };
+        let out = match kind.as_str() {
+            "local" => Export::Local {
+                dest: PathBuf::from(take(d, spec, &mut rest, "dest")?),
+                mode,
+            },
+            "registry" => Export::Registry {
+                reference: take(d, spec, &mut rest, "ref")?,
+                mode,
+            },
+            "inline" if mode == Mode::Min => Export::Inline,
+            "inline" => {
+                return Err(Error::Spec {
+                    dir: d,
+                    spec: spec.into(),
+                    why: "inline cache supports only mode=min (as BuildKit)".into(),
+                })
+            }
+            other => {
+                return Err(Error::Spec {
+                    dir: d,
+                    spec: spec.into(),
+                    why: format!("unknown type {other:?}; use local, registry or inline"),
+                })
+            }
+        };
+        no_more(d, spec, &rest)?;
+        Ok(out)
+    }
+}
+
+impl Import {
+    /// Parse a `--cache-from` value.
+    pub fn parse(spec: &str) -> Result<Import> {
+        let d = "from";
+        let (kind, mut rest) = fields(d, spec)?;
+        let out = match kind.as_str() {
+            "local" => Import::Local {
+                src: PathBuf::from(take(d, spec, &mut rest, "src")?),
+            },
+            "registry" => Import::Registry {
+                reference: take(d, spec, &mut rest, "ref")?,
+            },
+            other => {
+                return Err(Error::Spec {
+                    dir: d,
+                    spec: spec.into(),
+                    why: format!("unknown type {other:?}; use local or registry"),
+                })
+            }
+        };
+        no_more(d, spec, &rest)?;
+        Ok(out)
+    }
+}
+
+/// One exported record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub key: String,
+    pub state: ImageState,
+}
+
+/// The config blob of a cache manifest.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CacheConfig {
+    pub records: Vec<Record>,
+}
+
+/// The records to export: every one (max), or those on the final
+/// image's chain: a state whose layers are a prefix of the final image's
+/// (min).
+pub fn select(trail: &[(Key, ImageState)], last: &ImageState, mode: Mode) -> Vec<Record> {
+    let mut seen = BTreeSet::new();
+    trail
+        .iter()
+        .filter(|(_, s)| {
+            mode == Mode::Max
+                || (s.layers.len() <= last.layers.len()
+                    && s.layers
+                        .iter()
+                        .zip(&last.layers)
+                        .all(|(a, b)| a.digest == b.digest))
+        })
+        .filter(|(k, _)| seen.insert(k.0.clone()))
+        .map(|(k, s)| Record {
+            key: k.0.clone(),
+            state: s.clone(),
+        })
+        .collect()
+}
+
+/// The manifest of a cache: its config and the layer blobs its records
+/// name, each once.
+pub fn manifest_for(config: &Descriptor, records: &[Record]) -> Result<ImageManifest> {
+    let mut layers: Vec<Descriptor> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for r in records {
+        for l in &r.state.layers {
+            if !seen.insert(l.digest.clone()) {
+                continue;
+            }
+            let digest: Digest = l.digest.parse().map_err(|_| Error::Format {
+                place: "record".into(),
+                why: format!("bad digest {:?}", l.digest),
+            })?;
+            layers.push(
+                DescriptorBuilder::default()
+                    .media_type(MediaType::from(l.media_type.as_str()))
+                    .digest(digest)
+                    .size(l.size)
+                    .build()
+                    .map_err(|e| Error::Format {
+                        place: "record".into(),
+                        why: e.to_string(),
+                    })?,
+            );
+        }
+    }
+    ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(config.clone())
+        .layers(layers)
+        .build()
+        .map_err(|e| Error::Format {
+            place: "manifest".into(),
+            why: e.to_string(),
+        })
+}
+
+fn sha256(bytes: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    format!("sha256:{:x}", sha2::Sha256::digest(bytes))
+        .parse()
+        .expect("a sha256 digest parses")
+}
+
+fn descriptor(media_type: MediaType, bytes: &[u8]) -> Descriptor {
+    DescriptorBuilder::default()
+        .media_type(media_type)
+        .digest(sha256(bytes))
+        .size(bytes.len() as u64)
+        .build()
+        .expect("a descriptor with type, digest and size builds")
+}
+
+/// Write `records` as an OCI layout at `dest`: blobs first (those already
+/// there are kept), `index.json` last and atomically, so a reader sees the
+/// old cache or the new one, never a half-written one.
+pub fn export_local(snap: &Snapshotter, records: &[Record], dest: &Path) -> Result<()> {
+    let place = dest.display().to_string();
+    let io = |source| Error::Io {
+        place: place.clone(),
+        source,
+    };
+    let blobs = dest.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).map_err(io)?;
+    let config_bytes = serde_json::to_vec(&CacheConfig {
+        records: records.to_vec(),
+    })
+    .map_err(|e| io(std::io::Error::other(e)))?;
+    let config = descriptor(MediaType::Other(CONFIG_MEDIA_TYPE.into()), &config_bytes);
+    let manifest = manifest_for(&config, records)?;
+    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| io(std::io::Error::other(e)))?;
+    let manifest_desc = descriptor(MediaType::ImageManifest, &manifest_bytes);
+    for layer in manifest.layers() {
+        let path = blobs.join(layer.digest().digest());
+        if path.exists() {
+            continue;
+        }
+        let mut reader =
+            snap.content()
+                .open_blob(layer.digest())
+                .map_err(|source| Error::Blob {
+                    place: place.clone(),
+                    digest: layer.digest().to_string(),
+                    source: Box::new(source),
+                })?;
+        write_atomic(&path, |f| std::io::copy(&mut reader, f).map(drop)).map_err(io)?;
+    }
+    for (d, bytes) in [(&config, &config_bytes), (&manifest_desc, &manifest_bytes)] {
+        write_atomic(&blobs.join(d.digest().digest()), |f| f.write_all(bytes)).map_err(io)?;
+    }
+    write_atomic(&dest.join("oci-layout"), |f| {
+        f.write_all(br#"{"imageLayoutVersion":"1.0.0"}"#)
+    })
+    .map_err(io)?;
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(vec![manifest_desc])
+        .build()
+        .map_err(|e| io(std::io::Error::other(e)))?;
+    let index_bytes = serde_json::to_vec(&index).map_err(|e| io(std::io::Error::other(e)))?;
+    write_atomic(&dest.join("index.json"), |f| f.write_all(&index_bytes)).map_err(io)
+}
+
+fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Where an imported cache's blobs come from.
+pub trait BlobSource: Send + Sync {
+    /// For messages: the directory or reference.
+    fn place(&self) -> String;
+    /// Copy blob `digest` into `out`.
+    fn fetch(&self, digest: &Digest, out: &mut dyn Write) -> std::io::Result<()>;
+}
+
+/// An OCI layout directory's blobs.
+pub struct LayoutBlobs {
+    pub dir: PathBuf,
+}
+
+impl BlobSource for LayoutBlobs {
+    fn place(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn fetch(&self, digest: &Digest, out: &mut dyn Write) -> std::io::Result<()> {
+        let hex = digest.digest();
+        if hex.contains('/') || hex.contains("..") {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut f = std::fs::File::open(self.dir.join("blobs/sha256").join(hex))?;
+        std::io::copy(&mut f, out).map(drop)
+    }
+}
+
+/// The records of an OCI layout cache directory.
+pub fn read_local(src: &Path) -> Result<CacheConfig> {
+    let place = src.display().to_string();
+    let blobs = LayoutBlobs {
+        dir: src.to_path_buf(),
+    };
+    let read = |d: &Digest| -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        blobs.fetch(d, &mut buf).map_err(|source| Error::Io {
+            place: place.clone(),
+            source,
+        })?;
+        if sha256(&buf) != *d {
+            return Err(Error::Format {
+                place: place.clone(),
+                why: format!("blob {d} does not match its digest"),
+            });
+        }
+        Ok(buf)
+    };
+    let index_bytes = std::fs::read(src.join("index.json")).map_err(|source| Error::Io {
+        place: place.clone(),
+        source,
+    })?;
+    let index: oci_spec::image::ImageIndex =
+        serde_json::from_slice(&index_bytes).map_err(|e| Error::Format {
+            place: place.clone(),
+            why: format!("index.json: {e}"),
+        })?;
+    let mut out = CacheConfig::default();
+    for m in index.manifests() {
+        let manifest: ImageManifest =
+            serde_json::from_slice(&read(m.digest())?).map_err(|e| Error::Format {
+                place: place.clone(),
+                why: format!("manifest {}: {e}", m.digest()),
+            })?;
+        out.records
+            .extend(parse_config(&place, &manifest, &read)?.records);
+    }
+    Ok(out)
+}
+
+/// The records a cache manifest's config holds; a manifest of another
+/// kind is an error.
+pub fn parse_config(
+    place: &str,
+    manifest: &ImageManifest,
+    read: &dyn Fn(&Digest) -> Result<Vec<u8>>,
+) -> Result<CacheConfig> {
+    if manifest.config().media_type().to_string() != CONFIG_MEDIA_TYPE {
+        return Err(Error::Format {
+            place: place.into(),
+            why: format!(
+                "its config is {}, not {CONFIG_MEDIA_TYPE}",
+                manifest.config().media_type()
+            ),
+        });
+    }
+    serde_json::from_slice(&read(manifest.config().digest())?).map_err(|e| Error::Format {
+        place: place.into(),
+        why: format!("config: {e}"),
+    })
+}
+
+/// Imported caches, consulted when a key misses locally.
+#[derive(Default)]
+pub struct Imported {
+    sources: Vec<(BTreeMap<String, ImageState>, Box<dyn BlobSource>)>,
+}
+
+impl Imported {
+    /// Add the records of one source, with where its blobs come from.
+    pub fn add(&mut self, config: CacheConfig, blobs: Box<dyn BlobSource>) {
+        let map = config
+            .records
+            .into_iter()
+            .map(|r| (r.key, r.state))
+            .collect();
+        self.sources.push((map, blobs));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// The state for `key` from an imported cache, with its blobs copied
+    /// into the content store and its layers unpacked, recorded locally
+    /// and leased for this build. None when no source has the key or its
+    /// content cannot be had (a miss: the step runs).
+    pub fn materialize(
+        &self,
+        key: &Key,
+        cache: &Cache,
+        snap: &Snapshotter,
+    ) -> Result<Option<ImageState>> {
+        for (records, blobs) in &self.sources {
+            let Some(state) = records.get(&key.0) else {
+                continue;
+            };
+            let place = blobs.place();
+            let mut parent: Option<Digest> = None;
+            for l in &state.layers {
+                let (Ok(digest), Ok(diff_id)) =
+                    (l.digest.parse::<Digest>(), l.diff_id.parse::<Digest>())
+                else {
+                    return Err(Error::Format {
+                        place,
+                        why: format!("record {} names a malformed layer", key.0),
+                    });
+                };
+                let chain = chain_id(parent.as_ref(), &diff_id);
+                if !snap.layers().contains(&chain) {
+                    if !snap.content().contains(&digest) {
+                        let blob_err = |source| Error::Blob {
+                            place: place.clone(),
+                            digest: digest.to_string(),
+                            source: Box::new(source),
+                        };
+                        let mut w = snap
+                            .content()
+                            .writer(Some(digest.clone()))
+                            .map_err(blob_err)?;
+                        blobs.fetch(&digest, &mut w).map_err(|source| Error::Io {
+                            place: place.clone(),
+                            source,
+                        })?;
+                        // verifies the digest; a mismatch keeps nothing
+                        w.commit().map_err(blob_err)?;
+                    }
+                    let reader =
+                        snap.content()
+                            .open_blob(&digest)
+                            .map_err(|source| Error::Blob {
+                                place: place.clone(),
+                                digest: digest.to_string(),
+                                source: Box::new(source),
+                            })?;
+                    snap.import(reader, parent.as_ref(), Some(&diff_id))
+                        .map_err(|source| Error::Layer {
+                            place: place.clone(),
+                            digest: digest.to_string(),
+                            source: Box::new(source),
+                        })?;
+                }
+                parent = Some(chain);
+            }
+            if state.chain.as_deref() != parent.as_ref().map(|d| d.as_ref()) {
+                return Err(Error::Format {
+                    place,
+                    why: format!("record {} names a chain its layers do not make", key.0),
+                });
+            }
+            cache.put(key, state).map_err(|source| Error::Io {
+                place: "records".into(),
+                source,
+            })?;
+            return Ok(cache.lookup(key, snap));
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_as_buildkit() {
+        assert_eq!(
+            Export::parse("type=local,dest=/c").unwrap(),
+            Export::Local {
+                dest: "/c".into(),
+                mode: Mode::Min
+            }
+        );
+        assert_eq!(
+            Export::parse("type=registry,ref=r/c:t,mode=max").unwrap(),
+            Export::Registry {
+                reference: "r/c:t".into(),
+                mode: Mode::Max
+            }
+        );
+        assert_eq!(Export::parse("type=inline").unwrap(), Export::Inline);
+        assert!(Export::parse("type=inline,mode=max").is_err());
+        assert!(Export::parse("type=local").is_err());
+        assert!(Export::parse("type=gha").is_err());
+        assert!(Export::parse("type=local,dest=x,foo=1").is_err());
+        assert_eq!(
+            Import::parse("type=local,src=/c").unwrap(),
+            Import::Local { src: "/c".into() }
+        );
+        assert_eq!(
+            Import::parse("type=registry,ref=r/c").unwrap(),
+            Import::Registry {
+                reference: "r/c".into()
+            }
+        );
+        assert!(Import::parse("src=/c").is_err());
+    }
+}
