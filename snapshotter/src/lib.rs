@@ -7,10 +7,12 @@
 //! - [`diff`] and [`apply`]: layer directory to OCI layer tar and back
 //! - [`backend`]: the mechanisms serving a writable view
 //! - [`compression`]: gzip, zstd and plain layer streams
+//! - [`confine`]: Landlock for the code above that handles untrusted bytes
 
 pub mod apply;
 pub mod backend;
 pub mod compression;
+pub mod confine;
 pub mod content;
 pub mod diff;
 pub mod layers;

@@ -325,7 +325,11 @@ impl Snapshotter {
                 .map_err(io_err(upper))?;
         }
         let _no_gc = self.layers.gc_guard(false)?;
-        let blob = diff::write_layer(&view.spec.upper, &self.content, opts)?;
+        // The upper directory is what a step wrote: read on a thread that
+        // can only touch the state directory.
+        let blob = crate::confine::run_confined(&self.confinement(), || {
+            diff::write_layer(&view.spec.upper, &self.content, opts)
+        })?;
         self.lease.add_blob(&blob.digest)?;
         let upper = view
             .upper
@@ -341,6 +345,12 @@ impl Snapshotter {
             parent: info.parent,
             blob: Descriptor::new(blob.media_type, blob.size, blob.digest),
         })
+    }
+
+    /// The Landlock rules of work on untrusted bytes in this store: its
+    /// root, read-write, and nothing else.
+    pub fn confinement(&self) -> crate::confine::Rules {
+        crate::confine::Rules::new().write(&self.root)
     }
 
     /// Throw a view away.
@@ -369,7 +379,7 @@ impl Snapshotter {
     /// and nothing is kept.
     pub fn import(
         &self,
-        layer: impl io::Read,
+        layer: impl io::Read + Send,
         parent: Option<&Digest>,
         expected_diff_id: Option<&Digest>,
     ) -> Result<(LayerInfo, ApplyReport)> {
@@ -382,7 +392,12 @@ impl Snapshotter {
         };
         let _no_gc = self.layers.gc_guard(false)?;
         let temp = self.layers.begin()?;
-        let report = apply::apply(layer, &temp.fs_dir(), &lowers)?;
+        // The tar is the image's bytes: applied on a thread that can only
+        // touch the state directory.
+        let fs_dir = temp.fs_dir();
+        let report = crate::confine::run_confined(&self.confinement(), || {
+            apply::apply(layer, &fs_dir, &lowers)
+        })?;
         if let Some(expected) = expected_diff_id {
             if expected != &report.diff_id {
                 return Err(Error::DiffIdMismatch {

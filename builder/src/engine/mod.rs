@@ -837,6 +837,7 @@ impl Engine {
                     secrets: &self.opts.session.secrets,
                     agents: &self.opts.session.agents,
                     cache_mounts: &self.cache_mounts,
+                    confinement: self.confinement(),
                 };
                 run_mounts::key_inputs(&run.mounts, from, &resources, &mut k)?;
                 let key = k.finish();
@@ -1061,11 +1062,19 @@ impl Engine {
         let view = self
             .snap
             .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
-        let copied = (|| {
-            let target = fsutil::Root::open(view.path()).map_err(StepError::Source)?;
+        // The copy reads the context (attacker-shaped trees) and writes the
+        // view: on a thread Landlock keeps to the context, the named
+        // context read, and the state directory.
+        let mut rules = self.confinement();
+        if let Some(FromSource::Dir { path, .. }) = from {
+            rules = rules.read(path);
+        }
+        let view_path = view.path().to_path_buf();
+        let copied = kiln_snapshotter::confine::run_confined(&rules, || {
+            let target = fsutil::Root::open(&view_path).map_err(StepError::Source)?;
             let owner =
                 match op.chown {
-                    Some(spec) => Some(copy::chown_ids(view.path(), spec).map_err(|source| {
+                    Some(spec) => Some(copy::chown_ids(&view_path, spec).map_err(|source| {
                         StepError::Chown {
                             spec: spec.to_string(),
                             source,
@@ -1083,7 +1092,7 @@ impl Engine {
             };
             copy::copy(&source, &entries, &target, &attrs)?;
             Ok::<(), StepError>(())
-        })();
+        });
         if let Err(e) = copied {
             let _ = self.snap.remove(view);
             return Err(e);
@@ -1135,6 +1144,15 @@ impl Engine {
                 None
             }
         }
+    }
+
+    /// Landlock rules for host-side work on build inputs: the state
+    /// directory read-write, the build context read-only.
+    fn confinement(&self) -> kiln_snapshotter::confine::Rules {
+        self.snap
+            .confinement()
+            .write(self.opts.state.root())
+            .read(&self.opts.context)
     }
 
     fn record(&self, key: &Key, state: &ImageState) {

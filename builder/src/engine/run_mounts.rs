@@ -96,6 +96,8 @@ pub struct Resources<'a> {
     pub secrets: &'a Secrets,
     pub agents: &'a BTreeMap<String, Arc<Agent>>,
     pub cache_mounts: &'a CacheMounts,
+    /// Landlock rules for copying sources (see `kiln_snapshotter::confine`)
+    pub confinement: kiln_snapshotter::confine::Rules,
 }
 
 /// Where a mount with `from=` reads, paired with the mount.
@@ -345,18 +347,24 @@ pub fn mount<'a>(
                         target: target.clone(),
                         source,
                     })?;
-                    let unique = || layers.unique("bind");
-                    copy::copy(
-                        &src.source(),
-                        &entries,
-                        &dest,
-                        &copy::CopyAttrs {
-                            owner: None,
-                            chmod: None,
-                            tmp: &layers.tmp_dir(),
-                            unique: &unique,
-                        },
-                    )?;
+                    let mut rules = res.confinement.clone();
+                    if let Some(FromSource::Dir { path, .. }) = from {
+                        rules = rules.read(path);
+                    }
+                    kiln_snapshotter::confine::run_confined(&rules, || {
+                        let unique = || layers.unique("bind");
+                        copy::copy(
+                            &src.source(),
+                            &entries,
+                            &dest,
+                            &copy::CopyAttrs {
+                                owner: None,
+                                chmod: None,
+                                tmp: &layers.tmp_dir(),
+                                unique: &unique,
+                            },
+                        )
+                    })?;
                     // A file source is collected as /<name>; bind the file.
                     let src_path = source.as_deref().map(rel).unwrap_or_default();
                     let is_file = !src_path.as_os_str().is_empty()

@@ -98,11 +98,24 @@ pub fn mount(spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
         path: spec.upper.clone(),
         source,
     })?;
-    serve(overlay, &spec.target)
+    // Requests come from the step: each server thread may touch only the
+    // view's own directories (Landlock; best effort).
+    let rules = spec
+        .lowers
+        .iter()
+        .fold(crate::confine::Rules::new(), |r, l| r.read(l))
+        .write(&spec.upper)
+        .write(&spec.work);
+    serve(overlay, &spec.target, &rules)
 }
 
-/// Mount `fs` at `target` and start the server threads.
-fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
+/// Mount `fs` at `target` and start the server threads, each confined to
+/// `rules`.
+fn serve(
+    fs: OverlayFs,
+    target: &Path,
+    rules: &crate::confine::Rules,
+) -> Result<Box<dyn MountedView>> {
     let session_err = |e: fuse_backend_rs::transport::Error| Error::Session {
         target: target.to_path_buf(),
         message: e.to_string(),
@@ -160,9 +173,13 @@ fn serve(fs: OverlayFs, target: &Path) -> Result<Box<dyn MountedView>> {
         let dev = session.clone_fuse_file().map_err(session_err)?;
         let server = server.clone();
         let fs = fs.clone();
+        let rules = rules.clone();
         let t = std::thread::Builder::new()
             .name(format!("kiln-fuse-{i}"))
-            .spawn(move || serve_requests(&dev, &server, &fs, bufsize))
+            .spawn(move || {
+                rules.restrict_current_thread();
+                serve_requests(&dev, &server, &fs, bufsize)
+            })
             .map_err(Error::Thread)?;
         view.threads.push(t);
     }
