@@ -66,6 +66,7 @@ stages! {
     DropBoundingSet => "dropping the capability bounding set",
     ClearAmbient => "clearing ambient capabilities",
     NoNewPrivs => "setting no_new_privs",
+    LandlockScope => "scoping abstract unix sockets and signals with Landlock",
     ForkCommand => "forking the command",
     WaitForInit => "waiting for init",
     SetGroups => "setting supplementary groups",
@@ -218,6 +219,8 @@ pub struct Plan {
     pub gid: u32,
     pub groups: Vec<libc::gid_t>,
     pub umask: Option<u32>,
+    /// Landlock scoping (ABI 6 and later) is available
+    pub landlock_scope: bool,
     pub cwd: CString,
     pub argv0: CString,
     pub argv: Vec<*const libc::c_char>,
@@ -773,6 +776,15 @@ pub unsafe fn run(p: &Plan) -> ! {
             .or_fail(p, Stage::NoNewPrivs);
     }
 
+    // 15b. Landlock scopes: no connecting to abstract unix sockets and no
+    //      signals outside the step, even with network=host, where the
+    //      host's abstract sockets share the network namespace (containerd
+    //      CVE-2020-15257 class). Kernels before 6.12 lack scopes; the
+    //      step's own network namespace covers the default case there.
+    if p.landlock_scope {
+        sys::landlock_scope().or_fail(p, Stage::LandlockScope);
+    }
+
     // 16. seccomp, once for both processes: the filter is inherited by
     //     the fork below, and what the command still does before exec (ids,
     //     capabilities, cwd, streams) is all in the allowlist. Installing it
@@ -837,17 +849,12 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
     // c. Capabilities.
     sys::capset(p.effective, p.permitted, p.inheritable).or_fail(p, Stage::Capabilities);
 
-    // d. umask and working directory (inside the new root).
-    // SAFETY: plain calls with NUL-terminated strings.
-    unsafe {
-        if let Some(m) = p.umask {
-            libc::umask(m);
-        }
-        check(libc::chdir(p.cwd.as_ptr()).into()).or_fail(p, Stage::Chdir);
-    }
-
-    // e. Standard streams, then every other descriptor closes on exec
-    //    (the error pipe included, which tells the parent exec succeeded).
+    // d. Standard streams, then every other descriptor is closed, now,
+    //    before anything resolves a path for the command: a descriptor of
+    //    kiln's (a context or state directory, a mount tree) must never be
+    //    reachable through /proc/self/fd, or a WORKDIR of /proc/self/fd/N
+    //    would start the command outside its root (runc CVE-2024-21626).
+    //    Only the error pipe stays, close-on-exec, to report a failed exec.
     for (target, src) in p.stdio.iter().enumerate() {
         if let StdioFd::Fd(fd) = src {
             let target = RawFd::try_from(target).unwrap_or(0);
@@ -855,16 +862,23 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
             check(unsafe { libc::dup2(*fd, target) }.into()).or_fail(p, Stage::Stdio);
         }
     }
-    // SAFETY: plain close_range call.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    })
-    .or_fail(p, Stage::Stdio);
+    close_all_but(p.err_write).or_fail(p, Stage::Stdio);
+
+    // e. umask and working directory (inside the new root), and proof that
+    //    it is: a directory outside the root has no path from it, and the
+    //    raw getcwd says "(unreachable)" instead of a path.
+    // SAFETY: plain calls with NUL-terminated strings and a stack buffer.
+    unsafe {
+        if let Some(m) = p.umask {
+            libc::umask(m);
+        }
+        check(libc::chdir(p.cwd.as_ptr()).into()).or_fail(p, Stage::Chdir);
+        let mut buf = [0u8; 4096];
+        let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
+        if n <= 0 || buf[0] != b'/' {
+            fail(p, Stage::Chdir, Errno::ENOENT);
+        }
+    }
 
     // f. Signals as a fresh process has them: kiln may block the ones it
     //    forwards and ignores SIGPIPE (Rust does), and both would survive
@@ -873,6 +887,23 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
 
     // g. exec, searching PATH as execvp does.
     exec_command(p)
+}
+
+/// Close every descriptor from 3 up except `keep`.
+fn close_all_but(keep: RawFd) -> Result<(), Errno> {
+    let keep = u32::try_from(keep).unwrap_or(u32::MAX);
+    let mut ranges = [(3u32, u32::MAX), (0, 0)];
+    if keep >= 3 && keep != u32::MAX {
+        ranges = [(3, keep - 1), (keep + 1, u32::MAX)];
+    }
+    for (first, last) in ranges {
+        if first > last || (first == 0 && last == 0) {
+            continue;
+        }
+        // SAFETY: plain close_range call over descriptors this process owns.
+        check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) })?;
+    }
+    Ok(())
 }
 
 fn reset_signals() {

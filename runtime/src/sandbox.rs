@@ -587,6 +587,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         gid: user.gid(),
         groups,
         umask: user.umask(),
+        landlock_scope: landlock_scope_available(),
         cwd: cstring(
             "the working directory",
             process.cwd().as_os_str().as_encoded_bytes(),
@@ -612,6 +613,13 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         clone_flags,
         mapping,
     })
+}
+
+/// Whether this kernel scopes abstract unix sockets and signals (Landlock
+/// ABI 6, Linux 6.12); asked once.
+fn landlock_scope_available() -> bool {
+    static ABI: OnceLock<i64> = OnceLock::new();
+    *ABI.get_or_init(sys::landlock_abi) >= 6
 }
 
 /// A pidfd of this process, for the child to notice our death.

@@ -345,6 +345,62 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), Errno> {
     }
 }
 
+/// The kernel's Landlock ABI version; 0 without Landlock.
+pub fn landlock_abi() -> i64 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the version query takes no attribute (NULL, size 0).
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    v.max(0)
+}
+
+/// Restrict the calling process with a Landlock ruleset that handles no
+/// file or network access but scopes abstract unix sockets and signals
+/// (ABI 6). No allocation.
+pub fn landlock_scope() -> Result<(), Errno> {
+    #[repr(C)]
+    struct RulesetAttr {
+        handled_access_fs: u64,
+        handled_access_net: u64,
+        scoped: u64,
+    }
+    const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
+    const SCOPE_SIGNAL: u64 = 2;
+    let attr = RulesetAttr {
+        handled_access_fs: 0,
+        handled_access_net: 0,
+        scoped: SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL,
+    };
+    // SAFETY: `attr` lives across the call and its size is passed exactly.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            std::mem::size_of::<RulesetAttr>(),
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: restrict_self with the ruleset fd just made, then close it.
+    unsafe {
+        let rc = libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32);
+        let e = Errno::last();
+        libc::close(RawFd::try_from(fd).unwrap_or(-1));
+        if rc != 0 {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Read until `buf` is full or EOF; returns the bytes read.
 pub fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
     let mut got = 0;

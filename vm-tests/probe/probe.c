@@ -24,6 +24,9 @@
 #include <termios.h>
 #include <unistd.h>
 #include <sys/ptrace.h>
+#include <sys/un.h>
+#include <stddef.h>
+#include <time.h>
 #define PTRACE_ATTACH_VALUE PTRACE_ATTACH
 
 #ifndef __X32_SYSCALL_BIT
@@ -177,9 +180,42 @@ static int list_fds(void) {
     return 0;
 }
 
+/* Swap two paths with renameat2(RENAME_EXCHANGE) for `seconds`: a racer
+ * that turns a directory into a symlink and back while other steps mount it
+ * (runc CVE-2021-30465 class). */
+static int exchange(const char *a, const char *b, int seconds) {
+    time_t end = time(NULL) + seconds;
+    long n = 0;
+    while (time(NULL) < end) {
+        if (syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, 2 /* RENAME_EXCHANGE */) == 0)
+            n++;
+    }
+    printf("exchanged %ld times\n", n);
+    return n > 0 ? 0 : 1;
+}
+
+/* Connect to the abstract unix socket @name: prints OK or the errno. */
+static int connect_abstract(const char *name) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    size_t len = strlen(name);
+    if (len + 1 > sizeof addr.sun_path) return 2;
+    memcpy(addr.sun_path + 1, name, len);
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (s < 0) { printf("socket %s\n", errname(errno)); return 0; }
+    int r = connect(s, (struct sockaddr *)&addr, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + len));
+    printf("connect_abstract %s\n", r == 0 ? "OK" : errname(errno));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "fds") == 0)
         return list_fds();
+    if (argc == 5 && strcmp(argv[1], "exchange") == 0)
+        return exchange(argv[2], argv[3], atoi(argv[4]));
+    if (argc == 3 && strcmp(argv[1], "connect-abstract") == 0)
+        return connect_abstract(argv[2]);
     for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
         if (argc > 1) {
             int wanted = 0;
