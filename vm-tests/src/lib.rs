@@ -464,3 +464,69 @@ pub fn inner_test_dir() -> Option<PathBuf> {
         .find(|a| a.starts_with('/'))
         .map(PathBuf::from)
 }
+
+/// Tar archives built header by header, for the malformed and malicious
+/// entries honest tar writers refuse to produce.
+pub mod rawtar {
+    /// One ustar header block (plus data, padded) with raw fields.
+    pub fn entry(name: &str, kind: u8, link: &str, data: &[u8], mode: u32) -> Vec<u8> {
+        header(name, kind, link, data.len(), mode, data)
+    }
+
+    /// As [`entry`], but the header claims `size` whatever `data` holds
+    /// (for headers that disagree with their PAX records).
+    pub fn header(
+        name: &str,
+        kind: u8,
+        link: &str,
+        size: usize,
+        mode: u32,
+        data: &[u8],
+    ) -> Vec<u8> {
+        assert!(
+            name.len() < 100 && link.len() < 100,
+            "{name} fits a ustar name"
+        );
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(format!("{mode:07o}\0").as_bytes());
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = kind;
+        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let mut out = h.to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    /// PAX extended header records (`len key=value\n`) as one entry.
+    pub fn pax(records: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (k, v) in records {
+            let rest = k.len() + v.len() + 3; // ' ', '=', '\n'
+            let mut len = rest + 1;
+            while len != rest + len.to_string().len() {
+                len = rest + len.to_string().len();
+            }
+            body.extend_from_slice(format!("{len} {k}=").as_bytes());
+            body.extend_from_slice(v);
+            body.push(b'\n');
+        }
+        entry("PaxHeaders/x", b'x', "", &body, 0o644)
+    }
+
+    /// The entries followed by the two zero blocks that end an archive.
+    pub fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
+        let mut out: Vec<u8> = entries.concat();
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+}

@@ -453,37 +453,12 @@ fn cache_key_covers_copied_content_modes_and_link_targets_not_mtime() {
     assert_eq!(cached(&ok(p.build(&[]))), 2, "archive bytes are in the key");
 }
 
-/// One ustar header block (plus data) with a raw name, for archives that
-/// `tar` itself refuses to write.
 fn tar_entry(name: &str, kind: u8, link: &str, data: &[u8]) -> Vec<u8> {
-    assert!(
-        name.len() < 100 && link.len() < 100,
-        "{name} fits a ustar name"
-    );
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[156] = kind;
-    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    let mut out = h.to_vec();
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    out
+    kiln_vm_tests::rawtar::entry(name, kind, link, data, 0o644)
 }
 
 fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
-    let mut out: Vec<u8> = entries.concat();
-    out.extend_from_slice(&[0u8; 1024]);
-    out
+    kiln_vm_tests::rawtar::archive(entries)
 }
 
 #[test]
