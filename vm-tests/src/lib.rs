@@ -170,8 +170,39 @@ where
     cmd
 }
 
+/// Remove the scratch directories (`work/NAME-PID`, `bin/PID`) of test
+/// processes that have ended, once per process: a test that fails keeps
+/// its directory for a look, but no run leaves it forever.
+fn sweep_dead_runs() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        for (sub, pid_of) in [
+            (
+                "work",
+                (|n: &str| n.rsplit('-').next().map(String::from)) as fn(&str) -> Option<String>,
+            ),
+            ("bin", |n: &str| Some(n.to_string())),
+        ] {
+            let Ok(entries) = fs::read_dir(scratch_root().join(sub)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = pid_of(&name).filter(|p| p.parse::<u32>().is_ok()) else {
+                    continue;
+                };
+                if !Path::new("/proc").join(&pid).exists() {
+                    // best effort: a busy leftover waits for a later run
+                    try_remove_tree(&e.path());
+                }
+            }
+        }
+    });
+}
+
 /// A fresh scratch directory owned by the test user, for state and outputs.
 pub fn test_dir(name: &str) -> PathBuf {
+    sweep_dead_runs();
     let dir = scratch_root()
         .join("work")
         .join(format!("{name}-{}", std::process::id()));
@@ -196,8 +227,13 @@ pub fn test_dir(name: &str) -> PathBuf {
 /// of. As root plain removal works; as a user, files owned by subordinate ids
 /// are removed from inside a user namespace.
 pub fn remove_tree(dir: &Path) {
+    assert!(try_remove_tree(dir), "cannot remove {}", dir.display());
+}
+
+/// [`remove_tree`] that says whether it worked instead of panicking.
+fn try_remove_tree(dir: &Path) -> bool {
     if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
-        return;
+        return true;
     }
     let _ = Command::new("chmod")
         .arg("-R")
@@ -205,17 +241,14 @@ pub fn remove_tree(dir: &Path) {
         .arg(dir)
         .status();
     if fs::remove_dir_all(dir).is_ok() {
-        return;
+        return true;
     }
-    let status = Command::new("unshare")
+    Command::new("unshare")
         .args(["--user", "--map-root-user", "--map-auto", "--", "rm", "-rf"])
         .arg(dir)
-        .status();
-    assert!(
-        status.map(|s| s.success()).unwrap_or(false),
-        "cannot remove {}",
-        dir.display()
-    );
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 /// A command that runs `program` as the unprivileged test user. When the
@@ -529,4 +562,83 @@ pub mod rawtar {
         out.extend_from_slice(&[0u8; 1024]);
         out
     }
+}
+
+/// A build project for end-to-end tests: a context at `ctx/` holding a
+/// busybox tree at `ctx/rootfs/` and a Dockerfile, with state directories
+/// and outputs beside it, all owned by the test user.
+pub struct Project {
+    pub dir: PathBuf,
+}
+
+impl Project {
+    pub fn new(name: &str, dockerfile: &str) -> Project {
+        let dir = test_dir(name);
+        busybox_rootfs(&dir.join("ctx/rootfs"));
+        fs::write(dir.join("ctx/Dockerfile"), dockerfile).expect("write Dockerfile");
+        give_to_test_user(&dir);
+        Project { dir }
+    }
+
+    pub fn ctx(&self) -> PathBuf {
+        self.dir.join("ctx")
+    }
+
+    /// Write a file of the context (parents made) and give it to the
+    /// test user.
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.ctx().join(rel);
+        fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        fs::write(&p, text).expect("write context file");
+        give_to_test_user(&self.ctx());
+    }
+
+    /// The state directory `name` (created by kiln on first use).
+    pub fn state(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// `--root STATE build EXTRA... CONTEXT`
+    pub fn build_args(&self, state: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["--root".to_string(), self.state(state), "build".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(self.ctx().display().to_string());
+        args
+    }
+
+    /// `kiln build EXTRA...` on the state directory `state`.
+    pub fn build(&self, extra: &[&str]) -> Output {
+        kiln(self.build_args("state", extra))
+            .output()
+            .expect("run kiln build")
+    }
+
+    /// `-o type=local,dest=DIR/out`
+    pub fn local_out(&self) -> String {
+        format!("type=local,dest={}", self.dir.join("out").display())
+    }
+
+    /// A file of the `out/` local output.
+    pub fn out(&self, rel: &str) -> String {
+        fs::read_to_string(self.dir.join("out").join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    }
+}
+
+/// The stdout and stderr of a kiln run that must have succeeded.
+pub fn expect_success(o: Output) -> (String, String) {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "kiln failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+    (out, err)
+}
+
+/// The stderr of a kiln run that must have failed.
+pub fn expect_failure(o: Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "kiln should have failed:\n{err}");
+    err
 }

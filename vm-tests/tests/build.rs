@@ -47,14 +47,7 @@ impl Project {
 }
 
 fn ok(o: Output) -> (String, String) {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        o.status.success(),
-        "kiln build failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
-        o.status
-    );
-    (out, err)
+    kiln_vm_tests::expect_success(o)
 }
 
 const STAGES: &str = r#"FROM scratch AS base

@@ -8,97 +8,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kiln_vm_tests::{
-    busybox_rootfs, give_to_test_user, kiln, kiln_binary, run_checked, running_as_root, stage_file,
-    test_dir, unprivileged,
+    expect_failure, expect_success, give_to_test_user, kiln, kiln_binary, run_checked,
+    running_as_root, stage_file, test_dir, unprivileged, Project,
 };
 
-/// A context with a busybox tree under `rootfs/` and a state directory,
-/// owned by the test user.
-struct Project {
-    dir: PathBuf,
-}
-
-impl Project {
-    fn new(name: &str, dockerfile: &str) -> Project {
-        let dir = test_dir(name);
-        busybox_rootfs(&dir.join("ctx/rootfs"));
-        std::fs::write(dir.join("ctx/Dockerfile"), dockerfile).unwrap();
-        let p = Project { dir };
-        p.chown();
-        p
-    }
-
-    fn chown(&self) {
-        give_to_test_user(&self.dir);
-    }
-
-    fn ctx(&self) -> PathBuf {
-        self.dir.join("ctx")
-    }
-
-    fn write(&self, rel: &str, text: &str) {
-        let p = self.ctx().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-        self.chown();
-    }
-
-    fn state(&self) -> String {
-        self.dir.join("state").display().to_string()
-    }
-
-    fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = vec!["--root".into(), self.state(), "build".into()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(self.ctx().display().to_string());
-        args
-    }
-
-    fn build(&self, extra: &[&str]) -> Output {
-        kiln(self.args(extra)).output().expect("run kiln build")
-    }
-
-    /// `kiln build` with environment variables (setpriv resets the
-    /// environment, so they go through env(1)).
-    fn build_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Output {
-        kiln_env(env, &self.args(extra)).output().expect("run kiln")
-    }
-
-    fn out(&self, rel: &str) -> String {
-        std::fs::read_to_string(self.dir.join("out").join(rel))
-            .unwrap_or_else(|e| panic!("{rel}: {e}"))
-    }
-
-    fn local_out(&self) -> String {
-        format!("type=local,dest={}", self.dir.join("out").display())
-    }
-}
-
-fn kiln_env(env: &[(&str, &str)], args: &[String]) -> Command {
+/// `kiln build EXTRA...` of `p` with environment variables (setpriv
+/// resets the environment, so they go through env(1)).
+fn build_env(p: &Project, env: &[(&str, &str)], extra: &[&str]) -> Output {
     let mut cmd = unprivileged(Path::new("/usr/bin/env"));
     for (k, v) in env {
         cmd.arg(format!("{k}={v}"));
     }
     cmd.arg(stage_file(&kiln_binary()));
-    cmd.args(args);
-    cmd
+    cmd.args(p.build_args("state", extra));
+    cmd.output().expect("run kiln")
 }
 
 fn ok(o: Output) -> (String, String) {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        o.status.success(),
-        "kiln failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
-        o.status
-    );
-    (out, err)
+    expect_success(o)
 }
 
 fn failed(o: Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "kiln should have failed:\n{err}");
-    err
+    expect_failure(o)
 }
 
 #[test]
@@ -249,7 +180,8 @@ RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
     let secret_flag = format!("id=tok,src={}", file.display());
     let oci = p.dir.join("image-oci.tar");
     let docker = p.dir.join("image-docker.tar");
-    let (_, plain) = ok(p.build_env(
+    let (_, plain) = ok(build_env(
+        &p,
         &[("ENVTOK", &env_secret)],
         &[
             "--progress",
@@ -292,7 +224,8 @@ RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
     // Rebuilding with another secret value is a cache hit (the value is
     // not in the key), with rawjson progress captured too.
     std::fs::write(&file, format!("{secret}-rotated")).unwrap();
-    let (_, raw) = ok(p.build_env(
+    let (_, raw) = ok(build_env(
+        &p,
         &[("ENVTOK", &env_secret)],
         &[
             "--progress",
@@ -308,7 +241,8 @@ RUN --mount=type=secret,id=absent (ls /run/secrets 2>&1 || true) > /out-absent
         "{raw}"
     );
     // And run everything again with rawjson, so its events are searched too.
-    let (_, raw2) = ok(p.build_env(
+    let (_, raw2) = ok(build_env(
+        &p,
         &[("ENVTOK", &env_secret)],
         &[
             "--progress",
@@ -385,7 +319,7 @@ RUN --mount=type=cache,target=/var/cache/app,ro echo "$RUN" > /dev/null && (touc
     assert!(!p.dir.join("out/c2").exists());
 
     // Cache mounts count in du and go with prune.
-    let (du, _) = ok(kiln(["--root", &p.state(), "du"]).output().unwrap());
+    let (du, _) = ok(kiln(["--root", &p.state("state"), "du"]).output().unwrap());
     let row = du
         .lines()
         .find(|l| l.starts_with("Cache Mounts"))
@@ -394,7 +328,7 @@ RUN --mount=type=cache,target=/var/cache/app,ro echo "$RUN" > /dev/null && (touc
         !row.contains(" 0B") && !row.trim_end().ends_with(" 0"),
         "{du}"
     );
-    ok(kiln(["--root", &p.state(), "prune", "--all"])
+    ok(kiln(["--root", &p.state("state"), "prune", "--all"])
         .output()
         .unwrap());
     ok(p.build(&["--build-arg", "RUN=3", "-o", &p.local_out()]));
@@ -406,12 +340,15 @@ RUN --mount=type=cache,target=/var/cache/app,ro echo "$RUN" > /dev/null && (touc
 fn concurrent_builds(p: &Project) -> (PathBuf, PathBuf) {
     let outs = (p.dir.join("out-a"), p.dir.join("out-b"));
     let spawn = |tag: &str, out: &Path| {
-        kiln(p.args(&[
-            "--build-arg",
-            &format!("TAG={tag}"),
-            "-o",
-            &format!("type=local,dest={}", out.display()),
-        ]))
+        kiln(p.build_args(
+            "state",
+            &[
+                "--build-arg",
+                &format!("TAG={tag}"),
+                "-o",
+                &format!("type=local,dest={}", out.display()),
+            ],
+        ))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -664,7 +601,7 @@ fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
     );
     let authorized = keys.join("authorized_keys");
     std::fs::copy(keys.join("id_ed25519.pub"), &authorized).unwrap();
-    p.chown();
+    give_to_test_user(&p.dir);
     run_checked(Command::new("chmod").arg("600").arg(&key));
     let sshd = start_sshd(&p.dir.join("sshd"), &authorized);
     let port = sshd.port.to_string();
@@ -751,6 +688,6 @@ fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
     let mut args = common("forward");
     args.extend(["--ssh".to_string(), "default".to_string()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(p.build_env(&[("SSH_AUTH_SOCK", &sock)], &refs));
+    ok(build_env(&p, &[("SSH_AUTH_SOCK", &sock)], &refs));
     assert_eq!(p.out("out-ssh"), "ssh-round-trip-ok\n");
 }

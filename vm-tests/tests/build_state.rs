@@ -84,14 +84,7 @@ fn p(path: &Path) -> &str {
 }
 
 fn ok(o: Output) -> (String, String) {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        o.status.success(),
-        "kiln failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
-        o.status
-    );
-    (out, err)
+    kiln_vm_tests::expect_success(o)
 }
 
 /// Entries of a directory (empty when it does not exist).

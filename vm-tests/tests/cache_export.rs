@@ -2,10 +2,7 @@
 //! one build lets a build on an empty state directory skip the steps it
 //! covers; a damaged cache costs a rebuild, never a wrong result.
 
-use std::path::PathBuf;
-use std::process::Output;
-
-use kiln_vm_tests::{busybox_rootfs, give_to_test_user, kiln, test_dir};
+use kiln_vm_tests::{expect_success, kiln, Project};
 
 const DOCKERFILE: &str = r#"FROM scratch AS builder
 COPY rootfs/ /
@@ -17,54 +14,24 @@ COPY --from=builder /artifact /artifact
 RUN cat /artifact > /final && echo final-step-$((6*7))
 "#;
 
-struct Project {
-    dir: PathBuf,
+fn project(name: &str) -> Project {
+    Project::new(name, DOCKERFILE)
 }
 
-impl Project {
-    fn new(name: &str) -> Project {
-        let dir = test_dir(name);
-        busybox_rootfs(&dir.join("ctx/rootfs"));
-        std::fs::write(dir.join("ctx/Dockerfile"), DOCKERFILE).unwrap();
-        give_to_test_user(&dir);
-        Project { dir }
-    }
-
-    fn build(&self, state: &str, extra: &[&str]) -> (String, String) {
-        let mut args = vec![
-            "--root".to_string(),
-            self.dir.join(state).display().to_string(),
-            "build".into(),
-            "--progress".into(),
-            "plain".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(self.dir.join("ctx").display().to_string());
-        ok(kiln(&args).output().unwrap())
-    }
-
-    fn cache(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-fn ok(o: Output) -> (String, String) {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        o.status.success(),
-        "kiln failed: {:?}\nstdout:\n{out}\nstderr:\n{err}",
-        o.status
-    );
-    (out, err)
+/// `kiln build --progress plain EXTRA...` on state directory `state`.
+fn build(p: &Project, state: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["--progress", "plain"];
+    args.extend_from_slice(extra);
+    expect_success(kiln(p.build_args(state, &args)).output().unwrap())
 }
 
 #[test]
 fn an_exported_cache_warms_an_empty_state_directory() {
-    let p = Project::new("cache-export");
-    let max = p.cache("cache-max");
-    let min = p.cache("cache-min");
-    let (digest, err) = p.build(
+    let p = project("cache-export");
+    let max = p.state("cache-max");
+    let min = p.state("cache-min");
+    let (digest, err) = build(
+        &p,
         "state-1",
         &[
             "--cache-to",
@@ -81,7 +48,8 @@ fn an_exported_cache_warms_an_empty_state_directory() {
 
     // mode=max: a fresh state directory runs nothing and gives the same
     // image.
-    let (digest2, err) = p.build(
+    let (digest2, err) = build(
+        &p,
         "state-2",
         &["--cache-from", &format!("type=local,src={max}")],
     );
@@ -91,7 +59,8 @@ fn an_exported_cache_warms_an_empty_state_directory() {
 
     // mode=min holds only the final image's steps: the builder stage's
     // RUN runs again, the final stage's is a hit.
-    let (digest3, err) = p.build(
+    let (digest3, err) = build(
+        &p,
         "state-3",
         &["--cache-from", &format!("type=local,src={min}")],
     );
@@ -102,9 +71,10 @@ fn an_exported_cache_warms_an_empty_state_directory() {
 
 #[test]
 fn a_damaged_or_missing_cache_only_costs_a_rebuild() {
-    let p = Project::new("cache-export-damaged");
-    let dir = p.cache("cache");
-    p.build(
+    let p = project("cache-export-damaged");
+    let dir = p.state("cache");
+    build(
+        &p,
         "state-1",
         &["--cache-to", &format!("type=local,dest={dir},mode=max")],
     );
@@ -118,7 +88,8 @@ fn a_damaged_or_missing_cache_only_costs_a_rebuild() {
             std::fs::write(e.path(), bytes).unwrap();
         }
     }
-    let (_, err) = p.build(
+    let (_, err) = build(
+        &p,
         "state-2",
         &["--cache-from", &format!("type=local,src={dir}")],
     );
@@ -127,7 +98,8 @@ fn a_damaged_or_missing_cache_only_costs_a_rebuild() {
     assert!(err.contains("2 steps run"), "{err}");
 
     // A cache directory that does not exist: a warning, a full build.
-    let (_, err) = p.build(
+    let (_, err) = build(
+        &p,
         "state-3",
         &["--cache-from", &format!("type=local,src={dir}-missing")],
     );

@@ -244,8 +244,16 @@ fn malicious_layers_through_load_from_and_add_leave_the_host_untouched() {
         canary.check(&format!("{name} (ADD)"));
         eprintln!(
             "{name}: load {}, ADD {}",
-            if loaded.contains(&name) { "ok" } else { "refused" },
-            if out.status.success() { "ok" } else { "refused" }
+            if loaded.contains(&name) {
+                "ok"
+            } else {
+                "refused"
+            },
+            if out.status.success() {
+                "ok"
+            } else {
+                "refused"
+            }
         );
         if !out.status.success() {
             let err = text(&out);

@@ -7,61 +7,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_vm_tests::{busybox_rootfs, give_to_test_user, kiln, run_checked, test_dir};
+use kiln_vm_tests::{
+    busybox_rootfs, expect_failure, expect_success, give_to_test_user, kiln, run_checked, test_dir,
+    Project,
+};
 
-/// A context with a busybox tree (plus the syscall probe) under `rootfs/`.
-struct Project {
-    dir: PathBuf,
+/// A build project whose busybox tree also holds the syscall probe.
+fn project(name: &str, dockerfile: &str) -> Project {
+    let p = Project::new(name, dockerfile);
+    std::fs::copy(env!("KILN_PROBE"), p.ctx().join("rootfs/bin/probe")).unwrap();
+    give_to_test_user(&p.dir);
+    p
 }
 
-impl Project {
-    fn new(name: &str, dockerfile: &str) -> Project {
-        let dir = test_dir(name);
-        let rootfs = dir.join("ctx/rootfs");
-        busybox_rootfs(&rootfs);
-        std::fs::copy(env!("KILN_PROBE"), rootfs.join("bin/probe")).unwrap();
-        std::fs::write(dir.join("ctx/Dockerfile"), dockerfile).unwrap();
-        give_to_test_user(&dir);
-        Project { dir }
-    }
-
-    fn args(&self, state: &str, extra: &[&str]) -> Vec<String> {
-        let mut args = vec![
-            "--root".to_string(),
-            self.dir.join(state).display().to_string(),
-            "build".into(),
-            "--progress".into(),
-            "plain".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(self.dir.join("ctx").display().to_string());
-        args
-    }
-
-    fn build(&self, extra: &[&str]) -> Output {
-        kiln(self.args("state", extra)).output().unwrap()
-    }
-
-    fn out(&self, rel: &str) -> String {
-        std::fs::read_to_string(self.dir.join("out").join(rel))
-            .unwrap_or_else(|e| panic!("{rel}: {e}"))
-    }
-
-    fn local_out(&self) -> String {
-        format!("type=local,dest={}", self.dir.join("out").display())
-    }
+/// Build arguments with plain progress on state directory `state`.
+fn plain(p: &Project, state: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--progress", "plain"];
+    args.extend_from_slice(extra);
+    p.build_args(state, &args)
 }
 
 fn ok(o: Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "kiln failed: {:?}\n{err}", o.status);
-    err
+    expect_success(o).1
 }
 
 fn failed(o: Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "kiln should have failed:\n{err}");
-    err
+    expect_failure(o)
 }
 
 /// A host file and directory owned by the test user that no step may
@@ -116,7 +87,7 @@ const CAPS: &str = "00000000a80405fb";
 #[test]
 fn every_run_step_has_the_documented_posture_inside_and_seen_from_the_host() {
     let marker = format!("kiln-posture-{}", std::process::id());
-    let p = Project::new(
+    let p = project(
         "security-posture",
         &format!(
             r#"FROM scratch
@@ -126,7 +97,7 @@ RUN sleep 4; : {marker}
 "#
         ),
     );
-    let child = kiln(p.args("state", &["-o", &p.local_out()]))
+    let child = kiln(plain(&p, "state", &["-o", &p.local_out()]))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -222,7 +193,7 @@ fn workdir_on_a_proc_fd_fails_and_no_step_starts_outside_its_root() {
     // runc CVE-2024-21626: a working directory of /proc/self/fd/N, where N
     // is a descriptor of the runtime's, started the process outside the
     // container. Every N from 3 to 63 must fail the build.
-    let p = Project::new("security-workdir-fd", "FROM scratch\n");
+    let p = project("security-workdir-fd", "FROM scratch\n");
     let ctx = p.dir.join("ctx");
     let mut children = Vec::new();
     let mut results = Vec::new();
@@ -234,12 +205,10 @@ fn workdir_on_a_proc_fd_fails_and_no_step_starts_outside_its_root() {
         )
         .unwrap();
         give_to_test_user(&df);
-        let mut args = p.args(
+        let args = p.build_args(
             &format!("state-{}", n % 4),
             &["-f", &df.display().to_string()],
         );
-        args.retain(|a| a != "plain");
-        args.retain(|a| a != "--progress");
         children.push((
             n,
             kiln(&args)
@@ -299,7 +268,7 @@ fn images_with_symlinked_or_missing_proc_dev_and_sys_fail_closed_or_are_masked()
     let canary = Canary::new("security-image-canary");
     let c = canary.dir.display().to_string();
     let core_pattern = std::fs::read("/proc/sys/kernel/core_pattern").unwrap();
-    let p = Project::new("security-image-links", "FROM scratch\n");
+    let p = project("security-image-links", "FROM scratch\n");
     type Edit = Box<dyn Fn(&Path)>;
     let link = |at: &'static str, to: String| -> Edit {
         Box::new(move |t: &Path| {
@@ -348,7 +317,13 @@ fn images_with_symlinked_or_missing_proc_dev_and_sys_fail_closed_or_are_masked()
         .unwrap();
         give_to_test_user(&p.dir.join("ctx"));
         let dest = p.dir.join(format!("out-{name}"));
-        let out = p.build(&["-o", &format!("type=local,dest={}", dest.display())]);
+        let out = kiln(plain(
+            &p,
+            "state",
+            &["-o", &format!("type=local,dest={}", dest.display())],
+        ))
+        .output()
+        .unwrap();
         if must_fail {
             let err = failed(out);
             assert!(
@@ -391,7 +366,7 @@ fn a_racer_in_a_shared_cache_cannot_redirect_other_steps_mounts() {
         ));
         copies.push_str(&format!("COPY --from=m{i} /root-listing /listing-{i}\n"));
     }
-    let p = Project::new(
+    let p = project(
         "security-race",
         &format!(
             r#"FROM scratch AS base
@@ -440,7 +415,7 @@ fn a_step_cannot_reach_a_host_abstract_socket_even_with_host_network() {
         std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
     };
     listener.set_nonblocking(true).unwrap();
-    let p = Project::new(
+    let p = project(
         "security-abstract",
         &format!(
             "FROM scratch\nCOPY rootfs/ /\nRUN probe connect-abstract {name} > /default\nRUN --network=host probe connect-abstract {name} > /host\n"
@@ -477,7 +452,7 @@ fn copy_keeps_symlinks_as_links_and_never_reads_host_files_through_them() {
     // docker cp CVE-2018-15664 class: a context symlink to a host file is
     // copied as a link; a stage's symlinks to / resolve in the stage.
     let canary = Canary::new("security-copy-canary");
-    let p = Project::new(
+    let p = project(
         "security-copy-links",
         r#"FROM scratch AS stage
 COPY rootfs/ /
@@ -526,7 +501,7 @@ RUN cat /copied/hostlink > /through-link 2>&1 || echo dangling > /through-link
 fn entitlements_and_unknown_modes_fail_closed() {
     // BuildKit CVE-2024-23653 class: privileges a Dockerfile asks for need
     // the build's grant, and a mode kiln does not know is an error.
-    let p = Project::new(
+    let p = project(
         "security-entitlements",
         "FROM scratch\nCOPY rootfs/ /\nRUN --network=host echo host-$((1+1))\n",
     );
@@ -558,7 +533,7 @@ fn the_kiln_binary_is_unchanged_after_the_escape_tests_run() {
     // runc CVE-2019-5736: nothing a step does may reach the kiln binary.
     let bin = kiln_vm_tests::kiln_binary();
     let before = run_checked(Command::new("sha256sum").arg(&bin)).stdout;
-    let p = Project::new(
+    let p = project(
         "security-exe",
         "FROM scratch\nCOPY rootfs/ /\nRUN for p in /proc/[0-9]*; do (echo x > $p/exe) 2>/dev/null && echo WROTE-INTO-$p; for f in $p/fd/*; do (echo x >> $f) 2>/dev/null; done; done; true\n",
     );
