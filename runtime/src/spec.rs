@@ -69,6 +69,25 @@ pub enum Network {
     None,
     /// the host's network namespace
     Host,
+    /// a new network namespace with outbound TCP and UDP through a
+    /// user-mode network stack ([`crate::net`]); the host's loopback is
+    /// reachable through the gateway address only when allowed
+    Sandbox { allow_host_loopback: bool },
+}
+
+impl Network {
+    /// Parse a user's `--network` value: `none`, `host` or `sandbox`;
+    /// anything else is an error, never a silent default.
+    pub fn parse(s: &str, allow_host_loopback: bool) -> Result<Network> {
+        match s {
+            "none" => Ok(Network::None),
+            "host" => Ok(Network::Host),
+            "sandbox" => Ok(Network::Sandbox {
+                allow_host_loopback,
+            }),
+            other => Err(Error::UnknownNetwork(other.to_string())),
+        }
+    }
 }
 
 /// A resource limit: soft and hard.
@@ -181,8 +200,24 @@ impl SandboxConfig {
             LinuxNamespaceType::Uts,
             LinuxNamespaceType::Cgroup,
         ];
-        if self.network == Network::None {
-            namespaces.push(LinuxNamespaceType::Network);
+        let mut annotations: std::collections::HashMap<String, String> =
+            [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
+                .into_iter()
+                .collect();
+        match self.network {
+            Network::None => namespaces.push(LinuxNamespaceType::Network),
+            Network::Host => {}
+            Network::Sandbox {
+                allow_host_loopback,
+            } => {
+                namespaces.push(LinuxNamespaceType::Network);
+                let value = if allow_host_loopback {
+                    "sandbox+host-loopback"
+                } else {
+                    "sandbox"
+                };
+                annotations.insert(crate::net::NETWORK_ANNOTATION.into(), value.into());
+            }
         }
         let namespaces = namespaces
             .into_iter()
@@ -206,11 +241,7 @@ impl SandboxConfig {
             .process(process)
             .linux(linux)
             .mounts(self.mounts.clone())
-            .annotations(
-                [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
-                    .into_iter()
-                    .collect::<std::collections::HashMap<_, _>>(),
-            )
+            .annotations(annotations)
             .build()
             .map_err(invalid)
     }
