@@ -141,13 +141,23 @@ fn is_executable(p: &Path) -> bool {
 /// A running helper; killed and reaped when dropped.
 #[derive(Debug)]
 pub(crate) struct Helper {
-    child: Child,
+    /// `None` once handed to the reaper
+    child: Option<Child>,
 }
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.kill();
+        // The helper's exit closes its tap device, and the kernel
+        // unregisters it synchronously in that exit (tens of milliseconds
+        // of RCU grace periods, measured): reap it off the step's path. If
+        // no thread can be made, the zombie is reaped when kiln exits.
+        let _ = std::thread::Builder::new()
+            .name("kiln-net-reap".into())
+            .spawn(move || child.wait());
     }
 }
 
@@ -241,7 +251,7 @@ impl Helper {
             source,
         })?;
         drop(ready_w);
-        let mut helper = Helper { child };
+        let mut helper = Helper { child: Some(child) };
 
         let mut fds = [PollFd::new(
             std::os::fd::AsFd::as_fd(&ready_r),
@@ -263,12 +273,11 @@ impl Helper {
             }
         };
         if let Err(what) = ready {
-            let _ = helper.child.kill();
-            let status = helper
-                .child
-                .wait()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let mut status = String::new();
+            if let Some(mut child) = helper.child.take() {
+                let _ = child.kill();
+                status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            }
             let mut text = String::new();
             let _ = log.rewind();
             let _ = log.read_to_string(&mut text);
