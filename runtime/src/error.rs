@@ -111,6 +111,8 @@ pub enum Error {
          or use --network=none"
     )]
     NetworkStackMissing,
+    #[error("--allow-host-loopback applies to --network sandbox, not to {0:?}")]
+    HostLoopbackNeedsSandbox(String),
     #[error("unknown network mode {0:?}: use sandbox, none or host")]
     UnknownNetwork(String),
     #[error("KILN_NETWORK_STACK={0:?} names no network stack: use pasta or slirp4netns")]

@@ -79,6 +79,9 @@ impl Network {
     /// Parse a user's `--network` value: `none`, `host` or `sandbox`;
     /// anything else is an error, never a silent default.
     pub fn parse(s: &str, allow_host_loopback: bool) -> Result<Network> {
+        if allow_host_loopback && s != "sandbox" {
+            return Err(Error::HostLoopbackNeedsSandbox(s.to_string()));
+        }
         match s {
             "none" => Ok(Network::None),
             "host" => Ok(Network::Host),
@@ -244,5 +247,72 @@ impl SandboxConfig {
             .annotations(annotations)
             .build()
             .map_err(invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_modes_parse_strictly() {
+        assert_eq!(Network::parse("none", false).unwrap(), Network::None);
+        assert_eq!(Network::parse("host", false).unwrap(), Network::Host);
+        assert_eq!(
+            Network::parse("sandbox", true).unwrap(),
+            Network::Sandbox {
+                allow_host_loopback: true
+            }
+        );
+        assert!(matches!(
+            Network::parse("bridge", false),
+            Err(Error::UnknownNetwork(_))
+        ));
+        assert!(matches!(
+            Network::parse("", false),
+            Err(Error::UnknownNetwork(_))
+        ));
+        assert!(matches!(
+            Network::parse("none", true),
+            Err(Error::HostLoopbackNeedsSandbox(_))
+        ));
+    }
+
+    #[test]
+    fn sandbox_network_asks_the_runtime_for_a_stack_on_a_new_namespace() {
+        let spec_of = |network| {
+            let mut c = SandboxConfig::new("/tmp", vec!["true".into()]);
+            c.network = network;
+            c.to_spec().unwrap()
+        };
+        let has_netns = |s: &Spec| {
+            s.linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().as_ref())
+                .is_some_and(|n| n.iter().any(|n| n.typ() == LinuxNamespaceType::Network))
+        };
+        let annotation = |s: &Spec| {
+            s.annotations()
+                .as_ref()
+                .and_then(|a| a.get(crate::net::NETWORK_ANNOTATION).cloned())
+        };
+        let sandbox = spec_of(Network::Sandbox {
+            allow_host_loopback: false,
+        });
+        assert!(has_netns(&sandbox));
+        assert_eq!(annotation(&sandbox).as_deref(), Some("sandbox"));
+        let loopback = spec_of(Network::Sandbox {
+            allow_host_loopback: true,
+        });
+        assert_eq!(
+            annotation(&loopback).as_deref(),
+            Some("sandbox+host-loopback")
+        );
+        let none = spec_of(Network::None);
+        assert!(has_netns(&none));
+        assert_eq!(annotation(&none), None);
+        let host = spec_of(Network::Host);
+        assert!(!has_netns(&host));
+        assert_eq!(annotation(&host), None);
     }
 }
