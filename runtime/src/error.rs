@@ -105,6 +105,30 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "--network=sandbox needs a user-mode network stack and neither pasta nor slirp4netns is installed: \
+         install pasta with `apt-get install passt` (or slirp4netns with `apt-get install slirp4netns`), \
+         or use --network=none"
+    )]
+    NetworkStackMissing,
+    #[error("--allow-host-loopback applies to --network sandbox, not to {0:?}")]
+    HostLoopbackNeedsSandbox(String),
+    #[error("unknown network mode {0:?}: use sandbox, none or host")]
+    UnknownNetwork(String),
+    #[error("KILN_NETWORK_STACK={0:?} names no network stack: use pasta or slirp4netns")]
+    NetworkStackUnknown(String),
+    #[error("cannot start {stack} for the sandbox's network: {source}")]
+    NetworkStackStart {
+        stack: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{stack} {what} ({status}): {stderr}; try --network=none, or the other stack with {}=pasta|slirp4netns", crate::net::STACK_ENV)]
+    NetworkStack {
+        stack: &'static str,
+        what: String,
+        status: String,
+        stderr: String,
+    },
     #[error("waiting for the sandbox failed: {0}")]
     Wait(nix::errno::Errno),
 }

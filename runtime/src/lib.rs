@@ -5,11 +5,12 @@
 //!
 //! A newcomer reads it in this order: [`spec`] (what a default sandbox is),
 //! [`sandbox`] (the parent: prepare, clone, map ids, wait), [`child`] (the
-//! numbered setup sequence up to exec), [`idmap`], [`seccomp`], [`user`].
+//! numbered setup sequence up to exec), [`idmap`], [`net`], [`seccomp`], [`user`].
 
 pub mod child;
 pub mod error;
 pub mod idmap;
+pub mod net;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;

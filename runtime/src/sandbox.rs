@@ -100,6 +100,9 @@ pub struct RunOptions {
     pub id_mapping: Option<IdMapping>,
     /// secrets and agent sockets, each in a tmpfs of the sandbox's own
     pub private: Vec<PrivateFile>,
+    /// the user-mode network stack for a spec that asks for one (see
+    /// [`crate::net::NETWORK_ANNOTATION`]); detected when not given
+    pub network_stack: Option<crate::net::Stack>,
 }
 
 /// A file or unix socket that exists only inside one sandbox: kiln mounts
@@ -331,6 +334,9 @@ struct Prepared {
     _trees: Vec<OwnedFd>,
     clone_flags: u64,
     mapping: IdMapping,
+    /// the network stack to start on the new network namespace, and
+    /// whether it may map the gateway to the host's loopback
+    network: Option<(crate::net::Stack, bool)>,
 }
 
 fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
@@ -392,6 +398,32 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         }
         seen.push(ns.typ());
     }
+    let annotations = spec.annotations().as_ref();
+    let network = match annotations
+        .and_then(|a| a.get(crate::net::NETWORK_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => None,
+        Some(v @ ("sandbox" | "sandbox+host-loopback")) => {
+            if !new_net {
+                return Err(Error::InvalidSpec(format!(
+                    "{}={v} needs a new network namespace",
+                    crate::net::NETWORK_ANNOTATION
+                )));
+            }
+            let stack = match opts.network_stack.take() {
+                Some(s) => s,
+                None => crate::net::Stack::detect()?,
+            };
+            Some((stack, v == "sandbox+host-loopback"))
+        }
+        Some(other) => {
+            return Err(Error::Unsupported(format!(
+            "network mode {other:?} in the {} annotation (known: sandbox, sandbox+host-loopback)",
+            crate::net::NETWORK_ANNOTATION
+        )))
+        }
+    };
     for required in [
         LinuxNamespaceType::User,
         LinuxNamespaceType::Mount,
@@ -612,6 +644,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         _trees: trees,
         clone_flags,
         mapping,
+        network,
     })
 }
 
@@ -728,13 +761,28 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     drop(std::mem::take(&mut prepared.stdio));
     drop(std::mem::take(&mut prepared.sinks));
 
-    // Write the id maps, then release the child.
-    if let Err(e) = prepared.mapping.apply(pid) {
+    // Write the id maps, start the network stack on the child's network
+    // namespace and wait until it is configured, then release the child:
+    // the user's command never runs before its network is up.
+    let abort = |e: Error| {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = waitpid(Pid::from_raw(pid), None);
         restore_mask();
-        return Err(e);
+        Err(e)
+    };
+    if let Err(e) = prepared.mapping.apply(pid) {
+        return abort(e);
     }
+    // Killed and reaped when dropped, after the sandbox has exited.
+    let _network = match &prepared.network {
+        None => None,
+        Some((stack, allow_host_loopback)) => {
+            match crate::net::Helper::start(stack, pid, *allow_host_loopback) {
+                Ok(h) => Some(h),
+                Err(e) => return abort(e),
+            }
+        }
+    };
     let _ = nix::unistd::write(&sync_w, b"g");
     drop(sync_w);
 

@@ -69,6 +69,28 @@ pub enum Network {
     None,
     /// the host's network namespace
     Host,
+    /// a new network namespace with outbound TCP and UDP through a
+    /// user-mode network stack ([`crate::net`]); the host's loopback is
+    /// reachable through the gateway address only when allowed
+    Sandbox { allow_host_loopback: bool },
+}
+
+impl Network {
+    /// Parse a user's `--network` value: `none`, `host` or `sandbox`;
+    /// anything else is an error, never a silent default.
+    pub fn parse(s: &str, allow_host_loopback: bool) -> Result<Network> {
+        if allow_host_loopback && s != "sandbox" {
+            return Err(Error::HostLoopbackNeedsSandbox(s.to_string()));
+        }
+        match s {
+            "none" => Ok(Network::None),
+            "host" => Ok(Network::Host),
+            "sandbox" => Ok(Network::Sandbox {
+                allow_host_loopback,
+            }),
+            other => Err(Error::UnknownNetwork(other.to_string())),
+        }
+    }
 }
 
 /// A resource limit: soft and hard.
@@ -181,8 +203,24 @@ impl SandboxConfig {
             LinuxNamespaceType::Uts,
             LinuxNamespaceType::Cgroup,
         ];
-        if self.network == Network::None {
-            namespaces.push(LinuxNamespaceType::Network);
+        let mut annotations: std::collections::HashMap<String, String> =
+            [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
+                .into_iter()
+                .collect();
+        match self.network {
+            Network::None => namespaces.push(LinuxNamespaceType::Network),
+            Network::Host => {}
+            Network::Sandbox {
+                allow_host_loopback,
+            } => {
+                namespaces.push(LinuxNamespaceType::Network);
+                let value = if allow_host_loopback {
+                    "sandbox+host-loopback"
+                } else {
+                    "sandbox"
+                };
+                annotations.insert(crate::net::NETWORK_ANNOTATION.into(), value.into());
+            }
         }
         let namespaces = namespaces
             .into_iter()
@@ -206,12 +244,75 @@ impl SandboxConfig {
             .process(process)
             .linux(linux)
             .mounts(self.mounts.clone())
-            .annotations(
-                [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
-                    .into_iter()
-                    .collect::<std::collections::HashMap<_, _>>(),
-            )
+            .annotations(annotations)
             .build()
             .map_err(invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_modes_parse_strictly() {
+        assert_eq!(Network::parse("none", false).unwrap(), Network::None);
+        assert_eq!(Network::parse("host", false).unwrap(), Network::Host);
+        assert_eq!(
+            Network::parse("sandbox", true).unwrap(),
+            Network::Sandbox {
+                allow_host_loopback: true
+            }
+        );
+        assert!(matches!(
+            Network::parse("bridge", false),
+            Err(Error::UnknownNetwork(_))
+        ));
+        assert!(matches!(
+            Network::parse("", false),
+            Err(Error::UnknownNetwork(_))
+        ));
+        assert!(matches!(
+            Network::parse("none", true),
+            Err(Error::HostLoopbackNeedsSandbox(_))
+        ));
+    }
+
+    #[test]
+    fn sandbox_network_asks_the_runtime_for_a_stack_on_a_new_namespace() {
+        let spec_of = |network| {
+            let mut c = SandboxConfig::new("/tmp", vec!["true".into()]);
+            c.network = network;
+            c.to_spec().unwrap()
+        };
+        let has_netns = |s: &Spec| {
+            s.linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().as_ref())
+                .is_some_and(|n| n.iter().any(|n| n.typ() == LinuxNamespaceType::Network))
+        };
+        let annotation = |s: &Spec| {
+            s.annotations()
+                .as_ref()
+                .and_then(|a| a.get(crate::net::NETWORK_ANNOTATION).cloned())
+        };
+        let sandbox = spec_of(Network::Sandbox {
+            allow_host_loopback: false,
+        });
+        assert!(has_netns(&sandbox));
+        assert_eq!(annotation(&sandbox).as_deref(), Some("sandbox"));
+        let loopback = spec_of(Network::Sandbox {
+            allow_host_loopback: true,
+        });
+        assert_eq!(
+            annotation(&loopback).as_deref(),
+            Some("sandbox+host-loopback")
+        );
+        let none = spec_of(Network::None);
+        assert!(has_netns(&none));
+        assert_eq!(annotation(&none), None);
+        let host = spec_of(Network::Host);
+        assert!(!has_netns(&host));
+        assert_eq!(annotation(&host), None);
     }
 }

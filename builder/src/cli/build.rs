@@ -53,9 +53,15 @@ pub struct BuildArgs {
     /// Snapshotter backend: auto, fuse, overlay or copy
     #[arg(long, default_value = "auto")]
     snapshotter: String,
-    /// Network of RUN steps: none or host
-    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    /// Network of RUN steps: `sandbox` (own network namespace, outbound
+    /// through pasta or slirp4netns), `none` (only loopback) or `host`
+    /// (needs --allow network.host); RUN --network overrides it per step
+    #[arg(long, default_value = "sandbox", value_name = "MODE")]
     network: String,
+    /// Under --network=sandbox, let steps reach the host's loopback
+    /// services through the gateway address
+    #[arg(long)]
+    allow_host_loopback: bool,
     /// Grant an entitlement: network.host
     #[arg(long, value_name = "ENTITLEMENT")]
     allow: Vec<String>,
@@ -94,6 +100,9 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
             other => bail!("unknown entitlement {other:?}: kiln knows network.host"),
         }
     }
+    let network = kiln_runtime::Network::parse(&args.network, args.allow_host_loopback)?;
+    // the same check every step makes, once before anything runs
+    crate::engine::entitled_network(None, network, allow_network_host)?;
     let mut build_args = BTreeMap::new();
     for a in &args.build_arg {
         match a.split_once('=') {
@@ -169,11 +178,7 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
         }),
         state: crate::image::StateDir::open(root)?,
         backend,
-        network: if args.network == "host" {
-            kiln_runtime::Network::Host
-        } else {
-            kiln_runtime::Network::None
-        },
+        network,
         allow_network_host,
         source_date_epoch: epoch,
         // SOURCE_DATE_EPOCH also clamps the time of every file in the

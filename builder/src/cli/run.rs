@@ -15,9 +15,14 @@ use crate::image::{ImageStore, StateDir};
 pub struct RunArgs {
     /// Image name, digest or id prefix
     image: String,
-    /// Network: none (only loopback) or host
-    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    /// Network: `none` (only loopback), `sandbox` (a private namespace with
+    /// outbound access through pasta or slirp4netns) or `host`
+    #[arg(long, default_value = "none", value_name = "MODE")]
     network: String,
+    /// Under --network=sandbox, let the command reach the host's loopback
+    /// services through the gateway address
+    #[arg(long)]
+    allow_host_loopback: bool,
     /// Set an environment variable (`K=V`)
     #[arg(long, short = 'e', value_name = "K=V")]
     env: Vec<String>,
@@ -64,11 +69,7 @@ pub fn run(root: Option<&Path>, args: RunArgs) -> anyhow::Result<i32> {
     let view = snap.prepare(&format!("run-{}", std::process::id()), chain.as_ref())?;
     let rootfs = view.path().to_path_buf();
     let mut config_s = SandboxConfig::new(&rootfs, argv);
-    config_s.network = if args.network == "host" {
-        Network::Host
-    } else {
-        Network::None
-    };
+    config_s.network = Network::parse(&args.network, args.allow_host_loopback)?;
     config_s.cwd = c["WorkingDir"]
         .as_str()
         .filter(|w| !w.is_empty())
@@ -87,13 +88,26 @@ pub fn run(root: Option<&Path>, args: RunArgs) -> anyhow::Result<i32> {
     config_s.env = strings(&c["Env"]);
     config_s.env.extend(args.env.iter().cloned());
     let spec = config_s.to_spec()?;
-    let status = kiln_runtime::run(
-        &spec,
-        RunOptions {
-            forward_signals: true,
-            ..Default::default()
-        },
-    );
+    let mut private = Vec::new();
+    let network =
+        crate::engine::exec::network_setup(&rootfs, config_s.network, "kiln", &mut private);
+    let status = match network {
+        Ok((network_stack, network_files)) => {
+            let status = kiln_runtime::run(
+                &spec,
+                RunOptions {
+                    forward_signals: true,
+                    private,
+                    network_stack,
+                    ..Default::default()
+                },
+            )
+            .map_err(anyhow::Error::from);
+            drop(network_files);
+            status
+        }
+        Err(e) => Err(e.into()),
+    };
     // The view is thrown away whatever happened.
     let _ = snap.remove(view);
     Ok(status?.code())

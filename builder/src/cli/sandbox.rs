@@ -14,9 +14,15 @@ pub struct SandboxArgs {
     /// Root filesystem directory of the sandbox
     #[arg(long, value_name = "DIR")]
     rootfs: PathBuf,
-    /// Network: `none` (a private namespace with only loopback) or `host`
-    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    /// Network: `none` (a private namespace with only loopback), `sandbox`
+    /// (a private namespace with outbound access through pasta or
+    /// slirp4netns) or `host`
+    #[arg(long, default_value = "none", value_name = "MODE")]
     network: String,
+    /// Under --network=sandbox, let the command reach the host's loopback
+    /// services through the gateway address
+    #[arg(long)]
+    allow_host_loopback: bool,
     /// User to run as: name or uid, optionally `:group` or `:gid`, resolved
     /// from the rootfs's /etc/passwd and /etc/group
     #[arg(long, short = 'u', value_name = "U[:G]")]
@@ -92,11 +98,7 @@ fn parse_rlimit(s: &str) -> anyhow::Result<Rlimit> {
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<i32> {
     let mut config = SandboxConfig::new(&args.rootfs, args.command.clone());
-    config.network = if args.network == "host" {
-        Network::Host
-    } else {
-        Network::None
-    };
+    config.network = Network::parse(&args.network, args.allow_host_loopback)?;
     config.cwd = args.cwd.clone();
     config.hostname = args.hostname.clone();
     config.seccomp = args.seccomp.clone();
@@ -141,14 +143,25 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<i32> {
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
+    let mut private = Vec::new();
+    let (network_stack, network_files) = crate::engine::exec::network_setup(
+        &args.rootfs,
+        config.network,
+        &args.hostname,
+        &mut private,
+    )?;
     let status = kiln_runtime::run(
         &spec,
         RunOptions {
             timeout,
             forward_signals: true,
+            private,
+            network_stack,
             ..Default::default()
         },
-    )?;
+    );
+    drop(network_files);
+    let status = status?;
     if let kiln_runtime::ExitStatus::TimedOut = status {
         eprintln!(
             "kiln: the command timed out after {}s; the sandbox was killed",

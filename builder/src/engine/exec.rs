@@ -36,6 +36,8 @@ pub enum Error {
     Workdir { dir: String, source: std::io::Error },
     #[error("cannot set up the step's output pipe: {0}")]
     Pipe(std::io::Error),
+    #[error("cannot give the step its network files: {0}")]
+    NetworkFiles(#[from] super::run_mounts::Error),
     #[error("a heredoc script needs an interpreter on its #! line")]
     EmptyShebang,
 }
@@ -115,6 +117,44 @@ pub fn created_by(run: &Run, state: &ImageState) -> String {
     format!("RUN {body} # buildkit")
 }
 
+/// The files a sandbox under `--network=sandbox` gets: /etc/resolv.conf
+/// from the host's, /etc/hosts with localhost.
+pub fn sandbox_files(stack: &kiln_runtime::net::Stack, hostname: &str) -> Vec<(String, Vec<u8>)> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    vec![
+        (
+            "/etc/resolv.conf".into(),
+            stack.resolv_conf(&host).into_bytes(),
+        ),
+        (
+            "/etc/hosts".into(),
+            kiln_runtime::net::hosts_file(hostname).into_bytes(),
+        ),
+    ]
+}
+
+/// What a sandbox on `rootfs` needs for `network`: under `sandbox`, the
+/// stack to start (detected here, so a missing one fails before anything
+/// runs) and the network files, appended to `private`; the returned guard
+/// removes their stubs when dropped. Nothing for `none` and `host`.
+pub fn network_setup(
+    rootfs: &Path,
+    network: Network,
+    hostname: &str,
+    private: &mut Vec<PrivateFile>,
+) -> Result<(
+    Option<kiln_runtime::net::Stack>,
+    Option<super::run_mounts::NetworkFiles>,
+)> {
+    let Network::Sandbox { .. } = network else {
+        return Ok((None, None));
+    };
+    let stack = kiln_runtime::net::Stack::detect()?;
+    let mut files = super::run_mounts::network_files(rootfs, sandbox_files(&stack, hostname))?;
+    private.append(&mut files.private);
+    Ok((Some(stack), Some(files)))
+}
+
 /// Run the step on the view at `rootfs`.
 pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Result<()> {
     // The working directory exists before the command starts (BuildKit
@@ -168,6 +208,11 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
     }
     let oci = config.to_spec()?;
 
+    // --network=sandbox: the helper that carries the traffic, and the
+    // step's resolv.conf and hosts naming what it can reach.
+    let mut private = std::mem::take(&mut spec.private);
+    let (network_stack, network_files) = network_setup(rootfs, spec.network, "kiln", &mut private)?;
+
     let (out_r, out_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Pipe(e.into()))?;
     let err_w: OwnedFd = out_w.try_clone().map_err(Error::Pipe)?;
@@ -206,10 +251,13 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
             stdin,
             stdout: Stdio::Fd(out_w),
             stderr: Stdio::Fd(err_w),
-            private: std::mem::take(&mut spec.private),
+            private,
+            network_stack,
             ..Default::default()
         },
     );
+    // the stubs go before the layer is made
+    drop(network_files);
     let tail: Vec<String> = reader.join().unwrap_or_default().into();
     let status = status?;
     if !status.success() {

@@ -34,7 +34,7 @@ use self::cache::{Cache, Key, KeyBuilder};
 use self::progress::Progress;
 use self::state::{History, ImageState, LayerRef};
 use crate::frontend::dockerignore::Matcher;
-use crate::frontend::instructions::Instruction;
+use crate::frontend::instructions::{Instruction, NetworkMode};
 use crate::frontend::plan::SourceRef;
 use crate::frontend::{self, Base, Plan, PlanOptions, Platform, Stage, Step};
 
@@ -120,6 +120,47 @@ pub enum StepError {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The network a process of the build gets: `requested` (a step's
+/// `RUN --network`, or the build's own `--network`), else the build's
+/// default. The one entitlement check of the build: every path that starts
+/// a process for a build asks here, so a Dockerfile can never raise itself
+/// to the host's network without `--allow network.host` (BuildKit's
+/// entitlements).
+pub fn entitled_network(
+    requested: Option<NetworkMode>,
+    build_default: kiln_runtime::Network,
+    allow_network_host: bool,
+) -> std::result::Result<kiln_runtime::Network, StepError> {
+    let allow_host_loopback = match build_default {
+        kiln_runtime::Network::Sandbox {
+            allow_host_loopback,
+        } => allow_host_loopback,
+        _ => false,
+    };
+    Ok(match requested {
+        None | Some(NetworkMode::Default) => {
+            if build_default == kiln_runtime::Network::Host && !allow_network_host {
+                return Err(StepError::Unsupported(
+                    "--network=host needs the network.host entitlement: start the build with --allow network.host".into(),
+                ));
+            }
+            build_default
+        }
+        Some(NetworkMode::Host) => {
+            if !allow_network_host {
+                return Err(StepError::Unsupported(
+                    "RUN --network=host needs the network.host entitlement: start the build with --allow network.host".into(),
+                ));
+            }
+            kiln_runtime::Network::Host
+        }
+        Some(NetworkMode::None) => kiln_runtime::Network::None,
+        Some(NetworkMode::Sandbox) => kiln_runtime::Network::Sandbox {
+            allow_host_loopback,
+        },
+    })
+}
 
 /// What `kiln build` was asked to do.
 #[derive(Debug, Clone)]
@@ -798,20 +839,8 @@ impl Engine {
                             .into(),
                     ));
                 }
-                let network = match run.network {
-                    Some(crate::frontend::instructions::NetworkMode::Host) => {
-                        if !self.opts.allow_network_host {
-                            return Err(StepError::Unsupported(
-                                "RUN --network=host needs the network.host entitlement: start the build with --allow network.host".into(),
-                            ));
-                        }
-                        kiln_runtime::Network::Host
-                    }
-                    Some(crate::frontend::instructions::NetworkMode::None) => {
-                        kiln_runtime::Network::None
-                    }
-                    _ => self.opts.network,
-                };
+                let network =
+                    entitled_network(run.network, self.opts.network, self.opts.allow_network_host)?;
                 let workdir = step.workdir.clone().unwrap_or_else(|| {
                     if state.config.workdir.is_empty() {
                         "/".into()
@@ -1251,5 +1280,55 @@ impl Engine {
             executed: 0,
             cached: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::Network;
+
+    const SANDBOX: Network = Network::Sandbox {
+        allow_host_loopback: false,
+    };
+
+    #[test]
+    fn a_step_cannot_raise_itself_to_host_without_the_entitlement() {
+        assert!(entitled_network(Some(NetworkMode::Host), SANDBOX, false).is_err());
+        assert_eq!(
+            entitled_network(Some(NetworkMode::Host), SANDBOX, true).unwrap(),
+            Network::Host
+        );
+        // the build-level --network=host goes through the same check
+        assert!(entitled_network(None, Network::Host, false).is_err());
+        assert!(entitled_network(Some(NetworkMode::Default), Network::Host, false).is_err());
+        assert_eq!(
+            entitled_network(None, Network::Host, true).unwrap(),
+            Network::Host
+        );
+    }
+
+    #[test]
+    fn default_means_the_build_network_and_lower_modes_need_nothing() {
+        assert_eq!(entitled_network(None, SANDBOX, false).unwrap(), SANDBOX);
+        assert_eq!(
+            entitled_network(Some(NetworkMode::Default), Network::None, false).unwrap(),
+            Network::None
+        );
+        assert_eq!(
+            entitled_network(Some(NetworkMode::None), Network::Host, true).unwrap(),
+            Network::None
+        );
+        let allowed = Network::Sandbox {
+            allow_host_loopback: true,
+        };
+        assert_eq!(
+            entitled_network(Some(NetworkMode::Sandbox), allowed, false).unwrap(),
+            allowed
+        );
+        assert_eq!(
+            entitled_network(Some(NetworkMode::Sandbox), Network::None, false).unwrap(),
+            SANDBOX
+        );
     }
 }

@@ -742,6 +742,56 @@ fn ensure(
     Ok(())
 }
 
+/// The /etc/resolv.conf and /etc/hosts of a step under
+/// `--network=sandbox`: private files bound read-only over the image's own
+/// (or over stubs made for them), so nothing of the host's DNS setup is
+/// written into the step's layer. The stubs go when this is dropped.
+pub struct NetworkFiles {
+    rootfs: PathBuf,
+    stubs: Vec<Stub>,
+    /// for [`kiln_runtime::RunOptions::private`]
+    pub private: Vec<PrivateFile>,
+}
+
+impl Drop for NetworkFiles {
+    fn drop(&mut self) {
+        remove_stubs(&self.rootfs, &self.stubs);
+    }
+}
+
+/// Make `files` (absolute path, content) exist as stub files in the rootfs
+/// and describe them as read-only private files of the sandbox. A path
+/// that is a dangling symlink in the image (e.g. /etc/resolv.conf pointing
+/// at a systemd-resolved runtime file) is skipped: the step then sees the
+/// image's own, as it would on a host without that file.
+pub fn network_files(rootfs: &Path, files: Vec<(String, Vec<u8>)>) -> Result<NetworkFiles> {
+    let rootfs_real = std::fs::canonicalize(rootfs).unwrap_or_else(|_| rootfs.to_path_buf());
+    let mut out = NetworkFiles {
+        rootfs: rootfs_real.clone(),
+        stubs: Vec::new(),
+        private: Vec::new(),
+    };
+    let root = Root::open(rootfs).map_err(|source| Error::Stub {
+        target: "/".into(),
+        source,
+    })?;
+    for (target, content) in files {
+        match ensure(&root, &rootfs_real, &target, false, &mut out.stubs) {
+            Ok(()) => {}
+            Err(Error::DanglingTarget { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+        out.private.push(PrivateFile {
+            dest: target,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            content: PrivateContent::Bytes(content.into()),
+        });
+    }
+    Ok(out)
+}
+
 /// Remove the stubs (children first) that are still the empty directory or
 /// empty file kiln created, reached without following any symlink.
 fn remove_stubs(rootfs: &Path, stubs: &[Stub]) {

@@ -73,7 +73,7 @@ pub enum InstructionError {
     #[error("{0} isn't allowed as an ONBUILD trigger")]
     OnbuildForbidden(String),
     /// `--network=x`.
-    #[error("unsupported network mode {0:?}; use default, none or host")]
+    #[error("unsupported network mode {0:?}; use default, sandbox, none or host")]
     Network(String),
     /// `--security=x`.
     #[error("unsupported security mode {0:?}; use sandbox or insecure")]
@@ -253,6 +253,9 @@ pub enum RunCommand {
 pub enum NetworkMode {
     /// The sandbox's usual network.
     Default,
+    /// A network namespace of its own with outbound access through a
+    /// user-mode network stack.
+    Sandbox,
     /// No network.
     None,
     /// The host's network (needs the `network.host` entitlement).
@@ -923,6 +926,7 @@ pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 None => None,
                 Some(n) => Some(match n.as_str() {
                     "default" => NetworkMode::Default,
+                    "sandbox" => NetworkMode::Sandbox,
                     "none" => NetworkMode::None,
                     "host" => NetworkMode::Host,
                     _ => return Err(at(InstructionError::Network(n.clone()), &n)),

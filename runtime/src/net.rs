@@ -1,0 +1,354 @@
+//! The user-mode network stack behind [`crate::Network::Sandbox`]: which
+//! helper kiln uses (pasta, else slirp4netns), the resolv.conf and hosts
+//! files a sandbox gets with it, and starting the helper on the sandbox's
+//! network namespace.
+//!
+//! The helper runs as the calling user in kiln's own namespaces, outside
+//! every namespace of the sandbox: it owns a tap device inside the sandbox's
+//! network namespace and turns the frames it reads into ordinary sockets of
+//! the user. It is started after the clone (the namespace must exist) and
+//! before the child is released (the network must be up before the user's
+//! command runs), and it dies with the sandbox and with kiln.
+//!
+//! This module never touches the sandbox's filesystem: the caller places
+//! [`Stack::resolv_conf`] and [`hosts_file`] where the sandbox sees them.
+
+use std::io::{Read, Seek};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::error::{Error, Result};
+
+/// Environment variable that forces one helper: `pasta` or `slirp4netns`
+/// (used by the tests of the fallback, and by users whose pasta misbehaves).
+pub const STACK_ENV: &str = "KILN_NETWORK_STACK";
+
+/// Annotation that asks [`crate::run`] for a user-mode network stack on the
+/// sandbox's new network namespace: `sandbox`, or `sandbox+host-loopback`
+/// to let the sandbox reach the host's loopback through the gateway.
+pub const NETWORK_ANNOTATION: &str = "run.kiln.network";
+
+/// How long a helper may take to configure the namespace.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// pasta's DNS forwarder address in the sandbox, used when every resolver
+/// of the host is on its loopback (systemd-resolved's 127.0.0.53), which the
+/// sandbox's network namespace cannot reach. Podman picks the same.
+const PASTA_DNS_FORWARD: &str = "169.254.1.1";
+/// slirp4netns's built-in DNS forwarder.
+const SLIRP_DNS: &str = "10.0.2.3";
+
+/// A user-mode network stack kiln can start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stack {
+    /// pasta, from the passt package
+    Pasta(PathBuf),
+    /// slirp4netns
+    Slirp4netns(PathBuf),
+}
+
+impl Stack {
+    /// The helper to use: the one [`STACK_ENV`] names, else pasta, else
+    /// slirp4netns, searched in `PATH`.
+    pub fn detect() -> Result<Stack> {
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let find = |name: &str| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| is_executable(p))
+        };
+        let pasta = || find("pasta").map(Stack::Pasta);
+        let slirp = || find("slirp4netns").map(Stack::Slirp4netns);
+        match std::env::var(STACK_ENV).ok().as_deref() {
+            None | Some("") => pasta().or_else(slirp).ok_or(Error::NetworkStackMissing),
+            Some("pasta") => pasta().ok_or(Error::NetworkStackMissing),
+            Some("slirp4netns") => slirp().ok_or(Error::NetworkStackMissing),
+            Some(other) => Err(Error::NetworkStackUnknown(other.to_string())),
+        }
+    }
+
+    /// The helper's program name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stack::Pasta(_) => "pasta",
+            Stack::Slirp4netns(_) => "slirp4netns",
+        }
+    }
+
+    /// The address in the sandbox that forwards DNS queries to the host's
+    /// resolvers.
+    pub fn dns_forwarder(&self) -> &'static str {
+        match self {
+            Stack::Pasta(_) => PASTA_DNS_FORWARD,
+            Stack::Slirp4netns(_) => SLIRP_DNS,
+        }
+    }
+
+    /// The sandbox's /etc/resolv.conf, made from the host's (`host` is its
+    /// text): the host's nameservers that the sandbox can reach, or the
+    /// stack's forwarder when every one is on the host's loopback; search
+    /// and options lines as they are.
+    pub fn resolv_conf(&self, host: &str) -> String {
+        let mut servers = Vec::new();
+        let mut rest = Vec::new();
+        for line in host.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") => {
+                    let Some(addr) = words.next() else { continue };
+                    match addr.parse::<std::net::IpAddr>() {
+                        Ok(ip) if ip.is_loopback() || ip.is_unspecified() => {}
+                        Ok(_) => servers.push(addr.to_string()),
+                        Err(_) => {}
+                    }
+                }
+                Some("search" | "domain" | "options") => rest.push(line.trim().to_string()),
+                _ => {}
+            }
+        }
+        if servers.is_empty() {
+            servers.push(self.dns_forwarder().to_string());
+        }
+        let mut out = String::from("# written by kiln for --network=sandbox\n");
+        for s in servers {
+            out.push_str(&format!("nameserver {s}\n"));
+        }
+        for l in rest {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The sandbox's /etc/hosts: localhost on both loopback addresses (what
+/// BuildKit provides).
+pub fn hosts_file(hostname: &str) -> String {
+    format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A running helper; killed and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct Helper {
+    /// `None` once handed to the reaper
+    child: Option<Child>,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.kill();
+        // The helper's exit closes its tap device, and the kernel
+        // unregisters it synchronously in that exit (tens of milliseconds
+        // of RCU grace periods, measured): reap it off the step's path. If
+        // no thread can be made, the zombie is reaped when kiln exits.
+        let _ = std::thread::Builder::new()
+            .name("kiln-net-reap".into())
+            .spawn(move || child.wait());
+    }
+}
+
+/// The helper's command line, `ready` being the descriptor it signals
+/// readiness on.
+fn command(stack: &Stack, pid: i32, allow_host_loopback: bool, ready: i32) -> Command {
+    let netns = format!("/proc/{pid}/ns/net");
+    match stack {
+        Stack::Pasta(bin) => {
+            let mut c = Command::new(bin);
+            // Root in kiln's user namespace is the user outside: say so, or
+            // pasta, seeing uid 0, may try to drop to "nobody".
+            // SAFETY: geteuid/getegid cannot fail.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            c.args(["--config-net", "--foreground", "--quiet"])
+                .args(["--runas", &format!("{uid}:{gid}")])
+                .args(["--netns", &netns])
+                // No port forwarding in either direction: pasta's default
+                // ("auto") would make every port bound on the host's
+                // loopback reachable at the sandbox's own 127.0.0.1.
+                .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+                .args(["--dns-forward", PASTA_DNS_FORWARD])
+                // pasta writes its pid once the namespace is configured
+                .args(["--pid", &format!("/proc/self/fd/{ready}")]);
+            if !allow_host_loopback {
+                // by default pasta maps the gateway address to the host's
+                // loopback
+                c.arg("--no-map-gw");
+            }
+            c
+        }
+        Stack::Slirp4netns(bin) => {
+            let mut c = Command::new(bin);
+            c.args([
+                "--configure",
+                "--mtu=65520",
+                "--enable-sandbox",
+                "--enable-seccomp",
+            ])
+            .arg(format!("--ready-fd={ready}"))
+            .args(["--netns-type=path", &netns, "tap0"]);
+            if !allow_host_loopback {
+                c.arg("--disable-host-loopback");
+            }
+            c
+        }
+    }
+}
+
+impl Helper {
+    /// Start `stack` on the network namespace of `pid` and wait until it
+    /// has configured it.
+    pub(crate) fn start(stack: &Stack, pid: i32, allow_host_loopback: bool) -> Result<Helper> {
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::Channel(e.into()))?;
+        let log = nix::sys::memfd::memfd_create(
+            c"kiln-network-log",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| Error::Channel(e.into()))?;
+        let mut log = std::fs::File::from(log);
+        let ready_fd = ready_w.as_raw_fd();
+        let mut cmd = command(stack, pid, allow_host_loopback, ready_fd);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.try_clone().map_err(Error::Channel)?);
+        // SAFETY: getpid cannot fail.
+        let kiln = unsafe { libc::getpid() };
+        // SAFETY: the closure runs between fork and exec and calls only
+        // async-signal-safe functions (fcntl, prctl, getppid, _exit) on
+        // `ready_fd`, which stays open in the parent until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // the readiness pipe survives exec, nothing else of ours
+                if libc::fcntl(ready_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Die with kiln, even when kiln is SIGKILLed; a kiln that
+                // died before this point is caught by the ppid check.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != kiln {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| Error::NetworkStackStart {
+            stack: stack.name(),
+            source,
+        })?;
+        drop(ready_w);
+        let mut helper = Helper { child: Some(child) };
+
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(&ready_r),
+            PollFlags::POLLIN,
+        )];
+        let timeout = PollTimeout::try_from(READY_TIMEOUT.as_millis()).unwrap_or(PollTimeout::MAX);
+        let ready = loop {
+            match nix::poll::poll(&mut fds, timeout) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Channel(e.into())),
+                Ok(0) => break Err("did not configure the network within 10s".to_string()),
+                Ok(_) => {
+                    let mut b = [0u8; 1];
+                    break match nix::unistd::read(ready_r.as_raw_fd(), &mut b) {
+                        Ok(1) => Ok(()),
+                        _ => Err("exited before configuring the network".to_string()),
+                    };
+                }
+            }
+        };
+        if let Err(what) = ready {
+            let mut status = String::new();
+            if let Some(mut child) = helper.child.take() {
+                let _ = child.kill();
+                status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            }
+            let mut text = String::new();
+            let _ = log.rewind();
+            let _ = log.read_to_string(&mut text);
+            let stderr = text
+                .lines()
+                .filter(|l| !l.contains("to syslog") && !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(Error::NetworkStack {
+                stack: stack.name(),
+                what,
+                status,
+                stderr,
+            });
+        }
+        Ok(helper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_keeps_reachable_servers_and_search() {
+        let s = Stack::Pasta("/usr/bin/pasta".into());
+        let out = s.resolv_conf(
+            "# comment\nnameserver 10.1.2.3\nnameserver 127.0.0.53\nsearch example.org\noptions edns0\n",
+        );
+        assert!(out.contains("nameserver 10.1.2.3\n"));
+        assert!(!out.contains("127.0.0.53"));
+        assert!(out.contains("search example.org\n"));
+        assert!(out.contains("options edns0\n"));
+    }
+
+    #[test]
+    fn resolv_conf_uses_the_forwarder_for_a_loopback_resolver() {
+        let pasta = Stack::Pasta("/usr/bin/pasta".into());
+        assert!(pasta
+            .resolv_conf("nameserver 127.0.0.53\n")
+            .contains("nameserver 169.254.1.1\n"));
+        let slirp = Stack::Slirp4netns("/usr/bin/slirp4netns".into());
+        assert!(slirp
+            .resolv_conf("nameserver ::1\n")
+            .contains("nameserver 10.0.2.3\n"));
+        assert!(slirp.resolv_conf("").contains("nameserver 10.0.2.3\n"));
+    }
+
+    #[test]
+    fn pasta_never_forwards_ports_and_maps_the_gateway_only_when_allowed() {
+        let s = Stack::Pasta("/usr/bin/pasta".into());
+        let args = |allow| {
+            command(&s, 42, allow, 7)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let denied = args(false);
+        assert!(denied.contains(&"--no-map-gw".to_string()));
+        assert!(denied.windows(2).any(|w| w == ["-T", "none"]));
+        assert!(denied
+            .windows(2)
+            .any(|w| w == ["--netns", "/proc/42/ns/net"]));
+        assert!(!args(true).contains(&"--no-map-gw".to_string()));
+        let slirp = Stack::Slirp4netns("/usr/bin/slirp4netns".into());
+        let has = |allow| {
+            command(&slirp, 42, allow, 7)
+                .get_args()
+                .any(|a| a == "--disable-host-loopback")
+        };
+        assert!(has(false));
+        assert!(!has(true));
+    }
+}
