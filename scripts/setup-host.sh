@@ -11,7 +11,8 @@
 #  - liblzma-dev and pkg-config for ADD's xz decoding (liblzma-sys links
 #    the system library), xz-utils, bzip2 and zstd to make test archives
 #  - openssh-client, openssh-server (ssh-keygen, ssh-agent, ssh-add, sshd) for the `--ssh` agent tests
-#    tests
+#  - docker-registry, apache2-utils (htpasswd), openssl and curl for the
+#    registry tests (a local registry, plain HTTP and TLS with a private CA)
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
 # ship them (some CI machines have them 0600).
 set -euo pipefail
@@ -21,7 +22,8 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
-      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server"
+      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server
+      docker-registry apache2-utils openssl curl"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

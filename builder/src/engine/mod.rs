@@ -45,6 +45,8 @@ const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 pub enum Error {
     #[error("{0}")]
     Frontend(#[from] frontend::Error),
+    #[error("cannot pull the base image: {0}")]
+    Pull(Box<crate::registry::Error>),
     #[error("cannot read the Dockerfile {path}: {source}")]
     Dockerfile {
         path: PathBuf,
@@ -62,7 +64,7 @@ pub enum Error {
         instruction: String,
         source: Box<StepError>,
     },
-    #[error("base image {0:?} is not in kiln's image store: load it with `kiln load -i FILE` or `kiln import DIR -t NAME` (registry pulls are not supported yet)")]
+    #[error("base image {0:?} is not in kiln's image store: pull it with `kiln pull NAME`, or add it with `kiln load -i FILE` or `kiln import DIR -t NAME`")]
     BaseNotFound(String),
     #[error("base image {name:?}: {source}")]
     Image {
@@ -140,6 +142,8 @@ pub struct BuildOptions {
     pub rewrite_timestamp: bool,
     /// `--secret` and `--ssh`
     pub session: Arc<crate::session::Session>,
+    /// pulls `FROM` images missing from the store; `None`: never pull
+    pub registry: Option<crate::registry::Registry>,
 }
 
 /// A built image, stored in the content store.
@@ -212,9 +216,41 @@ fn now_or_epoch(epoch: Option<i64>) -> String {
 
 /// Load a base image from the local image store: its key, state (config,
 /// history, layers) and unpacked chain.
-fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key, ImageState)> {
-    let store = crate::image::ImageStore::new(snap);
-    let image = store.resolve(name).map_err(|e| match e {
+fn load_base(
+    snap: &Arc<Snapshotter>,
+    registry: Option<&crate::registry::Registry>,
+    name: &str,
+    platform: &Platform,
+) -> Result<(Key, ImageState)> {
+    let want = crate::image::Platform {
+        os: platform.os.clone(),
+        architecture: platform.architecture.clone(),
+        variant: platform.variant.clone(),
+    };
+    let store = crate::image::ImageStore::new(snap).with_platform(want.clone());
+    let image = match (store.resolve(name), registry) {
+        // not stored: pull it (on a runtime worker, where unpacking may
+        // block in place), then resolve again
+        (Err(crate::image::store::Error::NotFound(_)), Some(reg)) => {
+            let (snap2, reg, n, p) = (snap.clone(), reg.clone(), name.to_string(), want.clone());
+            let handle = tokio::runtime::Handle::current();
+            handle
+                .block_on(handle.spawn(async move {
+                    let store = crate::image::ImageStore::new(&snap2).with_platform(p.clone());
+                    reg.pull(&store, &n, &p).await.map(|_| ())
+                }))
+                .map_err(|e| {
+                    Error::Pull(Box::new(crate::registry::Error::Task {
+                        reference: name.to_string(),
+                        reason: e.to_string(),
+                    }))
+                })?
+                .map_err(|e| Error::Pull(Box::new(e)))?;
+            store.resolve(name)
+        }
+        (r, _) => r,
+    };
+    let image = image.map_err(|e| match e {
         crate::image::store::Error::NotFound(_) => Error::BaseNotFound(name.to_string()),
         other => Error::Image {
             name: name.to_string(),
@@ -375,8 +411,9 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     for stage in &first.stages {
         if let Base::Image { reference } = &stage.base {
             if !bases.contains_key(reference) {
-                let loaded =
-                    tokio::task::block_in_place(|| load_base(&snap, reference, &stage.platform))?;
+                let loaded = tokio::task::block_in_place(|| {
+                    load_base(&snap, opts.registry.as_ref(), reference, &stage.platform)
+                })?;
                 plan_opts
                     .image_env
                     .insert(reference.clone(), loaded.1.env_pairs());
@@ -497,7 +534,7 @@ impl Engine {
         platform: &Platform,
     ) -> std::result::Result<FromSource, StepError> {
         if let Some(reference) = source.strip_prefix("docker-image://") {
-            let (k, st) = load_base(&self.snap, reference, platform)
+            let (k, st) = load_base(&self.snap, self.opts.registry.as_ref(), reference, platform)
                 .map_err(|e| StepError::Unsupported(e.to_string()))?;
             return Ok(FromSource::Image(k, Box::new(st)));
         }
@@ -564,7 +601,14 @@ impl Engine {
             Base::Context { name, source } => {
                 let platform = stage.platform.clone();
                 if let Some(reference) = source.strip_prefix("docker-image://") {
-                    tokio::task::block_in_place(|| load_base(&self.snap, reference, &platform))?
+                    tokio::task::block_in_place(|| {
+                        load_base(
+                            &self.snap,
+                            self.opts.registry.as_ref(),
+                            reference,
+                            &platform,
+                        )
+                    })?
                 } else if let Some(layout) = source.strip_prefix("oci-layout://") {
                     tokio::task::block_in_place(|| {
                         load_layout_base(&self.snap, name, layout, &platform)
@@ -670,7 +714,12 @@ impl Engine {
                     }
                     SourceRef::Image { reference } => {
                         let (k, st) = tokio::task::block_in_place(|| {
-                            load_base(&self.snap, reference, &stage.platform)
+                            load_base(
+                                &self.snap,
+                                self.opts.registry.as_ref(),
+                                reference,
+                                &stage.platform,
+                            )
                         })?;
                         FromSource::Image(k, Box::new(st))
                     }
