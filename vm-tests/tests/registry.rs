@@ -765,3 +765,48 @@ fn unreachable_registry_and_corrupt_blobs_leave_nothing_stored() {
     ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
     assert!(!blobs(&fresh).is_empty());
 }
+
+#[test]
+fn registries_config_mirror_is_tried_before_the_origin() {
+    let dir = test_dir("registry-mirror");
+    let mirror = Registry::start(&dir.join("mirror"), None);
+    let mhost = mirror.host();
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    // the origin is a closed port: only the mirror can answer
+    let origin = format!("127.0.0.1:{}", free_port());
+    ok(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "push",
+            &format!("--insecure-registry={mhost}"),
+            "localhost/bb",
+            &format!("{mhost}/lib/bb:1"),
+        ],
+    ));
+    let conf = dir.join("registries.toml");
+    fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{origin}\"\ninsecure = true\nmirror = [{{ location = \"{mhost}\", insecure = true }}]\n"
+        ),
+    )
+    .unwrap();
+    let env = [("KILN_REGISTRIES_CONF", p(&conf).to_string())];
+    let fresh = dir.join("fresh");
+    let name = format!("{origin}/lib/bb:1");
+    ok(&mut kiln_env(&env, &fresh, &["pull", &name]));
+    let listing = ok(&mut kiln_env(&env, &fresh, &["images"]));
+    assert!(listing.contains(&format!("{origin}/lib/bb")), "{listing}");
+    // a name the mirror lacks falls back to the origin, whose error is shown
+    let err = fails(&mut kiln_env(
+        &env,
+        &fresh,
+        &["pull", &format!("{origin}/lib/none:1")],
+    ));
+    assert!(
+        err.contains("unreachable") && err.contains(&origin),
+        "{err}"
+    );
+}
