@@ -2,6 +2,7 @@
 //! mounting those another repository of the same registry has), then its
 //! manifest, and an index's manifests before the index itself.
 
+use oci_client::errors::OciDistributionError;
 use oci_client::RegistryOperation;
 use oci_spec::image::{Descriptor, Digest, ImageIndex};
 
@@ -64,17 +65,39 @@ impl Registry {
                 return Ok("mounted");
             }
         }
-        let content = store.snapshotter().content();
-        let bytes =
-            tokio::task::block_in_place(|| content.read_blob(desc.digest())).map_err(|e| {
-                Error::Store {
-                    reference: name.clone(),
-                    context: "cannot read a blob to push",
-                    source: Box::new(e.into()),
-                }
+        // streamed from the store in 1 MiB chunks, re-verified on the way
+        // (a blob corrupted on disk fails the push instead of uploading
+        // bytes that do not match their digest)
+        let reader = store
+            .snapshotter()
+            .content()
+            .open_blob(desc.digest())
+            .map_err(|e| Error::Store {
+                reference: name.clone(),
+                context: "cannot read a blob to push",
+                source: Box::new(e.into()),
             })?;
+        let chunks = futures_util::stream::unfold(Some(reader), |state| async move {
+            let mut reader = state?;
+            let mut buf = vec![0u8; 1 << 20];
+            // a local file read: short enough to do in place on a worker
+            match tokio::task::block_in_place(|| std::io::Read::read(&mut reader, &mut buf)) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(reader)))
+                }
+                Err(e) => {
+                    let e = reader.map_read_error(e);
+                    Some((
+                        Err(OciDistributionError::IoError(std::io::Error::other(e))),
+                        None,
+                    ))
+                }
+            }
+        });
         self.client
-            .push_blob(&remote, bytes, &digest)
+            .push_blob_stream(&remote, chunks, &digest, Some(desc.size()))
             .await
             .map_err(|e| classify(&name, host, e))?;
         Ok("uploaded")
