@@ -13,6 +13,8 @@
 #  - openssh-client, openssh-server (ssh-keygen, ssh-agent, ssh-add, sshd) for the `--ssh` agent tests
 #  - passt (pasta) and slirp4netns: the user-mode network stacks of
 #    `--network=sandbox` (pasta preferred; the tests cover both)
+#  - docker-registry, apache2-utils (htpasswd), openssl and curl for the
+#    registry tests (a local registry, plain HTTP and TLS with a private CA)
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
 # ship them (some CI machines have them 0600).
 set -euo pipefail
@@ -22,7 +24,8 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
-      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns"
+      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns
+      docker-registry apache2-utils openssl curl"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

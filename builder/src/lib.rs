@@ -6,4 +6,5 @@ pub mod cli_plan;
 pub mod engine;
 pub mod frontend;
 pub mod image;
+pub mod registry;
 pub mod session;

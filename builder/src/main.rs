@@ -14,6 +14,10 @@ struct Cli {
     /// $XDG_DATA_HOME/kiln or ~/.local/share/kiln
     #[arg(long, global = true, value_name = "DIR")]
     root: Option<std::path::PathBuf>,
+    /// A registry spoken to over plain HTTP, HOST[:PORT] (several allowed;
+    /// also in the registries config)
+    #[arg(long, global = true, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +47,14 @@ enum Command {
     Save(cli::images::SaveArgs),
     /// Show the space used by images, layers and the build cache
     Du(cli::du::DuArgs),
+    /// Pull an image from a registry into the store
+    Pull(cli::registry::PullArgs),
+    /// Push a stored image to a registry
+    Push(cli::registry::PushArgs),
+    /// Store credentials for a registry (checked against it first)
+    Login(cli::registry::LoginArgs),
+    /// Remove stored credentials for a registry
+    Logout(cli::registry::LogoutArgs),
     /// Free the build cache (and with --all unnamed images)
     Prune(cli::prune::PruneArgs),
 }
@@ -66,9 +78,14 @@ fn main() {
         std::process::exit(kiln_runtime::error::EXIT_SANDBOX_FAILURE);
     }
     let root = cli.root.as_deref();
+    let insecure = &cli.insecure_registry;
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
-        Command::Build(args) => cli::build::run(root, args),
+        Command::Build(args) => cli::build::run(root, insecure, args),
+        Command::Pull(args) => cli::registry::pull(root, insecure, args),
+        Command::Push(args) => cli::registry::push(root, insecure, args),
+        Command::Login(args) => cli::registry::login(insecure, args),
+        Command::Logout(args) => cli::registry::logout(args),
         Command::Run(args) => cli::run::run(root, args),
         Command::Load(args) => cli::images::load(root, args),
         Command::Import(args) => cli::images::import_cmd(root, args),

@@ -73,15 +73,25 @@ pub struct BuildArgs {
     /// ID=SOCKET, or ID=KEYFILE[,KEYFILE...] served by kiln; several allowed
     #[arg(long, value_name = "ID[=SOCKET|KEY[,KEY...]]")]
     ssh: Vec<String>,
-    /// Export the build cache: type=local,dest=DIR[,mode=min|max]
+    /// Export the build cache: type=local,dest=DIR or type=registry,ref=REF
+    /// (each with [,mode=min|max]), or type=inline (records in the image
+    /// config)
     #[arg(long, value_name = "SPEC")]
     cache_to: Vec<String>,
-    /// Import a build cache: type=local,src=DIR
+    /// Import a build cache: type=local,src=DIR or type=registry,ref=REF (a
+    /// cache manifest, or an image built with type=inline)
     #[arg(long, value_name = "SPEC")]
     cache_from: Vec<String>,
+    /// Push the image to the registry of each -t name after the build
+    #[arg(long)]
+    push: bool,
 }
 
-pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i32> {
+pub fn run(
+    root: Option<&std::path::Path>,
+    insecure: &[String],
+    args: BuildArgs,
+) -> anyhow::Result<i32> {
     let mode = progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?;
     let backend = match args.snapshotter.as_str() {
         "auto" => None,
@@ -185,6 +195,8 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
         // layers kiln writes, so two builds of the same inputs give the
         // same digest (BuildKit needs rewrite-timestamp=true for that).
         rewrite_timestamp: epoch.is_some(),
+        // FROM names missing from the store are pulled with this client
+        registry: Some(super::registry::client(insecure)?),
     };
     let progress = Arc::new(progress::Progress::new(
         mode,
@@ -200,13 +212,17 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
         .map(|o| OutputSpec::parse(o))
         .collect::<Result<Vec<_>, _>>()?;
     if outputs.is_empty() || !args.tag.is_empty() {
-        outputs.push(OutputSpec::image_store(&args.tag)?);
+        let mut spec = OutputSpec::image_store(&args.tag)?;
+        spec.push = args.push;
+        outputs.push(spec);
+    } else if args.push {
+        bail!("--push pushes the -t names: add -t NAME");
     }
     let built = runtime.block_on(engine::build(opts, progress))?;
     let store = crate::image::ImageStore::new(&built.snap);
     let image = store.get(&built.manifest, None)?;
     for spec in &outputs {
-        export(
+        let exported = export(
             &store,
             &image,
             spec,
@@ -214,6 +230,11 @@ pub fn run(root: Option<&std::path::Path>, args: BuildArgs) -> anyhow::Result<i3
                 source_date_epoch: epoch,
             },
         )?;
+        if spec.push {
+            // the exporter named the image in the store; push those names
+            let source = exported.manifest.digest().to_string();
+            super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
+        }
     }
     println!("{}", built.manifest.digest());
     Ok(0)

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use kiln_snapshotter::content::ContentStore;
 use kiln_snapshotter::layers::chain_id;
 use kiln_snapshotter::snapshot::Snapshotter;
 use oci_spec::image::{
@@ -56,6 +57,11 @@ pub enum Error {
         place: String,
         digest: String,
         source: Box<kiln_snapshotter::content::Error>,
+    },
+    #[error("cache {place}: {source}")]
+    Registry {
+        place: String,
+        source: Box<crate::registry::Error>,
     },
     #[error("cache {place}: layer {digest}: {source}")]
     Layer {
@@ -373,8 +379,9 @@ fn write_atomic(
 pub trait BlobSource: Send + Sync {
     /// For messages: the directory or reference.
     fn place(&self) -> String;
-    /// Copy blob `digest` into `out`.
-    fn fetch(&self, digest: &Digest, out: &mut dyn Write) -> std::io::Result<()>;
+    /// Copy blob `desc` into `content`, verified against its digest (a
+    /// mismatch keeps nothing).
+    fn fetch_into(&self, content: &ContentStore, desc: &Descriptor) -> Result<()>;
 }
 
 /// An OCI layout directory's blobs.
@@ -382,12 +389,8 @@ pub struct LayoutBlobs {
     pub dir: PathBuf,
 }
 
-impl BlobSource for LayoutBlobs {
-    fn place(&self) -> String {
-        self.dir.display().to_string()
-    }
-
-    fn fetch(&self, digest: &Digest, out: &mut dyn Write) -> std::io::Result<()> {
+impl LayoutBlobs {
+    fn copy(&self, digest: &Digest, out: &mut dyn Write) -> std::io::Result<()> {
         let hex = digest.digest();
         if hex.contains('/') || hex.contains("..") {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
@@ -395,6 +398,180 @@ impl BlobSource for LayoutBlobs {
         let mut f = std::fs::File::open(self.dir.join("blobs/sha256").join(hex))?;
         std::io::copy(&mut f, out).map(drop)
     }
+}
+
+impl BlobSource for LayoutBlobs {
+    fn place(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn fetch_into(&self, content: &ContentStore, desc: &Descriptor) -> Result<()> {
+        let blob_err = |source| Error::Blob {
+            place: self.place(),
+            digest: desc.digest().to_string(),
+            source: Box::new(source),
+        };
+        let mut w = content
+            .writer(Some(desc.digest().clone()))
+            .map_err(blob_err)?;
+        self.copy(desc.digest(), &mut w)
+            .map_err(|source| Error::Io {
+                place: self.place(),
+                source,
+            })?;
+        w.commit().map(drop).map_err(blob_err)
+    }
+}
+
+/// A registry repository's blobs. The registry client is async; the
+/// engine calls this from blocking step threads, so each fetch runs as a
+/// task on the build's runtime and the thread waits for it.
+pub struct RegistryBlobs {
+    pub registry: crate::registry::Registry,
+    pub reference: crate::image::reference::Reference,
+    pub handle: tokio::runtime::Handle,
+}
+
+impl BlobSource for RegistryBlobs {
+    fn place(&self) -> String {
+        self.reference.to_string()
+    }
+
+    fn fetch_into(&self, content: &ContentStore, desc: &Descriptor) -> Result<()> {
+        let registry = self.registry.clone();
+        let reference = self.reference.clone();
+        let desc = desc.clone();
+        let content = content.clone();
+        let task = self.handle.spawn(async move {
+            let host = reference.domain.clone();
+            registry
+                .fetch_blob(&content, &reference, &host, &desc, "cache layer")
+                .await
+                .map(drop)
+        });
+        match self.handle.block_on(task) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Registry {
+                place: self.place(),
+                source: Box::new(e),
+            }),
+            Err(e) => Err(Error::Format {
+                place: self.place(),
+                why: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// The key in an image config holding inline cache records.
+pub const INLINE_KEY: &str = "kiln.buildcache.v1";
+
+fn parse_reference(place: &str) -> Result<crate::image::reference::Reference> {
+    crate::image::reference::Reference::parse(place).map_err(|e| Error::Format {
+        place: place.into(),
+        why: e.to_string(),
+    })
+}
+
+/// Read the cache at registry reference `reference`: a cache manifest
+/// (`type=registry` export) or an image whose config holds inline records.
+pub async fn read_registry(
+    registry: &crate::registry::Registry,
+    content: &ContentStore,
+    reference: &str,
+) -> Result<CacheConfig> {
+    let place = reference.to_string();
+    let r = parse_reference(reference)?;
+    let reg_err = |e| Error::Registry {
+        place: place.clone(),
+        source: Box::new(e),
+    };
+    let host = r.domain.clone();
+    let (bytes, _digest, _media) = registry.fetch_manifest(&r, &host).await.map_err(reg_err)?;
+    let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+        place: place.clone(),
+        why: format!("not an image or cache manifest: {e}"),
+    })?;
+    registry
+        .fetch_blob(content, &r, &host, manifest.config(), "cache config")
+        .await
+        .map_err(reg_err)?;
+    let config = content
+        .read_blob(manifest.config().digest())
+        .map_err(|source| Error::Blob {
+            place: place.clone(),
+            digest: manifest.config().digest().to_string(),
+            source: Box::new(source),
+        })?;
+    if manifest.config().media_type().to_string() == CONFIG_MEDIA_TYPE {
+        return serde_json::from_slice(&config).map_err(|e| Error::Format {
+            place,
+            why: format!("config: {e}"),
+        });
+    }
+    // an image: inline records in its config, if it was built with them
+    let value: serde_json::Value = serde_json::from_slice(&config).map_err(|e| Error::Format {
+        place: place.clone(),
+        why: format!("image config: {e}"),
+    })?;
+    match value.get(INLINE_KEY) {
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::Format {
+            place,
+            why: format!("inline cache: {e}"),
+        }),
+        None => Err(Error::Format {
+            place,
+            why: "the image holds no inline cache (build it with --cache-to type=inline)".into(),
+        }),
+    }
+}
+
+/// Push `records` as a cache manifest to `reference`: the layer blobs the
+/// registry lacks, the config, then the manifest.
+pub async fn export_registry(
+    registry: &crate::registry::Registry,
+    store: &crate::image::ImageStore<'_>,
+    records: &[Record],
+    reference: &str,
+) -> Result<()> {
+    let place = reference.to_string();
+    let r = parse_reference(reference)?;
+    let reg_err = |e| Error::Registry {
+        place: place.clone(),
+        source: Box::new(e),
+    };
+    let config_bytes = serde_json::to_vec(&CacheConfig {
+        records: records.to_vec(),
+    })
+    .map_err(|e| Error::Format {
+        place: place.clone(),
+        why: e.to_string(),
+    })?;
+    let content = store.snapshotter().content();
+    let config = content
+        .put_bytes(MediaType::Other(CONFIG_MEDIA_TYPE.into()), &config_bytes)
+        .map_err(|source| Error::Blob {
+            place: place.clone(),
+            digest: "(config)".into(),
+            source: Box::new(source),
+        })?;
+    // kept from garbage collection until this build ends
+    let _ = store.snapshotter().lease().add_blob(config.digest());
+    let manifest = manifest_for(&config, records)?;
+    for desc in manifest.layers().iter().chain([manifest.config()]) {
+        registry
+            .push_blob(store, &r, desc, &[])
+            .await
+            .map_err(reg_err)?;
+    }
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Format {
+        place: place.clone(),
+        why: e.to_string(),
+    })?;
+    registry
+        .push_manifest(&r, bytes, "application/vnd.oci.image.manifest.v1+json")
+        .await
+        .map_err(reg_err)
 }
 
 /// The records of an OCI layout cache directory.
@@ -405,7 +582,7 @@ pub fn read_local(src: &Path) -> Result<CacheConfig> {
     };
     let read = |d: &Digest| -> Result<Vec<u8>> {
         let mut buf = Vec::new();
-        blobs.fetch(d, &mut buf).map_err(|source| Error::Io {
+        blobs.copy(d, &mut buf).map_err(|source| Error::Io {
             place: place.clone(),
             source,
         })?;
@@ -510,21 +687,17 @@ impl Imported {
                 let chain = chain_id(parent.as_ref(), &diff_id);
                 if !snap.layers().contains(&chain) {
                     if !snap.content().contains(&digest) {
-                        let blob_err = |source| Error::Blob {
-                            place: place.clone(),
-                            digest: digest.to_string(),
-                            source: Box::new(source),
-                        };
-                        let mut w = snap
-                            .content()
-                            .writer(Some(digest.clone()))
-                            .map_err(blob_err)?;
-                        blobs.fetch(&digest, &mut w).map_err(|source| Error::Io {
-                            place: place.clone(),
-                            source,
-                        })?;
+                        let desc = DescriptorBuilder::default()
+                            .media_type(MediaType::from(l.media_type.as_str()))
+                            .digest(digest.clone())
+                            .size(l.size)
+                            .build()
+                            .map_err(|e| Error::Format {
+                                place: place.clone(),
+                                why: e.to_string(),
+                            })?;
                         // verifies the digest; a mismatch keeps nothing
-                        w.commit().map_err(blob_err)?;
+                        blobs.fetch_into(snap.content(), &desc)?;
                     }
                     let reader =
                         snap.content()

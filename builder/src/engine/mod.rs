@@ -46,6 +46,8 @@ const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 pub enum Error {
     #[error("{0}")]
     Frontend(#[from] frontend::Error),
+    #[error("cannot pull the base image: {0}")]
+    Pull(Box<crate::registry::Error>),
     #[error("cannot read the Dockerfile {path}: {source}")]
     Dockerfile {
         path: PathBuf,
@@ -63,7 +65,7 @@ pub enum Error {
         instruction: String,
         source: Box<StepError>,
     },
-    #[error("base image {0:?} is not in kiln's image store: load it with `kiln load -i FILE` or `kiln import DIR -t NAME` (registry pulls are not supported yet)")]
+    #[error("base image {0:?} is not in kiln's image store: pull it with `kiln pull NAME`, or add it with `kiln load -i FILE` or `kiln import DIR -t NAME`")]
     BaseNotFound(String),
     #[error("base image {name:?}: {source}")]
     Image {
@@ -188,6 +190,8 @@ pub struct BuildOptions {
     pub cache_to: Vec<cache_io::Export>,
     /// `--cache-from`
     pub cache_from: Vec<cache_io::Import>,
+    /// pulls `FROM` images missing from the store; `None`: never pull
+    pub registry: Option<crate::registry::Registry>,
 }
 
 /// A built image, stored in the content store.
@@ -264,9 +268,41 @@ fn now_or_epoch(epoch: Option<i64>) -> String {
 
 /// Load a base image from the local image store: its key, state (config,
 /// history, layers) and unpacked chain.
-fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key, ImageState)> {
-    let store = crate::image::ImageStore::new(snap);
-    let image = store.resolve(name).map_err(|e| match e {
+fn load_base(
+    snap: &Arc<Snapshotter>,
+    registry: Option<&crate::registry::Registry>,
+    name: &str,
+    platform: &Platform,
+) -> Result<(Key, ImageState)> {
+    let want = crate::image::Platform {
+        os: platform.os.clone(),
+        architecture: platform.architecture.clone(),
+        variant: platform.variant.clone(),
+    };
+    let store = crate::image::ImageStore::new(snap).with_platform(want.clone());
+    let image = match (store.resolve(name), registry) {
+        // not stored: pull it (on a runtime worker, where unpacking may
+        // block in place), then resolve again
+        (Err(crate::image::store::Error::NotFound(_)), Some(reg)) => {
+            let (snap2, reg, n, p) = (snap.clone(), reg.clone(), name.to_string(), want.clone());
+            let handle = tokio::runtime::Handle::current();
+            handle
+                .block_on(handle.spawn(async move {
+                    let store = crate::image::ImageStore::new(&snap2).with_platform(p.clone());
+                    reg.pull(&store, &n, &p).await.map(|_| ())
+                }))
+                .map_err(|e| {
+                    Error::Pull(Box::new(crate::registry::Error::Task {
+                        reference: name.to_string(),
+                        reason: e.to_string(),
+                    }))
+                })?
+                .map_err(|e| Error::Pull(Box::new(e)))?;
+            store.resolve(name)
+        }
+        (r, _) => r,
+    };
+    let image = image.map_err(|e| match e {
         crate::image::store::Error::NotFound(_) => Error::BaseNotFound(name.to_string()),
         other => Error::Image {
             name: name.to_string(),
@@ -427,8 +463,9 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     for stage in &first.stages {
         if let Base::Image { reference } = &stage.base {
             if !bases.contains_key(reference) {
-                let loaded =
-                    tokio::task::block_in_place(|| load_base(&snap, reference, &stage.platform))?;
+                let loaded = tokio::task::block_in_place(|| {
+                    load_base(&snap, opts.registry.as_ref(), reference, &stage.platform)
+                })?;
                 plan_opts
                     .image_env
                     .insert(reference.clone(), loaded.1.env_pairs());
@@ -462,19 +499,40 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
                 // A missing or broken cache is a warning: the build runs
                 // its steps instead (BuildKit does the same).
                 match tokio::task::block_in_place(|| cache_io::read_local(src)) {
-                    Ok(config) => imported.add(
-                        config,
-                        Box::new(cache_io::LayoutBlobs { dir: src.clone() }),
-                    ),
+                    Ok(config) => {
+                        imported.add(config, Box::new(cache_io::LayoutBlobs { dir: src.clone() }))
+                    }
                     Err(e) => progress.summary(&format!("WARNING: --cache-from: {e}")),
                 }
             }
             cache_io::Import::Registry { reference } => {
-                return Err(Error::CacheIo(cache_io::Error::Spec {
-                    dir: "from",
-                    spec: format!("type=registry,ref={reference}"),
-                    why: "registry caches need the registry client, which is not built in yet; use type=local".into(),
-                }))
+                let Some(registry) = opts.registry.as_ref() else {
+                    return Err(Error::CacheIo(cache_io::Error::Spec {
+                        dir: "from",
+                        spec: format!("type=registry,ref={reference}"),
+                        why: "this build has no registry client".into(),
+                    }));
+                };
+                let read = match crate::image::reference::Reference::parse(reference) {
+                    Ok(r) => cache_io::read_registry(registry, snap.content(), reference)
+                        .await
+                        .map(|config| (config, r)),
+                    Err(e) => Err(cache_io::Error::Format {
+                        place: reference.clone(),
+                        why: e.to_string(),
+                    }),
+                };
+                match read {
+                    Ok((config, r)) => imported.add(
+                        config,
+                        Box::new(cache_io::RegistryBlobs {
+                            registry: registry.clone(),
+                            reference: r,
+                            handle: tokio::runtime::Handle::current(),
+                        }),
+                    ),
+                    Err(e) => progress.summary(&format!("WARNING: --cache-from: {e}")),
+                }
             }
         }
     }
@@ -540,31 +598,43 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     }
     let (_, state) =
         target.ok_or_else(|| Error::Join("the target stage produced no result".into()))?;
+    let trail = engine.trail.lock().map(|t| t.clone()).unwrap_or_default();
+    let mut inline = None;
     for to in &engine.opts.cache_to {
-        match to {
+        let (records, place) = match to {
             cache_io::Export::Local { dest, mode } => {
-                let trail = engine.trail.lock().map(|t| t.clone()).unwrap_or_default();
                 let records = cache_io::select(&trail, &state, *mode);
                 tokio::task::block_in_place(|| {
                     cache_io::export_local(&engine.snap, &records, dest)
                 })
                 .map_err(Error::CacheIo)?;
-                progress.summary(&format!(
-                    "exported {} cache records to {}",
-                    records.len(),
-                    dest.display()
-                ));
+                (records.len(), dest.display().to_string())
             }
-            other => {
-                return Err(Error::CacheIo(cache_io::Error::Spec {
-                    dir: "to",
-                    spec: format!("{other:?}"),
-                    why: "registry and inline caches need the registry client, which is not built in yet; use type=local".into(),
-                }))
+            cache_io::Export::Registry { reference, mode } => {
+                let registry = engine.opts.registry.as_ref().ok_or_else(|| {
+                    Error::CacheIo(cache_io::Error::Spec {
+                        dir: "to",
+                        spec: format!("type=registry,ref={reference}"),
+                        why: "this build has no registry client".into(),
+                    })
+                })?;
+                let records = cache_io::select(&trail, &state, *mode);
+                let store = crate::image::ImageStore::new(&engine.snap);
+                cache_io::export_registry(registry, &store, &records, reference)
+                    .await
+                    .map_err(Error::CacheIo)?;
+                (records.len(), reference.clone())
             }
-        }
+            cache_io::Export::Inline => {
+                let records = cache_io::select(&trail, &state, cache_io::Mode::Min);
+                let n = records.len();
+                inline = Some(records);
+                (n, "the image config (inline)".into())
+            }
+        };
+        progress.summary(&format!("exported {records} cache records to {place}"));
     }
-    let built = tokio::task::block_in_place(|| engine.store_image(state))?;
+    let built = tokio::task::block_in_place(|| engine.store_image(state, inline))?;
     progress.summary(&format!(
         "built {} in {:.1}s: {} steps run, {} cached",
         built.manifest.digest(),
@@ -598,7 +668,7 @@ impl Engine {
         platform: &Platform,
     ) -> std::result::Result<FromSource, StepError> {
         if let Some(reference) = source.strip_prefix("docker-image://") {
-            let (k, st) = load_base(&self.snap, reference, platform)
+            let (k, st) = load_base(&self.snap, self.opts.registry.as_ref(), reference, platform)
                 .map_err(|e| StepError::Unsupported(e.to_string()))?;
             return Ok(FromSource::Image(k, Box::new(st)));
         }
@@ -665,7 +735,14 @@ impl Engine {
             Base::Context { name, source } => {
                 let platform = stage.platform.clone();
                 if let Some(reference) = source.strip_prefix("docker-image://") {
-                    tokio::task::block_in_place(|| load_base(&self.snap, reference, &platform))?
+                    tokio::task::block_in_place(|| {
+                        load_base(
+                            &self.snap,
+                            self.opts.registry.as_ref(),
+                            reference,
+                            &platform,
+                        )
+                    })?
                 } else if let Some(layout) = source.strip_prefix("oci-layout://") {
                     tokio::task::block_in_place(|| {
                         load_layout_base(&self.snap, name, layout, &platform)
@@ -771,7 +848,12 @@ impl Engine {
                     }
                     SourceRef::Image { reference } => {
                         let (k, st) = tokio::task::block_in_place(|| {
-                            load_base(&self.snap, reference, &stage.platform)
+                            load_base(
+                                &self.snap,
+                                self.opts.registry.as_ref(),
+                                reference,
+                                &stage.platform,
+                            )
                         })?;
                         FromSource::Image(k, Box::new(st))
                     }
@@ -1225,7 +1307,13 @@ impl Engine {
     }
 
     /// Write config and manifest blobs for `state`.
-    fn store_image(&self, state: ImageState) -> Result<Built> {
+    /// Store the image `state` describes; with `inline`, its config also
+    /// carries those cache records (`--cache-to type=inline`).
+    fn store_image(
+        &self,
+        state: ImageState,
+        inline: Option<Vec<cache_io::Record>>,
+    ) -> Result<Built> {
         // The image is as old as its newest step (or SOURCE_DATE_EPOCH), so
         // a rebuild from cache is byte-identical.
         let created = match self.opts.source_date_epoch {
@@ -1236,7 +1324,11 @@ impl Engine {
                 .and_then(|h| h.created.clone())
                 .unwrap_or_else(|| now_or_epoch(None)),
         };
-        let config = state.config_json(&created);
+        let mut config = state.config_json(&created);
+        if let Some(records) = inline {
+            config[cache_io::INLINE_KEY] = serde_json::to_value(cache_io::CacheConfig { records })
+                .map_err(|e| Error::Join(e.to_string()))?;
+        }
         let content = self.snap.content();
         // Blobs written here are leased before GC may run again, and the
         // layers' blobs are leased and checked: a concurrent `kiln prune`

@@ -70,8 +70,6 @@ pub enum Error {
     LevelWithoutCompression { spec: String },
     #[error("--output {spec:?}: compression=estargz is not supported by kiln; use gzip, zstd or uncompressed")]
     Estargz { spec: String },
-    #[error("--output {spec:?}: push=true is not supported yet (kiln has no registry client); store the image locally and copy it with skopeo")]
-    Push { spec: String },
     #[error("--output {spec:?}: {source}")]
     Name {
         spec: String,
@@ -164,6 +162,8 @@ pub struct OutputSpec {
     /// type=oci only: `Some(false)` forces a directory layout, `Some(true)`
     /// a tar; `None` decides by the destination (see the exporter)
     pub tar: Option<bool>,
+    /// type=image: push the names to their registries after storing
+    pub push: bool,
 }
 
 impl OutputSpec {
@@ -278,11 +278,7 @@ impl OutputSpec {
                 "oci-mediatypes" => out.oci_mediatypes = boolean()?,
                 "rewrite-timestamp" => out.rewrite_timestamp = boolean()?,
                 "tar" => out.tar = Some(boolean()?),
-                "push" => {
-                    if boolean()? {
-                        return Err(Error::Push { spec: spec.into() });
-                    }
-                }
+                "push" => out.push = boolean()?,
                 _ => unreachable!("takes() lists every key handled here"),
             }
         }
@@ -385,6 +381,7 @@ impl OutputSpec {
             oci_mediatypes: true,
             rewrite_timestamp: false,
             tar: None,
+            push: false,
         }
     }
 }
@@ -599,7 +596,7 @@ mod tests {
             e("type=oci,dest=x,compression=estargz"),
             Error::Estargz { .. }
         ));
-        assert!(matches!(e("type=image,push=true"), Error::Push { .. }));
+        assert!(p("type=image,name=localhost:5000/x,push=true").push);
         assert!(matches!(e("type=image,name=Upper"), Error::Name { .. }));
         let msg = e("type=oci,dest=x,colour=red").to_string();
         assert!(

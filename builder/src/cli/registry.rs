@@ -1,0 +1,174 @@
+//! `kiln pull`, `kiln push`, `kiln login` and `kiln logout`: the CLI side of
+//! [`crate::registry`].
+
+use std::io::{BufRead, IsTerminal};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kiln_snapshotter::snapshot::Snapshotter;
+
+use crate::image::{ImageStore, Platform, StateDir};
+use crate::registry::{auth, config, Registry};
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The image: NAME[:TAG] or NAME@sha256:DIGEST (`debian` is
+    /// docker.io/library/debian:latest)
+    name: String,
+    /// The platform to pick from a multi-platform image (default: the host's)
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// A stored image (name, ID or digest)
+    source: String,
+    /// Where to push it (default: its own name)
+    dest: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// The registry host, HOST[:PORT] (`docker.io` for Docker Hub)
+    host: String,
+    /// User name (asked on the terminal if missing)
+    #[arg(long, short = 'u')]
+    username: Option<String>,
+    /// Read the password from standard input
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogoutArgs {
+    /// The registry host
+    host: String,
+}
+
+/// A client from the registries config and `--insecure-registry` hosts.
+pub fn client(insecure: &[String]) -> anyhow::Result<Registry> {
+    Ok(Registry::from_env(insecure)?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn parse_platform(p: Option<&str>) -> anyhow::Result<Platform> {
+    match p {
+        None => Ok(Platform::host()),
+        Some(s) => Platform::parse(s).with_context(|| {
+            format!("--platform {s:?}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
+        }),
+    }
+}
+
+pub fn pull(root: Option<&Path>, insecure: &[String], args: PullArgs) -> anyhow::Result<i32> {
+    let platform = parse_platform(args.platform.as_deref())?;
+    let snap = open_store(root)?;
+    let reg = client(insecure)?;
+    let rt = runtime()?;
+    // on a worker thread: unpacking blocks in place
+    let pulled = rt.block_on(rt.spawn(async move {
+        let store = ImageStore::new(&snap).with_platform(platform.clone());
+        reg.pull(&store, &args.name, &platform).await
+    }))??;
+    if let Some(n) = &pulled.name {
+        eprintln!("pulled {n}");
+    }
+    println!("{}", pulled.target.digest());
+    Ok(0)
+}
+
+pub fn push(root: Option<&Path>, insecure: &[String], args: PushArgs) -> anyhow::Result<i32> {
+    let snap = open_store(root)?;
+    let reg = client(insecure)?;
+    let rt = runtime()?;
+    let pushed = rt.block_on(rt.spawn(async move {
+        let store = ImageStore::new(&snap);
+        reg.push(&store, &args.source, args.dest.as_deref()).await
+    }))??;
+    eprintln!(
+        "pushed {} ({} blobs uploaded, {} mounted, {} already there)",
+        pushed.reference, pushed.uploaded, pushed.mounted, pushed.present
+    );
+    println!("{}", pushed.digest);
+    Ok(0)
+}
+
+/// Push every name of `names` (used by `--push` and `push=true`).
+pub fn push_names(
+    snap: &Arc<Snapshotter>,
+    insecure: &[String],
+    source: &str,
+    names: &[String],
+) -> anyhow::Result<()> {
+    if names.is_empty() {
+        bail!("push=true needs a name: add -t NAME or name=NAME");
+    }
+    let reg = client(insecure)?;
+    let rt = runtime()?;
+    for n in names {
+        let (snap, reg, source, n) = (snap.clone(), reg.clone(), source.to_string(), n.clone());
+        let pushed = rt.block_on(rt.spawn(async move {
+            let store = ImageStore::new(&snap);
+            reg.push(&store, &source, Some(&n)).await
+        }))??;
+        eprintln!("pushed {} {}", pushed.reference, pushed.digest);
+    }
+    Ok(())
+}
+
+fn open_store(root: Option<&Path>) -> anyhow::Result<Arc<Snapshotter>> {
+    let state = StateDir::open(root)?;
+    Ok(Arc::new(Snapshotter::open(
+        &state.snapshotter_root(),
+        kiln_snapshotter::backend::BackendKind::Copy,
+    )?))
+}
+
+pub fn login(insecure: &[String], args: LoginArgs) -> anyhow::Result<i32> {
+    let host = config::host_of(&args.host);
+    let stdin = std::io::stdin();
+    let username = match args.username {
+        Some(u) => u,
+        None => {
+            if args.password_stdin || !stdin.is_terminal() {
+                bail!("kiln login {host}: give the user name with -u USER");
+            }
+            eprint!("Username: ");
+            let mut u = String::new();
+            stdin.lock().read_line(&mut u)?;
+            u.trim().to_string()
+        }
+    };
+    let password = if args.password_stdin {
+        let mut p = String::new();
+        stdin.lock().read_line(&mut p)?;
+        p.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        bail!("kiln login {host}: pass the password on standard input with --password-stdin (kiln never takes it as an argument)");
+    };
+    if password.is_empty() {
+        bail!("kiln login {host}: the password is empty");
+    }
+    let reg = client(insecure)?;
+    let path = runtime()?.block_on(reg.login(&host, auth::Credentials { username, password }))?;
+    eprintln!("Login Succeeded (credentials in {})", path.display());
+    Ok(0)
+}
+
+pub fn logout(args: LogoutArgs) -> anyhow::Result<i32> {
+    let host = config::host_of(&args.host);
+    if auth::remove(&host)? {
+        eprintln!("Removed login credentials for {host}");
+        Ok(0)
+    } else {
+        bail!("not logged in to {host}")
+    }
+}

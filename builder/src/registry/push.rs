@@ -1,0 +1,281 @@
+//! Push: send a stored image's blobs (skipping those the registry has,
+//! mounting those another repository of the same registry has), then its
+//! manifest, and an index's manifests before the index itself.
+
+use oci_client::errors::OciDistributionError;
+use oci_client::RegistryOperation;
+use oci_spec::image::{Descriptor, Digest, ImageIndex};
+
+use super::{classify, remote_ref, Error, Registry, Result, PARALLEL_BLOBS};
+use crate::image::reference::Reference;
+use crate::image::store::{self, Image, ImageStore};
+
+/// What [`Registry::push`] sent.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// the full destination name
+    pub reference: String,
+    /// the digest of the manifest (or index) pushed last
+    pub digest: Digest,
+    /// blobs uploaded, mounted, and already present
+    pub uploaded: usize,
+    pub mounted: usize,
+    pub present: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    uploaded: usize,
+    mounted: usize,
+    present: usize,
+}
+
+impl Registry {
+    /// Push blob `desc` from the content store to repository `r` unless the
+    /// registry has it; `mount_from` are repositories of the same registry
+    /// that may hold it (a cross-repository mount saves the upload).
+    /// Returns "uploaded", "mounted" or "present".
+    pub async fn push_blob(
+        &self,
+        store: &ImageStore<'_>,
+        r: &Reference,
+        desc: &Descriptor,
+        mount_from: &[Reference],
+    ) -> Result<&'static str> {
+        let name = r.to_string();
+        let host = r.domain.as_str();
+        let remote = remote_ref(r, host);
+        let digest = desc.digest().to_string();
+        if self
+            .client
+            .blob_exists(&remote, &digest)
+            .await
+            .map_err(|e| classify(&name, host, e))?
+        {
+            return Ok("present");
+        }
+        for src in mount_from {
+            let from = remote_ref(src, host);
+            if self
+                .client
+                .mount_blob(&remote, &from, &digest)
+                .await
+                .is_ok()
+            {
+                return Ok("mounted");
+            }
+        }
+        // streamed from the store in 1 MiB chunks, re-verified on the way
+        // (a blob corrupted on disk fails the push instead of uploading
+        // bytes that do not match their digest)
+        let reader = store
+            .snapshotter()
+            .content()
+            .open_blob(desc.digest())
+            .map_err(|e| Error::Store {
+                reference: name.clone(),
+                context: "cannot read a blob to push",
+                source: Box::new(e.into()),
+            })?;
+        let chunks = futures_util::stream::unfold(Some(reader), |state| async move {
+            let mut reader = state?;
+            let mut buf = vec![0u8; 1 << 20];
+            // a local file read: short enough to do in place on a worker
+            match tokio::task::block_in_place(|| std::io::Read::read(&mut reader, &mut buf)) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(reader)))
+                }
+                Err(e) => {
+                    let e = reader.map_read_error(e);
+                    Some((
+                        Err(OciDistributionError::IoError(std::io::Error::other(e))),
+                        None,
+                    ))
+                }
+            }
+        });
+        self.client
+            .push_blob_stream(&remote, chunks, &digest, Some(desc.size()))
+            .await
+            .map_err(|e| classify(&name, host, e))?;
+        Ok("uploaded")
+    }
+
+    /// Put `bytes` as the manifest (or index) `r` names, with `media_type`.
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        bytes: Vec<u8>,
+        media_type: &str,
+    ) -> Result<()> {
+        let name = r.to_string();
+        let host = r.domain.as_str();
+        let remote = remote_ref(r, host);
+        let ct = media_type.parse().map_err(|_| Error::BadManifest {
+            reference: name.clone(),
+            reason: format!("media type {media_type:?} is not a valid header value"),
+        })?;
+        self.client
+            .push_manifest_raw(&remote, bytes, ct)
+            .await
+            .map_err(|e| classify(&name, host, e))?;
+        Ok(())
+    }
+
+    async fn push_limited(
+        &self,
+        slots: &tokio::sync::Semaphore,
+        store: &ImageStore<'_>,
+        r: &Reference,
+        d: &Descriptor,
+        mount_from: &[Reference],
+    ) -> Result<&'static str> {
+        let _slot = slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        self.push_blob(store, r, d, mount_from).await
+    }
+
+    async fn push_manifest_tree(
+        &self,
+        store: &ImageStore<'_>,
+        r: &Reference,
+        image: &Image,
+        mount_from: &[Reference],
+        counts: &mut Counts,
+    ) -> Result<()> {
+        let blobs: Vec<&Descriptor> = image
+            .layers()
+            .iter()
+            .chain([image.manifest.config()])
+            .collect();
+        let slots = tokio::sync::Semaphore::new(PARALLEL_BLOBS);
+        let mut futs = Vec::new();
+        for d in blobs {
+            futs.push(self.push_limited(&slots, store, r, d, mount_from));
+        }
+        let results = futures_util::future::join_all(futs).await;
+        for res in results {
+            match res? {
+                "uploaded" => counts.uploaded += 1,
+                "mounted" => counts.mounted += 1,
+                _ => counts.present += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Push stored image `source` (a name, ID or digest) to `dest` (default:
+    /// the source's own name). The manifest goes last, so a reader never
+    /// sees a manifest whose blobs are missing.
+    pub async fn push(
+        &self,
+        store: &ImageStore<'_>,
+        source: &str,
+        dest: Option<&str>,
+    ) -> Result<Pushed> {
+        let image =
+            tokio::task::block_in_place(|| store.resolve(source)).map_err(|e| Error::Store {
+                reference: source.to_string(),
+                context: "cannot find the image to push",
+                source: Box::new(e),
+            })?;
+        let dest = match dest {
+            Some(d) => d.to_string(),
+            None => image.name.clone().unwrap_or_else(|| source.to_string()),
+        };
+        let r = Reference::parse(&dest)?;
+        let name = r.to_string();
+        let host = r.domain.clone();
+        let remote = remote_ref(&r, &host);
+        self.authenticate(&name, &host, &remote, RegistryOperation::Push)
+            .await?;
+        let mount_from = mount_sources(store, &image, &r);
+        let content = store.snapshotter().content();
+        let store_err = |context: &'static str, e: store::Error| Error::Store {
+            reference: name.clone(),
+            context,
+            source: Box::new(e),
+        };
+        let mut counts = Counts::default();
+        let top = image.target.clone();
+        if top.digest() != image.manifest_descriptor.digest() {
+            // an index: every child manifest the store holds, by digest,
+            // then the index under the tag
+            let bytes = content
+                .read_blob(top.digest())
+                .map_err(|e| store_err("cannot read the image index", e.into()))?;
+            let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::BadManifest {
+                reference: name.clone(),
+                reason: e.to_string(),
+            })?;
+            for child in index.manifests() {
+                if !content.contains(child.digest()) {
+                    return Err(Error::BadManifest {
+                        reference: name.clone(),
+                        reason: format!(
+                            "the stored index lists manifest {} that is not in the local store (only one platform was pulled); push that platform's manifest by digest instead",
+                            child.digest()
+                        ),
+                    });
+                }
+                let child_img = store
+                    .get(child, None)
+                    .map_err(|e| store_err("cannot read a manifest of the index", e))?;
+                self.push_manifest_tree(store, &r, &child_img, &mount_from, &mut counts)
+                    .await?;
+                let mbytes = content
+                    .read_blob(child.digest())
+                    .map_err(|e| store_err("cannot read a manifest", e.into()))?;
+                let by_digest = Reference {
+                    tag: None,
+                    digest: Some(child.digest().to_string()),
+                    ..r.clone()
+                };
+                self.push_manifest(&by_digest, mbytes, child.media_type().as_ref())
+                    .await?;
+            }
+            self.push_manifest(&r, bytes, top.media_type().as_ref())
+                .await?;
+        } else {
+            self.push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
+                .await?;
+            let bytes = content
+                .read_blob(top.digest())
+                .map_err(|e| store_err("cannot read the manifest", e.into()))?;
+            self.push_manifest(&r, bytes, top.media_type().as_ref())
+                .await?;
+        }
+        Ok(Pushed {
+            reference: name,
+            digest: top.digest().clone(),
+            uploaded: counts.uploaded,
+            mounted: counts.mounted,
+            present: counts.present,
+        })
+    }
+}
+
+/// Other repositories on `dest`'s registry that the store says hold this
+/// image (it was pulled from or pushed there under another name).
+fn mount_sources(store: &ImageStore<'_>, image: &Image, dest: &Reference) -> Vec<Reference> {
+    let Ok(list) = store.list() else {
+        return Vec::new();
+    };
+    let mut out: Vec<Reference> = Vec::new();
+    for row in list {
+        if row.id != *image.id() {
+            continue;
+        }
+        let Some(r) = row.name.as_deref().and_then(|n| Reference::parse(n).ok()) else {
+            continue;
+        };
+        if r.domain == dest.domain && r.path != dest.path && !out.iter().any(|o| o.path == r.path) {
+            out.push(r);
+        }
+    }
+    out
+}

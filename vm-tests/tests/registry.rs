@@ -1,0 +1,889 @@
+//! End-to-end tests of `kiln push`, `pull`, `login`, `build --push` and
+//! `FROM` pulls against a real registry: Debian's `docker-registry` (the
+//! CNCF distribution server) started here as the unprivileged test user on
+//! a free loopback port, over plain HTTP and over TLS with a private CA and
+//! htpasswd auth. skopeo and curl are the oracles that read kiln's pushes
+//! back; the registry's storage directory is corrupted by hand to check
+//! that a bad blob never reaches kiln's store.
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_vm_tests::{
+    busybox_rootfs, kiln_binary, run_checked, running_as_root, stage_file, test_dir, test_ids,
+    unprivileged,
+};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn chown_to_test_user(path: &Path) {
+    if running_as_root() {
+        let (uid, gid) = test_ids();
+        run_checked(
+            Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(path),
+        );
+    }
+}
+
+/// `kiln --root STATE ARGS...` as the test user, with `env` set (through
+/// /usr/bin/env: as root, `unprivileged` starts from a clean environment).
+fn kiln_env(env: &[(&str, String)], state: &Path, args: &[&str]) -> Command {
+    let mut cmd = unprivileged(Path::new("/usr/bin/env"));
+    for (k, v) in env {
+        cmd.arg(format!("{k}={v}"));
+    }
+    cmd.arg(stage_file(&kiln_binary()))
+        .args(["--root", p(state)])
+        .args(args);
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run kiln")
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A docker-registry process, killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+}
+
+impl Registry {
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Start one in `dir`: plain HTTP, or TLS + htpasswd with `tls`.
+    fn start(dir: &Path, tls: Option<&TlsSetup>) -> Registry {
+        let port = free_port();
+        let storage = dir.join("registry-data");
+        fs::create_dir_all(&storage).unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            p(&storage)
+        );
+        if let Some(t) = tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                p(&t.cert),
+                p(&t.key),
+                p(&t.htpasswd)
+            ));
+        }
+        let config = dir.join("registry.yml");
+        fs::write(&config, yaml).unwrap();
+        chown_to_test_user(dir);
+        let child = unprivileged(Path::new("/usr/bin/docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Registry {
+            child,
+            port,
+            storage,
+        }
+    }
+
+    /// The file the registry keeps blob `digest` in.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and an htpasswd
+/// file with user `kiln` / password `s3cret`.
+struct TlsSetup {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    htpasswd: PathBuf,
+}
+
+fn tls_setup(dir: &Path) -> TlsSetup {
+    let t = TlsSetup {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+        htpasswd: dir.join("htpasswd"),
+    };
+    let ca_key = dir.join("ca.key");
+    run_checked(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kiln test CA",
+        "-keyout",
+        p(&ca_key),
+        "-out",
+        p(&t.ca),
+    ]));
+    let csr = dir.join("server.csr");
+    run_checked(Command::new("openssl").args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        p(&t.key),
+        "-out",
+        p(&csr),
+    ]));
+    let ext = dir.join("san.ext");
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run_checked(Command::new("openssl").args([
+        "x509",
+        "-req",
+        "-in",
+        p(&csr),
+        "-CA",
+        p(&t.ca),
+        "-CAkey",
+        p(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        p(&ext),
+        "-out",
+        p(&t.cert),
+    ]));
+    let out = run_checked(Command::new("htpasswd").args(["-Bbn", "kiln", "s3cret"]));
+    fs::write(&t.htpasswd, &out.stdout).unwrap();
+    for f in [&t.key, &ca_key] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    t
+}
+
+/// A state directory holding `localhost/bb` (a busybox rootfs, imported)
+/// and a build of it with ENV and CMD; returns the rootfs's parent dir.
+fn import_busybox(dir: &Path, state: &Path) {
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs);
+    fs::write(rootfs.join("etc/kiln-marker"), "pushed by kiln\n").unwrap();
+    chown_to_test_user(&rootfs);
+    ok(&mut kiln_env(
+        &[],
+        state,
+        &["import", p(&rootfs), "-t", "localhost/bb"],
+    ));
+}
+
+fn context(dir: &Path, name: &str, dockerfile: &str) -> PathBuf {
+    let ctx = dir.join(name);
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    chown_to_test_user(&ctx);
+    ctx
+}
+
+/// Every blob file in a state directory's content store.
+fn blobs(state: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![state.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.parent().is_some_and(|p| p.ends_with("blobs/sha256")) {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn sha256_of(bytes: &[u8], dir: &Path) -> String {
+    let f = dir.join("sha-input");
+    fs::write(&f, bytes).unwrap();
+    let out = run_checked(Command::new("sha256sum").arg(&f));
+    format!("sha256:{}", &text(&out.stdout)[..64])
+}
+
+fn curl(args: &[&str]) -> Vec<u8> {
+    run_checked(Command::new("curl").arg("-sSf").args(args)).stdout
+}
+
+fn image_id_of(listing: &str, repo: &str) -> String {
+    listing
+        .lines()
+        .find(|l| l.starts_with(repo))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("{repo} not in:\n{listing}"))
+        .to_string()
+}
+
+#[test]
+fn push_then_pull_on_fresh_state_skopeo_reads_it_and_from_pulls_it() {
+    let dir = test_dir("registry-roundtrip");
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    let ctx = context(
+        &dir,
+        "ctx",
+        "FROM localhost/bb\nENV GREETING=hello-from-kiln\nCMD [\"sh\", \"-c\", \"echo $GREETING\"]\n",
+    );
+    let name = format!("{host}/x:tag");
+    // kiln build --push -t REF
+    let out = ok(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            &insecure,
+            "--push",
+            "-t",
+            &name,
+            p(&ctx),
+        ],
+    ));
+    let manifest_digest = out.trim().lines().last().unwrap().to_string();
+    assert!(manifest_digest.starts_with("sha256:"), "{out}");
+    let src_id = image_id_of(
+        &ok(&mut kiln_env(&[], &state, &["images"])),
+        &format!("{host}/x"),
+    );
+
+    // the registry serves the manifest under the tag, byte for byte
+    let raw = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{host}/v2/x/manifests/tag"),
+    ]);
+    assert_eq!(sha256_of(&raw, &dir), manifest_digest);
+
+    // kiln push to another repository of the same registry mounts the blobs
+    let push = run(&mut kiln_env(
+        &[],
+        &state,
+        &["push", &insecure, &name, &format!("{host}/y:v1")],
+    ));
+    assert!(push.status.success(), "{}", text(&push.stderr));
+    let msg = text(&push.stderr);
+    assert!(
+        msg.contains("0 blobs uploaded, 2 mounted"),
+        "expected cross-repository mounts: {msg}"
+    );
+    // pushing again uploads nothing
+    let again = run(&mut kiln_env(&[], &state, &["push", &insecure, &name]));
+    assert!(
+        text(&again.stderr).contains("0 blobs uploaded, 0 mounted, 2 already there"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    // skopeo reads what kiln pushed, config included
+    let layout = dir.join("skopeo-layout");
+    run_checked(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("oci:{}:copied", p(&layout)),
+    ]));
+    let inspect = text(
+        &run_checked(Command::new("skopeo").args([
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{name}"),
+        ]))
+        .stdout,
+    );
+    assert!(inspect.contains("GREETING=hello-from-kiln"), "{inspect}");
+    let config = text(
+        &run_checked(Command::new("skopeo").args([
+            "inspect",
+            "--config",
+            "--tls-verify=false",
+            &format!("docker://{name}"),
+        ]))
+        .stdout,
+    );
+    assert!(
+        config.contains("\"Cmd\"") && config.contains("echo $GREETING"),
+        "{config}"
+    );
+
+    // a fresh state directory pulls the same manifest and config
+    let fresh = dir.join("fresh");
+    let pulled = ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
+    assert_eq!(pulled.trim(), manifest_digest);
+    let listing = ok(&mut kiln_env(&[], &fresh, &["images"]));
+    assert_eq!(image_id_of(&listing, &format!("{host}/x")), src_id);
+    // blobs shared with what is stored are not fetched twice, and a name
+    // pinned by digest that is stored needs no registry at all
+    let before = blobs(&fresh);
+    drop(reg);
+    let pinned = format!("{host}/x@{manifest_digest}");
+    ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &pinned]));
+    assert_eq!(blobs(&fresh), before);
+
+    // FROM a registry image on a fresh state directory pulls it
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host2 = reg.host();
+    let insecure2 = format!("--insecure-registry={host2}");
+    let state_a = dir.join("state-a");
+    import_busybox(&dir, &state_a);
+    let ctx_a = context(&dir, "ctx-a", "FROM localhost/bb\nENV FROM_REGISTRY=yes\n");
+    ok(&mut kiln_env(
+        &[],
+        &state_a,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            &insecure2,
+            "--push",
+            "-t",
+            &format!("{host2}/base:1"),
+            p(&ctx_a),
+        ],
+    ));
+    let ctx_b = context(
+        &dir,
+        "ctx-b",
+        &format!("FROM {host2}/base:1\nRUN cat /etc/kiln-marker > /copied && echo $FROM_REGISTRY >> /copied\n"),
+    );
+    let state_b = dir.join("state-b");
+    ok(&mut kiln_env(
+        &[],
+        &state_b,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            &insecure2,
+            "-t",
+            "localhost/child",
+            p(&ctx_b),
+        ],
+    ));
+    let copied = ok(&mut kiln_env(
+        &[],
+        &state_b,
+        &["run", "localhost/child", "--", "cat", "/copied"],
+    ));
+    assert_eq!(copied, "pushed by kiln\nyes\n");
+    let listing = ok(&mut kiln_env(&[], &state_b, &["images"]));
+    assert!(listing.contains(&format!("{host2}/base")), "{listing}");
+}
+
+/// The host platform in OCI terms (`amd64`, `arm64`), as kiln writes it.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+#[test]
+fn index_pulls_the_requested_platform_and_names_the_available_ones() {
+    let dir = test_dir("registry-index");
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    // two images, pushed by tag into one repository
+    let mut digests = Vec::new();
+    for (tag, value) in [("a", "host-one"), ("b", "other-one")] {
+        let ctx = context(
+            &dir,
+            &format!("ctx-{tag}"),
+            &format!("FROM localhost/bb\nENV WHICH={value}\n"),
+        );
+        let out = ok(&mut kiln_env(
+            &[],
+            &state,
+            &[
+                "build",
+                "--progress",
+                "plain",
+                &insecure,
+                "--push",
+                "-t",
+                &format!("{host}/multi:{tag}"),
+                p(&ctx),
+            ],
+        ));
+        let digest = out.trim().lines().last().unwrap().to_string();
+        let raw = curl(&[
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{host}/v2/multi/manifests/{digest}"),
+        ]);
+        digests.push((digest, raw.len()));
+    }
+    let other_arch = if host_arch() == "arm64" {
+        "s390x"
+    } else {
+        "arm64"
+    };
+    let entry = |(d, size): &(String, usize), arch: &str| {
+        format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{d}","size":{size},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#
+        )
+    };
+    let put_index = |tag: &str, entries: Vec<String>| {
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+            entries.join(",")
+        );
+        let file = dir.join(format!("index-{tag}.json"));
+        fs::write(&file, body).unwrap();
+        curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.index.v1+json",
+            "--data-binary",
+            &format!("@{}", p(&file)),
+            &format!("http://{host}/v2/multi/manifests/{tag}"),
+        ]);
+    };
+    put_index(
+        "both",
+        vec![
+            entry(&digests[1], other_arch),
+            entry(&digests[0], host_arch()),
+        ],
+    );
+    put_index(
+        "foreign",
+        vec![
+            entry(&digests[1], other_arch),
+            entry(&digests[0], "riscv64"),
+        ],
+    );
+
+    // the host's platform by default
+    let fresh = dir.join("fresh");
+    ok(&mut kiln_env(
+        &[],
+        &fresh,
+        &["pull", &insecure, &format!("{host}/multi:both")],
+    ));
+    let config = ok(&mut kiln_env(
+        &[],
+        &fresh,
+        &[
+            "run",
+            &format!("{host}/multi:both"),
+            "--",
+            "sh",
+            "-c",
+            "echo WHICH=$WHICH",
+        ],
+    ));
+    assert!(config.contains("WHICH=host-one"), "{config}");
+
+    // --platform picks another entry
+    let fresh2 = dir.join("fresh2");
+    ok(&mut kiln_env(
+        &[],
+        &fresh2,
+        &[
+            "pull",
+            &insecure,
+            "--platform",
+            &format!("linux/{other_arch}"),
+            &format!("{host}/multi:both"),
+        ],
+    ));
+    let listing = ok(&mut kiln_env(&[], &fresh2, &["images"]));
+    assert!(listing.contains(&format!("{host}/multi")), "{listing}");
+
+    // an index without the host platform: a clear error naming the others
+    let fresh3 = dir.join("fresh3");
+    let err = fails(&mut kiln_env(
+        &[],
+        &fresh3,
+        &["pull", &insecure, &format!("{host}/multi:foreign")],
+    ));
+    assert!(
+        err.contains(&format!("{host}/multi:foreign"))
+            && err.contains(&format!("linux/{other_arch}"))
+            && err.contains("linux/riscv64")
+            && err.contains(&format!("linux/{}", host_arch())),
+        "{err}"
+    );
+    assert!(blobs(&fresh3).is_empty(), "{:?}", blobs(&fresh3));
+}
+
+#[test]
+fn tls_registry_with_htpasswd_needs_kiln_login() {
+    let dir = test_dir("registry-tls");
+    let tls = tls_setup(&dir);
+    let reg = Registry::start(&dir.join("reg"), Some(&tls));
+    let host = reg.host();
+    // Podman's certs.d layout: the private CA for this host
+    let certs = dir.join("certs.d");
+    fs::create_dir_all(certs.join(&host)).unwrap();
+    fs::copy(&tls.ca, certs.join(&host).join("ca.crt")).unwrap();
+    let auth_file = dir.join("auth").join("auth.json");
+    fs::create_dir_all(auth_file.parent().unwrap()).unwrap();
+    chown_to_test_user(&dir);
+    let env = [
+        ("KILN_CERTS_DIR", p(&certs).to_string()),
+        ("REGISTRY_AUTH_FILE", p(&auth_file).to_string()),
+    ];
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    let name = format!("{host}/secure/app:1");
+
+    // no credentials: 401, and the error says what to run
+    let err = fails(&mut kiln_env(
+        &env,
+        &state,
+        &["push", "localhost/bb", &name],
+    ));
+    assert!(
+        err.contains(&name) && err.contains("401") && err.contains(&format!("kiln login {host}")),
+        "{err}"
+    );
+
+    // a wrong password is refused and nothing is written
+    let mut bad = kiln_env(
+        &env,
+        &state,
+        &["login", "-u", "kiln", "--password-stdin", &host],
+    );
+    let err = login_with(&mut bad, "wrong\n");
+    assert!(
+        !err.status.success(),
+        "login with a wrong password succeeded"
+    );
+    assert!(!auth_file.exists());
+
+    let mut good = kiln_env(
+        &env,
+        &state,
+        &["login", "-u", "kiln", "--password-stdin", &host],
+    );
+    let out = login_with(&mut good, "s3cret\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode = fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let saved = fs::read_to_string(&auth_file).unwrap();
+    assert!(
+        saved.contains(&host) && !saved.contains("s3cret"),
+        "{saved}"
+    );
+
+    let digest = ok(&mut kiln_env(
+        &env,
+        &state,
+        &["push", "localhost/bb", &name],
+    ));
+    let fresh = dir.join("fresh");
+    let pulled = ok(&mut kiln_env(&env, &fresh, &["pull", &name]));
+    assert_eq!(pulled.trim(), digest.trim());
+
+    // logout forgets them: the next pull is refused again
+    ok(&mut kiln_env(&env, &state, &["logout", &host]));
+    let fresh2 = dir.join("fresh2");
+    let err = fails(&mut kiln_env(&env, &fresh2, &["pull", &name]));
+    assert!(err.contains(&format!("kiln login {host}")), "{err}");
+
+    // without the CA the registry is not trusted
+    let env_no_ca = [
+        ("KILN_CERTS_DIR", p(&dir.join("no-certs")).to_string()),
+        ("REGISTRY_AUTH_FILE", p(&auth_file).to_string()),
+    ];
+    let err = fails(&mut kiln_env(&env_no_ca, &fresh2, &["pull", &name]));
+    assert!(err.contains(&name) && err.contains("certs.d"), "{err}");
+}
+
+fn login_with(cmd: &mut Command, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kiln login");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn unreachable_registry_and_corrupt_blobs_leave_nothing_stored() {
+    let dir = test_dir("registry-bad");
+    // a closed port
+    let closed = free_port();
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    let images_before = ok(&mut kiln_env(&[], &state, &["images"]));
+    let blobs_before = blobs(&state);
+    let name = format!("127.0.0.1:{closed}/x:1");
+    let err = fails(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "pull",
+            &format!("--insecure-registry=127.0.0.1:{closed}"),
+            &name,
+        ],
+    ));
+    assert!(err.contains(&name) && err.contains("unreachable"), "{err}");
+    assert_eq!(ok(&mut kiln_env(&[], &state, &["images"])), images_before);
+    assert_eq!(blobs(&state), blobs_before);
+
+    // a registry serving a truncated, then a corrupted layer
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let name = format!("{host}/bad:1");
+    ok(&mut kiln_env(
+        &[],
+        &state,
+        &["push", &insecure, "localhost/bb", &name],
+    ));
+    let raw = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{host}/v2/bad/manifests/1"),
+    ]);
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = reg.blob_file(&layer);
+    let good = fs::read(&blob).unwrap();
+
+    let fresh = dir.join("fresh");
+    fs::write(&blob, &good[..good.len() / 2]).unwrap();
+    let err = fails(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
+    assert!(err.contains(&name) && err.contains(&layer), "{err}");
+    assert!(err.contains("corrupt or truncated"), "{err}");
+    assert!(blobs(&fresh).is_empty(), "stray blobs: {:?}", blobs(&fresh));
+    let listing = ok(&mut kiln_env(&[], &fresh, &["images"]));
+    assert_eq!(listing.lines().count(), 1, "{listing}");
+
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    fs::write(&blob, &flipped).unwrap();
+    let err = fails(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
+    assert!(
+        err.contains(&name) && err.contains(&layer) && err.contains("corrupt or truncated"),
+        "{err}"
+    );
+    assert!(blobs(&fresh).is_empty(), "stray blobs: {:?}", blobs(&fresh));
+
+    // with the blob repaired the same pull works
+    fs::write(&blob, &good).unwrap();
+    ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
+    assert!(!blobs(&fresh).is_empty());
+}
+
+#[test]
+fn registries_config_mirror_is_tried_before_the_origin() {
+    let dir = test_dir("registry-mirror");
+    let mirror = Registry::start(&dir.join("mirror"), None);
+    let mhost = mirror.host();
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    // the origin is a closed port: only the mirror can answer
+    let origin = format!("127.0.0.1:{}", free_port());
+    ok(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "push",
+            &format!("--insecure-registry={mhost}"),
+            "localhost/bb",
+            &format!("{mhost}/lib/bb:1"),
+        ],
+    ));
+    let conf = dir.join("registries.toml");
+    fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{origin}\"\ninsecure = true\nmirror = [{{ location = \"{mhost}\", insecure = true }}]\n"
+        ),
+    )
+    .unwrap();
+    let env = [("KILN_REGISTRIES_CONF", p(&conf).to_string())];
+    let fresh = dir.join("fresh");
+    let name = format!("{origin}/lib/bb:1");
+    ok(&mut kiln_env(&env, &fresh, &["pull", &name]));
+    let listing = ok(&mut kiln_env(&env, &fresh, &["images"]));
+    assert!(listing.contains(&format!("{origin}/lib/bb")), "{listing}");
+    // a name the mirror lacks falls back to the origin, whose error is shown
+    let err = fails(&mut kiln_env(
+        &env,
+        &fresh,
+        &["pull", &format!("{origin}/lib/none:1")],
+    ));
+    assert!(
+        err.contains("unreachable") && err.contains(&origin),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_registry_cache_and_an_inline_cache_warm_a_fresh_state_directory() {
+    let dir = test_dir("registry-cache");
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    let ctx = context(
+        &dir,
+        "ctx",
+        "FROM localhost/bb AS builder\nRUN echo built > /artifact && echo other > /other\n\nFROM localhost/bb\nCOPY --from=builder /artifact /artifact\nRUN cat /artifact > /final\n",
+    );
+    let build = |state: &Path, extra: &[&str]| -> String {
+        let mut args = vec!["build", "--progress", "plain", &insecure];
+        args.extend_from_slice(extra);
+        args.push(p(&ctx));
+        let out = run(&mut kiln_env(&[], state, &args));
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{args:?}:\n{err}");
+        err
+    };
+    let cache_ref = format!("{host}/cache:main");
+    let image_ref = format!("{host}/app:inline");
+    // The base image goes to the registry too: a fresh runner pulls it.
+    ok(&mut kiln_env(
+        &[],
+        &state,
+        &[&insecure, "push", "localhost/bb", &format!("{host}/bb:1")],
+    ));
+    let ctx_df = ctx.join("Dockerfile");
+    let df = fs::read_to_string(&ctx_df)
+        .unwrap()
+        .replace("localhost/bb", &format!("{host}/bb:1"));
+    fs::write(&ctx_df, df).unwrap();
+    chown_to_test_user(&ctx);
+    let err = build(
+        &state,
+        &[
+            "--cache-to",
+            &format!("type=registry,ref={cache_ref},mode=max"),
+            "--cache-to",
+            "type=inline",
+            "--push",
+            "-t",
+            &image_ref,
+        ],
+    );
+    assert!(err.contains("2 steps run"), "{err}");
+
+    // type=registry, mode=max: nothing runs on a fresh state directory.
+    let err = build(
+        &dir.join("fresh-1"),
+        &["--cache-from", &format!("type=registry,ref={cache_ref}")],
+    );
+    assert!(err.contains("0 steps run"), "{err}");
+
+    // inline (min): the image's own steps hit; the builder stage's RUN,
+    // not on the final image's chain, runs.
+    let err = build(
+        &dir.join("fresh-2"),
+        &["--cache-from", &format!("type=registry,ref={image_ref}")],
+    );
+    assert!(err.contains("1 steps run"), "{err}");
+
+    // A cache reference that does not exist is a warning, not a failure.
+    let err = build(
+        &dir.join("fresh-3"),
+        &[
+            "--cache-from",
+            &format!("type=registry,ref={host}/nothing:here"),
+        ],
+    );
+    assert!(err.contains("WARNING: --cache-from"), "{err}");
+    assert!(err.contains("2 steps run"), "{err}");
+}
