@@ -668,6 +668,37 @@ fn tls_registry_with_htpasswd_needs_kiln_login() {
     let err = fails(&mut kiln_env(&env, &fresh2, &["pull", &name]));
     assert!(err.contains(&format!("kiln login {host}")), "{err}");
 
+    // a credential helper named in ~/.docker/config.json (`credHelpers`)
+    // answers instead: pull works with no login
+    let home = dir.join("home");
+    let bin = dir.join("bin");
+    fs::create_dir_all(home.join(".docker")).unwrap();
+    fs::create_dir_all(&bin).unwrap();
+    fs::write(
+        home.join(".docker/config.json"),
+        format!(r#"{{"credHelpers": {{"{host}": "kilntest"}}}}"#),
+    )
+    .unwrap();
+    let helper = bin.join("docker-credential-kilntest");
+    fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$1\" = get ] && [ \"$server\" = \"{host}\" ] || exit 1\necho '{{\"ServerURL\":\"{host}\",\"Username\":\"kiln\",\"Secret\":\"s3cret\"}}'\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).unwrap();
+    chown_to_test_user(&dir);
+    let env_helper = [
+        ("KILN_CERTS_DIR", p(&certs).to_string()),
+        ("REGISTRY_AUTH_FILE", p(&auth_file).to_string()),
+        ("HOME", p(&home).to_string()),
+        ("PATH", format!("{}:/usr/bin:/bin", p(&bin))),
+    ];
+    let fresh3 = dir.join("fresh3");
+    let pulled = ok(&mut kiln_env(&env_helper, &fresh3, &["pull", &name]));
+    assert_eq!(pulled.trim(), digest.trim());
+
     // without the CA the registry is not trusted
     let env_no_ca = [
         ("KILN_CERTS_DIR", p(&dir.join("no-certs")).to_string()),
