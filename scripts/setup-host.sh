@@ -10,6 +10,8 @@
 #    hosts, where the podman interop test runs `podman --runtime runc`
 #  - liblzma-dev and pkg-config for ADD's xz decoding (liblzma-sys links
 #    the system library), xz-utils, bzip2 and zstd to make test archives
+#  - g++ for libfuzzer-sys, which compiles libFuzzer's C++ for the fuzz
+#    targets scripts/fuzz.sh builds
 #  - openssh-client, openssh-server (ssh-keygen, ssh-agent, ssh-add, sshd) for the `--ssh` agent tests
 #    tests
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
@@ -21,7 +23,7 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
-      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server"
+      iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server g++"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
