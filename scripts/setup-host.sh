@@ -10,6 +10,8 @@
 #    hosts, where the podman interop test runs `podman --runtime runc`
 #  - liblzma-dev and pkg-config for ADD's xz decoding (liblzma-sys links
 #    the system library), xz-utils, bzip2 and zstd to make test archives
+#  - g++ for libfuzzer-sys, which compiles libFuzzer's C++ for the fuzz
+#    targets scripts/fuzz.sh builds
 #  - openssh-client, openssh-server (ssh-keygen, ssh-agent, ssh-add, sshd) for the `--ssh` agent tests
 #  - passt (pasta) and slirp4netns: the user-mode network stacks of
 #    `--network=sandbox` (pasta preferred; the tests cover both)
@@ -25,7 +27,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
       iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns
-      docker-registry apache2-utils openssl curl"
+      docker-registry apache2-utils openssl curl g++"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

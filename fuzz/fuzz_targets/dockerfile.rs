@@ -1,4 +1,4 @@
-//! `cargo fuzz run dockerfile_parser`: the Dockerfile parser, planner and
+//! `cargo fuzz run dockerfile`: the Dockerfile parser, planner and
 //! word lexer must never panic, whatever the bytes.
 
 #![no_main]
