@@ -43,6 +43,8 @@ enum Command {
     Save(cli::images::SaveArgs),
     /// Show the space used by images, layers and the build cache
     Du(cli::du::DuArgs),
+    /// Show what this host can build: native and emulated platforms
+    Info(cli::info::InfoArgs),
     /// Free the build cache (and with --all unnamed images)
     Prune(cli::prune::PruneArgs),
 }
@@ -52,6 +54,10 @@ fn main() {
     if let Command::Debug(cmd) = cli.command {
         // Parsing and planning never start a sandbox: no namespace needed.
         finish(kiln_builder::cli_plan::run_debug(cmd).map(|()| 0));
+    }
+    if let Command::Info(args) = cli.command {
+        // Only reads the host's facts: no namespace needed.
+        finish(cli::info::run(args));
     }
     // Join kiln's own user namespace while the process is still
     // single-threaded: steps then map their ids without setuid helpers.
@@ -78,6 +84,7 @@ fn main() {
         Command::Save(args) => cli::images::save(root, args),
         Command::Du(args) => cli::du::run(root, args),
         Command::Prune(args) => cli::prune::run(root, args),
+        Command::Info(_) => unreachable!("handled before entering the namespace"),
         Command::Debug(_) => unreachable!("handled above"),
     };
     finish(result)

@@ -8,6 +8,7 @@
 //! numbered setup sequence up to exec), [`idmap`], [`seccomp`], [`user`].
 
 pub mod child;
+pub mod emulation;
 pub mod error;
 pub mod idmap;
 pub mod sandbox;
@@ -17,6 +18,7 @@ mod sys;
 pub mod user;
 pub mod userns;
 
+pub use emulation::Emulator;
 pub use error::{Error, Result};
 pub use oci_spec::runtime::Spec;
 pub use sandbox::{run, ExitStatus, PrivateContent, PrivateFile, RunOptions, Stdio};

@@ -100,6 +100,9 @@ pub struct RunOptions {
     pub id_mapping: Option<IdMapping>,
     /// secrets and agent sockets, each in a tmpfs of the sandbox's own
     pub private: Vec<PrivateFile>,
+    /// foreign architectures the command may execute, registered in the
+    /// sandbox's own binfmt_misc (see [`crate::emulation`])
+    pub emulators: Vec<crate::emulation::Emulator>,
 }
 
 /// A file or unix socket that exists only inside one sandbox: kiln mounts
@@ -523,6 +526,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         .into_iter()
         .map(|f| private_node(f, &mut sinks))
         .collect::<Result<Vec<_>>>()?;
+    let binfmt = crate::emulation::Host::current().register_lines(&opts.emulators)?;
     let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
         v.iter()
             .flatten()
@@ -574,6 +578,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         can_setgroups,
         mounts,
         private,
+        binfmt,
         masked: abs(linux.masked_paths())?,
         readonly: abs(linux.readonly_paths())?,
         rlimits,

@@ -42,6 +42,10 @@ pub struct SandboxArgs {
     /// Seccomp profile: `default`, `unconfined`, or a seccompiler JSON file
     #[arg(long, default_value = "default", value_name = "PROFILE")]
     seccomp: String,
+    /// Platform of the rootfs's binaries; a foreign one runs under
+    /// qemu-user registered in the sandbox's own binfmt_misc
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
     /// Mount the rootfs read-only
     #[arg(long)]
     read_only: bool,
@@ -141,11 +145,16 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<i32> {
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
+    let emulators = match &args.platform {
+        Some(p) => crate::engine::emulation::emulators_for(&crate::frontend::Platform::parse(p)?)?,
+        None => Vec::new(),
+    };
     let status = kiln_runtime::run(
         &spec,
         RunOptions {
             timeout,
             forward_signals: true,
+            emulators,
             ..Default::default()
         },
     )?;

@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod copy;
+pub mod emulation;
 pub mod exec;
 pub mod fsutil;
 pub mod progress;
@@ -19,7 +20,7 @@ pub mod state;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_snapshotter::backend::BackendKind;
@@ -114,6 +115,8 @@ pub enum StepError {
     Source(std::io::Error),
     #[error(transparent)]
     Mounts(#[from] run_mounts::Error),
+    #[error(transparent)]
+    Emulation(#[from] emulation::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -140,6 +143,39 @@ pub struct BuildOptions {
     pub rewrite_timestamp: bool,
     /// `--secret` and `--ssh`
     pub session: Arc<crate::session::Session>,
+    /// `--platform` (TARGETPLATFORM); the host's when None
+    pub platform: Option<Platform>,
+}
+
+/// What the builds of one `kiln build --platform A,B` share: job slots,
+/// vertex numbers, and one lock per step key, so a step that two platforms
+/// need identically (a `FROM --platform=$BUILDPLATFORM` stage) runs once
+/// and the other build takes it from the cache.
+pub struct Shared {
+    slots: Semaphore,
+    vertex: AtomicUsize,
+    keys: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+    /// label steps with their platform (several platforms are built)
+    label_platform: bool,
+}
+
+impl Shared {
+    /// Slots for `jobs` steps at once across every platform's build.
+    pub fn new(jobs: usize, label_platform: bool) -> Arc<Self> {
+        Arc::new(Shared {
+            slots: Semaphore::new(jobs.max(1)),
+            vertex: AtomicUsize::new(1),
+            keys: Mutex::new(BTreeMap::new()),
+            label_platform,
+        })
+    }
+
+    /// The lock of one step key; hold it from the cache lookup until the
+    /// result is recorded.
+    fn key_lock(&self, key: &Key) -> Arc<Mutex<()>> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(keys.entry(key.0.clone()).or_default())
+    }
 }
 
 /// A built image, stored in the content store.
@@ -193,8 +229,7 @@ struct Engine {
     cache_mounts: crate::image::cache_mounts::CacheMounts,
     redactor: Arc<crate::session::secrets::Redactor>,
     file: String,
-    vertex: AtomicUsize,
-    slots: Semaphore,
+    shared: Arc<Shared>,
     executed: AtomicUsize,
     cached: AtomicUsize,
     results: BTreeMap<usize, watch::Receiver<StageResult>>,
@@ -213,7 +248,7 @@ fn now_or_epoch(epoch: Option<i64>) -> String {
 /// Load a base image from the local image store: its key, state (config,
 /// history, layers) and unpacked chain.
 fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key, ImageState)> {
-    let store = crate::image::ImageStore::new(snap);
+    let store = store_for(snap, platform);
     let image = store.resolve(name).map_err(|e| match e {
         crate::image::store::Error::NotFound(_) => Error::BaseNotFound(name.to_string()),
         other => Error::Image {
@@ -222,6 +257,15 @@ fn load_base(snap: &Snapshotter, name: &str, platform: &Platform) -> Result<(Key
         },
     })?;
     image_base(&store, &image, name, platform)
+}
+
+/// The image store choosing `platform`'s manifest from an index.
+fn store_for<'s>(snap: &'s Snapshotter, platform: &Platform) -> crate::image::ImageStore<'s> {
+    crate::image::ImageStore::new(snap).with_platform(crate::image::store::Platform {
+        os: platform.os.clone(),
+        architecture: platform.architecture.clone(),
+        variant: platform.variant.clone(),
+    })
 }
 
 /// A base from `--build-context NAME=oci-layout://DIR[:TAG|@DIGEST]`: the
@@ -233,7 +277,7 @@ fn load_layout_base(
     layout: &str,
     platform: &Platform,
 ) -> Result<(Key, ImageState)> {
-    let store = crate::image::ImageStore::new(snap);
+    let store = store_for(snap, platform);
     let (dir, selector) = crate::image::archive::parse_layout_ref(layout);
     let image = crate::image::archive::load_layout_dir(&store, &dir, &selector).map_err(|e| {
         Error::Layout {
@@ -342,6 +386,52 @@ fn context_root_step(name: &str, source: &str, file: &str) -> Result<Step> {
 
 /// Build `opts` with progress reported to `progress`.
 pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built> {
+    let shared = Shared::new(opts.jobs, false);
+    build_shared(opts, progress, shared).await
+}
+
+/// Build `opts` once per platform, at the same time; steps identical
+/// across platforms run once (see [`Shared`]). Results in `platforms`
+/// order.
+pub async fn build_platforms(
+    opts: BuildOptions,
+    platforms: &[Platform],
+    progress: Arc<Progress>,
+) -> Result<Vec<(Platform, Built)>> {
+    let shared = Shared::new(opts.jobs, platforms.len() > 1);
+    let mut tasks = Vec::new();
+    for p in platforms {
+        let opts = BuildOptions {
+            platform: Some(p.clone()),
+            ..opts.clone()
+        };
+        let (progress, shared) = (Arc::clone(&progress), Arc::clone(&shared));
+        tasks.push(tokio::spawn(build_shared(opts, progress, shared)));
+    }
+    let mut out = Vec::new();
+    let mut first_error = None;
+    for (task, p) in tasks.into_iter().zip(platforms) {
+        match task.await {
+            Ok(Ok(b)) => out.push((p.clone(), b)),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::Join(e.to_string()));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+async fn build_shared(
+    opts: BuildOptions,
+    progress: Arc<Progress>,
+    shared: Arc<Shared>,
+) -> Result<Built> {
     let started = Instant::now();
     let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
         path: opts.dockerfile.clone(),
@@ -368,6 +458,7 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         build_args: opts.build_args.clone(),
         named_contexts: opts.named_contexts.clone(),
         target: opts.target.clone(),
+        target_platform: opts.platform.clone(),
         ..PlanOptions::default()
     };
     let first = frontend::plan(&ast, &plan_opts)?;
@@ -417,7 +508,7 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         snap,
         cache,
         progress: Arc::clone(&progress),
-        slots: Semaphore::new(opts.jobs.max(1)),
+        shared,
         opts,
         plan,
         context,
@@ -425,7 +516,6 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         cache_mounts,
         redactor,
         file,
-        vertex: AtomicUsize::new(1),
         executed: AtomicUsize::new(0),
         cached: AtomicUsize::new(0),
         results,
@@ -464,8 +554,12 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
     let (_, state) =
         target.ok_or_else(|| Error::Join("the target stage produced no result".into()))?;
     let built = tokio::task::block_in_place(|| engine.store_image(state))?;
+    let label = match &engine.opts.platform {
+        Some(p) if engine.shared.label_platform => format!("[{p}] "),
+        _ => String::new(),
+    };
     progress.summary(&format!(
-        "built {} in {:.1}s: {} steps run, {} cached",
+        "{label}built {} in {:.1}s: {} steps run, {} cached",
         built.manifest.digest(),
         started.elapsed().as_secs_f64(),
         engine.executed.load(Ordering::Relaxed),
@@ -631,8 +725,19 @@ impl Engine {
                 }
                 continue;
             }
-            let vertex = self.vertex.fetch_add(1, Ordering::Relaxed);
-            let name = format!("[{stage_name} {}/{total}] {}", i + 1, step.original);
+            let vertex = self.shared.vertex.fetch_add(1, Ordering::Relaxed);
+            // BuildKit shows a step's platform when several are built; an
+            // emulated RUN says so, since it runs several times slower.
+            let emulated = matches!(step.instruction, Instruction::Run(_))
+                && !emulation::is_native(&state.platform);
+            let label = if emulated {
+                format!("[{}, emulated] ", state.platform)
+            } else if self.shared.label_platform {
+                format!("[{}] ", state.platform)
+            } else {
+                String::new()
+            };
+            let name = format!("{label}[{stage_name} {}/{total}] {}", i + 1, step.original);
             let (k, s) = self
                 .run_step(stage, step, &key, &state, vertex, &name)
                 .await?;
@@ -681,6 +786,7 @@ impl Engine {
             }
         }
         let _slot = self
+            .shared
             .slots
             .acquire()
             .await
@@ -777,10 +883,15 @@ impl Engine {
                 };
                 run_mounts::key_inputs(&run.mounts, from, &resources, &mut k)?;
                 let key = k.finish();
+                let lock = self.shared.key_lock(&key);
+                let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(hit) = self.lookup(&key, no_cache) {
                     self.progress.cached(vertex, name);
                     return Ok((key, hit, true));
                 }
+                // checked before the step starts: a missing qemu or an old
+                // kernel fails here with what to install
+                let emulators = emulation::emulators_for(&state.platform)?;
                 self.progress.started(vertex, name);
                 let view = self
                     .snap
@@ -799,6 +910,7 @@ impl Engine {
                         private: std::mem::take(&mut mounted.private),
                         env: std::mem::take(&mut mounted.env),
                         redactor: Arc::clone(&self.redactor),
+                        emulators,
                     };
                     let r = exec::run(view.path(), spec, &self.progress);
                     // mount stubs go before the layer is made
@@ -980,6 +1092,8 @@ impl Engine {
             .str(&format!("{:?}", op.chmod))
             .str(&dest);
         let key = k.finish();
+        let lock = self.shared.key_lock(&key);
+        let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = self.lookup(&key, no_cache) {
             self.progress.cached(vertex, name);
             return Ok((key, hit, true));
