@@ -465,7 +465,10 @@ async fn build_shared(
     let mut bases = BTreeMap::new();
     for stage in &first.stages {
         if let Base::Image { reference } = &stage.base {
-            if !bases.contains_key(reference) {
+            // one base name may be loaded for two platforms (a
+            // `FROM --platform=$BUILDPLATFORM` stage beside the target's)
+            let base_key = (reference.clone(), stage.platform.clone());
+            if !bases.contains_key(&base_key) {
                 let loaded =
                     tokio::task::block_in_place(|| load_base(&snap, reference, &stage.platform))?;
                 plan_opts
@@ -474,7 +477,7 @@ async fn build_shared(
                 plan_opts
                     .image_workdir
                     .insert(reference.clone(), loaded.1.config.workdir.clone());
-                bases.insert(reference.clone(), loaded);
+                bases.insert(base_key, loaded);
             }
         }
     }
@@ -641,7 +644,7 @@ impl Engine {
     async fn build_stage(
         self: &Arc<Self>,
         stage: &Stage,
-        bases: &BTreeMap<String, (Key, ImageState)>,
+        bases: &BTreeMap<(String, Platform), (Key, ImageState)>,
     ) -> Result<(Key, ImageState)> {
         let mut dir_root: Option<Step> = None;
         let (mut key, mut state) = match &stage.base {
@@ -651,7 +654,7 @@ impl Engine {
                 (k.finish(), ImageState::scratch(stage.platform.clone()))
             }
             Base::Image { reference } => bases
-                .get(reference)
+                .get(&(reference.clone(), stage.platform.clone()))
                 .cloned()
                 .ok_or_else(|| Error::BaseNotFound(reference.clone()))?,
             Base::Stage { index } => self.stage_result(*index).await?,
