@@ -468,7 +468,7 @@ async fn build_shared(
             // one base name may be loaded for two platforms (a
             // `FROM --platform=$BUILDPLATFORM` stage beside the target's)
             let base_key = (reference.clone(), stage.platform.clone());
-            if !bases.contains_key(&base_key) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = bases.entry(base_key) {
                 let loaded =
                     tokio::task::block_in_place(|| load_base(&snap, reference, &stage.platform))?;
                 plan_opts
@@ -477,7 +477,7 @@ async fn build_shared(
                 plan_opts
                     .image_workdir
                     .insert(reference.clone(), loaded.1.config.workdir.clone());
-                bases.insert(base_key, loaded);
+                slot.insert(loaded);
             }
         }
     }
