@@ -26,18 +26,22 @@ cp "$S/x/bin/busybox" "$S/arm/bin/"
 for r in amd arm; do for l in sh true; do ln -s busybox "$S/$r/bin/$l"; done; done
 install -m 755 "$HERE/../target/release/kiln" "$S/kiln"
 chmod -R a+rX "$S"
-LOOP='i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done'
+install -d -o "$USER_NAME" "$S/results"
+# the script lives in each rootfs: no quoting through su and hyperfine
+for r in amd arm; do
+    printf 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done\n' > "$S/$r/loop.sh"
+done
 K="$S/kiln sandbox"
-su "$USER_NAME" -c "hyperfine -N -w 5 -r $RUNS --export-json $S/setup.json \
+su "$USER_NAME" -c "hyperfine -N -w 5 -r $RUNS --export-json $S/results/setup.json \
     '$K --rootfs $S/amd -- /bin/true' \
     '$K --rootfs $S/amd --platform linux/arm64 -- /bin/true'"
-su "$USER_NAME" -c "hyperfine -w 2 -r 20 --export-json $S/work.json \
-    \"$K --rootfs $S/amd -- /bin/sh -c '$LOOP'\" \
-    \"$K --rootfs $S/arm --platform linux/arm64 -- /bin/sh -c '$LOOP'\""
+su "$USER_NAME" -c "hyperfine -N -w 2 -r 20 --export-json $S/results/work.json \
+    '$K --rootfs $S/amd -- /bin/sh /loop.sh' \
+    '$K --rootfs $S/arm --platform linux/arm64 -- /bin/sh /loop.sh'"
 python3 - "$S" <<'PY'
 import json, sys
 s = sys.argv[1]
-m = lambda f: [r["mean"] for r in json.load(open(f"{s}/{f}"))["results"]]
+m = lambda f: [r["mean"] for r in json.load(open(f"{s}/results/{f}"))["results"]]
 (plain, emu) = m("setup.json")
 (native, emulated) = m("work.json")
 print(f"emulation setup per step: {(emu - plain) * 1000:.2f} ms (target < 5 ms)")
