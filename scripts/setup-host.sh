@@ -12,6 +12,9 @@
 #    the system library), xz-utils, bzip2 and zstd to make test archives
 #  - g++ for libfuzzer-sys, which compiles libFuzzer's C++ for the fuzz
 #    targets scripts/fuzz.sh builds
+#  - qemu-user-static for emulated RUN steps of multi-platform builds, and
+#    Debian's busybox-static:arm64 .deb in /var/tmp/kiln-fixtures as the
+#    arm64 base image of the platform tests
 #  - openssh-client, openssh-server (ssh-keygen, ssh-agent, ssh-add, sshd) for the `--ssh` agent tests
 #  - passt (pasta) and slirp4netns: the user-mode network stacks of
 #    `--network=sandbox` (pasta preferred; the tests cover both)
@@ -27,7 +30,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
       iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns
-      docker-registry apache2-utils openssl curl g++"
+      docker-registry apache2-utils openssl curl g++ qemu-user-static"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
@@ -41,4 +44,11 @@ fi
 for dev in /dev/fuse /dev/net/tun; do
     [ -e "$dev" ] && $SUDO chmod 0666 "$dev"
 done
+FIXTURES=/var/tmp/kiln-fixtures
+if ! ls "$FIXTURES"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
+    dpkg --print-foreign-architectures | grep -qx arm64 || { $SUDO dpkg --add-architecture arm64; $SUDO apt-get update -q; }
+    $SUDO mkdir -p "$FIXTURES"
+    (cd "$FIXTURES" && $SUDO apt-get download -q busybox-static:arm64)
+    $SUDO chmod -R a+rX "$FIXTURES"
+fi
 exit 0

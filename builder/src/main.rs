@@ -55,6 +55,8 @@ enum Command {
     Login(cli::registry::LoginArgs),
     /// Remove stored credentials for a registry
     Logout(cli::registry::LogoutArgs),
+    /// Show what this host can build: native and emulated platforms
+    Info(cli::info::InfoArgs),
     /// Free the build cache (and with --all unnamed images)
     Prune(cli::prune::PruneArgs),
 }
@@ -64,6 +66,10 @@ fn main() {
     if let Command::Debug(cmd) = cli.command {
         // Parsing and planning never start a sandbox: no namespace needed.
         finish(kiln_builder::cli_plan::run_debug(cmd).map(|()| 0));
+    }
+    if let Command::Info(args) = cli.command {
+        // Only reads the host's facts: no namespace needed.
+        finish(cli::info::run(args));
     }
     // Join kiln's own user namespace while the process is still
     // single-threaded: steps then map their ids without setuid helpers.
@@ -95,6 +101,7 @@ fn main() {
         Command::Save(args) => cli::images::save(root, args),
         Command::Du(args) => cli::du::run(root, args),
         Command::Prune(args) => cli::prune::run(root, args),
+        Command::Info(_) => unreachable!("handled before entering the namespace"),
         Command::Debug(_) => unreachable!("handled above"),
     };
     finish(result)

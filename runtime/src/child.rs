@@ -49,6 +49,7 @@ stages! {
     BindRootfs => "bind-mounting the rootfs",
     OpenRootfs => "opening the rootfs",
     MountProc => "mounting /proc",
+    Binfmt => "registering an emulator in the sandbox's binfmt_misc",
     MountDev => "mounting /dev",
     DevNode => "binding a device node into /dev",
     MountDevPts => "mounting /dev/pts",
@@ -99,6 +100,10 @@ impl Stage {
             (Stage::SetUid | Stage::SetGid, Errno::EINVAL) => {
                 " (the id is not mapped in the sandbox: give your user a range in /etc/subuid and /etc/subgid)"
             }
+            (Stage::Binfmt, Errno::EPERM | Errno::ENODEV) => {
+                " (binfmt_misc in a user namespace needs Linux >= 6.7 built with CONFIG_BINFMT_MISC)"
+            }
+            (Stage::Binfmt, Errno::ENOENT) => " (the qemu interpreter was removed from the host: reinstall qemu-user-static)",
             (Stage::Chdir, Errno::ENOENT) => " (the working directory does not exist in the rootfs)",
             (
                 Stage::MountDev | Stage::MountDevPts | Stage::MountDevShm | Stage::MakeMountsPrivate | Stage::SpecMount,
@@ -204,6 +209,8 @@ pub struct Plan {
     pub can_setgroups: bool,
     pub mounts: Vec<SpecMount>,
     pub private: Vec<PrivateNode>,
+    /// binfmt_misc `register` lines for emulated architectures
+    pub binfmt: Vec<CString>,
     /// absolute paths inside the new root
     pub masked: Vec<CString>,
     pub readonly: Vec<CString>,
@@ -545,6 +552,57 @@ fn setup_private_nodes(p: &Plan, root: RawFd) {
     close(dev);
 }
 
+/// binfmt_misc of this user namespace over the fresh
+/// /proc/sys/fs/binfmt_misc, one registration per emulator, then remounted
+/// read-only so the command cannot add, remove or disable an entry. The
+/// registrations live as long as this mount (a detached staging mount
+/// loses them), and the kernel resolves each interpreter now, while the
+/// host's root is still ours (flag `F`).
+fn setup_binfmt(p: &Plan, root: RawFd) {
+    if p.binfmt.is_empty() {
+        return;
+    }
+    const DIR: &CStr = c"proc/sys/fs/binfmt_misc";
+    let fail_at = |e: Errno| -> ! { fail(p, Stage::Binfmt, e) };
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let covered = sys::open_path_in_root(root, DIR).unwrap_or_else(|e| fail_at(e));
+    sys::mount(
+        Some(c"binfmt_misc"),
+        FdPath::new(covered).as_cstr(),
+        Some(c"binfmt_misc"),
+        flags,
+        None,
+    )
+    .unwrap_or_else(|e| fail_at(e));
+    close(covered);
+    let top = sys::open_path_in_root(root, DIR).unwrap_or_else(|e| fail_at(e));
+    // SAFETY: NUL-terminated name relative to `top`, the new instance's root.
+    let register = unsafe {
+        libc::openat(
+            top,
+            c"register".as_ptr(),
+            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if register < 0 {
+        fail_at(Errno::last());
+    }
+    for line in &p.binfmt {
+        // one write per registration: the kernel parses each write whole
+        sys::write_exact(register, line.as_bytes()).unwrap_or_else(|e| fail_at(e));
+    }
+    close(register);
+    sys::mount(
+        None,
+        FdPath::new(top).as_cstr(),
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | flags,
+        None,
+    )
+    .unwrap_or_else(|e| fail_at(e));
+    close(top);
+}
+
 /// Mask the paths the OCI defaults hide: files get /dev/null, directories
 /// an empty read-only tmpfs. Runs after pivot_root, so every path resolves
 /// inside mounts kiln made itself (/proc and /sys are fresh instances).
@@ -684,6 +742,10 @@ pub unsafe fn run(p: &Plan) -> ! {
         None,
     )
     .or_fail(p, Stage::MountProc);
+
+    // 6b. Emulators of foreign architectures, in a binfmt_misc instance of
+    //     this user namespace; read-only before the command can see it.
+    setup_binfmt(p, root);
 
     // 7. /dev with only safe devices.
     setup_dev(p, root);

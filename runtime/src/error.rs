@@ -129,6 +129,18 @@ pub enum Error {
         status: String,
         stderr: String,
     },
+    #[error(
+        "cannot emulate {name}: its interpreter {} is missing; install it with \
+         `apt-get install qemu-user-static` (or point {} at a directory of qemu-*-static)",
+        interpreter.display(), crate::emulation::QEMU_DIR_ENV
+    )]
+    EmulatorMissing { name: String, interpreter: PathBuf },
+    #[error(
+        "cannot emulate {name}: kernel {kernel} cannot mount binfmt_misc in a user namespace \
+         (Linux >= 6.7 can) and the host has no {name} registration; upgrade the kernel, or have \
+         an administrator register it (`apt-get install qemu-user-static binfmt-support`)"
+    )]
+    EmulationUnavailable { name: String, kernel: String },
     #[error("waiting for the sandbox failed: {0}")]
     Wait(nix::errno::Errno),
 }

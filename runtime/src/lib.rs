@@ -8,6 +8,7 @@
 //! numbered setup sequence up to exec), [`idmap`], [`net`], [`seccomp`], [`user`].
 
 pub mod child;
+pub mod emulation;
 pub mod error;
 pub mod idmap;
 pub mod net;
@@ -18,6 +19,7 @@ mod sys;
 pub mod user;
 pub mod userns;
 
+pub use emulation::Emulator;
 pub use error::{Error, Result};
 pub use oci_spec::runtime::Spec;
 pub use sandbox::{run, ExitStatus, PrivateContent, PrivateFile, RunOptions, Stdio};

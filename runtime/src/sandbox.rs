@@ -103,6 +103,9 @@ pub struct RunOptions {
     /// the user-mode network stack for a spec that asks for one (see
     /// [`crate::net::NETWORK_ANNOTATION`]); detected when not given
     pub network_stack: Option<crate::net::Stack>,
+    /// foreign architectures the command may execute, registered in the
+    /// sandbox's own binfmt_misc (see [`crate::emulation`])
+    pub emulators: Vec<crate::emulation::Emulator>,
 }
 
 /// A file or unix socket that exists only inside one sandbox: kiln mounts
@@ -555,6 +558,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         .into_iter()
         .map(|f| private_node(f, &mut sinks))
         .collect::<Result<Vec<_>>>()?;
+    let binfmt = crate::emulation::Host::current().register_lines(&opts.emulators)?;
     let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
         v.iter()
             .flatten()
@@ -606,6 +610,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         can_setgroups,
         mounts,
         private,
+        binfmt,
         masked: abs(linux.masked_paths())?,
         readonly: abs(linux.readonly_paths())?,
         rlimits,

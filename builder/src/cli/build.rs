@@ -10,7 +10,8 @@ use clap::Args;
 use kiln_snapshotter::backend::BackendKind;
 
 use crate::engine::{self, progress};
-use crate::image::export::{export, ExportOptions};
+use crate::frontend::Platform;
+use crate::image::export::{export, export_platforms, ExportOptions};
 use crate::image::OutputSpec;
 
 #[derive(Args, Debug)]
@@ -53,6 +54,11 @@ pub struct BuildArgs {
     /// Snapshotter backend: auto, fuse, overlay or copy
     #[arg(long, default_value = "auto")]
     snapshotter: String,
+    /// Target platforms, comma-separated or repeated (`linux/amd64,linux/arm64`):
+    /// one build per platform, combined into an OCI image index; foreign
+    /// RUN steps run under qemu-user (see `kiln info`)
+    #[arg(long, value_name = "OS/ARCH[/VARIANT],...")]
+    platform: Vec<String>,
     /// Network of RUN steps: `sandbox` (own network namespace, outbound
     /// through pasta or slirp4netns), `none` (only loopback) or `host`
     /// (needs --allow network.host); RUN --network overrides it per step
@@ -197,6 +203,7 @@ pub fn run(
         rewrite_timestamp: epoch.is_some(),
         // FROM names missing from the store are pulled with this client
         registry: Some(super::registry::client(insecure)?),
+        platform: None,
     };
     let progress = Arc::new(progress::Progress::new(
         mode,
@@ -218,18 +225,79 @@ pub fn run(
     } else if args.push {
         bail!("--push pushes the -t names: add -t NAME");
     }
-    let built = runtime.block_on(engine::build(opts, progress))?;
+    let mut platforms: Vec<Platform> = Vec::new();
+    for p in args.platform.iter().flat_map(|p| p.split(',')) {
+        let p = Platform::parse(p)?;
+        if !platforms.contains(&p) {
+            platforms.push(p);
+        }
+    }
+    let export_opts = ExportOptions {
+        source_date_epoch: epoch,
+    };
+    if platforms.len() > 1 {
+        // refused before the build, not after it
+        if let Some(o) = outputs
+            .iter()
+            .find(|o| o.kind == crate::image::output::OutputType::Docker)
+        {
+            bail!(crate::image::export::Error::DockerMultiPlatform(format!(
+                "{} in {:?}",
+                args.platform.join(","),
+                o.kind.as_str()
+            )));
+        }
+        let built = runtime.block_on(engine::build_platforms(opts, &platforms, progress))?;
+        let store = crate::image::ImageStore::new(&built[0].1.snap);
+        let mut images = Vec::new();
+        for (p, b) in &built {
+            images.push((
+                crate::image::store::Platform {
+                    os: p.os.clone(),
+                    architecture: p.architecture.clone(),
+                    variant: p.variant.clone(),
+                },
+                store.get(&b.manifest, None)?,
+            ));
+        }
+        let mut digest = None;
+        for spec in &outputs {
+            let e = export_platforms(&store, &images, spec, &export_opts)?;
+            if spec.push {
+                // the index and its manifests, under the names it was given
+                let source = e.manifest.digest().to_string();
+                super::registry::push_names(&built[0].1.snap, insecure, &source, &e.names)?;
+            }
+            if matches!(
+                spec.kind,
+                crate::image::output::OutputType::Image | crate::image::output::OutputType::Oci
+            ) {
+                digest = Some(e.manifest.digest().clone());
+            }
+        }
+        match digest {
+            Some(d) => println!("{d}"),
+            None => {
+                for (p, b) in &built {
+                    println!("{p} {}", b.manifest.digest());
+                }
+            }
+        }
+        return Ok(0);
+    }
+    let built = match platforms.pop() {
+        Some(p) => {
+            runtime
+                .block_on(engine::build_platforms(opts, &[p], progress))?
+                .remove(0)
+                .1
+        }
+        None => runtime.block_on(engine::build(opts, progress))?,
+    };
     let store = crate::image::ImageStore::new(&built.snap);
     let image = store.get(&built.manifest, None)?;
     for spec in &outputs {
-        let exported = export(
-            &store,
-            &image,
-            spec,
-            &ExportOptions {
-                source_date_epoch: epoch,
-            },
-        )?;
+        let exported = export(&store, &image, spec, &export_opts)?;
         if spec.push {
             // the exporter named the image in the store; push those names
             let source = exported.manifest.digest().to_string();

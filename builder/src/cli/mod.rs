@@ -5,6 +5,7 @@
 pub mod build;
 pub mod du;
 pub mod images;
+pub mod info;
 pub mod prune;
 pub mod registry;
 pub mod run;

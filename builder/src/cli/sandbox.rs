@@ -48,6 +48,10 @@ pub struct SandboxArgs {
     /// Seccomp profile: `default`, `unconfined`, or a seccompiler JSON file
     #[arg(long, default_value = "default", value_name = "PROFILE")]
     seccomp: String,
+    /// Platform of the rootfs's binaries; a foreign one runs under
+    /// qemu-user registered in the sandbox's own binfmt_misc
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
     /// Mount the rootfs read-only
     #[arg(long)]
     read_only: bool,
@@ -150,6 +154,10 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<i32> {
         &args.hostname,
         &mut private,
     )?;
+    let emulators = match &args.platform {
+        Some(p) => crate::engine::emulation::emulators_for(&crate::frontend::Platform::parse(p)?)?,
+        None => Vec::new(),
+    };
     let status = kiln_runtime::run(
         &spec,
         RunOptions {
@@ -157,6 +165,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<i32> {
             forward_signals: true,
             private,
             network_stack,
+            emulators,
             ..Default::default()
         },
     );

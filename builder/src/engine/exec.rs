@@ -68,6 +68,8 @@ pub struct RunSpec<'a> {
     /// secrets as environment variables, SSH_AUTH_SOCK: set last, so they
     /// win over ENV and ARG of the same name
     pub env: Vec<(String, String)>,
+    /// qemu interpreters for a step of a foreign platform
+    pub emulators: Vec<kiln_runtime::Emulator>,
     /// masks the build's secrets in the step's output
     pub redactor: Arc<Redactor>,
 }
@@ -253,6 +255,7 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
             stderr: Stdio::Fd(err_w),
             private,
             network_stack,
+            emulators: std::mem::take(&mut spec.emulators),
             ..Default::default()
         },
     );

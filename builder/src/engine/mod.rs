@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod cache_io;
 pub mod copy;
+pub mod emulation;
 pub mod exec;
 pub mod fsutil;
 pub mod progress;
@@ -20,7 +21,7 @@ pub mod state;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_snapshotter::backend::BackendKind;
@@ -119,6 +120,8 @@ pub enum StepError {
     Source(std::io::Error),
     #[error(transparent)]
     Mounts(#[from] run_mounts::Error),
+    #[error(transparent)]
+    Emulation(#[from] emulation::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -192,6 +195,39 @@ pub struct BuildOptions {
     pub cache_from: Vec<cache_io::Import>,
     /// pulls `FROM` images missing from the store; `None`: never pull
     pub registry: Option<crate::registry::Registry>,
+    /// `--platform` (TARGETPLATFORM); the host's when None
+    pub platform: Option<Platform>,
+}
+
+/// What the builds of one `kiln build --platform A,B` share: job slots,
+/// vertex numbers, and one lock per step key, so a step that two platforms
+/// need identically (a `FROM --platform=$BUILDPLATFORM` stage) runs once
+/// and the other build takes it from the cache.
+pub struct Shared {
+    slots: Semaphore,
+    vertex: AtomicUsize,
+    keys: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+    /// label steps with their platform (several platforms are built)
+    label_platform: bool,
+}
+
+impl Shared {
+    /// Slots for `jobs` steps at once across every platform's build.
+    pub fn new(jobs: usize, label_platform: bool) -> Arc<Self> {
+        Arc::new(Shared {
+            slots: Semaphore::new(jobs.max(1)),
+            vertex: AtomicUsize::new(1),
+            keys: Mutex::new(BTreeMap::new()),
+            label_platform,
+        })
+    }
+
+    /// The lock of one step key; hold it from the cache lookup until the
+    /// result is recorded.
+    fn key_lock(&self, key: &Key) -> Arc<Mutex<()>> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(keys.entry(key.0.clone()).or_default())
+    }
 }
 
 /// A built image, stored in the content store.
@@ -249,8 +285,7 @@ struct Engine {
     /// every step's key and resulting state, for `--cache-to`
     trail: std::sync::Mutex<Vec<(Key, ImageState)>>,
     file: String,
-    vertex: AtomicUsize,
-    slots: Semaphore,
+    shared: Arc<Shared>,
     executed: AtomicUsize,
     cached: AtomicUsize,
     results: BTreeMap<usize, watch::Receiver<StageResult>>,
@@ -312,6 +347,15 @@ fn load_base(
     image_base(&store, &image, name, platform)
 }
 
+/// The image store choosing `platform`'s manifest from an index.
+fn store_for<'s>(snap: &'s Snapshotter, platform: &Platform) -> crate::image::ImageStore<'s> {
+    crate::image::ImageStore::new(snap).with_platform(crate::image::store::Platform {
+        os: platform.os.clone(),
+        architecture: platform.architecture.clone(),
+        variant: platform.variant.clone(),
+    })
+}
+
 /// A base from `--build-context NAME=oci-layout://DIR[:TAG|@DIGEST]`: the
 /// layout's image is loaded into the store (its blobs are content-addressed,
 /// so loading twice is cheap), then used like any stored image.
@@ -321,7 +365,7 @@ fn load_layout_base(
     layout: &str,
     platform: &Platform,
 ) -> Result<(Key, ImageState)> {
-    let store = crate::image::ImageStore::new(snap);
+    let store = store_for(snap, platform);
     let (dir, selector) = crate::image::archive::parse_layout_ref(layout);
     let image = crate::image::archive::load_layout_dir(&store, &dir, &selector).map_err(|e| {
         Error::Layout {
@@ -430,6 +474,52 @@ fn context_root_step(name: &str, source: &str, file: &str) -> Result<Step> {
 
 /// Build `opts` with progress reported to `progress`.
 pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built> {
+    let shared = Shared::new(opts.jobs, false);
+    build_shared(opts, progress, shared).await
+}
+
+/// Build `opts` once per platform, at the same time; steps identical
+/// across platforms run once (see [`Shared`]). Results in `platforms`
+/// order.
+pub async fn build_platforms(
+    opts: BuildOptions,
+    platforms: &[Platform],
+    progress: Arc<Progress>,
+) -> Result<Vec<(Platform, Built)>> {
+    let shared = Shared::new(opts.jobs, platforms.len() > 1);
+    let mut tasks = Vec::new();
+    for p in platforms {
+        let opts = BuildOptions {
+            platform: Some(p.clone()),
+            ..opts.clone()
+        };
+        let (progress, shared) = (Arc::clone(&progress), Arc::clone(&shared));
+        tasks.push(tokio::spawn(build_shared(opts, progress, shared)));
+    }
+    let mut out = Vec::new();
+    let mut first_error = None;
+    for (task, p) in tasks.into_iter().zip(platforms) {
+        match task.await {
+            Ok(Ok(b)) => out.push((p.clone(), b)),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::Join(e.to_string()));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+async fn build_shared(
+    opts: BuildOptions,
+    progress: Arc<Progress>,
+    shared: Arc<Shared>,
+) -> Result<Built> {
     let started = Instant::now();
     let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
         path: opts.dockerfile.clone(),
@@ -456,13 +546,17 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         build_args: opts.build_args.clone(),
         named_contexts: opts.named_contexts.clone(),
         target: opts.target.clone(),
+        target_platform: opts.platform.clone(),
         ..PlanOptions::default()
     };
     let first = frontend::plan(&ast, &plan_opts)?;
     let mut bases = BTreeMap::new();
     for stage in &first.stages {
         if let Base::Image { reference } = &stage.base {
-            if !bases.contains_key(reference) {
+            // one base name may be loaded for two platforms (a
+            // `FROM --platform=$BUILDPLATFORM` stage beside the target's)
+            let base_key = (reference.clone(), stage.platform.clone());
+            if let std::collections::btree_map::Entry::Vacant(slot) = bases.entry(base_key) {
                 let loaded = tokio::task::block_in_place(|| {
                     load_base(&snap, opts.registry.as_ref(), reference, &stage.platform)
                 })?;
@@ -472,7 +566,7 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
                 plan_opts
                     .image_workdir
                     .insert(reference.clone(), loaded.1.config.workdir.clone());
-                bases.insert(reference.clone(), loaded);
+                slot.insert(loaded);
             }
         }
     }
@@ -550,7 +644,7 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         snap,
         cache,
         progress: Arc::clone(&progress),
-        slots: Semaphore::new(opts.jobs.max(1)),
+        shared,
         opts,
         plan,
         context,
@@ -560,7 +654,6 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         imported,
         trail: std::sync::Mutex::new(Vec::new()),
         file,
-        vertex: AtomicUsize::new(1),
         executed: AtomicUsize::new(0),
         cached: AtomicUsize::new(0),
         results,
@@ -635,8 +728,12 @@ pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built>
         progress.summary(&format!("exported {records} cache records to {place}"));
     }
     let built = tokio::task::block_in_place(|| engine.store_image(state, inline))?;
+    let label = match &engine.opts.platform {
+        Some(p) if engine.shared.label_platform => format!("[{p}] "),
+        _ => String::new(),
+    };
     progress.summary(&format!(
-        "built {} in {:.1}s: {} steps run, {} cached",
+        "{label}built {} in {:.1}s: {} steps run, {} cached",
         built.manifest.digest(),
         started.elapsed().as_secs_f64(),
         engine.executed.load(Ordering::Relaxed),
@@ -718,7 +815,7 @@ impl Engine {
     async fn build_stage(
         self: &Arc<Self>,
         stage: &Stage,
-        bases: &BTreeMap<String, (Key, ImageState)>,
+        bases: &BTreeMap<(String, Platform), (Key, ImageState)>,
     ) -> Result<(Key, ImageState)> {
         let mut dir_root: Option<Step> = None;
         let (mut key, mut state) = match &stage.base {
@@ -728,7 +825,7 @@ impl Engine {
                 (k.finish(), ImageState::scratch(stage.platform.clone()))
             }
             Base::Image { reference } => bases
-                .get(reference)
+                .get(&(reference.clone(), stage.platform.clone()))
                 .cloned()
                 .ok_or_else(|| Error::BaseNotFound(reference.clone()))?,
             Base::Stage { index } => self.stage_result(*index).await?,
@@ -809,8 +906,19 @@ impl Engine {
                 }
                 continue;
             }
-            let vertex = self.vertex.fetch_add(1, Ordering::Relaxed);
-            let name = format!("[{stage_name} {}/{total}] {}", i + 1, step.original);
+            let vertex = self.shared.vertex.fetch_add(1, Ordering::Relaxed);
+            // BuildKit shows a step's platform when several are built; an
+            // emulated RUN says so, since it runs several times slower.
+            let emulated = matches!(step.instruction, Instruction::Run(_))
+                && !emulation::is_native(&state.platform);
+            let label = if emulated {
+                format!("[{}, emulated] ", state.platform)
+            } else if self.shared.label_platform {
+                format!("[{}] ", state.platform)
+            } else {
+                String::new()
+            };
+            let name = format!("{label}[{stage_name} {}/{total}] {}", i + 1, step.original);
             let (k, s) = self
                 .run_step(stage, step, &key, &state, vertex, &name)
                 .await?;
@@ -864,6 +972,7 @@ impl Engine {
             }
         }
         let _slot = self
+            .shared
             .slots
             .acquire()
             .await
@@ -952,10 +1061,15 @@ impl Engine {
                 };
                 run_mounts::key_inputs(&run.mounts, from, &resources, &mut k)?;
                 let key = k.finish();
+                let lock = self.shared.key_lock(&key);
+                let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(hit) = self.lookup(&key, no_cache) {
                     self.progress.cached(vertex, name);
                     return Ok((key, hit, true));
                 }
+                // checked before the step starts: a missing qemu or an old
+                // kernel fails here with what to install
+                let emulators = emulation::emulators_for(&state.platform)?;
                 self.progress.started(vertex, name);
                 let view = self
                     .snap
@@ -974,6 +1088,7 @@ impl Engine {
                         private: std::mem::take(&mut mounted.private),
                         env: std::mem::take(&mut mounted.env),
                         redactor: Arc::clone(&self.redactor),
+                        emulators,
                     };
                     let r = exec::run(view.path(), spec, &self.progress);
                     // mount stubs go before the layer is made
@@ -1155,6 +1270,8 @@ impl Engine {
             .str(&format!("{:?}", op.chmod))
             .str(&dest);
         let key = k.finish();
+        let lock = self.shared.key_lock(&key);
+        let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = self.lookup(&key, no_cache) {
             self.progress.cached(vertex, name);
             return Ok((key, hit, true));

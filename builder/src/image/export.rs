@@ -55,6 +55,8 @@ pub enum Error {
     Layer { digest: Digest, source: io::Error },
     #[error("export: dest {0} is a directory; type={1} writes a tar file, give a file name")]
     DestIsDir(PathBuf, &'static str),
+    #[error("export: type=docker cannot hold several platforms ({0}); use type=oci, or build one --platform at a time")]
+    DockerMultiPlatform(String),
     #[error("export: dest {0} exists and is not a directory")]
     DestNotDir(PathBuf),
     #[error("export: the image's layer {index} uses media type {media_type}, which kiln cannot recompress")]
@@ -159,7 +161,7 @@ pub fn export_to(
                 }
                 _ => {
                     names.clone_from(&spec.names);
-                    write_archive(store, &img, spec, opts, stdout)?;
+                    write_archive(store, &img, None, spec, opts, stdout)?;
                 }
             }
             Ok(Exported {
@@ -174,6 +176,112 @@ pub fn export_to(
                 manifest: image.manifest_descriptor.clone(),
                 config: image.id().clone(),
                 names: Vec::new(),
+            })
+        }
+    }
+}
+
+/// Export the images of a multi-platform build, one per platform: an OCI
+/// image index in `type=image` (stored under the names) and `type=oci`,
+/// one top-level directory per platform (`linux_arm64/`) in `type=local`
+/// and `type=tar`; `type=docker` cannot hold several and is refused.
+pub fn export_platforms(
+    store: &ImageStore<'_>,
+    images: &[(store::Platform, Image)],
+    spec: &OutputSpec,
+    opts: &ExportOptions,
+) -> Result<Exported> {
+    let stdout = io::stdout();
+    let mut lock = stdout.lock();
+    let (_, first) = images.first().expect("at least one platform");
+    if spec.rewrite_timestamp && opts.source_date_epoch.is_none() {
+        return Err(Error::NoEpoch);
+    }
+    match spec.kind {
+        OutputType::Docker => Err(Error::DockerMultiPlatform(
+            images
+                .iter()
+                .map(|(p, _)| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+        OutputType::Local | OutputType::Tar => {
+            let dirs: Vec<(Option<String>, &Image)> = images
+                .iter()
+                .map(|(p, i)| (Some(p.to_string().replace('/', "_")), i))
+                .collect();
+            write_rootfs_dirs(store, &dirs, spec, opts, &mut lock)?;
+            Ok(Exported {
+                manifest: first.manifest_descriptor.clone(),
+                config: first.id().clone(),
+                names: Vec::new(),
+            })
+        }
+        OutputType::Image | OutputType::Oci => {
+            let snap = store.snapshotter();
+            let store_err = |context: &str| {
+                let context = context.to_string();
+                move |source| Error::Store {
+                    context,
+                    source: Box::new(source),
+                }
+            };
+            let mut manifests = Vec::new();
+            let mut blobs = Vec::new();
+            for (p, image) in images {
+                let img = rewrite(store, image, spec, opts)?;
+                let mut d = img.manifest_descriptor.clone();
+                d.set_annotations(None);
+                let mut platform = oci_spec::image::PlatformBuilder::default()
+                    .os(oci_spec::image::Os::from(p.os.as_str()))
+                    .architecture(oci_spec::image::Arch::from(p.architecture.as_str()))
+                    .build()
+                    .expect("os and architecture set");
+                platform.set_variant(p.variant.clone());
+                d.set_platform(Some(platform));
+                blobs.extend(img.layers().iter().cloned());
+                blobs.push(img.manifest.config().clone());
+                blobs.push(d.clone());
+                manifests.push(d);
+            }
+            let index = oci_spec::image::ImageIndexBuilder::default()
+                .schema_version(2u32)
+                .media_type(MediaType::ImageIndex)
+                .manifests(manifests)
+                .build()
+                .expect("index has its fields");
+            let bytes = store::canonical_json(&index);
+            let index_desc = {
+                let _no_gc = snap.layers().gc_guard(false)?;
+                let d = snap.content().put_bytes(MediaType::ImageIndex, &bytes)?;
+                snap.lease().add_blob(d.digest())?;
+                d
+            };
+            blobs.push(index_desc.clone());
+            let mut names = Vec::new();
+            if spec.kind == OutputType::Image {
+                for n in &spec.names {
+                    names.push(
+                        store
+                            .tag(n, &index_desc)
+                            .map_err(store_err(&format!("cannot name the image index {n}")))?,
+                    );
+                }
+            } else {
+                names.clone_from(&spec.names);
+                write_archive(
+                    store,
+                    first,
+                    Some((&index_desc, &blobs)),
+                    spec,
+                    opts,
+                    &mut lock,
+                )?;
+            }
+            Ok(Exported {
+                manifest: index_desc,
+                config: first.id().clone(),
+                names,
             })
         }
     }
@@ -397,9 +505,9 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 }
 
 /// The index.json entries for `img` under its names.
-fn index_entries(img: &Image, names: &[String]) -> Vec<Descriptor> {
+fn index_entries(target: &Descriptor, names: &[String]) -> Vec<Descriptor> {
     let plain = {
-        let mut d = img.manifest_descriptor.clone();
+        let mut d = target.clone();
         d.set_annotations(None);
         d
     };
@@ -438,16 +546,19 @@ const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 fn write_archive(
     store: &ImageStore<'_>,
     img: &Image,
+    multi: Option<(&Descriptor, &[Descriptor])>,
     spec: &OutputSpec,
     opts: &ExportOptions,
     stdout: &mut dyn Write,
 ) -> Result<()> {
     let kind = spec.kind.as_str();
+    // a multi-platform export names its index and carries every blob
+    let target = multi.map_or(&img.manifest_descriptor, |(t, _)| t);
     let mut meta: Vec<(String, Vec<u8>)> = vec![
         ("oci-layout".into(), OCI_LAYOUT.to_vec()),
         (
             "index.json".into(),
-            index_json(index_entries(img, &spec.names)),
+            index_json(index_entries(target, &spec.names)),
         ),
     ];
     if spec.kind == OutputType::Docker {
@@ -468,9 +579,15 @@ fn write_archive(
             serde_json::to_vec(&entry).expect("json serialises"),
         ));
     }
-    let mut blobs: Vec<Descriptor> = img.layers().to_vec();
-    blobs.push(img.manifest.config().clone());
-    blobs.push(img.manifest_descriptor.clone());
+    let blobs: Vec<Descriptor> = match multi {
+        Some((_, all)) => all.to_vec(),
+        None => {
+            let mut b = img.layers().to_vec();
+            b.push(img.manifest.config().clone());
+            b.push(img.manifest_descriptor.clone());
+            b
+        }
+    };
     let mtime = opts.source_date_epoch.unwrap_or(0).max(0);
     match spec
         .dest
@@ -488,7 +605,7 @@ fn write_archive(
                     |t| !t,
                 );
             if as_dir {
-                return write_layout_dir(store, p, &blobs, img, &spec.names);
+                return write_layout_dir(store, p, &blobs, target, &spec.names);
             }
             if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') {
                 return Err(Error::DestIsDir(p.clone(), kind));
@@ -561,7 +678,7 @@ fn write_layout_dir(
     store: &ImageStore<'_>,
     dir: &Path,
     blobs: &[Descriptor],
-    img: &Image,
+    target: &Descriptor,
     names: &[String],
 ) -> Result<()> {
     let content = store.snapshotter().content();
@@ -596,7 +713,7 @@ fn write_layout_dir(
     }
     // merge: keep other images of an existing layout, replace ours by name
     let index_path = dir.join("index.json");
-    let ours = index_entries(img, names);
+    let ours = index_entries(target, names);
     let mut entries: Vec<Descriptor> = match fs::read(&index_path) {
         Ok(bytes) => oci_spec::image::ImageIndex::from_reader(&bytes[..])
             .map(|i| i.manifests().clone())
@@ -657,6 +774,29 @@ fn write_rootfs(
     opts: &ExportOptions,
     stdout: &mut dyn Write,
 ) -> Result<()> {
+    write_rootfs_dirs(store, &[(None, image)], spec, opts, stdout)
+}
+
+/// [`write_rootfs`] of one image, or of several each in a top-level
+/// directory of its own (`linux_arm64/`), as BuildKit does.
+fn write_rootfs_dirs(
+    store: &ImageStore<'_>,
+    images: &[(Option<String>, &Image)],
+    spec: &OutputSpec,
+    opts: &ExportOptions,
+    stdout: &mut dyn Write,
+) -> Result<()> {
+    let into = |top: &Path| -> Result<()> {
+        for (sub, image) in images {
+            let dir = match sub {
+                Some(s) => top.join(s),
+                None => top.to_path_buf(),
+            };
+            fs::create_dir_all(&dir).map_err(write_err(&dir))?;
+            materialise(store, image, &dir)?;
+        }
+        Ok(())
+    };
     let dest = spec
         .dest
         .as_ref()
@@ -669,7 +809,7 @@ fn write_rootfs(
             return Err(Error::DestNotDir(dir.clone()));
         }
         fs::create_dir_all(dir).map_err(write_err(dir))?;
-        materialise(store, image, dir)?;
+        into(dir)?;
         own_and_clamp(dir, opts.source_date_epoch)?;
         return Ok(());
     }
@@ -677,7 +817,7 @@ fn write_rootfs(
     let tmp = snap.layers().tmp_dir().join(snap.layers().unique("rootfs"));
     fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
     let result = (|| {
-        materialise(store, image, &tmp)?;
+        into(&tmp)?;
         let derr = |source| Error::Diff {
             index: 0,
             source: Box::new(source),
