@@ -67,10 +67,9 @@ fn main() {
         // Parsing and planning never start a sandbox: no namespace needed.
         finish(kiln_builder::cli_plan::run_debug(cmd).map(|()| 0));
     }
-    if let Command::Info(args) = cli.command {
-        // Only reads the host's facts: no namespace needed.
-        finish(cli::info::run(args));
-    }
+    // `kiln info` reads the caller's id facts here, outside kiln's user
+    // namespace, and probes the snapshotter inside it, below.
+    let host_facts = matches!(cli.command, Command::Info(_)).then(cli::info::HostFacts::gather);
     // Join kiln's own user namespace while the process is still
     // single-threaded: steps then map their ids without setuid helpers.
     // Store commands unpack and copy layers: they get a mount namespace of
@@ -101,7 +100,11 @@ fn main() {
         Command::Save(args) => cli::images::save(root, args),
         Command::Du(args) => cli::du::run(root, args),
         Command::Prune(args) => cli::prune::run(root, args),
-        Command::Info(_) => unreachable!("handled before entering the namespace"),
+        Command::Info(args) => cli::info::run(
+            root,
+            host_facts.expect("gathered before entering the namespace"),
+            args,
+        ),
         Command::Debug(_) => unreachable!("handled above"),
     };
     finish(result)

@@ -544,3 +544,40 @@ fn the_kiln_binary_is_unchanged_after_the_escape_tests_run() {
         before
     );
 }
+
+#[test]
+fn kiln_info_reports_the_security_facts() {
+    let state = test_dir("security-info");
+    let state_s = state.display().to_string();
+    let (out, _) = expect_success(
+        kiln(["--root", &state_s, "info", "--format", "json"])
+            .output()
+            .unwrap(),
+    );
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sha = info["seccomp"]["default_profile_sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64, "{info}");
+    assert!(info["seccomp"]["instructions"].as_u64().unwrap() > 100);
+    assert!(["overlay", "fuse", "copy"].contains(&info["snapshotter"].as_str().unwrap()));
+    assert_eq!(
+        info["landlock"]["abi"].as_i64().unwrap(),
+        landlock_abi().max(0)
+    );
+    assert!(info["user"]["uid_map"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("0:"));
+    assert_eq!(info["kernel"]["user_namespaces"], true);
+    // The text form names the same facts.
+    let (text, _) = expect_success(kiln(["--root", &state_s, "info"]).output().unwrap());
+    for heading in [
+        "Kernel:",
+        "User:",
+        "Snapshotter:",
+        "Landlock:",
+        "Seccomp:",
+        "Platforms:",
+    ] {
+        assert!(text.contains(heading), "{text}");
+    }
+}

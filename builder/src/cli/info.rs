@@ -1,9 +1,16 @@
 //! `kiln info`: what this host can do, as sections printed as text or as
 //! one JSON object (`--format json`). Each section is a field of [`Info`];
 //! a new fact about the host is a new section, not a new command.
+//!
+//! Facts about the calling user (its id maps) are read before kiln joins
+//! its user namespace ([`HostFacts`]); the snapshotter probe runs inside
+//! it, where views are made.
+
+use std::path::Path;
 
 use clap::Args;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::engine::emulation::{self, PlatformSupport};
 
@@ -14,24 +21,191 @@ pub struct InfoArgs {
     format: String,
 }
 
+/// The kernel and the features kiln looked for.
+#[derive(Debug, Serialize)]
+pub struct Kernel {
+    pub release: String,
+    /// unprivileged user namespaces can be created
+    pub user_namespaces: bool,
+    /// `/dev/fuse` is usable by unprivileged users (mode 0666)
+    pub fuse: bool,
+    /// binfmt_misc can be mounted in a user namespace (Linux 6.7+)
+    pub binfmt_misc_in_userns: bool,
+    /// seccomp filters are available
+    pub seccomp: bool,
+}
+
+/// The calling user and the id maps its steps get.
+#[derive(Debug, Serialize)]
+pub struct User {
+    pub uid: u32,
+    /// `inside:outside:count` per line of the uid map
+    pub uid_map: Vec<String>,
+    pub gid_map: Vec<String>,
+    /// how the maps are written
+    pub method: String,
+    /// why only id 0 is mapped, when it is
+    pub limited: Option<String>,
+}
+
+/// Landlock: host-side confinement and step scoping.
+#[derive(Debug, Serialize)]
+pub struct Landlock {
+    /// the kernel's ABI version; 0 without Landlock
+    pub abi: i64,
+    /// layer apply/diff, FUSE server and context copies
+    pub host_side: String,
+    /// abstract unix sockets and signals scoped in every step (ABI 6+)
+    pub step_scoping: bool,
+}
+
+/// The default seccomp profile compiled into this kiln.
+#[derive(Debug, Serialize)]
+pub struct Seccomp {
+    /// sha256 of the compiled BPF program
+    pub default_profile_sha256: String,
+    pub instructions: usize,
+}
+
+/// Facts read outside kiln's user namespace.
+#[derive(Debug)]
+pub struct HostFacts {
+    kernel: Kernel,
+    user: User,
+}
+
+impl HostFacts {
+    /// Read them; call before `userns::enter`.
+    pub fn gather() -> HostFacts {
+        use kiln_runtime::idmap::{IdEnv, IdMapping, Method};
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let user_namespaces = read("/proc/sys/user/max_user_namespaces").trim() != "0"
+            && read("/proc/sys/kernel/unprivileged_userns_clone").trim() != "0";
+        let fuse = std::fs::metadata("/dev/fuse")
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
+            .unwrap_or(false);
+        let version: Vec<u32> = release
+            .split(|c: char| !c.is_ascii_digit())
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let binfmt_misc_in_userns = version.as_slice() >= [6, 7].as_slice();
+        let seccomp = read("/proc/self/status")
+            .lines()
+            .any(|l| l.starts_with("Seccomp:"));
+        let env = IdEnv::from_host();
+        let mapping = IdMapping::decide(&env);
+        let lines = |v: &[kiln_runtime::idmap::Range]| {
+            v.iter()
+                .map(|r| format!("{}:{}:{}", r.inside, r.outside, r.count))
+                .collect()
+        };
+        HostFacts {
+            kernel: Kernel {
+                release,
+                user_namespaces,
+                fuse,
+                binfmt_misc_in_userns,
+                seccomp,
+            },
+            user: User {
+                uid: env.euid,
+                uid_map: lines(&mapping.uids),
+                gid_map: lines(&mapping.gids),
+                method: match &mapping.method {
+                    Method::Helpers { newuidmap, .. } => {
+                        format!("newuidmap/newgidmap ({})", newuidmap.display())
+                    }
+                    Method::Direct { .. } => "written directly".into(),
+                },
+                limited: mapping.limited.map(String::from),
+            },
+        }
+    }
+}
+
 /// Everything `kiln info` reports, one field per section.
 #[derive(Debug, Serialize)]
 pub struct Info {
+    pub kernel: Kernel,
+    pub user: User,
+    /// the writable-view backend `--snapshotter auto` picks here
+    pub snapshotter: String,
+    pub landlock: Landlock,
+    pub seccomp: Seccomp,
+    /// the user-mode network stack of `--network sandbox`
+    pub network_stack: String,
     /// platforms RUN steps can run on, natively or emulated, and how
     pub platforms: Vec<PlatformSupport>,
 }
 
 impl Info {
-    /// The facts of this host.
-    pub fn gather() -> Self {
+    /// The facts of this host; `state` is where the snapshotter probe
+    /// (and its cached answer) lives.
+    pub fn gather(host: HostFacts, state: &Path) -> Self {
+        let abi = landlock_abi();
+        let bpf = kiln_runtime::seccomp::default_profile_bytes();
         Info {
+            kernel: host.kernel,
+            user: host.user,
+            snapshotter: format!("{:?}", kiln_snapshotter::backend::probe::probe(state))
+                .to_lowercase(),
+            landlock: Landlock {
+                abi,
+                host_side: kiln_snapshotter::confine::status().to_string(),
+                step_scoping: abi >= 6,
+            },
+            seccomp: Seccomp {
+                default_profile_sha256: format!("{:x}", Sha256::digest(bpf)),
+                instructions: bpf.len() / 8,
+            },
+            network_stack: match kiln_runtime::net::Stack::detect() {
+                Ok(s) => s.name().to_string(),
+                Err(e) => format!("none: {e}"),
+            },
             platforms: emulation::host_support(),
         }
     }
 
     /// The text form: a heading per section, one line per fact.
     pub fn text(&self) -> String {
-        let mut out = String::from("Platforms:\n");
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        let k = &self.kernel;
+        let mut out = format!(
+            "Kernel: {}\n  user namespaces: {}\n  /dev/fuse usable: {}\n  binfmt_misc in a user namespace: {}\n  seccomp: {}\n",
+            k.release,
+            yes(k.user_namespaces),
+            yes(k.fuse),
+            yes(k.binfmt_misc_in_userns),
+            yes(k.seccomp)
+        );
+        let u = &self.user;
+        out.push_str(&format!(
+            "User: uid {}\n  uid map: {}\n  gid map: {}\n  written by: {}\n",
+            u.uid,
+            u.uid_map.join(", "),
+            u.gid_map.join(", "),
+            u.method
+        ));
+        if let Some(why) = &u.limited {
+            out.push_str(&format!("  only id 0 is mapped: {why}\n"));
+        }
+        out.push_str(&format!("Snapshotter: {}\n", self.snapshotter));
+        out.push_str(&format!(
+            "Landlock: ABI {}\n  host side: {}\n  steps scoped (abstract sockets, signals): {}\n",
+            self.landlock.abi,
+            self.landlock.host_side,
+            yes(self.landlock.step_scoping)
+        ));
+        out.push_str(&format!(
+            "Seccomp: default profile sha256:{} ({} instructions)\n",
+            self.seccomp.default_profile_sha256, self.seccomp.instructions
+        ));
+        out.push_str(&format!("Network stack: {}\n", self.network_stack));
+        out.push_str("Platforms:\n");
         for p in &self.platforms {
             out.push_str(&format!("  {:<16} {}", p.platform, p.how));
             if let Some(i) = &p.interpreter {
@@ -46,8 +220,23 @@ impl Info {
     }
 }
 
-pub fn run(args: InfoArgs) -> anyhow::Result<i32> {
-    let info = Info::gather();
+fn landlock_abi() -> i64 {
+    // SAFETY: the version query of landlock_create_ruleset takes no
+    // attribute (NULL, size 0) and returns a number or -1.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            1u32,
+        )
+    };
+    v.max(0)
+}
+
+pub fn run(root: Option<&Path>, host: HostFacts, args: InfoArgs) -> anyhow::Result<i32> {
+    let state = crate::image::StateDir::open(root)?;
+    let info = Info::gather(host, state.root());
     if args.format == "json" {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
