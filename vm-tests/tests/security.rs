@@ -92,7 +92,7 @@ fn every_run_step_has_the_documented_posture_inside_and_seen_from_the_host() {
         &format!(
             r#"FROM scratch
 COPY rootfs/ /
-RUN grep -E '^(NoNewPrivs|Seccomp|Cap(Inh|Prm|Eff|Bnd|Amb)):' /proc/self/status > /status && cat /proc/self/uid_map > /uid_map && cat /proc/self/gid_map > /gid_map && probe fds > /fds
+RUN grep -E '^(NoNewPrivs|Seccomp|Cap(Inh|Prm|Eff|Bnd|Amb)):' /proc/self/status > /status && cat /proc/self/uid_map > /uid_map && cat /proc/self/gid_map > /gid_map && probe fds > /fds && probe > /probes
 RUN sleep 4; : {marker}
 "#
         ),
@@ -174,6 +174,16 @@ RUN sleep 4; : {marker}
         assert_eq!(inside.get(k), host_status.get(k), "{k} inside");
     }
     assert_eq!(p.out("fds"), "0 1 2\n");
+    // Every probed syscall answers in a RUN step exactly as in `kiln
+    // sandbox`, whose answers `sandbox.rs` pins to SECURITY.md's table.
+    let rootfs = p.ctx().join("rootfs").display().to_string();
+    let (sandboxed, _) = expect_success(
+        kiln(["sandbox", "--rootfs", &rootfs, "--", "/bin/probe"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(p.out("probes"), sandboxed);
+    assert!(sandboxed.contains("clone3 ENOSYS"), "{sandboxed}");
     for map in [p.out("uid_map"), p.out("gid_map")] {
         let rows: Vec<Vec<&str>> = map
             .lines()
