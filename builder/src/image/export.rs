@@ -809,7 +809,10 @@ fn write_rootfs_dirs(
             return Err(Error::DestNotDir(dir.clone()));
         }
         fs::create_dir_all(dir).map_err(write_err(dir))?;
-        into(dir)?;
+        // The layers' bytes become files here: on a thread Landlock keeps
+        // to the state directory and this destination.
+        let rules = store.snapshotter().confinement().write(dir);
+        kiln_snapshotter::confine::run_confined(&rules, || into(dir))?;
         own_and_clamp(dir, opts.source_date_epoch)?;
         return Ok(());
     }
