@@ -21,7 +21,7 @@ W=/tmp/kiln-bench/build
 [ -d "$SCEN_DIR" ] || { echo "scenarios not found at $SCEN_DIR (set SCEN_DIR)" >&2; exit 1; }
 "$HERE/../scripts/setup-host.sh" >/dev/null
 command -v buildah >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah runc >/dev/null
-(cd "$HERE/.." && cargo build --release --bin kiln)
+KILN_RELEASE=$("$HERE/../scripts/build-release.sh")
 id "$U" >/dev/null 2>&1 || useradd -m -s /bin/sh "$U"
 for f in /etc/subuid /etc/subgid; do grep -q "^$U:" "$f" || echo "$U:400000:65536" >> "$f"; done
 
@@ -36,7 +36,7 @@ cp /bin/busybox "$W/rootfs/bin/"
 for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$W/rootfs/bin/$a"; done
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$W/rootfs/etc/passwd"
 chmod 1777 "$W/rootfs/tmp"
-cp "$HERE/../target/release/kiln" "$W/kiln"
+cp "$KILN_RELEASE" "$W/kiln"
 for s in $SCENARIOS; do
     mkdir -p "$W/ctx/$s"
     cp "$SCEN_DIR/$s/Dockerfile" "$W/ctx/$s/Dockerfile"

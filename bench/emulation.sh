@@ -14,7 +14,7 @@ USER_NAME=kiln-bench
 S=/tmp/kiln-bench/emulation
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 "$HERE/../scripts/setup-host.sh" >/dev/null
-(cd "$HERE/.." && cargo build --release --bin kiln)
+KILN_RELEASE=$("$HERE/../scripts/build-release.sh")
 id "$USER_NAME" >/dev/null 2>&1 || useradd -m -s /bin/sh "$USER_NAME"
 for f in /etc/subuid /etc/subgid; do
     grep -q "^$USER_NAME:" "$f" || echo "$USER_NAME:400000:65536" >> "$f"
@@ -24,7 +24,7 @@ cp /bin/busybox "$S/amd/bin/"
 dpkg-deb -x /var/tmp/kiln-fixtures/busybox-static_*_arm64.deb "$S/x"
 cp "$S/x/bin/busybox" "$S/arm/bin/"
 for r in amd arm; do for l in sh true; do ln -s busybox "$S/$r/bin/$l"; done; done
-install -m 755 "$HERE/../target/release/kiln" "$S/kiln"
+install -m 755 "$KILN_RELEASE" "$S/kiln"
 chmod -R a+rX "$S"
 install -d -o "$USER_NAME" "$S/results"
 # the script lives in each rootfs: no quoting through su and hyperfine

@@ -18,7 +18,7 @@ USER_NAME=kiln-bench
 S=/tmp/kiln-bench/sandbox
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 "$HERE/../scripts/setup-host.sh" >/dev/null
-(cd "$HERE/.." && cargo build --release --bin kiln)
+KILN_RELEASE=$("$HERE/../scripts/build-release.sh")
 
 id "$USER_NAME" >/dev/null 2>&1 || useradd -m -s /bin/sh "$USER_NAME"
 for f in /etc/subuid /etc/subgid; do
@@ -29,7 +29,7 @@ rm -rf "$S"; mkdir -p "$S/rootfs"/{bin,etc,proc,dev,sys,tmp} "$S/bundle" "$S/cru
 cp /bin/busybox "$S/rootfs/bin/"
 ln -s busybox "$S/rootfs/bin/true"; ln -s busybox "$S/rootfs/bin/sh"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$S/rootfs/etc/passwd"
-cp "$HERE/../target/release/kiln" "$S/kiln"
+cp "$KILN_RELEASE" "$S/kiln"
 U=$(id -u "$USER_NAME"); G=$(id -g "$USER_NAME")
 (cd "$S/bundle" && crun spec --rootless)
 jq --arg r "$S/rootfs" --argjson u "$U" --argjson g "$G" '.root = {path: $r, readonly: true}

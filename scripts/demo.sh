@@ -4,7 +4,7 @@
 # busybox-static as the base, two stages built in parallel, cached rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin kiln
+kiln_bin=$(scripts/build-release.sh)
 [ -x /bin/busybox ] || { echo "demo: install busybox-static (scripts/setup-host.sh)" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/kiln-demo.XXXXXX)
@@ -23,7 +23,7 @@ FROM scratch AS base
 COPY rootfs/ /
 
 FROM base AS left
-RUN echo "left stage ran as uid $(id -u) with no network: $(ls /sys/class/net)" > /left
+RUN echo "left stage ran as uid $(id -u) in its own network namespace: $(ls /sys/class/net | tr "\n" " ")" > /left
 
 FROM base AS right
 RUN echo "right stage: $(grep NoNewPrivs /proc/self/status)" > /right
@@ -34,7 +34,7 @@ COPY --from=right /right /report/
 WORKDIR /report
 CMD ["sh", "-c", "cat /report/*"]
 DOCKERFILE
-cp target/release/kiln "$work/kiln"
+cp "$kiln_bin" "$work/kiln"
 
 as_user() {
     if [ "$(id -u)" = 0 ]; then
