@@ -239,6 +239,9 @@ pub struct Plan {
     /// pidfd of the process that starts the sandbox
     pub parent_pidfd: RawFd,
     pub sync_read: RawFd,
+    /// the parent's end of the same pipe: the clone copied it, and the
+    /// child closes its copy so the parent's death reads as EOF
+    pub sync_write: RawFd,
     pub err_write: RawFd,
     pub status_write: RawFd,
 }
@@ -654,7 +657,34 @@ fn zeroed_stat() -> libc::stat {
 /// # Safety
 /// Must only be called in the child of [`sys::clone3_fork`] (see there).
 pub unsafe fn run(p: &Plan) -> ! {
-    // 1. Wait until the parent has written our uid and gid maps.
+    // 1. Wait until the parent has written our uid and gid maps. The clone
+    //    copied the parent's write end of the pipe: close it, so a parent
+    //    killed before releasing us reads as EOF instead of a wait forever
+    //    (and watch its pidfd too, for any other copy).
+    close(p.sync_write);
+    let mut pfd = [
+        libc::pollfd {
+            fd: p.sync_read,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: p.parent_pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: poll on a pollfd array on the stack.
+    while unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) } < 0 {
+        if Errno::last() != Errno::EINTR {
+            fail(p, Stage::WaitForParent, Errno::last());
+        }
+    }
+    if pfd[0].revents & libc::POLLIN == 0 {
+        // the parent died first: nobody is left to tell
+        // SAFETY: plain _exit.
+        unsafe { libc::_exit(crate::error::EXIT_SANDBOX_FAILURE) };
+    }
     let mut byte = [0u8; 1];
     match sys::read_full(p.sync_read, &mut byte) {
         Ok(1) => {}

@@ -637,6 +637,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         init_fd: init_memfd()?,
         parent_pidfd: -1,
         sync_read: -1,
+        sync_write: -1,
         err_write: -1,
         status_write: -1,
     };
@@ -711,6 +712,7 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     let (err_r, err_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     prepared.plan.sync_read = sync_r.as_raw_fd();
+    prepared.plan.sync_write = sync_w.as_raw_fd();
     prepared.plan.err_write = err_w.as_raw_fd();
     prepared.plan.status_write = status_w.as_raw_fd();
     let parent_pidfd = pidfd_self()?;
