@@ -71,6 +71,11 @@ fn kernel_abi() -> Result<i32, String> {
     i32::try_from(v).map_err(|_| "unexpected Landlock version".into())
 }
 
+/// The kernel's Landlock ABI version; 0 without Landlock.
+pub fn abi() -> i64 {
+    kernel_abi().map(i64::from).unwrap_or(0)
+}
+
 /// What confined work gets on this host, probed once.
 pub fn status() -> Status {
     static STATUS: OnceLock<Status> = OnceLock::new();

@@ -146,7 +146,7 @@ impl Info {
     /// The facts of this host; `state` is where the snapshotter probe
     /// (and its cached answer) lives.
     pub fn gather(host: HostFacts, state: &Path) -> Self {
-        let abi = landlock_abi();
+        let abi = kiln_snapshotter::confine::abi();
         let bpf = kiln_runtime::seccomp::default_profile_bytes();
         Info {
             kernel: host.kernel,
@@ -218,20 +218,6 @@ impl Info {
         }
         out
     }
-}
-
-fn landlock_abi() -> i64 {
-    // SAFETY: the version query of landlock_create_ruleset takes no
-    // attribute (NULL, size 0) and returns a number or -1.
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0usize,
-            1u32,
-        )
-    };
-    v.max(0)
 }
 
 pub fn run(root: Option<&Path>, host: HostFacts, args: InfoArgs) -> anyhow::Result<i32> {
