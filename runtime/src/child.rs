@@ -75,6 +75,7 @@ stages! {
     SetUid => "setting the uid",
     Capabilities => "setting capabilities",
     Chdir => "changing to the working directory",
+    CwdOutsideRoot => "checking that the working directory is inside the rootfs",
     Stdio => "setting up standard streams",
     Seccomp => "installing the seccomp filter",
     Exec => "executing the command",
@@ -105,6 +106,10 @@ impl Stage {
             }
             (Stage::Binfmt, Errno::ENOENT) => " (the qemu interpreter was removed from the host: reinstall qemu-user-static)",
             (Stage::Chdir, Errno::ENOENT) => " (the working directory does not exist in the rootfs)",
+            (Stage::CwdOutsideRoot, _) => {
+                " (the WORKDIR resolves outside the root filesystem, e.g. through /proc/self/fd/N: \
+                 use a path inside the image)"
+            }
             (
                 Stage::MountDev | Stage::MountDevPts | Stage::MountDevShm | Stage::MakeMountsPrivate | Stage::SpecMount,
                 Errno::EPERM,
@@ -968,7 +973,7 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
         let mut buf = [0u8; 4096];
         let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
         if n <= 0 || buf[0] != b'/' {
-            fail(p, Stage::Chdir, Errno::ENOENT);
+            fail(p, Stage::CwdOutsideRoot, Errno::EXDEV);
         }
     }
 
@@ -983,19 +988,15 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
 
 /// Close every descriptor from 3 up except `keep`.
 fn close_all_but(keep: RawFd) -> Result<(), Errno> {
-    let keep = u32::try_from(keep).unwrap_or(u32::MAX);
-    let mut ranges = [(3u32, u32::MAX), (0, 0)];
-    if keep >= 3 && keep != u32::MAX {
-        ranges = [(3, keep - 1), (keep + 1, u32::MAX)];
-    }
-    for (first, last) in ranges {
-        if first > last || (first == 0 && last == 0) {
-            continue;
-        }
+    let close_range = |first: u32, last: u32| {
         // SAFETY: plain close_range call over descriptors this process owns.
-        check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) })?;
+        check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) })
+    };
+    let keep = u32::try_from(keep).unwrap_or(0);
+    if keep > 3 {
+        close_range(3, keep - 1)?;
     }
-    Ok(())
+    close_range(keep.saturating_add(1).max(3), u32::MAX)
 }
 
 fn reset_signals() {

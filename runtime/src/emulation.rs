@@ -162,10 +162,17 @@ pub struct Host {
 impl Host {
     /// This machine.
     pub fn current() -> Host {
+        // the kernel does not change under a running kiln: read once, not
+        // on every step
+        static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         Host {
-            kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default(),
+            kernel_release: RELEASE
+                .get_or_init(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_default()
+                })
+                .clone(),
             binfmt_dir: PathBuf::from("/proc/sys/fs/binfmt_misc"),
         }
     }

@@ -55,7 +55,25 @@ pub enum Stack {
 impl Stack {
     /// The helper to use: the one [`STACK_ENV`] names, else pasta, else
     /// slirp4netns, searched in `PATH`.
+    /// Searched once per process (neither the variable nor `PATH` changes
+    /// under kiln's feet), not once per step.
     pub fn detect() -> Result<Stack> {
+        // Err(None): none installed; Err(Some(name)): an unknown name
+        static DETECTED: std::sync::OnceLock<std::result::Result<Stack, Option<String>>> =
+            std::sync::OnceLock::new();
+        match DETECTED.get_or_init(|| {
+            Self::search().map_err(|e| match e {
+                Error::NetworkStackUnknown(name) => Some(name),
+                _ => None,
+            })
+        }) {
+            Ok(stack) => Ok(stack.clone()),
+            Err(None) => Err(Error::NetworkStackMissing),
+            Err(Some(name)) => Err(Error::NetworkStackUnknown(name.clone())),
+        }
+    }
+
+    fn search() -> Result<Stack> {
         let path =
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
         let find = |name: &str| {

@@ -299,7 +299,12 @@ fn spec_mount(m: &Mount, trees: &mut Vec<OwnedFd>) -> Result<SpecMount> {
             // child attaches exactly this tree, so nothing can swap a
             // path component for a symlink between here and the mount.
             let mut attrs = 0;
-            for (ms, attr) in [(libc::MS_RDONLY, 0x1), (libc::MS_NOSUID, 0x2), (libc::MS_NODEV, 0x4), (libc::MS_NOEXEC, 0x8)] {
+            for (ms, attr) in [
+                (libc::MS_RDONLY, libc::MOUNT_ATTR_RDONLY),
+                (libc::MS_NOSUID, libc::MOUNT_ATTR_NOSUID),
+                (libc::MS_NODEV, libc::MOUNT_ATTR_NODEV),
+                (libc::MS_NOEXEC, libc::MOUNT_ATTR_NOEXEC),
+            ] {
                 if flags & ms != 0 {
                     attrs |= attr;
                 }
@@ -558,7 +563,11 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         .into_iter()
         .map(|f| private_node(f, &mut sinks))
         .collect::<Result<Vec<_>>>()?;
-    let binfmt = crate::emulation::Host::current().register_lines(&opts.emulators)?;
+    let binfmt = if opts.emulators.is_empty() {
+        Vec::new()
+    } else {
+        crate::emulation::Host::current().register_lines(&opts.emulators)?
+    };
     let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
         v.iter()
             .flatten()

@@ -236,18 +236,8 @@ pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
 
 /// Write all of `buf` to `fd`, retrying on EINTR; errors are dropped because
 /// the callers are reporting an error already.
-pub fn write_all(fd: RawFd, mut buf: &[u8]) {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a valid slice for its length.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            if Errno::last() == Errno::EINTR {
-                continue;
-            }
-            return;
-        }
-        buf = &buf[usize::try_from(n).unwrap_or(buf.len())..];
-    }
+pub fn write_all(fd: RawFd, buf: &[u8]) {
+    let _ = write_exact(fd, buf);
 }
 
 /// Write all of `buf` to `fd`, retrying on EINTR, and report failure
