@@ -13,10 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_vm_tests::{
-    busybox_rootfs, kiln_binary, run_checked, running_as_root, stage_file, test_dir, test_ids,
-    unprivileged,
-};
+use kiln_vm_tests::{busybox_rootfs, kiln_binary, run_checked, stage_file, test_dir, unprivileged};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -27,15 +24,7 @@ fn p(path: &Path) -> &str {
 }
 
 fn chown_to_test_user(path: &Path) {
-    if running_as_root() {
-        let (uid, gid) = test_ids();
-        run_checked(
-            Command::new("chown")
-                .arg("-R")
-                .arg(format!("{uid}:{gid}"))
-                .arg(path),
-        );
-    }
+    kiln_vm_tests::give_to_test_user(path);
 }
 
 /// `kiln --root STATE ARGS...` as the test user, with `env` set (through
@@ -636,6 +625,9 @@ fn tls_registry_with_htpasswd_needs_kiln_login() {
         !err.status.success(),
         "login with a wrong password succeeded"
     );
+    // refused for the credentials, not for anything else
+    let why = text(&err.stderr);
+    assert!(why.contains("401") || why.contains("credentials"), "{why}");
     assert!(!auth_file.exists());
 
     let mut good = kiln_env(

@@ -1,7 +1,7 @@
 //! `kiln pull`, `kiln push`, `kiln login` and `kiln logout`: the CLI side of
 //! [`crate::registry`].
 
-use std::io::{BufRead, IsTerminal};
+use std::io::BufRead;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -34,10 +34,11 @@ pub struct PushArgs {
 pub struct LoginArgs {
     /// The registry host, HOST[:PORT] (`docker.io` for Docker Hub)
     host: String,
-    /// User name (asked on the terminal if missing)
+    /// User name
     #[arg(long, short = 'u')]
-    username: Option<String>,
-    /// Read the password from standard input
+    username: String,
+    /// Read the password from standard input (required: kiln never takes
+    /// a password as an argument or from a prompt)
     #[arg(long)]
     password_stdin: bool,
 }
@@ -134,26 +135,13 @@ fn open_store(root: Option<&Path>) -> anyhow::Result<Arc<Snapshotter>> {
 
 pub fn login(insecure: &[String], args: LoginArgs) -> anyhow::Result<i32> {
     let host = config::host_of(&args.host);
-    let stdin = std::io::stdin();
-    let username = match args.username {
-        Some(u) => u,
-        None => {
-            if args.password_stdin || !stdin.is_terminal() {
-                bail!("kiln login {host}: give the user name with -u USER");
-            }
-            eprint!("Username: ");
-            let mut u = String::new();
-            stdin.lock().read_line(&mut u)?;
-            u.trim().to_string()
-        }
-    };
-    let password = if args.password_stdin {
-        let mut p = String::new();
-        stdin.lock().read_line(&mut p)?;
-        p.trim_end_matches(['\n', '\r']).to_string()
-    } else {
+    if !args.password_stdin {
         bail!("kiln login {host}: pass the password on standard input with --password-stdin (kiln never takes it as an argument)");
-    };
+    }
+    let username = args.username;
+    let mut password = String::new();
+    std::io::stdin().lock().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\n', '\r']).to_string();
     if password.is_empty() {
         bail!("kiln login {host}: the password is empty");
     }

@@ -23,7 +23,7 @@ mod push;
 use std::sync::Arc;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 
@@ -251,8 +251,8 @@ impl Registry {
             Ok(_) => {}
             Err(e) => match classify(host, host, e) {
                 // the repository need not exist; the credentials were
-                // accepted if the registry got as far as looking
-                Error::NotFound { .. } | Error::Registry { .. } => {}
+                // accepted if the registry got as far as looking for it
+                Error::NotFound { .. } => {}
                 other => return Err(other),
             },
         }
@@ -275,6 +275,34 @@ pub(crate) fn classify(reference: &str, host: &str, e: OciDistributionError) -> 
         OciDistributionError::UnauthorizedError { .. }
         | OciDistributionError::AuthenticationFailure(_) => Error::Unauthorized { reference, host },
         OciDistributionError::ImageManifestNotFoundError(_) => Error::NotFound { reference, host },
+        // the status code when the client kept it: the message text holds
+        // URLs (and digests) that no substring test can see past
+        OciDistributionError::ServerError { code: 401, .. } => {
+            Error::Unauthorized { reference, host }
+        }
+        OciDistributionError::ServerError { code: 404, .. } => Error::NotFound { reference, host },
+        // the registry's own error codes, when it sent an error envelope
+        OciDistributionError::RegistryError { ref envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    OciErrorCode::NameUnknown
+                        | OciErrorCode::ManifestUnknown
+                        | OciErrorCode::BlobUnknown
+                        | OciErrorCode::NotFound
+                )
+            }) =>
+        {
+            Error::NotFound { reference, host }
+        }
+        OciDistributionError::RegistryError { ref envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, OciErrorCode::Unauthorized)) =>
+        {
+            Error::Unauthorized { reference, host }
+        }
         other => {
             let reason = source_chain(&other);
             let lower = reason.to_ascii_lowercase();
@@ -284,7 +312,8 @@ pub(crate) fn classify(reference: &str, host: &str, e: OciDistributionError) -> 
                 || lower.contains("manifest unknown")
                 || lower.contains("name_unknown")
                 || lower.contains("name unknown")
-                || lower.contains("404")
+                || lower.contains("code: 404")
+                || lower.contains(" 404 ")
             {
                 Error::NotFound { reference, host }
             } else if lower.contains("error sending request") || lower.contains("connect") {

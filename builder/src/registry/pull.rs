@@ -31,8 +31,6 @@ pub struct Pulled {
     /// the stored entry (an index or a manifest)
     pub target: Descriptor,
     pub image: Image,
-    /// whether anything came over the network
-    pub fetched: bool,
 }
 
 fn is_index(media: Option<&str>, bytes: &[u8]) -> bool {
@@ -69,7 +67,9 @@ impl Registry {
     ) -> Result<(Vec<u8>, Digest, String)> {
         let name = r.to_string();
         let remote = remote_ref(r, host);
-        let creds = Self::credentials(&r.domain)?;
+        // the credentials of the host asked, which may be a mirror: the
+        // origin's login is never sent to another registry
+        let creds = Self::credentials(host)?;
         let (bytes, _) = self
             .client
             .pull_manifest_raw(&remote, &creds, ACCEPT)
@@ -165,7 +165,6 @@ impl Registry {
                     name: None,
                     target: image.target.clone(),
                     image,
-                    fetched: false,
                 });
             }
         }
@@ -226,6 +225,7 @@ impl Registry {
                         s
                     })
                     .collect();
+                available.sort();
                 available.dedup();
                 return Err(Error::NoPlatform {
                     reference: name,
@@ -329,7 +329,6 @@ impl Registry {
             name: stored_name,
             target,
             image,
-            fetched: true,
         })
     }
 
@@ -399,29 +398,20 @@ impl Registry {
             if content.contains(digest) {
                 continue;
             }
+            // fetched and digest-checked above; stored through the same
+            // verifying writer as every blob
+            let bad = |reason: String| Error::BadBlob {
+                reference: r.to_string(),
+                host: host.into(),
+                what: "manifest",
+                digest: digest.to_string(),
+                reason,
+            };
             let mut w = content
                 .writer(Some(digest.clone()))
-                .map_err(|e| Error::BadBlob {
-                    reference: r.to_string(),
-                    host: host.into(),
-                    what: "manifest",
-                    digest: digest.to_string(),
-                    reason: e.to_string(),
-                })?;
-            w.write_all(bytes).map_err(|e| Error::BadBlob {
-                reference: r.to_string(),
-                host: host.into(),
-                what: "manifest",
-                digest: digest.to_string(),
-                reason: e.to_string(),
-            })?;
-            w.commit().map_err(|e| Error::BadBlob {
-                reference: r.to_string(),
-                host: host.into(),
-                what: "manifest",
-                digest: digest.to_string(),
-                reason: e.to_string(),
-            })?;
+                .map_err(|e| bad(e.to_string()))?;
+            w.write_all(bytes).map_err(|e| bad(e.to_string()))?;
+            w.commit().map_err(|e| bad(e.to_string()))?;
             written.push(digest.clone());
         }
         Ok(())
