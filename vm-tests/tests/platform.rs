@@ -159,6 +159,8 @@ fn two_platforms_one_index_emulated_arm64_and_a_shared_native_stage() {
         &format!("type=oci,dest={}", s(&archive)),
         "-o",
         &format!("type=local,dest={}", s(&dir.join("local"))),
+        "--cache-to",
+        &format!("type=local,dest={},mode=max", s(&dir.join("cache"))),
         &s(&ctx),
     ])
     .output()
@@ -204,6 +206,23 @@ fn two_platforms_one_index_emulated_arm64_and_a_shared_native_stage() {
     assert_eq!(read("linux_arm64/targetarch"), "arm64");
     assert_eq!(read("linux_amd64/native"), "x86_64");
     assert_eq!(read("linux_arm64/native"), "x86_64");
+
+    // one cache holds both platforms' steps: with the local cache pruned,
+    // importing it runs nothing for either platform
+    ok(k(&["prune", "--all"]).output().unwrap());
+    let (_, err) = ok(k(&[
+        "build",
+        "--progress",
+        "plain",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--cache-from",
+        &format!("type=local,src={}", s(&dir.join("cache"))),
+        &s(&ctx),
+    ])
+    .output()
+    .unwrap());
+    assert_eq!(err.matches(": 0 steps run").count(), 2, "{err}");
 
     // type=docker cannot hold two platforms
     let o = k(&[

@@ -146,6 +146,14 @@ fn no_more(dir: &'static str, spec: &str, rest: &BTreeMap<String, String>) -> Re
 }
 
 impl Export {
+    /// Which records this export keeps (`inline` is always min).
+    pub fn mode(&self) -> Mode {
+        match self {
+            Export::Local { mode, .. } | Export::Registry { mode, .. } => *mode,
+            Export::Inline => Mode::Min,
+        }
+    }
+
     /// Parse a `--cache-to` value.
     pub fn parse(spec: &str) -> Result<Export> {
         let d = "to";

@@ -250,7 +250,9 @@ impl Download {
 
     /// The entry writing this file at `dest` (relative to the root): a
     /// regular file, 0600, with the Last-Modified time, as BuildKit does.
-    pub fn entry(&self, dest: PathBuf) -> Entry {
+    /// Takes the download: its bytes move into the entry (up to
+    /// MAX_DOWNLOAD; a copy would double the peak memory).
+    pub fn into_entry(self, dest: PathBuf) -> Entry {
         Entry {
             src: PathBuf::new(),
             dest,
@@ -263,7 +265,7 @@ impl Download {
                 mtime_nsec: 0,
             },
             link: None,
-            inline: Some(self.bytes.clone()),
+            inline: Some(self.bytes),
             archive: false,
         }
     }

@@ -241,6 +241,8 @@ pub struct Built {
     /// RUN steps that executed (not cached)
     pub executed: usize,
     pub cached: usize,
+    /// every step's key and resulting state, for `--cache-to`
+    pub trail: Vec<(Key, ImageState)>,
 }
 
 /// What a COPY or ADD asks for, whichever of the two it is.
@@ -509,10 +511,29 @@ pub async fn build_platforms(
             }
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(out),
+    if let Some(e) = first_error {
+        return Err(e);
     }
+    if platforms.len() > 1 {
+        // one cache for every platform: the records of each build (keys
+        // differ by platform, so nothing collides)
+        for to in opts
+            .cache_to
+            .iter()
+            .filter(|t| **t != cache_io::Export::Inline)
+        {
+            let mut seen = std::collections::BTreeSet::new();
+            let records: Vec<cache_io::Record> = out
+                .iter()
+                .flat_map(|(_, b)| cache_io::select(&b.trail, &b.state, to.mode()))
+                // a native stage shared by the platforms is recorded once
+                .filter(|r| seen.insert(r.key.clone()))
+                .collect();
+            let snap = &out[0].1.snap;
+            export_cache(snap, opts.registry.as_ref(), to, &records, &progress).await?;
+        }
+    }
+    Ok(out)
 }
 
 async fn build_shared(
@@ -692,40 +713,24 @@ async fn build_shared(
     let (_, state) =
         target.ok_or_else(|| Error::Join("the target stage produced no result".into()))?;
     let trail = engine.trail.lock().map(|t| t.clone()).unwrap_or_default();
+    // `type=inline` goes into this image's config; the other exports are
+    // made here for one platform, and once, merged, by build_platforms for
+    // several (they would overwrite one another)
     let mut inline = None;
     for to in &engine.opts.cache_to {
-        let (records, place) = match to {
-            cache_io::Export::Local { dest, mode } => {
-                let records = cache_io::select(&trail, &state, *mode);
-                tokio::task::block_in_place(|| {
-                    cache_io::export_local(&engine.snap, &records, dest)
-                })
-                .map_err(Error::CacheIo)?;
-                (records.len(), dest.display().to_string())
-            }
-            cache_io::Export::Registry { reference, mode } => {
-                let registry = engine.opts.registry.as_ref().ok_or_else(|| {
-                    Error::CacheIo(cache_io::Error::Spec {
-                        dir: "to",
-                        spec: format!("type=registry,ref={reference}"),
-                        why: "this build has no registry client".into(),
-                    })
-                })?;
-                let records = cache_io::select(&trail, &state, *mode);
-                let store = crate::image::ImageStore::new(&engine.snap);
-                cache_io::export_registry(registry, &store, &records, reference)
-                    .await
-                    .map_err(Error::CacheIo)?;
-                (records.len(), reference.clone())
-            }
-            cache_io::Export::Inline => {
-                let records = cache_io::select(&trail, &state, cache_io::Mode::Min);
-                let n = records.len();
-                inline = Some(records);
-                (n, "the image config (inline)".into())
-            }
-        };
-        progress.summary(&format!("exported {records} cache records to {place}"));
+        if *to == cache_io::Export::Inline {
+            inline = Some(cache_io::select(&trail, &state, cache_io::Mode::Min));
+        } else if !engine.shared.label_platform {
+            let records = cache_io::select(&trail, &state, to.mode());
+            export_cache(
+                &engine.snap,
+                engine.opts.registry.as_ref(),
+                to,
+                &records,
+                &progress,
+            )
+            .await?;
+        }
     }
     let built = tokio::task::block_in_place(|| engine.store_image(state, inline))?;
     let label = match &engine.opts.platform {
@@ -742,8 +747,46 @@ async fn build_shared(
     Ok(Built {
         executed: engine.executed.load(Ordering::Relaxed),
         cached: engine.cached.load(Ordering::Relaxed),
+        trail,
         ..built
     })
+}
+
+/// Write one `--cache-to` (not `type=inline`, which lives in the image).
+async fn export_cache(
+    snap: &Arc<Snapshotter>,
+    registry: Option<&crate::registry::Registry>,
+    to: &cache_io::Export,
+    records: &[cache_io::Record],
+    progress: &Progress,
+) -> Result<()> {
+    let place = match to {
+        cache_io::Export::Local { dest, .. } => {
+            tokio::task::block_in_place(|| cache_io::export_local(snap, records, dest))
+                .map_err(Error::CacheIo)?;
+            dest.display().to_string()
+        }
+        cache_io::Export::Registry { reference, .. } => {
+            let registry = registry.ok_or_else(|| {
+                Error::CacheIo(cache_io::Error::Spec {
+                    dir: "to",
+                    spec: format!("type=registry,ref={reference}"),
+                    why: "this build has no registry client".into(),
+                })
+            })?;
+            let store = crate::image::ImageStore::new(snap);
+            cache_io::export_registry(registry, &store, records, reference)
+                .await
+                .map_err(Error::CacheIo)?;
+            reference.clone()
+        }
+        cache_io::Export::Inline => return Ok(()),
+    };
+    progress.summary(&format!(
+        "exported {} cache records to {place}",
+        records.len()
+    ));
+    Ok(())
 }
 
 impl Engine {
@@ -1285,7 +1328,7 @@ impl Engine {
             if let Some(sum) = op.checksum {
                 d.verify(&url, sum)?;
             }
-            entries.push(d.entry(to));
+            entries.push(d.into_entry(to));
         }
         let view = self
             .snap
@@ -1488,6 +1531,7 @@ impl Engine {
             state,
             executed: 0,
             cached: 0,
+            trail: Vec::new(),
         })
     }
 }

@@ -129,23 +129,7 @@ pub fn export_to(
     opts: &ExportOptions,
     stdout: &mut dyn Write,
 ) -> Result<Exported> {
-    if spec.rewrite_timestamp && opts.source_date_epoch.is_none() {
-        return Err(Error::NoEpoch);
-    }
-    // lease the image's blobs: a concurrent `kiln rmi` and GC must not
-    // take them away halfway through the export
-    {
-        let snap = store.snapshotter();
-        let _no_gc = snap.layers().gc_guard(false)?;
-        for d in image
-            .layers()
-            .iter()
-            .map(Descriptor::digest)
-            .chain([image.id(), image.manifest_descriptor.digest()])
-        {
-            snap.lease().add_blob(d)?;
-        }
-    }
+    prepare(store, [image], spec, opts)?;
     match spec.kind {
         OutputType::Image | OutputType::Oci | OutputType::Docker => {
             let img = rewrite(store, image, spec, opts)?;
@@ -181,6 +165,33 @@ pub fn export_to(
     }
 }
 
+/// What every export checks and holds first: `rewrite-timestamp` needs an
+/// epoch, and the images' blobs are leased, so a concurrent `kiln rmi` and
+/// GC cannot take them away halfway through the export.
+fn prepare<'i>(
+    store: &ImageStore<'_>,
+    images: impl IntoIterator<Item = &'i Image>,
+    spec: &OutputSpec,
+    opts: &ExportOptions,
+) -> Result<()> {
+    if spec.rewrite_timestamp && opts.source_date_epoch.is_none() {
+        return Err(Error::NoEpoch);
+    }
+    let snap = store.snapshotter();
+    let _no_gc = snap.layers().gc_guard(false)?;
+    for image in images {
+        for d in image
+            .layers()
+            .iter()
+            .map(Descriptor::digest)
+            .chain([image.id(), image.manifest_descriptor.digest()])
+        {
+            snap.lease().add_blob(d)?;
+        }
+    }
+    Ok(())
+}
+
 /// Export the images of a multi-platform build, one per platform: an OCI
 /// image index in `type=image` (stored under the names) and `type=oci`,
 /// one top-level directory per platform (`linux_arm64/`) in `type=local`
@@ -194,9 +205,7 @@ pub fn export_platforms(
     let stdout = io::stdout();
     let mut lock = stdout.lock();
     let (_, first) = images.first().expect("at least one platform");
-    if spec.rewrite_timestamp && opts.source_date_epoch.is_none() {
-        return Err(Error::NoEpoch);
-    }
+    prepare(store, images.iter().map(|(_, i)| i), spec, opts)?;
     match spec.kind {
         OutputType::Docker => Err(Error::DockerMultiPlatform(
             images
