@@ -502,11 +502,14 @@ fn sandbox_routes_outbound_to_another_host() {
     let o = kiln(sandbox_args(
         &root,
         &["--network", "none"],
-        "timeout 3 nc 10.213.0.2 47310 </dev/null",
+        "timeout 3 nc 10.213.0.2 47310 </dev/null; echo rc=$?",
     ))
     .output()
     .unwrap();
-    assert!(!text(&o.stdout).contains("must-not-arrive"));
+    // the sandbox ran the command (rc= printed), and nothing arrived
+    let out = text(&o.stdout);
+    assert!(out.contains("rc="), "{out}\n{}", text(&o.stderr));
+    assert!(!out.contains("must-not-arrive"), "{out}");
 }
 
 /// Every process below `pid`, with its command line.
