@@ -230,6 +230,11 @@ fn serve_requests(
 /// Pipe size for spliced reads: one readahead request (128 KiB by default)
 /// and its header fit with room to spare.
 const SPLICE_PIPE_SIZE: usize = 1 << 20;
+/// Reads smaller than this take the copying path: for a few pages, its two
+/// syscalls (pread into our buffer, write to /dev/fuse) cost less than
+/// splice's fstat, header write and two splices. A tree of 4 KiB files
+/// (bench/snapshotter/run.sh, read2k) reads about 6% faster this way.
+const SPLICE_MIN: usize = 64 << 10;
 const FUSE_READ: u32 = 15;
 const IN_HEADER_LEN: usize = 40;
 const READ_IN_LEN: usize = 40;
@@ -246,7 +251,8 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 /// Answer a READ by splicing file pages through a pipe into /dev/fuse
 /// instead of copying them through our buffer (what libfuse does). Returns
 /// false, having sent nothing, when the request is not a plain read of a
-/// regular file that fits the pipe; the normal path then answers it.
+/// regular file, is too small to gain from splicing, or does not fit the
+/// pipe; the normal path then answers it.
 fn splice_read(dev: &std::fs::File, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: RawFd) -> bool {
     if req.len() < IN_HEADER_LEN + READ_IN_LEN || u32_at(req, 4) != Some(FUSE_READ) {
         return false;
@@ -260,7 +266,7 @@ fn splice_read(dev: &std::fs::File, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: R
         return false;
     };
     let size = size as usize;
-    if size + OUT_HEADER_LEN > SPLICE_PIPE_SIZE {
+    if !(SPLICE_MIN..=SPLICE_PIPE_SIZE - OUT_HEADER_LEN).contains(&size) {
         return false;
     }
     let Some(file) = fs.handle_file(fh) else {
