@@ -214,7 +214,9 @@ impl Snapshotter {
             let path = e.path();
             let stale = match fs::read_to_string(path.join("owner")) {
                 Ok(owner) if !owner.is_empty() => !self.layers.owner_alive(owner.trim()),
-                // created but not yet claimed: stale only when old
+                // no owner: left by a kiln that made the directory before
+                // claiming it (views are now renamed in with their owner);
+                // stale only when old
                 _ => e
                     .metadata()
                     .and_then(|m| m.modified())
@@ -269,20 +271,33 @@ impl Snapshotter {
             Some(p) => self.layers.chain_dirs(p)?,
             None => Vec::new(),
         };
+        // Made under tmp/ with its owner file, then renamed into place: a
+        // view directory never exists without an owner, so a process killed
+        // at any moment leaves either a tmp/ entry or a claimed view, and
+        // both are swept once their owner is dead. The rename is exclusive:
+        // an existing view of the same key is busy.
+        let name = self.layers.unique("view");
+        let scratch = self.layers.tmp_dir().join(&name);
+        fs::create_dir(&scratch).map_err(io_err(&scratch))?;
+        let owner_file = scratch.join("owner");
+        fs::write(&owner_file, &name).map_err(io_err(&owner_file))?;
         let dir = self.root.join("views").join(key);
-        match fs::create_dir(&dir) {
+        match nix::fcntl::renameat2(
+            None,
+            &scratch,
+            None,
+            &dir,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(Error::Busy(key.into()))
+            Err(e) => {
+                let _ = fs::remove_dir_all(&scratch);
+                return Err(match e {
+                    nix::errno::Errno::EEXIST => Error::Busy(key.into()),
+                    e => io_err(&dir)(e.into()),
+                });
             }
-            Err(e) => return Err(io_err(&dir)(e)),
         }
-        // written aside and renamed: a cleaner never reads a half-written
-        // owner and mistakes this live view for a dead one
-        let owner_file = dir.join("owner");
-        let owner_new = dir.join("owner.new");
-        fs::write(&owner_new, self.layers.unique("view")).map_err(io_err(&owner_new))?;
-        fs::rename(&owner_new, &owner_file).map_err(io_err(&owner_file))?;
         let upper = self.layers.begin()?;
         let spec = ViewSpec {
             lowers,
