@@ -24,6 +24,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUNS=${1:-300}
 ROUNDS=${2:-6}
+for n in "$RUNS" "$ROUNDS"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "RUNS and ROUNDS must be positive integers, got '$n'" >&2; exit 2; }
+done
 PER_ROUND=$(( (RUNS + ROUNDS - 1) / ROUNDS ))
 USER_NAME=kiln-bench
 S=/tmp/kiln-bench/sandbox
