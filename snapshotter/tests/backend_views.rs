@@ -408,6 +408,153 @@ userns_case!(
     }
 );
 
+/// Descriptors open in this process (the FUSE server runs in it).
+fn open_fds() -> usize {
+    fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+// The fuse view answers OPEN with ENOSYS, so the kernel sends no OPEN or
+// RELEASE and reads and writes arrive without a handle: copy-up waits for
+// the first write, O_TRUNC arrives as a truncation, and the server keeps
+// the data of files whose last name goes away until the kernel forgets
+// them. Every read below is the first of its file, so it reaches the server.
+userns_case!(
+    fuse_files_are_served_without_open,
+    inner_fuse_files_are_served_without_open,
+    |dir| {
+        use std::io::Seek;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        for (name, body) in [
+            ("a", "lower a"),
+            ("b", "lower b content"),
+            ("c", "old c"),
+            ("d", "new d"),
+            ("e", "lower e, about to be truncated"),
+            ("f", "opened for writing, never written"),
+            ("g", "lower g"),
+        ] {
+            fs::write(lower.join(name), body).unwrap();
+        }
+        fs::set_permissions(lower.join("e"), fs::Permissions::from_mode(0o751)).unwrap();
+        for i in 0..40 {
+            fs::write(lower.join(format!("many{i}")), format!("file {i}")).unwrap();
+        }
+        let spec = spec(dir, "fuse", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let v = view.path();
+        let read_all = |f: &mut fs::File| {
+            let mut s = String::new();
+            f.seek(std::io::SeekFrom::Start(0)).unwrap();
+            f.read_to_string(&mut s).unwrap();
+            s
+        };
+
+        // a lower file unlinked while open for reading is still read
+        let mut a = fs::File::open(v.join("a")).unwrap();
+        fs::remove_file(v.join("a")).unwrap();
+        assert_eq!(read_all(&mut a), "lower a");
+        assert_eq!(a.metadata().unwrap().len(), 7);
+
+        // ... and one open for writing is written, truncated and chmodded
+        // through a private copy; the lower file stays as it was
+        let mut b = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(v.join("b"))
+            .unwrap();
+        fs::remove_file(v.join("b")).unwrap();
+        b.write_all(b"NEW").unwrap();
+        b.sync_all().unwrap();
+        assert_eq!(read_all(&mut b), "NEWer b content");
+        b.set_len(5).unwrap();
+        b.set_permissions(fs::Permissions::from_mode(0o640))
+            .unwrap();
+        let m = b.metadata().unwrap();
+        assert_eq!((m.len(), m.mode() & 0o777), (5, 0o640));
+        assert_eq!(read_all(&mut b), "NEWer");
+
+        // a file renamed over while open keeps its old content
+        let mut c = fs::File::open(v.join("c")).unwrap();
+        fs::rename(v.join("d"), v.join("c")).unwrap();
+        assert_eq!(read_all(&mut c), "old c");
+        assert_eq!(fs::read_to_string(v.join("c")).unwrap(), "new d");
+
+        // O_TRUNC copies up without data and keeps the mode
+        let mut e = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(v.join("e"))
+            .unwrap();
+        e.write_all(b"short").unwrap();
+        drop(e);
+        let m = fs::metadata(v.join("e")).unwrap();
+        assert_eq!((m.len(), m.mode() & 0o7777), (5, 0o751));
+
+        // an open for writing that writes nothing copies nothing up
+        drop(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(v.join("f"))
+                .unwrap(),
+        );
+
+        // the first write copies up with the data around it
+        let mut g = fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(v.join("g"))
+            .unwrap();
+        g.write_all(b" and more").unwrap();
+        drop(g);
+        assert_eq!(fs::read_to_string(v.join("g")).unwrap(), "lower g and more");
+
+        // kept data goes once the kernel forgets the files
+        drop((a, b, c));
+        let before = open_fds();
+        for i in 0..40 {
+            let name = v.join(format!("many{i}"));
+            let mut f = fs::File::open(&name).unwrap();
+            fs::remove_file(&name).unwrap();
+            assert_eq!(read_all(&mut f), format!("file {i}"));
+        }
+        let mut now = open_fds();
+        for _ in 0..100 {
+            if now <= before {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            now = open_fds();
+        }
+        assert!(
+            now <= before,
+            "{} descriptors still open after the files were closed",
+            now - before
+        );
+
+        drop(view);
+        let up = &spec.upper;
+        assert_eq!(fs::read_to_string(up.join("e")).unwrap(), "short");
+        assert_eq!(fs::metadata(up.join("e")).unwrap().mode() & 0o7777, 0o751);
+        assert!(!up.join("f").exists(), "an unwritten open copied f up");
+        assert_eq!(
+            fs::read_to_string(up.join("g")).unwrap(),
+            "lower g and more"
+        );
+        assert_eq!(fs::read_to_string(up.join("c")).unwrap(), "new d");
+        for name in ["a", "b"] {
+            let m = fs::symlink_metadata(up.join(name)).unwrap();
+            assert!(
+                m.file_type().is_char_device() && m.rdev() == 0,
+                "{name} whiteout"
+            );
+        }
+        assert_eq!(fs::read_dir(&spec.work).unwrap().count(), 0);
+    }
+);
+
 userns_case!(
     fuse_reads_match_the_lower_file,
     inner_fuse_reads_match_the_lower_file,

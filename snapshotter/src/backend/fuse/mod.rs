@@ -257,8 +257,9 @@ fn splice_read(dev: &std::fs::File, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: R
     if req.len() < IN_HEADER_LEN + READ_IN_LEN || u32_at(req, 4) != Some(FUSE_READ) {
         return false;
     }
-    let (Some(unique), Some(fh), Some(offset), Some(size)) = (
+    let (Some(unique), Some(nodeid), Some(fh), Some(offset), Some(size)) = (
         u64_at(req, 8),
+        u64_at(req, 16),
         u64_at(req, IN_HEADER_LEN),
         u64_at(req, IN_HEADER_LEN + 8),
         u32_at(req, IN_HEADER_LEN + 16),
@@ -269,7 +270,7 @@ fn splice_read(dev: &std::fs::File, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: R
     if !(SPLICE_MIN..=SPLICE_PIPE_SIZE - OUT_HEADER_LEN).contains(&size) {
         return false;
     }
-    let Some(file) = fs.handle_file(fh) else {
+    let Some(file) = fs.read_file(nodeid, fh) else {
         return false;
     };
     let fd = file.as_raw_fd();

@@ -153,6 +153,19 @@ pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
+/// `fchown(fd, uid, gid)`; `u32::MAX` leaves an id unchanged.
+pub fn fchown(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller keeps open.
+    cvt(unsafe { libc::fchown(fd, uid, gid) }).map(drop)
+}
+
+/// `futimens(fd, [atime, mtime])`.
+pub fn futimens(fd: RawFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller keeps open; `times` points
+    // to two timespecs.
+    cvt(unsafe { libc::futimens(fd, times.as_ptr()) }).map(drop)
+}
+
 /// `fchmod(fd, mode)`.
 pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
     // SAFETY: plain syscall on an fd the caller keeps open.
