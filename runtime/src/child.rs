@@ -1,8 +1,10 @@
 //! The sandbox child: from the clone to the exec of the user's command.
 //!
-//! This code runs in a forked copy of a possibly multi-threaded process, so
-//! it never allocates and calls only async-signal-safe functions; every
-//! string and table it needs is prepared in a [`Plan`] before the clone.
+//! This code runs beside a possibly multi-threaded process, in its memory
+//! (a `CLONE_VM` child, until the exec of kiln-init) or in a copy of it, so
+//! it never allocates, writes no memory but its own stack, and calls only
+//! async-signal-safe functions; every string and table it needs is
+//! prepared in a [`Plan`] before the clone.
 //! The path is one numbered sequence; any failure reports the step that
 //! failed to the parent as a [`Msg`] and exits with status 125.
 //!
@@ -660,7 +662,8 @@ fn zeroed_stat() -> libc::stat {
 /// become kiln-init.
 ///
 /// # Safety
-/// Must only be called in the child of [`sys::clone3_fork`] (see there).
+/// Must only be called in the child of [`sys::clone_vm`] or
+/// [`sys::clone3_fork`] (see there).
 pub unsafe fn run(p: &Plan) -> ! {
     // 1. Wait until the parent has written our uid and gid maps. The clone
     //    copied the parent's write end of the pipe: close it, so a parent

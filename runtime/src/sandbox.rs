@@ -710,6 +710,17 @@ fn clone_error(e: Errno) -> Error {
     Error::Clone(e.into())
 }
 
+/// Stack of a sandbox child that shares kiln's memory (touched only as far
+/// as it is used).
+const CHILD_STACK: usize = 1 << 20;
+
+/// Entry of a [`sys::clone_vm`] child.
+extern "C" fn sandbox_child(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `plan` is the plan `run` keeps alive until this child has
+    // exec'd or exited.
+    unsafe { child::run(&*plan.cast::<child::Plan>()) }
+}
+
 /// Run the process described by `spec` in a new sandbox and wait for it.
 pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     let mut prepared = prepare(spec, &mut opts)?;
@@ -761,17 +772,56 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
         }
     };
 
-    // SAFETY: the child runs only `child::run`, which is allocation-free and
-    // async-signal-safe, and leaves by exec or _exit.
-    let cloned = unsafe { sys::clone3_fork(prepared.clone_flags) };
+    // The child shares our memory until it execs kiln-init when it keeps
+    // our effective ids (uid 0 of its namespace is us): see sys::clone_vm.
+    // Otherwise (kiln run by real root maps the sandbox's root to a
+    // subordinate id) it gets a copy, as fork gives.
+    let is_us = |ranges: &[crate::idmap::Range], id: u32| {
+        ranges.iter().any(|r| r.inside == 0 && r.outside == id)
+    };
+    let share_memory = is_us(&prepared.mapping.uids, nix::unistd::geteuid().as_raw())
+        && is_us(&prepared.mapping.gids, nix::unistd::getegid().as_raw());
+    let stack = match share_memory {
+        true => match sys::ChildStack::new(CHILD_STACK) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                restore_mask();
+                return Err(Error::Clone(e.into()));
+            }
+        },
+        false => None,
+    };
+    let cloned = match (&stack, libc::c_int::try_from(prepared.clone_flags)) {
+        // SAFETY: the child runs only `child::run`, which is allocation-free
+        // and async-signal-safe, writes nothing but its stack, keeps our ids,
+        // and leaves by exec or _exit; the plan and the stack live until the
+        // child is reaped (supervise, or abort below).
+        (Some(stack), Ok(flags)) => unsafe {
+            sys::clone_vm(
+                flags,
+                stack,
+                sandbox_child,
+                std::ptr::from_ref(&prepared.plan).cast_mut().cast(),
+            )
+        },
+        // SAFETY: as above, in a copy of our memory.
+        _ => unsafe { sys::clone3_fork(prepared.clone_flags) }.map(|c| match c {
+            // SAFETY: we are the child of clone3_fork.
+            None => unsafe { child::run(&prepared.plan) },
+            Some(c) => c,
+        }),
+    };
     let (pid, pidfd) = match cloned {
-        // SAFETY: we are the child of clone3_fork.
-        Ok(None) => unsafe { child::run(&prepared.plan) },
-        Ok(Some(c)) => c,
+        Ok(c) => c,
         Err(e) => {
             restore_mask();
             return Err(clone_error(e));
         }
+    };
+    // Declared after the plan and the stack, so dropped before them.
+    let mut reap = ReapGuard {
+        pidfd: pidfd.as_raw_fd(),
+        armed: true,
     };
     drop((sync_r, err_w, status_w));
     drop(std::mem::take(&mut prepared.stdio));
@@ -818,8 +868,47 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
         opts.timeout,
         &command,
     );
+    // supervise returns Ok only once it has reaped the child
+    reap.armed = result.is_err();
     restore_mask();
     result
+}
+
+/// Kills and reaps the sandbox's PID 1 on every way out of [`run`] that
+/// did not reap it (an error while waiting, a panic): a child that shares
+/// kiln's memory reads the plan and runs on a stack that are freed right
+/// after. By pidfd, so a recycled pid is never hit.
+struct ReapGuard {
+    pidfd: RawFd,
+    armed: bool,
+}
+
+impl Drop for ReapGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // SAFETY: signal and wait through a pidfd that `run` keeps open
+        // until after this guard; both fail harmlessly once it is reaped.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            while libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.cast_unsigned(),
+                &mut info,
+                libc::WEXITED,
+            ) < 0
+                && Errno::last() == Errno::EINTR
+            {}
+        }
+    }
 }
 
 fn send_signal(pidfd: &OwnedFd, sig: i32) {

@@ -521,6 +521,91 @@ pub fn loopback_up() -> Result<(), Errno> {
     result
 }
 
+/// A stack for a [`clone_vm`] child: anonymous memory, touched only as far
+/// as the child uses it, with a guard page below it. Unmapped on drop, which
+/// must wait until the child has exec'd or exited.
+pub struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    pub fn new(len: usize) -> Result<ChildStack, Errno> {
+        let page = 4096;
+        let len = len.next_multiple_of(page) + page;
+        // SAFETY: a fresh private anonymous mapping; nothing aliases it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the lowest page of our own mapping becomes the guard.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            return Err(Errno::last());
+        }
+        Ok(stack)
+    }
+
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of our mapping, where a stack starts.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping `new` made.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Start `f(arg)` in a child that shares this process's memory until it
+/// execs (CLONE_VM, as posix_spawn does, but without CLONE_VFORK: the
+/// caller goes on, to write the child's id maps). Nothing is copied, so the
+/// clone costs the same however much memory kiln uses, and neither side
+/// takes copy-on-write faults afterwards. Returns the child's pid and pidfd.
+///
+/// # Safety
+/// `f` runs on `stack` in this very address space, beside the caller's
+/// other threads: it must only do async-signal-safe, allocation-free work,
+/// write no memory but its own stack (errno aside), and leave with `_exit`
+/// or `exec`. `arg` and `stack` must outlive the child's exec or exit, and
+/// the child must not change its effective ids to others (that would make
+/// this shared memory non-dumpable, and the caller's /proc entries root's).
+pub unsafe fn clone_vm(
+    flags: libc::c_int,
+    stack: &ChildStack,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> Result<(i32, OwnedFd), Errno> {
+    let mut pidfd: RawFd = -1;
+    // SAFETY: the caller upholds the contract above; with CLONE_PIDFD the
+    // kernel stores the pidfd through the parent_tid argument.
+    let pid = unsafe {
+        libc::clone(
+            f,
+            stack.top(),
+            flags | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
+            arg,
+            &mut pidfd as *mut RawFd,
+        )
+    };
+    if pid < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel stored a new pidfd that nothing else owns.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
 /// clone3(2) arguments (the fields kiln uses; the rest stay zero).
 #[repr(C)]
 #[derive(Default)]

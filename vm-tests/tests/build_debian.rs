@@ -59,6 +59,9 @@ fn builds_on_a_debootstrapped_debian() {
          USER builder\n\
          WORKDIR /home/builder\n\
          RUN id -u > uid && echo ok > owned-by-builder && mkdir -p many && for i in $(seq 1 500); do echo $i > many/$i; done\n\
+         USER root\n\
+         RUN test \"$(id -u)\" = 0 && chown builder /home/builder/uid\n\
+         USER builder\n\
          CMD [\"cat\", \"/home/builder/uid\"]\n",
     )
     .unwrap();
