@@ -243,6 +243,9 @@ pub struct Plan {
     pub path_dirs: Vec<CString>,
     pub stdio: [StdioFd; 3],
     pub init_fd: RawFd,
+    /// a stack for the command process when it may share kiln's memory too
+    /// (its ids are those of PID 1, see `sandbox::run`); None forks it
+    pub command_stack: Option<sys::ChildStack>,
     /// pidfd of the process that starts the sandbox
     pub parent_pidfd: RawFd,
     pub sync_read: RawFd,
@@ -898,26 +901,71 @@ pub unsafe fn run(p: &Plan) -> ! {
     // SAFETY: `ready` has room for two descriptors.
     check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) }.into())
         .or_fail(p, Stage::ForkCommand);
-    // A raw clone, not glibc's fork: fork runs atfork handlers that take
-    // malloc's locks, which another thread of the parent may have held at
-    // the moment of our own clone.
-    // SAFETY: this process is single-threaded; the child only makes
-    // async-signal-safe calls and leaves by exec or _exit.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
-    let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
-    if pid < 0 {
-        fail(p, Stage::ForkCommand, Errno::last());
-    }
-    if pid == 0 {
-        close(ready[1]);
-        // SAFETY: we are the freshly forked command process.
-        unsafe { command(p, ready[0]) }
-    }
+    let pid = match &p.command_stack {
+        // Sharing memory with us (and kiln) like this process does: the
+        // command keeps our ids, so it cannot make that memory
+        // non-dumpable. `args` stays on our stack, which nothing touches
+        // once we exec kiln-init.
+        Some(stack) => {
+            let args = CommandArgs {
+                plan: p,
+                ready: ready[0],
+                ready_write: ready[1],
+            };
+            // SAFETY: `command_entry` keeps the clone_vm contract (see
+            // `command`); the plan and both stacks outlive this sandbox's
+            // PID namespace, which dies with us.
+            unsafe {
+                sys::clone_vm(
+                    0,
+                    stack,
+                    command_entry,
+                    std::ptr::from_ref(&args).cast_mut().cast(),
+                    None,
+                )
+            }
+            .unwrap_or_else(|e| fail(p, Stage::ForkCommand, e))
+        }
+        None => {
+            // A raw clone, not glibc's fork: fork runs atfork handlers that
+            // take malloc's locks, which another thread of the parent may
+            // have held at the moment of our own clone.
+            // SAFETY: this process is single-threaded; the child only makes
+            // async-signal-safe calls and leaves by exec or _exit.
+            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
+            if pid < 0 {
+                fail(p, Stage::ForkCommand, Errno::last());
+            }
+            if pid == 0 {
+                close(ready[1]);
+                // SAFETY: we are the freshly forked command process.
+                unsafe { command(p, ready[0]) }
+            }
+            pid
+        }
+    };
     close(ready[0]);
 
     // 18. Become kiln-init.
     // SAFETY: still the single-threaded sandbox child.
     unsafe { exec_init(p, pid, ready[1]) }
+}
+
+/// What a command process cloned with `clone_vm` starts from.
+struct CommandArgs<'a> {
+    plan: &'a Plan,
+    ready: RawFd,
+    ready_write: RawFd,
+}
+
+extern "C" fn command_entry(args: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `args` points to the CommandArgs PID 1 left on its stack,
+    // which stays mapped and untouched until this sandbox is gone.
+    let args = unsafe { &*args.cast::<CommandArgs>() };
+    close(args.ready_write);
+    // SAFETY: we are the freshly cloned command process.
+    unsafe { command(args.plan, args.ready) }
 }
 
 /// The command process (already under seccomp): ids, capabilities, cwd,

@@ -644,6 +644,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         path_dirs,
         stdio,
         init_fd: init_memfd()?,
+        command_stack: None,
         parent_pidfd: -1,
         sync_read: -1,
         sync_write: -1,
@@ -781,29 +782,38 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     };
     let share_memory = is_us(&prepared.mapping.uids, nix::unistd::geteuid().as_raw())
         && is_us(&prepared.mapping.gids, nix::unistd::getegid().as_raw());
-    let stack = match share_memory {
-        true => match sys::ChildStack::new(CHILD_STACK) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                restore_mask();
-                return Err(Error::Clone(e.into()));
-            }
-        },
-        false => None,
+    // The command too, when it runs as the sandbox's root: then its ids
+    // are PID 1's (a USER of another id is forked, with a private copy).
+    let command_shares = share_memory && prepared.plan.uid == 0 && prepared.plan.gid == 0;
+    let new_stack = |want: bool| want.then(|| sys::ChildStack::new(CHILD_STACK)).transpose();
+    let (stack, command_stack) = match (new_stack(share_memory), new_stack(command_shares)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            restore_mask();
+            return Err(Error::Clone(e.into()));
+        }
     };
+    prepared.plan.command_stack = command_stack;
     let cloned = match (&stack, libc::c_int::try_from(prepared.clone_flags)) {
-        // SAFETY: the child runs only `child::run`, which is allocation-free
-        // and async-signal-safe, writes nothing but its stack, keeps our ids,
-        // and leaves by exec or _exit; the plan and the stack live until the
-        // child is reaped (supervise, or abort below).
-        (Some(stack), Ok(flags)) => unsafe {
-            sys::clone_vm(
-                flags,
-                stack,
-                sandbox_child,
-                std::ptr::from_ref(&prepared.plan).cast_mut().cast(),
-            )
-        },
+        (Some(stack), Ok(flags)) => {
+            let mut pidfd: RawFd = -1;
+            // SAFETY: the child runs only `child::run`, which is
+            // allocation-free and async-signal-safe, writes nothing but its
+            // stack, keeps our ids, and leaves by exec or _exit; the plan and
+            // the stacks live until the child is reaped (supervise, abort
+            // below, or the reap guard).
+            let cloned = unsafe {
+                sys::clone_vm(
+                    flags,
+                    stack,
+                    sandbox_child,
+                    std::ptr::from_ref(&prepared.plan).cast_mut().cast(),
+                    Some(&mut pidfd),
+                )
+            };
+            // SAFETY: the kernel stored a new pidfd that nothing else owns.
+            cloned.map(|pid| (pid, unsafe { std::os::fd::FromRawFd::from_raw_fd(pidfd) }))
+        }
         // SAFETY: as above, in a copy of our memory.
         _ => unsafe { sys::clone3_fork(prepared.clone_flags) }.map(|c| match c {
             // SAFETY: we are the child of clone3_fork.
@@ -818,7 +828,7 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
             return Err(clone_error(e));
         }
     };
-    // Declared after the plan and the stack, so dropped before them.
+    // Declared after the plan and the stacks, so dropped before them.
     let mut reap = ReapGuard {
         pidfd: pidfd.as_raw_fd(),
         armed: true,

@@ -572,7 +572,8 @@ impl Drop for ChildStack {
 /// execs (CLONE_VM, as posix_spawn does, but without CLONE_VFORK: the
 /// caller goes on, to write the child's id maps). Nothing is copied, so the
 /// clone costs the same however much memory kiln uses, and neither side
-/// takes copy-on-write faults afterwards. Returns the child's pid and pidfd.
+/// takes copy-on-write faults afterwards. Returns the child's pid, and
+/// stores its pidfd in `pidfd` when given.
 ///
 /// # Safety
 /// `f` runs on `stack` in this very address space, beside the caller's
@@ -586,24 +587,28 @@ pub unsafe fn clone_vm(
     stack: &ChildStack,
     f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     arg: *mut libc::c_void,
-) -> Result<(i32, OwnedFd), Errno> {
-    let mut pidfd: RawFd = -1;
-    // SAFETY: the caller upholds the contract above; with CLONE_PIDFD the
-    // kernel stores the pidfd through the parent_tid argument.
+    pidfd: Option<&mut RawFd>,
+) -> Result<i32, Errno> {
+    let (flags, slot) = match pidfd {
+        // with CLONE_PIDFD the kernel stores the pidfd through the
+        // parent_tid argument
+        Some(slot) => (flags | libc::CLONE_PIDFD, std::ptr::from_mut(slot)),
+        None => (flags, std::ptr::null_mut()),
+    };
+    // SAFETY: the caller upholds the contract above.
     let pid = unsafe {
         libc::clone(
             f,
             stack.top(),
-            flags | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
+            flags | libc::CLONE_VM | libc::SIGCHLD,
             arg,
-            &mut pidfd as *mut RawFd,
+            slot,
         )
     };
     if pid < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: the kernel stored a new pidfd that nothing else owns.
-    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+    Ok(pid)
 }
 
 /// clone3(2) arguments (the fields kiln uses; the rest stay zero).
