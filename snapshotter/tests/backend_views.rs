@@ -434,6 +434,7 @@ userns_case!(
             ("e", "lower e, about to be truncated"),
             ("f", "opened for writing, never written"),
             ("g", "lower g"),
+            ("h", "lower h"),
         ] {
             fs::write(lower.join(name), body).unwrap();
         }
@@ -510,6 +511,30 @@ userns_case!(
         g.write_all(b" and more").unwrap();
         drop(g);
         assert_eq!(fs::read_to_string(v.join("g")).unwrap(), "lower g and more");
+
+        // after a copy-up, reads come from the copy, also once the kernel
+        // dropped its pages (the server held the lower file open for reads)
+        let mut h = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(v.join("h"))
+            .unwrap();
+        assert_eq!(read_all(&mut h), "lower h");
+        h.seek(std::io::SeekFrom::Start(0)).unwrap();
+        h.write_all(b"H").unwrap();
+        h.sync_all().unwrap();
+        // SAFETY: plain fadvise on an open file.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&h),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(read_all(&mut h), "Hower h");
+        drop(h);
 
         // kept data goes once the kernel forgets the files
         drop((a, b, c));

@@ -53,6 +53,13 @@ const OVERLAY_XATTR_PREFIX: &[u8] = b"user.overlay.";
 /// xattr marking an opaque directory in the layer format.
 pub(crate) const OPAQUE_XATTR: &CStr = c"user.overlay.opaque";
 
+/// How many descriptors `data_file` keeps open between requests. A large
+/// file is read in many requests (128 KiB each, the kernel's readahead) and
+/// written in many more; opening it by path for each costs more than a
+/// small read itself. The bound keeps kiln's descriptor count fixed however
+/// many files the kernel holds.
+const DATA_FDS: usize = 8;
+
 /// How long the kernel may trust what we tell it. The view changes only
 /// through this server, and every change the kernel makes through us also
 /// updates its caches, so the answer stays right for the view's life.
@@ -141,11 +148,10 @@ struct Kept {
 }
 
 /// A file to do I/O on for one request: an open handle's, or the node's
-/// own file opened for this request.
+/// own file (a recent descriptor, or its kept data).
 enum DataFile {
     Handle(Arc<Handle>),
-    Opened(File),
-    Kept(Arc<File>),
+    Node(Arc<File>),
 }
 
 impl AsRawFd for DataFile {
@@ -155,8 +161,7 @@ impl AsRawFd for DataFile {
                 Handle::File(f) => f.as_raw_fd(),
                 Handle::Dir(_) => -1,
             },
-            DataFile::Opened(f) => f.as_raw_fd(),
-            DataFile::Kept(f) => f.as_raw_fd(),
+            DataFile::Node(f) => f.as_raw_fd(),
         }
     }
 }
@@ -208,6 +213,9 @@ pub(crate) struct OverlayFs {
     writeback: AtomicBool,
     /// The /dev/fuse fd for notifications to the kernel (-1 until mounted).
     notify_fd: AtomicI32,
+    /// Recently used files of nodes, newest first: (node, writable, file).
+    /// A node's entries go when it is copied up or forgotten.
+    data_fds: Mutex<std::collections::VecDeque<(u64, bool, Arc<File>)>>,
 }
 
 impl OverlayFs {
@@ -243,6 +251,7 @@ impl OverlayFs {
             next_tmp: AtomicU64::new(0),
             writeback: AtomicBool::new(false),
             notify_fd: AtomicI32::new(-1),
+            data_fds: Mutex::new(std::collections::VecDeque::new()),
         };
         // The root merges every lower layer unless the upper root is opaque.
         if fs.is_opaque(&fs.upper, b"")? {
@@ -613,24 +622,55 @@ impl OverlayFs {
                 return Err(err(libc::EISDIR));
             }
             if s.names.is_empty() {
-                return self.kept_file(inode, write).map(DataFile::Kept);
+                return self.kept_file(inode, write).map(DataFile::Node);
             }
             if s.upper || !write {
-                let path = self.path_of(inode)?;
-                let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
-                let f = sys::open_at(self.layer(&s).raw(), &rel_cstr(&path), flags, 0)?;
-                return Ok(DataFile::Opened(File::from(f)));
+                return self.open_data_fd(inode, &s, write).map(DataFile::Node);
             }
         }
         // The first write to a lower file copies it up.
         let _w = self.tree.write().map_err(poisoned)?;
         if self.state(inode)?.names.is_empty() {
-            return self.kept_file(inode, true).map(DataFile::Kept);
+            return self.kept_file(inode, true).map(DataFile::Node);
         }
         self.copy_up(inode, true)?;
-        let path = self.path_of(inode)?;
-        let f = sys::open_at(self.upper.raw(), &rel_cstr(&path), libc::O_RDWR, 0)?;
-        Ok(DataFile::Opened(File::from(f)))
+        let s = self.state(inode)?;
+        self.open_data_fd(inode, &s, true).map(DataFile::Node)
+    }
+
+    /// The node's real file for reading (its layer's, read-only: an upper
+    /// file may be executing) or writing (the upper one), from the recent
+    /// descriptors or opened by path. Called with `tree` held.
+    fn open_data_fd(&self, id: u64, s: &NodeState, write: bool) -> io::Result<Arc<File>> {
+        {
+            let mut fds = self.data_fds.lock().map_err(poisoned)?;
+            if let Some(i) = fds.iter().position(|(n, w, _)| *n == id && (*w || !write)) {
+                let e = fds.remove(i).ok_or_else(|| err(libc::EIO))?;
+                let f = e.2.clone();
+                fds.push_front(e);
+                return Ok(f);
+            }
+        }
+        let path = self.path_of(id)?;
+        let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        let f = Arc::new(File::from(sys::open_at(
+            self.layer(s).raw(),
+            &rel_cstr(&path),
+            flags,
+            0,
+        )?));
+        let mut fds = self.data_fds.lock().map_err(poisoned)?;
+        fds.push_front((id, write, f.clone()));
+        fds.truncate(DATA_FDS);
+        Ok(f)
+    }
+
+    fn drop_data_fds(&self, id: u64) -> io::Result<()> {
+        self.data_fds
+            .lock()
+            .map_err(poisoned)?
+            .retain(|(n, _, _)| *n != id);
+        Ok(())
     }
 
     /// SETATTR on a file that lost every name (ftruncate or fchmod of an
@@ -645,7 +685,7 @@ impl OverlayFs {
         // `tree` is held: no data_file here
         let f = match handle.filter(|h| *h != 0) {
             Some(h) => DataFile::Handle(self.handle(h)?),
-            None => DataFile::Kept(self.kept_file(inode, true)?),
+            None => DataFile::Node(self.kept_file(inode, true)?),
         };
         let fd = f.as_raw_fd();
         if fd < 0 {
@@ -763,6 +803,8 @@ impl OverlayFs {
                 s.lowers.clear();
             }
         })?;
+        // a descriptor of the lower file must not serve it any more
+        self.drop_data_fds(id)?;
         self.register(id, &new_st)?;
         // Other names of a hard-linked lower file stay linked to the copy.
         if kind != libc::S_IFDIR {
@@ -1231,6 +1273,8 @@ impl FileSystem for OverlayFs {
         if s.lookups == 0 {
             // no open file of it is left: let its kept data go
             s.kept = None;
+            drop(s);
+            let _ = self.drop_data_fds(inode);
         }
     }
 
