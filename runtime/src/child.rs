@@ -14,6 +14,7 @@
 
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 
@@ -65,6 +66,7 @@ stages! {
     MaskPath => "masking a /proc or /sys path",
     ReadonlyPath => "making a /proc path read-only",
     Loopback => "bringing up loopback",
+    NetNamespace => "making the network namespace",
     Rlimit => "setting resource limits",
     DropBoundingSet => "dropping the capability bounding set",
     ClearAmbient => "clearing ambient capabilities",
@@ -108,6 +110,9 @@ impl Stage {
             }
             (Stage::Binfmt, Errno::ENOENT) => " (the qemu interpreter was removed from the host: reinstall qemu-user-static)",
             (Stage::Chdir, Errno::ENOENT) => " (the working directory does not exist in the rootfs)",
+            (Stage::NetNamespace, Errno::ENOSPC) => {
+                " (the user's network namespace limit is reached: see the sysctl user.max_net_namespaces)"
+            }
             (Stage::CwdOutsideRoot, _) => {
                 " (the WORKDIR resolves outside the root filesystem, e.g. through /proc/self/fd/N: \
                  use a path inside the image)"
@@ -246,6 +251,10 @@ pub struct Plan {
     /// a stack for the command process when it may share kiln's memory too
     /// (its ids are those of PID 1, see `sandbox::run`); None forks it
     pub command_stack: Option<sys::ChildStack>,
+    /// a stack for the helper that makes the new network namespace (with
+    /// loopback up) while PID 1 sets up mounts; None when the clone made it
+    /// (or there is none)
+    pub net_helper_stack: Option<sys::ChildStack>,
     /// pidfd of the process that starts the sandbox
     pub parent_pidfd: RawFd,
     pub sync_read: RawFd,
@@ -668,6 +677,27 @@ fn zeroed_stat() -> libc::stat {
 /// Must only be called in the child of [`sys::clone_vm`] or
 /// [`sys::clone3_fork`] (see there).
 pub unsafe fn run(p: &Plan) -> ! {
+    // 0. Start making the network namespace, beside everything up to
+    //    /sys (joined in step 8).
+    let netns = NetNs {
+        fd: AtomicI32::new(-1),
+    };
+    let net_helper = p.net_helper_stack.as_ref().map(|stack| {
+        // SAFETY: `netns_helper` keeps the clone_vm contract: a few
+        // async-signal-safe calls, no id change, no memory written but its
+        // stack and `netns`, which stays on our stack until it is reaped.
+        unsafe {
+            sys::clone_vm(
+                libc::CLONE_FILES,
+                stack,
+                netns_helper,
+                std::ptr::from_ref(&netns).cast_mut().cast(),
+                None,
+            )
+        }
+        .unwrap_or_else(|e| fail(p, Stage::NetNamespace, e))
+    });
+
     // 1. Wait until the parent has written our uid and gid maps. The clone
     //    copied the parent's write end of the pipe: close it, so a parent
     //    killed before releasing us reads as EOF instead of a wait forever
@@ -791,9 +821,21 @@ pub unsafe fn run(p: &Plan) -> ! {
     // 7. /dev with only safe devices.
     setup_dev(p, root);
 
-    // 8. /sys read-only; the kernel allows sysfs only with our own network
-    //    namespace. Without one, /sys stays empty rather than exposing the
-    //    host's.
+    // 8. The spec's own bind and tmpfs mounts.
+    setup_spec_mounts(p, root);
+
+    // 8b. Secrets and agent sockets, each in a tmpfs of its own.
+    setup_private_nodes(p, root);
+
+    // 9. Join the network namespace the helper made (step 0); nothing of
+    //    the step has run yet, and without it the step fails.
+    if let Some(pid) = net_helper {
+        join_netns(p, pid, &netns);
+    }
+
+    // 9b. /sys read-only; the kernel allows sysfs only with our own
+    //     network namespace. Without one, /sys stays empty rather than
+    //     exposing the host's.
     if p.new_net {
         let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         match mount_fs_at(root, c"sys", c"sysfs", flags, None) {
@@ -801,12 +843,6 @@ pub unsafe fn run(p: &Plan) -> ! {
             Err(e) => fail(p, Stage::MountSys, e),
         }
     }
-
-    // 9. The spec's own bind and tmpfs mounts.
-    setup_spec_mounts(p, root);
-
-    // 9b. Secrets and agent sockets, each in a tmpfs of its own.
-    setup_private_nodes(p, root);
 
     // 10. Read-only rootfs when asked.
     if p.rootfs_readonly {
@@ -839,8 +875,9 @@ pub unsafe fn run(p: &Plan) -> ! {
     // 12. Masked and read-only paths in the fresh /proc and /sys.
     mask_paths(p);
 
-    // 13. Loopback up in a new network namespace.
-    if p.new_net {
+    // 13. Loopback up in a new network namespace (the helper did it in
+    //     its own).
+    if p.new_net && p.net_helper_stack.is_none() {
         sys::loopback_up().or_fail(p, Stage::Loopback);
     }
 
@@ -950,6 +987,63 @@ pub unsafe fn run(p: &Plan) -> ! {
     // 18. Become kiln-init.
     // SAFETY: still the single-threaded sandbox child.
     unsafe { exec_init(p, pid, ready[1]) }
+}
+
+/// Where the network helper leaves the namespace it made.
+struct NetNs {
+    fd: AtomicI32,
+}
+
+/// The network helper: a new network namespace with loopback up, left as a
+/// descriptor in the file table it shares with PID 1. Exits with 0, or with
+/// the errno that stopped it. Its errno is PID 1's (shared memory), so a
+/// failure that coincides with one of PID 1's may report the other's
+/// error; the step fails either way.
+extern "C" fn netns_helper(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the NetNs on PID 1's stack, alive until we are reaped.
+    let netns = unsafe { &*arg.cast::<NetNs>() };
+    // SAFETY: plain unshare and open calls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Errno::last() as libc::c_int;
+        }
+        if let Err(e) = sys::loopback_up() {
+            return e as libc::c_int;
+        }
+        let fd = libc::open(
+            c"/proc/thread-self/ns/net".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Errno::last() as libc::c_int;
+        }
+        netns.fd.store(fd, Ordering::Release);
+    }
+    0
+}
+
+/// Reap the network helper and move into the namespace it made.
+fn join_netns(p: &Plan, pid: libc::pid_t, netns: &NetNs) {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut status, libc::__WALL) } < 0 {
+        if Errno::last() != Errno::EINTR {
+            fail(p, Stage::NetNamespace, Errno::last());
+        }
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        libc::EIO
+    };
+    if code != 0 {
+        fail(p, Stage::NetNamespace, Errno::from_raw(code));
+    }
+    let fd = netns.fd.load(Ordering::Acquire);
+    // SAFETY: `fd` is the namespace descriptor the helper opened in our
+    // shared file table.
+    check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }.into()).or_fail(p, Stage::NetNamespace);
+    close(fd);
 }
 
 /// What a command process cloned with `clone_vm` starts from.

@@ -603,9 +603,19 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP) as u64;
-    if new_net {
-        clone_flags |= libc::CLONE_NEWNET as u64;
-    }
+    // A network namespace of the step's own takes longer to make than
+    // anything else in its sandbox (loopback, sysctl tables, sysfs
+    // entries). Unless a network stack must be started on it right after
+    // the clone, a helper process makes it while PID 1 sets up the mounts,
+    // and PID 1 joins it just before it mounts /sys (see child::run).
+    let net_helper_stack = if new_net && network.is_none() {
+        Some(sys::ChildStack::new(NET_HELPER_STACK).map_err(|e| Error::Clone(e.into()))?)
+    } else {
+        if new_net {
+            clone_flags |= libc::CLONE_NEWNET as u64;
+        }
+        None
+    };
 
     let plan = Plan {
         rootfs: cstring("the rootfs path", rootfs.as_os_str().as_encoded_bytes())?,
@@ -645,6 +655,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         stdio,
         init_fd: init_memfd()?,
         command_stack: None,
+        net_helper_stack,
         parent_pidfd: -1,
         sync_read: -1,
         sync_write: -1,
@@ -714,6 +725,9 @@ fn clone_error(e: Errno) -> Error {
 /// Stack of a sandbox child that shares kiln's memory (touched only as far
 /// as it is used).
 const CHILD_STACK: usize = 1 << 20;
+
+/// Stack of the helper that makes a step's network namespace: a few calls.
+const NET_HELPER_STACK: usize = 64 << 10;
 
 /// Entry of a [`sys::clone_vm`] child.
 extern "C" fn sandbox_child(plan: *mut libc::c_void) -> libc::c_int {
