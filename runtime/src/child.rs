@@ -678,7 +678,7 @@ fn zeroed_stat() -> libc::stat {
 /// [`sys::clone3_fork`] (see there).
 pub unsafe fn run(p: &Plan) -> ! {
     // 0. Start making the network namespace, beside everything up to
-    //    /sys (joined in step 8).
+    //    /sys (joined in step 10).
     let netns = NetNs {
         fd: AtomicI32::new(-1),
     };
@@ -827,24 +827,16 @@ pub unsafe fn run(p: &Plan) -> ! {
     // 8b. Secrets and agent sockets, each in a tmpfs of its own.
     setup_private_nodes(p, root);
 
-    // 9. Join the network namespace the helper made (step 0); nothing of
-    //    the step has run yet, and without it the step fails.
-    if let Some(pid) = net_helper {
-        join_netns(p, pid, &netns);
-    }
-
-    // 9b. /sys read-only; the kernel allows sysfs only with our own
-    //     network namespace. Without one, /sys stays empty rather than
-    //     exposing the host's.
-    if p.new_net {
-        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        match mount_fs_at(root, c"sys", c"sysfs", flags, None) {
-            Ok(()) | Err(Errno::EPERM) => {}
-            Err(e) => fail(p, Stage::MountSys, e),
-        }
-    }
-
-    // 10. Read-only rootfs when asked.
+    // 9. While the helper may still be making the network namespace (step
+    //    0), what does not depend on it: the mount point of /sys (made now,
+    //    as the rootfs may become read-only), the read-only rootfs,
+    //    resource limits (inherited by init and the command), and the
+    //    capability bounding and ambient sets and no_new_privs (shared by
+    //    both).
+    let sys_dir = match p.new_net {
+        true => Some(open_mountpoint_dir(root, c"sys").or_fail(p, Stage::MountSys)),
+        false => None,
+    };
     if p.rootfs_readonly {
         sys::mount(
             None,
@@ -855,40 +847,10 @@ pub unsafe fn run(p: &Plan) -> ! {
         )
         .or_fail(p, Stage::ReadonlyRootfs);
     }
-
-    // 11. pivot_root into the rootfs and detach the old root entirely.
-    // SAFETY: fchdir/pivot_root/umount2/chdir on valid arguments.
-    unsafe {
-        check(libc::fchdir(root).into()).or_fail(p, Stage::PivotRoot);
-        check(libc::syscall(
-            libc::SYS_pivot_root,
-            c".".as_ptr(),
-            c".".as_ptr(),
-        ))
-        .or_fail(p, Stage::PivotRoot);
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into())
-            .or_fail(p, Stage::DetachOldRoot);
-        check(libc::chdir(c"/".as_ptr()).into()).or_fail(p, Stage::DetachOldRoot);
-    }
-    close(root);
-
-    // 12. Masked and read-only paths in the fresh /proc and /sys.
-    mask_paths(p);
-
-    // 13. Loopback up in a new network namespace (the helper did it in
-    //     its own).
-    if p.new_net && p.net_helper_stack.is_none() {
-        sys::loopback_up().or_fail(p, Stage::Loopback);
-    }
-
-    // 14. Resource limits, inherited by init and the command.
     for (res, lim) in &p.rlimits {
         // SAFETY: `lim` is a valid rlimit.
         check(unsafe { libc::setrlimit(*res, lim) }.into()).or_fail(p, Stage::Rlimit);
     }
-
-    // 15. Capability bounding set and ambient set, no_new_privs: shared by
-    //     init and the command.
     for cap in 0..=p.last_cap {
         if p.bounding & (1u64 << cap) == 0 {
             // SAFETY: plain prctl.
@@ -914,6 +876,56 @@ pub unsafe fn run(p: &Plan) -> ! {
         .or_fail(p, Stage::ClearAmbient);
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())
             .or_fail(p, Stage::NoNewPrivs);
+    }
+
+    // 10. Join the network namespace the helper made; nothing of the step
+    //     has run yet, and without it the step fails. Then /sys,
+    //     read-only: the kernel allows sysfs only with a network namespace
+    //     of our own, and only while the host's /sys is still in our mount
+    //     namespace (before pivot_root). Without one, /sys stays empty
+    //     rather than exposing the host's.
+    if let Some(pid) = net_helper {
+        join_netns(p, pid, &netns);
+    }
+    if let Some(dir) = sys_dir {
+        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        let target = FdPath::new(dir);
+        match sys::mount(
+            Some(c"sysfs"),
+            target.as_cstr(),
+            Some(c"sysfs"),
+            flags,
+            None,
+        ) {
+            Ok(()) | Err(Errno::EPERM) => {}
+            Err(e) => fail(p, Stage::MountSys, e),
+        }
+        close(dir);
+    }
+
+    // 11. pivot_root into the rootfs and detach the old root entirely.
+    // SAFETY: fchdir/pivot_root/umount2/chdir on valid arguments.
+    unsafe {
+        check(libc::fchdir(root).into()).or_fail(p, Stage::PivotRoot);
+        check(libc::syscall(
+            libc::SYS_pivot_root,
+            c".".as_ptr(),
+            c".".as_ptr(),
+        ))
+        .or_fail(p, Stage::PivotRoot);
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into())
+            .or_fail(p, Stage::DetachOldRoot);
+        check(libc::chdir(c"/".as_ptr()).into()).or_fail(p, Stage::DetachOldRoot);
+    }
+    close(root);
+
+    // 12. Masked and read-only paths in the fresh /proc and /sys.
+    mask_paths(p);
+
+    // 13. Loopback up in a network namespace the clone made (the helper
+    //     brought up its own).
+    if p.new_net && p.net_helper_stack.is_none() {
+        sys::loopback_up().or_fail(p, Stage::Loopback);
     }
 
     // 15b. Landlock scopes: no connecting to abstract unix sockets and no
