@@ -678,7 +678,7 @@ fn zeroed_stat() -> libc::stat {
 /// [`sys::clone3_fork`] (see there).
 pub unsafe fn run(p: &Plan) -> ! {
     // 0. Start making the network namespace, beside everything up to
-    //    /sys (joined in step 10).
+    //    /sys (joined in step 9).
     let netns = NetNs {
         fd: AtomicI32::new(-1),
     };
@@ -821,36 +821,14 @@ pub unsafe fn run(p: &Plan) -> ! {
     // 7. /dev with only safe devices.
     setup_dev(p, root);
 
-    // 8. The spec's own bind and tmpfs mounts.
-    setup_spec_mounts(p, root);
-
-    // 8b. Secrets and agent sockets, each in a tmpfs of its own.
-    setup_private_nodes(p, root);
-
-    // 9. While the helper may still be making the network namespace (step
-    //    0), what does not depend on it: the mount point of /sys (made now,
-    //    as the rootfs may become read-only), the read-only rootfs,
-    //    resource limits (inherited by init and the command), and the
+    // 8. While the helper may still be making the network namespace (step
+    //    0), what does not depend on it: the mount point of /sys, and the
     //    capability bounding and ambient sets and no_new_privs (shared by
-    //    both).
+    //    init and the command).
     let sys_dir = match p.new_net {
         true => Some(open_mountpoint_dir(root, c"sys").or_fail(p, Stage::MountSys)),
         false => None,
     };
-    if p.rootfs_readonly {
-        sys::mount(
-            None,
-            &p.rootfs,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            None,
-        )
-        .or_fail(p, Stage::ReadonlyRootfs);
-    }
-    for (res, lim) in &p.rlimits {
-        // SAFETY: `lim` is a valid rlimit.
-        check(unsafe { libc::setrlimit(*res, lim) }.into()).or_fail(p, Stage::Rlimit);
-    }
     for cap in 0..=p.last_cap {
         if p.bounding & (1u64 << cap) == 0 {
             // SAFETY: plain prctl.
@@ -878,12 +856,12 @@ pub unsafe fn run(p: &Plan) -> ! {
             .or_fail(p, Stage::NoNewPrivs);
     }
 
-    // 10. Join the network namespace the helper made; nothing of the step
-    //     has run yet, and without it the step fails. Then /sys,
-    //     read-only: the kernel allows sysfs only with a network namespace
-    //     of our own, and only while the host's /sys is still in our mount
-    //     namespace (before pivot_root). Without one, /sys stays empty
-    //     rather than exposing the host's.
+    // 9. Join the network namespace the helper made; nothing of the step
+    //    has run yet, and without it the step fails. Then /sys, read-only:
+    //    the kernel allows sysfs only with a network namespace of our own,
+    //    and only while the host's /sys is still in our mount namespace
+    //    (before pivot_root). Without one, /sys stays empty rather than
+    //    exposing the host's.
     if let Some(pid) = net_helper {
         join_netns(p, pid, &netns);
     }
@@ -901,6 +879,30 @@ pub unsafe fn run(p: &Plan) -> ! {
             Err(e) => fail(p, Stage::MountSys, e),
         }
         close(dir);
+    }
+
+    // 10. The spec's own bind and tmpfs mounts, then secrets and agent
+    //     sockets, each in a tmpfs of its own: after /sys, which would hide
+    //     any of them aimed under it; then the rootfs read-only when asked
+    //     (their mount points may have had to be made).
+    setup_spec_mounts(p, root);
+    setup_private_nodes(p, root);
+    if p.rootfs_readonly {
+        sys::mount(
+            None,
+            &p.rootfs,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        )
+        .or_fail(p, Stage::ReadonlyRootfs);
+    }
+
+    // 10b. Resource limits, inherited by init and the command: after every
+    //      descriptor the mounts needed.
+    for (res, lim) in &p.rlimits {
+        // SAFETY: `lim` is a valid rlimit.
+        check(unsafe { libc::setrlimit(*res, lim) }.into()).or_fail(p, Stage::Rlimit);
     }
 
     // 11. pivot_root into the rootfs and detach the old root entirely.
@@ -950,17 +952,19 @@ pub unsafe fn run(p: &Plan) -> ! {
     // SAFETY: `ready` has room for two descriptors.
     check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) }.into())
         .or_fail(p, Stage::ForkCommand);
+    // Read by a command that shares our memory, possibly after we exec'd:
+    // it lives in this function's frame, which is never left, not in the
+    // match arm below (whose slot the rest of this function could reuse).
+    let args = CommandArgs {
+        plan: p,
+        ready: ready[0],
+        ready_write: ready[1],
+    };
     let pid = match &p.command_stack {
         // Sharing memory with us (and kiln) like this process does: the
         // command keeps our ids, so it cannot make that memory
-        // non-dumpable. `args` stays on our stack, which nothing touches
-        // once we exec kiln-init.
+        // non-dumpable.
         Some(stack) => {
-            let args = CommandArgs {
-                plan: p,
-                ready: ready[0],
-                ready_write: ready[1],
-            };
             // SAFETY: `command_entry` keeps the clone_vm contract (see
             // `command`); the plan and both stacks outlive this sandbox's
             // PID namespace, which dies with us.

@@ -608,7 +608,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
     // entries). Unless a network stack must be started on it right after
     // the clone, a helper process makes it while PID 1 sets up the mounts,
     // and PID 1 joins it just before it mounts /sys (see child::run).
-    let net_helper_stack = if new_net && network.is_none() {
+    let net_helper_stack = if new_net && network.is_none() && sys::clone_vm_safe() {
         Some(sys::ChildStack::new(NET_HELPER_STACK).map_err(|e| Error::Clone(e.into()))?)
     } else {
         if new_net {
@@ -794,7 +794,8 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     let is_us = |ranges: &[crate::idmap::Range], id: u32| {
         ranges.iter().any(|r| r.inside == 0 && r.outside == id)
     };
-    let share_memory = is_us(&prepared.mapping.uids, nix::unistd::geteuid().as_raw())
+    let share_memory = sys::clone_vm_safe()
+        && is_us(&prepared.mapping.uids, nix::unistd::geteuid().as_raw())
         && is_us(&prepared.mapping.gids, nix::unistd::getegid().as_raw());
     // The command too, when it runs as the sandbox's root: then its ids
     // are PID 1's (a USER of another id is forked, with a private copy).

@@ -568,6 +568,35 @@ impl Drop for ChildStack {
     }
 }
 
+/// Whether [`clone_vm`] children are safe on this kernel: before Linux 5.16
+/// a process that dumped core killed every process sharing its memory, so
+/// a crash of a sandbox child would take kiln down with it. Asked once.
+pub fn clone_vm_safe() -> bool {
+    static SAFE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SAFE.get_or_init(|| {
+        // SAFETY: utsname is plain old data, filled by uname(2).
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: `u` is a valid out buffer.
+        if unsafe { libc::uname(&mut u) } != 0 {
+            return false;
+        }
+        // SAFETY: uname NUL-terminates the release field.
+        let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+        kernel_at_least(&release.to_string_lossy(), (5, 16))
+    })
+}
+
+/// Whether a kernel release string (`6.18.0-1-amd64`) is at least `want`.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
+}
+
 /// Start `f(arg)` in a child that shares this process's memory until it
 /// execs (CLONE_VM, as posix_spawn does, but without CLONE_VFORK: the
 /// caller goes on, to write the child's id maps). Nothing is copied, so the
@@ -667,6 +696,15 @@ pub unsafe fn clone3_fork(flags: u64) -> Result<Option<(i32, OwnedFd)>, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare() {
+        assert!(kernel_at_least("6.18.0-1-amd64", (5, 16)));
+        assert!(kernel_at_least("5.16.0", (5, 16)));
+        assert!(!kernel_at_least("5.15.0-91-generic", (5, 16)));
+        assert!(!kernel_at_least("4.19.0", (5, 16)));
+        assert!(!kernel_at_least("garbage", (5, 16)));
+    }
 
     #[test]
     fn fd_paths() {

@@ -438,6 +438,10 @@ userns_case!(
         ] {
             fs::write(lower.join(name), body).unwrap();
         }
+        let k_body: String = (0..3 * 4096u32)
+            .map(|i| char::from(b'a' + u8::try_from(i % 26).unwrap()))
+            .collect();
+        fs::write(lower.join("k"), &k_body).unwrap();
         fs::set_permissions(lower.join("e"), fs::Permissions::from_mode(0o751)).unwrap();
         for i in 0..40 {
             fs::write(lower.join(format!("many{i}")), format!("file {i}")).unwrap();
@@ -535,6 +539,28 @@ userns_case!(
         assert_eq!(rc, 0);
         assert_eq!(read_all(&mut h), "Hower h");
         drop(h);
+
+        // an unlinked lower file written after a SEEK_DATA (which the server
+        // answers on the kept descriptor) keeps all its data
+        let mut k = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(v.join("k"))
+            .unwrap();
+        fs::remove_file(v.join("k")).unwrap();
+        let kfd = std::os::fd::AsRawFd::as_raw_fd(&k);
+        // SAFETY: plain lseek on an open file.
+        let at = unsafe { libc::lseek(kfd, 5000, libc::SEEK_DATA) };
+        assert_eq!(at, 5000);
+        k.seek(std::io::SeekFrom::Start(0)).unwrap();
+        k.write_all(b"X").unwrap();
+        k.sync_all().unwrap();
+        // SAFETY: plain fadvise on an open file.
+        let rc = unsafe { libc::posix_fadvise(kfd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        let want = format!("X{}", &k_body[1..]);
+        assert!(read_all(&mut k) == want, "the copy of k lost data");
+        drop(k);
 
         // kept data goes once the kernel forgets the files
         drop((a, b, c));

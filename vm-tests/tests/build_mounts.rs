@@ -97,6 +97,7 @@ fn tmpfs_mounts_are_memory_with_their_size_and_leave_nothing() {
         r#"FROM scratch
 COPY rootfs/ /
 RUN --mount=type=tmpfs,target=/scratch/deep,size=1m grep ' /scratch/deep ' /proc/mounts > /out-mount && echo x > /scratch/deep/f
+RUN --mount=type=tmpfs,target=/sys/kernel echo y > /sys/kernel/f && grep ' /sys/kernel ' /proc/mounts > /out-sys
 "#,
     );
     ok(p.build(&["-o", &p.local_out()]));
@@ -104,6 +105,9 @@ RUN --mount=type=tmpfs,target=/scratch/deep,size=1m grep ' /scratch/deep ' /proc
     assert!(m.contains("tmpfs") && m.contains("size=1024k"), "{m}");
     assert!(m.contains("nosuid") && m.contains("nodev"), "{m}");
     assert!(!p.dir.join("out/scratch").exists());
+    // a mount aimed under /sys lands on the step's sysfs, not under it
+    let m = p.out("out-sys");
+    assert!(m.starts_with("tmpfs /sys/kernel tmpfs"), "{m}");
 }
 
 /// Every byte of every file under `dir`, and of every gzip stream and tar

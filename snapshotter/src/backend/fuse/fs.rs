@@ -551,7 +551,11 @@ impl OverlayFs {
     /// holds, keep the file's data open (see [`Kept`]).
     fn keep_data(&self, id: u64) -> io::Result<()> {
         let s = self.state(id)?;
-        if s.kind != libc::S_IFREG || s.names.len() != 1 || s.lookups == 0 || s.kept.is_some() {
+        // Kept data that was written to is the file now; a kept lower
+        // file is taken again (a removal that failed, or a copy-up since,
+        // may have left it stale).
+        let written = s.kept.as_ref().is_some_and(|k| k.writable && !s.upper);
+        if s.kind != libc::S_IFREG || s.names.len() != 1 || s.lookups == 0 || written {
             return Ok(());
         }
         let path = self.path_of(id)?;
@@ -581,7 +585,8 @@ impl OverlayFs {
     fn kept_file(&self, id: u64, write: bool) -> io::Result<Arc<File>> {
         let node = self.node(id)?;
         let mut s = node.state.lock().map_err(poisoned)?;
-        let kept = s.kept.as_ref().ok_or_else(|| err(libc::ESTALE))?;
+        // a node the kernel still names from an old listing, removed since
+        let kept = s.kept.as_ref().ok_or_else(|| err(libc::ENOENT))?;
         if !write || kept.writable {
             return Ok(kept.file.clone());
         }
@@ -2001,6 +2006,8 @@ impl FileSystem for OverlayFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let list = self.dir_list(inode, handle)?;
+        // Counted once the whole reply is made: an error discards it.
+        let mut given = Vec::new();
         for (i, (name, t, id, st)) in list
             .entries
             .iter()
@@ -2028,8 +2035,11 @@ impl FileSystem for OverlayFs {
                 break;
             }
             if st.is_some() {
-                self.update(*id, |s| s.lookups += 1)?;
+                given.push(*id);
             }
+        }
+        for id in given {
+            self.update(id, |s| s.lookups += 1)?;
         }
         Ok(())
     }

@@ -228,20 +228,22 @@ pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs64> {
     Ok(unsafe { st.assume_init() })
 }
 
-/// Copy all of `src` into `dst` (both at offset 0) in the kernel, falling
-/// back to read/write where `copy_file_range` is not supported.
+/// Copy the first `len` bytes of `src` to the start of `dst`, by offset:
+/// neither file position is used or moved (a kept descriptor is shared
+/// with concurrent requests). In-kernel where the filesystems allow.
 pub fn copy_data(src: &std::fs::File, dst: &std::fs::File, len: u64) -> io::Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        let chunk = usize::try_from((len - done).min(1 << 30)).unwrap_or(1 << 30);
-        // SAFETY: null offsets make the kernel use and advance both fds'
-        // file positions; both fds are open for the call.
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out): (i64, i64) = (0, 0);
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    while off_in < len {
+        let chunk = usize::try_from((len - off_in).min(1 << 30)).unwrap_or(1 << 30);
+        // SAFETY: both fds are open for the call; the offsets are ours.
         let n = unsafe {
             libc::copy_file_range(
                 src.as_raw_fd(),
-                std::ptr::null_mut(),
+                &mut off_in,
                 dst.as_raw_fd(),
-                std::ptr::null_mut(),
+                &mut off_out,
                 chunk,
                 0,
             )
@@ -249,17 +251,29 @@ pub fn copy_data(src: &std::fs::File, dst: &std::fs::File, len: u64) -> io::Resu
         if n < 0 {
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) if done == 0 => {
-                    return std::io::copy(&mut &*src, &mut &*dst).map(drop);
-                }
+                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => break,
                 Some(libc::EINTR) => continue,
                 _ => return Err(err),
             }
         }
         if n == 0 {
+            return Ok(());
+        }
+    }
+    // What copy_file_range could not do, by reads and writes at offsets.
+    let mut buf = vec![0u8; 1 << 20];
+    while off_in < len {
+        let want = usize::try_from(len - off_in)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = src.read_at(&mut buf[..want], off_in.unsigned_abs())?;
+        if n == 0 {
             break;
         }
-        done += n.unsigned_abs() as u64;
+        dst.write_all_at(&buf[..n], off_out.unsigned_abs())?;
+        let n = i64::try_from(n).unwrap_or(0);
+        off_in += n;
+        off_out += n;
     }
     Ok(())
 }
