@@ -677,6 +677,24 @@ fn zeroed_stat() -> libc::stat {
 /// Must only be called in the child of [`sys::clone_vm`] or
 /// [`sys::clone3_fork`] (see there).
 pub unsafe fn run(p: &Plan) -> ! {
+    // 0a. No core dumps until the command's exec: a crash of this code
+    //     would write kiln's memory (secrets included) into the step's
+    //     working directory, and so into its layer. The command gets the
+    //     limit back (or the spec's) just before its exec.
+    let mut core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a stack value.
+    unsafe {
+        check(libc::getrlimit(libc::RLIMIT_CORE, &mut core).into()).or_fail(p, Stage::Rlimit);
+        let off = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: core.rlim_max,
+        };
+        check(libc::setrlimit(libc::RLIMIT_CORE, &off).into()).or_fail(p, Stage::Rlimit);
+    }
+
     // 0. Start making the network namespace, beside everything up to
     //    /sys (joined in step 9).
     let netns = NetNs {
@@ -899,8 +917,13 @@ pub unsafe fn run(p: &Plan) -> ! {
     }
 
     // 10b. Resource limits, inherited by init and the command: after every
-    //      descriptor the mounts needed.
+    //      descriptor the mounts needed. The core limit is the command's
+    //      alone (step 0a).
     for (res, lim) in &p.rlimits {
+        if *res == libc::RLIMIT_CORE {
+            core = *lim;
+            continue;
+        }
         // SAFETY: `lim` is a valid rlimit.
         check(unsafe { libc::setrlimit(*res, lim) }.into()).or_fail(p, Stage::Rlimit);
     }
@@ -959,6 +982,7 @@ pub unsafe fn run(p: &Plan) -> ! {
         plan: p,
         ready: ready[0],
         ready_write: ready[1],
+        core,
     };
     let pid = match &p.command_stack {
         // Sharing memory with us (and kiln) like this process does: the
@@ -993,7 +1017,7 @@ pub unsafe fn run(p: &Plan) -> ! {
             if pid == 0 {
                 close(ready[1]);
                 // SAFETY: we are the freshly forked command process.
-                unsafe { command(p, ready[0]) }
+                unsafe { command(p, ready[0], &core) }
             }
             pid
         }
@@ -1067,6 +1091,7 @@ struct CommandArgs<'a> {
     plan: &'a Plan,
     ready: RawFd,
     ready_write: RawFd,
+    core: libc::rlimit,
 }
 
 extern "C" fn command_entry(args: *mut libc::c_void) -> libc::c_int {
@@ -1075,12 +1100,12 @@ extern "C" fn command_entry(args: *mut libc::c_void) -> libc::c_int {
     let args = unsafe { &*args.cast::<CommandArgs>() };
     close(args.ready_write);
     // SAFETY: we are the freshly cloned command process.
-    unsafe { command(args.plan, args.ready) }
+    unsafe { command(args.plan, args.ready, &args.core) }
 }
 
 /// The command process (already under seccomp): ids, capabilities, cwd,
 /// streams, signals, exec.
-unsafe fn command(p: &Plan, ready: RawFd) -> ! {
+unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
     // a. Wait for init to be ready (EOF once it closed its end).
     let mut b = [0u8; 1];
     let _ = sys::read_full(ready, &mut b);
@@ -1143,7 +1168,10 @@ unsafe fn command(p: &Plan, ready: RawFd) -> ! {
     //    exec.
     reset_signals();
 
-    // g. exec, searching PATH as execvp does.
+    // g. The core limit back (see step 0a), then exec, searching PATH as
+    //    execvp does.
+    // SAFETY: `core` is a valid rlimit.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, core) }.into()).or_fail(p, Stage::Rlimit);
     exec_command(p)
 }
 

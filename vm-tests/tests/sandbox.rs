@@ -526,6 +526,31 @@ fn fork_bomb_stops_at_rlimit_nproc() {
 }
 
 #[test]
+fn no_core_dump_before_the_command_execs() {
+    // kiln's own setup processes share or copy kiln's memory: a crash there
+    // must not write it into the step. PID 1 (kiln-init) keeps core dumps
+    // off; the command gets the spec's limit.
+    let o = sandbox(
+        &["--rlimit", "core=2048:8192"],
+        &[
+            "/bin/sh",
+            "-c",
+            "grep 'core file' /proc/1/limits /proc/self/limits",
+        ],
+    );
+    let out = ok(o);
+    let soft = |who: &str| {
+        out.lines()
+            .find(|l| l.starts_with(who))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(soft("/proc/1/"), "0", "{out}");
+    assert_eq!(soft("/proc/self/"), "2048", "{out}");
+}
+
+#[test]
 fn host_fds_do_not_leak_in() {
     // The shell opens fd 7 on a host file without close-on-exec and runs
     // kiln: the step must see only 0, 1 and 2.
