@@ -840,13 +840,16 @@ pub unsafe fn run(p: &Plan) -> ! {
     setup_dev(p, root);
 
     // 8. While the helper may still be making the network namespace (step
-    //    0), what does not depend on it: the mount point of /sys, and the
-    //    capability bounding and ambient sets and no_new_privs (shared by
-    //    init and the command).
+    //    0), what does not depend on it: the mount point of /sys, signal
+    //    dispositions, and the capability bounding and ambient sets and
+    //    no_new_privs (shared by init and the command).
     let sys_dir = match p.new_net {
         true => Some(open_mountpoint_dir(root, c"sys").or_fail(p, Stage::MountSys)),
         false => None,
     };
+    // Signal dispositions as a fresh process has them, for kiln-init and
+    // the command alike (the command unblocks the mask itself).
+    reset_dispositions();
     for cap in 0..=p.last_cap {
         if p.bounding & (1u64 << cap) == 0 {
             // SAFETY: plain prctl.
@@ -1163,10 +1166,16 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
         }
     }
 
-    // f. Signals as a fresh process has them: kiln may block the ones it
-    //    forwards and ignores SIGPIPE (Rust does), and both would survive
-    //    exec.
-    reset_signals();
+    // f. Signals as a fresh process has them: PID 1 reset the dispositions
+    //    before it cloned us (step 8); the mask, which kiln set to block
+    //    the signals it forwards and which would survive exec, is cleared
+    //    here.
+    // SAFETY: an empty, initialised set unblocks every signal.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
 
     // g. The core limit back (see step 0a), then exec, searching PATH as
     //    execvp does.
@@ -1188,7 +1197,10 @@ fn close_all_but(keep: RawFd) -> Result<(), Errno> {
     close_range(keep.saturating_add(1).max(3), u32::MAX)
 }
 
-fn reset_signals() {
+/// Every signal's disposition back to the default (kiln ignores SIGPIPE,
+/// as Rust does, and whoever started kiln may have ignored others: ignored
+/// signals survive exec). The mask is left alone.
+fn reset_dispositions() {
     // The raw syscall, because glibc refuses to touch the two real-time
     // signals it reserves, and those too must reach the command clean.
     // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty
@@ -1207,12 +1219,6 @@ fn reset_signals() {
                 )
             };
         }
-    }
-    // SAFETY: an empty, initialised set unblocks every signal.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 }
 
