@@ -606,6 +606,9 @@ impl OverlayFs {
             file: copy.clone(),
             writable: true,
         });
+        drop(s);
+        // a recent descriptor of the lower file must not serve it any more
+        self.drop_data_fds(id)?;
         Ok(copy)
     }
 
@@ -619,6 +622,13 @@ impl OverlayFs {
                 return Err(err(libc::EISDIR));
             }
             return Ok(DataFile::Handle(h));
+        }
+        // A recent descriptor of the node serves without the tree lock: it
+        // is dropped under that lock when the node's data moves (copy-up,
+        // a private copy of kept data), and a request that raced such a
+        // move is one ordered before it.
+        if let Some(f) = self.recent_data_fd(inode, write)? {
+            return Ok(DataFile::Node(f));
         }
         {
             let _t = self.tree.read().map_err(poisoned)?;
@@ -647,14 +657,8 @@ impl OverlayFs {
     /// file may be executing) or writing (the upper one), from the recent
     /// descriptors or opened by path. Called with `tree` held.
     fn open_data_fd(&self, id: u64, s: &NodeState, write: bool) -> io::Result<Arc<File>> {
-        {
-            let mut fds = self.data_fds.lock().map_err(poisoned)?;
-            if let Some(i) = fds.iter().position(|(n, w, _)| *n == id && (*w || !write)) {
-                let e = fds.remove(i).ok_or_else(|| err(libc::EIO))?;
-                let f = e.2.clone();
-                fds.push_front(e);
-                return Ok(f);
-            }
+        if let Some(f) = self.recent_data_fd(id, write)? {
+            return Ok(f);
         }
         let path = self.path_of(id)?;
         let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
@@ -668,6 +672,18 @@ impl OverlayFs {
         fds.push_front((id, write, f.clone()));
         fds.truncate(DATA_FDS);
         Ok(f)
+    }
+
+    /// A recent descriptor of `id` fit for the request, moved to the front.
+    fn recent_data_fd(&self, id: u64, write: bool) -> io::Result<Option<Arc<File>>> {
+        let mut fds = self.data_fds.lock().map_err(poisoned)?;
+        let Some(i) = fds.iter().position(|(n, w, _)| *n == id && (*w || !write)) else {
+            return Ok(None);
+        };
+        let e = fds.remove(i).ok_or_else(|| err(libc::EIO))?;
+        let f = e.2.clone();
+        fds.push_front(e);
+        Ok(Some(f))
     }
 
     fn drop_data_fds(&self, id: u64) -> io::Result<()> {
