@@ -104,21 +104,28 @@ impl ContentStore {
             owner: Arc::new(Owner::new(&owners).map_err(io_err(&owners))?),
         };
         let layout = root.join("oci-layout");
-        match oci_spec::image::OciLayout::from_file(&layout) {
+        let mut parsed = oci_spec::image::OciLayout::from_file(&layout);
+        if parsed.is_err() && !layout.exists() {
+            let l = OciLayoutBuilder::default()
+                .image_layout_version("1.0.0")
+                .build()
+                .expect("oci-layout has its only field");
+            let bytes = serde_json::to_vec(&l).expect("oci-layout serialises");
+            store.write_file_atomic(&layout, &bytes)?;
+        }
+        if parsed.is_err() {
+            // Written just now, by us or by another process opening a new
+            // store at the same moment: a read that failed because the file
+            // was not there yet must not become a JSON error once it is.
+            parsed = oci_spec::image::OciLayout::from_file(&layout);
+        }
+        match parsed {
             Ok(l) if l.image_layout_version() == "1.0.0" => {}
             Ok(l) => {
                 return Err(Error::LayoutVersion {
                     path: layout,
                     version: l.image_layout_version().clone(),
                 })
-            }
-            Err(_) if !layout.exists() => {
-                let l = OciLayoutBuilder::default()
-                    .image_layout_version("1.0.0")
-                    .build()
-                    .expect("oci-layout has its only field");
-                let bytes = serde_json::to_vec(&l).expect("oci-layout serialises");
-                store.write_file_atomic(&layout, &bytes)?;
             }
             Err(source) => {
                 return Err(Error::Json {
