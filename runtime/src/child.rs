@@ -1018,9 +1018,8 @@ pub unsafe fn run(p: &Plan) -> ! {
                 fail(p, Stage::ForkCommand, Errno::last());
             }
             if pid == 0 {
-                close(ready[1]);
                 // SAFETY: we are the freshly forked command process.
-                unsafe { command(p, ready[0], &core) }
+                unsafe { start_command(&args) }
             }
             pid
         }
@@ -1099,10 +1098,18 @@ struct CommandArgs<'a> {
 
 extern "C" fn command_entry(args: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `args` points to the CommandArgs PID 1 left on its stack,
-    // which stays mapped and untouched until this sandbox is gone.
-    let args = unsafe { &*args.cast::<CommandArgs>() };
+    // which stays mapped and untouched until this sandbox is gone; we are
+    // the freshly cloned command process.
+    unsafe { start_command(&*args.cast::<CommandArgs>()) }
+}
+
+/// The command process, cloned or forked from PID 1.
+///
+/// # Safety
+/// Only in the command process, right after it was made.
+unsafe fn start_command(args: &CommandArgs) -> ! {
     close(args.ready_write);
-    // SAFETY: we are the freshly cloned command process.
+    // SAFETY: see above.
     unsafe { command(args.plan, args.ready, &args.core) }
 }
 

@@ -341,6 +341,8 @@ struct Prepared {
     /// detached bind mount trees, attached by the child
     _trees: Vec<OwnedFd>,
     clone_flags: u64,
+    /// PID 1's stack when it shares our memory (see [`sys::clone_vm`])
+    stack: Option<sys::ChildStack>,
     mapping: IdMapping,
     /// the network stack to start on the new network namespace, and
     /// whether it may map the gateway to the host's loopback
@@ -603,19 +605,38 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP) as u64;
-    // A network namespace of the step's own takes longer to make than
-    // anything else in its sandbox (loopback, sysctl tables, sysfs
-    // entries). Unless a network stack must be started on it right after
-    // the clone, a helper process makes it while PID 1 sets up the mounts,
-    // and PID 1 joins it just before it mounts /sys (see child::run).
-    let net_helper_stack = if new_net && network.is_none() && sys::clone_vm_safe() {
-        Some(sys::ChildStack::new(NET_HELPER_STACK).map_err(|e| Error::Clone(e.into()))?)
-    } else {
-        if new_net {
-            clone_flags |= libc::CLONE_NEWNET as u64;
-        }
-        None
+    // How the children are made (see sys::clone_vm). PID 1 shares our
+    // memory until it execs kiln-init when it keeps our effective ids (uid
+    // and gid 0 of its namespace are ours); otherwise, as when kiln runs as
+    // real root and maps the sandbox's root to a subordinate id, it gets a
+    // copy, as fork gives. The command shares it too when it runs as that
+    // root; a USER of another id is forked. A network namespace of the
+    // step's own takes longer to make than anything else in the sandbox
+    // (loopback, sysctl tables, sysfs entries): unless a network stack must
+    // start on it right after the clone, a helper makes it while PID 1 sets
+    // up the mounts, and PID 1 joins it before it mounts /sys.
+    let vm_ok = sys::clone_vm_safe();
+    let ours = |ranges: &[crate::idmap::Range], id: u32| {
+        ranges.iter().any(|r| r.inside == 0 && r.outside == id)
     };
+    let share_memory = vm_ok
+        && ours(&mapping.uids, nix::unistd::geteuid().as_raw())
+        && ours(&mapping.gids, nix::unistd::getegid().as_raw());
+    let helper_makes_net = vm_ok && new_net && network.is_none();
+    if new_net && !helper_makes_net {
+        clone_flags |= libc::CLONE_NEWNET as u64;
+    }
+    let stack_if = |want: bool, len: usize| {
+        want.then(|| sys::ChildStack::new(len))
+            .transpose()
+            .map_err(|e| Error::Clone(e.into()))
+    };
+    let stack = stack_if(share_memory, CHILD_STACK)?;
+    let command_stack = stack_if(
+        share_memory && user.uid() == 0 && user.gid() == 0,
+        CHILD_STACK,
+    )?;
+    let net_helper_stack = stack_if(helper_makes_net, NET_HELPER_STACK)?;
 
     let plan = Plan {
         rootfs: cstring("the rootfs path", rootfs.as_os_str().as_encoded_bytes())?,
@@ -654,7 +675,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         path_dirs,
         stdio,
         init_fd: init_memfd()?,
-        command_stack: None,
+        command_stack,
         net_helper_stack,
         parent_pidfd: -1,
         sync_read: -1,
@@ -670,6 +691,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         sinks,
         _trees: trees,
         clone_flags,
+        stack,
         mapping,
         network,
     })
@@ -787,29 +809,7 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
         }
     };
 
-    // The child shares our memory until it execs kiln-init when it keeps
-    // our effective ids (uid 0 of its namespace is us): see sys::clone_vm.
-    // Otherwise (kiln run by real root maps the sandbox's root to a
-    // subordinate id) it gets a copy, as fork gives.
-    let is_us = |ranges: &[crate::idmap::Range], id: u32| {
-        ranges.iter().any(|r| r.inside == 0 && r.outside == id)
-    };
-    let share_memory = sys::clone_vm_safe()
-        && is_us(&prepared.mapping.uids, nix::unistd::geteuid().as_raw())
-        && is_us(&prepared.mapping.gids, nix::unistd::getegid().as_raw());
-    // The command too, when it runs as the sandbox's root: then its ids
-    // are PID 1's (a USER of another id is forked, with a private copy).
-    let command_shares = share_memory && prepared.plan.uid == 0 && prepared.plan.gid == 0;
-    let new_stack = |want: bool| want.then(|| sys::ChildStack::new(CHILD_STACK)).transpose();
-    let (stack, command_stack) = match (new_stack(share_memory), new_stack(command_shares)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            restore_mask();
-            return Err(Error::Clone(e.into()));
-        }
-    };
-    prepared.plan.command_stack = command_stack;
-    let cloned = match (&stack, libc::c_int::try_from(prepared.clone_flags)) {
+    let cloned = match (&prepared.stack, libc::c_int::try_from(prepared.clone_flags)) {
         (Some(stack), Ok(flags)) => {
             let mut pidfd: RawFd = -1;
             // SAFETY: the child runs only `child::run`, which is
@@ -845,7 +845,7 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     };
     // Declared after the plan and the stacks, so dropped before them.
     let mut reap = ReapGuard {
-        pidfd: pidfd.as_raw_fd(),
+        pidfd: &pidfd,
         armed: true,
     };
     drop((sync_r, err_w, status_w));
@@ -855,9 +855,8 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     // Write the id maps, start the network stack on the child's network
     // namespace and wait until it is configured, then release the child:
     // the user's command never runs before its network is up.
+    // (the reap guard kills and reaps the child on the way out)
     let abort = |e: Error| {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-        let _ = waitpid(Pid::from_raw(pid), None);
         restore_mask();
         Err(e)
     };
@@ -903,30 +902,24 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
 /// did not reap it (an error while waiting, a panic): a child that shares
 /// kiln's memory reads the plan and runs on a stack that are freed right
 /// after. By pidfd, so a recycled pid is never hit.
-struct ReapGuard {
-    pidfd: RawFd,
+struct ReapGuard<'a> {
+    pidfd: &'a OwnedFd,
     armed: bool,
 }
 
-impl Drop for ReapGuard {
+impl Drop for ReapGuard<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        // SAFETY: signal and wait through a pidfd that `run` keeps open
-        // until after this guard; both fail harmlessly once it is reaped.
+        // Both fail harmlessly once the child is reaped.
+        send_signal(self.pidfd, libc::SIGKILL);
+        // SAFETY: waitid through a pidfd that outlives this guard.
         unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd,
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
             let mut info: libc::siginfo_t = std::mem::zeroed();
             while libc::waitid(
                 libc::P_PIDFD,
-                self.pidfd.cast_unsigned(),
+                self.pidfd.as_raw_fd().cast_unsigned(),
                 &mut info,
                 libc::WEXITED,
             ) < 0

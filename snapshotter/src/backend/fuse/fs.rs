@@ -25,10 +25,10 @@
 //!   writing and never written stays out of the layer.
 //!
 //! Concurrency: `tree` is a read-write lock over the shape of the view. Calls
-//! that only look (lookup, getattr, readdir, xattr reads, and reads, which
+//! that only look (lookup, getattr, readdir, xattr reads, and reads that
 //! open the node's file by its path) take it shared; calls that change names
-//! or copy up take it exclusively. Data I/O on handles from CREATE and on
-//! kept files takes no lock at all.
+//! or copy up take it exclusively. Data I/O on handles from CREATE, on
+//! recent descriptors of a node and on kept files takes no lock at all.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -558,25 +558,10 @@ impl OverlayFs {
         if s.kind != libc::S_IFREG || s.names.len() != 1 || s.lookups == 0 || written {
             return Ok(());
         }
-        let path = self.path_of(id)?;
-        let flags = if s.upper {
-            libc::O_RDWR
-        } else {
-            libc::O_RDONLY
-        };
-        let file = File::from(sys::open_at(
-            self.layer(&s).raw(),
-            &rel_cstr(&path),
-            flags,
-            0,
-        )?);
+        // writable only in the upper layer
+        let file = self.open_data_fd(id, &s, s.upper)?;
         let writable = s.upper;
-        self.update(id, |s| {
-            s.kept = Some(Kept {
-                file: Arc::new(file),
-                writable,
-            })
-        })
+        self.update(id, |s| s.kept = Some(Kept { file, writable }))
     }
 
     /// The kept data of a node that lost every name; for a write, first
@@ -614,7 +599,8 @@ impl OverlayFs {
 
     /// The file to read or write for a request on `inode`: the handle's when
     /// the kernel sent one (files opened by CREATE), otherwise the node's
-    /// real file opened for this request, copied up first for a write.
+    /// real file (a recent descriptor, or opened by path; its kept data once
+    /// it has no name), copied up first for a write.
     fn data_file(&self, inode: u64, handle: u64, write: bool) -> io::Result<DataFile> {
         if handle != 0 {
             let h = self.handle(handle)?;
@@ -653,9 +639,10 @@ impl OverlayFs {
         self.open_data_fd(inode, &s, true).map(DataFile::Node)
     }
 
-    /// The node's real file for reading (its layer's, read-only: an upper
-    /// file may be executing) or writing (the upper one), from the recent
-    /// descriptors or opened by path. Called with `tree` held.
+    /// The node's real file for reading (its layer's, opened read-only:
+    /// lower layers are never opened for writing) or writing (the upper
+    /// one), from the recent descriptors or opened by path. Called with
+    /// `tree` held.
     fn open_data_fd(&self, id: u64, s: &NodeState, write: bool) -> io::Result<Arc<File>> {
         if let Some(f) = self.recent_data_fd(id, write)? {
             return Ok(f);
