@@ -435,6 +435,7 @@ userns_case!(
             ("f", "opened for writing, never written"),
             ("g", "lower g"),
             ("h", "lower h"),
+            ("j", "lower j"),
         ] {
             fs::write(lower.join(name), body).unwrap();
         }
@@ -454,6 +455,14 @@ userns_case!(
             f.seek(std::io::SeekFrom::Start(0)).unwrap();
             f.read_to_string(&mut s).unwrap();
             s
+        };
+        // the kernel forgets the file's clean pages: the next read reaches
+        // the server
+        let drop_pages = |f: &fs::File| {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+            // SAFETY: plain fadvise on an open file.
+            let rc = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0);
         };
 
         // a lower file unlinked while open for reading is still read
@@ -527,18 +536,25 @@ userns_case!(
         h.seek(std::io::SeekFrom::Start(0)).unwrap();
         h.write_all(b"H").unwrap();
         h.sync_all().unwrap();
-        // SAFETY: plain fadvise on an open file.
-        let rc = unsafe {
-            libc::posix_fadvise(
-                std::os::fd::AsRawFd::as_raw_fd(&h),
-                0,
-                0,
-                libc::POSIX_FADV_DONTNEED,
-            )
-        };
-        assert_eq!(rc, 0);
+        drop_pages(&h);
         assert_eq!(read_all(&mut h), "Hower h");
         drop(h);
+
+        // ... also when truncations made and changed the copy and no write
+        // opened it since (a read of the lower file would bring "er j" back)
+        let mut j = fs::File::open(v.join("j")).unwrap();
+        assert_eq!(read_all(&mut j), "lower j");
+        let jw = fs::OpenOptions::new()
+            .write(true)
+            .open(v.join("j"))
+            .unwrap();
+        jw.set_len(3).unwrap();
+        jw.set_len(20).unwrap();
+        drop(jw);
+        drop_pages(&j);
+        assert_eq!(read_all(&mut j), format!("low{}", "\0".repeat(17)));
+        assert_eq!(j.metadata().unwrap().len(), 20);
+        drop(j);
 
         // an unlinked lower file written after a SEEK_DATA (which the server
         // answers on the kept descriptor) keeps all its data
@@ -555,9 +571,7 @@ userns_case!(
         k.seek(std::io::SeekFrom::Start(0)).unwrap();
         k.write_all(b"X").unwrap();
         k.sync_all().unwrap();
-        // SAFETY: plain fadvise on an open file.
-        let rc = unsafe { libc::posix_fadvise(kfd, 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
+        drop_pages(&k);
         let want = format!("X{}", &k_body[1..]);
         assert!(read_all(&mut k) == want, "the copy of k lost data");
         drop(k);
