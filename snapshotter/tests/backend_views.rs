@@ -436,6 +436,7 @@ userns_case!(
             ("g", "lower g"),
             ("h", "lower h"),
             ("j", "lower j"),
+            ("t", "lower t"),
         ] {
             fs::write(lower.join(name), body).unwrap();
         }
@@ -470,6 +471,39 @@ userns_case!(
         fs::remove_file(v.join("a")).unwrap();
         assert_eq!(read_all(&mut a), "lower a");
         assert_eq!(a.metadata().unwrap().len(), 7);
+
+        // Removing the name of a lower file the kernel holds copies nothing
+        // (the ctime the kernel then flushes is answered, not written to a
+        // copy of the file): no descriptor of this process, which serves
+        // the view, points into the work dir. Times set on the open file
+        // afterwards read back, still without a copy.
+        let in_work = || {
+            fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
+                .filter(|l| l.starts_with(&spec.work) && *l != spec.work)
+                .count()
+        };
+        let mut t = fs::File::open(v.join("t")).unwrap();
+        let (t_mtime, t_ctime) = {
+            let m = t.metadata().unwrap();
+            (m.modified().unwrap(), (m.ctime(), m.ctime_nsec()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::remove_file(v.join("t")).unwrap();
+        assert_eq!(in_work(), 0, "removing t copied it");
+        let m = t.metadata().unwrap();
+        assert_eq!(m.modified().unwrap(), t_mtime);
+        assert!(
+            (m.ctime(), m.ctime_nsec()) > t_ctime,
+            "removing t kept its ctime"
+        );
+        let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 5);
+        t.set_modified(when).unwrap();
+        assert_eq!(t.metadata().unwrap().modified().unwrap(), when);
+        assert_eq!(read_all(&mut t), "lower t");
+        assert_eq!(in_work(), 0, "setting the times of t copied it");
+        drop(t);
 
         // ... and one open for writing is written, truncated and chmodded
         // through a private copy; the lower file stays as it was

@@ -145,6 +145,33 @@ struct Kept {
     file: Arc<File>,
     /// false while this is the lower file (never written)
     writable: bool,
+    /// Times set on the lower file since it lost its names (atime, mtime,
+    /// ctime): answered from here, as they cannot be written to it.
+    times: [Option<libc::timespec>; 3],
+}
+
+/// The SETATTR bits that only set times.
+const TIMES_ONLY: SetattrValid = SetattrValid::ATIME
+    .union(SetattrValid::MTIME)
+    .union(SetattrValid::ATIME_NOW)
+    .union(SetattrValid::MTIME_NOW)
+    .union(SetattrValid::CTIME);
+
+impl Kept {
+    /// `st` with the times set since the names went.
+    fn stat(&self, mut st: Stat) -> Stat {
+        let [a, m, c] = self.times;
+        if let Some(t) = a {
+            (st.st_atime, st.st_atime_nsec) = (t.tv_sec, t.tv_nsec);
+        }
+        if let Some(t) = m {
+            (st.st_mtime, st.st_mtime_nsec) = (t.tv_sec, t.tv_nsec);
+        }
+        if let Some(t) = c {
+            (st.st_ctime, st.st_ctime_nsec) = (t.tv_sec, t.tv_nsec);
+        }
+        st
+    }
 }
 
 /// A file to do I/O on for one request: an open handle's, or the node's
@@ -561,7 +588,13 @@ impl OverlayFs {
         // writable only in the upper layer
         let file = self.open_data_fd(id, &s, s.upper)?;
         let writable = s.upper;
-        self.update(id, |s| s.kept = Some(Kept { file, writable }))
+        self.update(id, |s| {
+            s.kept = Some(Kept {
+                file,
+                writable,
+                times: [None; 3],
+            });
+        })
     }
 
     /// The kept data of a node that lost every name; for a write, first
@@ -575,7 +608,7 @@ impl OverlayFs {
         if !write || kept.writable {
             return Ok(kept.file.clone());
         }
-        let st = sys::fstat(kept.file.as_raw_fd())?;
+        let st = kept.stat(sys::fstat(kept.file.as_raw_fd())?);
         let copy = File::from(sys::open_at(
             self.work.raw(),
             c".",
@@ -590,6 +623,7 @@ impl OverlayFs {
         s.kept = Some(Kept {
             file: copy.clone(),
             writable: true,
+            times: [None; 3],
         });
         drop(s);
         // a recent descriptor of the lower file must not serve it any more
@@ -690,6 +724,14 @@ impl OverlayFs {
         attr: &stat64,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
+        // The kernel flushes the times it keeps (a ctime at every unlink or
+        // rename over) to a node it still holds: on the lower file they
+        // are kept here rather than copying the whole file to carry them.
+        if handle.filter(|h| *h != 0).is_none() && TIMES_ONLY.contains(valid) {
+            if let Some(st) = self.set_kept_lower_times(inode, attr, valid)? {
+                return Ok((st, TIMEOUT));
+            }
+        }
         // `tree` is held: no data_file here
         let f = match handle.filter(|h| *h != 0) {
             Some(h) => DataFile::Handle(self.handle(h)?),
@@ -721,6 +763,44 @@ impl OverlayFs {
         }
         let s = self.state(inode)?;
         Ok((self.view_stat(inode, &s, sys::fstat(fd)?), TIMEOUT))
+    }
+
+    /// Times-only SETATTR on kept data that is still the lower file:
+    /// recorded in the node and answered; None when the data is writable
+    /// (then they are written to it).
+    fn set_kept_lower_times(
+        &self,
+        inode: u64,
+        attr: &stat64,
+        valid: SetattrValid,
+    ) -> io::Result<Option<Stat>> {
+        let node = self.node(inode)?;
+        let mut s = node.state.lock().map_err(poisoned)?;
+        let Some(kept) = s.kept.as_mut().filter(|k| !k.writable) else {
+            return Ok(None);
+        };
+        let now = sys::now();
+        let [a, m] = setattr_times(attr, valid).unwrap_or(
+            [libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            }; 2],
+        );
+        for (slot, t) in kept.times.iter_mut().zip([a, m]) {
+            match t.tv_nsec {
+                libc::UTIME_OMIT => {}
+                libc::UTIME_NOW => *slot = Some(now),
+                _ => *slot = Some(t),
+            }
+        }
+        if valid.contains(SetattrValid::CTIME) {
+            kept.times[2] = Some(libc::timespec {
+                tv_sec: attr.st_ctime,
+                tv_nsec: attr.st_ctime_nsec,
+            });
+        }
+        let st = kept.stat(sys::fstat(kept.file.as_raw_fd())?);
+        Ok(Some(self.view_stat(inode, &s, st)))
     }
 
     fn stat_node(&self, id: u64) -> io::Result<(NodeState, Stat)> {
@@ -1360,10 +1440,13 @@ impl FileSystem for OverlayFs {
                 if !s.names.is_empty() {
                     return Err(e);
                 }
-                let st = match self.data_file(inode, handle.unwrap_or(0), false) {
+                let mut st = match self.data_file(inode, handle.unwrap_or(0), false) {
                     Ok(f) => sys::fstat(f.as_raw_fd())?,
                     Err(_) => return Err(e),
                 };
+                if let Some(k) = &s.kept {
+                    st = k.stat(st);
+                }
                 Ok((self.view_stat(inode, &s, st), TIMEOUT))
             }
         }
