@@ -61,6 +61,8 @@ userns_case!(
         fs::create_dir_all(lower.join("d")).unwrap();
         fs::write(lower.join("d/a"), "shared\n").unwrap();
         fs::hard_link(lower.join("d/a"), lower.join("b")).unwrap();
+        fs::write(lower.join("c1"), "kept in the lower layer\n").unwrap();
+        fs::hard_link(lower.join("c1"), lower.join("c2")).unwrap();
         let spec = spec(dir, "fuse", vec![lower]);
         let view = fuse::mount(&spec).unwrap();
         let v = view.path();
@@ -81,7 +83,24 @@ userns_case!(
             ino_before,
             "inode number changed on copy-up"
         );
+        // removing one name of a lower file leaves the other in the lower
+        // layer (the ctime the kernel then flushes copies nothing up), as
+        // overlayfs does
+        let c1 = fs::metadata(v.join("c1")).unwrap();
+        fs::remove_file(v.join("c2")).unwrap();
+        assert_eq!(
+            fs::read_to_string(v.join("c1")).unwrap(),
+            "kept in the lower layer\n"
+        );
+        let c1_after = fs::metadata(v.join("c1")).unwrap();
+        assert_eq!(c1_after.modified().unwrap(), c1.modified().unwrap());
         drop(view);
+        assert!(!spec.upper.join("c1").exists(), "removing c2 copied c1 up");
+        let c2 = fs::symlink_metadata(spec.upper.join("c2")).unwrap();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_char_device(&c2.file_type()),
+            "c2 has no whiteout"
+        );
         let (a, b) = (
             fs::metadata(spec.upper.join("d/a")).unwrap(),
             fs::metadata(spec.upper.join("b")).unwrap(),

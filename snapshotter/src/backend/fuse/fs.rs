@@ -803,6 +803,43 @@ impl OverlayFs {
         Ok(Some(self.view_stat(inode, &s, st)))
     }
 
+    /// Times that change nothing but the ctime, on a file still in a lower
+    /// layer: the kernel flushes the mtime it holds with the ctime it set
+    /// when one of the file's hard links went. Answered without a copy-up,
+    /// as overlayfs leaves such a file where it is; None otherwise.
+    fn unchanged_lower_times(
+        &self,
+        inode: u64,
+        attr: &stat64,
+        valid: SetattrValid,
+    ) -> io::Result<Option<Stat>> {
+        if valid.intersects(SetattrValid::ATIME_NOW | SetattrValid::MTIME_NOW) {
+            return Ok(None);
+        }
+        let (s, mut st) = self.stat_node(inode)?;
+        let same = |set: SetattrValid, want: (i64, i64), have: (i64, i64)| {
+            !valid.contains(set) || want == have
+        };
+        if s.upper
+            || !same(
+                SetattrValid::ATIME,
+                (attr.st_atime, attr.st_atime_nsec),
+                (st.st_atime, st.st_atime_nsec),
+            )
+            || !same(
+                SetattrValid::MTIME,
+                (attr.st_mtime, attr.st_mtime_nsec),
+                (st.st_mtime, st.st_mtime_nsec),
+            )
+        {
+            return Ok(None);
+        }
+        if valid.contains(SetattrValid::CTIME) {
+            (st.st_ctime, st.st_ctime_nsec) = (attr.st_ctime, attr.st_ctime_nsec);
+        }
+        Ok(Some(self.view_stat(inode, &s, st)))
+    }
+
     fn stat_node(&self, id: u64) -> io::Result<(NodeState, Stat)> {
         let s = self.state(id)?;
         let path = self.path_of(id)?;
@@ -1463,6 +1500,11 @@ impl FileSystem for OverlayFs {
         let _w = self.tree.write().map_err(poisoned)?;
         if self.state(inode)?.names.is_empty() {
             return self.setattr_kept(inode, handle, &attr, valid);
+        }
+        if TIMES_ONLY.contains(valid) {
+            if let Some(st) = self.unchanged_lower_times(inode, &attr, valid)? {
+                return Ok((st, TIMEOUT));
+            }
         }
         // Truncating to zero needs no data copy.
         let truncating = valid.contains(SetattrValid::SIZE) && attr.st_size == 0;
