@@ -840,13 +840,9 @@ pub unsafe fn run(p: &Plan) -> ! {
     setup_dev(p, root);
 
     // 8. While the helper may still be making the network namespace (step
-    //    0), what does not depend on it: the mount point of /sys, signal
-    //    dispositions, and the capability bounding and ambient sets and
-    //    no_new_privs (shared by init and the command).
-    let sys_dir = match p.new_net {
-        true => Some(open_mountpoint_dir(root, c"sys").or_fail(p, Stage::MountSys)),
-        false => None,
-    };
+    //    0), what does not depend on it: signal dispositions, and the
+    //    capability bounding and ambient sets and no_new_privs (shared by
+    //    init and the command).
     // Signal dispositions as a fresh process has them, for kiln-init and
     // the command alike (the command unblocks the mask itself).
     reset_dispositions();
@@ -886,20 +882,12 @@ pub unsafe fn run(p: &Plan) -> ! {
     if let Some(pid) = net_helper {
         join_netns(p, pid, &netns);
     }
-    if let Some(dir) = sys_dir {
+    if p.new_net {
         let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        let target = FdPath::new(dir);
-        match sys::mount(
-            Some(c"sysfs"),
-            target.as_cstr(),
-            Some(c"sysfs"),
-            flags,
-            None,
-        ) {
+        match mount_fs_at(root, c"sys", c"sysfs", flags, None) {
             Ok(()) | Err(Errno::EPERM) => {}
             Err(e) => fail(p, Stage::MountSys, e),
         }
-        close(dir);
     }
 
     // 10. The spec's own bind and tmpfs mounts, then secrets and agent

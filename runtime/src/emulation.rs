@@ -162,30 +162,15 @@ pub struct Host {
 impl Host {
     /// This machine.
     pub fn current() -> Host {
-        // the kernel does not change under a running kiln: read once, not
-        // on every step
-        static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         Host {
-            kernel_release: RELEASE
-                .get_or_init(|| {
-                    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                        .map(|s| s.trim().to_string())
-                        .unwrap_or_default()
-                })
-                .clone(),
+            kernel_release: crate::sys::kernel_release().to_string(),
             binfmt_dir: PathBuf::from("/proc/sys/fs/binfmt_misc"),
         }
     }
 
     /// Whether the kernel mounts binfmt_misc in a user namespace (6.7+).
     pub fn binfmt_in_userns(&self) -> bool {
-        let mut parts = self
-            .kernel_release
-            .split(|c: char| !c.is_ascii_digit())
-            .map(|p| p.parse::<u32>().unwrap_or(0));
-        let major = parts.next().unwrap_or(0);
-        let minor = parts.next().unwrap_or(0);
-        (major, minor) >= (6, 7)
+        crate::sys::kernel_at_least(&self.kernel_release, (6, 7))
     }
 
     /// Whether the host's binfmt_misc has `name` registered and enabled.

@@ -568,26 +568,20 @@ impl Drop for ChildStack {
     }
 }
 
-/// Whether [`clone_vm`] children are safe on this kernel: before Linux 5.16
-/// a process that dumped core killed every process sharing its memory, so
-/// a crash of a sandbox child would take kiln down with it. Asked once.
-pub fn clone_vm_safe() -> bool {
-    static SAFE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SAFE.get_or_init(|| {
-        // SAFETY: utsname is plain old data, filled by uname(2).
-        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: `u` is a valid out buffer.
-        if unsafe { libc::uname(&mut u) } != 0 {
-            return false;
-        }
-        // SAFETY: uname NUL-terminates the release field.
-        let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
-        kernel_at_least(&release.to_string_lossy(), (5, 16))
+/// The running kernel's release (`6.18.0-1-amd64`), read once: it does not
+/// change under a running kiln. Empty when /proc does not tell.
+pub fn kernel_release() -> &'static str {
+    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RELEASE.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
     })
 }
 
-/// Whether a kernel release string (`6.18.0-1-amd64`) is at least `want`.
-fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+/// Whether a kernel release string (`6.18.0-1-amd64`) is at least `want`
+/// (major, minor); false when it cannot be read as one.
+pub fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().ok());
@@ -595,6 +589,13 @@ fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
         (Some(major), Some(minor)) => (major, minor) >= want,
         _ => false,
     }
+}
+
+/// Whether [`clone_vm`] children are safe on this kernel: before Linux 5.16
+/// a process that dumped core killed every process sharing its memory, so
+/// a crash of a sandbox child would take kiln down with it.
+pub fn clone_vm_safe() -> bool {
+    kernel_at_least(kernel_release(), (5, 16))
 }
 
 /// Start `f(arg)` in a child that shares this process's memory until it

@@ -476,6 +476,13 @@ userns_case!(
             f.read_to_string(&mut s).unwrap();
             s
         };
+        let open_rw = |name: &str| {
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(v.join(name))
+                .unwrap()
+        };
         // the kernel forgets the file's clean pages: the next read reaches
         // the server
         let drop_pages = |f: &fs::File| {
@@ -526,11 +533,7 @@ userns_case!(
 
         // ... and one open for writing is written, truncated and chmodded
         // through a private copy; the lower file stays as it was
-        let mut b = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(v.join("b"))
-            .unwrap();
+        let mut b = open_rw("b");
         fs::remove_file(v.join("b")).unwrap();
         b.write_all(b"NEW").unwrap();
         b.sync_all().unwrap();
@@ -580,11 +583,7 @@ userns_case!(
 
         // after a copy-up, reads come from the copy, also once the kernel
         // dropped its pages (the server held the lower file open for reads)
-        let mut h = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(v.join("h"))
-            .unwrap();
+        let mut h = open_rw("h");
         assert_eq!(read_all(&mut h), "lower h");
         h.seek(std::io::SeekFrom::Start(0)).unwrap();
         h.write_all(b"H").unwrap();
@@ -611,11 +610,7 @@ userns_case!(
 
         // an unlinked lower file written after a SEEK_DATA (which the server
         // answers on the kept descriptor) keeps all its data
-        let mut k = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(v.join("k"))
-            .unwrap();
+        let mut k = open_rw("k");
         fs::remove_file(v.join("k")).unwrap();
         let kfd = std::os::fd::AsRawFd::as_raw_fd(&k);
         // SAFETY: plain lseek on an open file.

@@ -157,21 +157,19 @@ const TIMES_ONLY: SetattrValid = SetattrValid::ATIME
     .union(SetattrValid::MTIME_NOW)
     .union(SetattrValid::CTIME);
 
-impl Kept {
-    /// `st` with the times set since the names went.
-    fn stat(&self, mut st: Stat) -> Stat {
-        let [a, m, c] = self.times;
-        if let Some(t) = a {
-            (st.st_atime, st.st_atime_nsec) = (t.tv_sec, t.tv_nsec);
-        }
-        if let Some(t) = m {
-            (st.st_mtime, st.st_mtime_nsec) = (t.tv_sec, t.tv_nsec);
-        }
-        if let Some(t) = c {
-            (st.st_ctime, st.st_ctime_nsec) = (t.tv_sec, t.tv_nsec);
-        }
-        st
+/// `st` with the given (atime, mtime, ctime) in place of its own.
+fn with_times(mut st: Stat, times: [Option<libc::timespec>; 3]) -> Stat {
+    let [a, m, c] = times;
+    if let Some(t) = a {
+        (st.st_atime, st.st_atime_nsec) = (t.tv_sec, t.tv_nsec);
     }
+    if let Some(t) = m {
+        (st.st_mtime, st.st_mtime_nsec) = (t.tv_sec, t.tv_nsec);
+    }
+    if let Some(t) = c {
+        (st.st_ctime, st.st_ctime_nsec) = (t.tv_sec, t.tv_nsec);
+    }
+    st
 }
 
 /// A file to do I/O on for one request: an open handle's, or the node's
@@ -608,7 +606,7 @@ impl OverlayFs {
         if !write || kept.writable {
             return Ok(kept.file.clone());
         }
-        let st = kept.stat(sys::fstat(kept.file.as_raw_fd())?);
+        let st = with_times(sys::fstat(kept.file.as_raw_fd())?, kept.times);
         let copy = File::from(sys::open_at(
             self.work.raw(),
             c".",
@@ -724,14 +722,6 @@ impl OverlayFs {
         attr: &stat64,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        // The kernel flushes the times it keeps (a ctime at every unlink or
-        // rename over) to a node it still holds: on the lower file they
-        // are kept here rather than copying the whole file to carry them.
-        if handle.filter(|h| *h != 0).is_none() && TIMES_ONLY.contains(valid) {
-            if let Some(st) = self.set_kept_lower_times(inode, attr, valid)? {
-                return Ok((st, TIMEOUT));
-            }
-        }
         // `tree` is held: no data_file here
         let f = match handle.filter(|h| *h != 0) {
             Some(h) => DataFile::Handle(self.handle(h)?),
@@ -765,79 +755,49 @@ impl OverlayFs {
         Ok((self.view_stat(inode, &s, sys::fstat(fd)?), TIMEOUT))
     }
 
-    /// Times-only SETATTR on kept data that is still the lower file:
-    /// recorded in the node and answered; None when the data is writable
-    /// (then they are written to it).
-    fn set_kept_lower_times(
+    /// A SETATTR of times alone on a file whose data is still a lower
+    /// layer's, answered without copying the file. The kernel sends one
+    /// whenever it flushes the mtime it holds with the ctime it set, as it
+    /// does after every unlink or rename over of a name of a file it holds.
+    /// A nameless file keeps any times with its kept data (nothing can name
+    /// it again); a named one only an unchanged atime and mtime, as
+    /// overlayfs then leaves it in its layer too. None: the SETATTR is
+    /// applied as any other.
+    fn lower_times(
         &self,
         inode: u64,
         attr: &stat64,
         valid: SetattrValid,
     ) -> io::Result<Option<Stat>> {
+        if !TIMES_ONLY.contains(valid) {
+            return Ok(None);
+        }
+        let set = requested_times(attr, valid);
         let node = self.node(inode)?;
         let mut s = node.state.lock().map_err(poisoned)?;
-        let Some(kept) = s.kept.as_mut().filter(|k| !k.writable) else {
-            return Ok(None);
-        };
-        let now = sys::now();
-        let [a, m] = setattr_times(attr, valid).unwrap_or(
-            [libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            }; 2],
-        );
-        for (slot, t) in kept.times.iter_mut().zip([a, m]) {
-            match t.tv_nsec {
-                libc::UTIME_OMIT => {}
-                libc::UTIME_NOW => *slot = Some(now),
-                _ => *slot = Some(t),
+        if s.names.is_empty() {
+            let Some(kept) = s.kept.as_mut().filter(|k| !k.writable) else {
+                return Ok(None);
+            };
+            for (slot, t) in kept.times.iter_mut().zip(set) {
+                *slot = t.or(*slot);
             }
+            let st = with_times(sys::fstat(kept.file.as_raw_fd())?, kept.times);
+            return Ok(Some(self.view_stat(inode, &s, st)));
         }
-        if valid.contains(SetattrValid::CTIME) {
-            kept.times[2] = Some(libc::timespec {
-                tv_sec: attr.st_ctime,
-                tv_nsec: attr.st_ctime_nsec,
-            });
-        }
-        let st = kept.stat(sys::fstat(kept.file.as_raw_fd())?);
-        Ok(Some(self.view_stat(inode, &s, st)))
-    }
-
-    /// Times that change nothing but the ctime, on a file still in a lower
-    /// layer: the kernel flushes the mtime it holds with the ctime it set
-    /// when one of the file's hard links went. Answered without a copy-up,
-    /// as overlayfs leaves such a file where it is; None otherwise.
-    fn unchanged_lower_times(
-        &self,
-        inode: u64,
-        attr: &stat64,
-        valid: SetattrValid,
-    ) -> io::Result<Option<Stat>> {
-        if valid.intersects(SetattrValid::ATIME_NOW | SetattrValid::MTIME_NOW) {
+        if s.upper {
             return Ok(None);
         }
-        let (s, mut st) = self.stat_node(inode)?;
-        let same = |set: SetattrValid, want: (i64, i64), have: (i64, i64)| {
-            !valid.contains(set) || want == have
-        };
-        if s.upper
-            || !same(
-                SetattrValid::ATIME,
-                (attr.st_atime, attr.st_atime_nsec),
-                (st.st_atime, st.st_atime_nsec),
-            )
-            || !same(
-                SetattrValid::MTIME,
-                (attr.st_mtime, attr.st_mtime_nsec),
-                (st.st_mtime, st.st_mtime_nsec),
-            )
+        drop(s);
+        let (s, st) = self.stat_node(inode)?;
+        let unchanged =
+            |t: Option<libc::timespec>, have| t.is_none_or(|t| (t.tv_sec, t.tv_nsec) == have);
+        if !unchanged(set[0], (st.st_atime, st.st_atime_nsec))
+            || !unchanged(set[1], (st.st_mtime, st.st_mtime_nsec))
         {
             return Ok(None);
         }
-        if valid.contains(SetattrValid::CTIME) {
-            (st.st_ctime, st.st_ctime_nsec) = (attr.st_ctime, attr.st_ctime_nsec);
-        }
-        Ok(Some(self.view_stat(inode, &s, st)))
+        Ok(Some(self.view_stat(inode, &s, with_times(st, set))))
     }
 
     fn stat_node(&self, id: u64) -> io::Result<(NodeState, Stat)> {
@@ -1272,6 +1232,31 @@ impl OverlayFs {
 /// What a write by an unprivileged caller does to a file's mode: drop
 /// setuid, and setgid when group-executable (setgid without group exec is a
 /// mandatory-locking marker and stays).
+/// The times a SETATTR asks for (atime, mtime, ctime), "now" read from the
+/// clock the kernel stamps inodes from.
+fn requested_times(attr: &stat64, valid: SetattrValid) -> [Option<libc::timespec>; 3] {
+    let [a, m] = setattr_times(attr, valid).map_or([None; 2], |ts| {
+        ts.map(|t| match t.tv_nsec {
+            libc::UTIME_OMIT => None,
+            libc::UTIME_NOW => {
+                let now = crate::sys::coarse_now();
+                Some(libc::timespec {
+                    tv_sec: now.sec,
+                    tv_nsec: now.nsec,
+                })
+            }
+            _ => Some(t),
+        })
+    });
+    let c = valid
+        .contains(SetattrValid::CTIME)
+        .then_some(libc::timespec {
+            tv_sec: attr.st_ctime,
+            tv_nsec: attr.st_ctime_nsec,
+        });
+    [a, m, c]
+}
+
 /// The times a SETATTR asks for, as `utimensat` takes them; None when it
 /// sets none.
 fn setattr_times(attr: &stat64, valid: SetattrValid) -> Option<[libc::timespec; 2]> {
@@ -1482,7 +1467,7 @@ impl FileSystem for OverlayFs {
                     Err(_) => return Err(e),
                 };
                 if let Some(k) = &s.kept {
-                    st = k.stat(st);
+                    st = with_times(st, k.times);
                 }
                 Ok((self.view_stat(inode, &s, st), TIMEOUT))
             }
@@ -1498,13 +1483,11 @@ impl FileSystem for OverlayFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         let _w = self.tree.write().map_err(poisoned)?;
+        if let Some(st) = self.lower_times(inode, &attr, valid)? {
+            return Ok((st, TIMEOUT));
+        }
         if self.state(inode)?.names.is_empty() {
             return self.setattr_kept(inode, handle, &attr, valid);
-        }
-        if TIMES_ONLY.contains(valid) {
-            if let Some(st) = self.unchanged_lower_times(inode, &attr, valid)? {
-                return Ok((st, TIMEOUT));
-            }
         }
         // Truncating to zero needs no data copy.
         let truncating = valid.contains(SetattrValid::SIZE) && attr.st_size == 0;

@@ -185,17 +185,6 @@ pub fn lutimens_at(dir: RawFd, rel: &CStr, times: &[libc::timespec; 2]) -> io::R
         .map(drop)
 }
 
-/// The wall-clock time now.
-pub fn now() -> libc::timespec {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is ours to write; CLOCK_REALTIME always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
-    t
-}
-
 /// The access and modification times of `st` as `utimensat` takes them.
 pub fn stat_times(st: &Stat) -> [libc::timespec; 2] {
     [
