@@ -18,6 +18,7 @@
 #  - openssh-client, openssh-server (ssh-keygen, ssh-agent, ssh-add, sshd) for the `--ssh` agent tests
 #  - passt (pasta) and slirp4netns: the user-mode network stacks of
 #    `--network=sandbox` (pasta preferred; the tests cover both)
+#  - dnsmasq-base: test resolvers for the DNS layouts of --network=sandbox
 #  - docker-registry, apache2-utils (htpasswd), openssl and curl for the
 #    registry tests (a local registry, plain HTTP and TLS with a private CA)
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
@@ -28,7 +29,7 @@ if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || { echo "setup-host.sh: run as root or install sudo" >&2; exit 1; }
     SUDO=sudo
 fi
-PKGS="uidmap fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
+PKGS="uidmap dnsmasq-base fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
       iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns
       docker-registry apache2-utils openssl curl g++ qemu-user-static"
 missing=""

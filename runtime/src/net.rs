@@ -36,12 +36,20 @@ pub const NETWORK_ANNOTATION: &str = "run.kiln.network";
 /// How long a helper may take to configure the namespace.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// pasta's DNS forwarder address in the sandbox, used when every resolver
-/// of the host is on its loopback (systemd-resolved's 127.0.0.53), which the
-/// sandbox's network namespace cannot reach. Podman picks the same.
+/// pasta's IPv4 DNS forwarder address in the sandbox (`--dns-forward`):
+/// pasta sends what reaches it to the host's first IPv4 resolver, from the
+/// host's network namespace, so a resolver on the host's loopback
+/// (systemd-resolved's 127.0.0.53) works. Podman picks the same address.
 const PASTA_DNS_FORWARD: &str = "169.254.1.1";
-/// slirp4netns's built-in DNS forwarder.
+/// pasta's IPv6 DNS forwarder, for the host's first IPv6 resolver: an
+/// address of a unique local prefix of kiln's own (fd00:6b69:6c6e::/48,
+/// "kiln"), which no real network routes to the sandbox.
+const PASTA_DNS6_FORWARD: &str = "fd00:6b69:6c6e::53";
+/// slirp4netns's built-in DNS forwarder, for the host's first IPv4
+/// resolver.
 const SLIRP_DNS: &str = "10.0.2.3";
+/// The most nameservers glibc's and musl's resolvers read (MAXNS).
+const MAX_NAMESERVERS: usize = 3;
 
 /// A user-mode network stack kiln can start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +108,7 @@ impl Stack {
     }
 
     /// The address in the sandbox that forwards DNS queries to the host's
-    /// resolvers.
+    /// first IPv4 resolver.
     pub fn dns_forwarder(&self) -> &'static str {
         match self {
             Stack::Pasta(_) => PASTA_DNS_FORWARD,
@@ -108,22 +116,62 @@ impl Stack {
         }
     }
 
+    /// The forwarder for the host's first IPv6 resolver, where the stack
+    /// has one (slirp4netns runs without IPv6 here).
+    fn dns6_forwarder(&self) -> Option<&'static str> {
+        match self {
+            Stack::Pasta(_) => Some(PASTA_DNS6_FORWARD),
+            Stack::Slirp4netns(_) => None,
+        }
+    }
+
     /// The sandbox's /etc/resolv.conf, made from the host's (`host` is its
-    /// text): the host's nameservers that the sandbox can reach, or the
-    /// stack's forwarder when every one is on the host's loopback; search
-    /// and options lines as they are.
+    /// text), in the host's order:
+    /// - the host's first resolver of each address family becomes the
+    ///   stack's forwarder for that family. The forwarder reaches it from
+    ///   the host's network namespace, so a loopback resolver works; and
+    ///   pasta rewrites every answer of that resolver to come from its
+    ///   forwarder, so naming it directly would never get an answer.
+    /// - the others stay as they are where the sandbox can reach them
+    ///   directly: not on the host's loopback, not link-local (blocked in
+    ///   the sandbox), and not an IPv6 address under slirp4netns.
+    /// - at most three, as the C libraries read no more.
+    /// - `search`, `domain` and `options` lines as they are.
+    ///
+    /// A host without any resolver gets the IPv4 forwarder, which then has
+    /// nothing to forward to, as the host itself cannot resolve.
     pub fn resolv_conf(&self, host: &str) -> String {
-        let mut servers = Vec::new();
+        let mut servers: Vec<String> = Vec::new();
         let mut rest = Vec::new();
+        let (mut seen_v4, mut seen_v6) = (false, false);
         for line in host.lines() {
             let mut words = line.split_whitespace();
             match words.next() {
                 Some("nameserver") => {
+                    // an IPv6 address may carry a zone (fe80::1%eth0)
                     let Some(addr) = words.next() else { continue };
-                    match addr.parse::<std::net::IpAddr>() {
-                        Ok(ip) if ip.is_loopback() || ip.is_unspecified() => {}
-                        Ok(_) => servers.push(addr.to_string()),
-                        Err(_) => {}
+                    let Ok(ip) = addr
+                        .split('%')
+                        .next()
+                        .unwrap_or_default()
+                        .parse::<std::net::IpAddr>()
+                    else {
+                        continue;
+                    };
+                    let first = if ip.is_ipv4() {
+                        !std::mem::replace(&mut seen_v4, true)
+                    } else {
+                        !std::mem::replace(&mut seen_v6, true)
+                    };
+                    let entry = match (first, ip.is_ipv4()) {
+                        (true, true) => Some(self.dns_forwarder().to_string()),
+                        (true, false) => self.dns6_forwarder().map(str::to_string),
+                        (false, v4) => (direct_resolver(ip)
+                            && (v4 || self.dns6_forwarder().is_some()))
+                        .then(|| ip.to_string()),
+                    };
+                    if let Some(e) = entry.filter(|e| !servers.contains(e)) {
+                        servers.push(e);
                     }
                 }
                 Some("search" | "domain" | "options") => rest.push(line.trim().to_string()),
@@ -133,6 +181,7 @@ impl Stack {
         if servers.is_empty() {
             servers.push(self.dns_forwarder().to_string());
         }
+        servers.truncate(MAX_NAMESERVERS);
         let mut out = String::from("# written by kiln for --network=sandbox\n");
         for s in servers {
             out.push_str(&format!("nameserver {s}\n"));
@@ -142,6 +191,20 @@ impl Stack {
             out.push('\n');
         }
         out
+    }
+}
+
+/// Whether a sandbox can ask the resolver at `ip` itself (through the
+/// stack's ordinary forwarding): not on the host's loopback, which the
+/// sandbox's own loopback hides, and not link-local, which is blocked.
+fn direct_resolver(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_loopback() || v4.is_unspecified() || v4.is_link_local())
+        }
+        std::net::IpAddr::V6(v6) => {
+            !(v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local())
+        }
     }
 }
 
@@ -198,6 +261,7 @@ fn command(stack: &Stack, pid: i32, allow_host_loopback: bool, ready: i32) -> Co
                 // loopback reachable at the sandbox's own 127.0.0.1.
                 .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
                 .args(["--dns-forward", PASTA_DNS_FORWARD])
+                .args(["--dns-forward", PASTA_DNS6_FORWARD])
                 // pasta writes its pid once the namespace is configured
                 .args(["--pid", &format!("/proc/self/fd/{ready}")]);
             if !allow_host_loopback {
@@ -319,29 +383,81 @@ impl Helper {
 mod tests {
     use super::*;
 
-    #[test]
-    fn resolv_conf_keeps_reachable_servers_and_search() {
-        let s = Stack::Pasta("/usr/bin/pasta".into());
-        let out = s.resolv_conf(
-            "# comment\nnameserver 10.1.2.3\nnameserver 127.0.0.53\nsearch example.org\noptions edns0\n",
-        );
-        assert!(out.contains("nameserver 10.1.2.3\n"));
-        assert!(!out.contains("127.0.0.53"));
-        assert!(out.contains("search example.org\n"));
-        assert!(out.contains("options edns0\n"));
+    /// The nameserver lines of a resolv.conf.
+    fn nameservers(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("nameserver "))
+            .collect()
     }
 
     #[test]
-    fn resolv_conf_uses_the_forwarder_for_a_loopback_resolver() {
+    fn resolv_conf_for_every_resolver_layout() {
         let pasta = Stack::Pasta("/usr/bin/pasta".into());
-        assert!(pasta
-            .resolv_conf("nameserver 127.0.0.53\n")
-            .contains("nameserver 169.254.1.1\n"));
         let slirp = Stack::Slirp4netns("/usr/bin/slirp4netns".into());
-        assert!(slirp
-            .resolv_conf("nameserver ::1\n")
-            .contains("nameserver 10.0.2.3\n"));
-        assert!(slirp.resolv_conf("").contains("nameserver 10.0.2.3\n"));
+        // (host's resolv.conf, pasta's nameservers, slirp4netns's)
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            // systemd-resolved
+            (
+                "nameserver 127.0.0.53\n",
+                &["169.254.1.1"],
+                &["10.0.2.3"],
+            ),
+            // a cloud or LAN resolver: pasta answers it only through its
+            // forwarder (it rewrites the resolver's answers)
+            ("nameserver 10.255.255.53\n", &["169.254.1.1"], &["10.0.2.3"]),
+            // several: the first through the forwarder, the others direct
+            (
+                "nameserver 10.1.1.1\nnameserver 10.2.2.2\nnameserver 127.0.0.1\nnameserver 10.3.3.3\n",
+                &["169.254.1.1", "10.2.2.2", "10.3.3.3"],
+                &["10.0.2.3", "10.2.2.2", "10.3.3.3"],
+            ),
+            // IPv6 only
+            (
+                "nameserver 2001:db8::53\nnameserver 2001:db8::54\n",
+                &["fd00:6b69:6c6e::53", "2001:db8::54"],
+                &["10.0.2.3"],
+            ),
+            ("nameserver ::1\n", &["fd00:6b69:6c6e::53"], &["10.0.2.3"]),
+            // both families, in the host's order
+            (
+                "nameserver fd53::1\nnameserver 10.53.0.1\nnameserver 10.53.0.2\nnameserver 10.53.0.3\n",
+                &["fd00:6b69:6c6e::53", "169.254.1.1", "10.53.0.2"],
+                &["10.0.2.3", "10.53.0.2", "10.53.0.3"],
+            ),
+            // link-local resolvers are blocked in the sandbox, zones allowed
+            (
+                "nameserver 10.0.0.1\nnameserver 169.254.169.253\nnameserver fe80::1%eth0\n",
+                &["169.254.1.1", "fd00:6b69:6c6e::53"],
+                &["10.0.2.3"],
+            ),
+            // nothing usable: the forwarder
+            ("", &["169.254.1.1"], &["10.0.2.3"]),
+            ("nameserver bogus\n", &["169.254.1.1"], &["10.0.2.3"]),
+        ];
+        for (host, want_pasta, want_slirp) in cases {
+            assert_eq!(
+                nameservers(&pasta.resolv_conf(host)),
+                *want_pasta,
+                "pasta, {host:?}"
+            );
+            assert_eq!(
+                nameservers(&slirp.resolv_conf(host)),
+                *want_slirp,
+                "slirp4netns, {host:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn resolv_conf_keeps_search_and_options() {
+        let s = Stack::Pasta("/usr/bin/pasta".into());
+        let out = s.resolv_conf(
+            "# comment\nnameserver 10.1.2.3\nsearch example.org corp.example\ndomain example.org\noptions edns0 ndots:2\n",
+        );
+        assert!(out.contains("search example.org corp.example\n"), "{out}");
+        assert!(out.contains("domain example.org\n"), "{out}");
+        assert!(out.contains("options edns0 ndots:2\n"), "{out}");
+        assert!(!out.contains("comment"), "{out}");
     }
 
     #[test]

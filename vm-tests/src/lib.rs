@@ -642,3 +642,38 @@ pub fn expect_failure(o: Output) -> String {
     assert!(!o.status.success(), "kiln should have failed:\n{err}");
     err
 }
+
+/// A test whose prerequisite is missing (root, a tool, an address): under
+/// CI (`CI=true`) that is a failure with the reason, since a skipped test
+/// proves nothing; elsewhere the test says why it did not run. Returns
+/// only when the test may skip.
+pub fn missing_prerequisite(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("prerequisite missing under CI: {reason}");
+    }
+    eprintln!("skipped: {reason}");
+}
+
+/// The host name of the first http(s) Debian mirror the machine's apt
+/// sources name (one-line `.list` or deb822 `.sources` files).
+pub fn apt_mirror_host() -> Option<String> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    files.iter().find_map(|f| {
+        let text = fs::read_to_string(f).ok()?;
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .flat_map(str::split_whitespace)
+            .find_map(|w| {
+                let rest = w
+                    .strip_prefix("http://")
+                    .or_else(|| w.strip_prefix("https://"))?;
+                let host = rest.split(['/', ':']).next()?;
+                (!host.is_empty()).then(|| host.to_string())
+            })
+    })
+}

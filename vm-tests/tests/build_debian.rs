@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_vm_tests::{give_to_test_user, kiln, run_checked, running_as_root, test_dir};
+use kiln_vm_tests::{
+    give_to_test_user, kiln, missing_prerequisite, run_checked, running_as_root, test_dir,
+};
 
 /// A tar of a minimal Debian bookworm made with debootstrap (root only),
 /// kept in /var/tmp between runs on one machine.
@@ -45,7 +47,7 @@ fn debian_tar() -> Option<PathBuf> {
 #[test]
 fn builds_on_a_debootstrapped_debian() {
     let Some(tar) = debian_tar() else {
-        eprintln!("skipped: making the Debian rootfs with debootstrap needs root");
+        missing_prerequisite("making the Debian rootfs with debootstrap needs root");
         return;
     };
     let dir = test_dir("build-debian");
@@ -164,4 +166,80 @@ fn build_and_check(dir: &Path, state: &str, snapshotter: &str) -> Vec<String> {
             format!("{} {} {}", f[0], f[1], f[5..].join(" "))
         })
         .collect()
+}
+
+/// `apt-get update && apt-get install` of a small package, in a RUN step
+/// with the default network (`sandbox`), as the unprivileged test user,
+/// from the Debian mirror this machine's apt is configured with (its
+/// sources are copied into the image): DNS through the machine's own
+/// resolver, HTTP out through the user-mode stack.
+#[test]
+fn apt_get_installs_from_the_machine_mirror_with_the_default_network() {
+    let Some(tar) = debian_tar() else {
+        missing_prerequisite("making the Debian rootfs with debootstrap needs root");
+        return;
+    };
+    let dir = test_dir("build-debian-apt");
+    let staged = dir.join("debian.tar");
+    std::fs::copy(&tar, &staged).unwrap();
+    let apt = dir.join("ctx/apt");
+    std::fs::create_dir_all(apt.join("sources.list.d")).unwrap();
+    let list = Path::new("/etc/apt/sources.list");
+    if list.exists() {
+        std::fs::copy(list, apt.join("sources.list")).unwrap();
+    } else {
+        std::fs::write(apt.join("sources.list"), "").unwrap();
+    }
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        std::fs::copy(e.path(), apt.join("sources.list.d").join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.join("ctx/Dockerfile"),
+        "FROM debian-local:bookworm\n\
+         COPY apt/ /etc/apt/\n\
+         RUN apt-get update && apt-get install -y --no-install-recommends jq \\\n\
+             && echo '{\"a\": [1, 2]}' | jq -c '.a | add' > /jq-out\n",
+    )
+    .unwrap();
+    give_to_test_user(&dir);
+    let state = dir.join("state").display().to_string();
+    let o = kiln([
+        "--root",
+        &state,
+        "import",
+        &staged.display().to_string(),
+        "-t",
+        "debian-local:bookworm",
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join("out");
+    let o = kiln([
+        "--root",
+        &state,
+        "build",
+        "--progress",
+        "plain",
+        "-o",
+        &format!("type=local,dest={}", out.display()),
+        &dir.join("ctx").display().to_string(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        o.status.success(),
+        "apt-get in a RUN step with the default network failed (no DNS or no route to the mirror?):\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("jq-out")).unwrap_or_default(),
+        "3\n",
+        "jq was installed and ran"
+    );
+    assert!(out.join("usr/bin/jq").exists(), "jq is in the image");
 }

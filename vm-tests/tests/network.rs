@@ -14,8 +14,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use kiln_vm_tests::{
-    busybox_rootfs, give_to_test_user, kiln, kiln_binary, run_checked, running_as_root, stage_file,
-    test_dir, unprivileged,
+    apt_mirror_host, busybox_rootfs, give_to_test_user, kiln, kiln_binary, missing_prerequisite,
+    run_checked, running_as_root, stage_file, test_dir, unprivileged,
 };
 
 /// A busybox rootfs owned by the test user, one per test.
@@ -298,25 +298,11 @@ impl Project {
     }
 }
 
-/// What the sandbox's resolv.conf should name: the host's reachable
-/// resolvers, or the stack's forwarder when they are all on loopback.
-fn expected_nameservers() -> Vec<String> {
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let servers: Vec<String> = host
-        .lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .map(|s| s.trim().to_string())
-        .filter(|s| {
-            s.parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| !ip.is_loopback() && !ip.is_unspecified())
-        })
-        .collect();
-    if servers.is_empty() {
-        vec!["169.254.1.1".into()]
-    } else {
-        servers
-    }
-}
+/// What the sandbox's resolv.conf should name first under pasta (the
+/// default stack): its forwarder, standing for the host's first resolver
+/// whatever its address (pasta rewrites that resolver's answers, so the
+/// resolver's own address would never answer).
+const PASTA_FORWARDER: &str = "169.254.1.1";
 
 #[test]
 fn build_defaults_to_sandbox_with_host_resolvers_and_leaves_no_dns_files() {
@@ -332,9 +318,8 @@ RUN --network=none ls /sys/class/net > /out-none
     ok(&p.build(&["-o", &local]));
     let out = p.out_dir();
     let resolv = std::fs::read_to_string(out.join("out-resolv")).unwrap();
-    for ns in expected_nameservers() {
-        assert!(resolv.contains(&format!("nameserver {ns}\n")), "{resolv}");
-    }
+    let first = resolv.lines().find_map(|l| l.strip_prefix("nameserver "));
+    assert_eq!(first, Some(PASTA_FORWARDER), "{resolv}");
     assert!(!resolv.contains("nameserver 127."), "{resolv}");
     let hosts = std::fs::read_to_string(out.join("out-hosts")).unwrap();
     assert!(hosts.contains("127.0.0.1\tlocalhost"), "{hosts}");
@@ -390,8 +375,9 @@ fn unknown_network_and_security_modes_are_errors() {
     assert!(err.contains("unknown network mode \"bridge\""), "{err}");
 }
 
-/// A network namespace with a veth pair to the host (10.213.0.1/30 here,
-/// .2 inside), removed when dropped, also on panic.
+/// A network namespace with a veth pair to the host (10.213.`net`.1/30
+/// and fd53:`net`::1/64 here, .2 and ::2 inside: another host on the
+/// network), removed when dropped, also on panic.
 struct TestNetns {
     name: String,
     veth: String,
@@ -399,14 +385,14 @@ struct TestNetns {
 }
 
 impl TestNetns {
-    fn new() -> TestNetns {
-        let id = std::process::id() % 100_000;
+    fn new(net: u8) -> TestNetns {
+        let id = std::process::id() % 10_000;
         let ns = TestNetns {
-            name: format!("kiln-nt-{id}"),
-            veth: format!("knt{id}h"),
+            name: format!("kiln-nt-{id}-{net}"),
+            veth: format!("knt{id}h{net}"),
             server: None,
         };
-        let peer = format!("knt{id}n");
+        let peer = format!("knt{id}n{net}");
         let ip = |args: &[&str]| {
             run_checked(Command::new("ip").args(args));
         };
@@ -415,7 +401,22 @@ impl TestNetns {
             "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
         ]);
         ip(&["link", "set", &peer, "netns", &ns.name]);
-        ip(&["addr", "add", "10.213.0.1/30", "dev", &ns.veth]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{net}.1/30"),
+            "dev",
+            &ns.veth,
+        ]);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd53:{net}::1/64"),
+            "dev",
+            &ns.veth,
+            "nodad",
+        ]);
         ip(&["link", "set", &ns.veth, "up"]);
         let nsip = |args: &[&str]| {
             run_checked(
@@ -424,7 +425,16 @@ impl TestNetns {
                     .args(args),
             );
         };
-        nsip(&["addr", "add", "10.213.0.2/30", "dev", &peer]);
+        nsip(&["addr", "add", &format!("10.213.{net}.2/30"), "dev", &peer]);
+        nsip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd53:{net}::2/64"),
+            "dev",
+            &peer,
+            "nodad",
+        ]);
         nsip(&["link", "set", &peer, "up"]);
         nsip(&["link", "set", "lo", "up"]);
         ns
@@ -476,10 +486,10 @@ impl Drop for TestNetns {
 #[test]
 fn sandbox_routes_outbound_to_another_host() {
     if !running_as_root() {
-        eprintln!("skipped: making a test network namespace needs root");
+        missing_prerequisite("making a test network namespace needs root");
         return;
     }
-    let mut ns = TestNetns::new();
+    let mut ns = TestNetns::new(0);
     let root = rootfs("net-routed");
     for (i, stack) in ["pasta", "slirp4netns"].into_iter().enumerate() {
         let port = 47_300 + u16::try_from(i).unwrap();
@@ -599,5 +609,225 @@ fn the_helper_dies_with_kiln() {
             gone,
             "{stack} outlived a SIGKILLed kiln: {helper} {cmdline}"
         );
+    }
+}
+
+/// The IPv4 addresses the host itself resolves `name` to.
+fn host_addresses(name: &str) -> Vec<String> {
+    let o = run_checked(Command::new("getent").args(["ahostsv4", name]));
+    let mut out: Vec<String> = text(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    out.dedup();
+    out
+}
+
+/// The addresses in the answer part of busybox nslookup's output (after
+/// the first `Name:`; the server's own `Address:` line comes before).
+fn answers(nslookup: &str) -> Vec<String> {
+    let Some((_, answer)) = nslookup.split_once("Name:") else {
+        return Vec::new();
+    };
+    answer
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Address:"))
+        .map(|a| a.trim().to_string())
+        .collect()
+}
+
+/// A step under `--network sandbox` resolves a real name through the
+/// machine's own resolver (not on loopback on these machines, as on most
+/// cloud VMs), with both stacks: the Debian mirror apt is configured with.
+#[test]
+fn sandbox_resolves_the_apt_mirror_through_the_host_resolver() {
+    let Some(host) = apt_mirror_host() else {
+        missing_prerequisite("no http(s) mirror named in /etc/apt/sources.list*");
+        return;
+    };
+    let want = host_addresses(&host);
+    assert!(!want.is_empty(), "the host itself cannot resolve {host}");
+    let root = rootfs("net-dns-mirror");
+    for stack in ["pasta", "slirp4netns"] {
+        let out = ok(&kiln_env(
+            &with_stack(stack),
+            &sandbox_args(
+                &root,
+                &["--network", "sandbox"],
+                &format!("cat /etc/resolv.conf; nslookup -type=a {host}"),
+            ),
+        ));
+        let got = answers(&out);
+        assert!(
+            got.iter().any(|a| want.contains(a)),
+            "{stack}: {host} resolved to {got:?} in the step, {want:?} on the host:\n{out}"
+        );
+    }
+}
+
+/// A dnsmasq answering `which.kiln.test` with `answer` on `listen`, port
+/// 53, in the test network namespace `netns` or the host's; stopped when
+/// dropped.
+struct Dnsmasq(std::process::Child);
+
+impl Dnsmasq {
+    fn start(netns: Option<&str>, listen: &str, answer: &str) -> Dnsmasq {
+        assert!(
+            Path::new("/usr/sbin/dnsmasq").exists(),
+            "dnsmasq is missing: run scripts/setup-host.sh (apt-get install dnsmasq-base)"
+        );
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "/usr/sbin/dnsmasq"]);
+                c
+            }
+            None => Command::new("/usr/sbin/dnsmasq"),
+        };
+        let pid_file = test_dir(&format!("dnsmasq-{listen}")).join("pid");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--port=53",
+            "--user=root",
+        ])
+        .arg(format!("--listen-address={listen}"))
+        .arg(format!("--host-record=which.kiln.test,{answer}"))
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .stdout(std::process::Stdio::null());
+        let d = Dnsmasq(cmd.spawn().expect("start dnsmasq"));
+        for _ in 0..50 {
+            let mut q = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, "busybox"]);
+                    c
+                }
+                None => Command::new("busybox"),
+            };
+            let o = q
+                .args(["nslookup", "-type=a", "which.kiln.test", listen])
+                .output()
+                .unwrap();
+            if answers(&text(&o.stdout)).iter().any(|a| a == answer) {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("dnsmasq on {listen} does not answer");
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kiln ARGS` as the test user in a private mount namespace whose
+/// /etc/resolv.conf is `resolv`: the host kiln and its network helper see.
+fn kiln_with_resolv_conf(resolv: &str, env: &[(&str, String)], args: &[String]) -> Output {
+    let file = test_dir("dns-layout-resolv").join(format!("resolv-{}", std::process::id()));
+    std::fs::write(&file, resolv).unwrap();
+    give_to_test_user(file.parent().unwrap());
+    let mut inner = unprivileged(Path::new("/usr/bin/env"));
+    for (k, v) in env {
+        inner.arg(format!("{k}={v}"));
+    }
+    inner.arg(stage_file(&kiln_binary())).args(args);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(&file)
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    if let Some(dir) = inner.get_current_dir() {
+        cmd.current_dir(dir);
+    }
+    cmd.output().expect("run kiln")
+}
+
+/// Every resolver layout a host has, with both stacks: the host's resolver
+/// on its loopback (systemd-resolved), on another host, IPv6 only, several
+/// with the first one down, and a search domain. Each dnsmasq answers the
+/// test name with its own address, so the answer says which resolver the
+/// step reached.
+#[test]
+fn sandbox_dns_for_every_resolver_layout() {
+    if !running_as_root() {
+        missing_prerequisite("the resolver layouts need root (a test network, dnsmasq on port 53)");
+        return;
+    }
+    let ns = TestNetns::new(1);
+    let _lo = Dnsmasq::start(None, "127.53.0.1", "10.99.0.1");
+    let _remote = Dnsmasq::start(Some(&ns.name), "10.213.1.2", "10.99.0.2");
+    let _remote6 = Dnsmasq::start(Some(&ns.name), "fd53:1::2", "10.99.0.3");
+    let root = rootfs("net-dns-layouts");
+    // (layout, host's resolv.conf, stacks, the answer the step must get)
+    let cases: &[(&str, &str, &[&str], &str)] = &[
+        (
+            "loopback",
+            "nameserver 127.53.0.1\n",
+            &["pasta", "slirp4netns"],
+            "10.99.0.1",
+        ),
+        (
+            "another host",
+            "nameserver 10.213.1.2\n",
+            &["pasta", "slirp4netns"],
+            "10.99.0.2",
+        ),
+        (
+            "IPv6 only (slirp4netns has no IPv6 here)",
+            "nameserver fd53:1::2\n",
+            &["pasta"],
+            "10.99.0.3",
+        ),
+        (
+            "several, the first one down",
+            "nameserver 127.53.0.9\nnameserver 10.213.1.2\n",
+            &["pasta", "slirp4netns"],
+            "10.99.0.2",
+        ),
+        (
+            "several, IPv6 first",
+            "nameserver fd53:1::2\nnameserver 127.53.0.1\n",
+            &["pasta"],
+            "10.99.0.3",
+        ),
+    ];
+    for (layout, resolv, stacks, want) in cases {
+        for stack in *stacks {
+            let resolv = format!("search kiln.test\noptions timeout:2\n{resolv}");
+            let out = ok(&kiln_with_resolv_conf(
+                &resolv,
+                &with_stack(stack),
+                &sandbox_args(
+                    &root,
+                    &["--network", "sandbox"],
+                    // the short name: the search line must have been kept
+                    "cat /etc/resolv.conf; nslookup -type=a which",
+                ),
+            ));
+            assert!(
+                out.contains("search kiln.test\n") && out.contains("options timeout:2\n"),
+                "{layout}, {stack}: search and options lost:\n{out}"
+            );
+            assert_eq!(
+                answers(&out),
+                [want.to_string()],
+                "{layout}, {stack}: the step did not reach the resolver it should:\n{out}"
+            );
+        }
     }
 }
