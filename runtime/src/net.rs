@@ -209,9 +209,14 @@ fn direct_resolver(ip: std::net::IpAddr) -> bool {
 }
 
 /// The sandbox's /etc/hosts: localhost on both loopback addresses (what
-/// BuildKit provides).
-pub fn hosts_file(hostname: &str) -> String {
-    format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+/// BuildKit provides), then `extra` (`--add-host NAME:IP`) in order.
+pub fn hosts_file(hostname: &str, extra: &[(String, std::net::IpAddr)]) -> String {
+    let mut out =
+        format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (name, ip) in extra {
+        out.push_str(&format!("{ip}\t{name}\n"));
+    }
+    out
 }
 
 fn is_executable(p: &Path) -> bool {

@@ -831,3 +831,88 @@ fn sandbox_dns_for_every_resolver_layout() {
         }
     }
 }
+
+/// `kiln build --network none` is a ceiling: a step that asks for more, or
+/// an ADD of a URL, fails the build before any step runs, naming the line
+/// and the flag, even with the network.host entitlement.
+#[test]
+fn network_none_build_is_a_ceiling_no_step_raises() {
+    for (name, line3) in [
+        ("sandbox", "RUN --network=sandbox touch /second"),
+        ("host", "RUN --network=host touch /second"),
+        ("add-url", "ADD http://127.0.0.1:9/x /x"),
+    ] {
+        let p = Project::new(
+            &format!("net-ceiling-{name}"),
+            &format!("FROM scratch\nCOPY rootfs/ /\n{line3}\nRUN touch /third\n"),
+        );
+        let local = p.local_out();
+        let err = failed(&p.build(&[
+            "--network",
+            "none",
+            "--allow",
+            "network.host",
+            "--progress",
+            "plain",
+            "-o",
+            &local,
+        ]));
+        assert!(err.contains("Dockerfile:3:"), "{name}: {err}");
+        assert!(err.contains("--network=none"), "{name}: {err}");
+        // no step started: the plain progress has no step line
+        assert!(
+            !err.lines().any(|l| l.starts_with('#')),
+            "{name}: a step ran before the check:\n{err}"
+        );
+        assert!(!p.out_dir().exists(), "{name}: an output was written");
+        // lowering is always allowed
+        if name == "sandbox" {
+            let p = Project::new(
+                "net-ceiling-lower",
+                "FROM scratch\nCOPY rootfs/ /\nRUN --network=none ls /sys/class/net > /ifaces\n",
+            );
+            let local = p.local_out();
+            ok(&p.build(&["-o", &local]));
+            assert_eq!(
+                std::fs::read_to_string(p.out_dir().join("ifaces")).unwrap(),
+                "lo\n"
+            );
+        }
+    }
+}
+
+/// `--add-host` (buildx's flag) adds to every RUN step's /etc/hosts, under
+/// any network, and leaves no hosts file in the image.
+#[test]
+fn add_host_reaches_every_step_hosts_file() {
+    let p = Project::new(
+        "net-add-host",
+        "FROM scratch\nCOPY rootfs/ /\n\
+         RUN cat /etc/hosts > /out-sandbox\n\
+         RUN --network=none cat /etc/hosts > /out-none\n",
+    );
+    let local = p.local_out();
+    ok(&p.build(&[
+        "--add-host",
+        "db:10.9.8.7",
+        "--add-host",
+        "v6=[2001:db8::1]",
+        "-o",
+        &local,
+    ]));
+    for f in ["out-sandbox", "out-none"] {
+        let hosts = std::fs::read_to_string(p.out_dir().join(f)).unwrap();
+        assert!(hosts.contains("10.9.8.7\tdb\n"), "{f}: {hosts}");
+        assert!(hosts.contains("2001:db8::1\tv6\n"), "{f}: {hosts}");
+        assert!(hosts.contains("127.0.0.1\tlocalhost"), "{f}: {hosts}");
+    }
+    assert!(
+        !p.out_dir().join("etc/hosts").exists(),
+        "hosts left in the image"
+    );
+    let err = failed(&p.build(&["--add-host", "db:not-an-ip"]));
+    assert!(
+        err.contains("--add-host") && err.contains("not an IP address"),
+        "{err}"
+    );
+}

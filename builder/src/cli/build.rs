@@ -68,6 +68,9 @@ pub struct BuildArgs {
     /// services through the gateway address
     #[arg(long)]
     allow_host_loopback: bool,
+    /// Add NAME:IP (or NAME=IP) to RUN steps' /etc/hosts; several allowed
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    add_host: Vec<String>,
     /// Grant an entitlement: network.host
     #[arg(long, value_name = "ENTITLEMENT")]
     allow: Vec<String>,
@@ -196,6 +199,11 @@ pub fn run(
         backend,
         network,
         allow_network_host,
+        extra_hosts: args
+            .add_host
+            .iter()
+            .map(|h| parse_add_host(h))
+            .collect::<anyhow::Result<_>>()?,
         source_date_epoch: epoch,
         // SOURCE_DATE_EPOCH also clamps the time of every file in the
         // layers kiln writes, so two builds of the same inputs give the
@@ -306,4 +314,52 @@ pub fn run(
     }
     println!("{}", built.manifest.digest());
     Ok(0)
+}
+
+/// `--add-host NAME:IP` or `NAME=IP`, as buildx takes it (an IPv6 address
+/// after the first colon, `host:2001:db8::1`, or in brackets).
+fn parse_add_host(spec: &str) -> anyhow::Result<(String, std::net::IpAddr)> {
+    let (name, ip) = spec
+        .split_once('=')
+        .or_else(|| spec.split_once(':'))
+        .ok_or_else(|| anyhow::anyhow!("--add-host {spec:?}: expected NAME:IP"))?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--add-host {spec:?}: {ip:?} is not an IP address"))?;
+    if name.is_empty()
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+    {
+        bail!("--add-host {spec:?}: {name:?} is not a host name");
+    }
+    Ok((name.to_string(), ip))
+}
+
+#[cfg(test)]
+mod add_host_tests {
+    use super::parse_add_host;
+
+    #[test]
+    fn add_host_takes_what_buildx_takes() {
+        let ok = |s: &str| {
+            let (n, ip) = parse_add_host(s).unwrap();
+            format!("{n} {ip}")
+        };
+        assert_eq!(ok("db:10.0.0.5"), "db 10.0.0.5");
+        assert_eq!(ok("db=10.0.0.5"), "db 10.0.0.5");
+        assert_eq!(ok("v6:2001:db8::1"), "v6 2001:db8::1");
+        assert_eq!(ok("v6=[2001:db8::1]"), "v6 2001:db8::1");
+        for bad in [
+            "db",
+            "db:",
+            ":1.2.3.4",
+            "db:999.1.1.1",
+            "a b:1.2.3.4",
+            "db:name",
+        ] {
+            assert!(parse_add_host(bad).is_err(), "{bad}");
+        }
+    }
 }

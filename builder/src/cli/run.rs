@@ -90,7 +90,7 @@ pub fn run(root: Option<&Path>, args: RunArgs) -> anyhow::Result<i32> {
     let spec = config_s.to_spec()?;
     let mut private = Vec::new();
     let network =
-        crate::engine::exec::network_setup(&rootfs, config_s.network, "kiln", &mut private);
+        crate::engine::exec::network_setup(&rootfs, config_s.network, "kiln", &[], &mut private);
     let status = match network {
         Ok((network_stack, network_files)) => {
             let status = kiln_runtime::run(

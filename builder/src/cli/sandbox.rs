@@ -152,6 +152,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<i32> {
         &args.rootfs,
         config.network,
         &args.hostname,
+        &[],
         &mut private,
     )?;
     let emulators = match &args.platform {

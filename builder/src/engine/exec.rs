@@ -60,6 +60,8 @@ pub struct RunSpec<'a> {
     pub args: &'a [(String, String)],
     pub workdir: &'a str,
     pub network: Network,
+    /// `--add-host NAME:IP`: appended to the step's /etc/hosts
+    pub extra_hosts: &'a [(String, std::net::IpAddr)],
     pub vertex: usize,
     /// bind and tmpfs mounts of `RUN --mount`
     pub mounts: Vec<Mount>,
@@ -119,42 +121,56 @@ pub fn created_by(run: &Run, state: &ImageState) -> String {
     format!("RUN {body} # buildkit")
 }
 
-/// The files a sandbox under `--network=sandbox` gets: /etc/resolv.conf
-/// from the host's, /etc/hosts with localhost.
-pub fn sandbox_files(stack: &kiln_runtime::net::Stack, hostname: &str) -> Vec<(String, Vec<u8>)> {
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    vec![
-        (
+/// The files a sandbox under `--network=sandbox` gets (`stack` given):
+/// /etc/resolv.conf from the host's, and /etc/hosts with localhost and
+/// `extra`; under another network, /etc/hosts only, and only when there
+/// are `extra` hosts.
+pub fn sandbox_files(
+    stack: Option<&kiln_runtime::net::Stack>,
+    hostname: &str,
+    extra: &[(String, std::net::IpAddr)],
+) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    if let Some(stack) = stack {
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        files.push((
             "/etc/resolv.conf".into(),
             stack.resolv_conf(&host).into_bytes(),
-        ),
-        (
+        ));
+    }
+    if stack.is_some() || !extra.is_empty() {
+        files.push((
             "/etc/hosts".into(),
-            kiln_runtime::net::hosts_file(hostname).into_bytes(),
-        ),
-    ]
+            kiln_runtime::net::hosts_file(hostname, extra).into_bytes(),
+        ));
+    }
+    files
 }
 
 /// What a sandbox on `rootfs` needs for `network`: under `sandbox`, the
 /// stack to start (detected here, so a missing one fails before anything
-/// runs) and the network files, appended to `private`; the returned guard
-/// removes their stubs when dropped. Nothing for `none` and `host`.
+/// runs) and the network files; under any network, an /etc/hosts with the
+/// `extra` hosts (`--add-host`). The files are appended to `private`; the
+/// returned guard removes their stubs when dropped.
 pub fn network_setup(
     rootfs: &Path,
     network: Network,
     hostname: &str,
+    extra: &[(String, std::net::IpAddr)],
     private: &mut Vec<PrivateFile>,
 ) -> Result<(
     Option<kiln_runtime::net::Stack>,
     Option<super::run_mounts::NetworkFiles>,
 )> {
-    let Network::Sandbox { .. } = network else {
-        return Ok((None, None));
+    let stack = match network {
+        Network::Sandbox { .. } => Some(kiln_runtime::net::Stack::detect()?),
+        _ if extra.is_empty() => return Ok((None, None)),
+        _ => None,
     };
-    let stack = kiln_runtime::net::Stack::detect()?;
-    let mut files = super::run_mounts::network_files(rootfs, sandbox_files(&stack, hostname))?;
+    let mut files =
+        super::run_mounts::network_files(rootfs, sandbox_files(stack.as_ref(), hostname, extra))?;
     private.append(&mut files.private);
-    Ok((Some(stack), Some(files)))
+    Ok((stack, Some(files)))
 }
 
 /// Run the step on the view at `rootfs`.
@@ -213,7 +229,8 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
     // --network=sandbox: the helper that carries the traffic, and the
     // step's resolv.conf and hosts naming what it can reach.
     let mut private = std::mem::take(&mut spec.private);
-    let (network_stack, network_files) = network_setup(rootfs, spec.network, "kiln", &mut private)?;
+    let (network_stack, network_files) =
+        network_setup(rootfs, spec.network, "kiln", spec.extra_hosts, &mut private)?;
 
     let (out_r, out_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Pipe(e.into()))?;

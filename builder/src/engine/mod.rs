@@ -68,6 +68,10 @@ pub enum Error {
     },
     #[error("base image {0:?} is not in kiln's image store: pull it with `kiln pull NAME`, or add it with `kiln load -i FILE` or `kiln import DIR -t NAME`")]
     BaseNotFound(String),
+    #[error("base image {0:?} is not in kiln's image store, and the build runs with --network=none, which pulls nothing: pull it first with `kiln pull NAME`")]
+    BaseNotFoundOffline(String),
+    #[error("--cache-from type=registry,ref={0}: the build runs with --network=none, which fetches nothing (drop one of the two)")]
+    CacheFromOffline(String),
     #[error("base image {name:?}: {source}")]
     Image {
         name: String,
@@ -127,25 +131,37 @@ pub enum StepError {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The network a process of the build gets: `requested` (a step's
-/// `RUN --network`, or the build's own `--network`), else the build's
-/// default. The one entitlement check of the build: every path that starts
-/// a process for a build asks here, so a Dockerfile can never raise itself
-/// to the host's network without `--allow network.host` (BuildKit's
-/// entitlements).
+/// `RUN --network`), else the build's `--network`. The one network policy
+/// check of the build: every path that starts a process for a build asks
+/// here, and the whole plan is checked before any step runs.
+///
+/// The build's network is a ceiling, in the order none < sandbox < host: a
+/// step may lower it, never raise it, so `kiln build --network none` means
+/// no step touches a network whatever the Dockerfile says. `host` needs the
+/// network.host entitlement (`--allow network.host`), for the build's
+/// network as for a step's; under a `sandbox` build the entitlement is
+/// what lets a `RUN --network=host` through, as in BuildKit, where it is
+/// the only way to the host's network.
 pub fn entitled_network(
     requested: Option<NetworkMode>,
     build_default: kiln_runtime::Network,
     allow_network_host: bool,
 ) -> std::result::Result<kiln_runtime::Network, StepError> {
+    use kiln_runtime::Network;
     let allow_host_loopback = match build_default {
-        kiln_runtime::Network::Sandbox {
+        Network::Sandbox {
             allow_host_loopback,
         } => allow_host_loopback,
         _ => false,
     };
+    let raised = |what: &str| {
+        StepError::Unsupported(format!(
+            "RUN --network={what} cannot raise the build's network: the build runs with --network=none, so no step may use a network (drop --network=none, or the step's --network)"
+        ))
+    };
     Ok(match requested {
         None | Some(NetworkMode::Default) => {
-            if build_default == kiln_runtime::Network::Host && !allow_network_host {
+            if build_default == Network::Host && !allow_network_host {
                 return Err(StepError::Unsupported(
                     "--network=host needs the network.host entitlement: start the build with --allow network.host".into(),
                 ));
@@ -153,18 +169,65 @@ pub fn entitled_network(
             build_default
         }
         Some(NetworkMode::Host) => {
+            if build_default == Network::None {
+                return Err(raised("host"));
+            }
             if !allow_network_host {
                 return Err(StepError::Unsupported(
                     "RUN --network=host needs the network.host entitlement: start the build with --allow network.host".into(),
                 ));
             }
-            kiln_runtime::Network::Host
+            Network::Host
         }
-        Some(NetworkMode::None) => kiln_runtime::Network::None,
-        Some(NetworkMode::Sandbox) => kiln_runtime::Network::Sandbox {
-            allow_host_loopback,
-        },
+        Some(NetworkMode::None) => Network::None,
+        Some(NetworkMode::Sandbox) => {
+            if build_default == Network::None {
+                return Err(raised("sandbox"));
+            }
+            Network::Sandbox {
+                allow_host_loopback,
+            }
+        }
     })
+}
+
+/// The network policy of the whole plan, checked before any step runs
+/// (and before any base image is pulled): every RUN's network against the
+/// build's ([`entitled_network`]), and no `ADD <url>` under a build without
+/// a network.
+fn check_network_policy(
+    plan: &frontend::Plan,
+    file: &str,
+    network: kiln_runtime::Network,
+    allow_network_host: bool,
+) -> Result<()> {
+    for stage in &plan.stages {
+        for step in &stage.steps {
+            let err = match &step.instruction {
+                Instruction::Run(run) => {
+                    entitled_network(run.network, network, allow_network_host).err()
+                }
+                Instruction::Add(add)
+                    if network == kiln_runtime::Network::None
+                        && add.sources.iter().any(copy::is_url) =>
+                {
+                    Some(StepError::Unsupported(
+                        "ADD of a URL downloads, and the build runs with --network=none: no network is allowed (drop --network=none, or download the file into the context)".into(),
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(e) = err {
+                return Err(Error::Step {
+                    file: file.to_string(),
+                    line: step.line,
+                    instruction: step.original.clone(),
+                    source: Box::new(e),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What `kiln build` was asked to do.
@@ -183,6 +246,8 @@ pub struct BuildOptions {
     pub backend: Option<BackendKind>,
     pub network: kiln_runtime::Network,
     pub allow_network_host: bool,
+    /// `--add-host NAME:IP`, in order
+    pub extra_hosts: Vec<(String, std::net::IpAddr)>,
     /// SOURCE_DATE_EPOCH: config and history times
     pub source_date_epoch: Option<i64>,
     /// clamp layer file times to SOURCE_DATE_EPOCH
@@ -571,6 +636,16 @@ async fn build_shared(
         ..PlanOptions::default()
     };
     let first = frontend::plan(&ast, &plan_opts)?;
+    check_network_policy(&first, &file, opts.network, opts.allow_network_host)?;
+    if opts.network == kiln_runtime::Network::None {
+        if let Some(cache_io::Import::Registry { reference }) = opts
+            .cache_from
+            .iter()
+            .find(|c| matches!(c, cache_io::Import::Registry { .. }))
+        {
+            return Err(Error::CacheFromOffline(reference.to_string()));
+        }
+    }
     let mut bases = BTreeMap::new();
     for stage in &first.stages {
         if let Base::Image { reference } = &stage.base {
@@ -578,8 +653,15 @@ async fn build_shared(
             // `FROM --platform=$BUILDPLATFORM` stage beside the target's)
             let base_key = (reference.clone(), stage.platform.clone());
             if let std::collections::btree_map::Entry::Vacant(slot) = bases.entry(base_key) {
+                // --network=none: nothing is fetched on the build's behalf
+                let offline = opts.network == kiln_runtime::Network::None;
+                let registry = opts.registry.as_ref().filter(|_| !offline);
                 let loaded = tokio::task::block_in_place(|| {
-                    load_base(&snap, opts.registry.as_ref(), reference, &stage.platform)
+                    load_base(&snap, registry, reference, &stage.platform)
+                })
+                .map_err(|e| match e {
+                    Error::BaseNotFound(name) if offline => Error::BaseNotFoundOffline(name),
+                    e => e,
                 })?;
                 plan_opts
                     .image_env
@@ -1093,6 +1175,10 @@ impl Engine {
                     k.str(a).str(b);
                 }
                 k.str(&workdir).str(&format!("{network:?}"));
+                // what a step's /etc/hosts says can change what it builds
+                for (name, ip) in &self.opts.extra_hosts {
+                    k.str(&format!("add-host {name} {ip}"));
+                }
                 let resources = run_mounts::Resources {
                     snap: &self.snap,
                     context: &self.context,
@@ -1126,6 +1212,7 @@ impl Engine {
                         args: &args,
                         workdir: &workdir,
                         network,
+                        extra_hosts: &self.opts.extra_hosts,
                         vertex,
                         mounts: std::mem::take(&mut mounted.spec_mounts),
                         private: std::mem::take(&mut mounted.private),
@@ -1579,8 +1666,26 @@ mod tests {
             entitled_network(Some(NetworkMode::Sandbox), allowed, false).unwrap(),
             allowed
         );
+    }
+
+    #[test]
+    fn the_build_network_is_a_ceiling_no_step_raises() {
+        // under --network=none nothing may use a network, entitled or not
+        for allow in [false, true] {
+            for mode in [NetworkMode::Sandbox, NetworkMode::Host] {
+                let e = entitled_network(Some(mode), Network::None, allow).unwrap_err();
+                assert!(e.to_string().contains("--network=none"), "{e}");
+            }
+        }
+        // a sandbox build lowers to none; host only with the entitlement
         assert_eq!(
-            entitled_network(Some(NetworkMode::Sandbox), Network::None, false).unwrap(),
+            entitled_network(Some(NetworkMode::None), SANDBOX, false).unwrap(),
+            Network::None
+        );
+        assert!(entitled_network(Some(NetworkMode::Host), SANDBOX, false).is_err());
+        // a host build lowers to sandbox
+        assert_eq!(
+            entitled_network(Some(NetworkMode::Sandbox), Network::Host, true).unwrap(),
             SANDBOX
         );
     }
