@@ -66,6 +66,7 @@ stages! {
     MaskPath => "masking a /proc or /sys path",
     ReadonlyPath => "making a /proc path read-only",
     Loopback => "bringing up loopback",
+    BlockRoutes => "blocking link-local and host addresses in the network namespace",
     NetNamespace => "making the network namespace",
     Rlimit => "setting resource limits",
     DropBoundingSet => "dropping the capability bounding set",
@@ -217,6 +218,9 @@ pub struct Plan {
     pub rootfs_readonly: bool,
     pub hostname: Option<CString>,
     pub new_net: bool,
+    /// prefixes the sandbox's network namespace gets `prohibit` routes for
+    /// (link-local and the host's own addresses under `sandbox`)
+    pub blocked_routes: Vec<sys::Prefix>,
     /// whether setgroups(2) is allowed (not denied for a single-id map)
     pub can_setgroups: bool,
     pub mounts: Vec<SpecMount>,
@@ -942,6 +946,15 @@ pub unsafe fn run(p: &Plan) -> ! {
     //     brought up its own).
     if p.new_net && p.net_helper_stack.is_none() {
         sys::loopback_up().or_fail(p, Stage::Loopback);
+    }
+
+    // 13b. Under `sandbox`, prohibit routes to link-local addresses (the
+    //      cloud metadata service) and the host's own addresses, before
+    //      capabilities drop: the step cannot remove them without
+    //      CAP_NET_ADMIN, and they do not depend on what the network stack
+    //      forwards.
+    if !p.blocked_routes.is_empty() {
+        sys::prohibit_routes(&p.blocked_routes).or_fail(p, Stage::BlockRoutes);
     }
 
     // 15b. Landlock scopes: no connecting to abstract unix sockets and no

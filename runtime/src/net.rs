@@ -208,6 +208,70 @@ fn direct_resolver(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// What a step under `sandbox` must not reach unless the build allows the
+/// host's loopback: link-local addresses (169.254.0.0/16, where clouds
+/// serve instance metadata and credentials, and fe80::/10), except the
+/// stack's own DNS forwarder, and every address of the host's own
+/// interfaces but loopback (services bound to 0.0.0.0 on the runner). The
+/// sandbox gets a `prohibit` route to each.
+pub fn blocked_prefixes(stack: &Stack) -> Vec<crate::sys::Prefix> {
+    let host: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| {
+                    let a = a.address?;
+                    a.as_sockaddr_in()
+                        .map(|s| std::net::IpAddr::V4(s.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let forwarder = stack.dns_forwarder().parse().ok();
+    blocked(forwarder, &host)
+}
+
+/// [`blocked_prefixes`] for a stack whose IPv4 forwarder is `forwarder`
+/// and a host with the addresses `host`.
+fn blocked(
+    forwarder: Option<std::net::Ipv4Addr>,
+    host: &[std::net::IpAddr],
+) -> Vec<crate::sys::Prefix> {
+    use crate::sys::Prefix;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let link_local = Ipv4Addr::new(169, 254, 0, 0);
+    let mut out = Vec::new();
+    match forwarder.filter(|f| f.is_link_local()) {
+        // 169.254.0.0/16 but the forwarder: at each bit below /16, the
+        // half that does not hold it
+        Some(f) => {
+            let f = u32::from(f);
+            for len in 17..=32u8 {
+                let bit = 1u32 << (32 - len);
+                let mask = !(bit.wrapping_mul(2).wrapping_sub(1));
+                let other = (f & mask) | ((f & bit) ^ bit);
+                out.push(Prefix::new(IpAddr::V4(Ipv4Addr::from(other)), len));
+            }
+        }
+        None => out.push(Prefix::new(IpAddr::V4(link_local), 16)),
+    }
+    out.push(Prefix::new(
+        IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)),
+        10,
+    ));
+    for ip in host {
+        let covered = match ip {
+            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+            IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified(),
+        };
+        let p = Prefix::new(*ip, if ip.is_ipv4() { 32 } else { 128 });
+        if !covered && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// The sandbox's /etc/hosts: localhost on both loopback addresses (what
 /// BuildKit provides), then `extra` (`--add-host NAME:IP`) in order.
 pub fn hosts_file(hostname: &str, extra: &[(String, std::net::IpAddr)]) -> String {
@@ -387,6 +451,64 @@ impl Helper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocked_prefixes_cover_link_local_but_the_forwarder_and_the_host() {
+        let host: Vec<std::net::IpAddr> = [
+            "127.0.0.1",
+            "192.0.2.2",
+            "10.53.0.1",
+            "::1",
+            "fd00::2",
+            "fe80::1",
+            "169.254.3.3",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let text = |v: Vec<crate::sys::Prefix>| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let slirp = text(blocked(Some("10.0.2.3".parse().unwrap()), &host));
+        assert_eq!(
+            slirp,
+            [
+                "169.254.0.0/16",
+                "fe80::/10",
+                "192.0.2.2/32",
+                "10.53.0.1/32",
+                "fd00::2/128"
+            ]
+        );
+        let pasta = text(blocked(Some("169.254.1.1".parse().unwrap()), &host));
+        // 16 prefixes that together are 169.254.0.0/16 without 169.254.1.1
+        assert_eq!(pasta.len(), 16 + 1 + 3, "{pasta:?}");
+        assert_eq!(pasta[0], "169.254.128.0/17");
+        assert_eq!(pasta[7], "169.254.0.0/24");
+        assert_eq!(pasta[15], "169.254.1.0/32");
+        let inside = |ip: std::net::Ipv4Addr, p: &str| {
+            let (a, l) = p.split_once('/').unwrap();
+            let (a, l): (std::net::Ipv4Addr, u32) = (a.parse().unwrap(), l.parse().unwrap());
+            let mask = u32::MAX.checked_shl(32 - l).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(a) & mask
+        };
+        for probe in [
+            "169.254.169.254",
+            "169.254.1.0",
+            "169.254.1.2",
+            "169.254.0.1",
+            "169.254.255.255",
+        ] {
+            let ip = probe.parse().unwrap();
+            assert!(
+                pasta[..16].iter().any(|p| inside(ip, p)),
+                "{probe} not blocked"
+            );
+        }
+        let fwd = "169.254.1.1".parse().unwrap();
+        assert!(
+            !pasta[..16].iter().any(|p| inside(fwd, p)),
+            "the forwarder is blocked"
+        );
+    }
 
     /// The nameserver lines of a resolv.conf.
     fn nameservers(text: &str) -> Vec<&str> {

@@ -647,6 +647,10 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
             .map(|h| cstring("the hostname", h.as_bytes()))
             .transpose()?,
         new_net,
+        blocked_routes: match &network {
+            Some((stack, false)) => crate::net::blocked_prefixes(stack),
+            _ => Vec::new(),
+        },
         can_setgroups,
         mounts,
         private,

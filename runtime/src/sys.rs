@@ -493,6 +493,140 @@ pub fn seccomp_install(prog: &[libc::sock_filter]) -> Result<(), Errno> {
     Errno::result(rc).map(drop)
 }
 
+/// An address prefix, as a route's destination: the address in network
+/// order (an IPv4 one in the first four bytes) and its length in bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub v6: bool,
+    pub addr: [u8; 16],
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn new(ip: std::net::IpAddr, len: u8) -> Prefix {
+        let mut addr = [0u8; 16];
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                addr[..4].copy_from_slice(&v4.octets());
+                Prefix {
+                    v6: false,
+                    addr,
+                    len,
+                }
+            }
+            std::net::IpAddr::V6(v6) => Prefix {
+                v6: true,
+                addr: v6.octets(),
+                len,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ip: std::net::IpAddr = if self.v6 {
+            std::net::Ipv6Addr::from(self.addr).into()
+        } else {
+            std::net::Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3]).into()
+        };
+        write!(f, "{ip}/{}", self.len)
+    }
+}
+
+/// Add a `prohibit` route (connect and send fail with EACCES) to each
+/// prefix in the main table of the current network namespace, through one
+/// rtnetlink socket. Async-signal-safe: no allocation. An IPv6 route in a
+/// namespace without IPv6 (EAFNOSUPPORT) is skipped: nothing is reachable
+/// there.
+pub fn prohibit_routes(prefixes: &[Prefix]) -> Result<(), Errno> {
+    // SAFETY: plain socket(2) call.
+    let sock = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if sock < 0 {
+        return Err(Errno::last());
+    }
+    let mut result = Ok(());
+    for (seq, p) in (1u32..).zip(prefixes) {
+        if let Err(e) = prohibit_route(sock, seq, p) {
+            if !(p.v6 && e == Errno::EAFNOSUPPORT) {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    // SAFETY: `sock` is ours and closed once.
+    unsafe { libc::close(sock) };
+    result
+}
+
+/// One RTM_NEWROUTE request on the rtnetlink socket `sock`, and its ack.
+fn prohibit_route(sock: libc::c_int, seq: u32, p: &Prefix) -> Result<(), Errno> {
+    const NLMSG_HDR: usize = 16;
+    const RTMSG: usize = 12;
+    let addr_len = if p.v6 { 16 } else { 4 };
+    let rta_len = 4 + addr_len;
+    let total = NLMSG_HDR + RTMSG + rta_len;
+    let mut msg = [0u8; NLMSG_HDR + RTMSG + 4 + 16];
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+    // nlmsghdr: length, type, flags, sequence, port (0: the kernel fills it)
+    msg[0..4].copy_from_slice(&u32::try_from(total).unwrap_or(0).to_ne_bytes());
+    msg[4..6].copy_from_slice(&libc::RTM_NEWROUTE.to_ne_bytes());
+    msg[6..8].copy_from_slice(&u16::try_from(flags).unwrap_or(0).to_ne_bytes());
+    msg[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type,
+    // flags
+    let family = if p.v6 { libc::AF_INET6 } else { libc::AF_INET };
+    msg[16] = u8::try_from(family).unwrap_or(0);
+    msg[17] = p.len;
+    msg[20] = libc::RT_TABLE_MAIN;
+    msg[21] = libc::RTPROT_STATIC;
+    msg[22] = libc::RT_SCOPE_UNIVERSE;
+    msg[23] = libc::RTN_PROHIBIT;
+    // RTA_DST
+    let at = NLMSG_HDR + RTMSG;
+    msg[at..at + 2].copy_from_slice(&u16::try_from(rta_len).unwrap_or(0).to_ne_bytes());
+    msg[at + 2..at + 4].copy_from_slice(&libc::RTA_DST.to_ne_bytes());
+    msg[at + 4..at + 4 + addr_len].copy_from_slice(&p.addr[..addr_len]);
+    // SAFETY: `msg` is valid for `total` bytes; `sock` is an open socket.
+    let sent = unsafe { libc::send(sock, msg.as_ptr().cast(), total, 0) };
+    if sent < 0 {
+        return Err(Errno::last());
+    }
+    // the ack: an NLMSG_ERROR whose error field is 0 or -errno
+    let mut reply = [0u8; 256];
+    loop {
+        // SAFETY: `reply` is valid for its length; `sock` is open.
+        let n = unsafe { libc::recv(sock, reply.as_mut_ptr().cast(), reply.len(), 0) };
+        if n < 0 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return Err(Errno::last());
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        if n < NLMSG_HDR + 4 {
+            return Err(Errno::EPROTO);
+        }
+        let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+        let reply_seq = u32::from_ne_bytes([reply[8], reply[9], reply[10], reply[11]]);
+        if reply_seq != seq || kind != u16::try_from(libc::NLMSG_ERROR).unwrap_or(2) {
+            continue;
+        }
+        let err = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+        return if err == 0 {
+            Ok(())
+        } else {
+            Err(Errno::from_raw(-err))
+        };
+    }
+}
+
 /// Bring the loopback interface of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
     // SAFETY: plain socket(2) call.

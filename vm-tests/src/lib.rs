@@ -677,3 +677,13 @@ pub fn apt_mirror_host() -> Option<String> {
             })
     })
 }
+
+/// Whether the test runs as root; if not, [`missing_prerequisite`] says
+/// that `what` needs root (a failure under CI).
+pub fn root_for(what: &str) -> bool {
+    if running_as_root() {
+        return true;
+    }
+    missing_prerequisite(&format!("{what} needs root"));
+    false
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kiln_vm_tests::{
     apt_mirror_host, busybox_rootfs, give_to_test_user, kiln, kiln_binary, missing_prerequisite,
-    run_checked, running_as_root, stage_file, test_dir, unprivileged,
+    root_for, run_checked, running_as_root, stage_file, test_dir, unprivileged,
 };
 
 /// A busybox rootfs owned by the test user, one per test.
@@ -485,8 +485,7 @@ impl Drop for TestNetns {
 
 #[test]
 fn sandbox_routes_outbound_to_another_host() {
-    if !running_as_root() {
-        missing_prerequisite("making a test network namespace needs root");
+    if !root_for("making a test network namespace") {
         return;
     }
     let mut ns = TestNetns::new(0);
@@ -915,4 +914,121 @@ fn add_host_reaches_every_step_hosts_file() {
         err.contains("--add-host") && err.contains("not an IP address"),
         "{err}"
     );
+}
+
+/// The host's primary address: the source of its route to the outside.
+fn primary_address() -> Option<String> {
+    let o = Command::new("ip")
+        .args(["-4", "route", "get", "192.0.2.123"])
+        .output()
+        .ok()?;
+    let t = text(&o.stdout);
+    let mut words = t.split_whitespace();
+    words.find(|w| *w == "src")?;
+    words.next().map(str::to_string)
+}
+
+/// An address on the host's loopback device for one test, removed when
+/// dropped (these machines have no dummy interface module).
+struct LoAddress(String);
+
+impl LoAddress {
+    fn add(addr: &str) -> LoAddress {
+        // left over from an interrupted run
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{addr}/32"), "dev", "lo"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        run_checked(Command::new("ip").args(["addr", "add", &format!("{addr}/32"), "dev", "lo"]));
+        LoAddress(addr.to_string())
+    }
+}
+
+impl Drop for LoAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.0), "dev", "lo"])
+            .status();
+    }
+}
+
+/// Under `sandbox`, a step reaches neither the cloud metadata address
+/// (169.254.169.254, link-local) nor the host's own addresses (a service
+/// bound to 0.0.0.0 on the runner), with either stack, while its DNS
+/// forwarder still answers; `--allow-host-loopback` opens both. pasta gives
+/// the step the host's primary address as its own, so there that address
+/// is the step's and never the host's.
+#[test]
+fn sandbox_cannot_reach_link_local_or_the_host_addresses() {
+    if !root_for("adding 169.254.169.254 to the host's loopback") {
+        return;
+    }
+    let Some(primary) = primary_address() else {
+        missing_prerequisite("the host has no IPv4 route to the outside");
+        return;
+    };
+    let Some(mirror) = apt_mirror_host() else {
+        missing_prerequisite("no http(s) mirror named in /etc/apt/sources.list*");
+        return;
+    };
+    let _metadata = LoAddress::add("169.254.169.254");
+    // one server on every host address: 0.0.0.0
+    let listener = TcpListener::bind("0.0.0.0:0").expect("bind 0.0.0.0");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"host-service-reached\n");
+        }
+    });
+    let root = rootfs("net-link-local");
+    let script = format!(
+        "echo md:$(timeout 3 nc 169.254.169.254 {port} </dev/null 2>&1); \
+         echo host:$(timeout 3 nc {primary} {port} </dev/null 2>&1); \
+         echo dns:$(nslookup -type=a {mirror} 2>&1 | grep -c 'Address: [0-9]')"
+    );
+    // the probe's lines, with and without --allow-host-loopback
+    let probe = |stack: &str, allow: bool| {
+        let mut flags = vec!["--network", "sandbox"];
+        if allow {
+            flags.push("--allow-host-loopback");
+        }
+        let out = ok(&kiln_env(
+            &with_stack(stack),
+            &sandbox_args(&root, &flags, &script),
+        ));
+        let line = |p: &str| {
+            out.lines()
+                .find(|l| l.starts_with(p))
+                .unwrap_or("")
+                .to_string()
+        };
+        (line("md:"), line("host:"), line("dns:"), out)
+    };
+    for stack in ["pasta", "slirp4netns"] {
+        let (md, host, dns, out) = probe(stack, false);
+        assert!(
+            md.contains("Permission denied"),
+            "{stack}: the metadata address was not refused:\n{out}"
+        );
+        assert!(
+            !host.contains("host-service-reached"),
+            "{stack}: the host's own address was reached:\n{out}"
+        );
+        assert_ne!(
+            dns, "dns:0",
+            "{stack}: the DNS forwarder is blocked:\n{out}"
+        );
+
+        let (md, host, _, out) = probe(stack, true);
+        assert!(
+            md.contains("host-service-reached"),
+            "{stack}: --allow-host-loopback should open link-local:\n{out}"
+        );
+        if stack == "slirp4netns" {
+            assert!(
+                host.contains("host-service-reached"),
+                "{stack}: --allow-host-loopback should open the host's addresses:\n{out}"
+            );
+        }
+    }
 }
