@@ -28,7 +28,7 @@ enum Command {
     /// (a debugging aid: this is how every RUN step is executed).
     Sandbox(cli::sandbox::SandboxArgs),
     /// Build an image from a Dockerfile.
-    Build(cli::build::BuildArgs),
+    Build(Box<cli::build::BuildArgs>),
     /// Run a stored image's command in a kiln sandbox.
     Run(cli::run::RunArgs),
     /// Inspect kiln's view of a build without running it.
@@ -86,7 +86,7 @@ fn main() {
     let insecure = &cli.insecure_registry;
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
-        Command::Build(args) => cli::build::run(root, insecure, args),
+        Command::Build(args) => cli::build::run(root, insecure, *args),
         Command::Pull(args) => cli::registry::pull(root, insecure, args),
         Command::Push(args) => cli::registry::push(root, insecure, args),
         Command::Login(args) => cli::registry::login(insecure, args),

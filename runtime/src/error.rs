@@ -117,6 +117,11 @@ pub enum Error {
     UnknownNetwork(String),
     #[error("KILN_NETWORK_STACK={0:?} names no network stack: use pasta or slirp4netns")]
     NetworkStackUnknown(String),
+    #[error("cannot make a network namespace for kiln's own download ({what}): {errno}")]
+    DownloadNetwork {
+        what: &'static str,
+        errno: nix::errno::Errno,
+    },
     #[error("cannot start {stack} for the sandbox's network: {source}")]
     NetworkStackStart {
         stack: &'static str,

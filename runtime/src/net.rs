@@ -208,6 +208,80 @@ fn direct_resolver(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// Run `f` on a thread of its own whose network namespace is what a step
+/// under `sandbox` gets: a new namespace with loopback up, the same
+/// prohibit routes (unless `allow_host_loopback`), and `stack` serving it.
+/// Every socket `f` makes on that thread is in the namespace, so what a
+/// step cannot reach, `f` cannot either (kiln's own downloads for a
+/// build: `ADD <url>`). Sockets made on other threads (a resolver's
+/// worker) stay in kiln's namespace. The helper dies when `f` returns.
+pub fn in_sandbox_network<T: Send>(
+    stack: &Stack,
+    allow_host_loopback: bool,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    let fail = |what| move |errno| Error::DownloadNetwork { what, errno };
+    // The worker makes the namespace and says where it is; the helper is
+    // started from this thread, which stays in kiln's namespace (a helper
+    // forked from the worker would run inside the empty namespace it is
+    // meant to serve); then the worker runs `f`.
+    // (kiln is not dumpable, so the helper cannot open the thread's
+    // /proc/PID/task/TID/ns/net: it gets a descriptor of it instead)
+    let (ns_tx, ns_rx) = std::sync::mpsc::channel::<Result<std::os::fd::OwnedFd>>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            let made = (|| {
+                // SAFETY: unshare(CLONE_NEWNET) changes only this thread's
+                // network namespace; it touches no memory of ours.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(fail("unshare")(nix::errno::Errno::last()));
+                }
+                crate::sys::loopback_up().map_err(fail("bringing up loopback"))?;
+                if !allow_host_loopback {
+                    crate::sys::prohibit_routes(&blocked_prefixes(stack))
+                        .map_err(fail("blocking link-local and host addresses"))?;
+                }
+                nix::fcntl::open(
+                    "/proc/thread-self/ns/net",
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map(|fd| {
+                    // SAFETY: open returned a new descriptor we own.
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+                })
+                .map_err(fail("opening the namespace"))
+            })();
+            let ok = made.is_ok();
+            let _ = ns_tx.send(made);
+            // run only once the helper serves the namespace
+            (ok && go_rx.recv() == Ok(true)).then(f)
+        });
+        let helper = ns_rx
+            .recv()
+            .map_err(|_| fail("the worker thread")(nix::errno::Errno::ESRCH))
+            .and_then(|made| made)
+            .and_then(|netns| {
+                use std::os::fd::AsRawFd;
+                let fd = netns.as_raw_fd();
+                Helper::start_on(
+                    stack,
+                    &format!("/proc/self/fd/{fd}"),
+                    Some(fd),
+                    allow_host_loopback,
+                )
+            });
+        let _ = go_tx.send(helper.is_ok());
+        let out = worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // the helper dies here, after `f` is done with the namespace
+        drop(helper?);
+        out.ok_or_else(|| fail("the worker thread")(nix::errno::Errno::ESRCH))
+    })
+}
+
 /// What a step under `sandbox` must not reach unless the build allows the
 /// host's loopback: link-local addresses (169.254.0.0/16, where clouds
 /// serve instance metadata and credentials, and fe80::/10), except the
@@ -311,10 +385,9 @@ impl Drop for Helper {
     }
 }
 
-/// The helper's command line, `ready` being the descriptor it signals
-/// readiness on.
-fn command(stack: &Stack, pid: i32, allow_host_loopback: bool, ready: i32) -> Command {
-    let netns = format!("/proc/{pid}/ns/net");
+/// The helper's command line for the network namespace at `netns`,
+/// `ready` being the descriptor it signals readiness on.
+fn command(stack: &Stack, netns: &str, allow_host_loopback: bool, ready: i32) -> Command {
     match stack {
         Stack::Pasta(bin) => {
             let mut c = Command::new(bin);
@@ -324,7 +397,7 @@ fn command(stack: &Stack, pid: i32, allow_host_loopback: bool, ready: i32) -> Co
             let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
             c.args(["--config-net", "--foreground", "--quiet"])
                 .args(["--runas", &format!("{uid}:{gid}")])
-                .args(["--netns", &netns])
+                .args(["--netns", netns])
                 // No port forwarding in either direction: pasta's default
                 // ("auto") would make every port bound on the host's
                 // loopback reachable at the sandbox's own 127.0.0.1.
@@ -349,7 +422,7 @@ fn command(stack: &Stack, pid: i32, allow_host_loopback: bool, ready: i32) -> Co
                 "--enable-seccomp",
             ])
             .arg(format!("--ready-fd={ready}"))
-            .args(["--netns-type=path", &netns, "tap0"]);
+            .args(["--netns-type=path", netns, "tap0"]);
             if !allow_host_loopback {
                 c.arg("--disable-host-loopback");
             }
@@ -362,6 +435,23 @@ impl Helper {
     /// Start `stack` on the network namespace of `pid` and wait until it
     /// has configured it.
     pub(crate) fn start(stack: &Stack, pid: i32, allow_host_loopback: bool) -> Result<Helper> {
+        Self::start_on(
+            stack,
+            &format!("/proc/{pid}/ns/net"),
+            None,
+            allow_host_loopback,
+        )
+    }
+
+    /// Start `stack` on the network namespace at the path `netns`;
+    /// `inherit` is a descriptor the helper keeps across exec (the
+    /// namespace, named `/proc/self/fd/N`).
+    fn start_on(
+        stack: &Stack,
+        netns: &str,
+        inherit: Option<std::os::fd::RawFd>,
+        allow_host_loopback: bool,
+    ) -> Result<Helper> {
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::Channel(e.into()))?;
         let log = nix::sys::memfd::memfd_create(
@@ -371,7 +461,7 @@ impl Helper {
         .map_err(|e| Error::Channel(e.into()))?;
         let mut log = std::fs::File::from(log);
         let ready_fd = ready_w.as_raw_fd();
-        let mut cmd = command(stack, pid, allow_host_loopback, ready_fd);
+        let mut cmd = command(stack, netns, allow_host_loopback, ready_fd);
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log.try_clone().map_err(Error::Channel)?);
@@ -379,12 +469,18 @@ impl Helper {
         let kiln = unsafe { libc::getpid() };
         // SAFETY: the closure runs between fork and exec and calls only
         // async-signal-safe functions (fcntl, prctl, getppid, _exit) on
-        // `ready_fd`, which stays open in the parent until spawn returns.
+        // `ready_fd` and `inherit`, which stay open in the parent until
+        // spawn returns.
         unsafe {
             cmd.pre_exec(move || {
                 // the readiness pipe survives exec, nothing else of ours
                 if libc::fcntl(ready_fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // Die with kiln, even when kiln is SIGKILLed; a kiln that
                 // died before this point is caught by the ppid check.
@@ -591,7 +687,7 @@ mod tests {
     fn pasta_never_forwards_ports_and_maps_the_gateway_only_when_allowed() {
         let s = Stack::Pasta("/usr/bin/pasta".into());
         let args = |allow| {
-            command(&s, 42, allow, 7)
+            command(&s, "/proc/42/ns/net", allow, 7)
                 .get_args()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
@@ -605,7 +701,7 @@ mod tests {
         assert!(!args(true).contains(&"--no-map-gw".to_string()));
         let slirp = Stack::Slirp4netns("/usr/bin/slirp4netns".into());
         let has = |allow| {
-            command(&slirp, 42, allow, 7)
+            command(&slirp, "/proc/42/ns/net", allow, 7)
                 .get_args()
                 .any(|a| a == "--disable-host-loopback")
         };

@@ -102,6 +102,12 @@ impl Project {
             "--root".to_string(),
             self.dir.join("state").display().to_string(),
             "build".into(),
+            // the server is on the host's loopback, which a `sandbox`
+            // download cannot reach (tests/network.rs checks that)
+            "--network".into(),
+            "host".into(),
+            "--allow".into(),
+            "network.host".into(),
             "--progress".into(),
             "plain".into(),
             "-o".into(),
@@ -214,6 +220,10 @@ fn add_url_chown_sets_the_owner() {
         "--root".to_string(),
         p.dir.join("state").display().to_string(),
         "build".into(),
+        "--network".into(),
+        "host".into(),
+        "--allow".into(),
+        "network.host".into(),
         "-o".into(),
         format!("type=tar,dest={}", tar.display()),
         p.dir.join("ctx").display().to_string(),

@@ -1032,3 +1032,167 @@ fn sandbox_cannot_reach_link_local_or_the_host_addresses() {
         }
     }
 }
+
+/// A small HTTP server that answers each path of `routes` with its raw
+/// response (anything else: 404) and counts the connections it accepted;
+/// bound to `addr` in the test network namespace `netns` (its thread joins
+/// it first) or in the host's.
+struct HttpServer {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HttpServer {
+    fn start(netns: Option<&str>, addr: &str, routes: Vec<(String, String)>) -> HttpServer {
+        use std::io::{BufRead, BufReader};
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&accepted);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (netns, addr) = (netns.map(str::to_string), addr.to_string());
+        std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("open the netns");
+                // SAFETY: `f` is an open namespace file; setns changes only
+                // this thread's network namespace.
+                let rc =
+                    unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns into {ns}");
+            }
+            let listener = TcpListener::bind((addr.as_str(), 0)).expect("bind the server");
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                let _ = reader.read_line(&mut request);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let path = request.split(' ').nth(1).unwrap_or("");
+                let response = routes
+                    .iter()
+                    .find(|(p, _)| p == path)
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or_else(|| {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .into()
+                    });
+                let _ = conn.write_all(response.as_bytes());
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the server started");
+        HttpServer { port, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn http_ok(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn http_redirect(to: &str) -> String {
+    format!(
+        "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// `ADD <url>` obeys the network policy of a RUN step: under `sandbox` it
+/// reaches another host, but neither the host's loopback nor the metadata
+/// address, not even through a redirect, with either stack;
+/// `--allow-host-loopback` opens the metadata address; `--add-max-size`
+/// bounds what it takes.
+#[test]
+fn add_url_obeys_the_sandbox_network_policy() {
+    if !root_for("a test network and an address on lo for ADD") {
+        return;
+    }
+    let ns = TestNetns::new(2);
+    let _md = LoAddress::add("169.254.169.254");
+    let metadata = HttpServer::start(
+        None,
+        "169.254.169.254",
+        vec![("/secret".into(), http_ok("metadata-secret\n"))],
+    );
+    let local = HttpServer::start(
+        None,
+        "127.0.0.1",
+        vec![("/secret".into(), http_ok("loopback-secret\n"))],
+    );
+    let md_url = format!("http://169.254.169.254:{}/secret", metadata.port);
+    let local_url = format!("http://127.0.0.1:{}/secret", local.port);
+    let remote = HttpServer::start(
+        Some(&ns.name),
+        "10.213.2.2",
+        vec![
+            ("/hello".into(), http_ok("hello from another host\n")),
+            ("/to-metadata".into(), http_redirect(&md_url)),
+            ("/to-loopback".into(), http_redirect(&local_url)),
+        ],
+    );
+    let remote_url = |p: &str| format!("http://10.213.2.2:{}{p}", remote.port);
+    let build = |name: &str, url: &str, env: &[(&str, String)], extra: &[&str]| {
+        let p = Project::new(
+            &format!("net-add-{name}"),
+            &format!("FROM scratch\nADD {url} /got\n"),
+        );
+        let local_out = p.local_out();
+        let mut args = vec!["-o", local_out.as_str()];
+        args.extend_from_slice(extra);
+        let o = kiln_env(env, &p.args(&args));
+        let got = std::fs::read_to_string(p.out_dir().join("got")).ok();
+        (o, got)
+    };
+    for stack in ["pasta", "slirp4netns"] {
+        let env = with_stack(stack);
+        let (o, got) = build(&format!("remote-{stack}"), &remote_url("/hello"), &env, &[]);
+        ok(&o);
+        assert_eq!(got.as_deref(), Some("hello from another host\n"), "{stack}");
+        for (what, url) in [
+            ("metadata", md_url.clone()),
+            ("loopback", local_url.clone()),
+            ("redirect-metadata", remote_url("/to-metadata")),
+            ("redirect-loopback", remote_url("/to-loopback")),
+        ] {
+            let (o, got) = build(&format!("{what}-{stack}"), &url, &env, &[]);
+            let err = failed(&o);
+            assert!(err.contains("ADD "), "{stack}, {what}: {err}");
+            assert_eq!(got, None, "{stack}, {what}: the file arrived");
+        }
+    }
+    assert_eq!(metadata.accepted(), 0, "the metadata server was reached");
+    assert_eq!(
+        local.accepted(),
+        0,
+        "the host's loopback server was reached"
+    );
+    // --allow-host-loopback opens link-local, redirects included
+    let (o, got) = build(
+        "redirect-metadata-allowed",
+        &remote_url("/to-metadata"),
+        &[],
+        &["--allow-host-loopback"],
+    );
+    ok(&o);
+    assert_eq!(got.as_deref(), Some("metadata-secret\n"));
+    // the size limit
+    let (o, _) = build(
+        "too-large",
+        &remote_url("/hello"),
+        &[],
+        &["--add-max-size", "10B"],
+    );
+    let err = failed(&o);
+    assert!(err.contains("larger than the limit of 10 bytes"), "{err}");
+}

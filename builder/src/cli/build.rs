@@ -71,6 +71,9 @@ pub struct BuildArgs {
     /// Add NAME:IP (or NAME=IP) to RUN steps' /etc/hosts; several allowed
     #[arg(long = "add-host", value_name = "NAME:IP")]
     add_host: Vec<String>,
+    /// The largest file ADD <url> downloads (e.g. 512MB, 8GB)
+    #[arg(long = "add-max-size", value_name = "SIZE", default_value = "4GiB")]
+    add_max_size: String,
     /// Grant an entitlement: network.host
     #[arg(long, value_name = "ENTITLEMENT")]
     allow: Vec<String>,
@@ -204,6 +207,8 @@ pub fn run(
             .iter()
             .map(|h| parse_add_host(h))
             .collect::<anyhow::Result<_>>()?,
+        add_max_size: crate::cli::prune::parse_size(&args.add_max_size)
+            .context("--add-max-size")?,
         source_date_epoch: epoch,
         // SOURCE_DATE_EPOCH also clamps the time of every file in the
         // layers kiln writes, so two builds of the same inputs give the

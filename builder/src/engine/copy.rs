@@ -93,6 +93,8 @@ pub struct Entry {
     pub link: Option<Vec<u8>>,
     /// content of a heredoc source
     pub inline: Option<Vec<u8>>,
+    /// a file ADD downloaded, read from its start
+    pub downloaded: Option<std::sync::Arc<std::fs::File>>,
     /// a tar archive (ADD) to extract at `dest`
     pub archive: bool,
 }
@@ -162,22 +164,6 @@ pub fn is_url(src: &instructions::Source) -> bool {
         if instructions::is_remote(p) && !instructions::is_git(p))
 }
 
-/// The largest file ADD downloads; it is held in memory until written.
-pub const MAX_DOWNLOAD: u64 = 1 << 30;
-/// A download that stalls this long (connect or read) fails.
-const DOWNLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
-/// Redirects followed before giving up.
-const MAX_REDIRECTS: u32 = 10;
-
-/// A file downloaded for ADD.
-pub struct Download {
-    pub bytes: Vec<u8>,
-    /// `sha256:<hex>` of the bytes
-    pub digest: String,
-    /// Last-Modified, seconds since the epoch (0 without one)
-    pub mtime: i64,
-}
-
 /// The name a URL's file gets in a destination directory: the last
 /// segment of its path, or `__unnamed__` as BuildKit names it.
 pub fn url_file_name(url: &str) -> String {
@@ -190,85 +176,13 @@ pub fn url_file_name(url: &str) -> String {
     }
 }
 
-/// Download `url` following redirects, at most `limit` bytes.
-pub fn fetch(url: &str, limit: u64) -> Result<Download> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(DOWNLOAD_TIMEOUT)
-        .timeout_read(DOWNLOAD_TIMEOUT)
-        .redirects(MAX_REDIRECTS)
-        .build();
-    let resp = agent.get(url).call().map_err(|e| match e {
-        ureq::Error::Status(status, _) => Error::HttpStatus {
-            url: url.to_string(),
-            status,
-        },
-        ureq::Error::Transport(t) => Error::Fetch {
-            url: url.to_string(),
-            reason: t.to_string(),
-        },
-    })?;
-    let mtime = resp
-        .header("Last-Modified")
-        .and_then(|v| httpdate::parse_http_date(v).ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .and_then(|d| i64::try_from(d.as_secs()).ok())
-        .unwrap_or(0);
-    let mut bytes = Vec::new();
-    resp.into_reader()
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::Fetch {
-            url: url.to_string(),
-            reason: format!("reading the body: {e}"),
-        })?;
-    if bytes.len() as u64 > limit {
-        return Err(Error::TooLarge {
-            url: url.to_string(),
-            limit,
-        });
-    }
-    let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
-    Ok(Download {
-        bytes,
-        digest,
-        mtime,
-    })
-}
-
-impl Download {
-    /// Check the digest against `--checksum` (`sha256:<hex>`).
-    pub fn verify(&self, url: &str, expected: &str) -> Result<()> {
-        if self.digest.eq_ignore_ascii_case(expected) {
-            return Ok(());
-        }
-        Err(Error::ChecksumMismatch {
-            url: url.to_string(),
-            expected: expected.to_string(),
-            actual: self.digest.clone(),
-        })
-    }
-
-    /// The entry writing this file at `dest` (relative to the root): a
-    /// regular file, 0600, with the Last-Modified time, as BuildKit does.
-    /// Takes the download: its bytes move into the entry (up to
-    /// MAX_DOWNLOAD; a copy would double the peak memory).
-    pub fn into_entry(self, dest: PathBuf) -> Entry {
-        Entry {
-            src: PathBuf::new(),
-            dest,
-            meta: Meta {
-                mode: libc::S_IFREG | 0o600,
-                uid: 0,
-                gid: 0,
-                size: self.bytes.len() as u64,
-                mtime: self.mtime,
-                mtime_nsec: 0,
-            },
-            link: None,
-            inline: Some(self.bytes),
-            archive: false,
-        }
-    }
+/// A handle on a downloaded file, at its start (the entry's own handle
+/// may have been read before).
+fn from_start(file: &std::fs::File) -> std::io::Result<std::fs::File> {
+    use std::io::Seek;
+    let mut f = file.try_clone()?;
+    f.rewind()?;
+    Ok(f)
 }
 
 /// Metadata of a heredoc file: a regular file, 0644, time 0 (a heredoc has
@@ -433,6 +347,7 @@ impl Source<'_> {
                         meta,
                         link: None,
                         inline: None,
+                        downloaded: None,
                         archive: false,
                     });
                 }
@@ -457,6 +372,7 @@ impl Source<'_> {
                 meta,
                 link: None,
                 inline: None,
+                downloaded: None,
                 archive,
             });
         }
@@ -472,6 +388,7 @@ impl Source<'_> {
                 meta: inline_meta(content.len()),
                 link: None,
                 inline: Some(content.clone().into_bytes()),
+                downloaded: None,
                 archive: false,
             });
         }
@@ -514,6 +431,7 @@ impl Source<'_> {
                 meta,
                 link,
                 inline: None,
+                downloaded: None,
                 archive: false,
             });
             if meta.is_dir() {
@@ -557,9 +475,11 @@ impl Source<'_> {
             } else if let Some(bytes) = &e.inline {
                 key.part(&Sha256::digest(bytes));
             } else if e.meta.is_file() {
-                let mut f = self
-                    .open(&e.src)
-                    .map_err(|err| self.read_err(&e.src, err))?;
+                let mut f = match &e.downloaded {
+                    Some(file) => from_start(file),
+                    None => self.open(&e.src),
+                }
+                .map_err(|err| self.read_err(&e.src, err))?;
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; 1 << 16];
                 loop {
@@ -826,9 +746,11 @@ fn copy_entries(
         } else if e.meta.is_dir() {
             fsutil::create(dirfd, name, Node::Dir, mode, uid, gid, &e.meta).map_err(werr)?;
         } else if e.meta.is_file() {
-            let mut f = source
-                .open(&e.src)
-                .map_err(|err| source.read_err(&e.src, err))?;
+            let mut f = match &e.downloaded {
+                Some(file) => from_start(file),
+                None => source.open(&e.src),
+            }
+            .map_err(|err| source.read_err(&e.src, err))?;
             fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta)
                 .map_err(werr)?;
         }

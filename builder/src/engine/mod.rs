@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod cache_io;
 pub mod copy;
+pub mod download;
 pub mod emulation;
 pub mod exec;
 pub mod fsutil;
@@ -248,6 +249,8 @@ pub struct BuildOptions {
     pub allow_network_host: bool,
     /// `--add-host NAME:IP`, in order
     pub extra_hosts: Vec<(String, std::net::IpAddr)>,
+    /// `--add-max-size`: the largest file `ADD <url>` downloads
+    pub add_max_size: u64,
     /// SOURCE_DATE_EPOCH: config and history times
     pub source_date_epoch: Option<i64>,
     /// clamp layer file times to SOURCE_DATE_EPOCH
@@ -872,6 +875,26 @@ async fn export_cache(
 }
 
 impl Engine {
+    /// How `ADD <url>` downloads: under the network a RUN step of the
+    /// build gets by default (the same policy, the same entitlement
+    /// check), with the registries' trust roots.
+    fn fetcher(&self) -> std::result::Result<download::Fetcher, StepError> {
+        let network = entitled_network(None, self.opts.network, self.opts.allow_network_host)?;
+        let ca_files = match &self.opts.registry {
+            Some(r) => r.config().ca_files.clone(),
+            None => crate::registry::config::Config::load(&[])
+                .map(|c| c.ca_files)
+                .unwrap_or_default(),
+        };
+        let dir = download::download_dir(self.opts.state.root()).map_err(StepError::Source)?;
+        Ok(download::Fetcher {
+            network,
+            ca_files,
+            limit: self.opts.add_max_size,
+            dir,
+        })
+    }
+
     fn step_error(&self, step: &Step, e: StepError) -> Error {
         Error::Step {
             file: self.file.clone(),
@@ -1388,7 +1411,7 @@ impl Engine {
                     None
                 }
                 None => {
-                    let d = copy::fetch(url, copy::MAX_DOWNLOAD)?;
+                    let d = self.fetcher()?.fetch(url)?;
                     k.str(&d.digest);
                     Some(d)
                 }
@@ -1410,7 +1433,7 @@ impl Engine {
         for (url, to, download) in remote {
             let d = match download {
                 Some(d) => d,
-                None => copy::fetch(&url, copy::MAX_DOWNLOAD)?,
+                None => self.fetcher()?.fetch(&url)?,
             };
             if let Some(sum) = op.checksum {
                 d.verify(&url, sum)?;

@@ -131,10 +131,10 @@ pub fn remote_ref(r: &Reference, host: &str) -> oci_client::Reference {
     }
 }
 
-fn install_crypto_provider() {
-    // reqwest is built without a provider of its own (ring is already in
-    // the tree through ureq; aws-lc would be a second C build): make ring
-    // the process default once. An error means one is installed already.
+pub(crate) fn install_crypto_provider() {
+    // reqwest is built without a provider of its own (ring comes with
+    // rustls's `ring` feature; aws-lc would be a second C build): make
+    // ring the process default once. An error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
