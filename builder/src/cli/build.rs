@@ -65,7 +65,9 @@ pub struct BuildArgs {
     #[arg(long, default_value = "sandbox", value_name = "MODE")]
     network: String,
     /// Under --network=sandbox, let steps reach the host's loopback
-    /// services through the gateway address
+    /// services (through the gateway address), link-local addresses
+    /// (169.254.0.0/16: cloud metadata) and the host's own addresses,
+    /// all blocked by default
     #[arg(long)]
     allow_host_loopback: bool,
     /// Add NAME:IP (or NAME=IP) to RUN steps' /etc/hosts; several allowed

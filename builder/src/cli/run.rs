@@ -20,7 +20,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "none", value_name = "MODE")]
     network: String,
     /// Under --network=sandbox, let the command reach the host's loopback
-    /// services through the gateway address
+    /// services (through the gateway address), link-local addresses
+    /// (169.254.0.0/16: cloud metadata) and the host's own addresses,
+    /// all blocked by default
     #[arg(long)]
     allow_host_loopback: bool,
     /// Set an environment variable (`K=V`)
