@@ -16,6 +16,7 @@ pub mod confine;
 pub mod content;
 pub mod diff;
 pub mod layers;
+mod markers;
 mod owner;
 pub mod snapshot;
 mod sys;

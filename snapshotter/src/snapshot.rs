@@ -342,8 +342,11 @@ impl Snapshotter {
         let _no_gc = self.layers.gc_guard(false)?;
         // The upper directory is what a step wrote: read on a thread that
         // can only touch the state directory.
-        let blob = crate::confine::run_confined(&self.confinement(), || {
-            diff::write_layer(&view.spec.upper, &self.content, opts)
+        let blob = crate::confine::run_confined(&self.confinement(), || -> Result<_> {
+            // the same tree gives the same layer whichever backend made it
+            crate::markers::drop_needless(&view.spec.upper, &view.spec.lowers)
+                .map_err(io_err(&view.spec.upper))?;
+            Ok(diff::write_layer(&view.spec.upper, &self.content, opts)?)
         })?;
         self.lease.add_blob(&blob.digest)?;
         let upper = view

@@ -330,6 +330,13 @@ pub fn lgetxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
     })
 }
 
+/// Remove an extended attribute from an open file.
+pub fn fremovexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: name NUL-terminated; `fd` is a valid descriptor.
+    cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) })?;
+    Ok(())
+}
+
 /// Set an extended attribute on an open file.
 pub fn fsetxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
     // SAFETY: `value` is readable for its length; name NUL-terminated.

@@ -38,7 +38,20 @@ pub fn in_userns(name: &str) -> bool {
     let mut cmd = {
         // staging copies the binary to a fixed path: one at a time
         let _g = STAGE.lock().unwrap_or_else(|e| e.into_inner());
-        kiln_vm_tests::in_userns(&exe)
+        // through env(1): the user switch resets the environment, and a
+        // test's settings (KILN_DIFF_SECONDS...) and CI must reach it
+        let mut cmd = kiln_vm_tests::in_userns(Path::new("/usr/bin/env"));
+        for (k, v) in std::env::vars() {
+            if k.starts_with("KILN_") || k == "CI" {
+                cmd.arg(format!("{k}={v}"));
+            }
+        }
+        if kiln_vm_tests::running_as_root() {
+            cmd.arg(kiln_vm_tests::stage_file(&exe));
+        } else {
+            cmd.arg(&exe);
+        }
+        cmd
     };
     cmd.args([
         name,

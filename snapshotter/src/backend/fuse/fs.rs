@@ -241,6 +241,31 @@ pub(crate) struct OverlayFs {
     /// Recently used files of nodes, newest first: (node, writable, file).
     /// A node's entries go when it is copied up or forgotten.
     data_fds: Mutex<std::collections::VecDeque<(u64, bool, Arc<File>)>>,
+    /// Per lower layer, the paths of its hard-linked files by inode number:
+    /// made by one walk of the layer at the first copy-up that needs it.
+    link_index: Mutex<HashMap<usize, Arc<LinkIndex>>>,
+}
+
+/// Paths (relative to the layer) of each hard-linked regular file.
+type LinkIndex = HashMap<u64, Vec<Vec<u8>>>;
+
+/// Add every regular file with more than one link under `dir` (the layer
+/// path `rel`) to `out`.
+fn index_links(dir: &std::path::Path, rel: &[u8], out: &mut LinkIndex) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        // DirEntry::metadata does not follow a symlink
+        let m = e.metadata()?;
+        let r = join(rel, e.file_name().as_bytes());
+        if m.is_dir() {
+            index_links(&e.path(), &r, out)?;
+        } else if m.is_file() && m.nlink() > 1 {
+            out.entry(m.ino()).or_default().push(r);
+        }
+    }
+    Ok(())
 }
 
 impl OverlayFs {
@@ -277,6 +302,7 @@ impl OverlayFs {
             writeback: AtomicBool::new(false),
             notify_fd: AtomicI32::new(-1),
             data_fds: Mutex::new(std::collections::VecDeque::new()),
+            link_index: Mutex::new(HashMap::new()),
         };
         // The root merges every lower layer unless the upper root is opaque.
         if fs.is_opaque(&fs.upper, b"")? {
@@ -891,7 +917,13 @@ impl OverlayFs {
         // a descriptor of the lower file must not serve it any more
         self.drop_data_fds(id)?;
         self.register(id, &new_st)?;
-        // Other names of a hard-linked lower file stay linked to the copy.
+        // Other names of a hard-linked lower file stay linked to the copy:
+        // those the view shows, whether or not the kernel asked for them
+        // yet (else a name it asks for later would show the copy while the
+        // layer keeps the lower file under it).
+        if kind == libc::S_IFREG && st.st_nlink > 1 {
+            self.link_lower_names(id, s.lowers[0], &st, &path)?;
+        }
         if kind != libc::S_IFDIR {
             for (p, n) in s.names.iter().skip(1) {
                 self.copy_up(*p, true)?;
@@ -902,6 +934,77 @@ impl OverlayFs {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// After the copy-up of the lower file `st` (of layer `layer`, at
+    /// `path`, node `id`): link into upper every other name of it that the
+    /// view shows, found through the layer's link index and checked by
+    /// resolving it from the root (a name whited out, shadowed by a higher
+    /// layer or under an opaque directory is not the view's).
+    fn link_lower_names(&self, id: u64, layer: usize, st: &Stat, path: &[u8]) -> io::Result<()> {
+        let index = {
+            let mut cache = self.link_index.lock().map_err(poisoned)?;
+            match cache.get(&layer) {
+                Some(i) => Arc::clone(i),
+                None => {
+                    use std::os::unix::ffi::OsStrExt;
+                    let mut index = LinkIndex::new();
+                    let root = self.lowers[layer].abs(b"");
+                    index_links(
+                        std::path::Path::new(std::ffi::OsStr::from_bytes(&root)),
+                        b"",
+                        &mut index,
+                    )?;
+                    let index = Arc::new(index);
+                    cache.insert(layer, Arc::clone(&index));
+                    index
+                }
+            }
+        };
+        for other in index.get(&st.st_ino).into_iter().flatten() {
+            if other.as_slice() == path {
+                continue;
+            }
+            let comps: Vec<&[u8]> = other.split(|b| *b == b'/').collect();
+            let mut parent = ROOT_ID;
+            let mut same = false;
+            for (k, comp) in comps.iter().enumerate() {
+                let Some((cid, found)) = self.lookup_locked(parent, comp)? else {
+                    break;
+                };
+                if k + 1 == comps.len() {
+                    same = cid == id
+                        && !found.upper
+                        && found.lowers.first() == Some(&layer)
+                        && found.st.st_ino == st.st_ino;
+                } else if !found.is_dir() {
+                    break;
+                }
+                if k + 1 < comps.len() {
+                    parent = cid;
+                }
+            }
+            if !same {
+                continue;
+            }
+            self.copy_up(parent, true)?;
+            // like copy-up, this is no change of the directory: keep its
+            // times
+            let ppath = rel_cstr(parent_path(other));
+            let pst = sys::lstat_at(self.upper.raw(), &ppath)?;
+            match sys::link_at(
+                self.upper.raw(),
+                &rel_cstr(path),
+                self.upper.raw(),
+                &rel_cstr(other),
+            ) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            sys::lutimens_at(self.upper.raw(), &ppath, &sys::stat_times(&pst))?;
         }
         Ok(())
     }
@@ -1771,7 +1874,18 @@ impl FileSystem for OverlayFs {
         }
         let u = self.upper.raw();
         let (oc, nc) = (rel_cstr(&oldpath), rel_cstr(&newpath));
-        if old_whiteout {
+        // A name removed in this view is a whiteout in upper: a file
+        // replaces it, but rename(2) refuses to put a directory over a
+        // non-directory. Swap the two instead: the directory lands, the
+        // whiteout moves to the old name (kept if the lowers have it there).
+        let whiteout_at_new =
+            dst.is_none() && sys::lstat_at(u, &nc).is_ok_and(|st| sys::is_whiteout(&st));
+        if src.is_dir() && whiteout_at_new {
+            sys::rename_at(u, &oc, u, &nc, libc::RENAME_EXCHANGE)?;
+            if !old_whiteout {
+                sys::unlink_at(u, &oc, 0)?;
+            }
+        } else if old_whiteout {
             match sys::rename_at(u, &oc, u, &nc, libc::RENAME_WHITEOUT) {
                 Ok(()) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => {
