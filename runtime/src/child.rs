@@ -218,9 +218,9 @@ pub struct Plan {
     pub rootfs_readonly: bool,
     pub hostname: Option<CString>,
     pub new_net: bool,
-    /// prefixes the sandbox's network namespace gets `prohibit` routes for
+    /// what the sandbox's network namespace gets `prohibit` rules for
     /// (link-local and the host's own addresses under `sandbox`)
-    pub blocked_routes: Vec<sys::Prefix>,
+    pub blocked: sys::Blocked,
     /// whether setgroups(2) is allowed (not denied for a single-id map)
     pub can_setgroups: bool,
     pub mounts: Vec<SpecMount>,
@@ -948,13 +948,13 @@ pub unsafe fn run(p: &Plan) -> ! {
         sys::loopback_up().or_fail(p, Stage::Loopback);
     }
 
-    // 13b. Under `sandbox`, prohibit routes to link-local addresses (the
+    // 13b. Under `sandbox`, prohibit rules for link-local addresses (the
     //      cloud metadata service) and the host's own addresses, before
     //      capabilities drop: the step cannot remove them without
-    //      CAP_NET_ADMIN, and they do not depend on what the network stack
-    //      forwards.
-    if !p.blocked_routes.is_empty() {
-        sys::prohibit_routes(&p.blocked_routes).or_fail(p, Stage::BlockRoutes);
+    //      CAP_NET_ADMIN, and no route (the stack's, or one it copies
+    //      from the host) gets past them.
+    if !p.blocked.prefixes.is_empty() {
+        sys::block(&p.blocked).or_fail(p, Stage::BlockRoutes);
     }
 
     // 15b. Landlock scopes: no connecting to abstract unix sockets and no

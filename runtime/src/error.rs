@@ -117,8 +117,8 @@ pub enum Error {
     UnknownNetwork(String),
     #[error("KILN_NETWORK_STACK={0:?} names no network stack: use pasta or slirp4netns")]
     NetworkStackUnknown(String),
-    #[error("cannot make a network namespace for kiln's own download ({what}): {errno}")]
-    DownloadNetwork {
+    #[error("cannot set up the network policy of --network=sandbox ({what}): {errno}")]
+    NetworkPolicy {
         what: &'static str,
         errno: nix::errno::Errno,
     },

@@ -210,7 +210,7 @@ fn direct_resolver(ip: std::net::IpAddr) -> bool {
 
 /// Run `f` on a thread of its own whose network namespace is what a step
 /// under `sandbox` gets: a new namespace with loopback up, the same
-/// prohibit routes (unless `allow_host_loopback`), and `stack` serving it.
+/// prohibit rules (unless `allow_host_loopback`), and `stack` serving it.
 /// Every socket `f` makes on that thread is in the namespace, so what a
 /// step cannot reach, `f` cannot either (kiln's own downloads for a
 /// build: `ADD <url>`). Sockets made on other threads (a resolver's
@@ -220,7 +220,13 @@ pub fn in_sandbox_network<T: Send>(
     allow_host_loopback: bool,
     f: impl FnOnce() -> T + Send,
 ) -> Result<T> {
-    let fail = |what| move |errno| Error::DownloadNetwork { what, errno };
+    let fail = |what| move |errno| Error::NetworkPolicy { what, errno };
+    // the host's addresses, read here: the worker's namespace has none
+    let blocked = if allow_host_loopback {
+        crate::sys::Blocked::default()
+    } else {
+        blocked(stack)?
+    };
     // The worker makes the namespace and says where it is; the helper is
     // started from this thread, which stays in kiln's namespace (a helper
     // forked from the worker would run inside the empty namespace it is
@@ -238,8 +244,8 @@ pub fn in_sandbox_network<T: Send>(
                     return Err(fail("unshare")(nix::errno::Errno::last()));
                 }
                 crate::sys::loopback_up().map_err(fail("bringing up loopback"))?;
-                if !allow_host_loopback {
-                    crate::sys::prohibit_routes(&blocked_prefixes(stack))
+                if !blocked.prefixes.is_empty() {
+                    crate::sys::block(&blocked)
                         .map_err(fail("blocking link-local and host addresses"))?;
                 }
                 nix::fcntl::open(
@@ -284,66 +290,55 @@ pub fn in_sandbox_network<T: Send>(
 
 /// What a step under `sandbox` must not reach unless the build allows the
 /// host's loopback: link-local addresses (169.254.0.0/16, where clouds
-/// serve instance metadata and credentials, and fe80::/10), except the
-/// stack's own DNS forwarder, and every address of the host's own
-/// interfaces but loopback (services bound to 0.0.0.0 on the runner). The
-/// sandbox gets a `prohibit` route to each.
-pub fn blocked_prefixes(stack: &Stack) -> Vec<crate::sys::Prefix> {
+/// serve instance metadata and credentials, and fe80::/10) but DNS to the
+/// stack's forwarder, and every address of the host's own interfaces but
+/// loopback (services bound to 0.0.0.0 on the runner). Read from the
+/// calling thread's network namespace: the host's.
+pub fn blocked(stack: &Stack) -> Result<crate::sys::Blocked> {
     let host: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
-        .map(|addrs| {
-            addrs
-                .filter_map(|a| {
-                    let a = a.address?;
-                    a.as_sockaddr_in()
-                        .map(|s| std::net::IpAddr::V4(s.ip()))
-                        .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
-                })
-                .collect()
+        .map_err(|errno| Error::NetworkPolicy {
+            what: "listing the host's addresses",
+            errno,
+        })?
+        .filter_map(|a| {
+            let a = a.address?;
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
         })
-        .unwrap_or_default();
-    let forwarder = stack.dns_forwarder().parse().ok();
-    blocked(forwarder, &host)
+        .collect();
+    Ok(blocked_for(stack.dns_forwarder().parse().ok(), &host))
 }
 
-/// [`blocked_prefixes`] for a stack whose IPv4 forwarder is `forwarder`
-/// and a host with the addresses `host`.
-fn blocked(
+/// [`blocked`] for a stack whose IPv4 DNS forwarder is `forwarder`, on a
+/// host with the addresses `host`.
+fn blocked_for(
     forwarder: Option<std::net::Ipv4Addr>,
     host: &[std::net::IpAddr],
-) -> Vec<crate::sys::Prefix> {
+) -> crate::sys::Blocked {
     use crate::sys::Prefix;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let link_local = Ipv4Addr::new(169, 254, 0, 0);
-    let mut out = Vec::new();
-    match forwarder.filter(|f| f.is_link_local()) {
-        // 169.254.0.0/16 but the forwarder: at each bit below /16, the
-        // half that does not hold it
-        Some(f) => {
-            let f = u32::from(f);
-            for len in 17..=32u8 {
-                let bit = 1u32 << (32 - len);
-                let mask = !(bit.wrapping_mul(2).wrapping_sub(1));
-                let other = (f & mask) | ((f & bit) ^ bit);
-                out.push(Prefix::new(IpAddr::V4(Ipv4Addr::from(other)), len));
-            }
-        }
-        None => out.push(Prefix::new(IpAddr::V4(link_local), 16)),
-    }
-    out.push(Prefix::new(
-        IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)),
-        10,
-    ));
+    let mut prefixes = vec![
+        Prefix::new(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
+        Prefix::new(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
+    ];
     for ip in host {
         let covered = match ip {
             IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
             IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified(),
         };
         let p = Prefix::new(*ip, if ip.is_ipv4() { 32 } else { 128 });
-        if !covered && !out.contains(&p) {
-            out.push(p);
+        if !covered && !prefixes.contains(&p) {
+            prefixes.push(p);
         }
     }
-    out
+    crate::sys::Blocked {
+        prefixes,
+        // only a forwarder inside a blocked prefix needs a way through
+        dns_forwarder: forwarder
+            .filter(|f| f.is_link_local())
+            .map(|f| Prefix::new(IpAddr::V4(f), 32)),
+    }
 }
 
 /// The sandbox's /etc/hosts: localhost on both loopback addresses (what
@@ -549,7 +544,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocked_prefixes_cover_link_local_but_the_forwarder_and_the_host() {
+    fn blocked_covers_link_local_and_the_host_but_dns_to_the_forwarder() {
         let host: Vec<std::net::IpAddr> = [
             "127.0.0.1",
             "192.0.2.2",
@@ -562,47 +557,23 @@ mod tests {
         .iter()
         .map(|a| a.parse().unwrap())
         .collect();
-        let text = |v: Vec<crate::sys::Prefix>| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
-        let slirp = text(blocked(Some("10.0.2.3".parse().unwrap()), &host));
+        let text =
+            |b: &crate::sys::Blocked| b.prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let want = [
+            "169.254.0.0/16",
+            "fe80::/10",
+            "192.0.2.2/32",
+            "10.53.0.1/32",
+            "fd00::2/128",
+        ];
+        let slirp = blocked_for(Some("10.0.2.3".parse().unwrap()), &host);
+        assert_eq!(text(&slirp), want);
+        assert_eq!(slirp.dns_forwarder, None, "10.0.2.3 is not blocked");
+        let pasta = blocked_for(Some("169.254.1.1".parse().unwrap()), &host);
+        assert_eq!(text(&pasta), want);
         assert_eq!(
-            slirp,
-            [
-                "169.254.0.0/16",
-                "fe80::/10",
-                "192.0.2.2/32",
-                "10.53.0.1/32",
-                "fd00::2/128"
-            ]
-        );
-        let pasta = text(blocked(Some("169.254.1.1".parse().unwrap()), &host));
-        // 16 prefixes that together are 169.254.0.0/16 without 169.254.1.1
-        assert_eq!(pasta.len(), 16 + 1 + 3, "{pasta:?}");
-        assert_eq!(pasta[0], "169.254.128.0/17");
-        assert_eq!(pasta[7], "169.254.0.0/24");
-        assert_eq!(pasta[15], "169.254.1.0/32");
-        let inside = |ip: std::net::Ipv4Addr, p: &str| {
-            let (a, l) = p.split_once('/').unwrap();
-            let (a, l): (std::net::Ipv4Addr, u32) = (a.parse().unwrap(), l.parse().unwrap());
-            let mask = u32::MAX.checked_shl(32 - l).unwrap_or(0);
-            u32::from(ip) & mask == u32::from(a) & mask
-        };
-        for probe in [
-            "169.254.169.254",
-            "169.254.1.0",
-            "169.254.1.2",
-            "169.254.0.1",
-            "169.254.255.255",
-        ] {
-            let ip = probe.parse().unwrap();
-            assert!(
-                pasta[..16].iter().any(|p| inside(ip, p)),
-                "{probe} not blocked"
-            );
-        }
-        let fwd = "169.254.1.1".parse().unwrap();
-        assert!(
-            !pasta[..16].iter().any(|p| inside(fwd, p)),
-            "the forwarder is blocked"
+            pasta.dns_forwarder.map(|p| p.to_string()).as_deref(),
+            Some("169.254.1.1/32")
         );
     }
 

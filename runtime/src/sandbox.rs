@@ -638,6 +638,10 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
     )?;
     let net_helper_stack = stack_if(helper_makes_net, NET_HELPER_STACK)?;
 
+    let blocked = match &network {
+        Some((stack, false)) => crate::net::blocked(stack)?,
+        _ => sys::Blocked::default(),
+    };
     let plan = Plan {
         rootfs: cstring("the rootfs path", rootfs.as_os_str().as_encoded_bytes())?,
         rootfs_readonly: root.readonly() == Some(true),
@@ -647,10 +651,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
             .map(|h| cstring("the hostname", h.as_bytes()))
             .transpose()?,
         new_net,
-        blocked_routes: match &network {
-            Some((stack, false)) => crate::net::blocked_prefixes(stack),
-            _ => Vec::new(),
-        },
+        blocked,
         can_setgroups,
         mounts,
         private,

@@ -534,12 +534,30 @@ impl std::fmt::Display for Prefix {
     }
 }
 
-/// Add a `prohibit` route (connect and send fail with EACCES) to each
-/// prefix in the main table of the current network namespace, through one
-/// rtnetlink socket. Async-signal-safe: no allocation. An IPv6 route in a
-/// namespace without IPv6 (EAFNOSUPPORT) is skipped: nothing is reachable
-/// there.
-pub fn prohibit_routes(prefixes: &[Prefix]) -> Result<(), Errno> {
+/// What a network namespace under `sandbox` must not reach, and the one
+/// way through: DNS (UDP and TCP port 53) to the stack's forwarder, when
+/// that lies in a blocked prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Blocked {
+    pub prefixes: Vec<Prefix>,
+    pub dns_forwarder: Option<Prefix>,
+}
+
+/// Policy-routing rule priorities: after the local table (0), so the
+/// namespace's own addresses stay its own, and before the main table
+/// (32766), so no route (one pasta copies from the host, or the kernel's
+/// own link-local route) can win over a block.
+const RULE_DNS: u32 = 100;
+const RULE_BLOCK: u32 = 101;
+
+/// Install `blocked` in the current network namespace as policy-routing
+/// rules: `to FORWARDER ipproto udp|tcp dport 53 lookup main` first, then
+/// `to PREFIX prohibit` for each prefix (connect and send fail with
+/// EACCES). Rules apply before any routing table, whatever routes the
+/// namespace has or gets. One rtnetlink socket; async-signal-safe (no
+/// allocation). An IPv6 rule in a namespace without IPv6 (EAFNOSUPPORT)
+/// is skipped: nothing is reachable there.
+pub fn block(blocked: &Blocked) -> Result<(), Errno> {
     // SAFETY: plain socket(2) call.
     let sock = unsafe {
         libc::socket(
@@ -551,50 +569,102 @@ pub fn prohibit_routes(prefixes: &[Prefix]) -> Result<(), Errno> {
     if sock < 0 {
         return Err(Errno::last());
     }
-    let mut result = Ok(());
-    for (seq, p) in (1u32..).zip(prefixes) {
-        if let Err(e) = prohibit_route(sock, seq, p) {
-            if !(p.v6 && e == Errno::EAFNOSUPPORT) {
-                result = Err(e);
-                break;
+    let mut seq = 0u32;
+    let mut send = |p: &Prefix, rule: Rule| {
+        seq += 1;
+        match add_rule(sock, seq, p, rule) {
+            Err(Errno::EAFNOSUPPORT) if p.v6 => Ok(()),
+            r => r,
+        }
+    };
+    let result = (|| {
+        if let Some(f) = &blocked.dns_forwarder {
+            for proto in [libc::IPPROTO_UDP, libc::IPPROTO_TCP] {
+                send(f, Rule::Dns(u8::try_from(proto).unwrap_or(0)))?;
             }
         }
-    }
+        for p in &blocked.prefixes {
+            send(p, Rule::Prohibit)?;
+        }
+        Ok(())
+    })();
     // SAFETY: `sock` is ours and closed once.
     unsafe { libc::close(sock) };
     result
 }
 
-/// One RTM_NEWROUTE request on the rtnetlink socket `sock`, and its ack.
-fn prohibit_route(sock: libc::c_int, seq: u32, p: &Prefix) -> Result<(), Errno> {
+/// One kind of rule [`block`] adds.
+#[derive(Clone, Copy)]
+enum Rule {
+    /// DNS over this IP protocol to the destination: the main table
+    Dns(u8),
+    /// everything to the destination: refused
+    Prohibit,
+}
+
+/// Append one rtattr (type, payload) at `at`, padded to 4 bytes; returns
+/// the new end.
+fn put_attr(msg: &mut [u8], at: usize, kind: u16, payload: &[u8]) -> usize {
+    let len = 4 + payload.len();
+    msg[at..at + 2].copy_from_slice(&u16::try_from(len).unwrap_or(0).to_ne_bytes());
+    msg[at + 2..at + 4].copy_from_slice(&kind.to_ne_bytes());
+    msg[at + 4..at + len].copy_from_slice(payload);
+    at + ((len + 3) & !3)
+}
+
+/// One RTM_NEWRULE request on the rtnetlink socket `sock`, and its ack.
+fn add_rule(sock: libc::c_int, seq: u32, p: &Prefix, rule: Rule) -> Result<(), Errno> {
+    // linux/fib_rules.h
+    const RTM_NEWRULE: u16 = 32;
+    const FRA_DST: u16 = 1;
+    const FRA_PRIORITY: u16 = 6;
+    const FRA_TABLE: u16 = 15;
+    const FRA_IP_PROTO: u16 = 22;
+    const FRA_DPORT_RANGE: u16 = 24;
+    const FR_ACT_TO_TBL: u8 = 1;
+    const FR_ACT_PROHIBIT: u8 = 8;
     const NLMSG_HDR: usize = 16;
-    const RTMSG: usize = 12;
-    let addr_len = if p.v6 { 16 } else { 4 };
-    let rta_len = 4 + addr_len;
-    let total = NLMSG_HDR + RTMSG + rta_len;
-    let mut msg = [0u8; NLMSG_HDR + RTMSG + 4 + 16];
+    let mut msg = [0u8; 128];
     let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
-    // nlmsghdr: length, type, flags, sequence, port (0: the kernel fills it)
-    msg[0..4].copy_from_slice(&u32::try_from(total).unwrap_or(0).to_ne_bytes());
-    msg[4..6].copy_from_slice(&libc::RTM_NEWROUTE.to_ne_bytes());
+    msg[4..6].copy_from_slice(&RTM_NEWRULE.to_ne_bytes());
     msg[6..8].copy_from_slice(&u16::try_from(flags).unwrap_or(0).to_ne_bytes());
     msg[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type,
-    // flags
+    // fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2,
+    // action, flags (u32)
     let family = if p.v6 { libc::AF_INET6 } else { libc::AF_INET };
     msg[16] = u8::try_from(family).unwrap_or(0);
     msg[17] = p.len;
-    msg[20] = libc::RT_TABLE_MAIN;
-    msg[21] = libc::RTPROT_STATIC;
-    msg[22] = libc::RT_SCOPE_UNIVERSE;
-    msg[23] = libc::RTN_PROHIBIT;
-    // RTA_DST
-    let at = NLMSG_HDR + RTMSG;
-    msg[at..at + 2].copy_from_slice(&u16::try_from(rta_len).unwrap_or(0).to_ne_bytes());
-    msg[at + 2..at + 4].copy_from_slice(&libc::RTA_DST.to_ne_bytes());
-    msg[at + 4..at + 4 + addr_len].copy_from_slice(&p.addr[..addr_len]);
-    // SAFETY: `msg` is valid for `total` bytes; `sock` is an open socket.
-    let sent = unsafe { libc::send(sock, msg.as_ptr().cast(), total, 0) };
+    let addr_len = if p.v6 { 16 } else { 4 };
+    let mut at = NLMSG_HDR + 12;
+    at = put_attr(&mut msg, at, FRA_DST, &p.addr[..addr_len]);
+    match rule {
+        Rule::Dns(proto) => {
+            msg[20] = libc::RT_TABLE_MAIN;
+            msg[23] = FR_ACT_TO_TBL;
+            at = put_attr(&mut msg, at, FRA_PRIORITY, &RULE_DNS.to_ne_bytes());
+            at = put_attr(
+                &mut msg,
+                at,
+                FRA_TABLE,
+                &u32::from(libc::RT_TABLE_MAIN).to_ne_bytes(),
+            );
+            at = put_attr(&mut msg, at, FRA_IP_PROTO, &[proto]);
+            let port = 53u16.to_ne_bytes();
+            at = put_attr(
+                &mut msg,
+                at,
+                FRA_DPORT_RANGE,
+                &[port[0], port[1], port[0], port[1]],
+            );
+        }
+        Rule::Prohibit => {
+            msg[23] = FR_ACT_PROHIBIT;
+            at = put_attr(&mut msg, at, FRA_PRIORITY, &RULE_BLOCK.to_ne_bytes());
+        }
+    }
+    msg[0..4].copy_from_slice(&u32::try_from(at).unwrap_or(0).to_ne_bytes());
+    // SAFETY: `msg` is valid for `at` bytes; `sock` is an open socket.
+    let sent = unsafe { libc::send(sock, msg.as_ptr().cast(), at, 0) };
     if sent < 0 {
         return Err(Errno::last());
     }

@@ -972,6 +972,8 @@ fn sandbox_cannot_reach_link_local_or_the_host_addresses() {
         return;
     };
     let _metadata = LoAddress::add("169.254.169.254");
+    // a second address of the host's (as docker0 or a VPN would give it)
+    let _second = LoAddress::add("10.77.0.1");
     // one server on every host address: 0.0.0.0
     let listener = TcpListener::bind("0.0.0.0:0").expect("bind 0.0.0.0");
     let port = listener.local_addr().unwrap().port();
@@ -984,7 +986,9 @@ fn sandbox_cannot_reach_link_local_or_the_host_addresses() {
     let script = format!(
         "echo md:$(timeout 3 nc 169.254.169.254 {port} </dev/null 2>&1); \
          echo host:$(timeout 3 nc {primary} {port} </dev/null 2>&1); \
-         echo dns:$(nslookup -type=a {mirror} 2>&1 | grep -c 'Address: [0-9]')"
+         echo second:$(timeout 3 nc 10.77.0.1 {port} </dev/null 2>&1); \
+         fwd=$(awk '/^nameserver/ {{print $2; exit}}' /etc/resolv.conf); \
+         echo dns:$(nslookup -type=a {mirror} $fwd 2>&1 | grep -c 'Address: [0-9]')"
     );
     // the probe's lines, with and without --allow-host-loopback
     let probe = |stack: &str, allow: bool| {
@@ -1002,10 +1006,16 @@ fn sandbox_cannot_reach_link_local_or_the_host_addresses() {
                 .unwrap_or("")
                 .to_string()
         };
-        (line("md:"), line("host:"), line("dns:"), out)
+        (
+            line("md:"),
+            line("host:"),
+            line("second:"),
+            line("dns:"),
+            out,
+        )
     };
     for stack in ["pasta", "slirp4netns"] {
-        let (md, host, dns, out) = probe(stack, false);
+        let (md, host, second, dns, out) = probe(stack, false);
         assert!(
             md.contains("Permission denied"),
             "{stack}: the metadata address was not refused:\n{out}"
@@ -1014,15 +1024,19 @@ fn sandbox_cannot_reach_link_local_or_the_host_addresses() {
             !host.contains("host-service-reached"),
             "{stack}: the host's own address was reached:\n{out}"
         );
+        assert!(
+            second.contains("Permission denied"),
+            "{stack}: the host's second address was not refused:\n{out}"
+        );
         assert_ne!(
             dns, "dns:0",
             "{stack}: the DNS forwarder is blocked:\n{out}"
         );
 
-        let (md, host, _, out) = probe(stack, true);
+        let (md, host, second, _, out) = probe(stack, true);
         assert!(
-            md.contains("host-service-reached"),
-            "{stack}: --allow-host-loopback should open link-local:\n{out}"
+            md.contains("host-service-reached") && second.contains("host-service-reached"),
+            "{stack}: --allow-host-loopback should open link-local and the host's addresses:\n{out}"
         );
         if stack == "slirp4netns" {
             assert!(
@@ -1119,10 +1133,12 @@ fn add_url_obeys_the_sandbox_network_policy() {
         return;
     }
     let ns = TestNetns::new(2);
-    let _md = LoAddress::add("169.254.169.254");
+    // (not 169.254.169.254: the step test adds that one, at the same time)
+    let _md = LoAddress::add("169.254.170.2");
+    let _second = LoAddress::add("10.77.0.2");
     let metadata = HttpServer::start(
         None,
-        "169.254.169.254",
+        "169.254.170.2",
         vec![("/secret".into(), http_ok("metadata-secret\n"))],
     );
     let local = HttpServer::start(
@@ -1130,7 +1146,13 @@ fn add_url_obeys_the_sandbox_network_policy() {
         "127.0.0.1",
         vec![("/secret".into(), http_ok("loopback-secret\n"))],
     );
-    let md_url = format!("http://169.254.169.254:{}/secret", metadata.port);
+    let md_url = format!("http://169.254.170.2:{}/secret", metadata.port);
+    let second = HttpServer::start(
+        None,
+        "10.77.0.2",
+        vec![("/secret".into(), http_ok("host-secret\n"))],
+    );
+    let second_url = format!("http://10.77.0.2:{}/secret", second.port);
     let local_url = format!("http://127.0.0.1:{}/secret", local.port);
     let remote = HttpServer::start(
         Some(&ns.name),
@@ -1162,6 +1184,7 @@ fn add_url_obeys_the_sandbox_network_policy() {
         for (what, url) in [
             ("metadata", md_url.clone()),
             ("loopback", local_url.clone()),
+            ("host-address", second_url.clone()),
             ("redirect-metadata", remote_url("/to-metadata")),
             ("redirect-loopback", remote_url("/to-loopback")),
         ] {
@@ -1172,6 +1195,7 @@ fn add_url_obeys_the_sandbox_network_policy() {
         }
     }
     assert_eq!(metadata.accepted(), 0, "the metadata server was reached");
+    assert_eq!(second.accepted(), 0, "the host's own address was reached");
     assert_eq!(
         local.accepted(),
         0,

@@ -4,7 +4,7 @@
 //!
 //! Under `sandbox` every connection (redirects included) is made from a
 //! thread inside a fresh network namespace served by the same user-mode
-//! stack and the same prohibit routes a step gets
+//! stack and the same prohibit rules a step gets
 //! ([`kiln_runtime::net::in_sandbox_network`]), so what a step cannot
 //! reach (the host's loopback, link-local metadata services, the host's
 //! own addresses) a download cannot either. Names are resolved by a thread

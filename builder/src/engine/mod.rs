@@ -69,7 +69,7 @@ pub enum Error {
     },
     #[error("base image {0:?} is not in kiln's image store: pull it with `kiln pull NAME`, or add it with `kiln load -i FILE` or `kiln import DIR -t NAME`")]
     BaseNotFound(String),
-    #[error("base image {0:?} is not in kiln's image store, and the build runs with --network=none, which pulls nothing: pull it first with `kiln pull NAME`")]
+    #[error("image {0:?} is not in kiln's image store, and the build runs with --network=none, which pulls nothing: pull it first with `kiln pull NAME`")]
     BaseNotFoundOffline(String),
     #[error("--cache-from type=registry,ref={0}: the build runs with --network=none, which fetches nothing (drop one of the two)")]
     CacheFromOffline(String),
@@ -127,6 +127,8 @@ pub enum StepError {
     Mounts(#[from] run_mounts::Error),
     #[error(transparent)]
     Emulation(#[from] emulation::Error),
+    #[error(transparent)]
+    Registries(#[from] crate::registry::config::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -875,6 +877,17 @@ async fn export_cache(
 }
 
 impl Engine {
+    /// An image by name, from the store, else pulled; never pulled under
+    /// `--network none`, where nothing is fetched on the build's behalf.
+    fn load_image(&self, reference: &str, platform: &Platform) -> Result<(Key, ImageState)> {
+        let offline = self.opts.network == kiln_runtime::Network::None;
+        let registry = self.opts.registry.as_ref().filter(|_| !offline);
+        load_base(&self.snap, registry, reference, platform).map_err(|e| match e {
+            Error::BaseNotFound(name) if offline => Error::BaseNotFoundOffline(name),
+            e => e,
+        })
+    }
+
     /// How `ADD <url>` downloads: under the network a RUN step of the
     /// build gets by default (the same policy, the same entitlement
     /// check), with the registries' trust roots.
@@ -882,9 +895,7 @@ impl Engine {
         let network = entitled_network(None, self.opts.network, self.opts.allow_network_host)?;
         let ca_files = match &self.opts.registry {
             Some(r) => r.config().ca_files.clone(),
-            None => crate::registry::config::Config::load(&[])
-                .map(|c| c.ca_files)
-                .unwrap_or_default(),
+            None => crate::registry::config::Config::load(&[])?.ca_files,
         };
         let dir = download::download_dir(self.opts.state.root()).map_err(StepError::Source)?;
         Ok(download::Fetcher {
@@ -913,7 +924,8 @@ impl Engine {
         platform: &Platform,
     ) -> std::result::Result<FromSource, StepError> {
         if let Some(reference) = source.strip_prefix("docker-image://") {
-            let (k, st) = load_base(&self.snap, self.opts.registry.as_ref(), reference, platform)
+            let (k, st) = self
+                .load_image(reference, platform)
                 .map_err(|e| StepError::Unsupported(e.to_string()))?;
             return Ok(FromSource::Image(k, Box::new(st)));
         }
@@ -980,14 +992,7 @@ impl Engine {
             Base::Context { name, source } => {
                 let platform = stage.platform.clone();
                 if let Some(reference) = source.strip_prefix("docker-image://") {
-                    tokio::task::block_in_place(|| {
-                        load_base(
-                            &self.snap,
-                            self.opts.registry.as_ref(),
-                            reference,
-                            &platform,
-                        )
-                    })?
+                    tokio::task::block_in_place(|| self.load_image(reference, &platform))?
                 } else if let Some(layout) = source.strip_prefix("oci-layout://") {
                     tokio::task::block_in_place(|| {
                         load_layout_base(&self.snap, name, layout, &platform)
@@ -1104,12 +1109,7 @@ impl Engine {
                     }
                     SourceRef::Image { reference } => {
                         let (k, st) = tokio::task::block_in_place(|| {
-                            load_base(
-                                &self.snap,
-                                self.opts.registry.as_ref(),
-                                reference,
-                                &stage.platform,
-                            )
+                            self.load_image(reference, &stage.platform)
                         })?;
                         FromSource::Image(k, Box::new(st))
                     }
