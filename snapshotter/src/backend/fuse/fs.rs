@@ -27,8 +27,13 @@
 //! Concurrency: `tree` is a read-write lock over the shape of the view. Calls
 //! that only look (lookup, getattr, readdir, xattr reads, and reads that
 //! open the node's file by its path) take it shared; calls that change names
-//! or copy up take it exclusively. Data I/O on handles from CREATE, on
-//! recent descriptors of a node and on kept files takes no lock at all.
+//! or copy up take it exclusively. Data I/O on recent descriptors of a
+//! node and on kept files takes no lock at all.
+//!
+//! Descriptors: files have no handles (OPEN is answered ENOSYS, CREATE
+//! returns none), so the server holds a bounded set however many files the
+//! kernel remembers: the layer directories, a few recent data descriptors
+//! (`DATA_FDS`) and the kept data of removed files the kernel still holds.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -172,25 +177,6 @@ fn with_times(mut st: Stat, times: [Option<libc::timespec>; 3]) -> Stat {
     st
 }
 
-/// A file to do I/O on for one request: an open handle's, or the node's
-/// own file (a recent descriptor, or its kept data).
-enum DataFile {
-    Handle(Arc<Handle>),
-    Node(Arc<File>),
-}
-
-impl AsRawFd for DataFile {
-    fn as_raw_fd(&self) -> RawFd {
-        match self {
-            DataFile::Handle(h) => match &**h {
-                Handle::File(f) => f.as_raw_fd(),
-                Handle::Dir(_) => -1,
-            },
-            DataFile::Node(f) => f.as_raw_fd(),
-        }
-    }
-}
-
 struct Node {
     state: Mutex<NodeState>,
 }
@@ -216,12 +202,11 @@ struct DirList {
     entries: Vec<(Vec<u8>, u32, u64, Option<Stat>)>,
 }
 
-enum Handle {
-    File(File),
-    /// Listed at the first readdir: with FOPEN_CACHE_DIR the kernel often
-    /// answers from its own cache and never asks.
-    Dir(Mutex<Option<Arc<DirList>>>),
-}
+/// A directory handle (the only handles there are: files are served by
+/// their node, see `open` and `create`), listed at the first readdir: with
+/// FOPEN_CACHE_DIR the kernel often answers from its own cache and never
+/// asks.
+struct Handle(Mutex<Option<Arc<DirList>>>);
 
 /// The overlay filesystem; see the module docs.
 pub(crate) struct OverlayFs {
@@ -659,20 +644,17 @@ impl OverlayFs {
     /// the kernel sent one (files opened by CREATE), otherwise the node's
     /// real file (a recent descriptor, or opened by path; its kept data once
     /// it has no name), copied up first for a write.
-    fn data_file(&self, inode: u64, handle: u64, write: bool) -> io::Result<DataFile> {
+    fn data_file(&self, inode: u64, handle: u64, write: bool) -> io::Result<Arc<File>> {
         if handle != 0 {
-            let h = self.handle(handle)?;
-            if !matches!(&*h, Handle::File(_)) {
-                return Err(err(libc::EISDIR));
-            }
-            return Ok(DataFile::Handle(h));
+            // the only handles are directories'
+            return Err(err(libc::EISDIR));
         }
         // A recent descriptor of the node serves without the tree lock: it
         // is dropped under that lock when the node's data moves (copy-up,
         // a private copy of kept data), and a request that raced such a
         // move is one ordered before it.
         if let Some(f) = self.recent_data_fd(inode, write)? {
-            return Ok(DataFile::Node(f));
+            return Ok(f);
         }
         {
             let _t = self.tree.read().map_err(poisoned)?;
@@ -681,20 +663,20 @@ impl OverlayFs {
                 return Err(err(libc::EISDIR));
             }
             if s.names.is_empty() {
-                return self.kept_file(inode, write).map(DataFile::Node);
+                return self.kept_file(inode, write);
             }
             if s.upper || !write {
-                return self.open_data_fd(inode, &s, write).map(DataFile::Node);
+                return self.open_data_fd(inode, &s, write);
             }
         }
         // The first write to a lower file copies it up.
         let _w = self.tree.write().map_err(poisoned)?;
         if self.state(inode)?.names.is_empty() {
-            return self.kept_file(inode, true).map(DataFile::Node);
+            return self.kept_file(inode, true);
         }
         self.copy_up(inode, true)?;
         let s = self.state(inode)?;
-        self.open_data_fd(inode, &s, true).map(DataFile::Node)
+        self.open_data_fd(inode, &s, true)
     }
 
     /// The node's real file for reading (its layer's, opened read-only:
@@ -749,14 +731,12 @@ impl OverlayFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         // `tree` is held: no data_file here
-        let f = match handle.filter(|h| *h != 0) {
-            Some(h) => DataFile::Handle(self.handle(h)?),
-            None => DataFile::Node(self.kept_file(inode, true)?),
-        };
-        let fd = f.as_raw_fd();
-        if fd < 0 {
+        if handle.is_some_and(|h| h != 0) {
+            // the only handles are directories'
             return Err(err(libc::EISDIR));
         }
+        let f = self.kept_file(inode, true)?;
+        let fd = f.as_raw_fd();
         if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
             let id = |set: SetattrValid, v: u32| if valid.contains(set) { v } else { u32::MAX };
             sys::fchown(
@@ -1307,10 +1287,7 @@ impl OverlayFs {
     /// The listing behind a directory handle, made on first use.
     fn dir_list(&self, inode: u64, handle: u64) -> io::Result<Arc<DirList>> {
         let h = self.handle(handle)?;
-        let Handle::Dir(slot) = &*h else {
-            return Err(err(libc::ENOTDIR));
-        };
-        let mut slot = slot.lock().map_err(poisoned)?;
+        let mut slot = h.0.lock().map_err(poisoned)?;
         if let Some(list) = &*slot {
             return Ok(list.clone());
         }
@@ -1599,11 +1576,6 @@ impl FileSystem for OverlayFs {
         let c = rel_cstr(&path);
         let u = self.upper.raw();
         let s = self.state(inode)?;
-        // 0 is no handle (see `open`)
-        let file = handle
-            .filter(|h| *h != 0)
-            .and_then(|h| self.handle(h).ok())
-            .filter(|h| matches!(&**h, Handle::File(_)));
         if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
             let uid = if valid.contains(SetattrValid::UID) {
                 attr.st_uid
@@ -1622,13 +1594,8 @@ impl FileSystem for OverlayFs {
         }
         if valid.contains(SetattrValid::SIZE) {
             let len = attr.st_size.unsigned_abs();
-            match file.as_deref() {
-                Some(Handle::File(f)) => sys::ftruncate(f.as_raw_fd(), len)?,
-                _ => {
-                    let f = sys::open_at(u, &c, libc::O_WRONLY, 0)?;
-                    sys::ftruncate(f.as_raw_fd(), len)?;
-                }
-            }
+            let f = sys::open_at(u, &c, libc::O_WRONLY, 0)?;
+            sys::ftruncate(f.as_raw_fd(), len)?;
         }
         if let Some(times) = setattr_times(&attr, valid) {
             sys::lutimens_at(u, &c, &times)?;
@@ -1993,12 +1960,18 @@ impl FileSystem for OverlayFs {
                 )?;
                 Ok(Some(File::from(f)))
             })?;
-        let file = file.ok_or_else(|| err(libc::EIO))?;
-        let h = self.new_handle(Handle::File(file))?;
+        // No handle: the file is served by its node, like a file the
+        // kernel opened without OPEN (see `open`). With the writeback
+        // cache the kernel sends RELEASE only once a file's dirty pages are
+        // written back, up to half a minute after close: a descriptor per
+        // handle grew with every file a step wrote in that time (EMFILE at
+        // about 1,000 files under the default limit). The node's data
+        // descriptors are a bounded cache instead.
+        drop(file.ok_or_else(|| err(libc::EIO))?);
         let s = self.state(id)?;
         Ok((
             self.counted(self.entry(id, &s, st))?,
-            Some(h),
+            None,
             OpenOptions::KEEP_CACHE,
             None,
         ))
@@ -2188,7 +2161,7 @@ impl FileSystem for OverlayFs {
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.state(inode)?;
-        let h = self.new_handle(Handle::Dir(Mutex::new(None)))?;
+        let h = self.new_handle(Handle(Mutex::new(None)))?;
         Ok((Some(h), OpenOptions::CACHE_DIR))
     }
 
