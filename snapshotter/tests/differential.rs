@@ -1010,6 +1010,32 @@ fn known_cases() -> Vec<Case> {
             vec![mkdir("c"), mv("c", "b/c")],
         ),
         (
+            "utimes to the times a lower file has leaves it out of the layer",
+            vec![mkdir("c"), w("c/c", b'c', 65)],
+            vec![],
+            vec![Op::Utimes {
+                path: "c/c".into(),
+                secs: BASE_TIME,
+            }],
+        ),
+        (
+            "a lower file's link count is that of the names the view shows",
+            vec![
+                w("a", b'a', 10),
+                mkdir("d"),
+                Op::Link {
+                    from: "a".into(),
+                    to: "d/a".into(),
+                },
+                Op::Link {
+                    from: "a".into(),
+                    to: "b".into(),
+                },
+            ],
+            vec![Op::Unlink { path: "b".into() }],
+            vec![Op::RmTree { path: "d".into() }],
+        ),
+        (
             "a moved directory does not carry the whiteouts of its old place",
             vec![
                 mkdir("a"),

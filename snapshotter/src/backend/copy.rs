@@ -261,6 +261,7 @@ fn scan(
     dir: BorrowedFd<'_>,
     rel: &[u8],
     manifest: &HashMap<Vec<u8>, Rec>,
+    lowers: &[std::path::PathBuf],
     s: &mut Scan,
 ) -> io::Result<()> {
     for name in sys::list_dir(dir)? {
@@ -287,9 +288,16 @@ fn scan(
                 s.changes.push((p.clone(), Change::Dir { opaque }));
             }
             let sub = sys::open_dir_at(dir, &name)?;
-            scan(sub.as_fd(), &p, manifest, s)?;
+            scan(sub.as_fd(), &p, manifest, lowers, s)?;
         } else if changed {
-            s.changes.push((p, Change::Node));
+            // Same inode, new ctime: a change, unless the file is still
+            // what the lowers show (its link count moved when another name
+            // of it was removed, or a chmod was undone): kernel overlayfs
+            // and the FUSE view leave such a file out of the layer too.
+            let same_inode_only = old.is_some_and(same_inode);
+            if !(same_inode_only && crate::markers::same_as_shown(dir, &name, &st, lowers, &p)?) {
+                s.changes.push((p, Change::Node));
+            }
         }
     }
     Ok(())
@@ -318,7 +326,8 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
         dir_meta: HashMap::new(),
         present: HashMap::new(),
     };
-    scan(target.as_fd(), b"", &manifest, &mut s).map_err(err("scan", &spec.target))?;
+    scan(target.as_fd(), b"", &manifest, &spec.lowers, &mut s)
+        .map_err(err("scan", &spec.target))?;
     for (p, rec) in &manifest {
         if s.present.contains_key(p) {
             continue;

@@ -554,11 +554,75 @@ impl OverlayFs {
     /// What the view shows for a node: the real stat with the view's inode
     /// number, and link count 1 for merged directories as overlayfs reports.
     fn view_stat(&self, id: u64, s: &NodeState, mut st: Stat) -> Stat {
+        let real_ino = st.st_ino;
         st.st_ino = id;
         if s.kind == libc::S_IFDIR && usize::from(s.upper) + s.lowers.len() > 1 {
             st.st_nlink = 1;
         }
+        // A lower file's link count is the lower layer's: count the names
+        // the view still shows (others may be removed, in this step or by a
+        // higher layer), as a plain directory would.
+        if !s.upper && s.kind == libc::S_IFREG && st.st_nlink > 1 {
+            if let Some(&layer) = s.lowers.first() {
+                if let Ok(n) = self.visible_links(layer, real_ino) {
+                    st.st_nlink = n.max(1);
+                }
+            }
+        }
         st
+    }
+
+    /// The layer's link index (see [`index_links`]), made on first use.
+    fn link_index(&self, layer: usize) -> io::Result<Arc<LinkIndex>> {
+        let mut cache = self.link_index.lock().map_err(poisoned)?;
+        if let Some(i) = cache.get(&layer) {
+            return Ok(Arc::clone(i));
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let mut index = LinkIndex::new();
+        let root = self.lowers[layer].abs(b"");
+        index_links(
+            std::path::Path::new(std::ffi::OsStr::from_bytes(&root)),
+            b"",
+            &mut index,
+        )?;
+        let index = Arc::new(index);
+        cache.insert(layer, Arc::clone(&index));
+        Ok(index)
+    }
+
+    /// How many names of the file `ino` of lower layer `layer` the view
+    /// shows: its paths in the layer that resolve, from the root, to that
+    /// very file. Walks without making nodes.
+    fn visible_links(&self, layer: usize, ino: u64) -> io::Result<u64> {
+        let index = self.link_index(layer)?;
+        let root = self.state(ROOT_ID)?;
+        let mut n = 0;
+        'paths: for path in index.get(&ino).into_iter().flatten() {
+            let mut ps = root.clone();
+            let mut ppath: Vec<u8> = Vec::new();
+            let comps: Vec<&[u8]> = path.split(|b| *b == b'/').collect();
+            for (k, comp) in comps.iter().enumerate() {
+                let Some(found) = self.resolve(&ps, &ppath, comp)? else {
+                    continue 'paths;
+                };
+                if k + 1 == comps.len() {
+                    if !found.upper
+                        && found.lowers.first() == Some(&layer)
+                        && found.st.st_ino == ino
+                    {
+                        n += 1;
+                    }
+                } else if !found.is_dir() {
+                    continue 'paths;
+                } else {
+                    ps.upper = found.upper;
+                    ps.lowers = found.lowers;
+                    ppath = join(&ppath, comp);
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn entry(&self, id: u64, s: &NodeState, st: Stat) -> Entry {
@@ -924,25 +988,7 @@ impl OverlayFs {
     /// resolving it from the root (a name whited out, shadowed by a higher
     /// layer or under an opaque directory is not the view's).
     fn link_lower_names(&self, id: u64, layer: usize, st: &Stat, path: &[u8]) -> io::Result<()> {
-        let index = {
-            let mut cache = self.link_index.lock().map_err(poisoned)?;
-            match cache.get(&layer) {
-                Some(i) => Arc::clone(i),
-                None => {
-                    use std::os::unix::ffi::OsStrExt;
-                    let mut index = LinkIndex::new();
-                    let root = self.lowers[layer].abs(b"");
-                    index_links(
-                        std::path::Path::new(std::ffi::OsStr::from_bytes(&root)),
-                        b"",
-                        &mut index,
-                    )?;
-                    let index = Arc::new(index);
-                    cache.insert(layer, Arc::clone(&index));
-                    index
-                }
-            }
-        };
+        let index = self.link_index(layer)?;
         for other in index.get(&st.st_ino).into_iter().flatten() {
             if other.as_slice() == path {
                 continue;
