@@ -6,7 +6,7 @@
 # 0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --workspace --bins
+cargo build --workspace --bins --examples
 cargo test --workspace
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

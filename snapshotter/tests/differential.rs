@@ -691,7 +691,7 @@ fn check(dir: &Path, l1: &[u8], l2: &[u8], ops: &[Op]) -> Result<(), String> {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).unwrap();
     let stores = stores(dir, l1, l2);
-    let overlay_ok = !lower_hard_links(l1, l2);
+    let mut overlay_ok = !lower_hard_links(l1, l2);
     let views: Vec<_> = stores
         .iter()
         .map(|(s, chain)| s.prepare("step", Some(chain)).unwrap())
@@ -706,6 +706,12 @@ fn check(dir: &Path, l1: &[u8], l2: &[u8], ops: &[Op]) -> Result<(), String> {
         }
         let mut got = vec![first];
         got.extend(execs[1..].iter_mut().map(|e| e.run(op)));
+        // overlayfs answers ESTALE to renaming one name of a file linked
+        // in the step onto another (a kernel limitation, not a result to
+        // match): it is no oracle for the rest of such a sequence
+        if overlay_ok && got[2] == format!("err:{}", libc::ESTALE) && got[1] == got[0] {
+            overlay_ok = false;
+        }
         let compared = if overlay_ok { 3 } else { 2 };
         if got[..compared].iter().any(|g| *g != got[0]) {
             outcome = Err(format!(
