@@ -68,6 +68,10 @@ pub fn in_userns(name: &str) -> bool {
         "{name} failed inside the user namespace ({}):\n{stdout}\n{stderr}",
         out.status
     );
+    // a test's own summary lines (`differential: N sequences ...`)
+    for l in stderr.lines().filter(|l| l.starts_with("differential:")) {
+        eprintln!("{l}");
+    }
     false
 }
 
