@@ -44,29 +44,23 @@ fn debian_tar() -> Option<PathBuf> {
     Some(tar)
 }
 
-#[test]
-fn builds_on_a_debootstrapped_debian() {
+/// A project at `test_dir(name)` with `files` (relative path, content) in
+/// its context and the Debian tree imported as `debian-local:bookworm` into
+/// its state directory; `None` (after saying why) when the tree cannot be
+/// made. Returns the project directory and the state directory.
+fn debian_project(name: &str, files: &[(PathBuf, Vec<u8>)]) -> Option<(PathBuf, String)> {
     let Some(tar) = debian_tar() else {
         missing_prerequisite("making the Debian rootfs with debootstrap needs root");
-        return;
+        return None;
     };
-    let dir = test_dir("build-debian");
+    let dir = test_dir(name);
     let staged = dir.join("debian.tar");
     std::fs::copy(&tar, &staged).unwrap();
-    std::fs::create_dir_all(dir.join("ctx")).unwrap();
-    std::fs::write(
-        dir.join("ctx/Dockerfile"),
-        "FROM debian-local:bookworm\n\
-         RUN dpkg-query -W -f '${Package}\\n' | wc -l > /packages && useradd -m -u 1000 builder\n\
-         USER builder\n\
-         WORKDIR /home/builder\n\
-         RUN id -u > uid && echo ok > owned-by-builder && mkdir -p many && for i in $(seq 1 500); do echo $i > many/$i; done\n\
-         USER root\n\
-         RUN test \"$(id -u)\" = 0 && chown builder /home/builder/uid\n\
-         USER builder\n\
-         CMD [\"cat\", \"/home/builder/uid\"]\n",
-    )
-    .unwrap();
+    for (rel, content) in files {
+        let path = dir.join("ctx").join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
     give_to_test_user(&dir);
     let state = dir.join("state").display().to_string();
     let o = kiln([
@@ -80,6 +74,25 @@ fn builds_on_a_debootstrapped_debian() {
     .output()
     .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Some((dir, state))
+}
+
+#[test]
+fn builds_on_a_debootstrapped_debian() {
+    let dockerfile = "FROM debian-local:bookworm\n\
+         RUN dpkg-query -W -f '${Package}\\n' | wc -l > /packages && useradd -m -u 1000 builder\n\
+         USER builder\n\
+         WORKDIR /home/builder\n\
+         RUN id -u > uid && echo ok > owned-by-builder && mkdir -p many && for i in $(seq 1 500); do echo $i > many/$i; done\n\
+         USER root\n\
+         RUN test \"$(id -u)\" = 0 && chown builder /home/builder/uid\n\
+         USER builder\n\
+         CMD [\"cat\", \"/home/builder/uid\"]\n";
+    let Some((dir, state)) =
+        debian_project("build-debian", &[("Dockerfile".into(), dockerfile.into())])
+    else {
+        return;
+    };
     // The backend `auto` picks (kernel overlay here), then the FUSE view
     // kiln serves itself: dpkg, useradd (lock files, renames, O_TRUNC
     // rewrites of /etc files) and USER switching through both give an
@@ -175,49 +188,30 @@ fn build_and_check(dir: &Path, state: &str, snapshotter: &str) -> Vec<String> {
 /// resolver, HTTP out through the user-mode stack.
 #[test]
 fn apt_get_installs_from_the_machine_mirror_with_the_default_network() {
-    let Some(tar) = debian_tar() else {
-        missing_prerequisite("making the Debian rootfs with debootstrap needs root");
-        return;
-    };
-    let dir = test_dir("build-debian-apt");
-    let staged = dir.join("debian.tar");
-    std::fs::copy(&tar, &staged).unwrap();
-    let apt = dir.join("ctx/apt");
-    std::fs::create_dir_all(apt.join("sources.list.d")).unwrap();
-    let list = Path::new("/etc/apt/sources.list");
-    if list.exists() {
-        std::fs::copy(list, apt.join("sources.list")).unwrap();
-    } else {
-        std::fs::write(apt.join("sources.list"), "").unwrap();
-    }
+    // the machine's apt sources, as its apt reads them
+    let mut files: Vec<(PathBuf, Vec<u8>)> = vec![(
+        "apt/sources.list".into(),
+        std::fs::read("/etc/apt/sources.list").unwrap_or_default(),
+    )];
     for e in std::fs::read_dir("/etc/apt/sources.list.d")
         .into_iter()
         .flatten()
         .flatten()
     {
-        std::fs::copy(e.path(), apt.join("sources.list.d").join(e.file_name())).unwrap();
+        let rel = Path::new("apt/sources.list.d").join(e.file_name());
+        files.push((rel, std::fs::read(e.path()).unwrap()));
     }
-    std::fs::write(
-        dir.join("ctx/Dockerfile"),
+    files.push((
+        "Dockerfile".into(),
         "FROM debian-local:bookworm\n\
          COPY apt/ /etc/apt/\n\
          RUN apt-get update && apt-get install -y --no-install-recommends jq \\\n\
-             && echo '{\"a\": [1, 2]}' | jq -c '.a | add' > /jq-out\n",
-    )
-    .unwrap();
-    give_to_test_user(&dir);
-    let state = dir.join("state").display().to_string();
-    let o = kiln([
-        "--root",
-        &state,
-        "import",
-        &staged.display().to_string(),
-        "-t",
-        "debian-local:bookworm",
-    ])
-    .output()
-    .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+             && echo '{\"a\": [1, 2]}' | jq -c '.a | add' > /jq-out\n"
+            .into(),
+    ));
+    let Some((dir, state)) = debian_project("build-debian-apt", &files) else {
+        return;
+    };
     let out = dir.join("out");
     let o = kiln([
         "--root",

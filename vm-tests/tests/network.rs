@@ -62,6 +62,15 @@ fn sandbox_args(root: &Path, extra: &[&str], script: &str) -> Vec<String> {
     args
 }
 
+/// `script` in a `--network sandbox` sandbox on `root` with `stack`; its
+/// output (the run must succeed).
+fn in_sandbox(stack: &str, root: &Path, script: &str) -> String {
+    ok(&kiln_env(
+        &with_stack(stack),
+        &sandbox_args(root, &["--network", "sandbox"], script),
+    ))
+}
+
 /// The stack to force, as [`kiln_runtime`]'s `KILN_NETWORK_STACK`.
 fn with_stack(stack: &str) -> Vec<(&'static str, String)> {
     vec![("KILN_NETWORK_STACK", stack.to_string())]
@@ -208,14 +217,7 @@ fn the_sandbox_stack_is_up_before_the_command_runs() {
     // helper must have configured them before the child was released.
     let root = rootfs("net-ready");
     for stack in ["pasta", "slirp4netns"] {
-        let out = ok(&kiln_env(
-            &with_stack(stack),
-            &sandbox_args(
-                &root,
-                &["--network", "sandbox"],
-                "ip route; ls /sys/class/net",
-            ),
-        ));
+        let out = in_sandbox(stack, &root, "ip route; ls /sys/class/net");
         assert!(
             out.contains("default via"),
             "{stack}: no default route at start:\n{out}"
@@ -494,15 +496,12 @@ fn sandbox_routes_outbound_to_another_host() {
         let port = 47_300 + u16::try_from(i).unwrap();
         let marker = format!("routed-through-{stack}");
         ns.serve(port, &marker);
-        let out = ok(&kiln_env(
-            &with_stack(stack),
-            &sandbox_args(
-                &root,
-                &["--network", "sandbox"],
-                // busybox's server may repeat the line: the first is enough
-                &format!("timeout 5 nc 10.213.0.2 {port} </dev/null | head -n 1"),
-            ),
-        ));
+        // busybox's server may repeat the line: the first is enough
+        let out = in_sandbox(
+            stack,
+            &root,
+            &format!("timeout 5 nc 10.213.0.2 {port} </dev/null | head -n 1"),
+        );
         assert!(out.contains(&marker), "{stack}: {out}");
         ns.stop_server();
     }
@@ -648,14 +647,11 @@ fn sandbox_resolves_the_apt_mirror_through_the_host_resolver() {
     assert!(!want.is_empty(), "the host itself cannot resolve {host}");
     let root = rootfs("net-dns-mirror");
     for stack in ["pasta", "slirp4netns"] {
-        let out = ok(&kiln_env(
-            &with_stack(stack),
-            &sandbox_args(
-                &root,
-                &["--network", "sandbox"],
-                &format!("cat /etc/resolv.conf; nslookup -type=a {host}"),
-            ),
-        ));
+        let out = in_sandbox(
+            stack,
+            &root,
+            &format!("cat /etc/resolv.conf; nslookup -type=a {host}"),
+        );
         let got = answers(&out);
         assert!(
             got.iter().any(|a| want.contains(a)),
