@@ -1,21 +1,29 @@
-//! Before an upper directory becomes a layer: drop the whiteouts and opaque
-//! markers that hide nothing of the lower layers.
+//! Before an upper directory becomes a layer: write it in the one form
+//! that depends only on the tree the step left, not on how a backend got
+//! there.
 //!
 //! The three view backends reach the same tree by different ways, and each
-//! can leave a marker the others do not: kernel overlayfs makes every
+//! would leave markers the others do not: kernel overlayfs makes every
 //! directory created over a whiteout opaque, even where the lower layers
-//! had a file or nothing; the FUSE view carries the whiteouts of a
-//! directory it moves; the copy backend marks only what it must. A marker
-//! that hides nothing changes no tree, but it changes the layer's bytes, so
-//! the same build would give a different digest per backend. Here a
-//! whiteout stays only where the lower layers show an entry, and an opaque
-//! marker only where they show a directory, and nothing is kept beneath a
-//! directory that stays opaque (it hides everything below already).
+//! had a file or nothing; the FUSE view copies a renamed directory up whole
+//! and marks it opaque, even when it is renamed back; the copy backend sees
+//! only the final tree. A marker that changes no tree still changes the
+//! layer's bytes, so the same build would give a different digest per
+//! backend. The canonical form, a function of the lowers and the final
+//! tree alone:
+//! - a directory over a lower directory is opaque exactly when something
+//!   of the lower one is gone and nothing of it is left as it was (no name
+//!   shows through unchanged, no subdirectory stays merged); otherwise it
+//!   is merged, with a whiteout per lower name that is gone;
+//! - a whiteout stays only where the lowers show an entry, and nothing is
+//!   kept beneath an opaque directory but what it holds;
+//! - an entry that is what the lowers show already is left out.
 //!
 //! It never touches a lower layer, and keeps the times of every directory
 //! it changes (a layer records them).
 
-use std::ffi::{CStr, CString};
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -26,11 +34,17 @@ use crate::sys::{self, Time};
 /// The opaque markers kiln's layer format and overlayfs use.
 const OPAQUE: [&CStr; 2] = [c"user.overlay.opaque", c"trusted.overlay.opaque"];
 
-/// Drop the needless markers of `upper`, a view over `lowers` (topmost
-/// first), and the entries that are what the lowers show already.
+/// Rewrite `upper`, a view over `lowers` (topmost first), in the canonical
+/// form.
 pub fn drop_needless(upper: &Path, lowers: &[PathBuf]) -> io::Result<()> {
     let dir = sys::open_dir(upper)?;
-    walk(dir.as_fd(), Path::new(""), lowers, false)?;
+    let mut opaque = HashMap::new();
+    decide(dir.as_fd(), Path::new(""), lowers, false, &mut opaque)?;
+    let state = State {
+        hidden: false,
+        was_opaque: false,
+    };
+    walk(dir.as_fd(), Path::new(""), lowers, state, &opaque)?;
     Ok(())
 }
 
@@ -42,52 +56,157 @@ enum Below {
     Other,
 }
 
-/// Clean the directory `dir` (at `rel`); returns whether it is now empty
-/// and itself the same as the lowers' directory there (its parent may
-/// drop it).
-fn walk(dir: BorrowedFd<'_>, rel: &Path, lowers: &[PathBuf], hidden: bool) -> io::Result<bool> {
+fn is_opaque(dir: BorrowedFd<'_>) -> bool {
+    OPAQUE
+        .iter()
+        .any(|x| sys::fgetxattr(dir, x).is_ok_and(|v| v == b"y"))
+}
+
+fn is_dir(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// Whether the upper directory `dir` at `rel`, over a lower directory,
+/// is opaque in the canonical form; records the answer for each
+/// subdirectory over a lower directory in `out` (by path). `was_opaque`:
+/// whether nothing of the lowers shows through it now (it or a parent is
+/// marked opaque).
+fn decide(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    lowers: &[PathBuf],
+    was_opaque: bool,
+    out: &mut HashMap<PathBuf, bool>,
+) -> io::Result<bool> {
+    let lower = shown_names(lowers, rel)?;
+    let mut gone = false;
+    let mut kept = false;
+    let mut files = Vec::new();
+    for name in sys::list_dir(dir)? {
+        let st = sys::lstat_at(dir, &name)?;
+        let path = rel.join(OsStr::from_bytes(name.to_bytes()));
+        let over = lower.contains(&name);
+        if sys::is_whiteout(&st) {
+            continue;
+        }
+        if is_dir(&st) {
+            if over && below(lowers, &path)? == Below::Dir {
+                let sub = sys::open_dir_at(dir, &name)?;
+                let sub_opaque = was_opaque || is_opaque(sub.as_fd());
+                let opaque = decide(sub.as_fd(), &path, lowers, sub_opaque, out)?;
+                out.insert(path, opaque);
+                kept |= !opaque;
+            }
+        } else if over && st.st_nlink == 1 {
+            files.push((name, st, path));
+        }
+    }
+    for name in &lower {
+        match sys::lstat_at(dir, name) {
+            Ok(st) if sys::is_whiteout(&st) => gone = true,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if was_opaque {
+                    gone = true;
+                } else {
+                    kept = true;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if rel.as_os_str().is_empty() || !gone || kept {
+        return Ok(false);
+    }
+    for (name, st, path) in files {
+        if same_as_shown(dir, &name, &st, lowers, path.as_os_str().as_bytes())? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Where `walk` is: under a directory that is opaque in the canonical
+/// form (`hidden`), and whether nothing of the lowers showed through the
+/// directory before (`was_opaque`).
+#[derive(Clone, Copy)]
+struct State {
+    hidden: bool,
+    was_opaque: bool,
+}
+
+/// Rewrite the directory `dir` (at `rel`) as `decide` chose; returns
+/// whether it is now empty and itself the same as the lowers' directory
+/// there (its parent may drop it).
+fn walk(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    lowers: &[PathBuf],
+    state: State,
+    opaque: &HashMap<PathBuf, bool>,
+) -> io::Result<bool> {
     let times = dir_times(&sys::lstat_at(dir, c"")?);
     let mut changed = false;
     let mut kept = 0usize;
+    let mut present = BTreeSet::new();
     for name in sys::list_dir(dir)? {
-        let path = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let path = rel.join(OsStr::from_bytes(name.to_bytes()));
         let st = sys::lstat_at(dir, &name)?;
-        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         if sys::is_whiteout(&st) {
-            if hidden || below(lowers, &path)? == Below::Nothing {
+            if state.hidden || below(lowers, &path)? == Below::Nothing {
                 sys::unlinkat(dir, &name, false)?;
                 changed = true;
                 continue;
             }
-        } else if is_dir {
+            present.insert(name);
+        } else if is_dir(&st) {
+            present.insert(name.clone());
             let sub = sys::open_dir_at(dir, &name)?;
-            let mut opaque = false;
+            let was_opaque = state.was_opaque || is_opaque(sub.as_fd());
+            let make_opaque = !state.hidden && opaque.get(&path) == Some(&true);
             for x in OPAQUE {
-                if sys::fgetxattr(sub.as_fd(), x).is_ok_and(|v| v == b"y") {
-                    if hidden || below(lowers, &path)? != Below::Dir {
-                        sys::fremovexattr(sub.as_fd(), x)?;
-                    } else {
-                        opaque = true;
-                    }
+                if sys::fgetxattr(sub.as_fd(), x).is_ok() && (!make_opaque || x != OPAQUE[0]) {
+                    sys::fremovexattr(sub.as_fd(), x)?;
                 }
             }
-            let empty_and_same = walk(sub.as_fd(), &path, lowers, hidden || opaque)?;
+            if make_opaque && !is_opaque(sub.as_fd()) {
+                sys::fsetxattr(sub.as_fd(), OPAQUE[0], b"y")?;
+            }
+            let sub_state = State {
+                hidden: state.hidden || make_opaque,
+                was_opaque,
+            };
+            let empty_and_same = walk(sub.as_fd(), &path, lowers, sub_state, opaque)?;
             drop(sub);
-            if empty_and_same && !opaque && !hidden {
+            if empty_and_same && !make_opaque && !state.hidden {
                 sys::unlinkat(dir, &name, true)?;
                 changed = true;
                 continue;
             }
-        } else if !hidden
-            && st.st_nlink == 1
-            && same_as_shown(dir, &name, &st, lowers, path.as_os_str().as_bytes())?
-        {
-            // a copy-up that changed nothing (a chown to the same owner)
-            sys::unlinkat(dir, &name, false)?;
-            changed = true;
-            continue;
+        } else {
+            present.insert(name.clone());
+            if !state.hidden
+                && st.st_nlink == 1
+                && same_as_shown(dir, &name, &st, lowers, path.as_os_str().as_bytes())?
+            {
+                // a copy-up that changed nothing (a chown to the same owner)
+                sys::unlinkat(dir, &name, false)?;
+                changed = true;
+                continue;
+            }
         }
         kept += 1;
+    }
+    // a directory that hid the lowers and now merges with them: a
+    // whiteout for each lower name it does not hold
+    if state.was_opaque && !state.hidden && !rel.as_os_str().is_empty() {
+        for name in shown_names(lowers, rel)? {
+            if !present.contains(&name) {
+                sys::mknod_whiteout(dir, &name)?;
+                changed = true;
+                kept += 1;
+            }
+        }
     }
     if changed {
         sys::set_times_at(dir, c"", times.0, times.1)?;
@@ -100,12 +219,69 @@ fn walk(dir: BorrowedFd<'_>, rel: &Path, lowers: &[PathBuf], hidden: bool) -> io
     let Some((lower, lst)) = shown(lowers, rel)? else {
         return Ok(false);
     };
-    if lst.st_mode & libc::S_IFMT != libc::S_IFDIR {
+    if !is_dir(&lst) {
         return Ok(false);
     }
     let (parent, lname) = open_parent(&lower)?;
     Ok(crate::tree::read_meta_at(dir, c"")?.1
         == crate::tree::read_meta_at(parent.as_fd(), &lname)?.1)
+}
+
+/// The names the lower layers (topmost first), merged, show in the
+/// directory at `rel`; none if they show no directory there.
+fn shown_names(lowers: &[PathBuf], rel: &Path) -> io::Result<BTreeSet<CString>> {
+    let mut names = BTreeSet::new();
+    let mut hidden = BTreeSet::new();
+    let parts: Vec<&OsStr> = rel.iter().collect();
+    'layers: for layer in lowers {
+        let mut at = layer.clone();
+        let mut stop = false;
+        for part in parts.iter() {
+            at.push(part);
+            let c = path_c(&at)?;
+            let st = match lstat(&c) {
+                Ok(st) => st,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if stop {
+                        break 'layers;
+                    }
+                    continue 'layers;
+                }
+                Err(e) => return Err(e),
+            };
+            if !is_dir(&st) {
+                break 'layers;
+            }
+            stop |= OPAQUE
+                .iter()
+                .any(|x| sys::lgetxattr(&c, x).is_ok_and(|v| v == b"y"));
+        }
+        if parts.is_empty() {
+            let c = path_c(&at)?;
+            stop |= OPAQUE
+                .iter()
+                .any(|x| sys::lgetxattr(&c, x).is_ok_and(|v| v == b"y"));
+        }
+        let d = sys::open_dir(&at)?;
+        for name in sys::list_dir(d.as_fd())? {
+            if names.contains(&name) || hidden.contains(&name) {
+                continue;
+            }
+            if sys::is_whiteout(&sys::lstat_at(d.as_fd(), &name)?) {
+                hidden.insert(name);
+            } else {
+                names.insert(name);
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+    Ok(names)
+}
+
+fn path_c(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// The directory holding `path`, opened, and its last component.

@@ -724,6 +724,7 @@ fn check(dir: &Path, l1: &[u8], l2: &[u8], ops: &[Op]) -> Result<(), String> {
     for e in &mut execs {
         e.close_all();
     }
+    let mut reference = Vec::new();
     if outcome.is_ok() {
         let seen: Vec<Vec<String>> = views
             .iter()
@@ -740,6 +741,7 @@ fn check(dir: &Path, l1: &[u8], l2: &[u8], ops: &[Op]) -> Result<(), String> {
                 diff_lines(&without_links(&seen[0]), &without_links(&seen[2]))
             ));
         }
+        reference = seen.into_iter().next().unwrap_or_default();
     }
     let opts = DiffOptions {
         compression: Compression::None,
@@ -754,6 +756,18 @@ fn check(dir: &Path, l1: &[u8], l2: &[u8], ops: &[Op]) -> Result<(), String> {
         })
         .collect();
     outcome?;
+    // the layer, applied over the lowers, gives back the tree the step saw
+    let (copy, chain) = &stores[0];
+    let (top, _) = copy.import(&tars[0][..], Some(chain), None).unwrap();
+    let applied = copy.view("applied", Some(&top.chain_id)).unwrap();
+    let got = listing_clamped(applied.path(), Some(EPOCH));
+    if got != reference {
+        return Err(format!(
+            "the layer, applied, is not the tree the step saw:\n{}",
+            diff_lines(&reference, &got)
+        ));
+    }
+    drop(applied);
     if tars[1] != tars[0] {
         return Err(format!(
             "the layer differs on fuse:\n{}",
@@ -1040,6 +1054,42 @@ fn known_cases() -> Vec<Case> {
             ],
             vec![Op::Unlink { path: "b".into() }],
             vec![Op::RmTree { path: "d".into() }],
+        ),
+        (
+            "a lower directory renamed away and back is not opaque",
+            vec![
+                mkdir("d"),
+                w("d/f", b'f', 3),
+                mkdir("d/s"),
+                w("d/s/g", b'g', 2),
+            ],
+            vec![],
+            vec![mv("d", "e"), mv("e", "d")],
+        ),
+        (
+            "a lower directory renamed away and back, less one file",
+            vec![mkdir("d"), w("d/f", b'f', 3), w("d/g", b'g', 3)],
+            vec![],
+            vec![
+                mv("d", "e"),
+                Op::Unlink { path: "e/g".into() },
+                mv("e", "d"),
+            ],
+        ),
+        (
+            "a lower file moved into a directory made where its own was",
+            vec![mkdir("d"), w("d/x", b'x', 3), w("d/y", b'y', 3)],
+            vec![],
+            vec![mv("d", "e"), mkdir("d"), mv("e/x", "d/x")],
+        ),
+        (
+            "a lower directory emptied in the step",
+            vec![mkdir("d"), w("d/x", b'x', 3), w("d/y", b'y', 3)],
+            vec![],
+            vec![
+                Op::Unlink { path: "d/x".into() },
+                Op::Unlink { path: "d/y".into() },
+            ],
         ),
         (
             "a moved directory does not carry the whiteouts of its old place",

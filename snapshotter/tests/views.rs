@@ -514,7 +514,8 @@ fn copy_backend_detects_every_kind_of_change() {
         "replace-source Whiteout",
         "reuse Directory",
         "reuse/new Regular",
-        "reuse/old Whiteout",
+        // nothing of the lower `reuse` is left as it was: opaque
+        "reuse/.wh..wh..opq Regular",
         "same-size Regular",
     ]
     .iter()

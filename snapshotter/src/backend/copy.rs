@@ -202,7 +202,6 @@ struct Rec {
     ino: u64,
     birth: i128,
     ctime: (i64, i64),
-    is_dir: bool,
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -224,6 +223,9 @@ fn load_manifest(path: &Path) -> Result<HashMap<Vec<u8>, Rec>> {
         let [ino, birth, cs, cn, kind, p] = f[..] else {
             return Err(bad());
         };
+        if kind != "d" && kind != "f" {
+            return Err(bad());
+        }
         let rec = Rec {
             ino: ino.parse().map_err(|_| bad())?,
             birth: birth.parse().map_err(|_| bad())?,
@@ -231,7 +233,6 @@ fn load_manifest(path: &Path) -> Result<HashMap<Vec<u8>, Rec>> {
                 cs.parse().map_err(|_| bad())?,
                 cn.parse().map_err(|_| bad())?,
             ),
-            is_dir: kind == "d",
         };
         out.insert(unhex(p).ok_or_else(bad)?, rec);
     }
@@ -240,9 +241,10 @@ fn load_manifest(path: &Path) -> Result<HashMap<Vec<u8>, Rec>> {
 
 #[derive(Debug)]
 enum Change {
-    /// a directory whose own metadata changed; opaque if it replaced a
-    /// lower directory
-    Dir { opaque: bool },
+    /// a new directory, or one whose own metadata changed (one that
+    /// replaced a lower directory is written merged, with whiteouts for
+    /// what is gone; `markers` then decides whether it is opaque)
+    Dir,
     /// a new or changed non-directory, moved from the view
     Node,
     /// a path of the lowers that is gone
@@ -284,8 +286,7 @@ fn scan(
             let (_, meta) = tree::read_meta_at(dir, &name)?;
             s.dir_meta.insert(p.clone(), meta);
             if changed {
-                let opaque = old.is_some_and(|r| r.is_dir && !same_inode(r));
-                s.changes.push((p.clone(), Change::Dir { opaque }));
+                s.changes.push((p.clone(), Change::Dir));
             }
             let sub = sys::open_dir_at(dir, &name)?;
             scan(sub.as_fd(), &p, manifest, lowers, s)?;
@@ -328,18 +329,15 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
     };
     scan(target.as_fd(), b"", &manifest, &spec.lowers, &mut s)
         .map_err(err("scan", &spec.target))?;
-    for (p, rec) in &manifest {
+    for p in manifest.keys() {
         if s.present.contains_key(p) {
             continue;
         }
         let (parent, _) = parent_of(p);
-        // a deletion under a deleted or replaced directory is implied by
-        // that directory's own whiteout or opacity
-        let parent_same = parent.is_empty()
-            || matches!((s.present.get(parent), manifest.get(parent)),
-                (Some((ino, born, true)), Some(old)) if *ino == old.ino && *born == old.birth);
-        if parent_same {
-            let _ = rec;
+        // a deletion under a deleted directory, or one replaced by a
+        // non-directory, is implied by that entry
+        let parent_dir = parent.is_empty() || matches!(s.present.get(parent), Some((_, _, true)));
+        if parent_dir {
             s.changes.push((p.clone(), Change::Whiteout));
         }
     }
@@ -379,14 +377,9 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
                 sys::renameat(tdir.as_fd(), &cbase, pdir.as_fd(), &cbase)
                     .map_err(err("move", up(p)))?;
             }
-            Change::Dir { opaque } => {
-                let fd =
-                    ensure_upper_dir(upper.as_fd(), p, &s.dir_meta, &mut created, &mut dirs_done)
-                        .map_err(err("mkdir", up(p)))?;
-                if *opaque {
-                    sys::fsetxattr(fd.as_fd(), &cstring(OPAQUE_XATTR.as_bytes()), b"y")
-                        .map_err(err("mark opaque", up(p)))?;
-                }
+            Change::Dir => {
+                ensure_upper_dir(upper.as_fd(), p, &s.dir_meta, &mut created, &mut dirs_done)
+                    .map_err(err("mkdir", up(p)))?;
             }
         }
     }
