@@ -263,6 +263,14 @@ pub fn llistxattr(path: &CStr) -> io::Result<Vec<Vec<u8>>> {
     })
 }
 
+/// Extended attribute names of an open file.
+pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    list_with(|buf, len| {
+        // SAFETY: `buf` is writable for `len` bytes; `fd` is a valid descriptor.
+        unsafe { libc::flistxattr(fd.as_raw_fd(), buf, len) }
+    })
+}
+
 fn list_with(
     mut call: impl FnMut(*mut libc::c_char, usize) -> libc::ssize_t,
 ) -> io::Result<Vec<Vec<u8>>> {

@@ -44,18 +44,25 @@ pub fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
 /// xattrs except overlay ones.
 pub fn read_meta_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(libc::stat, Meta)> {
     let st = sys::lstat_at(dir, name)?;
-    let path = if name.is_empty() {
-        CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd())).expect("no NUL")
+    // an empty name means `dir` itself: through the descriptor (the
+    // l*xattr calls on /proc/self/fd/N would read the magic link's own,
+    // which are none)
+    let names = if name.is_empty() {
+        sys::flistxattr(dir)?
     } else {
-        proc_path(dir, name)
+        sys::llistxattr(&proc_path(dir, name))?
     };
     let mut xattrs = Vec::new();
-    for n in sys::llistxattr(&path)? {
+    for n in names {
         if is_overlay_xattr(&n) {
             continue;
         }
         let cn = CString::new(n).expect("xattr names have no NUL");
-        let v = sys::lgetxattr(&path, &cn)?;
+        let v = if name.is_empty() {
+            sys::fgetxattr(dir, &cn)?
+        } else {
+            sys::lgetxattr(&proc_path(dir, name), &cn)?
+        };
         xattrs.push((cn, v));
     }
     let meta = Meta {

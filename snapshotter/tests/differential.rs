@@ -763,8 +763,12 @@ fn check(dir: &Path, l1: &[u8], l2: &[u8], ops: &[Op]) -> Result<(), String> {
     let got = listing_clamped(applied.path(), Some(EPOCH));
     if got != reference {
         return Err(format!(
-            "the layer, applied, is not the tree the step saw:\n{}",
-            diff_lines(&reference, &got)
+            "the layer, applied, is not the tree the step saw:\n{}the layer:\n{}",
+            diff_lines(&reference, &got),
+            tar_entries(&tars[0])
+                .iter()
+                .map(|l| format!("  {l}\n"))
+                .collect::<String>()
         ));
     }
     drop(applied);
@@ -1090,6 +1094,16 @@ fn known_cases() -> Vec<Case> {
                 Op::Unlink { path: "d/x".into() },
                 Op::Unlink { path: "d/y".into() },
             ],
+        ),
+        (
+            "an xattr set on a lower directory",
+            vec![mkdir("a"), w("a/f", b'f', 2)],
+            vec![],
+            vec![Op::SetXattr {
+                path: "a".into(),
+                name: "user.one",
+                value: b'1',
+            }],
         ),
         (
             "a moved directory does not carry the whiteouts of its old place",
