@@ -9,6 +9,7 @@
 #   REPS=5 BENCH_DIR=/var/tmp/x bench/snapshotter/run.sh
 #   MOUNT_VIEW=target/debug/examples/mount-view REPS=1 bench/snapshotter/run.sh
 #   WORKLOADS="create20k read2k" bench/snapshotter/run.sh
+#   WORKLOADS="create200k cpa50k" REPS=3 bench/snapshotter/run.sh   # the large ones
 #
 # Each timing is the median of $REPS runs, each on a fresh mount and upper;
 # the backends take turns within each repetition.
@@ -68,6 +69,11 @@ mkdir -p lower
         mkdir -p tree20k/d$d
         for f in $(seq 0 199); do : >tree20k/d$d/f$f; done
     done
+    # 50,000 small files, a node_modules-like tree: 250 packages of 200
+    for d in $(seq 0 249); do
+        mkdir -p tree50k/p$d/lib
+        for f in $(seq 0 199); do echo "module $d $f" >tree50k/p$d/lib/f$f.js; done
+    done
     head -c $((512 << 20)) /dev/urandom >big-lower
 )
 sync
@@ -108,6 +114,7 @@ now() { date +%s.%N; }
 warm_lower() { # workload
     case $1 in
     read2k | cpa2k) find lower/tree2k -type f -print0 | xargs -0 cat >/dev/null ;;
+    cpa50k) find lower/tree50k -type f -print0 | xargs -0 cat >/dev/null ;;
     coldread512) cat lower/big-lower >/dev/null ;;
     stat20k) find lower/tree20k -printf '%s\n' >/dev/null ;;
     esac
@@ -125,6 +132,12 @@ run_once() { # backend workload
         mkdir c
         t0=$(now)
         for ((i = 0; i < 20000; i++)); do echo x >"c/f$i"; done
+        t1=$(now)
+        ;;
+    create200k)
+        mkdir c
+        t0=$(now)
+        for ((i = 0; i < 200000; i++)); do echo x >"c/f$i"; done
         t1=$(now)
         ;;
     read2k)
@@ -153,6 +166,11 @@ run_once() { # backend workload
         cp -a tree2k tree2k-copy
         t1=$(now)
         ;;
+    cpa50k)
+        t0=$(now)
+        cp -a tree50k tree50k-copy
+        t1=$(now)
+        ;;
     stat20k)
         t0=$(now)
         find tree20k -printf '%s %m %u\n' >/dev/null
@@ -167,7 +185,7 @@ run_once() { # backend workload
 median() { sort -g | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}'; }
 
 # WORKLOADS="read2k stat20k" runs only those
-read -ra WORKLOADS <<<"${WORKLOADS:-create20k read2k seqwrite512 seqread512 coldread512 cpa2k stat20k}"
+read -ra WORKLOADS <<<"${WORKLOADS:-create20k create200k read2k seqwrite512 seqread512 coldread512 cpa2k cpa50k stat20k}"
 # The backends take turns, in an order rotated from one repetition to the
 # next: run in blocks, whichever backend came first after a write-heavy
 # workload paid for its writeback (read2k on fuse was seen at 137 ms and

@@ -18,6 +18,13 @@ struct Cli {
     /// also in the registries config)
     #[arg(long, global = true, value_name = "HOST[:PORT]")]
     insecure_registry: Vec<String>,
+    /// The most bytes one layer may hold uncompressed, checked while it is
+    /// unpacked (pull, load, import, FROM, ADD of an archive, cache import)
+    #[arg(long, global = true, value_name = "SIZE", default_value = "64GiB")]
+    max_layer_size: String,
+    /// The most tar entries one layer may hold
+    #[arg(long, global = true, value_name = "N", default_value_t = 10_000_000)]
+    max_layer_entries: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +70,15 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    match cli::prune::parse_size(&cli.max_layer_size) {
+        Ok(max_bytes) => {
+            kiln_snapshotter::targuard::Limits::set_current(kiln_snapshotter::targuard::Limits {
+                max_bytes,
+                max_entries: cli.max_layer_entries,
+            })
+        }
+        Err(err) => finish(Err(err.context("--max-layer-size"))),
+    }
     if let Command::Debug(cmd) = cli.command {
         // Parsing and planning never start a sandbox: no namespace needed.
         finish(kiln_builder::cli_plan::run_debug(cmd).map(|()| 0));

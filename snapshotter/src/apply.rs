@@ -7,8 +7,10 @@
 //! so no entry can reach outside the target: absolute paths, `..`
 //! components, parents that are symlinks (in this layer or, for a parent the
 //! layer does not create, in a lower one), hard links to anything outside
-//! the layer chain, oversized PAX headers and anything after a corrupt
-//! header are refused with an error naming the entry. Device nodes other
+//! the layer chain and anything after a corrupt header are refused with an
+//! error naming the entry. Extension headers (long names, PAX) over 1 MiB
+//! and streams over the layer limits are refused by `targuard` before the
+//! tar crate reads them. Device nodes other
 //! than whiteouts are skipped and counted (kiln has no CAP_MKNOD on the
 //! host); setuid/setgid bits and holes of sparse files are kept.
 //!
@@ -30,6 +32,7 @@ use crate::compression;
 use crate::content::sha256_digest;
 use crate::diff::{OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX};
 use crate::sys::{self, Time};
+use crate::targuard::{Limits, TarGuard};
 use crate::tree::{self, Meta};
 
 /// Errors of apply.
@@ -51,11 +54,10 @@ pub enum Error {
     ThroughSymlink { entry: String, component: String },
     #[error("tar entry {entry}: hard link target {target} is not in this layer or its parents")]
     LinkOutside { entry: String, target: String },
-    #[error("tar entry {entry}: its PAX header holds {size} bytes, more than the {limit} allowed")]
-    PaxTooLarge {
-        entry: String,
-        size: usize,
-        limit: usize,
+    #[error("tar stream refused after entry {after}: {reason}; nothing after it was applied")]
+    Refused {
+        after: String,
+        reason: crate::targuard::Refused,
     },
     #[error("tar entry {entry}: name of {len} bytes is longer than PATH_MAX")]
     NameTooLong { entry: String, len: usize },
@@ -70,8 +72,6 @@ pub enum Error {
 /// Result type of apply.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Largest PAX extended header kiln reads (as Go's archive/tar).
-pub const MAX_PAX_BYTES: usize = 1 << 20;
 const PATH_MAX: usize = 4096;
 
 /// What an apply did.
@@ -125,6 +125,16 @@ impl<R: Read> Read for HashingReader<R> {
 /// `lowers` are the parent layer directories, topmost first; they are read
 /// only to copy up the target of a hard link that is not in this layer.
 pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<ApplyReport> {
+    apply_limited(layer, target, lowers, Limits::current())
+}
+
+/// [`apply`] with the stream limits `limits` instead of the process's.
+pub fn apply_limited(
+    layer: impl Read,
+    target: &Path,
+    lowers: &[PathBuf],
+    limits: Limits,
+) -> Result<ApplyReport> {
     let root = sys::open_dir(target).map_err(|source| Error::Target {
         path: target.to_path_buf(),
         source,
@@ -139,7 +149,7 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
         inner: decoder,
         hasher: Sha256::new(),
     };
-    let mut archive = tar::Archive::new(hashing);
+    let mut archive = tar::Archive::new(TarGuard::new(hashing, limits));
     let mut ap = Applier {
         root,
         lowers,
@@ -174,12 +184,9 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
     // read to the end so a compressed stream's trailer (gzip CRC, zstd
     // frame end) is checked and the diffID covers every byte
     let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(|source| Error::Stream {
-        after: last.clone(),
-        source,
-    })?;
+    io::copy(&mut rest, &mut io::sink()).map_err(|source| classify(source, &last))?;
     Ok(ApplyReport {
-        diff_id: sha256_digest(rest.hasher.finalize()),
+        diff_id: sha256_digest(rest.into_inner().hasher.finalize()),
         entries: ap.entries,
         skipped_devices: ap.skipped_devices,
         skipped_xattrs: ap.skipped_xattrs,
@@ -189,6 +196,12 @@ pub fn apply(layer: impl Read, target: &Path, lowers: &[PathBuf]) -> Result<Appl
 /// A read error from the entries iterator is either the decompressor
 /// failing (corrupt/truncated stream) or a bad tar header.
 fn classify(source: io::Error, after: &str) -> Error {
+    if let Some(reason) = crate::targuard::refused(&source) {
+        return Error::Refused {
+            after: after.to_string(),
+            reason: reason.clone(),
+        };
+    }
     let msg = source.to_string();
     if source.kind() == io::ErrorKind::UnexpectedEof
         || msg.contains("corrupt deflate")
@@ -270,9 +283,15 @@ fn cname(c: &[u8]) -> CString {
 }
 
 fn werr(entry: &str) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Write {
-        entry: entry.to_string(),
-        source,
+    move |source| match crate::targuard::refused(&source) {
+        Some(reason) => Error::Refused {
+            after: entry.to_string(),
+            reason: reason.clone(),
+        },
+        None => Error::Write {
+            entry: entry.to_string(),
+            source,
+        },
     }
 }
 
@@ -391,14 +410,13 @@ impl Applier<'_> {
         }
         let mut xattrs = Vec::new();
         let mut pax_mtime = None;
+        // (the guard bounded the PAX header's size before it was read)
         if let Some(pax) = entry.pax_extensions().map_err(werr(name))? {
-            let mut total = 0usize;
             for ext in pax {
                 let ext = ext.map_err(|source| Error::Header {
                     after: name.to_string(),
                     source,
                 })?;
-                total += ext.key_bytes().len() + ext.value_bytes().len();
                 let key = ext.key_bytes();
                 if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
                     // overlay bookkeeping must never come from a layer: a
@@ -419,13 +437,6 @@ impl Applier<'_> {
                         .and_then(|v| v.split('.').next().map(str::to_owned))
                         .and_then(|s| s.parse::<i64>().ok());
                 }
-            }
-            if total > MAX_PAX_BYTES {
-                return Err(Error::PaxTooLarge {
-                    entry: name.chars().take(200).collect(),
-                    size: total,
-                    limit: MAX_PAX_BYTES,
-                });
             }
         }
         xattrs.sort();

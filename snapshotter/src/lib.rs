@@ -20,6 +20,7 @@ mod markers;
 mod owner;
 pub mod snapshot;
 mod sys;
+pub mod targuard;
 mod tree;
 
 pub use backend::BackendKind;

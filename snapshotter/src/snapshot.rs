@@ -54,6 +54,13 @@ pub enum Error {
     Diff(#[from] diff::Error),
     #[error(transparent)]
     Apply(#[from] apply::Error),
+    #[error("layer {index} of {count} ({digest}): {source}")]
+    Layer {
+        index: usize,
+        count: usize,
+        digest: String,
+        source: apply::Error,
+    },
     #[error("image {digest}: {source}")]
     Image {
         digest: Digest,
@@ -439,7 +446,8 @@ impl Snapshotter {
         let diff_ids = config.rootfs().diff_ids();
         let mut parent: Option<Digest> = None;
         let mut reports = Vec::new();
-        for (layer, diff_id) in m.layers().iter().zip(diff_ids) {
+        let count = m.layers().len();
+        for (i, (layer, diff_id)) in m.layers().iter().zip(diff_ids).enumerate() {
             let diff_id: Digest = diff_id.parse().map_err(|source| Error::Image {
                 digest: m.config().digest().clone(),
                 source,
@@ -458,6 +466,12 @@ impl Snapshotter {
                             digest: layer.digest().to_string(),
                             expected,
                             actual,
+                        },
+                        Error::Apply(source) => Error::Layer {
+                            index: i + 1,
+                            count,
+                            digest: layer.digest().to_string(),
+                            source,
                         },
                         e => e,
                     })?;

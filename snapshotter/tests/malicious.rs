@@ -12,6 +12,7 @@ use std::path::Path;
 
 use common::*;
 use kiln_snapshotter::apply::{apply, Error};
+use kiln_snapshotter::targuard::Refused;
 
 /// A tar built entry by entry with raw header fields, so it can hold what
 /// no honest tar writer produces.
@@ -307,8 +308,25 @@ fn body() {
     let mut rec = format!("{total} comment=").into_bytes();
     rec.extend_from_slice(&value);
     rec.push(b'\n');
-    let tar = RawTar::default().pax(&rec).file("f", b"x").finish();
-    expect_err(&c, &tar, |e| matches!(e, Error::PaxTooLarge { .. }), "f");
+    let tar = RawTar::default()
+        .file("before", b"1")
+        .pax(&rec)
+        .file("f", b"x")
+        .finish();
+    expect_err(
+        &c,
+        &tar,
+        |e| {
+            matches!(
+                e,
+                Error::Refused {
+                    reason: Refused::Extension { kind: "PAX", .. },
+                    ..
+                }
+            )
+        },
+        "after entry before",
+    );
 
     // a truncated gzip stream
     let c = Case::new();
@@ -561,4 +579,91 @@ fn hard_link_to_a_lower_layer_file_is_copied_up() {
     assert_eq!(a.ino(), t.ino());
     assert_eq!(fs::read(upper.join("bin/alias")).unwrap(), b"tool");
     let _ = Path::new("");
+}
+
+/// A stream: one tar header declaring `size` bytes of GNU long name, then
+/// zeros up to that size, made as they are read; counts what was read.
+struct LongNameBomb {
+    header: Vec<u8>,
+    at: u64,
+    len: u64,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::io::Read for LongNameBomb {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = usize::try_from(self.len - self.at).unwrap_or(usize::MAX);
+        let n = buf.len().min(left);
+        let at = usize::try_from(self.at).unwrap();
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = self.header.get(at + i).copied().unwrap_or(b'a');
+        }
+        self.at += n as u64;
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_long_name_header_is_refused_before_its_body_is_read() {
+    let size: u64 = 256 << 20;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_path("././@LongLink").unwrap();
+    h.set_size(size);
+    h.set_cksum();
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bomb = LongNameBomb {
+        header: h.as_bytes().to_vec(),
+        at: 0,
+        len: 512 + size,
+        read: read.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let err = apply(bomb, dir.path(), &[]).expect_err("must be refused");
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                reason: Refused::Extension {
+                    kind: "GNU long name",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // what was read is apply's read-ahead, not the declared body
+    let read = read.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(read <= 4 << 20, "{read} bytes read for a refused header");
+}
+
+#[test]
+fn layer_limits_stop_the_stream() {
+    use kiln_snapshotter::targuard::Limits;
+    let mut tar = RawTar::default();
+    for i in 0..50 {
+        tar.file(&format!("f{i}"), b"x");
+    }
+    let tar = tar.finish();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_bytes: u64::MAX,
+        max_entries: 10,
+    };
+    let err = kiln_snapshotter::apply::apply_limited(&tar[..], dir.path(), &[], limits)
+        .expect_err("entries over the limit");
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                reason: Refused::TooManyEntries { limit: 10 },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("after entry f9"), "{err}");
 }

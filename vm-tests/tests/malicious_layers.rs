@@ -278,3 +278,48 @@ fn malicious_layers_through_load_from_and_add_leave_the_host_untouched() {
     assert!(loaded.contains(&"setuid-and-capability"), "{loaded:?}");
     assert!(loaded.contains(&"devices-and-fifo"), "{loaded:?}");
 }
+
+/// A layer whose GNU long name header declares 1 GiB (the body is cut
+/// short: what matters is that kiln refuses the header before reading
+/// it), and the layer limits of the command line, through `kiln load`.
+#[test]
+fn long_name_headers_and_layer_limits_are_refused_by_load() {
+    let dir = test_dir("layer-limits");
+    let state = dir.join("state").display().to_string();
+    let mut bomb = header("././@LongLink", b'L', "", 1 << 30, 0o644, &[b'a'; 4 << 20]);
+    bomb.extend(entry("f", b'0', "", b"x", 0o644));
+    let bomb = archive(&[bomb]);
+    let bomb_tar = docker_archive(&dir, "longname", &bomb);
+    let files: Vec<Vec<u8>> = (0..5)
+        .map(|i| entry(&format!("f{i}"), b'0', "", b"x", 0o644))
+        .collect();
+    let five = docker_archive(&dir, "five", &archive(&files));
+    give_to_test_user(&dir);
+
+    let load = |flags: &[&str], tar: &str| {
+        let mut args = vec!["--root", state.as_str()];
+        args.extend_from_slice(flags);
+        args.extend(["load", "-i", tar]);
+        let out = kiln(args).output().unwrap();
+        (out.status.success(), text(&out))
+    };
+    let (ok, err) = load(&[], &bomb_tar.display().to_string());
+    assert!(!ok, "a 1 GiB long name loaded");
+    assert!(
+        err.contains("GNU long name header declares 1073741824 bytes"),
+        "{err}"
+    );
+    let five = five.display().to_string();
+    let (ok, err) = load(&["--max-layer-entries", "4"], &five);
+    assert!(!ok, "5 entries loaded under a limit of 4");
+    assert!(
+        err.contains("over 4 entries") && err.contains("after entry f3"),
+        "{err}"
+    );
+    let (ok, err) = load(&["--max-layer-size", "2KiB"], &five);
+    assert!(!ok, "a 3.5 KiB layer loaded under 2 KiB");
+    assert!(err.contains("over 2048 bytes"), "{err}");
+    // within the limits it loads
+    let (ok, err) = load(&["--max-layer-entries", "5"], &five);
+    assert!(ok, "{err}");
+}

@@ -29,6 +29,7 @@ use std::path::{Component, Path, PathBuf};
 use kiln_snapshotter::compression::{self, Detected};
 use kiln_snapshotter::content;
 use kiln_snapshotter::diff::HashingWriter;
+use kiln_snapshotter::targuard::{Limits, TarGuard};
 use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, MediaType};
 
 use super::reference::{self, Reference};
@@ -240,7 +241,10 @@ fn read_archive(store: &ImageStore<'_>, reader: impl Read) -> Result<Contents> {
     }
     let kind = compression::detect(&mut buf).map_err(|e| Error::Read(io::Error::other(e)))?;
     let stream = compression::decoder(buf, kind).map_err(Error::Read)?;
-    let mut archive = tar::Archive::new(stream);
+    // long names and PAX headers bounded before the tar crate reads them;
+    // each layer inside gets the layer limits when it is unpacked
+    let guarded = TarGuard::new(stream, Limits::UNLIMITED);
+    let mut archive = tar::Archive::new(guarded);
     let content = store.snapshotter().content();
     let mut out = Contents {
         files: HashMap::new(),
