@@ -783,6 +783,18 @@ fn unreachable_registry_and_corrupt_blobs_leave_nothing_stored() {
     );
     assert!(blobs(&fresh).is_empty(), "stray blobs: {:?}", blobs(&fresh));
 
+    // a blob longer than its descriptor says: refused at the declared
+    // size, not read to its end
+    let mut longer = good.clone();
+    longer.resize(good.len() + (64 << 20), 0);
+    fs::write(&blob, &longer).unwrap();
+    let err = fails(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
+    assert!(
+        err.contains(&layer) && err.contains(&format!("more than the {} bytes", good.len())),
+        "{err}"
+    );
+    assert!(blobs(&fresh).is_empty(), "stray blobs: {:?}", blobs(&fresh));
+
     // with the blob repaired the same pull works
     fs::write(&blob, &good).unwrap();
     ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));

@@ -131,6 +131,14 @@ impl Registry {
             .map_err(|e| bad(e.to_string()))?;
         while let Some(chunk) = stream.stream.next().await {
             let chunk = chunk.map_err(|e| bad(e.to_string()))?;
+            // stop at the size the manifest declares: a registry that
+            // sends more is not read to its end
+            if w.size() + chunk.len() as u64 > desc.size() {
+                return Err(bad(format!(
+                    "more than the {} bytes the manifest says",
+                    desc.size()
+                )));
+            }
             w.write_all(&chunk).map_err(|e| bad(e.to_string()))?;
         }
         if w.size() != desc.size() {
