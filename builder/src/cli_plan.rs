@@ -101,7 +101,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let ignore = if file.as_os_str() == "-" {
         let root = args.context.join(".dockerignore");
         match std::fs::read(&root) {
-            Ok(text) => dockerignore::Matcher::from_dockerignore(&text)?,
+            Ok(text) => dockerignore::Matcher::from_dockerignore(&text)
+                .with_context(|| root.display().to_string())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => dockerignore::Matcher::default(),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", root.display())),
         }

@@ -485,3 +485,44 @@ fn files_no_step_copies_and_ignored_files_are_never_read() {
     );
     assert!(!out.join("app/ignored.key").exists());
 }
+
+#[test]
+fn an_ignore_file_that_cannot_be_read_or_parsed_stops_the_build() {
+    let p = Project::new(
+        "build-bad-ignore",
+        "FROM scratch\nCOPY rootfs/ /\nCOPY . /ctx/\n",
+    );
+    std::fs::write(p.ctx().join("secret.key"), "never sent\n").unwrap();
+    let ignore = p.ctx().join(".dockerignore");
+    std::fs::write(&ignore, "# keys\nsecret.key\n[unclosed\n").unwrap();
+    p.chown();
+    let out = p.dir.join("out");
+    let dest = format!("type=local,dest={}", out.display());
+    let o = p.build(&["--progress", "quiet", "-o", &dest]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "built with a broken .dockerignore");
+    assert!(
+        err.contains(&format!("{}: syntax error", ignore.display())) && err.contains("on line 3"),
+        "{err}"
+    );
+    assert!(!out.join("ctx/secret.key").exists());
+
+    // unreadable: a file of real root, mode 0600, is not kiln's to read
+    if !kiln_vm_tests::running_as_root() {
+        return;
+    }
+    std::fs::write(&ignore, "secret.key\n").unwrap();
+    std::fs::set_permissions(&ignore, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&ignore, Some(0), Some(0)).unwrap();
+    let o = p.build(&["--progress", "quiet", "-o", &dest]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "built with an unreadable .dockerignore"
+    );
+    assert!(
+        err.contains(&format!("cannot read {}", ignore.display())),
+        "{err}"
+    );
+    assert!(!out.join("ctx/secret.key").exists());
+}

@@ -60,6 +60,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the build context's ignore file: {0}; nothing was sent")]
+    Ignore(#[source] frontend::dockerignore::DockerignoreError),
     #[error("{file}:{line}: {instruction}: {source}")]
     Step {
         file: String,
@@ -123,6 +125,8 @@ pub enum StepError {
     },
     #[error("cannot open the source files: {0}")]
     Source(std::io::Error),
+    #[error("the named build context's ignore file: {0}")]
+    Ignore(#[source] frontend::dockerignore::DockerignoreError),
     #[error(transparent)]
     Mounts(#[from] run_mounts::Error),
     #[error(transparent)]
@@ -688,7 +692,8 @@ async fn build_shared(
         path: opts.context.clone(),
         source,
     })?;
-    let ignore = frontend::dockerignore::load(&opts.context, &opts.dockerfile).unwrap_or_default();
+    let ignore =
+        frontend::dockerignore::load(&opts.context, &opts.dockerfile).map_err(Error::Ignore)?;
     let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
     let cache_mounts =
         crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
@@ -1335,7 +1340,7 @@ impl Engine {
                 k.str("context").str(name);
                 source_root = fsutil::Root::open(path).map_err(StepError::Source)?;
                 dir_ignore = frontend::dockerignore::load(path, &path.join("Dockerfile"))
-                    .unwrap_or_default();
+                    .map_err(StepError::Ignore)?;
                 (&source_root, "named build context", Some(&dir_ignore))
             }
             Some(FromSource::Image(from_key, from_state)) => {

@@ -47,6 +47,8 @@ use crate::session::ssh::{Agent, Serving};
 /// Errors of a step's mounts.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("the named build context's ignore file: {0}")]
+    Ignore(#[source] crate::frontend::dockerignore::DockerignoreError),
     #[error("secret {id:?} is required (--mount=type=secret,id={id},required) but the build was not given it: pass --secret id={id},src=FILE")]
     MissingSecret { id: String },
     #[error("ssh agent {id:?} is required (--mount=type=ssh,id={id},required) but the build was not given it: pass --ssh {id}")]
@@ -160,7 +162,7 @@ fn dir_source<'a>(res: &Resources<'a>, from: Option<&FromSource>) -> Result<Opti
             })?),
             ignore: Some(
                 crate::frontend::dockerignore::load(path, &path.join("Dockerfile"))
-                    .unwrap_or_default(),
+                    .map_err(Error::Ignore)?,
             ),
             what: "named build context",
         }),

@@ -25,8 +25,19 @@ pub enum DockerignoreError {
     #[error("illegal exclusion pattern: \"!\" on line {0}; write !PATTERN")]
     IllegalExclusion(usize),
     /// A pattern `filepath.Match` would reject, e.g. an unclosed `[`.
-    #[error("syntax error in pattern {pattern:?}: {reason}")]
-    BadPattern { pattern: String, reason: String },
+    #[error("syntax error in pattern {pattern:?} on line {line}: {reason}")]
+    BadPattern {
+        line: usize,
+        pattern: String,
+        reason: String,
+    },
+    /// An error in the ignore file `path`: the build stops rather than
+    /// send what the file meant to exclude.
+    #[error("{path}: {source}")]
+    InFile {
+        path: PathBuf,
+        source: Box<DockerignoreError>,
+    },
     /// The ignore file exists but cannot be read.
     #[error("cannot read {path}: {source}")]
     Io {
@@ -54,10 +65,18 @@ pub struct Matcher {
 
 /// The patterns of a `.dockerignore` file, cleaned, in order (`!` kept).
 pub fn read_patterns(text: &[u8]) -> Vec<String> {
+    numbered_patterns(text)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// [`read_patterns`] with the line each pattern is on.
+fn numbered_patterns(text: &[u8]) -> Vec<(usize, String)> {
     let text = String::from_utf8_lossy(text);
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut out = Vec::new();
-    for line in text.lines() {
+    for (n, line) in text.lines().enumerate() {
         // A comment is a `#` in the first column; an indented `#` is a name.
         if line.starts_with('#') {
             continue;
@@ -77,11 +96,14 @@ pub fn read_patterns(text: &[u8]) -> Vec<String> {
                 cleaned.remove(0);
             }
         }
-        out.push(if invert {
-            format!("!{cleaned}")
-        } else {
-            cleaned
-        });
+        out.push((
+            n + 1,
+            if invert {
+                format!("!{cleaned}")
+            } else {
+                cleaned
+            },
+        ));
     }
     out
 }
@@ -158,20 +180,26 @@ fn compile(pattern: &str) -> std::result::Result<Regex, String> {
 }
 
 impl Matcher {
-    /// Compile cleaned patterns (as from [`read_patterns`]).
+    /// Compile cleaned patterns (as from [`read_patterns`]); errors give
+    /// a pattern's place in the list as its line.
     pub fn new<S: AsRef<str>>(patterns: impl IntoIterator<Item = S>) -> Result<Self> {
+        Matcher::numbered(patterns.into_iter().enumerate().map(|(n, p)| (n + 1, p)))
+    }
+
+    fn numbered<S: AsRef<str>>(patterns: impl IntoIterator<Item = (usize, S)>) -> Result<Self> {
         let mut out = Vec::new();
-        for (n, p) in patterns.into_iter().enumerate() {
+        for (line, p) in patterns {
             let p = p.as_ref().trim();
             if p.is_empty() {
                 continue;
             }
             let (exclusion, body) = match p.strip_prefix('!') {
-                Some("") => return Err(DockerignoreError::IllegalExclusion(n + 1)),
+                Some("") => return Err(DockerignoreError::IllegalExclusion(line)),
                 Some(b) => (true, clean_path(b)),
                 None => (false, clean_path(p)),
             };
             let regex = compile(&body).map_err(|reason| DockerignoreError::BadPattern {
+                line,
                 pattern: p.to_string(),
                 reason,
             })?;
@@ -186,7 +214,7 @@ impl Matcher {
 
     /// Read and compile the text of a `.dockerignore` file.
     pub fn from_dockerignore(text: &[u8]) -> Result<Self> {
-        Matcher::new(read_patterns(text))
+        Matcher::numbered(numbered_patterns(text))
     }
 
     /// No patterns: nothing is ignored.
@@ -267,7 +295,10 @@ pub fn ignore_file(context: &Path, dockerfile: &Path) -> PathBuf {
 pub fn load(context: &Path, dockerfile: &Path) -> Result<Matcher> {
     let path = ignore_file(context, dockerfile);
     match std::fs::read(&path) {
-        Ok(text) => Matcher::from_dockerignore(&text),
+        Ok(text) => Matcher::from_dockerignore(&text).map_err(|e| DockerignoreError::InFile {
+            path,
+            source: Box::new(e),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Matcher::default()),
         Err(source) => Err(DockerignoreError::Io { path, source }),
     }
@@ -357,6 +388,27 @@ mod tests {
             Matcher::new(["[abc"]),
             Err(DockerignoreError::BadPattern { .. })
         ));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".dockerignore");
+        std::fs::write(&file, "# secrets\n\nsecret.key\n[abc\n").unwrap();
+        let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: syntax error in pattern \"[abc\" on line 4: missing closing ]",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "a\n!\n").unwrap();
+        let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
+        assert!(
+            err.to_string().ends_with("on line 2; write !PATTERN"),
+            "{err}"
+        );
     }
 
     #[test]
