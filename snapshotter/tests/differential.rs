@@ -1106,6 +1106,22 @@ fn known_cases() -> Vec<Case> {
             }],
         ),
         (
+            "an xattr removed from a lower directory",
+            vec![
+                mkdir("a"),
+                Op::SetXattr {
+                    path: "a".into(),
+                    name: "user.one",
+                    value: b'x',
+                },
+            ],
+            vec![],
+            vec![Op::RemoveXattr {
+                path: "a".into(),
+                name: "user.one",
+            }],
+        ),
+        (
             "a moved directory does not carry the whiteouts of its old place",
             vec![
                 mkdir("a"),

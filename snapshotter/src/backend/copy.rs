@@ -132,6 +132,20 @@ fn merge_rec(
             }
             let sub_dst = sys::open_dir_at(dst, &name).map_err(err("open", &p))?;
             merge_rec(sub_src.as_fd(), sub_dst.as_fd(), &p, links)?;
+            // a merged directory has the upper one's metadata, all of it:
+            // xattrs only the lower one had go (as in overlayfs)
+            if is_dir && !opaque {
+                for x in sys::flistxattr(sub_dst.as_fd()).map_err(err("list xattrs", &p))? {
+                    if !meta
+                        .xattrs
+                        .iter()
+                        .any(|(n, _)| n.as_bytes() == x.as_slice())
+                    {
+                        sys::fremovexattr(sub_dst.as_fd(), &cstring(&x))
+                            .map_err(err("remove xattr", &p))?;
+                    }
+                }
+            }
             tree::set_meta_fd(sub_dst.as_fd(), &meta).map_err(err("set metadata", &p))?;
             continue;
         }
