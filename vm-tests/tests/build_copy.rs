@@ -529,3 +529,35 @@ fn malicious_archives_are_refused_and_the_host_is_unchanged() {
         assert!(found.stdout.is_empty(), "{name}: {found:?}");
     }
 }
+
+#[test]
+fn local_export_strips_setid_bits_unless_asked_to_keep_them() {
+    let p = Project::new(
+        "local-setid",
+        "FROM scratch\nCOPY files/ /files/\nCOPY --chmod=4755 files/run /suid\nCOPY --chmod=2755 files/run /sgid\n",
+    );
+    p.write("files/run", "#!/bin/sh\n");
+    p.write("files/shared/x", "x\n");
+    p.chown();
+    p.chmod("files/shared", 0o2775);
+    let out = p.build_local("out");
+    assert_eq!(
+        mode(&out.join("suid")),
+        0o755,
+        "setuid kept on the caller's file"
+    );
+    assert_eq!(
+        mode(&out.join("sgid")),
+        0o755,
+        "setgid kept on the caller's file"
+    );
+    // a setgid directory gives no privilege: kept
+    assert_eq!(mode(&out.join("files/shared")), 0o2775);
+    let kept = p.dir.join("kept");
+    ok(p.build(&[
+        "-o",
+        &format!("type=local,dest={},keep-setid=true", kept.display()),
+    ]));
+    assert_eq!(mode(&kept.join("suid")), 0o4755);
+    assert_eq!(mode(&kept.join("sgid")), 0o2755);
+}

@@ -21,7 +21,8 @@
 //!
 //! `type=local` writes the merged root filesystem into `dest` (created if
 //! missing, merged over what is there) with every file owned by uid/gid 0,
-//! which is the calling user on the host side of kiln's user namespace;
+//! which is the calling user on the host side of kiln's user namespace,
+//! and without setuid/setgid bits on files (`keep-setid=true` keeps them);
 //! `type=tar` keeps the image's owners. With SOURCE_DATE_EPOCH both clamp
 //! file mtimes to it. This module never changes a stored image or name
 //! except for `type=image`, and never writes outside the destination and
@@ -822,7 +823,7 @@ fn write_rootfs_dirs(
         // to the state directory and this destination.
         let rules = store.snapshotter().confinement().write(dir);
         kiln_snapshotter::confine::run_confined(&rules, || into(dir))?;
-        own_and_clamp(dir, opts.source_date_epoch)?;
+        own_and_clamp(dir, opts.source_date_epoch, spec.keep_setid)?;
         return Ok(());
     }
     let snap = store.snapshotter();
@@ -854,9 +855,11 @@ fn write_rootfs_dirs(
 }
 
 /// Give everything under `dir` to uid/gid 0 (the caller on the host) and
-/// clamp mtimes to `epoch`. chown clears setuid/setgid bits, so modes are
-/// put back afterwards.
-fn own_and_clamp(dir: &Path, epoch: Option<i64>) -> Result<()> {
+/// clamp mtimes to `epoch`. Setuid and setgid bits of non-directories are
+/// cleared unless `keep_setid`: a hostile Dockerfile must not leave a
+/// setuid program of the caller's in the caller's workspace (chown clears
+/// them too, so with `keep_setid` modes are put back afterwards).
+fn own_and_clamp(dir: &Path, epoch: Option<i64>, keep_setid: bool) -> Result<()> {
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     let mut dirs: BTreeMap<PathBuf, ()> = BTreeMap::new();
@@ -868,10 +871,16 @@ fn own_and_clamp(dir: &Path, epoch: Option<i64>) -> Result<()> {
             let meta = fs::symlink_metadata(&path).map_err(write_err(&path))?;
             if meta.uid() != 0 || meta.gid() != 0 {
                 std::os::unix::fs::lchown(&path, Some(0), Some(0)).map_err(write_err(&path))?;
-                if !meta.file_type().is_symlink() && meta.mode() & 0o6000 != 0 {
-                    fs::set_permissions(&path, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                        .map_err(write_err(&path))?;
-                }
+            }
+            let setid = !meta.file_type().is_symlink() && meta.mode() & 0o6000 != 0;
+            if setid {
+                let mode = if keep_setid || meta.is_dir() {
+                    meta.mode() & 0o7777
+                } else {
+                    meta.mode() & 0o1777
+                };
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                    .map_err(write_err(&path))?;
             }
             if meta.is_dir() {
                 stack.push(path.clone());

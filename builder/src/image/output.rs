@@ -11,7 +11,7 @@
 //! there; `-` is standard output for oci, docker and tar); `name`,
 //! `compression`, `compression-level`, `force-compression`, `oci-mediatypes`
 //! and `rewrite-timestamp` for image, oci and docker; `tar` for oci; `push`
-//! (only `false`) for image. Any other key, or a key a type does not take, is
+//! for image; `keep-setid` for local. Any other key, or a key a type does not take, is
 //! an error naming it, as is a value outside its set.
 //!
 //! This module only parses: it never touches a file or a store.
@@ -112,7 +112,8 @@ impl OutputType {
             OutputType::Image => "name, push, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
             OutputType::Oci => "dest, tar, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
             OutputType::Docker => "dest, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
-            OutputType::Local | OutputType::Tar => "dest",
+            OutputType::Local => "dest, keep-setid",
+            OutputType::Tar => "dest",
         }
     }
 
@@ -129,7 +130,8 @@ impl OutputType {
             OutputType::Image => key == "push" || image_keys.contains(&key),
             OutputType::Oci => key == "dest" || key == "tar" || image_keys.contains(&key),
             OutputType::Docker => key == "dest" || image_keys.contains(&key),
-            OutputType::Local | OutputType::Tar => key == "dest",
+            OutputType::Local => key == "dest" || key == "keep-setid",
+            OutputType::Tar => key == "dest",
         }
     }
 }
@@ -164,6 +166,9 @@ pub struct OutputSpec {
     pub tar: Option<bool>,
     /// type=image: push the names to their registries after storing
     pub push: bool,
+    /// type=local: keep setuid/setgid bits on the files written (they
+    /// are the caller's files there; stripped by default)
+    pub keep_setid: bool,
 }
 
 impl OutputSpec {
@@ -279,6 +284,7 @@ impl OutputSpec {
                 "rewrite-timestamp" => out.rewrite_timestamp = boolean()?,
                 "tar" => out.tar = Some(boolean()?),
                 "push" => out.push = boolean()?,
+                "keep-setid" => out.keep_setid = boolean()?,
                 _ => unreachable!("takes() lists every key handled here"),
             }
         }
@@ -382,6 +388,7 @@ impl OutputSpec {
             rewrite_timestamp: false,
             tar: None,
             push: false,
+            keep_setid: false,
         }
     }
 }
