@@ -334,7 +334,9 @@ fn spec_mount(m: &Mount, trees: &mut Vec<OwnedFd>) -> Result<SpecMount> {
 struct Prepared {
     plan: Plan,
     _args: Vec<CString>,
-    _env: Vec<CString>,
+    /// the environment may hold secrets (`RUN --mount=type=secret,env=`):
+    /// wiped when the plan is dropped
+    _env: zeroize::Zeroizing<Vec<CString>>,
     stdio: [Option<OwnedFd>; 3],
     /// our copies of the private sockets' sinks, closed after the clone
     sinks: Vec<OwnedFd>,
@@ -498,7 +500,7 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         .iter()
         .map(|a| cstring("an argument", a.as_bytes()))
         .collect::<Result<_>>()?;
-    let env_strings = process.env().clone().unwrap_or_default();
+    let env_strings = zeroize::Zeroizing::new(process.env().clone().unwrap_or_default());
     let path_var = env_strings
         .iter()
         .find_map(|e| e.strip_prefix("PATH="))
@@ -508,10 +510,12 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
         .filter(|d| !d.is_empty())
         .map(|d| cstring("PATH", d))
         .collect::<Result<Vec<_>>>()?;
-    let env: Vec<CString> = env_strings
-        .iter()
-        .map(|e| cstring("an environment entry", e.as_bytes()))
-        .collect::<Result<_>>()?;
+    let env: zeroize::Zeroizing<Vec<CString>> = zeroize::Zeroizing::new(
+        env_strings
+            .iter()
+            .map(|e| cstring("an environment entry", e.as_bytes()))
+            .collect::<Result<_>>()?,
+    );
     let ptrs = |v: &[CString]| {
         v.iter()
             .map(|c| c.as_ptr())

@@ -692,3 +692,92 @@ fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
     ok(build_env(&p, &[("SSH_AUTH_SOCK", &sock)], &refs));
     assert_eq!(p.out("out-ssh"), "ssh-round-trip-ok\n");
 }
+
+/// Copies of `needle` in the writable memory of process `pid` (as root).
+fn copies_in_memory(pid: u32, needle: &[u8]) -> usize {
+    use std::io::{Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let Ok(mut mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; usize::try_from(b - a).unwrap()];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        n += buf.windows(needle.len()).filter(|w| *w == needle).count();
+    }
+    n
+}
+
+#[test]
+fn an_env_secret_is_wiped_from_kiln_when_its_step_ends() {
+    if !running_as_root() {
+        // reading another user's process memory needs root
+        if std::env::var_os("CI").is_some() {
+            panic!("this test reads kiln's memory: run it as root");
+        }
+        return;
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!("kiln-wipe-{}-{stamp:040x}-{stamp:040x}", std::process::id());
+    // the allocator writes its free-list pointers over the first bytes of
+    // a freed buffer: look for the secret's tail
+    let tail = &secret.as_bytes()[secret.len() - 48..];
+    let nap = format!("7.{}", std::process::id() % 1000);
+    let p = Project::new(
+        "mount-secret-wipe",
+        &format!(
+            "FROM scratch\nCOPY rootfs/ /\nRUN --mount=type=secret,id=tok,env=TOK test -n \"$TOK\" && touch /a\nRUN sleep {nap}\n"
+        ),
+    );
+    let file = p.dir.join("secret.txt");
+    std::fs::write(&file, &secret).unwrap();
+    give_to_test_user(&p.dir);
+    let flag = format!("id=tok,src={}", file.display());
+    let mut child = kiln(p.build_args("state", &["--progress", "plain", "--secret", &flag]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let kiln_pid = child.id();
+    // wait for the second step's sleep: the first step has ended then
+    let start = std::time::Instant::now();
+    let sleeping = loop {
+        let found = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == nap.as_bytes()))
+        });
+        if found || start.elapsed().as_secs() > 60 {
+            break found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let copies = copies_in_memory(kiln_pid, tail);
+    let status = child.wait().unwrap();
+    assert!(sleeping, "the second step never started");
+    assert!(status.success());
+    // what stays for the whole build: the secret itself and the output
+    // redactor's copy; the step's environment (four copies on the way
+    // to execve: seven copies before they were wiped) is wiped
+    assert!(
+        copies <= 2,
+        "{copies} copies of the secret in kiln's memory"
+    );
+}

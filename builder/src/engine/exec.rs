@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
+use zeroize::Zeroize;
 
 use kiln_runtime::{ExitStatus, Network, PrivateFile, RunOptions, SandboxConfig, Stdio};
 use oci_spec::runtime::Mount;
@@ -224,7 +225,13 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
             ids.home.unwrap_or_else(|| "/root".into())
         ));
     }
-    let oci = config.to_spec()?;
+    let mut oci = config.to_spec()?;
+    // the environment may hold secrets (`RUN --mount=type=secret,env=`):
+    // every copy of it kiln makes is wiped when the step ends
+    config.env.zeroize();
+    for (_, v) in &mut spec.env {
+        v.zeroize();
+    }
 
     // --network=sandbox: the helper that carries the traffic, and the
     // step's resolv.conf and hosts naming what it can reach.
@@ -276,6 +283,13 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
             ..Default::default()
         },
     );
+    if let Some(env) = oci
+        .process_mut()
+        .as_mut()
+        .and_then(|p| p.env_mut().as_mut())
+    {
+        env.zeroize();
+    }
     // the stubs go before the layer is made
     drop(network_files);
     let tail: Vec<String> = reader.join().unwrap_or_default().into();
