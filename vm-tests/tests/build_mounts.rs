@@ -558,8 +558,13 @@ fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
 
 /// Copy the host's ssh client and the libraries it needs into `rootfs`.
 fn install_ssh_client(rootfs: &Path) {
-    let ldd = run_checked(Command::new("ldd").arg("/usr/bin/ssh"));
-    let mut files = vec![PathBuf::from("/usr/bin/ssh")];
+    install_host_binary(rootfs, "/usr/bin/ssh");
+}
+
+/// Copy a host binary and the libraries it links into `rootfs`.
+fn install_host_binary(rootfs: &Path, binary: &str) {
+    let ldd = run_checked(Command::new("ldd").arg(binary));
+    let mut files = vec![PathBuf::from(binary)];
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         if let Some(path) = line
             .split_whitespace()
@@ -779,5 +784,31 @@ fn an_env_secret_is_wiped_from_kiln_when_its_step_ends() {
     assert!(
         copies <= 2,
         "{copies} copies of the secret in kiln's memory"
+    );
+}
+
+#[test]
+fn a_step_gets_a_bounded_number_of_signatures() {
+    let p = Project::new(
+        "mount-ssh-budget",
+        "FROM scratch\nCOPY rootfs/ /\nCOPY key.pub msg /\nRUN --mount=type=ssh i=0; ok=0; while [ $i -lt 70 ]; do ssh-keygen -Y sign -n t -f /key.pub < /msg > /dev/null 2>&1 && ok=$((ok+1)); i=$((i+1)); done; echo \"signed $ok\"\n",
+    );
+    install_host_binary(&p.ctx().join("rootfs"), "/usr/bin/ssh-keygen");
+    let key = p.dir.join("key");
+    run_checked(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+    );
+    std::fs::copy(key.with_extension("pub"), p.ctx().join("key.pub")).unwrap();
+    std::fs::write(p.ctx().join("msg"), "sign me\n").unwrap();
+    give_to_test_user(&p.dir);
+    run_checked(Command::new("chmod").arg("600").arg(&key));
+    let ssh = format!("default={}", key.display());
+    let (_, err) = ok(p.build(&["--progress", "plain", "--ssh", &ssh]));
+    assert!(err.contains("signed 64"), "{err}");
+    assert!(
+        err.contains("asked its SSH agent for more than 64 signatures; 6 refused"),
+        "{err}"
     );
 }

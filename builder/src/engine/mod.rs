@@ -1249,6 +1249,9 @@ impl Engine {
                         emulators,
                     };
                     let r = exec::run(view.path(), spec, &self.progress);
+                    for warning in mounted.stop_agents() {
+                        self.progress.log(vertex, 2, &warning);
+                    }
                     // mount stubs go before the layer is made
                     drop(mounted);
                     r.map_err(StepError::from)

@@ -261,6 +261,30 @@ impl Drop for Mounted<'_> {
 impl Mounted<'_> {
     /// Undo everything: stop the agents, release cache leases, drop views
     /// and scratch copies, and remove the stubs still as kiln made them.
+    /// Stop the step's SSH agents; a line for the build's output for each
+    /// that refused sign requests past its limit.
+    pub fn stop_agents(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for h in std::mem::take(&mut self.holds) {
+            let Hold::Agent(t) = h else {
+                self.holds.push(h);
+                continue;
+            };
+            // joined: the thread only starts serving; dropping the
+            // Serving stops the agent
+            if let Ok(Some(serving)) = t.join() {
+                if serving.refused() > 0 {
+                    out.push(format!(
+                        "WARNING: the step asked its SSH agent for more than {} signatures; {} refused",
+                        crate::session::ssh::MAX_SIGNATURES,
+                        serving.refused()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     fn release(&mut self) {
         for h in self.holds.drain(..).rev() {
             match h {

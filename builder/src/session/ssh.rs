@@ -197,6 +197,13 @@ pub fn parse_flag(value: &str, env: impl Fn(&str) -> Option<OsString>) -> Result
     })
 }
 
+/// Signatures one step may ask for. kiln's RSA signer (the `rsa` crate)
+/// is not constant-time (RUSTSEC-2023-0071): a step that could ask for
+/// unlimited signatures and time them could learn the key. A build's
+/// `git clone` or `ssh` needs a handful; past this, sign requests get
+/// `SSH_AGENT_FAILURE` and the build's output says so.
+pub const MAX_SIGNATURES: usize = 64;
+
 /// A loaded agent: keys parsed and checked (or the upstream socket checked to
 /// accept connections) at build start, so a bad key fails the build before
 /// any step, naming the file.
@@ -268,13 +275,16 @@ impl Agent {
         let (stop_rx, stop_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
             .map_err(|e| self.serve_error("creating the stop pipe", e.into()))?;
         let agent = Arc::clone(self);
+        let budget = Arc::new(Budget::default());
+        let for_loop = Arc::clone(&budget);
         let accept = thread::Builder::new()
             .name(format!("ssh-agent-{}", self.id))
-            .spawn(move || agent.accept_loop(listener, Arc::new(stop_rx)))
+            .spawn(move || agent.accept_loop(listener, Arc::new(stop_rx), for_loop))
             .map_err(|source| self.serve_error("starting the accept thread", source))?;
         Ok(Serving {
             stop_tx: Some(stop_tx),
             accept: Some(accept),
+            budget,
         })
     }
 
@@ -303,7 +313,12 @@ impl Agent {
         }
     }
 
-    fn accept_loop(self: Arc<Self>, listener: UnixListener, stop: Arc<OwnedFd>) {
+    fn accept_loop(
+        self: Arc<Self>,
+        listener: UnixListener,
+        stop: Arc<OwnedFd>,
+        budget: Arc<Budget>,
+    ) {
         let active = Arc::new(AtomicUsize::new(0));
         let mut connections: Vec<JoinHandle<()>> = Vec::new();
         // Ends on stop, or if poll itself fails, which leaves no way to hear
@@ -329,6 +344,7 @@ impl Agent {
             let slot = Slot::take(&active);
             let agent = Arc::clone(&self);
             let stop = Arc::clone(&stop);
+            let budget = Arc::clone(&budget);
             let spawned = thread::Builder::new()
                 .name(format!("ssh-agent-{}-conn", self.id))
                 .spawn(move || {
@@ -336,7 +352,7 @@ impl Agent {
                     // Any error ends this one connection and nothing else:
                     // the client sees its socket close, as with a broken
                     // agent.
-                    let _ = agent.serve_connection(stream, stop.as_fd());
+                    let _ = agent.serve_connection(stream, stop.as_fd(), &budget);
                 });
             if let Ok(handle) = spawned {
                 connections.push(handle);
@@ -350,7 +366,12 @@ impl Agent {
         }
     }
 
-    fn serve_connection(&self, client: UnixStream, stop: BorrowedFd<'_>) -> io::Result<()> {
+    fn serve_connection(
+        &self,
+        client: UnixStream,
+        stop: BorrowedFd<'_>,
+        budget: &Budget,
+    ) -> io::Result<()> {
         client.set_nonblocking(true)?;
         let mut client = Peer {
             stream: client,
@@ -358,6 +379,10 @@ impl Agent {
         };
         let mut upstream: Option<Peer<'_>> = None;
         while let Some(request) = client.read_message()? {
+            if request.first() == Some(&msg::SIGN_REQUEST) && !budget.take() {
+                client.write_message(&[msg::FAILURE])?;
+                continue;
+            }
             let answer = match &self.backend {
                 Backend::Keys(identities) => answer(identities, &request),
                 Backend::Forward(path) if is_allowed(&request) => {
@@ -589,11 +614,37 @@ pub struct Serving {
     /// end, which then reports hang-up.
     stop_tx: Option<OwnedFd>,
     accept: Option<JoinHandle<()>>,
+    budget: Arc<Budget>,
 }
 
 impl Serving {
     pub fn stop(self) {
         drop(self);
+    }
+
+    /// Sign requests refused so far for being past [`MAX_SIGNATURES`].
+    pub fn refused(&self) -> usize {
+        self.budget.refused.load(Ordering::SeqCst)
+    }
+}
+
+/// The signatures one served agent (one step) has given and refused.
+#[derive(Default)]
+struct Budget {
+    signed: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+impl Budget {
+    /// Count one sign request; false once the step is past the limit.
+    fn take(&self) -> bool {
+        let before = self.signed.fetch_add(1, Ordering::SeqCst);
+        if before < MAX_SIGNATURES {
+            true
+        } else {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            false
+        }
     }
 }
 
@@ -954,6 +1005,26 @@ mod tests {
             parse_flag(&format!("x={},", s(&k1)), no_env),
             Err(SshError::EmptyPath { .. })
         ));
+    }
+
+    #[test]
+    fn signatures_past_the_limit_are_refused_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = keygen(d, "ed25519", &["-t", "ed25519"]);
+        let (serving, sock) = serve(d, SshSource::Keys(vec![key.clone()]));
+        let sign = sign_request(&blob(&key), b"data", 0);
+        // over several connections: the budget is the step's, not a
+        // connection's
+        for i in 0..MAX_SIGNATURES {
+            let answer = request(&sock, &sign).unwrap();
+            assert_eq!(answer[0], msg::SIGN_RESPONSE, "signature {i}");
+        }
+        assert_eq!(request(&sock, &sign).unwrap(), [msg::FAILURE]);
+        assert_eq!(request(&sock, &sign).unwrap(), [msg::FAILURE]);
+        assert_eq!(serving.refused(), 2);
+        // listing still works
+        assert_eq!(listed(&sock).len(), 1);
     }
 
     #[test]
