@@ -39,9 +39,13 @@ pub const DEFAULT_CAPS: [Capability; 13] = [
     Capability::Setfcap,
 ];
 
-/// The OCI default masked paths.
-pub const MASKED_PATHS: [&str; 9] = [
+/// The masked paths of Docker's default profile (the OCI defaults plus
+/// `/proc/asound`, `/proc/interrupts` and powercap), without the per-CPU
+/// `thermal_throttle` directories [`masked_paths`] adds.
+pub const MASKED_PATHS: [&str; 12] = [
     "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -49,8 +53,31 @@ pub const MASKED_PATHS: [&str; 9] = [
     "/proc/timer_stats",
     "/proc/sched_debug",
     "/proc/scsi",
+    "/sys/devices/virtual/powercap",
     "/sys/firmware",
 ];
+
+/// [`MASKED_PATHS`] and each CPU's `thermal_throttle` directory the host's
+/// sysfs at `sys` (normally `/sys`) has, as Docker masks them.
+pub fn masked_paths(sys: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = MASKED_PATHS.map(String::from).to_vec();
+    let mut cpus: Vec<String> = std::fs::read_dir(sys.join("devices/system/cpu"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let is_cpu = name
+                .strip_prefix("cpu")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            (is_cpu && e.path().join("thermal_throttle").is_dir())
+                .then(|| format!("/sys/devices/system/cpu/{name}/thermal_throttle"))
+        })
+        .collect();
+    cpus.sort();
+    out.extend(cpus);
+    out
+}
 
 /// The OCI default read-only paths.
 pub const READONLY_PATHS: [&str; 5] = [
@@ -229,7 +256,7 @@ impl SandboxConfig {
             .map_err(invalid)?;
         let linux = LinuxBuilder::default()
             .namespaces(namespaces)
-            .masked_paths(MASKED_PATHS.map(String::from).to_vec())
+            .masked_paths(masked_paths(std::path::Path::new("/sys")))
             .readonly_paths(READONLY_PATHS.map(String::from).to_vec())
             .build()
             .map_err(invalid)?;
@@ -252,6 +279,35 @@ impl SandboxConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn each_cpus_thermal_throttle_is_masked() {
+        let sys = tempfile::tempdir().unwrap();
+        for d in [
+            "cpu0/thermal_throttle",
+            "cpu12/thermal_throttle",
+            "cpu1",
+            "cpufreq",
+        ] {
+            std::fs::create_dir_all(sys.path().join("devices/system/cpu").join(d)).unwrap();
+        }
+        let paths = masked_paths(sys.path());
+        assert_eq!(
+            paths[MASKED_PATHS.len()..],
+            [
+                "/sys/devices/system/cpu/cpu0/thermal_throttle",
+                "/sys/devices/system/cpu/cpu12/thermal_throttle"
+            ]
+        );
+        for p in [
+            "/proc/asound",
+            "/proc/interrupts",
+            "/sys/devices/virtual/powercap",
+        ] {
+            assert!(paths.iter().any(|m| m == p), "{p}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -296,7 +296,7 @@ fn posture_of_a_step() {
 #[test]
 fn proc_is_masked_and_read_only_where_oci_says() {
     let out = ok(sh(
-        "for f in /proc/keys /proc/timer_list /proc/sched_debug /proc/latency_stats; do \
+        "for f in /proc/keys /proc/timer_list /proc/sched_debug /proc/latency_stats /proc/interrupts; do \
          [ -e $f ] && echo \"$f $(wc -c < $f)\"; done; \
          [ -e /proc/kcore ] && echo \"kcore $(wc -c < /proc/kcore)\"; \
          cat /proc/acpi/* /proc/scsi/* 2>/dev/null | wc -l; \
