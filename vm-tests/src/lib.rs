@@ -652,6 +652,26 @@ pub fn missing_prerequisite(reason: &str) {
         panic!("prerequisite missing under CI: {reason}");
     }
     eprintln!("skipped: {reason}");
+    // listed at the end of scripts/test.sh, so a skip is never mistaken
+    // for a pass
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_string();
+    let _ = fs::create_dir_all(scratch_root());
+    if let Ok(mut f) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skipped_list())
+    {
+        use std::io::Write;
+        let _ = writeln!(f, "{test}: {}", reason.replace('\n', " "));
+    }
+}
+
+/// Where skipped tests are listed (`missing_prerequisite`).
+pub fn skipped_list() -> PathBuf {
+    scratch_root().join("skipped")
 }
 
 /// The host name of the first http(s) Debian mirror the machine's apt

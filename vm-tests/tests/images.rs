@@ -214,7 +214,9 @@ fn docker_export_loads_and_runs_in_rootless_podman() {
     }
     let all = errors.join("\n");
     if all.contains("cgroup") {
-        eprintln!("SKIPPED podman run: podman cannot run containers on this host because of its cgroup setup:\n{all}");
+        kiln_vm_tests::missing_prerequisite(&format!(
+            "podman cannot run containers on this host because of its cgroup setup:\n{all}"
+        ));
         return;
     }
     panic!("podman run failed:\n{all}");

@@ -88,7 +88,9 @@ fn binfmt_listing() -> Vec<String> {
 #[test]
 fn two_platforms_one_index_emulated_arm64_and_a_shared_native_stage() {
     let Some(deb) = arm64_deb() else {
-        eprintln!("\n\n*** SKIPPED: no busybox-static arm64 .deb in {FIXTURES}; run scripts/setup-host.sh as root ***\n\n");
+        kiln_vm_tests::missing_prerequisite(&format!(
+            "no busybox-static arm64 .deb in {FIXTURES}; run scripts/setup-host.sh as root"
+        ));
         return;
     };
     let dir = test_dir("platform");

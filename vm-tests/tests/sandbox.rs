@@ -613,7 +613,7 @@ fn without_subordinate_ids_only_root_is_mapped_with_one_notice() {
     else {
         // Not root: the test user cannot make a second user. The mapping
         // decision itself is unit-tested in kiln-runtime's idmap module.
-        eprintln!("skipped: needs root to create a user without subordinate ids");
+        kiln_vm_tests::missing_prerequisite("creating a user without subordinate ids needs root");
         return;
     };
     let dir = test_dir("nosub");
@@ -666,8 +666,7 @@ fn without_subordinate_ids_only_root_is_mapped_with_one_notice() {
 
 #[test]
 fn real_root_never_runs_steps_as_root() {
-    if !running_as_root() {
-        eprintln!("skipped: needs root");
+    if !kiln_vm_tests::root_for("running kiln as real root") {
         return;
     }
     let o = std::process::Command::new(kiln_vm_tests::kiln_binary())
