@@ -126,6 +126,29 @@ impl Registry {
     }
 
     /// The file the registry keeps blob `digest` in.
+    /// Put `bytes` in the registry's storage as the manifest `repo:tag`
+    /// names, bypassing its API (which refuses what a hostile registry
+    /// would serve).
+    fn store_manifest(&self, repo: &str, tag: &str, bytes: &[u8], scratch: &Path) {
+        let digest = sha256_of(bytes, scratch);
+        let data = self.blob_file(&digest);
+        fs::create_dir_all(data.parent().unwrap()).unwrap();
+        fs::write(&data, bytes).unwrap();
+        let manifests = self
+            .storage
+            .join("docker/registry/v2/repositories")
+            .join(repo)
+            .join("_manifests");
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        for link in [
+            manifests.join("revisions/sha256").join(hex).join("link"),
+            manifests.join("tags").join(tag).join("current/link"),
+        ] {
+            fs::create_dir_all(link.parent().unwrap()).unwrap();
+            fs::write(&link, &digest).unwrap();
+        }
+    }
+
     fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
         self.storage
@@ -799,6 +822,29 @@ fn unreachable_registry_and_corrupt_blobs_leave_nothing_stored() {
     fs::write(&blob, &good).unwrap();
     ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
     assert!(!blobs(&fresh).is_empty());
+
+    // a config over 4 MiB is refused before it is fetched: the registry's
+    // stored manifest rewritten (as a hostile registry would serve it)
+    let mut big_config = manifest.clone();
+    big_config["config"]["size"] = serde_json::json!(64u64 << 30);
+    reg.store_manifest("bad", "1", &serde_json::to_vec(&big_config).unwrap(), &dir);
+    let err = fails(&mut kiln_env(
+        &[],
+        &dir.join("fresh3"),
+        &["pull", &insecure, &name],
+    ));
+    assert!(
+        err.contains("its config is 68719476736 bytes, more than the 4194304 bytes"),
+        "{err}"
+    );
+    reg.store_manifest("bad", "1", &raw, &dir);
+    ok(&mut kiln_env(
+        &[],
+        &dir.join("fresh4"),
+        &["pull", &insecure, &name],
+    ));
+    ok(&mut kiln_env(&[], &fresh, &["pull", &insecure, &name]));
+    assert!(!blobs(&fresh).is_empty());
 }
 
 #[test]
@@ -921,4 +967,65 @@ fn a_registry_cache_and_an_inline_cache_warm_a_fresh_state_directory() {
     );
     assert!(err.contains("WARNING: --cache-from"), "{err}");
     assert!(err.contains("2 steps run"), "{err}");
+}
+
+/// docker-registry never serves a manifest over 4 MiB itself, so a
+/// registry that does is a few lines here: `/v2/` answers 200 and a
+/// manifest request gets a 5 MiB body with its length declared, or a
+/// 64 MiB one without (read until close). kiln refuses both, and stops
+/// reading the second.
+#[test]
+fn manifests_over_4_mib_are_refused_before_being_read_whole() {
+    use std::io::{BufRead, BufReader, Write as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap_or(0);
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                let mut conn = conn;
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let head = "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n";
+                if path == "/v2/" {
+                    let _ = write!(conn, "{head}Content-Length: 2\r\n\r\n{{}}");
+                } else if path.contains("/manifests/sized") {
+                    let _ = write!(conn, "{head}Content-Length: {}\r\n\r\n", 5 << 20);
+                    let _ = conn.write_all(&vec![b' '; 5 << 20]);
+                } else {
+                    let _ = write!(conn, "{head}\r\n{{\"schemaVersion\":2,\"pad\":\"");
+                    let chunk = vec![b'x'; 64 << 10];
+                    for _ in 0..1024 {
+                        if conn.write_all(&chunk).is_err() {
+                            break;
+                        }
+                        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let dir = test_dir("registry-huge-manifest");
+    let state = dir.join("state");
+    let host = format!("127.0.0.1:{port}");
+    let insecure = format!("--insecure-registry={host}");
+    for tag in ["sized", "streamed"] {
+        let name = format!("{host}/huge:{tag}");
+        let err = fails(&mut kiln_env(&[], &state, &["pull", &insecure, &name]));
+        assert!(
+            err.contains(&name) && err.contains("the 4194304 bytes kiln reads"),
+            "{tag}: {err}"
+        );
+    }
+    let served = served.load(Ordering::Relaxed);
+    assert!(served < 32 << 20, "kiln read on: {served} bytes served");
 }

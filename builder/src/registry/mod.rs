@@ -98,7 +98,17 @@ pub const PARALLEL_BLOBS: usize = 4;
 pub struct Registry {
     client: Arc<oci_client::Client>,
     config: Arc<config::Config>,
+    /// kiln's own requests (manifests, read with a size limit): the same
+    /// roots and timeouts as the client's
+    http: reqwest::Client,
+    /// bearer tokens the client obtained, by registry, repository and
+    /// operation (`None`: the registry asked for none)
+    tokens: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>>,
 }
+
+/// The largest manifest, index or image config kiln reads, as containerd
+/// limits them: refused before more is read.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,16 +153,32 @@ impl Registry {
     pub fn new(config: config::Config) -> Result<Self> {
         install_crypto_provider();
         let mut extra = Vec::new();
+        let mut roots = Vec::new();
         for p in &config.ca_files {
             let data = std::fs::read(p).map_err(|e| Error::Ca {
                 path: p.display().to_string(),
                 reason: e.to_string(),
             })?;
+            roots.extend(
+                reqwest::Certificate::from_pem_bundle(&data).map_err(|e| Error::Ca {
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+            );
             extra.push(oci_client::client::Certificate {
                 encoding: oci_client::client::CertificateEncoding::Pem,
                 data,
             });
         }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .read_timeout(std::time::Duration::from_secs(300))
+            .tls_certs_merge(roots)
+            .build()
+            .map_err(|e| Error::Ca {
+                path: "certs.d".into(),
+                reason: e.to_string(),
+            })?;
         let insecure: Vec<String> = config
             .insecure
             .iter()
@@ -176,6 +202,8 @@ impl Registry {
         Ok(Registry {
             client: Arc::new(client),
             config: Arc::new(config),
+            http,
+            tokens: Arc::default(),
         })
     }
 
@@ -224,11 +252,57 @@ impl Registry {
         creds: &RegistryAuth,
         op: RegistryOperation,
     ) -> Result<()> {
-        self.client
+        let token = self
+            .client
             .auth(remote, creds, op)
             .await
             .map_err(|e| classify(name, host, e))?;
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(token_key(remote, op), token);
         Ok(())
+    }
+
+    /// The token `authenticate` got for `remote` and `op`, authenticating
+    /// first when there is none yet (or `fresh`: the last one was refused).
+    async fn token(
+        &self,
+        name: &str,
+        host: &str,
+        remote: &oci_client::Reference,
+        op: RegistryOperation,
+        fresh: bool,
+    ) -> Result<Option<String>> {
+        let key = token_key(remote, op);
+        let known = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        match known {
+            Some(token) if !fresh => Ok(token),
+            _ => {
+                self.authenticate(name, host, remote, op).await?;
+                Ok(self
+                    .tokens
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&key)
+                    .cloned()
+                    .flatten())
+            }
+        }
+    }
+
+    /// `http` or `https` for requests to `registry`, as the client decides.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.config.insecure.iter().any(|h| api_host(h) == registry) {
+            "http"
+        } else {
+            "https"
+        }
     }
 
     /// `kiln login`: check `creds` against `host` (a request that needs
@@ -258,6 +332,14 @@ impl Registry {
         }
         Ok(auth::store(host, &creds)?)
     }
+}
+
+fn token_key(remote: &oci_client::Reference, op: RegistryOperation) -> String {
+    let op = match op {
+        RegistryOperation::Pull => "pull",
+        RegistryOperation::Push => "push",
+    };
+    format!("{}/{}:{op}", remote.resolve_registry(), remote.repository())
 }
 
 /// Turn a client error into kiln's error for `reference` on `host`.
@@ -333,7 +415,7 @@ pub(crate) fn classify(reference: &str, host: &str, e: OciDistributionError) -> 
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

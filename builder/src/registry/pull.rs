@@ -5,12 +5,13 @@
 
 use futures_util::StreamExt;
 use kiln_snapshotter::content::{self, sha256_digest, ContentStore};
+use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
 
-use super::{classify, remote_ref, Error, Registry, Result, PARALLEL_BLOBS};
+use super::{classify, remote_ref, Error, Registry, Result, MAX_MANIFEST_BYTES, PARALLEL_BLOBS};
 use crate::image::reference::Reference;
 use crate::image::store::{self, Image, ImageStore, Platform};
 
@@ -69,12 +70,7 @@ impl Registry {
         let remote = remote_ref(r, host);
         // the credentials of the host asked, which may be a mirror: the
         // origin's login is never sent to another registry
-        let creds = Self::credentials(host)?;
-        let (bytes, _) = self
-            .client
-            .pull_manifest_raw(&remote, &creds, ACCEPT)
-            .await
-            .map_err(|e| classify(&name, host, e))?;
+        let bytes = self.get_manifest(&name, host, &remote).await?;
         let digest = sha256_digest(Sha256::digest(&bytes));
         if let Some(want) = &r.digest {
             if digest.to_string() != *want {
@@ -97,6 +93,99 @@ impl Registry {
         Ok((bytes.to_vec(), digest, media))
     }
 
+    /// GET the manifest `remote` names, reading at most
+    /// [`MAX_MANIFEST_BYTES`] (oci-client's own call reads any size whole).
+    async fn get_manifest(
+        &self,
+        name: &str,
+        host: &str,
+        remote: &oci_client::Reference,
+    ) -> Result<Vec<u8>> {
+        let registry = remote.resolve_registry();
+        let url = format!(
+            "{}://{registry}/v2/{}/manifests/{}",
+            self.scheme(registry),
+            remote.repository(),
+            remote.digest().or(remote.tag()).unwrap_or("latest")
+        );
+        // the credentials of the host asked, which may be a mirror: the
+        // origin's login is never sent to another registry
+        let creds = Self::credentials(host)?;
+        let failed = |reason: String| Error::Registry {
+            reference: name.to_string(),
+            host: host.to_string(),
+            reason,
+        };
+        for retry in [false, true] {
+            let token = self
+                .token(name, host, remote, RegistryOperation::Pull, retry)
+                .await?;
+            let mut req = self.http.get(&url).header("Accept", ACCEPT.join(", "));
+            req = match (&token, &creds) {
+                (Some(t), _) => req.bearer_auth(t),
+                (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+                _ => req,
+            };
+            let mut res = req.send().await.map_err(|e| Error::Unreachable {
+                reference: name.to_string(),
+                host: host.to_string(),
+                reason: super::source_chain(&e),
+            })?;
+            let status = res.status().as_u16();
+            match status {
+                200..=299 => {}
+                // an expired token: once more with a new one
+                401 if !retry => continue,
+                401 | 403 => {
+                    return Err(Error::Unauthorized {
+                        reference: name.to_string(),
+                        host: host.to_string(),
+                    })
+                }
+                404 => {
+                    return Err(Error::NotFound {
+                        reference: name.to_string(),
+                        host: host.to_string(),
+                    })
+                }
+                _ => {
+                    let mut text = Vec::new();
+                    while let Ok(Some(chunk)) = res.chunk().await {
+                        text.extend_from_slice(&chunk);
+                        if text.len() > 4096 {
+                            text.truncate(4096);
+                            break;
+                        }
+                    }
+                    return Err(failed(format!(
+                        "HTTP {status} for {url}: {}",
+                        String::from_utf8_lossy(&text).trim()
+                    )));
+                }
+            }
+            let too_large = |size: String| Error::BadManifest {
+                reference: name.to_string(),
+                reason: format!("it is {size} the {MAX_MANIFEST_BYTES} bytes kiln reads"),
+            };
+            if let Some(len) = res.content_length().filter(|l| *l > MAX_MANIFEST_BYTES) {
+                return Err(too_large(format!("{len} bytes, more than")));
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = res
+                .chunk()
+                .await
+                .map_err(|e| failed(super::source_chain(&e)))?
+            {
+                if (bytes.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
+                    return Err(too_large("longer than".into()));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            return Ok(bytes);
+        }
+        unreachable!("the second attempt returns")
+    }
+
     /// Stream blob `desc` of repository `r` on `host` into `content`,
     /// verified against its digest and size; a blob already stored is not
     /// fetched. Returns whether it was written now.
@@ -112,6 +201,16 @@ impl Registry {
             return Ok(false);
         }
         let name = r.to_string();
+        // configs are read whole later: bounded like manifests
+        if what.ends_with("config") && desc.size() > MAX_MANIFEST_BYTES {
+            return Err(Error::BadManifest {
+                reference: name,
+                reason: format!(
+                    "its {what} is {} bytes, more than the {MAX_MANIFEST_BYTES} bytes kiln reads",
+                    desc.size()
+                ),
+            });
+        }
         let remote = remote_ref(r, host);
         let digest = desc.digest().to_string();
         let bad = |reason: String| Error::BadBlob {
