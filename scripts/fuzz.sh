@@ -15,7 +15,7 @@ SECONDS_EACH="${1:-60}"
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(dockerfile dockerignore image_archive layer_apply)
+    TARGETS=(dockerfile dockerignore image_archive layer_apply registry_manifest cache_records)
 fi
 
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

@@ -511,27 +511,7 @@ pub async fn read_registry(
             digest: manifest.config().digest().to_string(),
             source: Box::new(source),
         })?;
-    if manifest.config().media_type().to_string() == CONFIG_MEDIA_TYPE {
-        return serde_json::from_slice(&config).map_err(|e| Error::Format {
-            place,
-            why: format!("config: {e}"),
-        });
-    }
-    // an image: inline records in its config, if it was built with them
-    let value: serde_json::Value = serde_json::from_slice(&config).map_err(|e| Error::Format {
-        place: place.clone(),
-        why: format!("image config: {e}"),
-    })?;
-    match value.get(INLINE_KEY) {
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::Format {
-            place,
-            why: format!("inline cache: {e}"),
-        }),
-        None => Err(Error::Format {
-            place,
-            why: "the image holds no inline cache (build it with --cache-to type=inline)".into(),
-        }),
-    }
+    cache_config_from(&place, manifest.config().media_type().as_ref(), &config)
 }
 
 /// Push `records` as a cache manifest to `reference`: the layer blobs the
@@ -646,6 +626,66 @@ pub fn parse_config(
     })
 }
 
+/// The layers of the imported record `key` (from `place`), checked before
+/// anything is fetched: each one's blob descriptor, diffID and chain ID;
+/// the record's chain must be the one its layers make.
+pub fn checked_layers(
+    place: &str,
+    key: &str,
+    state: &ImageState,
+) -> Result<Vec<(Descriptor, Digest, Digest)>> {
+    let malformed = |why: String| Error::Format {
+        place: place.to_string(),
+        why,
+    };
+    let mut out = Vec::new();
+    let mut parent: Option<Digest> = None;
+    for l in &state.layers {
+        let (Ok(digest), Ok(diff_id)) = (l.digest.parse::<Digest>(), l.diff_id.parse::<Digest>())
+        else {
+            return Err(malformed(format!("record {key} names a malformed layer")));
+        };
+        let desc = DescriptorBuilder::default()
+            .media_type(MediaType::from(l.media_type.as_str()))
+            .digest(digest)
+            .size(l.size)
+            .build()
+            .map_err(|e| malformed(e.to_string()))?;
+        let chain = chain_id(parent.as_ref(), &diff_id);
+        parent = Some(chain.clone());
+        out.push((desc, diff_id, chain));
+    }
+    if state.chain.as_deref() != parent.as_ref().map(|d| d.as_ref()) {
+        return Err(malformed(format!(
+            "record {key} names a chain its layers do not make"
+        )));
+    }
+    Ok(out)
+}
+
+/// The cache records in a config blob from `place`: a cache config (media
+/// type [`CONFIG_MEDIA_TYPE`]) or an image config with inline records.
+pub fn cache_config_from(place: &str, media_type: &str, config: &[u8]) -> Result<CacheConfig> {
+    let format = |why: String| Error::Format {
+        place: place.to_string(),
+        why,
+    };
+    if media_type == CONFIG_MEDIA_TYPE {
+        return serde_json::from_slice(config).map_err(|e| format(format!("config: {e}")));
+    }
+    // an image: inline records in its config, if it was built with them
+    let value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| format(format!("image config: {e}")))?;
+    match value.get(INLINE_KEY) {
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|e| format(format!("inline cache: {e}")))
+        }
+        None => Err(format(
+            "the image holds no inline cache (build it with --cache-to type=inline)".into(),
+        )),
+    }
+}
+
 /// Imported caches, consulted when a key misses locally.
 #[derive(Default)]
 pub struct Imported {
@@ -682,28 +722,12 @@ impl Imported {
                 continue;
             };
             let place = blobs.place();
+            let layers = checked_layers(&place, &key.0, state)?;
             let mut parent: Option<Digest> = None;
-            for l in &state.layers {
-                let (Ok(digest), Ok(diff_id)) =
-                    (l.digest.parse::<Digest>(), l.diff_id.parse::<Digest>())
-                else {
-                    return Err(Error::Format {
-                        place,
-                        why: format!("record {} names a malformed layer", key.0),
-                    });
-                };
-                let chain = chain_id(parent.as_ref(), &diff_id);
+            for (desc, diff_id, chain) in layers {
+                let digest = desc.digest().clone();
                 if !snap.layers().contains(&chain) {
                     if !snap.content().contains(&digest) {
-                        let desc = DescriptorBuilder::default()
-                            .media_type(MediaType::from(l.media_type.as_str()))
-                            .digest(digest.clone())
-                            .size(l.size)
-                            .build()
-                            .map_err(|e| Error::Format {
-                                place: place.clone(),
-                                why: e.to_string(),
-                            })?;
                         // verifies the digest; a mismatch keeps nothing
                         blobs.fetch_into(snap.content(), &desc)?;
                     }
@@ -723,12 +747,6 @@ impl Imported {
                         })?;
                 }
                 parent = Some(chain);
-            }
-            if state.chain.as_deref() != parent.as_ref().map(|d| d.as_ref()) {
-                return Err(Error::Format {
-                    place,
-                    why: format!("record {} names a chain its layers do not make", key.0),
-                });
             }
             cache.put(key, state).map_err(|source| Error::Io {
                 place: "records".into(),

@@ -30,7 +30,7 @@ use oci_client::RegistryOperation;
 use crate::image::reference::{self, Reference};
 use crate::image::store;
 
-pub use pull::Pulled;
+pub use pull::{resolve_document, Document, Pulled};
 pub use push::Pushed;
 
 /// Errors of talking to a registry.

@@ -52,6 +52,69 @@ fn media_of(bytes: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
+/// What a manifest or index document a registry sent means for a pull
+/// for `platform`.
+#[derive(Debug)]
+pub enum Document {
+    /// an image manifest
+    Manifest(Box<ImageManifest>),
+    /// an index: the entry for the platform, to fetch next
+    Index(Box<Descriptor>),
+}
+
+/// Parse `bytes` (media type `media`, as sent for `name`): an image
+/// manifest, or an index and its entry for `platform`. Never reads more
+/// than `bytes`; every malformed document is an error naming `name`.
+pub fn resolve_document(
+    name: &str,
+    media: &str,
+    bytes: &[u8],
+    platform: &Platform,
+) -> Result<Document> {
+    let bad_manifest = |reason: String| Error::BadManifest {
+        reference: name.to_string(),
+        reason,
+    };
+    if !is_index(Some(media), bytes) {
+        return ImageManifest::from_reader(bytes)
+            .map(|m| Document::Manifest(Box::new(m)))
+            .map_err(|e| bad_manifest(e.to_string()));
+    }
+    let index = ImageIndex::from_reader(bytes).map_err(|e| bad_manifest(e.to_string()))?;
+    let pick = index.manifests().iter().find(|d| {
+        d.platform()
+            .as_ref()
+            .is_some_and(|p| platform_matches(platform, p))
+    });
+    if let Some(pick) = pick {
+        return Ok(Document::Index(Box::new(pick.clone())));
+    }
+    let mut available: Vec<String> = index
+        .manifests()
+        .iter()
+        .filter_map(|d| d.platform().as_ref())
+        .map(|p| {
+            let mut s = format!("{}/{}", p.os(), p.architecture());
+            if let Some(v) = p.variant() {
+                s.push('/');
+                s.push_str(v);
+            }
+            s
+        })
+        .collect();
+    available.sort();
+    available.dedup();
+    Err(Error::NoPlatform {
+        reference: name.to_string(),
+        platform: platform.to_string(),
+        available: if available.is_empty() {
+            "no platforms".into()
+        } else {
+            available.join(", ")
+        },
+    })
+}
+
 fn platform_matches(want: &Platform, p: &oci_spec::image::Platform) -> bool {
     p.os().to_string() == want.os
         && p.architecture().to_string() == want.architecture
@@ -301,61 +364,29 @@ impl Registry {
         self.authenticate(&name, host, &remote, RegistryOperation::Pull)
             .await?;
         let (top_bytes, top_digest, top_media) = self.fetch_manifest(r, host).await?;
-        let bad_manifest = |reason: String| Error::BadManifest {
-            reference: name.clone(),
-            reason,
-        };
         let mut docs: Vec<(Vec<u8>, Digest, String)> = Vec::new();
-        let (man_bytes, man_digest, man_media) = if is_index(Some(&top_media), &top_bytes) {
-            let index =
-                ImageIndex::from_reader(&top_bytes[..]).map_err(|e| bad_manifest(e.to_string()))?;
-            let pick = index
-                .manifests()
-                .iter()
-                .find(|d| {
-                    d.platform()
-                        .as_ref()
-                        .is_some_and(|p| platform_matches(platform, p))
-                })
-                .cloned();
-            let Some(pick) = pick else {
-                let mut available: Vec<String> = index
-                    .manifests()
-                    .iter()
-                    .filter_map(|d| d.platform().as_ref())
-                    .map(|p| {
-                        let mut s = format!("{}/{}", p.os(), p.architecture());
-                        if let Some(v) = p.variant() {
-                            s.push('/');
-                            s.push_str(v);
+        let (man_bytes, man_digest, man_media, manifest) =
+            match resolve_document(&name, &top_media, &top_bytes, platform)? {
+                Document::Manifest(m) => (top_bytes, top_digest.clone(), top_media, *m),
+                Document::Index(pick) => {
+                    let child = Reference {
+                        digest: Some(pick.digest().to_string()),
+                        tag: None,
+                        ..r.clone()
+                    };
+                    docs.push((top_bytes, top_digest.clone(), top_media));
+                    let (bytes, digest, media) = self.fetch_manifest(&child, host).await?;
+                    match resolve_document(&name, &media, &bytes, platform)? {
+                        Document::Manifest(m) => (bytes, digest, media, *m),
+                        Document::Index(_) => {
+                            return Err(Error::BadManifest {
+                                reference: name,
+                                reason: format!("the index's entry {digest} is another index"),
+                            })
                         }
-                        s
-                    })
-                    .collect();
-                available.sort();
-                available.dedup();
-                return Err(Error::NoPlatform {
-                    reference: name,
-                    platform: platform.to_string(),
-                    available: if available.is_empty() {
-                        "no platforms".into()
-                    } else {
-                        available.join(", ")
-                    },
-                });
+                    }
+                }
             };
-            let child = Reference {
-                digest: Some(pick.digest().to_string()),
-                tag: None,
-                ..r.clone()
-            };
-            docs.push((top_bytes, top_digest.clone(), top_media));
-            self.fetch_manifest(&child, host).await?
-        } else {
-            (top_bytes, top_digest.clone(), top_media)
-        };
-        let manifest =
-            ImageManifest::from_reader(&man_bytes[..]).map_err(|e| bad_manifest(e.to_string()))?;
         docs.push((man_bytes, man_digest, man_media));
 
         let snap = store.snapshotter();
