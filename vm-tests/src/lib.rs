@@ -260,7 +260,38 @@ pub fn unprivileged(program: &Path) -> Command {
         return Command::new(program);
     }
     ensure_test_user();
-    let staged = stage_file(program);
+    as_test_user(&stage_file(program))
+}
+
+/// A copy of `program` owned by [`TEST_USER`] (when root; else by us):
+/// the real situation of a user who built kiln, whose own steps run as
+/// that user outside their namespaces, so a step that reached the binary
+/// could write it.
+pub fn owned_by_test_user(program: &Path) -> PathBuf {
+    let dir = scratch_root()
+        .join("bin")
+        .join(std::process::id().to_string())
+        .join("owned");
+    fs::create_dir_all(&dir).expect("create scratch dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+    let dst = dir.join(program.file_name().expect("file name"));
+    if !dst.exists() {
+        run_checked(Command::new("cp").arg(program).arg(&dst));
+        if running_as_root() {
+            ensure_test_user();
+            run_checked(Command::new("chown").arg(format!("{TEST_USER}:")).arg(&dst));
+        }
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod copy");
+    }
+    dst
+}
+
+/// Run `staged` (a path the test user can execute) as [`TEST_USER`] when
+/// root, else as ourselves.
+pub fn as_test_user(staged: &Path) -> Command {
+    if !running_as_root() {
+        return Command::new(staged);
+    }
     let home = format!("/home/{TEST_USER}");
     let mut cmd = Command::new("setpriv");
     cmd.args([

@@ -569,13 +569,38 @@ fn host_fds_do_not_leak_in() {
 
 #[test]
 fn init_cannot_be_overwritten_and_kiln_is_untouched() {
-    let bin = kiln_vm_tests::stage_file(&kiln_vm_tests::kiln_binary());
+    // runc CVE-2019-5736 with kiln as a user has it: a binary the user
+    // owns (the user a step's root is, outside its namespaces), which a
+    // step that could reach it could write
+    let bin = kiln_vm_tests::owned_by_test_user(&kiln_vm_tests::kiln_binary());
     let before = std::fs::read(&bin).unwrap();
-    let out = ok(sh("probe proc1_exe_write proc1_fd_open proc1_mem_open ptrace_init; \
-         echo x > /proc/1/exe 2>/dev/null && echo WROTE; cat /proc/1/exe > /dev/null 2>&1 && echo READ; true"));
+    // the check can fail: the user kiln runs as may write this binary
+    let writable = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            kiln_vm_tests::TEST_USER,
+            "--regid",
+            kiln_vm_tests::TEST_USER,
+        ])
+        .args(["--init-groups", "--", "test", "-w"])
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(
+        writable.success() || !running_as_root(),
+        "the test user cannot write its own kiln binary"
+    );
+    let root = rootfs().to_str().expect("utf-8 path").to_string();
+    let script = "probe proc1_exe_write proc1_fd_open proc1_mem_open ptrace_init proc1_vm_write self_exe_write; \
+         echo x > /proc/1/exe 2>/dev/null && echo WROTE; cat /proc/1/exe > /dev/null 2>&1 && echo READ; \
+         for p in /proc/[0-9]*; do (echo x > $p/exe) 2>/dev/null && echo WROTE-$p; done; true";
+    let out = ok(kiln_vm_tests::as_test_user(&bin)
+        .args(["sandbox", "--rootfs", &root, "--", "/bin/sh", "-c", script])
+        .output()
+        .unwrap());
     assert_eq!(
         out,
-        "ptrace_init EPERM\nproc1_exe_write EACCES\nproc1_fd_open EACCES\nproc1_mem_open EACCES\n"
+        "ptrace_init EPERM\nproc1_exe_write EACCES\nproc1_fd_open EACCES\nproc1_mem_open EACCES\nproc1_vm_write EPERM\nself_exe_write ETXTBSY\n"
     );
     assert_eq!(
         std::fs::read(&bin).unwrap(),

@@ -540,14 +540,22 @@ fn entitlements_and_unknown_modes_fail_closed() {
 
 #[test]
 fn the_kiln_binary_is_unchanged_after_the_escape_tests_run() {
-    // runc CVE-2019-5736: nothing a step does may reach the kiln binary.
-    let bin = kiln_vm_tests::kiln_binary();
+    // runc CVE-2019-5736: nothing a step does may reach the kiln binary,
+    // here one the test user owns (as a user's own build of kiln is)
+    let bin = kiln_vm_tests::owned_by_test_user(&kiln_vm_tests::kiln_binary());
     let before = run_checked(Command::new("sha256sum").arg(&bin)).stdout;
     let p = project(
         "security-exe",
-        "FROM scratch\nCOPY rootfs/ /\nRUN for p in /proc/[0-9]*; do (echo x > $p/exe) 2>/dev/null && echo WROTE-INTO-$p; for f in $p/fd/*; do (echo x >> $f) 2>/dev/null; done; done; true\n",
+        "FROM scratch\nCOPY rootfs/ /\nRUN probe proc1_vm_write self_exe_write; for p in /proc/[0-9]*; do (echo x > $p/exe) 2>/dev/null && echo WROTE-INTO-$p; for f in $p/fd/*; do (echo x >> $f) 2>/dev/null; done; done; true\n",
     );
-    let err = ok(p.build(&[]));
+    let err = ok(kiln_vm_tests::as_test_user(&bin)
+        .args(plain(&p, "state", &[]))
+        .output()
+        .unwrap());
+    assert!(
+        err.contains("proc1_vm_write EPERM") && err.contains("self_exe_write ETXTBSY"),
+        "{err}"
+    );
     assert!(!err.contains("WROTE-INTO-/proc"), "{err}");
     assert_eq!(
         run_checked(Command::new("sha256sum").arg(&bin)).stdout,
