@@ -149,17 +149,112 @@ impl Rules {
     }
 }
 
-/// Run `work` on a fresh thread restricted to `rules`, and return its
-/// result. The calling thread is not restricted.
-pub fn run_confined<T: Send>(rules: &Rules, work: impl FnOnce() -> T + Send) -> T {
+/// The host-side code kiln confines, as `kiln info` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Component {
+    /// unpacking a layer (load, pull, FROM, ADD of an archive, cache import)
+    LayerApply,
+    /// turning a step's changes into a layer
+    LayerDiff,
+    /// the FUSE overlay server's threads
+    FuseServer,
+    /// COPY, ADD and bind mounts from build contexts
+    ContextCopy,
+    /// `type=local` exports
+    Export,
+}
+
+impl Component {
+    /// Every component, in the order `kiln info` lists them.
+    pub const ALL: [Component; 5] = [
+        Component::LayerApply,
+        Component::LayerDiff,
+        Component::FuseServer,
+        Component::ContextCopy,
+        Component::Export,
+    ];
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Component::LayerApply => "layer apply",
+            Component::LayerDiff => "layer diff",
+            Component::FuseServer => "FUSE server",
+            Component::ContextCopy => "context copy",
+            Component::Export => "local export",
+        })
+    }
+}
+
+/// Confinement failed on a kernel that has Landlock: the work does not
+/// run unconfined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot confine the {component} with Landlock on a kernel that has it: {why}")]
+pub struct NotConfined {
+    pub component: Component,
+    pub why: String,
+}
+
+/// Restrict the calling thread to `rules` for `component`: what the
+/// kernel enforced, or an error when a kernel with Landlock refused the
+/// ruleset (then nothing may run on this thread). Without Landlock the
+/// work runs unconfined, as [`status`] reports.
+pub fn confine_current_thread(
+    component: Component,
+    rules: &Rules,
+) -> std::result::Result<Status, NotConfined> {
+    let got = rules.restrict_current_thread();
+    match (&got, status()) {
+        (Status::Unsupported(why), Status::Enforced { .. } | Status::Partial { .. }) => {
+            Err(NotConfined {
+                component,
+                why: why.clone(),
+            })
+        }
+        _ => Ok(got),
+    }
+}
+
+/// Run `work` on a fresh thread confined to `rules` as `component`, and
+/// return its result. The calling thread is not restricted.
+pub fn run_confined<T: Send>(
+    component: Component,
+    rules: &Rules,
+    work: impl FnOnce() -> T + Send,
+) -> std::result::Result<T, NotConfined> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            rules.restrict_current_thread();
-            work()
+            confine_current_thread(component, rules)?;
+            Ok(work())
         })
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// What confining `component` to `rules` gives on this host, checked
+/// rather than assumed: a thread is confined, then must be refused a
+/// listing of `/` (outside any rules kiln makes). For `kiln info`.
+pub fn check(component: Component, rules: &Rules) -> Status {
+    let outcome = std::thread::scope(|s| {
+        s.spawn(|| {
+            let got = confine_current_thread(component, rules);
+            let refused = std::fs::read_dir("/").map_err(|e| e.raw_os_error()).err()
+                == Some(Some(libc::EACCES));
+            (got, refused)
+        })
+        .join()
+    });
+    match outcome {
+        Err(_) => Status::Unsupported("the check thread panicked".into()),
+        Ok((Err(e), _)) => Status::Unsupported(e.why),
+        Ok((Ok(s @ Status::Unsupported(_)), _)) => s,
+        Ok((Ok(_), false)) => {
+            Status::Unsupported("confined, yet a listing of / was allowed".into())
+        }
+        Ok((Ok(s), true)) => s,
+    }
 }
 
 #[cfg(test)]
@@ -180,15 +275,17 @@ mod tests {
         std::fs::write(ro.join("f"), "ro").unwrap();
         std::fs::write(dir.path().join("outside"), "secret").unwrap();
         let rules = Rules::new().write(&rw).read(&ro);
-        let (inside, read_ok, ro_write, outside, etc) = run_confined(&rules, || {
-            (
-                std::fs::write(rw.join("new"), "x").is_ok(),
-                std::fs::read_to_string(ro.join("f")).is_ok(),
-                std::fs::write(ro.join("g"), "x").map_err(|e| e.raw_os_error()),
-                std::fs::read(dir.path().join("outside")).map_err(|e| e.raw_os_error()),
-                std::fs::read("/etc/passwd").map_err(|e| e.raw_os_error()),
-            )
-        });
+        let (inside, read_ok, ro_write, outside, etc) =
+            run_confined(Component::LayerDiff, &rules, || {
+                (
+                    std::fs::write(rw.join("new"), "x").is_ok(),
+                    std::fs::read_to_string(ro.join("f")).is_ok(),
+                    std::fs::write(ro.join("g"), "x").map_err(|e| e.raw_os_error()),
+                    std::fs::read(dir.path().join("outside")).map_err(|e| e.raw_os_error()),
+                    std::fs::read("/etc/passwd").map_err(|e| e.raw_os_error()),
+                )
+            })
+            .expect("Landlock confines here");
         assert!(inside && read_ok);
         assert_eq!(ro_write, Err(Some(libc::EACCES)));
         assert_eq!(outside, Err(Some(libc::EACCES)));
@@ -197,26 +294,84 @@ mod tests {
         assert!(std::fs::read(dir.path().join("outside")).is_ok());
     }
 
-    #[test]
-    fn layer_diff_under_the_store_rules_cannot_read_outside_the_store() {
+    /// A store and a directory beside it, outside its rules; `None` (and
+    /// why) without Landlock.
+    fn store_and_outside() -> Option<(tempfile::TempDir, crate::Snapshotter, PathBuf)> {
         if !matches!(status(), Status::Enforced { .. } | Status::Partial { .. }) {
             eprintln!("Landlock unavailable here: {}", status());
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let snap =
             crate::Snapshotter::open(&dir.path().join("store"), crate::BackendKind::Copy).unwrap();
         let outside = dir.path().join("elsewhere");
         std::fs::create_dir_all(&outside).unwrap();
+        Some((dir, snap, outside))
+    }
+
+    #[test]
+    fn layer_apply_under_the_store_rules_cannot_write_outside_the_store() {
+        let Some((_dir, snap, outside)) = store_and_outside() else {
+            return;
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "planted", &b"data"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        // the apply code path, pointed at a directory outside the store,
+        // fails under the store's rules...
+        let confined = run_confined(Component::LayerApply, &snap.confinement(), || {
+            crate::apply::apply(&tar[..], &outside, &[])
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .expect("Landlock confines here");
+        let err = confined.expect_err("write outside the store");
+        assert!(err.contains("Permission denied"), "{err}");
+        assert!(!outside.join("planted").exists());
+        // ...and works unconfined, so the rules are what stopped it
+        crate::apply::apply(&tar[..], &outside, &[]).unwrap();
+        assert!(outside.join("planted").exists());
+    }
+
+    #[test]
+    fn check_reports_what_a_confined_thread_got() {
+        let dir = tempfile::tempdir().unwrap();
+        let got = check(Component::Export, &Rules::new().write(dir.path()));
+        match status() {
+            Status::Unsupported(_) => assert!(matches!(got, Status::Unsupported(_))),
+            s => assert_eq!(got, s),
+        }
+        // rules that allow `/` itself: the check sees it was not confined
+        if !matches!(status(), Status::Unsupported(_)) {
+            let got = check(Component::Export, &Rules::new().read("/"));
+            assert!(
+                matches!(got, Status::Unsupported(ref why) if why.contains("allowed")),
+                "{got}"
+            );
+        }
+    }
+
+    #[test]
+    fn layer_diff_under_the_store_rules_cannot_read_outside_the_store() {
+        let Some((_dir, snap, outside)) = store_and_outside() else {
+            return;
+        };
         std::fs::write(outside.join("host-file"), "host data").unwrap();
         // The diff code path, pointed at a directory outside the store
         // (as a bug or a hostile tree might steer it), fails under the
         // store's rules...
-        let confined = run_confined(&snap.confinement(), || {
+        let confined = run_confined(Component::LayerDiff, &snap.confinement(), || {
             crate::diff::write_layer(&outside, snap.content(), crate::DiffOptions::default())
                 .map(drop)
                 .map_err(|e| e.to_string())
-        });
+        })
+        .expect("Landlock confines here");
         let err = confined.expect_err("read outside the store");
         assert!(err.contains("Permission denied"), "{err}");
         // ...and works unconfined, so the rules are what stopped it.

@@ -23,6 +23,7 @@ use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageM
 
 use crate::apply::{self, ApplyReport};
 use crate::backend::{self, BackendKind, MountedView, ViewSpec};
+use crate::confine::Component;
 use crate::content::{self, ContentStore};
 use crate::diff::{self, DiffOptions};
 use crate::layers::{self, GcReport, LayerInfo, LayerStore, Lease, TempLayer};
@@ -54,6 +55,8 @@ pub enum Error {
     Diff(#[from] diff::Error),
     #[error(transparent)]
     Apply(#[from] apply::Error),
+    #[error(transparent)]
+    Confine(#[from] crate::confine::NotConfined),
     #[error("layer {index} of {count} ({digest}): {source}")]
     Layer {
         index: usize,
@@ -349,12 +352,16 @@ impl Snapshotter {
         let _no_gc = self.layers.gc_guard(false)?;
         // The upper directory is what a step wrote: read on a thread that
         // can only touch the state directory.
-        let blob = crate::confine::run_confined(&self.confinement(), || -> Result<_> {
-            // the same tree gives the same layer whichever backend made it
-            crate::markers::drop_needless(&view.spec.upper, &view.spec.lowers)
-                .map_err(io_err(&view.spec.upper))?;
-            Ok(diff::write_layer(&view.spec.upper, &self.content, opts)?)
-        })?;
+        let blob = crate::confine::run_confined(
+            Component::LayerDiff,
+            &self.confinement(),
+            || -> Result<_> {
+                // the same tree gives the same layer whichever backend made it
+                crate::markers::drop_needless(&view.spec.upper, &view.spec.lowers)
+                    .map_err(io_err(&view.spec.upper))?;
+                Ok(diff::write_layer(&view.spec.upper, &self.content, opts)?)
+            },
+        )??;
         self.lease.add_blob(&blob.digest)?;
         let upper = view
             .upper
@@ -420,9 +427,10 @@ impl Snapshotter {
         // The tar is the image's bytes: applied on a thread that can only
         // touch the state directory.
         let fs_dir = temp.fs_dir();
-        let report = crate::confine::run_confined(&self.confinement(), || {
-            apply::apply(layer, &fs_dir, &lowers)
-        })?;
+        let report =
+            crate::confine::run_confined(Component::LayerApply, &self.confinement(), || {
+                apply::apply(layer, &fs_dir, &lowers)
+            })??;
         if let Some(expected) = expected_diff_id {
             if expected != &report.diff_id {
                 return Err(Error::DiffIdMismatch {

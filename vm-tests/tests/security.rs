@@ -581,6 +581,21 @@ fn kiln_info_reports_the_security_facts() {
         info["landlock"]["abi"].as_i64().unwrap(),
         landlock_abi().max(0)
     );
+    // what a confined thread of each component got, checked by kiln
+    for c in [
+        "layer apply",
+        "layer diff",
+        "FUSE server",
+        "context copy",
+        "local export",
+    ] {
+        let status = info["landlock"]["components"][c].as_str().unwrap_or("");
+        if landlock_abi() >= 5 {
+            assert!(status.starts_with("enforced"), "{c}: {info}");
+        } else {
+            assert!(!status.is_empty(), "{c}: {info}");
+        }
+    }
     assert!(info["user"]["uid_map"][0]
         .as_str()
         .unwrap()

@@ -53,8 +53,9 @@ pub struct User {
 pub struct Landlock {
     /// the kernel's ABI version; 0 without Landlock
     pub abi: i64,
-    /// layer apply/diff, FUSE server and context copies
-    pub host_side: String,
+    /// what a thread of each host-side component got, checked (a
+    /// confined thread must be refused a listing of `/`), by component
+    pub components: std::collections::BTreeMap<String, String>,
     /// abstract unix sockets and signals scoped in every step (ABI 6+)
     pub step_scoping: bool,
 }
@@ -155,7 +156,18 @@ impl Info {
                 .to_lowercase(),
             landlock: Landlock {
                 abi,
-                host_side: kiln_snapshotter::confine::status().to_string(),
+                components: {
+                    use kiln_snapshotter::confine::{check, Component, Rules};
+                    // each component is confined to directories of the
+                    // state directory (plus the context or destination
+                    // it reads or writes): checked here with the state
+                    // directory alone
+                    let rules = Rules::new().write(state);
+                    Component::ALL
+                        .iter()
+                        .map(|c| (c.to_string(), check(*c, &rules).to_string()))
+                        .collect()
+                },
                 step_scoping: abi >= 6,
             },
             seccomp: Seccomp {
@@ -194,10 +206,12 @@ impl Info {
             out.push_str(&format!("  only id 0 is mapped: {why}\n"));
         }
         out.push_str(&format!("Snapshotter: {}\n", self.snapshotter));
+        out.push_str(&format!("Landlock: ABI {}\n", self.landlock.abi));
+        for (component, status) in &self.landlock.components {
+            out.push_str(&format!("  {component}: {status}\n"));
+        }
         out.push_str(&format!(
-            "Landlock: ABI {}\n  host side: {}\n  steps scoped (abstract sockets, signals): {}\n",
-            self.landlock.abi,
-            self.landlock.host_side,
+            "  steps scoped (abstract sockets, signals): {}\n",
             yes(self.landlock.step_scoping)
         ));
         out.push_str(&format!(

@@ -1459,10 +1459,12 @@ impl Engine {
             rules = rules.read(path);
         }
         let view_path = view.path().to_path_buf();
-        let copied = kiln_snapshotter::confine::run_confined(&rules, || {
-            let target = fsutil::Root::open(&view_path).map_err(StepError::Source)?;
-            let owner =
-                match op.chown {
+        let copied = kiln_snapshotter::confine::run_confined(
+            kiln_snapshotter::confine::Component::ContextCopy,
+            &rules,
+            || {
+                let target = fsutil::Root::open(&view_path).map_err(StepError::Source)?;
+                let owner = match op.chown {
                     Some(spec) => Some(copy::chown_ids(&view_path, spec).map_err(|source| {
                         StepError::Chown {
                             spec: spec.to_string(),
@@ -1471,17 +1473,20 @@ impl Engine {
                     })?),
                     None => None,
                 };
-            let layers = self.snap.layers();
-            let unique = || layers.unique("add");
-            let attrs = copy::CopyAttrs {
-                owner,
-                chmod,
-                tmp: &layers.tmp_dir(),
-                unique: &unique,
-            };
-            copy::copy(&source, &entries, &target, &attrs)?;
-            Ok::<(), StepError>(())
-        });
+                let layers = self.snap.layers();
+                let unique = || layers.unique("add");
+                let attrs = copy::CopyAttrs {
+                    owner,
+                    chmod,
+                    tmp: &layers.tmp_dir(),
+                    unique: &unique,
+                };
+                copy::copy(&source, &entries, &target, &attrs)?;
+                Ok::<(), StepError>(())
+            },
+        )
+        .map_err(|e| StepError::Snapshot(e.into()))
+        .and_then(|r| r);
         if let Err(e) = copied {
             let _ = self.snap.remove(view);
             return Err(e);

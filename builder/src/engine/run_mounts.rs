@@ -47,6 +47,8 @@ use crate::session::ssh::{Agent, Serving};
 /// Errors of a step's mounts.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Confine(#[from] kiln_snapshotter::confine::NotConfined),
     #[error("the named build context's ignore file: {0}")]
     Ignore(#[source] crate::frontend::dockerignore::DockerignoreError),
     #[error("secret {id:?} is required (--mount=type=secret,id={id},required) but the build was not given it: pass --secret id={id},src=FILE")]
@@ -377,20 +379,24 @@ pub fn mount<'a>(
                     if let Some(FromSource::Dir { path, .. }) = from {
                         rules = rules.read(path);
                     }
-                    kiln_snapshotter::confine::run_confined(&rules, || {
-                        let unique = || layers.unique("bind");
-                        copy::copy(
-                            &src.source(),
-                            &entries,
-                            &dest,
-                            &copy::CopyAttrs {
-                                owner: None,
-                                chmod: None,
-                                tmp: &layers.tmp_dir(),
-                                unique: &unique,
-                            },
-                        )
-                    })?;
+                    kiln_snapshotter::confine::run_confined(
+                        kiln_snapshotter::confine::Component::ContextCopy,
+                        &rules,
+                        || {
+                            let unique = || layers.unique("bind");
+                            copy::copy(
+                                &src.source(),
+                                &entries,
+                                &dest,
+                                &copy::CopyAttrs {
+                                    owner: None,
+                                    chmod: None,
+                                    tmp: &layers.tmp_dir(),
+                                    unique: &unique,
+                                },
+                            )
+                        },
+                    )??;
                     // A file source is collected as /<name>; bind the file.
                     let src_path = source.as_deref().map(rel).unwrap_or_default();
                     let is_file = !src_path.as_os_str().is_empty()

@@ -48,6 +48,8 @@ use super::store::{self, Image, ImageStore};
 /// Errors of the exporters.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Confine(Box<kiln_snapshotter::confine::NotConfined>),
     #[error("rewrite-timestamp=true needs SOURCE_DATE_EPOCH (set it in the environment or as a build arg)")]
     NoEpoch,
     #[error("export to {path}: {source}")]
@@ -822,7 +824,12 @@ fn write_rootfs_dirs(
         // The layers' bytes become files here: on a thread Landlock keeps
         // to the state directory and this destination.
         let rules = store.snapshotter().confinement().write(dir);
-        kiln_snapshotter::confine::run_confined(&rules, || into(dir))?;
+        kiln_snapshotter::confine::run_confined(
+            kiln_snapshotter::confine::Component::Export,
+            &rules,
+            || into(dir),
+        )
+        .map_err(|e| Error::Confine(Box::new(e)))??;
         own_and_clamp(dir, opts.source_date_epoch, spec.keep_setid)?;
         return Ok(());
     }

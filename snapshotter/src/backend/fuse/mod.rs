@@ -49,6 +49,9 @@ pub enum Error {
     /// A server thread could not be started.
     #[error("cannot start a fuse server thread: {0}")]
     Thread(std::io::Error),
+    /// A server thread could not be confined on a kernel with Landlock.
+    #[error(transparent)]
+    Confine(#[from] crate::confine::NotConfined),
 }
 
 /// Result of the fuse backend.
@@ -162,7 +165,11 @@ fn serve(
     };
     let fs = Arc::new(fs);
     let server = Arc::new(Server::new(fs.clone()));
-    for i in 0..server_threads() {
+    // each thread confines itself before it serves anything, and says how
+    // that went: a view whose server could not be confined is not used
+    let (confined_tx, confined_rx) = std::sync::mpsc::channel();
+    let threads = server_threads();
+    for i in 0..threads {
         let session = view.session.as_ref().ok_or_else(|| Error::Session {
             target: target.to_path_buf(),
             message: "session gone".into(),
@@ -174,14 +181,36 @@ fn serve(
         let server = server.clone();
         let fs = fs.clone();
         let rules = rules.clone();
+        let confined_tx = confined_tx.clone();
         let t = std::thread::Builder::new()
             .name(format!("kiln-fuse-{i}"))
             .spawn(move || {
-                rules.restrict_current_thread();
-                serve_requests(&dev, &server, &fs, bufsize)
+                let confined = crate::confine::confine_current_thread(
+                    crate::confine::Component::FuseServer,
+                    &rules,
+                );
+                let ok = confined.is_ok();
+                let _ = confined_tx.send(confined);
+                if ok {
+                    serve_requests(&dev, &server, &fs, bufsize);
+                }
             })
             .map_err(Error::Thread)?;
         view.threads.push(t);
+    }
+    drop(confined_tx);
+    for _ in 0..threads {
+        match confined_rx.recv() {
+            Ok(Ok(_)) => {}
+            // the view's drop unmounts it, which ends the other threads
+            Ok(Err(e)) => return Err(Error::Confine(e)),
+            Err(_) => {
+                return Err(Error::Session {
+                    target: target.to_path_buf(),
+                    message: "a server thread ended before it was confined".into(),
+                })
+            }
+        }
     }
     Ok(Box::new(view))
 }
