@@ -108,13 +108,39 @@ impl LayerDir {
         self.fd.as_raw_fd()
     }
 
-    fn abs(&self, rel: &[u8]) -> Vec<u8> {
-        let mut p = self.path.clone();
-        if !rel.is_empty() {
-            p.push(b'/');
-            p.extend_from_slice(rel);
+    /// The layer root's own absolute path (kiln's, trusted).
+    fn root_path(&self) -> &[u8] {
+        &self.path
+    }
+
+    /// A path to `rel` for the xattr calls that have no `*at` form: its
+    /// parent resolved beneath the layer root ([`sys::beneath`]), then
+    /// `/proc/self/fd/N/NAME`; the root itself by its own path.
+    fn xpath(&self, rel: &[u8]) -> io::Result<XPath> {
+        if rel.is_empty() {
+            return Ok(XPath {
+                _at: None,
+                path: self.path.clone(),
+            });
         }
-        p
+        let at = sys::beneath(self.raw(), &rel_cstr(rel))?;
+        Ok(XPath {
+            path: at.proc_path(),
+            _at: Some(at),
+        })
+    }
+}
+
+/// A path from [`LayerDir::xpath`], holding the descriptor it names.
+struct XPath {
+    _at: Option<sys::At>,
+    path: Vec<u8>,
+}
+
+impl std::ops::Deref for XPath {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.path
     }
 }
 
@@ -391,7 +417,7 @@ impl OverlayFs {
     }
 
     fn is_opaque(&self, layer: &LayerDir, rel: &[u8]) -> io::Result<bool> {
-        match sys::lgetxattr(&layer.abs(rel), OPAQUE_XATTR) {
+        match sys::lgetxattr(&layer.xpath(rel)?, OPAQUE_XATTR) {
             Ok(v) => Ok(v.as_deref() == Some(b"y")),
             // a filesystem without user xattrs cannot hold an opaque marker
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
@@ -580,7 +606,7 @@ impl OverlayFs {
         }
         use std::os::unix::ffi::OsStrExt;
         let mut index = LinkIndex::new();
-        let root = self.lowers[layer].abs(b"");
+        let root = self.lowers[layer].root_path().to_vec();
         index_links(
             std::path::Path::new(std::ffi::OsStr::from_bytes(&root)),
             b"",
@@ -933,7 +959,7 @@ impl OverlayFs {
                 }
                 _ => sys::mknod_at(w, &tmp, st.st_mode, st.st_rdev)?,
             }
-            self.copy_meta(&st, &lower.abs(&path), &tmp)?;
+            self.copy_meta(&st, &lower.xpath(&path)?, &tmp)?;
             sys::lstat_at(w, &tmp)
         })();
         let new_st = match res {
@@ -1051,7 +1077,7 @@ impl OverlayFs {
             Err(e) => return Err(e),
         };
         if !names.is_empty() {
-            let dst_abs = self.work.abs(tmp.to_bytes());
+            let dst_abs = self.work.xpath(tmp.to_bytes())?;
             for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
                 if name.starts_with(OVERLAY_XATTR_PREFIX) {
                     continue;
@@ -1081,7 +1107,7 @@ impl OverlayFs {
         match sys::lstat_at(self.work.raw(), tmp) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 use std::os::unix::ffi::OsStrExt;
-                let abs = self.work.abs(tmp.to_bytes());
+                let abs = self.work.xpath(tmp.to_bytes())?;
                 std::fs::remove_dir_all(std::ffi::OsStr::from_bytes(&abs))
             }
             Ok(_) => sys::unlink_at(self.work.raw(), tmp, 0),
@@ -1124,7 +1150,7 @@ impl OverlayFs {
         layers.extend(s.lowers.iter().map(|&i| &self.lowers[i]));
         let single = layers.len() == 1;
         for layer in layers {
-            let entries = match sys::read_dir(&layer.abs(path)) {
+            let entries = match sys::read_dir(layer.raw(), &rel_cstr(path)) {
                 Ok(e) => e,
                 Err(e) if is_missing(&e) => continue,
                 Err(e) => return Err(e),
@@ -1148,7 +1174,7 @@ impl OverlayFs {
     /// Empty an upper directory that the view shows as empty (it can only
     /// hold whiteouts) so that it can be replaced or removed.
     fn clear_upper_dir(&self, path: &[u8]) -> io::Result<()> {
-        for (name, _) in sys::read_dir(&self.upper.abs(path))? {
+        for (name, _) in sys::read_dir(self.upper.raw(), &rel_cstr(path))? {
             let c = rel_cstr(&join(path, &name));
             match sys::unlink_at(self.upper.raw(), &c, 0) {
                 Ok(()) => {}
@@ -1228,7 +1254,7 @@ impl OverlayFs {
                 st.st_mode = (st.st_mode & libc::S_IFMT) | want_mode;
             }
             if opaque {
-                sys::lsetxattr(&self.work.abs(at.to_bytes()), OPAQUE_XATTR, b"y", 0)?;
+                sys::lsetxattr(&self.work.xpath(at.to_bytes())?, OPAQUE_XATTR, b"y", 0)?;
             }
             if dirfd != self.upper.raw() {
                 let flags = if kind == libc::S_IFDIR && over_whiteout {
@@ -1348,10 +1374,10 @@ impl OverlayFs {
         self.data_file(inode, handle, false).ok()
     }
 
-    fn xattr_path(&self, id: u64) -> io::Result<Vec<u8>> {
+    fn xattr_path(&self, id: u64) -> io::Result<XPath> {
         let s = self.state(id)?;
         let path = self.path_of(id)?;
-        Ok(self.layer(&s).abs(&path))
+        self.layer(&s).xpath(&path)
     }
 }
 
@@ -1917,7 +1943,7 @@ impl FileSystem for OverlayFs {
         // overlayfs' EXDEV fallback (mkdir, copy, delete) leaves behind.
         let into_merged = !self.state(newdir)?.lowers.is_empty();
         if src.is_dir() && (new_lower || (!was_merged && into_merged)) {
-            sys::lsetxattr(&self.upper.abs(&newpath), OPAQUE_XATTR, b"y", 0)?;
+            sys::lsetxattr(&self.upper.xpath(&newpath)?, OPAQUE_XATTR, b"y", 0)?;
         }
         if let (Some(d), Some(did)) = (&dst, dst_id) {
             self.drop_name(did, newdir, newname)?;
@@ -2138,7 +2164,7 @@ impl FileSystem for OverlayFs {
         }
         let _w = self.tree.write().map_err(poisoned)?;
         self.copy_up(inode, true)?;
-        let path = self.upper.abs(&self.path_of(inode)?);
+        let path = self.upper.xpath(&self.path_of(inode)?)?;
         sys::lsetxattr(&path, name, value, i32::from_ne_bytes(flags.to_ne_bytes()))
     }
 
@@ -2197,7 +2223,7 @@ impl FileSystem for OverlayFs {
             return Err(err(libc::ENODATA));
         }
         self.copy_up(inode, true)?;
-        sys::lremovexattr(&self.upper.abs(&self.path_of(inode)?), name)
+        sys::lremovexattr(&self.upper.xpath(&self.path_of(inode)?)?, name)
     }
 
     fn opendir(

@@ -2,10 +2,16 @@
 //! layer directories: `*at` calls relative to a layer's directory fd, xattrs
 //! by path, data copy. Every raw `libc` call of the overlay lives here.
 //!
-//! Nothing in this module knows about layers, whiteouts or FUSE; it must never
-//! follow a symlink in the last path component unless the caller asks.
+//! A relative path of several components is never handed to the kernel
+//! whole: its parent is opened with `openat2` and `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS` ([`beneath`]), so no symlink
+//! or `..` on the way can lead out of the layer, whatever a mistake in the
+//! node table asks; the last component is then used relative to that
+//! parent, never followed unless the caller asks.
+//!
+//! Nothing in this module knows about layers, whiteouts or FUSE.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -48,15 +54,116 @@ pub fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `fstatat(dir, rel, AT_SYMLINK_NOFOLLOW)`.
-pub fn lstat_at(dir: RawFd, rel: &CStr) -> io::Result<Stat> {
-    let mut st = MaybeUninit::<Stat>::uninit();
-    // SAFETY: `rel` is NUL-terminated, `st` points to writable memory of the
-    // right size, and `dir` is a directory fd the caller keeps open.
-    cvt(unsafe {
-        libc::fstatat64(
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+/// `openat2(dir, rel, flags)` resolved strictly beneath `dir`: no `..` out
+/// of it, no symlink or magic link anywhere in `rel`.
+pub fn open_beneath(dir: RawFd, rel: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: u64::from((flags | libc::O_CLOEXEC).unsigned_abs()),
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `rel` is NUL-terminated, `how` is a valid open_how of the
+    // size passed, `dir` is an open directory fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
             dir,
             rel.as_ptr(),
+            std::ptr::from_ref(&how),
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: `fd` was just returned by openat2 and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A path below a directory, ready for one `*at` call: the directory
+/// holding its last component (opened beneath the root when the path has
+/// several components) and that component.
+pub struct At {
+    parent: Option<OwnedFd>,
+    root: RawFd,
+    name: CString,
+}
+
+impl At {
+    /// The directory fd to pass to the `*at` call.
+    pub fn dir(&self) -> RawFd {
+        self.parent.as_ref().map_or(self.root, AsRawFd::as_raw_fd)
+    }
+
+    /// The last component, relative to [`At::dir`].
+    pub fn name(&self) -> &CStr {
+        &self.name
+    }
+
+    /// `/proc/self/fd/N/NAME`: the path for the xattr calls that have no
+    /// `*at` form. The kernel jumps to the directory the descriptor holds
+    /// and looks NAME up there; the `l*` calls do not follow it.
+    pub fn proc_path(&self) -> Vec<u8> {
+        let mut p = format!("/proc/self/fd/{}/", self.dir()).into_bytes();
+        p.extend_from_slice(self.name.as_bytes());
+        p
+    }
+}
+
+/// Split `rel` (below the directory `root`) for a `*at` call: a single
+/// component is used as is; the parent of a longer path is opened with
+/// [`open_beneath`].
+pub fn beneath(root: RawFd, rel: &CStr) -> io::Result<At> {
+    let bytes = rel.to_bytes();
+    match bytes.iter().rposition(|b| *b == b'/') {
+        // `.` is the root itself; `..` would be its parent
+        None if bytes == b".." => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        None => Ok(At {
+            parent: None,
+            root,
+            name: rel.to_owned(),
+        }),
+        Some(i) => {
+            let parent = CString::new(&bytes[..i])
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let name = CString::new(&bytes[i + 1..])
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            if parent.as_bytes().is_empty() || matches!(name.as_bytes(), b"" | b"." | b"..") {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let fd = open_beneath(root, &parent, libc::O_PATH | libc::O_DIRECTORY)?;
+            Ok(At {
+                parent: Some(fd),
+                root,
+                name,
+            })
+        }
+    }
+}
+
+/// `fstatat(dir, rel, AT_SYMLINK_NOFOLLOW)`.
+pub fn lstat_at(dir: RawFd, rel: &CStr) -> io::Result<Stat> {
+    let at = beneath(dir, rel)?;
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: the name is NUL-terminated, `st` points to writable memory of
+    // the right size, and the directory fd is open.
+    cvt(unsafe {
+        libc::fstatat64(
+            at.dir(),
+            at.name().as_ptr(),
             st.as_mut_ptr(),
             libc::AT_SYMLINK_NOFOLLOW,
         )
@@ -76,11 +183,12 @@ pub fn fstat(fd: RawFd) -> io::Result<Stat> {
 
 /// `openat(dir, rel, flags | O_CLOEXEC | O_NOFOLLOW, mode)`.
 pub fn open_at(dir: RawFd, rel: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated and the directory fd is open.
     let fd = cvt(unsafe {
         libc::openat(
-            dir,
-            rel.as_ptr(),
+            at.dir(),
+            at.name().as_ptr(),
             flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
             mode as libc::c_uint,
         )
@@ -91,43 +199,59 @@ pub fn open_at(dir: RawFd, rel: &CStr, flags: i32, mode: u32) -> io::Result<Owne
 
 /// `mkdirat(dir, rel, mode)`.
 pub fn mkdir_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
-    cvt(unsafe { libc::mkdirat(dir, rel.as_ptr(), mode as libc::mode_t) }).map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated and the directory fd is open.
+    cvt(unsafe { libc::mkdirat(at.dir(), at.name().as_ptr(), mode as libc::mode_t) }).map(drop)
 }
 
 /// `mknodat(dir, rel, mode, rdev)`.
 pub fn mknod_at(dir: RawFd, rel: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
-    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
-    cvt(unsafe { libc::mknodat(dir, rel.as_ptr(), mode as libc::mode_t, rdev) }).map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated and the directory fd is open.
+    cvt(unsafe { libc::mknodat(at.dir(), at.name().as_ptr(), mode as libc::mode_t, rdev) })
+        .map(drop)
 }
 
 /// `symlinkat(target, dir, rel)`.
 pub fn symlink_at(target: &CStr, dir: RawFd, rel: &CStr) -> io::Result<()> {
-    // SAFETY: both strings are NUL-terminated; `dir` is an open directory fd.
-    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, rel.as_ptr()) }).map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: both strings are NUL-terminated; the directory fd is open.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), at.dir(), at.name().as_ptr()) }).map(drop)
 }
 
 /// `linkat(odir, orel, ndir, nrel, 0)`: never follows a symlink.
 pub fn link_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr) -> io::Result<()> {
-    // SAFETY: both strings are NUL-terminated; both fds are open directories.
-    cvt(unsafe { libc::linkat(odir, orel.as_ptr(), ndir, nrel.as_ptr(), 0) }).map(drop)
+    let (from, to) = (beneath(odir, orel)?, beneath(ndir, nrel)?);
+    // SAFETY: both names are NUL-terminated; both directory fds are open.
+    cvt(unsafe {
+        libc::linkat(
+            from.dir(),
+            from.name().as_ptr(),
+            to.dir(),
+            to.name().as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
 }
 
 /// `unlinkat(dir, rel, flags)`.
 pub fn unlink_at(dir: RawFd, rel: &CStr, flags: i32) -> io::Result<()> {
-    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
-    cvt(unsafe { libc::unlinkat(dir, rel.as_ptr(), flags) }).map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated and the directory fd is open.
+    cvt(unsafe { libc::unlinkat(at.dir(), at.name().as_ptr(), flags) }).map(drop)
 }
 
 /// `renameat2(odir, orel, ndir, nrel, flags)`.
 pub fn rename_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr, flags: u32) -> io::Result<()> {
-    // SAFETY: both strings are NUL-terminated; both fds are open directories.
+    let (from, to) = (beneath(odir, orel)?, beneath(ndir, nrel)?);
+    // SAFETY: both names are NUL-terminated; both directory fds are open.
     cvt(unsafe {
         libc::renameat2(
-            odir,
-            orel.as_ptr(),
-            ndir,
-            nrel.as_ptr(),
+            from.dir(),
+            from.name().as_ptr(),
+            to.dir(),
+            to.name().as_ptr(),
             flags as libc::c_uint,
         )
     })
@@ -136,9 +260,18 @@ pub fn rename_at(odir: RawFd, orel: &CStr, ndir: RawFd, nrel: &CStr, flags: u32)
 
 /// `readlinkat(dir, rel)`.
 pub fn readlink_at(dir: RawFd, rel: &CStr) -> io::Result<Vec<u8>> {
+    let at = beneath(dir, rel)?;
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: `buf` is writable for `buf.len()` bytes; `rel` is NUL-terminated.
-    let n = unsafe { libc::readlinkat(dir, rel.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: `buf` is writable for `buf.len()` bytes; the name is
+    // NUL-terminated and the directory fd is open.
+    let n = unsafe {
+        libc::readlinkat(
+            at.dir(),
+            at.name().as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -149,8 +282,18 @@ pub fn readlink_at(dir: RawFd, rel: &CStr) -> io::Result<Vec<u8>> {
 /// `fchownat(dir, rel, uid, gid, AT_SYMLINK_NOFOLLOW)`; `u32::MAX` leaves an
 /// id unchanged.
 pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
-    cvt(unsafe { libc::fchownat(dir, rel.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated and the directory fd is open.
+    cvt(unsafe {
+        libc::fchownat(
+            at.dir(),
+            at.name().as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
 }
 
 /// `fchown(fd, uid, gid)`; `u32::MAX` leaves an id unchanged.
@@ -174,15 +317,24 @@ pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
 
 /// `fchmodat(dir, rel, mode, 0)`. Callers never pass a symlink.
 pub fn chmod_at(dir: RawFd, rel: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: `rel` is NUL-terminated and `dir` is an open directory fd.
-    cvt(unsafe { libc::fchmodat(dir, rel.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated and the directory fd is open.
+    cvt(unsafe { libc::fchmodat(at.dir(), at.name().as_ptr(), mode as libc::mode_t, 0) }).map(drop)
 }
 
 /// `utimensat(dir, rel, [atime, mtime], AT_SYMLINK_NOFOLLOW)`.
 pub fn lutimens_at(dir: RawFd, rel: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
-    // SAFETY: `rel` is NUL-terminated, `times` points to two timespecs.
-    cvt(unsafe { libc::utimensat(dir, rel.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
-        .map(drop)
+    let at = beneath(dir, rel)?;
+    // SAFETY: the name is NUL-terminated, `times` points to two timespecs.
+    cvt(unsafe {
+        libc::utimensat(
+            at.dir(),
+            at.name().as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
 }
 
 /// The access and modification times of `st` as `utimensat` takes them.
@@ -370,32 +522,29 @@ pub fn lremovexattr(path: &[u8], name: &CStr) -> io::Result<()> {
     cvt(unsafe { libc::lremovexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
-/// Entries of the directory at absolute `path` (without "." and ".."), with
-/// their `d_type`.
-pub fn read_dir(path: &[u8]) -> io::Result<Vec<(Vec<u8>, u8)>> {
+/// Entries of the directory `rel` below `root` (without "." and ".."),
+/// with their `d_type`; the directory is opened with [`open_beneath`].
+pub fn read_dir(root: RawFd, rel: &CStr) -> io::Result<Vec<(Vec<u8>, u8)>> {
+    let fd = open_beneath(root, rel, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut dir = nix::dir::Dir::from(fd).map_err(io::Error::from)?;
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(OsStr::from_bytes(path))? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        use std::os::unix::fs::FileTypeExt;
-        let t = if ft.is_dir() {
-            libc::DT_DIR
-        } else if ft.is_file() {
-            libc::DT_REG
-        } else if ft.is_symlink() {
-            libc::DT_LNK
-        } else if ft.is_char_device() {
-            libc::DT_CHR
-        } else if ft.is_block_device() {
-            libc::DT_BLK
-        } else if ft.is_fifo() {
-            libc::DT_FIFO
-        } else if ft.is_socket() {
-            libc::DT_SOCK
-        } else {
-            libc::DT_UNKNOWN
+    for entry in dir.iter() {
+        let entry = entry.map_err(io::Error::from)?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let t = match entry.file_type() {
+            Some(nix::dir::Type::Directory) => libc::DT_DIR,
+            Some(nix::dir::Type::File) => libc::DT_REG,
+            Some(nix::dir::Type::Symlink) => libc::DT_LNK,
+            Some(nix::dir::Type::CharacterDevice) => libc::DT_CHR,
+            Some(nix::dir::Type::BlockDevice) => libc::DT_BLK,
+            Some(nix::dir::Type::Fifo) => libc::DT_FIFO,
+            Some(nix::dir::Type::Socket) => libc::DT_SOCK,
+            None => libc::DT_UNKNOWN,
         };
-        out.push((entry.file_name().as_bytes().to_vec(), t));
+        out.push((name.to_vec(), t));
     }
     Ok(out)
 }
@@ -485,4 +634,49 @@ pub fn drain(fd: RawFd, mut len: usize) {
 /// Whether `st` is an overlayfs whiteout: a character device 0:0.
 pub fn is_whiteout(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_never_leave_the_root_through_a_symlink_or_dotdot() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_path = dir.path().join("root");
+        std::fs::create_dir_all(root_path.join("d/e")).unwrap();
+        std::fs::write(root_path.join("d/e/f"), "inside").unwrap();
+        std::fs::write(dir.path().join("outside"), "host").unwrap();
+        std::os::unix::fs::symlink(dir.path(), root_path.join("up")).unwrap();
+        std::os::unix::fs::symlink("e", root_path.join("d/link")).unwrap();
+        let root = open_dir(&root_path).unwrap();
+        let r = root.as_raw_fd();
+        let c = |s: &str| CString::new(s).unwrap();
+        // the real tree works, at any depth
+        assert!(lstat_at(r, &c("d/e/f")).is_ok());
+        assert_eq!(read_dir(r, &c("d/e")).unwrap().len(), 1);
+        // a symlinked parent, inside or out, is refused (ELOOP)
+        for p in ["up/outside", "d/link/f"] {
+            let e = lstat_at(r, &c(p)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{p}");
+        }
+        assert_eq!(
+            open_at(r, &c("up/outside"), libc::O_RDONLY, 0)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ELOOP)
+        );
+        // `..` out of the root is refused (EXDEV), as is `..` alone
+        let e = lstat_at(r, &c("d/../../outside")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+        assert!(lstat_at(r, &c("..")).is_err());
+        // a listing through a symlink is refused too
+        assert_eq!(
+            read_dir(r, &c("up")).unwrap_err().raw_os_error(),
+            Some(libc::ELOOP)
+        );
+        // xattr paths name the entry in its real parent
+        let at = beneath(r, &c("d/e/f")).unwrap();
+        assert!(lgetxattr(&at.proc_path(), c"user.none").unwrap().is_none());
+    }
 }
