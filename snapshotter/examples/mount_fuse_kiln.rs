@@ -87,6 +87,11 @@ fn still_mounted(id: &str) -> bool {
         .any(|l| l.split(' ').next() == Some(id))
 }
 
+/// Whether any thread besides this one is left (the FUSE server's).
+fn serving() -> bool {
+    std::fs::read_dir("/proc/self/task").map_or(false, |d| d.count() > 1)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let spec = spec(&args);
@@ -133,8 +138,11 @@ fn main() {
                     unsafe { libc::dup2(null.as_raw_fd(), fd) };
                 }
             }
-            while id.as_deref().is_some_and(still_mounted) {
-                std::thread::sleep(Duration::from_millis(100));
+            // the server threads end as soon as the kernel drops the
+            // connection (umount): exit then, at once, so the directories
+            // this process holds do not keep the suite's next umount busy
+            while id.as_deref().is_some_and(still_mounted) && serving() {
+                std::thread::sleep(Duration::from_millis(5));
             }
             // the kernel ended the connection. Exit without dropping the
             // view: its drop unmounts by path, and by now the path may

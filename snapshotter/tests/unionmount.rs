@@ -86,6 +86,11 @@ fn fuse_view_passes_the_unionmount_suite_as_kernel_overlayfs_does() {
     assert!(ok, "the suite fails on kernel overlayfs here:\n{out}");
     let (ok, fuse_tests, out) = run_suite(&copy, &["--fuse=kiln"]);
     let _ = std::fs::remove_file(sbin);
+    // a helper whose mount namespace outlived the suite (it keeps that
+    // namespace alive itself) would serve forever: end them
+    let _ = Command::new("pkill")
+        .args(["-f", "^/sbin/mount.fuse.kiln kiln /base/"])
+        .status();
     let tail: Vec<&str> = out.lines().rev().take(30).collect();
     assert!(
         ok,
