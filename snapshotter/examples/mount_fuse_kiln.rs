@@ -89,7 +89,7 @@ fn still_mounted(id: &str) -> bool {
 
 /// Whether any thread besides this one is left (the FUSE server's).
 fn serving() -> bool {
-    std::fs::read_dir("/proc/self/task").map_or(false, |d| d.count() > 1)
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() > 1)
 }
 
 fn main() {
