@@ -233,6 +233,8 @@ const EXPECTED_PROBES: &[(&str, &str)] = &[
     ("proc1_exe_write", "EACCES"),
     ("proc1_fd_open", "EACCES"),
     ("proc1_mem_open", "EACCES"),
+    ("proc1_vm_write", "EPERM"),
+    ("self_exe_write", "ETXTBSY"),
 ];
 
 #[test]
