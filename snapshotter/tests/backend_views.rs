@@ -710,3 +710,39 @@ userns_case!(
         drop(view);
     }
 );
+
+userns_case!(
+    fuse_server_threads_read_only_what_their_rules_allow,
+    inner_fuse_server_threads_read_only_what_their_rules_allow,
+    |dir| {
+        use kiln_snapshotter::confine::{status, Rules, Status};
+        if !matches!(status(), Status::Enforced { .. } | Status::Partial { .. }) {
+            kiln_vm_tests::missing_prerequisite(&format!("Landlock: {}", status()));
+            return;
+        }
+        let (l1, l2) = (dir.join("l1"), dir.join("l2"));
+        fs::create_dir_all(&l1).unwrap();
+        fs::create_dir_all(&l2).unwrap();
+        fs::write(l1.join("allowed"), "one").unwrap();
+        fs::write(l2.join("outside"), "two").unwrap();
+        let spec = spec(dir, "v", vec![l1.clone(), l2.clone()]);
+        // the server may read l1 but not l2, as if l2 were a host
+        // directory a mistake had steered it to
+        let rules = Rules::new().read(&l1).write(&spec.upper).write(&spec.work);
+        let view = fuse::mount_confined(&spec, &rules).unwrap();
+        assert_eq!(
+            fs::read_to_string(spec.target.join("allowed")).unwrap(),
+            "one"
+        );
+        let err = fs::read_to_string(spec.target.join("outside")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        drop(view);
+        // with the view's own rules the same file reads
+        let view = fuse::mount(&spec).unwrap();
+        assert_eq!(
+            fs::read_to_string(spec.target.join("outside")).unwrap(),
+            "two"
+        );
+        drop(view);
+    }
+);

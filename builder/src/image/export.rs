@@ -924,3 +924,58 @@ fn own_and_clamp(dir: &Path, epoch: Option<i64>, keep_setid: bool) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod confinement_tests {
+    use super::*;
+    use kiln_snapshotter::confine::{run_confined, status, Component, Status};
+
+    /// The local export's code path, confined to the rules of one
+    /// destination, cannot write another (as a bug or a hostile layer
+    /// might steer it), and writes its own.
+    #[test]
+    fn a_local_export_under_one_destinations_rules_cannot_write_another() {
+        if !matches!(status(), Status::Enforced { .. } | Status::Partial { .. }) {
+            eprintln!("Landlock unavailable here: {}", status());
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("etc")).unwrap();
+        fs::write(src.join("etc/hello"), "hi\n").unwrap();
+        let snap = kiln_snapshotter::Snapshotter::open(
+            &dir.path().join("state"),
+            kiln_snapshotter::BackendKind::Copy,
+        )
+        .unwrap();
+        let store = ImageStore::new(&snap);
+        let opts = super::super::import::ImportOptions {
+            platform: store::Platform::host(),
+            source_label: "src".into(),
+            created: Some(0),
+        };
+        let image =
+            super::super::import::import(&store, super::super::import::Source::Dir(&src), &opts)
+                .unwrap();
+        let (allowed, other) = (dir.path().join("allowed"), dir.path().join("other"));
+        fs::create_dir_all(&allowed).unwrap();
+        fs::create_dir_all(&other).unwrap();
+        let rules = snap.confinement().write(&allowed);
+        let stray = run_confined(Component::Export, &rules, || {
+            materialise(&store, &image, &other).map_err(|e| e.to_string())
+        })
+        .expect("Landlock confines here");
+        let err = stray.expect_err("written outside the destination");
+        assert!(err.contains("Permission denied"), "{err}");
+        assert!(!other.join("etc/hello").exists());
+        run_confined(Component::Export, &rules, || {
+            materialise(&store, &image, &allowed)
+        })
+        .expect("Landlock confines here")
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(allowed.join("etc/hello")).unwrap(),
+            "hi\n"
+        );
+    }
+}

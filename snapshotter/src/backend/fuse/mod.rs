@@ -69,6 +69,24 @@ fn server_threads() -> usize {
 /// Mount a FUSE overlay view of `spec` at `spec.target` and serve it from
 /// threads of this process until the returned view is dropped.
 pub fn mount(spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
+    // Requests come from the step: each server thread may touch only the
+    // view's own directories (Landlock).
+    let rules = spec
+        .lowers
+        .iter()
+        .fold(crate::confine::Rules::new(), |r, l| r.read(l))
+        .write(&spec.upper)
+        .write(&spec.work);
+    mount_confined(spec, &rules)
+}
+
+/// [`mount`] with the server threads confined to `rules` instead of the
+/// view's directories: for tests that show the confinement holds.
+#[doc(hidden)]
+pub fn mount_confined(
+    spec: &ViewSpec,
+    rules: &crate::confine::Rules,
+) -> Result<Box<dyn MountedView>> {
     let open = |role: &'static str, path: &Path| {
         fs::LayerDir::open(path).map_err(|source| Error::Dir {
             role,
@@ -101,15 +119,7 @@ pub fn mount(spec: &ViewSpec) -> Result<Box<dyn MountedView>> {
         path: spec.upper.clone(),
         source,
     })?;
-    // Requests come from the step: each server thread may touch only the
-    // view's own directories (Landlock; best effort).
-    let rules = spec
-        .lowers
-        .iter()
-        .fold(crate::confine::Rules::new(), |r, l| r.read(l))
-        .write(&spec.upper)
-        .write(&spec.work);
-    serve(overlay, &spec.target, &rules)
+    serve(overlay, &spec.target, rules)
 }
 
 /// Mount `fs` at `target` and start the server threads, each confined to
