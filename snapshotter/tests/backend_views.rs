@@ -746,3 +746,35 @@ userns_case!(
         drop(view);
     }
 );
+
+userns_case!(
+    fuse_truncate_to_the_same_size_changes_nothing,
+    inner_fuse_truncate_to_the_same_size_changes_nothing,
+    |dir| {
+        // the kernel's writeback cache keeps the file's times on such a
+        // truncate; the server must not move them underneath, or the
+        // layer would hold a file the step never saw change
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        fs::write(lower.join("b"), "twenty bytes of data").unwrap();
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+        fs::File::options()
+            .write(true)
+            .open(lower.join("b"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let spec = spec(dir, "v", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        let b = spec.target.join("b");
+        let c = std::ffi::CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::truncate(c.as_ptr(), 20) }, 0);
+        assert_eq!(fs::metadata(&b).unwrap().mtime(), 1_600_000_000);
+        drop(view);
+        assert!(
+            !spec.upper.join("b").exists(),
+            "copied up with new times the step did not see"
+        );
+    }
+);
