@@ -116,8 +116,10 @@ impl Rules {
 
     /// Restrict the calling thread (and threads it starts from now on)
     /// to these rules, for the rest of its life. Paths that do not exist
-    /// are skipped. Returns what the kernel enforced.
-    pub fn restrict_current_thread(&self) -> Status {
+    /// are skipped. Returns what the kernel enforced. Callers go through
+    /// [`confine_current_thread`], which refuses a failure on a kernel
+    /// that has Landlock.
+    fn restrict_current_thread(&self) -> Status {
         if let s @ Status::Unsupported(_) = status() {
             return s;
         }
@@ -264,7 +266,7 @@ mod tests {
     #[test]
     fn confined_work_reaches_only_its_directories() {
         if !matches!(status(), Status::Enforced { .. } | Status::Partial { .. }) {
-            eprintln!("Landlock unavailable here: {}", status());
+            kiln_vm_tests::missing_prerequisite(&format!("Landlock: {}", status()));
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -298,7 +300,7 @@ mod tests {
     /// why) without Landlock.
     fn store_and_outside() -> Option<(tempfile::TempDir, crate::Snapshotter, PathBuf)> {
         if !matches!(status(), Status::Enforced { .. } | Status::Partial { .. }) {
-            eprintln!("Landlock unavailable here: {}", status());
+            kiln_vm_tests::missing_prerequisite(&format!("Landlock: {}", status()));
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -78,30 +78,34 @@ fn decide(
     was_opaque: bool,
     out: &mut HashMap<PathBuf, bool>,
 ) -> io::Result<bool> {
-    let lower = shown_names(lowers, rel)?;
-    let mut gone = false;
+    let mut whiteouts = false;
     let mut kept = false;
     let mut files = Vec::new();
     for name in sys::list_dir(dir)? {
         let st = sys::lstat_at(dir, &name)?;
         let path = rel.join(OsStr::from_bytes(name.to_bytes()));
-        let over = lower.contains(&name);
         if sys::is_whiteout(&st) {
-            continue;
-        }
-        if is_dir(&st) {
-            if over && below(lowers, &path)? == Below::Dir {
+            whiteouts = true;
+        } else if is_dir(&st) {
+            if below(lowers, &path)? == Below::Dir {
                 let sub = sys::open_dir_at(dir, &name)?;
                 let sub_opaque = was_opaque || is_opaque(sub.as_fd());
                 let opaque = decide(sub.as_fd(), &path, lowers, sub_opaque, out)?;
                 out.insert(path, opaque);
                 kept |= !opaque;
             }
-        } else if over && st.st_nlink == 1 {
+        } else if st.st_nlink == 1 {
             files.push((name, st, path));
         }
     }
-    for name in &lower {
+    // Nothing of the lowers can be gone from a merged directory without a
+    // whiteout: the common case on every commit, decided without listing
+    // the lower directories.
+    if rel.as_os_str().is_empty() || kept || !(was_opaque || whiteouts) {
+        return Ok(false);
+    }
+    let mut gone = false;
+    for name in &shown_names(lowers, rel)? {
         match sys::lstat_at(dir, name) {
             Ok(st) if sys::is_whiteout(&st) => gone = true,
             Ok(_) => {}
@@ -109,13 +113,14 @@ fn decide(
                 if was_opaque {
                     gone = true;
                 } else {
-                    kept = true;
+                    // shows through as it was
+                    return Ok(false);
                 }
             }
             Err(e) => return Err(e),
         }
     }
-    if rel.as_os_str().is_empty() || !gone || kept {
+    if !gone {
         return Ok(false);
     }
     for (name, st, path) in files {

@@ -139,11 +139,6 @@ impl<R: Read> TarGuard<R> {
         self.inner
     }
 
-    /// The stream guarded.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
-    }
-
     fn scan(&mut self, mut data: &[u8]) -> Result<(), Refused> {
         while !data.is_empty() {
             match self.state {

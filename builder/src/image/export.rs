@@ -936,7 +936,7 @@ mod confinement_tests {
     #[test]
     fn a_local_export_under_one_destinations_rules_cannot_write_another() {
         if !matches!(status(), Status::Enforced { .. } | Status::Partial { .. }) {
-            eprintln!("Landlock unavailable here: {}", status());
+            kiln_vm_tests::missing_prerequisite(&format!("Landlock: {}", status()));
             return;
         }
         let dir = tempfile::tempdir().unwrap();

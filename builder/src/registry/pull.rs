@@ -52,6 +52,30 @@ fn media_of(bytes: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The body of a manifest response, refused past [`MAX_MANIFEST_BYTES`]:
+/// by its Content-Length before anything is read, else while it streams.
+async fn read_manifest_body(name: &str, host: &str, mut res: reqwest::Response) -> Result<Vec<u8>> {
+    let too_large = |size: String| Error::BadManifest {
+        reference: name.to_string(),
+        reason: format!("it is {size} the {MAX_MANIFEST_BYTES} bytes kiln reads"),
+    };
+    if let Some(len) = res.content_length().filter(|l| *l > MAX_MANIFEST_BYTES) {
+        return Err(too_large(format!("{len} bytes, more than")));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| Error::Registry {
+        reference: name.to_string(),
+        host: host.to_string(),
+        reason: super::source_chain(&e),
+    })? {
+        if (bytes.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
+            return Err(too_large("longer than".into()));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
 /// What a manifest or index document a registry sent means for a pull
 /// for `platform`.
 #[derive(Debug)]
@@ -226,25 +250,7 @@ impl Registry {
                     )));
                 }
             }
-            let too_large = |size: String| Error::BadManifest {
-                reference: name.to_string(),
-                reason: format!("it is {size} the {MAX_MANIFEST_BYTES} bytes kiln reads"),
-            };
-            if let Some(len) = res.content_length().filter(|l| *l > MAX_MANIFEST_BYTES) {
-                return Err(too_large(format!("{len} bytes, more than")));
-            }
-            let mut bytes = Vec::new();
-            while let Some(chunk) = res
-                .chunk()
-                .await
-                .map_err(|e| failed(super::source_chain(&e)))?
-            {
-                if (bytes.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
-                    return Err(too_large("longer than".into()));
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            return Ok(bytes);
+            return read_manifest_body(name, host, res).await;
         }
         unreachable!("the second attempt returns")
     }
