@@ -69,6 +69,9 @@ enum Command {
 }
 
 fn main() {
+    // a view's FUSE server is this binary started again: it serves and
+    // exits here, before anything of kiln's own is set up
+    kiln_snapshotter::backend::fuse::serve_if_asked();
     let cli = Cli::parse();
     match cli::prune::parse_size(&cli.max_layer_size) {
         Ok(max_bytes) => {

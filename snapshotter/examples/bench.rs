@@ -66,6 +66,7 @@ fn make_tree(dir: &Path, small: usize, big_mib: usize) -> anyhow::Result<u64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    kiln_snapshotter::backend::fuse::serve_if_asked();
     let dir = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "/tmp/kiln-bench".into());

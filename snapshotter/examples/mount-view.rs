@@ -20,6 +20,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn main() -> anyhow::Result<()> {
+    kiln_snapshotter::backend::fuse::serve_if_asked();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
         bail!("usage: mount-view fuse|overlay TARGET UPPER WORK [LOWER...]");

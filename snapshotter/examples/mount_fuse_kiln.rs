@@ -5,7 +5,7 @@
 //! view, returns once the mount is there, and keeps serving from a child
 //! process until the mount goes away (`umount MNT`).
 //!
-//! Test tooling, not part of kiln: builds run the view in kiln's own
+//! Test tooling, not part of kiln: builds mount views from kiln's own
 //! process. Options other than the three directories and the generic ones
 //! mount(8) adds are refused.
 
@@ -87,17 +87,13 @@ fn still_mounted(id: &str) -> bool {
         .any(|l| l.split(' ').next() == Some(id))
 }
 
-/// Whether any thread besides this one is left (the FUSE server's).
-fn serving() -> bool {
-    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() > 1)
-}
-
 fn main() {
+    fuse::serve_if_asked();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let spec = spec(&args);
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         fail("pipe failed");
     }
     // SAFETY: both descriptors were just made and are owned by nobody else.
@@ -112,20 +108,9 @@ fn main() {
             // SAFETY: plain setsid; the child leaves mount(8)'s session.
             unsafe { libc::setsid() };
             let mut w = std::fs::File::from(w);
-            let view = match fuse::mount(&spec) {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = write!(w, "{e}");
-                    std::process::exit(1);
-                }
-            };
-            // the next mount at the same place (the suite mounts a view per
-            // test) is another helper's: watch this one's id
-            let id = mount_id(&spec.target);
-            let _ = w.write_all(b"ok");
-            drop(w);
-            // no stdio of mount(8)'s caller is kept: whoever reads it
-            // would wait for this server to end
+            // no stdio of mount(8)'s caller is kept, here or in the server
+            // process the mount starts: whoever reads it would wait for
+            // the server to end
             let null = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -138,10 +123,21 @@ fn main() {
                     unsafe { libc::dup2(null.as_raw_fd(), fd) };
                 }
             }
-            // the server threads end as soon as the kernel drops the
-            // connection (umount): exit then, at once, so the directories
-            // this process holds do not keep the suite's next umount busy
-            while id.as_deref().is_some_and(still_mounted) && serving() {
+            let view = match fuse::mount(&spec) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = write!(w, "{e}");
+                    std::process::exit(1);
+                }
+            };
+            // the next mount at the same place (the suite mounts a view per
+            // test) is another helper's: watch this one's id
+            let id = mount_id(&spec.target);
+            let _ = w.write_all(b"ok");
+            drop(w);
+            // the server process ends by itself as soon as the kernel drops
+            // the connection (umount); this one waits for the mount to go
+            while id.as_deref().is_some_and(still_mounted) {
                 std::thread::sleep(Duration::from_millis(5));
             }
             // the kernel ended the connection. Exit without dropping the

@@ -91,7 +91,7 @@ pub fn status() -> Status {
 }
 
 /// The directories confined work may use.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Rules {
     read: Vec<PathBuf>,
     write: Vec<PathBuf>,

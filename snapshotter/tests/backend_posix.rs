@@ -38,6 +38,7 @@ fn inner_posix_suite() {
     let Some(dir) = kiln_vm_tests::inner_test_dir() else {
         return;
     };
+    fuse::set_server_program(env!("CARGO_BIN_EXE_kiln-fuse-server"));
     let lowers = vec![dir.join("l1"), dir.join("l2")];
     build_lowers(&lowers);
 

@@ -47,6 +47,7 @@ macro_rules! userns_case {
             let Some(dir) = kiln_vm_tests::inner_test_dir() else {
                 return;
             };
+            fuse::set_server_program(env!("CARGO_BIN_EXE_kiln-fuse-server"));
             let body: fn(&Path) = $body;
             body(&dir);
         }
@@ -427,9 +428,11 @@ userns_case!(
     }
 );
 
-/// Descriptors open in this process (the FUSE server runs in it).
-fn open_fds() -> usize {
-    fs::read_dir("/proc/self/fd").unwrap().count()
+/// Descriptors open in the process serving `view`.
+fn open_fds(view: &dyn MountedView) -> usize {
+    fs::read_dir(format!("/proc/{}/fd", view.server_pid().unwrap()))
+        .unwrap()
+        .count()
 }
 
 // The fuse view answers OPEN with ENOSYS, so the kernel sends no OPEN or
@@ -500,11 +503,12 @@ userns_case!(
 
         // Removing the name of a lower file the kernel holds copies nothing
         // (the ctime the kernel then flushes is answered, not written to a
-        // copy of the file): no descriptor of this process, which serves
-        // the view, points into the work dir. Times set on the open file
-        // afterwards read back, still without a copy.
+        // copy of the file): no descriptor of the server process points
+        // into the work dir. Times set on the open file afterwards read
+        // back, still without a copy.
+        let server_fds = format!("/proc/{}/fd", view.server_pid().unwrap());
         let in_work = || {
-            fs::read_dir("/proc/self/fd")
+            fs::read_dir(&server_fds)
                 .unwrap()
                 .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
                 .filter(|l| l.starts_with(&spec.work) && *l != spec.work)
@@ -626,20 +630,20 @@ userns_case!(
 
         // kept data goes once the kernel forgets the files
         drop((a, b, c));
-        let before = open_fds();
+        let before = open_fds(&*view);
         for i in 0..40 {
             let name = v.join(format!("many{i}"));
             let mut f = fs::File::open(&name).unwrap();
             fs::remove_file(&name).unwrap();
             assert_eq!(read_all(&mut f), format!("file {i}"));
         }
-        let mut now = open_fds();
+        let mut now = open_fds(&*view);
         for _ in 0..100 {
             if now <= before {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
-            now = open_fds();
+            now = open_fds(&*view);
         }
         assert!(
             now <= before,
@@ -776,5 +780,61 @@ userns_case!(
             !spec.upper.join("b").exists(),
             "copied up with new times the step did not see"
         );
+    }
+);
+
+// The server is a process of its own: not this one (whose memory holds
+// whatever the caller keeps there), without its environment or network,
+// with only the file capabilities, no_new_privs and a seccomp filter.
+userns_case!(
+    fuse_server_is_a_confined_process_of_its_own,
+    inner_fuse_server_is_a_confined_process_of_its_own,
+    |dir| {
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        fs::write(lower.join("f"), "served").unwrap();
+        // something worth stealing in the caller's memory and environment
+        let secret = format!("kiln-view-secret-{}-{:?}", std::process::id(), dir);
+        std::env::set_var("KILN_VIEW_SECRET", &secret);
+        let kept_secret = std::hint::black_box(secret.clone().into_bytes());
+        let spec = spec(dir, "v", vec![lower]);
+        let view = fuse::mount(&spec).unwrap();
+        assert_eq!(fs::read_to_string(spec.target.join("f")).unwrap(), "served");
+        let pid = view.server_pid().expect("a server process");
+        assert_ne!(
+            pid,
+            std::process::id(),
+            "the view is served by this process"
+        );
+        let field = |name: &str| kiln_vm_tests::status_field(pid, name);
+        assert_eq!(field("Seccomp"), "2");
+        assert_eq!(field("NoNewPrivs"), "1");
+        // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID MKNOD SETFCAP
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            assert_eq!(field(set), "000000008800001f", "{set}");
+        }
+        assert_eq!(field("CapInh"), "0000000000000000");
+        let ns = |p: &str| fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+        assert_ne!(
+            ns(&pid.to_string()),
+            ns("self"),
+            "the server shares our network"
+        );
+        assert_eq!(
+            fs::read(format!("/proc/{pid}/environ")).unwrap(),
+            b"",
+            "the server kept an environment"
+        );
+        // nothing of this process's memory: the secret is not in the
+        // server's (and the scan finds it in ours)
+        let copies = |pid: u32| kiln_vm_tests::copies_in_memory(pid, &kept_secret);
+        assert!(
+            copies(std::process::id()) > 0,
+            "the scan cannot find the secret at all"
+        );
+        assert_eq!(copies(pid), 0, "the server holds the secret");
+        drop(view);
+        // it ended with the view
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
 );

@@ -738,3 +738,60 @@ pub fn root_for(what: &str) -> bool {
     missing_prerequisite(&format!("{what} needs root"));
     false
 }
+
+/// Copies of `needle` in the writable memory of process `pid` (as root).
+pub fn copies_in_memory(pid: u32, needle: &[u8]) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let Ok(mut mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; usize::try_from(b - a).unwrap()];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        n += buf.windows(needle.len()).filter(|w| *w == needle).count();
+    }
+    n
+}
+
+/// A field of `/proc/PID/status`, trimmed ("" when absent).
+pub fn status_field(pid: u32, field: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Wait (at most a minute) until some process has `arg` among its
+/// arguments; whether one did.
+pub fn wait_for_process_with_arg(arg: &str) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        let found = fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        });
+        if found || start.elapsed().as_secs() > 60 {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

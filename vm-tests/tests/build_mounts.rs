@@ -698,36 +698,6 @@ fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
     assert_eq!(p.out("out-ssh"), "ssh-round-trip-ok\n");
 }
 
-/// Copies of `needle` in the writable memory of process `pid` (as root).
-fn copies_in_memory(pid: u32, needle: &[u8]) -> usize {
-    use std::io::{Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let Ok(mut mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else {
-        return 0;
-    };
-    let mut n = 0;
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if !perms.starts_with("rw") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; usize::try_from(b - a).unwrap()];
-        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        n += buf.windows(needle.len()).filter(|w| *w == needle).count();
-    }
-    n
-}
-
 #[test]
 fn an_env_secret_is_wiped_from_kiln_when_its_step_ends() {
     if !kiln_vm_tests::root_for("reading kiln's memory") {
@@ -759,18 +729,8 @@ fn an_env_secret_is_wiped_from_kiln_when_its_step_ends() {
         .unwrap();
     let kiln_pid = child.id();
     // wait for the second step's sleep: the first step has ended then
-    let start = std::time::Instant::now();
-    let sleeping = loop {
-        let found = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == nap.as_bytes()))
-        });
-        if found || start.elapsed().as_secs() > 60 {
-            break found;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let copies = copies_in_memory(kiln_pid, tail);
+    let sleeping = kiln_vm_tests::wait_for_process_with_arg(&nap);
+    let copies = kiln_vm_tests::copies_in_memory(kiln_pid, tail);
     let status = child.wait().unwrap();
     assert!(sleeping, "the second step never started");
     assert!(status.success());
@@ -781,6 +741,114 @@ fn an_env_secret_is_wiped_from_kiln_when_its_step_ends() {
         copies <= 2,
         "{copies} copies of the secret in kiln's memory"
     );
+}
+
+/// The fuse view servers started by kiln process `kiln_pid`.
+fn fuse_servers_of(kiln_pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // the parent is the 2nd field after the command in parentheses
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(kiln_pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"__kiln-fuse-server"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_fuse_server_is_a_confined_process_without_the_steps_secrets() {
+    if !kiln_vm_tests::root_for("reading the fuse server's memory") {
+        return;
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!("kiln-fuse-{}-{stamp:040x}", std::process::id());
+    let from_env = format!("kiln-fuse-env-{}-{stamp:040x}", std::process::id());
+    let nap = format!("6.{}", std::process::id() % 1000);
+    let p = Project::new(
+        "mount-fuse-server",
+        &format!(
+            "FROM scratch\nCOPY rootfs/ /\nRUN --mount=type=secret,id=tok,env=TOK --mount=type=secret,id=envtok,env=ETOK test -n \"$TOK$ETOK\" && sleep {nap}\n"
+        ),
+    );
+    let file = p.dir.join("secret.txt");
+    std::fs::write(&file, &secret).unwrap();
+    give_to_test_user(&p.dir);
+    let mut cmd = unprivileged(Path::new("/usr/bin/env"));
+    cmd.arg(format!("KILN_TEST_TOKEN={from_env}"))
+        .arg(stage_file(&kiln_binary()))
+        .args(p.build_args(
+            "state",
+            &[
+                "--snapshotter",
+                "fuse",
+                "--progress",
+                "plain",
+                "--secret",
+                &format!("id=tok,src={}", file.display()),
+                "--secret",
+                "id=envtok,env=KILN_TEST_TOKEN",
+            ],
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let kiln_pid = child.id();
+    // while the step sleeps with both secrets mounted and in its
+    // environment, its root filesystem is served. (A step that writes a
+    // secret into its own root filesystem sends it through the server:
+    // that is the step's doing, and the bytes land in its layer anyway.)
+    let sleeping = kiln_vm_tests::wait_for_process_with_arg(&nap);
+    let servers = fuse_servers_of(kiln_pid);
+    let in_kiln = kiln_vm_tests::copies_in_memory(kiln_pid, secret.as_bytes())
+        + kiln_vm_tests::copies_in_memory(kiln_pid, from_env.as_bytes());
+    let mut found = Vec::new();
+    for &pid in &servers {
+        let copies = kiln_vm_tests::copies_in_memory(pid, secret.as_bytes())
+            + kiln_vm_tests::copies_in_memory(pid, from_env.as_bytes());
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        let kiln_net = std::fs::read_link(format!("/proc/{kiln_pid}/ns/net")).unwrap();
+        found.push((
+            copies,
+            environ.len(),
+            net != kiln_net,
+            kiln_vm_tests::status_field(pid, "Seccomp"),
+            kiln_vm_tests::status_field(pid, "NoNewPrivs"),
+            kiln_vm_tests::status_field(pid, "CapEff"),
+            kiln_vm_tests::status_field(pid, "CapBnd"),
+        ));
+    }
+    let status = child.wait().unwrap();
+    assert!(sleeping, "the step never started");
+    assert!(status.success());
+    assert!(
+        in_kiln > 0,
+        "the secrets are not in kiln's memory either: the scan proves nothing"
+    );
+    assert!(
+        !servers.is_empty(),
+        "no fuse server process of kiln was found"
+    );
+    // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID MKNOD SETFCAP
+    let kept = "000000008800001f";
+    for f in found {
+        assert_eq!(
+            f,
+            (0, 0, true, "2".into(), "1".into(), kept.into(), kept.into()),
+            "(copies of the secrets, environment bytes, own network namespace, seccomp, no_new_privs, effective and bounding capabilities) of a fuse server"
+        );
+    }
 }
 
 #[test]

@@ -50,6 +50,11 @@ pub struct ViewSpec {
 pub trait MountedView: Send {
     /// where the merged tree is visible
     fn path(&self) -> &Path;
+
+    /// The process serving the view, for backends served by one (fuse).
+    fn server_pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 pub mod copy;

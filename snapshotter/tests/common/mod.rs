@@ -25,6 +25,12 @@ pub fn inside_userns() -> bool {
         .starts_with(&["0", "0", "4294967295"])
 }
 
+/// Serve fuse views from the snapshotter's server program: a test binary
+/// cannot serve them itself.
+pub fn use_fuse_server() {
+    kiln_snapshotter::backend::fuse::set_server_program(env!("CARGO_BIN_EXE_kiln-fuse-server"));
+}
+
 static STAGE: Mutex<()> = Mutex::new(());
 
 /// Run the test `name` (this very test) inside a fresh user namespace as
@@ -32,6 +38,7 @@ static STAGE: Mutex<()> = Mutex::new(());
 /// true when the caller is already inside and should run its body.
 pub fn in_userns(name: &str) -> bool {
     if inside_userns() {
+        use_fuse_server();
         return true;
     }
     let exe = std::env::current_exe().expect("test binary path");

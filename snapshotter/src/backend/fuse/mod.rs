@@ -1,26 +1,31 @@
-//! The `fuse` backend: a writable view served from user space by kiln itself
-//! over /dev/fuse, with the overlay logic in [`fs`] and the FUSE session and
-//! server threads here.
+//! The `fuse` backend: a writable view served from user space over
+//! /dev/fuse, with the overlay logic in [`fs`] and the server process in
+//! [`server`].
 //!
 //! It owns mounting the view with mount(2) inside kiln's user and mount
-//! namespace, the server threads, and unmounting. It must never use a setuid
-//! helper (fusermount) or need host configuration (/etc/fuse.conf), and it
-//! must never return from unmounting before every change the step made has
-//! reached `upper`.
+//! namespace, starting the view's server process and handing it the
+//! connection, and unmounting. The server is a process of its own (see
+//! `server` for how it is confined), never threads of kiln: what a step
+//! makes the server do cannot reach kiln's memory, where secrets and
+//! registry credentials live.
+//!
+//! It must never use a setuid helper (fusermount) or need host
+//! configuration (/etc/fuse.conf), and it must never return from
+//! unmounting before every change the step made has reached `upper`.
 
 mod fs;
+mod server;
 mod sys;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::process::{Child, Command, Stdio};
+use std::sync::RwLock;
+use std::time::Duration;
 
-use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, FuseSession, Reader};
-use nix::errno::Errno;
-
-use fs::OverlayFs;
+pub use server::{serve_if_asked, Stage, SERVER_ARG};
 
 use super::{MountedView, ViewSpec};
 
@@ -43,15 +48,24 @@ pub enum Error {
     /// mount(2) of the FUSE filesystem failed.
     #[error("cannot mount the fuse view at {target}: {source} (kiln must run inside its own user and mount namespace)")]
     Mount { target: PathBuf, source: nix::Error },
-    /// The FUSE session could not be set up.
-    #[error("fuse session at {target}: {message}")]
-    Session { target: PathBuf, message: String },
-    /// A server thread could not be started.
-    #[error("cannot start a fuse server thread: {0}")]
-    Thread(std::io::Error),
-    /// A server thread could not be confined on a kernel with Landlock.
-    #[error(transparent)]
-    Confine(#[from] crate::confine::NotConfined),
+    /// The mount point cannot be resolved.
+    #[error("cannot use {target} as a mount point: {source}")]
+    Target {
+        target: PathBuf,
+        source: std::io::Error,
+    },
+    /// The server process could not be started.
+    #[error("cannot start the fuse server {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    /// The server process ended or went silent before it was serving.
+    #[error("the fuse server {program} did not start serving: {why} (a program that mounts fuse views must call kiln_snapshotter::backend::fuse::serve_if_asked first in main)")]
+    Handshake { program: PathBuf, why: String },
+    /// The server process failed to set itself up; nothing was served.
+    #[error("the fuse server failed at {stage}: {message}")]
+    Server { stage: Stage, message: String },
 }
 
 /// Result of the fuse backend.
@@ -65,6 +79,37 @@ fn server_threads() -> usize {
         .unwrap_or(4)
         .clamp(2, 8)
 }
+
+/// Size of one request buffer: fuse's largest message (256 pages of data)
+/// and its header.
+fn bufsize() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    256 * page + 0x1000
+}
+
+/// The program started as a view's server (with [`SERVER_ARG`]); set by
+/// programs whose own executable does not call [`serve_if_asked`], such as
+/// test harnesses.
+static SERVER_PROGRAM: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Serve views from `program` instead of this process's own executable.
+pub fn set_server_program(program: impl Into<PathBuf>) {
+    if let Ok(mut p) = SERVER_PROGRAM.write() {
+        *p = Some(program.into());
+    }
+}
+
+fn server_program() -> PathBuf {
+    SERVER_PROGRAM
+        .read()
+        .ok()
+        .and_then(|p| p.clone())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
+}
+
+/// How long a server may take from its exec to serving.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Mount a FUSE overlay view of `spec` at `spec.target` and serve it from
 /// threads of this process until the returned view is dropped.
@@ -87,20 +132,26 @@ pub fn mount_confined(
     spec: &ViewSpec,
     rules: &crate::confine::Rules,
 ) -> Result<Box<dyn MountedView>> {
-    let open = |role: &'static str, path: &Path| {
-        fs::LayerDir::open(path).map_err(|source| Error::Dir {
+    // The server opens the directories itself; look at them here too, so
+    // that a wrong spec is reported as such rather than as a server failure.
+    let check = |role: &'static str, path: &Path| match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Dir {
+            role,
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        }),
+        Err(source) => Err(Error::Dir {
             role,
             path: path.to_path_buf(),
             source,
-        })
+        }),
     };
-    let upper = open("upper", &spec.upper)?;
-    let work = open("work", &spec.work)?;
-    let lowers = spec
-        .lowers
-        .iter()
-        .map(|l| open("lower", l))
-        .collect::<Result<Vec<_>>>()?;
+    check("upper", &spec.upper)?;
+    check("work", &spec.work)?;
+    for l in &spec.lowers {
+        check("lower", l)?;
+    }
     let same_fs = |a: &Path, b: &Path| -> bool {
         use std::os::unix::fs::MetadataExt;
         match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -114,34 +165,24 @@ pub fn mount_confined(
             upper: spec.upper.clone(),
         });
     }
-    let overlay = OverlayFs::new(lowers, upper, work).map_err(|source| Error::Dir {
-        role: "upper",
-        path: spec.upper.clone(),
-        source,
-    })?;
-    serve(overlay, &spec.target, rules)
+    serve(spec, rules)
 }
 
-/// Mount `fs` at `target` and start the server threads, each confined to
-/// `rules`.
-fn serve(
-    fs: OverlayFs,
-    target: &Path,
-    rules: &crate::confine::Rules,
-) -> Result<Box<dyn MountedView>> {
-    let session_err = |e: fuse_backend_rs::transport::Error| Error::Session {
-        target: target.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut session = FuseSession::new(target, "kiln", "kiln", false).map_err(session_err)?;
+/// Mount the view at `spec.target`, start its server process, hand it the
+/// connection, and wait until it is confined and serving.
+fn serve(spec: &ViewSpec, rules: &crate::confine::Rules) -> Result<Box<dyn MountedView>> {
+    let target = std::fs::canonicalize(&spec.target).map_err(|source| Error::Target {
+        target: spec.target.clone(),
+        source,
+    })?;
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
         .map_err(Error::DevFuse)?;
-    // The channel buffer holds one request of up to max_read bytes; the
-    // kernel must not send larger reads than the buffer.
-    let max_read = session.bufsize() - 4096;
+    let bufsize = bufsize();
+    // The kernel must not send larger reads than the server's buffer.
+    let max_read = bufsize - 4096;
     // allow_other: the mount is made inside kiln's user namespace, so the
     // kernel only lets processes of that namespace and its descendants use
     // allow_other; without it only our uid 0 could enter the view and a
@@ -156,222 +197,124 @@ fn serve(
     );
     nix::mount::mount(
         Some("kiln"),
-        target,
+        &target,
         Some("fuse.kiln"),
         nix::mount::MsFlags::MS_NOATIME,
         Some(opts.as_str()),
     )
     .map_err(|source| Error::Mount {
-        target: target.to_path_buf(),
+        target: target.clone(),
         source,
     })?;
-    fs.set_notify_fd(dev.as_raw_fd());
-    session.set_fuse_file(dev);
-    let bufsize = session.bufsize();
+    // From here on the view's drop unmounts it, whatever fails.
     let mut view = FuseView {
-        target: session.mountpoint().to_path_buf(),
-        session: Some(session),
-        threads: Vec::new(),
+        target,
+        server: None,
+        _control: None,
     };
-    let fs = Arc::new(fs);
-    let server = Arc::new(Server::new(fs.clone()));
-    // each thread confines itself before it serves anything, and says how
-    // that went: a view whose server could not be confined is not used
-    let (confined_tx, confined_rx) = std::sync::mpsc::channel();
-    let threads = server_threads();
-    for i in 0..threads {
-        let session = view.session.as_ref().ok_or_else(|| Error::Session {
-            target: target.to_path_buf(),
-            message: "session gone".into(),
+    let program = server_program();
+    let (ours, theirs) = UnixStream::pair().map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let child = Command::new(&program)
+        .arg(SERVER_ARG)
+        .env_clear()
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            program: program.clone(),
+            source,
         })?;
-        // Each thread reads its own clone of the device fd, blocking: the
-        // kernel wakes exactly one reader per request, where polling one
-        // shared fd would wake every thread for each request.
-        let dev = session.clone_fuse_file().map_err(session_err)?;
-        let server = server.clone();
-        let fs = fs.clone();
-        let rules = rules.clone();
-        let confined_tx = confined_tx.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("kiln-fuse-{i}"))
-            .spawn(move || {
-                let confined = crate::confine::confine_current_thread(
-                    crate::confine::Component::FuseServer,
-                    &rules,
-                );
-                let ok = confined.is_ok();
-                let _ = confined_tx.send(confined);
-                if ok {
-                    serve_requests(&dev, &server, &fs, bufsize);
-                }
-            })
-            .map_err(Error::Thread)?;
-        view.threads.push(t);
-    }
-    drop(confined_tx);
-    for _ in 0..threads {
-        match confined_rx.recv() {
-            Ok(Ok(_)) => {}
-            // the view's drop unmounts it, which ends the other threads
-            Ok(Err(e)) => return Err(Error::Confine(e)),
-            Err(_) => {
-                return Err(Error::Session {
-                    target: target.to_path_buf(),
-                    message: "a server thread ended before it was confined".into(),
-                })
-            }
+    view.server = Some(child);
+    let config = server::Config {
+        lowers: spec.lowers.clone(),
+        upper: spec.upper.clone(),
+        work: spec.work.clone(),
+        rules: rules.clone(),
+        threads: server_threads(),
+        bufsize,
+    };
+    let handshake = |why: String| Error::Handshake {
+        program: program.clone(),
+        why,
+    };
+    send_config(&ours, &config, &dev)
+        .map_err(|e| handshake(format!("sending it the view: {e}")))?;
+    // kiln keeps no descriptor of the connection: if the server dies, the
+    // kernel ends the connection and the step sees errors, not a hang
+    drop(dev);
+    let reply = match read_reply(&ours) {
+        Ok(r) => r,
+        Err(e) => {
+            // say how it ended, if it did
+            let status = view.server.as_mut().and_then(|c| {
+                std::thread::sleep(Duration::from_millis(20));
+                c.try_wait().ok().flatten()
+            });
+            return Err(handshake(match status {
+                Some(st) => format!("{e} ({st})"),
+                None => e.to_string(),
+            }));
         }
+    };
+    view._control = Some(ours);
+    match reply {
+        server::Reply::Ready => Ok(Box::new(view)),
+        server::Reply::Failed { stage, message } => Err(Error::Server { stage, message }),
     }
-    Ok(Box::new(view))
 }
 
-/// One server thread: read a request, answer it, until the connection ends
-/// (ENODEV once the view is unmounted).
-fn serve_requests(
+/// One JSON line with the /dev/fuse descriptor attached to its first byte.
+fn send_config(
+    to: &UnixStream,
+    config: &server::Config,
     dev: &std::fs::File,
-    server: &Server<Arc<OverlayFs>>,
-    fs: &OverlayFs,
-    bufsize: usize,
-) {
-    let mut request = vec![0u8; bufsize];
-    let mut reply = vec![0u8; bufsize];
-    let pipe = sys::sized_pipe(SPLICE_PIPE_SIZE);
-    loop {
-        let len = match nix::unistd::read(dev.as_raw_fd(), &mut request) {
-            Ok(len) => len,
-            // ENOENT: the request was interrupted before we read it
-            Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
-            Err(_) => return,
-        };
-        if let Some((r, w)) = &pipe {
-            if splice_read(dev, fs, &request[..len], r.as_raw_fd(), w.as_raw_fd()) {
-                continue;
-            }
-        }
-        let Ok(reader) = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len])) else {
-            continue;
-        };
-        let Ok(writer) = FuseDevWriter::<()>::new(dev.as_raw_fd(), &mut reply) else {
-            continue;
-        };
-        // A request we cannot decode or answer leaves its caller with an
-        // error; only a gone connection ends the thread.
-        if let Err(fuse_backend_rs::Error::EncodeMessage(e)) =
-            server.handle_message(reader, writer.into(), None, None)
-        {
-            if e.raw_os_error() == Some(libc::ENODEV) {
-                return;
-            }
-        }
-    }
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let mut line = serde_json::to_vec(config)?;
+    line.push(b'\n');
+    let fds = [dev.as_fd().as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let n = sendmsg::<()>(
+        to.as_raw_fd(),
+        &[std::io::IoSlice::new(&line)],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )?;
+    let mut rest = to;
+    rest.write_all(&line[n..])
 }
 
-/// Pipe size for spliced reads: one readahead request (128 KiB by default)
-/// and its header fit with room to spare.
-const SPLICE_PIPE_SIZE: usize = 1 << 20;
-/// Reads smaller than this take the copying path: for a few pages, its two
-/// syscalls (pread into our buffer, write to /dev/fuse) cost less than
-/// splice's fstat, header write and two splices. A tree of 4 KiB files
-/// (bench/snapshotter/run.sh, read2k) reads about 6% faster this way.
-const SPLICE_MIN: usize = 64 << 10;
-const FUSE_READ: u32 = 15;
-const IN_HEADER_LEN: usize = 40;
-const READ_IN_LEN: usize = 40;
-const OUT_HEADER_LEN: usize = 16;
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// Answer a READ by splicing file pages through a pipe into /dev/fuse
-/// instead of copying them through our buffer (what libfuse does). Returns
-/// false, having sent nothing, when the request is not a plain read of a
-/// regular file, is too small to gain from splicing, or does not fit the
-/// pipe; the normal path then answers it.
-fn splice_read(dev: &std::fs::File, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: RawFd) -> bool {
-    if req.len() < IN_HEADER_LEN + READ_IN_LEN || u32_at(req, 4) != Some(FUSE_READ) {
-        return false;
+/// The server's one reply line, waited for at most [`HANDSHAKE_TIMEOUT`].
+fn read_reply(from: &UnixStream) -> std::io::Result<server::Reply> {
+    from.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut line = Vec::new();
+    std::io::BufReader::new(from.take(1 << 20)).read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::other("it exited without a word"));
     }
-    let (Some(unique), Some(nodeid), Some(fh), Some(offset), Some(size)) = (
-        u64_at(req, 8),
-        u64_at(req, 16),
-        u64_at(req, IN_HEADER_LEN),
-        u64_at(req, IN_HEADER_LEN + 8),
-        u32_at(req, IN_HEADER_LEN + 16),
-    ) else {
-        return false;
-    };
-    let size = size as usize;
-    if !(SPLICE_MIN..=SPLICE_PIPE_SIZE - OUT_HEADER_LEN).contains(&size) {
-        return false;
-    }
-    let Some(file) = fs.read_file(nodeid, fh) else {
-        return false;
-    };
-    let fd = file.as_raw_fd();
-    let Ok(st) = sys::fstat(fd) else {
-        return false;
-    };
-    let (Ok(mut off), Ok(file_size)) = (i64::try_from(offset), u64::try_from(st.st_size)) else {
-        return false;
-    };
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return false;
-    }
-    let expected = usize::try_from(file_size.saturating_sub(offset))
-        .unwrap_or(usize::MAX)
-        .min(size);
-    // A large request near the end of a file carries few bytes: the size
-    // check above spared small requests the lookup and fstat, this one
-    // judges by what would actually be sent (and skips empty reads).
-    if expected < SPLICE_MIN {
-        return false;
-    }
-    let total = OUT_HEADER_LEN + expected;
-    let mut header = [0u8; OUT_HEADER_LEN];
-    header[0..4].copy_from_slice(&u32::try_from(total).unwrap_or(0).to_ne_bytes());
-    header[8..16].copy_from_slice(&unique.to_ne_bytes());
-    if sys::write_all(pw, &header).is_err() {
-        sys::drain(pr, OUT_HEADER_LEN);
-        return false;
-    }
-    let mut got = 0;
-    while got < expected {
-        match sys::splice(fd, Some(&mut off), pw, expected - got) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    if got != expected {
-        // the file changed size under us: take the copying path
-        sys::drain(pr, OUT_HEADER_LEN + got);
-        return false;
-    }
-    // One splice must carry the whole reply: /dev/fuse takes a message per
-    // write. On failure (the request was interrupted) the reply is dropped,
-    // as a failed write of the copying path would be.
-    match sys::splice(pr, None, dev.as_raw_fd(), total) {
-        Ok(n) if n == total => {}
-        Ok(n) => sys::drain(pr, total - n),
-        Err(_) => sys::drain(pr, total),
-    }
-    true
+    serde_json::from_slice(&line).map_err(std::io::Error::other)
 }
 
 /// A mounted FUSE view; dropping it unmounts and waits for the server.
 struct FuseView {
     target: PathBuf,
-    session: Option<FuseSession>,
-    threads: Vec<JoinHandle<()>>,
+    server: Option<Child>,
+    /// kiln's end of the control socket: the server ends when it closes
+    _control: Option<UnixStream>,
 }
 
 impl MountedView for FuseView {
     fn path(&self) -> &Path {
         &self.target
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
     }
 }
 
@@ -380,14 +323,20 @@ impl Drop for FuseView {
         // A synchronous unmount writes back every dirty page through the
         // still-running server before the connection ends; only when the
         // view is still busy fall back to a lazy unmount, after which the
-        // connection ends when the last user goes and the threads see it.
+        // connection ends when the last user goes and the server sees it.
         if nix::mount::umount2(&self.target, nix::mount::MntFlags::empty()).is_err() {
             let _ = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH);
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        // The server exits once the connection has ended; only then is the
+        // control socket closed (closing it earlier would end a server that
+        // still serves a lazily unmounted view).
+        if let Some(mut child) = self.server.take() {
+            if self._control.is_none() {
+                // it never became ready: nothing of it is worth waiting for
+                let _ = child.kill();
+            }
+            let _ = child.wait();
         }
-        // The session's own drop sees the ended connection and does nothing.
-        self.session.take();
+        self._control.take();
     }
 }

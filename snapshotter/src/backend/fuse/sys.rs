@@ -631,6 +631,62 @@ pub fn drain(fd: RawFd, mut len: usize) {
     }
 }
 
+/// A new descriptor of the FUSE connection `dev` is attached to
+/// (`FUSE_DEV_IOC_CLONE`), so each server thread reads its own: the kernel
+/// then wakes one reader per request.
+pub fn clone_fuse_dev(dev: RawFd) -> io::Result<OwnedFd> {
+    // FUSE_DEV_IOC_CLONE = _IOR(229, 0, uint32_t)
+    nix::ioctl_read!(fuse_dev_ioc_clone, 229, 0, u32);
+    let new = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let mut old = u32::try_from(dev).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: `new` is an open /dev/fuse fd and `old` a u32 the ioctl reads
+    // for the duration of the call.
+    unsafe { fuse_dev_ioc_clone(new.as_raw_fd(), &mut old) }.map_err(io::Error::from)?;
+    Ok(new.into())
+}
+
+/// Close every descriptor from `first` up.
+pub fn close_from(first: u32) {
+    // SAFETY: close_range only closes descriptors; the caller owns every
+    // descriptor from `first` up (nothing else in the process uses them).
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+}
+
+/// Set `no_new_privs` for the calling thread and threads it starts.
+pub fn no_new_privs() -> io::Result<()> {
+    // SAFETY: plain prctl with integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
+}
+
+/// Install a seccomp filter on every thread of this process
+/// (`SECCOMP_FILTER_FLAG_TSYNC`), and on threads they start. Needs
+/// `no_new_privs` or CAP_SYS_ADMIN.
+pub fn install_seccomp_all_threads(prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `prog`, which is valid for the call; the
+    // kernel copies the program.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        rc if rc < 0 => Err(io::Error::last_os_error()),
+        // the id of a thread that could not take the filter
+        _ => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+    }
+}
+
 /// Whether `st` is an overlayfs whiteout: a character device 0:0.
 pub fn is_whiteout(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
