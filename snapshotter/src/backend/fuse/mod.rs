@@ -20,6 +20,7 @@ mod sys;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::RwLock;
@@ -218,6 +219,7 @@ fn serve(spec: &ViewSpec, rules: &crate::confine::Rules) -> Result<Box<dyn Mount
         source,
     })?;
     let child = Command::new(&program)
+        .arg0("kiln-fuse")
         .arg(SERVER_ARG)
         .env_clear()
         .stdin(Stdio::from(OwnedFd::from(theirs)))

@@ -127,6 +127,8 @@ fn main() -> i32 {
     // Nothing kiln left open without O_CLOEXEC stays: the server holds only
     // what it is given below.
     sys::close_from(3);
+    // `ps` and `top` name it (its executable is /proc/self/exe: "exe")
+    sys::set_thread_name(c"kiln-fuse");
     // SAFETY: kiln started this process with the control socket as fd 0,
     // which nothing else in this process owns.
     let control = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });

@@ -655,6 +655,13 @@ pub fn close_from(first: u32) {
     unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
 }
 
+/// Name the calling thread (`comm`, at most 15 bytes).
+pub fn set_thread_name(name: &CStr) {
+    // SAFETY: `name` is a NUL-terminated string valid for the call; the
+    // kernel copies at most 16 bytes of it.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+}
+
 /// Set `no_new_privs` for the calling thread and threads it starts.
 pub fn no_new_privs() -> io::Result<()> {
     // SAFETY: plain prctl with integer arguments.
