@@ -1029,3 +1029,124 @@ fn manifests_over_4_mib_are_refused_before_being_read_whole() {
     let served = served.load(Ordering::Relaxed);
     assert!(served < 32 << 20, "kiln read on: {served} bytes served");
 }
+
+/// A registry that wants bearer tokens, as Docker Hub does: `/v2/` answers
+/// 401 with a challenge naming its own `/token`. Repository `tok/ok` gets a
+/// token and a small image; `tok/huge`'s token response never ends;
+/// `err/blob`'s config blob answers 500 with a body that never ends.
+fn token_registry(served: std::sync::Arc<std::sync::atomic::AtomicU64>, dir: &Path) -> u16 {
+    use std::io::{BufRead, BufReader, Write as _};
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    let config_digest = sha256_of(&config, dir);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[]}}"#,
+        config.len()
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (served, config, manifest) = (served.clone(), config.clone(), manifest.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap_or(0);
+                let mut bearer = false;
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    bearer |= line.eq_ignore_ascii_case("authorization: bearer good\r\n");
+                    line.clear();
+                }
+                let mut conn = conn;
+                let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+                let challenge = format!(
+                    "HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\"\r\nContent-Length: 0\r\n\r\n"
+                );
+                let endless = |conn: &mut TcpStream, head: &str| {
+                    let _ = write!(conn, "{head}Connection: close\r\n\r\n");
+                    let chunk = vec![b'x'; 64 << 10];
+                    for _ in 0..1024 {
+                        if conn.write_all(&chunk).is_err() {
+                            break;
+                        }
+                        served.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                };
+                let ok = |conn: &mut TcpStream, ct: &str, body: &[u8]| {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(body);
+                };
+                if path.starts_with("/token") {
+                    if path.contains("tok%2Fhuge") || path.contains("tok/huge") {
+                        endless(
+                            &mut conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+                        );
+                    } else {
+                        ok(&mut conn, "application/json", br#"{"token":"good"}"#);
+                    }
+                } else if !bearer {
+                    let _ = conn.write_all(challenge.as_bytes());
+                } else if path.ends_with("/manifests/latest") {
+                    ok(
+                        &mut conn,
+                        "application/vnd.oci.image.manifest.v1+json",
+                        manifest.as_bytes(),
+                    );
+                } else if path.starts_with("/v2/err/blob/blobs/") {
+                    endless(
+                        &mut conn,
+                        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n",
+                    );
+                } else if path.contains("/blobs/") {
+                    ok(&mut conn, "application/octet-stream", &config);
+                } else {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                    );
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn token_responses_and_error_bodies_are_read_with_a_bound() {
+    use std::sync::atomic::Ordering;
+    let dir = test_dir("registry-token-bound");
+    let state = dir.join("state");
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let port = token_registry(served.clone(), &dir);
+    let host = format!("127.0.0.1:{port}");
+    let insecure = format!("--insecure-registry={host}");
+    // the token dance works: the image is pulled with the bearer token
+    let ok_name = format!("{host}/tok/ok:latest");
+    ok(&mut kiln_env(&[], &state, &["pull", &insecure, &ok_name]));
+    let listing = ok(&mut kiln_env(&[], &state, &["images"]));
+    assert!(listing.contains(&format!("{host}/tok/ok")), "{listing}");
+    // a token service that never stops talking is cut off
+    let name = format!("{host}/tok/huge:latest");
+    let err = fails(&mut kiln_env(&[], &state, &["pull", &insecure, &name]));
+    assert!(
+        err.contains(&name) && err.contains("the 1048576 bytes kiln reads"),
+        "{err}"
+    );
+    // an error body that never ends is cut off, its start quoted (a
+    // fresh store: the config blob is stored in the first one)
+    let name = format!("{host}/err/blob:latest");
+    let err = fails(&mut kiln_env(
+        &[],
+        &dir.join("fresh"),
+        &["pull", &insecure, &name],
+    ));
+    assert!(err.contains("HTTP 500") && err.contains("xxxx"), "{err}");
+    assert!(err.len() < 16 << 10, "the whole error body was quoted");
+    let served = served.load(Ordering::Relaxed);
+    assert!(served < 32 << 20, "kiln read on: {served} bytes served");
+}

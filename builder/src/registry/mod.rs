@@ -1,8 +1,10 @@
 //! Registries: pulling images into the local store and pushing them out,
-//! over the OCI distribution API (`oci-client`, on rustls).
+//! over the OCI distribution API (kiln's own client in [`http`], on reqwest
+//! and rustls, reading every body with a bound).
 //!
 //! - [`config`]: plain-HTTP registries, mirrors, certs.d authorities
 //! - [`auth`]: credentials from auth.json / docker config, `kiln login`
+//! - [`http`]: the token dance, authenticated requests, error answers
 //! - [`Registry`]: one configured client; [`Registry::pull`],
 //!   [`Registry::push`], [`Registry::login`], and the blob/manifest
 //!   primitives ([`Registry::fetch_manifest`], [`Registry::fetch_blob`],
@@ -17,15 +19,13 @@
 
 pub mod auth;
 pub mod config;
+pub mod http;
 mod pull;
 mod push;
 
 use std::sync::Arc;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::secrets::RegistryAuth;
-use oci_client::RegistryOperation;
+use http::{Creds, Op, Remote, Subject};
 
 use crate::image::reference::{self, Reference};
 use crate::image::store;
@@ -96,14 +96,8 @@ pub const PARALLEL_BLOBS: usize = 4;
 /// Cheap to clone; safe to share between tasks.
 #[derive(Clone)]
 pub struct Registry {
-    client: Arc<oci_client::Client>,
+    client: Arc<http::Client>,
     config: Arc<config::Config>,
-    /// kiln's own requests (manifests, read with a size limit): the same
-    /// roots and timeouts as the client's
-    http: reqwest::Client,
-    /// bearer tokens the client obtained, by registry, repository and
-    /// operation (`None`: the registry asked for none)
-    tokens: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>>,
 }
 
 /// The largest manifest, index or image config kiln reads, as containerd
@@ -128,16 +122,15 @@ pub fn api_host(host: &str) -> &str {
     }
 }
 
-/// `r` as oci-client's reference on `host` (the origin or a mirror).
-pub fn remote_ref(r: &Reference, host: &str) -> oci_client::Reference {
-    let h = api_host(host).to_string();
-    match (&r.digest, &r.tag) {
-        (Some(d), _) => oci_client::Reference::with_digest(h, r.path.clone(), d.clone()),
-        (None, t) => oci_client::Reference::with_tag(
-            h,
-            r.path.clone(),
-            t.clone().unwrap_or_else(|| "latest".into()),
-        ),
+/// What `r` names on `host` (the origin or a mirror), as requests address it.
+pub fn remote_ref(r: &Reference, host: &str) -> Remote {
+    Remote {
+        registry: api_host(host).to_string(),
+        repository: r.path.clone(),
+        reference: match (&r.digest, &r.tag) {
+            (Some(d), _) => d.clone(),
+            (None, t) => t.clone().unwrap_or_else(|| "latest".into()),
+        },
     }
 }
 
@@ -152,7 +145,6 @@ impl Registry {
     /// A client for `config`.
     pub fn new(config: config::Config) -> Result<Self> {
         install_crypto_provider();
-        let mut extra = Vec::new();
         let mut roots = Vec::new();
         for p in &config.ca_files {
             let data = std::fs::read(p).map_err(|e| Error::Ca {
@@ -165,10 +157,6 @@ impl Registry {
                     reason: e.to_string(),
                 })?,
             );
-            extra.push(oci_client::client::Certificate {
-                encoding: oci_client::client::CertificateEncoding::Pem,
-                data,
-            });
         }
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(30))
@@ -179,31 +167,18 @@ impl Registry {
                 path: "certs.d".into(),
                 reason: e.to_string(),
             })?;
-        let insecure: Vec<String> = config
+        let insecure = config
             .insecure
             .iter()
             .map(|h| api_host(h).to_string())
             .collect();
-        let cc = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure),
-            extra_root_certificates: extra,
-            max_concurrent_download: PARALLEL_BLOBS,
-            max_concurrent_upload: PARALLEL_BLOBS,
-            connect_timeout: Some(std::time::Duration::from_secs(30)),
-            read_timeout: Some(std::time::Duration::from_secs(300)),
-            // kiln picks platforms itself, with errors that name them
-            platform_resolver: None,
-            ..ClientConfig::default()
-        };
-        let client = oci_client::Client::try_from(cc).map_err(|e| Error::Ca {
-            path: "certs.d".into(),
-            reason: e.to_string(),
-        })?;
         Ok(Registry {
-            client: Arc::new(client),
+            client: Arc::new(http::Client {
+                http,
+                insecure,
+                tokens: http::Tokens::default(),
+            }),
             config: Arc::new(config),
-            http,
-            tokens: Arc::default(),
         })
     }
 
@@ -218,16 +193,11 @@ impl Registry {
         &self.config
     }
 
-    /// The underlying client, for operations kiln does not wrap.
-    pub fn client(&self) -> &oci_client::Client {
-        &self.client
-    }
-
     /// Credentials for `host` from the auth files (anonymous if none).
-    pub fn credentials(host: &str) -> Result<RegistryAuth> {
+    pub fn credentials(host: &str) -> Result<Creds> {
         Ok(match auth::lookup(host)? {
-            Some(c) => RegistryAuth::Basic(c.username, c.password),
-            None => RegistryAuth::Anonymous,
+            Some(c) => Creds::Basic(c.username, c.password),
+            None => Creds::Anonymous,
         })
     }
 
@@ -237,72 +207,13 @@ impl Registry {
         &self,
         name: &str,
         host: &str,
-        remote: &oci_client::Reference,
-        op: RegistryOperation,
+        remote: &Remote,
+        op: Op,
     ) -> Result<()> {
         let creds = Self::credentials(host)?;
-        self.authenticate_with(name, host, remote, &creds, op).await
-    }
-
-    async fn authenticate_with(
-        &self,
-        name: &str,
-        host: &str,
-        remote: &oci_client::Reference,
-        creds: &RegistryAuth,
-        op: RegistryOperation,
-    ) -> Result<()> {
-        let token = self
-            .client
-            .auth(remote, creds, op)
+        self.client
+            .authenticate(Subject { name, host }, remote, &creds, op)
             .await
-            .map_err(|e| classify(name, host, e))?;
-        self.tokens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(token_key(remote, op), token);
-        Ok(())
-    }
-
-    /// The token `authenticate` got for `remote` and `op`, authenticating
-    /// first when there is none yet (or `fresh`: the last one was refused).
-    async fn token(
-        &self,
-        name: &str,
-        host: &str,
-        remote: &oci_client::Reference,
-        op: RegistryOperation,
-        fresh: bool,
-    ) -> Result<Option<String>> {
-        let key = token_key(remote, op);
-        let known = self
-            .tokens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-            .cloned();
-        match known {
-            Some(token) if !fresh => Ok(token),
-            _ => {
-                self.authenticate(name, host, remote, op).await?;
-                Ok(self
-                    .tokens
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(&key)
-                    .cloned()
-                    .flatten())
-            }
-        }
-    }
-
-    /// `http` or `https` for requests to `registry`, as the client decides.
-    fn scheme(&self, registry: &str) -> &'static str {
-        if self.config.insecure.iter().any(|h| api_host(h) == registry) {
-            "http"
-        } else {
-            "https"
-        }
     }
 
     /// `kiln login`: check `creds` against `host` (a request that needs
@@ -311,107 +222,26 @@ impl Registry {
         install_crypto_provider();
         // a fresh client: the shared one may hold another user's token
         let probe = Registry::new((*self.config).clone())?;
-        let remote = oci_client::Reference::with_tag(
-            api_host(host).to_string(),
-            "kiln/login-check".into(),
-            "latest".into(),
-        );
-        let ra = RegistryAuth::Basic(creds.username.clone(), creds.password.clone());
-        probe
-            .authenticate_with(host, host, &remote, &ra, RegistryOperation::Pull)
+        let remote = Remote {
+            registry: api_host(host).to_string(),
+            repository: "kiln/login-check".into(),
+            reference: "latest".into(),
+        };
+        let basic = Creds::Basic(creds.username.clone(), creds.password.clone());
+        let who = Subject { name: host, host };
+        // a request that needs the credentials: 401 means they are wrong;
+        // the repository need not exist (404)
+        let url = probe.client.url(&remote, "tags/list?n=1");
+        let res = probe
+            .client
+            .send(who, &remote, &basic, Op::Pull, || {
+                probe.client.http.get(&url)
+            })
             .await?;
-        // GET /v2/ with the credentials: 401 means they are wrong
-        match probe.client.list_tags(&remote, &ra, Some(1), None).await {
-            Ok(_) => {}
-            Err(e) => match classify(host, host, e) {
-                // the repository need not exist; the credentials were
-                // accepted if the registry got as far as looking for it
-                Error::NotFound { .. } => {}
-                other => return Err(other),
-            },
+        if !res.status().is_success() && res.status().as_u16() != 404 {
+            return Err(who.status_error(&url, res).await);
         }
         Ok(auth::store(host, &creds)?)
-    }
-}
-
-fn token_key(remote: &oci_client::Reference, op: RegistryOperation) -> String {
-    let op = match op {
-        RegistryOperation::Pull => "pull",
-        RegistryOperation::Push => "push",
-    };
-    format!("{}/{}:{op}", remote.resolve_registry(), remote.repository())
-}
-
-/// Turn a client error into kiln's error for `reference` on `host`.
-pub(crate) fn classify(reference: &str, host: &str, e: OciDistributionError) -> Error {
-    let reference = reference.to_string();
-    let host = host.to_string();
-    match e {
-        OciDistributionError::RequestError(re) if re.is_connect() || re.is_timeout() => {
-            Error::Unreachable {
-                reference,
-                host,
-                reason: source_chain(&re),
-            }
-        }
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Error::Unauthorized { reference, host },
-        OciDistributionError::ImageManifestNotFoundError(_) => Error::NotFound { reference, host },
-        // the status code when the client kept it: the message text holds
-        // URLs (and digests) that no substring test can see past
-        OciDistributionError::ServerError { code: 401, .. } => {
-            Error::Unauthorized { reference, host }
-        }
-        OciDistributionError::ServerError { code: 404, .. } => Error::NotFound { reference, host },
-        // the registry's own error codes, when it sent an error envelope
-        OciDistributionError::RegistryError { ref envelope, .. }
-            if envelope.errors.iter().any(|e| {
-                matches!(
-                    e.code,
-                    OciErrorCode::NameUnknown
-                        | OciErrorCode::ManifestUnknown
-                        | OciErrorCode::BlobUnknown
-                        | OciErrorCode::NotFound
-                )
-            }) =>
-        {
-            Error::NotFound { reference, host }
-        }
-        OciDistributionError::RegistryError { ref envelope, .. }
-            if envelope
-                .errors
-                .iter()
-                .any(|e| matches!(e.code, OciErrorCode::Unauthorized)) =>
-        {
-            Error::Unauthorized { reference, host }
-        }
-        other => {
-            let reason = source_chain(&other);
-            let lower = reason.to_ascii_lowercase();
-            if lower.contains("unauthorized") || lower.contains(" 401") {
-                Error::Unauthorized { reference, host }
-            } else if lower.contains("manifest_unknown")
-                || lower.contains("manifest unknown")
-                || lower.contains("name_unknown")
-                || lower.contains("name unknown")
-                || lower.contains("code: 404")
-                || lower.contains(" 404 ")
-            {
-                Error::NotFound { reference, host }
-            } else if lower.contains("error sending request") || lower.contains("connect") {
-                Error::Unreachable {
-                    reference,
-                    host,
-                    reason,
-                }
-            } else {
-                Error::Registry {
-                    reference,
-                    host,
-                    reason,
-                }
-            }
-        }
     }
 }
 

@@ -3,15 +3,13 @@
 //! once, each verified while it streams into the content store), then the
 //! config and manifests, unpack, and name the image.
 
-use futures_util::StreamExt;
 use kiln_snapshotter::content::{self, sha256_digest, ContentStore};
-use oci_client::secrets::RegistryAuth;
-use oci_client::RegistryOperation;
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
 
-use super::{classify, remote_ref, Error, Registry, Result, MAX_MANIFEST_BYTES, PARALLEL_BLOBS};
+use super::http::{Op, Remote, Subject};
+use super::{remote_ref, Error, Registry, Result, MAX_MANIFEST_BYTES, PARALLEL_BLOBS};
 use crate::image::reference::Reference;
 use crate::image::store::{self, Image, ImageStore, Platform};
 
@@ -181,78 +179,26 @@ impl Registry {
     }
 
     /// GET the manifest `remote` names, reading at most
-    /// [`MAX_MANIFEST_BYTES`] (oci-client's own call reads any size whole).
-    async fn get_manifest(
-        &self,
-        name: &str,
-        host: &str,
-        remote: &oci_client::Reference,
-    ) -> Result<Vec<u8>> {
-        let registry = remote.resolve_registry();
-        let url = format!(
-            "{}://{registry}/v2/{}/manifests/{}",
-            self.scheme(registry),
-            remote.repository(),
-            remote.digest().or(remote.tag()).unwrap_or("latest")
-        );
+    /// [`MAX_MANIFEST_BYTES`].
+    async fn get_manifest(&self, name: &str, host: &str, remote: &Remote) -> Result<Vec<u8>> {
+        let url = self
+            .client
+            .url(remote, &format!("manifests/{}", remote.reference));
         // the credentials of the host asked, which may be a mirror: the
         // origin's login is never sent to another registry
         let creds = Self::credentials(host)?;
-        let failed = |reason: String| Error::Registry {
-            reference: name.to_string(),
-            host: host.to_string(),
-            reason,
-        };
-        for retry in [false, true] {
-            let token = self
-                .token(name, host, remote, RegistryOperation::Pull, retry)
-                .await?;
-            let mut req = self.http.get(&url).header("Accept", ACCEPT.join(", "));
-            req = match (&token, &creds) {
-                (Some(t), _) => req.bearer_auth(t),
-                (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
-                _ => req,
-            };
-            let mut res = req.send().await.map_err(|e| Error::Unreachable {
-                reference: name.to_string(),
-                host: host.to_string(),
-                reason: super::source_chain(&e),
-            })?;
-            let status = res.status().as_u16();
-            match status {
-                200..=299 => {}
-                // an expired token: once more with a new one
-                401 if !retry => continue,
-                401 | 403 => {
-                    return Err(Error::Unauthorized {
-                        reference: name.to_string(),
-                        host: host.to_string(),
-                    })
-                }
-                404 => {
-                    return Err(Error::NotFound {
-                        reference: name.to_string(),
-                        host: host.to_string(),
-                    })
-                }
-                _ => {
-                    let mut text = Vec::new();
-                    while let Ok(Some(chunk)) = res.chunk().await {
-                        text.extend_from_slice(&chunk);
-                        if text.len() > 4096 {
-                            text.truncate(4096);
-                            break;
-                        }
-                    }
-                    return Err(failed(format!(
-                        "HTTP {status} for {url}: {}",
-                        String::from_utf8_lossy(&text).trim()
-                    )));
-                }
-            }
-            return read_manifest_body(name, host, res).await;
+        let who = Subject { name, host };
+        let accept = ACCEPT.join(", ");
+        let res = self
+            .client
+            .send(who, remote, &creds, Op::Pull, || {
+                self.client.http.get(&url).header("Accept", &accept)
+            })
+            .await?;
+        if !res.status().is_success() {
+            return Err(who.status_error(&url, res).await);
         }
-        unreachable!("the second attempt returns")
+        read_manifest_body(name, host, res).await
     }
 
     /// Stream blob `desc` of repository `r` on `host` into `content`,
@@ -289,16 +235,26 @@ impl Registry {
             digest: digest.clone(),
             reason,
         };
-        let mut stream = self
+        let who = Subject { name: &name, host };
+        let creds = Self::credentials(host)?;
+        let url = self.client.url(&remote, &format!("blobs/{digest}"));
+        let mut res = self
             .client
-            .pull_blob_stream(&remote, digest.as_str())
-            .await
-            .map_err(|e| classify(&name, host, e))?;
+            .send(who, &remote, &creds, Op::Pull, || {
+                self.client.http.get(&url)
+            })
+            .await?;
+        if !res.status().is_success() {
+            return Err(who.status_error(&url, res).await);
+        }
         let mut w = content
             .writer(Some(desc.digest().clone()))
             .map_err(|e| bad(e.to_string()))?;
-        while let Some(chunk) = stream.stream.next().await {
-            let chunk = chunk.map_err(|e| bad(e.to_string()))?;
+        while let Some(chunk) = res
+            .chunk()
+            .await
+            .map_err(|e| bad(super::source_chain(&e)))?
+        {
             // stop at the size the manifest declares: a registry that
             // sends more is not read to its end
             if w.size() + chunk.len() as u64 > desc.size() {
@@ -367,8 +323,7 @@ impl Registry {
     ) -> Result<Pulled> {
         let name = r.to_string();
         let remote = remote_ref(r, host);
-        self.authenticate(&name, host, &remote, RegistryOperation::Pull)
-            .await?;
+        self.authenticate(&name, host, &remote, Op::Pull).await?;
         let (top_bytes, top_digest, top_media) = self.fetch_manifest(r, host).await?;
         let mut docs: Vec<(Vec<u8>, Digest, String)> = Vec::new();
         let (man_bytes, man_digest, man_media, manifest) =

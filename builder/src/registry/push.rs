@@ -2,11 +2,10 @@
 //! mounting those another repository of the same registry has), then its
 //! manifest, and an index's manifests before the index itself.
 
-use oci_client::errors::OciDistributionError;
-use oci_client::RegistryOperation;
 use oci_spec::image::{Descriptor, Digest, ImageIndex};
 
-use super::{classify, remote_ref, Error, Registry, Result, PARALLEL_BLOBS};
+use super::http::{Op, Subject};
+use super::{remote_ref, Error, Registry, Result, PARALLEL_BLOBS};
 use crate::image::reference::Reference;
 use crate::image::store::{self, Image, ImageStore};
 
@@ -46,25 +45,59 @@ impl Registry {
         let host = r.domain.as_str();
         let remote = remote_ref(r, host);
         let digest = desc.digest().to_string();
-        if self
-            .client
-            .blob_exists(&remote, &digest)
-            .await
-            .map_err(|e| classify(&name, host, e))?
-        {
-            return Ok("present");
+        let who = Subject { name: &name, host };
+        let creds = Self::credentials(host)?;
+        let c = &self.client;
+        let blob_url = c.url(&remote, &format!("blobs/{digest}"));
+        let res = c
+            .send(who, &remote, &creds, Op::Push, || c.http.head(&blob_url))
+            .await?;
+        match res.status().as_u16() {
+            200..=299 => return Ok("present"),
+            404 => {}
+            _ => return Err(who.status_error(&blob_url, res).await),
         }
+        let uploads = c.url(&remote, "blobs/uploads/");
         for src in mount_from {
             let from = remote_ref(src, host);
-            if self
-                .client
-                .mount_blob(&remote, &from, &digest)
-                .await
-                .is_ok()
-            {
+            let mut mount =
+                reqwest::Url::parse(&uploads).map_err(|e| who.failed(format!("{uploads}: {e}")))?;
+            mount
+                .query_pairs_mut()
+                .append_pair("mount", &digest)
+                .append_pair("from", &from.repository);
+            let res = c
+                .send(who, &remote, &creds, Op::Push, || {
+                    c.http
+                        .post(mount.clone())
+                        .header(reqwest::header::CONTENT_LENGTH, 0)
+                })
+                .await?;
+            // 202: the registry could not mount it and opened an upload
+            // instead, which is left to expire
+            if res.status().as_u16() == 201 {
                 return Ok("mounted");
             }
         }
+        // an upload session, then the whole blob in one PUT
+        let res = c
+            .send(who, &remote, &creds, Op::Push, || {
+                c.http
+                    .post(&uploads)
+                    .header(reqwest::header::CONTENT_LENGTH, 0)
+            })
+            .await?;
+        if res.status().as_u16() != 202 {
+            return Err(who.status_error(&uploads, res).await);
+        }
+        let location = res
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| res.url().join(l).ok())
+            .ok_or_else(|| who.failed(format!("{uploads} opened an upload without a Location")))?;
+        let mut put = location;
+        put.query_pairs_mut().append_pair("digest", &digest);
         // streamed from the store in 1 MiB chunks, re-verified on the way
         // (a blob corrupted on disk fails the push instead of uploading
         // bytes that do not match their digest)
@@ -89,17 +122,28 @@ impl Registry {
                 }
                 Err(e) => {
                     let e = reader.map_read_error(e);
-                    Some((
-                        Err(OciDistributionError::IoError(std::io::Error::other(e))),
-                        None,
-                    ))
+                    Some((Err(std::io::Error::other(e)), None))
                 }
             }
         });
-        self.client
-            .push_blob_stream(&remote, chunks, &digest, Some(desc.size()))
-            .await
-            .map_err(|e| classify(&name, host, e))?;
+        // the body can be sent once: the session's token is fresh from
+        // the POST above
+        let token = c.tokens.get(&remote, Op::Push).flatten();
+        let mut req = c
+            .http
+            .put(put.clone())
+            .header(reqwest::header::CONTENT_LENGTH, desc.size())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(chunks));
+        req = match (&token, &creds) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, super::http::Creds::Basic(u, p)) => req.basic_auth(u, Some(p)),
+            (None, super::http::Creds::Anonymous) => req,
+        };
+        let res = req.send().await.map_err(|e| who.unreachable(&e))?;
+        if !res.status().is_success() {
+            return Err(who.status_error(put.as_str(), res).await);
+        }
         Ok("uploaded")
     }
 
@@ -113,14 +157,21 @@ impl Registry {
         let name = r.to_string();
         let host = r.domain.as_str();
         let remote = remote_ref(r, host);
-        let ct = media_type.parse().map_err(|_| Error::BadManifest {
-            reference: name.clone(),
-            reason: format!("media type {media_type:?} is not a valid header value"),
-        })?;
-        self.client
-            .push_manifest_raw(&remote, bytes, ct)
-            .await
-            .map_err(|e| classify(&name, host, e))?;
+        let who = Subject { name: &name, host };
+        let creds = Self::credentials(host)?;
+        let c = &self.client;
+        let url = c.url(&remote, &format!("manifests/{}", remote.reference));
+        let res = c
+            .send(who, &remote, &creds, Op::Push, || {
+                c.http
+                    .put(&url)
+                    .header(reqwest::header::CONTENT_TYPE, media_type)
+                    .body(bytes.clone())
+            })
+            .await?;
+        if !res.status().is_success() {
+            return Err(who.status_error(&url, res).await);
+        }
         Ok(())
     }
 
@@ -191,8 +242,7 @@ impl Registry {
         let name = r.to_string();
         let host = r.domain.clone();
         let remote = remote_ref(&r, &host);
-        self.authenticate(&name, &host, &remote, RegistryOperation::Push)
-            .await?;
+        self.authenticate(&name, &host, &remote, Op::Push).await?;
         let mount_from = mount_sources(store, &image, &r);
         let content = store.snapshotter().content();
         let store_err = |context: &'static str, e: store::Error| Error::Store {
