@@ -7,6 +7,7 @@
 //! - [`diff`] and [`apply`]: layer directory to OCI layer tar and back
 //! - [`backend`]: the mechanisms serving a writable view
 //! - [`compression`]: gzip, zstd and plain layer streams
+//! - [`variants`]: compressed copies of plain layer blobs, made on demand
 //! - [`confine`]: Landlock for the code above that handles untrusted bytes
 
 pub mod apply;
@@ -22,6 +23,7 @@ pub mod snapshot;
 mod sys;
 pub mod targuard;
 mod tree;
+pub mod variants;
 
 pub use backend::BackendKind;
 pub use compression::Compression;

@@ -576,3 +576,72 @@ fn kill_at_any_moment_then_the_build_succeeds() {
     assert_eq!(entries(&snaps.join("views")), Vec::<String>::new());
     assert_eq!(entries(&snaps.join("tmp")), Vec::<String>::new());
 }
+
+/// The media types of the layers of the manifest `digest` in the OCI
+/// layout (or content store) at `layout`.
+fn layer_types(layout: &Path, digest: &str) -> Vec<String> {
+    let hex = digest.trim_start_matches("sha256:");
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn builds_store_plain_layers_and_outputs_compress_them_once() {
+    let df = "FROM scratch\nCOPY rootfs/ /\nRUN head -c 300000 /dev/zero > /zeros\n";
+    let pr = Project::new("state-lazy", &[("Dockerfile", df)]);
+    // the stored image: no step waited for a compressor
+    pr.build("Dockerfile", &["-t", "lazy"]);
+    let content = pr.state().join("snapshots/content");
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(content.join("index.json")).unwrap()).unwrap();
+    let stored = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("lazy:latest"))
+        })
+        .expect("the image is stored")["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let plain = "application/vnd.oci.image.layer.v1.tar";
+    assert_eq!(layer_types(&content, &stored), [plain, plain]);
+    // an OCI export sends them gzip-compressed, as BuildKit does
+    let export = |dir: &str, extra: &str| -> (PathBuf, String) {
+        let out = pr.dir.join(dir);
+        let spec = format!("type=oci,dest={}/,name=lazy{extra}", out.display());
+        pr.build("Dockerfile", &["-o", &spec]);
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
+        let digest = index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (out, digest)
+    };
+    let (oci, exported) = export("out-oci", "");
+    let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+    assert_eq!(layer_types(&oci, &exported), [gzip, gzip]);
+    // the gzip variants are kept: a second export makes no new blob
+    let blobs = || entries(&content.join("blobs/sha256")).len();
+    let before = blobs();
+    assert_eq!(export("out-oci2", "").1, exported);
+    assert_eq!(blobs(), before, "the second export compressed again");
+    // asked for, zstd works end to end
+    let (oci3, z) = export("out-zstd", ",compression=zstd");
+    let zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
+    assert_eq!(layer_types(&oci3, &z), [zstd, zstd]);
+    // a prune keeps the variants of what it keeps, and the store stays
+    // consistent: the image still exports to the same digest
+    ok(pr.kiln(&["prune"]).output().unwrap());
+    assert_eq!(export("out-oci4", "").1, exported);
+}

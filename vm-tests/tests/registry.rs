@@ -941,6 +941,23 @@ fn a_registry_cache_and_an_inline_cache_warm_a_fresh_state_directory() {
         ],
     );
     assert!(err.contains("2 steps run"), "{err}");
+    // the build stored its layers plain; the push sent them as gzip
+    let manifest: serde_json::Value = serde_json::from_slice(&curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{host}/v2/app/manifests/inline"),
+    ]))
+    .unwrap();
+    let types: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.len() == 3 && types.iter().all(|t| t.ends_with("gzip")),
+        "{types:?}"
+    );
 
     // type=registry, mode=max: nothing runs on a fresh state directory.
     let err = build(

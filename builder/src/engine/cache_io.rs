@@ -511,7 +511,38 @@ pub async fn read_registry(
             digest: manifest.config().digest().to_string(),
             source: Box::new(source),
         })?;
-    cache_config_from(&place, manifest.config().media_type().as_ref(), &config)
+    let mut records = cache_config_from(&place, manifest.config().media_type().as_ref(), &config)?;
+    sent_layers(&mut records, &manifest, &config);
+    Ok(records)
+}
+
+/// Inline records name the layers as the build stored them; the image was
+/// pushed with its layers as they are sent (a plain layer as its gzip
+/// variant). Point each record's layer at the pushed blob of the same
+/// diffID, the one the registry has.
+fn sent_layers(records: &mut CacheConfig, manifest: &ImageManifest, config: &[u8]) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(config) else {
+        return;
+    };
+    let Some(diff_ids) = value["rootfs"]["diff_ids"].as_array() else {
+        return;
+    };
+    let sent: BTreeMap<&str, &Descriptor> = diff_ids
+        .iter()
+        .filter_map(|d| d.as_str())
+        .zip(manifest.layers())
+        .collect();
+    for layer in records
+        .records
+        .iter_mut()
+        .flat_map(|r| r.state.layers.iter_mut())
+    {
+        if let Some(d) = sent.get(layer.diff_id.as_str()) {
+            layer.digest = d.digest().to_string();
+            layer.size = d.size();
+            layer.media_type = d.media_type().to_string();
+        }
+    }
 }
 
 /// Push `records` as a cache manifest to `reference`: the layer blobs the

@@ -1565,11 +1565,13 @@ impl Engine {
         } else {
             None
         };
+        // plain tar: no step waits for a compressor; outputs that leave
+        // the store compress what they send (kiln_snapshotter::variants)
         let committed = self.snap.commit(
             view,
             DiffOptions {
                 source_date_epoch: epoch,
-                ..DiffOptions::default()
+                compression: kiln_snapshotter::Compression::None,
             },
         )?;
         state.chain = Some(committed.chain_id.to_string());

@@ -3,8 +3,14 @@
 //! directory (`oci`), as a docker-archive tar (`docker`), or as its final
 //! root filesystem, a directory (`local`) or a tar stream (`tar`).
 //!
-//! Layers are re-written only when asked: `compression=` different from a
-//! layer's (or `force-compression=true`) recompresses it, keeping its diffID;
+//! Builds store their layers as plain tar (no step waits for a
+//! compressor); outputs that leave the store (`oci`, `docker`) send such
+//! layers gzip-compressed, BuildKit's default, and `type=image` keeps them
+//! as they are. Otherwise layers are re-written only when asked:
+//! `compression=` different from a layer's (or `force-compression=true`)
+//! recompresses it, keeping its diffID. Recompressed blobs are stored
+//! variants (`kiln_snapshotter::variants`), made once per compression and
+//! level, a layer per core at a time;
 //! `rewrite-timestamp=true` re-tars each unpacked layer with every mtime
 //! clamped to SOURCE_DATE_EPOCH, which changes diffIDs, so the config is
 //! re-written with the new `rootfs.diff_ids` (other fields kept as they
@@ -30,7 +36,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufReader, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -82,6 +88,8 @@ pub enum Error {
     Layers(#[from] layers::Error),
     #[error(transparent)]
     Compression(#[from] compression::Error),
+    #[error(transparent)]
+    Variant(#[from] kiln_snapshotter::variants::Error),
 }
 
 /// Result type of the exporters.
@@ -358,6 +366,32 @@ fn rewrite(
         Vec::new()
     };
     let _no_gc = snap.layers().gc_guard(false)?;
+    // An output that leaves the store sends the layers a build committed
+    // plain as gzip, BuildKit's default; the store keeps them as they are.
+    let leaves_store = !matches!(spec.kind, OutputType::Image);
+    let target_of = |current: Compression| match spec.compression {
+        Some(c) => c,
+        None if leaves_store && current == Compression::None => Compression::default(),
+        None => current,
+    };
+    let force = spec.compression.is_some() && spec.force_compression;
+    // every recompression at once, a layer per core (each reuses a stored
+    // variant when there is one)
+    let jobs: Vec<(usize, Digest, Compression)> = if spec.rewrite_timestamp {
+        Vec::new()
+    } else {
+        image
+            .layers()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let current = layer_compression(l.media_type())?;
+                let target = target_of(current);
+                (force || !same_algorithm(current, target)).then(|| (i, l.digest().clone(), target))
+            })
+            .collect()
+    };
+    let mut recompressed = recompress_all(content, &jobs, force)?;
     let mut changed = false;
     let mut new_layers = Vec::new();
     let mut new_diff_ids = Vec::new();
@@ -365,7 +399,7 @@ fn rewrite(
         let Some(current) = layer_compression(layer.media_type()) else {
             // a layer type kiln does not know is passed through untouched,
             // unless it would have to be re-written
-            if spec.compression.is_some() || spec.rewrite_timestamp {
+            if spec.compression.is_some() || spec.rewrite_timestamp || leaves_store {
                 return Err(Error::UnknownLayerType {
                     index,
                     media_type: layer.media_type().to_string(),
@@ -375,9 +409,7 @@ fn rewrite(
             new_diff_ids.push(diff_ids[index].clone());
             continue;
         };
-        let target = spec.compression.unwrap_or(current);
-        let recompress = spec.compression.is_some()
-            && (spec.force_compression || !same_algorithm(current, target));
+        let target = target_of(current);
         let (digest, size, diff_id) = if spec.rewrite_timestamp {
             let blob = diff::write_layer(
                 &snap.layers().layer_dir(&chains[index]),
@@ -392,8 +424,7 @@ fn rewrite(
                 source: Box::new(source),
             })?;
             (blob.digest, blob.size, blob.diff_id)
-        } else if recompress {
-            let (d, s) = recompress_blob(store, layer.digest(), target)?;
+        } else if let Some((d, s)) = recompressed.remove(&index) {
             (d, s, diff_ids[index].clone())
         } else {
             (
@@ -439,23 +470,54 @@ fn rewrite(
     Ok(img)
 }
 
-fn recompress_blob(
-    store: &ImageStore<'_>,
-    digest: &Digest,
-    to: Compression,
-) -> Result<(Digest, u64)> {
-    let content = store.snapshotter().content();
-    let layer_err = |source| Error::Layer {
-        digest: digest.clone(),
-        source,
-    };
-    let mut r = BufReader::with_capacity(1 << 20, content.open_blob(digest)?);
-    let kind = compression::detect(&mut r)?;
-    let mut dec = compression::decoder(r, kind).map_err(layer_err)?;
-    let mut enc = to.encoder(content.writer(None)?)?;
-    io::copy(&mut dec, &mut enc).map_err(layer_err)?;
-    let w = enc.finish().map_err(layer_err)?;
-    Ok(w.commit()?)
+/// The layers of `jobs` (index, blob, compression) in their compression,
+/// as stored variants; up to one per core at a time.
+fn recompress_all(
+    content: &content::ContentStore,
+    jobs: &[(usize, Digest, Compression)],
+    force: bool,
+) -> Result<BTreeMap<usize, (Digest, u64)>> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(BTreeMap::new());
+    let first_error = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((index, digest, to)) = jobs.get(k) else {
+                    return;
+                };
+                match kiln_snapshotter::variants::get_or_make(content, digest, *to, force) {
+                    Ok(v) => {
+                        results
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(*index, v);
+                    }
+                    Err(e) => {
+                        first_error
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        return Err(e.into());
+    }
+    Ok(results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 /// A file written beside its destination and renamed into place on

@@ -152,6 +152,13 @@ pub fn collect(snap: &Snapshotter, keep: &Roots) -> Result<Collected> {
     let guard = snap.layers().gc_guard(true)?;
     let mut roots = image_roots(snap.content())?.all();
     roots.extend(keep);
+    // a compressed variant lives as long as its source
+    let variants = kiln_snapshotter::variants::all(snap.content())?;
+    for (src, v) in variants {
+        if roots.blobs.contains(src.as_ref()) {
+            roots.blobs.insert(v.to_string());
+        }
+    }
     let chains: Vec<Digest> = roots.chains.iter().filter_map(|c| c.parse().ok()).collect();
     let (report, lease_blobs) = snap.layers().gc_with(&guard, &chains)?;
     let mut blobs = 0;
@@ -162,6 +169,7 @@ pub fn collect(snap: &Snapshotter, keep: &Roots) -> Result<Collected> {
             blobs += 1;
         }
     }
+    kiln_snapshotter::variants::prune(snap.content())?;
     Ok(Collected {
         layers: report.removed.len(),
         blobs,
@@ -267,18 +275,20 @@ pub fn record_sizes(snap: &Snapshotter, records: &[CacheRoot]) -> Result<Vec<u64
     let image_layers = layer_closure(&all_layers, &images.chains);
     let layer_bytes = snap.layers().usage()?.layers;
     let blob_bytes = blob_sizes(snap.content())?;
-    let mut counted = HashSet::new();
+    // apart: a plain first layer's blob digest is its chain ID too
+    let mut counted_chains = HashSet::new();
+    let mut counted_blobs = HashSet::new();
     Ok(records
         .iter()
         .map(|r| {
             let mut n = r.bytes;
             if let Some(c) = &r.top_chain {
-                if !image_layers.contains(c) && counted.insert(c.clone()) {
+                if !image_layers.contains(c) && counted_chains.insert(c.clone()) {
                     n += layer_bytes.get(c).copied().unwrap_or(0);
                 }
             }
             if let Some(b) = &r.top_blob {
-                if !images.blobs.contains(b) && counted.insert(b.clone()) {
+                if !images.blobs.contains(b) && counted_blobs.insert(b.clone()) {
                     n += blob_bytes.get(b).copied().unwrap_or(0);
                 }
             }

@@ -60,6 +60,8 @@ pub enum Error {
     Snapshot(#[from] snapshot::Error),
     #[error(transparent)]
     Layers(#[from] layers::Error),
+    #[error(transparent)]
+    Variant(#[from] kiln_snapshotter::variants::Error),
 }
 
 /// Result type of the image store.

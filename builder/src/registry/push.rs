@@ -2,7 +2,9 @@
 //! mounting those another repository of the same registry has), then its
 //! manifest, and an index's manifests before the index itself.
 
-use oci_spec::image::{Descriptor, Digest, ImageIndex};
+use oci_spec::image::{Descriptor, Digest, ImageIndex, MediaType};
+
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 use super::http::{Op, Subject};
 use super::{remote_ref, Error, Registry, Result, PARALLEL_BLOBS};
@@ -190,6 +192,10 @@ impl Registry {
         self.push_blob(store, r, d, mount_from).await
     }
 
+    /// Push the blobs of `image` as it is sent, and return the manifest
+    /// bytes that name them: layers a build stored as plain tar go as
+    /// their gzip variants (made once, kept in the store), as BuildKit
+    /// sends them; other layers as they are.
     async fn push_manifest_tree(
         &self,
         store: &ImageStore<'_>,
@@ -197,12 +203,9 @@ impl Registry {
         image: &Image,
         mount_from: &[Reference],
         counts: &mut Counts,
-    ) -> Result<()> {
-        let blobs: Vec<&Descriptor> = image
-            .layers()
-            .iter()
-            .chain([image.manifest.config()])
-            .collect();
+    ) -> Result<Vec<u8>> {
+        let (layers, bytes) = self.distributable(store, r, image)?;
+        let blobs: Vec<&Descriptor> = layers.iter().chain([image.manifest.config()]).collect();
         let slots = tokio::sync::Semaphore::new(PARALLEL_BLOBS);
         let mut futs = Vec::new();
         for d in blobs {
@@ -216,7 +219,80 @@ impl Registry {
                 _ => counts.present += 1,
             }
         }
-        Ok(())
+        Ok(bytes)
+    }
+
+    /// `image`'s layers as they are sent and the manifest bytes naming
+    /// them (the stored manifest when nothing changes).
+    fn distributable(
+        &self,
+        store: &ImageStore<'_>,
+        r: &Reference,
+        image: &Image,
+    ) -> Result<(Vec<Descriptor>, Vec<u8>)> {
+        let snap = store.snapshotter();
+        let content = snap.content();
+        let name = r.to_string();
+        let store_err = |context: &'static str, e: store::Error| Error::Store {
+            reference: name.clone(),
+            context,
+            source: Box::new(e),
+        };
+        let stored = content
+            .read_blob(image.manifest_descriptor.digest())
+            .map_err(|e| store_err("cannot read the manifest", e.into()))?;
+        let docker = image
+            .manifest_descriptor
+            .media_type()
+            .to_string()
+            .contains("docker");
+        let gzip_type = if docker {
+            MediaType::Other(DOCKER_LAYER_GZIP.into())
+        } else {
+            MediaType::ImageLayerGzip
+        };
+        let mut layers = Vec::new();
+        let mut changes = Vec::new();
+        for (i, l) in image.layers().iter().enumerate() {
+            let t = l.media_type().to_string();
+            let plain =
+                t.ends_with(".tar") && (t.contains(".layer.") || t.contains(".rootfs.diff."));
+            if !plain {
+                layers.push(l.clone());
+                continue;
+            }
+            let (digest, size) = tokio::task::block_in_place(|| {
+                kiln_snapshotter::variants::get_or_make(
+                    content,
+                    l.digest(),
+                    kiln_snapshotter::Compression::default(),
+                    false,
+                )
+            })
+            .map_err(|e| store_err("cannot compress a layer to push", e.into()))?;
+            // kept from garbage collection until the push ends
+            let _ = snap.lease().add_blob(&digest);
+            let mut d = Descriptor::new(gzip_type.clone(), size, digest);
+            d.set_annotations(l.annotations().clone());
+            changes.push((i, d.clone()));
+            layers.push(d);
+        }
+        if changes.is_empty() {
+            return Ok((layers, stored));
+        }
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&stored).map_err(|e| Error::BadManifest {
+                reference: name.clone(),
+                reason: e.to_string(),
+            })?;
+        for (i, d) in changes {
+            let entry = &mut v["layers"][i];
+            entry["mediaType"] = d.media_type().to_string().into();
+            entry["digest"] = d.digest().to_string().into();
+            entry["size"] = d.size().into();
+        }
+        let bytes = serde_json::to_vec(&v).expect("json serialises");
+        Ok((layers, bytes))
     }
 
     /// Push stored image `source` (a name, ID or digest) to `dest` (default:
@@ -252,6 +328,7 @@ impl Registry {
         };
         let mut counts = Counts::default();
         let top = image.target.clone();
+        let top_digest;
         if top.digest() != image.manifest_descriptor.digest() {
             // an index: every child manifest the store holds, by digest,
             // then the index under the tag
@@ -262,6 +339,7 @@ impl Registry {
                 reference: name.clone(),
                 reason: e.to_string(),
             })?;
+            let mut sent = Vec::new();
             for child in index.manifests() {
                 if !content.contains(child.digest()) {
                     return Err(Error::BadManifest {
@@ -275,33 +353,58 @@ impl Registry {
                 let child_img = store
                     .get(child, None)
                     .map_err(|e| store_err("cannot read a manifest of the index", e))?;
-                self.push_manifest_tree(store, &r, &child_img, &mount_from, &mut counts)
+                let mbytes = self
+                    .push_manifest_tree(store, &r, &child_img, &mount_from, &mut counts)
                     .await?;
-                let mbytes = content
-                    .read_blob(child.digest())
-                    .map_err(|e| store_err("cannot read a manifest", e.into()))?;
+                let digest = kiln_snapshotter::content::sha256_digest(
+                    <sha2::Sha256 as sha2::Digest>::digest(&mbytes),
+                );
                 let by_digest = Reference {
                     tag: None,
-                    digest: Some(child.digest().to_string()),
+                    digest: Some(digest.to_string()),
                     ..r.clone()
                 };
+                sent.push((digest, mbytes.len()));
                 self.push_manifest(&by_digest, mbytes, child.media_type().as_ref())
                     .await?;
             }
+            // the index names the manifests as they were sent
+            let same = sent
+                .iter()
+                .zip(index.manifests())
+                .all(|((d, _), child)| d == child.digest());
+            let bytes = if same {
+                bytes
+            } else {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::BadManifest {
+                        reference: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                for (i, (digest, size)) in sent.into_iter().enumerate() {
+                    v["manifests"][i]["digest"] = digest.to_string().into();
+                    v["manifests"][i]["size"] = size.into();
+                }
+                serde_json::to_vec(&v).expect("json serialises")
+            };
+            top_digest = kiln_snapshotter::content::sha256_digest(
+                <sha2::Sha256 as sha2::Digest>::digest(&bytes),
+            );
             self.push_manifest(&r, bytes, top.media_type().as_ref())
                 .await?;
         } else {
-            self.push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
+            let bytes = self
+                .push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
                 .await?;
-            let bytes = content
-                .read_blob(top.digest())
-                .map_err(|e| store_err("cannot read the manifest", e.into()))?;
+            top_digest = kiln_snapshotter::content::sha256_digest(
+                <sha2::Sha256 as sha2::Digest>::digest(&bytes),
+            );
             self.push_manifest(&r, bytes, top.media_type().as_ref())
                 .await?;
         }
         Ok(Pushed {
             reference: name,
-            digest: top.digest().clone(),
+            digest: top_digest,
             uploaded: counts.uploaded,
             mounted: counts.mounted,
             present: counts.present,
