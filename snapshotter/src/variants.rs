@@ -98,9 +98,20 @@ pub fn get_or_make(
         return Ok((src.clone(), size));
     }
     let mut dec = compression::decoder(r, kind).map_err(layer_err)?;
-    let mut enc = to.encoder(content.writer(None)?)?;
-    io::copy(&mut dec, &mut enc).map_err(layer_err)?;
-    let (digest, size) = enc.finish().map_err(layer_err)?.commit()?;
+    let w = content.writer(None)?;
+    let w = match to {
+        // gzip on every core, in independent members
+        Compression::Gzip { level } => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            compression::gzip_parallel(dec, w, level, threads).map_err(layer_err)?
+        }
+        _ => {
+            let mut enc = to.encoder(w)?;
+            io::copy(&mut dec, &mut enc).map_err(layer_err)?;
+            enc.finish().map_err(layer_err)?
+        }
+    };
+    let (digest, size) = w.commit()?;
     write_record(&path, &digest, size)?;
     Ok((digest, size))
 }

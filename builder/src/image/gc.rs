@@ -195,7 +195,7 @@ pub struct Row {
 /// layers row (as its reclaimable part); `on_disk` counts every byte once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
-    /// blobs of stored images (manifests, configs, compressed layers)
+    /// blobs of stored images (manifests, configs, layers)
     pub images: Row,
     /// unpacked layers (what views are made of)
     pub layers: Row,
