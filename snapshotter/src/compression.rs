@@ -234,7 +234,9 @@ mod tests {
     #[test]
     fn parallel_gzip_decodes_as_one_stream_and_ignores_the_thread_count() {
         for len in [0, 10, GZIP_BLOCK, GZIP_BLOCK * 2 + 12345] {
-            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let data: Vec<u8> = (0..len)
+                .map(|i| u8::try_from(i * 7 % 251).unwrap())
+                .collect();
             let one = gzip_parallel(&data[..], Vec::new(), 6, 1).unwrap();
             let three = gzip_parallel(&data[..], Vec::new(), 6, 3).unwrap();
             assert_eq!(one, three, "{len}");

@@ -251,6 +251,11 @@ impl Registry {
         } else {
             MediaType::ImageLayerGzip
         };
+        // no collection between making a variant and leasing it
+        let _no_gc = snap
+            .layers()
+            .gc_guard(false)
+            .map_err(|e| store_err("cannot take the store's GC lock", e.into()))?;
         let mut layers = Vec::new();
         let mut changes = Vec::new();
         for (i, l) in image.layers().iter().enumerate() {
