@@ -12,6 +12,10 @@
 #   cpusr-oci  the same, exported with -o type=oci (gzip layers): the
 #              image leaves the store, so its layers are compressed (kiln
 #              only; dockerd 20.10's `docker build` has no OCI output)
+#   aptbuild   two stages: apt-get install gcc libc6-dev python3
+#              python3-venv (apt cache mounts), a static C compile, pip
+#              install into a venv (PyPI), and a slim final stage with the
+#              binary and the venv; host network for every builder
 # The base is a debootstrap minbase bookworm tree (made from the machine's
 # own apt mirror, kept in /var/tmp as vm-tests/tests/build_debian.rs keeps
 # it), gzip-compressed as a pulled base is, imported into each kiln state
@@ -58,6 +62,23 @@ for s in $SCENARIOS; do
     mkdir -p "$W/ctx/$s"
     case $s in
     cpusr|cpusr-oci) printf 'FROM debian-local:bookworm\nRUN cp -a /usr /usr2\n' > "$W/ctx/$s/Dockerfile" ;;
+    aptbuild)
+        cat > "$W/ctx/$s/Dockerfile" <<'DF'
+FROM debian-local:bookworm AS build
+RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
+    --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
+    rm -f /etc/apt/apt.conf.d/docker-clean && apt-get update -q && \
+    apt-get install -y -q --no-install-recommends gcc libc6-dev python3 python3-venv
+COPY hello.c /src/hello.c
+RUN gcc -static -O2 -o /hello /src/hello.c
+RUN python3 -m venv /venv && /venv/bin/pip install -q --no-cache-dir six==1.16.0 idna==3.7 packaging==24.1
+FROM debian-local:bookworm
+RUN apt-get -h >/dev/null
+COPY --from=build /hello /usr/local/bin/hello
+COPY --from=build /venv /venv
+RUN /usr/local/bin/hello
+DF
+        printf '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n' > "$W/ctx/$s/hello.c" ;;
     *) echo "unknown scenario $s" >&2; exit 1 ;;
     esac
 done
@@ -86,7 +107,15 @@ run_one() {
     elif [ "$n" = buildkit ]; then
         # --no-cache rebuilds; the old results stay (no deletes, see above)
         start=$(date +%s.%N)
-        DOCKER_BUILDKIT=1 /usr/bin/docker -H "$DOCKER_SOCK" build -q --no-cache --network none -t "bench-$s" "$W/ctx/$s" >/dev/null
+        local net=none
+        if [ "$s" = aptbuild ]; then
+            # cold, as kiln's fresh state directory is: no cache mounts
+            # from the last run (then let the deletes age, see above)
+            /usr/bin/docker -H "$DOCKER_SOCK" builder prune -af >/dev/null 2>&1 || true
+            sync; sleep 35
+            net=host
+        fi
+        DOCKER_BUILDKIT=1 /usr/bin/docker -H "$DOCKER_SOCK" build -q --no-cache --network "$net" -t "bench-$s" "$W/ctx/$s" >/dev/null
         end=$(date +%s.%N)
     else
         local st="$W/state-$n-$s-$r"
@@ -94,6 +123,7 @@ run_one() {
         sync
         start=$(date +%s.%N)
         local out=(-t "bench-$s")
+        [ "$s" != aptbuild ] || out+=(--network host --allow network.host)
         [ "$s" != cpusr-oci ] || out=(-o "type=oci,dest=$st.oci.tar")
         as_user "$W/kiln-$n" --root "$st" build --no-cache --progress quiet "${out[@]}" "$W/ctx/$s" >/dev/null
         end=$(date +%s.%N)
