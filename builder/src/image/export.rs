@@ -310,7 +310,11 @@ pub fn export_platforms(
 /// A layer's compression, from its media type.
 fn layer_compression(media: &MediaType) -> Option<Compression> {
     let t = media.to_string();
-    if !(t.contains(".layer.") || t.contains(".rootfs.diff.")) {
+    // nondistributable (foreign) layers are passed on as they are
+    if !(t.contains(".layer.") || t.contains(".rootfs.diff."))
+        || t.contains("nondistributable")
+        || t.contains("foreign")
+    {
         return None;
     }
     Some(if t.ends_with("gzip") {
@@ -399,7 +403,7 @@ fn rewrite(
         let Some(current) = layer_compression(layer.media_type()) else {
             // a layer type kiln does not know is passed through untouched,
             // unless it would have to be re-written
-            if spec.compression.is_some() || spec.rewrite_timestamp || leaves_store {
+            if spec.compression.is_some() || spec.rewrite_timestamp {
                 return Err(Error::UnknownLayerType {
                     index,
                     media_type: layer.media_type().to_string(),
@@ -1039,5 +1043,37 @@ mod confinement_tests {
             fs::read_to_string(allowed.join("etc/hello")).unwrap(),
             "hi\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod media_type_tests {
+    use super::*;
+
+    #[test]
+    fn layer_compressions_come_from_media_types_and_foreign_layers_have_none() {
+        let c = |t: &str| layer_compression(&MediaType::from(t));
+        assert_eq!(
+            c("application/vnd.oci.image.layer.v1.tar"),
+            Some(Compression::None)
+        );
+        assert_eq!(
+            c("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Compression::Gzip { level: 6 })
+        );
+        assert_eq!(
+            c("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(Compression::Zstd { level: 3 })
+        );
+        // passed on as they are, never re-typed as distributable gzip
+        assert_eq!(
+            c("application/vnd.oci.image.layer.nondistributable.v1.tar"),
+            None
+        );
+        assert_eq!(
+            c("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+            None
+        );
+        assert_eq!(c("application/vnd.oci.image.config.v1+json"), None);
     }
 }

@@ -260,8 +260,11 @@ impl Registry {
         let mut changes = Vec::new();
         for (i, l) in image.layers().iter().enumerate() {
             let t = l.media_type().to_string();
-            let plain =
-                t.ends_with(".tar") && (t.contains(".layer.") || t.contains(".rootfs.diff."));
+            // nondistributable (foreign) layers go as they are
+            let plain = t.ends_with(".tar")
+                && (t.contains(".layer.") || t.contains(".rootfs.diff."))
+                && !t.contains("nondistributable")
+                && !t.contains("foreign");
             if !plain {
                 layers.push(l.clone());
                 continue;
