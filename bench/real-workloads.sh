@@ -71,6 +71,8 @@ RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     apt-get install -y -q --no-install-recommends gcc libc6-dev python3 python3-venv
 COPY hello.c /src/hello.c
 RUN gcc -static -O2 -o /hello /src/hello.c
+COPY host-ca.crt /etc/ssl/certs/host-ca.crt
+ENV PIP_CERT=/etc/ssl/certs/host-ca.crt
 RUN python3 -m venv /venv && /venv/bin/pip install -q --no-cache-dir six==1.16.0 idna==3.7 packaging==24.1
 FROM debian-local:bookworm
 RUN apt-get -h >/dev/null
@@ -78,7 +80,10 @@ COPY --from=build /hello /usr/local/bin/hello
 COPY --from=build /venv /venv
 RUN /usr/local/bin/hello
 DF
-        printf '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n' > "$W/ctx/$s/hello.c" ;;
+        printf '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n' > "$W/ctx/$s/hello.c"
+        # the host's trust roots: on machines whose HTTPS goes through an
+        # intercepting proxy, pip needs its CA as the host does
+        cp /etc/ssl/certs/ca-certificates.crt "$W/ctx/$s/host-ca.crt" ;;
     *) echo "unknown scenario $s" >&2; exit 1 ;;
     esac
 done

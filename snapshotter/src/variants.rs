@@ -116,6 +116,18 @@ pub fn get_or_make(
     Ok((digest, size))
 }
 
+/// Record the stored blob `variant` (`size` bytes) as `src` in compression
+/// `to`: a copy that arrived compressed (a cache import) saves making it.
+pub fn record(
+    content: &ContentStore,
+    src: &Digest,
+    to: Compression,
+    variant: &Digest,
+    size: u64,
+) -> Result<()> {
+    write_record(&record_path(content, src, to), variant, size)
+}
+
 fn write_record(path: &Path, digest: &Digest, size: u64) -> Result<()> {
     let err = |source| Error::Record {
         path: path.to_path_buf(),

@@ -795,3 +795,15 @@ pub fn wait_for_process_with_arg(arg: &str) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The `mediaType` of every layer of an image manifest (JSON).
+pub fn layer_media_types(manifest: &serde_json::Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l["mediaType"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -583,12 +583,7 @@ fn layer_types(layout: &Path, digest: &str) -> Vec<String> {
     let hex = digest.trim_start_matches("sha256:");
     let m: serde_json::Value =
         serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap();
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["mediaType"].as_str().unwrap().to_string())
-        .collect()
+    kiln_vm_tests::layer_media_types(&m)
 }
 
 #[test]

@@ -45,6 +45,20 @@ fn an_exported_cache_warms_an_empty_state_directory() {
         std::path::Path::new(&max).join("index.json").is_file(),
         "{err}"
     );
+    // the build's own layers (stored plain) travel as gzip, as a push
+    // sends them
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let max_dir = std::path::Path::new(&max);
+    let index = read(max_dir.join("index.json"));
+    let manifest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = read(max_dir.join("blobs/sha256").join(&manifest[7..]));
+    let types = kiln_vm_tests::layer_media_types(&manifest);
+    assert!(
+        !types.is_empty() && types.iter().all(|t| t.ends_with("+gzip")),
+        "{types:?}"
+    );
 
     // mode=max: a fresh state directory runs nothing and gives the same
     // image.

@@ -948,12 +948,7 @@ fn a_registry_cache_and_an_inline_cache_warm_a_fresh_state_directory() {
         &format!("http://{host}/v2/app/manifests/inline"),
     ]))
     .unwrap();
-    let types: Vec<&str> = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["mediaType"].as_str().unwrap())
-        .collect();
+    let types = kiln_vm_tests::layer_media_types(&manifest);
     assert!(
         types.len() == 3 && types.iter().all(|t| t.ends_with("gzip")),
         "{types:?}"

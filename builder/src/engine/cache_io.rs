@@ -69,6 +69,62 @@ pub enum Error {
         digest: String,
         source: Box<kiln_snapshotter::snapshot::Error>,
     },
+    #[error("cache {place}: layer {digest}: {source}")]
+    Variant {
+        place: String,
+        digest: String,
+        source: Box<kiln_snapshotter::variants::Error>,
+    },
+}
+
+fn is_plain_layer(media_type: &str) -> bool {
+    media_type.ends_with(".tar")
+        && (media_type.contains(".layer.") || media_type.contains(".rootfs.diff."))
+        && !media_type.contains("nondistributable")
+        && !media_type.contains("foreign")
+}
+
+/// The records as an export sends them: layers the store holds as plain
+/// tar named by their gzip variants (made once and kept, as for a push)
+/// and marked `stored_plain`, so a cache is no larger than the image a
+/// push sends and an import can store them plain again.
+pub fn compressed(content: &ContentStore, records: &[Record]) -> Result<Vec<Record>> {
+    let mut out = records.to_vec();
+    let mut made: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    for layer in out.iter_mut().flat_map(|r| r.state.layers.iter_mut()) {
+        if !is_plain_layer(&layer.media_type) {
+            continue;
+        }
+        let (digest, size) = match made.get(&layer.digest) {
+            Some(v) => v.clone(),
+            None => {
+                let err = |source| Error::Variant {
+                    place: "the build cache".into(),
+                    digest: layer.digest.clone(),
+                    source: Box::new(source),
+                };
+                let src: Digest = layer.digest.parse().map_err(|_| Error::Format {
+                    place: "the build cache".into(),
+                    why: format!("layer digest {:?} is malformed", layer.digest),
+                })?;
+                let (d, s) = kiln_snapshotter::variants::get_or_make(
+                    content,
+                    &src,
+                    kiln_snapshotter::Compression::default(),
+                    false,
+                )
+                .map_err(err)?;
+                let v = (d.to_string(), s);
+                made.insert(layer.digest.clone(), v.clone());
+                v
+            }
+        };
+        layer.digest = digest;
+        layer.size = size;
+        layer.media_type = MediaType::ImageLayerGzip.to_string();
+        layer.stored_plain = true;
+    }
+    Ok(out)
 }
 
 /// Result alias for this module.
@@ -538,9 +594,12 @@ fn sent_layers(records: &mut CacheConfig, manifest: &ImageManifest, config: &[u8
         .flat_map(|r| r.state.layers.iter_mut())
     {
         if let Some(d) = sent.get(layer.diff_id.as_str()) {
-            layer.digest = d.digest().to_string();
-            layer.size = d.size();
-            layer.media_type = d.media_type().to_string();
+            if d.digest().as_ref() != layer.digest {
+                layer.stored_plain |= is_plain_layer(&layer.media_type);
+                layer.digest = d.digest().to_string();
+                layer.size = d.size();
+                layer.media_type = d.media_type().to_string();
+            }
         }
     }
 }
@@ -717,6 +776,59 @@ pub fn cache_config_from(place: &str, media_type: &str, config: &[u8]) -> Result
     }
 }
 
+/// Store the plain tar of the compressed layer blob `compressed` (which
+/// must unpack to `diff_id`, the plain blob's digest), and record the
+/// compressed blob as its gzip variant.
+fn store_plain(
+    content: &ContentStore,
+    place: &str,
+    compressed: &Digest,
+    diff_id: &Digest,
+) -> Result<()> {
+    use kiln_snapshotter::compression;
+    let blob_err = |source| Error::Blob {
+        place: place.to_string(),
+        digest: compressed.to_string(),
+        source: Box::new(source),
+    };
+    let io_err = |source| Error::Io {
+        place: place.to_string(),
+        source,
+    };
+    let mut r = std::io::BufReader::with_capacity(
+        1 << 20,
+        content.open_blob(compressed).map_err(blob_err)?,
+    );
+    let kind = compression::detect(&mut r).map_err(|e| Error::Format {
+        place: place.to_string(),
+        why: e.to_string(),
+    })?;
+    let mut dec = compression::decoder(r, kind).map_err(io_err)?;
+    let mut w = content.writer(Some(diff_id.clone())).map_err(blob_err)?;
+    std::io::copy(&mut dec, &mut w).map_err(io_err)?;
+    w.commit().map_err(blob_err)?;
+    let size = content
+        .blob_path(compressed)
+        .ok()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len());
+    if kind == compression::Detected::Gzip {
+        kiln_snapshotter::variants::record(
+            content,
+            diff_id,
+            kiln_snapshotter::Compression::default(),
+            compressed,
+            size,
+        )
+        .map_err(|source| Error::Variant {
+            place: place.to_string(),
+            digest: compressed.to_string(),
+            source: Box::new(source),
+        })?;
+    }
+    Ok(())
+}
+
 /// Imported caches, consulted when a key misses locally.
 #[derive(Default)]
 pub struct Imported {
@@ -754,9 +866,31 @@ impl Imported {
             };
             let place = blobs.place();
             let layers = checked_layers(&place, &key.0, state)?;
+            let mut state = state.clone();
             let mut parent: Option<Digest> = None;
-            for (desc, diff_id, chain) in layers {
-                let digest = desc.digest().clone();
+            for (i, (desc, diff_id, chain)) in layers.into_iter().enumerate() {
+                let mut digest = desc.digest().clone();
+                if state.layers[i].stored_plain {
+                    // stored as the exporting store held it: plain
+                    if !snap.content().contains(&diff_id) {
+                        if !snap.content().contains(&digest) {
+                            blobs.fetch_into(snap.content(), &desc)?;
+                        }
+                        store_plain(snap.content(), &place, &digest, &diff_id)?;
+                    }
+                    let size = snap
+                        .content()
+                        .blob_path(&diff_id)
+                        .ok()
+                        .and_then(|p| std::fs::metadata(p).ok())
+                        .map_or(0, |m| m.len());
+                    let l = &mut state.layers[i];
+                    l.digest = diff_id.to_string();
+                    l.size = size;
+                    l.media_type = MediaType::ImageLayer.to_string();
+                    l.stored_plain = false;
+                    digest = diff_id.clone();
+                }
                 if !snap.layers().contains(&chain) {
                     if !snap.content().contains(&digest) {
                         // verifies the digest; a mismatch keeps nothing
@@ -779,7 +913,7 @@ impl Imported {
                 }
                 parent = Some(chain);
             }
-            cache.put(key, state).map_err(|source| Error::Io {
+            cache.put(key, &state).map_err(|source| Error::Io {
                 place: "records".into(),
                 source,
             })?;

@@ -493,6 +493,7 @@ fn image_base(
             digest: l.digest().to_string(),
             size: l.size(),
             media_type: l.media_type().to_string(),
+            stored_plain: false,
         })
         .collect();
     let mut key = KeyBuilder::new("image");
@@ -852,6 +853,12 @@ async fn export_cache(
     records: &[cache_io::Record],
     progress: &Progress,
 ) -> Result<()> {
+    if matches!(to, cache_io::Export::Inline) {
+        return Ok(());
+    }
+    // plain layers go as their gzip variants, as a push sends them
+    let records = &tokio::task::block_in_place(|| cache_io::compressed(snap.content(), records))
+        .map_err(Error::CacheIo)?;
     let place = match to {
         cache_io::Export::Local { dest, .. } => {
             tokio::task::block_in_place(|| cache_io::export_local(snap, records, dest))
@@ -1580,6 +1587,7 @@ impl Engine {
             digest: committed.blob.digest().to_string(),
             size: committed.blob.size(),
             media_type: committed.blob.media_type().to_string(),
+            stored_plain: false,
         });
         let created = Some(now_or_epoch(self.opts.source_date_epoch));
         state.history.push(History {

@@ -22,6 +22,12 @@ pub struct LayerRef {
     pub digest: String,
     pub size: u64,
     pub media_type: String,
+    /// In an exported cache record: the exporting store held this layer
+    /// as a plain tar and the record names its gzip copy; an import
+    /// stores it plain again, so a build warmed by the cache stores the
+    /// image a cold build stores. Never set in a local record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stored_plain: bool,
 }
 
 /// A history entry, as BuildKit writes it.
