@@ -111,7 +111,6 @@ run_one() {
         echo 0; return
     elif [ "$n" = buildkit ]; then
         # --no-cache rebuilds; the old results stay (no deletes, see above)
-        start=$(date +%s.%N)
         local net=none
         if [ "$s" = aptbuild ]; then
             # cold, as kiln's fresh state directory is: no cache mounts
@@ -120,6 +119,7 @@ run_one() {
             sync; sleep 35
             net=host
         fi
+        start=$(date +%s.%N)
         DOCKER_BUILDKIT=1 /usr/bin/docker -H "$DOCKER_SOCK" build -q --no-cache --network "$net" -t "bench-$s" "$W/ctx/$s" >/dev/null
         end=$(date +%s.%N)
     else
