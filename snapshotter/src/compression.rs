@@ -56,6 +56,27 @@ impl Compression {
         }
     }
 
+    /// The compression a layer media type (OCI or docker) says, with the
+    /// default level; None for what is not a layer, or a nondistributable
+    /// (foreign) layer, which is passed on as it is, never re-typed.
+    pub fn of_layer_media_type(t: &str) -> Option<Compression> {
+        if !(t.contains(".layer.") || t.contains(".rootfs.diff."))
+            || t.contains("nondistributable")
+            || t.contains("foreign")
+        {
+            return None;
+        }
+        if t.ends_with("gzip") {
+            Some(Compression::default())
+        } else if t.ends_with("zstd") {
+            Some(Compression::Zstd { level: 3 })
+        } else if t.ends_with(".tar") {
+            Some(Compression::None)
+        } else {
+            None
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Compression::None => "none",

@@ -165,6 +165,16 @@ impl ContentStore {
         Ok(self.blob_dir().join(digest.digest()))
     }
 
+    /// The size of a stored blob.
+    pub fn size(&self, digest: &Digest) -> Result<u64> {
+        let path = self.blob_path(digest)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound(digest.clone())),
+            Err(source) => Err(Error::Io { path, source }),
+        }
+    }
+
     /// Whether the store holds `digest`.
     pub fn contains(&self, digest: &Digest) -> bool {
         self.blob_path(digest).map(|p| p.exists()).unwrap_or(false)

@@ -92,10 +92,7 @@ pub fn get_or_make(
             | (Detected::Zstd, Compression::Zstd { .. })
     );
     if same && !force {
-        let size = fs::metadata(content.blob_path(src)?)
-            .map_err(layer_err)?
-            .len();
-        return Ok((src.clone(), size));
+        return Ok((src.clone(), content.size(src)?));
     }
     let mut dec = compression::decoder(r, kind).map_err(layer_err)?;
     let w = content.writer(None)?;

@@ -78,10 +78,8 @@ pub enum Error {
 }
 
 fn is_plain_layer(media_type: &str) -> bool {
-    media_type.ends_with(".tar")
-        && (media_type.contains(".layer.") || media_type.contains(".rootfs.diff."))
-        && !media_type.contains("nondistributable")
-        && !media_type.contains("foreign")
+    kiln_snapshotter::Compression::of_layer_media_type(media_type)
+        == Some(kiln_snapshotter::Compression::None)
 }
 
 /// The records as an export sends them: layers the store holds as plain
@@ -785,48 +783,27 @@ fn store_plain(
     compressed: &Digest,
     diff_id: &Digest,
 ) -> Result<()> {
-    use kiln_snapshotter::compression;
-    let blob_err = |source| Error::Blob {
+    use kiln_snapshotter::{variants, Compression};
+    let err = |source| Error::Variant {
         place: place.to_string(),
         digest: compressed.to_string(),
         source: Box::new(source),
     };
-    let io_err = |source| Error::Io {
-        place: place.to_string(),
-        source,
-    };
-    let mut r = std::io::BufReader::with_capacity(
-        1 << 20,
-        content.open_blob(compressed).map_err(blob_err)?,
-    );
-    let kind = compression::detect(&mut r).map_err(|e| Error::Format {
-        place: place.to_string(),
-        why: e.to_string(),
-    })?;
-    let mut dec = compression::decoder(r, kind).map_err(io_err)?;
-    let mut w = content.writer(Some(diff_id.clone())).map_err(blob_err)?;
-    std::io::copy(&mut dec, &mut w).map_err(io_err)?;
-    w.commit().map_err(blob_err)?;
-    let size = content
-        .blob_path(compressed)
-        .ok()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map_or(0, |m| m.len());
-    if kind == compression::Detected::Gzip {
-        kiln_snapshotter::variants::record(
-            content,
-            diff_id,
-            kiln_snapshotter::Compression::default(),
-            compressed,
-            size,
-        )
-        .map_err(|source| Error::Variant {
+    // decoded and stored like any blob (verified, renamed into place)
+    let (plain, _) =
+        variants::get_or_make(content, compressed, Compression::None, false).map_err(err)?;
+    if plain != *diff_id {
+        return Err(Error::Format {
             place: place.to_string(),
-            digest: compressed.to_string(),
-            source: Box::new(source),
-        })?;
+            why: format!("layer {compressed} unpacks to {plain}, its record says {diff_id}"),
+        });
     }
-    Ok(())
+    let size = content.size(compressed).map_err(|source| Error::Blob {
+        place: place.to_string(),
+        digest: compressed.to_string(),
+        source: Box::new(source),
+    })?;
+    variants::record(content, diff_id, Compression::default(), compressed, size).map_err(err)
 }
 
 /// Imported caches, consulted when a key misses locally.
@@ -880,10 +857,12 @@ impl Imported {
                     }
                     let size = snap
                         .content()
-                        .blob_path(&diff_id)
-                        .ok()
-                        .and_then(|p| std::fs::metadata(p).ok())
-                        .map_or(0, |m| m.len());
+                        .size(&diff_id)
+                        .map_err(|source| Error::Blob {
+                            place: place.clone(),
+                            digest: diff_id.to_string(),
+                            source: Box::new(source),
+                        })?;
                     let l = &mut state.layers[i];
                     l.digest = diff_id.to_string();
                     l.size = size;

@@ -309,23 +309,7 @@ pub fn export_platforms(
 
 /// A layer's compression, from its media type.
 fn layer_compression(media: &MediaType) -> Option<Compression> {
-    let t = media.to_string();
-    // nondistributable (foreign) layers are passed on as they are
-    if !(t.contains(".layer.") || t.contains(".rootfs.diff."))
-        || t.contains("nondistributable")
-        || t.contains("foreign")
-    {
-        return None;
-    }
-    Some(if t.ends_with("gzip") {
-        Compression::Gzip { level: 6 }
-    } else if t.ends_with("zstd") {
-        Compression::Zstd { level: 3 }
-    } else if t.ends_with(".tar") {
-        Compression::None
-    } else {
-        return None;
-    })
+    Compression::of_layer_media_type(media.as_ref())
 }
 
 fn same_algorithm(a: Compression, b: Compression) -> bool {

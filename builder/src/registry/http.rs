@@ -197,6 +197,19 @@ fn bearer_challenge(header: &str) -> Option<HashMap<String, String>> {
     Some(params)
 }
 
+/// `req` with the bearer token, else the basic credentials, if any.
+pub fn authorized(
+    req: reqwest::RequestBuilder,
+    token: Option<&str>,
+    creds: &Creds,
+) -> reqwest::RequestBuilder {
+    match (token, creds) {
+        (Some(t), _) => req.bearer_auth(t),
+        (None, Creds::Basic(u, p)) => req.basic_auth(u, Some(p)),
+        (None, Creds::Anonymous) => req,
+    }
+}
+
 /// The registry client proper: one HTTP client, the plain-HTTP hosts, and
 /// the tokens obtained so far.
 #[derive(Debug)]
@@ -337,12 +350,10 @@ impl Client {
                     self.tokens.get(remote, op).flatten()
                 }
             };
-            let req = match (&token, creds) {
-                (Some(t), _) => build().bearer_auth(t),
-                (None, Creds::Basic(u, p)) => build().basic_auth(u, Some(p)),
-                (None, Creds::Anonymous) => build(),
-            };
-            let res = req.send().await.map_err(|e| who.unreachable(&e))?;
+            let res = authorized(build(), token.as_deref(), creds)
+                .send()
+                .await
+                .map_err(|e| who.unreachable(&e))?;
             if res.status().as_u16() == 401 && !retry {
                 continue;
             }

@@ -131,17 +131,13 @@ impl Registry {
         // the body can be sent once: the session's token is fresh from
         // the POST above
         let token = c.tokens.get(&remote, Op::Push).flatten();
-        let mut req = c
+        let req = c
             .http
             .put(put.clone())
             .header(reqwest::header::CONTENT_LENGTH, desc.size())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(chunks));
-        req = match (&token, &creds) {
-            (Some(t), _) => req.bearer_auth(t),
-            (None, super::http::Creds::Basic(u, p)) => req.basic_auth(u, Some(p)),
-            (None, super::http::Creds::Anonymous) => req,
-        };
+        let req = super::http::authorized(req, token.as_deref(), &creds);
         let res = req.send().await.map_err(|e| who.unreachable(&e))?;
         if !res.status().is_success() {
             return Err(who.status_error(put.as_str(), res).await);
@@ -260,11 +256,8 @@ impl Registry {
         let mut changes = Vec::new();
         for (i, l) in image.layers().iter().enumerate() {
             let t = l.media_type().to_string();
-            // nondistributable (foreign) layers go as they are
-            let plain = t.ends_with(".tar")
-                && (t.contains(".layer.") || t.contains(".rootfs.diff."))
-                && !t.contains("nondistributable")
-                && !t.contains("foreign");
+            let plain = kiln_snapshotter::Compression::of_layer_media_type(&t)
+                == Some(kiln_snapshotter::Compression::None);
             if !plain {
                 layers.push(l.clone());
                 continue;
@@ -364,9 +357,7 @@ impl Registry {
                 let mbytes = self
                     .push_manifest_tree(store, &r, &child_img, &mount_from, &mut counts)
                     .await?;
-                let digest = kiln_snapshotter::content::sha256_digest(
-                    <sha2::Sha256 as sha2::Digest>::digest(&mbytes),
-                );
+                let digest = digest_of(&mbytes);
                 let by_digest = Reference {
                     tag: None,
                     digest: Some(digest.to_string()),
@@ -395,18 +386,14 @@ impl Registry {
                 }
                 serde_json::to_vec(&v).expect("json serialises")
             };
-            top_digest = kiln_snapshotter::content::sha256_digest(
-                <sha2::Sha256 as sha2::Digest>::digest(&bytes),
-            );
+            top_digest = digest_of(&bytes);
             self.push_manifest(&r, bytes, top.media_type().as_ref())
                 .await?;
         } else {
             let bytes = self
                 .push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
                 .await?;
-            top_digest = kiln_snapshotter::content::sha256_digest(
-                <sha2::Sha256 as sha2::Digest>::digest(&bytes),
-            );
+            top_digest = digest_of(&bytes);
             self.push_manifest(&r, bytes, top.media_type().as_ref())
                 .await?;
         }
@@ -418,6 +405,10 @@ impl Registry {
             present: counts.present,
         })
     }
+}
+
+fn digest_of(bytes: &[u8]) -> Digest {
+    kiln_snapshotter::content::sha256_digest(<sha2::Sha256 as sha2::Digest>::digest(bytes))
 }
 
 /// Other repositories on `dest`'s registry that the store says hold this
