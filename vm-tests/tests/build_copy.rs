@@ -561,3 +561,70 @@ fn local_export_strips_setid_bits_unless_asked_to_keep_them() {
     assert_eq!(mode(&kept.join("suid")), 0o4755);
     assert_eq!(mode(&kept.join("sgid")), 0o2755);
 }
+
+/// The stat cache (engine::statcache) lets a rebuild skip hashing files
+/// whose stat is unchanged; a file rewritten in place with its old size
+/// and mtime has a new ctime, and one renamed over it a new inode, so both
+/// are hashed again. A hundred files take the parallel hash and copy.
+#[test]
+fn the_stat_cache_sees_a_file_rewritten_with_its_old_size_and_mtime() {
+    let p = Project::new("copy-statcache", "FROM scratch\nCOPY . /ctx/\n");
+    for i in 0..100 {
+        p.write(&format!("many/d{}/f{i}", i % 7), &format!("file {i}\n"));
+    }
+    p.write("f", "aaaa\n");
+    p.write("g", "gggg\n");
+    p.chown();
+    // files changed in the last 2 s are hashed but not remembered
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let first = p.build_local("out1");
+    for i in 0..100 {
+        assert_eq!(
+            read(&first.join(format!("ctx/many/d{}/f{i}", i % 7))),
+            format!("file {i}\n")
+        );
+    }
+    let again = ok(p.build(&[]));
+    assert_eq!(cached(&again), 1, "{again}");
+    assert!(
+        again.contains("checksum 0.0 MB"),
+        "a rebuild reads no unchanged file:\n{again}"
+    );
+
+    // same size, mtime put back: only the ctime moved
+    let f = p.ctx().join("f");
+    let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+    std::fs::write(&f, "bbbb\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out = p.build_local("out2");
+    assert_eq!(
+        read(&out.join("ctx/f")),
+        "bbbb\n",
+        "a stale checksum was used"
+    );
+
+    // a new inode renamed over g with g's size and mtime
+    let g = p.ctx().join("g");
+    let mtime = std::fs::metadata(&g).unwrap().modified().unwrap();
+    let tmp = p.ctx().join("g.new");
+    std::fs::write(&tmp, "hhhh\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::fs::rename(&tmp, &g).unwrap();
+    p.chown();
+    let out = p.build_local("out3");
+    assert_eq!(
+        read(&out.join("ctx/g")),
+        "hhhh\n",
+        "a stale checksum was used"
+    );
+}

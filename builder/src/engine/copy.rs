@@ -13,15 +13,16 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
 use super::cache::KeyBuilder;
 use super::fsutil::{self, Meta, Node, Root};
+use super::statcache::StatCache;
 use super::state::clean_path;
-use crate::frontend::dockerignore::Matcher;
+use crate::frontend::dockerignore::{DirHits, Matcher};
 use crate::frontend::instructions::{self, Chmod};
 
 /// Errors of resolving and copying sources.
@@ -106,7 +107,25 @@ pub struct Source<'a> {
     pub what: &'static str,
     /// .dockerignore of the build context
     pub ignore: Option<&'a Matcher>,
+    /// checksums of a host directory's files from earlier builds
+    pub stat_cache: Option<&'a StatCache>,
 }
+
+/// Where a walk of a copied directory is: the open directory, its path
+/// in the source root, relative to the copied directory, and in the image.
+struct Walk<'a> {
+    dir: &'a fsutil::Dir,
+    /// which .dockerignore and --exclude patterns match the directory
+    ignored: DirHits,
+    excluded: DirHits,
+    path: &'a Path,
+    under: &'a Path,
+    dest: &'a Path,
+    depth: usize,
+}
+
+/// How many directory levels a walk keeps open at once.
+const WALK_FD_DEPTH: usize = 64;
 
 /// How sources map to the destination.
 pub struct Rules<'a> {
@@ -193,8 +212,7 @@ fn inline_meta(len: usize) -> Meta {
         uid: 0,
         gid: 0,
         size: len as u64,
-        mtime: 0,
-        mtime_nsec: 0,
+        ..Meta::default()
     }
 }
 
@@ -351,7 +369,7 @@ impl Source<'_> {
                         archive: false,
                     });
                 }
-                self.walk(&m, Path::new(""), &into, rules.excludes, &mut out)?;
+                self.walk_from(&m, &into, rules.excludes, &mut out)?;
                 continue;
             }
             let name = m.file_name().map(PathBuf::from).unwrap_or_default();
@@ -395,33 +413,55 @@ impl Source<'_> {
         Ok(out)
     }
 
-    /// Append every entry under `dir` to `out`, at `dest`. `under` is the
-    /// path relative to the copied directory, which `--exclude` patterns
-    /// match (as BuildKit's fsutil does).
-    fn walk(
+    /// Append every entry under the directory `path` to `out`, at `dest`.
+    fn walk_from(
         &self,
-        dir: &Path,
-        under: &Path,
+        path: &Path,
         dest: &Path,
         excludes: &Matcher,
         out: &mut Vec<Entry>,
     ) -> Result<()> {
-        let names = self.root.list(dir).map_err(|e| self.read_err(dir, e))?;
+        let dir = self.root.dir(path).map_err(|e| self.read_err(path, e))?;
+        let at = Walk {
+            dir: &dir,
+            ignored: self
+                .ignore
+                .map(|m| m.dir_hits(&rel_str(path)))
+                .unwrap_or_default(),
+            excluded: excludes.no_hits(),
+            path,
+            under: Path::new(""),
+            dest,
+            depth: 0,
+        };
+        self.walk(&at, excludes, out)
+    }
+
+    /// Append every entry under `at.dir` to `out`, at `at.dest`. `at.under`
+    /// is the path relative to the copied directory, which `--exclude`
+    /// patterns match (as BuildKit's fsutil does). Names are looked up in
+    /// their open directory (see [`fsutil::Dir`]); below
+    /// [`WALK_FD_DEPTH`] levels a directory is opened from the root
+    /// instead, so a deep tree cannot use up the descriptors.
+    fn walk(&self, at: &Walk<'_>, excludes: &Matcher, out: &mut Vec<Entry>) -> Result<()> {
+        let names = at.dir.list().map_err(|e| self.read_err(at.path, e))?;
         for name in names {
-            let name = OsString::from_vec(name);
-            let src = dir.join(&name);
-            let rel = under.join(&name);
-            let rel_under = dest.join(&name);
-            if self.ignored(&src) || excludes.matches(&rel_str(&rel)) {
+            let os_name = OsString::from_vec(name);
+            let src = at.path.join(&os_name);
+            let rel = at.under.join(&os_name);
+            let rel_under = at.dest.join(&os_name);
+            let (src_str, rel_str) = (rel_str(&src), rel_str(&rel));
+            if self
+                .ignore
+                .is_some_and(|m| m.matches_in(&at.ignored, &src_str))
+                || excludes.matches_in(&at.excluded, &rel_str)
+            {
                 continue;
             }
-            let meta = self.root.lstat(&src).map_err(|e| self.read_err(&src, e))?;
+            let name = os_name.as_bytes();
+            let meta = at.dir.lstat(name).map_err(|e| self.read_err(&src, e))?;
             let link = if meta.is_symlink() {
-                Some(
-                    self.root
-                        .read_link(&src)
-                        .map_err(|e| self.read_err(&src, e))?,
-                )
+                Some(at.dir.read_link(name).map_err(|e| self.read_err(&src, e))?)
             } else {
                 None
             };
@@ -435,7 +475,25 @@ impl Source<'_> {
                 archive: false,
             });
             if meta.is_dir() {
-                self.walk(&src, &rel, &rel_under, excludes, out)?;
+                let sub = if at.depth < WALK_FD_DEPTH {
+                    at.dir.subdir(name)
+                } else {
+                    self.root.dir(&src)
+                }
+                .map_err(|e| self.read_err(&src, e))?;
+                let next = Walk {
+                    dir: &sub,
+                    ignored: self
+                        .ignore
+                        .map(|m| m.child_hits(&at.ignored, &src_str))
+                        .unwrap_or_default(),
+                    excluded: excludes.child_hits(&at.excluded, &rel_str),
+                    path: &src,
+                    under: &rel,
+                    dest: &rel_under,
+                    depth: at.depth + 1,
+                };
+                self.walk(&next, excludes, out)?;
             }
         }
         Ok(())
@@ -464,9 +522,30 @@ impl Source<'_> {
     /// Add the content checksum of `entries` to a cache key: destination
     /// path, type, permission bits, size, link target and bytes. Owners
     /// and times are not in it (COPY sets the owner, as BuildKit does; an
-    /// archive's owners are in its bytes).
-    pub fn checksum(&self, entries: &[Entry], key: &mut KeyBuilder) -> Result<()> {
-        for e in entries {
+    /// archive's owners are in its bytes). Files the stat cache does not
+    /// know are hashed on every core. Returns how many bytes were read.
+    pub fn checksum(&self, entries: &[Entry], key: &mut KeyBuilder) -> Result<u64> {
+        // (entry, its digest when the stat cache has it)
+        let mut known = vec![None; entries.len()];
+        let mut todo = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.link.is_some() || e.inline.is_some() || !e.meta.is_file() {
+                continue;
+            }
+            let cache = self.stat_cache.filter(|_| e.downloaded.is_none());
+            match cache.and_then(|c| c.get(&e.src, &e.meta)) {
+                Some(d) => known[i] = Some(d),
+                None => todo.push(i),
+            }
+        }
+        let hashed = parallel_map(&todo, |&i| self.hash_file(&entries[i]));
+        let mut read = 0u64;
+        for (i, r) in todo.iter().zip(hashed) {
+            let (digest, n) = r?;
+            known[*i] = Some(digest);
+            read += n;
+        }
+        for (e, digest) in entries.iter().zip(&known) {
             key.str(&rel_str(&e.dest));
             key.part(&(e.meta.mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
             key.part(&[u8::from(e.archive)]);
@@ -474,26 +553,75 @@ impl Source<'_> {
                 key.part(l);
             } else if let Some(bytes) = &e.inline {
                 key.part(&Sha256::digest(bytes));
-            } else if e.meta.is_file() {
-                let mut f = match &e.downloaded {
-                    Some(file) => from_start(file),
-                    None => self.open(&e.src),
-                }
-                .map_err(|err| self.read_err(&e.src, err))?;
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 1 << 16];
-                loop {
-                    let n = f.read(&mut buf).map_err(|err| self.read_err(&e.src, err))?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-                key.part(&h.finalize());
+            } else if let Some(d) = digest {
+                key.part(d);
             }
         }
-        Ok(())
+        Ok(read)
     }
+
+    /// The sha256 of a file entry's bytes and their length; remembered in
+    /// the stat cache when it may be.
+    fn hash_file(&self, e: &Entry) -> Result<([u8; 32], u64)> {
+        let mut f = match &e.downloaded {
+            Some(file) => from_start(file),
+            None => self.open(&e.src),
+        }
+        .map_err(|err| self.read_err(&e.src, err))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut read = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|err| self.read_err(&e.src, err))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            read += n as u64;
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        let cache = self.stat_cache.filter(|_| e.downloaded.is_none());
+        if let (Some(c), Ok(now)) = (cache, f.metadata()) {
+            c.put(&e.src, &e.meta, &now, digest);
+        }
+        Ok((digest, read))
+    }
+}
+
+/// `f` of every item, in order, on up to one thread a core (no thread for
+/// a handful of items).
+pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map(std::num::NonZeroUsize::get)
+        .unwrap_or(1)
+        .min(items.len() / 16)
+        .min(8);
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else {
+                            return out;
+                        };
+                        out.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// A reader of the decompressed stream of `f`: gzip, bzip2, xz or zstd by
@@ -711,6 +839,14 @@ fn copy_entries(
     attrs: &CopyAttrs<'_>,
     keep_owner: bool,
 ) -> Result<()> {
+    // Regular files are written last, on every core, once their
+    // directories exist; only when no two entries share a destination and
+    // no archive is unpacked, so the order of writes cannot matter.
+    let parallel = entries.len() >= 64 && !entries.iter().any(|e| e.archive) && {
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        entries.iter().all(|e| seen.insert(e.dest.as_path()))
+    };
+    let mut files = Vec::new();
     for e in entries {
         let werr = |source| Error::Write {
             path: format!("/{}", rel_str(&e.dest)),
@@ -745,19 +881,47 @@ fn copy_entries(
                 .map_err(werr)?;
         } else if e.meta.is_dir() {
             fsutil::create(dirfd, name, Node::Dir, mode, uid, gid, &e.meta).map_err(werr)?;
+        } else if e.meta.is_file() && parallel {
+            files.push((e, mode, uid, gid));
         } else if e.meta.is_file() {
-            let mut f = match &e.downloaded {
-                Some(file) => from_start(file),
-                None => source.open(&e.src),
-            }
-            .map_err(|err| source.read_err(&e.src, err))?;
-            fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta)
-                .map_err(werr)?;
+            copy_file(source, e, dirfd, name, (mode, uid, gid))?;
         }
         // Devices, fifos and sockets in a context are skipped, as BuildKit
         // does for special files it cannot recreate.
     }
-    Ok(())
+    let written = parallel_map(&files, |&(e, mode, uid, gid)| {
+        let (parent, name) = fsutil::split(&e.dest);
+        let dir = target
+            .open_at(parent, libc::O_PATH | libc::O_DIRECTORY)
+            .map_err(|source| Error::Write {
+                path: format!("/{}", rel_str(&e.dest)),
+                source,
+            })?;
+        let dirfd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        copy_file(source, e, dirfd, name, (mode, uid, gid))
+    });
+    written.into_iter().collect()
+}
+
+/// Write the regular file `e` as `name` in the directory `dirfd`.
+fn copy_file(
+    source: &Source<'_>,
+    e: &Entry,
+    dirfd: std::os::fd::RawFd,
+    name: &std::ffi::OsStr,
+    (mode, uid, gid): (u32, u32, u32),
+) -> Result<()> {
+    let mut f = match &e.downloaded {
+        Some(file) => from_start(file),
+        None => source.open(&e.src),
+    }
+    .map_err(|err| source.read_err(&e.src, err))?;
+    fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta).map_err(|source| {
+        Error::Write {
+            path: format!("/{}", rel_str(&e.dest)),
+            source,
+        }
+    })
 }
 
 /// Extract the archive `e` into `target` at `e.dest`: the snapshotter's
@@ -787,15 +951,10 @@ fn extract(source: &Source<'_>, e: &Entry, target: &Root, attrs: &CopyAttrs<'_>)
             root: &root,
             what: "archive",
             ignore: None,
+            stat_cache: None,
         };
         let mut entries = Vec::new();
-        tree.walk(
-            Path::new(""),
-            Path::new(""),
-            &e.dest,
-            &Matcher::default(),
-            &mut entries,
-        )?;
+        tree.walk_from(Path::new(""), &e.dest, &Matcher::default(), &mut entries)?;
         copy_entries(&tree, &entries, target, attrs, true)
     })();
     // The scratch tree only ever held the archive's contents; a leftover is
@@ -908,6 +1067,7 @@ mod tests {
             root: &root,
             what: "build context",
             ignore: None,
+            stat_cache: None,
         };
         let path = |p: &str| instructions::Source::Path(p.into());
         let none = Matcher::default();

@@ -300,7 +300,7 @@ impl Download {
                 gid: 0,
                 size: self.size,
                 mtime: self.mtime,
-                mtime_nsec: 0,
+                ..Meta::default()
             },
             link: None,
             inline: None,

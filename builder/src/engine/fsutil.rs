@@ -32,7 +32,7 @@ pub struct Root {
 }
 
 /// The metadata kiln copies and hashes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Meta {
     pub mode: u32,
     pub uid: u32,
@@ -40,6 +40,12 @@ pub struct Meta {
     pub size: u64,
     pub mtime: i64,
     pub mtime_nsec: i64,
+    /// identity and change time: what a cached checksum is valid for
+    /// (engine::statcache); zero for content that is not a file on disk
+    pub ino: u64,
+    pub dev: u64,
+    pub ctime: i64,
+    pub ctime_nsec: i64,
 }
 
 impl Meta {
@@ -66,7 +72,107 @@ fn stat_fd(fd: RawFd, name: &CString, flags: libc::c_int) -> io::Result<Meta> {
         size: u64::try_from(st.st_size).unwrap_or(0),
         mtime: st.st_mtime,
         mtime_nsec: st.st_mtime_nsec,
+        ino: st.st_ino,
+        dev: st.st_dev,
+        ctime: st.st_ctime,
+        ctime_nsec: st.st_ctime_nsec,
     })
+}
+
+/// Names in the open directory `fd`, sorted, without `.` and `..`.
+fn names_of(fd: OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let dir =
+        nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)).map_err(io::Error::from)?;
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    for entry in dir {
+        let entry = entry.map_err(io::Error::from)?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// An open directory inside a [`Root`], walked one name at a time: each
+/// call takes a single name read from the directory itself (never a path),
+/// and a directory is entered with O_NOFOLLOW, so a walk cannot leave the
+/// root even when the tree changes under it. One openat and one fstatat a
+/// name, where a lookup from the root pays a whole path resolution.
+pub struct Dir {
+    fd: OwnedFd,
+}
+
+impl Dir {
+    fn name(name: &[u8]) -> io::Result<CString> {
+        if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a single file name",
+            ));
+        }
+        cstr(name)
+    }
+
+    /// Names in this directory, sorted.
+    pub fn list(&self) -> io::Result<Vec<Vec<u8>>> {
+        let fd = self.subdir_fd(b".")?;
+        names_of(fd)
+    }
+
+    fn subdir_fd(&self, name: &[u8]) -> io::Result<OwnedFd> {
+        let c = if name == b"." {
+            cstr(name)?
+        } else {
+            Self::name(name)?
+        };
+        // SAFETY: `c` is NUL-terminated; the result is checked.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just returned by openat, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The directory `name` in this one (not through a symlink).
+    pub fn subdir(&self, name: &[u8]) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.subdir_fd(name)?,
+        })
+    }
+
+    /// lstat of `name` in this directory.
+    pub fn lstat(&self, name: &[u8]) -> io::Result<Meta> {
+        stat_fd(
+            self.fd.as_raw_fd(),
+            &Self::name(name)?,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    }
+
+    /// The target of the symlink `name` in this directory.
+    pub fn read_link(&self, name: &[u8]) -> io::Result<Vec<u8>> {
+        read_link_at(self.fd.as_raw_fd(), &Self::name(name)?)
+    }
+}
+
+fn read_link_at(dir: RawFd, name: &CString) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` has the given capacity; `name` is NUL-terminated.
+    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(usize::try_from(n).unwrap_or(0));
+    Ok(buf)
 }
 
 impl Root {
@@ -113,45 +219,30 @@ impl Root {
     pub fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
         let (parent, name) = split(rel);
         let dir = self.open_at(parent, libc::O_PATH | libc::O_DIRECTORY)?;
-        let name = cstr(name.as_bytes())?;
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: `buf` has the given capacity; `name` is NUL-terminated.
-        let n = unsafe {
-            libc::readlinkat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        buf.truncate(usize::try_from(n).unwrap_or(0));
-        Ok(buf)
+        read_link_at(dir.as_raw_fd(), &cstr(name.as_bytes())?)
     }
 
     /// Names in the directory `rel` (inside the root), sorted.
     pub fn list(&self, rel: &Path) -> io::Result<Vec<Vec<u8>>> {
-        let fd = self.open_at(rel, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let dir = nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
-            .map_err(io::Error::from)?;
-        let mut names: Vec<Vec<u8>> = Vec::new();
-        for entry in dir {
-            let entry = entry.map_err(io::Error::from)?;
-            let name = entry.file_name().to_bytes();
-            if name != b"." && name != b".." {
-                names.push(name.to_vec());
-            }
-        }
-        names.sort();
-        Ok(names)
+        names_of(self.open_at(rel, libc::O_RDONLY | libc::O_DIRECTORY)?)
+    }
+
+    /// The directory `rel`, resolved inside the root, to walk from.
+    pub fn dir(&self, rel: &Path) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.open_at(rel, libc::O_RDONLY | libc::O_DIRECTORY)?,
+        })
     }
 
     /// Create every missing directory of `rel` inside the root (0755,
     /// owned by `uid:gid`), resolving existing components inside the root.
     /// Returns a descriptor of the last one.
     pub fn mkdir_all(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<OwnedFd> {
+        // most often it is there already: one lookup, not one a component
+        match self.open_at(rel, libc::O_PATH | libc::O_DIRECTORY) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            found => return found,
+        }
         let mut done = std::path::PathBuf::new();
         let mut fd = self.open_at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY)?;
         for comp in rel.components() {

@@ -17,6 +17,7 @@ pub mod exec;
 pub mod fsutil;
 pub mod progress;
 pub mod run_mounts;
+pub mod statcache;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -354,6 +355,9 @@ struct Engine {
     plan: Plan,
     context: fsutil::Root,
     ignore: Matcher,
+    /// checksums of the context's and named contexts' files, by directory
+    stat_caches: Mutex<BTreeMap<PathBuf, Arc<statcache::StatCache>>>,
+    context_stat_cache: Arc<statcache::StatCache>,
     cache_mounts: crate::image::cache_mounts::CacheMounts,
     redactor: Arc<crate::session::secrets::Redactor>,
     /// `--cache-from` records, looked up when a key misses locally
@@ -695,6 +699,10 @@ async fn build_shared(
     })?;
     let ignore =
         frontend::dockerignore::load(&opts.context, &opts.dockerfile).map_err(Error::Ignore)?;
+    let context_stat_cache = Arc::new(statcache::StatCache::open(
+        &opts.state.stat_cache_dir(),
+        &opts.context,
+    ));
     let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
     let cache_mounts =
         crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
@@ -763,6 +771,8 @@ async fn build_shared(
         plan,
         context,
         ignore,
+        stat_caches: Mutex::new(BTreeMap::new()),
+        context_stat_cache,
         cache_mounts,
         redactor,
         imported,
@@ -800,6 +810,7 @@ async fn build_shared(
             }
         }
     }
+    engine.save_stat_caches();
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -889,6 +900,28 @@ async fn export_cache(
 }
 
 impl Engine {
+    /// The stat cache of a named context directory.
+    fn stat_cache(&self, dir: &Path) -> Arc<statcache::StatCache> {
+        let mut caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(caches.entry(dir.to_path_buf()).or_insert_with(|| {
+            Arc::new(statcache::StatCache::open(
+                &self.opts.state.stat_cache_dir(),
+                dir,
+            ))
+        }))
+    }
+
+    /// Keep what the stat caches learned for the next build; a cache that
+    /// cannot be written only costs that build the hashing again.
+    fn save_stat_caches(&self) {
+        let caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
+        for cache in caches.values().chain([&self.context_stat_cache]) {
+            if let Err(e) = cache.save() {
+                self.progress
+                    .summary(&format!("WARNING: cannot save the stat cache: {e}"));
+            }
+        }
+    }
     /// An image by name, from the store, else pulled; never pulled under
     /// `--network none`, where nothing is fetched on the build's behalf.
     fn load_image(&self, reference: &str, platform: &Platform) -> Result<(Key, ImageState)> {
@@ -1218,6 +1251,7 @@ impl Engine {
                     snap: &self.snap,
                     context: &self.context,
                     ignore: &self.ignore,
+                    stat_cache: &self.context_stat_cache,
                     secrets: &self.opts.session.secrets,
                     agents: &self.opts.session.agents,
                     cache_mounts: &self.cache_mounts,
@@ -1268,7 +1302,7 @@ impl Engine {
                     return Err(e);
                 }
                 self.executed.fetch_add(1, Ordering::Relaxed);
-                self.commit(view, &mut new_state, exec::created_by(run, state))?;
+                self.commit(view, &mut new_state, exec::created_by(run, state), vertex)?;
                 self.record(&key, &new_state);
                 Ok((key, new_state, false))
             }
@@ -1345,13 +1379,20 @@ impl Engine {
         let source_view;
         let source_root;
         let dir_ignore;
-        let (root, what, ignore) = match from {
+        let dir_cache;
+        let (root, what, ignore, stat_cache) = match from {
             Some(FromSource::Dir { name, path }) => {
                 k.str("context").str(name);
                 source_root = fsutil::Root::open(path).map_err(StepError::Source)?;
                 dir_ignore = frontend::dockerignore::load(path, &path.join("Dockerfile"))
                     .map_err(StepError::Ignore)?;
-                (&source_root, "named build context", Some(&dir_ignore))
+                dir_cache = self.stat_cache(path);
+                (
+                    &source_root,
+                    "named build context",
+                    Some(&dir_ignore),
+                    Some(&*dir_cache),
+                )
             }
             Some(FromSource::Image(from_key, from_state)) => {
                 k.str(&from_key.0);
@@ -1361,14 +1402,24 @@ impl Engine {
                     .snap
                     .view(&cache::view_key("from", from_key), from_chain.as_ref())?;
                 source_root = fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
-                (&source_root, "source stage", None)
+                (&source_root, "source stage", None, None)
             }
-            None => (&self.context, "build context", Some(&self.ignore)),
+            None => (
+                &self.context,
+                "build context",
+                Some(&self.ignore),
+                Some(&*self.context_stat_cache),
+            ),
         };
         let excludes = Matcher::new(op.excludes.iter())
             .map_err(|_| StepError::Copy(copy::Error::Pattern(op.excludes.join(","))))?;
         let chmod = op.chmod.map(copy::Mode::parse).transpose()?;
-        let source = copy::Source { root, what, ignore };
+        let source = copy::Source {
+            root,
+            what,
+            ignore,
+            stat_cache,
+        };
         let workdir = step.workdir.clone().unwrap_or_else(|| {
             if state.config.workdir.is_empty() {
                 "/".to_string()
@@ -1397,8 +1448,14 @@ impl Engine {
         if op.sources.len() > 1 && !dest_is_dir && !urls.is_empty() {
             return Err(copy::Error::DestNotDir(op.dest.to_string()).into());
         }
+        let t = Instant::now();
         let mut entries = source.collect(&locals, &dest, dest_is_dir, &rules)?;
-        source.checksum(&entries, &mut k)?;
+        self.progress
+            .phase(vertex, &format!("list {} sources", entries.len()), t);
+        let t = Instant::now();
+        let hashed = source.checksum(&entries, &mut k)?;
+        self.progress
+            .phase(vertex, &format!("checksum {}", progress::bytes(hashed)), t);
         let dest_rel = PathBuf::from(dest.trim_start_matches('/'));
         // (url, destination, download when already fetched)
         let mut remote = Vec::new();
@@ -1466,6 +1523,7 @@ impl Engine {
             rules = rules.read(path);
         }
         let view_path = view.path().to_path_buf();
+        let t = Instant::now();
         let copied = kiln_snapshotter::confine::run_confined(
             kiln_snapshotter::confine::Component::ContextCopy,
             &rules,
@@ -1498,10 +1556,12 @@ impl Engine {
             let _ = self.snap.remove(view);
             return Err(e);
         }
+        self.progress.phase(vertex, "copy", t);
         self.commit(
             view,
             &mut new_state,
             format!("{} # buildkit", step.original),
+            vertex,
         )?;
         self.record(&key, &new_state);
         Ok((key, new_state, false))
@@ -1566,7 +1626,9 @@ impl Engine {
         view: kiln_snapshotter::snapshot::View,
         state: &mut ImageState,
         created_by: String,
+        vertex: usize,
     ) -> std::result::Result<(), StepError> {
+        let t = Instant::now();
         let epoch = if self.opts.rewrite_timestamp {
             self.opts.source_date_epoch
         } else {
@@ -1581,6 +1643,11 @@ impl Engine {
                 compression: kiln_snapshotter::Compression::None,
             },
         )?;
+        self.progress.phase(
+            vertex,
+            &format!("layer diff {}", progress::bytes(committed.blob.size())),
+            t,
+        );
         state.chain = Some(committed.chain_id.to_string());
         state.layers.push(LayerRef {
             diff_id: committed.diff_id.to_string(),

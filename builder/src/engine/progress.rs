@@ -104,6 +104,14 @@ fn redact(line: &str, secrets: &[String]) -> String {
     line
 }
 
+/// A byte count for a progress line, in decimal megabytes.
+pub fn bytes(n: u64) -> String {
+    // precision loss is irrelevant for a one-decimal display
+    #[allow(clippy::cast_precision_loss)]
+    let mb = n as f64 / 1e6;
+    format!("{mb:.1} MB")
+}
+
 /// The sink every vertex reports to.
 pub struct Progress {
     mode: Mode,
@@ -231,6 +239,17 @@ impl Progress {
         self.emit(
             || format!("#{id} {elapsed:.3} {text}"),
             || json!({"vertex": id, "stream": stream, "log": text, "timestamp": now_rfc3339()}),
+        );
+    }
+
+    /// How long one part of a step took (the checksum of its sources, the
+    /// copy, the layer diff...), as BuildKit prints "transferring context:
+    /// ... done": where a step's time goes, in plain and rawjson output.
+    pub fn phase(&self, id: usize, what: &str, since: Instant) {
+        let secs = since.elapsed().as_secs_f64();
+        self.emit(
+            || format!("#{id} {what} {secs:.2}s"),
+            || json!({"vertex": id, "phase": what, "seconds": secs}),
         );
     }
 

@@ -36,6 +36,7 @@ use oci_spec::runtime::{Mount as OciMount, MountBuilder};
 use super::cache::{self, KeyBuilder};
 use super::copy;
 use super::fsutil::{self, Root};
+use super::statcache::StatCache;
 use super::FromSource;
 use crate::frontend::dockerignore::Matcher;
 use crate::frontend::instructions;
@@ -97,6 +98,7 @@ pub struct Resources<'a> {
     pub snap: &'a Snapshotter,
     pub context: &'a Root,
     pub ignore: &'a Matcher,
+    pub stat_cache: &'a StatCache,
     pub secrets: &'a Secrets,
     pub agents: &'a BTreeMap<String, Arc<Agent>>,
     pub cache_mounts: &'a CacheMounts,
@@ -129,6 +131,7 @@ struct DirSource<'a> {
     root: RootRef<'a>,
     ignore: Option<Matcher>,
     what: &'static str,
+    stat_cache: Option<&'a StatCache>,
 }
 
 enum RootRef<'a> {
@@ -145,6 +148,7 @@ impl DirSource<'_> {
             },
             what: self.what,
             ignore: self.ignore.as_ref(),
+            stat_cache: self.stat_cache,
         }
     }
 }
@@ -155,6 +159,7 @@ fn dir_source<'a>(res: &Resources<'a>, from: Option<&FromSource>) -> Result<Opti
             root: RootRef::Borrowed(res.context),
             ignore: Some(res.ignore.clone()),
             what: "build context",
+            stat_cache: Some(res.stat_cache),
         }),
         Some(FromSource::Dir { path, .. }) => Some(DirSource {
             root: RootRef::Owned(Root::open(path).map_err(|source| Error::Source {
@@ -167,6 +172,7 @@ fn dir_source<'a>(res: &Resources<'a>, from: Option<&FromSource>) -> Result<Opti
                     .map_err(Error::Ignore)?,
             ),
             what: "named build context",
+            stat_cache: None,
         }),
         Some(FromSource::Image(..)) => None,
     })
@@ -620,6 +626,7 @@ fn seed_cache(
                 })?),
                 ignore: None,
                 what: "source stage",
+                stat_cache: None,
             };
             let entries = dir_entries(&src, source)?;
             copy::copy(&src.source(), &entries, cache_root, &attrs)?;

@@ -240,41 +240,90 @@ impl Matcher {
     pub fn matches(&self, path: &str) -> bool {
         let cleaned = clean_path(path);
         let file = cleaned.trim_start_matches('/');
+        let parent = match file.rfind('/') {
+            Some(i) => self.dir_hits(&file[..i]),
+            None => self.no_hits(),
+        };
+        self.decide(file, &parent)
+    }
+
+    /// [`Matcher::matches`] of `path`, an entry of the directory `parent`
+    /// describes: a walk pays one regex match per pattern and path instead
+    /// of one per parent directory too.
+    pub fn matches_in(&self, parent: &DirHits, path: &str) -> bool {
+        let cleaned = clean_path(path);
+        self.decide(cleaned.trim_start_matches('/'), parent)
+    }
+
+    /// Which patterns match no directory: those of the context root.
+    pub fn no_hits(&self) -> DirHits {
+        DirHits(vec![false; self.patterns.len()])
+    }
+
+    /// Which patterns match the directory `dir` or one of its parents.
+    pub fn dir_hits(&self, dir: &str) -> DirHits {
+        let cleaned = clean_path(dir);
+        let dir = cleaned.trim_start_matches('/');
+        let mut hits = self.no_hits();
+        if dir.is_empty() || dir == "." {
+            return hits;
+        }
+        let mut prefix = String::new();
+        for (i, d) in dir.split('/').enumerate() {
+            if i > 0 {
+                prefix.push('/');
+            }
+            prefix.push_str(d);
+            hits = DirHits(
+                self.patterns
+                    .iter()
+                    .zip(&hits.0)
+                    .map(|(p, &hit)| hit || p.regex.is_match(&prefix))
+                    .collect(),
+            );
+        }
+        hits
+    }
+
+    /// The hits of the directory `dir`, a child of the one `parent`
+    /// describes.
+    pub fn child_hits(&self, parent: &DirHits, dir: &str) -> DirHits {
+        let cleaned = clean_path(dir);
+        let dir = cleaned.trim_start_matches('/');
+        DirHits(
+            self.patterns
+                .iter()
+                .zip(&parent.0)
+                .map(|(p, &hit)| hit || p.regex.is_match(dir))
+                .collect(),
+        )
+    }
+
+    /// The patterns in order, as Docker applies them: the last one that
+    /// matches `file` or one of its parents decides.
+    fn decide(&self, file: &str, parent: &DirHits) -> bool {
         if file.is_empty() || file == "." {
             return false;
         }
-        let parents: Vec<&str> = match file.rfind('/') {
-            Some(i) => file[..i].split('/').collect(),
-            None => Vec::new(),
-        };
         let mut matched = false;
-        for p in &self.patterns {
+        for (p, &parent_hit) in self.patterns.iter().zip(&parent.0) {
             // An include that already matched, or an exclusion with nothing
             // to undo, cannot change the outcome.
             if p.exclusion != matched {
                 continue;
             }
-            let mut hit = p.regex.is_match(file);
-            if !hit {
-                let mut prefix = String::new();
-                for (i, dir) in parents.iter().enumerate() {
-                    if i > 0 {
-                        prefix.push('/');
-                    }
-                    prefix.push_str(dir);
-                    if p.regex.is_match(&prefix) {
-                        hit = true;
-                        break;
-                    }
-                }
-            }
-            if hit {
+            if parent_hit || p.regex.is_match(file) {
                 matched = !p.exclusion;
             }
         }
         matched
     }
 }
+
+/// Which patterns of a [`Matcher`] match a directory or one of its
+/// parents, for [`Matcher::matches_in`].
+#[derive(Default)]
+pub struct DirHits(Vec<bool>);
 
 /// Where the ignore file for `dockerfile` in `context` is: `NAME.dockerignore`
 /// beside the Dockerfile if it exists, else `CONTEXT/.dockerignore`.
@@ -310,6 +359,57 @@ mod tests {
 
     fn m(file: &str) -> Matcher {
         Matcher::from_dockerignore(file.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_walk_with_directory_hits_decides_as_whole_paths_do() {
+        let files = [
+            "*.log\n!keep/*.log\nbuild\n!build/out\n",
+            "a\n!a\na/b\n",
+            "**/x\n!y/**/x\n",
+            "src/*/gen\n!src/keep/gen\ntmp*\n",
+        ];
+        let dirs = [
+            "",
+            "a",
+            "a/b",
+            "keep",
+            "build",
+            "y",
+            "y/z",
+            "src",
+            "src/keep",
+            "src/other",
+        ];
+        let names = ["x", "b", "gen", "out", "z.log", "tmp1", "a"];
+        for f in files {
+            let matcher = m(f);
+            for dir in dirs {
+                let hits = matcher.dir_hits(dir);
+                // the hits of a child directory, built one level down
+                for name in names {
+                    let path = if dir.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{dir}/{name}")
+                    };
+                    assert_eq!(
+                        matcher.matches_in(&hits, &path),
+                        matcher.matches(&path),
+                        "{f:?} {path}"
+                    );
+                    let child = matcher.child_hits(&hits, &path);
+                    for leaf in names {
+                        let deeper = format!("{path}/{leaf}");
+                        assert_eq!(
+                            matcher.matches_in(&child, &deeper),
+                            matcher.matches(&deeper),
+                            "{f:?} {deeper}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

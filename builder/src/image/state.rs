@@ -104,6 +104,12 @@ impl StateDir {
         self.root.join("cache")
     }
 
+    /// Where the checksums of build contexts' files are kept between
+    /// builds (`engine::statcache`).
+    pub fn stat_cache_dir(&self) -> PathBuf {
+        self.root.join("statcache")
+    }
+
     /// Where `RUN --mount=type=cache` directories are kept
     /// (`CacheMounts::open` takes this).
     pub fn cache_mounts_dir(&self) -> PathBuf {
