@@ -221,10 +221,19 @@ impl ContentStore {
             store: self.clone(),
             file: Some(io::BufWriter::with_capacity(1 << 20, file)),
             path,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             size: 0,
             expected,
         })
+    }
+
+    /// A writer for bytes whose sha256 the caller computes as they are
+    /// written (a plain layer's diffID is its digest): committed with
+    /// [`BlobWriter::commit_hashed`], so the bytes are hashed once.
+    pub(crate) fn writer_hashed_by_caller(&self) -> Result<BlobWriter> {
+        let mut w = self.writer(None)?;
+        w.hasher = None;
+        Ok(w)
     }
 
     /// Store `bytes` as a blob and return its descriptor.
@@ -397,7 +406,8 @@ pub struct BlobWriter {
     store: ContentStore,
     file: Option<io::BufWriter<File>>,
     path: PathBuf,
-    hasher: Sha256,
+    /// None when the caller hashes what it writes
+    hasher: Option<Sha256>,
     size: u64,
     expected: Option<Digest>,
 }
@@ -406,7 +416,9 @@ impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let f = self.file.as_mut().expect("writer used after commit");
         let n = f.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.size += n as u64;
         Ok(n)
     }
@@ -428,12 +440,31 @@ impl BlobWriter {
     /// Verify, fsync and rename the blob into place; returns its digest and
     /// size. A blob already present is left as is (same bytes by digest).
     pub fn commit(mut self) -> Result<(Digest, u64)> {
+        let hasher = self
+            .hasher
+            .take()
+            .expect("a writer the caller hashes commits with commit_hashed");
+        let actual = sha256_digest(hasher.finalize());
+        self.commit_as(actual)
+    }
+
+    /// [`BlobWriter::commit`] of a writer from
+    /// [`ContentStore::writer_hashed_by_caller`]: `digest` is the sha256 of
+    /// exactly the bytes written, which the caller computed.
+    pub(crate) fn commit_hashed(self, digest: Digest) -> Result<(Digest, u64)> {
+        assert!(
+            self.hasher.is_none(),
+            "commit_hashed is for writers the caller hashes"
+        );
+        self.commit_as(digest)
+    }
+
+    fn commit_as(mut self, actual: Digest) -> Result<(Digest, u64)> {
         let file = self.file.take().expect("commit called once");
         let file = file.into_inner().map_err(|e| Error::Io {
             path: self.path.clone(),
             source: e.into_error(),
         })?;
-        let actual = sha256_digest(std::mem::take(&mut self.hasher).finalize());
         if let Some(expected) = &self.expected {
             if expected != &actual {
                 return Err(Error::DigestMismatch {

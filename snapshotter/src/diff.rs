@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
@@ -115,6 +115,19 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Write the layer for `dir` into `store`, compressed as asked.
 pub fn write_layer(dir: &Path, store: &ContentStore, opts: DiffOptions) -> Result<LayerBlob> {
+    if opts.compression == Compression::None {
+        // the blob is the tar: its digest is the diffID, hashed once
+        let blob = store.writer_hashed_by_caller()?;
+        let (diff_id, _, blob) =
+            write_tar(dir, HashingWriter::new(blob), opts.source_date_epoch)?.finish();
+        let (digest, size) = blob.commit_hashed(diff_id.clone())?;
+        return Ok(LayerBlob {
+            diff_id,
+            digest,
+            size,
+            media_type: opts.compression.media_type(),
+        });
+    }
     let blob = store.writer(None)?;
     let encoder = opts.compression.encoder(blob)?;
     let tar_out = HashingWriter::new(encoder);
@@ -140,6 +153,7 @@ pub fn write_tar<W: Write>(dir: &Path, out: W, source_date_epoch: Option<i64>) -
         root: dir.to_path_buf(),
         links: HashMap::new(),
         epoch: source_date_epoch,
+        buf: Vec::new(),
     };
     w.walk(dir, &PathBuf::new())?;
     let wr = |source| Error::Write {
@@ -156,6 +170,8 @@ struct TarWriter<W: Write> {
     /// (dev, ino) of hard-linked files already written -> their tar name
     links: HashMap<(u64, u64), Vec<u8>>,
     epoch: Option<i64>,
+    /// file data passes through here
+    buf: Vec<u8>,
 }
 
 /// A PAX extended header and its records.
@@ -338,8 +354,28 @@ impl<W: Write> TarWriter<W> {
         if let Some((ph, records)) = pax {
             self.builder.append(&ph, &records[..]).map_err(werr)?;
         }
+        // header, data and padding as tar::Builder::append writes them, but
+        // the data in large reads (its io::copy reads 8 KiB at a time)
         let mut data = data.take(e.size);
-        self.builder.append(&header, &mut data).map_err(werr)?;
+        let out = self.builder.get_mut();
+        out.write_all(header.as_bytes()).map_err(werr)?;
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; 1 << 20];
+        }
+        let mut copied = 0u64;
+        loop {
+            let n = match data.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(werr(e)),
+            };
+            out.write_all(&self.buf[..n]).map_err(werr)?;
+            copied += n as u64;
+        }
+        let pad = (512 - copied % 512) % 512;
+        out.write_all(&[0u8; 512][..usize::try_from(pad).unwrap_or(0)])
+            .map_err(werr)?;
         if data.limit() != 0 {
             // the file shrank while being read: the tar would be corrupt
             return Err(Error::Read {

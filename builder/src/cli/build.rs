@@ -262,7 +262,11 @@ pub fn run(
                 o.kind.as_str()
             )));
         }
-        let built = runtime.block_on(engine::build_platforms(opts, &platforms, progress))?;
+        let built = runtime.block_on(engine::build_platforms(
+            opts,
+            &platforms,
+            Arc::clone(&progress),
+        ))?;
         let store = crate::image::ImageStore::new(&built[0].1.snap);
         let mut images = Vec::new();
         for (p, b) in &built {
@@ -277,7 +281,9 @@ pub fn run(
         }
         let mut digest = None;
         for spec in &outputs {
+            let t = std::time::Instant::now();
             let e = export_platforms(&store, &images, spec, &export_opts)?;
+            exported_line(&progress, spec, t);
             if spec.push {
                 // the index and its manifests, under the names it was given
                 let source = e.manifest.digest().to_string();
@@ -303,16 +309,18 @@ pub fn run(
     let built = match platforms.pop() {
         Some(p) => {
             runtime
-                .block_on(engine::build_platforms(opts, &[p], progress))?
+                .block_on(engine::build_platforms(opts, &[p], Arc::clone(&progress)))?
                 .remove(0)
                 .1
         }
-        None => runtime.block_on(engine::build(opts, progress))?,
+        None => runtime.block_on(engine::build(opts, Arc::clone(&progress)))?,
     };
     let store = crate::image::ImageStore::new(&built.snap);
     let image = store.get(&built.manifest, None)?;
     for spec in &outputs {
+        let t = std::time::Instant::now();
         let exported = export(&store, &image, spec, &export_opts)?;
+        exported_line(&progress, spec, t);
         if spec.push {
             // the exporter named the image in the store; push those names
             let source = exported.manifest.digest().to_string();
@@ -321,6 +329,18 @@ pub fn run(
     }
     println!("{}", built.manifest.digest());
     Ok(0)
+}
+
+/// The line a finished output adds to the progress: what it wrote and how
+/// long that took (compressing the layers, for the image outputs).
+fn exported_line(
+    progress: &progress::Progress,
+    spec: &crate::image::output::OutputSpec,
+    since: std::time::Instant,
+) {
+    let secs = since.elapsed().as_secs_f64();
+    let kind = spec.kind.as_str();
+    progress.summary(&format!("exported type={kind} in {secs:.2}s"));
 }
 
 /// `--add-host NAME:IP` or `NAME=IP`, as buildx takes it (an IPv6 address
