@@ -124,6 +124,17 @@ struct Walk<'a> {
     depth: usize,
 }
 
+/// A directory a walk has yet to enter: its name in its parent, the
+/// patterns that match it, and its paths (as in [`Walk`]).
+struct Subtree {
+    name: Vec<u8>,
+    ignored: DirHits,
+    excluded: DirHits,
+    src: PathBuf,
+    rel: PathBuf,
+    dest: PathBuf,
+}
+
 /// How many directory levels a walk keeps open at once.
 const WALK_FD_DEPTH: usize = 64;
 
@@ -445,6 +456,8 @@ impl Source<'_> {
     /// instead, so a deep tree cannot use up the descriptors.
     fn walk(&self, at: &Walk<'_>, excludes: &Matcher, out: &mut Vec<Entry>) -> Result<()> {
         let names = at.dir.list().map_err(|e| self.read_err(at.path, e))?;
+        // this directory's entries, each with its subtree when it has one
+        let mut pending = Vec::with_capacity(names.len());
         for name in names {
             let os_name = OsString::from_vec(name);
             let src = at.path.join(&os_name);
@@ -465,38 +478,78 @@ impl Source<'_> {
             } else {
                 None
             };
-            out.push(Entry {
+            let subtree = meta.is_dir().then(|| Subtree {
+                name: name.to_vec(),
+                ignored: self
+                    .ignore
+                    .map(|m| m.child_hits(&at.ignored, &src_str))
+                    .unwrap_or_default(),
+                excluded: excludes.child_hits(&at.excluded, &rel_str),
                 src: src.clone(),
+                rel,
                 dest: rel_under.clone(),
+            });
+            let entry = Entry {
+                src,
+                dest: rel_under,
                 meta,
                 link,
                 inline: None,
                 downloaded: None,
                 archive: false,
+            };
+            pending.push((entry, subtree));
+        }
+        // The top level's subtrees are walked on every core, then put in
+        // their places: the entries come out in the same order either way.
+        let subtrees: Vec<&Subtree> = pending.iter().filter_map(|(_, s)| s.as_ref()).collect();
+        if at.depth == 0 && subtrees.len() > 1 {
+            let walked = parallel_map(&subtrees, 1, |s| {
+                let mut v = Vec::new();
+                self.descend(at, s, excludes, &mut v).map(|()| v)
             });
-            if meta.is_dir() {
-                let sub = if at.depth < WALK_FD_DEPTH {
-                    at.dir.subdir(name)
-                } else {
-                    self.root.dir(&src)
+            let mut walked = walked.into_iter();
+            for (entry, subtree) in pending {
+                out.push(entry);
+                if subtree.is_some() {
+                    out.extend(walked.next().expect("a walk per subtree")?);
                 }
-                .map_err(|e| self.read_err(&src, e))?;
-                let next = Walk {
-                    dir: &sub,
-                    ignored: self
-                        .ignore
-                        .map(|m| m.child_hits(&at.ignored, &src_str))
-                        .unwrap_or_default(),
-                    excluded: excludes.child_hits(&at.excluded, &rel_str),
-                    path: &src,
-                    under: &rel,
-                    dest: &rel_under,
-                    depth: at.depth + 1,
-                };
-                self.walk(&next, excludes, out)?;
+            }
+            return Ok(());
+        }
+        for (entry, subtree) in pending {
+            out.push(entry);
+            if let Some(s) = subtree {
+                self.descend(at, &s, excludes, out)?;
             }
         }
         Ok(())
+    }
+
+    /// Walk the subdirectory `s` of the directory `at` is in.
+    fn descend(
+        &self,
+        at: &Walk<'_>,
+        s: &Subtree,
+        excludes: &Matcher,
+        out: &mut Vec<Entry>,
+    ) -> Result<()> {
+        let sub = if at.depth < WALK_FD_DEPTH {
+            at.dir.subdir(&s.name)
+        } else {
+            self.root.dir(&s.src)
+        }
+        .map_err(|e| self.read_err(&s.src, e))?;
+        let next = Walk {
+            dir: &sub,
+            ignored: s.ignored.clone(),
+            excluded: s.excluded.clone(),
+            path: &s.src,
+            under: &s.rel,
+            dest: &s.dest,
+            depth: at.depth + 1,
+        };
+        self.walk(&next, excludes, out)
     }
 
     /// Whether the file `rel` is a tar archive, plain or compressed: the
@@ -538,7 +591,7 @@ impl Source<'_> {
                 None => todo.push(i),
             }
         }
-        let hashed = parallel_map(&todo, |&i| self.hash_file(&entries[i]));
+        let hashed = parallel_map(&todo, 16, |&i| self.hash_file(&entries[i]));
         let mut read = 0u64;
         for (i, r) in todo.iter().zip(hashed) {
             let (digest, n) = r?;
@@ -588,13 +641,17 @@ impl Source<'_> {
     }
 }
 
-/// `f` of every item, in order, on up to one thread a core (no thread for
-/// a handful of items).
-pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// `f` of every item, in order, on up to one thread a core, each thread
+/// given at least `per_thread` items (no thread for a handful).
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    per_thread: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map(std::num::NonZeroUsize::get)
         .unwrap_or(1)
-        .min(items.len() / 16)
+        .min(items.len() / per_thread.max(1))
         .min(8);
     if threads <= 1 {
         return items.iter().map(f).collect();
@@ -889,7 +946,7 @@ fn copy_entries(
         // Devices, fifos and sockets in a context are skipped, as BuildKit
         // does for special files it cannot recreate.
     }
-    let written = parallel_map(&files, |&(e, mode, uid, gid)| {
+    let written = parallel_map(&files, 16, |&(e, mode, uid, gid)| {
         let (parent, name) = fsutil::split(&e.dest);
         let dir = target
             .open_at(parent, libc::O_PATH | libc::O_DIRECTORY)
@@ -1052,6 +1109,64 @@ mod tests {
 
     fn dests(entries: &[Entry]) -> Vec<String> {
         entries.iter().map(|e| rel_str(&e.dest)).collect()
+    }
+
+    /// Pre-order, names sorted: the order a walk must give.
+    fn sorted_tree(dir: &Path, rel: &Path, out: &mut Vec<String>) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let r = rel.join(&n);
+            out.push(rel_str(&Path::new("c").join(&r)));
+            if dir.join(&n).is_dir() {
+                sorted_tree(&dir.join(&n), &r, out);
+            }
+        }
+    }
+
+    #[test]
+    fn a_walk_on_every_core_gives_the_entries_in_tree_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path();
+        for i in 0..40 {
+            for j in 0..3 {
+                let d = ctx.join(format!("top{i:02}/mid{j}/deep"));
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("f"), "x").unwrap();
+                std::fs::write(ctx.join(format!("top{i:02}/mid{j}/g")), "y").unwrap();
+            }
+            std::fs::write(ctx.join(format!("file{i:02}")), "z").unwrap();
+        }
+        std::fs::write(ctx.join(".dockerignore"), "top03/mid1\n*/mid2/deep/f\n").unwrap();
+        let root = Root::open(ctx).unwrap();
+        let ignore = Matcher::new(["top03/mid1", "*/mid2/deep/f"]).unwrap();
+        let source = Source {
+            root: &root,
+            what: "build context",
+            ignore: Some(&ignore),
+            stat_cache: None,
+        };
+        let none = Matcher::default();
+        let rules = Rules {
+            excludes: &none,
+            parents: false,
+            unpack: false,
+        };
+        let got = source
+            .collect(
+                &[instructions::Source::Path(".".into())],
+                "/c",
+                true,
+                &rules,
+            )
+            .unwrap();
+        let mut want = Vec::new();
+        sorted_tree(ctx, Path::new(""), &mut want);
+        want.retain(|p| !p.starts_with("c/top03/mid1") && !(p.contains("/mid2/deep/f")));
+        assert_eq!(dests(&got), want);
     }
 
     #[test]

@@ -322,7 +322,7 @@ impl Matcher {
 
 /// Which patterns of a [`Matcher`] match a directory or one of its
 /// parents, for [`Matcher::matches_in`].
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct DirHits(Vec<bool>);
 
 /// Where the ignore file for `dockerfile` in `context` is: `NAME.dockerignore`
