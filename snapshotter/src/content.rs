@@ -39,6 +39,12 @@ pub enum Error {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("blob {digest} is corrupt: its bytes hash to {actual}; remove it and pull or build it again")]
     Corrupt { digest: Digest, actual: Digest },
+    #[error("cannot read the layer {chain} to make its blob {digest}: {source}")]
+    Layer {
+        digest: Digest,
+        chain: String,
+        source: io::Error,
+    },
     #[error("blob {0} is not in the content store")]
     NotFound(Digest),
     #[error("digest {0} is not sha256: kiln's content store only holds sha256 blobs")]
@@ -170,14 +176,151 @@ impl ContentStore {
         let path = self.blob_path(digest)?;
         match fs::metadata(&path) {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound(digest.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.lazy(digest) {
+                Some(l) => Ok(l.size),
+                None => Err(Error::NotFound(digest.clone())),
+            },
             Err(source) => Err(Error::Io { path, source }),
         }
     }
 
-    /// Whether the store holds `digest`.
+    /// Whether the store holds `digest` (as a file, or as a layer it makes
+    /// the blob from: see [`ContentStore::put_lazy`]).
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).map(|p| p.exists()).unwrap_or(false)
+        self.blob_path(digest).map(|p| p.exists()).unwrap_or(false) || self.lazy(digest).is_some()
+    }
+
+    fn lazy_dir(&self) -> PathBuf {
+        self.root.join(".kiln").join("lazy")
+    }
+
+    /// The unpacked layer `chain_hex` of the snapshotter this store is the
+    /// content of (`<snapshotter root>/content` beside `layers/`).
+    fn layer_root(&self, chain_hex: &str) -> Option<PathBuf> {
+        let valid = chain_hex.len() == 64 && chain_hex.bytes().all(|b| b.is_ascii_hexdigit());
+        valid.then(|| self.root.parent().map(|p| p.join("layers").join(chain_hex)))?
+    }
+
+    /// The record of a blob kept as a layer, while that layer exists.
+    fn lazy(&self, digest: &Digest) -> Option<Lazy> {
+        if digest.algorithm().as_ref() != "sha256" {
+            return None;
+        }
+        let bytes = fs::read(self.lazy_dir().join(digest.digest())).ok()?;
+        let lazy: Lazy = serde_json::from_slice(&bytes).ok()?;
+        let root = self.layer_root(&lazy.chain)?;
+        root.join("layer.json").exists().then_some(lazy)
+    }
+
+    /// Record that the blob `digest` (`size` bytes) is the plain tar that
+    /// [`crate::diff::write_tar`] makes of the unpacked layer `chain` (with
+    /// `epoch`): a commit keeps a step's layer unpacked only, and the blob
+    /// is made the same way, and verified against `digest`, each time it is
+    /// read (BuildKit keeps snapshots and makes blobs when an export needs
+    /// them). The record is durable before this returns.
+    pub fn put_lazy(
+        &self,
+        digest: &Digest,
+        chain: &Digest,
+        size: u64,
+        epoch: Option<i64>,
+    ) -> Result<()> {
+        let dir = self.lazy_dir();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let record = Lazy {
+            chain: chain.digest().to_string(),
+            size,
+            epoch,
+        };
+        let dest = match self.blob_path(digest)?.file_name() {
+            Some(name) => dir.join(name),
+            None => return Err(Error::UnsupportedDigest(digest.clone())),
+        };
+        let tmp = self.temp_name("lazy");
+        let written = File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&serde_json::to_vec(&record).expect("a lazy record serialises"))?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, &dest));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map_err(io_err(&dir))?;
+        sys::fsync_dir(&dir).map_err(io_err(&dir))
+    }
+
+    /// The chain ID of the layer a blob is kept as, if it is one.
+    pub fn lazy_layer(&self, digest: &Digest) -> Option<Digest> {
+        let lazy = self.lazy(digest)?;
+        Sha256Digest::from_str(&lazy.chain).ok().map(Into::into)
+    }
+
+    /// Remove the records of blobs whose layer is gone (after a GC).
+    pub fn prune_lazy(&self) -> Result<()> {
+        let dir = self.lazy_dir();
+        let Ok(list) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in list.flatten() {
+            let keep = fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Lazy>(&b).ok())
+                .and_then(|l| self.layer_root(&l.chain))
+                .is_some_and(|r| r.join("layer.json").exists());
+            if !keep {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// The plain tar of a lazy blob's layer, made on a thread confined to
+    /// that layer as it is read (a bounded queue of 1 MiB chunks between).
+    fn stream_lazy(&self, digest: &Digest, lazy: &Lazy) -> Result<Box<dyn Read + Send>> {
+        let root = self
+            .layer_root(&lazy.chain)
+            .ok_or_else(|| Error::NotFound(digest.clone()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let errors = tx.clone();
+        let epoch = lazy.epoch;
+        let layer = lazy.chain.clone();
+        std::thread::Builder::new()
+            .name("kiln-layer-tar".into())
+            .spawn(move || {
+                let dir = root.join("fs");
+                let rules = crate::confine::Rules::new().read(&root);
+                let out = ChunkWriter {
+                    tx,
+                    buf: Vec::with_capacity(CHUNK),
+                };
+                let made = crate::confine::run_confined(
+                    crate::confine::Component::LayerDiff,
+                    &rules,
+                    || crate::diff::write_tar(&dir, out, epoch),
+                );
+                let failed = match made {
+                    Ok(Ok(mut out)) => out.send().err(),
+                    Ok(Err(e)) => Some(io::Error::other(e)),
+                    Err(e) => Some(io::Error::other(e)),
+                };
+                if let Some(e) = failed {
+                    let _ = errors.send(Err(io::Error::new(
+                        e.kind(),
+                        format!("the tar of layer {layer}: {e}"),
+                    )));
+                }
+            })
+            .map_err(|source| Error::Layer {
+                digest: digest.clone(),
+                chain: lazy.chain.clone(),
+                source,
+            })?;
+        Ok(Box::new(ChunkReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }))
     }
 
     fn owners_dir(&self) -> PathBuf {
@@ -248,15 +391,21 @@ impl ContentStore {
     /// do not hash to `digest`.
     pub fn open_blob(&self, digest: &Digest) -> Result<VerifyingReader> {
         let path = self.blob_path(digest)?;
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::NotFound(digest.clone()),
-            _ => Error::Io {
-                path: path.clone(),
-                source: e,
+        let inner: Box<dyn Read + Send> = match File::open(&path) {
+            Ok(file) => Box::new(io::BufReader::with_capacity(1 << 20, file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.lazy(digest) {
+                Some(lazy) => self.stream_lazy(digest, &lazy)?,
+                None => return Err(Error::NotFound(digest.clone())),
             },
-        })?;
+            Err(e) => {
+                return Err(Error::Io {
+                    path: path.clone(),
+                    source: e,
+                })
+            }
+        };
         Ok(VerifyingReader {
-            inner: io::BufReader::with_capacity(1 << 20, file),
+            inner,
             hasher: Sha256::new(),
             digest: digest.clone(),
             done: false,
@@ -400,6 +549,78 @@ fn empty_index() -> ImageIndex {
         .expect("empty index has all required fields")
 }
 
+/// A blob kept as an unpacked layer (see [`ContentStore::put_lazy`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Lazy {
+    /// the layer's chain ID, hex
+    chain: String,
+    size: u64,
+    /// the SOURCE_DATE_EPOCH the layer's tar clamps its times to
+    epoch: Option<i64>,
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// The writing end of a lazy blob's stream.
+struct ChunkWriter {
+    tx: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .send(Ok(chunk))
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The reading end: the bytes in order, an error the writer sent, or the
+/// end once the writer is gone (a writer that stopped early leaves a
+/// short stream, which the digest check refuses).
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// A blob being written. Dropping it without [`BlobWriter::commit`] removes
 /// the temp file.
 pub struct BlobWriter {
@@ -495,7 +716,7 @@ impl Drop for BlobWriter {
 /// Reads a blob and fails with `InvalidData` at end of file if its bytes do
 /// not hash to the expected digest.
 pub struct VerifyingReader {
-    inner: io::BufReader<File>,
+    inner: Box<dyn Read + Send>,
     hasher: Sha256,
     digest: Digest,
     done: bool,

@@ -146,6 +146,13 @@ pub fn write_layer(dir: &Path, store: &ContentStore, opts: DiffOptions) -> Resul
     })
 }
 
+/// The diffID and size of the plain layer tar of `dir`, written nowhere.
+pub fn hash_layer(dir: &Path, source_date_epoch: Option<i64>) -> Result<(Digest, u64)> {
+    let (diff_id, size, _) =
+        write_tar(dir, HashingWriter::new(io::sink()), source_date_epoch)?.finish();
+    Ok((diff_id, size))
+}
+
 /// Write the uncompressed layer tar for `dir` to `out` and return `out`.
 pub fn write_tar<W: Write>(dir: &Path, out: W, source_date_epoch: Option<i64>) -> Result<W> {
     let mut w = TarWriter {

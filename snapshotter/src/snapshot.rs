@@ -352,16 +352,45 @@ impl Snapshotter {
         let _no_gc = self.layers.gc_guard(false)?;
         // The upper directory is what a step wrote: read on a thread that
         // can only touch the state directory.
-        let blob = crate::confine::run_confined(
+        let upper_dir = &view.spec.upper;
+        let hashed = crate::confine::run_confined(
             Component::LayerDiff,
             &self.confinement(),
             || -> Result<_> {
                 // the same tree gives the same layer whichever backend made it
-                crate::markers::drop_needless(&view.spec.upper, &view.spec.lowers)
-                    .map_err(io_err(&view.spec.upper))?;
-                Ok(diff::write_layer(&view.spec.upper, &self.content, opts)?)
+                crate::markers::drop_needless(upper_dir, &view.spec.lowers)
+                    .map_err(io_err(upper_dir))?;
+                if opts.compression != crate::Compression::None {
+                    return Ok(Err(diff::write_layer(upper_dir, &self.content, opts)?));
+                }
+                Ok(Ok(diff::hash_layer(upper_dir, opts.source_date_epoch)?))
             },
         )??;
+        // A plain layer stays unpacked only, its blob made when something
+        // reads it (ContentStore::put_lazy), unless the chain exists
+        // already: then this upper is dropped, and the blob is written now
+        // from it rather than made later from a tree another commit (or an
+        // import) left.
+        let blob = match hashed {
+            Err(blob) => blob,
+            Ok((diff_id, size)) => {
+                let chain = crate::layers::chain_id(view.parent.as_ref(), &diff_id);
+                if self.layers.contains(&chain) {
+                    crate::confine::run_confined(
+                        Component::LayerDiff,
+                        &self.confinement(),
+                        || diff::write_layer(upper_dir, &self.content, opts),
+                    )??
+                } else {
+                    diff::LayerBlob {
+                        digest: diff_id.clone(),
+                        diff_id,
+                        size,
+                        media_type: crate::Compression::None.media_type(),
+                    }
+                }
+            }
+        };
         self.lease.add_blob(&blob.digest)?;
         let upper = view
             .upper
@@ -370,6 +399,14 @@ impl Snapshotter {
         let info = self
             .layers
             .commit(upper, &blob.diff_id, view.parent.as_ref())?;
+        if !self.content.contains(&blob.digest) {
+            self.content.put_lazy(
+                &blob.digest,
+                &info.chain_id,
+                blob.size,
+                opts.source_date_epoch,
+            )?;
+        }
         self.lease.add_layer(&info.chain_id)?;
         Ok(Committed {
             chain_id: info.chain_id,
@@ -606,6 +643,7 @@ impl Snapshotter {
                 removed.push(d);
             }
         }
+        self.content.prune_lazy()?;
         Ok((report, removed))
     }
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -96,6 +97,14 @@ fn kiln_image_unpacks_with_umoci() {
             },
         )
         .unwrap();
+    // a plain layer a commit made stays unpacked (ContentStore::put_lazy):
+    // written out as a file here, so that umoci finds a whole OCI layout
+    let plain = step.blob.digest();
+    assert!(!snap.content().blob_path(plain).unwrap().exists());
+    let bytes = snap.content().read_blob(plain).unwrap();
+    let mut w = snap.content().writer(Some(plain.clone())).unwrap();
+    w.write_all(&bytes).unwrap();
+    w.commit().unwrap();
     write_image(&snap, &[base, step.clone()], "latest");
 
     let v = snap.view("check", Some(&step.chain_id)).unwrap();

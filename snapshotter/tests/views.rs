@@ -355,6 +355,71 @@ fn gc_keeps_what_images_and_leases_use() {
 }
 
 #[test]
+fn a_plain_layer_stays_unpacked_and_its_blob_is_made_when_read() {
+    if !in_userns("a_plain_layer_stays_unpacked_and_its_blob_is_made_when_read") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshotter::open(dir.path(), BackendKind::Copy).unwrap();
+    let plain = DiffOptions {
+        compression: Compression::None,
+        source_date_epoch: Some(EPOCH),
+    };
+    let tree = |root: &Path| {
+        write(&root.join("d/f"), b"content of f");
+        write(&root.join("d/big"), &vec![7u8; 3 << 20]);
+        std::os::unix::fs::symlink("f", root.join("d/l")).unwrap();
+        fs::hard_link(root.join("d/f"), root.join("hard")).unwrap();
+    };
+    let v = snap.prepare("lazy", None).unwrap();
+    tree(v.path());
+    let c = snap.commit(v, plain).unwrap();
+    let digest = c.blob.digest();
+    assert_eq!(digest, &c.diff_id, "a plain blob's digest is its diffID");
+    // nothing written to the content store, yet it has the blob
+    assert!(snap.content().list().unwrap().is_empty());
+    assert!(snap.content().contains(digest));
+    assert_eq!(snap.content().size(digest).unwrap(), c.blob.size());
+    let bytes = snap.content().read_blob(digest).unwrap();
+    assert_eq!(bytes.len() as u64, c.blob.size());
+    assert!(tar_listing(&bytes).iter().any(|e| e.contains("d/big")));
+
+    // the same tree committed again on the same parent: that chain exists,
+    // so this commit writes its blob from its own upper
+    let v = snap.prepare("again", None).unwrap();
+    tree(v.path());
+    let again = snap.commit(v, plain).unwrap();
+    assert_eq!(again, c);
+    assert_eq!(snap.content().list().unwrap(), vec![digest.clone()]);
+    assert_eq!(snap.content().read_blob(digest).unwrap(), bytes);
+    snap.content().delete(digest).unwrap();
+
+    // an unpacked layer changed behind kiln's back no longer makes the
+    // blob: reading it fails on the digest, never gives other bytes
+    fs::write(
+        snap.layers().layer_dir(&c.chain_id).join("d/f"),
+        b"CONTENT OF F",
+    )
+    .unwrap();
+    let err = snap.content().read_blob(digest).unwrap_err();
+    assert!(
+        matches!(err, kiln_snapshotter::content::Error::Corrupt { .. }),
+        "{err}"
+    );
+
+    // once the layer is collected the store no longer has the blob
+    drop(snap);
+    let snap = Snapshotter::open(dir.path(), BackendKind::Copy).unwrap();
+    let (report, _) = snap.gc().unwrap();
+    assert_eq!(report.removed, vec![c.chain_id.clone()]);
+    assert!(!snap.content().contains(digest));
+    assert!(matches!(
+        snap.content().read_blob(digest).unwrap_err(),
+        kiln_snapshotter::content::Error::NotFound(_)
+    ));
+}
+
+#[test]
 fn concurrent_commits_of_the_same_layer_share_it() {
     if !in_userns("concurrent_commits_of_the_same_layer_share_it") {
         return;

@@ -510,7 +510,8 @@ fn keep_storage_and_keep_duration_free_the_least_recently_used() {
     assert!(steps_run("Dockerfile.y").contains("0 steps run"));
 
     // keep-storage just under the cache size: only the least recently used
-    // record (x's RUN, ~4 MB with its blob) goes
+    // record (x's RUN: a 2 MB unpacked layer; its plain blob is made only
+    // when something reads it) goes
     let size = pr.du()["build_cache"]["size"].as_u64().unwrap();
     let keep = (size - 1_000_000).to_string();
     ok(pr
@@ -518,7 +519,7 @@ fn keep_storage_and_keep_duration_free_the_least_recently_used() {
         .output()
         .unwrap());
     let after = pr.du()["build_cache"]["size"].as_u64().unwrap();
-    assert!(after <= size - 3_000_000, "{size} -> {after}");
+    assert!(after <= size - 1_900_000, "{size} -> {after}");
     assert!(steps_run("Dockerfile.y").contains("0 steps run"));
     assert!(steps_run("Dockerfile.x").contains("1 steps run"));
 

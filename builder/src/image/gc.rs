@@ -159,7 +159,15 @@ pub fn collect(snap: &Snapshotter, keep: &Roots) -> Result<Collected> {
             roots.blobs.insert(v.to_string());
         }
     }
-    let chains: Vec<Digest> = roots.chains.iter().filter_map(|c| c.parse().ok()).collect();
+    let mut chains: Vec<Digest> = roots.chains.iter().filter_map(|c| c.parse().ok()).collect();
+    // a blob kept as an unpacked layer keeps that layer
+    chains.extend(
+        roots
+            .blobs
+            .iter()
+            .filter_map(|b| b.parse().ok())
+            .filter_map(|b| snap.content().lazy_layer(&b)),
+    );
     let (report, lease_blobs) = snap.layers().gc_with(&guard, &chains)?;
     let mut blobs = 0;
     for d in snap.content().list()? {
@@ -170,6 +178,7 @@ pub fn collect(snap: &Snapshotter, keep: &Roots) -> Result<Collected> {
         }
     }
     kiln_snapshotter::variants::prune(snap.content())?;
+    snap.content().prune_lazy()?;
     Ok(Collected {
         layers: report.removed.len(),
         blobs,
