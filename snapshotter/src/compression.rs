@@ -242,6 +242,18 @@ pub fn detect<R: BufRead>(r: &mut R) -> Result<Detected> {
 pub fn decoder<'a, R: BufRead + 'a>(r: R, kind: Detected) -> io::Result<Box<dyn Read + 'a>> {
     Ok(match kind {
         Detected::Plain => Box::new(r),
+        Detected::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+        Detected::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+    })
+}
+
+/// [`decoder`] of a stream another thread may read.
+pub fn decoder_send<'a, R: BufRead + Send + 'a>(
+    r: R,
+    kind: Detected,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
+    Ok(match kind {
+        Detected::Plain => Box::new(r),
         // MultiGzDecoder: a gzip layer may be several concatenated members
         Detected::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
         Detected::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),

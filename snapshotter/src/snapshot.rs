@@ -482,6 +482,26 @@ impl Snapshotter {
         Ok((info, report))
     }
 
+    /// Keep the plain blob `diff_id` as the unpacked layer `chain` (see
+    /// [`ContentStore::put_lazy`]) when kiln's tar of that layer is those
+    /// very bytes, as it is for a layer kiln committed and exported; an
+    /// imported layer often is not (another tar writer's order or headers).
+    /// Returns whether it did; if not, the caller stores the blob.
+    pub fn keep_unpacked(&self, diff_id: &Digest, chain: &Digest) -> Result<bool> {
+        let _no_gc = self.layers.gc_guard(false)?;
+        let dir = self.layers.layer_dir(chain);
+        let rules = crate::confine::Rules::new().read(&dir);
+        let (hashed, size) = crate::confine::run_confined(Component::LayerDiff, &rules, || {
+            diff::hash_layer(&dir, None)
+        })??;
+        if hashed != *diff_id {
+            return Ok(false);
+        }
+        self.lease.add_blob(diff_id)?;
+        self.content.put_lazy(diff_id, chain, size, None)?;
+        Ok(true)
+    }
+
     /// Unpack every layer of the image `manifest` (in the content store),
     /// verifying blob digests and diffIDs; returns the top chain ID and the
     /// apply reports. Layers already unpacked are reused.

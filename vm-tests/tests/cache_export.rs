@@ -70,6 +70,32 @@ fn an_exported_cache_warms_an_empty_state_directory() {
     assert!(err.contains("0 steps run"), "{err}");
     assert!(!err.contains("final-step-42"), "{err}");
     assert_eq!(digest, digest2);
+    // the imported layers stay unpacked only: kiln's tar of each gives
+    // back its plain digest, so no plain blob is written ...
+    let content = std::path::Path::new(&p.state("state-2")).join("snapshots/content/blobs/sha256");
+    let manifest2 = read(content.join(digest2.trim().trim_start_matches("sha256:")));
+    let plain: Vec<String> = manifest2["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.oci.image.layer.v1.tar")
+        .map(|l| l["digest"].as_str().unwrap()[7..].to_string())
+        .collect();
+    assert!(!plain.is_empty(), "{manifest2}");
+    for d in &plain {
+        assert!(!content.join(d).exists(), "plain blob {d} was written");
+    }
+    // ... and they leave the store as they would have from the cold one
+    let oci = |state: &str| {
+        let dest = p.state(&format!("{state}.oci"));
+        build(
+            &p,
+            state,
+            &["-o", &format!("type=oci,dest={dest},tar=false")],
+        );
+        read(std::path::Path::new(&dest).join("index.json"))["manifests"][0]["digest"].clone()
+    };
+    assert_eq!(oci("state-1"), oci("state-2"));
 
     // mode=min holds only the final image's steps: the builder stage's
     // RUN runs again, the final stage's is a hit.

@@ -798,6 +798,60 @@ fn store_plain(
             why: format!("layer {compressed} unpacks to {plain}, its record says {diff_id}"),
         });
     }
+    record_variant(content, place, compressed, diff_id)
+}
+
+/// Unpack the compressed layer blob `compressed` on `parent`; its tar must
+/// hash to `diff_id`.
+fn unpack_compressed(
+    snap: &Snapshotter,
+    place: &str,
+    compressed: &Digest,
+    parent: Option<&Digest>,
+    diff_id: &Digest,
+) -> Result<()> {
+    use kiln_snapshotter::compression;
+    let blob_err = |source| Error::Blob {
+        place: place.to_string(),
+        digest: compressed.to_string(),
+        source: Box::new(source),
+    };
+    let mut reader = std::io::BufReader::with_capacity(
+        1 << 20,
+        snap.content().open_blob(compressed).map_err(blob_err)?,
+    );
+    let io_err = |source| Error::Io {
+        place: place.to_string(),
+        source,
+    };
+    let kind = compression::detect(&mut reader).map_err(|e| Error::Format {
+        place: place.to_string(),
+        why: format!("layer {compressed}: {e}"),
+    })?;
+    let tar = compression::decoder_send(reader, kind).map_err(io_err)?;
+    snap.import(tar, parent, Some(diff_id))
+        .map_err(|source| Error::Layer {
+            place: place.to_string(),
+            digest: compressed.to_string(),
+            source: Box::new(source),
+        })?;
+    Ok(())
+}
+
+/// Record the compressed blob `compressed` as the gzip variant of the
+/// plain blob `diff_id`.
+fn record_variant(
+    content: &ContentStore,
+    place: &str,
+    compressed: &Digest,
+    diff_id: &Digest,
+) -> Result<()> {
+    use kiln_snapshotter::{variants, Compression};
+    let err = |source| Error::Variant {
+        place: place.to_string(),
+        digest: compressed.to_string(),
+        source: Box::new(source),
+    };
     let size = content.size(compressed).map_err(|source| Error::Blob {
         place: place.to_string(),
         digest: compressed.to_string(),
@@ -853,7 +907,24 @@ impl Imported {
                         if !snap.content().contains(&digest) {
                             blobs.fetch_into(snap.content(), &desc)?;
                         }
-                        store_plain(snap.content(), &place, &digest, &diff_id)?;
+                        if !snap.layers().contains(&chain) {
+                            // unpacked straight from the compressed blob;
+                            // the plain one is then the layer itself when
+                            // kiln's tar of it gives back those bytes
+                            unpack_compressed(snap, &place, &digest, parent.as_ref(), &diff_id)?;
+                        }
+                        let kept = snap.keep_unpacked(&diff_id, &chain).map_err(|source| {
+                            Error::Layer {
+                                place: place.clone(),
+                                digest: digest.to_string(),
+                                source: Box::new(source),
+                            }
+                        })?;
+                        if kept {
+                            record_variant(snap.content(), &place, &digest, &diff_id)?;
+                        } else {
+                            store_plain(snap.content(), &place, &digest, &diff_id)?;
+                        }
                     }
                     let size = snap
                         .content()
