@@ -784,14 +784,9 @@ fn store_plain(
     diff_id: &Digest,
 ) -> Result<()> {
     use kiln_snapshotter::{variants, Compression};
-    let err = |source| Error::Variant {
-        place: place.to_string(),
-        digest: compressed.to_string(),
-        source: Box::new(source),
-    };
     // decoded and stored like any blob (verified, renamed into place)
-    let (plain, _) =
-        variants::get_or_make(content, compressed, Compression::None, false).map_err(err)?;
+    let (plain, _) = variants::get_or_make(content, compressed, Compression::None, false)
+        .map_err(|e| variant_err(place, compressed, e))?;
     if plain != *diff_id {
         return Err(Error::Format {
             place: place.to_string(),
@@ -847,17 +842,25 @@ fn record_variant(
     diff_id: &Digest,
 ) -> Result<()> {
     use kiln_snapshotter::{variants, Compression};
-    let err = |source| Error::Variant {
-        place: place.to_string(),
-        digest: compressed.to_string(),
-        source: Box::new(source),
-    };
     let size = content.size(compressed).map_err(|source| Error::Blob {
         place: place.to_string(),
         digest: compressed.to_string(),
         source: Box::new(source),
     })?;
-    variants::record(content, diff_id, Compression::default(), compressed, size).map_err(err)
+    variants::record(content, diff_id, Compression::default(), compressed, size)
+        .map_err(|e| variant_err(place, compressed, e))
+}
+
+fn variant_err(
+    place: &str,
+    compressed: &Digest,
+    source: kiln_snapshotter::variants::Error,
+) -> Error {
+    Error::Variant {
+        place: place.to_string(),
+        digest: compressed.to_string(),
+        source: Box::new(source),
+    }
 }
 
 /// Imported caches, consulted when a key misses locally.
