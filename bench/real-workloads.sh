@@ -162,7 +162,10 @@ timed() {
 }
 fresh_state() {   # a new kiln state directory holding only the base
     local st=$1 n=$2
-    "${AS_USER[@]}" "$W/kiln-$n" --root "$st" import --tag debian-local:bookworm "$W/debian.tar" >/dev/null
+    # the same image in every state directory (its config's time fixed), so
+    # a cache made in one applies in another
+    "${AS_USER[@]}" SOURCE_DATE_EPOCH=1700000000 "$W/kiln-$n" --root "$st" import \
+        --tag debian-local:bookworm "$W/debian.tar" >/dev/null
     sync
 }
 bk_cold() {   # BuildKit without its build cache (the deletes left to age)
