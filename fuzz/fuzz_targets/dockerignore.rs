@@ -1,5 +1,7 @@
 //! `.dockerignore` matcher: the pattern text comes from the build context
-//! (untrusted), the paths from walking it. Neither may make kiln panic.
+//! (untrusted), the paths from walking it. Neither may make kiln panic,
+//! and a walk's answer (each directory's hits passed down, as
+//! `engine::copy` walks) is the whole path's.
 //!
 //! Input: the ignore file's bytes, a NUL byte, then paths one per line.
 
@@ -25,5 +27,24 @@ fuzz_target!(|data: &[u8]| {
             again.matches(path),
             "cleaned patterns match {path:?} differently"
         );
+        // down the path one directory at a time, by names as a directory
+        // listing gives them (never empty, `.` or `..`)
+        let parts: Vec<&str> = path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
+        if parts.contains(&"..") {
+            continue;
+        }
+        let mut hits = m.no_hits();
+        for i in 1..=parts.len() {
+            let prefix = parts[..i].join("/");
+            assert_eq!(
+                m.matches_in(&hits, &prefix),
+                m.matches(&prefix),
+                "a walk decides {prefix:?} differently"
+            );
+            hits = m.child_hits(&hits, &prefix);
+        }
     }
 });
