@@ -37,6 +37,8 @@ use super::fsutil::Meta;
 pub const RACY_SECS: i64 = 2;
 /// A context's cache file is removed after this many days unused.
 pub const KEEP_DAYS: u64 = 7;
+/// At most this many contexts' cache files are kept.
+pub const KEEP_FILES: usize = 32;
 /// Larger cache files are ignored (about 3 million entries).
 const MAX_FILE: u64 = 256 << 20;
 const MAGIC: &[u8] = b"kiln-statcache-1\n";
@@ -206,22 +208,31 @@ impl StatCache {
     }
 }
 
-/// Remove cache files other than `keep` unused for [`KEEP_DAYS`] days.
+/// Remove cache files other than `keep` unused for [`KEEP_DAYS`] days,
+/// and all but the [`KEEP_FILES`] most recently used: a runner that builds
+/// a fresh checkout every time makes a new one each build.
 fn sweep(dir: &Path, keep: &Path) {
     let Ok(list) = std::fs::read_dir(dir) else {
         return;
     };
     let limit = Duration::from_secs(KEEP_DAYS * 86_400);
-    for e in list.flatten() {
-        let path = e.path();
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > limit);
-        if path != keep && old {
-            let _ = std::fs::remove_file(&path);
+    let mut others: Vec<(SystemTime, PathBuf)> = list
+        .flatten()
+        .map(|e| {
+            let used = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            (used, e.path())
+        })
+        .filter(|(_, p)| p != keep)
+        .collect();
+    // newest first: the oldest beyond the limit go
+    others.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+    for (i, (used, path)) in others.iter().enumerate() {
+        let old = used.elapsed().is_ok_and(|age| age > limit);
+        if old || i + 1 >= KEEP_FILES {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -342,6 +353,50 @@ mod tests {
         cache.racy_from = i64::MAX;
         cache.put(Path::new("a"), &walked, &now, [3; 32]);
         assert_eq!(cache.get(Path::new("a"), &walked), None);
+    }
+
+    #[test]
+    fn only_the_most_recently_used_cache_files_are_kept() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("statcache");
+        std::fs::create_dir_all(&dir).unwrap();
+        // 40 other contexts' files, used one second apart, and a stale one
+        for i in 0..40u64 {
+            let f = dir.join(format!("ctx{i:02}"));
+            std::fs::write(&f, MAGIC).unwrap();
+            let t = SystemTime::now() - Duration::from_secs(1000 - i);
+            std::fs::File::options()
+                .write(true)
+                .open(&f)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let stale = dir.join("stale");
+        std::fs::write(&stale, MAGIC).unwrap();
+        let t = SystemTime::now() - Duration::from_secs((KEEP_DAYS + 1) * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::write(ctx.path().join("a"), b"a").unwrap();
+        let (meta, now) = meta_of(&ctx.path().join("a"));
+        let mut cache = StatCache::open(&dir, ctx.path());
+        cache.racy_from = i64::MAX;
+        cache.put(Path::new("a"), &meta, &now, [1; 32]);
+        cache.save().unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), KEEP_FILES, "{left:?}");
+        assert!(left.contains(&"ctx39".to_string()) && !left.contains(&"ctx08".to_string()));
+        assert!(!left.contains(&"stale".to_string()));
+        assert!(cache.file.exists());
     }
 
     #[test]
