@@ -206,8 +206,12 @@ impl ContentStore {
         if digest.algorithm().as_ref() != "sha256" {
             return None;
         }
-        let bytes = fs::read(self.lazy_dir().join(digest.digest())).ok()?;
-        let lazy: Lazy = serde_json::from_slice(&bytes).ok()?;
+        self.read_lazy(&self.lazy_dir().join(digest.digest()))
+    }
+
+    /// The lazy record in `path`, while its layer exists.
+    fn read_lazy(&self, path: &Path) -> Option<Lazy> {
+        let lazy: Lazy = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
         let root = self.layer_root(&lazy.chain)?;
         root.join("layer.json").exists().then_some(lazy)
     }
@@ -232,22 +236,11 @@ impl ContentStore {
             size,
             epoch,
         };
-        let dest = match self.blob_path(digest)?.file_name() {
-            Some(name) => dir.join(name),
-            None => return Err(Error::UnsupportedDigest(digest.clone())),
-        };
-        let tmp = self.temp_name("lazy");
-        let written = File::create(&tmp)
-            .and_then(|mut f| {
-                f.write_all(&serde_json::to_vec(&record).expect("a lazy record serialises"))?;
-                f.sync_all()
-            })
-            .and_then(|()| fs::rename(&tmp, &dest));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
+        if digest.algorithm().as_ref() != "sha256" {
+            return Err(Error::UnsupportedDigest(digest.clone()));
         }
-        written.map_err(io_err(&dir))?;
-        sys::fsync_dir(&dir).map_err(io_err(&dir))
+        let bytes = serde_json::to_vec(&record).expect("a lazy record serialises");
+        self.write_file_atomic(&dir.join(digest.digest()), &bytes)
     }
 
     /// The chain ID of the layer a blob is kept as, if it is one.
@@ -263,12 +256,7 @@ impl ContentStore {
             return Ok(());
         };
         for e in list.flatten() {
-            let keep = fs::read(e.path())
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Lazy>(&b).ok())
-                .and_then(|l| self.layer_root(&l.chain))
-                .is_some_and(|r| r.join("layer.json").exists());
-            if !keep {
+            if self.read_lazy(&e.path()).is_none() {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -489,13 +477,22 @@ impl ContentStore {
         self.write_file_atomic(&self.root.join("index.json"), &bytes)
     }
 
+    /// Write `path` whole or not at all, durable before this returns.
     fn write_file_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let tmp = self.temp_name("file");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        sys::fsync_dir(&self.root).map_err(io_err(&self.root))
+        let written = File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(bytes)?;
+                f.sync_all()
+            })
+            .map_err(io_err(&tmp))
+            .and_then(|()| fs::rename(&tmp, path).map_err(io_err(path)));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written?;
+        let dir = path.parent().unwrap_or(&self.root);
+        sys::fsync_dir(dir).map_err(io_err(dir))
     }
 
     /// Change `index.json` under the store's index lock, so concurrent

@@ -28,6 +28,13 @@ use crate::content::{self, ContentStore};
 use crate::diff::{self, DiffOptions};
 use crate::layers::{self, GcReport, LayerInfo, LayerStore, Lease, TempLayer};
 
+/// What a commit's layer diff gave: a blob written to the store, or the
+/// diffID and size of a plain layer kept unpacked.
+enum Diffed {
+    Written(diff::LayerBlob),
+    Plain { diff_id: Digest, size: u64 },
+}
+
 /// Errors of the snapshotter.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -353,43 +360,25 @@ impl Snapshotter {
         // The upper directory is what a step wrote: read on a thread that
         // can only touch the state directory.
         let upper_dir = &view.spec.upper;
-        let hashed = crate::confine::run_confined(
+        let diffed = crate::confine::run_confined(
             Component::LayerDiff,
             &self.confinement(),
             || -> Result<_> {
                 // the same tree gives the same layer whichever backend made it
                 crate::markers::drop_needless(upper_dir, &view.spec.lowers)
                     .map_err(io_err(upper_dir))?;
-                if opts.compression != crate::Compression::None {
-                    return Ok(Err(diff::write_layer(upper_dir, &self.content, opts)?));
-                }
-                Ok(Ok(diff::hash_layer(upper_dir, opts.source_date_epoch)?))
+                Ok(match opts.compression {
+                    crate::Compression::None => {
+                        let (diff_id, size) = diff::hash_layer(upper_dir, opts.source_date_epoch)?;
+                        Diffed::Plain { diff_id, size }
+                    }
+                    _ => Diffed::Written(diff::write_layer(upper_dir, &self.content, opts)?),
+                })
             },
         )??;
-        // A plain layer stays unpacked only, its blob made when something
-        // reads it (ContentStore::put_lazy), unless the chain exists
-        // already: then this upper is dropped, and the blob is written now
-        // from it rather than made later from a tree another commit (or an
-        // import) left.
-        let blob = match hashed {
-            Err(blob) => blob,
-            Ok((diff_id, size)) => {
-                let chain = crate::layers::chain_id(view.parent.as_ref(), &diff_id);
-                if self.layers.contains(&chain) {
-                    crate::confine::run_confined(
-                        Component::LayerDiff,
-                        &self.confinement(),
-                        || diff::write_layer(upper_dir, &self.content, opts),
-                    )??
-                } else {
-                    diff::LayerBlob {
-                        digest: diff_id.clone(),
-                        diff_id,
-                        size,
-                        media_type: crate::Compression::None.media_type(),
-                    }
-                }
-            }
+        let blob = match diffed {
+            Diffed::Written(blob) => blob,
+            Diffed::Plain { diff_id, size } => self.plain_blob(&view, diff_id, size, opts)?,
         };
         self.lease.add_blob(&blob.digest)?;
         let upper = view
@@ -480,6 +469,35 @@ impl Snapshotter {
         let info = self.layers.commit(temp, &report.diff_id, parent)?;
         self.lease.add_layer(&info.chain_id)?;
         Ok((info, report))
+    }
+
+    /// The blob of a plain layer `view` makes: left unpacked only (its blob
+    /// made when something reads it, see [`ContentStore::put_lazy`]), unless
+    /// its chain exists already and the store lacks the blob; then this
+    /// upper is dropped by the commit, so the blob is written now from it
+    /// rather than made later from a tree an import left.
+    fn plain_blob(
+        &self,
+        view: &View,
+        diff_id: Digest,
+        size: u64,
+        opts: DiffOptions,
+    ) -> Result<diff::LayerBlob> {
+        let chain = crate::layers::chain_id(view.parent.as_ref(), &diff_id);
+        if self.layers.contains(&chain) && !self.content.contains(&diff_id) {
+            let upper = &view.spec.upper;
+            return Ok(crate::confine::run_confined(
+                Component::LayerDiff,
+                &self.confinement(),
+                || diff::write_layer(upper, &self.content, opts),
+            )??);
+        }
+        Ok(diff::LayerBlob {
+            digest: diff_id.clone(),
+            diff_id,
+            size,
+            media_type: crate::Compression::None.media_type(),
+        })
     }
 
     /// Keep the plain blob `diff_id` as the unpacked layer `chain` (see

@@ -562,6 +562,13 @@ fn local_export_strips_setid_bits_unless_asked_to_keep_them() {
     assert_eq!(mode(&kept.join("sgid")), 0o2755);
 }
 
+/// Write `text` to `path`, then set its mtime to `mtime`.
+fn write_with_mtime(path: &Path, text: &str, mtime: std::time::SystemTime) {
+    std::fs::write(path, text).unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(mtime).unwrap();
+}
+
 /// The stat cache (engine::statcache) lets a rebuild skip hashing files
 /// whose stat is unchanged; a file rewritten in place with its old size
 /// and mtime has a new ctime, and one renamed over it a new inode, so both
@@ -594,13 +601,7 @@ fn the_stat_cache_sees_a_file_rewritten_with_its_old_size_and_mtime() {
     // same size, mtime put back: only the ctime moved
     let f = p.ctx().join("f");
     let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
-    std::fs::write(&f, "bbbb\n").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    write_with_mtime(&f, "bbbb\n", mtime);
     let out = p.build_local("out2");
     assert_eq!(
         read(&out.join("ctx/f")),
@@ -612,13 +613,7 @@ fn the_stat_cache_sees_a_file_rewritten_with_its_old_size_and_mtime() {
     let g = p.ctx().join("g");
     let mtime = std::fs::metadata(&g).unwrap().modified().unwrap();
     let tmp = p.ctx().join("g.new");
-    std::fs::write(&tmp, "hhhh\n").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&tmp)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    write_with_mtime(&tmp, "hhhh\n", mtime);
     std::fs::rename(&tmp, &g).unwrap();
     p.chown();
     let out = p.build_local("out3");

@@ -31,6 +31,7 @@ use oci_spec::image::{
 use serde::{Deserialize, Serialize};
 
 use super::cache::{Cache, Key};
+use super::parallel::write_atomic;
 use super::state::ImageState;
 
 /// The config media type of a kiln cache manifest.
@@ -418,23 +419,6 @@ pub fn export_local(snap: &Snapshotter, records: &[Record], dest: &Path) -> Resu
         .map_err(|e| io(std::io::Error::other(e)))?;
     let index_bytes = serde_json::to_vec(&index).map_err(|e| io(std::io::Error::other(e)))?;
     write_atomic(&dest.join("index.json"), |f| f.write_all(&index_bytes)).map_err(io)
-}
-
-fn write_atomic(
-    path: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        fill(&mut f)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 /// Where an imported cache's blobs come from.

@@ -20,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::cache::KeyBuilder;
 use super::fsutil::{self, Meta, Node, Root};
+use super::parallel::parallel_map;
 use super::statcache::StatCache;
 use super::state::clean_path;
 use crate::frontend::dockerignore::{DirHits, Matcher};
@@ -613,14 +614,20 @@ impl Source<'_> {
         Ok(read)
     }
 
-    /// The sha256 of a file entry's bytes and their length; remembered in
-    /// the stat cache when it may be.
-    fn hash_file(&self, e: &Entry) -> Result<([u8; 32], u64)> {
-        let mut f = match &e.downloaded {
+    /// The bytes of a file entry: a downloaded file from its start, else
+    /// the source's file.
+    fn open_entry(&self, e: &Entry) -> Result<std::fs::File> {
+        match &e.downloaded {
             Some(file) => from_start(file),
             None => self.open(&e.src),
         }
-        .map_err(|err| self.read_err(&e.src, err))?;
+        .map_err(|err| self.read_err(&e.src, err))
+    }
+
+    /// The sha256 of a file entry's bytes and their length; remembered in
+    /// the stat cache when it may be.
+    fn hash_file(&self, e: &Entry) -> Result<([u8; 32], u64)> {
+        let mut f = self.open_entry(e)?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
         let mut read = 0u64;
@@ -639,46 +646,6 @@ impl Source<'_> {
         }
         Ok((digest, read))
     }
-}
-
-/// `f` of every item, in order, on up to one thread a core, each thread
-/// given at least `per_thread` items (no thread for a handful).
-pub fn parallel_map<T: Sync, R: Send>(
-    items: &[T],
-    per_thread: usize,
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map(std::num::NonZeroUsize::get)
-        .unwrap_or(1)
-        .min(items.len() / per_thread.max(1))
-        .min(8);
-    if threads <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(item) = items.get(i) else {
-                            return out;
-                        };
-                        out.push((i, f(item)));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    done.sort_unstable_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// A reader of the decompressed stream of `f`: gzip, bzip2, xz or zstd by
@@ -905,10 +872,7 @@ fn copy_entries(
     };
     let mut files = Vec::new();
     for e in entries {
-        let werr = |source| Error::Write {
-            path: format!("/{}", rel_str(&e.dest)),
-            source,
-        };
+        let werr = write_err(e);
         let (uid, gid) = match attrs.owner {
             Some(ids) => ids,
             None if keep_owner => (e.meta.uid, e.meta.gid),
@@ -950,10 +914,7 @@ fn copy_entries(
         let (parent, name) = fsutil::split(&e.dest);
         let dir = target
             .open_at(parent, libc::O_PATH | libc::O_DIRECTORY)
-            .map_err(|source| Error::Write {
-                path: format!("/{}", rel_str(&e.dest)),
-                source,
-            })?;
+            .map_err(write_err(e))?;
         let dirfd = std::os::fd::AsRawFd::as_raw_fd(&dir);
         copy_file(source, e, dirfd, name, (mode, uid, gid))
     });
@@ -968,17 +929,16 @@ fn copy_file(
     name: &std::ffi::OsStr,
     (mode, uid, gid): (u32, u32, u32),
 ) -> Result<()> {
-    let mut f = match &e.downloaded {
-        Some(file) => from_start(file),
-        None => source.open(&e.src),
+    let mut f = source.open_entry(e)?;
+    fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta).map_err(write_err(e))
+}
+
+/// The error of writing entry `e` into the image.
+fn write_err(e: &Entry) -> impl Fn(std::io::Error) -> Error + Copy + '_ {
+    move |source| Error::Write {
+        path: format!("/{}", rel_str(&e.dest)),
+        source,
     }
-    .map_err(|err| source.read_err(&e.src, err))?;
-    fsutil::create(dirfd, name, Node::File(&mut f), mode, uid, gid, &e.meta).map_err(|source| {
-        Error::Write {
-            path: format!("/{}", rel_str(&e.dest)),
-            source,
-        }
-    })
 }
 
 /// Extract the archive `e` into `target` at `e.dest`: the snapshotter's

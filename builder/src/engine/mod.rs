@@ -15,6 +15,7 @@ pub mod download;
 pub mod emulation;
 pub mod exec;
 pub mod fsutil;
+pub mod parallel;
 pub mod progress;
 pub mod run_mounts;
 pub mod statcache;
@@ -357,7 +358,6 @@ struct Engine {
     ignore: Matcher,
     /// checksums of the context's and named contexts' files, by directory
     stat_caches: Mutex<BTreeMap<PathBuf, Arc<statcache::StatCache>>>,
-    context_stat_cache: Arc<statcache::StatCache>,
     cache_mounts: crate::image::cache_mounts::CacheMounts,
     redactor: Arc<crate::session::secrets::Redactor>,
     /// `--cache-from` records, looked up when a key misses locally
@@ -699,10 +699,6 @@ async fn build_shared(
     })?;
     let ignore =
         frontend::dockerignore::load(&opts.context, &opts.dockerfile).map_err(Error::Ignore)?;
-    let context_stat_cache = Arc::new(statcache::StatCache::open(
-        &opts.state.stat_cache_dir(),
-        &opts.context,
-    ));
     let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
     let cache_mounts =
         crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
@@ -772,7 +768,6 @@ async fn build_shared(
         context,
         ignore,
         stat_caches: Mutex::new(BTreeMap::new()),
-        context_stat_cache,
         cache_mounts,
         redactor,
         imported,
@@ -900,7 +895,7 @@ async fn export_cache(
 }
 
 impl Engine {
-    /// The stat cache of a named context directory.
+    /// The stat cache of a context directory (the build's or a named one).
     fn stat_cache(&self, dir: &Path) -> Arc<statcache::StatCache> {
         let mut caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(caches.entry(dir.to_path_buf()).or_insert_with(|| {
@@ -915,7 +910,7 @@ impl Engine {
     /// cannot be written only costs that build the hashing again.
     fn save_stat_caches(&self) {
         let caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
-        for cache in caches.values().chain([&self.context_stat_cache]) {
+        for cache in caches.values() {
             if let Err(e) = cache.save() {
                 self.progress
                     .summary(&format!("WARNING: cannot save the stat cache: {e}"));
@@ -1247,11 +1242,12 @@ impl Engine {
                 for (name, ip) in &self.opts.extra_hosts {
                     k.str(&format!("add-host {name} {ip}"));
                 }
+                let context_cache = self.stat_cache(&self.opts.context);
                 let resources = run_mounts::Resources {
                     snap: &self.snap,
                     context: &self.context,
                     ignore: &self.ignore,
-                    stat_cache: &self.context_stat_cache,
+                    stat_cache: &context_cache,
                     secrets: &self.opts.session.secrets,
                     agents: &self.opts.session.agents,
                     cache_mounts: &self.cache_mounts,
@@ -1404,12 +1400,15 @@ impl Engine {
                 source_root = fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
                 (&source_root, "source stage", None, None)
             }
-            None => (
-                &self.context,
-                "build context",
-                Some(&self.ignore),
-                Some(&*self.context_stat_cache),
-            ),
+            None => {
+                dir_cache = self.stat_cache(&self.opts.context);
+                (
+                    &self.context,
+                    "build context",
+                    Some(&self.ignore),
+                    Some(&*dir_cache),
+                )
+            }
         };
         let excludes = Matcher::new(op.excludes.iter())
             .map_err(|_| StepError::Copy(copy::Error::Pattern(op.excludes.join(","))))?;

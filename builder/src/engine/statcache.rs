@@ -8,9 +8,10 @@
 //! kernel on every write, chmod, rename or link and no unprivileged process
 //! can set it back, so a file whose stat matches still has the bytes that
 //! were hashed. Two rules close the races:
-//! - a file changed within [`RACY_SECS`] of the build's start is hashed but
-//!   not remembered: a write in the same clock tick as an earlier one could
-//!   leave its ctime unchanged (git's "racily clean" problem);
+//! - a file changed within [`RACY_SECS`] of the build's first use of the
+//!   cache (before any of its hashing) is hashed but not remembered: a
+//!   write in the same clock tick as an earlier one could leave its ctime
+//!   unchanged (git's "racily clean" problem);
 //! - an entry is remembered only when the open file still has the stat the
 //!   walk saw, so bytes read after a change are never filed under the stat
 //!   from before it.
@@ -33,7 +34,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::fsutil::Meta;
 
-/// Changes this close to the build's start are not remembered.
+/// Changes this close to the cache's opening are not remembered.
 pub const RACY_SECS: i64 = 2;
 /// A context's cache file is removed after this many days unused.
 pub const KEEP_DAYS: u64 = 7;
@@ -193,16 +194,7 @@ impl StatCache {
                 out.extend_from_slice(digest);
             }
         }
-        let mut name = self.file.as_os_str().to_owned();
-        name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = PathBuf::from(name);
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&out))
-            .and_then(|()| std::fs::rename(&tmp, &self.file));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written?;
+        super::parallel::write_atomic(&self.file, |f| f.write_all(&out))?;
         sweep(dir, &self.file);
         Ok(())
     }
@@ -355,6 +347,13 @@ mod tests {
         assert_eq!(cache.get(Path::new("a"), &walked), None);
     }
 
+    /// A cache file last used `ago`.
+    fn write_used(path: &Path, ago: Duration) {
+        std::fs::write(path, MAGIC).unwrap();
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
     #[test]
     fn only_the_most_recently_used_cache_files_are_kept() {
         let state = tempfile::tempdir().unwrap();
@@ -363,24 +362,10 @@ mod tests {
         // 40 other contexts' files, used one second apart, and a stale one
         for i in 0..40u64 {
             let f = dir.join(format!("ctx{i:02}"));
-            std::fs::write(&f, MAGIC).unwrap();
-            let t = SystemTime::now() - Duration::from_secs(1000 - i);
-            std::fs::File::options()
-                .write(true)
-                .open(&f)
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
+            write_used(&f, Duration::from_secs(1000 - i));
         }
         let stale = dir.join("stale");
-        std::fs::write(&stale, MAGIC).unwrap();
-        let t = SystemTime::now() - Duration::from_secs((KEEP_DAYS + 1) * 86_400);
-        std::fs::File::options()
-            .write(true)
-            .open(&stale)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
+        write_used(&stale, Duration::from_secs((KEEP_DAYS + 1) * 86_400));
         let ctx = tempfile::tempdir().unwrap();
         std::fs::write(ctx.path().join("a"), b"a").unwrap();
         let (meta, now) = meta_of(&ctx.path().join("a"));

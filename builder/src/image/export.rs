@@ -465,47 +465,14 @@ fn recompress_all(
     jobs: &[(usize, Digest, Compression)],
     force: bool,
 ) -> Result<BTreeMap<usize, (Digest, u64)>> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(jobs.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(BTreeMap::new());
-    let first_error = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((index, digest, to)) = jobs.get(k) else {
-                    return;
-                };
-                match kiln_snapshotter::variants::get_or_make(content, digest, *to, force) {
-                    Ok(v) => {
-                        results
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(*index, v);
-                    }
-                    Err(e) => {
-                        first_error
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .get_or_insert(e);
-                        return;
-                    }
-                }
-            });
-        }
+    let made = crate::engine::parallel::parallel_map(jobs, 1, |(_, digest, to)| {
+        kiln_snapshotter::variants::get_or_make(content, digest, *to, force)
     });
-    if let Some(e) = first_error
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-    {
-        return Err(e.into());
+    let mut out = BTreeMap::new();
+    for ((index, _, _), variant) in jobs.iter().zip(made) {
+        out.insert(*index, variant?);
     }
-    Ok(results
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner))
+    Ok(out)
 }
 
 /// A file written beside its destination and renamed into place on
