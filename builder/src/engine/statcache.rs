@@ -40,8 +40,12 @@ pub const RACY_SECS: i64 = 2;
 pub const KEEP_DAYS: u64 = 7;
 /// At most this many contexts' cache files are kept.
 pub const KEEP_FILES: usize = 32;
-/// Larger cache files are ignored (about 3 million entries).
-const MAX_FILE: u64 = 256 << 20;
+/// Larger cache files are ignored.
+const MAX_FILE: u64 = 128 << 20;
+/// Beyond this many entries a save keeps only those the build used (a
+/// context whose files come and go would otherwise grow its cache without
+/// end): about 70 MB of cache file for paths of 40 bytes.
+const MAX_ENTRIES: usize = 500_000;
 const MAGIC: &[u8] = b"kiln-statcache-1\n";
 /// path length, then 7 numbers, the mode and the digest
 const FIXED: usize = 4 + 7 * 8 + 4 + 32;
@@ -88,7 +92,14 @@ impl Stamp {
 }
 
 /// A path in the context, the stat it was hashed with, and the digest.
-type Entries = HashMap<Vec<u8>, (Stamp, [u8; 32])>;
+type Entries = HashMap<Vec<u8>, Entry>;
+
+/// A checksum, the stat it holds for, and whether this build used it.
+struct Entry {
+    stamp: Stamp,
+    digest: [u8; 32],
+    used: bool,
+}
 
 /// The checksums of one context directory's files.
 pub struct StatCache {
@@ -140,9 +151,12 @@ impl StatCache {
 
     /// The checksum of `rel` if it was hashed with this stat.
     pub fn get(&self, rel: &Path, meta: &Meta) -> Option<[u8; 32]> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match entries.get(rel.as_os_str().as_bytes()) {
-            Some((stamp, digest)) if *stamp == Stamp::of(meta) => Some(*digest),
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get_mut(rel.as_os_str().as_bytes()) {
+            Some(e) if e.stamp == Stamp::of(meta) => {
+                e.used = true;
+                Some(e.digest)
+            }
             _ => None,
         }
     }
@@ -156,7 +170,12 @@ impl StatCache {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.insert(rel.as_os_str().as_bytes().to_vec(), (stamp, digest));
+        let entry = Entry {
+            stamp,
+            digest,
+            used: true,
+        };
+        entries.insert(rel.as_os_str().as_bytes().to_vec(), entry);
         self.changed.store(true, Ordering::Relaxed);
     }
 
@@ -174,26 +193,10 @@ impl StatCache {
         }
         let dir = self.file.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let mut out = Vec::with_capacity(MAGIC.len());
-        out.extend_from_slice(MAGIC);
-        {
+        let out = {
             let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            for (path, (s, digest)) in entries.iter() {
-                let Ok(len) = u32::try_from(path.len()) else {
-                    continue;
-                };
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(path);
-                for n in [s.size, s.ino, s.dev] {
-                    out.extend_from_slice(&n.to_le_bytes());
-                }
-                for n in [s.mtime, s.mtime_nsec, s.ctime, s.ctime_nsec] {
-                    out.extend_from_slice(&n.to_le_bytes());
-                }
-                out.extend_from_slice(&s.mode.to_le_bytes());
-                out.extend_from_slice(digest);
-            }
-        }
+            encode(&entries, MAX_ENTRIES)
+        };
         super::parallel::write_atomic(&self.file, |f| f.write_all(&out))?;
         sweep(dir, &self.file);
         Ok(())
@@ -233,6 +236,33 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The bytes of a cache file of `entries`: all of them, or only those this
+/// build used when there are more than `limit`.
+fn encode(entries: &Entries, limit: usize) -> Vec<u8> {
+    let only_used = entries.len() > limit;
+    let mut out = MAGIC.to_vec();
+    for (path, e) in entries {
+        let Ok(len) = u32::try_from(path.len()) else {
+            continue;
+        };
+        if only_used && !e.used {
+            continue;
+        }
+        let s = &e.stamp;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(path);
+        for n in [s.size, s.ino, s.dev] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        for n in [s.mtime, s.mtime_nsec, s.ctime, s.ctime_nsec] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&s.mode.to_le_bytes());
+        out.extend_from_slice(&e.digest);
+    }
+    out
+}
+
 /// Entries of a cache file; None when it is not one.
 fn parse(buf: &[u8]) -> Option<Entries> {
     let mut rest = buf.strip_prefix(MAGIC)?;
@@ -261,7 +291,14 @@ fn parse(buf: &[u8]) -> Option<Entries> {
             mode: u32::from_le_bytes(n.get(56..60)?.try_into().ok()?),
         };
         let digest: [u8; 32] = n.get(60..92)?.try_into().ok()?;
-        out.insert(path, (stamp, digest));
+        out.insert(
+            path,
+            Entry {
+                stamp,
+                digest,
+                used: false,
+            },
+        );
         rest = &rest[FIXED + len..];
     }
     Some(out)
@@ -382,6 +419,29 @@ mod tests {
         assert!(left.contains(&"ctx39".to_string()) && !left.contains(&"ctx08".to_string()));
         assert!(!left.contains(&"stale".to_string()));
         assert!(cache.file.exists());
+    }
+
+    #[test]
+    fn an_overfull_cache_keeps_what_the_build_used() {
+        let stamp = Stamp::of(&Meta::default());
+        let entry = |used| Entry {
+            stamp,
+            digest: [7; 32],
+            used,
+        };
+        let mut entries = Entries::new();
+        entries.insert(b"used".to_vec(), entry(true));
+        entries.insert(b"gone".to_vec(), entry(false));
+        let kept = |limit| {
+            let mut names: Vec<Vec<u8>> = parse(&encode(&entries, limit))
+                .unwrap()
+                .into_keys()
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(kept(2), vec![b"gone".to_vec(), b"used".to_vec()]);
+        assert_eq!(kept(1), vec![b"used".to_vec()]);
     }
 
     #[test]
