@@ -2,7 +2,6 @@
 //! cache, the exporters and the pieces of the `kiln` CLI.
 
 pub mod cli;
-pub mod cli_plan;
 pub mod engine;
 pub mod frontend;
 pub mod image;

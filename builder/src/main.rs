@@ -39,7 +39,7 @@ enum Command {
     /// Run a stored image's command in a kiln sandbox.
     Run(cli::run::RunArgs),
     /// Inspect kiln's view of a build without running it.
-    Debug(kiln_builder::cli_plan::DebugCmd),
+    Debug(kiln_builder::cli::plan::DebugCmd),
     /// Load images from a docker-archive or oci-archive tar
     Load(cli::images::LoadArgs),
     /// Make a single-layer image from a root filesystem directory or tar
@@ -84,7 +84,7 @@ fn main() {
     }
     if let Command::Debug(cmd) = cli.command {
         // Parsing and planning never start a sandbox: no namespace needed.
-        finish(kiln_builder::cli_plan::run_debug(cmd).map(|()| 0));
+        finish(kiln_builder::cli::plan::run_debug(cmd).map(|()| 0));
     }
     // `kiln info` reads the caller's id facts here, outside kiln's user
     // namespace, and probes the snapshotter inside it, below.

@@ -1,14 +1,14 @@
 //! An imported build cache is untrusted: its records (from a cache
 //! config, or inline in an image config) are parsed and each record's
-//! layers checked before anything is fetched (`cache_io::cache_config_from`,
-//! `cache_io::checked_layers`). They must fail cleanly, never panic.
+//! layers checked before anything is fetched (`remote_cache::cache_config_from`,
+//! `remote_cache::checked_layers`). They must fail cleanly, never panic.
 //!
 //! Byte 0, bit 0: clear = a cache config blob, set = an image config with
 //! inline records; the rest is the config.
 
 #![no_main]
 
-use kiln_builder::engine::cache_io::{cache_config_from, checked_layers, CONFIG_MEDIA_TYPE};
+use kiln_builder::engine::remote_cache::{cache_config_from, checked_layers, CONFIG_MEDIA_TYPE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

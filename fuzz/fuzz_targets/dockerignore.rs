@@ -1,7 +1,7 @@
 //! `.dockerignore` matcher: the pattern text comes from the build context
 //! (untrusted), the paths from walking it. Neither may make kiln panic,
 //! and a walk's answer (each directory's hits passed down, as
-//! `engine::copy` walks) is the whole path's.
+//! `engine::filecopy` walks) is the whole path's.
 //!
 //! Input: the ignore file's bytes, a NUL byte, then paths one per line.
 

@@ -177,12 +177,12 @@ pub fn run(
     let cache_to = args
         .cache_to
         .iter()
-        .map(|s| engine::cache_io::Export::parse(s))
+        .map(|s| engine::remote_cache::Export::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
     let cache_from = args
         .cache_from
         .iter()
-        .map(|s| engine::cache_io::Import::parse(s))
+        .map(|s| engine::remote_cache::Import::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = engine::BuildOptions {
         session: Arc::new(session),

@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::images::{human_size, open_state};
 use super::prune::cache_entries;
-use crate::engine::cache::Cache;
+use crate::engine::step_cache::Cache;
 use crate::image::cache_mounts::{CacheMounts, CacheUsage};
 use crate::image::gc::{self, CacheRoot, Row};
 use crate::image::time;

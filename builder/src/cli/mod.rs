@@ -6,6 +6,7 @@ pub mod build;
 pub mod du;
 pub mod images;
 pub mod info;
+pub mod plan;
 pub mod prune;
 pub mod registry;
 pub mod run;

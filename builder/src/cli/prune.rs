@@ -4,7 +4,7 @@
 //! named image holds (otherwise kept: dropping them frees nothing).
 //! `--keep-storage` and `--keep-duration` mean what they mean to
 //! `docker builder prune` (BuildKit's prune policy, see
-//! `engine::cache::select_for_prune`).
+//! `engine::step_cache::select_for_prune`).
 //!
 //! Cache mounts (`RUN --mount=type=cache` directories) go too, as BuildKit's
 //! prune removes its `exec.cachemount` records: each instance no running
@@ -25,8 +25,8 @@ use kiln_snapshotter::snapshot::Snapshotter;
 use oci_spec::image::Digest;
 
 use super::images::{human_size, open_state};
-use crate::engine::cache::{self, Cache, KeepPolicy, PruneCandidate, Record};
-use crate::engine::state::ImageState;
+use crate::engine::image_state::ImageState;
+use crate::engine::step_cache::{self, Cache, KeepPolicy, PruneCandidate, Record};
 use crate::image::cache_mounts::CacheMounts;
 use crate::image::gc::{self, CacheRoot, Roots};
 use crate::image::StateDir;
@@ -174,7 +174,7 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
     let roots: Vec<CacheRoot> = entries.iter().map(|e| e.root.clone()).collect();
     let sizes = gc::record_sizes(&snap, &roots)?;
     // records that can never hit again hold nothing worth keeping
-    let mut doomed: Vec<cache::Key> = entries
+    let mut doomed: Vec<step_cache::Key> = entries
         .iter()
         .filter(|e| !e.root.usable)
         .map(|e| e.record.key.clone())
@@ -197,7 +197,7 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
             .iter()
             .filter(|m| !m.in_use)
             .map(|m| PruneCandidate {
-                key: cache::Key(format!("{MOUNT_KEY}{}", m.instance)),
+                key: step_cache::Key(format!("{MOUNT_KEY}{}", m.instance)),
                 last_used: m.last_used,
                 bytes: m.bytes,
             }),
@@ -206,8 +206,8 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
         storage: args.keep_storage,
         duration: args.keep_duration,
     };
-    let (doomed_mounts, selected): (Vec<cache::Key>, Vec<cache::Key>) =
-        cache::select_for_prune(&candidates, policy, SystemTime::now())
+    let (doomed_mounts, selected): (Vec<step_cache::Key>, Vec<step_cache::Key>) =
+        step_cache::select_for_prune(&candidates, policy, SystemTime::now())
             .into_iter()
             .partition(|k| k.0.starts_with(MOUNT_KEY));
     doomed.extend(selected);

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use kiln_runtime::Network;
 use sha2::{Digest, Sha256};
 
-use super::copy::{Entry, Error, Result};
+use super::filecopy::{Entry, Error, Result};
 use super::fsutil::Meta;
 
 /// The default of `--add-max-size`: the largest file ADD downloads.

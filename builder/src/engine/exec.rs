@@ -15,8 +15,8 @@ use kiln_runtime::{ExitStatus, Network, PrivateFile, RunOptions, SandboxConfig, 
 use oci_spec::runtime::Mount;
 
 use super::fsutil::Root;
+use super::image_state::ImageState;
 use super::progress::Progress;
-use super::state::ImageState;
 use crate::frontend::instructions::{Run, RunCommand};
 use crate::session::secrets::Redactor;
 

@@ -8,18 +8,18 @@
 //! [`copy`], and turned into a layer by the snapshotter's diff
 //! (`Snapshotter::commit`).
 
-pub mod cache;
-pub mod cache_io;
-pub mod copy;
 pub mod download;
 pub mod emulation;
 pub mod exec;
+pub mod filecopy;
 pub mod fsutil;
+pub mod image_state;
 pub mod parallel;
 pub mod progress;
+pub mod remote_cache;
 pub mod run_mounts;
 pub mod statcache;
-pub mod state;
+pub mod step_cache;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,9 +34,9 @@ use oci_spec::image::{Descriptor, Digest, MediaType};
 use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 
-use self::cache::{Cache, Key, KeyBuilder};
+use self::image_state::{History, ImageState, LayerRef};
 use self::progress::Progress;
-use self::state::{History, ImageState, LayerRef};
+use self::step_cache::{Cache, Key, KeyBuilder};
 use crate::frontend::dockerignore::Matcher;
 use crate::frontend::instructions::{Instruction, NetworkMode};
 use crate::frontend::plan::SourceRef;
@@ -94,7 +94,7 @@ pub enum Error {
     #[error("cache directory: {0}")]
     Cache(std::io::Error),
     #[error(transparent)]
-    CacheIo(cache_io::Error),
+    CacheIo(remote_cache::Error),
     #[error("cache mounts: {0}")]
     CacheMounts(Box<crate::image::cache_mounts::Error>),
     #[error("cannot store the image: {0}")]
@@ -115,7 +115,7 @@ pub enum StepError {
     #[error(transparent)]
     Run(#[from] exec::Error),
     #[error(transparent)]
-    Copy(#[from] copy::Error),
+    Copy(#[from] filecopy::Error),
     #[error(transparent)]
     Snapshot(#[from] kiln_snapshotter::snapshot::Error),
     #[error("{0}")]
@@ -218,7 +218,7 @@ fn check_network_policy(
                 }
                 Instruction::Add(add)
                     if network == kiln_runtime::Network::None
-                        && add.sources.iter().any(copy::is_url) =>
+                        && add.sources.iter().any(filecopy::is_url) =>
                 {
                     Some(StepError::Unsupported(
                         "ADD of a URL downloads, and the build runs with --network=none: no network is allowed (drop --network=none, or download the file into the context)".into(),
@@ -266,9 +266,9 @@ pub struct BuildOptions {
     /// `--secret` and `--ssh`
     pub session: Arc<crate::session::Session>,
     /// `--cache-to`
-    pub cache_to: Vec<cache_io::Export>,
+    pub cache_to: Vec<remote_cache::Export>,
     /// `--cache-from`
-    pub cache_from: Vec<cache_io::Import>,
+    pub cache_from: Vec<remote_cache::Import>,
     /// pulls `FROM` images missing from the store; `None`: never pull
     pub registry: Option<crate::registry::Registry>,
     /// `--platform` (TARGETPLATFORM); the host's when None
@@ -361,7 +361,7 @@ struct Engine {
     cache_mounts: crate::image::cache_mounts::CacheMounts,
     redactor: Arc<crate::session::secrets::Redactor>,
     /// `--cache-from` records, looked up when a key misses locally
-    imported: cache_io::Imported,
+    imported: remote_cache::Imported,
     /// every step's key and resulting state, for `--cache-to`
     trail: std::sync::Mutex<Vec<(Key, ImageState)>>,
     file: String,
@@ -599,12 +599,12 @@ pub async fn build_platforms(
         for to in opts
             .cache_to
             .iter()
-            .filter(|t| **t != cache_io::Export::Inline)
+            .filter(|t| **t != remote_cache::Export::Inline)
         {
             let mut seen = std::collections::BTreeSet::new();
-            let records: Vec<cache_io::Record> = out
+            let records: Vec<remote_cache::Record> = out
                 .iter()
-                .flat_map(|(_, b)| cache_io::select(&b.trail, &b.state, to.mode()))
+                .flat_map(|(_, b)| remote_cache::select(&b.trail, &b.state, to.mode()))
                 // a native stage shared by the platforms is recorded once
                 .filter(|r| seen.insert(r.key.clone()))
                 .collect();
@@ -652,10 +652,10 @@ async fn build_shared(
     let first = frontend::plan(&ast, &plan_opts)?;
     check_network_policy(&first, &file, opts.network, opts.allow_network_host)?;
     if opts.network == kiln_runtime::Network::None {
-        if let Some(cache_io::Import::Registry { reference }) = opts
+        if let Some(remote_cache::Import::Registry { reference }) = opts
             .cache_from
             .iter()
-            .find(|c| matches!(c, cache_io::Import::Registry { .. }))
+            .find(|c| matches!(c, remote_cache::Import::Registry { .. }))
         {
             return Err(Error::CacheFromOffline(reference.to_string()));
         }
@@ -704,32 +704,33 @@ async fn build_shared(
         crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
             .map_err(|e| Error::CacheMounts(Box::new(e)))?;
     let redactor = Arc::new(opts.session.secrets.redactor());
-    let mut imported = cache_io::Imported::default();
+    let mut imported = remote_cache::Imported::default();
     for from in &opts.cache_from {
         match from {
-            cache_io::Import::Local { src } => {
+            remote_cache::Import::Local { src } => {
                 // A missing or broken cache is a warning: the build runs
                 // its steps instead (BuildKit does the same).
-                match tokio::task::block_in_place(|| cache_io::read_local(src)) {
-                    Ok(config) => {
-                        imported.add(config, Box::new(cache_io::LayoutBlobs { dir: src.clone() }))
-                    }
+                match tokio::task::block_in_place(|| remote_cache::read_local(src)) {
+                    Ok(config) => imported.add(
+                        config,
+                        Box::new(remote_cache::LayoutBlobs { dir: src.clone() }),
+                    ),
                     Err(e) => progress.summary(&format!("WARNING: --cache-from: {e}")),
                 }
             }
-            cache_io::Import::Registry { reference } => {
+            remote_cache::Import::Registry { reference } => {
                 let Some(registry) = opts.registry.as_ref() else {
-                    return Err(Error::CacheIo(cache_io::Error::Spec {
+                    return Err(Error::CacheIo(remote_cache::Error::Spec {
                         dir: "from",
                         spec: format!("type=registry,ref={reference}"),
                         why: "this build has no registry client".into(),
                     }));
                 };
                 let read = match crate::image::reference::Reference::parse(reference) {
-                    Ok(r) => cache_io::read_registry(registry, snap.content(), reference)
+                    Ok(r) => remote_cache::read_registry(registry, snap.content(), reference)
                         .await
                         .map(|config| (config, r)),
-                    Err(e) => Err(cache_io::Error::Format {
+                    Err(e) => Err(remote_cache::Error::Format {
                         place: reference.clone(),
                         why: e.to_string(),
                     }),
@@ -737,7 +738,7 @@ async fn build_shared(
                 match read {
                     Ok((config, r)) => imported.add(
                         config,
-                        Box::new(cache_io::RegistryBlobs {
+                        Box::new(remote_cache::RegistryBlobs {
                             registry: registry.clone(),
                             reference: r,
                             handle: tokio::runtime::Handle::current(),
@@ -817,10 +818,14 @@ async fn build_shared(
     // several (they would overwrite one another)
     let mut inline = None;
     for to in &engine.opts.cache_to {
-        if *to == cache_io::Export::Inline {
-            inline = Some(cache_io::select(&trail, &state, cache_io::Mode::Min));
+        if *to == remote_cache::Export::Inline {
+            inline = Some(remote_cache::select(
+                &trail,
+                &state,
+                remote_cache::Mode::Min,
+            ));
         } else if !engine.shared.label_platform {
-            let records = cache_io::select(&trail, &state, to.mode());
+            let records = remote_cache::select(&trail, &state, to.mode());
             export_cache(
                 &engine.snap,
                 engine.opts.registry.as_ref(),
@@ -855,37 +860,38 @@ async fn build_shared(
 async fn export_cache(
     snap: &Arc<Snapshotter>,
     registry: Option<&crate::registry::Registry>,
-    to: &cache_io::Export,
-    records: &[cache_io::Record],
+    to: &remote_cache::Export,
+    records: &[remote_cache::Record],
     progress: &Progress,
 ) -> Result<()> {
-    if matches!(to, cache_io::Export::Inline) {
+    if matches!(to, remote_cache::Export::Inline) {
         return Ok(());
     }
     // plain layers go as their gzip variants, as a push sends them
-    let records = &tokio::task::block_in_place(|| cache_io::compressed(snap.content(), records))
-        .map_err(Error::CacheIo)?;
+    let records =
+        &tokio::task::block_in_place(|| remote_cache::compressed(snap.content(), records))
+            .map_err(Error::CacheIo)?;
     let place = match to {
-        cache_io::Export::Local { dest, .. } => {
-            tokio::task::block_in_place(|| cache_io::export_local(snap, records, dest))
+        remote_cache::Export::Local { dest, .. } => {
+            tokio::task::block_in_place(|| remote_cache::export_local(snap, records, dest))
                 .map_err(Error::CacheIo)?;
             dest.display().to_string()
         }
-        cache_io::Export::Registry { reference, .. } => {
+        remote_cache::Export::Registry { reference, .. } => {
             let registry = registry.ok_or_else(|| {
-                Error::CacheIo(cache_io::Error::Spec {
+                Error::CacheIo(remote_cache::Error::Spec {
                     dir: "to",
                     spec: format!("type=registry,ref={reference}"),
                     why: "this build has no registry client".into(),
                 })
             })?;
             let store = crate::image::ImageStore::new(snap);
-            cache_io::export_registry(registry, &store, records, reference)
+            remote_cache::export_registry(registry, &store, records, reference)
                 .await
                 .map_err(Error::CacheIo)?;
             reference.clone()
         }
-        cache_io::Export::Inline => return Ok(()),
+        remote_cache::Export::Inline => return Ok(()),
     };
     progress.summary(&format!(
         "exported {} cache records to {place}",
@@ -1267,7 +1273,7 @@ impl Engine {
                 self.progress.started(vertex, name);
                 let view = self
                     .snap
-                    .prepare(&cache::view_key("run", &key), chain.as_ref())?;
+                    .prepare(&step_cache::view_key("run", &key), chain.as_ref())?;
                 let ran = (|| {
                     let mut mounted =
                         run_mounts::mount(view.path(), &run.mounts, from, &resources)?;
@@ -1323,7 +1329,7 @@ impl Engine {
                 no_cache,
             ),
             Instruction::Add(a) => {
-                copy::check_local(&a.sources)?;
+                filecopy::check_local(&a.sources)?;
                 self.copy_step(
                     step,
                     &CopyOp {
@@ -1396,7 +1402,7 @@ impl Engine {
                     from_state.chain.as_ref().and_then(|c| c.parse().ok());
                 source_view = self
                     .snap
-                    .view(&cache::view_key("from", from_key), from_chain.as_ref())?;
+                    .view(&step_cache::view_key("from", from_key), from_chain.as_ref())?;
                 source_root = fsutil::Root::open(source_view.path()).map_err(StepError::Source)?;
                 (&source_root, "source stage", None, None)
             }
@@ -1411,9 +1417,9 @@ impl Engine {
             }
         };
         let excludes = Matcher::new(op.excludes.iter())
-            .map_err(|_| StepError::Copy(copy::Error::Pattern(op.excludes.join(","))))?;
-        let chmod = op.chmod.map(copy::Mode::parse).transpose()?;
-        let source = copy::Source {
+            .map_err(|_| StepError::Copy(filecopy::Error::Pattern(op.excludes.join(","))))?;
+        let chmod = op.chmod.map(filecopy::Mode::parse).transpose()?;
+        let source = filecopy::Source {
             root,
             what,
             ignore,
@@ -1437,15 +1443,16 @@ impl Engine {
             || op.dest == "."
             || op.dest.ends_with("/.")
             || self.is_dir_in_chain(chain.as_ref(), &dest);
-        let rules = copy::Rules {
+        let rules = filecopy::Rules {
             excludes: &excludes,
             parents: op.parents,
             unpack: op.unpack,
         };
         // ADD of URLs: downloaded by this process, never in the sandbox.
-        let (urls, locals): (Vec<_>, Vec<_>) = op.sources.iter().cloned().partition(copy::is_url);
+        let (urls, locals): (Vec<_>, Vec<_>) =
+            op.sources.iter().cloned().partition(filecopy::is_url);
         if op.sources.len() > 1 && !dest_is_dir && !urls.is_empty() {
-            return Err(copy::Error::DestNotDir(op.dest.to_string()).into());
+            return Err(filecopy::Error::DestNotDir(op.dest.to_string()).into());
         }
         let t = Instant::now();
         let mut entries = source.collect(&locals, &dest, dest_is_dir, &rules)?;
@@ -1463,14 +1470,14 @@ impl Engine {
                 continue;
             };
             if op.unpack_urls {
-                return Err(copy::Error::Remote {
+                return Err(filecopy::Error::Remote {
                     url: url.clone(),
                     kind: "an archive from a URL with --unpack",
                 }
                 .into());
             }
             let to = if dest_is_dir {
-                dest_rel.join(copy::url_file_name(url))
+                dest_rel.join(filecopy::url_file_name(url))
             } else {
                 dest_rel.clone()
             };
@@ -1513,7 +1520,7 @@ impl Engine {
         }
         let view = self
             .snap
-            .prepare(&cache::view_key("copy", &key), chain.as_ref())?;
+            .prepare(&step_cache::view_key("copy", &key), chain.as_ref())?;
         // The copy reads the context (attacker-shaped trees) and writes the
         // view: on a thread Landlock keeps to the context, the named
         // context read, and the state directory.
@@ -1529,23 +1536,25 @@ impl Engine {
             || {
                 let target = fsutil::Root::open(&view_path).map_err(StepError::Source)?;
                 let owner = match op.chown {
-                    Some(spec) => Some(copy::chown_ids(&view_path, spec).map_err(|source| {
-                        StepError::Chown {
-                            spec: spec.to_string(),
-                            source,
-                        }
-                    })?),
+                    Some(spec) => {
+                        Some(filecopy::chown_ids(&view_path, spec).map_err(|source| {
+                            StepError::Chown {
+                                spec: spec.to_string(),
+                                source,
+                            }
+                        })?)
+                    }
                     None => None,
                 };
                 let layers = self.snap.layers();
                 let unique = || layers.unique("add");
-                let attrs = copy::CopyAttrs {
+                let attrs = filecopy::CopyAttrs {
                     owner,
                     chmod,
                     tmp: &layers.tmp_dir(),
                     unique: &unique,
                 };
-                copy::copy(&source, &entries, &target, &attrs)?;
+                filecopy::copy(&source, &entries, &target, &attrs)?;
                 Ok::<(), StepError>(())
             },
         )
@@ -1671,7 +1680,7 @@ impl Engine {
     fn store_image(
         &self,
         state: ImageState,
-        inline: Option<Vec<cache_io::Record>>,
+        inline: Option<Vec<remote_cache::Record>>,
     ) -> Result<Built> {
         // The image is as old as its newest step (or SOURCE_DATE_EPOCH), so
         // a rebuild from cache is byte-identical.
@@ -1685,8 +1694,9 @@ impl Engine {
         };
         let mut config = state.config_json(&created);
         if let Some(records) = inline {
-            config[cache_io::INLINE_KEY] = serde_json::to_value(cache_io::CacheConfig { records })
-                .map_err(|e| Error::Join(e.to_string()))?;
+            config[remote_cache::INLINE_KEY] =
+                serde_json::to_value(remote_cache::CacheConfig { records })
+                    .map_err(|e| Error::Join(e.to_string()))?;
         }
         let content = self.snap.content();
         // Blobs written here are leased before GC may run again, and the
@@ -1697,7 +1707,7 @@ impl Engine {
             .layers()
             .gc_guard(false)
             .map_err(|e| Error::Lease(Box::new(e)))?;
-        if !cache::keep_for_build(&state, &self.snap) {
+        if !step_cache::keep_for_build(&state, &self.snap) {
             return Err(Error::Collected);
         }
         let lease = |d: &Digest| {

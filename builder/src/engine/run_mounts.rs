@@ -33,10 +33,10 @@ use kiln_snapshotter::snapshot::{Snapshotter, View};
 use oci_spec::image::Digest;
 use oci_spec::runtime::{Mount as OciMount, MountBuilder};
 
-use super::cache::{self, KeyBuilder};
-use super::copy;
+use super::filecopy;
 use super::fsutil::{self, Root};
 use super::statcache::StatCache;
+use super::step_cache::{self, KeyBuilder};
 use super::FromSource;
 use crate::frontend::dockerignore::Matcher;
 use crate::frontend::instructions;
@@ -83,7 +83,7 @@ pub enum Error {
     #[error("cannot set up the ssh agent socket: {0}")]
     Socket(std::io::Error),
     #[error(transparent)]
-    Copy(#[from] copy::Error),
+    Copy(#[from] filecopy::Error),
     #[error(transparent)]
     Snapshot(#[from] kiln_snapshotter::snapshot::Error),
     #[error("invalid mount: {0}")]
@@ -140,8 +140,8 @@ enum RootRef<'a> {
 }
 
 impl DirSource<'_> {
-    fn source(&self) -> copy::Source<'_> {
-        copy::Source {
+    fn source(&self) -> filecopy::Source<'_> {
+        filecopy::Source {
             root: match &self.root {
                 RootRef::Borrowed(r) => r,
                 RootRef::Owned(r) => r,
@@ -180,7 +180,7 @@ fn dir_source<'a>(res: &Resources<'a>, from: Option<&FromSource>) -> Result<Opti
 
 /// The entries a directory source brings in at `source` (its root when
 /// absent), as COPY would collect them into `/`.
-fn dir_entries(src: &DirSource<'_>, source: Option<&str>) -> Result<Vec<copy::Entry>> {
+fn dir_entries(src: &DirSource<'_>, source: Option<&str>) -> Result<Vec<filecopy::Entry>> {
     let excludes = Matcher::default();
     let copy_src = src.source();
     let path = source.map(rel).unwrap_or_default();
@@ -193,7 +193,7 @@ fn dir_entries(src: &DirSource<'_>, source: Option<&str>) -> Result<Vec<copy::En
         &[instructions::Source::Path(name)],
         "/",
         true,
-        &copy::Rules {
+        &filecopy::Rules {
             excludes: &excludes,
             parents: false,
             unpack: false,
@@ -390,11 +390,11 @@ pub fn mount<'a>(
                         &rules,
                         || {
                             let unique = || layers.unique("bind");
-                            copy::copy(
+                            filecopy::copy(
                                 &src.source(),
                                 &entries,
                                 &dest,
-                                &copy::CopyAttrs {
+                                &filecopy::CopyAttrs {
                                     owner: None,
                                     chmod: None,
                                     tmp: &layers.tmp_dir(),
@@ -419,7 +419,7 @@ pub fn mount<'a>(
                     out.spec_mounts.push(bind(target, &path, readonly)?);
                 } else if let Some(FromSource::Image(k, st)) = from {
                     let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
-                    let view_key = cache::view_key("mount", k);
+                    let view_key = step_cache::view_key("mount", k);
                     let view = if readonly {
                         res.snap.view(&view_key, chain.as_ref())?
                     } else {
@@ -603,7 +603,7 @@ fn seed_cache(
 ) -> Result<()> {
     let layers = res.snap.layers();
     let unique = || layers.unique("cache-seed");
-    let attrs = copy::CopyAttrs {
+    let attrs = filecopy::CopyAttrs {
         owner: None,
         chmod: None,
         tmp: &layers.tmp_dir(),
@@ -611,12 +611,12 @@ fn seed_cache(
     };
     if let Some(src) = dir_source(res, from)? {
         let entries = dir_entries(&src, source)?;
-        copy::copy(&src.source(), &entries, cache_root, &attrs)?;
+        filecopy::copy(&src.source(), &entries, cache_root, &attrs)?;
     } else if let Some(FromSource::Image(k, st)) = from {
         let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
         let view = res
             .snap
-            .view(&cache::view_key("cache-seed", k), chain.as_ref())?;
+            .view(&step_cache::view_key("cache-seed", k), chain.as_ref())?;
         let copied = (|| {
             let src = DirSource {
                 root: RootRef::Owned(Root::open(view.path()).map_err(|e| Error::Source {
@@ -629,7 +629,7 @@ fn seed_cache(
                 stat_cache: None,
             };
             let entries = dir_entries(&src, source)?;
-            copy::copy(&src.source(), &entries, cache_root, &attrs)?;
+            filecopy::copy(&src.source(), &entries, cache_root, &attrs)?;
             Ok::<(), Error>(())
         })();
         let _ = res.snap.remove(view);

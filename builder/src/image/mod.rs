@@ -1,7 +1,7 @@
 //! The image side of kiln: the local image store and everything that moves
 //! images in and out of it.
 //!
-//! - [`state`]: the state directory (`~/.local/share/kiln`, `--root`)
+//! - [`state_dir`]: the state directory (`~/.local/share/kiln`, `--root`)
 //! - [`mod@reference`]: image names, normalised as docker does
 //! - [`store`]: names to manifests in the content store's `index.json`, the
 //!   typed [`store::Image`], unpacking an image's layers
@@ -33,11 +33,11 @@ pub mod gc;
 pub mod import;
 pub mod output;
 pub mod reference;
-pub mod state;
+pub mod state_dir;
 pub mod store;
 pub mod time;
 
 pub use export::{export, ExportOptions, Exported};
 pub use output::OutputSpec;
-pub use state::StateDir;
+pub use state_dir::StateDir;
 pub use store::{Image, ImageStore, Platform};

@@ -23,7 +23,7 @@ use kiln_snapshotter::snapshot::Snapshotter;
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
 
-use super::state::ImageState;
+use super::image_state::ImageState;
 
 /// A cache key, as lower-case hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

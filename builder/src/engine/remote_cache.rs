@@ -30,9 +30,9 @@ use oci_spec::image::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::cache::{Cache, Key};
+use super::image_state::ImageState;
 use super::parallel::write_atomic;
-use super::state::ImageState;
+use super::step_cache::{Cache, Key};
 
 /// The config media type of a kiln cache manifest.
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.buildcache.config.v1+json";
