@@ -960,6 +960,95 @@ impl Imported {
     }
 }
 
+/// Read every `--cache-from`. A missing or broken cache is a warning: the
+/// build runs its steps instead (BuildKit does the same). A registry cache
+/// without a registry client is an error.
+pub async fn import_all(
+    from: &[Import],
+    registry: Option<&crate::registry::Registry>,
+    snap: &Snapshotter,
+    progress: &super::progress::Progress,
+) -> Result<Imported> {
+    let mut imported = Imported::default();
+    for from in from {
+        let read = match from {
+            Import::Local { src } => tokio::task::block_in_place(|| read_local(src))
+                .map(|config| (config, Box::new(LayoutBlobs { dir: src.clone() }) as _)),
+            Import::Registry { reference } => {
+                let Some(registry) = registry else {
+                    return Err(Error::Spec {
+                        dir: "from",
+                        spec: format!("type=registry,ref={reference}"),
+                        why: "this build has no registry client".into(),
+                    });
+                };
+                read_registry_source(registry, snap, reference).await
+            }
+        };
+        match read {
+            Ok((config, blobs)) => imported.add(config, blobs),
+            Err(e) => progress.summary(&format!("WARNING: --cache-from: {e}")),
+        }
+    }
+    Ok(imported)
+}
+
+/// The records of a registry cache and where its blobs come from.
+async fn read_registry_source(
+    registry: &crate::registry::Registry,
+    snap: &Snapshotter,
+    reference: &str,
+) -> Result<(CacheConfig, Box<dyn BlobSource>)> {
+    let r = crate::image::reference::Reference::parse(reference).map_err(|e| Error::Format {
+        place: reference.to_string(),
+        why: e.to_string(),
+    })?;
+    let config = read_registry(registry, snap.content(), reference).await?;
+    let blobs = RegistryBlobs {
+        registry: registry.clone(),
+        reference: r,
+        handle: tokio::runtime::Handle::current(),
+    };
+    Ok((config, Box::new(blobs)))
+}
+
+/// Write one `--cache-to` (not `type=inline`, which lives in the image).
+pub async fn export(
+    snap: &Snapshotter,
+    registry: Option<&crate::registry::Registry>,
+    to: &Export,
+    records: &[Record],
+    progress: &super::progress::Progress,
+) -> Result<()> {
+    if matches!(to, Export::Inline) {
+        return Ok(());
+    }
+    // plain layers go as their gzip variants, as a push sends them
+    let records = &tokio::task::block_in_place(|| compressed(snap.content(), records))?;
+    let place = match to {
+        Export::Local { dest, .. } => {
+            tokio::task::block_in_place(|| export_local(snap, records, dest))?;
+            dest.display().to_string()
+        }
+        Export::Registry { reference, .. } => {
+            let registry = registry.ok_or_else(|| Error::Spec {
+                dir: "to",
+                spec: format!("type=registry,ref={reference}"),
+                why: "this build has no registry client".into(),
+            })?;
+            let store = crate::image::ImageStore::new(snap);
+            export_registry(registry, &store, records, reference).await?;
+            reference.clone()
+        }
+        Export::Inline => return Ok(()),
+    };
+    progress.summary(&format!(
+        "exported {} cache records to {place}",
+        records.len()
+    ));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

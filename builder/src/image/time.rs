@@ -50,14 +50,19 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 /// `2024-01-02T03:04:05Z` for `secs` since the epoch.
 pub fn format_rfc3339(secs: i64) -> String {
+    format_rfc3339_nanos(secs, 0)
+}
+
+/// `2024-01-02T03:04:05.000000123Z`: with nanoseconds, when there are any.
+pub fn format_rfc3339_nanos(secs: i64, nanos: u32) -> String {
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    let (h, min, s) = (s / 3600, s / 60 % 60, s % 60);
+    if nanos == 0 {
+        format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}Z")
+    } else {
+        format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{nanos:09}Z")
+    }
 }
 
 /// Seconds since the epoch of an RFC 3339 time (`Z` or `±hh:mm` offset,
@@ -119,6 +124,10 @@ mod tests {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(
+            format_rfc3339_nanos(951_782_400, 5),
+            "2000-02-29T00:00:00.000000005Z"
+        );
         for t in [0, 1_700_000_000, 951_782_400, 4_102_444_799] {
             assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
         }

@@ -1,0 +1,407 @@
+//! COPY and ADD: the tree they read (the build context, a named context
+//! directory, or a stage or image result), the exact entries they copy,
+//! the step's key ([`Engine::copy_key`]), and on a miss the copy into a
+//! writable view, on a Landlock-confined thread, and its diff as a layer.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_snapshotter::confine::{run_confined, Component};
+use kiln_snapshotter::snapshot::View;
+
+use super::{Done, StepCtx};
+use crate::engine::download::Download;
+use crate::engine::error::StepError;
+use crate::engine::filecopy::{self, Entry};
+use crate::engine::fsutil::Root;
+use crate::engine::solver::Engine;
+use crate::engine::statcache::StatCache;
+use crate::engine::step_cache::{self, Key, KeyBuilder};
+use crate::engine::{download, network, progress, FromSource};
+use crate::frontend::dockerignore::{self, Matcher};
+use crate::frontend::instructions::{Add, Chmod, Copy, Source};
+
+/// What a COPY or ADD asks for, whichever of the two it is.
+pub struct CopyOp<'a> {
+    sources: &'a [Source],
+    dest: &'a str,
+    chown: Option<&'a str>,
+    chmod: Option<&'a Chmod>,
+    parents: bool,
+    excludes: &'a [String],
+    /// ADD: extract local tar archives
+    unpack: bool,
+    /// ADD --checksum of a URL source (`sha256:<hex>`)
+    checksum: Option<&'a str>,
+    /// ADD --unpack=true, which would extract a downloaded archive
+    unpack_urls: bool,
+    /// COPY --from: reads the step's first source, not the context
+    from_source: bool,
+}
+
+impl<'a> CopyOp<'a> {
+    pub fn copy(c: &'a Copy) -> Self {
+        CopyOp {
+            sources: &c.sources,
+            dest: &c.dest,
+            chown: c.chown.as_deref(),
+            chmod: c.chmod.as_ref(),
+            parents: c.parents,
+            excludes: &c.excludes,
+            unpack: false,
+            checksum: None,
+            unpack_urls: false,
+            from_source: true,
+        }
+    }
+
+    pub fn add(a: &'a Add) -> Self {
+        CopyOp {
+            sources: &a.sources,
+            dest: &a.dest,
+            chown: a.chown.as_deref(),
+            chmod: a.chmod.as_ref(),
+            parents: false,
+            excludes: &a.excludes,
+            // Local archives are extracted unless --unpack=false.
+            unpack: a.unpack != Some(false),
+            checksum: a.checksum.as_deref(),
+            unpack_urls: a.unpack == Some(true),
+            from_source: false,
+        }
+    }
+}
+
+/// The tree a COPY reads, held open for the step.
+enum Tree {
+    /// the build context (the engine holds it open)
+    Context(Arc<StatCache>),
+    /// `--build-context NAME=DIR`
+    Dir {
+        name: String,
+        path: PathBuf,
+        root: Root,
+        ignore: Matcher,
+        cache: Arc<StatCache>,
+    },
+    /// a stage's or an image's result, in a read-only view
+    Image {
+        key: Key,
+        root: Root,
+        _view: Box<View>,
+    },
+}
+
+/// Where the entries go: the destination as an absolute path, and whether
+/// it names a directory.
+struct Dest {
+    path: String,
+    is_dir: bool,
+}
+
+/// An `ADD <url>`: the URL, where it lands, and the download when the key
+/// needed it already.
+struct Remote {
+    url: String,
+    to: PathBuf,
+    download: Option<Download>,
+}
+
+impl Engine {
+    /// COPY and ADD: resolve the sources, key the step by exactly the
+    /// content they copy, and copy it into a new layer.
+    pub(super) fn copy_op(&self, ctx: &StepCtx, op: &CopyOp<'_>) -> Result<Done, StepError> {
+        let from = ctx.from.first().filter(|_| op.from_source);
+        let tree = self.copy_tree(from)?;
+        let source = self.tree_source(&tree);
+        let dest = self.destination(ctx, op);
+        // ADD of URLs: downloaded by this process, never in the sandbox.
+        let (urls, locals): (Vec<_>, Vec<_>) =
+            op.sources.iter().cloned().partition(filecopy::is_url);
+        if op.sources.len() > 1 && !dest.is_dir && !urls.is_empty() {
+            return Err(filecopy::Error::DestNotDir(op.dest.to_string()).into());
+        }
+        let excludes = Matcher::new(op.excludes.iter())
+            .map_err(|_| StepError::Copy(filecopy::Error::Pattern(op.excludes.join(","))))?;
+        let chmod = op.chmod.map(filecopy::Mode::parse).transpose()?;
+        let rules = filecopy::Rules {
+            excludes: &excludes,
+            parents: op.parents,
+            unpack: op.unpack,
+        };
+        let t = Instant::now();
+        let mut entries = source.collect(&locals, &dest.path, dest.is_dir, &rules)?;
+        self.progress
+            .phase(ctx.vertex, &format!("list {} sources", entries.len()), t);
+        let (key, remote) = self.copy_key(ctx, op, &tree, &source, &entries, &dest, &urls)?;
+        let lock = self.shared.key_lock(&key);
+        let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = self.hit(ctx, &key) {
+            return Ok(hit);
+        }
+        self.progress.started(ctx.vertex, &ctx.name);
+        for r in remote {
+            let d = match r.download {
+                Some(d) => d,
+                None => self.fetcher()?.fetch(&r.url)?,
+            };
+            if let Some(sum) = op.checksum {
+                d.verify(&r.url, sum)?;
+            }
+            entries.push(d.into_entry(r.to));
+        }
+        let view = self
+            .snap
+            .prepare(&step_cache::view_key("copy", &key), ctx.chain().as_ref())?;
+        let t = Instant::now();
+        if let Err(e) = self.copy_into(&view, op, chmod, &tree, &source, &entries) {
+            let _ = self.snap.remove(view);
+            return Err(e);
+        }
+        self.progress.phase(ctx.vertex, "copy", t);
+        let mut state = ctx.state.clone();
+        let created_by = format!("{} # buildkit", ctx.step.original);
+        self.commit(view, &mut state, created_by, ctx.vertex)?;
+        self.record(&key, &state);
+        Ok(Done {
+            key,
+            state,
+            cached: false,
+        })
+    }
+
+    /// What goes into a COPY or ADD key: the parent's key and the
+    /// instruction as planned; the source tree (a named context's name, a
+    /// source stage's key; nothing for the build context, whose files are
+    /// checksummed); a checksum of exactly the entries copied (mode, owner,
+    /// size, link target and bytes, [`filecopy::Source::checksum`]); each
+    /// URL's content digest, or its `--checksum` when given (then a hit
+    /// downloads nothing), and where it lands; `--chown`, `--chmod` and
+    /// the destination. Downloads made for the key are returned for the
+    /// copy.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_key(
+        &self,
+        ctx: &StepCtx,
+        op: &CopyOp<'_>,
+        tree: &Tree,
+        source: &filecopy::Source<'_>,
+        entries: &[Entry],
+        dest: &Dest,
+        urls: &[Source],
+    ) -> Result<(Key, Vec<Remote>), StepError> {
+        let mut k = KeyBuilder::new("step");
+        k.str(&ctx.parent.0)
+            .str(&serde_json::to_string(&ctx.step.instruction).unwrap_or_default());
+        match tree {
+            Tree::Context(_) => {}
+            Tree::Dir { name, .. } => {
+                k.str("context").str(name);
+            }
+            Tree::Image { key, .. } => {
+                k.str(&key.0);
+            }
+        }
+        let t = Instant::now();
+        let hashed = source.checksum(entries, &mut k)?;
+        self.progress.phase(
+            ctx.vertex,
+            &format!("checksum {}", progress::bytes(hashed)),
+            t,
+        );
+        let dest_rel = PathBuf::from(dest.path.trim_start_matches('/'));
+        let mut remote = Vec::new();
+        for u in urls {
+            let Source::Path(url) = u else { continue };
+            if op.unpack_urls {
+                return Err(filecopy::Error::Remote {
+                    url: url.clone(),
+                    kind: "an archive from a URL with --unpack",
+                }
+                .into());
+            }
+            let to = if dest.is_dir {
+                dest_rel.join(filecopy::url_file_name(url))
+            } else {
+                dest_rel.clone()
+            };
+            // With --checksum the checksum is the key: a hit needs no
+            // download. Without it the content digest is, as BuildKit does.
+            let download = match op.checksum {
+                Some(sum) => {
+                    k.str(sum);
+                    None
+                }
+                None => {
+                    let d = self.fetcher()?.fetch(url)?;
+                    k.str(&d.digest);
+                    Some(d)
+                }
+            };
+            k.str("url").str(&to.to_string_lossy());
+            remote.push(Remote {
+                url: url.clone(),
+                to,
+                download,
+            });
+        }
+        k.str(op.chown.unwrap_or(""))
+            .str(&format!("{:?}", op.chmod))
+            .str(&dest.path);
+        Ok((k.finish(), remote))
+    }
+
+    /// Open the tree a COPY reads: `from`, else the build context.
+    fn copy_tree(&self, from: Option<&FromSource>) -> Result<Tree, StepError> {
+        Ok(match from {
+            Some(FromSource::Dir { name, path }) => Tree::Dir {
+                name: name.clone(),
+                path: path.clone(),
+                root: Root::open(path).map_err(StepError::Source)?,
+                ignore: dockerignore::load(path, &path.join("Dockerfile"))
+                    .map_err(StepError::Ignore)?,
+                cache: self.stat_cache(path),
+            },
+            Some(FromSource::Image(key, state)) => {
+                let chain = state.chain.as_ref().and_then(|c| c.parse().ok());
+                let view = self
+                    .snap
+                    .view(&step_cache::view_key("from", key), chain.as_ref())?;
+                Tree::Image {
+                    key: key.clone(),
+                    root: Root::open(view.path()).map_err(StepError::Source)?,
+                    _view: Box::new(view),
+                }
+            }
+            None => Tree::Context(self.stat_cache(&self.opts.context)),
+        })
+    }
+
+    /// The copy's view of `tree`.
+    fn tree_source<'t>(&'t self, tree: &'t Tree) -> filecopy::Source<'t> {
+        match tree {
+            Tree::Context(cache) => filecopy::Source {
+                root: &self.context,
+                what: "build context",
+                ignore: Some(&self.ignore),
+                stat_cache: Some(cache),
+            },
+            Tree::Dir {
+                root,
+                ignore,
+                cache,
+                ..
+            } => filecopy::Source {
+                root,
+                what: "named build context",
+                ignore: Some(ignore),
+                stat_cache: Some(cache),
+            },
+            Tree::Image { root, .. } => filecopy::Source {
+                root,
+                what: "source stage",
+                ignore: None,
+                stat_cache: None,
+            },
+        }
+    }
+
+    /// The destination, absolute (relative to the working directory), and
+    /// whether it is a directory: a trailing `/`, `.` or `/.`, else what
+    /// the parent layers hold there.
+    fn destination(&self, ctx: &StepCtx, op: &CopyOp<'_>) -> Dest {
+        let path = if op.dest.starts_with('/') {
+            op.dest.to_string()
+        } else {
+            format!("{}/{}", ctx.workdir().trim_end_matches('/'), op.dest)
+        };
+        let is_dir = op.dest.ends_with('/')
+            || op.dest == "."
+            || op.dest.ends_with("/.")
+            || self.is_dir_in_chain(ctx.chain().as_ref(), &path);
+        Dest { path, is_dir }
+    }
+
+    /// Whether `path` is a directory in the layer chain `chain`, looked up
+    /// in the unpacked layers (topmost first) without mounting a view.
+    fn is_dir_in_chain(&self, chain: Option<&oci_spec::image::Digest>, path: &str) -> bool {
+        let Some(chain) = chain else { return false };
+        let Ok(dirs) = self.snap.layers().chain_dirs(chain) else {
+            return false;
+        };
+        let rel = std::path::Path::new(path.trim_start_matches('/'));
+        for dir in dirs {
+            if let Ok(root) = Root::open(&dir) {
+                if let Ok(meta) = root.lstat(rel) {
+                    return meta.is_dir();
+                }
+            }
+        }
+        false
+    }
+
+    /// Copy `entries` into `view`. The copy reads the context
+    /// (attacker-shaped trees) and writes the view: on a thread Landlock
+    /// keeps to the context, the named context read, and the state
+    /// directory.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_into(
+        &self,
+        view: &View,
+        op: &CopyOp<'_>,
+        chmod: Option<filecopy::Mode>,
+        tree: &Tree,
+        source: &filecopy::Source<'_>,
+        entries: &[Entry],
+    ) -> Result<(), StepError> {
+        let mut rules = self.confinement();
+        if let Tree::Dir { path, .. } = tree {
+            rules = rules.read(path);
+        }
+        let view_path = view.path().to_path_buf();
+        run_confined(Component::ContextCopy, &rules, || {
+            let target = Root::open(&view_path).map_err(StepError::Source)?;
+            let owner = match op.chown {
+                Some(spec) => Some(filecopy::chown_ids(&view_path, spec).map_err(|source| {
+                    StepError::Chown {
+                        spec: spec.to_string(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+            let layers = self.snap.layers();
+            let unique = || layers.unique("add");
+            let attrs = filecopy::CopyAttrs {
+                owner,
+                chmod,
+                tmp: &layers.tmp_dir(),
+                unique: &unique,
+            };
+            filecopy::copy(source, entries, &target, &attrs)?;
+            Ok::<(), StepError>(())
+        })
+        .map_err(|e| StepError::Snapshot(e.into()))
+        .and_then(|r| r)
+    }
+
+    /// How `ADD <url>` downloads: under the network a RUN step of the
+    /// build gets by default (the same policy, the same entitlement
+    /// check), with the registries' trust roots.
+    fn fetcher(&self) -> Result<download::Fetcher, StepError> {
+        let network =
+            network::entitled_network(None, self.opts.network, self.opts.allow_network_host)?;
+        let ca_files = match &self.opts.registry {
+            Some(r) => r.config().ca_files.clone(),
+            None => crate::registry::config::Config::load(&[])?.ca_files,
+        };
+        let dir = download::download_dir(self.opts.state.root()).map_err(StepError::Source)?;
+        Ok(download::Fetcher {
+            network,
+            ca_files,
+            limit: self.opts.add_max_size,
+            dir,
+        })
+    }
+}

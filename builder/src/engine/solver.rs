@@ -1,0 +1,578 @@
+//! The solver: plans a build, starts every stage at once on tokio (a stage
+//! waits only for the stages and images it reads), walks each stage's
+//! steps, and for each step takes a job slot, holds the step key's lock,
+//! and asks the op ([`super::ops`]) for its key, a cache hit, or a run.
+//!
+//! It owns scheduling and cache lookups; what a step does, and what goes
+//! into its key, is the op's.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_snapshotter::snapshot::Snapshotter;
+use tokio::sync::{watch, Semaphore};
+
+use super::bases::{self, Bases};
+use super::error::{Error, Result, StepError};
+use super::image_state::ImageState;
+use super::ops::{self, StepCtx};
+use super::progress::Progress;
+use super::step_cache::{Cache, Key};
+use super::{emulation, network, remote_cache, statcache, BuildOptions, Built, FromSource};
+use crate::engine::fsutil;
+use crate::frontend::dockerignore::Matcher;
+use crate::frontend::instructions::Instruction;
+use crate::frontend::plan::SourceRef;
+use crate::frontend::{self, Plan, PlanOptions, Stage, Step};
+
+/// What the builds of one `kiln build --platform A,B` share: job slots,
+/// vertex numbers, and one lock per step key, so a step that two platforms
+/// need identically (a `FROM --platform=$BUILDPLATFORM` stage) runs once
+/// and the other build takes it from the cache.
+pub struct Shared {
+    slots: Semaphore,
+    vertex: AtomicUsize,
+    keys: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+    /// label steps with their platform (several platforms are built)
+    pub(super) label_platform: bool,
+}
+
+impl Shared {
+    /// Slots for `jobs` steps at once across every platform's build.
+    pub fn new(jobs: usize, label_platform: bool) -> Arc<Self> {
+        Arc::new(Shared {
+            slots: Semaphore::new(jobs.max(1)),
+            vertex: AtomicUsize::new(1),
+            keys: Mutex::new(BTreeMap::new()),
+            label_platform,
+        })
+    }
+
+    /// The lock of one step key; hold it from the cache lookup until the
+    /// result is recorded.
+    pub(super) fn key_lock(&self, key: &Key) -> Arc<Mutex<()>> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(keys.entry(key.0.clone()).or_default())
+    }
+}
+
+/// A finished stage: its last key and state.
+type StageResult = Option<std::result::Result<(Key, ImageState), String>>;
+
+/// One platform's build in progress: its inputs, the plan, and the
+/// results of its stages as they finish.
+pub(super) struct Engine {
+    pub(super) snap: Arc<Snapshotter>,
+    pub(super) cache: Cache,
+    pub(super) progress: Arc<Progress>,
+    pub(super) opts: BuildOptions,
+    pub(super) plan: Plan,
+    pub(super) context: fsutil::Root,
+    pub(super) ignore: Matcher,
+    /// checksums of the context's and named contexts' files, by directory
+    stat_caches: Mutex<BTreeMap<std::path::PathBuf, Arc<statcache::StatCache>>>,
+    pub(super) cache_mounts: crate::image::cache_mounts::CacheMounts,
+    pub(super) redactor: Arc<crate::session::secrets::Redactor>,
+    /// `--cache-from` records, looked up when a key misses locally
+    imported: remote_cache::Imported,
+    /// every step's key and resulting state, for `--cache-to`
+    trail: Mutex<Vec<(Key, ImageState)>>,
+    pub(super) file: String,
+    pub(super) shared: Arc<Shared>,
+    pub(super) executed: AtomicUsize,
+    cached: AtomicUsize,
+    results: BTreeMap<usize, watch::Receiver<StageResult>>,
+}
+
+/// The parsed and planned build, before anything runs.
+struct Planned {
+    file: String,
+    snap: Arc<Snapshotter>,
+    plan: Plan,
+    bases: Bases,
+}
+
+/// Read and plan the Dockerfile: plan once to learn the base images, load
+/// them, then plan again with their environment and working directory
+/// (variables may come from them). The network policy is checked before
+/// any base is pulled.
+fn plan(opts: &BuildOptions, progress: &Progress) -> Result<Planned> {
+    let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
+        path: opts.dockerfile.clone(),
+        source,
+    })?;
+    let file = opts
+        .dockerfile
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    let ast = frontend::parse(&text, &file)?;
+    let backend = match opts.backend {
+        Some(b) => b,
+        None => kiln_snapshotter::backend::probe::probe(opts.state.root()),
+    };
+    let snap = Arc::new(
+        Snapshotter::open(&opts.state.snapshotter_root(), backend)
+            .map_err(|e| Error::State(Box::new(e)))?,
+    );
+    let mut plan_opts = PlanOptions {
+        build_args: opts.build_args.clone(),
+        named_contexts: opts.named_contexts.clone(),
+        target: opts.target.clone(),
+        target_platform: opts.platform.clone(),
+        ..PlanOptions::default()
+    };
+    let first = frontend::plan(&ast, &plan_opts)?;
+    network::check_plan(&first, &file, opts.network, opts.allow_network_host)?;
+    if opts.network == kiln_runtime::Network::None {
+        if let Some(remote_cache::Import::Registry { reference }) = opts
+            .cache_from
+            .iter()
+            .find(|c| matches!(c, remote_cache::Import::Registry { .. }))
+        {
+            return Err(Error::CacheFromOffline(reference.to_string()));
+        }
+    }
+    let bases = bases::load_bases(&snap, opts, &first, &mut plan_opts)?;
+    let plan = frontend::plan(&ast, &plan_opts)?;
+    for w in &plan.warnings {
+        let at = w.line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
+        progress.summary(&format!("WARNING: {at}{}", w.message));
+    }
+    Ok(Planned {
+        file,
+        snap,
+        plan,
+        bases,
+    })
+}
+
+/// Build one platform's image; `shared` is what it shares with the builds
+/// of other platforms started by the same `kiln build`.
+pub(super) async fn build_shared(
+    opts: BuildOptions,
+    progress: Arc<Progress>,
+    shared: Arc<Shared>,
+) -> Result<Built> {
+    let started = Instant::now();
+    let planned = plan(&opts, &progress)?;
+    let imported = remote_cache::import_all(
+        &opts.cache_from,
+        opts.registry.as_ref(),
+        &planned.snap,
+        &progress,
+    )
+    .await
+    .map_err(Error::CacheIo)?;
+    let bases = Arc::new(planned.bases);
+    let (engine, senders) = Engine::new(
+        opts,
+        progress,
+        shared,
+        planned.snap,
+        planned.plan,
+        planned.file,
+        imported,
+    )?;
+    let engine = Arc::new(engine);
+    let state = engine.run_stages(bases, senders).await;
+    engine.save_stat_caches();
+    engine.finish(state?, started).await
+}
+
+impl Engine {
+    /// The build's state for `plan`, and one channel per stage that
+    /// carries its result to the stages that need it.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        opts: BuildOptions,
+        progress: Arc<Progress>,
+        shared: Arc<Shared>,
+        snap: Arc<Snapshotter>,
+        plan: Plan,
+        file: String,
+        imported: remote_cache::Imported,
+    ) -> Result<(Engine, BTreeMap<usize, watch::Sender<StageResult>>)> {
+        let context = fsutil::Root::open(&opts.context).map_err(|source| Error::Context {
+            path: opts.context.clone(),
+            source,
+        })?;
+        let ignore =
+            frontend::dockerignore::load(&opts.context, &opts.dockerfile).map_err(Error::Ignore)?;
+        let cache = Cache::open(&opts.state.cache_dir()).map_err(Error::Cache)?;
+        let cache_mounts =
+            crate::image::cache_mounts::CacheMounts::open(&opts.state.cache_mounts_dir())
+                .map_err(|e| Error::CacheMounts(Box::new(e)))?;
+        let redactor = Arc::new(opts.session.secrets.redactor());
+        let mut senders = BTreeMap::new();
+        let mut results = BTreeMap::new();
+        for stage in &plan.stages {
+            let (tx, rx) = watch::channel(None);
+            senders.insert(stage.index, tx);
+            results.insert(stage.index, rx);
+        }
+        let engine = Engine {
+            snap,
+            cache,
+            progress,
+            shared,
+            opts,
+            plan,
+            context,
+            ignore,
+            stat_caches: Mutex::new(BTreeMap::new()),
+            cache_mounts,
+            redactor,
+            imported,
+            trail: Mutex::new(Vec::new()),
+            file,
+            executed: AtomicUsize::new(0),
+            cached: AtomicUsize::new(0),
+            results,
+        };
+        Ok((engine, senders))
+    }
+
+    /// Start every stage at once and wait for all of them; the target
+    /// stage's state, or the first error.
+    async fn run_stages(
+        self: &Arc<Self>,
+        bases: Arc<Bases>,
+        mut senders: BTreeMap<usize, watch::Sender<StageResult>>,
+    ) -> Result<ImageState> {
+        let mut tasks = Vec::new();
+        for stage in self.plan.stages.clone() {
+            let engine = Arc::clone(self);
+            let bases = Arc::clone(&bases);
+            let tx = senders.remove(&stage.index).expect("a sender per stage");
+            tasks.push(tokio::spawn(async move {
+                let r = engine.build_stage(&stage, &bases).await;
+                let _ = tx.send(Some(
+                    r.as_ref().map(|v| v.clone()).map_err(|e| e.to_string()),
+                ));
+                r
+            }));
+        }
+        let mut target = None;
+        let mut first_error = None;
+        for (task, stage) in tasks.into_iter().zip(self.plan.stages.iter()) {
+            match task.await {
+                Ok(Ok((_, state))) if stage.index == self.plan.target => target = Some(state),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(Error::Task(e));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => target.ok_or(Error::NoTarget),
+        }
+    }
+
+    /// Export the caches, store the image and say what was built.
+    async fn finish(&self, state: ImageState, started: Instant) -> Result<Built> {
+        let trail = self.trail.lock().map(|t| t.clone()).unwrap_or_default();
+        // `type=inline` goes into this image's config; the other exports are
+        // made here for one platform, and once, merged, by build_platforms for
+        // several (they would overwrite one another)
+        let mut inline = None;
+        for to in &self.opts.cache_to {
+            if *to == remote_cache::Export::Inline {
+                inline = Some(remote_cache::select(
+                    &trail,
+                    &state,
+                    remote_cache::Mode::Min,
+                ));
+            } else if !self.shared.label_platform {
+                let records = remote_cache::select(&trail, &state, to.mode());
+                remote_cache::export(
+                    &self.snap,
+                    self.opts.registry.as_ref(),
+                    to,
+                    &records,
+                    &self.progress,
+                )
+                .await
+                .map_err(Error::CacheIo)?;
+            }
+        }
+        let built = tokio::task::block_in_place(|| self.store_image(state, inline))?;
+        let label = match &self.opts.platform {
+            Some(p) if self.shared.label_platform => format!("[{p}] "),
+            _ => String::new(),
+        };
+        let (executed, cached) = (
+            self.executed.load(Ordering::Relaxed),
+            self.cached.load(Ordering::Relaxed),
+        );
+        self.progress.summary(&format!(
+            "{label}built {} in {:.1}s: {executed} steps run, {cached} cached",
+            built.manifest.digest(),
+            started.elapsed().as_secs_f64(),
+        ));
+        Ok(Built {
+            executed,
+            cached,
+            trail,
+            ..built
+        })
+    }
+
+    /// The stat cache of a context directory (the build's or a named one).
+    pub(super) fn stat_cache(&self, dir: &Path) -> Arc<statcache::StatCache> {
+        let mut caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(caches.entry(dir.to_path_buf()).or_insert_with(|| {
+            Arc::new(statcache::StatCache::open(
+                &self.opts.state.stat_cache_dir(),
+                dir,
+            ))
+        }))
+    }
+
+    /// Keep what the stat caches learned for the next build; a cache that
+    /// cannot be written only costs that build the hashing again.
+    fn save_stat_caches(&self) {
+        let caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
+        for cache in caches.values() {
+            if let Err(e) = cache.save() {
+                self.progress
+                    .summary(&format!("WARNING: cannot save the stat cache: {e}"));
+            }
+        }
+    }
+
+    fn step_error(&self, step: &Step, e: StepError) -> Error {
+        Error::Step {
+            file: self.file.clone(),
+            line: step.line,
+            instruction: step.original.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    /// The result of stage `index`, once it has one.
+    pub(super) async fn stage_result(&self, index: usize) -> Result<(Key, ImageState)> {
+        let mut rx = self
+            .results
+            .get(&index)
+            .cloned()
+            .ok_or(Error::StageMissing(index))?;
+        let value = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .map_err(|_| Error::StageLost(index))?;
+        match value.as_ref() {
+            Some(Ok(r)) => Ok(r.clone()),
+            Some(Err(message)) => Err(Error::StageFailed {
+                index,
+                message: message.clone(),
+            }),
+            None => Err(Error::StageLost(index)),
+        }
+    }
+
+    fn no_cache_for(&self, stage: &Stage) -> bool {
+        self.opts.no_cache
+            || self
+                .opts
+                .no_cache_filter
+                .iter()
+                .any(|f| stage.name.as_deref() == Some(f.as_str()) || f == &stage.index.to_string())
+    }
+
+    /// Walk a stage's steps: config-only steps change the state in place;
+    /// every other step is scheduled with [`Engine::run_step`].
+    async fn build_stage(
+        self: &Arc<Self>,
+        stage: &Stage,
+        bases: &Bases,
+    ) -> Result<(Key, ImageState)> {
+        let (mut key, mut state, dir_root) = self.stage_base(stage, bases).await?;
+        // ONBUILD triggers of a base image run first, in this stage, with
+        // this build's context; the resulting image does not inherit them.
+        // (Triggers of an earlier stage are inserted by the frontend.)
+        let from_image = matches!(
+            stage.base,
+            frontend::Base::Image { .. } | frontend::Base::Context { .. }
+        ) && dir_root.is_none();
+        let triggers = if from_image && !state.config.onbuild.is_empty() {
+            let t = bases::onbuild_steps(&state, &self.file)?;
+            state.config.onbuild.clear();
+            t
+        } else {
+            Vec::new()
+        };
+        let steps: Vec<&Step> = dir_root
+            .iter()
+            .chain(triggers.iter())
+            .chain(stage.steps.iter())
+            .collect();
+        let total = steps.len();
+        let stage_name = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| stage.index.to_string());
+        for (i, step) in steps.into_iter().enumerate() {
+            if let Some(k) = ops::config::apply(step, &key, &mut state, self.opts.source_date_epoch)
+            {
+                key = k;
+                continue;
+            }
+            let vertex = self.shared.vertex.fetch_add(1, Ordering::Relaxed);
+            let name = format!(
+                "{}[{stage_name} {}/{total}] {}",
+                self.step_label(step, &state),
+                i + 1,
+                step.original
+            );
+            (key, state) = self
+                .run_step(stage, step, &key, &state, vertex, &name)
+                .await?;
+        }
+        Ok((key, state))
+    }
+
+    /// BuildKit shows a step's platform when several are built; an
+    /// emulated RUN says so, since it runs several times slower.
+    fn step_label(&self, step: &Step, state: &ImageState) -> String {
+        let emulated = matches!(step.instruction, Instruction::Run(_))
+            && !emulation::is_native(&state.platform);
+        if emulated {
+            format!("[{}, emulated] ", state.platform)
+        } else if self.shared.label_platform {
+            format!("[{}] ", state.platform)
+        } else {
+            String::new()
+        }
+    }
+
+    /// What a step reads besides its own stage: the results of
+    /// `COPY --from` and `RUN --mount from=` (a stage, an image or a named
+    /// context), waited for before the step takes a job slot.
+    async fn step_sources(&self, stage: &Stage, step: &Step) -> Result<Vec<FromSource>> {
+        let wants_sources = match &step.instruction {
+            Instruction::Copy(c) => c.from.is_some(),
+            Instruction::Run(_) => true,
+            _ => false,
+        };
+        let mut from = Vec::new();
+        if !wants_sources {
+            return Ok(from);
+        }
+        for source in &step.sources {
+            from.push(match source {
+                SourceRef::Stage { index } => {
+                    let (k, st) = self.stage_result(*index).await?;
+                    FromSource::Image(k, Box::new(st))
+                }
+                SourceRef::Image { reference } => {
+                    let (k, st) = tokio::task::block_in_place(|| {
+                        self.load_image(reference, &stage.platform)
+                    })?;
+                    FromSource::Image(k, Box::new(st))
+                }
+                SourceRef::Context { name, source } => self
+                    .context_source(name, source, &stage.platform)
+                    .map_err(|e| self.step_error(step, e))?,
+            });
+        }
+        Ok(from)
+    }
+
+    /// Run one step: wait for its sources, take a job slot, and hand it to
+    /// its op on a blocking thread.
+    async fn run_step(
+        self: &Arc<Self>,
+        stage: &Stage,
+        step: &Step,
+        key: &Key,
+        state: &ImageState,
+        vertex: usize,
+        name: &str,
+    ) -> Result<(Key, ImageState)> {
+        // a waiting step never holds a slot
+        let from = self.step_sources(stage, step).await?;
+        let _slot = self
+            .shared
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::SlotsClosed)?;
+        let started = Instant::now();
+        let this = Arc::clone(self);
+        let ctx = StepCtx {
+            step: step.clone(),
+            parent: key.clone(),
+            state: state.clone(),
+            from,
+            vertex,
+            name: name.to_string(),
+            no_cache: self.no_cache_for(stage),
+        };
+        let result = tokio::task::spawn_blocking(move || this.execute(&ctx))
+            .await
+            .map_err(Error::Task)?;
+        match result {
+            Ok(done) => {
+                if let Ok(mut t) = self.trail.lock() {
+                    t.push((done.key.clone(), done.state.clone()));
+                }
+                if done.cached {
+                    self.cached.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.progress.done(vertex, started.elapsed().as_secs_f64());
+                }
+                Ok((done.key, done.state))
+            }
+            Err(e) => {
+                self.progress.error(vertex, &e.to_string());
+                Err(self.step_error(step, e))
+            }
+        }
+    }
+
+    /// The recorded result of `key`, locally or from `--cache-from`.
+    pub(super) fn lookup(&self, key: &Key, no_cache: bool) -> Option<ImageState> {
+        if no_cache {
+            return None;
+        }
+        // a record whose layers or blobs were collected is a miss
+        if let Some(hit) = self.cache.lookup(key, &self.snap) {
+            return Some(hit);
+        }
+        if self.imported.is_empty() {
+            return None;
+        }
+        match self.imported.materialize(key, &self.cache, &self.snap) {
+            Ok(hit) => hit,
+            Err(e) => {
+                // a broken imported cache costs a rebuild of the step
+                self.progress
+                    .summary(&format!("WARNING: --cache-from: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Remember that `key` produced `state`.
+    pub(super) fn record(&self, key: &Key, state: &ImageState) {
+        // A cache record that cannot be written only costs a rebuild.
+        let _ = self.cache.put(key, state);
+    }
+
+    /// Landlock rules for host-side work on build inputs: the state
+    /// directory read-write, the build context read-only.
+    pub(super) fn confinement(&self) -> kiln_snapshotter::confine::Rules {
+        self.snap
+            .confinement()
+            .write(self.opts.state.root())
+            .read(&self.opts.context)
+    }
+}
