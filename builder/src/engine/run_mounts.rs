@@ -86,8 +86,11 @@ pub enum Error {
     Copy(#[from] filecopy::Error),
     #[error(transparent)]
     Snapshot(#[from] kiln_snapshotter::snapshot::Error),
-    #[error("invalid mount: {0}")]
-    Spec(String),
+    #[error("cannot describe the mount at {target} for the runtime")]
+    Spec {
+        target: String,
+        source: oci_spec::OciSpecError,
+    },
 }
 
 /// Result alias for this module.
@@ -319,7 +322,10 @@ fn bind(target: &str, source: &Path, readonly: bool) -> Result<OciMount> {
         .source(source)
         .options(options)
         .build()
-        .map_err(|e| Error::Spec(e.to_string()))
+        .map_err(|source| Error::Spec {
+            target: target.to_string(),
+            source,
+        })
 }
 
 /// `/proc/self/fd/N` of a descriptor the sandbox child inherits (the clone
@@ -336,29 +342,34 @@ pub fn mount<'a>(
     res: &Resources<'a>,
 ) -> Result<Mounted<'a>> {
     let rootfs_real = std::fs::canonicalize(rootfs).unwrap_or_else(|_| rootfs.to_path_buf());
-    let mut out = Mounted {
-        snap: res.snap,
-        rootfs: rootfs_real.clone(),
-        spec_mounts: Vec::new(),
-        private: Vec::new(),
-        env: Vec::new(),
-        stubs: Vec::new(),
-        holds: Vec::new(),
-    };
     let root = Root::open(rootfs).map_err(|source| Error::Stub {
         target: "/".into(),
         source,
     })?;
+    let mut setup = Setup {
+        res,
+        root,
+        mounts,
+        ssh_first: true,
+        out: Mounted {
+            snap: res.snap,
+            rootfs: rootfs_real,
+            spec_mounts: Vec::new(),
+            private: Vec::new(),
+            env: Vec::new(),
+            stubs: Vec::new(),
+            holds: Vec::new(),
+        },
+    };
     // The runtime mounts /proc, /dev and /sys; a rootfs without them gets
     // stubs that do not end up in the layer.
     for dir in ["/proc", "/dev", "/sys"] {
-        ensure(&root, &rootfs_real, dir, true, &mut out.stubs)?;
+        setup.ensure(dir, true)?;
     }
     // Parents before children, so a mount inside another lands on top.
     let mut order: Vec<(&Mount, Option<&FromSource>)> =
         mounts.iter().zip(froms(mounts, sources)).collect();
     order.sort_by_key(|(m, _)| target_of(m).map(|t| rel(&t).components().count()));
-    let mut ssh_first = true;
     for (m, from) in order {
         match m {
             Mount::Bind {
@@ -366,231 +377,310 @@ pub fn mount<'a>(
                 source,
                 readwrite,
                 ..
-            } => {
-                let readonly = !readwrite;
-                if let Some(src) = dir_source(res, from)? {
-                    let entries = dir_entries(&src, source.as_deref())?;
-                    let layers = res.snap.layers();
-                    let scratch = layers.tmp_dir().join(layers.unique("bind"));
-                    std::fs::create_dir_all(&scratch).map_err(|source| Error::Stub {
-                        target: target.clone(),
-                        source,
-                    })?;
-                    out.holds.push(Hold::Scratch(scratch.clone()));
-                    let dest = Root::open(&scratch).map_err(|source| Error::Stub {
-                        target: target.clone(),
-                        source,
-                    })?;
-                    let mut rules = res.confinement.clone();
-                    if let Some(FromSource::Dir { path, .. }) = from {
-                        rules = rules.read(path);
-                    }
-                    kiln_snapshotter::confine::run_confined(
-                        kiln_snapshotter::confine::Component::ContextCopy,
-                        &rules,
-                        || {
-                            let unique = || layers.unique("bind");
-                            filecopy::copy(
-                                &src.source(),
-                                &entries,
-                                &dest,
-                                &filecopy::CopyAttrs {
-                                    owner: None,
-                                    chmod: None,
-                                    tmp: &layers.tmp_dir(),
-                                    unique: &unique,
-                                },
-                            )
-                        },
-                    )??;
-                    // A file source is collected as /<name>; bind the file.
-                    let src_path = source.as_deref().map(rel).unwrap_or_default();
-                    let is_file = !src_path.as_os_str().is_empty()
-                        && src.source().root.stat(&src_path).is_ok_and(|m| !m.is_dir());
-                    let single = match entries.as_slice() {
-                        [e] if is_file => Some(e.dest.clone()),
-                        _ => None,
-                    };
-                    let (path, is_dir) = match single {
-                        Some(name) => (scratch.join(name), false),
-                        None => (scratch, true),
-                    };
-                    ensure(&root, &rootfs_real, target, is_dir, &mut out.stubs)?;
-                    out.spec_mounts.push(bind(target, &path, readonly)?);
-                } else if let Some(FromSource::Image(k, st)) = from {
-                    let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
-                    let view_key = step_cache::view_key("mount", k);
-                    let view = if readonly {
-                        res.snap.view(&view_key, chain.as_ref())?
-                    } else {
-                        res.snap.prepare(&view_key, chain.as_ref())?
-                    };
-                    let resolved = (|| {
-                        let r = Root::open(view.path())?;
-                        let p = source.as_deref().map(rel).unwrap_or_default();
-                        let fd = r.open_at(&p, libc::O_PATH)?;
-                        let dir = r.stat(&p)?.is_dir();
-                        Ok::<_, std::io::Error>((fd, dir))
-                    })();
-                    out.holds.push(Hold::View(Box::new(view)));
-                    let (fd, is_dir) = resolved.map_err(|e| Error::Source {
-                        what: "source stage",
-                        path: source.clone().unwrap_or_else(|| "/".into()),
-                        source: e,
-                    })?;
-                    ensure(&root, &rootfs_real, target, is_dir, &mut out.stubs)?;
-                    out.spec_mounts.push(bind(target, &fd_path(&fd), readonly)?);
-                    out.holds.push(Hold::Fd(fd));
-                }
-            }
-            Mount::Cache {
-                target,
-                id,
-                sharing,
-                source,
-                readonly,
-                mode,
-                uid,
-                gid,
-                ..
-            } => {
-                let lease = res
-                    .cache_mounts
-                    .acquire(
-                        id,
-                        *sharing,
-                        Init {
-                            mode: *mode,
-                            uid: *uid,
-                            gid: *gid,
-                        },
-                    )
-                    .map_err(|source| Error::Cache {
-                        id: id.clone(),
-                        source,
-                    })?;
-                let cache_root = Root::open(lease.path()).map_err(|e| Error::Source {
-                    what: "cache mount",
-                    path: id.clone(),
-                    source: e,
-                })?;
-                if lease.fresh() && from.is_some() {
-                    seed_cache(res, from, source.as_deref(), &cache_root)?;
-                }
-                if *sharing == Sharing::Shared {
-                    lease.share().map_err(|source| Error::Cache {
-                        id: id.clone(),
-                        source,
-                    })?;
-                }
-                // Without from=, source= is a directory inside the cache,
-                // made and resolved inside it (never outside: Buildah
-                // CVE-2024-9675).
-                let fd = match (from, source) {
-                    (None, Some(s)) => cache_root.mkdir_all(&rel(s), *uid, *gid),
-                    _ => cache_root.open_at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY),
-                }
-                .map_err(|e| Error::Source {
-                    what: "cache mount",
-                    path: source.clone().unwrap_or_else(|| "/".into()),
-                    source: e,
-                })?;
-                ensure(&root, &rootfs_real, target, true, &mut out.stubs)?;
-                out.spec_mounts
-                    .push(bind(target, &fd_path(&fd), *readonly)?);
-                out.holds.push(Hold::Fd(fd));
-                out.holds.push(Hold::Lease(lease));
-            }
-            Mount::Tmpfs { target, size } => {
-                ensure(&root, &rootfs_real, target, true, &mut out.stubs)?;
-                let mut options = vec!["nosuid".to_string(), "nodev".into()];
-                if let Some(s) = size {
-                    options.push(format!("size={s}"));
-                }
-                out.spec_mounts.push(
-                    MountBuilder::default()
-                        .destination(target)
-                        .typ("tmpfs")
-                        .source("tmpfs")
-                        .options(options)
-                        .build()
-                        .map_err(|e| Error::Spec(e.to_string()))?,
-                );
-            }
-            Mount::Secret {
-                id,
-                target,
-                env,
-                required,
-                mode,
-                uid,
-                gid,
-            } => {
-                let Some(value) = res.secrets.get(id) else {
-                    if *required {
-                        return Err(Error::MissingSecret { id: id.clone() });
-                    }
-                    continue;
-                };
-                if let Some(var) = env {
-                    out.env
-                        .push((var.clone(), String::from_utf8_lossy(value).into_owned()));
-                }
-                if let Some(target) = target {
-                    check_not_nested(target, mounts)?;
-                    ensure(&root, &rootfs_real, target, false, &mut out.stubs)?;
-                    out.private.push(PrivateFile {
-                        dest: target.clone(),
-                        mode: *mode,
-                        uid: *uid,
-                        gid: *gid,
-                        content: PrivateContent::Bytes(value.clone()),
-                    });
-                }
-            }
-            Mount::Ssh {
-                id,
-                target,
-                required,
-                mode,
-                uid,
-                gid,
-            } => {
-                let Some(agent) = res.agents.get(id) else {
-                    if *required {
-                        return Err(Error::MissingSsh { id: id.clone() });
-                    }
-                    continue;
-                };
-                check_not_nested(target, mounts)?;
-                ensure(&root, &rootfs_real, target, false, &mut out.stubs)?;
-                let (ours, theirs) = nix::sys::socket::socketpair(
-                    nix::sys::socket::AddressFamily::Unix,
-                    nix::sys::socket::SockType::SeqPacket,
-                    None,
-                    nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-                )
-                .map_err(|e| Error::Socket(e.into()))?;
-                let agent = Arc::clone(agent);
-                out.holds.push(Hold::Agent(std::thread::spawn(move || {
-                    let listener = receive_fd(&ours)?;
-                    agent.serve(listener).ok()
-                })));
-                out.private.push(PrivateFile {
-                    dest: target.clone(),
-                    mode: *mode,
-                    uid: *uid,
-                    gid: *gid,
-                    content: PrivateContent::Socket(theirs),
-                });
-                if ssh_first {
-                    out.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
-                    ssh_first = false;
-                }
-            }
+            } => setup.bind(target, source.as_deref(), !readwrite, from)?,
+            Mount::Cache { .. } => setup.cache(m, from)?,
+            Mount::Tmpfs { target, size } => setup.tmpfs(target, *size)?,
+            Mount::Secret { .. } => setup.secret(m)?,
+            Mount::Ssh { .. } => setup.ssh(m)?,
         }
     }
-    Ok(out)
+    Ok(setup.out)
+}
+
+/// One step's mounts being set up: what they draw on, the view's root, and
+/// what is made so far (released if a later mount fails).
+struct Setup<'a, 'm> {
+    res: &'m Resources<'a>,
+    root: Root,
+    /// every mount of the step, to check secret and ssh targets against
+    mounts: &'m [Mount],
+    /// the first ssh mount sets SSH_AUTH_SOCK
+    ssh_first: bool,
+    out: Mounted<'a>,
+}
+
+impl Setup<'_, '_> {
+    /// Make `target` exist in the view (a stub the layer will not keep).
+    fn ensure(&mut self, target: &str, is_dir: bool) -> Result<()> {
+        ensure(
+            &self.root,
+            &self.out.rootfs,
+            target,
+            is_dir,
+            &mut self.out.stubs,
+        )
+    }
+
+    /// `type=bind`: a copy of a context or named-context path, or a path
+    /// of a stage or image result, bound at `target`.
+    fn bind(
+        &mut self,
+        target: &str,
+        source: Option<&str>,
+        readonly: bool,
+        from: Option<&FromSource>,
+    ) -> Result<()> {
+        if let Some(src) = dir_source(self.res, from)? {
+            return self.bind_dir_copy(target, source, readonly, from, &src);
+        }
+        let Some(FromSource::Image(k, st)) = from else {
+            return Ok(());
+        };
+        let snap = self.res.snap;
+        let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
+        let view_key = step_cache::view_key("mount", k);
+        let view = if readonly {
+            snap.view(&view_key, chain.as_ref())?
+        } else {
+            snap.prepare(&view_key, chain.as_ref())?
+        };
+        let resolved = (|| {
+            let r = Root::open(view.path())?;
+            let p = source.map(rel).unwrap_or_default();
+            let fd = r.open_at(&p, libc::O_PATH)?;
+            let dir = r.stat(&p)?.is_dir();
+            Ok::<_, std::io::Error>((fd, dir))
+        })();
+        self.out.holds.push(Hold::View(Box::new(view)));
+        let (fd, is_dir) = resolved.map_err(|e| Error::Source {
+            what: "source stage",
+            path: source.unwrap_or("/").to_string(),
+            source: e,
+        })?;
+        self.ensure(target, is_dir)?;
+        self.out
+            .spec_mounts
+            .push(bind(target, &fd_path(&fd), readonly)?);
+        self.out.holds.push(Hold::Fd(fd));
+        Ok(())
+    }
+
+    /// A bind of the build context or a named context: its files are
+    /// copied (filtered by its .dockerignore, Landlock-confined) into a
+    /// scratch directory, which is bound; never the host path itself.
+    fn bind_dir_copy(
+        &mut self,
+        target: &str,
+        source: Option<&str>,
+        readonly: bool,
+        from: Option<&FromSource>,
+        src: &DirSource<'_>,
+    ) -> Result<()> {
+        let entries = dir_entries(src, source)?;
+        let layers = self.res.snap.layers();
+        let scratch = layers.tmp_dir().join(layers.unique("bind"));
+        let stub_err = |source| Error::Stub {
+            target: target.to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&scratch).map_err(stub_err)?;
+        self.out.holds.push(Hold::Scratch(scratch.clone()));
+        let dest = Root::open(&scratch).map_err(stub_err)?;
+        let mut rules = self.res.confinement.clone();
+        if let Some(FromSource::Dir { path, .. }) = from {
+            rules = rules.read(path);
+        }
+        kiln_snapshotter::confine::run_confined(
+            kiln_snapshotter::confine::Component::ContextCopy,
+            &rules,
+            || {
+                let unique = || layers.unique("bind");
+                filecopy::copy(
+                    &src.source(),
+                    &entries,
+                    &dest,
+                    &filecopy::CopyAttrs {
+                        owner: None,
+                        chmod: None,
+                        tmp: &layers.tmp_dir(),
+                        unique: &unique,
+                    },
+                )
+            },
+        )??;
+        // A file source is collected as /<name>; bind the file.
+        let src_path = source.map(rel).unwrap_or_default();
+        let is_file = !src_path.as_os_str().is_empty()
+            && src.source().root.stat(&src_path).is_ok_and(|m| !m.is_dir());
+        let (path, is_dir) = match entries.as_slice() {
+            [e] if is_file => (scratch.join(&e.dest), false),
+            _ => (scratch, true),
+        };
+        self.ensure(target, is_dir)?;
+        self.out.spec_mounts.push(bind(target, &path, readonly)?);
+        Ok(())
+    }
+
+    /// `type=cache`: a leased directory of the cache-mount store, seeded
+    /// from `from` when fresh, bound at the target.
+    fn cache(&mut self, m: &Mount, from: Option<&FromSource>) -> Result<()> {
+        let Mount::Cache {
+            target,
+            id,
+            sharing,
+            source,
+            readonly,
+            mode,
+            uid,
+            gid,
+            ..
+        } = m
+        else {
+            return Ok(());
+        };
+        let cache_err = |source| Error::Cache {
+            id: id.clone(),
+            source,
+        };
+        let init = Init {
+            mode: *mode,
+            uid: *uid,
+            gid: *gid,
+        };
+        let lease = self
+            .res
+            .cache_mounts
+            .acquire(id, *sharing, init)
+            .map_err(cache_err)?;
+        let cache_root = Root::open(lease.path()).map_err(|e| Error::Source {
+            what: "cache mount",
+            path: id.clone(),
+            source: e,
+        })?;
+        if lease.fresh() && from.is_some() {
+            seed_cache(self.res, from, source.as_deref(), &cache_root)?;
+        }
+        if *sharing == Sharing::Shared {
+            lease.share().map_err(cache_err)?;
+        }
+        // Without from=, source= is a directory inside the cache, made and
+        // resolved inside it (never outside: Buildah CVE-2024-9675).
+        let fd = match (from, source) {
+            (None, Some(s)) => cache_root.mkdir_all(&rel(s), *uid, *gid),
+            _ => cache_root.open_at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY),
+        }
+        .map_err(|e| Error::Source {
+            what: "cache mount",
+            path: source.clone().unwrap_or_else(|| "/".into()),
+            source: e,
+        })?;
+        self.ensure(target, true)?;
+        self.out
+            .spec_mounts
+            .push(bind(target, &fd_path(&fd), *readonly)?);
+        self.out.holds.push(Hold::Fd(fd));
+        self.out.holds.push(Hold::Lease(lease));
+        Ok(())
+    }
+
+    /// `type=tmpfs`: a fresh tmpfs at the target.
+    fn tmpfs(&mut self, target: &str, size: Option<u64>) -> Result<()> {
+        self.ensure(target, true)?;
+        let mut options = vec!["nosuid".to_string(), "nodev".into()];
+        if let Some(s) = size {
+            options.push(format!("size={s}"));
+        }
+        let mount = MountBuilder::default()
+            .destination(target)
+            .typ("tmpfs")
+            .source("tmpfs")
+            .options(options)
+            .build()
+            .map_err(|source| Error::Spec {
+                target: target.to_string(),
+                source,
+            })?;
+        self.out.spec_mounts.push(mount);
+        Ok(())
+    }
+
+    /// `type=secret`: the secret's bytes as a file in the sandbox's
+    /// private tmpfs, and/or as an environment variable.
+    fn secret(&mut self, m: &Mount) -> Result<()> {
+        let Mount::Secret {
+            id,
+            target,
+            env,
+            required,
+            mode,
+            uid,
+            gid,
+        } = m
+        else {
+            return Ok(());
+        };
+        let Some(value) = self.res.secrets.get(id) else {
+            if *required {
+                return Err(Error::MissingSecret { id: id.clone() });
+            }
+            return Ok(());
+        };
+        if let Some(var) = env {
+            self.out
+                .env
+                .push((var.clone(), String::from_utf8_lossy(value).into_owned()));
+        }
+        if let Some(target) = target {
+            check_not_nested(target, self.mounts)?;
+            self.ensure(target, false)?;
+            self.out.private.push(PrivateFile {
+                dest: target.clone(),
+                mode: *mode,
+                uid: *uid,
+                gid: *gid,
+                content: PrivateContent::Bytes(value.clone()),
+            });
+        }
+        Ok(())
+    }
+
+    /// `type=ssh`: a socket in the sandbox's private tmpfs whose listener
+    /// an agent thread of this process serves.
+    fn ssh(&mut self, m: &Mount) -> Result<()> {
+        let Mount::Ssh {
+            id,
+            target,
+            required,
+            mode,
+            uid,
+            gid,
+        } = m
+        else {
+            return Ok(());
+        };
+        let Some(agent) = self.res.agents.get(id) else {
+            if *required {
+                return Err(Error::MissingSsh { id: id.clone() });
+            }
+            return Ok(());
+        };
+        check_not_nested(target, self.mounts)?;
+        self.ensure(target, false)?;
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| Error::Socket(e.into()))?;
+        let agent = Arc::clone(agent);
+        self.out.holds.push(Hold::Agent(std::thread::spawn(move || {
+            let listener = receive_fd(&ours)?;
+            agent.serve(listener).ok()
+        })));
+        self.out.private.push(PrivateFile {
+            dest: target.clone(),
+            mode: *mode,
+            uid: *uid,
+            gid: *gid,
+            content: PrivateContent::Socket(theirs),
+        });
+        if self.ssh_first {
+            self.out.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
+            self.ssh_first = false;
+        }
+        Ok(())
+    }
 }
 
 /// Seed a fresh cache directory from `from`'s `source` (its root when
