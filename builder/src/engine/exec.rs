@@ -176,55 +176,9 @@ pub fn network_setup(
 
 /// Run the step on the view at `rootfs`.
 pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Result<()> {
-    // The working directory exists before the command starts (BuildKit
-    // creates a missing WORKDIR).
-    let root = Root::open(rootfs).map_err(|source| Error::Workdir {
-        dir: spec.workdir.into(),
-        source,
-    })?;
-    root.mkdir_all(Path::new(spec.workdir.trim_start_matches('/')), 0, 0)
-        .map_err(|source| Error::Workdir {
-            dir: spec.workdir.into(),
-            source,
-        })?;
-
+    make_workdir(rootfs, spec.workdir)?;
     let (args, script) = command(&spec)?;
-    let mut config = SandboxConfig::new(rootfs, args);
-    config.cwd = spec.workdir.to_string();
-    config.network = spec.network;
-    config.hostname = "kiln".into();
-    config.mounts = std::mem::take(&mut spec.mounts);
-    let user = if spec.state.config.user.is_empty() {
-        "0"
-    } else {
-        spec.state.config.user.as_str()
-    };
-    let ids = kiln_runtime::user::resolve(rootfs, user)?;
-    config.uid = ids.uid;
-    config.gid = ids.gid;
-    config.additional_gids = ids.additional_gids;
-    // ENV wins over an ARG of the same name; ARGs are visible to RUN as
-    // environment variables.
-    let env = spec.state.env_pairs();
-    for (k, v) in spec.args {
-        if !env.iter().any(|(ek, _)| ek == k) {
-            config.env.push(format!("{k}={v}"));
-        }
-    }
-    config
-        .env
-        .extend(env.iter().map(|(k, v)| format!("{k}={v}")));
-    for (k, v) in &spec.env {
-        let prefix = format!("{k}=");
-        config.env.retain(|e| !e.starts_with(&prefix));
-        config.env.push(format!("{k}={v}"));
-    }
-    if !config.env.iter().any(|e| e.starts_with("HOME=")) {
-        config.env.push(format!(
-            "HOME={}",
-            ids.home.unwrap_or_else(|| "/root".into())
-        ));
-    }
+    let mut config = sandbox_config(rootfs, &spec, args)?;
     let mut oci = config.to_spec()?;
     // the environment may hold secrets (`RUN --mount=type=secret,env=`):
     // every copy of it kiln makes is wiped when the step ends
@@ -242,35 +196,8 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
     let (out_r, out_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Pipe(e.into()))?;
     let err_w: OwnedFd = out_w.try_clone().map_err(Error::Pipe)?;
-    let stdin = match &script {
-        Some(text) => {
-            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| Error::Pipe(e.into()))?;
-            let text = text.clone();
-            std::thread::spawn(move || {
-                let mut w = std::fs::File::from(w);
-                let _ = w.write_all(text.as_bytes());
-            });
-            Stdio::Fd(r)
-        }
-        None => Stdio::Null,
-    };
-    let vertex = spec.vertex;
-    let sink = Arc::clone(progress);
-    let redactor = Arc::clone(&spec.redactor);
-    let reader = std::thread::spawn(move || {
-        let mut tail = VecDeque::with_capacity(TAIL_LINES);
-        for line in BufReader::new(std::fs::File::from(out_r)).split(b'\n') {
-            let Ok(line) = line else { break };
-            let text = redactor.redact(&String::from_utf8_lossy(&line));
-            sink.log(vertex, 1, &text);
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(text);
-        }
-        tail
-    });
+    let stdin = stdin_for(script)?;
+    let reader = read_output(out_r, spec.vertex, progress, &spec.redactor);
     let status = kiln_runtime::run(
         &oci,
         RunOptions {
@@ -298,4 +225,100 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
         return Err(Error::Failed { status, tail });
     }
     Ok(())
+}
+
+/// The working directory exists before the command starts (BuildKit
+/// creates a missing WORKDIR).
+fn make_workdir(rootfs: &Path, workdir: &str) -> Result<()> {
+    let err = |source| Error::Workdir {
+        dir: workdir.into(),
+        source,
+    };
+    let root = Root::open(rootfs).map_err(err)?;
+    root.mkdir_all(Path::new(workdir.trim_start_matches('/')), 0, 0)
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The sandbox for the step: its command, working directory, network,
+/// mounts, user (from the image's USER, resolved in the rootfs) and
+/// environment.
+fn sandbox_config(rootfs: &Path, spec: &RunSpec<'_>, args: Vec<String>) -> Result<SandboxConfig> {
+    let mut config = SandboxConfig::new(rootfs, args);
+    config.cwd = spec.workdir.to_string();
+    config.network = spec.network;
+    config.hostname = "kiln".into();
+    config.mounts = spec.mounts.clone();
+    let user = if spec.state.config.user.is_empty() {
+        "0"
+    } else {
+        spec.state.config.user.as_str()
+    };
+    let ids = kiln_runtime::user::resolve(rootfs, user)?;
+    config.uid = ids.uid;
+    config.gid = ids.gid;
+    config.additional_gids = ids.additional_gids;
+    // ENV wins over an ARG of the same name; ARGs are visible to RUN as
+    // environment variables.
+    let env = spec.state.env_pairs();
+    for (k, v) in spec.args {
+        if !env.iter().any(|(ek, _)| ek == k) {
+            config.env.push(format!("{k}={v}"));
+        }
+    }
+    config
+        .env
+        .extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    // secrets as variables and SSH_AUTH_SOCK win over both
+    for (k, v) in &spec.env {
+        let prefix = format!("{k}=");
+        config.env.retain(|e| !e.starts_with(&prefix));
+        config.env.push(format!("{k}={v}"));
+    }
+    if !config.env.iter().any(|e| e.starts_with("HOME=")) {
+        config.env.push(format!(
+            "HOME={}",
+            ids.home.unwrap_or_else(|| "/root".into())
+        ));
+    }
+    Ok(config)
+}
+
+/// The command's stdin: a heredoc script fed through a pipe, else nothing.
+fn stdin_for(script: Option<String>) -> Result<Stdio> {
+    let Some(text) = script else {
+        return Ok(Stdio::Null);
+    };
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Pipe(e.into()))?;
+    std::thread::spawn(move || {
+        let mut w = std::fs::File::from(w);
+        let _ = w.write_all(text.as_bytes());
+    });
+    Ok(Stdio::Fd(r))
+}
+
+/// Read the step's output into the progress log, secrets masked, keeping
+/// the last lines for the error message if the step fails.
+fn read_output(
+    out_r: OwnedFd,
+    vertex: usize,
+    progress: &Arc<Progress>,
+    redactor: &Arc<Redactor>,
+) -> std::thread::JoinHandle<VecDeque<String>> {
+    let sink = Arc::clone(progress);
+    let redactor = Arc::clone(redactor);
+    std::thread::spawn(move || {
+        let mut tail = VecDeque::with_capacity(TAIL_LINES);
+        for line in BufReader::new(std::fs::File::from(out_r)).split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = redactor.redact(&String::from_utf8_lossy(&line));
+            sink.log(vertex, 1, &text);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text);
+        }
+        tail
+    })
 }

@@ -304,53 +304,18 @@ impl Source<'_> {
         let mut matches = Vec::new();
         let mut inline = Vec::new();
         for source in sources {
-            let pattern = match source {
-                instructions::Source::Path(p) => p,
-                instructions::Source::Heredoc { name, content } => {
-                    inline.push((name, content));
-                    continue;
-                }
-            };
-            let rel = clean_rel(pattern);
-            let found = if has_glob(pattern) {
-                let all = self.glob(&rel)?;
-                if all.is_empty() {
-                    all
-                } else {
-                    let kept: Vec<PathBuf> = all
-                        .into_iter()
-                        .filter(|p| !rules.excludes.matches(&rel_str(p)))
-                        .collect();
+            match source {
+                instructions::Source::Path(pattern) => {
                     let pivot = if rules.parents {
                         parents_pivot(pattern)
                     } else {
                         0
                     };
-                    matches.extend(kept.into_iter().map(|p| (p, pivot)));
-                    continue;
+                    let found = self.matches_of(pattern, rules)?;
+                    matches.extend(found.into_iter().map(|p| (p, pivot)));
                 }
-            } else if self.root.stat(&rel).is_ok() && !self.ignored(&rel) {
-                vec![rel.clone()]
-            } else {
-                Vec::new()
-            };
-            if found.is_empty() {
-                return Err(Error::NotFound {
-                    what: self.what,
-                    path: pattern.clone(),
-                    hint: if self.ignore.is_some() {
-                        " (or excluded by .dockerignore)"
-                    } else {
-                        ""
-                    },
-                });
+                instructions::Source::Heredoc { name, content } => inline.push((name, content)),
             }
-            let pivot = if rules.parents {
-                parents_pivot(pattern)
-            } else {
-                0
-            };
-            matches.extend(found.into_iter().map(|p| (p, pivot)));
         }
         let many = matches.len() + inline.len() > 1 || sources.len() > 1;
         let dest_is_dir = dest_is_dir || rules.parents;
@@ -359,52 +324,7 @@ impl Source<'_> {
         }
         let mut out = Vec::new();
         for (m, pivot) in matches {
-            // The named source itself is followed (inside the root); what
-            // is below it is copied as it is, symlinks as symlinks.
-            let meta = self.root.stat(&m).map_err(|e| self.read_err(&m, e))?;
-            let kept: PathBuf = m.components().skip(pivot).collect();
-            if meta.is_dir() {
-                let into = if rules.parents {
-                    dest_rel.join(&kept)
-                } else {
-                    dest_rel.clone()
-                };
-                if rules.parents && !kept.as_os_str().is_empty() {
-                    // The kept directory itself, with its own mode.
-                    out.push(Entry {
-                        src: m.clone(),
-                        dest: into.clone(),
-                        meta,
-                        link: None,
-                        inline: None,
-                        downloaded: None,
-                        archive: false,
-                    });
-                }
-                self.walk_from(&m, &into, rules.excludes, &mut out)?;
-                continue;
-            }
-            let name = m.file_name().map(PathBuf::from).unwrap_or_default();
-            let archive = rules.unpack && meta.is_file() && self.is_archive(&m)?;
-            let target = if archive {
-                // An archive is extracted into the destination directory.
-                dest_rel.clone()
-            } else if rules.parents {
-                dest_rel.join(&kept)
-            } else if dest_is_dir {
-                dest_rel.join(name)
-            } else {
-                dest_rel.clone()
-            };
-            out.push(Entry {
-                src: m,
-                dest: target,
-                meta,
-                link: None,
-                inline: None,
-                downloaded: None,
-                archive,
-            });
+            self.entries_of(m, pivot, &dest_rel, dest_is_dir, rules, &mut out)?;
         }
         for (name, content) in inline {
             let target = if dest_is_dir {
@@ -423,6 +343,93 @@ impl Source<'_> {
             });
         }
         Ok(out)
+    }
+
+    /// The paths one source pattern names: a glob's matches less the
+    /// `--exclude`d ones (none is an empty list), else the path itself; a
+    /// path that does not exist or is ignored is an error.
+    fn matches_of(&self, pattern: &str, rules: &Rules<'_>) -> Result<Vec<PathBuf>> {
+        let rel = clean_rel(pattern);
+        if has_glob(pattern) {
+            let all = self.glob(&rel)?;
+            if !all.is_empty() {
+                return Ok(all
+                    .into_iter()
+                    .filter(|p| !rules.excludes.matches(&rel_str(p)))
+                    .collect());
+            }
+        } else if self.root.stat(&rel).is_ok() && !self.ignored(&rel) {
+            return Ok(vec![rel]);
+        }
+        Err(Error::NotFound {
+            what: self.what,
+            path: pattern.to_string(),
+            hint: if self.ignore.is_some() {
+                " (or excluded by .dockerignore)"
+            } else {
+                ""
+            },
+        })
+    }
+
+    /// Append the entries of one matched path `m` to `out`: a directory's
+    /// contents (and with `--parents` the directory itself), or the file,
+    /// with `pivot` leading components dropped by `--parents`.
+    fn entries_of(
+        &self,
+        m: PathBuf,
+        pivot: usize,
+        dest_rel: &Path,
+        dest_is_dir: bool,
+        rules: &Rules<'_>,
+        out: &mut Vec<Entry>,
+    ) -> Result<()> {
+        // The named source itself is followed (inside the root); what is
+        // below it is copied as it is, symlinks as symlinks.
+        let meta = self.root.stat(&m).map_err(|e| self.read_err(&m, e))?;
+        let kept: PathBuf = m.components().skip(pivot).collect();
+        if meta.is_dir() {
+            let into = if rules.parents {
+                dest_rel.join(&kept)
+            } else {
+                dest_rel.to_path_buf()
+            };
+            if rules.parents && !kept.as_os_str().is_empty() {
+                // The kept directory itself, with its own mode.
+                out.push(Entry {
+                    src: m.clone(),
+                    dest: into.clone(),
+                    meta,
+                    link: None,
+                    inline: None,
+                    downloaded: None,
+                    archive: false,
+                });
+            }
+            return self.walk_from(&m, &into, rules.excludes, out);
+        }
+        let name = m.file_name().map(PathBuf::from).unwrap_or_default();
+        let archive = rules.unpack && meta.is_file() && self.is_archive(&m)?;
+        let target = if archive {
+            // An archive is extracted into the destination directory.
+            dest_rel.to_path_buf()
+        } else if rules.parents {
+            dest_rel.join(&kept)
+        } else if dest_is_dir {
+            dest_rel.join(name)
+        } else {
+            dest_rel.to_path_buf()
+        };
+        out.push(Entry {
+            src: m,
+            dest: target,
+            meta,
+            link: None,
+            inline: None,
+            downloaded: None,
+            archive,
+        });
+        Ok(())
     }
 
     /// Append every entry under the directory `path` to `out`, at `dest`.
