@@ -107,6 +107,68 @@ pub fn run(
     args: BuildArgs,
 ) -> anyhow::Result<i32> {
     let mode = progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?;
+    let opts = build_options(root, insecure, &args)?;
+    let epoch = opts.source_date_epoch;
+    let outputs = outputs(&args)?;
+    let platforms = platforms(&args)?;
+    let progress = Arc::new(progress::Progress::new(
+        mode,
+        Box::new(std::io::stderr()),
+        Vec::new(),
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let export_opts = ExportOptions {
+        source_date_epoch: epoch,
+    };
+    if platforms.len() > 1 {
+        return build_multi_platform(
+            &runtime,
+            opts,
+            &args,
+            &platforms,
+            &outputs,
+            &export_opts,
+            &progress,
+            insecure,
+        );
+    }
+    let built = match platforms.first() {
+        Some(p) => {
+            runtime
+                .block_on(engine::build_platforms(
+                    opts,
+                    std::slice::from_ref(p),
+                    Arc::clone(&progress),
+                ))?
+                .remove(0)
+                .1
+        }
+        None => runtime.block_on(engine::build(opts, Arc::clone(&progress)))?,
+    };
+    let store = crate::image::ImageStore::new(&built.snap);
+    let image = store.get(&built.manifest, None)?;
+    for spec in &outputs {
+        let t = std::time::Instant::now();
+        let exported = export(&store, &image, spec, &export_opts)?;
+        exported_line(&progress, spec, t);
+        if spec.push {
+            // the exporter named the image in the store; push those names
+            let source = exported.manifest.digest().to_string();
+            super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
+        }
+    }
+    println!("{}", built.manifest.digest());
+    Ok(0)
+}
+
+/// What the engine is asked to build, from the command line.
+fn build_options(
+    root: Option<&std::path::Path>,
+    insecure: &[String],
+    args: &BuildArgs,
+) -> anyhow::Result<engine::BuildOptions> {
     let backend = match args.snapshotter.as_str() {
         "auto" => None,
         "fuse" => Some(BackendKind::Fuse),
@@ -114,39 +176,12 @@ pub fn run(
         "copy" => Some(BackendKind::Copy),
         other => bail!("unknown --snapshotter {other:?}: use auto, fuse, overlay or copy"),
     };
-    let mut allow_network_host = false;
-    for a in &args.allow {
-        match a.as_str() {
-            "network.host" => allow_network_host = true,
-            "security.insecure" => {
-                bail!("--allow security.insecure: kiln never runs a step privileged")
-            }
-            other => bail!("unknown entitlement {other:?}: kiln knows network.host"),
-        }
-    }
+    let allow_network_host = entitlements(&args.allow)?;
     let network = kiln_runtime::Network::parse(&args.network, args.allow_host_loopback)?;
     // the same check every step makes, once before anything runs
     crate::engine::entitled_network(None, network, allow_network_host)?;
-    let mut build_args = BTreeMap::new();
-    for a in &args.build_arg {
-        match a.split_once('=') {
-            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
-            // `--build-arg K` takes K from the environment, as docker does.
-            None => std::env::var(a)
-                .ok()
-                .map(|v| build_args.insert(a.clone(), v))
-                .unwrap_or(None),
-        };
-    }
-    let epoch = build_args
-        .get("SOURCE_DATE_EPOCH")
-        .cloned()
-        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
-        .map(|s| {
-            s.parse::<i64>()
-                .with_context(|| format!("SOURCE_DATE_EPOCH {s:?} is not a number of seconds"))
-        })
-        .transpose()?;
+    let build_args = build_args(&args.build_arg);
+    let epoch = source_date_epoch(&build_args)?;
     let context = std::path::absolute(&args.context)?;
     let dockerfile = match &args.file {
         Some(f) => std::path::absolute(f)?,
@@ -159,35 +194,18 @@ pub fn run(
             .with_context(|| format!("--build-context {c:?}: expected NAME=SOURCE"))?;
         named_contexts.insert(k.to_string(), v.to_string());
     }
-    let mut session = crate::session::Session {
-        secrets: crate::session::secrets::Secrets::load(&args.secret, |k| std::env::var_os(k))?,
-        agents: BTreeMap::new(),
-    };
-    for flag in &args.ssh {
-        let cfg = crate::session::ssh::parse_flag(flag, |k| std::env::var_os(k))?;
-        let agent = crate::session::ssh::Agent::load(&cfg)?;
-        if session
-            .agents
-            .insert(cfg.id.clone(), Arc::new(agent))
-            .is_some()
-        {
-            bail!("--ssh {}: the id is given twice", cfg.id);
-        }
-    }
-    let cache_to = args
-        .cache_to
-        .iter()
-        .map(|s| engine::remote_cache::Export::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let cache_from = args
-        .cache_from
-        .iter()
-        .map(|s| engine::remote_cache::Import::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let opts = engine::BuildOptions {
-        session: Arc::new(session),
-        cache_to,
-        cache_from,
+    Ok(engine::BuildOptions {
+        session: Arc::new(session(args)?),
+        cache_to: args
+            .cache_to
+            .iter()
+            .map(|s| engine::remote_cache::Export::parse(s))
+            .collect::<Result<Vec<_>, _>>()?,
+        cache_from: args
+            .cache_from
+            .iter()
+            .map(|s| engine::remote_cache::Import::parse(s))
+            .collect::<Result<Vec<_>, _>>()?,
         named_contexts,
         context,
         dockerfile,
@@ -219,15 +237,78 @@ pub fn run(
         // FROM names missing from the store are pulled with this client
         registry: Some(super::registry::client(insecure)?),
         platform: None,
+    })
+}
+
+/// `--allow`: whether network.host is granted.
+fn entitlements(allow: &[String]) -> anyhow::Result<bool> {
+    let mut allow_network_host = false;
+    for a in allow {
+        match a.as_str() {
+            "network.host" => allow_network_host = true,
+            "security.insecure" => {
+                bail!("--allow security.insecure: kiln never runs a step privileged")
+            }
+            other => bail!("unknown entitlement {other:?}: kiln knows network.host"),
+        }
+    }
+    Ok(allow_network_host)
+}
+
+/// `--build-arg K=V`, and `--build-arg K`, which takes K from the
+/// environment as docker does (and is dropped when unset).
+fn build_args(flags: &[String]) -> BTreeMap<String, String> {
+    let mut build_args = BTreeMap::new();
+    for a in flags {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                build_args.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    build_args.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    build_args
+}
+
+/// SOURCE_DATE_EPOCH, from the build args else the environment.
+fn source_date_epoch(build_args: &BTreeMap<String, String>) -> anyhow::Result<Option<i64>> {
+    build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .map(|s| {
+            s.parse::<i64>()
+                .with_context(|| format!("SOURCE_DATE_EPOCH {s:?} is not a number of seconds"))
+        })
+        .transpose()
+}
+
+/// `--secret` and `--ssh`: what the build's steps may mount.
+fn session(args: &BuildArgs) -> anyhow::Result<crate::session::Session> {
+    let mut session = crate::session::Session {
+        secrets: crate::session::secrets::Secrets::load(&args.secret, |k| std::env::var_os(k))?,
+        agents: BTreeMap::new(),
     };
-    let progress = Arc::new(progress::Progress::new(
-        mode,
-        Box::new(std::io::stderr()),
-        Vec::new(),
-    ));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    for flag in &args.ssh {
+        let cfg = crate::session::ssh::parse_flag(flag, |k| std::env::var_os(k))?;
+        let agent = crate::session::ssh::Agent::load(&cfg)?;
+        if session
+            .agents
+            .insert(cfg.id.clone(), Arc::new(agent))
+            .is_some()
+        {
+            bail!("--ssh {}: the id is given twice", cfg.id);
+        }
+    }
+    Ok(session)
+}
+
+/// `-o` outputs, and the image store output `-t` (or no `-o`) implies.
+fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
     let mut outputs = args
         .output
         .iter()
@@ -240,6 +321,11 @@ pub fn run(
     } else if args.push {
         bail!("--push pushes the -t names: add -t NAME");
     }
+    Ok(outputs)
+}
+
+/// `--platform A,B`, each once, in order.
+fn platforms(args: &BuildArgs) -> anyhow::Result<Vec<Platform>> {
     let mut platforms: Vec<Platform> = Vec::new();
     for p in args.platform.iter().flat_map(|p| p.split(',')) {
         let p = Platform::parse(p)?;
@@ -247,87 +333,74 @@ pub fn run(
             platforms.push(p);
         }
     }
-    let export_opts = ExportOptions {
-        source_date_epoch: epoch,
-    };
-    if platforms.len() > 1 {
-        // refused before the build, not after it
-        if let Some(o) = outputs
-            .iter()
-            .find(|o| o.kind == crate::image::output::OutputType::Docker)
-        {
-            bail!(crate::image::export::Error::DockerMultiPlatform(format!(
-                "{} in {:?}",
-                args.platform.join(","),
-                o.kind.as_str()
-            )));
-        }
-        let built = runtime.block_on(engine::build_platforms(
-            opts,
-            &platforms,
-            Arc::clone(&progress),
-        ))?;
-        let store = crate::image::ImageStore::new(&built[0].1.snap);
-        let mut images = Vec::new();
-        for (p, b) in &built {
-            images.push((
-                crate::image::store::Platform {
-                    os: p.os.clone(),
-                    architecture: p.architecture.clone(),
-                    variant: p.variant.clone(),
-                },
-                store.get(&b.manifest, None)?,
-            ));
-        }
-        let mut digest = None;
-        for spec in &outputs {
-            let t = std::time::Instant::now();
-            let e = export_platforms(&store, &images, spec, &export_opts)?;
-            exported_line(&progress, spec, t);
-            if spec.push {
-                // the index and its manifests, under the names it was given
-                let source = e.manifest.digest().to_string();
-                super::registry::push_names(&built[0].1.snap, insecure, &source, &e.names)?;
-            }
-            if matches!(
-                spec.kind,
-                crate::image::output::OutputType::Image | crate::image::output::OutputType::Oci
-            ) {
-                digest = Some(e.manifest.digest().clone());
-            }
-        }
-        match digest {
-            Some(d) => println!("{d}"),
-            None => {
-                for (p, b) in &built {
-                    println!("{p} {}", b.manifest.digest());
-                }
-            }
-        }
-        return Ok(0);
+    Ok(platforms)
+}
+
+/// Build several platforms and export them as one index.
+#[allow(clippy::too_many_arguments)]
+fn build_multi_platform(
+    runtime: &tokio::runtime::Runtime,
+    opts: engine::BuildOptions,
+    args: &BuildArgs,
+    platforms: &[Platform],
+    outputs: &[OutputSpec],
+    export_opts: &ExportOptions,
+    progress: &Arc<progress::Progress>,
+    insecure: &[String],
+) -> anyhow::Result<i32> {
+    // refused before the build, not after it
+    if let Some(o) = outputs
+        .iter()
+        .find(|o| o.kind == crate::image::output::OutputType::Docker)
+    {
+        bail!(crate::image::export::Error::DockerMultiPlatform(format!(
+            "{} in {:?}",
+            args.platform.join(","),
+            o.kind.as_str()
+        )));
     }
-    let built = match platforms.pop() {
-        Some(p) => {
-            runtime
-                .block_on(engine::build_platforms(opts, &[p], Arc::clone(&progress)))?
-                .remove(0)
-                .1
-        }
-        None => runtime.block_on(engine::build(opts, Arc::clone(&progress)))?,
-    };
-    let store = crate::image::ImageStore::new(&built.snap);
-    let image = store.get(&built.manifest, None)?;
-    for spec in &outputs {
+    let built = runtime.block_on(engine::build_platforms(
+        opts,
+        platforms,
+        Arc::clone(progress),
+    ))?;
+    let store = crate::image::ImageStore::new(&built[0].1.snap);
+    let mut images = Vec::new();
+    for (p, b) in &built {
+        images.push((
+            crate::image::store::Platform {
+                os: p.os.clone(),
+                architecture: p.architecture.clone(),
+                variant: p.variant.clone(),
+            },
+            store.get(&b.manifest, None)?,
+        ));
+    }
+    let mut digest = None;
+    for spec in outputs {
         let t = std::time::Instant::now();
-        let exported = export(&store, &image, spec, &export_opts)?;
-        exported_line(&progress, spec, t);
+        let e = export_platforms(&store, &images, spec, export_opts)?;
+        exported_line(progress, spec, t);
         if spec.push {
-            // the exporter named the image in the store; push those names
-            let source = exported.manifest.digest().to_string();
-            super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
+            // the index and its manifests, under the names it was given
+            let source = e.manifest.digest().to_string();
+            super::registry::push_names(&built[0].1.snap, insecure, &source, &e.names)?;
+        }
+        if matches!(
+            spec.kind,
+            crate::image::output::OutputType::Image | crate::image::output::OutputType::Oci
+        ) {
+            digest = Some(e.manifest.digest().clone());
         }
     }
-    println!("{}", built.manifest.digest());
+    match digest {
+        Some(d) => println!("{d}"),
+        None => {
+            for (p, b) in &built {
+                println!("{p} {}", b.manifest.digest());
+            }
+        }
+    }
     Ok(0)
 }
 
