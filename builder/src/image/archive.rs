@@ -607,7 +607,6 @@ pub fn load_layout_dir(
     selector: &LayoutSelector,
 ) -> Result<Image> {
     let snap = store.snapshotter();
-    let content = snap.content();
     let lio = |path: PathBuf| move |source| Error::LayoutIo { path, source };
     let _no_gc = snap
         .layers()
@@ -619,13 +618,38 @@ pub fn load_layout_dir(
         entry: index_path.display().to_string(),
         reason: e.to_string(),
     })?;
+    let chosen = choose_in_layout(dir, &index, selector)?;
+    copy_layout_closure(store, dir, &chosen)?;
+    let image = store
+        .get(&chosen, None)
+        .map_err(|e| store_err(format!("image {} in {}", chosen.digest(), dir.display()), e))?;
+    store.unpack(&image).map_err(|e| {
+        store_err(
+            format!(
+                "cannot unpack the layers of {}",
+                image.manifest_descriptor.digest()
+            ),
+            e,
+        )
+    })?;
+    Ok(image)
+}
+
+/// The descriptor `selector` names in the layout `dir` whose index is
+/// `index`: its only image, the image tagged so, or a manifest or index by
+/// digest (also one inside an index, read from its blob).
+fn choose_in_layout(
+    dir: &Path,
+    index: &ImageIndex,
+    selector: &LayoutSelector,
+) -> Result<Descriptor> {
     let tag_of = |d: &Descriptor| {
         d.annotations()
             .as_ref()
             .and_then(|a| a.get(content::REF_NAME))
             .cloned()
     };
-    let chosen: Descriptor = match selector {
+    Ok(match selector {
         LayoutSelector::Only => match index.manifests().as_slice() {
             [one] => one.clone(),
             many => {
@@ -680,9 +704,17 @@ pub fn load_layout_dir(
                 Descriptor::new(media, bytes.len() as u64, d.clone())
             }
         },
-    };
-    // copy the chosen descriptor's closure: an index's present children,
-    // a manifest's config and layers
+    })
+}
+
+/// Copy the closure of `chosen` from the layout `dir` into the store, each
+/// blob verified against its digest and leased: an index's present
+/// children (other platforms may be left out of a layout), a manifest's
+/// config and layers.
+fn copy_layout_closure(store: &ImageStore<'_>, dir: &Path, chosen: &Descriptor) -> Result<()> {
+    let snap = store.snapshotter();
+    let content = snap.content();
+    let lio = |path: PathBuf| move |source| Error::LayoutIo { path, source };
     let mut todo = vec![(chosen.clone(), true)];
     while let Some((d, required)) = todo.pop() {
         let path = blob_path_in(dir, d.digest())?;
@@ -734,19 +766,7 @@ pub fn load_layout_dir(
             todo.extend(m.layers().iter().map(|l| (l.clone(), true)));
         }
     }
-    let image = store
-        .get(&chosen, None)
-        .map_err(|e| store_err(format!("image {} in {}", chosen.digest(), dir.display()), e))?;
-    store.unpack(&image).map_err(|e| {
-        store_err(
-            format!(
-                "cannot unpack the layers of {}",
-                image.manifest_descriptor.digest()
-            ),
-            e,
-        )
-    })?;
-    Ok(image)
+    Ok(())
 }
 
 fn blob_path_in(dir: &Path, d: &Digest) -> Result<PathBuf> {

@@ -429,6 +429,37 @@ fn rewrite(
         new_layers.push(d);
         new_diff_ids.push(diff_id);
     }
+    let layers = RewrittenLayers {
+        layers: new_layers,
+        diff_ids: new_diff_ids,
+        changed,
+    };
+    store_rewritten(store, image, spec, layers, &diff_ids)
+}
+
+/// The layers of a re-written image, and whether any differs from the
+/// stored image's.
+struct RewrittenLayers {
+    layers: Vec<Descriptor>,
+    diff_ids: Vec<Digest>,
+    changed: bool,
+}
+
+/// Store the image with `new` layers and the media types `spec` asks for;
+/// the stored image itself when nothing changes. `diff_ids` are the stored
+/// image's.
+fn store_rewritten(
+    store: &ImageStore<'_>,
+    image: &Image,
+    spec: &OutputSpec,
+    new: RewrittenLayers,
+    diff_ids: &[Digest],
+) -> Result<Image> {
+    let RewrittenLayers {
+        layers: new_layers,
+        diff_ids: new_diff_ids,
+        mut changed,
+    } = new;
     let (manifest_type, config_type) = if spec.oci_mediatypes {
         (MediaType::ImageManifest, MediaType::ImageConfig)
     } else {
@@ -453,7 +484,10 @@ fn rewrite(
     };
     let mut img = store
         .write_image_raw(config_bytes, config_type, new_layers, manifest_type)
-        .map_err(store_err("storing the re-written image"))?;
+        .map_err(|source| Error::Store {
+            context: "storing the re-written image".into(),
+            source: Box::new(source),
+        })?;
     img.name.clone_from(&image.name);
     Ok(img)
 }
