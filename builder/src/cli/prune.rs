@@ -136,25 +136,7 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
     let before = disk_bytes(&snap, &cache)?;
 
     if args.all {
-        let mut dropped = Vec::new();
-        snap.content().update_index(|m| {
-            m.retain(|d| {
-                let named = d
-                    .annotations()
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key(REF_NAME));
-                if !named {
-                    dropped.push(d.digest().to_string());
-                }
-                named
-            });
-        })?;
-        if !dropped.is_empty() {
-            println!("Deleted Images:");
-            for d in &dropped {
-                println!("deleted: {d}");
-            }
-        }
+        drop_unnamed_images(&snap)?;
     }
 
     cache
@@ -225,22 +207,7 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot remove cache record {}", key.0))?;
         println!("{}", &key.0[..key.0.len().min(25)]);
     }
-    let mut mounts_freed = 0;
-    for key in &doomed_mounts {
-        let instance = &key.0[MOUNT_KEY.len()..];
-        let removed = mounts
-            .remove(instance)
-            .with_context(|| format!("cannot remove cache mount {instance}"))?;
-        // None: a build took it since we looked; it stays
-        if let Some(bytes) = removed {
-            mounts_freed += bytes;
-            let id = mount_usage
-                .iter()
-                .find(|m| m.instance == instance)
-                .map_or("?", |m| m.id.as_str());
-            println!("cache mount {id} ({instance})");
-        }
-    }
+    let mounts_freed = remove_mounts(&mounts, &doomed_mounts, &mount_usage)?;
     gc::collect(&snap, &keep).context("garbage collection")?;
     snap.cleanup()?;
     let after = disk_bytes(&snap, &cache)?;
@@ -249,6 +216,56 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
         human_size(before.saturating_sub(after) + mounts_freed)
     );
     Ok(0)
+}
+
+/// `--all`: drop every image that has no name from the store's index.
+fn drop_unnamed_images(snap: &Snapshotter) -> anyhow::Result<()> {
+    let mut dropped = Vec::new();
+    snap.content().update_index(|m| {
+        m.retain(|d| {
+            let named = d
+                .annotations()
+                .as_ref()
+                .is_some_and(|a| a.contains_key(REF_NAME));
+            if !named {
+                dropped.push(d.digest().to_string());
+            }
+            named
+        });
+    })?;
+    if !dropped.is_empty() {
+        println!("Deleted Images:");
+        for d in &dropped {
+            println!("deleted: {d}");
+        }
+    }
+    Ok(())
+}
+
+/// Remove the cache mount instances `doomed` names (unless a build took
+/// one since they were listed); the bytes freed.
+fn remove_mounts(
+    mounts: &CacheMounts,
+    doomed: &[step_cache::Key],
+    usage: &[crate::image::cache_mounts::CacheUsage],
+) -> anyhow::Result<u64> {
+    let mut mounts_freed = 0;
+    for key in doomed {
+        let instance = &key.0[MOUNT_KEY.len()..];
+        let removed = mounts
+            .remove(instance)
+            .with_context(|| format!("cannot remove cache mount {instance}"))?;
+        // None: a build took it since we looked; it stays
+        if let Some(bytes) = removed {
+            mounts_freed += bytes;
+            let id = usage
+                .iter()
+                .find(|m| m.instance == instance)
+                .map_or("?", |m| m.id.as_str());
+            println!("cache mount {id} ({instance})");
+        }
+    }
+    Ok(mounts_freed)
 }
 
 /// A size as docker's `--keep-storage` takes it: a number with an optional
