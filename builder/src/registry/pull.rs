@@ -324,31 +324,7 @@ impl Registry {
         let name = r.to_string();
         let remote = remote_ref(r, host);
         self.authenticate(&name, host, &remote, Op::Pull).await?;
-        let (top_bytes, top_digest, top_media) = self.fetch_manifest(r, host).await?;
-        let mut docs: Vec<(Vec<u8>, Digest, String)> = Vec::new();
-        let (man_bytes, man_digest, man_media, manifest) =
-            match resolve_document(&name, &top_media, &top_bytes, platform)? {
-                Document::Manifest(m) => (top_bytes, top_digest.clone(), top_media, *m),
-                Document::Index(pick) => {
-                    let child = Reference {
-                        digest: Some(pick.digest().to_string()),
-                        tag: None,
-                        ..r.clone()
-                    };
-                    docs.push((top_bytes, top_digest.clone(), top_media));
-                    let (bytes, digest, media) = self.fetch_manifest(&child, host).await?;
-                    match resolve_document(&name, &media, &bytes, platform)? {
-                        Document::Manifest(m) => (bytes, digest, media, *m),
-                        Document::Index(_) => {
-                            return Err(Error::BadManifest {
-                                reference: name,
-                                reason: format!("the index's entry {digest} is another index"),
-                            })
-                        }
-                    }
-                }
-            };
-        docs.push((man_bytes, man_digest, man_media));
+        let (docs, manifest) = self.resolve_manifest(&name, r, host, platform).await?;
 
         let snap = store.snapshotter();
         let content = snap.content();
@@ -389,7 +365,6 @@ impl Registry {
             docs[0].0.len() as u64,
             top_digest2.clone(),
         );
-        debug_assert_eq!(top_digest2, &top_digest);
         let platform_store = ImageStore::new(snap).with_platform(platform.clone());
         let unpacked = tokio::task::block_in_place(|| -> Result<(Image, Option<String>)> {
             let image = platform_store
@@ -429,6 +404,44 @@ impl Registry {
             target,
             image,
         })
+    }
+
+    /// The manifest for `platform` that `r` names on `host`, and the
+    /// documents fetched on the way (the index first, when there is one),
+    /// each as (bytes, digest, media type).
+    async fn resolve_manifest(
+        &self,
+        name: &str,
+        r: &Reference,
+        host: &str,
+        platform: &Platform,
+    ) -> Result<(Vec<(Vec<u8>, Digest, String)>, ImageManifest)> {
+        let (top_bytes, top_digest, top_media) = self.fetch_manifest(r, host).await?;
+        let mut docs: Vec<(Vec<u8>, Digest, String)> = Vec::new();
+        let (man_bytes, man_digest, man_media, manifest) =
+            match resolve_document(name, &top_media, &top_bytes, platform)? {
+                Document::Manifest(m) => (top_bytes, top_digest.clone(), top_media, *m),
+                Document::Index(pick) => {
+                    let child = Reference {
+                        digest: Some(pick.digest().to_string()),
+                        tag: None,
+                        ..r.clone()
+                    };
+                    docs.push((top_bytes, top_digest.clone(), top_media));
+                    let (bytes, digest, media) = self.fetch_manifest(&child, host).await?;
+                    match resolve_document(name, &media, &bytes, platform)? {
+                        Document::Manifest(m) => (bytes, digest, media, *m),
+                        Document::Index(_) => {
+                            return Err(Error::BadManifest {
+                                reference: name.to_string(),
+                                reason: format!("the index's entry {digest} is another index"),
+                            })
+                        }
+                    }
+                }
+            };
+        docs.push((man_bytes, man_digest, man_media));
+        Ok((docs, manifest))
     }
 
     async fn fetch_limited(
