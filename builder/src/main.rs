@@ -98,7 +98,7 @@ fn main() {
         _ => kiln_runtime::userns::Mounts::Private,
     };
     if let Err(err) = kiln_runtime::userns::enter(mounts) {
-        eprintln!("kiln: error: {err}");
+        eprintln!("kiln: error: {}", kiln_builder::error_chain(&err));
         std::process::exit(kiln_runtime::error::EXIT_SANDBOX_FAILURE);
     }
     let root = cli.root.as_deref();

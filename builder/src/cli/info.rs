@@ -176,7 +176,7 @@ impl Info {
             },
             network_stack: match kiln_runtime::net::Stack::detect() {
                 Ok(s) => s.name().to_string(),
-                Err(e) => format!("none: {e}"),
+                Err(e) => format!("none: {}", crate::error_chain(&e)),
             },
             platforms: emulation::host_support(),
         }

@@ -12,16 +12,11 @@ pub mod registry;
 pub mod run;
 pub mod sandbox;
 
-/// The error and its causes, joined the way a user reads them.
+/// The error and its causes, joined the way a user reads them: "what:
+/// why: why". Every error kiln defines says what failed and leaves the why
+/// to its `source()`, so nothing is printed twice.
 pub fn chain(err: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in err.chain() {
-        let s = cause.to_string();
-        // thiserror messages often repeat their source; skip exact repeats.
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-    }
+    let parts: Vec<String> = err.chain().map(ToString::to_string).collect();
     parts.join(": ")
 }
 

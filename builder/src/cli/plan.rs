@@ -51,7 +51,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read Dockerfile {}", file.display()))?;
         (bytes, file.display().to_string())
     };
-    let ast = frontend::parse(&bytes, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ast = frontend::parse(&bytes, &name)
+        .map_err(|e| anyhow::anyhow!("{}", crate::error_chain(&e)))?;
     if args.syntax_tree {
         print!("{}", ast.dump());
         return Ok(());
@@ -90,7 +91,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         named_contexts,
         ..PlanOptions::default()
     };
-    let plan = frontend::plan(&ast, &opts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan =
+        frontend::plan(&ast, &opts).map_err(|e| anyhow::anyhow!("{}", crate::error_chain(&e)))?;
     for w in &plan.warnings {
         match w.line {
             Some(l) => eprintln!("warning: {name}:{l}: {}", w.message),

@@ -92,7 +92,7 @@ fn load_base(
                 .map_err(|e| {
                     Error::Pull(Box::new(crate::registry::Error::Task {
                         reference: name.to_string(),
-                        reason: e.to_string(),
+                        reason: crate::error_chain(&e),
                     }))
                 })?
                 .map_err(|e| Error::Pull(Box::new(e)))?;

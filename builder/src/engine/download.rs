@@ -112,10 +112,10 @@ impl Fetcher {
             Network::Sandbox {
                 allow_host_loopback,
             } => {
-                let stack =
-                    kiln_runtime::net::Stack::detect().map_err(|e| fetch_err(e.to_string()))?;
+                let stack = kiln_runtime::net::Stack::detect()
+                    .map_err(|e| fetch_err(crate::error_chain(&e)))?;
                 kiln_runtime::net::in_sandbox_network(&stack, allow_host_loopback, run)
-                    .map_err(|e| fetch_err(e.to_string()))?
+                    .map_err(|e| fetch_err(crate::error_chain(&e)))?
             }
         }
     }
@@ -166,7 +166,7 @@ impl Fetcher {
             .get(url)
             .send()
             .await
-            .map_err(|e| fetch_err(error_chain(&e)))?;
+            .map_err(|e| fetch_err(crate::error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(Error::HttpStatus {
                 url: url.to_string(),
@@ -189,7 +189,7 @@ impl Fetcher {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| fetch_err(format!("reading the body: {}", error_chain(&e))))?
+            .map_err(|e| fetch_err(format!("reading the body: {}", crate::error_chain(&e))))?
         {
             size += chunk.len() as u64;
             if size > self.limit {
@@ -215,19 +215,6 @@ impl Fetcher {
             limit: self.limit,
         }
     }
-}
-
-/// An error with its causes, which reqwest keeps apart ("error sending
-/// request" alone says nothing).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 /// A name lookup for the download, answered by a thread started in kiln's

@@ -53,7 +53,7 @@ pub fn is_native(p: &Platform) -> bool {
 pub enum Error {
     #[error("a RUN step for {platform} needs emulation, and kiln knows no qemu interpreter for it; build for linux/amd64, linux/arm64, linux/arm/v7, linux/riscv64, linux/s390x, linux/ppc64le or linux/386")]
     Unknown { platform: String },
-    #[error("a RUN step for {platform}: {source}")]
+    #[error("a RUN step for {platform}")]
     Unavailable {
         platform: String,
         source: kiln_runtime::Error,
@@ -127,7 +127,7 @@ pub fn host_support() -> Vec<PlatformSupport> {
             Ok(Mechanism::HostRegistration) => {
                 ("emulated: the host's binfmt_misc registration", None)
             }
-            Err(e) => ("missing", Some(e.to_string())),
+            Err(e) => ("missing", Some(crate::error_chain(&e))),
         };
         out.push(PlatformSupport {
             platform: p.to_string(),

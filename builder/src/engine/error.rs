@@ -10,23 +10,23 @@ use crate::frontend;
 /// Errors of a build.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Frontend(#[from] frontend::Error),
     #[error("cannot pull the base image: {0}")]
     Pull(Box<crate::registry::Error>),
-    #[error("cannot read the Dockerfile {path}: {source}")]
+    #[error("cannot read the Dockerfile {path}")]
     Dockerfile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("build context {path} is not a readable directory: {source}")]
+    #[error("build context {path} is not a readable directory")]
     Context {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the build context's ignore file: {0}; nothing was sent")]
+    #[error("cannot use the build context's ignore file; nothing was sent")]
     Ignore(#[source] frontend::dockerignore::DockerignoreError),
-    #[error("{file}:{line}: {instruction}: {source}")]
+    #[error("{file}:{line}: {instruction}")]
     Step {
         file: String,
         line: usize,
@@ -39,12 +39,12 @@ pub enum Error {
     BaseNotFoundOffline(String),
     #[error("--cache-from type=registry,ref={0}: the build runs with --network=none, which fetches nothing (drop one of the two)")]
     CacheFromOffline(String),
-    #[error("base image {name:?}: {source}")]
+    #[error("base image {name:?}")]
     Image {
         name: String,
         source: Box<crate::image::store::Error>,
     },
-    #[error("FROM --build-context {name}: {source}")]
+    #[error("FROM --build-context {name}")]
     Layout {
         name: String,
         source: Box<crate::image::archive::Error>,
@@ -109,14 +109,14 @@ pub enum StepError {
     },
     #[error("--build-context {name}: cannot load its image")]
     ContextImage { name: String, source: Box<Error> },
-    #[error("cannot resolve --chown {spec:?}: {source}")]
+    #[error("cannot resolve --chown {spec:?}")]
     Chown {
         spec: String,
         source: kiln_runtime::Error,
     },
     #[error("cannot open the source files: {0}")]
     Source(std::io::Error),
-    #[error("the named build context's ignore file: {0}")]
+    #[error("cannot use the named build context's ignore file")]
     Ignore(#[source] frontend::dockerignore::DockerignoreError),
     #[error(transparent)]
     Mounts(#[from] run_mounts::Error),

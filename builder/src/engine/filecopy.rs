@@ -35,13 +35,13 @@ pub enum Error {
         path: String,
         hint: &'static str,
     },
-    #[error("cannot read {path:?} from the {what}: {source}")]
+    #[error("cannot read {path:?} from the {what}")]
     Read {
         what: &'static str,
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot write {path} in the image: {source}")]
+    #[error("cannot write {path} in the image")]
     Write {
         path: String,
         source: std::io::Error,
@@ -68,12 +68,12 @@ pub enum Error {
         expected: String,
         actual: String,
     },
-    #[error("cannot extract the archive {path:?}: {source}")]
+    #[error("cannot extract the archive {path:?}")]
     Archive {
         path: String,
         source: Box<kiln_snapshotter::apply::Error>,
     },
-    #[error("cannot prepare a scratch directory {path} to extract {archive:?}: {source}")]
+    #[error("cannot prepare a scratch directory {path} to extract {archive:?}")]
     Scratch {
         path: PathBuf,
         archive: String,

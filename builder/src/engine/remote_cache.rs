@@ -46,31 +46,31 @@ pub enum Error {
         spec: String,
         why: String,
     },
-    #[error("cache {place}: {source}")]
+    #[error("cache {place}")]
     Io {
         place: String,
         source: std::io::Error,
     },
     #[error("cache {place} is not a kiln build cache: {why}")]
     Format { place: String, why: String },
-    #[error("cache {place}: blob {digest}: {source}")]
+    #[error("cache {place}: blob {digest}")]
     Blob {
         place: String,
         digest: String,
         source: Box<kiln_snapshotter::content::Error>,
     },
-    #[error("cache {place}: {source}")]
+    #[error("cache {place}")]
     Registry {
         place: String,
         source: Box<crate::registry::Error>,
     },
-    #[error("cache {place}: layer {digest}: {source}")]
+    #[error("cache {place}: layer {digest}")]
     Layer {
         place: String,
         digest: String,
         source: Box<kiln_snapshotter::snapshot::Error>,
     },
-    #[error("cache {place}: layer {digest}: {source}")]
+    #[error("cache {place}: layer {digest}")]
     Variant {
         place: String,
         digest: String,
@@ -337,7 +337,7 @@ pub fn manifest_for(config: &Descriptor, records: &[Record]) -> Result<ImageMani
                     .build()
                     .map_err(|e| Error::Format {
                         place: "record".into(),
-                        why: e.to_string(),
+                        why: crate::error_chain(&e),
                     })?,
             );
         }
@@ -350,7 +350,7 @@ pub fn manifest_for(config: &Descriptor, records: &[Record]) -> Result<ImageMani
         .build()
         .map_err(|e| Error::Format {
             place: "manifest".into(),
-            why: e.to_string(),
+            why: crate::error_chain(&e),
         })
 }
 
@@ -503,7 +503,7 @@ impl BlobSource for RegistryBlobs {
             }),
             Err(e) => Err(Error::Format {
                 place: self.place(),
-                why: e.to_string(),
+                why: crate::error_chain(&e),
             }),
         }
     }
@@ -515,7 +515,7 @@ pub const INLINE_KEY: &str = "kiln.buildcache.v1";
 fn parse_reference(place: &str) -> Result<crate::image::reference::Reference> {
     crate::image::reference::Reference::parse(place).map_err(|e| Error::Format {
         place: place.into(),
-        why: e.to_string(),
+        why: crate::error_chain(&e),
     })
 }
 
@@ -605,7 +605,7 @@ pub async fn export_registry(
     })
     .map_err(|e| Error::Format {
         place: place.clone(),
-        why: e.to_string(),
+        why: crate::error_chain(&e),
     })?;
     let content = store.snapshotter().content();
     let config = content
@@ -626,7 +626,7 @@ pub async fn export_registry(
     }
     let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Format {
         place: place.clone(),
-        why: e.to_string(),
+        why: crate::error_chain(&e),
     })?;
     registry
         .push_manifest(&r, bytes, "application/vnd.oci.image.manifest.v1+json")
@@ -722,7 +722,7 @@ pub fn checked_layers(
             .digest(digest)
             .size(l.size)
             .build()
-            .map_err(|e| malformed(e.to_string()))?;
+            .map_err(|e| malformed(crate::error_chain(&e)))?;
         let chain = chain_id(parent.as_ref(), &diff_id);
         parent = Some(chain.clone());
         out.push((desc, diff_id, chain));
@@ -987,7 +987,10 @@ pub async fn import_all(
         };
         match read {
             Ok((config, blobs)) => imported.add(config, blobs),
-            Err(e) => progress.summary(&format!("WARNING: --cache-from: {e}")),
+            Err(e) => progress.summary(&format!(
+                "WARNING: --cache-from: {}",
+                crate::error_chain(&e)
+            )),
         }
     }
     Ok(imported)
@@ -1001,7 +1004,7 @@ async fn read_registry_source(
 ) -> Result<(CacheConfig, Box<dyn BlobSource>)> {
     let r = crate::image::reference::Reference::parse(reference).map_err(|e| Error::Format {
         place: reference.to_string(),
-        why: e.to_string(),
+        why: crate::error_chain(&e),
     })?;
     let config = read_registry(registry, snap.content(), reference).await?;
     let blobs = RegistryBlobs {

@@ -50,20 +50,20 @@ use crate::session::ssh::{Agent, Serving};
 pub enum Error {
     #[error(transparent)]
     Confine(#[from] kiln_snapshotter::confine::NotConfined),
-    #[error("the named build context's ignore file: {0}")]
+    #[error("cannot use the named build context's ignore file")]
     Ignore(#[source] crate::frontend::dockerignore::DockerignoreError),
     #[error("secret {id:?} is required (--mount=type=secret,id={id},required) but the build was not given it: pass --secret id={id},src=FILE")]
     MissingSecret { id: String },
     #[error("ssh agent {id:?} is required (--mount=type=ssh,id={id},required) but the build was not given it: pass --ssh {id}")]
     MissingSsh { id: String },
-    #[error("cannot create the mount point {target}: {source}")]
+    #[error("cannot create the mount point {target}")]
     Stub {
         target: String,
         source: std::io::Error,
     },
     #[error("mount point {target} is a symlink that points nowhere")]
     DanglingTarget { target: String },
-    #[error("mount source {path:?} in the {what}: {source}")]
+    #[error("mount source {path:?} in the {what}")]
     Source {
         what: &'static str,
         path: String,
@@ -75,7 +75,7 @@ pub enum Error {
         kind: &'static str,
         outer: String,
     },
-    #[error("cache mount {id:?}: {source}")]
+    #[error("cache mount {id:?}")]
     Cache {
         id: String,
         source: crate::image::cache_mounts::Error,

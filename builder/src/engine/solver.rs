@@ -251,7 +251,9 @@ impl Engine {
             tasks.push(tokio::spawn(async move {
                 let r = engine.build_stage(&stage, &bases).await;
                 let _ = tx.send(Some(
-                    r.as_ref().map(|v| v.clone()).map_err(|e| e.to_string()),
+                    r.as_ref()
+                        .map(|v| v.clone())
+                        .map_err(|e| crate::error_chain(&e)),
                 ));
                 r
             }));
@@ -342,8 +344,10 @@ impl Engine {
         let caches = self.stat_caches.lock().unwrap_or_else(|e| e.into_inner());
         for cache in caches.values() {
             if let Err(e) = cache.save() {
-                self.progress
-                    .summary(&format!("WARNING: cannot save the stat cache: {e}"));
+                self.progress.summary(&format!(
+                    "WARNING: cannot save the stat cache: {}",
+                    crate::error_chain(&e)
+                ));
             }
         }
     }
@@ -532,7 +536,7 @@ impl Engine {
                 Ok((done.key, done.state))
             }
             Err(e) => {
-                self.progress.error(vertex, &e.to_string());
+                self.progress.error(vertex, &crate::error_chain(&e));
                 Err(self.step_error(step, e))
             }
         }
@@ -554,8 +558,10 @@ impl Engine {
             Ok(hit) => hit,
             Err(e) => {
                 // a broken imported cache costs a rebuild of the step
-                self.progress
-                    .summary(&format!("WARNING: --cache-from: {e}"));
+                self.progress.summary(&format!(
+                    "WARNING: --cache-from: {}",
+                    crate::error_chain(&e)
+                ));
                 None
             }
         }

@@ -42,9 +42,9 @@ pub enum Error {
     Read(io::Error),
     #[error("the archive is {0} compressed; kiln reads plain, gzip or zstd archives: decompress it first")]
     Compression(&'static str),
-    #[error("archive entry {entry:?}: {source}")]
+    #[error("archive entry {entry:?}")]
     Entry { entry: String, source: io::Error },
-    #[error("the archive is truncated or corrupt after entry {after:?}: {source}")]
+    #[error("the archive is truncated or corrupt after entry {after:?}")]
     Corrupt { after: String, source: io::Error },
     #[error("the input is not a tar archive (nor a gzip or zstd compressed one): {0}")]
     NotTar(io::Error),
@@ -88,18 +88,18 @@ pub enum Error {
     MissingBlob { digest: Digest, what: String },
     #[error("the archive has no images (empty {0})")]
     Empty(&'static str),
-    #[error("image name {name:?} in {entry}: {source}")]
+    #[error("image name {name:?} in {entry}")]
     Name {
         name: String,
         entry: &'static str,
         source: reference::Error,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Store {
         context: String,
         source: Box<store::Error>,
     },
-    #[error("OCI layout {path}: {source}")]
+    #[error("OCI layout {path}")]
     LayoutIo { path: PathBuf, source: io::Error },
     #[error("OCI layout {dir} has no image {selector} (it has: {available})")]
     NoSuchImage {
@@ -388,7 +388,7 @@ fn load_docker(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
     let entries: Vec<DockerEntry> =
         serde_json::from_slice(&c.meta["manifest.json"]).map_err(|e| Error::Json {
             entry: "manifest.json".into(),
-            reason: e.to_string(),
+            reason: crate::error_chain(&e),
         })?;
     if entries.is_empty() {
         return Err(Error::Empty("manifest.json"));
@@ -402,7 +402,7 @@ fn load_docker(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
         let config: ImageConfiguration =
             serde_json::from_slice(&config_bytes).map_err(|err| Error::Json {
                 entry: e.config.clone(),
-                reason: err.to_string(),
+                reason: crate::error_chain(&err),
             })?;
         let diff_ids = config.rootfs().diff_ids();
         if diff_ids.len() != e.layers.len() {
@@ -484,7 +484,7 @@ fn load_oci(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
     let layout: serde_json::Value =
         serde_json::from_slice(&c.meta["oci-layout"]).map_err(|e| Error::Json {
             entry: "oci-layout".into(),
-            reason: e.to_string(),
+            reason: crate::error_chain(&e),
         })?;
     match layout.get("imageLayoutVersion").and_then(|v| v.as_str()) {
         Some("1.0.0") => {}
@@ -496,7 +496,7 @@ fn load_oci(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
     })?;
     let index: ImageIndex = serde_json::from_slice(index_bytes).map_err(|e| Error::Json {
         entry: "index.json".into(),
-        reason: e.to_string(),
+        reason: crate::error_chain(&e),
     })?;
     if index.manifests().is_empty() {
         return Err(Error::Empty("index.json"));
@@ -616,7 +616,7 @@ pub fn load_layout_dir(
     let bytes = std::fs::read(&index_path).map_err(lio(index_path.clone()))?;
     let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
         entry: index_path.display().to_string(),
-        reason: e.to_string(),
+        reason: crate::error_chain(&e),
     })?;
     let chosen = choose_in_layout(dir, &index, selector)?;
     copy_layout_closure(store, dir, &chosen)?;
@@ -694,7 +694,7 @@ fn choose_in_layout(
                 let v: serde_json::Value =
                     serde_json::from_slice(&bytes).map_err(|e| Error::Json {
                         entry: path.display().to_string(),
-                        reason: e.to_string(),
+                        reason: crate::error_chain(&e),
                     })?;
                 let media = if v.get("manifests").is_some() {
                     MediaType::ImageIndex

@@ -54,7 +54,7 @@ pub use crate::frontend::mounts::Sharing;
 /// Errors of the cache mount store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cache mount store {path}: {source}")]
+    #[error("cache mount store {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error(
         "cannot give cache mount {id:?} to uid {uid} gid {gid}: the id is not mapped in \

@@ -58,9 +58,9 @@ pub enum Error {
     Confine(Box<kiln_snapshotter::confine::NotConfined>),
     #[error("rewrite-timestamp=true needs SOURCE_DATE_EPOCH (set it in the environment or as a build arg)")]
     NoEpoch,
-    #[error("export to {path}: {source}")]
+    #[error("export to {path}")]
     Write { path: PathBuf, source: io::Error },
-    #[error("export: cannot read layer {digest}: {source}")]
+    #[error("export: cannot read layer {digest}")]
     Layer { digest: Digest, source: io::Error },
     #[error("export: dest {0} is a directory; type={1} writes a tar file, give a file name")]
     DestIsDir(PathBuf, &'static str),
@@ -70,17 +70,17 @@ pub enum Error {
     DestNotDir(PathBuf),
     #[error("export: the image's layer {index} uses media type {media_type}, which kiln cannot recompress")]
     UnknownLayerType { index: usize, media_type: String },
-    #[error("export: {context}: {source}")]
+    #[error("export: {context}")]
     Store {
         context: String,
         source: Box<store::Error>,
     },
-    #[error("export: rewriting layer {index}: {source}")]
+    #[error("export: rewriting layer {index}")]
     Diff {
         index: usize,
         source: Box<diff::Error>,
     },
-    #[error("export: materialising the root filesystem: {0}")]
+    #[error("export: materialising the root filesystem")]
     Copy(#[from] copy::Error),
     #[error(transparent)]
     Content(#[from] content::Error),
@@ -1013,7 +1013,7 @@ mod confinement_tests {
         fs::create_dir_all(&other).unwrap();
         let rules = snap.confinement().write(&allowed);
         let stray = run_confined(Component::Export, &rules, || {
-            materialise(&store, &image, &other).map_err(|e| e.to_string())
+            materialise(&store, &image, &other).map_err(|e| crate::error_chain(&e))
         })
         .expect("Landlock confines here");
         let err = stray.expect_err("written outside the destination");

@@ -28,16 +28,16 @@ use super::time;
 /// Errors of `kiln import`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {what}: {source}")]
+    #[error("cannot read {what}")]
     Read { what: String, source: io::Error },
     #[error("{0} is {1} compressed; kiln imports plain, gzip or zstd tars: decompress it first")]
     Compression(String, &'static str),
-    #[error("cannot write the layer for {what}: {source}")]
+    #[error("cannot write the layer for {what}")]
     Diff {
         what: String,
         source: Box<diff::Error>,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Store {
         context: String,
         source: Box<store::Error>,

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     #[error("cannot find kiln's state directory: neither XDG_DATA_HOME nor HOME is set; pass --root DIR")]
     NoHome,
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("state directory {0} is not a directory; pass --root DIR to use another one")]
     NotADirectory(PathBuf),

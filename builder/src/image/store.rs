@@ -32,7 +32,7 @@ pub enum Error {
     Ambiguous { prefix: String, count: usize },
     #[error("image {id} is referenced by several names ({names}); remove them by name, or use --force to remove them all")]
     ManyNames { id: String, names: String },
-    #[error("{what} {digest} in the image store is not valid JSON of its kind: {source}")]
+    #[error("{what} {digest} in the image store is not valid JSON of its kind")]
     BadJson {
         what: &'static str,
         digest: Digest,

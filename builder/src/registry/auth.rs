@@ -22,12 +22,12 @@ use serde_json::{Map, Value};
 /// Errors of reading and writing credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read the auth file {path}: {source}")]
+    #[error("cannot read the auth file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the auth file {path} is not valid JSON: {source}; fix or remove it")]
+    #[error("the auth file {path} is not valid JSON; fix or remove it")]
     Json {
         path: PathBuf,
         source: serde_json::Error,
@@ -40,7 +40,7 @@ pub enum Error {
         host: String,
         reason: String,
     },
-    #[error("cannot write the auth file {path}: {source}")]
+    #[error("cannot write the auth file {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -206,7 +206,9 @@ fn helper_get(helper: &str, host: &str) -> Result<Option<Credentials>> {
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(server.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| err(crate::error_chain(&e)))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         if stdout.contains("credentials not found") {

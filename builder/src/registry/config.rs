@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 /// Errors of reading the registries config.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read the registries config {path}: {source}")]
+    #[error("cannot read the registries config {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the registries config {path} is not valid: {source}; see README.md, \"Registries\"")]
+    #[error("the registries config {path} is not valid; see README.md, \"Registries\"")]
     Parse {
         path: PathBuf,
         source: toml::de::Error,

@@ -68,7 +68,7 @@ impl Subject<'_> {
         Error::Unreachable {
             reference: self.name.to_string(),
             host: self.host.to_string(),
-            reason: super::source_chain(e),
+            reason: crate::error_chain(e),
         }
     }
 

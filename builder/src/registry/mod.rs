@@ -76,7 +76,7 @@ pub enum Error {
     },
     #[error("{reference}: the manifest is not valid: {reason}")]
     BadManifest { reference: String, reason: String },
-    #[error("{reference}: {context}: {source}")]
+    #[error("{reference}: {context}")]
     Store {
         reference: String,
         context: &'static str,
@@ -149,12 +149,12 @@ impl Registry {
         for p in &config.ca_files {
             let data = std::fs::read(p).map_err(|e| Error::Ca {
                 path: p.display().to_string(),
-                reason: e.to_string(),
+                reason: crate::error_chain(&e),
             })?;
             roots.extend(
                 reqwest::Certificate::from_pem_bundle(&data).map_err(|e| Error::Ca {
                     path: p.display().to_string(),
-                    reason: e.to_string(),
+                    reason: crate::error_chain(&e),
                 })?,
             );
         }
@@ -165,7 +165,7 @@ impl Registry {
             .build()
             .map_err(|e| Error::Ca {
                 path: "certs.d".into(),
-                reason: e.to_string(),
+                reason: crate::error_chain(&e),
             })?;
         let insecure = config
             .insecure
@@ -243,18 +243,4 @@ impl Registry {
         }
         Ok(auth::store(host, &creds)?)
     }
-}
-
-pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }

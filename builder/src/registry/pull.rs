@@ -64,7 +64,7 @@ async fn read_manifest_body(name: &str, host: &str, mut res: reqwest::Response) 
     while let Some(chunk) = res.chunk().await.map_err(|e| Error::Registry {
         reference: name.to_string(),
         host: host.to_string(),
-        reason: super::source_chain(&e),
+        reason: crate::error_chain(&e),
     })? {
         if (bytes.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
             return Err(too_large("longer than".into()));
@@ -100,9 +100,9 @@ pub fn resolve_document(
     if !is_index(Some(media), bytes) {
         return ImageManifest::from_reader(bytes)
             .map(|m| Document::Manifest(Box::new(m)))
-            .map_err(|e| bad_manifest(e.to_string()));
+            .map_err(|e| bad_manifest(crate::error_chain(&e)));
     }
-    let index = ImageIndex::from_reader(bytes).map_err(|e| bad_manifest(e.to_string()))?;
+    let index = ImageIndex::from_reader(bytes).map_err(|e| bad_manifest(crate::error_chain(&e)))?;
     let pick = index.manifests().iter().find(|d| {
         d.platform()
             .as_ref()
@@ -249,12 +249,8 @@ impl Registry {
         }
         let mut w = content
             .writer(Some(desc.digest().clone()))
-            .map_err(|e| bad(e.to_string()))?;
-        while let Some(chunk) = res
-            .chunk()
-            .await
-            .map_err(|e| bad(super::source_chain(&e)))?
-        {
+            .map_err(|e| bad(crate::error_chain(&e)))?;
+        while let Some(chunk) = res.chunk().await.map_err(|e| bad(crate::error_chain(&e)))? {
             // stop at the size the manifest declares: a registry that
             // sends more is not read to its end
             if w.size() + chunk.len() as u64 > desc.size() {
@@ -263,7 +259,8 @@ impl Registry {
                     desc.size()
                 )));
             }
-            w.write_all(&chunk).map_err(|e| bad(e.to_string()))?;
+            w.write_all(&chunk)
+                .map_err(|e| bad(crate::error_chain(&e)))?;
         }
         if w.size() != desc.size() {
             return Err(bad(format!(
@@ -277,7 +274,7 @@ impl Registry {
             Err(content::Error::DigestMismatch { actual, .. }) => {
                 Err(bad(format!("its bytes hash to {actual}")))
             }
-            Err(e) => Err(bad(e.to_string())),
+            Err(e) => Err(bad(crate::error_chain(&e))),
         }
     }
 
@@ -521,9 +518,10 @@ impl Registry {
             };
             let mut w = content
                 .writer(Some(digest.clone()))
-                .map_err(|e| bad(e.to_string()))?;
-            w.write_all(bytes).map_err(|e| bad(e.to_string()))?;
-            w.commit().map_err(|e| bad(e.to_string()))?;
+                .map_err(|e| bad(crate::error_chain(&e)))?;
+            w.write_all(bytes)
+                .map_err(|e| bad(crate::error_chain(&e)))?;
+            w.commit().map_err(|e| bad(crate::error_chain(&e)))?;
             written.push(digest.clone());
         }
         Ok(())

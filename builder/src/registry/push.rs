@@ -284,7 +284,7 @@ impl Registry {
         let mut v: serde_json::Value =
             serde_json::from_slice(&stored).map_err(|e| Error::BadManifest {
                 reference: name.clone(),
-                reason: e.to_string(),
+                reason: crate::error_chain(&e),
             })?;
         for (i, d) in changes {
             let entry = &mut v["layers"][i];
@@ -338,7 +338,7 @@ impl Registry {
                 .map_err(|e| store_err("cannot read the image index", e.into()))?;
             let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::BadManifest {
                 reference: name.clone(),
-                reason: e.to_string(),
+                reason: crate::error_chain(&e),
             })?;
             let mut sent = Vec::new();
             for child in index.manifests() {
@@ -378,7 +378,7 @@ impl Registry {
                 let mut v: serde_json::Value =
                     serde_json::from_slice(&bytes).map_err(|e| Error::BadManifest {
                         reference: name.clone(),
-                        reason: e.to_string(),
+                        reason: crate::error_chain(&e),
                     })?;
                 for (i, (digest, size)) in sent.into_iter().enumerate() {
                     v["manifests"][i]["digest"] = digest.to_string().into();

@@ -34,7 +34,7 @@ pub enum Error {
         "--secret id={id}: neither the environment variable {id} nor a file named {id} exists"
     )]
     NotFound { id: String },
-    #[error("--secret id={id}: cannot read {}: {source}", path.display())]
+    #[error("--secret id={id}: cannot read {}", path.display())]
     Read {
         id: String,
         path: PathBuf,

@@ -72,7 +72,7 @@ pub enum SshError {
     EmptyId { value: String },
     #[error("--ssh {value}: empty path in the list after '='")]
     EmptyPath { value: String },
-    #[error("--ssh {value}: {path}: {source}")]
+    #[error("--ssh {value}: {path}")]
     Path {
         value: String,
         path: PathBuf,
@@ -82,11 +82,11 @@ pub enum SshError {
     TwoSockets { value: String },
     #[error("--ssh {value}: {socket} is a socket and the other paths are key files; give them separate ids")]
     SocketAndKeys { value: String, socket: PathBuf },
-    #[error("ssh agent socket {path}: {source}")]
+    #[error("ssh agent socket {path}")]
     Upstream { path: PathBuf, source: io::Error },
     #[error("ssh agent socket {path}: not a unix socket")]
     NotASocket { path: PathBuf },
-    #[error("ssh key {path}: {source}")]
+    #[error("ssh key {path}")]
     ReadKey { path: PathBuf, source: io::Error },
     #[error("ssh key {path}: passphrase-protected keys are not supported; load it into an ssh-agent (ssh-add {path}) and use --ssh default")]
     Encrypted { path: PathBuf },
@@ -102,7 +102,7 @@ pub enum SshError {
         "ssh agent {id}: the socket handed over is not a listening unix stream socket: {reason}"
     )]
     BadListener { id: String, reason: String },
-    #[error("ssh agent {id}: {what}: {source}")]
+    #[error("ssh agent {id}: {what}")]
     Serve {
         id: String,
         what: &'static str,
@@ -304,12 +304,12 @@ impl Agent {
         match getsockopt(fd, sockopt::SockType) {
             Ok(SockType::Stream) => {}
             Ok(other) => return Err(bad(format!("socket type {other:?}"))),
-            Err(e) => return Err(bad(e.to_string())),
+            Err(e) => return Err(bad(crate::error_chain(&e))),
         }
         match getsockopt(fd, sockopt::AcceptConn) {
             Ok(true) => Ok(()),
             Ok(false) => Err(bad("listen() was not called on it".into())),
-            Err(e) => Err(bad(e.to_string())),
+            Err(e) => Err(bad(crate::error_chain(&e))),
         }
     }
 
@@ -524,12 +524,15 @@ fn load_key(path: &Path) -> Result<Identity> {
                 path: path.to_owned(),
             });
         }
-        let rsa =
-            rsa::RsaPrivateKey::from_pkcs1_pem(&text).map_err(|e| parse_error(e.to_string()))?;
-        let keypair = RsaKeypair::try_from(&rsa).map_err(|e| parse_error(e.to_string()))?;
-        PrivateKey::new(KeypairData::Rsa(keypair), "").map_err(|e| parse_error(e.to_string()))?
+        let rsa = rsa::RsaPrivateKey::from_pkcs1_pem(&text)
+            .map_err(|e| parse_error(crate::error_chain(&e)))?;
+        let keypair =
+            RsaKeypair::try_from(&rsa).map_err(|e| parse_error(crate::error_chain(&e)))?;
+        PrivateKey::new(KeypairData::Rsa(keypair), "")
+            .map_err(|e| parse_error(crate::error_chain(&e)))?
     } else {
-        PrivateKey::from_openssh(text.as_bytes()).map_err(|e| parse_error(e.to_string()))?
+        PrivateKey::from_openssh(text.as_bytes())
+            .map_err(|e| parse_error(crate::error_chain(&e)))?
     };
     if key.is_encrypted() {
         return Err(SshError::Encrypted {
@@ -570,7 +573,9 @@ fn load_key(path: &Path) -> Result<Identity> {
         }
     };
     self_check(&signer, &public).map_err(broken)?;
-    let blob = public.to_bytes().map_err(|e| parse_error(e.to_string()))?;
+    let blob = public
+        .to_bytes()
+        .map_err(|e| parse_error(crate::error_chain(&e)))?;
     Ok(Identity {
         blob,
         comment,
@@ -583,14 +588,14 @@ fn load_key(path: &Path) -> Result<Identity> {
 /// 0.6.7 passes `p` twice as the primes, so rsa's validation rejects every
 /// key and ssh-key's RSA `try_sign` always fails.
 fn rsa_private_key(keypair: &RsaKeypair) -> std::result::Result<rsa::RsaPrivateKey, String> {
-    let int = |m: &ssh_key::Mpint| rsa::BigUint::try_from(m).map_err(|e| e.to_string());
+    let int = |m: &ssh_key::Mpint| rsa::BigUint::try_from(m).map_err(|e| crate::error_chain(&e));
     rsa::RsaPrivateKey::from_components(
         int(&keypair.public.n)?,
         int(&keypair.public.e)?,
         int(&keypair.private.d)?,
         vec![int(&keypair.private.p)?, int(&keypair.private.q)?],
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| crate::error_chain(&e))
 }
 
 /// Sign and verify a fixed message, so a key file whose private half does not
@@ -604,7 +609,7 @@ fn self_check(signer: &KeySigner, public: &PublicKey) -> std::result::Result<(),
     public
         .key_data()
         .verify(PROBE, &signature)
-        .map_err(|e| e.to_string())
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// A running agent. Dropping it (or [`Serving::stop`]) stops accepting,
