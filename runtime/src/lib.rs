@@ -9,6 +9,8 @@
 //! [`child`] (the numbered setup sequence up to exec), [`idmap`], [`net`],
 //! [`seccomp`], [`user`].
 
+#[cfg(test)]
+mod bpf;
 pub mod child;
 pub mod emulation;
 pub mod error;
