@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 
+use kiln_sys::check;
+
 use crate::sys::{self, FdPath};
 
 /// Defines [`Stage`] from one table: each step of the sandbox setup and how
@@ -277,7 +279,9 @@ pub struct Plan {
 
 /// Report a failure to the parent and exit. Never returns.
 fn fail(p: &Plan, stage: Stage, errno: Errno) -> ! {
-    sys::write_all(p.err_write, &Msg { stage, errno }.encode());
+    // the report is all we can do: a failure to send it leaves the exit
+    // status alone to tell
+    let _ = kiln_sys::write_all(p.err_write, &Msg { stage, errno }.encode());
     // SAFETY: _exit takes no pointers, touches no memory of ours and never
     // returns.
     unsafe { libc::_exit(crate::error::EXIT_SANDBOX_FAILURE) }
@@ -303,15 +307,6 @@ impl<T> OrFail<T> for io::Result<T> {
         // allocation on the way to the report
         self.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
             .or_fail(p, stage)
-    }
-}
-
-/// A raw syscall's return value as a result: -1 means errno.
-fn check(rc: impl Into<i64>) -> io::Result<()> {
-    if rc.into() < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
@@ -480,7 +475,7 @@ const NODE: &CStr = c"node";
 /// staging mount detached again. The bind keeps the tmpfs alive for the
 /// step's lifetime; nothing else anywhere names it, so the node's bytes
 /// exist only in memory and only in this mount namespace.
-fn setup_private_nodes(p: &Plan, root: RawFd) -> Result<(), Errno> {
+fn setup_private_nodes(p: &Plan, root: RawFd) -> io::Result<()> {
     if p.private.is_empty() {
         return Ok(());
     }
@@ -500,7 +495,7 @@ fn setup_private_nodes(p: &Plan, root: RawFd) -> Result<(), Errno> {
 
 /// A fresh tmpfs for node `n` on the staging directory in `dev`; returns a
 /// directory descriptor of its root.
-fn mount_staging_tmpfs(dev: RawFd, n: &PrivateNode) -> Result<RawFd, Errno> {
+fn mount_staging_tmpfs(dev: RawFd, n: &PrivateNode) -> io::Result<RawFd> {
     // SAFETY: STAGING is a NUL-terminated literal; `dev` is the /dev
     // directory fd the caller keeps open.
     Errno::result(unsafe { libc::mkdirat(dev, STAGING.as_ptr(), 0o700) })?;
@@ -515,18 +510,20 @@ fn mount_staging_tmpfs(dev: RawFd, n: &PrivateNode) -> Result<RawFd, Errno> {
     close(covered);
     // SAFETY: STAGING is a NUL-terminated literal; `dev` is open (above),
     // and the name now resolves to the new tmpfs's root.
-    Errno::result(unsafe {
+    let top = unsafe {
         libc::openat(
             dev,
             STAGING.as_ptr(),
             libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC,
         )
-    })
+    };
+    check(top)?;
+    Ok(top)
 }
 
 /// A secret: a new file in the staging tmpfs `top` holding `bytes`, with
 /// the node's owner and mode.
-fn create_file_node(top: RawFd, n: &PrivateNode, bytes: &[u8]) -> Result<(), Errno> {
+fn create_file_node(top: RawFd, n: &PrivateNode, bytes: &[u8]) -> io::Result<()> {
     // SAFETY: NODE is a NUL-terminated literal; `top` is the staging tmpfs
     // directory the caller keeps open.
     let f = Errno::result(unsafe {
@@ -537,7 +534,7 @@ fn create_file_node(top: RawFd, n: &PrivateNode, bytes: &[u8]) -> Result<(), Err
             0o000,
         )
     })?;
-    sys::write_exact(f, bytes)?;
+    kiln_sys::write_all(f, bytes)?;
     // SAFETY: fchown and fchmod take the descriptor just opened and
     // integers, no pointer.
     Errno::result(unsafe { libc::fchown(f, n.uid, n.gid) })?;
@@ -549,7 +546,7 @@ fn create_file_node(top: RawFd, n: &PrivateNode, bytes: &[u8]) -> Result<(), Err
 
 /// An agent socket: a listening unix socket in the staging tmpfs `top`
 /// with the node's owner and mode, its descriptor sent over `sink`.
-fn create_socket_node(top: RawFd, n: &PrivateNode, sink: RawFd) -> Result<(), Errno> {
+fn create_socket_node(top: RawFd, n: &PrivateNode, sink: RawFd) -> io::Result<()> {
     let s = sys::listen_unix_at(top, NODE)?;
     // SAFETY: NODE is a NUL-terminated literal; `top` is the staging tmpfs
     // directory the caller keeps open.
@@ -565,7 +562,7 @@ fn create_socket_node(top: RawFd, n: &PrivateNode, sink: RawFd) -> Result<(), Er
 
 /// The node in `top` bound onto its destination in the rootfs, then the
 /// bind remounted read-only with the node's flags.
-fn bind_node(root: RawFd, top: RawFd, n: &PrivateNode) -> Result<(), Errno> {
+fn bind_node(root: RawFd, top: RawFd, n: &PrivateNode) -> io::Result<()> {
     // SAFETY: NODE is a NUL-terminated literal; `top` is the staging tmpfs
     // directory the caller keeps open.
     let node = Errno::result(unsafe {
@@ -599,7 +596,7 @@ fn bind_node(root: RawFd, top: RawFd, n: &PrivateNode) -> Result<(), Errno> {
 
 /// The staging mount `top` detached and its directory in `dev` removed;
 /// the node's bind keeps the tmpfs alive.
-fn unmount_staging(dev: RawFd, top: RawFd) -> Result<(), Errno> {
+fn unmount_staging(dev: RawFd, top: RawFd) -> io::Result<()> {
     // SAFETY: FdPath yields a NUL-terminated /proc/self/fd path on our
     // stack, alive for the call.
     Errno::result(unsafe { libc::umount2(FdPath::new(top).as_cstr().as_ptr(), libc::MNT_DETACH) })?;
@@ -616,7 +613,7 @@ fn unmount_staging(dev: RawFd, top: RawFd) -> Result<(), Errno> {
 /// registrations live as long as this mount (a detached staging mount
 /// loses them), and the kernel resolves each interpreter now, while the
 /// host's root is still ours (flag `F`).
-fn setup_binfmt(p: &Plan, root: RawFd) -> Result<(), Errno> {
+fn setup_binfmt(p: &Plan, root: RawFd) -> io::Result<()> {
     if p.binfmt.is_empty() {
         return Ok(());
     }
@@ -643,7 +640,7 @@ fn setup_binfmt(p: &Plan, root: RawFd) -> Result<(), Errno> {
     })?;
     for line in &p.binfmt {
         // one write per registration: the kernel parses each write whole
-        sys::write_exact(register, line.as_bytes())?;
+        kiln_sys::write_all(register, line.as_bytes())?;
     }
     close(register);
     sys::mount(
@@ -1393,7 +1390,7 @@ fn exec_command(p: &Plan) -> ! {
 }
 
 fn fail_exec(p: &Plan, errno: Errno) -> ! {
-    sys::write_all(
+    let _ = kiln_sys::write_all(
         p.err_write,
         &Msg {
             stage: Stage::Exec,

@@ -173,7 +173,7 @@ impl SandboxPlan {
         let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
             v.iter()
                 .flatten()
-                .map(|p| cstring("a masked path", p.as_bytes()))
+                .map(|p| cstring("a masked path", p))
                 .collect()
         };
         let processes = processes(
@@ -185,12 +185,12 @@ impl SandboxPlan {
         );
         let root = spec.root().as_ref();
         Ok(SandboxPlan {
-            rootfs: cstring("the rootfs path", rootfs.as_os_str().as_encoded_bytes())?,
+            rootfs: cstring("the rootfs path", &rootfs)?,
             rootfs_readonly: root.and_then(|r| r.readonly()) == Some(true),
             hostname: spec
                 .hostname()
                 .as_ref()
-                .map(|h| cstring("the hostname", h.as_bytes()))
+                .map(|h| cstring("the hostname", h))
                 .transpose()?,
             new_net,
             user_mode_network,
@@ -203,10 +203,7 @@ impl SandboxPlan {
             args,
             env,
             path_dirs,
-            cwd: cstring(
-                "the working directory",
-                process.cwd().as_os_str().as_encoded_bytes(),
-            )?,
+            cwd: cstring("the working directory", process.cwd())?,
             caps,
             last_cap: host.last_cap,
             rlimits,
@@ -220,8 +217,8 @@ impl SandboxPlan {
 }
 
 /// A C string of `s`; a NUL byte inside is an error naming `what`.
-pub fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::NulByte { what: what.into() })
+pub fn cstring(what: &str, s: impl AsRef<std::ffi::OsStr>) -> Result<CString> {
+    kiln_sys::cstr(s).map_err(|_| Error::NulByte { what: what.into() })
 }
 
 /// The spec's process, refused when it asks for what kiln does not do
@@ -344,14 +341,14 @@ fn command_line(
     }
     let args: Vec<CString> = args
         .iter()
-        .map(|a| cstring("an argument", a.as_bytes()))
+        .map(|a| cstring("an argument", a))
         .collect::<Result<_>>()?;
     let env_strings = zeroize::Zeroizing::new(process.env().clone().unwrap_or_default());
     let path_dirs = path_dirs(&env_strings)?;
     let env = zeroize::Zeroizing::new(
         env_strings
             .iter()
-            .map(|e| cstring("an environment entry", e.as_bytes()))
+            .map(|e| cstring("an environment entry", e))
             .collect::<Result<Vec<_>>>()?,
     );
     Ok((args, env, path_dirs))
@@ -499,7 +496,7 @@ fn mount_plan(m: &Mount) -> Result<MountPlan> {
                 )));
             }
             // the source must be passable to the kernel
-            cstring("mount source", src.as_os_str().as_encoded_bytes())?;
+            cstring("mount source", src)?;
             let mut attrs = 0;
             for (ms, attr) in [
                 (libc::MS_RDONLY, libc::MOUNT_ATTR_RDONLY),

@@ -399,7 +399,7 @@ fn open_mount(m: &MountPlan, trees: &mut Vec<OwnedFd>) -> Result<SpecMount> {
             recursive,
             attrs,
         } => {
-            let path = cstring("mount source", source.as_os_str().as_encoded_bytes())?;
+            let path = cstring("mount source", source)?;
             let tree = sys::open_tree_clone(&path, *recursive, *attrs).map_err(|e| {
                 Error::MountSource {
                     source: e,

@@ -1,7 +1,8 @@
 //! Raw kernel calls the runtime needs that `nix` does not wrap the way we
 //! need them. Everything callable from the sandbox child is allocation-free
 //! and async-signal-safe: it takes `&CStr` and fixed buffers, and reports
-//! `Errno`.
+//! `Errno`. Helpers the snapshotter needs too (C strings, whole writes,
+//! the kernel release) live in `kiln-sys`.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -232,28 +233,6 @@ pub fn mount(
 pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
     // SAFETY: plain flock call; an invalid fd only yields EBADF.
     Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
-}
-
-/// Write all of `buf` to `fd`, retrying on EINTR; errors are dropped because
-/// the callers are reporting an error already.
-pub fn write_all(fd: RawFd, buf: &[u8]) {
-    let _ = write_exact(fd, buf);
-}
-
-/// Write all of `buf` to `fd`, retrying on EINTR, and report failure
-/// (a short write to a full tmpfs is ENOSPC).
-pub fn write_exact(fd: RawFd, mut buf: &[u8]) -> Result<(), Errno> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a valid slice for its length.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        match n {
-            n if n > 0 => buf = &buf[usize::try_from(n).unwrap_or(buf.len())..],
-            0 => return Err(Errno::ENOSPC),
-            _ if Errno::last() == Errno::EINTR => {}
-            _ => return Err(Errno::last()),
-        }
-    }
-    Ok(())
 }
 
 /// A listening AF_UNIX stream socket bound at `name` inside the directory
@@ -772,25 +751,6 @@ impl Drop for ChildStack {
     }
 }
 
-/// The running kernel's release (`6.18.0-1-amd64`), asked once: it does
-/// not change under a running kiln. By uname(2), one syscall on the way to
-/// every sandbox, where reading /proc/sys/kernel/osrelease is three. Empty
-/// if uname fails.
-pub fn kernel_release() -> &'static str {
-    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    RELEASE.get_or_init(|| {
-        // SAFETY: utsname is plain old data, filled by uname(2).
-        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: `u` is a valid out buffer.
-        if unsafe { libc::uname(&mut u) } != 0 {
-            return String::new();
-        }
-        // SAFETY: uname NUL-terminates the release field.
-        let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
-        release.to_string_lossy().into_owned()
-    })
-}
-
 /// Whether a kernel release string (`6.18.0-1-amd64`) is at least `want`
 /// (major, minor); false when it cannot be read as one.
 pub fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
@@ -807,7 +767,7 @@ pub fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
 /// a process that dumped core killed every process sharing its memory, so
 /// a crash of a sandbox child would take kiln down with it.
 pub fn clone_vm_safe() -> bool {
-    kernel_at_least(kernel_release(), (5, 16))
+    kernel_at_least(kiln_sys::kernel_release(), (5, 16))
 }
 
 /// Start `f(arg)` in a child that shares this process's memory until it

@@ -232,7 +232,7 @@ fn start_pause(mapping: &IdMapping, lock_path: &std::path::Path) -> Result<i32> 
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
                 );
-                sys::write_all(ready_w_fd, b"r");
+                let _ = kiln_sys::write_all(ready_w_fd, b"r");
                 sys::exec_fd(
                     init,
                     &[c"kiln-pause".as_ptr(), c"pause".as_ptr(), std::ptr::null()],

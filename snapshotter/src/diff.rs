@@ -328,7 +328,7 @@ impl<W: Write> TarWriter<W> {
 
     /// Content xattrs (sorted) and whether the directory is opaque.
     fn xattrs(&self, path: &Path, rel: &Path) -> Result<(Xattrs, bool)> {
-        let cpath = sys::cstr(path.as_os_str()).map_err(self.read_err(rel))?;
+        let cpath = kiln_sys::cstr(path).map_err(self.read_err(rel))?;
         let mut out = Vec::new();
         let mut opaque = false;
         for name in sys::llistxattr(&cpath).map_err(self.read_err(rel))? {

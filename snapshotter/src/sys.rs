@@ -8,17 +8,10 @@
 //! that the call it is asked for cannot follow a symlink unless the caller
 //! says so.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-/// Convert a name or path to a C string; a NUL byte inside is an
-/// `InvalidInput` error.
-pub fn cstr(s: &OsStr) -> io::Result<CString> {
-    CString::new(s.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -60,7 +53,7 @@ pub fn openat(
 /// Open a directory by absolute or relative path (following symlinks in the
 /// path, which callers only use for trusted roots).
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = cstr(path.as_os_str())?;
+    let c = kiln_sys::cstr(path)?;
     // SAFETY: `c` is NUL-terminated and outlives the call.
     let fd = cvt(unsafe {
         libc::open(

@@ -605,19 +605,6 @@ pub fn splice(from: RawFd, off: Option<&mut i64>, to: RawFd, len: usize) -> io::
     Ok(n.unsigned_abs())
 }
 
-/// `write(2)` of a whole small buffer (into a pipe: atomic below PIPE_BUF).
-pub fn write_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
-    // SAFETY: `buf` is readable for its length; `fd` is open.
-    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n.unsigned_abs() != buf.len() {
-        return Err(io::Error::from_raw_os_error(libc::EIO));
-    }
-    Ok(())
-}
-
 /// Throw away up to `len` bytes waiting in a pipe.
 pub fn drain(fd: RawFd, mut len: usize) {
     let mut buf = [0u8; 8192];
