@@ -314,7 +314,9 @@ impl<T> OrFail<T> for io::Result<T> {
 /// mount point directory is created (as runc does). No allocation.
 fn open_mountpoint_dir(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `name` is NUL-terminated; plain openat/mkdirat calls.
+    // SAFETY: `name` is a &CStr, NUL-terminated and borrowed for the whole
+    // block; openat and mkdirat only read it, and a closed `dir` fails with
+    // EBADF.
     unsafe {
         let fd = libc::openat(dir, name.as_ptr(), flags);
         if fd >= 0 {
@@ -336,7 +338,9 @@ fn open_mountpoint_dir(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
 }
 
 fn close(fd: RawFd) {
-    // SAFETY: closing a descriptor this process owns.
+    // SAFETY: close takes no pointer; callers pass a descriptor they opened
+    // (or inherited) and close it once, and no OwnedFd in this process holds
+    // it.
     unsafe { libc::close(fd) };
 }
 
@@ -538,7 +542,8 @@ fn create_file_node(top: RawFd, n: &PrivateNode, bytes: &[u8]) -> io::Result<()>
     // SAFETY: fchown and fchmod take the descriptor just opened and
     // integers, no pointer.
     Errno::result(unsafe { libc::fchown(f, n.uid, n.gid) })?;
-    // SAFETY: as above.
+    // SAFETY: fchmod takes the descriptor `f` opened above and an integer, no
+    // pointer.
     Errno::result(unsafe { libc::fchmod(f, n.mode) })?;
     close(f);
     Ok(())
@@ -553,7 +558,8 @@ fn create_socket_node(top: RawFd, n: &PrivateNode, sink: RawFd) -> io::Result<()
     Errno::result(unsafe {
         libc::fchownat(top, NODE.as_ptr(), n.uid, n.gid, libc::AT_SYMLINK_NOFOLLOW)
     })?;
-    // SAFETY: as above.
+    // SAFETY: NODE is a NUL-terminated literal and `top` the staging directory
+    // the caller keeps open; fchmodat only reads the name.
     Errno::result(unsafe { libc::fchmodat(top, NODE.as_ptr(), n.mode, 0) })?;
     sys::send_fd(sink, s)?;
     close(s);
@@ -799,7 +805,9 @@ pub unsafe fn run(p: &Plan) -> ! {
     let pid = unsafe { fork_command(&args) }.or_fail(p, Stage::ForkCommand);
     close(ready[0]);
     // 28. Become kiln-init.
-    // SAFETY: still the single-threaded sandbox child.
+    // SAFETY: exec_init's contract holds: this is PID 1 of the sandbox,
+    // single-threaded (the clone copied one thread), on the allocation-free
+    // child path.
     unsafe { exec_init(p, pid, ready[1]) }
 }
 
@@ -968,9 +976,9 @@ fn become_root(p: &Plan) -> io::Result<()> {
         // the null pointer.
         check(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })?;
     }
-    // SAFETY: setresgid/setresuid take integers only.
+    // SAFETY: setresgid takes integers only, no pointer.
     check(unsafe { libc::syscall(libc::SYS_setresgid, 0, 0, 0) })?;
-    // SAFETY: as above, integers only.
+    // SAFETY: setresuid takes integers only, no pointer.
     check(unsafe { libc::syscall(libc::SYS_setresuid, 0, 0, 0) })
 }
 
@@ -1162,7 +1170,9 @@ struct NetNs {
 extern "C" fn netns_helper(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the NetNs on PID 1's stack, alive until we are reaped.
     let netns = unsafe { &*arg.cast::<NetNs>() };
-    // SAFETY: plain unshare and open calls.
+    // SAFETY: unshare takes a flag only; open reads a NUL-terminated literal.
+    // The descriptor it returns lands in the file table shared with PID 1
+    // (CLONE_FILES), which reads it after reaping us.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNET) != 0 {
             return Errno::last() as libc::c_int;
@@ -1230,7 +1240,9 @@ extern "C" fn command_entry(args: *mut libc::c_void) -> libc::c_int {
 /// Only in the command process, right after it was made.
 unsafe fn start_command(args: &CommandArgs) -> ! {
     close(args.ready_write);
-    // SAFETY: see above.
+    // SAFETY: `args.plan` and `args.core` live in PID 1's plan and frame for
+    // the sandbox's lifetime (see `CommandArgs`), and we are the command
+    // process just made, as `command` requires.
     unsafe { command(args.plan, args.ready, &args.core) }
 }
 
@@ -1244,7 +1256,9 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
 
     // b. Ids. Keep capabilities across the uid change so the spec's sets
     //    apply to any user, as runc does.
-    // SAFETY: plain id and prctl calls on valid buffers.
+    // SAFETY: setgroups reads `p.groups.len()` gids from the plan's Vec, alive
+    // for the sandbox's lifetime; setresgid, setresuid and prctl take integers
+    // only.
     unsafe {
         if p.can_setgroups {
             check(libc::syscall(
@@ -1272,7 +1286,9 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
     for (target, src) in p.stdio.iter().enumerate() {
         if let StdioFd::Fd(fd) = src {
             let target = RawFd::try_from(target).unwrap_or(0);
-            // SAFETY: plain dup2 on descriptors we own.
+            // SAFETY: dup2 takes two descriptors, no pointer: `fd` is a stream
+            // the parent keeps open until the clone, inherited here, and 0..2
+            // are ours to replace.
             check(unsafe { libc::dup2(*fd, target) }).or_fail(p, Stage::Stdio);
         }
     }
@@ -1281,7 +1297,8 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
     // e. umask and working directory (inside the new root), and proof that
     //    it is: a directory outside the root has no path from it, and the
     //    raw getcwd says "(unreachable)" instead of a path.
-    // SAFETY: plain calls with NUL-terminated strings and a stack buffer.
+    // SAFETY: umask takes an integer; chdir reads the plan's NUL-terminated
+    // `cwd`; getcwd writes at most `buf.len()` bytes into `buf` on our stack.
     unsafe {
         if let Some(m) = p.umask {
             libc::umask(m);
@@ -1315,7 +1332,8 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
 /// Close every descriptor from 3 up except `keep`.
 fn close_all_but(keep: RawFd) -> io::Result<()> {
     let close_range = |first: u32, last: u32| {
-        // SAFETY: plain close_range call over descriptors this process owns.
+        // SAFETY: close_range takes integers only; no object of this process
+        // uses the descriptors it closes (the command execs next).
         check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) })
     };
     let keep = u32::try_from(keep).unwrap_or(0);
@@ -1336,7 +1354,9 @@ fn reset_dispositions() {
     let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
     for sig in 1..=64 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            // SAFETY: see above; invalid numbers just fail with EINVAL.
+            // SAFETY: `dfl` is a readable sigaction on our stack for the call,
+            // the old-action pointer is null, and 8 is the size of the
+            // kernel's sigset; a number that is no signal fails with EINVAL.
             unsafe {
                 libc::syscall(
                     libc::SYS_rt_sigaction,
@@ -1403,7 +1423,8 @@ fn fail_exec(p: &Plan, errno: Errno) -> ! {
     } else {
         crate::error::EXIT_CANNOT_EXECUTE
     };
-    // SAFETY: _exit ends the process.
+    // SAFETY: _exit takes no pointers, touches no memory of ours and never
+    // returns.
     unsafe { libc::_exit(code) }
 }
 
@@ -1412,7 +1433,8 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
     // Move the descriptors init keeps to high numbers first, so placing
     // them at 3 and 4 cannot clobber one another.
     let high = |fd: RawFd| {
-        // SAFETY: plain fcntl on a descriptor we own.
+        // SAFETY: F_DUPFD_CLOEXEC takes a descriptor and an integer, no
+        // pointer; a closed `fd` fails with EBADF.
         let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
         if r < 0 {
             fail(p, Stage::ExecInit, Errno::last())
@@ -1422,7 +1444,9 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
     let init = high(p.init_fd);
     let status = high(p.status_write);
     let ready = high(ready_write);
-    // SAFETY: dup2/open/close_range on descriptors we own.
+    // SAFETY: open reads a NUL-terminated literal; dup2 and close_range take
+    // integers only, and no object of this process uses the descriptors from 5
+    // up, which exec closes.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if null < 0 {

@@ -167,7 +167,8 @@ pub(crate) fn init_memfd() -> Result<RawFd> {
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let seals =
             libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-        // SAFETY: plain fcntl on the memfd we own.
+        // SAFETY: F_ADD_SEALS takes the memfd, open for the call because `f`
+        // owns it, and an integer, no pointer.
         Errno::result(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
         Ok(OwnedFd::from(f))
     });
@@ -454,7 +455,8 @@ fn landlock_scope_available() -> bool {
 
 /// A pidfd of this process, for the child to notice our death.
 fn pidfd_self() -> Result<OwnedFd> {
-    // SAFETY: pidfd_open of our own pid; returns a new fd or -1.
+    // SAFETY: pidfd_open takes a pid and flags, no pointer; it returns a new
+    // descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
     if fd < 0 {
         return Err(Error::Channel(std::io::Error::last_os_error()));
@@ -678,7 +680,8 @@ impl Drop for ReapGuard<'_> {
         }
         // Both fail harmlessly once the child is reaped.
         send_signal(self.pidfd, libc::SIGKILL);
-        // SAFETY: waitid through a pidfd that outlives this guard.
+        // SAFETY: `info` is a writable siginfo_t on our stack for the call,
+        // and the pidfd is open: the guard borrows its owner.
         unsafe {
             let mut info: libc::siginfo_t = std::mem::zeroed();
             while libc::waitid(
@@ -694,7 +697,8 @@ impl Drop for ReapGuard<'_> {
 }
 
 fn send_signal(pidfd: &OwnedFd, sig: i32) {
-    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+    // SAFETY: the siginfo pointer is null, so the kernel reads no memory of
+    // ours; `pidfd` is borrowed, so open.
     unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,

@@ -231,7 +231,8 @@ pub fn mount(
 
 /// flock(2) on a descriptor the caller owns.
 pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
-    // SAFETY: plain flock call; an invalid fd only yields EBADF.
+    // SAFETY: flock takes a descriptor and an integer, no pointer; a closed
+    // `fd` fails with EBADF.
     Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
 }
 
@@ -255,8 +256,9 @@ pub fn listen_unix_at(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
             at += 1;
         }
     }
-    // SAFETY: plain socket calls; `addr` is a valid sockaddr_un of the
-    // size given.
+    // SAFETY: socket, listen and close take integers only; bind reads
+    // `addr`, a sockaddr_un on our stack that lives across the call, for
+    // exactly its size.
     unsafe {
         let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
@@ -295,7 +297,8 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), Errno> {
     control.hdr.cmsg_level = libc::SOL_SOCKET;
     control.hdr.cmsg_type = libc::SCM_RIGHTS;
     control.fd = fd;
-    // SAFETY: as above.
+    // SAFETY: msghdr is plain old data; all-zero is a valid value (null
+    // buffers of length 0), filled in below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
@@ -358,7 +361,8 @@ pub fn landlock_scope() -> Result<(), Errno> {
     if fd < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: restrict_self with the ruleset fd just made, then close it.
+    // SAFETY: landlock_restrict_self takes the ruleset descriptor just made
+    // and flags, no pointer; close takes that descriptor, ours, closed once.
     unsafe {
         let rc = libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32);
         let e = Errno::last();
@@ -537,7 +541,8 @@ const RULE_BLOCK: u32 = 101;
 /// allocation). An IPv6 rule in a namespace without IPv6 (EAFNOSUPPORT)
 /// is skipped: nothing is reachable there.
 pub fn block(blocked: &Blocked) -> Result<(), Errno> {
-    // SAFETY: plain socket(2) call.
+    // SAFETY: socket(2) takes integers only and returns a new descriptor or
+    // -1.
     let sock = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -678,7 +683,8 @@ fn add_rule(sock: libc::c_int, seq: u32, p: &Prefix, rule: Rule) -> Result<(), E
 
 /// Bring the loopback interface of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
-    // SAFETY: plain socket(2) call.
+    // SAFETY: socket(2) takes integers only and returns a new descriptor or
+    // -1.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
         return Err(Errno::last());

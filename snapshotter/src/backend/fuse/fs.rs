@@ -2185,7 +2185,8 @@ impl FileSystem for OverlayFs {
         let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
             return Err(err(libc::EFBIG));
         };
-        // SAFETY: plain syscall on the handle's fd, which `h` keeps open.
+        // SAFETY: fallocate takes the handle's descriptor and integers, no
+        // pointer; `f` keeps the descriptor open for the call.
         let rc = unsafe {
             libc::fallocate64(
                 f.as_raw_fd(),
@@ -2412,7 +2413,8 @@ impl FileSystem for OverlayFs {
     ) -> io::Result<u64> {
         let f = self.data_file(inode, handle, false)?;
         let off = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
-        // SAFETY: plain syscall on the handle's fd, which `h` keeps open.
+        // SAFETY: lseek takes the handle's descriptor and integers, no
+        // pointer; `f` keeps the descriptor open for the call.
         let r =
             unsafe { libc::lseek64(f.as_raw_fd(), off, i32::from_ne_bytes(whence.to_ne_bytes())) };
         if r < 0 {
