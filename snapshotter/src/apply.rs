@@ -38,13 +38,13 @@ use crate::tree::{self, Meta};
 /// Errors of apply.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the apply target {path}: {source}")]
+    #[error("cannot open the apply target {path}")]
     Target { path: PathBuf, source: io::Error },
-    #[error("layer: {0}")]
+    #[error("cannot open the layer stream")]
     Compression(#[from] compression::Error),
-    #[error("layer stream is corrupt or truncated after tar entry {after}: {source}")]
+    #[error("layer stream is corrupt or truncated after tar entry {after}")]
     Stream { after: String, source: io::Error },
-    #[error("corrupt tar header after entry {after}: {source}; nothing after it was applied")]
+    #[error("corrupt tar header after entry {after}; nothing after it was applied")]
     Header { after: String, source: io::Error },
     #[error("tar entry {entry}: absolute paths are refused in a layer")]
     Absolute { entry: String },
@@ -65,7 +65,7 @@ pub enum Error {
     Unmapped { entry: String, uid: u64, gid: u64 },
     #[error("tar entry {entry}: bad whiteout name")]
     BadWhiteout { entry: String },
-    #[error("tar entry {entry}: {source}")]
+    #[error("tar entry {entry}")]
     Write { entry: String, source: io::Error },
 }
 

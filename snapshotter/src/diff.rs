@@ -33,13 +33,13 @@ use crate::sys;
 /// Errors of diff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("diff: cannot read {path}: {source}")]
+    #[error("diff: cannot read {path}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("diff: cannot write the layer tar at {path}: {source}")]
+    #[error("diff: cannot write the layer tar at {path}")]
     Write { path: PathBuf, source: io::Error },
-    #[error("diff: {0}")]
+    #[error("diff: cannot compress the layer")]
     Compression(#[from] compression::Error),
-    #[error("diff: {0}")]
+    #[error("diff: cannot store the layer blob")]
     Content(#[from] content::Error),
 }
 

@@ -31,7 +31,7 @@ use crate::tree::{self, Meta};
 /// Errors of the copy backend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("copy backend: {op} {path}: {source}")]
+    #[error("copy backend: {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

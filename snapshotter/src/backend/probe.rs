@@ -21,7 +21,7 @@ pub const CACHE_FILE: &str = "snapshotter-backend";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The scratch tree could not be prepared or checked.
-    #[error("probe scratch tree {path}: {source}")]
+    #[error("probe scratch tree {path}")]
     Scratch { path: PathBuf, source: io::Error },
     /// The kernel overlay backend failed.
     #[error(transparent)]

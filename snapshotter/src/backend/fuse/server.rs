@@ -152,7 +152,7 @@ fn main() -> i32 {
                 &mut reply_to,
                 &Reply::Failed {
                     stage,
-                    message: err.to_string(),
+                    message: kiln_sys::error_chain(&*err),
                 },
             );
             // threads waiting to serve never start: leave at once
