@@ -708,11 +708,11 @@ fn zeroed_stat() -> libc::stat {
 /// PID 1 of the sandbox: namespace-wide setup, then fork the command and
 /// become kiln-init. One numbered step per call, as a checklist; each step
 /// that can fail names its own [`Stage`], and the first failure ends the
-/// sandbox (see [`fail`]).
+/// sandbox (see `fail`).
 ///
 /// # Safety
-/// Must only be called in the child of [`sys::clone_vm`] or
-/// [`sys::clone3_fork`] (see there).
+/// Must only be called in the child of `sys::clone_vm` or
+/// `sys::clone3_fork` (see there).
 pub unsafe fn run(p: &Plan) -> ! {
     // Where the network helper leaves its namespace: on this frame, which
     // outlives the helper (reaped in step 15).

@@ -25,7 +25,7 @@ pub struct HostFacts {
     /// kiln's effective ids
     pub euid: u32,
     pub egid: u32,
-    /// whether children may share kiln's memory ([`crate::sys::clone_vm_safe`])
+    /// whether children may share kiln's memory (`sys::clone_vm_safe`)
     pub clone_vm_safe: bool,
     /// the highest capability number the kernel knows
     pub last_cap: u32,

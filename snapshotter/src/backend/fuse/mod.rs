@@ -1,6 +1,6 @@
 //! The `fuse` backend: a writable view served from user space over
-//! /dev/fuse, with the overlay logic in [`fs`] and the server process in
-//! [`server`].
+//! /dev/fuse, with the overlay logic in `fs` and the server process in
+//! `server`.
 //!
 //! It owns mounting the view with mount(2) inside kiln's user and mount
 //! namespace, starting the view's server process and handing it the

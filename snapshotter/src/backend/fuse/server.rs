@@ -62,7 +62,7 @@ pub(super) enum Reply {
     Failed { stage: Stage, message: String },
 }
 
-/// The steps of [`setup`], in order.
+/// The steps of `setup`, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
     ReceiveConfig,
