@@ -7,7 +7,6 @@ use std::fs;
 use std::io::{Cursor, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Mutex;
 
 use kiln_builder::image::archive;
 use kiln_builder::image::export::{export_to, ExportOptions};
@@ -18,36 +17,10 @@ use kiln_snapshotter::backend::BackendKind;
 use kiln_snapshotter::snapshot::Snapshotter;
 use sha2::{Digest as _, Sha256};
 
-fn inside_userns() -> bool {
-    let map = fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-    !map.split_whitespace()
-        .collect::<Vec<_>>()
-        .starts_with(&["0", "0", "4294967295"])
-}
-
-static STAGE: Mutex<()> = Mutex::new(());
-
 /// Re-run this test inside a user namespace as the unprivileged test user;
 /// true when already inside (run the body).
 fn in_userns(name: &str) -> bool {
-    if inside_userns() {
-        return true;
-    }
-    let exe = std::env::current_exe().expect("test binary");
-    let mut cmd = {
-        let _g = STAGE.lock().unwrap_or_else(|e| e.into_inner());
-        kiln_vm_tests::in_userns(&exe)
-    };
-    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]);
-    let out = cmd.output().expect("run test in user namespace");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{name} failed inside the user namespace ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    false
+    kiln_vm_tests::rerun_in_userns(name, &[])
 }
 
 fn sha(b: &[u8]) -> String {

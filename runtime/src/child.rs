@@ -13,10 +13,13 @@
 //! second, which becomes the user's command.
 
 use std::ffi::{CStr, CString};
+use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
+
+use kiln_sys::check;
 
 use crate::sys::{self, FdPath};
 
@@ -45,8 +48,12 @@ macro_rules! stages {
 }
 
 stages! {
+    // PID 1, in the order of `run`'s steps
+    DisableCoreDumps => "disabling core dumps",
+    StartNetHelper => "starting the helper that makes the network namespace",
     WaitForParent => "waiting for the id maps",
     BecomeRoot => "becoming root in the user namespace",
+    DieWithParent => "arranging to die with kiln (the parent-death signal)",
     Hostname => "setting the hostname",
     MakeMountsPrivate => "making mounts private",
     BindRootfs => "bind-mounting the rootfs",
@@ -57,34 +64,35 @@ stages! {
     DevNode => "binding a device node into /dev",
     MountDevPts => "mounting /dev/pts",
     MountDevShm => "mounting /dev/shm",
+    DropBoundingSet => "dropping the capability bounding set",
+    ClearAmbient => "clearing ambient capabilities",
+    NoNewPrivs => "setting no_new_privs",
+    NetNamespace => "making the network namespace",
     MountSys => "mounting /sys",
     SpecMount => "mounting a spec mount",
     PrivateNode => "mounting a secret or agent socket in its private tmpfs",
     ReadonlyRootfs => "making the rootfs read-only",
+    Rlimit => "setting resource limits",
     PivotRoot => "pivot_root into the rootfs",
     DetachOldRoot => "detaching the old root",
     MaskPath => "masking a /proc or /sys path",
     ReadonlyPath => "making a /proc path read-only",
     Loopback => "bringing up loopback",
     BlockRoutes => "blocking link-local and host addresses in the network namespace",
-    NetNamespace => "making the network namespace",
-    Rlimit => "setting resource limits",
-    DropBoundingSet => "dropping the capability bounding set",
-    ClearAmbient => "clearing ambient capabilities",
-    NoNewPrivs => "setting no_new_privs",
     LandlockScope => "scoping abstract unix sockets and signals with Landlock",
+    Seccomp => "installing the seccomp filter",
     ForkCommand => "forking the command",
-    WaitForInit => "waiting for init",
+    ExecInit => "executing kiln-init",
+    // the command, in the order of `command`'s steps
     SetGroups => "setting supplementary groups",
     SetGid => "setting the gid",
     SetUid => "setting the uid",
     Capabilities => "setting capabilities",
+    Stdio => "setting up standard streams",
     Chdir => "changing to the working directory",
     CwdOutsideRoot => "checking that the working directory is inside the rootfs",
-    Stdio => "setting up standard streams",
-    Seccomp => "installing the seccomp filter",
+    CoreLimit => "restoring the core dump limit",
     Exec => "executing the command",
-    ExecInit => "executing kiln-init",
 }
 
 impl Stage {
@@ -271,11 +279,15 @@ pub struct Plan {
 
 /// Report a failure to the parent and exit. Never returns.
 fn fail(p: &Plan, stage: Stage, errno: Errno) -> ! {
-    sys::write_all(p.err_write, &Msg { stage, errno }.encode());
-    // SAFETY: _exit is async-signal-safe and ends the process.
+    // the report is all we can do: a failure to send it leaves the exit
+    // status alone to tell
+    let _ = kiln_sys::write_all(p.err_write, &Msg { stage, errno }.encode());
+    // SAFETY: _exit takes no pointers, touches no memory of ours and never
+    // returns.
     unsafe { libc::_exit(crate::error::EXIT_SANDBOX_FAILURE) }
 }
 
+/// Fail fast: the value of a step, or a report of `stage` and exit.
 trait OrFail<T> {
     fn or_fail(self, p: &Plan, stage: Stage) -> T;
 }
@@ -289,15 +301,22 @@ impl<T> OrFail<T> for Result<T, Errno> {
     }
 }
 
-fn check(rc: libc::c_long) -> Result<(), Errno> {
-    Errno::result(rc).map(drop)
+impl<T> OrFail<T> for io::Result<T> {
+    fn or_fail(self, p: &Plan, stage: Stage) -> T {
+        // an io::Error made from an errno holds just the number: no
+        // allocation on the way to the report
+        self.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+            .or_fail(p, stage)
+    }
 }
 
 /// openat relative to `dir` without following a final symlink; a missing
 /// mount point directory is created (as runc does). No allocation.
 fn open_mountpoint_dir(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `name` is NUL-terminated; plain openat/mkdirat calls.
+    // SAFETY: `name` is a &CStr, NUL-terminated and borrowed for the whole
+    // block; openat and mkdirat only read it, and a closed `dir` fails with
+    // EBADF.
     unsafe {
         let fd = libc::openat(dir, name.as_ptr(), flags);
         if fd >= 0 {
@@ -319,7 +338,9 @@ fn open_mountpoint_dir(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
 }
 
 fn close(fd: RawFd) {
-    // SAFETY: closing a descriptor this process owns.
+    // SAFETY: close takes no pointer; callers pass a descriptor they opened
+    // (or inherited) and close it once, and no OwnedFd in this process holds
+    // it.
     unsafe { libc::close(fd) };
 }
 
@@ -427,195 +448,205 @@ fn setup_dev(p: &Plan, root: RawFd) {
     close(dev);
 }
 
-/// The spec's bind and tmpfs mounts, each target resolved inside the
-/// rootfs as a descriptor so no symlink in the image can redirect it.
-fn setup_spec_mounts(p: &Plan, root: RawFd) {
+/// Step 17a: the spec's bind and tmpfs mounts, each target resolved inside
+/// the rootfs as a descriptor so no symlink in the image can redirect it.
+fn setup_spec_mounts(p: &Plan, root: RawFd) -> Result<(), Errno> {
     for m in &p.mounts {
-        let fd = sys::open_path_in_root(root, &m.dest).or_fail(p, Stage::SpecMount);
-        let target = FdPath::new(fd);
+        let fd = sys::open_path_in_root(root, &m.dest)?;
         match &m.kind {
-            MountKind::Bind { tree } => {
-                sys::move_mount_fd(*tree, fd).or_fail(p, Stage::SpecMount);
-            }
-            MountKind::Tmpfs { data } => {
-                sys::mount(
-                    Some(c"tmpfs"),
-                    target.as_cstr(),
-                    Some(c"tmpfs"),
-                    m.flags,
-                    Some(data),
-                )
-                .or_fail(p, Stage::SpecMount);
-            }
+            MountKind::Bind { tree } => sys::move_mount_fd(*tree, fd)?,
+            MountKind::Tmpfs { data } => sys::mount(
+                Some(c"tmpfs"),
+                FdPath::new(fd).as_cstr(),
+                Some(c"tmpfs"),
+                m.flags,
+                Some(data),
+            )?,
         }
         close(fd);
     }
+    Ok(())
 }
 
-/// Each private node: a tmpfs mounted on a staging directory in the /dev
-/// kiln just made (a tmpfs of this sandbox, never written to disk), the
-/// node created in it, bound read-only onto its target, and the staging
-/// mount detached again. The bind keeps the tmpfs alive for the step's
-/// lifetime; nothing else anywhere names it, so the node's bytes exist only
-/// in memory and only in this mount namespace.
-fn setup_private_nodes(p: &Plan, root: RawFd) {
+/// Where a private node is staged, in the /dev kiln just made.
+const STAGING: &CStr = c".kiln-private";
+/// The node's name in its staging tmpfs.
+const NODE: &CStr = c"node";
+
+/// Step 17b: each private node: a tmpfs mounted on a staging directory in
+/// the /dev kiln just made (a tmpfs of this sandbox, never written to
+/// disk), the node created in it, bound read-only onto its target, and the
+/// staging mount detached again. The bind keeps the tmpfs alive for the
+/// step's lifetime; nothing else anywhere names it, so the node's bytes
+/// exist only in memory and only in this mount namespace.
+fn setup_private_nodes(p: &Plan, root: RawFd) -> io::Result<()> {
     if p.private.is_empty() {
-        return;
+        return Ok(());
     }
-    const STAGING: &CStr = c".kiln-private";
-    const NODE: &CStr = c"node";
-    let fail_at = |e: Errno| -> ! { fail(p, Stage::PrivateNode, e) };
-    let dev = open_mountpoint_dir(root, c"dev").unwrap_or_else(|e| fail_at(e));
+    let dev = open_mountpoint_dir(root, c"dev")?;
     for n in &p.private {
-        // SAFETY: NUL-terminated name; `dev` is our own directory fd.
-        if unsafe { libc::mkdirat(dev, STAGING.as_ptr(), 0o700) } != 0 {
-            fail_at(Errno::last());
-        }
-        let covered = open_mountpoint_dir(dev, STAGING).unwrap_or_else(|e| fail_at(e));
-        sys::mount(
-            Some(c"tmpfs"),
-            FdPath::new(covered).as_cstr(),
-            Some(c"tmpfs"),
-            n.flags,
-            Some(&n.data),
-        )
-        .unwrap_or_else(|e| fail_at(e));
-        close(covered);
-        // SAFETY: NUL-terminated name; the fd now names the new tmpfs root.
-        let top = unsafe {
-            libc::openat(
-                dev,
-                STAGING.as_ptr(),
-                libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if top < 0 {
-            fail_at(Errno::last());
-        }
+        let top = mount_staging_tmpfs(dev, n)?;
         match &n.content {
-            NodeContent::File(bytes) => {
-                // SAFETY: NUL-terminated name; plain file calls on our fds.
-                unsafe {
-                    let f = libc::openat(
-                        top,
-                        NODE.as_ptr(),
-                        libc::O_CREAT
-                            | libc::O_EXCL
-                            | libc::O_WRONLY
-                            | libc::O_NOFOLLOW
-                            | libc::O_CLOEXEC,
-                        0o000,
-                    );
-                    if f < 0 {
-                        fail_at(Errno::last());
-                    }
-                    sys::write_exact(f, bytes).unwrap_or_else(|e| fail_at(e));
-                    if libc::fchown(f, n.uid, n.gid) != 0 || libc::fchmod(f, n.mode) != 0 {
-                        fail_at(Errno::last());
-                    }
-                    close(f);
-                }
-            }
-            NodeContent::Socket { sink } => {
-                let s = sys::listen_unix_at(top, NODE).unwrap_or_else(|e| fail_at(e));
-                // SAFETY: NUL-terminated name inside our own tmpfs.
-                unsafe {
-                    if libc::fchownat(top, NODE.as_ptr(), n.uid, n.gid, libc::AT_SYMLINK_NOFOLLOW)
-                        != 0
-                        || libc::fchmodat(top, NODE.as_ptr(), n.mode, 0) != 0
-                    {
-                        fail_at(Errno::last());
-                    }
-                }
-                sys::send_fd(*sink, s).unwrap_or_else(|e| fail_at(e));
-                close(s);
-            }
+            NodeContent::File(bytes) => create_file_node(top, n, bytes)?,
+            NodeContent::Socket { sink } => create_socket_node(top, n, *sink)?,
         }
-        // SAFETY: NUL-terminated name; O_PATH open of the node just made.
-        let node = unsafe {
-            libc::openat(
-                top,
-                NODE.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if node < 0 {
-            fail_at(Errno::last());
-        }
-        let target = sys::open_path_in_root(root, &n.dest).unwrap_or_else(|e| fail_at(e));
-        sys::mount(
-            Some(FdPath::new(node).as_cstr()),
-            FdPath::new(target).as_cstr(),
-            None,
-            libc::MS_BIND,
-            None,
-        )
-        .unwrap_or_else(|e| fail_at(e));
-        close(target);
-        let bound = sys::open_path_in_root(root, &n.dest).unwrap_or_else(|e| fail_at(e));
-        sys::mount(
-            None,
-            FdPath::new(bound).as_cstr(),
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | n.flags,
-            None,
-        )
-        .unwrap_or_else(|e| fail_at(e));
-        close(bound);
-        close(node);
-        // The staging mount goes; the bind above keeps the tmpfs alive.
-        // SAFETY: plain umount2/unlinkat on paths we built.
-        unsafe {
-            if libc::umount2(FdPath::new(top).as_cstr().as_ptr(), libc::MNT_DETACH) != 0 {
-                fail_at(Errno::last());
-            }
-            close(top);
-            if libc::unlinkat(dev, STAGING.as_ptr(), libc::AT_REMOVEDIR) != 0 {
-                fail_at(Errno::last());
-            }
-        }
+        bind_node(root, top, n)?;
+        unmount_staging(dev, top)?;
     }
     close(dev);
+    Ok(())
 }
 
-/// binfmt_misc of this user namespace over the fresh
+/// A fresh tmpfs for node `n` on the staging directory in `dev`; returns a
+/// directory descriptor of its root.
+fn mount_staging_tmpfs(dev: RawFd, n: &PrivateNode) -> io::Result<RawFd> {
+    // SAFETY: STAGING is a NUL-terminated literal; `dev` is the /dev
+    // directory fd the caller keeps open.
+    Errno::result(unsafe { libc::mkdirat(dev, STAGING.as_ptr(), 0o700) })?;
+    let covered = open_mountpoint_dir(dev, STAGING)?;
+    sys::mount(
+        Some(c"tmpfs"),
+        FdPath::new(covered).as_cstr(),
+        Some(c"tmpfs"),
+        n.flags,
+        Some(&n.data),
+    )?;
+    close(covered);
+    // SAFETY: STAGING is a NUL-terminated literal; `dev` is open (above),
+    // and the name now resolves to the new tmpfs's root.
+    let top = unsafe {
+        libc::openat(
+            dev,
+            STAGING.as_ptr(),
+            libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    check(top)?;
+    Ok(top)
+}
+
+/// A secret: a new file in the staging tmpfs `top` holding `bytes`, with
+/// the node's owner and mode.
+fn create_file_node(top: RawFd, n: &PrivateNode, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: NODE is a NUL-terminated literal; `top` is the staging tmpfs
+    // directory the caller keeps open.
+    let f = Errno::result(unsafe {
+        libc::openat(
+            top,
+            NODE.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o000,
+        )
+    })?;
+    kiln_sys::write_all(f, bytes)?;
+    // SAFETY: fchown and fchmod take the descriptor just opened and
+    // integers, no pointer.
+    Errno::result(unsafe { libc::fchown(f, n.uid, n.gid) })?;
+    // SAFETY: fchmod takes the descriptor `f` opened above and an integer, no
+    // pointer.
+    Errno::result(unsafe { libc::fchmod(f, n.mode) })?;
+    close(f);
+    Ok(())
+}
+
+/// An agent socket: a listening unix socket in the staging tmpfs `top`
+/// with the node's owner and mode, its descriptor sent over `sink`.
+fn create_socket_node(top: RawFd, n: &PrivateNode, sink: RawFd) -> io::Result<()> {
+    let s = sys::listen_unix_at(top, NODE)?;
+    // SAFETY: NODE is a NUL-terminated literal; `top` is the staging tmpfs
+    // directory the caller keeps open.
+    Errno::result(unsafe {
+        libc::fchownat(top, NODE.as_ptr(), n.uid, n.gid, libc::AT_SYMLINK_NOFOLLOW)
+    })?;
+    // SAFETY: NODE is a NUL-terminated literal and `top` the staging directory
+    // the caller keeps open; fchmodat only reads the name.
+    Errno::result(unsafe { libc::fchmodat(top, NODE.as_ptr(), n.mode, 0) })?;
+    sys::send_fd(sink, s)?;
+    close(s);
+    Ok(())
+}
+
+/// The node in `top` bound onto its destination in the rootfs, then the
+/// bind remounted read-only with the node's flags.
+fn bind_node(root: RawFd, top: RawFd, n: &PrivateNode) -> io::Result<()> {
+    // SAFETY: NODE is a NUL-terminated literal; `top` is the staging tmpfs
+    // directory the caller keeps open.
+    let node = Errno::result(unsafe {
+        libc::openat(
+            top,
+            NODE.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    let target = sys::open_path_in_root(root, &n.dest)?;
+    sys::mount(
+        Some(FdPath::new(node).as_cstr()),
+        FdPath::new(target).as_cstr(),
+        None,
+        libc::MS_BIND,
+        None,
+    )?;
+    close(target);
+    let bound = sys::open_path_in_root(root, &n.dest)?;
+    sys::mount(
+        None,
+        FdPath::new(bound).as_cstr(),
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | n.flags,
+        None,
+    )?;
+    close(bound);
+    close(node);
+    Ok(())
+}
+
+/// The staging mount `top` detached and its directory in `dev` removed;
+/// the node's bind keeps the tmpfs alive.
+fn unmount_staging(dev: RawFd, top: RawFd) -> io::Result<()> {
+    // SAFETY: FdPath yields a NUL-terminated /proc/self/fd path on our
+    // stack, alive for the call.
+    Errno::result(unsafe { libc::umount2(FdPath::new(top).as_cstr().as_ptr(), libc::MNT_DETACH) })?;
+    close(top);
+    // SAFETY: STAGING is a NUL-terminated literal; `dev` is the /dev
+    // directory fd the caller keeps open.
+    Errno::result(unsafe { libc::unlinkat(dev, STAGING.as_ptr(), libc::AT_REMOVEDIR) })?;
+    Ok(())
+}
+
+/// Step 11: binfmt_misc of this user namespace over the fresh
 /// /proc/sys/fs/binfmt_misc, one registration per emulator, then remounted
 /// read-only so the command cannot add, remove or disable an entry. The
 /// registrations live as long as this mount (a detached staging mount
 /// loses them), and the kernel resolves each interpreter now, while the
 /// host's root is still ours (flag `F`).
-fn setup_binfmt(p: &Plan, root: RawFd) {
+fn setup_binfmt(p: &Plan, root: RawFd) -> io::Result<()> {
     if p.binfmt.is_empty() {
-        return;
+        return Ok(());
     }
     const DIR: &CStr = c"proc/sys/fs/binfmt_misc";
-    let fail_at = |e: Errno| -> ! { fail(p, Stage::Binfmt, e) };
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    let covered = sys::open_path_in_root(root, DIR).unwrap_or_else(|e| fail_at(e));
+    let covered = sys::open_path_in_root(root, DIR)?;
     sys::mount(
         Some(c"binfmt_misc"),
         FdPath::new(covered).as_cstr(),
         Some(c"binfmt_misc"),
         flags,
         None,
-    )
-    .unwrap_or_else(|e| fail_at(e));
+    )?;
     close(covered);
-    let top = sys::open_path_in_root(root, DIR).unwrap_or_else(|e| fail_at(e));
-    // SAFETY: NUL-terminated name relative to `top`, the new instance's root.
-    let register = unsafe {
+    let top = sys::open_path_in_root(root, DIR)?;
+    // SAFETY: a NUL-terminated literal relative to `top`, the new
+    // instance's root, open until the end of this function.
+    let register = Errno::result(unsafe {
         libc::openat(
             top,
             c"register".as_ptr(),
             libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
-    };
-    if register < 0 {
-        fail_at(Errno::last());
-    }
+    })?;
     for line in &p.binfmt {
         // one write per registration: the kernel parses each write whole
-        sys::write_exact(register, line.as_bytes()).unwrap_or_else(|e| fail_at(e));
+        kiln_sys::write_all(register, line.as_bytes())?;
     }
     close(register);
     sys::mount(
@@ -624,9 +655,9 @@ fn setup_binfmt(p: &Plan, root: RawFd) {
         None,
         libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | flags,
         None,
-    )
-    .unwrap_or_else(|e| fail_at(e));
+    )?;
     close(top);
+    Ok(())
 }
 
 /// Mask the paths the OCI defaults hide: files get /dev/null, directories
@@ -675,55 +706,227 @@ fn zeroed_stat() -> libc::stat {
 }
 
 /// PID 1 of the sandbox: namespace-wide setup, then fork the command and
-/// become kiln-init.
+/// become kiln-init. One numbered step per call, as a checklist; each step
+/// that can fail names its own [`Stage`], and the first failure ends the
+/// sandbox (see `fail`).
 ///
 /// # Safety
-/// Must only be called in the child of [`sys::clone_vm`] or
-/// [`sys::clone3_fork`] (see there).
+/// Must only be called in the child of `sys::clone_vm` or
+/// `sys::clone3_fork` (see there).
 pub unsafe fn run(p: &Plan) -> ! {
-    // 0a. No core dumps until the command's exec: a crash of this code
-    //     would write kiln's memory (secrets included) into the step's
-    //     working directory, and so into its layer. The command gets the
-    //     limit back (or the spec's) just before its exec.
+    // Where the network helper leaves its namespace: on this frame, which
+    // outlives the helper (reaped in step 15).
+    let netns = NetNs {
+        fd: AtomicI32::new(-1),
+    };
+    // 1. No core dumps until the command's exec (kiln's memory holds
+    //    secrets, and a core would land in the step's layer).
+    let core = disable_core_dumps().or_fail(p, Stage::DisableCoreDumps);
+    // 2. Start making the network namespace beside steps 3 to 14.
+    let net_helper = start_net_helper(p, &netns).or_fail(p, Stage::StartNetHelper);
+    // 3. Wait until the parent has written our uid and gid maps.
+    wait_for_parent(p).or_fail(p, Stage::WaitForParent);
+    // 4. Become uid/gid 0 of the new namespace, without host groups.
+    become_root(p).or_fail(p, Stage::BecomeRoot);
+    // 5. Die with kiln (after the id change, which clears the signal).
+    die_with_parent(p).or_fail(p, Stage::DieWithParent);
+    // 6. Hostname of the new UTS namespace.
+    set_hostname(p).or_fail(p, Stage::Hostname);
+    // 7. Nothing we mount may propagate back to the host.
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .or_fail(p, Stage::MakeMountsPrivate);
+    // 8. The rootfs becomes a mount point of its own (pivot_root needs one).
+    bind_rootfs(p).or_fail(p, Stage::BindRootfs);
+    // 9. A descriptor of it, which every later mount resolves against.
+    let root = open_rootfs(p).or_fail(p, Stage::OpenRootfs);
+    // 10. A fresh /proc for the new PID namespace.
+    mount_proc(root).or_fail(p, Stage::MountProc);
+    // 11. Emulators of foreign architectures in our own binfmt_misc.
+    setup_binfmt(p, root).or_fail(p, Stage::Binfmt);
+    // 12. /dev with only safe devices (a stage per mount and device node).
+    setup_dev(p, root);
+    // 13. Signal dispositions as a fresh process has them, for kiln-init
+    //     and the command alike (the command unblocks the mask itself).
+    reset_dispositions();
+    // 14. Bounding and ambient capability sets and no_new_privs, shared by
+    //     init and the command.
+    drop_bounding_set(p).or_fail(p, Stage::DropBoundingSet);
+    clear_ambient().or_fail(p, Stage::ClearAmbient);
+    set_no_new_privs().or_fail(p, Stage::NoNewPrivs);
+    // 15. Join the network namespace the helper made.
+    if let Some(pid) = net_helper {
+        join_netns(pid, &netns).or_fail(p, Stage::NetNamespace);
+    }
+    // 16. /sys, read-only, while the host's is still in our namespace.
+    mount_sys(p, root).or_fail(p, Stage::MountSys);
+    // 17. The spec's bind and tmpfs mounts, then secrets and agent sockets
+    //     each in a tmpfs of its own: after /sys, which would hide any of
+    //     them aimed under it.
+    setup_spec_mounts(p, root).or_fail(p, Stage::SpecMount);
+    setup_private_nodes(p, root).or_fail(p, Stage::PrivateNode);
+    // 18. The rootfs read-only when asked, now that mount points are made.
+    remount_rootfs_readonly(p).or_fail(p, Stage::ReadonlyRootfs);
+    // 19. Resource limits, after every descriptor the mounts needed; the
+    //     core limit is the command's alone (step 1).
+    let core = set_rlimits(p, core).or_fail(p, Stage::Rlimit);
+    // 20. pivot_root into the rootfs.
+    pivot_root(root).or_fail(p, Stage::PivotRoot);
+    // 21. Detach the old root entirely.
+    detach_old_root().or_fail(p, Stage::DetachOldRoot);
+    close(root);
+    // 22. Masked and read-only paths in the fresh /proc and /sys (a stage
+    //     for each kind).
+    mask_paths(p);
+    // 23. Loopback up in a network namespace the clone made.
+    loopback_up(p).or_fail(p, Stage::Loopback);
+    // 24. Under `sandbox`, no route to link-local and host addresses.
+    block_routes(p).or_fail(p, Stage::BlockRoutes);
+    // 25. Landlock scopes for abstract unix sockets and signals.
+    landlock_scope(p).or_fail(p, Stage::LandlockScope);
+    // 26. seccomp, once for both init and the command.
+    install_seccomp(p).or_fail(p, Stage::Seccomp);
+    // 27. Fork the command; it waits until init is non-dumpable.
+    let mut ready = [0 as RawFd; 2];
+    // SAFETY: `ready` is a writable array of two descriptors, as pipe2
+    // fills.
+    check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) })
+        .or_fail(p, Stage::ForkCommand);
+    // Read by a command that shares our memory, possibly after we exec'd:
+    // it lives in this function's frame, which is never left, not in a
+    // callee's (whose slot the rest of this function could reuse).
+    let args = CommandArgs {
+        plan: p,
+        ready: ready[0],
+        ready_write: ready[1],
+        core,
+    };
+    // SAFETY: we are PID 1 of the sandbox, single-threaded, and `args`
+    // stays on this frame, which is never left.
+    let pid = unsafe { fork_command(&args) }.or_fail(p, Stage::ForkCommand);
+    close(ready[0]);
+    // 28. Become kiln-init.
+    // SAFETY: exec_init's contract holds: this is PID 1 of the sandbox,
+    // single-threaded (the clone copied one thread), on the allocation-free
+    // child path.
+    unsafe { exec_init(p, pid, ready[1]) }
+}
+
+/// Step 8: the rootfs bound onto itself.
+fn bind_rootfs(p: &Plan) -> Result<(), Errno> {
+    sys::mount(
+        Some(&p.rootfs),
+        &p.rootfs,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )
+}
+
+/// Step 10: proc on the rootfs's /proc. The mount point is opened without
+/// following symlinks, so an image whose /proc is a symlink cannot
+/// redirect the mount (runc CVE-2019-19921 class).
+fn mount_proc(root: RawFd) -> Result<(), Errno> {
+    mount_fs_at(
+        root,
+        c"proc",
+        c"proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+}
+
+/// Step 23: loopback up in a network namespace the clone made (the helper
+/// brought up its own).
+fn loopback_up(p: &Plan) -> Result<(), Errno> {
+    if p.new_net && p.net_helper_stack.is_none() {
+        sys::loopback_up()?;
+    }
+    Ok(())
+}
+
+/// Step 24: under `sandbox`, prohibit rules for link-local addresses (the
+/// cloud metadata service) and the host's own addresses, before
+/// capabilities drop: the step cannot remove them without CAP_NET_ADMIN,
+/// and no route (the stack's, or one it copies from the host) gets past
+/// them.
+fn block_routes(p: &Plan) -> Result<(), Errno> {
+    if p.blocked.prefixes.is_empty() {
+        return Ok(());
+    }
+    sys::block(&p.blocked)
+}
+
+/// Step 25: Landlock scopes: no connecting to abstract unix sockets and no
+/// signals outside the step, even with network=host, where the host's
+/// abstract sockets share the network namespace (containerd CVE-2020-15257
+/// class). Kernels before 6.12 lack scopes; the step's own network
+/// namespace covers the default case there.
+fn landlock_scope(p: &Plan) -> Result<(), Errno> {
+    if !p.landlock_scope {
+        return Ok(());
+    }
+    sys::landlock_scope()
+}
+
+/// Step 26: the seccomp programs, once for both processes: the filter is
+/// inherited by the fork of step 27, and what the command still does
+/// before exec (ids, capabilities, cwd, streams) is all in the allowlist.
+/// Installing it once instead of twice saves a BPF compile per step.
+fn install_seccomp(p: &Plan) -> Result<(), Errno> {
+    p.seccomp
+        .iter()
+        .try_for_each(|prog| sys::seccomp_install(prog))
+}
+
+/// Step 1: the core limit set to zero (keeping its hard limit); returns
+/// the limit as it was, for the command. A crash of the setup code would
+/// otherwise write kiln's memory (secrets included) into the step's
+/// working directory, and so into its layer; the command gets the limit
+/// back (or the spec's) just before its exec.
+fn disable_core_dumps() -> io::Result<libc::rlimit> {
     let mut core = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: plain getrlimit/setrlimit on a stack value.
-    unsafe {
-        check(libc::getrlimit(libc::RLIMIT_CORE, &mut core).into()).or_fail(p, Stage::Rlimit);
-        let off = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: core.rlim_max,
-        };
-        check(libc::setrlimit(libc::RLIMIT_CORE, &off).into()).or_fail(p, Stage::Rlimit);
-    }
-
-    // 0. Start making the network namespace, beside everything up to
-    //    /sys (joined in step 9).
-    let netns = NetNs {
-        fd: AtomicI32::new(-1),
+    // SAFETY: `core` is a writable rlimit on our stack.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut core) })?;
+    let off = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: core.rlim_max,
     };
-    let net_helper = p.net_helper_stack.as_ref().map(|stack| {
-        // SAFETY: `netns_helper` keeps the clone_vm contract: a few
-        // async-signal-safe calls, no id change, no memory written but its
-        // stack and `netns`, which stays on our stack until it is reaped.
-        unsafe {
-            sys::clone_vm(
-                libc::CLONE_FILES,
-                stack,
-                netns_helper,
-                std::ptr::from_ref(&netns).cast_mut().cast(),
-                None,
-            )
-        }
-        .unwrap_or_else(|e| fail(p, Stage::NetNamespace, e))
-    });
+    // SAFETY: `off` is a readable rlimit on our stack.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &off) })?;
+    Ok(core)
+}
 
-    // 1. Wait until the parent has written our uid and gid maps. The clone
-    //    copied the parent's write end of the pipe: close it, so a parent
-    //    killed before releasing us reads as EOF instead of a wait forever
-    //    (and watch its pidfd too, for any other copy).
+/// Step 2: clone the network helper when the plan has a stack for it. A
+/// network namespace takes longer to make than anything else in the
+/// sandbox, so the helper makes it while PID 1 sets up the mounts.
+fn start_net_helper(p: &Plan, netns: &NetNs) -> Result<Option<libc::pid_t>, Errno> {
+    let Some(stack) = &p.net_helper_stack else {
+        return Ok(None);
+    };
+    // SAFETY: `netns_helper` keeps the clone_vm contract: a few
+    // async-signal-safe calls, no id change, no memory written but its
+    // stack and `netns`, which stays on `run`'s frame until it is reaped
+    // (step 15).
+    unsafe {
+        sys::clone_vm(
+            libc::CLONE_FILES,
+            stack,
+            netns_helper,
+            std::ptr::from_ref(netns).cast_mut().cast(),
+            None,
+        )
+    }
+    .map(Some)
+}
+
+/// Step 3: wait for the parent's go. The clone copied the parent's write
+/// end of the pipe: close it, so a parent killed before releasing us reads
+/// as EOF instead of a wait forever (and watch its pidfd too, for any
+/// other copy). A parent that died first leaves nobody to tell: exit.
+fn wait_for_parent(p: &Plan) -> Result<(), Errno> {
     close(p.sync_write);
     let mut pfd = [
         libc::pollfd {
@@ -737,299 +940,221 @@ pub unsafe fn run(p: &Plan) -> ! {
             revents: 0,
         },
     ];
-    // SAFETY: poll on a pollfd array on the stack.
+    // SAFETY: `pfd` is a writable array of two pollfds on our stack.
     while unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) } < 0 {
         if Errno::last() != Errno::EINTR {
-            fail(p, Stage::WaitForParent, Errno::last());
+            return Err(Errno::last());
         }
     }
     if pfd[0].revents & libc::POLLIN == 0 {
-        // the parent died first: nobody is left to tell
-        // SAFETY: plain _exit.
-        unsafe { libc::_exit(crate::error::EXIT_SANDBOX_FAILURE) };
+        exit_silently();
     }
     let mut byte = [0u8; 1];
-    match sys::read_full(p.sync_read, &mut byte) {
-        Ok(1) => {}
-        Ok(_) => fail(p, Stage::WaitForParent, Errno::EPIPE),
-        Err(e) => fail(p, Stage::WaitForParent, e),
+    match sys::read_full(p.sync_read, &mut byte)? {
+        1 => {}
+        _ => return Err(Errno::EPIPE),
     }
     close(p.sync_read);
+    Ok(())
+}
 
-    // 2. Become uid/gid 0 of the new namespace, without host groups.
-    //    Raw syscalls: glibc's wrappers broadcast id changes to every
-    //    thread it believes exists, and threads of the parent that were
-    //    not copied by the clone would never answer.
-    // SAFETY: plain id syscalls.
-    unsafe {
-        if p.can_setgroups {
-            check(libc::syscall(
-                libc::SYS_setgroups,
-                0,
-                std::ptr::null::<libc::gid_t>(),
-            ))
-            .or_fail(p, Stage::BecomeRoot);
-        }
-        check(libc::syscall(libc::SYS_setresgid, 0, 0, 0)).or_fail(p, Stage::BecomeRoot);
-        check(libc::syscall(libc::SYS_setresuid, 0, 0, 0)).or_fail(p, Stage::BecomeRoot);
+/// Exit with the sandbox-failure status without a report: the parent is
+/// gone.
+fn exit_silently() -> ! {
+    // SAFETY: _exit takes no pointers, touches no memory of ours and never
+    // returns.
+    unsafe { libc::_exit(crate::error::EXIT_SANDBOX_FAILURE) }
+}
+
+/// Step 4: uid and gid 0 of the new namespace, no supplementary groups.
+/// Raw syscalls: glibc's wrappers broadcast id changes to every thread it
+/// believes exists, and threads of the parent that were not copied by the
+/// clone would never answer.
+fn become_root(p: &Plan) -> io::Result<()> {
+    if p.can_setgroups {
+        // SAFETY: a zero-length list, so the kernel reads no memory through
+        // the null pointer.
+        check(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })?;
     }
+    // SAFETY: setresgid takes integers only, no pointer.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, 0, 0, 0) })?;
+    // SAFETY: setresuid takes integers only, no pointer.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, 0, 0, 0) })
+}
 
-    // 2b. Die with kiln: if the process that started us is killed (even
-    //     with SIGKILL) the kernel kills us, PID 1, and with us every
-    //     process of the namespace. Set after the id change, which clears
-    //     it; a parent that died before this point is caught by polling
-    //     its pidfd.
-    // SAFETY: plain prctl and poll on a pollfd array on the stack.
-    unsafe {
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0).into())
-            .or_fail(p, Stage::BecomeRoot);
-        let mut pfd = [libc::pollfd {
-            fd: p.parent_pidfd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        if libc::poll(pfd.as_mut_ptr(), 1, 0) != 0 {
-            libc::_exit(crate::error::EXIT_SANDBOX_FAILURE);
-        }
+/// Step 5: SIGKILL when the process that started us dies (even by
+/// SIGKILL): the kernel kills us, PID 1, and with us every process of the
+/// namespace. Set after the id change, which clears it; a parent that died
+/// before this point is caught by polling its pidfd: then exit.
+fn die_with_parent(p: &Plan) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number, no pointer.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })?;
+    let mut pfd = [libc::pollfd {
+        fd: p.parent_pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: `pfd` is a writable array of one pollfd on our stack.
+    if unsafe { libc::poll(pfd.as_mut_ptr(), 1, 0) } != 0 {
+        exit_silently();
     }
+    Ok(())
+}
 
-    // 3. Hostname of the new UTS namespace.
-    if let Some(h) = &p.hostname {
-        // SAFETY: `h` is a valid buffer of the given length.
-        check(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) }.into())
-            .or_fail(p, Stage::Hostname);
-    }
+/// Step 6: the spec's hostname, if it names one.
+fn set_hostname(p: &Plan) -> io::Result<()> {
+    let Some(h) = &p.hostname else {
+        return Ok(());
+    };
+    // SAFETY: `h` is a CString of the plan, readable for its length.
+    check(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) })
+}
 
-    // 4. Nothing we mount may propagate back to the host.
-    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .or_fail(p, Stage::MakeMountsPrivate);
-
-    // 5. The rootfs becomes a mount point of its own (pivot_root needs one).
-    sys::mount(
-        Some(&p.rootfs),
-        &p.rootfs,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )
-    .or_fail(p, Stage::BindRootfs);
-    // SAFETY: `rootfs` is NUL-terminated.
+/// Step 9: the rootfs as a directory descriptor.
+fn open_rootfs(p: &Plan) -> io::Result<RawFd> {
+    // SAFETY: `rootfs` is a NUL-terminated CString owned by the plan.
     let root = unsafe {
         libc::open(
             p.rootfs.as_ptr(),
             libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
         )
     };
-    if root < 0 {
-        fail(p, Stage::OpenRootfs, Errno::last());
-    }
+    check(root)?;
+    Ok(root)
+}
 
-    // 6. A fresh /proc for the new PID namespace. The mount point is opened
-    //    without following symlinks, so an image whose /proc is a symlink
-    //    cannot redirect the mount (runc CVE-2019-19921 class).
-    mount_fs_at(
-        root,
-        c"proc",
-        c"proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-    )
-    .or_fail(p, Stage::MountProc);
-
-    // 6b. Emulators of foreign architectures, in a binfmt_misc instance of
-    //     this user namespace; read-only before the command can see it.
-    setup_binfmt(p, root);
-
-    // 7. /dev with only safe devices.
-    setup_dev(p, root);
-
-    // 8. While the helper may still be making the network namespace (step
-    //    0), what does not depend on it: signal dispositions, and the
-    //    capability bounding and ambient sets and no_new_privs (shared by
-    //    init and the command).
-    // Signal dispositions as a fresh process has them, for kiln-init and
-    // the command alike (the command unblocks the mask itself).
-    reset_dispositions();
+/// Step 14a: drop every capability the spec's bounding set leaves out.
+fn drop_bounding_set(p: &Plan) -> io::Result<()> {
     for cap in 0..=p.last_cap {
         if p.bounding & (1u64 << cap) == 0 {
-            // SAFETY: plain prctl.
-            check(
-                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) }
-                    .into(),
-            )
-            .or_fail(p, Stage::DropBoundingSet);
+            // SAFETY: PR_CAPBSET_DROP takes a capability number, no pointer.
+            check(unsafe {
+                libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0)
+            })?;
         }
     }
-    // SAFETY: plain prctl calls.
-    unsafe {
-        check(
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            )
-            .into(),
+    Ok(())
+}
+
+/// Step 14b: no ambient capabilities.
+fn clear_ambient() -> io::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT takes integers only.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
         )
-        .or_fail(p, Stage::ClearAmbient);
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())
-            .or_fail(p, Stage::NoNewPrivs);
-    }
+    })
+}
 
-    // 9. Join the network namespace the helper made; nothing of the step
-    //    has run yet, and without it the step fails. Then /sys, read-only:
-    //    the kernel allows sysfs only with a network namespace of our own,
-    //    and only while the host's /sys is still in our mount namespace
-    //    (before pivot_root). Without one, /sys stays empty rather than
-    //    exposing the host's.
-    if let Some(pid) = net_helper {
-        join_netns(p, pid, &netns);
-    }
-    if p.new_net {
-        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        match mount_fs_at(root, c"sys", c"sysfs", flags, None) {
-            Ok(()) | Err(Errno::EPERM) => {}
-            Err(e) => fail(p, Stage::MountSys, e),
-        }
-    }
+/// Step 14c: no_new_privs, so no exec can gain privileges.
+fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+}
 
-    // 10. The spec's own bind and tmpfs mounts, then secrets and agent
-    //     sockets, each in a tmpfs of its own: after /sys, which would hide
-    //     any of them aimed under it; then the rootfs read-only when asked
-    //     (their mount points may have had to be made).
-    setup_spec_mounts(p, root);
-    setup_private_nodes(p, root);
-    if p.rootfs_readonly {
-        sys::mount(
-            None,
-            &p.rootfs,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            None,
-        )
-        .or_fail(p, Stage::ReadonlyRootfs);
+/// Step 16: sysfs on /sys, read-only: the kernel allows sysfs only with a
+/// network namespace of our own, and only while the host's /sys is still
+/// in our mount namespace (before pivot_root). Without one, or when the
+/// kernel refuses (EPERM), /sys stays empty rather than exposing the
+/// host's.
+fn mount_sys(p: &Plan, root: RawFd) -> Result<(), Errno> {
+    if !p.new_net {
+        return Ok(());
     }
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    match mount_fs_at(root, c"sys", c"sysfs", flags, None) {
+        Ok(()) | Err(Errno::EPERM) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
-    // 10b. Resource limits, inherited by init and the command: after every
-    //      descriptor the mounts needed. The core limit is the command's
-    //      alone (step 0a).
+/// Step 18: the rootfs read-only when the spec asks for it.
+fn remount_rootfs_readonly(p: &Plan) -> Result<(), Errno> {
+    if !p.rootfs_readonly {
+        return Ok(());
+    }
+    sys::mount(
+        None,
+        &p.rootfs,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+        None,
+    )
+}
+
+/// Step 19: the spec's resource limits but the core limit, which is
+/// returned (the spec's, or `core` as it was) for the command to set.
+fn set_rlimits(p: &Plan, mut core: libc::rlimit) -> io::Result<libc::rlimit> {
     for (res, lim) in &p.rlimits {
         if *res == libc::RLIMIT_CORE {
             core = *lim;
             continue;
         }
-        // SAFETY: `lim` is a valid rlimit.
-        check(unsafe { libc::setrlimit(*res, lim) }.into()).or_fail(p, Stage::Rlimit);
+        // SAFETY: `lim` is a readable rlimit owned by the plan.
+        check(unsafe { libc::setrlimit(*res, lim) })?;
     }
+    Ok(core)
+}
 
-    // 11. pivot_root into the rootfs and detach the old root entirely.
-    // SAFETY: fchdir/pivot_root/umount2/chdir on valid arguments.
-    unsafe {
-        check(libc::fchdir(root).into()).or_fail(p, Stage::PivotRoot);
-        check(libc::syscall(
-            libc::SYS_pivot_root,
-            c".".as_ptr(),
-            c".".as_ptr(),
-        ))
-        .or_fail(p, Stage::PivotRoot);
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into())
-            .or_fail(p, Stage::DetachOldRoot);
-        check(libc::chdir(c"/".as_ptr()).into()).or_fail(p, Stage::DetachOldRoot);
+/// Step 20: the rootfs `root` becomes `/`, the old root stacked on it.
+fn pivot_root(root: RawFd) -> io::Result<()> {
+    // SAFETY: fchdir takes a descriptor (`root`, open since step 9).
+    check(unsafe { libc::fchdir(root) })?;
+    // SAFETY: both arguments are NUL-terminated string literals.
+    check(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) })
+}
+
+/// Step 21: the old root, stacked on `/` by pivot_root, detached.
+fn detach_old_root() -> io::Result<()> {
+    // SAFETY: a NUL-terminated string literal.
+    check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) })?;
+    // SAFETY: a NUL-terminated string literal.
+    check(unsafe { libc::chdir(c"/".as_ptr()) })
+}
+
+/// Step 27: start the command process (see [`start_command`]), cloned
+/// into our memory when the plan has a stack for it, else forked.
+///
+/// # Safety
+/// Only in PID 1 of the sandbox, single-threaded, with `args` on a frame
+/// that is never left (a command sharing our memory reads it later).
+unsafe fn fork_command(args: &CommandArgs) -> Result<libc::pid_t, Errno> {
+    // Sharing memory with us (and kiln) like this process does: the
+    // command keeps our ids, so it cannot make that memory non-dumpable.
+    if let Some(stack) = &args.plan.command_stack {
+        // SAFETY: `command_entry` keeps the clone_vm contract (see
+        // `command`); the plan and both stacks outlive this sandbox's PID
+        // namespace, which dies with us, and `args` outlives the child (the
+        // caller's contract).
+        return unsafe {
+            sys::clone_vm(
+                0,
+                stack,
+                command_entry,
+                std::ptr::from_ref(args).cast_mut().cast(),
+                None,
+            )
+        };
     }
-    close(root);
-
-    // 12. Masked and read-only paths in the fresh /proc and /sys.
-    mask_paths(p);
-
-    // 13. Loopback up in a network namespace the clone made (the helper
-    //     brought up its own).
-    if p.new_net && p.net_helper_stack.is_none() {
-        sys::loopback_up().or_fail(p, Stage::Loopback);
+    // A raw clone, not glibc's fork: fork runs atfork handlers that take
+    // malloc's locks, which another thread of the parent may have held at
+    // the moment of our own clone.
+    // SAFETY: this process is single-threaded (the caller's contract); the
+    // child only makes async-signal-safe calls and leaves by exec or _exit.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
+    if pid < 0 {
+        return Err(Errno::last());
     }
-
-    // 13b. Under `sandbox`, prohibit rules for link-local addresses (the
-    //      cloud metadata service) and the host's own addresses, before
-    //      capabilities drop: the step cannot remove them without
-    //      CAP_NET_ADMIN, and no route (the stack's, or one it copies
-    //      from the host) gets past them.
-    if !p.blocked.prefixes.is_empty() {
-        sys::block(&p.blocked).or_fail(p, Stage::BlockRoutes);
+    if pid == 0 {
+        // SAFETY: we are the freshly forked command process.
+        unsafe { start_command(args) }
     }
-
-    // 15b. Landlock scopes: no connecting to abstract unix sockets and no
-    //      signals outside the step, even with network=host, where the
-    //      host's abstract sockets share the network namespace (containerd
-    //      CVE-2020-15257 class). Kernels before 6.12 lack scopes; the
-    //      step's own network namespace covers the default case there.
-    if p.landlock_scope {
-        sys::landlock_scope().or_fail(p, Stage::LandlockScope);
-    }
-
-    // 16. seccomp, once for both processes: the filter is inherited by
-    //     the fork below, and what the command still does before exec (ids,
-    //     capabilities, cwd, streams) is all in the allowlist. Installing it
-    //     once instead of twice saves a BPF compile per step.
-    for prog in &p.seccomp {
-        sys::seccomp_install(prog).or_fail(p, Stage::Seccomp);
-    }
-
-    // 17. Fork the command; it waits until init is non-dumpable.
-    let mut ready = [0 as RawFd; 2];
-    // SAFETY: `ready` has room for two descriptors.
-    check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) }.into())
-        .or_fail(p, Stage::ForkCommand);
-    // Read by a command that shares our memory, possibly after we exec'd:
-    // it lives in this function's frame, which is never left, not in the
-    // match arm below (whose slot the rest of this function could reuse).
-    let args = CommandArgs {
-        plan: p,
-        ready: ready[0],
-        ready_write: ready[1],
-        core,
-    };
-    let pid = match &p.command_stack {
-        // Sharing memory with us (and kiln) like this process does: the
-        // command keeps our ids, so it cannot make that memory
-        // non-dumpable.
-        Some(stack) => {
-            // SAFETY: `command_entry` keeps the clone_vm contract (see
-            // `command`); the plan and both stacks outlive this sandbox's
-            // PID namespace, which dies with us.
-            unsafe {
-                sys::clone_vm(
-                    0,
-                    stack,
-                    command_entry,
-                    std::ptr::from_ref(&args).cast_mut().cast(),
-                    None,
-                )
-            }
-            .unwrap_or_else(|e| fail(p, Stage::ForkCommand, e))
-        }
-        None => {
-            // A raw clone, not glibc's fork: fork runs atfork handlers that
-            // take malloc's locks, which another thread of the parent may
-            // have held at the moment of our own clone.
-            // SAFETY: this process is single-threaded; the child only makes
-            // async-signal-safe calls and leaves by exec or _exit.
-            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
-            let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
-            if pid < 0 {
-                fail(p, Stage::ForkCommand, Errno::last());
-            }
-            if pid == 0 {
-                // SAFETY: we are the freshly forked command process.
-                unsafe { start_command(&args) }
-            }
-            pid
-        }
-    };
-    close(ready[0]);
-
-    // 18. Become kiln-init.
-    // SAFETY: still the single-threaded sandbox child.
-    unsafe { exec_init(p, pid, ready[1]) }
+    Ok(pid)
 }
 
 /// Where the network helper leaves the namespace it made.
@@ -1045,7 +1170,9 @@ struct NetNs {
 extern "C" fn netns_helper(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the NetNs on PID 1's stack, alive until we are reaped.
     let netns = unsafe { &*arg.cast::<NetNs>() };
-    // SAFETY: plain unshare and open calls.
+    // SAFETY: unshare takes a flag only; open reads a NUL-terminated literal.
+    // The descriptor it returns lands in the file table shared with PID 1
+    // (CLONE_FILES), which reads it after reaping us.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNET) != 0 {
             return Errno::last() as libc::c_int;
@@ -1065,13 +1192,15 @@ extern "C" fn netns_helper(arg: *mut libc::c_void) -> libc::c_int {
     0
 }
 
-/// Reap the network helper and move into the namespace it made.
-fn join_netns(p: &Plan, pid: libc::pid_t, netns: &NetNs) {
+/// Step 15: reap the network helper and move into the namespace it made;
+/// nothing of the step has run yet, and without it the step fails.
+fn join_netns(pid: libc::pid_t, netns: &NetNs) -> Result<(), Errno> {
     let mut status = 0;
-    // SAFETY: waiting for our own child.
+    // SAFETY: waiting for our own child; `status` is a writable int on our
+    // stack.
     while unsafe { libc::waitpid(pid, &mut status, libc::__WALL) } < 0 {
         if Errno::last() != Errno::EINTR {
-            fail(p, Stage::NetNamespace, Errno::last());
+            return Err(Errno::last());
         }
     }
     let code = if libc::WIFEXITED(status) {
@@ -1080,13 +1209,14 @@ fn join_netns(p: &Plan, pid: libc::pid_t, netns: &NetNs) {
         libc::EIO
     };
     if code != 0 {
-        fail(p, Stage::NetNamespace, Errno::from_raw(code));
+        return Err(Errno::from_raw(code));
     }
     let fd = netns.fd.load(Ordering::Acquire);
-    // SAFETY: `fd` is the namespace descriptor the helper opened in our
-    // shared file table.
-    check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }.into()).or_fail(p, Stage::NetNamespace);
+    // SAFETY: setns takes a descriptor (the namespace the helper opened in
+    // our shared file table) and a flag, no pointer.
+    Errno::result(unsafe { libc::setns(fd, libc::CLONE_NEWNET) })?;
     close(fd);
+    Ok(())
 }
 
 /// What a command process cloned with `clone_vm` starts from.
@@ -1110,7 +1240,9 @@ extern "C" fn command_entry(args: *mut libc::c_void) -> libc::c_int {
 /// Only in the command process, right after it was made.
 unsafe fn start_command(args: &CommandArgs) -> ! {
     close(args.ready_write);
-    // SAFETY: see above.
+    // SAFETY: `args.plan` and `args.core` live in PID 1's plan and frame for
+    // the sandbox's lifetime (see `CommandArgs`), and we are the command
+    // process just made, as `command` requires.
     unsafe { command(args.plan, args.ready, &args.core) }
 }
 
@@ -1124,7 +1256,9 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
 
     // b. Ids. Keep capabilities across the uid change so the spec's sets
     //    apply to any user, as runc does.
-    // SAFETY: plain id and prctl calls on valid buffers.
+    // SAFETY: setgroups reads `p.groups.len()` gids from the plan's Vec, alive
+    // for the sandbox's lifetime; setresgid, setresuid and prctl take integers
+    // only.
     unsafe {
         if p.can_setgroups {
             check(libc::syscall(
@@ -1134,10 +1268,10 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
             ))
             .or_fail(p, Stage::SetGroups);
         }
-        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into()).or_fail(p, Stage::SetUid);
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0)).or_fail(p, Stage::SetUid);
         check(libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid)).or_fail(p, Stage::SetGid);
         check(libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid)).or_fail(p, Stage::SetUid);
-        check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0).into()).or_fail(p, Stage::SetUid);
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0)).or_fail(p, Stage::SetUid);
     }
 
     // c. Capabilities.
@@ -1152,8 +1286,10 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
     for (target, src) in p.stdio.iter().enumerate() {
         if let StdioFd::Fd(fd) = src {
             let target = RawFd::try_from(target).unwrap_or(0);
-            // SAFETY: plain dup2 on descriptors we own.
-            check(unsafe { libc::dup2(*fd, target) }.into()).or_fail(p, Stage::Stdio);
+            // SAFETY: dup2 takes two descriptors, no pointer: `fd` is a stream
+            // the parent keeps open until the clone, inherited here, and 0..2
+            // are ours to replace.
+            check(unsafe { libc::dup2(*fd, target) }).or_fail(p, Stage::Stdio);
         }
     }
     close_all_but(p.err_write).or_fail(p, Stage::Stdio);
@@ -1161,12 +1297,13 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
     // e. umask and working directory (inside the new root), and proof that
     //    it is: a directory outside the root has no path from it, and the
     //    raw getcwd says "(unreachable)" instead of a path.
-    // SAFETY: plain calls with NUL-terminated strings and a stack buffer.
+    // SAFETY: umask takes an integer; chdir reads the plan's NUL-terminated
+    // `cwd`; getcwd writes at most `buf.len()` bytes into `buf` on our stack.
     unsafe {
         if let Some(m) = p.umask {
             libc::umask(m);
         }
-        check(libc::chdir(p.cwd.as_ptr()).into()).or_fail(p, Stage::Chdir);
+        check(libc::chdir(p.cwd.as_ptr())).or_fail(p, Stage::Chdir);
         let mut buf = [0u8; 4096];
         let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
         if n <= 0 || buf[0] != b'/' {
@@ -1175,7 +1312,7 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
     }
 
     // f. Signals as a fresh process has them: PID 1 reset the dispositions
-    //    before it cloned us (step 8); the mask, which kiln set to block
+    //    before it cloned us (step 13); the mask, which kiln set to block
     //    the signals it forwards and which would survive exec, is cleared
     //    here.
     // SAFETY: an empty, initialised set unblocks every signal.
@@ -1185,17 +1322,18 @@ unsafe fn command(p: &Plan, ready: RawFd, core: &libc::rlimit) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 
-    // g. The core limit back (see step 0a), then exec, searching PATH as
+    // g. The core limit back (see step 1), then exec, searching PATH as
     //    execvp does.
     // SAFETY: `core` is a valid rlimit.
-    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, core) }.into()).or_fail(p, Stage::Rlimit);
+    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, core) }).or_fail(p, Stage::CoreLimit);
     exec_command(p)
 }
 
 /// Close every descriptor from 3 up except `keep`.
-fn close_all_but(keep: RawFd) -> Result<(), Errno> {
+fn close_all_but(keep: RawFd) -> io::Result<()> {
     let close_range = |first: u32, last: u32| {
-        // SAFETY: plain close_range call over descriptors this process owns.
+        // SAFETY: close_range takes integers only; no object of this process
+        // uses the descriptors it closes (the command execs next).
         check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) })
     };
     let keep = u32::try_from(keep).unwrap_or(0);
@@ -1216,7 +1354,9 @@ fn reset_dispositions() {
     let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
     for sig in 1..=64 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            // SAFETY: see above; invalid numbers just fail with EINVAL.
+            // SAFETY: `dfl` is a readable sigaction on our stack for the call,
+            // the old-action pointer is null, and 8 is the size of the
+            // kernel's sigset; a number that is no signal fails with EINVAL.
             unsafe {
                 libc::syscall(
                     libc::SYS_rt_sigaction,
@@ -1270,7 +1410,7 @@ fn exec_command(p: &Plan) -> ! {
 }
 
 fn fail_exec(p: &Plan, errno: Errno) -> ! {
-    sys::write_all(
+    let _ = kiln_sys::write_all(
         p.err_write,
         &Msg {
             stage: Stage::Exec,
@@ -1283,7 +1423,8 @@ fn fail_exec(p: &Plan, errno: Errno) -> ! {
     } else {
         crate::error::EXIT_CANNOT_EXECUTE
     };
-    // SAFETY: _exit ends the process.
+    // SAFETY: _exit takes no pointers, touches no memory of ours and never
+    // returns.
     unsafe { libc::_exit(code) }
 }
 
@@ -1292,7 +1433,8 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
     // Move the descriptors init keeps to high numbers first, so placing
     // them at 3 and 4 cannot clobber one another.
     let high = |fd: RawFd| {
-        // SAFETY: plain fcntl on a descriptor we own.
+        // SAFETY: F_DUPFD_CLOEXEC takes a descriptor and an integer, no
+        // pointer; a closed `fd` fails with EBADF.
         let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
         if r < 0 {
             fail(p, Stage::ExecInit, Errno::last())
@@ -1302,7 +1444,9 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
     let init = high(p.init_fd);
     let status = high(p.status_write);
     let ready = high(ready_write);
-    // SAFETY: dup2/open/close_range on descriptors we own.
+    // SAFETY: open reads a NUL-terminated literal; dup2 and close_range take
+    // integers only, and no object of this process uses the descriptors from 5
+    // up, which exec closes.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if null < 0 {
@@ -1310,7 +1454,7 @@ unsafe fn exec_init(p: &Plan, command: libc::pid_t, ready_write: RawFd) -> ! {
         }
         let null = high(null);
         for (src, dst) in [(status, 3), (ready, 4), (null, 0), (null, 1), (null, 2)] {
-            check(libc::dup2(src, dst).into()).or_fail(p, Stage::ExecInit);
+            check(libc::dup2(src, dst)).or_fail(p, Stage::ExecInit);
         }
         check(libc::syscall(
             libc::SYS_close_range,
@@ -1355,5 +1499,32 @@ mod tests {
         }
         assert_eq!(Stage::from_u32(n + 1), None);
         assert_eq!(Stage::from_u32(0), None);
+    }
+
+    /// Two stages with the same words would make a report ambiguous.
+    #[test]
+    fn every_stage_reads_differently() {
+        let mut texts: Vec<&str> = Stage::ALL.iter().map(|s| s.text()).collect();
+        texts.sort_unstable();
+        let n = texts.len();
+        texts.dedup();
+        assert_eq!(texts.len(), n, "two stages share a message");
+    }
+
+    /// Setting the parent-death signal (and checking that the parent is
+    /// still alive) was reported as "becoming root in the user namespace",
+    /// the step before it: a user chasing an id-map problem for a failure
+    /// of prctl. It has its own stage now, and the report says what failed.
+    #[test]
+    fn the_parent_death_signal_has_its_own_stage() {
+        let m = Msg {
+            stage: Stage::DieWithParent,
+            errno: Errno::EINVAL,
+        };
+        let back = Msg::decode(&m.encode()).expect("decodes");
+        assert_ne!(back.stage, Stage::BecomeRoot);
+        let text = back.stage.to_string();
+        assert!(text.contains("parent-death signal"), "{text}");
+        assert!(!text.contains("root"), "{text}");
     }
 }

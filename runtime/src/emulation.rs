@@ -163,7 +163,7 @@ impl Host {
     /// This machine.
     pub fn current() -> Host {
         Host {
-            kernel_release: crate::sys::kernel_release().to_string(),
+            kernel_release: kiln_sys::kernel_release().to_string(),
             binfmt_dir: PathBuf::from("/proc/sys/fs/binfmt_misc"),
         }
     }

@@ -1,5 +1,7 @@
 //! The runtime's error type: every way starting a sandbox can fail, each
-//! with a message that names the cause and, where there is one, the fix.
+//! with a message that names what failed and, where there is one, the fix.
+//! An underlying error is the variant's `source()`, never repeated in its
+//! message: print the chain (`kiln_sys::error_chain`) to show both.
 //! A failure of the sandbox itself maps to exit code 125 (as Docker uses),
 //! distinct from anything the command returns.
 
@@ -30,7 +32,7 @@ pub enum Error {
     Unsupported(String),
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
-    #[error("bind mount source {}: {source}", path.display())]
+    #[error("cannot open bind mount source {}", path.display())]
     MountSource {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -41,7 +43,7 @@ pub enum Error {
     UnknownUser(String),
     #[error("group {0:?} is not in the rootfs's /etc/group: use a numeric gid or add the group to the image")]
     UnknownGroup(String),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
@@ -64,12 +66,12 @@ pub enum Error {
         status: String,
         stderr: String,
     },
-    #[error("cannot run {helper}: {source}; install it with `apt-get install uidmap`")]
+    #[error("cannot run {helper} (install it with `apt-get install uidmap`)")]
     IdMapHelperMissing {
         helper: &'static str,
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     WriteIdMap {
         path: String,
         source: std::io::Error,
@@ -93,14 +95,14 @@ pub enum Error {
     Init(std::io::Error),
     #[error("lost contact with the sandbox: {0}")]
     Channel(std::io::Error),
-    #[error("cannot use runtime directory {path}: {source}")]
+    #[error("cannot use runtime directory {path}")]
     RuntimeDir {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("runtime directory {0} is not a private directory of the calling user: remove it or set XDG_RUNTIME_DIR")]
     RuntimeDirUnsafe(PathBuf),
-    #[error("cannot join kiln's user namespace through {path}: {source}")]
+    #[error("cannot join kiln's user namespace through {path}")]
     JoinNamespace {
         path: String,
         source: std::io::Error,
@@ -122,7 +124,7 @@ pub enum Error {
         what: &'static str,
         errno: nix::errno::Errno,
     },
-    #[error("cannot start {stack} for the sandbox's network: {source}")]
+    #[error("cannot start {stack} for the sandbox's network")]
     NetworkStackStart {
         stack: &'static str,
         source: std::io::Error,

@@ -4,14 +4,19 @@
 //! directory) and its output is an [`ExitStatus`].
 //!
 //! A newcomer reads it in this order: [`spec`] (what a default sandbox is),
-//! [`sandbox`] (the parent: prepare, clone, map ids, wait), [`child`] (the
-//! numbered setup sequence up to exec), [`idmap`], [`net`], [`seccomp`], [`user`].
+//! [`plan`] (what a sandbox will be, decided without touching the system),
+//! [`sandbox`] (the parent: realise the plan, clone, map ids, wait),
+//! [`child`] (the numbered setup sequence up to exec), [`idmap`], [`net`],
+//! [`seccomp`], [`user`].
 
+#[cfg(test)]
+mod bpf;
 pub mod child;
 pub mod emulation;
 pub mod error;
 pub mod idmap;
 pub mod net;
+pub mod plan;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;

@@ -254,7 +254,8 @@ pub fn in_sandbox_network<T: Send>(
                     nix::sys::stat::Mode::empty(),
                 )
                 .map(|fd| {
-                    // SAFETY: open returned a new descriptor we own.
+                    // SAFETY: `fd` is the descriptor open just returned
+                    // (Ok): open, and owned by nothing else.
                     unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
                 })
                 .map_err(fail("opening the namespace"))

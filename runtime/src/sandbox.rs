@@ -1,13 +1,14 @@
-//! The parent side of a sandbox: check the spec, prepare everything the
-//! child needs (so the child never allocates), clone it into its
-//! namespaces, write its id maps, and wait for the command's status.
+//! The parent side of a sandbox: decide it ([`crate::plan`]), realise the
+//! plan into everything the child needs (so the child never allocates),
+//! clone it into its namespaces, write its id maps, and wait for the
+//! command's status.
 //!
 //! The parent may be multi-threaded (the build engine runs on tokio): the
 //! only thing done between clone and exec in the child is the
 //! allocation-free sequence in [`crate::child`].
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -18,15 +19,14 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimitType, Spec};
+use oci_spec::runtime::Spec;
 
 use crate::child::{
     self, MountKind, Msg, NodeContent, Plan, PrivateNode, SpecMount, Stage, StdioFd,
 };
 use crate::error::{Error, Result};
 use crate::idmap::IdMapping;
-use crate::seccomp::Profile;
-use crate::spec::{DEFAULT_PATH, SECCOMP_ANNOTATION};
+use crate::plan::{cstring, HostFacts, MountPlan, MountPlanKind, SandboxPlan};
 use crate::sys;
 
 /// Where a standard stream of the command goes.
@@ -167,52 +167,14 @@ pub(crate) fn init_memfd() -> Result<RawFd> {
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let seals =
             libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-        // SAFETY: plain fcntl on the memfd we own.
+        // SAFETY: F_ADD_SEALS takes the memfd, open for the call because `f`
+        // owns it, and an integer, no pointer.
         Errno::result(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
         Ok(OwnedFd::from(f))
     });
     match fd {
         Ok(fd) => Ok(fd.as_raw_fd()),
         Err(e) => Err(Error::Init(std::io::Error::from_raw_os_error(*e as i32))),
-    }
-}
-
-fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::NulByte { what: what.into() })
-}
-
-fn capability_mask(
-    set: Option<&std::collections::HashSet<oci_spec::runtime::Capability>>,
-) -> Result<u64> {
-    let mut mask = 0u64;
-    for cap in set.into_iter().flatten() {
-        let name = format!("CAP_{cap}");
-        let c: caps::Capability = name
-            .parse()
-            .map_err(|_| Error::InvalidSpec(format!("unknown capability {name}")))?;
-        mask |= c.bitmask();
-    }
-    Ok(mask)
-}
-
-fn rlimit_resource(kind: PosixRlimitType) -> libc::__rlimit_resource_t {
-    match kind {
-        PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
-        PosixRlimitType::RlimitFsize => libc::RLIMIT_FSIZE,
-        PosixRlimitType::RlimitData => libc::RLIMIT_DATA,
-        PosixRlimitType::RlimitStack => libc::RLIMIT_STACK,
-        PosixRlimitType::RlimitCore => libc::RLIMIT_CORE,
-        PosixRlimitType::RlimitRss => libc::RLIMIT_RSS,
-        PosixRlimitType::RlimitNproc => libc::RLIMIT_NPROC,
-        PosixRlimitType::RlimitNofile => libc::RLIMIT_NOFILE,
-        PosixRlimitType::RlimitMemlock => libc::RLIMIT_MEMLOCK,
-        PosixRlimitType::RlimitAs => libc::RLIMIT_AS,
-        PosixRlimitType::RlimitLocks => libc::RLIMIT_LOCKS,
-        PosixRlimitType::RlimitSigpending => libc::RLIMIT_SIGPENDING,
-        PosixRlimitType::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
-        PosixRlimitType::RlimitNice => libc::RLIMIT_NICE,
-        PosixRlimitType::RlimitRtprio => libc::RLIMIT_RTPRIO,
-        PosixRlimitType::RlimitRttime => libc::RLIMIT_RTTIME,
     }
 }
 
@@ -261,74 +223,6 @@ fn private_node(f: PrivateFile, sinks: &mut Vec<OwnedFd>) -> Result<PrivateNode>
     })
 }
 
-fn spec_mount(m: &Mount, trees: &mut Vec<OwnedFd>) -> Result<SpecMount> {
-    let dest = m.destination().to_string_lossy().into_owned();
-    if !dest.starts_with('/') || dest == "/" {
-        return Err(Error::InvalidSpec(format!(
-            "mount destination {dest:?} must be an absolute path below /"
-        )));
-    }
-    let mut flags: libc::c_ulong = 0;
-    let mut recursive = true;
-    let mut data = Vec::new();
-    let typ = m.typ().as_deref().unwrap_or("bind");
-    for opt in m.options().iter().flatten() {
-        match opt.as_str() {
-            "ro" | "readonly" => flags |= libc::MS_RDONLY,
-            "rw" => {}
-            "nosuid" => flags |= libc::MS_NOSUID,
-            "nodev" => flags |= libc::MS_NODEV,
-            "noexec" => flags |= libc::MS_NOEXEC,
-            "bind" => recursive = false,
-            "rbind" => recursive = true,
-            o if typ == "tmpfs" && (o.starts_with("size=") || o.starts_with("mode=") || o.starts_with("nr_inodes=")) => {
-                data.push(o.to_string())
-            }
-            o => {
-                return Err(Error::Unsupported(format!("mount option {o:?} on {dest} (supported: ro, rw, nosuid, nodev, noexec, bind, rbind, and size/mode for tmpfs)")))
-            }
-        }
-    }
-    let kind = match typ {
-        "bind" | "none" => {
-            let src = m.source().as_ref().ok_or_else(|| Error::InvalidSpec(format!("bind mount on {dest} has no source")))?;
-            if !src.is_absolute() {
-                return Err(Error::InvalidSpec(format!("bind mount source {} must be absolute", src.display())));
-            }
-            // Resolved here, once, in kiln's own mount namespace: the
-            // child attaches exactly this tree, so nothing can swap a
-            // path component for a symlink between here and the mount.
-            let mut attrs = 0;
-            for (ms, attr) in [
-                (libc::MS_RDONLY, libc::MOUNT_ATTR_RDONLY),
-                (libc::MS_NOSUID, libc::MOUNT_ATTR_NOSUID),
-                (libc::MS_NODEV, libc::MOUNT_ATTR_NODEV),
-                (libc::MS_NOEXEC, libc::MOUNT_ATTR_NOEXEC),
-            ] {
-                if flags & ms != 0 {
-                    attrs |= attr;
-                }
-            }
-            let tree = sys::open_tree_clone(&cstring("mount source", src.as_os_str().as_encoded_bytes())?, recursive, attrs)
-                .map_err(|source| Error::MountSource { source, path: src.clone() })?;
-            let raw = tree.as_raw_fd();
-            trees.push(tree);
-            MountKind::Bind { tree: raw }
-        }
-        "tmpfs" => MountKind::Tmpfs { data: cstring("tmpfs options", data.join(","))? },
-        other => {
-            return Err(Error::Unsupported(format!(
-                "mount type {other:?} at {dest}: spec mounts may be bind or tmpfs; kiln mounts /proc, /dev and /sys itself"
-            )))
-        }
-    };
-    Ok(SpecMount {
-        dest: cstring("mount destination", dest.trim_start_matches('/'))?,
-        kind,
-        flags,
-    })
-}
-
 /// Holds the fds and C strings a plan points into, so they outlive the
 /// child's use of them.
 struct Prepared {
@@ -351,8 +245,33 @@ struct Prepared {
     network: Option<(crate::net::Stack, bool)>,
 }
 
+/// Decide the sandbox ([`SandboxPlan`]), then realise it: everything that
+/// opens, reads or allocates for the child.
 fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
-    // 1. The root filesystem.
+    let rootfs = checked_rootfs(spec)?;
+    let mapping = opts
+        .id_mapping
+        .take()
+        .unwrap_or_else(|| IdMapping::current().clone());
+    let plan = SandboxPlan::new(spec, rootfs, mapping, &host_facts())?;
+    realise(plan, opts)
+}
+
+/// The facts of the running host a plan depends on.
+fn host_facts() -> HostFacts {
+    HostFacts {
+        euid: nix::unistd::geteuid().as_raw(),
+        egid: nix::unistd::getegid().as_raw(),
+        clone_vm_safe: sys::clone_vm_safe(),
+        last_cap: std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40),
+    }
+}
+
+/// The spec's root, made absolute: an existing directory.
+fn checked_rootfs(spec: &Spec) -> Result<PathBuf> {
     let root = spec
         .root()
         .as_ref()
@@ -360,209 +279,32 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
     let rootfs =
         std::path::absolute(root.path()).map_err(|_| Error::RootfsMissing(root.path().clone()))?;
     match std::fs::metadata(&rootfs) {
-        Err(_) => return Err(Error::RootfsMissing(rootfs)),
-        Ok(m) if !m.is_dir() => return Err(Error::RootfsNotDirectory(rootfs)),
-        Ok(_) => {}
+        Err(_) => Err(Error::RootfsMissing(rootfs)),
+        Ok(m) if !m.is_dir() => Err(Error::RootfsNotDirectory(rootfs)),
+        Ok(_) => Ok(rootfs),
     }
+}
 
-    // 2. What the spec asks for that kiln does not do is an error, never
-    //    silently ignored.
-    let process = spec.process().as_ref().ok_or(Error::NoProcess)?;
-    if process.terminal() == Some(true) {
-        return Err(Error::Unsupported(
-            "process.terminal (a pseudo-terminal for the command)".into(),
-        ));
-    }
-    if process.no_new_privileges() == Some(false) {
-        return Err(Error::Unsupported(
-            "no_new_privileges=false: kiln always sets no_new_privs".into(),
-        ));
-    }
-    if process.apparmor_profile().is_some() || process.selinux_label().is_some() {
-        return Err(Error::Unsupported(
-            "an AppArmor profile or SELinux label".into(),
-        ));
-    }
-    let linux = spec
-        .linux()
-        .as_ref()
-        .ok_or_else(|| Error::InvalidSpec("the spec has no linux section".into()))?;
-    if linux.seccomp().is_some() {
-        return Err(Error::Unsupported(format!(
-            "linux.seccomp in OCI format; name a seccompiler profile with the {SECCOMP_ANNOTATION} annotation"
-        )));
-    }
-    if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
-        return Err(Error::Unsupported(
-            "linux.uidMappings/gidMappings: kiln decides the id maps itself".into(),
-        ));
-    }
-    let mut new_net = false;
-    let mut seen = Vec::new();
-    for ns in linux.namespaces().iter().flatten() {
-        if ns.path().is_some() {
-            return Err(Error::Unsupported(
-                "joining an existing namespace by path".into(),
-            ));
-        }
-        if ns.typ() == LinuxNamespaceType::Network {
-            new_net = true;
-        }
-        seen.push(ns.typ());
-    }
-    let annotations = spec.annotations().as_ref();
-    let network = match annotations
-        .and_then(|a| a.get(crate::net::NETWORK_ANNOTATION))
-        .map(String::as_str)
-    {
+/// The side-effecting half of [`prepare`]: the network stack found, bind
+/// sources opened, private nodes and emulators resolved, standard streams
+/// opened, stacks mapped, seccomp compiled, and the child's [`Plan`]
+/// filled in.
+fn realise(plan: SandboxPlan, opts: &mut RunOptions) -> Result<Prepared> {
+    let network = match plan.user_mode_network {
         None => None,
-        Some(v @ ("sandbox" | "sandbox+host-loopback")) => {
-            if !new_net {
-                return Err(Error::InvalidSpec(format!(
-                    "{}={v} needs a new network namespace",
-                    crate::net::NETWORK_ANNOTATION
-                )));
-            }
+        Some(allow_host_loopback) => {
             let stack = match opts.network_stack.take() {
                 Some(s) => s,
                 None => crate::net::Stack::detect()?,
             };
-            Some((stack, v == "sandbox+host-loopback"))
-        }
-        Some(other) => {
-            return Err(Error::Unsupported(format!(
-            "network mode {other:?} in the {} annotation (known: sandbox, sandbox+host-loopback)",
-            crate::net::NETWORK_ANNOTATION
-        )))
+            Some((stack, allow_host_loopback))
         }
     };
-    for required in [
-        LinuxNamespaceType::User,
-        LinuxNamespaceType::Mount,
-        LinuxNamespaceType::Pid,
-        LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Uts,
-        LinuxNamespaceType::Cgroup,
-    ] {
-        if !seen.contains(&required) {
-            return Err(Error::Unsupported(format!(
-                "running without a new {required:?} namespace"
-            )));
-        }
-    }
-
-    // 3. Ids: decide the maps, then check the process's ids fit in them.
-    let mapping = opts
-        .id_mapping
-        .take()
-        .unwrap_or_else(|| IdMapping::current().clone());
-    let user = process.user();
-    let groups: Vec<u32> = user.additional_gids().clone().unwrap_or_default();
-    for uid in [user.uid()] {
-        if !mapping.maps_uid(uid) {
-            return Err(Error::IdNotMapped {
-                id: uid,
-                reason: mapping
-                    .limited
-                    .unwrap_or("it lies outside the mapped range"),
-            });
-        }
-    }
-    for gid in std::iter::once(user.gid()).chain(groups.iter().copied()) {
-        if !mapping.maps_gid(gid) {
-            return Err(Error::IdNotMapped {
-                id: gid,
-                reason: mapping
-                    .limited
-                    .unwrap_or("it lies outside the mapped range"),
-            });
-        }
-    }
-    let can_setgroups = !matches!(
-        mapping.method,
-        crate::idmap::Method::Direct {
-            deny_setgroups: true
-        }
-    );
-    if !can_setgroups && !groups.is_empty() {
-        return Err(Error::IdNotMapped {
-            id: groups[0],
-            reason: mapping.limited.unwrap_or("setgroups is denied"),
-        });
-    }
-
-    // 4. Command, environment and PATH search list.
-    let args = process.args().as_ref().ok_or(Error::NoArgs)?;
-    if args.is_empty() {
-        return Err(Error::NoArgs);
-    }
-    let args: Vec<CString> = args
-        .iter()
-        .map(|a| cstring("an argument", a.as_bytes()))
-        .collect::<Result<_>>()?;
-    let env_strings = zeroize::Zeroizing::new(process.env().clone().unwrap_or_default());
-    let path_var = env_strings
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH);
-    let path_dirs = path_var
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| cstring("PATH", d))
-        .collect::<Result<Vec<_>>>()?;
-    let env: zeroize::Zeroizing<Vec<CString>> = zeroize::Zeroizing::new(
-        env_strings
-            .iter()
-            .map(|e| cstring("an environment entry", e.as_bytes()))
-            .collect::<Result<_>>()?,
-    );
-    let ptrs = |v: &[CString]| {
-        v.iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect::<Vec<_>>()
-    };
-
-    // 5. Capabilities, limits, seccomp.
-    let caps = process.capabilities().as_ref();
-    if caps
-        .and_then(|c| c.ambient().as_ref())
-        .is_some_and(|a| !a.is_empty())
-    {
-        return Err(Error::Unsupported("ambient capabilities".into()));
-    }
-    let rlimits = process
-        .rlimits()
-        .iter()
-        .flatten()
-        .map(|r| {
-            (
-                rlimit_resource(r.typ()),
-                libc::rlimit {
-                    rlim_cur: r.soft(),
-                    rlim_max: r.hard(),
-                },
-            )
-        })
-        .collect();
-    let profile = Profile::parse(
-        spec.annotations()
-            .as_ref()
-            .and_then(|a| a.get(SECCOMP_ANNOTATION))
-            .map_or("default", String::as_str),
-    );
-    let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40);
-
-    // 6. Mounts, masked and read-only paths.
     let mut trees = Vec::new();
-    let mounts = spec
-        .mounts()
+    let mounts = plan
+        .mounts
         .iter()
-        .flatten()
-        .map(|m| spec_mount(m, &mut trees))
+        .map(|m| open_mount(m, &mut trees))
         .collect::<Result<Vec<_>>>()?;
     let mut sinks = Vec::new();
     let private = std::mem::take(&mut opts.private)
@@ -574,15 +316,114 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
     } else {
         crate::emulation::Host::current().register_lines(&opts.emulators)?
     };
-    let abs = |v: &Option<Vec<String>>| -> Result<Vec<CString>> {
-        v.iter()
-            .flatten()
-            .map(|p| cstring("a masked path", p.as_bytes()))
-            .collect()
+    let (stdio, stdio_owned) = open_stdio(opts)?;
+    let stack_if = |want: bool, len: usize| {
+        want.then(|| sys::ChildStack::new(len))
+            .transpose()
+            .map_err(|e| Error::Clone(e.into()))
     };
+    let procs = plan.processes;
+    let stack = stack_if(procs.pid1_shares_memory, CHILD_STACK)?;
+    let command_stack = stack_if(procs.command_shares_memory, CHILD_STACK)?;
+    let net_helper_stack = stack_if(procs.helper_makes_net, NET_HELPER_STACK)?;
+    let blocked = match &network {
+        Some((stack, false)) => crate::net::blocked(stack)?,
+        _ => sys::Blocked::default(),
+    };
+    let ptrs = |v: &[CString]| {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let child = Plan {
+        rootfs: plan.rootfs,
+        rootfs_readonly: plan.rootfs_readonly,
+        hostname: plan.hostname,
+        new_net: plan.new_net,
+        blocked,
+        can_setgroups: plan.can_setgroups,
+        mounts,
+        private,
+        binfmt,
+        masked: plan.masked,
+        readonly: plan.readonly,
+        rlimits: plan.rlimits,
+        last_cap: plan.last_cap,
+        bounding: plan.caps.bounding,
+        effective: plan.caps.effective,
+        permitted: plan.caps.permitted,
+        inheritable: plan.caps.inheritable,
+        seccomp: plan.seccomp.programs()?,
+        uid: plan.uid,
+        gid: plan.gid,
+        groups: plan.groups,
+        umask: plan.umask,
+        landlock_scope: landlock_scope_available(),
+        cwd: plan.cwd,
+        argv0: plan.args[0].clone(),
+        argv: ptrs(&plan.args),
+        envp: ptrs(&plan.env),
+        path_dirs: plan.path_dirs,
+        stdio,
+        init_fd: init_memfd()?,
+        command_stack,
+        net_helper_stack,
+        parent_pidfd: -1,
+        sync_read: -1,
+        sync_write: -1,
+        err_write: -1,
+        status_write: -1,
+    };
+    Ok(Prepared {
+        plan: child,
+        _args: plan.args,
+        _env: plan.env,
+        stdio: stdio_owned,
+        sinks,
+        _trees: trees,
+        clone_flags: procs.clone_flags,
+        stack,
+        mapping: plan.mapping,
+        network,
+    })
+}
 
-    // 7. Standard streams.
-    let mut stdio_owned: [Option<OwnedFd>; 3] = [None, None, None];
+/// A planned spec mount made ready for the child: a bind source is opened
+/// here, once, in kiln's own mount namespace, as a detached tree the child
+/// attaches, so nothing can swap a path component for a symlink between
+/// here and the mount.
+fn open_mount(m: &MountPlan, trees: &mut Vec<OwnedFd>) -> Result<SpecMount> {
+    let kind = match &m.kind {
+        MountPlanKind::Bind {
+            source,
+            recursive,
+            attrs,
+        } => {
+            let path = cstring("mount source", source)?;
+            let tree = sys::open_tree_clone(&path, *recursive, *attrs).map_err(|e| {
+                Error::MountSource {
+                    source: e,
+                    path: source.clone(),
+                }
+            })?;
+            let raw = tree.as_raw_fd();
+            trees.push(tree);
+            MountKind::Bind { tree: raw }
+        }
+        MountPlanKind::Tmpfs { data } => MountKind::Tmpfs { data: data.clone() },
+    };
+    Ok(SpecMount {
+        dest: m.dest.clone(),
+        kind,
+        flags: m.flags,
+    })
+}
+
+/// The command's standard streams: what the child dups onto 0, 1 and 2,
+/// and the descriptors that keep them open until the clone.
+fn open_stdio(opts: &mut RunOptions) -> Result<([StdioFd; 3], [Option<OwnedFd>; 3])> {
+    let mut owned: [Option<OwnedFd>; 3] = [None, None, None];
     let mut stdio = [StdioFd::Inherit; 3];
     for (i, s) in [&mut opts.stdin, &mut opts.stdout, &mut opts.stderr]
         .into_iter()
@@ -600,110 +441,9 @@ fn prepare(spec: &Spec, opts: &mut RunOptions) -> Result<Prepared> {
             Stdio::Fd(fd) => fd,
         };
         stdio[i] = StdioFd::Fd(fd.as_raw_fd());
-        stdio_owned[i] = Some(fd);
+        owned[i] = Some(fd);
     }
-
-    let mut clone_flags = (libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP) as u64;
-    // How the children are made (see sys::clone_vm). PID 1 shares our
-    // memory until it execs kiln-init when it keeps our effective ids (uid
-    // and gid 0 of its namespace are ours); otherwise, as when kiln runs as
-    // real root and maps the sandbox's root to a subordinate id, it gets a
-    // copy, as fork gives. The command shares it too when it runs as that
-    // root; a USER of another id is forked. A network namespace of the
-    // step's own takes longer to make than anything else in the sandbox
-    // (loopback, sysctl tables, sysfs entries): unless a network stack must
-    // start on it right after the clone, a helper makes it while PID 1 sets
-    // up the mounts, and PID 1 joins it before it mounts /sys.
-    let vm_ok = sys::clone_vm_safe();
-    let ours = |ranges: &[crate::idmap::Range], id: u32| {
-        ranges.iter().any(|r| r.inside == 0 && r.outside == id)
-    };
-    let share_memory = vm_ok
-        && ours(&mapping.uids, nix::unistd::geteuid().as_raw())
-        && ours(&mapping.gids, nix::unistd::getegid().as_raw());
-    let helper_makes_net = vm_ok && new_net && network.is_none();
-    if new_net && !helper_makes_net {
-        clone_flags |= libc::CLONE_NEWNET as u64;
-    }
-    let stack_if = |want: bool, len: usize| {
-        want.then(|| sys::ChildStack::new(len))
-            .transpose()
-            .map_err(|e| Error::Clone(e.into()))
-    };
-    let stack = stack_if(share_memory, CHILD_STACK)?;
-    let command_stack = stack_if(
-        share_memory && user.uid() == 0 && user.gid() == 0,
-        CHILD_STACK,
-    )?;
-    let net_helper_stack = stack_if(helper_makes_net, NET_HELPER_STACK)?;
-
-    let blocked = match &network {
-        Some((stack, false)) => crate::net::blocked(stack)?,
-        _ => sys::Blocked::default(),
-    };
-    let plan = Plan {
-        rootfs: cstring("the rootfs path", rootfs.as_os_str().as_encoded_bytes())?,
-        rootfs_readonly: root.readonly() == Some(true),
-        hostname: spec
-            .hostname()
-            .as_ref()
-            .map(|h| cstring("the hostname", h.as_bytes()))
-            .transpose()?,
-        new_net,
-        blocked,
-        can_setgroups,
-        mounts,
-        private,
-        binfmt,
-        masked: abs(linux.masked_paths())?,
-        readonly: abs(linux.readonly_paths())?,
-        rlimits,
-        last_cap,
-        bounding: capability_mask(caps.and_then(|c| c.bounding().as_ref()))?,
-        effective: capability_mask(caps.and_then(|c| c.effective().as_ref()))?,
-        permitted: capability_mask(caps.and_then(|c| c.permitted().as_ref()))?,
-        inheritable: capability_mask(caps.and_then(|c| c.inheritable().as_ref()))?,
-        seccomp: profile.programs()?,
-        uid: user.uid(),
-        gid: user.gid(),
-        groups,
-        umask: user.umask(),
-        landlock_scope: landlock_scope_available(),
-        cwd: cstring(
-            "the working directory",
-            process.cwd().as_os_str().as_encoded_bytes(),
-        )?,
-        argv0: args[0].clone(),
-        argv: ptrs(&args),
-        envp: ptrs(&env),
-        path_dirs,
-        stdio,
-        init_fd: init_memfd()?,
-        command_stack,
-        net_helper_stack,
-        parent_pidfd: -1,
-        sync_read: -1,
-        sync_write: -1,
-        err_write: -1,
-        status_write: -1,
-    };
-    Ok(Prepared {
-        plan,
-        _args: args,
-        _env: env,
-        stdio: stdio_owned,
-        sinks,
-        _trees: trees,
-        clone_flags,
-        stack,
-        mapping,
-        network,
-    })
+    Ok((stdio, owned))
 }
 
 /// Whether this kernel scopes abstract unix sockets and signals (Landlock
@@ -715,7 +455,8 @@ fn landlock_scope_available() -> bool {
 
 /// A pidfd of this process, for the child to notice our death.
 fn pidfd_self() -> Result<OwnedFd> {
-    // SAFETY: pidfd_open of our own pid; returns a new fd or -1.
+    // SAFETY: pidfd_open takes a pid and flags, no pointer; it returns a new
+    // descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
     if fd < 0 {
         return Err(Error::Channel(std::io::Error::last_os_error()));
@@ -784,73 +525,23 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     let parent_pidfd = pidfd_self()?;
     prepared.plan.parent_pidfd = parent_pidfd.as_raw_fd();
 
-    // Signals to forward are blocked before the clone so none is lost; the
-    // child unblocks nothing it does not need: exec resets handlers, and
-    // kiln-init sets its own mask.
-    let forward = SigSet::from_iter([
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ]);
-    let mut old_mask = SigSet::empty();
-    let sigfd = if opts.forward_signals {
-        nix::sys::signal::pthread_sigmask(
-            nix::sys::signal::SigmaskHow::SIG_BLOCK,
-            Some(&forward),
-            Some(&mut old_mask),
-        )
-        .map_err(|e| Error::Channel(e.into()))?;
-        Some(
-            SignalFd::with_flags(&forward, SfdFlags::SFD_CLOEXEC)
-                .map_err(|e| Error::Channel(e.into()))?,
-        )
+    // Signals to forward are blocked before the clone so none is lost.
+    let forwarding = if opts.forward_signals {
+        Some(Forwarding::start()?)
     } else {
         None
     };
-    let restore_mask = || {
-        if opts.forward_signals {
-            let _ = nix::sys::signal::pthread_sigmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&old_mask),
-                None,
-            );
+    // Every way out from here restores the signal mask.
+    let finish = |r: Result<ExitStatus>| {
+        if let Some(f) = &forwarding {
+            f.restore();
         }
+        r
     };
 
-    let cloned = match (&prepared.stack, libc::c_int::try_from(prepared.clone_flags)) {
-        (Some(stack), Ok(flags)) => {
-            let mut pidfd: RawFd = -1;
-            // SAFETY: the child runs only `child::run`, which is
-            // allocation-free and async-signal-safe, writes nothing but its
-            // stack, keeps our ids, and leaves by exec or _exit; the plan and
-            // the stacks live until the child is reaped (supervise, abort
-            // below, or the reap guard).
-            let cloned = unsafe {
-                sys::clone_vm(
-                    flags,
-                    stack,
-                    sandbox_child,
-                    std::ptr::from_ref(&prepared.plan).cast_mut().cast(),
-                    Some(&mut pidfd),
-                )
-            };
-            // SAFETY: the kernel stored a new pidfd that nothing else owns.
-            cloned.map(|pid| (pid, unsafe { std::os::fd::FromRawFd::from_raw_fd(pidfd) }))
-        }
-        // SAFETY: as above, in a copy of our memory.
-        _ => unsafe { sys::clone3_fork(prepared.clone_flags) }.map(|c| match c {
-            // SAFETY: we are the child of clone3_fork.
-            None => unsafe { child::run(&prepared.plan) },
-            Some(c) => c,
-        }),
-    };
-    let (pid, pidfd) = match cloned {
+    let (pid, pidfd) = match clone_child(&prepared) {
         Ok(c) => c,
-        Err(e) => {
-            restore_mask();
-            return Err(clone_error(e));
-        }
+        Err(e) => return finish(Err(clone_error(e))),
     };
     // Declared after the plan and the stacks, so dropped before them.
     let mut reap = ReapGuard {
@@ -865,12 +556,8 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     // namespace and wait until it is configured, then release the child:
     // the user's command never runs before its network is up.
     // (the reap guard kills and reaps the child on the way out)
-    let abort = |e: Error| {
-        restore_mask();
-        Err(e)
-    };
     if let Err(e) = prepared.mapping.apply(pid) {
-        return abort(e);
+        return finish(Err(e));
     }
     // Killed and reaped when dropped, after the sandbox has exited.
     let _network = match &prepared.network {
@@ -878,7 +565,7 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
         Some((stack, allow_host_loopback)) => {
             match crate::net::Helper::start(stack, pid, *allow_host_loopback) {
                 Ok(h) => Some(h),
-                Err(e) => return abort(e),
+                Err(e) => return finish(Err(e)),
             }
         }
     };
@@ -892,19 +579,89 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
         .and_then(|a| a.first())
         .cloned()
         .unwrap_or_default();
-    let result = supervise(
-        pid,
-        &pidfd,
-        &err_r,
-        &status_r,
-        sigfd.as_ref(),
-        opts.timeout,
-        &command,
-    );
+    let channels = Channels {
+        pidfd: &pidfd,
+        err_r: &err_r,
+        status_r: &status_r,
+        sigfd: forwarding.as_ref().map(|f| &f.sigfd),
+    };
+    let result = supervise(pid, &channels, opts.timeout, &command);
     // supervise returns Ok only once it has reaped the child
     reap.armed = result.is_err();
-    restore_mask();
-    result
+    finish(result)
+}
+
+/// SIGINT, SIGTERM, SIGHUP and SIGQUIT blocked and read from a signalfd,
+/// to be forwarded to the command. The child unblocks nothing it does not
+/// need: exec resets handlers, and kiln-init sets its own mask.
+struct Forwarding {
+    sigfd: SignalFd,
+    old_mask: SigSet,
+}
+
+impl Forwarding {
+    fn start() -> Result<Forwarding> {
+        let forward = SigSet::from_iter([
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ]);
+        let mut old_mask = SigSet::empty();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&forward),
+            Some(&mut old_mask),
+        )
+        .map_err(|e| Error::Channel(e.into()))?;
+        let sigfd = SignalFd::with_flags(&forward, SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| Error::Channel(e.into()))?;
+        Ok(Forwarding { sigfd, old_mask })
+    }
+
+    /// The signal mask back as it was before [`Forwarding::start`].
+    fn restore(&self) {
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&self.old_mask),
+            None,
+        );
+    }
+}
+
+/// Clone the sandbox's PID 1 into its namespaces: sharing our memory when
+/// the plan has a stack for it, else in a copy. Returns its pid and pidfd.
+fn clone_child(prepared: &Prepared) -> std::result::Result<(i32, OwnedFd), Errno> {
+    match (&prepared.stack, libc::c_int::try_from(prepared.clone_flags)) {
+        (Some(stack), Ok(flags)) => {
+            let mut pidfd: RawFd = -1;
+            // SAFETY: the child runs only `child::run`, which is
+            // allocation-free and async-signal-safe, writes nothing but its
+            // stack, keeps our ids, and leaves by exec or _exit; the plan and
+            // the stacks live in `prepared`, which `run` keeps until the
+            // child is reaped (supervise, or the reap guard).
+            let cloned = unsafe {
+                sys::clone_vm(
+                    flags,
+                    stack,
+                    sandbox_child,
+                    std::ptr::from_ref(&prepared.plan).cast_mut().cast(),
+                    Some(&mut pidfd),
+                )
+            };
+            // SAFETY: on success the kernel stored a new pidfd in `pidfd`
+            // that nothing else owns.
+            cloned.map(|pid| (pid, unsafe { std::os::fd::FromRawFd::from_raw_fd(pidfd) }))
+        }
+        // SAFETY: the child runs only `child::run` (the contract above),
+        // in a copy of our memory, so it cannot disturb ours.
+        _ => unsafe { sys::clone3_fork(prepared.clone_flags) }.map(|c| match c {
+            // SAFETY: we are the child of clone3_fork, as child::run
+            // requires.
+            None => unsafe { child::run(&prepared.plan) },
+            Some(c) => c,
+        }),
+    }
 }
 
 /// Kills and reaps the sandbox's PID 1 on every way out of [`run`] that
@@ -923,7 +680,8 @@ impl Drop for ReapGuard<'_> {
         }
         // Both fail harmlessly once the child is reaped.
         send_signal(self.pidfd, libc::SIGKILL);
-        // SAFETY: waitid through a pidfd that outlives this guard.
+        // SAFETY: `info` is a writable siginfo_t on our stack for the call,
+        // and the pidfd is open: the guard borrows its owner.
         unsafe {
             let mut info: libc::siginfo_t = std::mem::zeroed();
             while libc::waitid(
@@ -939,7 +697,8 @@ impl Drop for ReapGuard<'_> {
 }
 
 fn send_signal(pidfd: &OwnedFd, sig: i32) {
-    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+    // SAFETY: the siginfo pointer is null, so the kernel reads no memory of
+    // ours; `pidfd` is borrowed, so open.
     unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
@@ -951,110 +710,39 @@ fn send_signal(pidfd: &OwnedFd, sig: i32) {
     };
 }
 
+/// The parent's ends of the channels to a running sandbox.
+struct Channels<'a> {
+    pidfd: &'a OwnedFd,
+    /// failure reports ([`Msg`]); EOF once the command has exec'd
+    err_r: &'a OwnedFd,
+    /// the command's wait status, from kiln-init
+    status_r: &'a OwnedFd,
+    /// signals to forward to the command
+    sigfd: Option<&'a SignalFd>,
+}
+
 /// Wait for the sandbox: failure reports, forwarded signals, the timeout,
 /// and finally the command's status from kiln-init.
 fn supervise(
     pid: i32,
-    pidfd: &OwnedFd,
-    err_r: &OwnedFd,
-    status_r: &OwnedFd,
-    sigfd: Option<&SignalFd>,
+    ch: &Channels,
     timeout: Option<Duration>,
     command: &str,
 ) -> Result<ExitStatus> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut err_open = true;
-    let mut report = Vec::new();
-    let mut exited = false;
-    let mut timed_out = false;
-    while !exited || err_open {
-        let wait = match deadline {
-            Some(d) if !timed_out => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(i32::try_from(left.as_millis()).unwrap_or(i32::MAX))
-                    .unwrap_or(PollTimeout::MAX)
-            }
-            _ => PollTimeout::NONE,
-        };
-        let mut fds = vec![PollFd::new(
-            std::os::fd::AsFd::as_fd(pidfd),
-            PollFlags::POLLIN,
-        )];
-        if err_open {
-            fds.push(PollFd::new(
-                std::os::fd::AsFd::as_fd(err_r),
-                PollFlags::POLLIN,
-            ));
-        }
-        if let Some(s) = sigfd {
-            fds.push(PollFd::new(std::os::fd::AsFd::as_fd(s), PollFlags::POLLIN));
-        }
-        let n = match nix::poll::poll(&mut fds, wait) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(Error::Wait(e)),
-            Ok(n) => n,
-        };
-        if n == 0 {
-            // Killing PID 1 of the namespace kills every process in it.
-            send_signal(pidfd, libc::SIGKILL);
-            timed_out = true;
-            continue;
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        let mut i = 1;
-        if ready[0] {
-            exited = true;
-        }
-        if err_open {
-            if ready[i] {
-                let mut buf = [0u8; 64];
-                match nix::unistd::read(err_r.as_raw_fd(), &mut buf) {
-                    Ok(0) => err_open = false,
-                    Ok(k) => report.extend_from_slice(&buf[..k]),
-                    Err(Errno::EINTR) => {}
-                    Err(_) => err_open = false,
-                }
-            }
-            i += 1;
-        }
-        if let Some(s) = sigfd {
-            if ready[i] {
-                if let Ok(Some(info)) = s.read_signal() {
-                    send_signal(
-                        pidfd,
-                        i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM),
-                    );
-                }
-            }
-        }
-    }
+    let (report, timed_out) = watch(ch, timeout)?;
     let init_status = waitpid(Pid::from_raw(pid), None).map_err(Error::Wait)?;
 
     if let Some(msg) = report
         .get(..Msg::SIZE)
         .and_then(|b| Msg::decode(b.try_into().ok()?))
     {
-        return Err(match msg.stage {
-            Stage::Exec if msg.errno == Errno::ENOENT => Error::ExecNotFound(command.to_string()),
-            Stage::Exec => Error::ExecFailed {
-                path: command.to_string(),
-                errno: msg.errno,
-            },
-            stage => Error::Setup {
-                stage,
-                errno: msg.errno,
-                hint: stage.hint(msg.errno),
-            },
-        });
+        return Err(setup_error(msg, command));
     }
     if timed_out {
         return Ok(ExitStatus::TimedOut);
     }
     let mut raw = [0u8; 4];
-    if matches!(nix::unistd::read(status_r.as_raw_fd(), &mut raw), Ok(4)) {
+    if matches!(nix::unistd::read(ch.status_r.as_raw_fd(), &mut raw), Ok(4)) {
         let status = i32::from_ne_bytes(raw);
         if libc::WIFEXITED(status) {
             return Ok(ExitStatus::Exited(libc::WEXITSTATUS(status)));
@@ -1069,6 +757,85 @@ fn supervise(
         WaitStatus::Signaled(_, s, _) => ExitStatus::Signaled(s as i32),
         _ => ExitStatus::Exited(crate::error::EXIT_SANDBOX_FAILURE),
     })
+}
+
+/// The error a child's failure report stands for.
+fn setup_error(msg: Msg, command: &str) -> Error {
+    match msg.stage {
+        Stage::Exec if msg.errno == Errno::ENOENT => Error::ExecNotFound(command.to_string()),
+        Stage::Exec => Error::ExecFailed {
+            path: command.to_string(),
+            errno: msg.errno,
+        },
+        stage => Error::Setup {
+            stage,
+            errno: msg.errno,
+            hint: stage.hint(msg.errno),
+        },
+    }
+}
+
+/// Poll until PID 1 has exited and the error channel is closed: collect
+/// the failure report, forward signals, and kill the sandbox when the
+/// timeout expires. Returns the report's bytes and whether it timed out.
+fn watch(ch: &Channels, timeout: Option<Duration>) -> Result<(Vec<u8>, bool)> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut err_open = true;
+    let mut report = Vec::new();
+    let mut exited = false;
+    let mut timed_out = false;
+    while !exited || err_open {
+        let wait = match deadline {
+            Some(d) if !timed_out => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(i32::try_from(left.as_millis()).unwrap_or(i32::MAX))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            _ => PollTimeout::NONE,
+        };
+        let mut fds = vec![PollFd::new(ch.pidfd.as_fd(), PollFlags::POLLIN)];
+        if err_open {
+            fds.push(PollFd::new(ch.err_r.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(s) = ch.sigfd {
+            fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        }
+        let n = match nix::poll::poll(&mut fds, wait) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::Wait(e)),
+            Ok(n) => n,
+        };
+        if n == 0 {
+            // Killing PID 1 of the namespace kills every process in it.
+            send_signal(ch.pidfd, libc::SIGKILL);
+            timed_out = true;
+            continue;
+        }
+        let mut ready = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()));
+        if ready.next() == Some(true) {
+            exited = true;
+        }
+        if err_open && ready.next() == Some(true) {
+            let mut buf = [0u8; 64];
+            match nix::unistd::read(ch.err_r.as_raw_fd(), &mut buf) {
+                Ok(0) => err_open = false,
+                Ok(k) => report.extend_from_slice(&buf[..k]),
+                Err(Errno::EINTR) => {}
+                Err(_) => err_open = false,
+            }
+        }
+        if let (Some(s), Some(true)) = (ch.sigfd, ready.next()) {
+            if let Ok(Some(info)) = s.read_signal() {
+                send_signal(
+                    ch.pidfd,
+                    i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM),
+                );
+            }
+        }
+    }
+    Ok((report, timed_out))
 }
 
 /// The path of the rootfs a spec names, made absolute.

@@ -1,7 +1,8 @@
 //! Raw kernel calls the runtime needs that `nix` does not wrap the way we
 //! need them. Everything callable from the sandbox child is allocation-free
 //! and async-signal-safe: it takes `&CStr` and fixed buffers, and reports
-//! `Errno`.
+//! `Errno`. Helpers the snapshotter needs too (C strings, whole writes,
+//! the kernel release) live in `kiln-sys`.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -230,30 +231,9 @@ pub fn mount(
 
 /// flock(2) on a descriptor the caller owns.
 pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
-    // SAFETY: plain flock call; an invalid fd only yields EBADF.
+    // SAFETY: flock takes a descriptor and an integer, no pointer; a closed
+    // `fd` fails with EBADF.
     Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
-}
-
-/// Write all of `buf` to `fd`, retrying on EINTR; errors are dropped because
-/// the callers are reporting an error already.
-pub fn write_all(fd: RawFd, buf: &[u8]) {
-    let _ = write_exact(fd, buf);
-}
-
-/// Write all of `buf` to `fd`, retrying on EINTR, and report failure
-/// (a short write to a full tmpfs is ENOSPC).
-pub fn write_exact(fd: RawFd, mut buf: &[u8]) -> Result<(), Errno> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a valid slice for its length.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        match n {
-            n if n > 0 => buf = &buf[usize::try_from(n).unwrap_or(buf.len())..],
-            0 => return Err(Errno::ENOSPC),
-            _ if Errno::last() == Errno::EINTR => {}
-            _ => return Err(Errno::last()),
-        }
-    }
-    Ok(())
 }
 
 /// A listening AF_UNIX stream socket bound at `name` inside the directory
@@ -276,8 +256,9 @@ pub fn listen_unix_at(dir: RawFd, name: &CStr) -> Result<RawFd, Errno> {
             at += 1;
         }
     }
-    // SAFETY: plain socket calls; `addr` is a valid sockaddr_un of the
-    // size given.
+    // SAFETY: socket, listen and close take integers only; bind reads
+    // `addr`, a sockaddr_un on our stack that lives across the call, for
+    // exactly its size.
     unsafe {
         let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
@@ -316,7 +297,8 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), Errno> {
     control.hdr.cmsg_level = libc::SOL_SOCKET;
     control.hdr.cmsg_type = libc::SCM_RIGHTS;
     control.fd = fd;
-    // SAFETY: as above.
+    // SAFETY: msghdr is plain old data; all-zero is a valid value (null
+    // buffers of length 0), filled in below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
@@ -379,7 +361,8 @@ pub fn landlock_scope() -> Result<(), Errno> {
     if fd < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: restrict_self with the ruleset fd just made, then close it.
+    // SAFETY: landlock_restrict_self takes the ruleset descriptor just made
+    // and flags, no pointer; close takes that descriptor, ours, closed once.
     unsafe {
         let rc = libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32);
         let e = Errno::last();
@@ -558,7 +541,8 @@ const RULE_BLOCK: u32 = 101;
 /// allocation). An IPv6 rule in a namespace without IPv6 (EAFNOSUPPORT)
 /// is skipped: nothing is reachable there.
 pub fn block(blocked: &Blocked) -> Result<(), Errno> {
-    // SAFETY: plain socket(2) call.
+    // SAFETY: socket(2) takes integers only and returns a new descriptor or
+    // -1.
     let sock = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -699,7 +683,8 @@ fn add_rule(sock: libc::c_int, seq: u32, p: &Prefix, rule: Rule) -> Result<(), E
 
 /// Bring the loopback interface of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
-    // SAFETY: plain socket(2) call.
+    // SAFETY: socket(2) takes integers only and returns a new descriptor or
+    // -1.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
         return Err(Errno::last());
@@ -772,25 +757,6 @@ impl Drop for ChildStack {
     }
 }
 
-/// The running kernel's release (`6.18.0-1-amd64`), asked once: it does
-/// not change under a running kiln. By uname(2), one syscall on the way to
-/// every sandbox, where reading /proc/sys/kernel/osrelease is three. Empty
-/// if uname fails.
-pub fn kernel_release() -> &'static str {
-    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    RELEASE.get_or_init(|| {
-        // SAFETY: utsname is plain old data, filled by uname(2).
-        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: `u` is a valid out buffer.
-        if unsafe { libc::uname(&mut u) } != 0 {
-            return String::new();
-        }
-        // SAFETY: uname NUL-terminates the release field.
-        let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
-        release.to_string_lossy().into_owned()
-    })
-}
-
 /// Whether a kernel release string (`6.18.0-1-amd64`) is at least `want`
 /// (major, minor); false when it cannot be read as one.
 pub fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
@@ -807,7 +773,7 @@ pub fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
 /// a process that dumped core killed every process sharing its memory, so
 /// a crash of a sandbox child would take kiln down with it.
 pub fn clone_vm_safe() -> bool {
-    kernel_at_least(kernel_release(), (5, 16))
+    kernel_at_least(kiln_sys::kernel_release(), (5, 16))
 }
 
 /// Start `f(arg)` in a child that shares this process's memory until it

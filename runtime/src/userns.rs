@@ -214,8 +214,12 @@ fn start_pause(mapping: &IdMapping, lock_path: &std::path::Path) -> Result<i32> 
             // from the caller's session and become `kiln-init pause`.
             let mut b = [0u8; 1];
             let ok = matches!(sys::read_full(go_r_fd, &mut b), Ok(1));
-            // SAFETY: plain syscalls on descriptors this process owns; argv
-            // and envp are NUL-terminated arrays of static strings.
+            // SAFETY: between clone and exec in the single-threaded child:
+            // flock, setsid, dup2 and close_range take integers and
+            // descriptors inherited from the parent; open reads a
+            // NUL-terminated literal; exec_fd's argv is a null-terminated
+            // array of pointers to NUL-terminated static strings; _exit
+            // never returns.
             unsafe {
                 if !ok || libc::flock(lock_fd, libc::LOCK_EX | libc::LOCK_NB) != 0 {
                     libc::_exit(1);
@@ -232,7 +236,7 @@ fn start_pause(mapping: &IdMapping, lock_path: &std::path::Path) -> Result<i32> 
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
                 );
-                sys::write_all(ready_w_fd, b"r");
+                let _ = kiln_sys::write_all(ready_w_fd, b"r");
                 sys::exec_fd(
                     init,
                     &[c"kiln-pause".as_ptr(), c"pause".as_ptr(), std::ptr::null()],

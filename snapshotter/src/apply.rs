@@ -38,13 +38,13 @@ use crate::tree::{self, Meta};
 /// Errors of apply.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the apply target {path}: {source}")]
+    #[error("cannot open the apply target {path}")]
     Target { path: PathBuf, source: io::Error },
-    #[error("layer: {0}")]
+    #[error("cannot open the layer stream")]
     Compression(#[from] compression::Error),
-    #[error("layer stream is corrupt or truncated after tar entry {after}: {source}")]
+    #[error("layer stream is corrupt or truncated after tar entry {after}")]
     Stream { after: String, source: io::Error },
-    #[error("corrupt tar header after entry {after}: {source}; nothing after it was applied")]
+    #[error("corrupt tar header after entry {after}; nothing after it was applied")]
     Header { after: String, source: io::Error },
     #[error("tar entry {entry}: absolute paths are refused in a layer")]
     Absolute { entry: String },
@@ -65,7 +65,7 @@ pub enum Error {
     Unmapped { entry: String, uid: u64, gid: u64 },
     #[error("tar entry {entry}: bad whiteout name")]
     BadWhiteout { entry: String },
-    #[error("tar entry {entry}: {source}")]
+    #[error("tar entry {entry}")]
     Write { entry: String, source: io::Error },
 }
 
@@ -295,6 +295,42 @@ fn werr(entry: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
+/// An entry's metadata: mode, owner (refused unless it fits in 32 bits),
+/// mtime (the PAX one when given) and the xattrs kept.
+fn entry_meta(
+    header: &tar::Header,
+    name: &str,
+    xattrs: Vec<(CString, Vec<u8>)>,
+    pax_mtime: Option<i64>,
+) -> Result<Meta> {
+    let uid = header.uid().map_err(werr(name))?;
+    let gid = header.gid().map_err(werr(name))?;
+    let (Ok(uid32), Ok(gid32)) = (u32::try_from(uid), u32::try_from(gid)) else {
+        return Err(Error::Unmapped {
+            entry: name.to_string(),
+            uid,
+            gid,
+        });
+    };
+    let mtime = pax_mtime.unwrap_or_else(|| {
+        header
+            .mtime()
+            .ok()
+            .and_then(|m| i64::try_from(m).ok())
+            .unwrap_or(0)
+    });
+    Ok(Meta {
+        mode: header.mode().map_err(werr(name))? & 0o7777,
+        uid: uid32,
+        gid: gid32,
+        mtime: Time {
+            sec: mtime,
+            nsec: 0,
+        },
+        xattrs,
+    })
+}
+
 fn has_nul(path: &[u8]) -> bool {
     path.contains(&0)
 }
@@ -400,6 +436,9 @@ impl Applier<'_> {
         None
     }
 
+    /// Apply one tar entry: its name checked, its metadata read, then the
+    /// handler for its kind (a whiteout or opaque marker, a directory, a
+    /// regular file, a symlink, a hard link, a fifo, a device).
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<()> {
         let path = entry.path_bytes().into_owned();
         if path.len() > PATH_MAX {
@@ -408,6 +447,71 @@ impl Applier<'_> {
                 len: path.len(),
             });
         }
+        let (xattrs, pax_mtime) = self.pax_extensions(entry, name)?;
+        if has_nul(&path) {
+            return Err(Error::Write {
+                entry: name.to_string(),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+        let comps = components(&path, name)?;
+        let Some((base, parent)) = comps.split_last() else {
+            // the root directory itself: its metadata is not the layer's
+            return Ok(());
+        };
+        let header = entry.header();
+        let kind = header.entry_type();
+        let meta = entry_meta(header, name, xattrs, pax_mtime)?;
+        let link = entry.link_name_bytes().map(|l| l.into_owned());
+        let dev = (
+            header.device_major().ok().flatten().unwrap_or(0),
+            header.device_minor().ok().flatten().unwrap_or(0),
+        );
+        self.entries += 1;
+
+        if self.marker(base, parent, name)? {
+            return Ok(());
+        }
+        let cbase = cname(base);
+        match kind {
+            tar::EntryType::Directory => self.directory(&comps, &cbase, meta, name)?,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                self.regular(entry, parent, &cbase, &meta, name)?
+            }
+            tar::EntryType::Symlink => {
+                self.symlink(&link.unwrap_or_default(), parent, &cbase, &meta, name)?
+            }
+            tar::EntryType::Link => {
+                let target = link.unwrap_or_default();
+                self.hard_link(&target, parent, &cbase, name)?;
+            }
+            tar::EntryType::Fifo => self.fifo(parent, &cbase, &meta, name)?,
+            tar::EntryType::Char if dev == (0, 0) => {
+                // a whiteout stored as overlay's own format (some tools
+                // export upper directories verbatim)
+                self.replace(parent, &cbase, name)?;
+                let dir = self.open_parent(parent, name)?;
+                sys::mknod_whiteout(dir, &cbase).map_err(werr(name))?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block => {
+                self.skipped_devices += 1;
+            }
+            // global PAX headers and unknown types carry no file
+            _ => {
+                self.entries -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry's PAX extensions kiln keeps: the xattrs it can set
+    /// (sorted; others are counted as skipped) and a PAX mtime.
+    #[allow(clippy::type_complexity)]
+    fn pax_extensions<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+    ) -> Result<(Vec<(CString, Vec<u8>)>, Option<i64>)> {
         let mut xattrs = Vec::new();
         let mut pax_mtime = None;
         // (the guard bounded the PAX header's size before it was read)
@@ -440,186 +544,144 @@ impl Applier<'_> {
             }
         }
         xattrs.sort();
-        if has_nul(&path) {
-            return Err(Error::Write {
-                entry: name.to_string(),
-                source: io::Error::from(io::ErrorKind::InvalidInput),
-            });
-        }
-        let comps = components(&path, name)?;
-        let Some((base, parent)) = comps.split_last() else {
-            // the root directory itself: its metadata is not the layer's
-            return Ok(());
-        };
-        let header = entry.header();
-        let kind = header.entry_type();
-        let uid = header.uid().map_err(werr(name))?;
-        let gid = header.gid().map_err(werr(name))?;
-        let (Ok(uid32), Ok(gid32)) = (u32::try_from(uid), u32::try_from(gid)) else {
-            return Err(Error::Unmapped {
-                entry: name.to_string(),
-                uid,
-                gid,
-            });
-        };
-        let mtime = pax_mtime.unwrap_or_else(|| {
-            header
-                .mtime()
-                .ok()
-                .and_then(|m| i64::try_from(m).ok())
-                .unwrap_or(0)
-        });
-        let meta = Meta {
-            mode: header.mode().map_err(werr(name))? & 0o7777,
-            uid: uid32,
-            gid: gid32,
-            mtime: Time {
-                sec: mtime,
-                nsec: 0,
-            },
-            xattrs,
-        };
-        let link = entry.link_name_bytes().map(|l| l.into_owned());
-        let dev = (
-            header.device_major().ok().flatten().unwrap_or(0),
-            header.device_minor().ok().flatten().unwrap_or(0),
-        );
-        self.entries += 1;
+        Ok((xattrs, pax_mtime))
+    }
 
-        // whiteouts and opaque markers
-        if base.starts_with(b".wh..wh.") && *base != OPAQUE_MARKER.as_bytes() {
+    /// Whiteouts and opaque markers (and aufs bookkeeping, which is not
+    /// content): applied here, and true when `base` was one.
+    fn marker(&mut self, base: &[u8], parent: &[&[u8]], name: &str) -> Result<bool> {
+        if base.starts_with(b".wh..wh.") && base != OPAQUE_MARKER.as_bytes() {
             // aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs): not content
             self.entries -= 1;
-            return Ok(());
+            return Ok(true);
         }
-        if *base == OPAQUE_MARKER.as_bytes() {
+        if base == OPAQUE_MARKER.as_bytes() {
             let dir = self.open_parent(parent, name)?;
             sys::fsetxattr(dir, &cname(OPAQUE_XATTR.as_bytes()), b"y").map_err(werr(name))?;
-            return Ok(());
+            return Ok(true);
         }
-        if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-            if hidden.is_empty() || hidden == b"." || hidden == b".." {
-                return Err(Error::BadWhiteout {
-                    entry: name.to_string(),
-                });
-            }
-            let hidden = cname(hidden);
-            let dir = self.open_parent(parent, name)?;
-            // a whiteout hides lower layers only; a same-named entry of this
-            // layer stays
-            match sys::lstat_at(dir, &hidden) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    sys::mknod_whiteout(dir, &hidden).map_err(werr(name))?;
-                }
-                Err(e) => return Err(werr(name)(e)),
-            }
-            return Ok(());
+        let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX.as_bytes()) else {
+            return Ok(false);
+        };
+        if hidden.is_empty() || hidden == b"." || hidden == b".." {
+            return Err(Error::BadWhiteout {
+                entry: name.to_string(),
+            });
         }
+        let hidden = cname(hidden);
+        let dir = self.open_parent(parent, name)?;
+        // a whiteout hides lower layers only; a same-named entry of this
+        // layer stays
+        match sys::lstat_at(dir, &hidden) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                sys::mknod_whiteout(dir, &hidden).map_err(werr(name))?;
+            }
+            Err(e) => return Err(werr(name)(e)),
+        }
+        Ok(true)
+    }
 
-        let cbase = cname(base);
-        match kind {
-            tar::EntryType::Directory => {
-                let dir = self.open_parent(parent, name)?;
-                let existing = sys::lstat_at(dir, &cbase);
-                let is_dir =
-                    matches!(&existing, Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR);
-                if !is_dir {
-                    if existing.is_ok() {
-                        sys::unlinkat(dir, &cbase, false).map_err(werr(name))?;
-                    }
-                    sys::mkdirat(dir, &cbase, 0o700).map_err(werr(name))?;
-                }
-                let fd = sys::open_dir_at(dir, &cbase).map_err(werr(name))?;
-                tree::set_meta_fd(fd.as_fd(), &meta).map_err(werr(name))?;
-                self.dirs
-                    .push((comps.iter().map(|c| c.to_vec()).collect(), meta.mtime));
+    /// A directory entry: made (replacing a non-directory) or kept, its
+    /// metadata set now and its mtime again after its children.
+    fn directory(&mut self, comps: &[&[u8]], cbase: &CStr, meta: Meta, name: &str) -> Result<()> {
+        let parent = &comps[..comps.len() - 1];
+        let dir = self.open_parent(parent, name)?;
+        let existing = sys::lstat_at(dir, cbase);
+        let is_dir = matches!(&existing, Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+        if !is_dir {
+            if existing.is_ok() {
+                sys::unlinkat(dir, cbase, false).map_err(werr(name))?;
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.replace(parent, &cbase, name)?;
-                let dir = self.open_parent(parent, name)?;
-                let fd = sys::openat(
-                    dir,
-                    &cbase,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                    0o600,
-                )
-                .map_err(werr(name))?;
-                let mut file = File::from(fd);
-                let size = entry.size();
-                let written = tree::write_sparse(&mut file, &mut *entry, &mut self.buf).map_err(
-                    |source| {
-                        if source.kind() == io::ErrorKind::UnexpectedEof
-                            || source.to_string().contains("corrupt deflate")
-                        {
-                            Error::Stream {
-                                after: name.to_string(),
-                                source,
-                            }
-                        } else {
-                            werr(name)(source)
-                        }
-                    },
-                )?;
-                if written != size {
-                    // the stream ended inside this entry's data
-                    return Err(Error::Stream {
-                        after: name.to_string(),
-                        source: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("entry holds {written} of its {size} bytes"),
-                        ),
-                    });
-                }
-                self.set_owner_checked(&meta, name, |m| tree::set_meta_fd(file.as_fd(), m))?;
-            }
-            tar::EntryType::Symlink => {
-                let target = link.unwrap_or_default();
-                if has_nul(&target) {
-                    return Err(werr(name)(io::Error::from(io::ErrorKind::InvalidInput)));
-                }
-                self.replace(parent, &cbase, name)?;
-                let dir = self.open_parent(parent, name)?;
-                // a symlink's target is data: it is never followed here
-                sys::symlinkat(&cname(&target), dir, &cbase).map_err(werr(name))?;
-                let dir = self
-                    .open_parent(parent, name)?
-                    .try_clone_to_owned()
-                    .map_err(werr(name))?;
-                self.set_owner_checked(&meta, name, |m| {
-                    tree::set_meta_at(dir.as_fd(), &cbase, m, true)
-                })?;
-            }
-            tar::EntryType::Link => {
-                let target = link.unwrap_or_default();
-                self.hard_link(&target, parent, &cbase, name)?;
-            }
-            tar::EntryType::Fifo => {
-                self.replace(parent, &cbase, name)?;
-                let dir = self.open_parent(parent, name)?;
-                sys::mknodat(dir, &cbase, libc::S_IFIFO | (meta.mode & 0o777), 0)
-                    .map_err(werr(name))?;
-                let dir = dir.try_clone_to_owned().map_err(werr(name))?;
-                self.set_owner_checked(&meta, name, |m| {
-                    tree::set_meta_at(dir.as_fd(), &cbase, m, false)
-                })?;
-            }
-            tar::EntryType::Char if dev == (0, 0) => {
-                // a whiteout stored as overlay's own format (some tools
-                // export upper directories verbatim)
-                self.replace(parent, &cbase, name)?;
-                let dir = self.open_parent(parent, name)?;
-                sys::mknod_whiteout(dir, &cbase).map_err(werr(name))?;
-            }
-            tar::EntryType::Char | tar::EntryType::Block => {
-                self.skipped_devices += 1;
-            }
-            // global PAX headers and unknown types carry no file
-            _ => {
-                self.entries -= 1;
-            }
+            sys::mkdirat(dir, cbase, 0o700).map_err(werr(name))?;
         }
+        let fd = sys::open_dir_at(dir, cbase).map_err(werr(name))?;
+        tree::set_meta_fd(fd.as_fd(), &meta).map_err(werr(name))?;
+        self.dirs
+            .push((comps.iter().map(|c| c.to_vec()).collect(), meta.mtime));
         Ok(())
+    }
+
+    /// A regular file: a new file holding the entry's data (holes kept);
+    /// a stream that ends inside it is corrupt.
+    fn regular<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        parent: &[&[u8]],
+        cbase: &CStr,
+        meta: &Meta,
+        name: &str,
+    ) -> Result<()> {
+        self.replace(parent, cbase, name)?;
+        let dir = self.open_parent(parent, name)?;
+        let fd = sys::openat(
+            dir,
+            cbase,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(werr(name))?;
+        let mut file = File::from(fd);
+        let size = entry.size();
+        let written =
+            tree::write_sparse(&mut file, &mut *entry, &mut self.buf).map_err(|source| {
+                if source.kind() == io::ErrorKind::UnexpectedEof
+                    || source.to_string().contains("corrupt deflate")
+                {
+                    Error::Stream {
+                        after: name.to_string(),
+                        source,
+                    }
+                } else {
+                    werr(name)(source)
+                }
+            })?;
+        if written != size {
+            // the stream ended inside this entry's data
+            return Err(Error::Stream {
+                after: name.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("entry holds {written} of its {size} bytes"),
+                ),
+            });
+        }
+        self.set_owner_checked(meta, name, |m| tree::set_meta_fd(file.as_fd(), m))
+    }
+
+    /// A symlink to `target`, which is data: it is never followed here.
+    fn symlink(
+        &mut self,
+        target: &[u8],
+        parent: &[&[u8]],
+        cbase: &CStr,
+        meta: &Meta,
+        name: &str,
+    ) -> Result<()> {
+        if has_nul(target) {
+            return Err(werr(name)(io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        self.replace(parent, cbase, name)?;
+        let dir = self.open_parent(parent, name)?;
+        sys::symlinkat(&cname(target), dir, cbase).map_err(werr(name))?;
+        let dir = self
+            .open_parent(parent, name)?
+            .try_clone_to_owned()
+            .map_err(werr(name))?;
+        self.set_owner_checked(meta, name, |m| {
+            tree::set_meta_at(dir.as_fd(), cbase, m, true)
+        })
+    }
+
+    /// A fifo with the entry's permission bits.
+    fn fifo(&mut self, parent: &[&[u8]], cbase: &CStr, meta: &Meta, name: &str) -> Result<()> {
+        self.replace(parent, cbase, name)?;
+        let dir = self.open_parent(parent, name)?;
+        sys::mknodat(dir, cbase, libc::S_IFIFO | (meta.mode & 0o777), 0).map_err(werr(name))?;
+        let dir = dir.try_clone_to_owned().map_err(werr(name))?;
+        self.set_owner_checked(meta, name, |m| {
+            tree::set_meta_at(dir.as_fd(), cbase, m, false)
+        })
     }
 
     fn set_owner_checked(

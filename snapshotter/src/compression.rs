@@ -17,7 +17,7 @@ use oci_spec::image::MediaType;
 /// Errors of compression handling.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot start the {algorithm} encoder: {source}")]
+    #[error("cannot start the {algorithm} encoder")]
     Encoder {
         algorithm: &'static str,
         source: io::Error,

@@ -330,7 +330,7 @@ mod tests {
         let confined = run_confined(Component::LayerApply, &snap.confinement(), || {
             crate::apply::apply(&tar[..], &outside, &[])
                 .map(drop)
-                .map_err(|e| e.to_string())
+                .map_err(|e| kiln_sys::error_chain(&e))
         })
         .expect("Landlock confines here");
         let err = confined.expect_err("write outside the store");
@@ -371,7 +371,7 @@ mod tests {
         let confined = run_confined(Component::LayerDiff, &snap.confinement(), || {
             crate::diff::write_layer(&outside, snap.content(), crate::DiffOptions::default())
                 .map(drop)
-                .map_err(|e| e.to_string())
+                .map_err(|e| kiln_sys::error_chain(&e))
         })
         .expect("Landlock confines here");
         let err = confined.expect_err("read outside the store");

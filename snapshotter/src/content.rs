@@ -33,13 +33,13 @@ use crate::sys;
 /// Errors of the content store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("content store {path}: {source}")]
+    #[error("content store {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("blob digest mismatch: expected {expected}, the written bytes hash to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("blob {digest} is corrupt: its bytes hash to {actual}; remove it and pull or build it again")]
     Corrupt { digest: Digest, actual: Digest },
-    #[error("cannot read the layer {chain} to make its blob {digest}: {source}")]
+    #[error("cannot read the layer {chain} to make its blob {digest}")]
     Layer {
         digest: Digest,
         chain: String,
@@ -49,7 +49,7 @@ pub enum Error {
     NotFound(Digest),
     #[error("digest {0} is not sha256: kiln's content store only holds sha256 blobs")]
     UnsupportedDigest(Digest),
-    #[error("{path}: invalid OCI json: {source}")]
+    #[error("{path}: invalid OCI json")]
     Json {
         path: PathBuf,
         source: oci_spec::OciSpecError,
@@ -295,7 +295,7 @@ impl ContentStore {
                 if let Some(e) = failed {
                     let _ = errors.send(Err(io::Error::new(
                         e.kind(),
-                        format!("the tar of layer {layer}: {e}"),
+                        format!("the tar of layer {layer}: {}", kiln_sys::error_chain(&e)),
                     )));
                 }
             })

@@ -33,13 +33,13 @@ use crate::sys;
 /// Errors of diff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("diff: cannot read {path}: {source}")]
+    #[error("diff: cannot read {path}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("diff: cannot write the layer tar at {path}: {source}")]
+    #[error("diff: cannot write the layer tar at {path}")]
     Write { path: PathBuf, source: io::Error },
-    #[error("diff: {0}")]
+    #[error("diff: cannot compress the layer")]
     Compression(#[from] compression::Error),
-    #[error("diff: {0}")]
+    #[error("diff: cannot store the layer blob")]
     Content(#[from] content::Error),
 }
 
@@ -328,7 +328,7 @@ impl<W: Write> TarWriter<W> {
 
     /// Content xattrs (sorted) and whether the directory is opaque.
     fn xattrs(&self, path: &Path, rel: &Path) -> Result<(Xattrs, bool)> {
-        let cpath = sys::cstr(path.as_os_str()).map_err(self.read_err(rel))?;
+        let cpath = kiln_sys::cstr(path).map_err(self.read_err(rel))?;
         let mut out = Vec::new();
         let mut opaque = false;
         for name in sys::llistxattr(&cpath).map_err(self.read_err(rel))? {

@@ -35,11 +35,11 @@ use crate::sys;
 /// Errors of the layer store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("layer store {path}: {source}")]
+    #[error("layer store {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("layer {0} is not in the layer store; pull or build it first")]
     NotFound(Digest),
-    #[error("layer {chain_id}: metadata {path} is unreadable ({source}); remove the layer directory and rebuild it")]
+    #[error("layer {chain_id}: metadata {path} is unreadable; remove the layer directory and rebuild it")]
     BadMeta {
         chain_id: String,
         path: PathBuf,

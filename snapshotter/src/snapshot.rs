@@ -38,7 +38,7 @@ enum Diffed {
 /// Errors of the snapshotter.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("snapshotter {path}: {source}")]
+    #[error("snapshotter {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("view key {0:?} must be non-empty and use only letters, digits, '-', '_' and '.'")]
     BadKey(String),
@@ -64,14 +64,14 @@ pub enum Error {
     Apply(#[from] apply::Error),
     #[error(transparent)]
     Confine(#[from] crate::confine::NotConfined),
-    #[error("layer {index} of {count} ({digest}): {source}")]
+    #[error("layer {index} of {count} ({digest})")]
     Layer {
         index: usize,
         count: usize,
         digest: String,
         source: apply::Error,
     },
-    #[error("image {digest}: {source}")]
+    #[error("image {digest}")]
     Image {
         digest: Digest,
         source: oci_spec::OciSpecError,
@@ -623,7 +623,7 @@ impl Snapshotter {
         for d in self.content.list()? {
             report.blobs += 1;
             if let Err(e) = self.content.verify(&d) {
-                report.problems.push(e.to_string());
+                report.problems.push(kiln_sys::error_chain(&e));
             }
         }
         let dir = self.layers.root().join("layers");
@@ -657,7 +657,7 @@ impl Snapshotter {
                             .push(format!("layer {chain}: no fs directory"));
                     }
                 }
-                Err(e) => report.problems.push(e.to_string()),
+                Err(e) => report.problems.push(kiln_sys::error_chain(&e)),
             }
         }
         Ok(report)

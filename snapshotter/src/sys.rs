@@ -8,17 +8,10 @@
 //! that the call it is asked for cannot follow a symlink unless the caller
 //! says so.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-/// Convert a name or path to a C string; a NUL byte inside is an
-/// `InvalidInput` error.
-pub fn cstr(s: &OsStr) -> io::Result<CString> {
-    CString::new(s.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -60,7 +53,7 @@ pub fn openat(
 /// Open a directory by absolute or relative path (following symlinks in the
 /// path, which callers only use for trusted roots).
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = cstr(path.as_os_str())?;
+    let c = kiln_sys::cstr(path)?;
     // SAFETY: `c` is NUL-terminated and outlives the call.
     let fd = cvt(unsafe {
         libc::open(
@@ -94,15 +87,17 @@ pub fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
 
 /// `mkdirat(dir, name, mode)`.
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: valid fd and NUL-terminated name.
+    // SAFETY: `dir` is a BorrowedFd, so open for the call; `name` is a &CStr,
+    // NUL-terminated, which the kernel only reads.
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })?;
     Ok(())
 }
 
 /// `mknodat(dir, name, mode, dev)`; used for whiteouts (char 0:0) and fifos.
 pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, dev: u64) -> io::Result<()> {
-    // SAFETY: valid fd and NUL-terminated name; mknodat does not follow
-    // symlinks in the final component (it fails with EEXIST).
+    // SAFETY: `dir` is a BorrowedFd, so open for the call; `name` is a &CStr,
+    // NUL-terminated, which the kernel only reads. mknodat does not follow a
+    // symlink in the final component (it fails with EEXIST).
     cvt(unsafe {
         libc::mknodat(
             dir.as_raw_fd(),
@@ -133,8 +128,9 @@ pub fn linkat(
     new_dir: BorrowedFd<'_>,
     new: &CStr,
 ) -> io::Result<()> {
-    // SAFETY: valid fds and NUL-terminated names; flags 0 means a symlink
-    // is linked itself, not followed.
+    // SAFETY: both directories are BorrowedFds, so open for the call; both
+    // names are &CStrs the kernel only reads. Flags 0: a symlink is linked
+    // itself, not followed.
     cvt(unsafe {
         libc::linkat(
             old_dir.as_raw_fd(),
@@ -150,7 +146,8 @@ pub fn linkat(
 /// `unlinkat(dir, name, AT_REMOVEDIR if dir)`.
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
     let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: valid fd and NUL-terminated name.
+    // SAFETY: `dir` is a BorrowedFd, so open for the call; `name` is a &CStr,
+    // NUL-terminated, which the kernel only reads.
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
     Ok(())
 }
@@ -162,7 +159,8 @@ pub fn renameat(
     new_dir: BorrowedFd<'_>,
     new: &CStr,
 ) -> io::Result<()> {
-    // SAFETY: valid fds and NUL-terminated names.
+    // SAFETY: both directories are BorrowedFds, so open for the call; both
+    // names are &CStrs, NUL-terminated, which the kernel only reads.
     cvt(unsafe {
         libc::renameat(
             old_dir.as_raw_fd(),
@@ -203,14 +201,16 @@ pub fn lchown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Re
     } else {
         libc::AT_SYMLINK_NOFOLLOW
     };
-    // SAFETY: valid fd and NUL-terminated name.
+    // SAFETY: `dir` is a BorrowedFd, so open for the call; `name` is a &CStr,
+    // NUL-terminated, which the kernel only reads.
     cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) })?;
     Ok(())
 }
 
 /// `fchmod(fd, mode)`.
 pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
-    // SAFETY: valid fd.
+    // SAFETY: `fd` is a BorrowedFd, so open for the call; fchmod takes no
+    // pointer.
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
     Ok(())
 }
@@ -218,7 +218,8 @@ pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 /// `fchmodat(dir, name, mode, 0)`, for fifos just created by the caller
 /// (fchmodat cannot refuse symlinks portably; callers never pass one).
 pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: valid fd and NUL-terminated name.
+    // SAFETY: `dir` is a BorrowedFd, so open for the call; `name` is a &CStr,
+    // NUL-terminated, which the kernel only reads.
     cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) })?;
     Ok(())
 }
@@ -244,13 +245,15 @@ pub fn set_times_at(dir: BorrowedFd<'_>, name: &CStr, atime: Time, mtime: Time) 
     let flags = if name.is_empty() {
         // utimensat with a NULL path would be needed for AT_EMPTY_PATH;
         // futimens is the documented way to set times on an fd.
-        // SAFETY: `ts` holds two valid timespecs; `dir` is a valid fd.
+        // SAFETY: `ts` is an array of two timespecs on our stack, read for the
+        // call; `dir` is a BorrowedFd, so open.
         cvt(unsafe { libc::futimens(dir.as_raw_fd(), ts.as_ptr()) })?;
         return Ok(());
     } else {
         libc::AT_SYMLINK_NOFOLLOW
     };
-    // SAFETY: `ts` holds two valid timespecs; name NUL-terminated; fd valid.
+    // SAFETY: `ts` is an array of two timespecs on our stack and `name` a NUL-
+    // terminated &CStr, both only read; `dir` is a BorrowedFd, so open.
     cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), ts.as_ptr(), flags) })?;
     Ok(())
 }
@@ -387,7 +390,8 @@ pub fn flock(fd: BorrowedFd<'_>, exclusive: bool, block: bool) -> io::Result<boo
         op |= libc::LOCK_NB;
     }
     loop {
-        // SAFETY: valid fd; flock has no memory arguments.
+        // SAFETY: `fd` is a BorrowedFd, so open for the call; flock takes no
+        // pointer.
         let rc = unsafe { libc::flock(fd.as_raw_fd(), op) };
         if rc == 0 {
             return Ok(true);

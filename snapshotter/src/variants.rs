@@ -31,9 +31,9 @@ pub enum Error {
     Content(#[from] content::Error),
     #[error(transparent)]
     Compression(#[from] compression::Error),
-    #[error("cannot recompress layer blob {digest}: {source}")]
+    #[error("cannot recompress layer blob {digest}")]
     Recompress { digest: Digest, source: io::Error },
-    #[error("variant record {path}: {source}")]
+    #[error("variant record {path}")]
     Record { path: PathBuf, source: io::Error },
 }
 

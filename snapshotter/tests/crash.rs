@@ -70,13 +70,7 @@ fn crash_helper() {
 fn kill_at(root: &Path, delay: Duration) -> bool {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args([
-            "crash_helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(kiln_vm_tests::one_test_args("crash_helper"))
         .env(ROOT_ENV, root)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -173,13 +167,7 @@ fn concurrent_body() {
     let children: Vec<_> = (0..3)
         .map(|_| {
             Command::new(&exe)
-                .args([
-                    "crash_helper",
-                    "--exact",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args(kiln_vm_tests::one_test_args("crash_helper"))
                 .env(ROOT_ENV, &root)
                 .env("KILN_HELPER_FILES", "16")
                 .stdout(Stdio::piped())

@@ -491,33 +491,91 @@ pub fn podman_runroot(tag: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/kiln-{tag}-run-{}", std::process::id()))
 }
 
-/// Re-run the calling test binary's ignored test `inner` as uid 0 of a new
-/// user namespace (see [`in_userns`]), passing the scratch directory `dir`
-/// as an extra argument the inner test reads with [`inner_test_dir`];
-/// panics with the inner output when it fails. Inner tests run one at a
-/// time per process, which also keeps a shared machine calm.
-pub fn run_inner_test(inner: &str, dir: &Path) {
+/// The libtest arguments that run exactly the one test `name` of a test
+/// binary, ignored or not, its output shown, on one thread.
+pub fn one_test_args(name: &str) -> [&str; 5] {
+    [
+        name,
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+        "--include-ignored",
+    ]
+}
+
+/// Whether this process runs in a user namespace other than the initial
+/// one (a test re-run by [`rerun_in_userns`] or [`run_inner_test`]).
+pub fn inside_userns() -> bool {
+    let map = fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    !map.split_whitespace()
+        .collect::<Vec<_>>()
+        .starts_with(&["0", "0", "4294967295"])
+}
+
+/// Run the test `name` of this very test binary in a fresh user namespace
+/// as the test user (see [`in_userns`]), with `extra` arguments after
+/// libtest's, and panic with its output unless exactly that test passed.
+/// The user switch resets the environment, so the test's settings
+/// (`KILN_*`) and `CI` are passed on through env(1). Returns the inner
+/// run's stderr. One at a time per process: staging copies the binary to
+/// a fixed path, and it keeps a shared machine calm.
+fn run_test_in_userns(name: &str, extra: &[&std::ffi::OsStr]) -> String {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let exe = std::env::current_exe().expect("test binary path");
-    let out = in_userns(&exe)
-        .args([
-            "--exact",
-            inner,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .arg(dir)
+    let mut cmd = in_userns(Path::new("/usr/bin/env"));
+    for (k, v) in std::env::vars() {
+        if k.starts_with("KILN_") || k == "CI" {
+            cmd.arg(format!("{k}={v}"));
+        }
+    }
+    if running_as_root() {
+        cmd.arg(stage_file(&exe));
+    } else {
+        cmd.arg(&exe);
+    }
+    let out = cmd
+        .args(one_test_args(name))
+        .args(extra)
         .output()
-        .expect("run inner test");
+        .expect("run test in user namespace");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stdout.contains("1 passed"),
-        "{inner} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "{name} failed inside the user namespace ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
+    stderr.into_owned()
+}
+
+/// Re-run the test `name` (the caller itself) inside a fresh user
+/// namespace as the unprivileged test user, the way kiln runs (uid 0 = the
+/// test user, 1..65536 = its subordinate ids, a private mount namespace).
+/// Returns true when the caller already runs inside and should run its
+/// body; otherwise runs it there, panics if it fails, echoes the inner
+/// run's stderr lines that start with one of `echo` (a test's own summary
+/// lines), and returns false.
+pub fn rerun_in_userns(name: &str, echo: &[&str]) -> bool {
+    if inside_userns() {
+        return true;
+    }
+    let stderr = run_test_in_userns(name, &[]);
+    for l in stderr
+        .lines()
+        .filter(|l| echo.iter().any(|p| l.starts_with(p)))
+    {
+        eprintln!("{l}");
+    }
+    false
+}
+
+/// Run the ignored test `inner` of this test binary inside a fresh user
+/// namespace (see [`rerun_in_userns`]), passing the scratch directory `dir`
+/// as an extra argument the inner test reads with [`inner_test_dir`];
+/// panics with the inner output when it fails, and removes `dir` after.
+pub fn run_inner_test(inner: &str, dir: &Path) {
+    run_test_in_userns(inner, &[dir.as_os_str()]);
     remove_tree(dir);
 }
 

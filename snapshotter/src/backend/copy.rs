@@ -31,7 +31,7 @@ use crate::tree::{self, Meta};
 /// Errors of the copy backend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("copy backend: {op} {path}: {source}")]
+    #[error("copy backend: {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -141,7 +141,8 @@ fn merge_rec(
                         .iter()
                         .any(|(n, _)| n.as_bytes() == x.as_slice())
                     {
-                        sys::fremovexattr(sub_dst.as_fd(), &cstring(&x))
+                        kiln_sys::cstr(OsStr::from_bytes(&x))
+                            .and_then(|x| sys::fremovexattr(sub_dst.as_fd(), &x))
                             .map_err(err("remove xattr", &p))?;
                     }
                 }
@@ -325,10 +326,6 @@ fn parent_of(p: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn cstring(b: &[u8]) -> CString {
-    CString::new(b).expect("file names have no NUL")
-}
-
 /// Compare the view in `spec.target` with the manifest recorded at mount
 /// and write its changes into `spec.upper` in the shared layer format.
 /// Changed files are moved out of the view, which is spent afterwards.
@@ -373,7 +370,7 @@ pub fn write_changes(spec: &ViewSpec) -> Result<()> {
             &mut dirs_done,
         )
         .map_err(err("create parent of", up(p)))?;
-        let cbase = cstring(base);
+        let cbase = kiln_sys::cstr(OsStr::from_bytes(base)).map_err(err("name", up(p)))?;
         match change {
             Change::Whiteout => {
                 sys::mknod_whiteout(pdir.as_fd(), &cbase).map_err(err("whiteout", up(p)))?;
@@ -416,7 +413,7 @@ fn walk(root: BorrowedFd<'_>, p: &[u8]) -> io::Result<OwnedFd> {
         return Ok(fd);
     }
     for c in p.split(|b| *b == b'/') {
-        fd = sys::open_dir_at(fd.as_fd(), &cstring(c))?;
+        fd = sys::open_dir_at(fd.as_fd(), &kiln_sys::cstr(OsStr::from_bytes(c))?)?;
     }
     Ok(fd)
 }
@@ -438,7 +435,7 @@ fn ensure_upper_dir(
     }
     let (parent, base) = parent_of(p);
     let pfd = ensure_upper_dir(upper, parent, meta, created, done)?;
-    let name = cstring(base);
+    let name = kiln_sys::cstr(OsStr::from_bytes(base))?;
     sys::mkdirat(pfd.as_fd(), &name, 0o700)?;
     let fd = sys::open_dir_at(pfd.as_fd(), &name)?;
     if let Some(m) = meta.get(p) {

@@ -2,7 +2,8 @@
 //! directories plus one upper directory into a merged tree a step can use.
 //!
 //! Every backend reads and writes the same on-disk layer format, so layers are
-//! interchangeable between backends (see `crate::layout` docs):
+//! interchangeable between backends (it is the format [`crate::apply`]
+//! writes, [`crate::diff`] reads and [`crate::layers`] stores):
 //! - a layer directory holds the layer's files with their real owners, modes,
 //!   mtimes and xattrs (kiln runs inside its own user namespace, so owners are
 //!   container ids);

@@ -20,7 +20,7 @@ use super::{MountedView, ViewSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A directory of the view spec is missing or unusable.
-    #[error("cannot prepare {role} directory {path}: {source}")]
+    #[error("cannot prepare {role} directory {path}")]
     Dir {
         role: &'static str,
         path: PathBuf,
@@ -30,7 +30,7 @@ pub enum Error {
     #[error("path {0} holds a NUL byte and cannot be passed to the kernel")]
     NulInPath(PathBuf),
     /// The kernel refused the mount.
-    #[error("kernel overlayfs mount at {target} failed at {step}: {source}{detail} (needs Linux 5.11+ with overlayfs usable in a user namespace; use --snapshotter fuse|copy)")]
+    #[error("kernel overlayfs mount at {target} failed at {step}{detail} (needs Linux 5.11+ with overlayfs usable in a user namespace; use --snapshotter fuse|copy)")]
     Mount {
         target: PathBuf,
         step: &'static str,

@@ -21,7 +21,7 @@ pub const CACHE_FILE: &str = "snapshotter-backend";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The scratch tree could not be prepared or checked.
-    #[error("probe scratch tree {path}: {source}")]
+    #[error("probe scratch tree {path}")]
     Scratch { path: PathBuf, source: io::Error },
     /// The kernel overlay backend failed.
     #[error(transparent)]
@@ -44,16 +44,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// `state_dir/snapshotter-backend` when it was written under the running
 /// kernel, else probed (kernel overlay, then fuse, then copy) and written.
 pub fn probe(state_dir: &Path) -> BackendKind {
-    let kernel = kernel_release();
+    let kernel = kiln_sys::kernel_release();
     let cache = state_dir.join(CACHE_FILE);
-    if let Some(kind) = read_cache(&cache, &kernel) {
+    if let Some(kind) = read_cache(&cache, kernel) {
         return kind;
     }
     let kind = probe_uncached(state_dir)
         .into_iter()
         .find_map(|(kind, r)| r.ok().map(|()| kind))
         .unwrap_or(BackendKind::Copy);
-    let _ = write_cache(&cache, &kernel, kind);
+    let _ = write_cache(&cache, kernel, kind);
     kind
 }
 
@@ -70,12 +70,6 @@ pub fn probe_uncached(state_dir: &Path) -> Vec<(BackendKind, Result<()>)> {
         }
     }
     out
-}
-
-fn kernel_release() -> String {
-    fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 fn name(kind: BackendKind) -> &'static str {
@@ -190,7 +184,12 @@ mod tests {
     #[test]
     fn cached_answer_short_circuits_the_probe() {
         let dir = std::env::temp_dir().join(format!("kiln-probe-test2-{}", std::process::id()));
-        write_cache(&dir.join(CACHE_FILE), &kernel_release(), BackendKind::Copy).unwrap();
+        write_cache(
+            &dir.join(CACHE_FILE),
+            kiln_sys::kernel_release(),
+            BackendKind::Copy,
+        )
+        .unwrap();
         // no namespace here, so a real probe could not pick copy for a
         // root-capable host by itself: the answer must come from the cache
         assert_eq!(probe(&dir), BackendKind::Copy);

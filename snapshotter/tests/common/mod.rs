@@ -13,17 +13,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
-
-/// Whether this process runs in a user namespace other than the initial one.
-pub fn inside_userns() -> bool {
-    let map = fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-    !map.split_whitespace()
-        .collect::<Vec<_>>()
-        .starts_with(&["0", "0", "4294967295"])
-}
 
 /// Serve fuse views from the snapshotter's server program: a test binary
 /// cannot serve them itself.
@@ -31,55 +22,17 @@ pub fn use_fuse_server() {
     kiln_snapshotter::backend::fuse::set_server_program(env!("CARGO_BIN_EXE_kiln-fuse-server"));
 }
 
-static STAGE: Mutex<()> = Mutex::new(());
-
 /// Run the test `name` (this very test) inside a fresh user namespace as
-/// the unprivileged test user, by re-executing the test binary there. Returns
-/// true when the caller is already inside and should run its body.
+/// the unprivileged test user ([`kiln_vm_tests::rerun_in_userns`], which
+/// echoes the `differential:` summary lines). Returns true when the caller
+/// is already inside and should run its body; views are then served by the
+/// snapshotter's fuse server program.
 pub fn in_userns(name: &str) -> bool {
-    if inside_userns() {
-        use_fuse_server();
-        return true;
+    if !kiln_vm_tests::rerun_in_userns(name, &["differential:"]) {
+        return false;
     }
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut cmd = {
-        // staging copies the binary to a fixed path: one at a time
-        let _g = STAGE.lock().unwrap_or_else(|e| e.into_inner());
-        // through env(1): the user switch resets the environment, and a
-        // test's settings (KILN_DIFF_SECONDS...) and CI must reach it
-        let mut cmd = kiln_vm_tests::in_userns(Path::new("/usr/bin/env"));
-        for (k, v) in std::env::vars() {
-            if k.starts_with("KILN_") || k == "CI" {
-                cmd.arg(format!("{k}={v}"));
-            }
-        }
-        if kiln_vm_tests::running_as_root() {
-            cmd.arg(kiln_vm_tests::stage_file(&exe));
-        } else {
-            cmd.arg(&exe);
-        }
-        cmd
-    };
-    cmd.args([
-        name,
-        "--exact",
-        "--nocapture",
-        "--test-threads=1",
-        "--include-ignored",
-    ]);
-    let out = cmd.output().expect("run test in user namespace");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{name} failed inside the user namespace ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    // a test's own summary lines (`differential: N sequences ...`)
-    for l in stderr.lines().filter(|l| l.starts_with("differential:")) {
-        eprintln!("{l}");
-    }
-    false
+    use_fuse_server();
+    true
 }
 
 /// A description of every node under `root` (not `root` itself): path,

@@ -1189,6 +1189,99 @@ impl OverlayFs {
     }
 
     /// Put a whiteout at upper `path`, replacing whatever is there.
+    /// rename(2) with RENAME_EXCHANGE of two non-directories `src` and
+    /// `dst`, each given with its node id; `old` and `new` are (parent id,
+    /// parent path, name).
+    fn rename_exchange(
+        &self,
+        (src, src_id): (&Found, u64),
+        (dst, dst_id): (&Found, u64),
+        (olddir, oldp, oldname): (u64, &[u8], &[u8]),
+        (newdir, newp, newname): (u64, &[u8], &[u8]),
+    ) -> io::Result<()> {
+        if src.is_dir() || dst.is_dir() {
+            // exchanging directories would need redirects the layer
+            // format does not have; callers fall back to copying
+            return Err(err(libc::EXDEV));
+        }
+        self.copy_up(src_id, true)?;
+        self.copy_up(dst_id, true)?;
+        sys::rename_at(
+            self.upper.raw(),
+            &rel_cstr(&join(oldp, oldname)),
+            self.upper.raw(),
+            &rel_cstr(&join(newp, newname)),
+            libc::RENAME_EXCHANGE,
+        )?;
+        self.drop_name(src_id, olddir, oldname)?;
+        self.drop_name(dst_id, newdir, newname)?;
+        self.update(src_id, |s| s.names.insert(0, (newdir, newname.to_vec())))?;
+        self.update(dst_id, |s| s.names.insert(0, (olddir, oldname.to_vec())))?;
+        Ok(())
+    }
+
+    /// Whether `src` may replace `dst` (node `dst_id`, at `newpath`), as
+    /// rename(2) decides: same kind, and an empty directory.
+    fn check_replace(
+        &self,
+        src: &Found,
+        dst: &Found,
+        dst_id: u64,
+        newpath: &[u8],
+    ) -> io::Result<()> {
+        match (src.is_dir(), dst.is_dir()) {
+            (true, false) => return Err(err(libc::ENOTDIR)),
+            (false, true) => return Err(err(libc::EISDIR)),
+            _ => {}
+        }
+        if dst.is_dir() {
+            let ds = self.state(dst_id)?;
+            if !self.merged_names(&ds, newpath)?.is_empty() {
+                return Err(err(libc::ENOTEMPTY));
+            }
+        }
+        Ok(())
+    }
+
+    /// Move `oldpath` to `newpath` in upper. `dir_to_free_name` says a
+    /// directory moves to a name nothing in the view holds; `old_whiteout`
+    /// that the lowers show something at the old name, which must stay
+    /// hidden.
+    fn move_in_upper(
+        &self,
+        oldpath: &[u8],
+        newpath: &[u8],
+        dir_to_free_name: bool,
+        old_whiteout: bool,
+    ) -> io::Result<()> {
+        let u = self.upper.raw();
+        let (oc, nc) = (rel_cstr(oldpath), rel_cstr(newpath));
+        // A name removed in this view is a whiteout in upper: a file
+        // replaces it, but rename(2) refuses to put a directory over a
+        // non-directory. Swap the two instead: the directory lands, the
+        // whiteout moves to the old name (kept if the lowers have it there).
+        let whiteout_at_new =
+            dir_to_free_name && sys::lstat_at(u, &nc).is_ok_and(|st| sys::is_whiteout(&st));
+        if whiteout_at_new {
+            sys::rename_at(u, &oc, u, &nc, libc::RENAME_EXCHANGE)?;
+            if !old_whiteout {
+                sys::unlink_at(u, &oc, 0)?;
+            }
+        } else if old_whiteout {
+            match sys::rename_at(u, &oc, u, &nc, libc::RENAME_WHITEOUT) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => {
+                    sys::rename_at(u, &oc, u, &nc, 0)?;
+                    self.whiteout(oldpath, false)?;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            sys::rename_at(u, &oc, u, &nc, 0)?;
+        }
+        Ok(())
+    }
+
     fn whiteout(&self, path: &[u8], replace: bool) -> io::Result<()> {
         let c = rel_cstr(path);
         if !replace {
@@ -1861,54 +1954,30 @@ impl FileSystem for OverlayFs {
         let newp = self.path_of(newdir)?;
         let dst = self.resolve(&nps, &newp, newname)?;
         let src_id = self.node_for(&src, olddir, oldname)?;
-        let dst_id = match &dst {
-            Some(d) => Some(self.node_for(d, newdir, newname)?),
+        let dst = match dst {
+            Some(d) => {
+                let id = self.node_for(&d, newdir, newname)?;
+                Some((d, id))
+            }
             None => None,
         };
+        let old = (olddir, oldp.as_slice(), oldname);
+        let new = (newdir, newp.as_slice(), newname);
         if flags & libc::RENAME_EXCHANGE != 0 {
-            let (Some(d), Some(did)) = (&dst, dst_id) else {
+            let Some((d, did)) = &dst else {
                 return Err(err(libc::ENOENT));
             };
-            if src.is_dir() || d.is_dir() {
-                // exchanging directories would need redirects the layer
-                // format does not have; callers fall back to copying
-                return Err(err(libc::EXDEV));
-            }
-            self.copy_up(src_id, true)?;
-            self.copy_up(did, true)?;
-            sys::rename_at(
-                self.upper.raw(),
-                &rel_cstr(&join(&oldp, oldname)),
-                self.upper.raw(),
-                &rel_cstr(&join(&newp, newname)),
-                libc::RENAME_EXCHANGE,
-            )?;
-            self.drop_name(src_id, olddir, oldname)?;
-            self.drop_name(did, newdir, newname)?;
-            self.update(src_id, |s| s.names.insert(0, (newdir, newname.to_vec())))?;
-            self.update(did, |s| s.names.insert(0, (olddir, oldname.to_vec())))?;
-            return Ok(());
+            return self.rename_exchange((&src, src_id), (d, *did), old, new);
         }
-        if let Some(d) = &dst {
+        if let Some((d, did)) = &dst {
             if flags & libc::RENAME_NOREPLACE != 0 {
                 return Err(err(libc::EEXIST));
             }
-            if dst_id == Some(src_id) {
+            if *did == src_id {
                 // two names of one inode: rename(2) does nothing
                 return Ok(());
             }
-            match (src.is_dir(), d.is_dir()) {
-                (true, false) => return Err(err(libc::ENOTDIR)),
-                (false, true) => return Err(err(libc::EISDIR)),
-                _ => {}
-            }
-            if d.is_dir() {
-                let did = dst_id.ok_or_else(|| err(libc::ENOENT))?;
-                let ds = self.state(did)?;
-                if !self.merged_names(&ds, &join(&newp, newname))?.is_empty() {
-                    return Err(err(libc::ENOTEMPTY));
-                }
-            }
+            self.check_replace(&src, d, *did, &join(&newp, newname))?;
         }
         // Whether the directory merged lower content before we cut it off.
         let was_merged = src.is_dir() && !self.state(src_id)?.lowers.is_empty();
@@ -1922,39 +1991,18 @@ impl FileSystem for OverlayFs {
         let newpath = join(&self.path_of(newdir)?, newname);
         let old_whiteout = self.lower_visible(&ops, &oldp, oldname)?;
         let new_lower = self.lower_visible(&nps, &newp, newname)?;
-        if let Some(d) = &dst {
+        if let Some((d, did)) = &dst {
             if d.is_dir() && d.upper {
                 self.clear_upper_dir(&newpath)?;
             }
+            self.keep_data(*did)?;
         }
-        if let Some(did) = dst_id {
-            self.keep_data(did)?;
-        }
-        let u = self.upper.raw();
-        let (oc, nc) = (rel_cstr(&oldpath), rel_cstr(&newpath));
-        // A name removed in this view is a whiteout in upper: a file
-        // replaces it, but rename(2) refuses to put a directory over a
-        // non-directory. Swap the two instead: the directory lands, the
-        // whiteout moves to the old name (kept if the lowers have it there).
-        let whiteout_at_new =
-            dst.is_none() && sys::lstat_at(u, &nc).is_ok_and(|st| sys::is_whiteout(&st));
-        if src.is_dir() && whiteout_at_new {
-            sys::rename_at(u, &oc, u, &nc, libc::RENAME_EXCHANGE)?;
-            if !old_whiteout {
-                sys::unlink_at(u, &oc, 0)?;
-            }
-        } else if old_whiteout {
-            match sys::rename_at(u, &oc, u, &nc, libc::RENAME_WHITEOUT) {
-                Ok(()) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => {
-                    sys::rename_at(u, &oc, u, &nc, 0)?;
-                    self.whiteout(&oldpath, false)?;
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            sys::rename_at(u, &oc, u, &nc, 0)?;
-        }
+        self.move_in_upper(
+            &oldpath,
+            &newpath,
+            src.is_dir() && dst.is_none(),
+            old_whiteout,
+        )?;
         // The moved directory must hide whatever the lower layers hold under
         // its new name. Like overlayfs, a directory that only ever lived in
         // upper is also made opaque when it lands in a merged directory; a
@@ -1964,8 +2012,8 @@ impl FileSystem for OverlayFs {
         if src.is_dir() && (new_lower || (!was_merged && into_merged)) {
             sys::lsetxattr(&self.upper.xpath(&newpath)?, OPAQUE_XATTR, b"y", 0)?;
         }
-        if let (Some(d), Some(did)) = (&dst, dst_id) {
-            self.drop_name(did, newdir, newname)?;
+        if let Some((d, did)) = &dst {
+            self.drop_name(*did, newdir, newname)?;
             if d.upper && (d.is_dir() || d.st.st_nlink <= 1) {
                 self.unregister(&d.st)?;
             }
@@ -2137,7 +2185,8 @@ impl FileSystem for OverlayFs {
         let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
             return Err(err(libc::EFBIG));
         };
-        // SAFETY: plain syscall on the handle's fd, which `h` keeps open.
+        // SAFETY: fallocate takes the handle's descriptor and integers, no
+        // pointer; `f` keeps the descriptor open for the call.
         let rc = unsafe {
             libc::fallocate64(
                 f.as_raw_fd(),
@@ -2364,7 +2413,8 @@ impl FileSystem for OverlayFs {
     ) -> io::Result<u64> {
         let f = self.data_file(inode, handle, false)?;
         let off = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
-        // SAFETY: plain syscall on the handle's fd, which `h` keeps open.
+        // SAFETY: lseek takes the handle's descriptor and integers, no
+        // pointer; `f` keeps the descriptor open for the call.
         let r =
             unsafe { libc::lseek64(f.as_raw_fd(), off, i32::from_ne_bytes(whence.to_ne_bytes())) };
         if r < 0 {

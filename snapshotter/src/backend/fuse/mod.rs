@@ -1,6 +1,6 @@
 //! The `fuse` backend: a writable view served from user space over
-//! /dev/fuse, with the overlay logic in [`fs`] and the server process in
-//! [`server`].
+//! /dev/fuse, with the overlay logic in `fs` and the server process in
+//! `server`.
 //!
 //! It owns mounting the view with mount(2) inside kiln's user and mount
 //! namespace, starting the view's server process and handing it the
@@ -34,7 +34,7 @@ use super::{MountedView, ViewSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A directory of the view spec cannot be opened.
-    #[error("cannot open {role} directory {path}: {source}")]
+    #[error("cannot open {role} directory {path}")]
     Dir {
         role: &'static str,
         path: PathBuf,
@@ -47,16 +47,16 @@ pub enum Error {
     #[error("cannot open /dev/fuse: {0} (load the fuse module and make /dev/fuse mode 0666, or use --snapshotter overlay|copy)")]
     DevFuse(std::io::Error),
     /// mount(2) of the FUSE filesystem failed.
-    #[error("cannot mount the fuse view at {target}: {source} (kiln must run inside its own user and mount namespace)")]
+    #[error("cannot mount the fuse view at {target} (kiln must run inside its own user and mount namespace)")]
     Mount { target: PathBuf, source: nix::Error },
     /// The mount point cannot be resolved.
-    #[error("cannot use {target} as a mount point: {source}")]
+    #[error("cannot use {target} as a mount point")]
     Target {
         target: PathBuf,
         source: std::io::Error,
     },
     /// The server process could not be started.
-    #[error("cannot start the fuse server {program}: {source}")]
+    #[error("cannot start the fuse server {program}")]
     Spawn {
         program: PathBuf,
         source: std::io::Error,

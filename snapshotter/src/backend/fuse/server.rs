@@ -62,7 +62,7 @@ pub(super) enum Reply {
     Failed { stage: Stage, message: String },
 }
 
-/// The steps of [`setup`], in order.
+/// The steps of `setup`, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
     ReceiveConfig,
@@ -152,7 +152,7 @@ fn main() -> i32 {
                 &mut reply_to,
                 &Reply::Failed {
                     stage,
-                    message: err.to_string(),
+                    message: kiln_sys::error_chain(&*err),
                 },
             );
             // threads waiting to serve never start: leave at once
@@ -439,7 +439,7 @@ fn splice_read(dev: &OwnedFd, fs: &OverlayFs, req: &[u8], pr: RawFd, pw: RawFd) 
     let mut header = [0u8; OUT_HEADER_LEN];
     header[0..4].copy_from_slice(&u32::try_from(total).unwrap_or(0).to_ne_bytes());
     header[8..16].copy_from_slice(&unique.to_ne_bytes());
-    if sys::write_all(pw, &header).is_err() {
+    if kiln_sys::write_all(pw, &header).is_err() {
         sys::drain(pr, OUT_HEADER_LEN);
         return false;
     }

@@ -298,20 +298,22 @@ pub fn lchown_at(dir: RawFd, rel: &CStr, uid: u32, gid: u32) -> io::Result<()> {
 
 /// `fchown(fd, uid, gid)`; `u32::MAX` leaves an id unchanged.
 pub fn fchown(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the caller keeps open.
+    // SAFETY: fchown takes a descriptor and integers, no pointer; a closed
+    // `fd` fails with EBADF.
     cvt(unsafe { libc::fchown(fd, uid, gid) }).map(drop)
 }
 
 /// `futimens(fd, [atime, mtime])`.
 pub fn futimens(fd: RawFd, times: &[libc::timespec; 2]) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the caller keeps open; `times` points
-    // to two timespecs.
+    // SAFETY: `times` borrows two timespecs for the call, which the kernel
+    // only reads; a closed `fd` fails with EBADF.
     cvt(unsafe { libc::futimens(fd, times.as_ptr()) }).map(drop)
 }
 
 /// `fchmod(fd, mode)`.
 pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the caller keeps open.
+    // SAFETY: fchmod takes a descriptor and an integer, no pointer; a closed
+    // `fd` fails with EBADF.
     cvt(unsafe { libc::fchmod(fd, mode as libc::mode_t) }).map(drop)
 }
 
@@ -354,13 +356,15 @@ pub fn stat_times(st: &Stat) -> [libc::timespec; 2] {
 /// `ftruncate(fd, len)`.
 pub fn ftruncate(fd: RawFd, len: u64) -> io::Result<()> {
     let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: plain syscall on an fd the caller keeps open.
+    // SAFETY: ftruncate takes a descriptor and an integer, no pointer; a
+    // closed `fd` fails with EBADF.
     cvt(unsafe { libc::ftruncate64(fd, len) }).map(drop)
 }
 
 /// `fsync` or `fdatasync`.
 pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the caller keeps open.
+    // SAFETY: fsync and fdatasync take a descriptor only, no pointer; a closed
+    // `fd` fails with EBADF.
     cvt(unsafe {
         if datasync {
             libc::fdatasync(fd)
@@ -579,7 +583,8 @@ pub fn sized_pipe(size: usize) -> Option<(OwnedFd, OwnedFd)> {
     // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let want = libc::c_int::try_from(size).ok()?;
-    // SAFETY: plain fcntl on the pipe we own.
+    // SAFETY: F_SETPIPE_SZ takes the pipe's write end, open because `w` owns
+    // it, and an integer, no pointer.
     let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
     (got >= want).then_some((r, w))
 }
@@ -603,19 +608,6 @@ pub fn splice(from: RawFd, off: Option<&mut i64>, to: RawFd, len: usize) -> io::
         return Err(io::Error::last_os_error());
     }
     Ok(n.unsigned_abs())
-}
-
-/// `write(2)` of a whole small buffer (into a pipe: atomic below PIPE_BUF).
-pub fn write_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
-    // SAFETY: `buf` is readable for its length; `fd` is open.
-    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n.unsigned_abs() != buf.len() {
-        return Err(io::Error::from_raw_os_error(libc::EIO));
-    }
-    Ok(())
 }
 
 /// Throw away up to `len` bytes waiting in a pipe.
@@ -664,7 +656,7 @@ pub fn set_thread_name(name: &CStr) {
 
 /// Set `no_new_privs` for the calling thread and threads it starts.
 pub fn no_new_privs() -> io::Result<()> {
-    // SAFETY: plain prctl with integer arguments.
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only, no pointer.
     cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
 }
 
