@@ -8,17 +8,8 @@ pub mod image;
 pub mod registry;
 pub mod session;
 
-/// An error and its causes as one line, "what: why: why", for where an
-/// error becomes text (a log line, a field of another error). Errors here
-/// follow one convention: the message says what failed, `source()` says
-/// why; so `to_string()` alone would drop the why.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+/// An error and its causes as one line, "what: why: why" (see
+/// [`kiln_sys::error_chain`]): every error kiln defines says what failed
+/// and leaves the why to its `source()`, so where an error becomes text (a
+/// log line, a field of another error) this, not `to_string()`, keeps it.
+pub use kiln_sys::error_chain;

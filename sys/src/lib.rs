@@ -79,7 +79,7 @@ pub fn kernel_release() -> &'static str {
 /// An error and its causes (`source()`, recursively) as one line, joined
 /// with ": ": what failed, then why. For the places an error is flattened
 /// into text, where a message alone would lose the cause.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

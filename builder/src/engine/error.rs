@@ -12,8 +12,8 @@ use crate::frontend;
 pub enum Error {
     #[error(transparent)]
     Frontend(#[from] frontend::Error),
-    #[error("cannot pull the base image: {0}")]
-    Pull(Box<crate::registry::Error>),
+    #[error("cannot pull the base image")]
+    Pull(#[source] Box<crate::registry::Error>),
     #[error("cannot read the Dockerfile {path}")]
     Dockerfile {
         path: PathBuf,
@@ -51,18 +51,18 @@ pub enum Error {
     },
     #[error("base image {name:?} has a malformed {what}")]
     BadBase { name: String, what: &'static str },
-    #[error("cannot open kiln's state directory: {0}")]
-    State(Box<kiln_snapshotter::snapshot::Error>),
-    #[error("cache directory: {0}")]
-    Cache(std::io::Error),
+    #[error("cannot open kiln's state directory")]
+    State(#[source] Box<kiln_snapshotter::snapshot::Error>),
+    #[error("cannot open the build cache directory")]
+    Cache(#[source] std::io::Error),
     #[error(transparent)]
     CacheIo(remote_cache::Error),
-    #[error("cache mounts: {0}")]
-    CacheMounts(Box<crate::image::cache_mounts::Error>),
-    #[error("cannot store the image: {0}")]
-    Store(Box<kiln_snapshotter::content::Error>),
-    #[error("cannot keep the image's blobs from garbage collection: {0}")]
-    Lease(Box<kiln_snapshotter::layers::Error>),
+    #[error("cannot open the cache mount store")]
+    CacheMounts(#[source] Box<crate::image::cache_mounts::Error>),
+    #[error("cannot store the image")]
+    Store(#[source] Box<kiln_snapshotter::content::Error>),
+    #[error("cannot keep the image's blobs from garbage collection")]
+    Lease(#[source] Box<kiln_snapshotter::layers::Error>),
     #[error("a layer of the image was removed by a concurrent `kiln prune` or `kiln rmi` before the image was stored; build again")]
     Collected,
     #[error("a build task panicked or was cancelled")]
@@ -114,8 +114,8 @@ pub enum StepError {
         spec: String,
         source: kiln_runtime::Error,
     },
-    #[error("cannot open the source files: {0}")]
-    Source(std::io::Error),
+    #[error("cannot open the source files")]
+    Source(#[source] std::io::Error),
     #[error("cannot use the named build context's ignore file")]
     Ignore(#[source] frontend::dockerignore::DockerignoreError),
     #[error(transparent)]

@@ -35,8 +35,8 @@ pub enum Error {
     Sandbox(#[from] kiln_runtime::Error),
     #[error("cannot create the working directory {dir}")]
     Workdir { dir: String, source: std::io::Error },
-    #[error("cannot set up the step's output pipe: {0}")]
-    Pipe(std::io::Error),
+    #[error("cannot set up the step's output pipe")]
+    Pipe(#[source] std::io::Error),
     #[error("cannot give the step its network files")]
     NetworkFiles(#[from] super::run_mounts::Error),
     #[error("a heredoc script needs an interpreter on its #! line")]

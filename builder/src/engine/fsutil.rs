@@ -13,18 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-fn cstr(p: &[u8]) -> io::Result<CString> {
-    CString::new(p)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-}
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
+use kiln_sys::{check, cstr};
 
 /// A directory that paths are resolved inside of.
 pub struct Root {
@@ -112,7 +101,7 @@ impl Dir {
                 "not a single file name",
             ));
         }
-        cstr(name)
+        cstr(OsStr::from_bytes(name))
     }
 
     /// Names in this directory, sorted.
@@ -123,7 +112,7 @@ impl Dir {
 
     fn subdir_fd(&self, name: &[u8]) -> io::Result<OwnedFd> {
         let c = if name == b"." {
-            cstr(name)?
+            cstr(OsStr::from_bytes(name))?
         } else {
             Self::name(name)?
         };
@@ -187,7 +176,7 @@ impl Root {
     pub fn open_at(&self, rel: &Path, flags: i32) -> io::Result<OwnedFd> {
         let rel = rel.as_os_str().as_bytes();
         let rel = if rel.is_empty() { b"." as &[u8] } else { rel };
-        let path = cstr(rel)?;
+        let path = cstr(OsStr::from_bytes(rel))?;
         kiln_runtime::open_in_root_at(self.fd.as_raw_fd(), &path, flags)
     }
 
@@ -196,17 +185,13 @@ impl Root {
     pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
         let (parent, name) = split(rel);
         let dir = self.open_at(parent, libc::O_PATH | libc::O_DIRECTORY)?;
-        stat_fd(
-            dir.as_raw_fd(),
-            &cstr(name.as_bytes())?,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
+        stat_fd(dir.as_raw_fd(), &cstr(name)?, libc::AT_SYMLINK_NOFOLLOW)
     }
 
     /// stat following symlinks, all inside the root.
     pub fn stat(&self, rel: &Path) -> io::Result<Meta> {
         let fd = self.open_at(rel, libc::O_PATH)?;
-        stat_fd(fd.as_raw_fd(), &cstr(b"")?, libc::AT_EMPTY_PATH)
+        stat_fd(fd.as_raw_fd(), &cstr("")?, libc::AT_EMPTY_PATH)
     }
 
     /// Open a regular file for reading, inside the root.
@@ -219,7 +204,7 @@ impl Root {
     pub fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
         let (parent, name) = split(rel);
         let dir = self.open_at(parent, libc::O_PATH | libc::O_DIRECTORY)?;
-        read_link_at(dir.as_raw_fd(), &cstr(name.as_bytes())?)
+        read_link_at(dir.as_raw_fd(), &cstr(name)?)
     }
 
     /// Names in the directory `rel` (inside the root), sorted.
@@ -253,7 +238,7 @@ impl Root {
             match self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY) {
                 Ok(next) => fd = next,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    let n = cstr(name.as_bytes())?;
+                    let n = cstr(name)?;
                     // SAFETY: `fd` is a directory descriptor, `n` a name.
                     let rc = unsafe { libc::mkdirat(fd.as_raw_fd(), n.as_ptr(), 0o755) };
                     if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
@@ -307,7 +292,7 @@ pub fn create(
     gid: u32,
     meta: &Meta,
 ) -> io::Result<()> {
-    let n = cstr(name.as_bytes())?;
+    let n = cstr(name)?;
     let existing = stat_fd(dir, &n, libc::AT_SYMLINK_NOFOLLOW).ok();
     let want_dir = matches!(node, Node::Dir);
     if let Some(e) = existing {
@@ -354,7 +339,7 @@ pub fn create(
             }
         }
         Node::Symlink(target) => {
-            let t = cstr(target)?;
+            let t = cstr(OsStr::from_bytes(target))?;
             // SAFETY: NUL-terminated strings, a directory descriptor.
             check(unsafe { libc::symlinkat(t.as_ptr(), dir, n.as_ptr()) })?;
         }

@@ -22,9 +22,7 @@
 //! This module never runs the step and never decides a cache hit.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -80,8 +78,8 @@ pub enum Error {
         id: String,
         source: crate::image::cache_mounts::Error,
     },
-    #[error("cannot set up the ssh agent socket: {0}")]
-    Socket(std::io::Error),
+    #[error("cannot set up the ssh agent socket")]
+    Socket(#[source] std::io::Error),
     #[error(transparent)]
     Copy(#[from] filecopy::Error),
     #[error(transparent)]
@@ -786,11 +784,6 @@ fn check_not_nested(target: &str, mounts: &[Mount]) -> Result<()> {
     Ok(())
 }
 
-fn cstr(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 /// Make `target` exist in the rootfs (a directory, or an empty file when
 /// `dir` is false), creating missing components inside the root and
 /// recording each one created by its real path.
@@ -822,7 +815,7 @@ fn ensure(
         }
         let last = i + 1 == comps.len();
         let make_dir = !last || dir;
-        let n = cstr(name).map_err(err)?;
+        let n = kiln_sys::cstr(name).map_err(err)?;
         // SAFETY: `parent` is a directory descriptor and `n` a single
         // NUL-terminated name; neither call follows a symlink at `n`.
         let rc = unsafe {
@@ -934,7 +927,7 @@ fn remove_stubs(rootfs: &Path, stubs: &[Stub]) {
         } else {
             parent
         };
-        let (Ok(p), Ok(n)) = (cstr(parent), cstr(Path::new(name))) else {
+        let (Ok(p), Ok(n)) = (kiln_sys::cstr(parent), kiln_sys::cstr(name)) else {
             continue;
         };
         let Ok(dir) = kiln_runtime::open_beneath_no_symlinks(
