@@ -6,5 +6,6 @@ pub mod cli_plan;
 pub mod engine;
 pub mod frontend;
 pub mod image;
+pub mod options;
 pub mod registry;
 pub mod session;

@@ -1,5 +1,6 @@
 //! `RUN --mount=...` values parsed into typed mounts, with BuildKit's
-//! defaults filled in.
+//! defaults filled in. The value is split into fields by
+//! [`crate::options`] with [`Quotes::FieldStart`], as BuildKit reads it.
 //!
 //! Only the flag's text is interpreted here; nothing is mounted, and whether
 //! a secret or SSH socket exists is checked by the build engine.
@@ -7,6 +8,7 @@
 use serde::Serialize;
 
 use super::shell::ShellError;
+use crate::options::{self, Quotes};
 
 /// Why a `--mount` value was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,49 +173,6 @@ impl Mount {
     }
 }
 
-/// Split a CSV record (Go's `encoding/csv` rules for one line).
-fn split_csv(s: &str) -> Result<Vec<String>> {
-    let mut fields = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    None => return Err(MountError::Csv(s.to_string())),
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => field.push(c),
-                }
-            }
-            // Text after the closing quote up to the comma is kept as is.
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                field.push(c);
-                chars.next();
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                field.push(c);
-                chars.next();
-            }
-        }
-        fields.push(field);
-        if chars.next().is_none() {
-            return Ok(fields);
-        }
-    }
-}
-
 fn parse_bool(key: &str, v: Option<&str>) -> Result<bool> {
     match v.map(str::to_ascii_lowercase).as_deref() {
         None | Some("true" | "1" | "t") => Ok(true),
@@ -266,7 +225,9 @@ pub fn parse_mount(
 ) -> Result<Mount> {
     let mut kind = "bind".to_string();
     let mut opts: Vec<(String, Option<String>)> = Vec::new();
-    for field in split_csv(value)? {
+    let fields = options::split(value, Quotes::FieldStart)
+        .map_err(|_| MountError::Csv(value.to_string()))?;
+    for field in fields {
         let (key, val) = match field.split_once('=') {
             Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.to_string())),
             None => (field.trim().to_ascii_lowercase(), None),

@@ -1,9 +1,10 @@
 //! `--output` specifications: BuildKit's CSV syntax
 //! (`type=oci,dest=out.tar,compression=zstd`) parsed into an [`OutputSpec`].
 //!
-//! Fields are comma-separated `key=value` pairs; a field or value in double
-//! quotes may hold commas (`"name=a,b"`, as Go's encoding/csv reads it), and
-//! `name=` may list several names separated by commas. Without any `=`, the
+//! Fields are comma-separated `key=value` pairs, split by
+//! [`crate::options`] with [`Quotes::Anywhere`]: a field or value in double
+//! quotes may hold commas (`"name=a,b"`, `name="a,b"`), and `name=` may list
+//! several names separated by commas. Without any `=`, the
 //! spec is BuildKit's shorthand: `-` is `type=tar,dest=-` and anything else
 //! `type=local,dest=THAT`.
 //!
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use kiln_snapshotter::compression::Compression;
 
 use super::reference;
+use crate::options::{self, Quotes};
 
 /// Errors of `--output` parsing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,15 +187,15 @@ impl OutputSpec {
             }
             return Ok(OutputSpec::new(kind, Some(dest)));
         }
-        let fields = split_csv(spec)?;
+        let fields = options::pairs(spec, Quotes::Anywhere).map_err(|e| match e {
+            options::Error::UnterminatedQuote(_) => Error::Quote { spec: spec.into() },
+            options::Error::NotKeyValue { item } => Error::Field {
+                spec: spec.into(),
+                field: item,
+            },
+        })?;
         let mut pairs: Vec<(String, String)> = Vec::new();
-        for f in fields {
-            let Some((k, v)) = f.split_once('=') else {
-                return Err(Error::Field {
-                    spec: spec.into(),
-                    field: f,
-                });
-            };
+        for (k, v) in fields {
             let k = k.trim().to_ascii_lowercase();
             if pairs.iter().any(|(seen, _)| *seen == k) {
                 return Err(Error::Duplicate {
@@ -201,7 +203,7 @@ impl OutputSpec {
                     key: k,
                 });
             }
-            pairs.push((k, v.to_string()));
+            pairs.push((k, v));
         }
         let kind = match pairs.iter().find(|(k, _)| k == "type") {
             None => return Err(Error::MissingType { spec: spec.into() }),
@@ -400,30 +402,6 @@ fn parse_bool(v: &str) -> Option<bool> {
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
         _ => None,
     }
-}
-
-/// Split on commas outside double quotes; `""` inside quotes is one quote.
-fn split_csv(spec: &str) -> Result<Vec<String>> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = spec.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                cur.push('"');
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    if quoted {
-        return Err(Error::Quote { spec: spec.into() });
-    }
-    fields.push(cur);
-    Ok(fields)
 }
 
 #[cfg(test)]
