@@ -17,9 +17,7 @@
 //! `--build-arg` is reported as a warning (BuildKit says nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
 
-use regex::Regex;
 use serde::Serialize;
 
 use super::instructions::{self, check, Expander, Instruction};
@@ -29,6 +27,7 @@ use super::parser::{Ast, Node};
 use super::platform::{Platform, PlatformError};
 use super::shell::Env;
 use super::{Error, ErrorKind};
+use crate::image::reference;
 
 /// Why a plan could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,23 +276,6 @@ fn is_proxy_arg(k: &str) -> bool {
     PROXY_ARGS.iter().any(|p| p.eq_ignore_ascii_case(k))
 }
 
-/// Does `s` follow the distribution reference grammar
-/// (`[host[:port]/]name[:tag][@digest]`, lower-case name)?
-pub fn valid_image_reference(s: &str) -> bool {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    let re = RE.get_or_init(|| {
-        let label = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)";
-        let host = format!(r"(?:{label}(?:\.{label})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?");
-        let comp = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*";
-        let tag = r"[\w][\w.-]{0,127}";
-        let digest = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,}";
-        let pat = format!(r"^(?:{host}/)?{comp}(?:/{comp})*(?::{tag})?(?:@{digest})?$");
-        Regex::new(&pat).expect("static reference grammar compiles")
-    });
-    let name_len = s.split(['@']).next().unwrap_or(s).len();
-    name_len <= 255 && re.is_match(s)
-}
-
 /// Variables for expansion: the first map that has a name wins. Layering
 /// instead of merging keeps planning linear in the number of instructions.
 struct Scope<'a>([&'a BTreeMap<String, String>; 2]);
@@ -409,7 +391,7 @@ impl Planner<'_> {
             }
             return Ok(SourceRef::Stage { index: i });
         }
-        if valid_image_reference(value) {
+        if reference::is_valid(value) {
             return Ok(SourceRef::Image {
                 reference: value.into(),
             });
@@ -518,7 +500,7 @@ impl Planner<'_> {
             // FROM --platform does not apply to scratch.
             return Ok(Start::scratch(self.target_platform.clone()));
         }
-        if !valid_image_reference(&from.image) {
+        if !reference::is_valid(&from.image) {
             return Err(self.err_at(
                 node,
                 PlanError::InvalidReference(from.image.clone()),
