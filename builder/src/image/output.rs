@@ -72,7 +72,9 @@ pub enum Error {
     LevelWithoutCompression { spec: String },
     #[error("--output {spec:?}: compression=estargz is not supported by kiln; use gzip, zstd or uncompressed")]
     Estargz { spec: String },
-    #[error("--output {spec:?}: {source}")]
+    /// A name in `name=` (or `-t`) is not an image name; the source says
+    /// why.
+    #[error("--output {spec:?}")]
     Name {
         spec: String,
         source: reference::Error,
@@ -546,6 +548,19 @@ mod tests {
         assert_eq!(
             p("type=oci,dest=a\"\"b").dest,
             Some(Dest::Path("ab".into()))
+        );
+    }
+
+    #[test]
+    fn a_bad_name_names_the_output_and_has_the_reason_as_source() {
+        let name = e("type=image,name=Upper");
+        assert!(matches!(name, Error::Name { .. }));
+        assert_eq!(name.to_string(), "--output \"type=image,name=Upper\"");
+        let why = std::error::Error::source(&name).map(ToString::to_string);
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("\"Upper\"") && w.contains("lower-case")),
+            "{why:?}"
         );
     }
 
