@@ -2,9 +2,11 @@
 //! every flag validated and variables expanded where BuildKit expands them.
 //!
 //! [`check`] turns one raw [`Node`] into an [`Instruction`] given the
-//! variables in scope (an [`Expander`]). It rejects unknown instructions and
-//! flags, wrong argument counts and malformed values. It does not know about
-//! other stages or the build context; the planner resolves those.
+//! variables in scope (an [`Expander`]), through a table holding one
+//! checker function per instruction (`check_from`, `check_run`, ...). It
+//! rejects unknown instructions and flags, wrong argument counts and
+//! malformed values. It does not know about other stages or the build
+//! context; the planner resolves those.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

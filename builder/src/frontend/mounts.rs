@@ -3,7 +3,9 @@
 //! [`crate::options`] with [`Quotes::FieldStart`], as BuildKit reads it.
 //!
 //! Only the flag's text is interpreted here; nothing is mounted, and whether
-//! a secret or SSH socket exists is checked by the build engine.
+//! a secret or SSH socket exists is checked by the build engine. The module
+//! also holds [`clean_path`] (Go's `path.Clean`), which the planner and the
+//! `.dockerignore` matcher use too.
 
 use serde::Serialize;
 

@@ -6,11 +6,13 @@
 //! automatic platform and proxy args), the stage graph (FROM of an earlier
 //! stage, `COPY --from`, `RUN --mount from=`, ONBUILD triggers of a parent
 //! stage), `--target` pruning and the checks on it (unknown stage, cycle,
-//! duplicate name, missing FROM). It never pulls an image: when a stage's
-//! base image configuration matters for expansion, the caller passes it in
-//! [`PlanOptions::image_env`] / [`PlanOptions::image_workdir`], and steps that
-//! referenced variables the plan could not see list them in
-//! [`Step::unresolved`] (re-plan once the base images are resolved).
+//! duplicate name, missing FROM, an image name outside the reference
+//! grammar of [`crate::image::reference::is_valid`]). It never pulls an
+//! image: when a stage's base image configuration matters for expansion,
+//! the caller passes it in [`PlanOptions::image_env`] /
+//! [`PlanOptions::image_workdir`], and steps that referenced variables the
+//! plan could not see list them in [`Step::unresolved`] (re-plan once the
+//! base images are resolved).
 //!
 //! Where kiln differs from BuildKit on purpose: a duplicate stage name is an
 //! error (BuildKit only warns and binds the last one), and an unused

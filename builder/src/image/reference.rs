@@ -8,6 +8,9 @@
 //! are lower-case `[a-z0-9]` runs joined by `.`, `_`, `__` or dashes; tags are
 //! `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
 //!
+//! [`is_valid`] checks a name against the reference grammar as written,
+//! without normalising it: what the Dockerfile frontend accepts as an image.
+//!
 //! This module is pure string handling: it never touches a store.
 
 use std::fmt;
