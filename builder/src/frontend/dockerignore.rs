@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use super::mounts::clean_path;
+use super::mount_flags::clean_path;
 
 /// Why ignore patterns could not be used.
 #[derive(Debug, thiserror::Error)]

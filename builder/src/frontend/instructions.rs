@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::mounts::{parse_mount, Mount, MountError};
+use super::mount_flags::{parse_mount, Mount, MountError};
 use super::parser::{parse_heredoc, Node};
 use super::platform::PlatformError;
 use super::shell::{Env, Lexer, ShellError};

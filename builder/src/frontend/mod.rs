@@ -7,7 +7,7 @@
 //! - [`shell`]: BuildKit's word expansion and splitting rules;
 //! - [`instructions`]: one typed, checked instruction per node, every flag
 //!   parsed, through a table of one checker per instruction;
-//! - [`mounts`]: RUN's `--mount` flags parsed into typed mounts, with
+//! - [`mount_flags`]: RUN's `--mount` flags parsed into typed mounts, with
 //!   BuildKit's defaults;
 //! - [`platform`]: `os/arch[/variant]` values, normalised, and the host's;
 //! - [`mod@plan`]: ARG/ENV scoping, expansion, the stage graph and `--target`;
@@ -37,7 +37,7 @@ use std::fmt;
 pub mod dockerignore;
 pub mod instructions;
 pub mod location;
-pub mod mounts;
+pub mod mount_flags;
 pub mod parser;
 pub mod plan;
 pub mod platform;

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use super::instructions::{self, check, Expander, Instruction};
 use super::location::Location;
-use super::mounts::{clean_path, Mount};
+use super::mount_flags::{clean_path, Mount};
 use super::parser::{Ast, Node};
 use super::platform::{Platform, PlatformError};
 use super::shell::Env;
