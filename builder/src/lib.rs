@@ -5,6 +5,7 @@ pub mod cli;
 pub mod engine;
 pub mod frontend;
 pub mod image;
+pub mod options;
 pub mod registry;
 pub mod session;
 

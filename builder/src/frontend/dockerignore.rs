@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use super::mounts::clean_path;
+use super::mount_flags::clean_path;
 
 /// Why ignore patterns could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +31,15 @@ pub enum DockerignoreError {
         pattern: String,
         reason: String,
     },
-    /// An error in the ignore file `path`: the build stops rather than
-    /// send what the file meant to exclude.
-    #[error("{path}: {source}")]
+    /// An error in the ignore file `path` (the source says which): the
+    /// build stops rather than send what the file meant to exclude.
+    #[error("{path}")]
     InFile {
         path: PathBuf,
         source: Box<DockerignoreError>,
     },
-    /// The ignore file exists but cannot be read.
-    #[error("cannot read {path}: {source}")]
+    /// The ignore file exists but cannot be read (the source says why).
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -490,14 +490,26 @@ mod tests {
         ));
     }
 
+    /// The message and its causes, as the CLI prints them.
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut out = err.to_string();
+        let mut cause = err.source();
+        while let Some(c) = cause {
+            out = format!("{out}: {c}");
+            cause = c.source();
+        }
+        out
+    }
+
     #[test]
     fn errors_name_the_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join(".dockerignore");
         std::fs::write(&file, "# secrets\n\nsecret.key\n[abc\n").unwrap();
         let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
+        assert_eq!(err.to_string(), file.display().to_string());
         assert_eq!(
-            err.to_string(),
+            chain(&err),
             format!(
                 "{}: syntax error in pattern \"[abc\" on line 4: missing closing ]",
                 file.display()
@@ -505,9 +517,21 @@ mod tests {
         );
         std::fs::write(&file, "a\n!\n").unwrap();
         let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
-        assert!(
-            err.to_string().ends_with("on line 2; write !PATTERN"),
-            "{err}"
+        assert!(chain(&err).ends_with("on line 2; write !PATTERN"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_ignore_file_says_so_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: it exists but cannot be read.
+        std::fs::create_dir(dir.path().join(".dockerignore")).unwrap();
+        let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
+        let path = dir.path().join(".dockerignore");
+        assert_eq!(err.to_string(), format!("cannot read {}", path.display()));
+        let why = std::fs::read(&path).unwrap_err();
+        assert_eq!(
+            chain(&err),
+            format!("cannot read {}: {why}", path.display())
         );
     }
 

@@ -2,17 +2,19 @@
 //! every flag validated and variables expanded where BuildKit expands them.
 //!
 //! [`check`] turns one raw [`Node`] into an [`Instruction`] given the
-//! variables in scope (an [`Expander`]). It rejects unknown instructions and
-//! flags, wrong argument counts and malformed values. It does not know about
-//! other stages or the build context; the planner resolves those.
+//! variables in scope (an [`Expander`]), through a table holding one
+//! checker function per instruction (`check_from`, `check_run`, ...). It
+//! rejects unknown instructions and flags, wrong argument counts and
+//! malformed values. It does not know about other stages or the build
+//! context; the planner resolves those.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::mounts::{parse_mount, Mount, MountError};
-use super::parser::{parse_heredoc, Heredoc, Node};
+use super::mount_flags::{parse_mount, Mount, MountError};
+use super::parser::{parse_heredoc, Node};
 use super::platform::PlatformError;
 use super::shell::{Env, Lexer, ShellError};
 
@@ -854,296 +856,366 @@ pub fn is_instruction(name: &str) -> bool {
     upper(name) != "instruction"
 }
 
+/// Checks one instruction of a known kind.
+type Checker = fn(&Node, &mut Expander<'_>) -> Result<Instruction>;
+
+/// The checker of each instruction, by lower-case keyword.
+const CHECKERS: [(&str, Checker); 18] = [
+    ("from", check_from),
+    ("run", check_run),
+    ("cmd", check_cmd),
+    ("entrypoint", check_entrypoint),
+    ("shell", check_shell),
+    ("env", check_env),
+    ("label", check_label),
+    ("arg", check_arg),
+    ("expose", check_expose),
+    ("workdir", check_workdir),
+    ("user", check_user),
+    ("stopsignal", check_stopsignal),
+    ("maintainer", check_maintainer),
+    ("volume", check_volume),
+    ("copy", check_copy),
+    ("add", check_add),
+    ("onbuild", check_onbuild),
+    ("healthcheck", check_healthcheck),
+];
+
 /// Check `node` and expand it with `ex`.
 pub fn check(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
     let name = node.instruction.as_str();
-    let up = upper(name);
-    let args = &node.args;
-    let one = |args: &[String]| -> Result<String> {
-        match args {
-            [a] => Ok(a.clone()),
-            [] => Err(InstructionError::NoArguments(up).into()),
-            _ => Err(InstructionError::ExactlyOne(up).into()),
-        }
+    match CHECKERS.iter().find(|(n, _)| *n == name) {
+        Some((_, checker)) => checker(node, ex),
+        None => Err(at(
+            InstructionError::UnknownInstruction(name.to_uppercase()),
+            name,
+        )),
+    }
+}
+
+/// Expand `raw` as one word; an error points at `raw`.
+fn expand(ex: &mut Expander<'_>, raw: &str) -> Result<String> {
+    ex.word(raw).map_err(|e| at(e, raw))
+}
+
+/// Refuse an instruction without arguments.
+fn require_args(node: &Node) -> Result<()> {
+    if node.args.is_empty() {
+        return Err(InstructionError::NoArguments(upper(&node.instruction)).into());
+    }
+    Ok(())
+}
+
+/// The only argument of an instruction that takes no flags and one argument.
+fn single_arg(node: &Node) -> Result<String> {
+    no_flags(node)?;
+    let up = upper(&node.instruction);
+    match node.args.as_slice() {
+        [a] => Ok(a.clone()),
+        [] => Err(InstructionError::NoArguments(up).into()),
+        _ => Err(InstructionError::ExactlyOne(up).into()),
+    }
+}
+
+fn check_from(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    let flags = Flags::parse(&node.instruction, &node.flags, &[("platform", Kind::Str)])?;
+    let (image, stage) = match node.args.as_slice() {
+        [image] => (image, None),
+        [image, as_, stage] if as_.eq_ignore_ascii_case("as") => (image, Some(stage)),
+        _ => return Err(InstructionError::FromArgs.into()),
     };
-    Ok(match name {
-        "from" => {
-            let flags = Flags::parse(name, &node.flags, &[("platform", Kind::Str)])?;
-            let (image, stage) = match args.as_slice() {
-                [image] => (image, None),
-                [image, as_, stage] if as_.eq_ignore_ascii_case("as") => (image, Some(stage)),
-                _ => return Err(InstructionError::FromArgs.into()),
-            };
-            let name = match stage {
-                Some(s) => {
-                    let lower = s.to_lowercase();
-                    if !valid_stage_name(&lower) {
-                        return Err(at(InstructionError::InvalidStageName(s.clone()), s));
-                    }
-                    Some(lower)
-                }
-                None => None,
-            };
-            let expanded = ex.word(image).map_err(|e| at(e, image))?;
-            if expanded.is_empty() {
-                return Err(at(InstructionError::EmptyImage(image.clone()), image));
+    let name = match stage {
+        Some(s) => {
+            let lower = s.to_lowercase();
+            if !valid_stage_name(&lower) {
+                return Err(at(InstructionError::InvalidStageName(s.clone()), s));
             }
-            let platform = match flags.get("platform") {
-                Some(p) => Some(ex.word(&p).map_err(|e| at(e, &p))?),
-                None => None,
-            };
-            Instruction::From(FromStage {
-                image: expanded,
-                platform,
-                name,
-            })
+            Some(lower)
         }
-        "run" => {
-            let flags = Flags::parse(
-                name,
-                &node.flags,
-                &[
-                    ("mount", Kind::List),
-                    ("network", Kind::Str),
-                    ("security", Kind::Str),
-                    ("device", Kind::List),
-                ],
-            )?;
-            let mut devices = Vec::new();
-            for d in flags.all("device") {
-                devices.push(parse_device(&d).map_err(|e| at(e, &d))?);
-            }
-            let mut mounts = Vec::new();
-            let mut ssh = 0;
-            for m in flags.all("mount") {
-                let mount = parse_mount(&m, &mut |v| ex.word(v), ssh).map_err(|e| at(e, &m))?;
-                if matches!(mount, Mount::Ssh { .. }) {
-                    ssh += 1;
-                }
-                mounts.push(mount);
-            }
-            let network = match flags.get("network") {
-                None => None,
-                Some(n) => Some(match n.as_str() {
-                    "default" => NetworkMode::Default,
-                    "sandbox" => NetworkMode::Sandbox,
-                    "none" => NetworkMode::None,
-                    "host" => NetworkMode::Host,
-                    _ => return Err(at(InstructionError::Network(n.clone()), &n)),
-                }),
-            };
-            let security = match flags.get("security") {
-                None => None,
-                Some(s) => Some(match s.as_str() {
-                    "sandbox" => SecurityMode::Sandbox,
-                    "insecure" => SecurityMode::Insecure,
-                    _ => return Err(at(InstructionError::Security(s.clone()), &s)),
-                }),
-            };
-            if args.is_empty() {
-                return Err(InstructionError::NoArguments(up).into());
-            }
-            Instruction::Run(Run {
-                command: run_command(node),
-                mounts,
-                network,
-                security,
-                devices,
-            })
+        None => None,
+    };
+    let expanded = expand(ex, image)?;
+    if expanded.is_empty() {
+        return Err(at(InstructionError::EmptyImage(image.clone()), image));
+    }
+    let platform = match flags.get("platform") {
+        Some(p) => Some(expand(ex, &p)?),
+        None => None,
+    };
+    Ok(Instruction::From(FromStage {
+        image: expanded,
+        platform,
+        name,
+    }))
+}
+
+fn check_run(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    let flags = Flags::parse(
+        &node.instruction,
+        &node.flags,
+        &[
+            ("mount", Kind::List),
+            ("network", Kind::Str),
+            ("security", Kind::Str),
+            ("device", Kind::List),
+        ],
+    )?;
+    let devices = flags
+        .all("device")
+        .iter()
+        .map(|d| parse_device(d).map_err(|e| at(e, d)))
+        .collect::<Result<Vec<_>>>()?;
+    let mounts = run_mounts(&flags.all("mount"), ex)?;
+    let network = flags.get("network").map(|n| network_mode(&n)).transpose()?;
+    let security = flags
+        .get("security")
+        .map(|s| security_mode(&s))
+        .transpose()?;
+    require_args(node)?;
+    Ok(Instruction::Run(Run {
+        command: run_command(node),
+        mounts,
+        network,
+        security,
+        devices,
+    }))
+}
+
+/// RUN's `--mount`s; SSH mounts are numbered in order for their sockets.
+fn run_mounts(values: &[String], ex: &mut Expander<'_>) -> Result<Vec<Mount>> {
+    let mut mounts = Vec::new();
+    let mut ssh = 0;
+    for m in values {
+        let mount = parse_mount(m, &mut |v| ex.word(v), ssh).map_err(|e| at(e, m))?;
+        if matches!(mount, Mount::Ssh { .. }) {
+            ssh += 1;
         }
-        "cmd" | "entrypoint" => {
-            no_flags(node)?;
-            let c = CommandLine::from_node(node);
-            if name == "cmd" {
-                Instruction::Cmd(c)
-            } else {
-                Instruction::Entrypoint(c)
-            }
+        mounts.push(mount);
+    }
+    Ok(mounts)
+}
+
+fn network_mode(n: &str) -> Result<NetworkMode> {
+    Ok(match n {
+        "default" => NetworkMode::Default,
+        "sandbox" => NetworkMode::Sandbox,
+        "none" => NetworkMode::None,
+        "host" => NetworkMode::Host,
+        _ => return Err(at(InstructionError::Network(n.to_string()), n)),
+    })
+}
+
+fn security_mode(s: &str) -> Result<SecurityMode> {
+    Ok(match s {
+        "sandbox" => SecurityMode::Sandbox,
+        "insecure" => SecurityMode::Insecure,
+        _ => return Err(at(InstructionError::Security(s.to_string()), s)),
+    })
+}
+
+fn check_cmd(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    Ok(Instruction::Cmd(CommandLine::from_node(node)))
+}
+
+fn check_entrypoint(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    Ok(Instruction::Entrypoint(CommandLine::from_node(node)))
+}
+
+fn check_shell(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    require_args(node)?;
+    if !node.json {
+        return Err(InstructionError::ShellNotJson.into());
+    }
+    Ok(Instruction::Shell(node.args.clone()))
+}
+
+fn check_env(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    Ok(Instruction::Env(key_values(node, ex)?))
+}
+
+fn check_label(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    Ok(Instruction::Label(key_values(node, ex)?))
+}
+
+/// ENV's and LABEL's pairs (the parser gives key, value, separator
+/// triples), both sides expanded.
+fn key_values(node: &Node, ex: &mut Expander<'_>) -> Result<Vec<KeyValue>> {
+    no_flags(node)?;
+    require_args(node)?;
+    // Every pair sees the variables as they were before this
+    // instruction: within one instruction a variable keeps one value.
+    let mut kvs = Vec::new();
+    for t in node.args.chunks(3) {
+        let (k, v) = (&t[0], t.get(1).map_or("", String::as_str));
+        let key = expand(ex, k)?;
+        if key.is_empty() {
+            return Err(at(InstructionError::BlankName(upper(&node.instruction)), k));
         }
-        "shell" => {
-            no_flags(node)?;
-            if args.is_empty() {
-                return Err(InstructionError::NoArguments(up).into());
-            }
-            if !node.json {
-                return Err(InstructionError::ShellNotJson.into());
-            }
-            Instruction::Shell(args.clone())
+        let value = expand(ex, v)?;
+        kvs.push(KeyValue { key, value });
+    }
+    Ok(kvs)
+}
+
+fn check_arg(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    require_args(node)?;
+    let mut decls = Vec::new();
+    for a in &node.args {
+        let (k, v) = match a.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (a.as_str(), None),
+        };
+        // BuildKit takes ARG names literally; only defaults expand, and
+        // the planner expands them.
+        if k.is_empty() {
+            return Err(at(InstructionError::BlankName("ARG"), a));
         }
-        "env" | "label" => {
-            no_flags(node)?;
-            if args.is_empty() {
-                return Err(InstructionError::NoArguments(up).into());
-            }
-            // Every pair sees the variables as they were before this
-            // instruction: within one instruction a variable keeps one value.
-            let mut kvs = Vec::new();
-            for t in args.chunks(3) {
-                let (k, v) = (&t[0], t.get(1).map_or("", String::as_str));
-                let key = ex.word(k).map_err(|e| at(e, k))?;
-                if key.is_empty() {
-                    return Err(at(InstructionError::BlankName(up), k));
-                }
-                let value = ex.word(v).map_err(|e| at(e, v))?;
-                kvs.push(KeyValue { key, value });
-            }
-            if name == "env" {
-                Instruction::Env(kvs)
-            } else {
-                Instruction::Label(kvs)
-            }
+        decls.push(ArgDecl {
+            key: k.to_string(),
+            default: v.map(str::to_string),
+            value: None,
+        });
+    }
+    Ok(Instruction::Arg(decls))
+}
+
+fn check_expose(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    require_args(node)?;
+    let mut ports = Vec::new();
+    for a in &node.args {
+        for w in ex.words(a).map_err(|e| at(e, a))? {
+            ports.push(parse_port(&w).map_err(|e| at(e, a))?);
         }
-        "arg" => {
-            no_flags(node)?;
-            if args.is_empty() {
-                return Err(InstructionError::NoArguments(up).into());
-            }
-            let mut decls = Vec::new();
-            for a in args {
-                let (k, v) = match a.split_once('=') {
-                    Some((k, v)) => (k, Some(v)),
-                    None => (a.as_str(), None),
-                };
-                // BuildKit takes ARG names literally; only defaults expand.
-                let key = k.to_string();
-                if key.is_empty() {
-                    return Err(at(InstructionError::BlankName(up), a));
-                }
-                decls.push(ArgDecl {
-                    key,
-                    default: v.map(str::to_string),
-                    value: None,
-                });
-            }
-            Instruction::Arg(decls)
+    }
+    Ok(Instruction::Expose(ports))
+}
+
+fn check_workdir(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    let raw = single_arg(node)?;
+    Ok(Instruction::Workdir(expand(ex, &raw)?))
+}
+
+fn check_user(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    let raw = single_arg(node)?;
+    Ok(Instruction::User(expand(ex, &raw)?))
+}
+
+fn check_stopsignal(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    let raw = single_arg(node)?;
+    let v = expand(ex, &raw)?;
+    if !valid_signal(&v) {
+        return Err(at(InstructionError::Signal(v), &raw));
+    }
+    Ok(Instruction::StopSignal(v))
+}
+
+/// MAINTAINER is taken as written, never expanded.
+fn check_maintainer(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    Ok(Instruction::Maintainer(single_arg(node)?))
+}
+
+fn check_volume(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    require_args(node)?;
+    let mut vols = Vec::new();
+    for a in &node.args {
+        let v = expand(ex, a)?;
+        if v.trim().is_empty() {
+            return Err(InstructionError::EmptyVolume.into());
         }
-        "expose" => {
-            no_flags(node)?;
-            if args.is_empty() {
-                return Err(InstructionError::NoArguments(up).into());
-            }
-            let mut ports = Vec::new();
-            for a in args {
-                for w in ex.words(a).map_err(|e| at(e, a))? {
-                    ports.push(parse_port(&w).map_err(|e| at(e, a))?);
-                }
-            }
-            Instruction::Expose(ports)
-        }
-        "workdir" | "user" | "stopsignal" | "maintainer" => {
-            no_flags(node)?;
-            let raw = one(args)?;
-            if name == "maintainer" {
-                return Ok(Instruction::Maintainer(raw));
-            }
-            let v = ex.word(&raw).map_err(|e| at(e, &raw))?;
-            match name {
-                "workdir" => Instruction::Workdir(v),
-                "user" => Instruction::User(v),
-                _ if valid_signal(&v) => Instruction::StopSignal(v),
-                _ => return Err(at(InstructionError::Signal(v), &raw)),
-            }
-        }
-        "volume" => {
-            no_flags(node)?;
-            if args.is_empty() {
-                return Err(InstructionError::NoArguments(up).into());
-            }
-            let mut vols = Vec::new();
-            for a in args {
-                let v = ex.word(a).map_err(|e| at(e, a))?;
-                if v.trim().is_empty() {
-                    return Err(InstructionError::EmptyVolume.into());
-                }
-                vols.push(v);
-            }
-            Instruction::Volume(vols)
-        }
-        "copy" | "add" => check_copy(node, ex)?,
-        "onbuild" => {
-            no_flags(node)?;
-            let Some(sub) = &node.sub else {
-                return Err(InstructionError::NoArguments(up).into());
-            };
-            match sub.instruction.as_str() {
-                "onbuild" | "from" | "maintainer" => {
-                    return Err(at(
-                        InstructionError::OnbuildForbidden(upper(&sub.instruction).into()),
-                        &sub.instruction,
-                    ))
-                }
-                i if !is_instruction(i) => {
-                    return Err(at(
-                        InstructionError::UnknownInstruction(i.to_uppercase()),
-                        i,
-                    ))
-                }
-                _ => {}
-            }
-            Instruction::Onbuild(Onbuild {
-                expression: sub.original.trim().to_string(),
-                instruction: sub.instruction.clone(),
-            })
-        }
-        "healthcheck" => {
-            let flags = Flags::parse(
-                name,
-                &node.flags,
-                &[
-                    ("interval", Kind::Str),
-                    ("timeout", Kind::Str),
-                    ("start-period", Kind::Str),
-                    ("start-interval", Kind::Str),
-                    ("retries", Kind::Str),
-                ],
-            )?;
-            let Some(typ) = args.first() else {
-                return Err(InstructionError::NoArguments(up).into());
-            };
-            match typ.to_uppercase().as_str() {
-                "NONE" => {
-                    // Flags are accepted and ignored here, as BuildKit does.
-                    if args.len() > 1 {
-                        return Err(InstructionError::HealthcheckNoneArgs.into());
-                    }
-                    Instruction::Healthcheck(Healthcheck::None)
-                }
-                "CMD" => {
-                    let rest = &args[1..];
-                    if rest.is_empty() || (!node.json && rest[0].is_empty()) {
-                        return Err(InstructionError::HealthcheckMissingCmd.into());
-                    }
-                    let command = if node.json {
-                        CommandLine::Exec(rest.to_vec())
-                    } else {
-                        CommandLine::Shell(rest[0].clone())
-                    };
-                    let retries = match flags.get("retries") {
-                        None => None,
-                        Some(r) => Some(
-                            r.parse::<u32>()
-                                .map_err(|_| at(InstructionError::Retries(r.clone()), &r))?,
-                        ),
-                    };
-                    Instruction::Healthcheck(Healthcheck::Cmd {
-                        command,
-                        interval: duration_flag(&flags, "interval")?,
-                        timeout: duration_flag(&flags, "timeout")?,
-                        start_period: duration_flag(&flags, "start-period")?,
-                        start_interval: duration_flag(&flags, "start-interval")?,
-                        retries,
-                    })
-                }
-                _ => return Err(at(InstructionError::HealthcheckType(typ.clone()), typ)),
-            }
-        }
-        other => {
+        vols.push(v);
+    }
+    Ok(Instruction::Volume(vols))
+}
+
+/// ONBUILD: the trigger is checked for what it may be, and kept as written
+/// to be expanded when it fires.
+fn check_onbuild(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    no_flags(node)?;
+    let Some(sub) = &node.sub else {
+        return Err(InstructionError::NoArguments("ONBUILD").into());
+    };
+    match sub.instruction.as_str() {
+        "onbuild" | "from" | "maintainer" => {
             return Err(at(
-                InstructionError::UnknownInstruction(other.to_uppercase()),
-                other,
+                InstructionError::OnbuildForbidden(upper(&sub.instruction).into()),
+                &sub.instruction,
             ))
         }
-    })
+        i if !is_instruction(i) => {
+            return Err(at(
+                InstructionError::UnknownInstruction(i.to_uppercase()),
+                i,
+            ))
+        }
+        _ => {}
+    }
+    Ok(Instruction::Onbuild(Onbuild {
+        expression: sub.original.trim().to_string(),
+        instruction: sub.instruction.clone(),
+    }))
+}
+
+fn check_healthcheck(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
+    let flags = Flags::parse(
+        &node.instruction,
+        &node.flags,
+        &[
+            ("interval", Kind::Str),
+            ("timeout", Kind::Str),
+            ("start-period", Kind::Str),
+            ("start-interval", Kind::Str),
+            ("retries", Kind::Str),
+        ],
+    )?;
+    let args = &node.args;
+    let Some(typ) = args.first() else {
+        return Err(InstructionError::NoArguments("HEALTHCHECK").into());
+    };
+    match typ.to_uppercase().as_str() {
+        "NONE" => {
+            // Flags are accepted and ignored here, as BuildKit does.
+            if args.len() > 1 {
+                return Err(InstructionError::HealthcheckNoneArgs.into());
+            }
+            Ok(Instruction::Healthcheck(Healthcheck::None))
+        }
+        "CMD" => healthcheck_cmd(node, &flags),
+        _ => Err(at(InstructionError::HealthcheckType(typ.clone()), typ)),
+    }
+}
+
+/// `HEALTHCHECK [flags] CMD ...`.
+fn healthcheck_cmd(node: &Node, flags: &Flags) -> Result<Instruction> {
+    let rest = &node.args[1..];
+    if rest.is_empty() || (!node.json && rest[0].is_empty()) {
+        return Err(InstructionError::HealthcheckMissingCmd.into());
+    }
+    let command = if node.json {
+        CommandLine::Exec(rest.to_vec())
+    } else {
+        CommandLine::Shell(rest[0].clone())
+    };
+    let retries = match flags.get("retries") {
+        None => None,
+        Some(r) => Some(
+            r.parse::<u32>()
+                .map_err(|_| at(InstructionError::Retries(r.clone()), &r))?,
+        ),
+    };
+    Ok(Instruction::Healthcheck(Healthcheck::Cmd {
+        command,
+        interval: duration_flag(flags, "interval")?,
+        timeout: duration_flag(flags, "timeout")?,
+        start_period: duration_flag(flags, "start-period")?,
+        start_interval: duration_flag(flags, "start-interval")?,
+        retries,
+    }))
 }
 
 fn run_command(node: &Node) -> RunCommand {
@@ -1173,29 +1245,108 @@ fn run_command(node: &Node) -> RunCommand {
     RunCommand::Shell(full)
 }
 
+/// COPY's flags.
+const COPY_FLAGS: &[(&str, Kind)] = &[
+    ("from", Kind::Str),
+    ("chown", Kind::Str),
+    ("chmod", Kind::Str),
+    ("link", Kind::Bool),
+    ("parents", Kind::Bool),
+    ("exclude", Kind::List),
+];
+
+/// ADD's flags.
+const ADD_FLAGS: &[(&str, Kind)] = &[
+    ("chown", Kind::Str),
+    ("chmod", Kind::Str),
+    ("link", Kind::Bool),
+    ("keep-git-dir", Kind::Bool),
+    ("checksum", Kind::Str),
+    ("unpack", Kind::Bool),
+    ("exclude", Kind::List),
+];
+
+/// What COPY and ADD have in common, checked and expanded.
+struct Transfer {
+    flags: Flags,
+    sources: Vec<Source>,
+    dest: String,
+    chown: Option<String>,
+    chmod: Option<Chmod>,
+    /// `--exclude`, not expanded (BuildKit does not expand them).
+    excludes: Vec<String>,
+}
+
 fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
-    let is_copy = node.instruction == "copy";
-    let up = if is_copy { "COPY" } else { "ADD" };
-    let spec: &[(&'static str, Kind)] = if is_copy {
-        &[
-            ("from", Kind::Str),
-            ("chown", Kind::Str),
-            ("chmod", Kind::Str),
-            ("link", Kind::Bool),
-            ("parents", Kind::Bool),
-            ("exclude", Kind::List),
-        ]
-    } else {
-        &[
-            ("chown", Kind::Str),
-            ("chmod", Kind::Str),
-            ("link", Kind::Bool),
-            ("keep-git-dir", Kind::Bool),
-            ("checksum", Kind::Str),
-            ("unpack", Kind::Bool),
-            ("exclude", Kind::List),
-        ]
+    let t = check_transfer(node, ex, "COPY", COPY_FLAGS)?;
+    for src in &t.sources {
+        if let Source::Path(p) = src {
+            if is_git(p) {
+                return Err(at(InstructionError::CopyGit(p.clone()), p));
+            }
+            if is_remote(p) {
+                return Err(at(InstructionError::CopyUrl(p.clone()), p));
+            }
+        }
+    }
+    let from = t.flags.get("from");
+    if let Some(f) = from.as_deref().filter(|f| has_variable(f)) {
+        return Err(at(InstructionError::FromExpansion(f.to_string()), f));
+    }
+    Ok(Instruction::Copy(Copy {
+        from,
+        link: t.flags.bool("link"),
+        parents: t.flags.bool("parents"),
+        sources: t.sources,
+        dest: t.dest,
+        chown: t.chown,
+        chmod: t.chmod,
+        excludes: t.excludes,
+    }))
+}
+
+fn check_add(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
+    let t = check_transfer(node, ex, "ADD", ADD_FLAGS)?;
+    let checksum = match expand_flag(&t.flags, ex, "checksum")? {
+        Some(c) => Some(add_checksum(&c, &t.sources)?),
+        None => None,
     };
+    Ok(Instruction::Add(Add {
+        link: t.flags.bool("link"),
+        keep_git_dir: t.flags.bool("keep-git-dir"),
+        checksum,
+        unpack: if t.flags.set("unpack") {
+            t.flags.opt_bool("unpack")
+        } else {
+            None
+        },
+        sources: t.sources,
+        dest: t.dest,
+        chown: t.chown,
+        chmod: t.chmod,
+        excludes: t.excludes,
+    }))
+}
+
+/// ADD `--checksum`: only for a single remote source.
+fn add_checksum(checksum: &str, sources: &[Source]) -> Result<String> {
+    let [Source::Path(src)] = sources else {
+        return Err(at(InstructionError::ChecksumSource, "--checksum"));
+    };
+    if !is_remote(src) {
+        return Err(at(InstructionError::ChecksumSource, "--checksum"));
+    }
+    parse_checksum(checksum, is_git(src)).map_err(|e| at(e, checksum))
+}
+
+/// The flags, sources and destination of COPY or ADD (`up`), with `spec`
+/// the flags it takes.
+fn check_transfer(
+    node: &Node,
+    ex: &mut Expander<'_>,
+    up: &'static str,
+    spec: &[(&'static str, Kind)],
+) -> Result<Transfer> {
     let flags = Flags::parse(&node.instruction, &node.flags, spec)?;
     let args = &node.args;
     if args.len() < 2 {
@@ -1208,12 +1359,33 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
     if !node.json && parse_heredoc(&dest[0]).is_some() {
         return Err(at(InstructionError::HeredocDestination(up), &dest[0]));
     }
-    let dest = ex.word(&dest[0]).map_err(|e| at(e, &dest[0]))?;
-    let mut docs: std::collections::VecDeque<&Heredoc> = node.heredocs.iter().collect();
+    let dest = expand(ex, &dest[0])?;
+    let sources = transfer_sources(node, srcs, ex)?;
+    let chown = expand_flag(&flags, ex, "chown")?;
+    let chmod = match expand_flag(&flags, ex, "chmod")? {
+        Some(c) => Some(parse_chmod(&c).map_err(|e| at(e, &c))?),
+        None => None,
+    };
+    let excludes = flags.all("exclude");
+    Ok(Transfer {
+        flags,
+        sources,
+        dest,
+        chown,
+        chmod,
+        excludes,
+    })
+}
+
+/// COPY/ADD sources: a `<<NAME` word takes the next heredoc's body
+/// (expanded unless its delimiter was quoted); other words are expanded
+/// paths.
+fn transfer_sources(node: &Node, srcs: &[String], ex: &mut Expander<'_>) -> Result<Vec<Source>> {
+    let mut docs = node.heredocs.iter();
     let mut sources = Vec::new();
     for s in srcs {
         if !node.json && parse_heredoc(s).is_some() {
-            if let Some(doc) = docs.pop_front() {
+            if let Some(doc) = docs.next() {
                 let body = doc.body();
                 let content = if doc.expand {
                     ex.word_raw_quotes(&body).map_err(|e| at(e, s))?
@@ -1227,78 +1399,14 @@ fn check_copy(node: &Node, ex: &mut Expander<'_>) -> Result<Instruction> {
                 continue;
             }
         }
-        sources.push(Source::Path(ex.word(s).map_err(|e| at(e, s))?));
+        sources.push(Source::Path(expand(ex, s)?));
     }
-    let expand_flag = |ex: &mut Expander<'_>, name: &str| -> Result<Option<String>> {
-        match flags.get(name) {
-            Some(v) => ex.word(&v).map(Some).map_err(|e| at(e, &v)),
-            None => Ok(None),
-        }
-    };
-    let chown = expand_flag(ex, "chown")?;
-    let chmod = match expand_flag(ex, "chmod")? {
-        Some(c) => Some(parse_chmod(&c).map_err(|e| at(e, &c))?),
-        None => None,
-    };
-    let mut excludes = Vec::new();
-    if is_copy {
-        for src in &sources {
-            if let Source::Path(p) = src {
-                if is_git(p) {
-                    return Err(at(InstructionError::CopyGit(p.clone()), p));
-                }
-                if is_remote(p) {
-                    return Err(at(InstructionError::CopyUrl(p.clone()), p));
-                }
-            }
-        }
-    }
-    // BuildKit does not expand --exclude patterns.
-    excludes.extend(flags.all("exclude"));
-    Ok(if is_copy {
-        let from = flags.get("from");
-        if let Some(f) = from.as_deref().filter(|f| has_variable(f)) {
-            return Err(at(InstructionError::FromExpansion(f.to_string()), f));
-        }
-        Instruction::Copy(Copy {
-            sources,
-            dest,
-            from,
-            chown,
-            chmod,
-            link: flags.bool("link"),
-            parents: flags.bool("parents"),
-            excludes,
-        })
-    } else {
-        let checksum = match expand_flag(ex, "checksum")? {
-            Some(c) => {
-                let [Source::Path(src)] = sources.as_slice() else {
-                    return Err(at(InstructionError::ChecksumSource, "--checksum"));
-                };
-                if !is_remote(src) {
-                    return Err(at(InstructionError::ChecksumSource, "--checksum"));
-                }
-                Some(parse_checksum(&c, is_git(src)).map_err(|e| at(e, &c))?)
-            }
-            None => None,
-        };
-        Instruction::Add(Add {
-            sources,
-            dest,
-            chown,
-            chmod,
-            link: flags.bool("link"),
-            keep_git_dir: flags.bool("keep-git-dir"),
-            checksum,
-            unpack: if flags.set("unpack") {
-                flags.opt_bool("unpack")
-            } else {
-                None
-            },
-            excludes,
-        })
-    })
+    Ok(sources)
+}
+
+/// Flag `name`, expanded, if given.
+fn expand_flag(flags: &Flags, ex: &mut Expander<'_>, name: &str) -> Result<Option<String>> {
+    flags.get(name).map(|v| expand(ex, &v)).transpose()
 }
 
 impl Expander<'_> {

@@ -1,14 +1,22 @@
 //! The Dockerfile frontend: Dockerfile bytes and build options in, a checked
 //! plan of stages out.
 //!
-//! Layers, each usable and testable on its own, as in BuildKit:
+//! Its modules, each usable and testable on its own, layered as BuildKit's:
 //! - [`parser`]: the raw syntax tree (directives, instructions, flags,
 //!   heredocs, line numbers), comparable byte for byte with BuildKit's dump;
 //! - [`shell`]: BuildKit's word expansion and splitting rules;
-//! - [`instructions`] (with [`mounts`] and [`platform`]): typed, checked
-//!   instructions with every flag parsed;
+//! - [`instructions`]: one typed, checked instruction per node, every flag
+//!   parsed, through a table of one checker per instruction;
+//! - [`mount_flags`]: RUN's `--mount` flags parsed into typed mounts, with
+//!   BuildKit's defaults;
+//! - [`platform`]: `os/arch[/variant]` values, normalised, and the host's;
 //! - [`mod@plan`]: ARG/ENV scoping, expansion, the stage graph and `--target`;
+//! - [`location`]: the `file:line:column` and caret snippet of diagnostics;
 //! - [`dockerignore`]: the `.dockerignore` matcher used by context transfer.
+//!
+//! From the rest of the builder it uses only pure string handling: image
+//! names are checked with [`crate::image::reference`] and `--mount` values
+//! are split by [`crate::options`].
 //!
 //! Typical use by the build engine:
 //!
@@ -29,7 +37,7 @@ use std::fmt;
 pub mod dockerignore;
 pub mod instructions;
 pub mod location;
-pub mod mounts;
+pub mod mount_flags;
 pub mod parser;
 pub mod plan;
 pub mod platform;

@@ -447,58 +447,117 @@ pub fn parse(src: &[u8], file: &str) -> Result<Ast> {
             kind: ParseError::LineTooLong,
         });
     }
-    let mut dirs = Directives {
-        escape: '\\',
-        done: false,
-        seen: Vec::new(),
-        found: Vec::new(),
-    };
-    let err = |kind: ParseError, line: usize, source: &SourceMap| LocatedParseError {
-        location: source.find(line, ""),
-        kind,
+    let mut scanner = Scanner {
+        lines,
+        next: 0,
+        current: 0,
+        source: &source,
+        dirs: Directives {
+            escape: '\\',
+            done: false,
+            seen: Vec::new(),
+            found: Vec::new(),
+        },
+        comments: Vec::new(),
+        warnings: Vec::new(),
     };
     let mut nodes = Vec::new();
-    let mut warnings = Vec::new();
-    let mut comments: Vec<String> = Vec::new();
-    let mut i = 0;
-    let mut current = 0usize;
-    while i < lines.len() {
-        let mut raw = lines[i];
-        i += 1;
-        if current == 0 {
-            raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
+    while let Some((start, line)) = scanner.logical_line()? {
+        nodes.push(scanner.node(start, &line)?);
+    }
+    if nodes.is_empty() {
+        return Err(LocatedParseError {
+            location: source.at(scanner.current.max(1), 1),
+            kind: ParseError::NoInstructions,
+        });
+    }
+    Ok(Ast {
+        directives: scanner.dirs.found,
+        escape: scanner.dirs.escape,
+        nodes,
+        warnings: scanner.warnings,
+        source,
+    })
+}
+
+/// Reads physical lines into instructions, keeping count of lines, the
+/// parser directives at the top and the comments above each instruction.
+struct Scanner<'a> {
+    lines: Vec<&'a str>,
+    /// Index of the next physical line to read.
+    next: usize,
+    /// 1-based number of the last physical line read.
+    current: usize,
+    source: &'a SourceMap,
+    dirs: Directives,
+    /// Comment lines since the last instruction or blank comment.
+    comments: Vec<String>,
+    warnings: Vec<Warning>,
+}
+
+impl<'a> Scanner<'a> {
+    fn next_line(&mut self) -> Option<&'a str> {
+        let raw = self.lines.get(self.next).copied()?;
+        self.next += 1;
+        Some(raw)
+    }
+
+    fn err(&self, kind: ParseError, line: usize, token: &str) -> LocatedParseError {
+        LocatedParseError {
+            location: self.source.find(line, token),
+            kind,
         }
-        if is_comment(raw) {
-            let c = trim_space(&trim_space(raw)[1..]);
-            if c.is_empty() {
-                comments.clear();
-            } else {
-                comments.push(c.to_string());
+    }
+
+    /// The next logical line (continuations joined, comments and blank
+    /// lines skipped) and the number of its first physical line.
+    fn logical_line(&mut self) -> Result<Option<(usize, String)>> {
+        while let Some(mut raw) = self.next_line() {
+            if self.current == 0 {
+                raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
             }
+            if is_comment(raw) {
+                let c = trim_space(&trim_space(raw)[1..]);
+                if c.is_empty() {
+                    self.comments.clear();
+                } else {
+                    self.comments.push(c.to_string());
+                }
+            }
+            let line = trim_newline(raw).trim_start_matches(is_space);
+            let is_directive = self
+                .dirs
+                .observe(line, self.current + 1)
+                .map_err(|k| self.err(k, self.current + 1, ""))?;
+            if is_directive {
+                self.comments.pop();
+            }
+            let line = if is_comment(line) { "" } else { line };
+            self.current += 1;
+            let start = self.current;
+            let (first, eol) = trim_continuation(line, self.dirs.escape);
+            if eol && first.is_empty() {
+                continue;
+            }
+            let mut buf = String::from(first);
+            if !eol {
+                self.continuation(&mut buf)?;
+            }
+            return Ok(Some((start, buf)));
         }
-        let line = trim_newline(raw).trim_start_matches(is_space);
-        let is_directive = dirs
-            .observe(line, current + 1)
-            .map_err(|k| err(k, current + 1, &source))?;
-        if is_directive {
-            comments.pop();
-        }
-        let line = if is_comment(line) { "" } else { line };
-        current += 1;
-        let start = current;
-        let (first, mut eol) = trim_continuation(line, dirs.escape);
-        if eol && first.is_empty() {
-            continue;
-        }
-        let mut buf = String::from(first);
+        Ok(None)
+    }
+
+    /// Append the continuation lines of a logical line to `buf`: comment
+    /// lines are dropped, and empty ones are dropped with a warning.
+    fn continuation(&mut self, buf: &mut String) -> Result<()> {
         let mut empty_continuation = false;
-        while !eol && i < lines.len() {
-            let raw = lines[i];
-            i += 1;
+        while let Some(raw) = self.next_line() {
             let l = trim_newline(raw);
-            dirs.observe(l, current + 1)
-                .map_err(|k| err(k, current + 1, &source))?;
-            current += 1;
+            self.dirs
+                .observe(l, self.current + 1)
+                .map_err(|k| self.err(k, self.current + 1, ""))?;
+            self.current += 1;
             if is_comment(raw) {
                 continue;
             }
@@ -506,66 +565,55 @@ pub fn parse(src: &[u8], file: &str) -> Result<Ast> {
                 empty_continuation = true;
                 continue;
             }
-            let (part, e) = trim_continuation(l, dirs.escape);
-            eol = e;
+            let (part, eol) = trim_continuation(l, self.dirs.escape);
             buf.push_str(part);
+            if eol {
+                break;
+            }
         }
         if empty_continuation {
-            warnings.push(Warning {
-                line: current,
+            self.warnings.push(Warning {
+                line: self.current,
                 message: format!(
                     "empty continuation line found in: {buf}; empty continuation lines will become errors in a future release"
                 ),
             });
         }
-        let mut node = node_from_line(&buf, dirs.escape, 0).map_err(|k| LocatedParseError {
-            location: source.find(start, ""),
-            kind: k,
-        })?;
-        if can_contain_heredoc(&node) && buf.contains("<<") {
-            for mut doc in heredocs_from_line(&buf) {
-                let mut terminated = false;
-                while i < lines.len() {
-                    let raw = lines[i];
-                    i += 1;
-                    current += 1;
-                    let mut candidate = trim_newline(raw);
-                    if doc.chomp {
-                        candidate = candidate.trim_start_matches('\t');
-                    }
-                    if candidate == doc.name {
-                        terminated = true;
-                        break;
-                    }
-                    doc.content.push_str(raw);
-                }
-                if !terminated {
-                    return Err(LocatedParseError {
-                        location: source.find(start, "<<"),
-                        kind: ParseError::UnterminatedHeredoc(doc.name),
-                    });
-                }
+        Ok(())
+    }
+
+    /// The node for logical line `line` starting on line `start`, with the
+    /// bodies of the heredocs it opens read from the lines that follow.
+    fn node(&mut self, start: usize, line: &str) -> Result<Node> {
+        let mut node =
+            node_from_line(line, self.dirs.escape, 0).map_err(|k| self.err(k, start, ""))?;
+        if can_contain_heredoc(&node) && line.contains("<<") {
+            for doc in heredocs_from_line(line) {
+                let doc = self.heredoc_body(doc, start)?;
                 node.heredocs.push(doc);
             }
         }
         node.start_line = start;
-        node.end_line = current;
-        node.comments = std::mem::take(&mut comments);
-        nodes.push(node);
+        node.end_line = self.current;
+        node.comments = std::mem::take(&mut self.comments);
+        Ok(node)
     }
-    if nodes.is_empty() {
-        return Err(LocatedParseError {
-            location: source.at(current.max(1), 1),
-            kind: ParseError::NoInstructions,
-        });
+
+    /// Read `doc`'s body up to its terminator line.
+    fn heredoc_body(&mut self, mut doc: Heredoc, start: usize) -> Result<Heredoc> {
+        while let Some(raw) = self.next_line() {
+            self.current += 1;
+            let mut candidate = trim_newline(raw);
+            if doc.chomp {
+                candidate = candidate.trim_start_matches('\t');
+            }
+            if candidate == doc.name {
+                return Ok(doc);
+            }
+            doc.content.push_str(raw);
+        }
+        Err(self.err(ParseError::UnterminatedHeredoc(doc.name), start, "<<"))
     }
-    Ok(Ast {
-        directives: dirs.found,
-        escape: dirs.escape,
-        nodes,
-        warnings,
-        source,
-    })
 }
 
 fn can_contain_heredoc(node: &Node) -> bool {

@@ -6,29 +6,30 @@
 //! automatic platform and proxy args), the stage graph (FROM of an earlier
 //! stage, `COPY --from`, `RUN --mount from=`, ONBUILD triggers of a parent
 //! stage), `--target` pruning and the checks on it (unknown stage, cycle,
-//! duplicate name, missing FROM). It never pulls an image: when a stage's
-//! base image configuration matters for expansion, the caller passes it in
-//! [`PlanOptions::image_env`] / [`PlanOptions::image_workdir`], and steps that
-//! referenced variables the plan could not see list them in
-//! [`Step::unresolved`] (re-plan once the base images are resolved).
+//! duplicate name, missing FROM, an image name outside the reference
+//! grammar of [`crate::image::reference::is_valid`]). It never pulls an
+//! image: when a stage's base image configuration matters for expansion,
+//! the caller passes it in [`PlanOptions::image_env`] /
+//! [`PlanOptions::image_workdir`], and steps that referenced variables the
+//! plan could not see list them in [`Step::unresolved`] (re-plan once the
+//! base images are resolved).
 //!
 //! Where kiln differs from BuildKit on purpose: a duplicate stage name is an
 //! error (BuildKit only warns and binds the last one), and an unused
 //! `--build-arg` is reported as a warning (BuildKit says nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
 
-use regex::Regex;
 use serde::Serialize;
 
 use super::instructions::{self, check, Expander, Instruction};
 use super::location::Location;
-use super::mounts::{clean_path, Mount};
+use super::mount_flags::{clean_path, Mount};
 use super::parser::{Ast, Node};
 use super::platform::{Platform, PlatformError};
 use super::shell::Env;
 use super::{Error, ErrorKind};
+use crate::image::reference;
 
 /// Why a plan could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,23 +278,6 @@ fn is_proxy_arg(k: &str) -> bool {
     PROXY_ARGS.iter().any(|p| p.eq_ignore_ascii_case(k))
 }
 
-/// Does `s` follow the distribution reference grammar
-/// (`[host[:port]/]name[:tag][@digest]`, lower-case name)?
-pub fn valid_image_reference(s: &str) -> bool {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    let re = RE.get_or_init(|| {
-        let label = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)";
-        let host = format!(r"(?:{label}(?:\.{label})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?");
-        let comp = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*";
-        let tag = r"[\w][\w.-]{0,127}";
-        let digest = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,}";
-        let pat = format!(r"^(?:{host}/)?{comp}(?:/{comp})*(?::{tag})?(?:@{digest})?$");
-        Regex::new(&pat).expect("static reference grammar compiles")
-    });
-    let name_len = s.split(['@']).next().unwrap_or(s).len();
-    name_len <= 255 && re.is_match(s)
-}
-
 /// Variables for expansion: the first map that has a name wins. Layering
 /// instead of merging keeps planning linear in the number of instructions.
 struct Scope<'a>([&'a BTreeMap<String, String>; 2]);
@@ -409,7 +393,7 @@ impl Planner<'_> {
             }
             return Ok(SourceRef::Stage { index: i });
         }
-        if valid_image_reference(value) {
+        if reference::is_valid(value) {
             return Ok(SourceRef::Image {
                 reference: value.into(),
             });
@@ -417,262 +401,574 @@ impl Planner<'_> {
         Err(self.err_at(node, PlanError::InvalidReference(value.into()), value))
     }
 
+    /// Check stage `index` (its FROM and the `nodes` after it), given the
+    /// stages before it in `done`; `build_args_used` gathers the build
+    /// args its ARGs took.
     fn stage(
-        &mut self,
+        &self,
         index: usize,
         nodes: &[Node],
         done: &[Option<StageDraft>],
         build_args_used: &mut BTreeSet<String>,
     ) -> Result<StageDraft, Error> {
-        let from_node = &nodes[0];
-        let mut warnings = Vec::new();
-        let scope = Scope([&self.globals, &self.predefined]);
-        let (ins, matched, unmatched) = self.check(from_node, &scope)?;
-        let Instruction::From(from) = ins else {
-            unreachable!("stages start with FROM");
-        };
-        for v in &unmatched {
-            warnings.push(PlanWarning {
-                line: Some(from_node.start_line),
-                rule: Some("UndefinedArgInFrom"),
-                message: format!(
-                    "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
-                ),
-            });
-        }
-        let mut platform = match &from.platform {
-            Some(p) => {
-                Platform::parse(p).map_err(|e| self.err_at(from_node, PlanError::from(e), p))?
-            }
-            None => self.target_platform.clone(),
-        };
-        let mut deps = BTreeSet::new();
-        let lower = from.image.to_lowercase();
-        // Images get the default PATH when their config has none (not on
-        // Windows); scratch always has it.
-        let with_default_path = |mut env: BTreeMap<String, String>, os: &str| {
-            if os != "windows" && !env.contains_key("PATH") {
-                env.insert("PATH".into(), DEFAULT_PATH.into());
-            }
-            env
-        };
-        // The order BuildKit resolves FROM in: a named context, an earlier
-        // stage, scratch, then a registry image.
-        let context = self.opts.named_contexts.get(&from.image);
-        let earlier = self.names.get(&lower).filter(|(i, _)| *i < index);
-        let mut args: BTreeMap<String, String> = BTreeMap::new();
-        let (base, mut env, mut env_complete, mut workdir) = match (context, earlier) {
-            (Some(src), _) => (
-                Base::Context {
-                    name: from.image.clone(),
-                    source: src.clone(),
-                },
-                BTreeMap::new(),
-                false,
-                None,
-            ),
-            (None, Some(&(i, _))) => {
-                deps.insert(i);
-                let parent = done[i].as_ref();
-                // A child stage builds on its parent's platform and ARGs.
-                if let Some(p) = parent {
-                    platform = p.platform.clone();
-                    args = p.args.clone();
-                }
-                (
-                    Base::Stage { index: i },
-                    parent.map(|p| p.env.clone()).unwrap_or_default(),
-                    parent.is_some_and(|p| p.env_complete),
-                    parent.and_then(|p| p.workdir.clone()),
-                )
-            }
-            (None, None) if lower == "scratch" => {
-                // FROM --platform does not apply to scratch.
-                platform = self.target_platform.clone();
-                (
-                    Base::Scratch,
-                    with_default_path(BTreeMap::new(), &platform.os),
-                    true,
-                    Some("/".into()),
-                )
-            }
-            (None, None) => {
-                if !valid_image_reference(&from.image) {
-                    return Err(self.err_at(
-                        from_node,
-                        PlanError::InvalidReference(from.image.clone()),
-                        &from.image,
-                    ));
-                }
-                let env = self.opts.image_env.get(&from.image);
-                let workdir = match self.opts.image_workdir.get(&from.image) {
-                    Some(w) if !w.is_empty() => Some(clean_path(w)),
-                    _ if env.is_some() => Some("/".into()),
-                    _ => None,
-                };
-                (
-                    Base::Image {
-                        reference: from.image.clone(),
-                    },
-                    match env {
-                        Some(e) => with_default_path(e.iter().cloned().collect(), &platform.os),
-                        None => BTreeMap::new(),
-                    },
-                    env.is_some(),
-                    workdir,
-                )
-            }
-        };
-        let mut declared = BTreeSet::new();
-        let mut steps = Vec::new();
+        let mut draft = self.stage_from(index, &nodes[0], done)?;
         // A stage built FROM another stage first runs that stage's ONBUILD
         // triggers (its own only: BuildKit clears inherited ones).
-        let inherited: Vec<Node> = match &base {
+        let inherited = match &draft.base {
             Base::Stage { index: i } => done[*i]
                 .as_ref()
                 .map(|p| p.triggers.clone())
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
-        let n_triggers = inherited.len();
-        let mut triggers = Vec::new();
         for (k, node) in inherited.iter().chain(&nodes[1..]).enumerate() {
-            if let (Some(sub), "onbuild") = (&node.sub, node.instruction.as_str()) {
-                let mut t = (**sub).clone();
-                t.start_line = node.start_line;
-                t.end_line = node.end_line;
-                t.heredocs.clone_from(&node.heredocs);
-                triggers.push(t);
+            if let Some(t) = onbuild_trigger(node) {
+                draft.triggers.push(t);
             }
-            let trigger = k < n_triggers;
-            // `env` is the stage's environment as BuildKit keeps it: the
-            // base's, then every ENV and valued ARG in order, the latest
-            // definition of a name winning.
-            let (mut ins, _matched, mut unmatched) = self.check(node, &env)?;
-            let mut sources = Vec::new();
-            match &mut ins {
-                Instruction::Arg(decls) => {
-                    for d in decls {
-                        declared.insert(d.key.clone());
-                        let value = if let Some(v) = self.opts.build_args.get(&d.key) {
-                            build_args_used.insert(d.key.clone());
-                            Some(v.clone())
-                        } else if let Some(raw) = &d.default {
-                            // Evaluated only now, and only without a build
-                            // arg, so `${X:?msg}` fails only when it should.
-                            let (v, missing) = self.expand(node, raw, &env)?;
-                            unmatched.extend(missing);
-                            Some(v)
-                        } else if let Some(v) = self.globals.get(&d.key) {
-                            Some(v.clone())
-                        } else {
-                            self.predefined.get(&d.key).cloned()
-                        };
-                        d.value.clone_from(&value);
-                        // An ARG without a value leaves an earlier one in place.
-                        if let Some(v) = value {
-                            env.insert(d.key.clone(), v.clone());
-                            args.insert(d.key.clone(), v);
-                        }
-                    }
-                }
-                Instruction::Env(kvs) => {
-                    for kv in kvs {
-                        env.insert(kv.key.clone(), kv.value.clone());
-                    }
-                }
-                Instruction::Copy(c) => {
-                    if let Some(f) = &c.from {
-                        sources.push(self.resolve(node, f, index, true)?);
-                    }
-                }
-                Instruction::Run(r) => {
-                    for m in &r.mounts {
-                        if let Some(f) = m.from() {
-                            sources.push(self.resolve(node, f, index, false)?);
-                        }
-                    }
-                }
-                _ => {}
-            }
-            for s in &sources {
-                if let SourceRef::Stage { index } = s {
-                    deps.insert(*index);
-                }
-            }
-            let is_run = matches!(ins, Instruction::Run(_));
-            let step_workdir = workdir.clone();
-            match &mut ins {
-                Instruction::Workdir(w) => {
-                    workdir = if w.starts_with('/') {
-                        Some(clean_path(w))
-                    } else {
-                        workdir.map(|cur| clean_path(&format!("{cur}/{w}")))
-                    };
-                }
-                Instruction::Run(r) => {
-                    if let Some(cur) = &step_workdir {
-                        for m in &mut r.mounts {
-                            if let Some(t) = m.target_mut().filter(|t| !t.starts_with('/')) {
-                                *t = clean_path(&format!("{cur}/{t}"));
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-            let unresolved: Vec<String> = if env_complete {
-                // Everything was visible: an unset variable is really unset.
-                // A declared ARG without a value is not reported, as in
-                // BuildKit's UndefinedVar rule.
-                for v in unmatched.iter().filter(|v| !declared.contains(*v)) {
-                    warnings.push(PlanWarning {
-                        line: Some(node.start_line),
-                        rule: Some("UndefinedVar"),
-                        message: format!(
-                            "usage of undefined variable ${v}; define it with ARG or ENV first"
-                        ),
-                    });
-                }
-                Vec::new()
-            } else {
-                unmatched.into_iter().collect()
-            };
-            steps.push(Step {
-                line: node.start_line,
-                end_line: node.end_line,
-                original: node.original.trim().to_string(),
-                instruction: ins,
-                sources,
-                args: if is_run {
-                    args.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-                } else {
-                    Vec::new()
-                },
-                workdir: step_workdir,
-                unresolved,
-                trigger,
-            });
+            let trigger = k < inherited.len();
+            let step = self.step(index, node, trigger, &mut draft, build_args_used)?;
+            draft.steps.push(step);
         }
-        if steps.iter().any(|s| !s.unresolved.is_empty()) {
-            env_complete = false;
+        if draft.steps.iter().any(|s| !s.unresolved.is_empty()) {
+            draft.env_complete = false;
         }
+        Ok(draft)
+    }
+
+    /// A stage as its FROM leaves it, before any step.
+    fn stage_from(
+        &self,
+        index: usize,
+        node: &Node,
+        done: &[Option<StageDraft>],
+    ) -> Result<StageDraft, Error> {
+        let scope = Scope([&self.globals, &self.predefined]);
+        let (ins, matched, unmatched) = self.check(node, &scope)?;
+        let Instruction::From(from) = ins else {
+            unreachable!("stages start with FROM");
+        };
+        let warnings = unmatched
+            .iter()
+            .map(|v| PlanWarning {
+                line: Some(node.start_line),
+                rule: Some("UndefinedArgInFrom"),
+                message: format!(
+                    "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
+                ),
+            })
+            .collect();
+        let platform = match &from.platform {
+            Some(p) => Platform::parse(p).map_err(|e| self.err_at(node, PlanError::from(e), p))?,
+            None => self.target_platform.clone(),
+        };
+        let start = self.start(index, node, &from, platform, done)?;
         Ok(StageDraft {
             name: from.name,
-            line: from_node.start_line,
-            base,
-            platform,
-            deps,
-            steps,
-            triggers,
-            env,
-            env_complete,
-            workdir,
-            args,
+            line: node.start_line,
+            base: start.base,
+            platform: start.platform,
+            deps: start.deps,
+            steps: Vec::new(),
+            triggers: Vec::new(),
+            env: start.env,
+            env_complete: start.env_complete,
+            workdir: start.workdir,
+            args: start.args,
             warnings,
             used_globals: matched,
-            declared,
+            declared: BTreeSet::new(),
         })
+    }
+
+    /// What FROM `from` of stage `index` starts from, in the order BuildKit
+    /// resolves it: a named context, an earlier stage, scratch, then a
+    /// registry image. `platform` is the FROM's (or the target) platform.
+    fn start(
+        &self,
+        index: usize,
+        node: &Node,
+        from: &instructions::FromStage,
+        platform: Platform,
+        done: &[Option<StageDraft>],
+    ) -> Result<Start, Error> {
+        let lower = from.image.to_lowercase();
+        if let Some(src) = self.opts.named_contexts.get(&from.image) {
+            return Ok(Start::context(&from.image, src, platform));
+        }
+        if let Some(&(i, _)) = self.names.get(&lower).filter(|(i, _)| *i < index) {
+            return Ok(Start::stage(i, done[i].as_ref(), platform));
+        }
+        if lower == "scratch" {
+            // FROM --platform does not apply to scratch.
+            return Ok(Start::scratch(self.target_platform.clone()));
+        }
+        if !reference::is_valid(&from.image) {
+            return Err(self.err_at(
+                node,
+                PlanError::InvalidReference(from.image.clone()),
+                &from.image,
+            ));
+        }
+        Ok(Start::image(self.opts, &from.image, platform))
+    }
+
+    /// Check one instruction of stage `index` (`trigger`: an ONBUILD
+    /// trigger of its parent) and carry its effects into `d`: ARG and ENV
+    /// values, dependencies, the working directory, warnings.
+    fn step(
+        &self,
+        index: usize,
+        node: &Node,
+        trigger: bool,
+        d: &mut StageDraft,
+        build_args_used: &mut BTreeSet<String>,
+    ) -> Result<Step, Error> {
+        // `d.env` is the stage's environment as BuildKit keeps it: the
+        // base's, then every ENV and valued ARG in order, the latest
+        // definition of a name winning.
+        let (mut ins, _matched, mut unmatched) = self.check(node, &d.env)?;
+        match &mut ins {
+            Instruction::Arg(decls) => {
+                for decl in decls {
+                    let missing = self.declare_arg(node, decl, d, build_args_used)?;
+                    unmatched.extend(missing);
+                }
+            }
+            Instruction::Env(kvs) => {
+                for kv in kvs {
+                    d.env.insert(kv.key.clone(), kv.value.clone());
+                }
+            }
+            _ => {}
+        }
+        let sources = self.sources(node, &ins, index)?;
+        d.deps.extend(sources.iter().filter_map(|s| match s {
+            SourceRef::Stage { index } => Some(*index),
+            _ => None,
+        }));
+        let step_workdir = d.workdir.clone();
+        match &mut ins {
+            Instruction::Workdir(w) => d.workdir = change_dir(d.workdir.take(), w),
+            Instruction::Run(r) => join_mount_targets(r, step_workdir.as_deref()),
+            _ => {}
+        }
+        let unresolved = self.unresolved(node, unmatched, d);
+        let args = match ins {
+            Instruction::Run(_) => d.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Step {
+            line: node.start_line,
+            end_line: node.end_line,
+            original: node.original.trim().to_string(),
+            instruction: ins,
+            sources,
+            args,
+            workdir: step_workdir,
+            unresolved,
+            trigger,
+        })
+    }
+
+    /// An ARG in a stage: its value is the build arg, else its default
+    /// (expanded now), else the global ARG or automatic arg of that name.
+    /// Returns the unset names its default referenced.
+    fn declare_arg(
+        &self,
+        node: &Node,
+        decl: &mut instructions::ArgDecl,
+        d: &mut StageDraft,
+        build_args_used: &mut BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, Error> {
+        d.declared.insert(decl.key.clone());
+        let mut missing = BTreeSet::new();
+        let value = if let Some(v) = self.opts.build_args.get(&decl.key) {
+            build_args_used.insert(decl.key.clone());
+            Some(v.clone())
+        } else if let Some(raw) = &decl.default {
+            // Evaluated only now, and only without a build
+            // arg, so `${X:?msg}` fails only when it should.
+            let (v, unset) = self.expand(node, raw, &d.env)?;
+            missing = unset;
+            Some(v)
+        } else if let Some(v) = self.globals.get(&decl.key) {
+            Some(v.clone())
+        } else {
+            self.predefined.get(&decl.key).cloned()
+        };
+        decl.value.clone_from(&value);
+        // An ARG without a value leaves an earlier one in place.
+        if let Some(v) = value {
+            d.env.insert(decl.key.clone(), v.clone());
+            d.args.insert(decl.key.clone(), v);
+        }
+        Ok(missing)
+    }
+
+    /// What `COPY --from` or each `RUN --mount from=` of stage `index`
+    /// refers to.
+    fn sources(
+        &self,
+        node: &Node,
+        ins: &Instruction,
+        index: usize,
+    ) -> Result<Vec<SourceRef>, Error> {
+        match ins {
+            Instruction::Copy(c) => c
+                .from
+                .iter()
+                .map(|f| self.resolve(node, f, index, true))
+                .collect(),
+            Instruction::Run(r) => r
+                .mounts
+                .iter()
+                .filter_map(Mount::from)
+                .map(|f| self.resolve(node, f, index, false))
+                .collect(),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The variables a step referenced that were unset: when the stage's
+    /// whole environment is known they are really unset (warned about,
+    /// as BuildKit's UndefinedVar rule does, and not returned); otherwise
+    /// they are returned, to be looked up in the base image's config.
+    fn unresolved(
+        &self,
+        node: &Node,
+        unmatched: BTreeSet<String>,
+        d: &mut StageDraft,
+    ) -> Vec<String> {
+        if !d.env_complete {
+            return unmatched.into_iter().collect();
+        }
+        // A declared ARG without a value is not reported.
+        for v in unmatched.iter().filter(|v| !d.declared.contains(*v)) {
+            d.warnings.push(PlanWarning {
+                line: Some(node.start_line),
+                rule: Some("UndefinedVar"),
+                message: format!(
+                    "usage of undefined variable ${v}; define it with ARG or ENV first"
+                ),
+            });
+        }
+        Vec::new()
+    }
+}
+
+/// How a stage starts: what FROM gives it before its first step.
+struct Start {
+    base: Base,
+    platform: Platform,
+    deps: BTreeSet<usize>,
+    env: BTreeMap<String, String>,
+    /// `env` holds everything the base sets (false for images whose
+    /// config was not given).
+    env_complete: bool,
+    workdir: Option<String>,
+    args: BTreeMap<String, String>,
+}
+
+impl Start {
+    /// A `--build-context`: nothing is known about it.
+    fn context(name: &str, source: &str, platform: Platform) -> Self {
+        Start {
+            base: Base::Context {
+                name: name.into(),
+                source: source.into(),
+            },
+            platform,
+            deps: BTreeSet::new(),
+            env: BTreeMap::new(),
+            env_complete: false,
+            workdir: None,
+            args: BTreeMap::new(),
+        }
+    }
+
+    /// Earlier stage `i`: a child builds on its parent's platform, ARGs,
+    /// environment and working directory.
+    fn stage(i: usize, parent: Option<&StageDraft>, platform: Platform) -> Self {
+        Start {
+            base: Base::Stage { index: i },
+            platform: parent.map_or(platform, |p| p.platform.clone()),
+            deps: BTreeSet::from([i]),
+            env: parent.map(|p| p.env.clone()).unwrap_or_default(),
+            env_complete: parent.is_some_and(|p| p.env_complete),
+            workdir: parent.and_then(|p| p.workdir.clone()),
+            args: parent.map(|p| p.args.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// `FROM scratch`: an empty environment but for the default PATH.
+    fn scratch(platform: Platform) -> Self {
+        Start {
+            base: Base::Scratch,
+            env: with_default_path(BTreeMap::new(), &platform.os),
+            platform,
+            deps: BTreeSet::new(),
+            env_complete: true,
+            workdir: Some("/".into()),
+            args: BTreeMap::new(),
+        }
+    }
+
+    /// A registry image, with its config's environment and working
+    /// directory when the caller gave them.
+    fn image(opts: &PlanOptions, reference: &str, platform: Platform) -> Self {
+        let env = opts.image_env.get(reference);
+        let workdir = match opts.image_workdir.get(reference) {
+            Some(w) if !w.is_empty() => Some(clean_path(w)),
+            _ if env.is_some() => Some("/".into()),
+            _ => None,
+        };
+        Start {
+            base: Base::Image {
+                reference: reference.into(),
+            },
+            env: match env {
+                Some(e) => with_default_path(e.iter().cloned().collect(), &platform.os),
+                None => BTreeMap::new(),
+            },
+            env_complete: env.is_some(),
+            platform,
+            deps: BTreeSet::new(),
+            workdir,
+            args: BTreeMap::new(),
+        }
+    }
+}
+
+/// Images get the default PATH when their config has none (not on
+/// Windows); scratch always has it.
+fn with_default_path(mut env: BTreeMap<String, String>, os: &str) -> BTreeMap<String, String> {
+    if os != "windows" && !env.contains_key("PATH") {
+        env.insert("PATH".into(), DEFAULT_PATH.into());
+    }
+    env
+}
+
+/// The instruction an ONBUILD holds, placed at the ONBUILD's lines.
+fn onbuild_trigger(node: &Node) -> Option<Node> {
+    let (Some(sub), "onbuild") = (&node.sub, node.instruction.as_str()) else {
+        return None;
+    };
+    let mut t = (**sub).clone();
+    t.start_line = node.start_line;
+    t.end_line = node.end_line;
+    t.heredocs.clone_from(&node.heredocs);
+    Some(t)
+}
+
+/// The working directory after `WORKDIR w` in `cur` (unknown stays
+/// unknown for a relative `w`).
+fn change_dir(cur: Option<String>, w: &str) -> Option<String> {
+    if w.starts_with('/') {
+        Some(clean_path(w))
+    } else {
+        cur.map(|cur| clean_path(&format!("{cur}/{w}")))
+    }
+}
+
+/// Join a RUN's relative mount targets to the step's working directory,
+/// when it is known.
+fn join_mount_targets(run: &mut instructions::Run, workdir: Option<&str>) {
+    let Some(cur) = workdir else {
+        return;
+    };
+    for m in &mut run.mounts {
+        if let Some(t) = m.target_mut().filter(|t| !t.starts_with('/')) {
+            *t = clean_path(&format!("{cur}/{t}"));
+        }
+    }
+}
+
+/// Every stage checked, in Dockerfile order.
+struct CheckedStages {
+    /// A stage's draft, or None when it failed.
+    drafts: Vec<Option<StageDraft>>,
+    /// Why a stage failed, by index.
+    failures: BTreeMap<usize, Error>,
+    /// The build args each stage's ARGs took.
+    build_args_used: Vec<BTreeSet<String>>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(ast: &'a Ast, opts: &'a PlanOptions, target_platform: Platform) -> Self {
+        Planner {
+            ast,
+            opts,
+            target_platform,
+            names: BTreeMap::new(),
+            globals: BTreeMap::new(),
+            global_declared: BTreeSet::new(),
+            predefined: BTreeMap::new(),
+            warnings: ast
+                .warnings
+                .iter()
+                .map(|w| PlanWarning {
+                    line: Some(w.line),
+                    rule: Some("NoEmptyContinuation"),
+                    message: w.message.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Planner<'_> {
+    /// Record each `FROM ... AS name`; a name used twice is an error.
+    fn name_stages(&mut self, stage_nodes: &[&[Node]]) -> Result<(), Error> {
+        for (i, nodes) in stage_nodes.iter().enumerate() {
+            let n = &nodes[0];
+            let [_, as_, name] = n.args.as_slice() else {
+                continue;
+            };
+            if !as_.eq_ignore_ascii_case("as") {
+                continue;
+            }
+            let name = name.to_lowercase();
+            if let Some(&(_, first_line)) = self.names.get(&name) {
+                return Err(self.err_at(
+                    n,
+                    PlanError::DuplicateStage {
+                        name: name.clone(),
+                        first_line,
+                    },
+                    &name,
+                ));
+            }
+            self.names.insert(name, (i, n.start_line));
+        }
+        Ok(())
+    }
+
+    /// The index of `--target` stage `t`, or an error listing the stages
+    /// with a hint for a near miss.
+    fn find_target(&self, t: &str) -> Result<usize, Error> {
+        let lower = t.to_lowercase();
+        if let Some(&(i, _)) = self.names.get(&lower) {
+            return Ok(i);
+        }
+        let hint = self
+            .names
+            .keys()
+            .map(|n| (instructions::edit_distance(&lower, n), n))
+            .min()
+            .filter(|(d, _)| *d <= 2)
+            .map(|(_, n)| format!(" (did you mean {n}?)"))
+            .unwrap_or_default();
+        let mut available: Vec<&str> = self.names.keys().map(String::as_str).collect();
+        if available.is_empty() {
+            available.push("(none are named)");
+        }
+        Err(Error {
+            location: None,
+            kind: PlanError::UnknownTarget {
+                target: t.to_string(),
+                available: available.join(", "),
+                hint,
+            }
+            .into(),
+        })
+    }
+
+    /// The automatic args, TARGETSTAGE naming stage `target`; a build arg
+    /// of the same name overrides each.
+    fn set_predefined(&mut self, target: usize) {
+        let mut predefined = platform_args(&self.opts.build_platform, &self.target_platform);
+        let target_name = self
+            .names
+            .iter()
+            .find(|(_, &(i, _))| i == target)
+            .map_or_else(|| "default".to_string(), |(n, _)| n.clone());
+        predefined.insert("TARGETSTAGE".into(), target_name);
+        for (k, v) in predefined.iter_mut() {
+            if let Some(b) = self.opts.build_args.get(k) {
+                v.clone_from(b);
+            }
+        }
+        self.predefined = predefined;
+    }
+
+    /// The ARGs before the first FROM (`nodes`; anything else there is an
+    /// error): each takes its build arg, else its expanded default.
+    fn global_args(&mut self, nodes: &[Node]) -> Result<(), Error> {
+        for node in nodes {
+            if node.instruction != "arg" {
+                return Err(self.err_at(node, before_from_error(node), ""));
+            }
+            let scope = Scope([&self.globals, &self.predefined]);
+            let (ins, _, _) = self.check(node, &scope)?;
+            let Instruction::Arg(decls) = ins else {
+                continue;
+            };
+            for d in decls {
+                self.global_declared.insert(d.key.clone());
+                let v = match (self.opts.build_args.get(&d.key), &d.default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(raw)) => {
+                        let scope = Scope([&self.globals, &self.predefined]);
+                        Some(self.expand(node, raw, &scope)?.0)
+                    }
+                    (None, None) => None,
+                };
+                match v {
+                    Some(v) => self.globals.insert(d.key, v),
+                    None => self.globals.remove(&d.key),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Check every stage, in order (a FROM can only name an earlier
+    /// stage); a failure is kept, not returned.
+    fn check_stages(&self, stage_nodes: &[&[Node]]) -> CheckedStages {
+        let mut checked = CheckedStages {
+            drafts: Vec::new(),
+            failures: BTreeMap::new(),
+            build_args_used: Vec::new(),
+        };
+        for (i, nodes) in stage_nodes.iter().enumerate() {
+            let mut used = BTreeSet::new();
+            match self.stage(i, nodes, &checked.drafts, &mut used) {
+                Ok(d) => checked.drafts.push(Some(d)),
+                Err(e) => {
+                    checked.failures.insert(i, e);
+                    checked.drafts.push(None);
+                }
+            }
+            checked.build_args_used.push(used);
+        }
+        checked
+    }
+
+    /// The build args the stages in `order` consumed: taken by a stage ARG,
+    /// or a global or automatic arg a stage used, or declared by one.
+    fn consumed_build_args(&self, order: &[usize], checked: &CheckedStages) -> BTreeSet<String> {
+        let mut consumed: BTreeSet<String> = BTreeSet::new();
+        for &i in order {
+            consumed.extend(checked.build_args_used[i].iter().cloned());
+            let Some(d) = &checked.drafts[i] else {
+                continue;
+            };
+            consumed.extend(
+                d.used_globals
+                    .iter()
+                    .filter(|g| {
+                        self.global_declared.contains(*g) || self.predefined.contains_key(*g)
+                    })
+                    .cloned(),
+            );
+            consumed.extend(
+                d.declared
+                    .iter()
+                    .filter(|k| self.opts.build_args.contains_key(*k))
+                    .cloned(),
+            );
+        }
+        consumed
     }
 }
 
@@ -682,42 +978,103 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         .target_platform
         .clone()
         .unwrap_or_else(|| opts.build_platform.clone());
-
-    // Split into the global section and stages; name the stages up front so
-    // `COPY --from` can refer to a stage defined later.
-    let first_from = ast.nodes.iter().position(|n| n.instruction == "from");
-    let Some(first_from) = first_from else {
-        let n = ast.nodes.iter().find(|n| n.instruction != "arg");
-        return Err(match n {
-            Some(n) if instructions::is_instruction(&n.instruction) => Error {
-                location: Some(Box::new(ast.source.find(n.start_line, ""))),
-                kind: PlanError::BeforeFrom(n.instruction.to_uppercase()).into(),
-            },
-            Some(n) => Error {
-                location: Some(Box::new(ast.source.find(n.start_line, ""))),
-                kind: instructions::InstructionError::UnknownInstruction(
-                    n.instruction.to_uppercase(),
-                )
-                .into(),
-            },
-            None => Error {
-                location: None,
-                kind: PlanError::NoFrom.into(),
-            },
-        });
+    let Some(first_from) = ast.nodes.iter().position(|n| n.instruction == "from") else {
+        return Err(no_from_error(ast));
     };
-    let mut stage_nodes: Vec<&[Node]> = Vec::new();
+    let stage_nodes = split_stages(&ast.nodes, first_from);
+    let mut planner = Planner::new(ast, opts, target_platform.clone());
+    // Name the stages up front so `COPY --from` can refer to a stage
+    // defined later.
+    planner.name_stages(&stage_nodes)?;
+    // The target, known before expansion so TARGETSTAGE can be set.
+    let target = match &opts.target {
+        None => stage_nodes.len() - 1,
+        Some(t) => planner.find_target(t)?,
+    };
+    planner.set_predefined(target);
+    planner.global_args(&ast.nodes[..first_from])?;
+    let mut checked = planner.check_stages(&stage_nodes);
+    // Needed stages, dependencies first; a stage that failed to check only
+    // fails the build when it is needed.
+    let mut order = Vec::new();
+    let mut state = vec![0u8; checked.drafts.len()]; // 0 new, 1 in progress, 2 done
+    let mut path = Vec::new();
+    visit(
+        target,
+        &checked.drafts,
+        &mut state,
+        &mut order,
+        &mut path,
+        &checked.failures,
+        &planner,
+    )?;
+    let consumed = planner.consumed_build_args(&order, &checked);
+    let mut warnings = std::mem::take(&mut planner.warnings);
+    // Findings about stages that are not built are not the user's concern now.
+    for &i in &order {
+        if let Some(d) = &mut checked.drafts[i] {
+            warnings.append(&mut d.warnings);
+        }
+    }
+    apply_check_directive(ast, &mut warnings)?;
+    warnings.extend(unused_build_args_warning(opts, &consumed));
+    Ok(Plan {
+        syntax: ast.directive("syntax").map(str::to_string),
+        build_platform: opts.build_platform.clone(),
+        target_platform,
+        target,
+        stages: into_stages(&order, checked.drafts),
+        proxy_args: opts
+            .build_args
+            .iter()
+            .filter(|(k, _)| is_proxy_arg(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        warnings,
+    })
+}
+
+/// The error for a Dockerfile without FROM: what stands where it should
+/// be, or that there is nothing at all.
+fn no_from_error(ast: &Ast) -> Error {
+    let Some(n) = ast.nodes.iter().find(|n| n.instruction != "arg") else {
+        return Error {
+            location: None,
+            kind: PlanError::NoFrom.into(),
+        };
+    };
+    Error {
+        location: Some(Box::new(ast.source.find(n.start_line, ""))),
+        kind: before_from_error(n),
+    }
+}
+
+/// Why `node` cannot come before the first FROM.
+fn before_from_error(node: &Node) -> ErrorKind {
+    let name = node.instruction.to_uppercase();
+    if instructions::is_instruction(&node.instruction) {
+        PlanError::BeforeFrom(name).into()
+    } else {
+        instructions::InstructionError::UnknownInstruction(name).into()
+    }
+}
+
+/// The nodes of each stage, from its FROM to the next.
+fn split_stages(nodes: &[Node], first_from: usize) -> Vec<&[Node]> {
+    let mut stages: Vec<&[Node]> = Vec::new();
     let mut start = first_from;
-    for i in first_from + 1..=ast.nodes.len() {
-        if i == ast.nodes.len() || ast.nodes[i].instruction == "from" {
-            stage_nodes.push(&ast.nodes[start..i]);
+    for i in first_from + 1..=nodes.len() {
+        if i == nodes.len() || nodes[i].instruction == "from" {
+            stages.push(&nodes[start..i]);
             start = i;
         }
     }
+    stages
+}
 
-    let bp = &opts.build_platform;
-    let tp = &target_platform;
-    let mut predefined: BTreeMap<String, String> = BTreeMap::from([
+/// The automatic platform args, for a build on `bp` for `tp`.
+fn platform_args(bp: &Platform, tp: &Platform) -> BTreeMap<String, String> {
+    BTreeMap::from([
         ("BUILDPLATFORM".into(), bp.to_string()),
         ("BUILDOS".into(), bp.os.clone()),
         ("BUILDARCH".into(), bp.architecture.clone()),
@@ -734,200 +1091,39 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         ),
         ("BUILDOSVERSION".into(), String::new()),
         ("TARGETOSVERSION".into(), String::new()),
-    ]);
+    ])
+}
 
-    let mut planner = Planner {
-        ast,
-        opts,
-        target_platform: target_platform.clone(),
-        names: BTreeMap::new(),
-        globals: BTreeMap::new(),
-        global_declared: BTreeSet::new(),
-        predefined: BTreeMap::new(),
-        warnings: ast
-            .warnings
-            .iter()
-            .map(|w| PlanWarning {
-                line: Some(w.line),
-                rule: Some("NoEmptyContinuation"),
-                message: w.message.clone(),
-            })
-            .collect(),
-    };
-    for (i, nodes) in stage_nodes.iter().enumerate() {
-        let n = &nodes[0];
-        if let [_, as_, name] = n.args.as_slice() {
-            if as_.eq_ignore_ascii_case("as") {
-                let name = name.to_lowercase();
-                if let Some(&(_, first_line)) = planner.names.get(&name) {
-                    return Err(planner.err_at(
-                        n,
-                        PlanError::DuplicateStage {
-                            name: name.clone(),
-                            first_line,
-                        },
-                        &name,
-                    ));
-                }
-                planner.names.insert(name, (i, n.start_line));
-            }
-        }
-    }
-
-    // The target, known before expansion so TARGETSTAGE can be set.
-    let target = match &opts.target {
-        None => stage_nodes.len() - 1,
-        Some(t) => match planner.names.get(&t.to_lowercase()) {
-            Some(&(i, _)) => i,
-            None => {
-                let lower = t.to_lowercase();
-                let hint = planner
-                    .names
-                    .keys()
-                    .map(|n| (instructions::edit_distance(&lower, n), n))
-                    .min()
-                    .filter(|(d, _)| *d <= 2)
-                    .map(|(_, n)| format!(" (did you mean {n}?)"))
-                    .unwrap_or_default();
-                let mut available: Vec<&str> = planner.names.keys().map(String::as_str).collect();
-                if available.is_empty() {
-                    available.push("(none are named)");
-                }
-                return Err(Error {
-                    location: None,
-                    kind: PlanError::UnknownTarget {
-                        target: t.clone(),
-                        available: available.join(", "),
-                        hint,
-                    }
-                    .into(),
-                });
-            }
-        },
-    };
-    let target_name = planner
-        .names
-        .iter()
-        .find(|(_, &(i, _))| i == target)
-        .map_or_else(|| "default".to_string(), |(n, _)| n.clone());
-    predefined.insert("TARGETSTAGE".into(), target_name);
-    // A build arg of the same name overrides each automatic arg.
-    for (k, v) in predefined.iter_mut() {
-        if let Some(b) = opts.build_args.get(k) {
-            v.clone_from(b);
-        }
-    }
-    planner.predefined = predefined;
-
-    // Global ARGs.
-    for node in &ast.nodes[..first_from] {
-        if node.instruction != "arg" {
-            let kind: ErrorKind = if instructions::is_instruction(&node.instruction) {
-                PlanError::BeforeFrom(node.instruction.to_uppercase()).into()
-            } else {
-                instructions::InstructionError::UnknownInstruction(node.instruction.to_uppercase())
-                    .into()
-            };
-            return Err(planner.err_at(node, kind, ""));
-        }
-        let scope = Scope([&planner.globals, &planner.predefined]);
-        let (ins, _, _) = planner.check(node, &scope)?;
-        if let Instruction::Arg(decls) = ins {
-            for d in decls {
-                planner.global_declared.insert(d.key.clone());
-                let v = match (opts.build_args.get(&d.key), &d.default) {
-                    (Some(v), _) => Some(v.clone()),
-                    (None, Some(raw)) => {
-                        let scope = Scope([&planner.globals, &planner.predefined]);
-                        Some(planner.expand(node, raw, &scope)?.0)
-                    }
-                    (None, None) => None,
-                };
-                match v {
-                    Some(v) => planner.globals.insert(d.key, v),
-                    None => planner.globals.remove(&d.key),
-                };
-            }
-        }
-    }
-
-    // Every stage, in order (a FROM can only name an earlier stage).
-    let mut drafts: Vec<Option<StageDraft>> = Vec::new();
-    let mut failures: BTreeMap<usize, Error> = BTreeMap::new();
-    let mut used_per_stage: Vec<BTreeSet<String>> = Vec::new();
-    for (i, nodes) in stage_nodes.iter().enumerate() {
-        let mut used = BTreeSet::new();
-        match planner.stage(i, nodes, &drafts, &mut used) {
-            Ok(d) => drafts.push(Some(d)),
-            Err(e) => {
-                failures.insert(i, e);
-                drafts.push(None);
-            }
-        }
-        used_per_stage.push(used);
-    }
-
-    // Needed stages, dependencies first; a stage that failed to check only
-    // fails the build when it is needed.
-    let mut order = Vec::new();
-    let mut state = vec![0u8; drafts.len()]; // 0 new, 1 in progress, 2 done
-    let mut path = Vec::new();
-    visit(
-        target, &drafts, &mut state, &mut order, &mut path, &failures, &planner,
-    )?;
-
-    // Unused build args.
-    let mut consumed: BTreeSet<String> = BTreeSet::new();
-    for &i in &order {
-        consumed.extend(used_per_stage[i].iter().cloned());
-        if let Some(d) = &drafts[i] {
-            consumed.extend(
-                d.used_globals
-                    .iter()
-                    .filter(|g| {
-                        planner.global_declared.contains(*g) || planner.predefined.contains_key(*g)
-                    })
-                    .cloned(),
-            );
-            consumed.extend(
-                d.declared
-                    .iter()
-                    .filter(|k| opts.build_args.contains_key(*k))
-                    .cloned(),
-            );
-        }
-    }
-    let mut warnings = planner.warnings;
-    // Findings about stages that are not built are not the user's concern now.
-    for &i in &order {
-        if let Some(d) = &mut drafts[i] {
-            warnings.append(&mut d.warnings);
-        }
-    }
-    // `# check=`: drop skipped rules, and fail on the rest with error=true.
+/// `# check=`: drop the warnings of skipped rules, and with `error=true`
+/// fail on the rules left.
+fn apply_check_directive(ast: &Ast, warnings: &mut Vec<PlanWarning>) -> Result<(), Error> {
     let check = ast.check_options()?;
     warnings.retain(|w| w.rule.is_none_or(|r| !check.skips(r)));
-    if check.error {
-        let mut rules: Vec<&str> = warnings.iter().filter_map(|w| w.rule).collect();
-        rules.sort_unstable();
-        rules.dedup();
-        if !rules.is_empty() {
-            let first = warnings
-                .iter()
-                .find(|w| w.rule.is_some())
-                .and_then(|w| w.line);
-            return Err(Error {
-                location: first.map(|l| Box::new(ast.source.find(l, ""))),
-                kind: PlanError::LintViolation(rules.join(", ")).into(),
-            });
-        }
+    if !check.error {
+        return Ok(());
     }
-    let proxy_args: BTreeMap<String, String> = opts
-        .build_args
+    let mut rules: Vec<&str> = warnings.iter().filter_map(|w| w.rule).collect();
+    rules.sort_unstable();
+    rules.dedup();
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let first = warnings
         .iter()
-        .filter(|(k, _)| is_proxy_arg(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+        .find(|w| w.rule.is_some())
+        .and_then(|w| w.line);
+    Err(Error {
+        location: first.map(|l| Box::new(ast.source.find(l, ""))),
+        kind: PlanError::LintViolation(rules.join(", ")).into(),
+    })
+}
+
+/// kiln's notice about `--build-arg`s no built stage consumed (proxy args,
+/// `BUILDKIT_*` and `SOURCE_DATE_EPOCH` are never reported).
+fn unused_build_args_warning(
+    opts: &PlanOptions,
+    consumed: &BTreeSet<String>,
+) -> Option<PlanWarning> {
     let unused: Vec<&str> = opts
         .build_args
         .keys()
@@ -939,18 +1135,22 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
         })
         .map(String::as_str)
         .collect();
-    if !unused.is_empty() {
-        warnings.push(PlanWarning {
-            line: None,
-            rule: None,
-            message: format!(
-                "one or more build-args [{}] were not consumed; declare them with ARG in a stage that is built",
-                unused.join(" ")
-            ),
-        });
+    if unused.is_empty() {
+        return None;
     }
+    Some(PlanWarning {
+        line: None,
+        rule: None,
+        message: format!(
+            "one or more build-args [{}] were not consumed; declare them with ARG in a stage that is built",
+            unused.join(" ")
+        ),
+    })
+}
 
-    let stages = order
+/// The needed stages, in `order`, out of their drafts.
+fn into_stages(order: &[usize], mut drafts: Vec<Option<StageDraft>>) -> Vec<Stage> {
+    order
         .iter()
         .map(|&i| {
             let d = drafts[i].take().expect("needed stages were checked");
@@ -964,16 +1164,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
                 steps: d.steps,
             }
         })
-        .collect();
-    Ok(Plan {
-        syntax: ast.directive("syntax").map(str::to_string),
-        build_platform: opts.build_platform.clone(),
-        target_platform,
-        target,
-        stages,
-        proxy_args,
-        warnings,
-    })
+        .collect()
 }
 
 fn visit(

@@ -416,18 +416,11 @@ impl State<'_> {
         name
     }
 
+    /// Expand the `$...` at the cursor.
     fn process_dollar(&mut self) -> Result<String> {
         self.next(); // the '$'
         if self.peek() != Some('{') {
-            let name = self.process_name();
-            if name.is_empty() {
-                return Ok("$".into());
-            }
-            return Ok(match self.get_env(&name) {
-                Some(v) => v,
-                None if self.lex.skip_unset_env => format!("${name}"),
-                None => String::new(),
-            });
+            return Ok(self.plain_variable());
         }
         self.next(); // the '{'
         match self.peek() {
@@ -444,93 +437,128 @@ impl State<'_> {
             Some(_) => {}
         }
         let name = self.process_name();
-        let Some(mut op) = self.next() else {
+        let Some(op) = self.next() else {
             return Err(ShellError::MissingBrace {
                 input: self.input(),
             });
         };
-        let mut modifier = op.to_string();
-        let mut null_is_unset = false;
         match op {
             '}' => Ok(match self.get_env(&name) {
                 Some(v) => v,
                 None if self.lex.skip_unset_env => format!("${{{name}}}"),
                 None => String::new(),
             }),
-            ':' | '+' | '-' | '?' | '#' | '%' => {
-                if op == ':' {
-                    null_is_unset = true;
-                    let Some(n) = self.next() else {
-                        return Err(ShellError::MissingBrace {
-                            input: self.input(),
-                        });
-                    };
-                    op = n;
-                    modifier.push(n);
-                }
-                let raw = op == '#' || op == '%';
-                let (mut word, _) = self.process_stop_on(Some('}'), raw)?;
-                let Some(value) = self.get_env(&name) else {
-                    if self.lex.skip_unset_env {
-                        return Ok(format!("${{{name}{modifier}{word}}}"));
-                    }
-                    return self.apply_unset(op, &name, &modifier, word);
-                };
-                let empty = null_is_unset && value.is_empty();
-                match op {
-                    '-' => Ok(if empty { word } else { value }),
-                    '+' => Ok(if empty { String::new() } else { word }),
-                    '?' if empty => Err(ShellError::Required {
-                        name,
-                        message: if word.is_empty() {
-                            "is not allowed to be empty".into()
-                        } else {
-                            word
-                        },
-                    }),
-                    '?' => Ok(value),
-                    '#' | '%' => {
-                        let greedy = word.starts_with(op);
-                        if greedy {
-                            word.remove(0);
-                        }
-                        if op == '%' {
-                            trim_suffix(&word, &value, greedy)
-                        } else {
-                            trim_prefix(&word, &value, greedy)
-                        }
-                    }
-                    _ => Err(ShellError::UnsupportedModifier {
-                        modifier,
-                        input: self.input(),
-                    }),
-                }
+            ':' | '+' | '-' | '?' | '#' | '%' => self.modified_variable(name, op),
+            '/' => self.substituted_variable(&name),
+            _ => Err(ShellError::UnsupportedModifier {
+                modifier: op.to_string(),
+                input: self.input(),
+            }),
+        }
+    }
+
+    /// `$NAME` (the `$` read): its value; a lone `$` stays.
+    fn plain_variable(&mut self) -> String {
+        let name = self.process_name();
+        if name.is_empty() {
+            return "$".into();
+        }
+        match self.get_env(&name) {
+            Some(v) => v,
+            None if self.lex.skip_unset_env => format!("${name}"),
+            None => String::new(),
+        }
+    }
+
+    /// `${NAME<op>word}` with `op` one of `:-`, `-`, `:+`, `+`, `:?`, `?`,
+    /// `#`, `##`, `%`, `%%` (`op`, the first character, already read).
+    fn modified_variable(&mut self, name: String, mut op: char) -> Result<String> {
+        let mut modifier = op.to_string();
+        // With `:`, an empty value counts as unset.
+        let null_is_unset = op == ':';
+        if null_is_unset {
+            let Some(n) = self.next() else {
+                return Err(ShellError::MissingBrace {
+                    input: self.input(),
+                });
+            };
+            op = n;
+            modifier.push(n);
+        }
+        let raw = op == '#' || op == '%';
+        let (word, _) = self.process_stop_on(Some('}'), raw)?;
+        let Some(value) = self.get_env(&name) else {
+            if self.lex.skip_unset_env {
+                return Ok(format!("${{{name}{modifier}{word}}}"));
             }
-            '/' => {
-                let all = self.peek() == Some('/');
-                if all {
-                    self.next();
-                }
-                let (pattern, _) = self.process_stop_on(Some('/'), true)?;
-                let (replacement, _) = self.process_stop_on(Some('}'), true)?;
-                let Some(value) = self.get_env(&name) else {
-                    if self.lex.skip_unset_env {
-                        return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
-                    }
-                    return Ok(String::new());
-                };
-                let re = pattern_regex(&pattern, true, false)?;
-                Ok(if all {
-                    re.replace_all(&value, replacement.as_str()).into_owned()
+            return self.apply_unset(op, &name, &modifier, word);
+        };
+        let empty = null_is_unset && value.is_empty();
+        self.apply_set(op, name, value, empty, modifier, word)
+    }
+
+    /// The value of `${name<op>word}` when `name` is set to `value`
+    /// (`empty`: set but empty, under a `:` modifier).
+    fn apply_set(
+        &self,
+        op: char,
+        name: String,
+        value: String,
+        empty: bool,
+        modifier: String,
+        mut word: String,
+    ) -> Result<String> {
+        match op {
+            '-' => Ok(if empty { word } else { value }),
+            '+' => Ok(if empty { String::new() } else { word }),
+            '?' if empty => Err(ShellError::Required {
+                name,
+                message: if word.is_empty() {
+                    "is not allowed to be empty".into()
                 } else {
-                    re.replace(&value, replacement.as_str()).into_owned()
-                })
+                    word
+                },
+            }),
+            '?' => Ok(value),
+            '#' | '%' => {
+                let greedy = word.starts_with(op);
+                if greedy {
+                    word.remove(0);
+                }
+                if op == '%' {
+                    trim_suffix(&word, &value, greedy)
+                } else {
+                    trim_prefix(&word, &value, greedy)
+                }
             }
             _ => Err(ShellError::UnsupportedModifier {
                 modifier,
                 input: self.input(),
             }),
         }
+    }
+
+    /// `${NAME/pattern/replacement}` and `${NAME//pattern/replacement}`
+    /// (the first `/` read).
+    fn substituted_variable(&mut self, name: &str) -> Result<String> {
+        let all = self.peek() == Some('/');
+        if all {
+            self.next();
+        }
+        let (pattern, _) = self.process_stop_on(Some('/'), true)?;
+        let (replacement, _) = self.process_stop_on(Some('}'), true)?;
+        let Some(value) = self.get_env(name) else {
+            if self.lex.skip_unset_env {
+                return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
+            }
+            return Ok(String::new());
+        };
+        let re = pattern_regex(&pattern, true, false)?;
+        Ok(if all {
+            re.replace_all(&value, replacement.as_str()).into_owned()
+        } else {
+            re.replace(&value, replacement.as_str()).into_owned()
+        })
     }
 
     /// The value of `${name<op>word}` when `name` is unset.

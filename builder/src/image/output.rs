@@ -1,9 +1,10 @@
 //! `--output` specifications: BuildKit's CSV syntax
 //! (`type=oci,dest=out.tar,compression=zstd`) parsed into an [`OutputSpec`].
 //!
-//! Fields are comma-separated `key=value` pairs; a field or value in double
-//! quotes may hold commas (`"name=a,b"`, as Go's encoding/csv reads it), and
-//! `name=` may list several names separated by commas. Without any `=`, the
+//! Fields are comma-separated `key=value` pairs, split by
+//! [`crate::options`] with [`Quotes::Anywhere`]: a field or value in double
+//! quotes may hold commas (`"name=a,b"`, `name="a,b"`), and `name=` may list
+//! several names separated by commas. Without any `=`, the
 //! spec is BuildKit's shorthand: `-` is `type=tar,dest=-` and anything else
 //! `type=local,dest=THAT`.
 //!
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use kiln_snapshotter::compression::Compression;
 
 use super::reference;
+use crate::options::{self, Quotes};
 
 /// Errors of `--output` parsing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +72,9 @@ pub enum Error {
     LevelWithoutCompression { spec: String },
     #[error("--output {spec:?}: compression=estargz is not supported by kiln; use gzip, zstd or uncompressed")]
     Estargz { spec: String },
-    #[error("--output {spec:?}: {source}")]
+    /// A name in `name=` (or `-t`) is not an image name; the source says
+    /// why.
+    #[error("--output {spec:?}")]
     Name {
         spec: String,
         source: reference::Error,
@@ -175,168 +179,108 @@ impl OutputSpec {
     /// Parse one `--output` value.
     pub fn parse(spec: &str) -> Result<Self> {
         if !spec.contains('=') {
-            let (kind, dest) = if spec == "-" {
-                (OutputType::Tar, Dest::Stdout)
-            } else {
-                (OutputType::Local, Dest::Path(PathBuf::from(spec)))
-            };
-            if spec.is_empty() {
-                return Err(Error::MissingType { spec: spec.into() });
-            }
-            return Ok(OutputSpec::new(kind, Some(dest)));
+            return Self::shorthand(spec);
         }
-        let fields = split_csv(spec)?;
-        let mut pairs: Vec<(String, String)> = Vec::new();
-        for f in fields {
-            let Some((k, v)) = f.split_once('=') else {
-                return Err(Error::Field {
-                    spec: spec.into(),
-                    field: f,
-                });
-            };
-            let k = k.trim().to_ascii_lowercase();
-            if pairs.iter().any(|(seen, _)| *seen == k) {
-                return Err(Error::Duplicate {
-                    spec: spec.into(),
-                    key: k,
-                });
-            }
-            pairs.push((k, v.to_string()));
-        }
-        let kind = match pairs.iter().find(|(k, _)| k == "type") {
-            None => return Err(Error::MissingType { spec: spec.into() }),
-            Some((_, v)) => match v.as_str() {
-                "image" => OutputType::Image,
-                "oci" => OutputType::Oci,
-                "docker" => OutputType::Docker,
-                "local" => OutputType::Local,
-                "tar" => OutputType::Tar,
-                other => {
-                    return Err(Error::UnknownType {
-                        spec: spec.into(),
-                        value: other.into(),
-                    })
-                }
-            },
-        };
+        let pairs = key_values(spec)?;
+        let kind = output_type(spec, &pairs)?;
         let mut out = OutputSpec::new(kind, None);
-        let mut level: Option<(i64, String)> = None;
-        let mut compression: Option<&str> = None;
-        let value_err = |key: &str, value: &str, expected: &'static str| Error::Value {
-            spec: spec.into(),
-            key: key.into(),
-            value: value.into(),
-            expected,
+        let mut compression = CompressionRequest::default();
+        for (k, v) in pairs.iter().filter(|(k, _)| k != "type") {
+            out.set(spec, k, v, &mut compression)?;
+        }
+        out.compression = compression.resolve(spec)?;
+        out.check_dest(spec)?;
+        if kind == OutputType::Docker && !pairs.iter().any(|(k, _)| k == "oci-mediatypes") {
+            out.oci_mediatypes = false;
+        }
+        Ok(out)
+    }
+
+    /// BuildKit's shorthand without `=`: `-` is `type=tar,dest=-`, anything
+    /// else `type=local,dest=THAT`.
+    fn shorthand(spec: &str) -> Result<Self> {
+        if spec.is_empty() {
+            return Err(Error::MissingType { spec: spec.into() });
+        }
+        let (kind, dest) = if spec == "-" {
+            (OutputType::Tar, Dest::Stdout)
+        } else {
+            (OutputType::Local, Dest::Path(PathBuf::from(spec)))
         };
-        for (k, v) in &pairs {
-            if k == "type" {
-                continue;
+        Ok(OutputSpec::new(kind, Some(dest)))
+    }
+
+    /// Apply `key=value` (not `type`) to an output of this spec's type: the
+    /// table of keys and how each value reads.
+    fn set(
+        &mut self,
+        spec: &str,
+        key: &str,
+        value: &str,
+        compression: &mut CompressionRequest,
+    ) -> Result<()> {
+        if !self.kind.takes(key) {
+            return Err(Error::UnknownKey {
+                spec: spec.into(),
+                key: key.into(),
+                kind: self.kind.as_str(),
+                allowed: self.kind.allowed(),
+            });
+        }
+        let invalid = |expected| value_error(spec, key, value, expected);
+        let boolean = || parse_bool(value).ok_or_else(|| invalid("true or false"));
+        match key {
+            "dest" if value.is_empty() => return Err(invalid("a path, or - for standard output")),
+            "dest" if value == "-" => self.dest = Some(Dest::Stdout),
+            "dest" => self.dest = Some(Dest::Path(PathBuf::from(value))),
+            "name" => self.add_names(spec, value)?,
+            "compression" => compression.set_name(spec, value)?,
+            "compression-level" => {
+                let n = value
+                    .parse()
+                    .map_err(|_| invalid("an integer (gzip 0-9, zstd 0-22)"))?;
+                compression.level = Some(n);
             }
-            if !kind.takes(k) {
-                return Err(Error::UnknownKey {
-                    spec: spec.into(),
-                    key: k.clone(),
-                    kind: kind.as_str(),
-                    allowed: kind.allowed(),
-                });
-            }
-            let boolean = || parse_bool(v).ok_or_else(|| value_err(k, v, "true or false"));
-            match k.as_str() {
-                "dest" => {
-                    if v.is_empty() {
-                        return Err(value_err(k, v, "a path, or - for standard output"));
-                    }
-                    out.dest = Some(if v == "-" {
-                        Dest::Stdout
-                    } else {
-                        Dest::Path(PathBuf::from(v))
-                    });
-                }
-                "name" => {
-                    for n in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                        let full = reference::normalize(n).map_err(|source| Error::Name {
-                            spec: spec.into(),
-                            source,
-                        })?;
-                        if !out.names.contains(&full) {
-                            out.names.push(full);
-                        }
-                    }
-                    if out.names.is_empty() {
-                        return Err(value_err(k, v, "one or more image names"));
-                    }
-                }
-                "compression" => {
-                    compression = Some(match v.as_str() {
-                        "gzip" | "zstd" | "uncompressed" => v.as_str(),
-                        "estargz" => return Err(Error::Estargz { spec: spec.into() }),
-                        _ => return Err(value_err(k, v, "gzip, zstd or uncompressed")),
-                    })
-                }
-                "compression-level" => {
-                    let n: i64 = v
-                        .parse()
-                        .map_err(|_| value_err(k, v, "an integer (gzip 0-9, zstd 0-22)"))?;
-                    level = Some((n, v.clone()));
-                }
-                "force-compression" => out.force_compression = boolean()?,
-                "oci-mediatypes" => out.oci_mediatypes = boolean()?,
-                "rewrite-timestamp" => out.rewrite_timestamp = boolean()?,
-                "tar" => out.tar = Some(boolean()?),
-                "push" => out.push = boolean()?,
-                "keep-setid" => out.keep_setid = boolean()?,
-                _ => unreachable!("takes() lists every key handled here"),
+            "force-compression" => self.force_compression = boolean()?,
+            "oci-mediatypes" => self.oci_mediatypes = boolean()?,
+            "rewrite-timestamp" => self.rewrite_timestamp = boolean()?,
+            "tar" => self.tar = Some(boolean()?),
+            "push" => self.push = boolean()?,
+            "keep-setid" => self.keep_setid = boolean()?,
+            _ => unreachable!("takes() lists every key handled here"),
+        }
+        Ok(())
+    }
+
+    /// `name=a,b`: normalised, each once; at least one.
+    fn add_names(&mut self, spec: &str, value: &str) -> Result<()> {
+        for n in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let full = reference::normalize(n).map_err(|source| Error::Name {
+                spec: spec.into(),
+                source,
+            })?;
+            if !self.names.contains(&full) {
+                self.names.push(full);
             }
         }
-        out.compression = match (compression, level) {
-            (None, None) => None,
-            (Some("uncompressed"), Some(_)) => {
-                return Err(Error::LevelWithoutCompression { spec: spec.into() })
-            }
-            (Some("uncompressed"), None) => Some(Compression::None),
-            // BuildKit applies a bare level to the default, gzip
-            (Some("gzip") | None, l) => Some(Compression::Gzip {
-                level: match l {
-                    None => 6,
-                    Some((n, _)) => {
-                        u32::try_from(n)
-                            .ok()
-                            .filter(|n| *n <= 9)
-                            .ok_or(Error::Level {
-                                spec: spec.into(),
-                                level: n,
-                                range: "0-9",
-                                compression: "gzip",
-                            })?
-                    }
-                },
-            }),
-            (Some(_zstd), l) => Some(Compression::Zstd {
-                level: match l {
-                    None => 3,
-                    // zstd level 0 means its default, 3
-                    Some((0, _)) => 3,
-                    Some((n, _)) => i32::try_from(n)
-                        .ok()
-                        .filter(|n| (1..=22).contains(n))
-                        .ok_or(Error::Level {
-                            spec: spec.into(),
-                            level: n,
-                            range: "0-22",
-                            compression: "zstd",
-                        })?,
-                },
-            }),
-        };
-        match (kind, &out.dest) {
+        if self.names.is_empty() {
+            return Err(value_error(spec, "name", value, "one or more image names"));
+        }
+        Ok(())
+    }
+
+    /// Every type but `image` writes somewhere, and not every destination
+    /// can be standard output.
+    fn check_dest(&self, spec: &str) -> Result<()> {
+        match (self.kind, &self.dest) {
             (OutputType::Image, _) => {}
             (OutputType::Local, Some(Dest::Stdout)) => {
                 return Err(Error::StdoutNotAllowed {
                     spec: spec.into(),
-                    kind: kind.as_str(),
+                    kind: self.kind.as_str(),
                 })
             }
-            (_, None) => {
+            (kind, None) => {
                 return Err(Error::MissingDest {
                     spec: spec.into(),
                     kind: kind.as_str(),
@@ -349,16 +293,13 @@ impl OutputSpec {
             }
             _ => {}
         }
-        if out.tar == Some(false) && out.dest == Some(Dest::Stdout) {
+        if self.tar == Some(false) && self.dest == Some(Dest::Stdout) {
             return Err(Error::StdoutNotAllowed {
                 spec: spec.into(),
                 kind: "oci with tar=false",
             });
         }
-        if kind == OutputType::Docker && !pairs.iter().any(|(k, _)| k == "oci-mediatypes") {
-            out.oci_mediatypes = false;
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// The output of `kiln build -t NAME...` without `--output`: the local
@@ -393,6 +334,124 @@ impl OutputSpec {
     }
 }
 
+/// The fields of `spec` as (lower-case key, value) pairs, each key once.
+fn key_values(spec: &str) -> Result<Vec<(String, String)>> {
+    let fields = options::pairs(spec, Quotes::Anywhere).map_err(|e| match e {
+        options::Error::UnterminatedQuote(_) => Error::Quote { spec: spec.into() },
+        options::Error::NotKeyValue { item } => Error::Field {
+            spec: spec.into(),
+            field: item,
+        },
+    })?;
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (k, v) in fields {
+        let k = k.trim().to_ascii_lowercase();
+        if pairs.iter().any(|(seen, _)| *seen == k) {
+            return Err(Error::Duplicate {
+                spec: spec.into(),
+                key: k,
+            });
+        }
+        pairs.push((k, v));
+    }
+    Ok(pairs)
+}
+
+/// The `type=` of `spec`.
+fn output_type(spec: &str, pairs: &[(String, String)]) -> Result<OutputType> {
+    let Some((_, v)) = pairs.iter().find(|(k, _)| k == "type") else {
+        return Err(Error::MissingType { spec: spec.into() });
+    };
+    Ok(match v.as_str() {
+        "image" => OutputType::Image,
+        "oci" => OutputType::Oci,
+        "docker" => OutputType::Docker,
+        "local" => OutputType::Local,
+        "tar" => OutputType::Tar,
+        other => {
+            return Err(Error::UnknownType {
+                spec: spec.into(),
+                value: other.into(),
+            })
+        }
+    })
+}
+
+fn value_error(spec: &str, key: &str, value: &str, expected: &'static str) -> Error {
+    Error::Value {
+        spec: spec.into(),
+        key: key.into(),
+        value: value.into(),
+        expected,
+    }
+}
+
+/// `compression=` and `compression-level=` as given, resolved together
+/// once every field is read.
+#[derive(Default)]
+struct CompressionRequest {
+    /// `gzip`, `zstd` or `uncompressed`.
+    name: Option<&'static str>,
+    level: Option<i64>,
+}
+
+impl CompressionRequest {
+    fn set_name(&mut self, spec: &str, value: &str) -> Result<()> {
+        self.name = Some(match value {
+            "gzip" => "gzip",
+            "zstd" => "zstd",
+            "uncompressed" => "uncompressed",
+            "estargz" => return Err(Error::Estargz { spec: spec.into() }),
+            _ => {
+                return Err(value_error(
+                    spec,
+                    "compression",
+                    value,
+                    "gzip, zstd or uncompressed",
+                ))
+            }
+        });
+        Ok(())
+    }
+
+    /// The compression to apply; `None` keeps layers as stored.
+    fn resolve(self, spec: &str) -> Result<Option<Compression>> {
+        let out_of_range = |level, range, compression| Error::Level {
+            spec: spec.into(),
+            level,
+            range,
+            compression,
+        };
+        Ok(match (self.name, self.level) {
+            (None, None) => None,
+            (Some("uncompressed"), Some(_)) => {
+                return Err(Error::LevelWithoutCompression { spec: spec.into() })
+            }
+            (Some("uncompressed"), None) => Some(Compression::None),
+            // BuildKit applies a bare level to the default, gzip
+            (Some("gzip") | None, level) => Some(Compression::Gzip {
+                level: match level {
+                    None => 6,
+                    Some(n) => u32::try_from(n)
+                        .ok()
+                        .filter(|n| *n <= 9)
+                        .ok_or_else(|| out_of_range(n, "0-9", "gzip"))?,
+                },
+            }),
+            (Some(_zstd), level) => Some(Compression::Zstd {
+                level: match level {
+                    // zstd level 0 means its default, 3
+                    None | Some(0) => 3,
+                    Some(n) => i32::try_from(n)
+                        .ok()
+                        .filter(|n| (1..=22).contains(n))
+                        .ok_or_else(|| out_of_range(n, "0-22", "zstd"))?,
+                },
+            }),
+        })
+    }
+}
+
 /// Go's strconv.ParseBool.
 fn parse_bool(v: &str) -> Option<bool> {
     match v {
@@ -400,30 +459,6 @@ fn parse_bool(v: &str) -> Option<bool> {
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
         _ => None,
     }
-}
-
-/// Split on commas outside double quotes; `""` inside quotes is one quote.
-fn split_csv(spec: &str) -> Result<Vec<String>> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = spec.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                cur.push('"');
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    if quoted {
-        return Err(Error::Quote { spec: spec.into() });
-    }
-    fields.push(cur);
-    Ok(fields)
 }
 
 #[cfg(test)]
@@ -513,6 +548,19 @@ mod tests {
         assert_eq!(
             p("type=oci,dest=a\"\"b").dest,
             Some(Dest::Path("ab".into()))
+        );
+    }
+
+    #[test]
+    fn a_bad_name_names_the_output_and_has_the_reason_as_source() {
+        let name = e("type=image,name=Upper");
+        assert!(matches!(name, Error::Name { .. }));
+        assert_eq!(name.to_string(), "--output \"type=image,name=Upper\"");
+        let why = std::error::Error::source(&name).map(ToString::to_string);
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("\"Upper\"") && w.contains("lower-case")),
+            "{why:?}"
         );
     }
 

@@ -8,6 +8,9 @@
 //! are lower-case `[a-z0-9]` runs joined by `.`, `_`, `__` or dashes; tags are
 //! `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
 //!
+//! [`is_valid`] checks a name against the reference grammar as written,
+//! without normalising it: what the Dockerfile frontend accepts as an image.
+//!
 //! This module is pure string handling: it never touches a store.
 
 use std::fmt;
@@ -194,6 +197,70 @@ pub fn normalize(name: &str) -> Result<String> {
     Reference::parse(name).map(|r| r.to_string())
 }
 
+/// Whether `name` follows the distribution reference grammar as written,
+/// before any normalising: `[host[:port]/]path[:tag][@digest]`, with path
+/// components as in [`Reference::parse`] and at most 255 bytes before the
+/// `@`. This is what the frontend accepts as an image in `FROM` and
+/// `--from`; it is looser than [`Reference::parse`], by which kiln pulls
+/// and stores, in three ways the grammar allows: a first component that is
+/// a valid host name is a host even without `.` or `:` (`Foo/bar`), a
+/// digest may use any algorithm with 32 or more hex digits, and a host may
+/// be a bracketed IPv6 address (`[::1]:5000/x`).
+pub fn is_valid(name: &str) -> bool {
+    let (rest, digest) = match name.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (name, None),
+    };
+    if rest.len() > 255 || !digest.is_none_or(is_digest) {
+        return false;
+    }
+    // a tag is after the ':' that follows the last '/'
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let repo = match rest[last_slash..].rfind(':') {
+        Some(i) => {
+            if !is_tag(&rest[last_slash + i + 1..]) {
+                return false;
+            }
+            &rest[..last_slash + i]
+        }
+        None => rest,
+    };
+    let components: Vec<&str> = repo.split('/').collect();
+    let path_from = |i: usize| components[i..].iter().all(|c| is_component(c));
+    path_from(0) || (components.len() > 1 && is_host(components[0]) && path_from(1))
+}
+
+/// The digest grammar: `algorithm:hex`, an algorithm such as `sha256` or
+/// `multihash+base58` and at least 32 hex digits (either case).
+fn is_digest(d: &str) -> bool {
+    let Some((algorithm, hex)) = d.split_once(':') else {
+        return false;
+    };
+    let part = |p: &str| {
+        let mut b = p.bytes();
+        b.next().is_some_and(|c| c.is_ascii_alphabetic()) && b.all(|c| c.is_ascii_alphanumeric())
+    };
+    algorithm.split(['-', '_', '+', '.']).all(part)
+        && hex.len() >= 32
+        && hex.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+/// A registry host: a host name or a bracketed IPv6 address, with an
+/// optional port.
+fn is_host(h: &str) -> bool {
+    let Some(v6) = h.strip_prefix('[') else {
+        return is_domain(h);
+    };
+    let Some((addr, port)) = v6.split_once(']') else {
+        return false;
+    };
+    let port_ok = match port.strip_prefix(':') {
+        Some(p) => !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()),
+        None => port.is_empty(),
+    };
+    port_ok && !addr.is_empty() && addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':')
+}
+
 /// Whether `s` is `sha256:` and 64 lower-case hex digits.
 pub fn is_sha256_digest(s: &str) -> bool {
     s.strip_prefix("sha256:").is_some_and(|h| {
@@ -300,6 +367,57 @@ mod tests {
         assert_eq!(r.familiar(), "user/app:v1");
         let r = Reference::parse("localhost/x").unwrap();
         assert_eq!(r.familiar(), "localhost/x:latest");
+    }
+
+    #[test]
+    fn grammar_check_is_looser_than_parse_where_docker_is() {
+        let hex64 = "0123456789abcdef".repeat(4);
+        for ok in [
+            "busybox",
+            "alpine:3.19",
+            "localhost:5000/a/b:t",
+            "quay.io/org/img",
+            "a__b--c/d.e_f",
+            "Foo/bar",
+            "[::1]:5000/x",
+            "[fe80::1]/x:t",
+            "a.b_c/x",
+            "localhost:5000",
+            &format!("busybox:1@sha256:{hex64}"),
+            &format!("busybox@sha512:{}", hex64.repeat(2)),
+            &format!("busybox@sha256:{}", hex64.to_uppercase()),
+            &format!("b@multihash+base58:{}", &hex64[..32]),
+        ] {
+            assert!(is_valid(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Alpine",
+            "Not_An_Image",
+            "a//b",
+            "/a",
+            "a/",
+            "a:",
+            "a:-x",
+            "a:b:c",
+            "a@",
+            "a@sha256:abc",
+            "a@sha256",
+            &format!("a@1sha:{hex64}"),
+            &format!("a@sha256:{}x", &hex64[..40]),
+            "-a.io/x",
+            "[::1/x",
+            "[]/x",
+            "[::1]:/x",
+            "[::g]/x",
+            "a.io:/x",
+            "x:tag\u{e9}",
+            &format!("{}:t", "a".repeat(254)),
+        ] {
+            assert!(!is_valid(bad), "{bad}");
+        }
+        assert!(is_valid(&"a".repeat(255)));
+        assert!(!is_valid(&"a".repeat(256)));
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! `RUN --mount=...` values parsed into typed mounts, with BuildKit's
-//! defaults filled in.
+//! defaults filled in. The value is split into fields by
+//! [`crate::options`] with [`Quotes::FieldStart`], as BuildKit reads it.
 //!
 //! Only the flag's text is interpreted here; nothing is mounted, and whether
-//! a secret or SSH socket exists is checked by the build engine.
+//! a secret or SSH socket exists is checked by the build engine. The module
+//! also holds [`clean_path`] (Go's `path.Clean`), which the planner and the
+//! `.dockerignore` matcher use too.
 
 use serde::Serialize;
 
 use super::shell::ShellError;
+use crate::options::{self, Quotes};
 
 /// Why a `--mount` value was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,49 +175,6 @@ impl Mount {
     }
 }
 
-/// Split a CSV record (Go's `encoding/csv` rules for one line).
-fn split_csv(s: &str) -> Result<Vec<String>> {
-    let mut fields = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    None => return Err(MountError::Csv(s.to_string())),
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => field.push(c),
-                }
-            }
-            // Text after the closing quote up to the comma is kept as is.
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                field.push(c);
-                chars.next();
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                field.push(c);
-                chars.next();
-            }
-        }
-        fields.push(field);
-        if chars.next().is_none() {
-            return Ok(fields);
-        }
-    }
-}
-
 fn parse_bool(key: &str, v: Option<&str>) -> Result<bool> {
     match v.map(str::to_ascii_lowercase).as_deref() {
         None | Some("true" | "1" | "t") => Ok(true),
@@ -257,6 +218,39 @@ pub fn parse_size(s: &str) -> Option<u64> {
     (bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
+/// The `type=` of a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MountType {
+    Bind,
+    Cache,
+    Tmpfs,
+    Secret,
+    Ssh,
+}
+
+impl MountType {
+    fn parse(s: String) -> Result<Self> {
+        Ok(match s.as_str() {
+            "bind" => MountType::Bind,
+            "cache" => MountType::Cache,
+            "tmpfs" => MountType::Tmpfs,
+            "secret" => MountType::Secret,
+            "ssh" => MountType::Ssh,
+            _ => return Err(MountError::UnknownType(s)),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            MountType::Bind => "bind",
+            MountType::Cache => "cache",
+            MountType::Tmpfs => "tmpfs",
+            MountType::Secret => "secret",
+            MountType::Ssh => "ssh",
+        }
+    }
+}
+
 /// Parse one `--mount` value. `expand` expands a value (every key but
 /// `from`); `ssh_index` is this mount's position among the RUN's SSH mounts.
 pub fn parse_mount(
@@ -264,9 +258,38 @@ pub fn parse_mount(
     expand: &mut dyn FnMut(&str) -> std::result::Result<String, ShellError>,
     ssh_index: usize,
 ) -> Result<Mount> {
+    let (kind, fields) = read_fields(value, expand)?;
+    let kind = MountType::parse(kind)?;
+    let mut opts = MountOptions::default();
+    for (key, val) in fields {
+        opts.set(kind, key, val)?;
+    }
+    if opts.target.as_deref() == Some("/") {
+        return Err(MountError::RootTarget);
+    }
+    match kind {
+        MountType::Bind => opts.bind(),
+        MountType::Cache => opts.cache(),
+        MountType::Tmpfs => opts.tmpfs(),
+        MountType::Secret => Ok(opts.secret()),
+        MountType::Ssh => Ok(opts.ssh(ssh_index)),
+    }
+}
+
+/// One `key[=value]` of a `--mount`: lower-case key, expanded value.
+type Field = (String, Option<String>);
+
+/// Split a `--mount` value into its `type` (`bind` when absent) and its
+/// other `key[=value]` fields, keys lower-cased and values expanded.
+fn read_fields(
+    value: &str,
+    expand: &mut dyn FnMut(&str) -> std::result::Result<String, ShellError>,
+) -> Result<(String, Vec<Field>)> {
+    let fields = options::split(value, Quotes::FieldStart)
+        .map_err(|_| MountError::Csv(value.to_string()))?;
     let mut kind = "bind".to_string();
-    let mut opts: Vec<(String, Option<String>)> = Vec::new();
-    for field in split_csv(value)? {
+    let mut opts = Vec::new();
+    for field in fields {
         let (key, val) = match field.split_once('=') {
             Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.to_string())),
             None => (field.trim().to_ascii_lowercase(), None),
@@ -290,156 +313,177 @@ pub fn parse_mount(
             opts.push((key, val));
         }
     }
-    let kind: &'static str = match kind.as_str() {
-        "bind" => "bind",
-        "cache" => "cache",
-        "tmpfs" => "tmpfs",
-        "secret" => "secret",
-        "ssh" => "ssh",
-        _ => return Err(MountError::UnknownType(kind)),
-    };
+    Ok((kind, opts))
+}
 
-    let mut target = None;
-    let mut source = None;
-    let mut from = None;
-    let mut readonly = None;
-    let mut id = None;
-    let mut sharing = Sharing::Shared;
-    let (mut mode, mut uid, mut gid) = (None, None, None);
-    let mut required = false;
-    let mut size = None;
-    let mut env = None;
-    for (key, val) in opts {
+/// The options of one `--mount`, as given; each type's constructor fills
+/// in BuildKit's defaults for the ones left out.
+#[derive(Default)]
+struct MountOptions {
+    target: Option<String>,
+    source: Option<String>,
+    from: Option<String>,
+    readonly: Option<bool>,
+    id: Option<String>,
+    sharing: Option<Sharing>,
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    required: bool,
+    size: Option<u64>,
+    env: Option<String>,
+}
+
+impl MountOptions {
+    /// Record `key[=val]` for a mount of type `kind`: the table of which
+    /// keys exist, their aliases, the types that take them and how their
+    /// values read.
+    fn set(&mut self, kind: MountType, key: String, val: Option<String>) -> Result<()> {
+        use MountType::{Bind, Cache, Secret, Ssh, Tmpfs};
         let need = |v: Option<String>| v.ok_or_else(|| MountError::MissingValue(key.clone()));
-        let only = |kinds: &[&str]| {
+        let only = |kinds: &[MountType]| {
             if kinds.contains(&kind) {
                 Ok(())
             } else {
                 Err(MountError::KeyNotForType {
                     key: key.clone(),
-                    kind,
+                    kind: kind.name(),
                 })
             }
         };
         match key.as_str() {
-            "target" | "dst" | "destination" => target = Some(need(val)?),
+            "target" | "dst" | "destination" => self.target = Some(need(val)?),
             "source" | "src" => {
-                only(&["bind", "cache", "secret"])?;
-                source = Some(need(val)?);
+                only(&[Bind, Cache, Secret])?;
+                self.source = Some(need(val)?);
             }
             "from" => {
-                only(&["bind", "cache"])?;
-                from = Some(need(val)?);
+                only(&[Bind, Cache])?;
+                self.from = Some(need(val)?);
             }
-            "readonly" | "ro" => readonly = Some(parse_bool(&key, val.as_deref())?),
-            "readwrite" | "rw" => readonly = Some(!parse_bool(&key, val.as_deref())?),
+            "readonly" | "ro" => self.readonly = Some(parse_bool(&key, val.as_deref())?),
+            "readwrite" | "rw" => self.readonly = Some(!parse_bool(&key, val.as_deref())?),
             "required" => {
-                only(&["secret", "ssh"])?;
-                required = parse_bool(&key, val.as_deref())?;
+                only(&[Secret, Ssh])?;
+                self.required = parse_bool(&key, val.as_deref())?;
             }
             "id" => {
-                only(&["cache", "secret", "ssh"])?;
-                id = Some(need(val)?);
+                only(&[Cache, Secret, Ssh])?;
+                self.id = Some(need(val)?);
             }
             "sharing" => {
-                only(&["cache"])?;
-                sharing = match need(val)?.to_ascii_lowercase().as_str() {
-                    "shared" => Sharing::Shared,
-                    "private" => Sharing::Private,
-                    "locked" => Sharing::Locked,
-                    other => return Err(MountError::Sharing(other.to_string())),
-                };
+                only(&[Cache])?;
+                self.sharing = Some(parse_sharing(&need(val)?)?);
             }
             "mode" => {
-                only(&["cache", "secret", "ssh"])?;
-                mode = Some(parse_u32(
-                    "mode",
-                    &need(val)?,
-                    8,
-                    "an octal mode such as 0755",
-                )?);
+                only(&[Cache, Secret, Ssh])?;
+                let v = need(val)?;
+                self.mode = Some(parse_u32("mode", &v, 8, "an octal mode such as 0755")?);
             }
             "uid" => {
-                only(&["cache", "secret", "ssh"])?;
-                uid = Some(parse_u32("uid", &need(val)?, 10, "a numeric user id")?);
+                only(&[Cache, Secret, Ssh])?;
+                self.uid = Some(parse_u32("uid", &need(val)?, 10, "a numeric user id")?);
             }
             "gid" => {
-                only(&["cache", "secret", "ssh"])?;
-                gid = Some(parse_u32("gid", &need(val)?, 10, "a numeric group id")?);
+                only(&[Cache, Secret, Ssh])?;
+                self.gid = Some(parse_u32("gid", &need(val)?, 10, "a numeric group id")?);
             }
             "size" => {
-                only(&["tmpfs"])?;
+                only(&[Tmpfs])?;
                 let v = need(val)?;
-                size = Some(parse_size(&v).ok_or(MountError::Size(v))?);
+                self.size = Some(parse_size(&v).ok_or(MountError::Size(v))?);
             }
             "env" => {
-                only(&["secret"])?;
-                env = Some(need(val)?);
+                only(&[Secret])?;
+                self.env = Some(need(val)?);
             }
             _ => return Err(MountError::UnknownKey(key)),
         }
+        Ok(())
     }
-    if target.as_deref() == Some("/") {
-        return Err(MountError::RootTarget);
+
+    fn target(&self, kind: MountType) -> Result<String> {
+        self.target
+            .clone()
+            .ok_or(MountError::MissingTarget(kind.name()))
     }
-    let need_target = || target.clone().ok_or(MountError::MissingTarget(kind));
-    Ok(match kind {
-        "bind" => Mount::Bind {
-            target: need_target()?,
-            source,
-            from,
-            readwrite: readonly == Some(false),
-        },
-        "cache" => {
-            let target = need_target()?;
-            Mount::Cache {
-                id: id.unwrap_or_else(|| clean_path(&target)),
-                target,
-                sharing,
-                from,
-                source,
-                readonly: readonly.unwrap_or(false),
-                mode: mode.unwrap_or(0o755),
-                uid: uid.unwrap_or(0),
-                gid: gid.unwrap_or(0),
-            }
+
+    fn bind(self) -> Result<Mount> {
+        Ok(Mount::Bind {
+            target: self.target(MountType::Bind)?,
+            source: self.source,
+            from: self.from,
+            readwrite: self.readonly == Some(false),
+        })
+    }
+
+    fn cache(self) -> Result<Mount> {
+        let target = self.target(MountType::Cache)?;
+        Ok(Mount::Cache {
+            id: self.id.unwrap_or_else(|| clean_path(&target)),
+            target,
+            sharing: self.sharing.unwrap_or(Sharing::Shared),
+            from: self.from,
+            source: self.source,
+            readonly: self.readonly.unwrap_or(false),
+            mode: self.mode.unwrap_or(0o755),
+            uid: self.uid.unwrap_or(0),
+            gid: self.gid.unwrap_or(0),
+        })
+    }
+
+    fn tmpfs(self) -> Result<Mount> {
+        Ok(Mount::Tmpfs {
+            target: self.target(MountType::Tmpfs)?,
+            size: self.size,
+        })
+    }
+
+    fn secret(self) -> Mount {
+        // BuildKit names a secret by `source`, else `id`, else the
+        // target's base name.
+        let id = self.source.or(self.id).unwrap_or_else(|| {
+            self.target
+                .as_deref()
+                .map(|t| t.rsplit('/').next().unwrap_or(t).to_string())
+                .unwrap_or_default()
+        });
+        let target = match (&self.target, &self.env) {
+            (None, None) => Some(format!("/run/secrets/{id}")),
+            _ => self.target,
+        };
+        Mount::Secret {
+            id,
+            target,
+            env: self.env,
+            required: self.required,
+            mode: self.mode.unwrap_or(0o400),
+            uid: self.uid.unwrap_or(0),
+            gid: self.gid.unwrap_or(0),
         }
-        "tmpfs" => Mount::Tmpfs {
-            target: need_target()?,
-            size,
-        },
-        "secret" => {
-            // BuildKit names a secret by `source`, else `id`, else the
-            // target's base name.
-            let id = source.or(id).unwrap_or_else(|| {
-                target
-                    .as_deref()
-                    .map(|t| t.rsplit('/').next().unwrap_or(t).to_string())
-                    .unwrap_or_default()
-            });
-            let target = match (&target, &env) {
-                (None, None) => Some(format!("/run/secrets/{id}")),
-                _ => target,
-            };
-            Mount::Secret {
-                id,
-                target,
-                env,
-                required,
-                mode: mode.unwrap_or(0o400),
-                uid: uid.unwrap_or(0),
-                gid: gid.unwrap_or(0),
-            }
+    }
+
+    fn ssh(self, ssh_index: usize) -> Mount {
+        Mount::Ssh {
+            id: self.id.unwrap_or_else(|| "default".into()),
+            target: self
+                .target
+                .unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{ssh_index}")),
+            required: self.required,
+            mode: self.mode.unwrap_or(0o600),
+            uid: self.uid.unwrap_or(0),
+            gid: self.gid.unwrap_or(0),
         }
-        _ => Mount::Ssh {
-            id: id.unwrap_or_else(|| "default".into()),
-            target: target.unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{ssh_index}")),
-            required,
-            mode: mode.unwrap_or(0o600),
-            uid: uid.unwrap_or(0),
-            gid: gid.unwrap_or(0),
-        },
-    })
+    }
+}
+
+fn parse_sharing(v: &str) -> Result<Sharing> {
+    match v.to_ascii_lowercase().as_str() {
+        "shared" => Ok(Sharing::Shared),
+        "private" => Ok(Sharing::Private),
+        "locked" => Ok(Sharing::Locked),
+        other => Err(MountError::Sharing(other.to_string())),
+    }
 }
 
 /// Lexically clean an absolute or relative path (Go's `path.Clean`).
