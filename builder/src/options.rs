@@ -1,5 +1,5 @@
 //! buildx-style option strings: `key=value,key=value`, as `--output`,
-//! `RUN --mount` (and later `--cache-to`, `--secret`) take them.
+//! `RUN --mount`, `--cache-to`, `--cache-from` and `--secret` take them.
 //!
 //! One CSV record per string: fields are separated by commas, and a field
 //! in double quotes may hold commas (`"name=a,b"`), with `""` inside quotes

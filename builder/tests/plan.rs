@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use kiln_builder::frontend::instructions::{CommandLine, Instruction, Source};
-use kiln_builder::frontend::mounts::Mount;
+use kiln_builder::frontend::mount_flags::Mount;
 use kiln_builder::frontend::plan::{Base, PlanError, SourceRef};
 use kiln_builder::frontend::{parse, plan, ErrorKind, Plan, PlanOptions, Platform};
 

@@ -198,7 +198,19 @@ fn identity_over(own_map: &str) -> Vec<Range> {
 impl IdMapping {
     /// Decide the sandbox's maps for the process described by `env`.
     pub fn decide(env: &IdEnv) -> IdMapping {
-        let single = |reason| IdMapping {
+        if !in_initial_userns(&env.own_uid_map) {
+            Self::nested(env)
+        } else if env.euid == 0 {
+            Self::for_real_root(env)
+        } else {
+            Self::for_user(env)
+        }
+    }
+
+    /// Only the caller's own ids, mapped to 0: what a sandbox gets when
+    /// nothing more is available, and why.
+    fn single(env: &IdEnv, reason: &'static str) -> IdMapping {
+        IdMapping {
             uids: vec![Range {
                 inside: 0,
                 outside: env.euid,
@@ -213,102 +225,96 @@ impl IdMapping {
                 deny_setgroups: true,
             },
             limited: Some(reason),
-        };
-        let full =
-            |uid_start: u32, uid_count: u32, gid_start: u32, gid_count: u32, method| IdMapping {
-                uids: vec![
-                    Range {
-                        inside: 0,
-                        outside: env.euid,
-                        count: 1,
-                    },
-                    Range {
-                        inside: 1,
-                        outside: uid_start,
-                        count: uid_count.min(FULL_RANGE - 1),
-                    },
-                ],
-                gids: vec![
-                    Range {
-                        inside: 0,
-                        outside: env.egid,
-                        count: 1,
-                    },
-                    Range {
-                        inside: 1,
-                        outside: gid_start,
-                        count: gid_count.min(FULL_RANGE - 1),
-                    },
-                ],
-                method,
-                limited: None,
-            };
-
-        if !in_initial_userns(&env.own_uid_map) {
-            // kiln already runs inside its own user namespace: nest an
-            // identity map over what that namespace has.
-            if env.euid != 0 {
-                return single("kiln runs as a non-root user inside a user namespace");
-            }
-            let uids = identity_over(&env.own_uid_map);
-            let gids = identity_over(&env.own_gid_map);
-            if !uids.iter().any(|r| r.inside == 0) || !gids.iter().any(|r| r.inside == 0) {
-                return single("uid 0 is not mapped in kiln's own user namespace");
-            }
-            return IdMapping {
-                uids,
-                gids,
-                method: Method::Direct {
-                    deny_setgroups: false,
-                },
-                limited: None,
-            };
         }
+    }
 
-        if env.euid == 0 {
-            // Real root: a step is never real root. Use root's own
-            // subordinate range, or a fixed high range.
-            let name = env.user_name.as_deref().or(Some("root"));
-            let (us, uc) = subordinate_range(&env.subuid, name, 0)
-                .unwrap_or((ROOT_FALLBACK_START, FULL_RANGE));
-            let (gs, gc) = subordinate_range(&env.subgid, name, 0)
-                .unwrap_or((ROOT_FALLBACK_START, FULL_RANGE));
-            return IdMapping {
-                uids: vec![Range {
-                    inside: 0,
-                    outside: us,
-                    count: uc.min(FULL_RANGE),
-                }],
-                gids: vec![Range {
-                    inside: 0,
-                    outside: gs,
-                    count: gc.min(FULL_RANGE),
-                }],
-                method: Method::Direct {
-                    deny_setgroups: false,
-                },
-                limited: None,
-            };
+    /// kiln already runs inside its own user namespace: nest an identity
+    /// map over what that namespace has.
+    fn nested(env: &IdEnv) -> IdMapping {
+        if env.euid != 0 {
+            return Self::single(env, "kiln runs as a non-root user inside a user namespace");
         }
+        let uids = identity_over(&env.own_uid_map);
+        let gids = identity_over(&env.own_gid_map);
+        if !uids.iter().any(|r| r.inside == 0) || !gids.iter().any(|r| r.inside == 0) {
+            return Self::single(env, "uid 0 is not mapped in kiln's own user namespace");
+        }
+        IdMapping {
+            uids,
+            gids,
+            method: Method::Direct {
+                deny_setgroups: false,
+            },
+            limited: None,
+        }
+    }
 
+    /// Real root: a step is never real root. Use root's own subordinate
+    /// range, or a fixed high range.
+    fn for_real_root(env: &IdEnv) -> IdMapping {
+        let name = env.user_name.as_deref().or(Some("root"));
+        let (us, uc) =
+            subordinate_range(&env.subuid, name, 0).unwrap_or((ROOT_FALLBACK_START, FULL_RANGE));
+        let (gs, gc) =
+            subordinate_range(&env.subgid, name, 0).unwrap_or((ROOT_FALLBACK_START, FULL_RANGE));
+        IdMapping {
+            uids: vec![Range {
+                inside: 0,
+                outside: us,
+                count: uc.min(FULL_RANGE),
+            }],
+            gids: vec![Range {
+                inside: 0,
+                outside: gs,
+                count: gc.min(FULL_RANGE),
+            }],
+            method: Method::Direct {
+                deny_setgroups: false,
+            },
+            limited: None,
+        }
+    }
+
+    /// An unprivileged user: 0 is the user, 1.. their subordinate range,
+    /// written by the setuid helpers; only 0 without a range or helpers.
+    fn for_user(env: &IdEnv) -> IdMapping {
         let name = env.user_name.as_deref();
         let sub_u = subordinate_range(&env.subuid, name, env.euid);
         let sub_g = subordinate_range(&env.subgid, name, env.euid);
-        match (sub_u, sub_g, &env.newuidmap, &env.newgidmap) {
-            (Some((us, uc)), Some((gs, gc)), Some(nu), Some(ng)) => full(
-                us,
-                uc,
-                gs,
-                gc,
-                Method::Helpers {
-                    newuidmap: nu.clone(),
-                    newgidmap: ng.clone(),
-                },
-            ),
+        let ((us, uc), (gs, gc), nu, ng) = match (sub_u, sub_g, &env.newuidmap, &env.newgidmap) {
+            (Some(u), Some(g), Some(nu), Some(ng)) => (u, g, nu, ng),
             (None, _, _, _) | (_, None, _, _) => {
-                single("your user has no range in /etc/subuid and /etc/subgid")
+                return Self::single(env, "your user has no range in /etc/subuid and /etc/subgid")
             }
-            _ => single("newuidmap/newgidmap are not installed (package uidmap)"),
+            _ => {
+                return Self::single(
+                    env,
+                    "newuidmap/newgidmap are not installed (package uidmap)",
+                )
+            }
+        };
+        let pair = |own: u32, start: u32, count: u32| {
+            vec![
+                Range {
+                    inside: 0,
+                    outside: own,
+                    count: 1,
+                },
+                Range {
+                    inside: 1,
+                    outside: start,
+                    count: count.min(FULL_RANGE - 1),
+                },
+            ]
+        };
+        IdMapping {
+            uids: pair(env.euid, us, uc),
+            gids: pair(env.egid, gs, gc),
+            method: Method::Helpers {
+                newuidmap: nu.clone(),
+                newgidmap: ng.clone(),
+            },
+            limited: None,
         }
     }
 

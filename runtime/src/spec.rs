@@ -173,6 +173,29 @@ impl SandboxConfig {
     /// The OCI runtime spec for this sandbox.
     pub fn to_spec(&self) -> Result<Spec> {
         let invalid = |e: oci_spec::OciSpecError| Error::InvalidSpec(e.to_string());
+        let process = self.process()?;
+        let (linux, annotations) = self.linux()?;
+        let root = RootBuilder::default()
+            .path(self.rootfs.clone())
+            .readonly(self.readonly_rootfs)
+            .build()
+            .map_err(invalid)?;
+        SpecBuilder::default()
+            .root(root)
+            .hostname(self.hostname.clone())
+            .process(process)
+            .linux(linux)
+            .mounts(self.mounts.clone())
+            .annotations(annotations)
+            .build()
+            .map_err(invalid)
+    }
+
+    /// The process: command, environment (PATH defaulted), user,
+    /// capabilities (none effective for a non-root user), limits, and
+    /// no_new_privs.
+    fn process(&self) -> Result<oci_spec::runtime::Process> {
+        let invalid = |e: oci_spec::OciSpecError| Error::InvalidSpec(e.to_string());
         let caps: HashSet<Capability> = DEFAULT_CAPS.into_iter().collect();
         // Non-root users start without effective or permitted capabilities,
         // as Docker does; the bounding set stays the default.
@@ -212,7 +235,7 @@ impl SandboxConfig {
         if let Some(m) = self.umask {
             user = user.umask(m);
         }
-        let process = ProcessBuilder::default()
+        ProcessBuilder::default()
             .args(self.args.clone())
             .env(env)
             .cwd(self.cwd.clone())
@@ -221,7 +244,18 @@ impl SandboxConfig {
             .rlimits(rlimits)
             .no_new_privileges(true)
             .build()
-            .map_err(invalid)?;
+            .map_err(invalid)
+    }
+
+    /// The namespaces (a network one unless host), masked and read-only
+    /// paths, and the annotations naming the seccomp profile and network.
+    fn linux(
+        &self,
+    ) -> Result<(
+        oci_spec::runtime::Linux,
+        std::collections::HashMap<String, String>,
+    )> {
+        let invalid = |e: oci_spec::OciSpecError| Error::InvalidSpec(e.to_string());
         let mut namespaces = vec![
             LinuxNamespaceType::User,
             LinuxNamespaceType::Mount,
@@ -260,20 +294,7 @@ impl SandboxConfig {
             .readonly_paths(READONLY_PATHS.map(String::from).to_vec())
             .build()
             .map_err(invalid)?;
-        let root = RootBuilder::default()
-            .path(self.rootfs.clone())
-            .readonly(self.readonly_rootfs)
-            .build()
-            .map_err(invalid)?;
-        SpecBuilder::default()
-            .root(root)
-            .hostname(self.hostname.clone())
-            .process(process)
-            .linux(linux)
-            .mounts(self.mounts.clone())
-            .annotations(annotations)
-            .build()
-            .map_err(invalid)
+        Ok((linux, annotations))
     }
 }
 

@@ -156,16 +156,18 @@ pub enum Import {
 fn fields(dir: &'static str, spec: &str) -> Result<(String, BTreeMap<String, String>)> {
     let mut kind = None;
     let mut rest = BTreeMap::new();
-    for part in spec.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| Error::Spec {
+    let pairs = crate::options::pairs(spec, crate::options::Quotes::FieldStart).map_err(|e| {
+        Error::Spec {
             dir,
             spec: spec.into(),
-            why: format!("{part:?} is not KEY=VALUE"),
-        })?;
+            why: e.to_string(),
+        }
+    })?;
+    for (k, v) in pairs {
         if k == "type" {
-            kind = Some(v.to_string());
+            kind = Some(v);
         } else {
-            rest.insert(k.to_string(), v.to_string());
+            rest.insert(k, v);
         }
     }
     let kind = kind.ok_or_else(|| Error::Spec {

@@ -38,7 +38,7 @@ use super::step_cache::{self, KeyBuilder};
 use super::FromSource;
 use crate::frontend::dockerignore::Matcher;
 use crate::frontend::instructions;
-use crate::frontend::mounts::{Mount, Sharing};
+use crate::frontend::mount_flags::{Mount, Sharing};
 use crate::image::cache_mounts::{CacheLease, CacheMounts, Init};
 use crate::session::secrets::Secrets;
 use crate::session::ssh::{Agent, Serving};

@@ -49,7 +49,7 @@ use nix::errno::Errno;
 use nix::fcntl::{renameat2, Flock, FlockArg, RenameFlags};
 use sha2::{Digest, Sha256};
 
-pub use crate::frontend::mounts::Sharing;
+pub use crate::frontend::mount_flags::Sharing;
 
 /// Errors of the cache mount store.
 #[derive(Debug, thiserror::Error)]

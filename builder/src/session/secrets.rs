@@ -76,10 +76,10 @@ fn parse_flag(flag: &str) -> Result<(String, Origin)> {
     let mut src = None;
     let mut env = None;
     let mut kind = None;
-    for part in flag.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| Error::Syntax(flag.to_string()))?;
+    let pairs = crate::options::pairs(flag, crate::options::Quotes::FieldStart)
+        .map_err(|_| Error::Syntax(flag.to_string()))?;
+    for (k, v) in &pairs {
+        let v = v.as_str();
         match k.trim().to_ascii_lowercase().as_str() {
             "id" => id = Some(v.to_string()),
             "src" | "source" => src = Some(v.to_string()),
