@@ -9,6 +9,9 @@
 //! [`child`] (the numbered setup sequence up to exec), [`idmap`], [`net`],
 //! [`seccomp`], [`user`].
 
+// Functions stay a screenful or two long (clippy.toml sets the limit).
+#![warn(clippy::too_many_lines)]
+
 #[cfg(test)]
 mod bpf;
 pub mod child;

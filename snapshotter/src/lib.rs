@@ -10,6 +10,9 @@
 //! - [`variants`]: compressed copies of plain layer blobs, made on demand
 //! - [`confine`]: Landlock for the code above that handles untrusted bytes
 
+// Functions stay a screenful or two long (clippy.toml sets the limit).
+#![warn(clippy::too_many_lines)]
+
 pub mod apply;
 pub mod backend;
 pub mod compression;

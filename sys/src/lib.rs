@@ -10,6 +10,9 @@
 //! [`write_all`] allocate nothing, so the sandbox child (which must stay
 //! async-signal-safe) may call them.
 
+// Functions stay a screenful or two long (clippy.toml sets the limit).
+#![warn(clippy::too_many_lines)]
+
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::RawFd;

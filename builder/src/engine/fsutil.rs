@@ -50,9 +50,12 @@ impl Meta {
 }
 
 fn stat_fd(fd: RawFd, name: &CString, flags: libc::c_int) -> io::Result<Meta> {
-    // SAFETY: `st` is a valid out-buffer and `name` is NUL-terminated.
+    // SAFETY: libc::stat is plain integers, for which all-zero bytes are a
+    // valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: see above.
+    // SAFETY: `name` is a NUL-terminated CString that outlives the call and
+    // `st` a live, writable stat buffer; fstatat writes only into it, and a
+    // bad `fd` is reported as EBADF, not undefined behaviour.
     check(unsafe { libc::fstatat(fd, name.as_ptr(), &mut st, flags) })?;
     Ok(Meta {
         mode: st.st_mode,
@@ -244,7 +247,10 @@ impl Root {
                     if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
                         return Err(io::Error::last_os_error());
                     }
-                    // SAFETY: as above; no symlink is followed.
+                    // SAFETY: `n` is a NUL-terminated CString alive across
+                    // the call and `fd` an open descriptor owned here;
+                    // fchownat takes no other pointers, and
+                    // AT_SYMLINK_NOFOLLOW means no symlink is followed.
                     check(unsafe {
                         libc::fchownat(
                             fd.as_raw_fd(),
@@ -307,12 +313,16 @@ pub fn create(
     match node {
         Node::Dir => {
             if existing.is_none_or(|e| !e.is_dir()) {
-                // SAFETY: as above.
+                // SAFETY: `n` is a NUL-terminated CString alive across the
+                // call; mkdirat reads only it, and a bad `dir` is EBADF.
                 check(unsafe { libc::mkdirat(dir, n.as_ptr(), 0o700) })?;
             }
         }
         Node::File(_) | Node::Bytes(_) => {
-            // SAFETY: as above; O_NOFOLLOW|O_EXCL: a fresh file only.
+            // SAFETY: `n` is a NUL-terminated CString alive across the
+            // call and openat reads only it; the returned descriptor is
+            // checked before it is owned. O_NOFOLLOW|O_EXCL: a fresh file
+            // only.
             let fd = unsafe {
                 libc::openat(
                     dir,

@@ -937,9 +937,12 @@ fn remove_stubs(rootfs: &Path, stubs: &[Stub]) {
         ) else {
             continue; // moved or replaced by the step: not ours any more
         };
-        // SAFETY: `st` is a valid out buffer, `n` a NUL-terminated name.
+        // SAFETY: libc::stat is plain integers, for which all-zero bytes
+        // are a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
+        // SAFETY: `n` is a NUL-terminated CString alive across the call and
+        // `st` a live, writable stat buffer that fstatat only writes into;
+        // `dir` is an open descriptor owned by this function.
         if unsafe {
             libc::fstatat(
                 dir.as_raw_fd(),
