@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::fsutil::{self, Meta, Node, Root};
-use super::image_state::clean_path;
 use super::parallel::parallel_map;
 use super::statcache::StatCache;
 use super::step_cache::KeyBuilder;
+use crate::frontend::clean_path;
 use crate::frontend::dockerignore::{DirHits, Matcher};
 use crate::frontend::instructions::{self, Chmod};
 

@@ -380,22 +380,7 @@ pub fn join_workdir(current: &str, w: &str) -> String {
     } else {
         format!("{}/{w}", if current.is_empty() { "/" } else { current })
     };
-    clean_path(&joined)
-}
-
-/// Lexically clean an absolute path (`.`, `..`, duplicate slashes).
-pub fn clean_path(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    crate::frontend::clean_path(&format!("/{joined}"))
 }
 
 #[cfg(test)]
@@ -407,7 +392,7 @@ mod tests {
         assert_eq!(join_workdir("", "app"), "/app");
         assert_eq!(join_workdir("/app", "src/../lib"), "/app/lib");
         assert_eq!(join_workdir("/app", "/x/"), "/x");
-        assert_eq!(clean_path("/../../etc"), "/etc");
+        assert_eq!(join_workdir("/", "../../etc"), "/etc");
     }
 
     #[test]

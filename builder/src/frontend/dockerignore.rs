@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use super::mount_flags::clean_path;
+use super::clean_path;
 
 /// Why ignore patterns could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -490,17 +490,6 @@ mod tests {
         ));
     }
 
-    /// The message and its causes, as the CLI prints them.
-    fn chain(err: &dyn std::error::Error) -> String {
-        let mut out = err.to_string();
-        let mut cause = err.source();
-        while let Some(c) = cause {
-            out = format!("{out}: {c}");
-            cause = c.source();
-        }
-        out
-    }
-
     #[test]
     fn errors_name_the_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -509,7 +498,7 @@ mod tests {
         let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
         assert_eq!(err.to_string(), file.display().to_string());
         assert_eq!(
-            chain(&err),
+            kiln_sys::error_chain(&err),
             format!(
                 "{}: syntax error in pattern \"[abc\" on line 4: missing closing ]",
                 file.display()
@@ -517,7 +506,10 @@ mod tests {
         );
         std::fs::write(&file, "a\n!\n").unwrap();
         let err = load(dir.path(), &dir.path().join("Dockerfile")).unwrap_err();
-        assert!(chain(&err).ends_with("on line 2; write !PATTERN"), "{err}");
+        assert!(
+            kiln_sys::error_chain(&err).ends_with("on line 2; write !PATTERN"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -530,7 +522,7 @@ mod tests {
         assert_eq!(err.to_string(), format!("cannot read {}", path.display()));
         let why = std::fs::read(&path).unwrap_err();
         assert_eq!(
-            chain(&err),
+            kiln_sys::error_chain(&err),
             format!("cannot read {}: {why}", path.display())
         );
     }

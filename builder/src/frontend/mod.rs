@@ -105,3 +105,30 @@ pub fn parse(src: &[u8], file: &str) -> Result<Ast> {
 pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan> {
     plan::plan(ast, opts)
 }
+
+/// Lexically clean an absolute or relative path (Go's `path.Clean`): the
+/// one path cleaner of the builder (the planner, `.dockerignore`, mount
+/// ids, WORKDIR and COPY destinations).
+pub fn clean_path(p: &str) -> String {
+    let rooted = p.starts_with('/');
+    let mut out: Vec<&str> = Vec::new();
+    for part in p.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if out.last().is_some_and(|l| *l != "..") {
+                    out.pop();
+                } else if !rooted {
+                    out.push("..");
+                }
+            }
+            x => out.push(x),
+        }
+    }
+    let joined = out.join("/");
+    match (rooted, joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".into(),
+        (false, false) => joined,
+    }
+}

@@ -3,12 +3,11 @@
 //! [`crate::options`] with [`Quotes::FieldStart`], as BuildKit reads it.
 //!
 //! Only the flag's text is interpreted here; nothing is mounted, and whether
-//! a secret or SSH socket exists is checked by the build engine. The module
-//! also holds [`clean_path`] (Go's `path.Clean`), which the planner and the
-//! `.dockerignore` matcher use too.
+//! a secret or SSH socket exists is checked by the build engine.
 
 use serde::Serialize;
 
+use super::clean_path;
 use super::shell::ShellError;
 use crate::options::{self, Quotes};
 
@@ -483,31 +482,6 @@ fn parse_sharing(v: &str) -> Result<Sharing> {
         "private" => Ok(Sharing::Private),
         "locked" => Ok(Sharing::Locked),
         other => Err(MountError::Sharing(other.to_string())),
-    }
-}
-
-/// Lexically clean an absolute or relative path (Go's `path.Clean`).
-pub fn clean_path(p: &str) -> String {
-    let rooted = p.starts_with('/');
-    let mut out: Vec<&str> = Vec::new();
-    for part in p.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                if out.last().is_some_and(|l| *l != "..") {
-                    out.pop();
-                } else if !rooted {
-                    out.push("..");
-                }
-            }
-            x => out.push(x),
-        }
-    }
-    let joined = out.join("/");
-    match (rooted, joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".into(),
-        (false, false) => joined,
     }
 }
 

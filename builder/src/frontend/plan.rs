@@ -22,9 +22,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use super::clean_path;
 use super::instructions::{self, check, Expander, Instruction};
 use super::location::Location;
-use super::mount_flags::{clean_path, Mount};
+use super::mount_flags::Mount;
 use super::parser::{Ast, Node};
 use super::platform::{Platform, PlatformError};
 use super::shell::Env;
