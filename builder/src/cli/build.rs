@@ -60,8 +60,9 @@ pub struct BuildArgs {
     #[arg(long, value_name = "OS/ARCH[/VARIANT],...")]
     platform: Vec<String>,
     /// Network of RUN steps: `sandbox` (own network namespace, outbound
-    /// through pasta or slirp4netns), `none` (only loopback) or `host`
-    /// (needs --allow network.host); RUN --network overrides it per step
+    /// through pasta or slirp4netns; `default` is the same, as buildx
+    /// names it), `none` (only loopback) or `host` (needs --allow
+    /// network.host); RUN --network overrides it per step
     #[arg(long, default_value = "sandbox", value_name = "MODE")]
     network: String,
     /// Under --network=sandbox, let steps reach the host's loopback
@@ -88,17 +89,33 @@ pub struct BuildArgs {
     #[arg(long, value_name = "ID[=SOCKET|KEY[,KEY...]]")]
     ssh: Vec<String>,
     /// Export the build cache: type=local,dest=DIR or type=registry,ref=REF
-    /// (each with [,mode=min|max]), or type=inline (records in the image
-    /// config)
+    /// (each with [,mode=min|max][,ignore-error=true]), a bare REF (as
+    /// type=registry,ref=REF), or type=inline (records in the image config)
     #[arg(long, value_name = "SPEC")]
     cache_to: Vec<String>,
-    /// Import a build cache: type=local,src=DIR or type=registry,ref=REF (a
-    /// cache manifest, or an image built with type=inline)
+    /// Import a build cache: type=local,src=DIR, type=registry,ref=REF or a
+    /// bare REF (a cache manifest, or an image built with type=inline)
     #[arg(long, value_name = "SPEC")]
     cache_from: Vec<String>,
     /// Push the image to the registry of each -t name after the build
     #[arg(long)]
     push: bool,
+    /// Write the image ID to FILE, as docker does: the config digest (a
+    /// multi-platform build's index digest)
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Write the build's result as JSON to FILE, as buildx does:
+    /// containerimage.digest, containerimage.config.digest,
+    /// containerimage.descriptor and image.name
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
+    /// No progress output; print only the image ID on success
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Set a label on the image (K=V; several allowed), as LABEL in the
+    /// target stage does, without a history entry
+    #[arg(long, value_name = "K=V")]
+    label: Vec<String>,
 }
 
 pub fn run(
@@ -106,7 +123,11 @@ pub fn run(
     insecure: &[String],
     args: BuildArgs,
 ) -> anyhow::Result<i32> {
-    let mode = progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?;
+    let mode = if args.quiet {
+        progress::Mode::Quiet
+    } else {
+        progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?
+    };
     let opts = build_options(root, insecure, &args)?;
     let epoch = opts.source_date_epoch;
     let outputs = outputs(&args)?;
@@ -149,6 +170,7 @@ pub fn run(
     };
     let store = crate::image::ImageStore::new(&built.snap);
     let image = store.get(&built.manifest, None)?;
+    let mut reported = None;
     for spec in &outputs {
         let t = std::time::Instant::now();
         let exported = export(&store, &image, spec, &export_opts)?;
@@ -158,9 +180,81 @@ pub fn run(
             let source = exported.manifest.digest().to_string();
             super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
         }
+        if reported.is_none() && names_an_image(spec) {
+            reported = Some(exported);
+        }
     }
-    println!("{}", built.manifest.digest());
+    // the ID buildx reports: the config digest the image output wrote
+    let image_id = reported
+        .as_ref()
+        .map_or_else(|| built.config_digest.to_string(), |e| e.config.to_string());
+    write_reports(&args, &image_id, metadata(reported.as_ref(), true))?;
+    if args.quiet {
+        println!("{image_id}");
+    } else {
+        println!("{}", built.manifest.digest());
+    }
     Ok(0)
+}
+
+/// Whether an output writes an image buildx reports in its metadata
+/// (image, oci, docker), as opposed to a file tree (local, tar).
+fn names_an_image(spec: &OutputSpec) -> bool {
+    use crate::image::output::OutputType;
+    matches!(
+        spec.kind,
+        OutputType::Image | OutputType::Oci | OutputType::Docker
+    )
+}
+
+/// The `--metadata-file` JSON of a build whose image output wrote
+/// `exported` (nothing when only file trees were written), with the keys
+/// buildx writes. `single`: one platform, so there is one config.
+fn metadata(exported: Option<&crate::image::export::Exported>, single: bool) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    if let Some(e) = exported {
+        if single {
+            m.insert(
+                "containerimage.config.digest".into(),
+                e.config.to_string().into(),
+            );
+        }
+        m.insert(
+            "containerimage.digest".into(),
+            e.manifest.digest().to_string().into(),
+        );
+        m.insert(
+            "containerimage.descriptor".into(),
+            serde_json::json!({
+                "mediaType": e.manifest.media_type().to_string(),
+                "digest": e.manifest.digest().to_string(),
+                "size": e.manifest.size(),
+            }),
+        );
+        if !e.names.is_empty() {
+            m.insert("image.name".into(), e.names.join(",").into());
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+/// `--iidfile` (the ID alone, no newline, as docker writes it) and
+/// `--metadata-file` (indented JSON, keys sorted, as buildx writes it).
+fn write_reports(
+    args: &BuildArgs,
+    image_id: &str,
+    metadata: serde_json::Value,
+) -> anyhow::Result<()> {
+    if let Some(path) = &args.iidfile {
+        std::fs::write(path, image_id).with_context(|| format!("--iidfile {}", path.display()))?;
+    }
+    if let Some(path) = &args.metadata_file {
+        let mut text = serde_json::to_vec_pretty(&metadata).context("--metadata-file")?;
+        text.push(b'\n');
+        std::fs::write(path, text)
+            .with_context(|| format!("--metadata-file {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// What the engine is asked to build, from the command line.
@@ -177,7 +271,12 @@ fn build_options(
         other => bail!("unknown --snapshotter {other:?}: use auto, fuse, overlay or copy"),
     };
     let allow_network_host = entitlements(&args.allow)?;
-    let network = kiln_runtime::Network::parse(&args.network, args.allow_host_loopback)?;
+    // `default` is buildx's name for the build's default network
+    let network_name = match args.network.as_str() {
+        "default" => "sandbox",
+        other => other,
+    };
+    let network = kiln_runtime::Network::parse(network_name, args.allow_host_loopback)?;
     // the same check every step makes, once before anything runs
     crate::engine::entitled_network(None, network, allow_network_host)?;
     let build_args = build_args(&args.build_arg);
@@ -237,7 +336,20 @@ fn build_options(
         // FROM names missing from the store are pulled with this client
         registry: Some(super::registry::client(insecure)?),
         platform: None,
+        labels: labels(&args.label)?,
     })
+}
+
+/// `--label K=V`, in order (a later K wins).
+fn labels(flags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    flags
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
 }
 
 /// `--allow`: whether network.host is granted.
@@ -314,6 +426,14 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
         .iter()
         .map(|o| OutputSpec::parse(o))
         .collect::<Result<Vec<_>, _>>()?;
+    // -t names every output that has a name and was given none
+    let tags = OutputSpec::image_store(&args.tag)?.names;
+    for o in outputs
+        .iter_mut()
+        .filter(|o| names_an_image(o) && o.names.is_empty())
+    {
+        o.names.clone_from(&tags);
+    }
     if outputs.is_empty() || !args.tag.is_empty() {
         let mut spec = OutputSpec::image_store(&args.tag)?;
         spec.push = args.push;
@@ -377,6 +497,7 @@ fn build_multi_platform(
         ));
     }
     let mut digest = None;
+    let mut reported = None;
     for spec in outputs {
         let t = std::time::Instant::now();
         let e = export_platforms(&store, &images, spec, export_opts)?;
@@ -392,7 +513,13 @@ fn build_multi_platform(
         ) {
             digest = Some(e.manifest.digest().clone());
         }
+        if reported.is_none() && names_an_image(spec) {
+            reported = Some(e);
+        }
     }
+    // a multi-platform image's ID is its index's digest
+    let image_id = digest.as_ref().map(ToString::to_string).unwrap_or_default();
+    write_reports(args, &image_id, metadata(reported.as_ref(), false))?;
     match digest {
         Some(d) => println!("{d}"),
         None => {

@@ -94,6 +94,9 @@ pub struct BuildOptions {
     pub registry: Option<crate::registry::Registry>,
     /// `--platform` (TARGETPLATFORM); the host's when None
     pub platform: Option<Platform>,
+    /// `--label K=V`: set on the image's config, as LABEL in the target
+    /// stage, without a history entry (the steps' keys do not include them)
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A built image, stored in the content store.

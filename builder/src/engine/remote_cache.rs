@@ -141,8 +141,17 @@ pub enum Mode {
 /// Where `--cache-to` writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Export {
-    Local { dest: PathBuf, mode: Mode },
-    Registry { reference: String, mode: Mode },
+    /// `ignore_error`: a failed export is a warning, not a failed build
+    Local {
+        dest: PathBuf,
+        mode: Mode,
+        ignore_error: bool,
+    },
+    Registry {
+        reference: String,
+        mode: Mode,
+        ignore_error: bool,
+    },
     Inline,
 }
 
@@ -154,6 +163,13 @@ pub enum Import {
 }
 
 fn fields(dir: &'static str, spec: &str) -> Result<(String, BTreeMap<String, String>)> {
+    // a bare reference is a registry cache, as buildx reads it
+    if !spec.is_empty() && !spec.contains('=') {
+        return Ok((
+            "registry".into(),
+            BTreeMap::from([("ref".to_string(), spec.to_string())]),
+        ));
+    }
     let mut kind = None;
     let mut rest = BTreeMap::new();
     let pairs = crate::options::pairs(spec, crate::options::Quotes::FieldStart).map_err(|e| {
@@ -211,6 +227,16 @@ impl Export {
         }
     }
 
+    /// `ignore-error=true`: a failed export only warns.
+    pub fn ignore_error(&self) -> bool {
+        match self {
+            Export::Local { ignore_error, .. } | Export::Registry { ignore_error, .. } => {
+                *ignore_error
+            }
+            Export::Inline => false,
+        }
+    }
+
     /// Parse a `--cache-to` value.
     pub fn parse(spec: &str) -> Result<Export> {
         let d = "to";
@@ -226,15 +252,36 @@ impl Export {
                 })
             }
         };
+        let ignore_error = match rest.remove("ignore-error").as_deref() {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(v) => {
+                return Err(Error::Spec {
+                    dir: d,
+                    spec: spec.into(),
+                    why: format!("ignore-error={v}: use true or false"),
+                })
+            }
+        };
         let out = match kind.as_str() {
             "local" => Export::Local {
                 dest: PathBuf::from(take(d, spec, &mut rest, "dest")?),
                 mode,
+                ignore_error: ignore_error.unwrap_or(false),
             },
             "registry" => Export::Registry {
                 reference: take(d, spec, &mut rest, "ref")?,
                 mode,
+                ignore_error: ignore_error.unwrap_or(false),
             },
+            "inline" if ignore_error.is_some() => {
+                return Err(Error::Spec {
+                    dir: d,
+                    spec: spec.into(),
+                    why: "ignore-error applies to local and registry caches".into(),
+                })
+            }
             "inline" if mode == Mode::Min => Export::Inline,
             "inline" => {
                 return Err(Error::Spec {
@@ -1017,8 +1064,28 @@ async fn read_registry_source(
     Ok((config, Box::new(blobs)))
 }
 
-/// Write one `--cache-to` (not `type=inline`, which lives in the image).
+/// Write one `--cache-to` (not `type=inline`, which lives in the image);
+/// with `ignore-error=true` a failure is a warning.
 pub async fn export(
+    snap: &Snapshotter,
+    registry: Option<&crate::registry::Registry>,
+    to: &Export,
+    records: &[Record],
+    progress: &super::progress::Progress,
+) -> Result<()> {
+    match export_one(snap, registry, to, records, progress).await {
+        Err(e) if to.ignore_error() => {
+            progress.summary(&format!(
+                "WARNING: --cache-to (ignore-error=true): {}",
+                crate::error_chain(&e)
+            ));
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+async fn export_one(
     snap: &Snapshotter,
     registry: Option<&crate::registry::Registry>,
     to: &Export,
@@ -1064,14 +1131,33 @@ mod tests {
             Export::parse("type=local,dest=/c").unwrap(),
             Export::Local {
                 dest: "/c".into(),
-                mode: Mode::Min
+                mode: Mode::Min,
+                ignore_error: false,
             }
         );
+        // a bare reference is a registry cache; ignore-error as buildx
+        assert_eq!(
+            Export::parse("r/c:t").unwrap(),
+            Export::parse("type=registry,ref=r/c:t").unwrap()
+        );
+        assert_eq!(
+            Import::parse("r/c:t").unwrap(),
+            Import::Registry {
+                reference: "r/c:t".into()
+            }
+        );
+        assert!(Export::parse("type=local,dest=/c,ignore-error=true")
+            .unwrap()
+            .ignore_error());
+        assert!(Export::parse("type=local,dest=/c,ignore-error=maybe").is_err());
+        assert!(Export::parse("type=inline,ignore-error=true").is_err());
+        assert!(Import::parse("type=local,src=/c,ignore-error=true").is_err());
         assert_eq!(
             Export::parse("type=registry,ref=r/c:t,mode=max").unwrap(),
             Export::Registry {
                 reference: "r/c:t".into(),
-                mode: Mode::Max
+                mode: Mode::Max,
+                ignore_error: false,
             }
         );
         assert_eq!(Export::parse("type=inline").unwrap(), Export::Inline);

@@ -279,7 +279,8 @@ impl Engine {
     }
 
     /// Export the caches, store the image and say what was built.
-    async fn finish(&self, state: ImageState, started: Instant) -> Result<Built> {
+    async fn finish(&self, mut state: ImageState, started: Instant) -> Result<Built> {
+        state.config.labels.extend(self.opts.labels.clone());
         let trail = self.trail.lock().map(|t| t.clone()).unwrap_or_default();
         // `type=inline` goes into this image's config; the other exports are
         // made here for one platform, and once, merged, by build_platforms for

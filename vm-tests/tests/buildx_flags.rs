@@ -1,0 +1,160 @@
+//! `kiln build` as a drop-in for `docker buildx build` in CI scripts: the
+//! flags scripts pass and the files they read afterwards, checked end to
+//! end with the real binary as the unprivileged test user.
+
+use std::process::Command;
+
+use kiln_vm_tests::{expect_failure, expect_success, run_checked, Project};
+
+/// The image ID docker and buildx print and write: a sha256 digest.
+fn is_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[test]
+fn iidfile_metadata_quiet_tags_and_labels_as_buildx_writes_them() {
+    let p = Project::new(
+        "buildx-flags",
+        "FROM scratch\nCOPY rootfs/ /\nLABEL from=dockerfile\nRUN true\n",
+    );
+    let (iid, meta, tar) = (
+        p.dir.join("iid"),
+        p.dir.join("meta.json"),
+        p.dir.join("img.tar"),
+    );
+    let (out, err) = expect_success(p.build(&[
+        "-q",
+        "--network",
+        "default",
+        "--iidfile",
+        &iid.display().to_string(),
+        "--metadata-file",
+        &meta.display().to_string(),
+        "-t",
+        "kiln-flags:v1",
+        "--label",
+        "team=ci",
+        "--label",
+        "from=flag",
+        "-o",
+        &format!("type=oci,dest={}", tar.display()),
+    ]));
+    // -q: the image ID alone on stdout, no progress on stderr
+    let id = out.trim();
+    assert!(is_digest(id), "stdout is not an image ID: {out:?}");
+    assert!(!err.contains("#1 "), "-q printed progress:\n{err}");
+    // --iidfile: the same ID, without a newline (as docker writes it)
+    assert_eq!(std::fs::read_to_string(&iid).unwrap(), id);
+    // --metadata-file: buildx's keys
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(m["containerimage.config.digest"], id, "{m}");
+    let digest = m["containerimage.digest"].as_str().unwrap_or_default();
+    assert!(is_digest(digest), "{m}");
+    assert_eq!(m["containerimage.descriptor"]["digest"], digest, "{m}");
+    assert_eq!(
+        m["containerimage.descriptor"]["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert!(m["containerimage.descriptor"]["size"].as_u64() > Some(0));
+    assert_eq!(m["image.name"], "docker.io/library/kiln-flags:v1");
+    // -t names the OCI output too: its index carries the tag umoci reads
+    let layout = p.dir.join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    run_checked(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&layout),
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = &index["manifests"][0];
+    assert_eq!(entry["digest"], digest);
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        "v1"
+    );
+    // --label: set on the config, over the Dockerfile's, with no history
+    // entry of its own
+    let inspect = run_checked(
+        Command::new("skopeo")
+            .args(["inspect", "--config"])
+            .arg(format!("oci-archive:{}:v1", tar.display())),
+    );
+    let config: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        config["config"]["Labels"],
+        serde_json::json!({"from": "flag", "team": "ci"})
+    );
+    assert_eq!(config["history"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn a_label_without_a_value_is_refused_before_the_build() {
+    let p = Project::new("buildx-label", "FROM scratch\nCOPY rootfs/ /\n");
+    let err = expect_failure(p.build(&["--label", "novalue"]));
+    assert!(err.contains("--label \"novalue\""), "{err}");
+}
+
+#[test]
+fn cache_flags_take_a_bare_reference_and_ignore_error() {
+    let p = Project::new("buildx-cache", "FROM scratch\nCOPY rootfs/ /\n");
+    // a file where the cache directory would go: the export cannot write
+    let blocked = p.dir.join("blocked");
+    std::fs::write(&blocked, "a file").unwrap();
+    kiln_vm_tests::give_to_test_user(&p.dir);
+    let dest = format!("type=local,dest={}/cache", blocked.display());
+    let err = expect_failure(p.build(&["--cache-to", &dest]));
+    assert!(err.contains("blocked/cache"), "{err}");
+    let (_, err) = expect_success(p.build(&["--cache-to", &format!("{dest},ignore-error=true")]));
+    assert!(
+        err.contains("WARNING: --cache-to (ignore-error=true)"),
+        "{err}"
+    );
+    // a bare --cache-from is a registry reference: nothing listens there,
+    // so it warns and the build goes on (with type=local it would be a
+    // directory, and fail differently)
+    let (_, err) =
+        expect_success(p.build(&["--no-cache", "--cache-from", "127.0.0.1:9/kiln/none:cache"]));
+    assert!(
+        err.contains("WARNING: --cache-from") && err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+    let err = expect_failure(p.build(&["--cache-to", "type=local,dest=x,colour=blue"]));
+    assert!(err.contains("unknown key \"colour\""), "{err}");
+}
+
+#[test]
+fn a_multi_platform_build_reports_its_index() {
+    let p = Project::new("buildx-multi", "FROM scratch\nCOPY rootfs/ /\n");
+    let (iid, meta, dir) = (
+        p.dir.join("iid"),
+        p.dir.join("meta.json"),
+        p.dir.join("layout"),
+    );
+    expect_success(p.build(&[
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--iidfile",
+        &iid.display().to_string(),
+        "--metadata-file",
+        &meta.display().to_string(),
+        "-o",
+        &format!("type=oci,dest={},tar=false", dir.display()),
+    ]));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap_or_default();
+    // the ID and the metadata name the index; there is no one config
+    assert!(is_digest(digest), "{index}");
+    assert_eq!(std::fs::read_to_string(&iid).unwrap(), digest);
+    assert_eq!(m["containerimage.digest"], digest, "{m}");
+    assert_eq!(
+        m["containerimage.descriptor"]["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert!(m.get("containerimage.config.digest").is_none(), "{m}");
+}
