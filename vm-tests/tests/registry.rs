@@ -723,6 +723,62 @@ fn tls_registry_with_htpasswd_needs_kiln_login() {
     assert!(err.contains(&name) && err.contains("certs.d"), "{err}");
 }
 
+/// `--pull`: a tag the store already has is resolved against its registry
+/// again; without it the stored image is used (kiln prefers local).
+#[test]
+fn pull_resolves_a_stored_tag_against_its_registry_again() {
+    let dir = test_dir("registry-pull");
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let (publisher, consumer) = (dir.join("publisher"), dir.join("consumer"));
+    import_busybox(&dir, &publisher);
+    let name = format!("{host}/base:latest");
+    let publish = |version: &str| {
+        let ctx = context(
+            &dir,
+            &format!("pub-{version}"),
+            &format!("FROM localhost/bb\nRUN echo {version} > /version\n"),
+        );
+        ok(&mut kiln_env(
+            &[],
+            &publisher,
+            &["build", "-q", &insecure, "--push", "-t", &name, p(&ctx)],
+        ));
+    };
+    let ctx = context(
+        &dir,
+        "use",
+        &format!("FROM {name}\nRUN cp /version /seen\n"),
+    );
+    let out = dir.join("out");
+    let dest = format!("type=local,dest={}", p(&out));
+    let seen = |extra: &[&str]| {
+        let mut args = vec!["build", "-q", insecure.as_str(), "-o", dest.as_str()];
+        args.extend_from_slice(extra);
+        args.push(p(&ctx));
+        ok(&mut kiln_env(&[], &consumer, &args));
+        fs::read_to_string(out.join("seen")).unwrap()
+    };
+    publish("one");
+    assert_eq!(seen(&[]), "one\n");
+    publish("two");
+    // the store has the name: without --pull it is used as it is
+    assert_eq!(seen(&[]), "one\n");
+    assert_eq!(seen(&["--pull"]), "two\n");
+    // the name now means the new image for builds without --pull too
+    assert_eq!(seen(&[]), "two\n");
+    let err = fails(&mut kiln_env(
+        &[],
+        &consumer,
+        &["build", "--pull", "--network", "none", p(&ctx)],
+    ));
+    assert!(
+        err.contains("--pull") && err.contains("--network=none"),
+        "{err}"
+    );
+}
+
 fn login_with(cmd: &mut Command, input: &str) -> Output {
     use std::io::Write;
     let mut child = cmd

@@ -116,6 +116,10 @@ pub struct BuildArgs {
     /// target stage does, without a history entry
     #[arg(long, value_name = "K=V")]
     label: Vec<String>,
+    /// Resolve FROM images with a tag against their registry even when the
+    /// store has the name (without it the stored image is used)
+    #[arg(long)]
+    pull: bool,
 }
 
 pub fn run(
@@ -279,6 +283,11 @@ fn build_options(
     let network = kiln_runtime::Network::parse(network_name, args.allow_host_loopback)?;
     // the same check every step makes, once before anything runs
     crate::engine::entitled_network(None, network, allow_network_host)?;
+    if args.pull && network == kiln_runtime::Network::None {
+        bail!(
+            "--pull asks the registries, and --network=none fetches nothing: drop one of the two"
+        );
+    }
     let build_args = build_args(&args.build_arg);
     let epoch = source_date_epoch(&build_args)?;
     let context = std::path::absolute(&args.context)?;
@@ -337,6 +346,7 @@ fn build_options(
         registry: Some(super::registry::client(insecure)?),
         platform: None,
         labels: labels(&args.label)?,
+        pull: args.pull,
     })
 }
 

@@ -42,9 +42,10 @@ pub fn load_bases(
         if bases.contains_key(&base_key) {
             continue;
         }
-        let loaded =
-            tokio::task::block_in_place(|| load_base(snap, registry, reference, &stage.platform))
-                .map_err(|e| offline_error(e, offline))?;
+        let loaded = tokio::task::block_in_place(|| {
+            load_base(snap, registry, opts.pull, reference, &stage.platform)
+        })
+        .map_err(|e| offline_error(e, offline))?;
         plan_opts
             .image_env
             .insert(reference.clone(), loaded.1.env_pairs());
@@ -69,6 +70,7 @@ fn offline_error(e: Error, offline: bool) -> Error {
 fn load_base(
     snap: &Arc<Snapshotter>,
     registry: Option<&crate::registry::Registry>,
+    pull: bool,
     name: &str,
     platform: &Platform,
 ) -> Result<(Key, ImageState)> {
@@ -78,24 +80,17 @@ fn load_base(
         variant: platform.variant.clone(),
     };
     let store = crate::image::ImageStore::new(snap).with_platform(want.clone());
-    let image = match (store.resolve(name), registry) {
-        // not stored: pull it (on a runtime worker, where unpacking may
-        // block in place), then resolve again
+    let stored = store.resolve(name);
+    // a name pinned by digest means one image: a stored one needs no request
+    let pinned = crate::image::reference::Reference::parse(name).is_ok_and(|r| r.digest.is_some());
+    let image = match (stored, registry) {
         (Err(crate::image::store::Error::NotFound(_)), Some(reg)) => {
-            let (snap2, reg, n, p) = (snap.clone(), reg.clone(), name.to_string(), want.clone());
-            let handle = tokio::runtime::Handle::current();
-            handle
-                .block_on(handle.spawn(async move {
-                    let store = crate::image::ImageStore::new(&snap2).with_platform(p.clone());
-                    reg.pull(&store, &n, &p).await.map(|_| ())
-                }))
-                .map_err(|e| {
-                    Error::Pull(Box::new(crate::registry::Error::Task {
-                        reference: name.to_string(),
-                        reason: crate::error_chain(&e),
-                    }))
-                })?
-                .map_err(|e| Error::Pull(Box::new(e)))?;
+            pull_into(snap, reg, name, &want)?;
+            store.resolve(name)
+        }
+        // --pull: the registry says what a tag means today
+        (Ok(_), Some(reg)) if pull && !pinned => {
+            pull_into(snap, reg, name, &want)?;
             store.resolve(name)
         }
         (r, _) => r,
@@ -108,6 +103,30 @@ fn load_base(
         },
     })?;
     image_base(&store, &image, name, platform)
+}
+
+/// Pull `name` for `want` into the store (on a runtime worker, where
+/// unpacking may block in place).
+fn pull_into(
+    snap: &Arc<Snapshotter>,
+    reg: &crate::registry::Registry,
+    name: &str,
+    want: &crate::image::Platform,
+) -> Result<()> {
+    let (snap2, reg, n, p) = (snap.clone(), reg.clone(), name.to_string(), want.clone());
+    let handle = tokio::runtime::Handle::current();
+    handle
+        .block_on(handle.spawn(async move {
+            let store = crate::image::ImageStore::new(&snap2).with_platform(p.clone());
+            reg.pull(&store, &n, &p).await.map(|_| ())
+        }))
+        .map_err(|e| {
+            Error::Pull(Box::new(crate::registry::Error::Task {
+                reference: name.to_string(),
+                reason: crate::error_chain(&e),
+            }))
+        })?
+        .map_err(|e| Error::Pull(Box::new(e)))
 }
 
 /// The image store choosing `platform`'s manifest from an index.
@@ -294,7 +313,8 @@ impl Engine {
     ) -> Result<(Key, ImageState)> {
         let offline = self.opts.network == kiln_runtime::Network::None;
         let registry = self.opts.registry.as_ref().filter(|_| !offline);
-        load_base(&self.snap, registry, reference, platform).map_err(|e| offline_error(e, offline))
+        load_base(&self.snap, registry, self.opts.pull, reference, platform)
+            .map_err(|e| offline_error(e, offline))
     }
 
     /// What `--build-context NAME=SOURCE` gives a `COPY --from=NAME`: a

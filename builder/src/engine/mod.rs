@@ -97,6 +97,9 @@ pub struct BuildOptions {
     /// `--label K=V`: set on the image's config, as LABEL in the target
     /// stage, without a history entry (the steps' keys do not include them)
     pub labels: BTreeMap<String, String>,
+    /// `--pull`: a FROM name with a tag is resolved against its registry
+    /// even when the store has it (a digest-pinned one never is)
+    pub pull: bool,
 }
 
 /// A built image, stored in the content store.
