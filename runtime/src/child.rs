@@ -239,6 +239,8 @@ pub struct Plan {
     pub masked: Vec<CString>,
     pub readonly: Vec<CString>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// /dev/shm's tmpfs options (mode and size)
+    pub shm: CString,
     pub last_cap: u32,
     pub bounding: u64,
     pub effective: u64,
@@ -437,7 +439,7 @@ fn setup_dev(p: &Plan, root: RawFd) {
         c"shm",
         c"tmpfs",
         nosuid | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(c"mode=1777,size=65536k"),
+        Some(p.shm.as_c_str()),
     )
     .or_fail(p, Stage::MountDevShm);
     for (target, name) in DEV_LINKS {

@@ -117,6 +117,8 @@ pub enum Error {
     HostLoopbackNeedsSandbox(String),
     #[error("unknown network mode {0:?}: use sandbox, none or host")]
     UnknownNetwork(String),
+    #[error("--ulimit {0:?}: expected NAME=SOFT[:HARD] with NAME one of core, cpu, data, fsize, locks, memlock, msgqueue, nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack and numbers (-1: unlimited), soft not above hard")]
+    BadUlimit(String),
     #[error("KILN_NETWORK_STACK={0:?} names no network stack: use pasta or slirp4netns")]
     NetworkStackUnknown(String),
     #[error("cannot set up the network policy of --network=sandbox ({what}): {errno}")]

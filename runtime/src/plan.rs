@@ -16,7 +16,7 @@ use oci_spec::runtime::{Capability, LinuxNamespaceType, Mount, PosixRlimitType, 
 use crate::error::{Error, Result};
 use crate::idmap::{IdMapping, Method, Range};
 use crate::seccomp::Profile;
-use crate::spec::{DEFAULT_PATH, SECCOMP_ANNOTATION};
+use crate::spec::{DEFAULT_PATH, SECCOMP_ANNOTATION, SHM_SIZE_ANNOTATION};
 
 /// What the host contributes to a plan: read by [`crate::sandbox`], built
 /// by tests.
@@ -103,6 +103,8 @@ pub struct SandboxPlan {
     pub caps: CapSets,
     pub last_cap: u32,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// the mount options of /dev/shm (its size)
+    pub shm: CString,
     pub seccomp: Profile,
     pub mounts: Vec<MountPlan>,
     /// absolute paths inside the new root
@@ -207,6 +209,7 @@ impl SandboxPlan {
             caps,
             last_cap: host.last_cap,
             rlimits,
+            shm: shm_options(spec)?,
             seccomp,
             mounts,
             masked: abs(linux.masked_paths())?,
@@ -433,6 +436,27 @@ fn capability_mask(set: Option<&HashSet<Capability>>) -> Result<u64> {
     Ok(mask)
 }
 
+/// /dev/shm's tmpfs options: the size from [`SHM_SIZE_ANNOTATION`] in
+/// bytes (at least 4 KiB), else Docker's 64 MiB.
+fn shm_options(spec: &Spec) -> Result<CString> {
+    let size = match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(SHM_SIZE_ANNOTATION))
+    {
+        None => 64 << 20,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n >= 4096 => n,
+            _ => {
+                return Err(Error::InvalidSpec(format!(
+                    "{SHM_SIZE_ANNOTATION}={v:?}: a size in bytes, at least 4096"
+                )))
+            }
+        },
+    };
+    cstring("the /dev/shm options", format!("mode=1777,size={size}"))
+}
+
 fn rlimit_resource(kind: PosixRlimitType) -> libc::__rlimit_resource_t {
     match kind {
         PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
@@ -604,6 +628,19 @@ mod tests {
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP) as u64;
+
+    #[test]
+    fn shm_is_docker_s_64_mib_unless_sized() {
+        let p = plan_of(&config(), full_map(), &host()).unwrap();
+        assert_eq!(p.shm.to_str(), Ok("mode=1777,size=67108864"));
+        let mut c = config();
+        c.shm_size = Some(128 << 20);
+        let p = plan_of(&c, full_map(), &host()).unwrap();
+        assert_eq!(p.shm.to_str(), Ok("mode=1777,size=134217728"));
+        c.shm_size = Some(10);
+        let e = plan_of(&c, full_map(), &host()).err().expect("too small");
+        assert!(e.to_string().contains("at least 4096"), "{e}");
+    }
 
     #[test]
     fn default_sandbox_shares_memory_and_a_helper_makes_the_network() {

@@ -349,6 +349,7 @@ fn realise(plan: SandboxPlan, opts: &mut RunOptions) -> Result<Prepared> {
         masked: plan.masked,
         readonly: plan.readonly,
         rlimits: plan.rlimits,
+        shm: plan.shm,
         last_cap: plan.last_cap,
         bounding: plan.caps.bounding,
         effective: plan.caps.effective,

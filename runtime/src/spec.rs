@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// Annotation naming the seccomp profile: `default`, `unconfined`, or the
 /// path of a profile in seccompiler's JSON format.
 pub const SECCOMP_ANNOTATION: &str = "run.kiln.seccomp";
+/// The size of the sandbox's /dev/shm in bytes (64 MiB when absent, as
+/// Docker's default).
+pub const SHM_SIZE_ANNOTATION: &str = "run.kiln.shm-size";
 
 /// PATH when the caller gives none (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -128,6 +131,45 @@ pub struct Rlimit {
     pub hard: u64,
 }
 
+impl Rlimit {
+    /// Docker's `--ulimit NAME=SOFT[:HARD]` (HARD defaults to SOFT; -1 is
+    /// unlimited), e.g. `nofile=1024:4096`.
+    pub fn parse_docker(s: &str) -> Result<Rlimit> {
+        let bad = || Error::BadUlimit(s.to_string());
+        let (name, values) = s.split_once('=').ok_or_else(bad)?;
+        let kind = match name {
+            "core" => PosixRlimitType::RlimitCore,
+            "cpu" => PosixRlimitType::RlimitCpu,
+            "data" => PosixRlimitType::RlimitData,
+            "fsize" => PosixRlimitType::RlimitFsize,
+            "locks" => PosixRlimitType::RlimitLocks,
+            "memlock" => PosixRlimitType::RlimitMemlock,
+            "msgqueue" => PosixRlimitType::RlimitMsgqueue,
+            "nice" => PosixRlimitType::RlimitNice,
+            "nofile" => PosixRlimitType::RlimitNofile,
+            "nproc" => PosixRlimitType::RlimitNproc,
+            "rss" => PosixRlimitType::RlimitRss,
+            "rtprio" => PosixRlimitType::RlimitRtprio,
+            "rttime" => PosixRlimitType::RlimitRttime,
+            "sigpending" => PosixRlimitType::RlimitSigpending,
+            "stack" => PosixRlimitType::RlimitStack,
+            _ => return Err(bad()),
+        };
+        let value = |v: &str| match v {
+            "-1" => Ok(u64::MAX),
+            v => v.parse::<u64>().map_err(|_| bad()),
+        };
+        let (soft, hard) = match values.split_once(':') {
+            Some((s, h)) => (value(s)?, value(h)?),
+            None => (value(values)?, value(values)?),
+        };
+        if soft > hard {
+            return Err(bad());
+        }
+        Ok(Rlimit { kind, soft, hard })
+    }
+}
+
 /// What a caller decides about one sandbox; everything else is kiln's
 /// default.
 #[derive(Debug, Clone)]
@@ -144,6 +186,8 @@ pub struct SandboxConfig {
     pub hostname: String,
     pub network: Network,
     pub rlimits: Vec<Rlimit>,
+    /// /dev/shm's size in bytes; 64 MiB when None
+    pub shm_size: Option<u64>,
     /// `default`, `unconfined` or a profile path
     pub seccomp: String,
     pub readonly_rootfs: bool,
@@ -164,6 +208,7 @@ impl SandboxConfig {
             hostname: "kiln".into(),
             network: Network::None,
             rlimits: Vec::new(),
+            shm_size: None,
             seccomp: "default".into(),
             readonly_rootfs: false,
             mounts: Vec::new(),
@@ -268,6 +313,9 @@ impl SandboxConfig {
             [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
                 .into_iter()
                 .collect();
+        if let Some(bytes) = self.shm_size {
+            annotations.insert(SHM_SIZE_ANNOTATION.into(), bytes.to_string());
+        }
         match self.network {
             Network::None => namespaces.push(LinuxNamespaceType::Network),
             Network::Host => {}
@@ -300,6 +348,30 @@ impl SandboxConfig {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn ulimits_parse_as_docker() {
+        assert_eq!(
+            Rlimit::parse_docker("nofile=1024:4096").unwrap(),
+            Rlimit {
+                kind: PosixRlimitType::RlimitNofile,
+                soft: 1024,
+                hard: 4096
+            }
+        );
+        let core = Rlimit::parse_docker("core=-1").unwrap();
+        assert_eq!((core.soft, core.hard), (u64::MAX, u64::MAX));
+        for bad in [
+            "nofile",
+            "files=1",
+            "nofile=a",
+            "nofile=10:5",
+            "nproc=1:2:3",
+        ] {
+            assert!(Rlimit::parse_docker(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn each_cpus_thermal_throttle_is_masked() {
@@ -328,8 +400,6 @@ mod tests {
             assert!(paths.iter().any(|m| m == p), "{p}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn network_modes_parse_strictly() {

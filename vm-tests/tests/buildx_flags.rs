@@ -158,3 +158,39 @@ fn a_multi_platform_build_reports_its_index() {
     );
     assert!(m.get("containerimage.config.digest").is_none(), "{m}");
 }
+
+#[test]
+fn shm_size_and_ulimits_reach_run_steps_and_their_keys() {
+    let p = Project::new(
+        "buildx-limits",
+        "FROM scratch\nCOPY rootfs/ /\nRUN df -k /dev/shm | tail -n 1 > /shm && ulimit -n > /soft && ulimit -Hn > /hard\n",
+    );
+    let out = p.local_out();
+    expect_success(p.build(&["-o", &out]));
+    let shm_kib = |p: &Project| -> String {
+        p.out("shm")
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Docker's default: 64 MiB
+    assert_eq!(shm_kib(&p), "65536", "{}", p.out("shm"));
+    let (_, err) = expect_success(p.build(&[
+        "--progress",
+        "plain",
+        "--shm-size",
+        "128m",
+        "--ulimit",
+        "nofile=512:1024",
+        "-o",
+        &out,
+    ]));
+    // a new key: the RUN step ran again with the new limits
+    assert!(err.contains("1 steps run, 1 cached"), "{err}");
+    assert_eq!(shm_kib(&p), "131072", "{}", p.out("shm"));
+    assert_eq!(p.out("soft").trim(), "512");
+    assert_eq!(p.out("hard").trim(), "1024");
+    let err = expect_failure(p.build(&["--ulimit", "files=1"]));
+    assert!(err.contains("--ulimit \"files=1\""), "{err}");
+}

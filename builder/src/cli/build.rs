@@ -120,6 +120,13 @@ pub struct BuildArgs {
     /// store has the name (without it the stored image is used)
     #[arg(long)]
     pull: bool,
+    /// Size of /dev/shm in RUN steps (e.g. 128m; default 64m)
+    #[arg(long = "shm-size", value_name = "SIZE")]
+    shm_size: Option<String>,
+    /// A resource limit of RUN steps, as docker: NAME=SOFT[:HARD], e.g.
+    /// nofile=1024:4096 (several allowed)
+    #[arg(long, value_name = "NAME=SOFT[:HARD]")]
+    ulimit: Vec<String>,
 }
 
 pub fn run(
@@ -347,6 +354,16 @@ fn build_options(
         platform: None,
         labels: labels(&args.label)?,
         pull: args.pull,
+        shm_size: args
+            .shm_size
+            .as_deref()
+            .map(|s| crate::cli::prune::parse_size(s).context("--shm-size"))
+            .transpose()?,
+        ulimits: args
+            .ulimit
+            .iter()
+            .map(|u| kiln_runtime::spec::Rlimit::parse_docker(u))
+            .collect::<Result<_, _>>()?,
     })
 }
 

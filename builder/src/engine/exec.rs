@@ -75,6 +75,9 @@ pub struct RunSpec<'a> {
     pub emulators: Vec<kiln_runtime::Emulator>,
     /// masks the build's secrets in the step's output
     pub redactor: Arc<Redactor>,
+    /// `--shm-size` and `--ulimit`
+    pub shm_size: Option<u64>,
+    pub ulimits: &'a [kiln_runtime::spec::Rlimit],
 }
 
 /// argv and the script to feed on stdin (for `#!` heredocs).
@@ -249,6 +252,8 @@ fn sandbox_config(rootfs: &Path, spec: &RunSpec<'_>, args: Vec<String>) -> Resul
     config.network = spec.network;
     config.hostname = "kiln".into();
     config.mounts = spec.mounts.clone();
+    config.shm_size = spec.shm_size;
+    config.rlimits = spec.ulimits.to_vec();
     let user = if spec.state.config.user.is_empty() {
         "0"
     } else {

@@ -100,6 +100,10 @@ pub struct BuildOptions {
     /// `--pull`: a FROM name with a tag is resolved against its registry
     /// even when the store has it (a digest-pinned one never is)
     pub pull: bool,
+    /// `--shm-size`: /dev/shm of RUN steps, in bytes
+    pub shm_size: Option<u64>,
+    /// `--ulimit`: resource limits of RUN steps
+    pub ulimits: Vec<kiln_runtime::spec::Rlimit>,
 }
 
 /// A built image, stored in the content store.

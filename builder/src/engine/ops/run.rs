@@ -75,7 +75,8 @@ impl Engine {
     /// as planned (command, flags, mounts as written), the build args in
     /// scope (not the proxy args, as BuildKit), the working directory, the
     /// network the step gets, the `--add-host` entries (they change what
-    /// the step's /etc/hosts says), and what each mount brings in
+    /// the step's /etc/hosts says), `--shm-size` and `--ulimit` when given,
+    /// and what each mount brings in
     /// ([`run_mounts::key_inputs`]: the key of a `from=` source, the
     /// checksum of a bind-mounted context directory).
     pub(super) fn run_key(
@@ -95,6 +96,13 @@ impl Engine {
         k.str(workdir).str(&format!("{network:?}"));
         for (name, ip) in &self.opts.extra_hosts {
             k.str(&format!("add-host {name} {ip}"));
+        }
+        // as BuildKit's exec op: the step's /dev/shm and limits
+        if let Some(size) = self.opts.shm_size {
+            k.str(&format!("shm-size {size}"));
+        }
+        for u in &self.opts.ulimits {
+            k.str(&format!("ulimit {:?} {} {}", u.kind, u.soft, u.hard));
         }
         run_mounts::key_inputs(&run.mounts, &ctx.from, resources, &mut k)?;
         Ok(k.finish())
@@ -134,6 +142,8 @@ impl Engine {
             env: std::mem::take(&mut mounted.env),
             redactor: Arc::clone(&self.redactor),
             emulators,
+            shm_size: self.opts.shm_size,
+            ulimits: &self.opts.ulimits,
         };
         let r = exec::run(view.path(), spec, &self.progress);
         for warning in mounted.stop_agents() {
