@@ -779,6 +779,54 @@ fn pull_resolves_a_stored_tag_against_its_registry_again() {
     );
 }
 
+/// `-o type=registry,name=REF`: buildx's shorthand for an image output
+/// that is pushed; the registry then serves the manifest the build printed.
+#[test]
+fn a_registry_output_pushes_its_names() {
+    let dir = test_dir("registry-output");
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let state = dir.join("state");
+    import_busybox(&dir, &state);
+    let ctx = context(&dir, "ctx", "FROM localhost/bb\nRUN echo pushed > /o\n");
+    let out = ok(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "build",
+            &insecure,
+            "-o",
+            &format!("type=registry,name={host}/out:1"),
+            p(&ctx),
+        ],
+    ));
+    let digest = out.trim().lines().last().unwrap().to_string();
+    let raw = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{host}/v2/out/manifests/1"),
+    ]);
+    assert_eq!(sha256_of(&raw, &dir), digest);
+    let err = fails(&mut kiln_env(
+        &[],
+        &state,
+        &["build", &insecure, "-o", "type=registry", p(&ctx)],
+    ));
+    assert!(err.contains("needs name= or -t NAME"), "{err}");
+    let err = fails(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "build",
+            "-o",
+            &format!("type=registry,name={host}/out:1,push=false"),
+            p(&ctx),
+        ],
+    ));
+    assert!(err.contains("type=registry always pushes"), "{err}");
+}
+
 fn login_with(cmd: &mut Command, input: &str) -> Output {
     use std::io::Write;
     let mut child = cmd

@@ -182,14 +182,19 @@ pub fn run(
     let store = crate::image::ImageStore::new(&built.snap);
     let image = store.get(&built.manifest, None)?;
     let mut reported = None;
+    let mut pushed = None;
     for spec in &outputs {
         let t = std::time::Instant::now();
-        let exported = export(&store, &image, spec, &export_opts)?;
+        let mut exported = export(&store, &image, spec, &export_opts)?;
         exported_line(&progress, spec, t);
         if spec.push {
             // the exporter named the image in the store; push those names
             let source = exported.manifest.digest().to_string();
-            super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
+            let sent =
+                super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
+            // what the registry has is what buildx reports
+            exported.manifest = sent.clone();
+            pushed.get_or_insert(sent);
         }
         if reported.is_none() && names_an_image(spec) {
             reported = Some(exported);
@@ -203,7 +208,10 @@ pub fn run(
     if args.quiet {
         println!("{image_id}");
     } else {
-        println!("{}", built.manifest.digest());
+        // the pushed manifest's digest when the image was pushed (the one a
+        // `FROM name@digest` can use), else the stored one
+        let digest = pushed.as_ref().unwrap_or(&built.manifest).digest();
+        println!("{digest}");
     }
     Ok(0)
 }
@@ -461,6 +469,9 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
     {
         o.names.clone_from(&tags);
     }
+    if outputs.iter().any(|o| o.push && o.names.is_empty()) {
+        bail!("an output that pushes (type=registry or push=true) needs name= or -t NAME");
+    }
     if outputs.is_empty() || !args.tag.is_empty() {
         let mut spec = OutputSpec::image_store(&args.tag)?;
         spec.push = args.push;
@@ -527,12 +538,13 @@ fn build_multi_platform(
     let mut reported = None;
     for spec in outputs {
         let t = std::time::Instant::now();
-        let e = export_platforms(&store, &images, spec, export_opts)?;
+        let mut e = export_platforms(&store, &images, spec, export_opts)?;
         exported_line(progress, spec, t);
         if spec.push {
             // the index and its manifests, under the names it was given
             let source = e.manifest.digest().to_string();
-            super::registry::push_names(&built[0].1.snap, insecure, &source, &e.names)?;
+            let sent = super::registry::push_names(&built[0].1.snap, insecure, &source, &e.names)?;
+            e.manifest = sent;
         }
         if matches!(
             spec.kind,

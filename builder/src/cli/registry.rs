@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use kiln_snapshotter::snapshot::Snapshotter;
+use oci_spec::image::{Descriptor, MediaType};
 
 use crate::image::{ImageStore, Platform, StateDir};
 use crate::registry::{auth, config, Registry};
@@ -102,18 +103,21 @@ pub fn push(root: Option<&Path>, insecure: &[String], args: PushArgs) -> anyhow:
     Ok(0)
 }
 
-/// Push every name of `names` (used by `--push` and `push=true`).
+/// Push every name of `names` (used by `--push` and `push=true`); the
+/// manifest (or index) the registry now has, as pushed (layers the store
+/// keeps plain go compressed, so its digest is not the stored one).
 pub fn push_names(
     snap: &Arc<Snapshotter>,
     insecure: &[String],
     source: &str,
     names: &[String],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Descriptor> {
     if names.is_empty() {
         bail!("push=true needs a name: add -t NAME or name=NAME");
     }
     let reg = client(insecure)?;
     let rt = runtime()?;
+    let mut last = None;
     for n in names {
         let (snap, reg, source, n) = (snap.clone(), reg.clone(), source.to_string(), n.clone());
         let pushed = rt.block_on(rt.spawn(async move {
@@ -121,8 +125,14 @@ pub fn push_names(
             reg.push(&store, &source, Some(&n)).await
         }))??;
         eprintln!("pushed {} {}", pushed.reference, pushed.digest);
+        last = Some(pushed);
     }
-    Ok(())
+    let pushed = last.expect("at least one name");
+    Ok(Descriptor::new(
+        MediaType::from(pushed.media_type.as_str()),
+        pushed.size,
+        pushed.digest,
+    ))
 }
 
 fn open_store(root: Option<&Path>) -> anyhow::Result<Arc<Snapshotter>> {

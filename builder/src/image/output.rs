@@ -35,8 +35,12 @@ pub enum Error {
     Duplicate { spec: String, key: String },
     #[error("--output {spec:?}: type= is missing; use type=image, oci, docker, local or tar")]
     MissingType { spec: String },
-    #[error("--output {spec:?}: unknown type {value:?}; use image, oci, docker, local or tar")]
+    #[error(
+        "--output {spec:?}: unknown type {value:?}; use image, registry, oci, docker, local or tar"
+    )]
     UnknownType { spec: String, value: String },
+    #[error("--output {spec:?}: type=registry always pushes (use type=image for push=false)")]
+    RegistryPush { spec: String },
     #[error("--output {spec:?}: unknown key {key:?} for type={kind}; it takes {allowed}")]
     UnknownKey {
         spec: String,
@@ -190,6 +194,15 @@ impl OutputSpec {
         }
         out.compression = compression.resolve(spec)?;
         out.check_dest(spec)?;
+        if pairs.iter().any(|(k, v)| k == "type" && v == "registry") {
+            if pairs
+                .iter()
+                .any(|(k, v)| k == "push" && parse_bool(v) == Some(false))
+            {
+                return Err(Error::RegistryPush { spec: spec.into() });
+            }
+            out.push = true;
+        }
         if kind == OutputType::Docker && !pairs.iter().any(|(k, _)| k == "oci-mediatypes") {
             out.oci_mediatypes = false;
         }
@@ -363,7 +376,8 @@ fn output_type(spec: &str, pairs: &[(String, String)]) -> Result<OutputType> {
         return Err(Error::MissingType { spec: spec.into() });
     };
     Ok(match v.as_str() {
-        "image" => OutputType::Image,
+        // buildx's shorthand for type=image,push=true
+        "image" | "registry" => OutputType::Image,
         "oci" => OutputType::Oci,
         "docker" => OutputType::Docker,
         "local" => OutputType::Local,

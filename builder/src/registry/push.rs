@@ -18,6 +18,10 @@ pub struct Pushed {
     pub reference: String,
     /// the digest of the manifest (or index) pushed last
     pub digest: Digest,
+    /// its size and media type (with `digest`, what buildx reports as
+    /// `containerimage.descriptor`)
+    pub size: u64,
+    pub media_type: String,
     /// blobs uploaded, mounted, and already present
     pub uploaded: usize,
     pub mounted: usize,
@@ -321,89 +325,105 @@ impl Registry {
         let remote = remote_ref(&r, &host);
         self.authenticate(&name, &host, &remote, Op::Push).await?;
         let mount_from = mount_sources(store, &image, &r);
+        let mut counts = Counts::default();
+        let top = image.target.clone();
+        let bytes = if top.digest() != image.manifest_descriptor.digest() {
+            self.push_index_children(store, &r, &image, &mount_from, &mut counts)
+                .await?
+        } else {
+            self.push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
+                .await?
+        };
+        let top_digest = digest_of(&bytes);
+        let top_size = bytes.len() as u64;
+        self.push_manifest(&r, bytes, top.media_type().as_ref())
+            .await?;
+        Ok(Pushed {
+            reference: name,
+            digest: top_digest,
+            size: top_size,
+            media_type: top.media_type().to_string(),
+            uploaded: counts.uploaded,
+            mounted: counts.mounted,
+            present: counts.present,
+        })
+    }
+
+    /// An index: push every child manifest the store holds (by digest),
+    /// and return the index's bytes naming them as they were sent (for
+    /// the caller to push under the tag).
+    async fn push_index_children(
+        &self,
+        store: &ImageStore<'_>,
+        r: &Reference,
+        image: &Image,
+        mount_from: &[Reference],
+        counts: &mut Counts,
+    ) -> Result<Vec<u8>> {
+        let name = r.to_string();
         let content = store.snapshotter().content();
         let store_err = |context: &'static str, e: store::Error| Error::Store {
             reference: name.clone(),
             context,
             source: Box::new(e),
         };
-        let mut counts = Counts::default();
-        let top = image.target.clone();
-        let top_digest;
-        if top.digest() != image.manifest_descriptor.digest() {
-            // an index: every child manifest the store holds, by digest,
-            // then the index under the tag
-            let bytes = content
-                .read_blob(top.digest())
-                .map_err(|e| store_err("cannot read the image index", e.into()))?;
-            let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::BadManifest {
-                reference: name.clone(),
-                reason: crate::error_chain(&e),
-            })?;
-            let mut sent = Vec::new();
-            for child in index.manifests() {
-                if !content.contains(child.digest()) {
-                    return Err(Error::BadManifest {
-                        reference: name.clone(),
-                        reason: format!(
-                            "the stored index lists manifest {} that is not in the local store (only one platform was pulled); push that platform's manifest by digest instead",
-                            child.digest()
-                        ),
-                    });
-                }
-                let child_img = store
-                    .get(child, None)
-                    .map_err(|e| store_err("cannot read a manifest of the index", e))?;
-                let mbytes = self
-                    .push_manifest_tree(store, &r, &child_img, &mount_from, &mut counts)
-                    .await?;
-                let digest = digest_of(&mbytes);
-                let by_digest = Reference {
-                    tag: None,
-                    digest: Some(digest.to_string()),
-                    ..r.clone()
-                };
-                sent.push((digest, mbytes.len()));
-                self.push_manifest(&by_digest, mbytes, child.media_type().as_ref())
-                    .await?;
+        let top = &image.target;
+        // an index: every child manifest the store holds, by digest,
+        // then the index under the tag
+        let bytes = content
+            .read_blob(top.digest())
+            .map_err(|e| store_err("cannot read the image index", e.into()))?;
+        let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::BadManifest {
+            reference: name.clone(),
+            reason: crate::error_chain(&e),
+        })?;
+        let mut sent = Vec::new();
+        for child in index.manifests() {
+            if !content.contains(child.digest()) {
+                return Err(Error::BadManifest {
+                    reference: name.clone(),
+                    reason: format!(
+                        "the stored index lists manifest {} that is not in the local store (only one platform was pulled); push that platform's manifest by digest instead",
+                        child.digest()
+                    ),
+                });
             }
-            // the index names the manifests as they were sent
-            let same = sent
-                .iter()
-                .zip(index.manifests())
-                .all(|((d, _), child)| d == child.digest());
-            let bytes = if same {
-                bytes
-            } else {
-                let mut v: serde_json::Value =
-                    serde_json::from_slice(&bytes).map_err(|e| Error::BadManifest {
-                        reference: name.clone(),
-                        reason: crate::error_chain(&e),
-                    })?;
-                for (i, (digest, size)) in sent.into_iter().enumerate() {
-                    v["manifests"][i]["digest"] = digest.to_string().into();
-                    v["manifests"][i]["size"] = size.into();
-                }
-                serde_json::to_vec(&v).expect("json serialises")
+            let child_img = store
+                .get(child, None)
+                .map_err(|e| store_err("cannot read a manifest of the index", e))?;
+            let mbytes = self
+                .push_manifest_tree(store, r, &child_img, mount_from, counts)
+                .await?;
+            let digest = digest_of(&mbytes);
+            let by_digest = Reference {
+                tag: None,
+                digest: Some(digest.to_string()),
+                ..r.clone()
             };
-            top_digest = digest_of(&bytes);
-            self.push_manifest(&r, bytes, top.media_type().as_ref())
-                .await?;
-        } else {
-            let bytes = self
-                .push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
-                .await?;
-            top_digest = digest_of(&bytes);
-            self.push_manifest(&r, bytes, top.media_type().as_ref())
+            sent.push((digest, mbytes.len()));
+            self.push_manifest(&by_digest, mbytes, child.media_type().as_ref())
                 .await?;
         }
-        Ok(Pushed {
-            reference: name,
-            digest: top_digest,
-            uploaded: counts.uploaded,
-            mounted: counts.mounted,
-            present: counts.present,
-        })
+        // the index names the manifests as they were sent
+        let same = sent
+            .iter()
+            .zip(index.manifests())
+            .all(|((d, _), child)| d == child.digest());
+        let bytes = if same {
+            bytes
+        } else {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| Error::BadManifest {
+                    reference: name.clone(),
+                    reason: crate::error_chain(&e),
+                })?;
+            for (i, (digest, size)) in sent.into_iter().enumerate() {
+                v["manifests"][i]["digest"] = digest.to_string().into();
+                v["manifests"][i]["size"] = size.into();
+            }
+            serde_json::to_vec(&v).expect("json serialises")
+        };
+        Ok(bytes)
     }
 }
 
