@@ -194,3 +194,19 @@ fn shm_size_and_ulimits_reach_run_steps_and_their_keys() {
     let err = expect_failure(p.build(&["--ulimit", "files=1"]));
     assert!(err.contains("--ulimit \"files=1\""), "{err}");
 }
+
+#[test]
+fn load_keeps_the_image_in_the_store_beside_other_outputs() {
+    let p = Project::new("buildx-load", "FROM scratch\nCOPY rootfs/ /\n");
+    let out = p.local_out();
+    let images = |p: &Project| {
+        let o = kiln_vm_tests::kiln(["--root", &p.state("state"), "images", "-q", "--no-trunc"])
+            .output()
+            .expect("kiln images");
+        expect_success(o).0
+    };
+    expect_success(p.build(&["-o", &out]));
+    assert_eq!(images(&p).trim(), "", "a local output alone stores nothing");
+    let (id, _) = expect_success(p.build(&["-q", "--load", "-o", &out]));
+    assert!(images(&p).contains(id.trim()), "{}", images(&p));
+}

@@ -100,6 +100,11 @@ pub struct BuildArgs {
     /// Push the image to the registry of each -t name after the build
     #[arg(long)]
     push: bool,
+    /// Store the image in kiln's local image store (buildx's `--load`;
+    /// kiln's store is where `kiln run`, `kiln images` and later builds
+    /// find it), also when -o names other outputs
+    #[arg(long)]
+    load: bool,
     /// Write the image ID to FILE, as docker does: the config digest (a
     /// multi-platform build's index digest)
     #[arg(long, value_name = "FILE")]
@@ -199,6 +204,11 @@ pub fn run(
         if reported.is_none() && names_an_image(spec) {
             reported = Some(exported);
         }
+    }
+    // --load without a name: kept in the store as an unnamed image (listed
+    // as <none>, removed by `kiln prune --all`), as docker keeps one
+    if args.load && args.tag.is_empty() {
+        store.add_unnamed(&image.target)?;
     }
     // the ID buildx reports: the config digest the image output wrote
     let image_id = reported
@@ -472,7 +482,7 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
     if outputs.iter().any(|o| o.push && o.names.is_empty()) {
         bail!("an output that pushes (type=registry or push=true) needs name= or -t NAME");
     }
-    if outputs.is_empty() || !args.tag.is_empty() {
+    if outputs.is_empty() || !args.tag.is_empty() || args.load {
         let mut spec = OutputSpec::image_store(&args.tag)?;
         spec.push = args.push;
         outputs.push(spec);
@@ -551,6 +561,10 @@ fn build_multi_platform(
             crate::image::output::OutputType::Image | crate::image::output::OutputType::Oci
         ) {
             digest = Some(e.manifest.digest().clone());
+        }
+        if args.load && spec.kind == crate::image::output::OutputType::Image && e.names.is_empty() {
+            // --load without a name: the index, unnamed (see run)
+            store.add_unnamed(&e.manifest)?;
         }
         if reported.is_none() && names_an_image(spec) {
             reported = Some(e);
