@@ -61,6 +61,8 @@ enum Command {
     Pull(cli::registry::PullArgs),
     /// Push a stored image to a registry
     Push(cli::registry::PushArgs),
+    /// Combine images in registries into an index, or inspect one
+    Imagetools(cli::imagetools::ImagetoolsCmd),
     /// Store credentials for a registry (checked against it first)
     Login(cli::registry::LoginArgs),
     /// Remove stored credentials for a registry
@@ -111,6 +113,7 @@ fn main() {
         Command::Build(args) => cli::build::run(root, insecure, *args),
         Command::Pull(args) => cli::registry::pull(root, insecure, args),
         Command::Push(args) => cli::registry::push(root, insecure, args),
+        Command::Imagetools(cmd) => cli::imagetools::run(root, insecure, cmd),
         Command::Login(args) => cli::registry::login(insecure, args),
         Command::Logout(args) => cli::registry::logout(args),
         Command::Run(args) => cli::run::run(root, args),

@@ -827,6 +827,129 @@ fn a_registry_output_pushes_its_names() {
     assert!(err.contains("type=registry always pushes"), "{err}");
 }
 
+/// The split multi-platform pattern of CI: one build per platform pushed
+/// by digest, `kiln imagetools create` merges the digests into an index
+/// under a tag (and into a second repository), `inspect` shows it, and a
+/// build of each platform pulls its own image back through the tag.
+#[test]
+fn split_platform_builds_merge_into_one_index() {
+    let dir = test_dir("registry-imagetools");
+    let reg = Registry::start(&dir.join("reg"), None);
+    let host = reg.host();
+    let insecure = format!("--insecure-registry={host}");
+    let state = dir.join("state");
+    let mut digests = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let ctx = context(&dir, arch, "FROM scratch\nCOPY arch /arch\n");
+        fs::write(ctx.join("arch"), arch).unwrap();
+        chown_to_test_user(&ctx);
+        let meta = dir.join(format!("{arch}.json"));
+        fs::write(&meta, "").unwrap();
+        chown_to_test_user(&meta);
+        ok(&mut kiln_env(
+            &[],
+            &state,
+            &[
+                "build",
+                &insecure,
+                "--platform",
+                &format!("linux/{arch}"),
+                "--metadata-file",
+                p(&meta),
+                "-o",
+                &format!("type=registry,name={host}/multi,push-by-digest=true"),
+                p(&ctx),
+            ],
+        ));
+        let m: serde_json::Value = serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
+        digests.push(m["containerimage.digest"].as_str().unwrap().to_string());
+    }
+    // pushed by digest only: no tag exists (`name=` defaulted it to latest)
+    let code = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{host}/v2/multi/manifests/latest"))
+        .output()
+        .unwrap();
+    assert_eq!(text(&code.stdout), "404");
+    let sources: Vec<String> = digests
+        .iter()
+        .map(|d| format!("{host}/multi@{d}"))
+        .collect();
+    let mut args = vec![
+        "imagetools".to_string(),
+        "create".into(),
+        insecure.clone(),
+        "-t".into(),
+        format!("{host}/multi:1"),
+        "-t".into(),
+        format!("{host}/other:1"),
+    ];
+    args.extend(sources);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let index_digest = ok(&mut kiln_env(&[], &state, &args)).trim().to_string();
+    let inspect = ok(&mut kiln_env(
+        &[],
+        &state,
+        &[
+            "imagetools",
+            "inspect",
+            &insecure,
+            &format!("{host}/other:1"),
+        ],
+    ));
+    assert!(
+        inspect.contains(&format!("Digest:    {index_digest}")),
+        "{inspect}"
+    );
+    for (d, arch) in digests.iter().zip(["amd64", "arm64"]) {
+        assert!(inspect.contains(d.as_str()), "{inspect}");
+        assert!(
+            inspect.contains(&format!("Platform:  linux/{arch}")),
+            "{inspect}"
+        );
+    }
+    let raw = kiln_env(
+        &[],
+        &state,
+        &[
+            "imagetools",
+            "inspect",
+            "--raw",
+            &insecure,
+            &format!("{host}/multi:1"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(sha256_of(&raw.stdout, &dir), index_digest);
+    // each platform's build pulls its own image through the tag, from
+    // both repositories
+    for repo in ["multi", "other"] {
+        for arch in ["amd64", "arm64"] {
+            let ctx = context(
+                &dir,
+                &format!("use-{repo}-{arch}"),
+                &format!("FROM {host}/{repo}:1\n"),
+            );
+            let out = dir.join(format!("out-{repo}-{arch}"));
+            ok(&mut kiln_env(
+                &[],
+                &dir.join(format!("fresh-{repo}-{arch}")),
+                &[
+                    "build",
+                    &insecure,
+                    "--platform",
+                    &format!("linux/{arch}"),
+                    "-o",
+                    &format!("type=local,dest={}", p(&out)),
+                    p(&ctx),
+                ],
+            ));
+            assert_eq!(fs::read_to_string(out.join("arch")).unwrap(), arch);
+        }
+    }
+}
+
 fn login_with(cmd: &mut Command, input: &str) -> Output {
     use std::io::Write;
     let mut child = cmd

@@ -195,8 +195,13 @@ pub fn run(
         if spec.push {
             // the exporter named the image in the store; push those names
             let source = exported.manifest.digest().to_string();
-            let sent =
-                super::registry::push_names(&built.snap, insecure, &source, &exported.names)?;
+            let sent = super::registry::push_names(
+                &built.snap,
+                insecure,
+                &source,
+                &exported.names,
+                spec.push_by_digest,
+            )?;
             // what the registry has is what buildx reports
             exported.manifest = sent.clone();
             pushed.get_or_insert(sent);
@@ -553,7 +558,13 @@ fn build_multi_platform(
         if spec.push {
             // the index and its manifests, under the names it was given
             let source = e.manifest.digest().to_string();
-            let sent = super::registry::push_names(&built[0].1.snap, insecure, &source, &e.names)?;
+            let sent = super::registry::push_names(
+                &built[0].1.snap,
+                insecure,
+                &source,
+                &e.names,
+                spec.push_by_digest,
+            )?;
             e.manifest = sent;
         }
         if matches!(

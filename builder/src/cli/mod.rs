@@ -5,6 +5,7 @@
 pub mod build;
 pub mod du;
 pub mod images;
+pub mod imagetools;
 pub mod info;
 pub mod plan;
 pub mod prune;

@@ -55,7 +55,7 @@ pub fn client(insecure: &[String]) -> anyhow::Result<Registry> {
     Ok(Registry::from_env(insecure)?)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
@@ -93,7 +93,8 @@ pub fn push(root: Option<&Path>, insecure: &[String], args: PushArgs) -> anyhow:
     let rt = runtime()?;
     let pushed = rt.block_on(rt.spawn(async move {
         let store = ImageStore::new(&snap);
-        reg.push(&store, &args.source, args.dest.as_deref()).await
+        reg.push(&store, &args.source, args.dest.as_deref(), false)
+            .await
     }))??;
     eprintln!(
         "pushed {} ({} blobs uploaded, {} mounted, {} already there)",
@@ -111,6 +112,7 @@ pub fn push_names(
     insecure: &[String],
     source: &str,
     names: &[String],
+    by_digest: bool,
 ) -> anyhow::Result<Descriptor> {
     if names.is_empty() {
         bail!("push=true needs a name: add -t NAME or name=NAME");
@@ -122,7 +124,7 @@ pub fn push_names(
         let (snap, reg, source, n) = (snap.clone(), reg.clone(), source.to_string(), n.clone());
         let pushed = rt.block_on(rt.spawn(async move {
             let store = ImageStore::new(&snap);
-            reg.push(&store, &source, Some(&n)).await
+            reg.push(&store, &source, Some(&n), by_digest).await
         }))??;
         eprintln!("pushed {} {}", pushed.reference, pushed.digest);
         last = Some(pushed);
@@ -135,7 +137,7 @@ pub fn push_names(
     ))
 }
 
-fn open_store(root: Option<&Path>) -> anyhow::Result<Arc<Snapshotter>> {
+pub(crate) fn open_store(root: Option<&Path>) -> anyhow::Result<Arc<Snapshotter>> {
     let state = StateDir::open(root)?;
     Ok(Arc::new(Snapshotter::open(
         &state.snapshotter_root(),

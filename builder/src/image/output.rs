@@ -41,6 +41,8 @@ pub enum Error {
     UnknownType { spec: String, value: String },
     #[error("--output {spec:?}: type=registry always pushes (use type=image for push=false)")]
     RegistryPush { spec: String },
+    #[error("--output {spec:?}: push-by-digest=true says how to push: add push=true, or use type=registry")]
+    ByDigestWithoutPush { spec: String },
     #[error("--output {spec:?}: unknown key {key:?} for type={kind}; it takes {allowed}")]
     UnknownKey {
         spec: String,
@@ -135,7 +137,9 @@ impl OutputType {
             "rewrite-timestamp",
         ];
         match self {
-            OutputType::Image => key == "push" || image_keys.contains(&key),
+            OutputType::Image => {
+                key == "push" || key == "push-by-digest" || image_keys.contains(&key)
+            }
             OutputType::Oci => key == "dest" || key == "tar" || image_keys.contains(&key),
             OutputType::Docker => key == "dest" || image_keys.contains(&key),
             OutputType::Local => key == "dest" || key == "keep-setid",
@@ -174,6 +178,9 @@ pub struct OutputSpec {
     pub tar: Option<bool>,
     /// type=image: push the names to their registries after storing
     pub push: bool,
+    /// push under the manifest's digest only, leaving tags as they are
+    /// (`push-by-digest=true`, for the split multi-platform pattern)
+    pub push_by_digest: bool,
     /// type=local: keep setuid/setgid bits on the files written (they
     /// are the caller's files there; stripped by default)
     pub keep_setid: bool,
@@ -202,6 +209,9 @@ impl OutputSpec {
                 return Err(Error::RegistryPush { spec: spec.into() });
             }
             out.push = true;
+        }
+        if out.push_by_digest && !out.push {
+            return Err(Error::ByDigestWithoutPush { spec: spec.into() });
         }
         if kind == OutputType::Docker && !pairs.iter().any(|(k, _)| k == "oci-mediatypes") {
             out.oci_mediatypes = false;
@@ -259,6 +269,7 @@ impl OutputSpec {
             "rewrite-timestamp" => self.rewrite_timestamp = boolean()?,
             "tar" => self.tar = Some(boolean()?),
             "push" => self.push = boolean()?,
+            "push-by-digest" => self.push_by_digest = boolean()?,
             "keep-setid" => self.keep_setid = boolean()?,
             _ => unreachable!("takes() lists every key handled here"),
         }
@@ -342,6 +353,7 @@ impl OutputSpec {
             rewrite_timestamp: false,
             tar: None,
             push: false,
+            push_by_digest: false,
             keep_setid: false,
         }
     }

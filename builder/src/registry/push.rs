@@ -301,13 +301,15 @@ impl Registry {
     }
 
     /// Push stored image `source` (a name, ID or digest) to `dest` (default:
-    /// the source's own name). The manifest goes last, so a reader never
-    /// sees a manifest whose blobs are missing.
+    /// the source's own name); `by_digest`: under its digest only, the
+    /// tag left as it is (buildx's push-by-digest). The manifest goes last,
+    /// so a reader never sees a manifest whose blobs are missing.
     pub async fn push(
         &self,
         store: &ImageStore<'_>,
         source: &str,
         dest: Option<&str>,
+        by_digest: bool,
     ) -> Result<Pushed> {
         let image =
             tokio::task::block_in_place(|| store.resolve(source)).map_err(|e| Error::Store {
@@ -336,10 +338,19 @@ impl Registry {
         };
         let top_digest = digest_of(&bytes);
         let top_size = bytes.len() as u64;
-        self.push_manifest(&r, bytes, top.media_type().as_ref())
+        let at = if by_digest {
+            Reference {
+                tag: None,
+                digest: Some(top_digest.to_string()),
+                ..r.clone()
+            }
+        } else {
+            r.clone()
+        };
+        self.push_manifest(&at, bytes, top.media_type().as_ref())
             .await?;
         Ok(Pushed {
-            reference: name,
+            reference: at.to_string(),
             digest: top_digest,
             size: top_size,
             media_type: top.media_type().to_string(),
