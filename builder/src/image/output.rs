@@ -600,7 +600,19 @@ mod tests {
             Error::Duplicate { .. }
         ));
         assert!(matches!(e("dest=x,name=y"), Error::MissingType { .. }));
-        assert!(matches!(e("type=registry"), Error::UnknownType { .. }));
+        assert!(matches!(e("type=gha"), Error::UnknownType { .. }));
+        // buildx's type=registry is an image output that always pushes
+        let o = p("type=registry,name=r/x:1");
+        assert_eq!((o.kind, o.push), (OutputType::Image, true));
+        assert!(matches!(
+            e("type=registry,name=r/x:1,push=false"),
+            Error::RegistryPush { .. }
+        ));
+        assert!(p("type=registry,name=r/x,push-by-digest=true").push_by_digest);
+        assert!(matches!(
+            e("type=image,name=r/x,push-by-digest=true"),
+            Error::ByDigestWithoutPush { .. }
+        ));
         assert!(matches!(
             e("type=oci,dest=x,colour=red"),
             Error::UnknownKey { .. }
