@@ -210,3 +210,64 @@ fn load_keeps_the_image_in_the_store_beside_other_outputs() {
     let (id, _) = expect_success(p.build(&["-q", "--load", "-o", &out]));
     assert!(images(&p).contains(id.trim()), "{}", images(&p));
 }
+
+/// A blob of an OCI layout directory, as JSON.
+fn layout_blob(layout: &std::path::Path, digest: &str) -> serde_json::Value {
+    let hex = digest.trim_start_matches("sha256:");
+    serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+}
+
+#[test]
+fn annotations_land_on_the_levels_buildx_puts_them() {
+    let p = Project::new("buildx-annotations", "FROM scratch\nCOPY rootfs/ /\n");
+    let one = p.dir.join("one");
+    expect_success(p.build(&[
+        "--annotation",
+        "org.opencontainers.image.title=kiln",
+        "--annotation",
+        "manifest-descriptor:d=1",
+        "-o",
+        &format!("type=oci,dest={},tar=false", one.display()),
+    ]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one.join("index.json")).unwrap()).unwrap();
+    let entry = &index["manifests"][0];
+    assert_eq!(entry["annotations"]["d"], "1", "{index}");
+    let manifest = layout_blob(&one, entry["digest"].as_str().unwrap());
+    assert_eq!(
+        manifest["annotations"],
+        serde_json::json!({"org.opencontainers.image.title": "kiln"})
+    );
+    // a single-platform image has no index to annotate
+    let err = expect_failure(p.build(&["--annotation", "index:i=1"]));
+    assert!(err.contains("has no index"), "{err}");
+
+    let multi = p.dir.join("multi");
+    expect_success(p.build(&[
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--annotation",
+        "index:i=1",
+        "--annotation",
+        "manifest[linux/arm64]:m=arm",
+        "--annotation",
+        "manifest-descriptor:md=2",
+        "--annotation",
+        "index-descriptor:x=3",
+        "-o",
+        &format!("type=oci,dest={},tar=false", multi.display()),
+    ]));
+    let layout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(multi.join("index.json")).unwrap()).unwrap();
+    assert_eq!(layout["manifests"][0]["annotations"]["x"], "3", "{layout}");
+    let index = layout_blob(&multi, layout["manifests"][0]["digest"].as_str().unwrap());
+    assert_eq!(index["annotations"], serde_json::json!({"i": "1"}));
+    for m in index["manifests"].as_array().unwrap() {
+        assert_eq!(m["annotations"]["md"], "2", "{m}");
+        let manifest = layout_blob(&multi, m["digest"].as_str().unwrap());
+        match m["platform"]["architecture"].as_str() {
+            Some("arm64") => assert_eq!(manifest["annotations"], serde_json::json!({"m": "arm"})),
+            _ => assert!(manifest.get("annotations").is_none(), "{manifest}"),
+        }
+    }
+}

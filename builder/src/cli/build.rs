@@ -132,6 +132,11 @@ pub struct BuildArgs {
     /// nofile=1024:4096 (several allowed)
     #[arg(long, value_name = "NAME=SOFT[:HARD]")]
     ulimit: Vec<String>,
+    /// An annotation on the image outputs, as buildx:
+    /// [LEVEL[,LEVEL...]][\[PLATFORM\]]:KEY=VALUE with LEVEL manifest (the
+    /// default), index, manifest-descriptor or index-descriptor
+    #[arg(long, value_name = "[LEVEL:]KEY=VALUE")]
+    annotation: Vec<String>,
 }
 
 pub fn run(
@@ -148,6 +153,19 @@ pub fn run(
     let epoch = opts.source_date_epoch;
     let outputs = outputs(&args)?;
     let platforms = platforms(&args)?;
+    if platforms.len() <= 1 {
+        use crate::image::output::AnnotationLevel::{Index, IndexDescriptor};
+        if let Some(a) = outputs
+            .iter()
+            .flat_map(|o| &o.annotations)
+            .find(|a| a.levels.contains(&Index) || a.levels.contains(&IndexDescriptor))
+        {
+            bail!(
+                "--annotation {}: a single-platform image has no index; use the manifest or manifest-descriptor level, or build several platforms",
+                a.key
+            );
+        }
+    }
     let progress = Arc::new(progress::Progress::new(
         mode,
         Box::new(std::io::stderr()),
@@ -476,6 +494,11 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
         .iter()
         .map(|o| OutputSpec::parse(o))
         .collect::<Result<Vec<_>, _>>()?;
+    let annotations = args
+        .annotation
+        .iter()
+        .map(|a| crate::image::output::Annotation::parse(a).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // -t names every output that has a name and was given none
     let tags = OutputSpec::image_store(&args.tag)?.names;
     for o in outputs
@@ -493,6 +516,9 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
         outputs.push(spec);
     } else if args.push {
         bail!("--push pushes the -t names: add -t NAME");
+    }
+    for o in outputs.iter_mut().filter(|o| names_an_image(o)) {
+        o.annotations.clone_from(&annotations);
     }
     Ok(outputs)
 }

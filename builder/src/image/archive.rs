@@ -445,6 +445,7 @@ fn load_docker(store: &ImageStore<'_>, c: &Contents) -> Result<Loaded> {
                 MediaType::ImageConfig,
                 layers,
                 MediaType::ImageManifest,
+                None,
             )
             .map_err(|err| store_err(format!("image {}", e.config), err))?;
         let (_, warnings) = store

@@ -47,7 +47,7 @@ use kiln_snapshotter::diff::{self, DiffOptions};
 use kiln_snapshotter::layers;
 use oci_spec::image::{Descriptor, Digest, MediaType};
 
-use super::output::{Dest, OutputSpec, OutputType};
+use super::output::{AnnotationLevel, Dest, OutputSpec, OutputType};
 use super::reference::Reference;
 use super::store::{self, Image, ImageStore};
 
@@ -143,7 +143,7 @@ pub fn export_to(
     prepare(store, [image], spec, opts)?;
     match spec.kind {
         OutputType::Image | OutputType::Oci | OutputType::Docker => {
-            let img = rewrite(store, image, spec, opts)?;
+            let img = rewrite(store, image, spec, opts, platform_of(image).as_deref())?;
             let mut names = Vec::new();
             match spec.kind {
                 OutputType::Image => {
@@ -249,9 +249,12 @@ pub fn export_platforms(
             let mut manifests = Vec::new();
             let mut blobs = Vec::new();
             for (p, image) in images {
-                let img = rewrite(store, image, spec, opts)?;
+                let p_text = p.to_string();
+                let img = rewrite(store, image, spec, opts, Some(&p_text))?;
                 let mut d = img.manifest_descriptor.clone();
-                d.set_annotations(None);
+                d.set_annotations(
+                    spec.annotations_at(AnnotationLevel::ManifestDescriptor, Some(&p_text)),
+                );
                 let mut platform = oci_spec::image::PlatformBuilder::default()
                     .os(oci_spec::image::Os::from(p.os.as_str()))
                     .architecture(oci_spec::image::Arch::from(p.architecture.as_str()))
@@ -264,12 +267,13 @@ pub fn export_platforms(
                 blobs.push(d.clone());
                 manifests.push(d);
             }
-            let index = oci_spec::image::ImageIndexBuilder::default()
+            let mut index = oci_spec::image::ImageIndexBuilder::default()
                 .schema_version(2u32)
                 .media_type(MediaType::ImageIndex)
                 .manifests(manifests)
                 .build()
                 .expect("index has its fields");
+            index.set_annotations(spec.annotations_at(AnnotationLevel::Index, None));
             let bytes = store::canonical_json(&index);
             let index_desc = {
                 let _no_gc = snap.layers().gc_guard(false)?;
@@ -332,6 +336,7 @@ fn rewrite(
     image: &Image,
     spec: &OutputSpec,
     opts: &ExportOptions,
+    platform: Option<&str>,
 ) -> Result<Image> {
     let snap = store.snapshotter();
     let content = snap.content();
@@ -429,10 +434,12 @@ fn rewrite(
         new_layers.push(d);
         new_diff_ids.push(diff_id);
     }
+    let annotations = spec.annotations_at(AnnotationLevel::Manifest, platform);
     let layers = RewrittenLayers {
         layers: new_layers,
         diff_ids: new_diff_ids,
-        changed,
+        changed: changed || annotations.is_some(),
+        annotations,
     };
     store_rewritten(store, image, spec, layers, &diff_ids)
 }
@@ -443,6 +450,8 @@ struct RewrittenLayers {
     layers: Vec<Descriptor>,
     diff_ids: Vec<Digest>,
     changed: bool,
+    /// the manifest's `--annotation`s
+    annotations: Option<std::collections::HashMap<String, String>>,
 }
 
 /// Store the image with `new` layers and the media types `spec` asks for;
@@ -459,6 +468,7 @@ fn store_rewritten(
         layers: new_layers,
         diff_ids: new_diff_ids,
         mut changed,
+        annotations,
     } = new;
     let (manifest_type, config_type) = if spec.oci_mediatypes {
         (MediaType::ImageManifest, MediaType::ImageConfig)
@@ -483,7 +493,13 @@ fn store_rewritten(
         serde_json::to_vec(&v).expect("json serialises")
     };
     let mut img = store
-        .write_image_raw(config_bytes, config_type, new_layers, manifest_type)
+        .write_image_raw(
+            config_bytes,
+            config_type,
+            new_layers,
+            manifest_type,
+            annotations,
+        )
         .map_err(|source| Error::Store {
             context: "storing the re-written image".into(),
             source: Box::new(source),
@@ -567,11 +583,43 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
+/// The platform of a single image, `os/arch[/variant]`, from its config.
+fn platform_of(image: &Image) -> Option<String> {
+    let c: serde_json::Value = serde_json::from_slice(&image.config_bytes).ok()?;
+    let mut p = format!("{}/{}", c["os"].as_str()?, c["architecture"].as_str()?);
+    if let Some(v) = c["variant"].as_str() {
+        p.push('/');
+        p.push_str(v);
+    }
+    Some(p)
+}
+
+/// The `--annotation`s of the descriptor an OCI layout's index.json holds:
+/// the index's for a multi-platform export, else the manifest's.
+fn descriptor_annotations(
+    img: &Image,
+    multi: bool,
+    spec: &OutputSpec,
+) -> Option<std::collections::HashMap<String, String>> {
+    if multi {
+        spec.annotations_at(AnnotationLevel::IndexDescriptor, None)
+    } else {
+        spec.annotations_at(
+            AnnotationLevel::ManifestDescriptor,
+            platform_of(img).as_deref(),
+        )
+    }
+}
+
 /// The index.json entries for `img` under its names.
-fn index_entries(target: &Descriptor, names: &[String]) -> Vec<Descriptor> {
+fn index_entries(
+    target: &Descriptor,
+    names: &[String],
+    extra: Option<std::collections::HashMap<String, String>>,
+) -> Vec<Descriptor> {
     let plain = {
         let mut d = target.clone();
-        d.set_annotations(None);
+        d.set_annotations(extra.clone());
         d
     };
     if names.is_empty() {
@@ -585,7 +633,7 @@ fn index_entries(target: &Descriptor, names: &[String]) -> Vec<Descriptor> {
                 .ok()
                 .and_then(|r| r.tag)
                 .unwrap_or_else(|| "latest".into());
-            let mut ann = std::collections::HashMap::new();
+            let mut ann = extra.clone().unwrap_or_default();
             ann.insert("io.containerd.image.name".to_string(), n.clone());
             ann.insert(REF_NAME.to_string(), tag);
             d.set_annotations(Some(ann));
@@ -621,7 +669,11 @@ fn write_archive(
         ("oci-layout".into(), OCI_LAYOUT.to_vec()),
         (
             "index.json".into(),
-            index_json(index_entries(target, &spec.names)),
+            index_json(index_entries(
+                target,
+                &spec.names,
+                descriptor_annotations(img, multi.is_some(), spec),
+            )),
         ),
     ];
     if spec.kind == OutputType::Docker {
@@ -668,7 +720,8 @@ fn write_archive(
                     |t| !t,
                 );
             if as_dir {
-                return write_layout_dir(store, p, &blobs, target, &spec.names);
+                let extra = descriptor_annotations(img, multi.is_some(), spec);
+                return write_layout_dir(store, p, &blobs, target, &spec.names, extra);
             }
             if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') {
                 return Err(Error::DestIsDir(p.clone(), kind));
@@ -743,6 +796,7 @@ fn write_layout_dir(
     blobs: &[Descriptor],
     target: &Descriptor,
     names: &[String],
+    extra: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
     let content = store.snapshotter().content();
     if dir.exists() && !dir.is_dir() {
@@ -776,7 +830,7 @@ fn write_layout_dir(
     }
     // merge: keep other images of an existing layout, replace ours by name
     let index_path = dir.join("index.json");
-    let ours = index_entries(target, names);
+    let ours = index_entries(target, names, extra);
     let mut entries: Vec<Descriptor> = match fs::read(&index_path) {
         Ok(bytes) => oci_spec::image::ImageIndex::from_reader(&bytes[..])
             .map(|i| i.manifests().clone())

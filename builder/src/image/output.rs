@@ -181,6 +181,8 @@ pub struct OutputSpec {
     /// push under the manifest's digest only, leaving tags as they are
     /// (`push-by-digest=true`, for the split multi-platform pattern)
     pub push_by_digest: bool,
+    /// `--annotation`s, for the image outputs (image, oci, docker)
+    pub annotations: Vec<Annotation>,
     /// type=local: keep setuid/setgid bits on the files written (they
     /// are the caller's files there; stripped by default)
     pub keep_setid: bool,
@@ -354,6 +356,7 @@ impl OutputSpec {
             tar: None,
             push: false,
             push_by_digest: false,
+            annotations: Vec::new(),
             keep_setid: false,
         }
     }
@@ -478,6 +481,102 @@ impl CompressionRequest {
     }
 }
 
+/// Where an `--annotation` goes, as buildx names the levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnotationLevel {
+    /// the image manifest (each platform's, in a multi-platform build)
+    Manifest,
+    /// the image index of a multi-platform build
+    Index,
+    /// the manifest's descriptor: in the index, and in an OCI layout's
+    /// index.json
+    ManifestDescriptor,
+    /// the index's descriptor in an OCI layout's index.json
+    IndexDescriptor,
+}
+
+/// One `--annotation [LEVEL[,LEVEL...]][\[PLATFORM\]]:KEY=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotation {
+    pub levels: Vec<AnnotationLevel>,
+    /// only the manifests (and their descriptors) of this platform
+    pub platform: Option<String>,
+    pub key: String,
+    pub value: String,
+}
+
+impl Annotation {
+    /// Parse one `--annotation` value (buildx's syntax; no level means the
+    /// manifest).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let bad = |why: &str| format!("--annotation {s:?}: {why}");
+        let (k, value) = s.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
+        let (prefix, key) = match k.split_once(':') {
+            Some((p, key)) => (Some(p), key),
+            None => (None, k),
+        };
+        if key.is_empty() {
+            return Err(bad("the key is empty"));
+        }
+        let (types, platform) = match prefix {
+            Some(p) => match p.split_once('[') {
+                Some((t, rest)) => {
+                    let plat = rest.strip_suffix(']').ok_or_else(|| {
+                        bad("a platform goes in brackets: manifest[linux/amd64]:K=V")
+                    })?;
+                    let plat =
+                        crate::frontend::Platform::parse(plat).map_err(|e| bad(&e.to_string()))?;
+                    (t, Some(plat.to_string()))
+                }
+                None => (p, None),
+            },
+            None => ("", None),
+        };
+        let mut levels = Vec::new();
+        for t in types.split(',').filter(|t| !t.is_empty()) {
+            levels.push(match t {
+                "manifest" => AnnotationLevel::Manifest,
+                "index" => AnnotationLevel::Index,
+                "manifest-descriptor" => AnnotationLevel::ManifestDescriptor,
+                "index-descriptor" => AnnotationLevel::IndexDescriptor,
+                other => {
+                    return Err(bad(&format!(
+                        "unknown level {other:?}; use manifest, index, manifest-descriptor or index-descriptor"
+                    )))
+                }
+            });
+        }
+        if levels.is_empty() {
+            levels.push(AnnotationLevel::Manifest);
+        }
+        Ok(Annotation {
+            levels,
+            platform,
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+impl OutputSpec {
+    /// The annotations for `level`, of every platform or of `platform`
+    /// (`os/arch[/variant]`); later ones win.
+    pub fn annotations_at(
+        &self,
+        level: AnnotationLevel,
+        platform: Option<&str>,
+    ) -> Option<std::collections::HashMap<String, String>> {
+        let map: std::collections::HashMap<String, String> = self
+            .annotations
+            .iter()
+            .filter(|a| a.levels.contains(&level))
+            .filter(|a| a.platform.is_none() || a.platform.as_deref() == platform)
+            .map(|a| (a.key.clone(), a.value.clone()))
+            .collect();
+        (!map.is_empty()).then_some(map)
+    }
+}
+
 /// Go's strconv.ParseBool.
 fn parse_bool(v: &str) -> Option<bool> {
     match v {
@@ -496,6 +595,47 @@ mod tests {
     }
     fn e(s: &str) -> Error {
         OutputSpec::parse(s).expect_err(s)
+    }
+
+    #[test]
+    fn registry_type_is_an_image_output_that_pushes() {
+        // buildx's type=registry is an image output that always pushes
+        let o = p("type=registry,name=r/x:1");
+        assert_eq!((o.kind, o.push), (OutputType::Image, true));
+        assert!(matches!(
+            e("type=registry,name=r/x:1,push=false"),
+            Error::RegistryPush { .. }
+        ));
+        assert!(p("type=registry,name=r/x,push-by-digest=true").push_by_digest);
+        assert!(matches!(
+            e("type=image,name=r/x,push-by-digest=true"),
+            Error::ByDigestWithoutPush { .. }
+        ));
+    }
+
+    #[test]
+    fn annotations_parse_as_buildx() {
+        let a = Annotation::parse("org.opencontainers.image.title=kiln").unwrap();
+        assert_eq!(a.levels, vec![AnnotationLevel::Manifest]);
+        assert_eq!(
+            (a.key.as_str(), a.value.as_str()),
+            ("org.opencontainers.image.title", "kiln")
+        );
+        let a = Annotation::parse("index,manifest-descriptor[linux/arm64]:k=v=w").unwrap();
+        assert_eq!(
+            a.levels,
+            vec![AnnotationLevel::Index, AnnotationLevel::ManifestDescriptor]
+        );
+        assert_eq!(a.platform.as_deref(), Some("linux/arm64"));
+        assert_eq!(a.value, "v=w");
+        for bad in [
+            "novalue",
+            "blob:k=v",
+            "manifest[linux/amd64:k=v",
+            "manifest:=v",
+        ] {
+            assert!(Annotation::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -601,18 +741,6 @@ mod tests {
         ));
         assert!(matches!(e("dest=x,name=y"), Error::MissingType { .. }));
         assert!(matches!(e("type=gha"), Error::UnknownType { .. }));
-        // buildx's type=registry is an image output that always pushes
-        let o = p("type=registry,name=r/x:1");
-        assert_eq!((o.kind, o.push), (OutputType::Image, true));
-        assert!(matches!(
-            e("type=registry,name=r/x:1,push=false"),
-            Error::RegistryPush { .. }
-        ));
-        assert!(p("type=registry,name=r/x,push-by-digest=true").push_by_digest);
-        assert!(matches!(
-            e("type=image,name=r/x,push-by-digest=true"),
-            Error::ByDigestWithoutPush { .. }
-        ));
         assert!(matches!(
             e("type=oci,dest=x,colour=red"),
             Error::UnknownKey { .. }

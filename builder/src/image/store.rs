@@ -528,6 +528,7 @@ impl<'s> ImageStore<'s> {
             MediaType::ImageConfig,
             layers,
             MediaType::ImageManifest,
+            None,
         )
     }
 
@@ -539,6 +540,7 @@ impl<'s> ImageStore<'s> {
         config_type: MediaType,
         layers: Vec<Descriptor>,
         manifest_type: MediaType,
+        annotations: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Image> {
         let _no_gc = self.snap.layers().gc_guard(false)?;
         let config_desc = self.content().put_bytes(config_type, &config_bytes)?;
@@ -553,6 +555,8 @@ impl<'s> ImageStore<'s> {
             .layers(layers)
             .build()
             .expect("manifest has every required field");
+        let mut manifest = manifest;
+        manifest.set_annotations(annotations);
         let bytes = canonical_json(&manifest);
         let desc = self.content().put_bytes(manifest_type, &bytes)?;
         self.snap.lease().add_blob(desc.digest())?;
