@@ -161,25 +161,26 @@ fn independent_stages_run_concurrently() {
         "FROM scratch AS base\nCOPY rootfs/ /\n\nFROM base AS a\nRUN sleep 1 && echo a > /a\n\nFROM base AS b\nRUN sleep 1 && echo b > /b\n\nFROM base\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n",
     );
     let (_, err) = ok(p.build(&["--progress", "rawjson", "--jobs", "2"]));
-    // Find the two RUN vertices' start and completion times.
+    // BuildKit's SolveStatus lines: find the two RUN vertices' start and
+    // completion times.
     let mut spans: Vec<(String, String)> = Vec::new();
-    let events: Vec<serde_json::Value> = err
+    let vertexes: Vec<serde_json::Value> = err
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|e| e["vertexes"].as_array().cloned().unwrap_or_default())
         .collect();
-    for e in &events {
-        if e["name"]
+    for v in &vertexes {
+        if v["name"]
             .as_str()
             .is_some_and(|n| n.contains("RUN sleep 1"))
-            && e["started"].is_string()
+            && v.get("completed").is_none()
         {
-            let id = &e["vertex"];
-            let done = events
+            let done = vertexes
                 .iter()
-                .find(|d| &d["vertex"] == id && d["completed"].is_string())
-                .expect("completed event");
+                .find(|d| d["digest"] == v["digest"] && d["completed"].is_string())
+                .expect("completed vertex");
             spans.push((
-                e["started"].as_str().unwrap().to_string(),
+                v["started"].as_str().unwrap().to_string(),
                 done["completed"].as_str().unwrap().to_string(),
             ));
         }

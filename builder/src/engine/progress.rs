@@ -1,7 +1,9 @@
 //! Build progress: one numbered vertex per step, its start, its output and
-//! its end, written as BuildKit-style plain lines or as one JSON event per
-//! line (`rawjson`). The solver reports events; this module only formats
-//! them, so what a user sees is stable and testable.
+//! its end, written as BuildKit-style plain lines, as BuildKit's
+//! `SolveStatus` JSON one per line (`rawjson`, what tools that parse
+//! buildx's output read), or as kiln's own one-event-per-line JSON
+//! (`events`). The solver reports events; this module only formats them,
+//! so what a user sees is stable and testable.
 //!
 //! `tty` is a live view: running vertices with a timer and their last few
 //! output lines, redrawn in place a few times a second, finished vertices
@@ -13,6 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use serde_json::json;
 
 /// How progress is shown.
@@ -20,12 +23,15 @@ use serde_json::json;
 pub enum Mode {
     Plain,
     Tty,
+    /// BuildKit's SolveStatus, one per line
     RawJson,
+    /// kiln's own events, one per line
+    Events,
     Quiet,
 }
 
 impl Mode {
-    /// `auto`, `plain`, `tty`, `rawjson`, `quiet`. `auto` is `tty` when
+    /// `auto`, `plain`, `tty`, `rawjson`, `events`, `quiet`. `auto` is `tty` when
     /// `stderr_is_terminal`, else `plain` (as BuildKit decides).
     pub fn parse(s: &str, stderr_is_terminal: bool) -> Result<Mode, String> {
         match s {
@@ -33,9 +39,10 @@ impl Mode {
             "auto" | "plain" => Ok(Mode::Plain),
             "tty" => Ok(Mode::Tty),
             "rawjson" => Ok(Mode::RawJson),
+            "events" => Ok(Mode::Events),
             "quiet" => Ok(Mode::Quiet),
             other => Err(format!(
-                "unknown --progress mode {other:?}: use auto, plain, tty, rawjson or quiet"
+                "unknown --progress mode {other:?}: use auto, plain, tty, rawjson, events or quiet"
             )),
         }
     }
@@ -120,6 +127,17 @@ pub struct Progress {
     /// strings never to show (secrets), replaced by `****`
     redact: Vec<String>,
     tty: Arc<Mutex<TtyState>>,
+    /// rawjson: each vertex's digest, name and start, which BuildKit
+    /// sends again with every change of the vertex
+    vertices: Mutex<BTreeMap<usize, SolveVertex>>,
+}
+
+/// A vertex as rawjson reports it.
+#[derive(Clone)]
+struct SolveVertex {
+    digest: String,
+    name: String,
+    started: String,
 }
 
 fn now_rfc3339() -> String {
@@ -144,6 +162,7 @@ impl Progress {
                 drawn: 0,
                 finished: false,
             })),
+            vertices: Mutex::new(BTreeMap::new()),
         };
         if mode == Mode::Tty {
             // The ticker only holds weak references: it ends by itself when
@@ -155,16 +174,60 @@ impl Progress {
         progress
     }
 
-    fn emit(&self, plain: impl FnOnce() -> String, event: impl FnOnce() -> serde_json::Value) {
+    fn emit(
+        &self,
+        plain: impl FnOnce() -> String,
+        event: impl FnOnce() -> serde_json::Value,
+        status: impl FnOnce() -> Option<serde_json::Value>,
+    ) {
         let line = match self.mode {
             Mode::Quiet | Mode::Tty => return,
             Mode::Plain => plain(),
-            Mode::RawJson => event().to_string(),
+            Mode::Events => event().to_string(),
+            Mode::RawJson => match status() {
+                Some(s) => s.to_string(),
+                None => return,
+            },
         };
         let line = redact(&line, &self.redact);
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+
+    /// rawjson: vertex `id` as BuildKit sends it, with `completed` and
+    /// the other fields of `extra` when it has ended. Its digest stands for
+    /// BuildKit's LLB digest: kiln's vertex number and name, hashed.
+    fn solve_vertex(
+        &self,
+        id: usize,
+        name: Option<&str>,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut vertices = self.vertices.lock().unwrap_or_else(|e| e.into_inner());
+        let v = vertices.entry(id).or_insert_with(|| {
+            let name = name.unwrap_or_default().to_string();
+            let hash = <sha2::Sha256 as sha2::Digest>::digest(format!("kiln-vertex {id} {name}"));
+            SolveVertex {
+                digest: format!("sha256:{}", hex(&hash)),
+                name,
+                started: now_rfc3339(),
+            }
+        });
+        let mut vertex = json!({"digest": v.digest, "name": v.name, "started": v.started});
+        if let (Some(o), Some(e)) = (vertex.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        json!({"vertexes": [vertex]})
+    }
+
+    /// rawjson: the digest of vertex `id` (made on its first report).
+    fn vertex_digest(&self, id: usize) -> String {
+        let vertex = self.solve_vertex(id, None, json!({}));
+        vertex["vertexes"][0]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Applies `change` to the tty state, prints `permanent` lines above the
@@ -193,6 +256,7 @@ impl Progress {
         self.emit(
             || format!("#{id} {name}"),
             || json!({"vertex": id, "name": name, "started": now_rfc3339()}),
+            || Some(self.solve_vertex(id, Some(name), json!({}))),
         );
     }
 
@@ -203,6 +267,10 @@ impl Progress {
         self.emit(
             || format!("#{id} {name}\n#{id} CACHED"),
             || json!({"vertex": id, "name": name, "cached": true, "completed": now_rfc3339()}),
+            || {
+                let done = json!({"cached": true, "completed": now_rfc3339()});
+                Some(self.solve_vertex(id, Some(name), done))
+            },
         );
     }
 
@@ -221,6 +289,17 @@ impl Progress {
         self.emit(
             || format!("#{id} {elapsed:.3} {text}"),
             || json!({"vertex": id, "stream": stream, "log": text, "timestamp": now_rfc3339()}),
+            || {
+                // masked before it is encoded, where no mask would find it
+                let data = format!("{}\n", redact(text, &self.redact));
+                let data = base64::engine::general_purpose::STANDARD.encode(data);
+                Some(json!({"logs": [{
+                    "vertex": self.vertex_digest(id),
+                    "stream": stream,
+                    "data": data,
+                    "timestamp": now_rfc3339(),
+                }]}))
+            },
         );
     }
 
@@ -232,6 +311,17 @@ impl Progress {
         self.emit(
             || format!("#{id} {what} {secs:.2}s"),
             || json!({"vertex": id, "phase": what, "seconds": secs}),
+            || {
+                let now = now_rfc3339();
+                Some(json!({"statuses": [{
+                    "id": what,
+                    "vertex": self.vertex_digest(id),
+                    "name": what,
+                    "current": 0,
+                    "timestamp": now,
+                    "completed": now,
+                }]}))
+            },
         );
     }
 
@@ -240,6 +330,7 @@ impl Progress {
         self.emit(
             || format!("#{id} DONE {secs:.1}s"),
             || json!({"vertex": id, "completed": now_rfc3339()}),
+            || Some(self.solve_vertex(id, None, json!({"completed": now_rfc3339()}))),
         );
     }
 
@@ -248,6 +339,10 @@ impl Progress {
         self.emit(
             || format!("#{id} ERROR: {message}"),
             || json!({"vertex": id, "error": message, "completed": now_rfc3339()}),
+            || {
+                let end = json!({"error": message, "completed": now_rfc3339()});
+                Some(self.solve_vertex(id, None, end))
+            },
         );
     }
 
@@ -256,7 +351,17 @@ impl Progress {
             s.running.clear();
             s.finished = true;
         });
-        self.emit(|| text.to_string(), || json!({"summary": text}));
+        // rawjson has no summary lines; a warning is a SolveStatus warning
+        self.emit(
+            || text.to_string(),
+            || json!({"summary": text}),
+            || {
+                let short = text.strip_prefix("WARNING: ")?;
+                let short = redact(short, &self.redact);
+                let short = base64::engine::general_purpose::STANDARD.encode(short);
+                Some(json!({"warnings": [{"level": 1, "short": short}]}))
+            },
+        );
     }
 
     /// Prints a finished vertex once, as permanent lines: its name, its last
@@ -273,6 +378,10 @@ impl Progress {
         lines.push(last);
         self.tty_update(&lines, |_| {});
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn terminal_width() -> usize {
@@ -437,5 +546,58 @@ mod tests {
             text,
             "#1 a\n#2 b\n#2 CACHED\n#1 DONE 0.5s\n#3 ERROR: x\ns\n"
         );
+    }
+
+    #[test]
+    fn rawjson_is_buildkit_s_solve_status() {
+        let buf = Shared::default();
+        let p = Progress::new(Mode::RawJson, Box::new(buf.clone()), vec!["s3cret".into()]);
+        p.started(1, "[1/2] RUN make");
+        p.log(1, 1, "token=s3cret");
+        p.phase(1, "layer diff 1.0 MB", Instant::now());
+        p.done(1, 1.0);
+        p.cached(2, "[2/2] COPY a b");
+        p.error(3, "exit 1");
+        p.summary("WARNING: Dockerfile:1: s3cret");
+        p.summary("built sha256:x in 1.0s");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // started, log, status, done, cached, error, warning; no summary
+        assert_eq!(lines.len(), 7, "{text}");
+        let started = &lines[0]["vertexes"][0];
+        let digest = started["digest"].as_str().unwrap();
+        assert!(
+            digest.starts_with("sha256:") && digest.len() == 71,
+            "{digest}"
+        );
+        assert_eq!(started["name"], "[1/2] RUN make");
+        assert!(started["started"].is_string() && started.get("completed").is_none());
+        let log = &lines[1]["logs"][0];
+        assert_eq!(
+            (log["vertex"].as_str(), log["stream"].as_u64()),
+            (Some(digest), Some(1))
+        );
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(log["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(data, b"token=****\n");
+        assert_eq!(lines[2]["statuses"][0]["vertex"], digest);
+        let done = &lines[3]["vertexes"][0];
+        assert_eq!(
+            (done["digest"].as_str(), &done["name"]),
+            (Some(digest), &started["name"])
+        );
+        assert_eq!(done["started"], started["started"]);
+        assert!(done["completed"].is_string());
+        assert_eq!(lines[4]["vertexes"][0]["cached"], true);
+        assert_eq!(lines[5]["vertexes"][0]["error"], "exit 1");
+        let short = base64::engine::general_purpose::STANDARD
+            .decode(lines[6]["warnings"][0]["short"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(short, b"Dockerfile:1: ****");
+        assert!(!text.contains("s3cret"));
     }
 }
