@@ -218,6 +218,50 @@ fn no_more(dir: &'static str, spec: &str, rest: &BTreeMap<String, String>) -> Re
     }
 }
 
+/// buildx's `--cache-to` keys about the exported form, checked against
+/// the one form kiln writes: an OCI image manifest (`image-manifest=true`,
+/// `oci-mediatypes=true`) with gzip level 6 layers (`compression=gzip`,
+/// `compression-level=6`: the variants a push sends, shared with it).
+/// Other values are an error naming them, never silently another form.
+fn format_options(
+    dir: &'static str,
+    spec: &str,
+    rest: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    let refuse = |why: String| Error::Spec {
+        dir,
+        spec: spec.into(),
+        why,
+    };
+    for (key, only) in [("image-manifest", "true"), ("oci-mediatypes", "true")] {
+        match rest.remove(key) {
+            None => {}
+            Some(v) if v == only => {}
+            Some(v) => {
+                return Err(refuse(format!(
+                    "{key}={v}: kiln writes the cache as an OCI image manifest ({key}={only})"
+                )))
+            }
+        }
+    }
+    match rest.remove("compression").as_deref() {
+        None | Some("gzip") => {}
+        Some(v) => {
+            return Err(refuse(format!(
+                "compression={v}: kiln's cache layers are gzip (compression=gzip)"
+            )))
+        }
+    }
+    if let Some(v) = rest.remove("compression-level") {
+        if v != "6" {
+            return Err(refuse(format!(
+                "compression-level={v}: kiln's cache layers are gzip level 6, the variants a push sends"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Export {
     /// Which records this export keeps (`inline` is always min).
     pub fn mode(&self) -> Mode {
@@ -252,6 +296,7 @@ impl Export {
                 })
             }
         };
+        format_options(d, spec, &mut rest)?;
         let ignore_error = match rest.remove("ignore-error").as_deref() {
             None => None,
             Some("true") => Some(true),
@@ -1151,6 +1196,20 @@ mod tests {
             .ignore_error());
         assert!(Export::parse("type=local,dest=/c,ignore-error=maybe").is_err());
         assert!(Export::parse("type=inline,ignore-error=true").is_err());
+        // the form kiln writes, as buildx names it; another is refused
+        assert!(Export::parse(
+            "type=local,dest=/c,image-manifest=true,oci-mediatypes=true,compression=gzip,compression-level=6"
+        )
+        .is_ok());
+        for other in [
+            "image-manifest=false",
+            "oci-mediatypes=false",
+            "compression=zstd",
+            "compression-level=12",
+        ] {
+            let e = Export::parse(&format!("type=local,dest=/c,{other}")).unwrap_err();
+            assert!(e.to_string().contains(other), "{e}");
+        }
         assert!(Import::parse("type=local,src=/c,ignore-error=true").is_err());
         assert_eq!(
             Export::parse("type=registry,ref=r/c:t,mode=max").unwrap(),
