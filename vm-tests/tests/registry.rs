@@ -948,6 +948,28 @@ fn split_platform_builds_merge_into_one_index() {
             assert_eq!(fs::read_to_string(out.join("arch")).unwrap(), arch);
         }
     }
+    // two bases of one build, pulled at the same time into a fresh store
+    let ctx = context(
+        &dir,
+        "two-bases",
+        &format!("FROM {host}/multi:1 AS a\nFROM {host}/other:1\nCOPY --from=a /arch /a-arch\n"),
+    );
+    let out = dir.join("out-two");
+    ok(&mut kiln_env(
+        &[],
+        &dir.join("fresh-two"),
+        &[
+            "build",
+            &insecure,
+            "--platform",
+            "linux/arm64",
+            "-o",
+            &format!("type=local,dest={}", p(&out)),
+            p(&ctx),
+        ],
+    ));
+    assert_eq!(fs::read_to_string(out.join("a-arch")).unwrap(), "arm64");
+    assert_eq!(fs::read_to_string(out.join("arch")).unwrap(), "arm64");
 }
 
 fn login_with(cmd: &mut Command, input: &str) -> Output {

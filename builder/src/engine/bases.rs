@@ -28,31 +28,53 @@ pub fn load_bases(
     first: &Plan,
     plan_opts: &mut PlanOptions,
 ) -> Result<Bases> {
-    let mut bases = BTreeMap::new();
     // --network=none: nothing is fetched on the build's behalf
     let offline = opts.network == kiln_runtime::Network::None;
     let registry = opts.registry.as_ref().filter(|_| !offline);
+    // one base name may be loaded for two platforms (a
+    // `FROM --platform=$BUILDPLATFORM` stage beside the target's)
+    let mut wanted: Vec<(String, Platform)> = Vec::new();
     for stage in &first.stages {
-        let Base::Image { reference } = &stage.base else {
-            continue;
-        };
-        // one base name may be loaded for two platforms (a
-        // `FROM --platform=$BUILDPLATFORM` stage beside the target's)
-        let base_key = (reference.clone(), stage.platform.clone());
-        if bases.contains_key(&base_key) {
-            continue;
+        if let Base::Image { reference } = &stage.base {
+            let key = (reference.clone(), stage.platform.clone());
+            if !wanted.contains(&key) {
+                wanted.push(key);
+            }
         }
-        let loaded = tokio::task::block_in_place(|| {
-            load_base(snap, registry, opts.pull, reference, &stage.platform)
+    }
+    // every base at once: a pull waits on the network, not on the others
+    let handle = tokio::runtime::Handle::current();
+    let loaded: Vec<Result<(Key, ImageState)>> = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let pulls: Vec<_> = wanted
+                .iter()
+                .map(|(reference, platform)| {
+                    let handle = handle.clone();
+                    s.spawn(move || {
+                        let _runtime = handle.enter();
+                        load_base(snap, registry, opts.pull, reference, platform)
+                    })
+                })
+                .collect();
+            pulls
+                .into_iter()
+                .map(|p| {
+                    p.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
         })
-        .map_err(|e| offline_error(e, offline))?;
+    });
+    let mut bases = BTreeMap::new();
+    for (key, loaded) in wanted.into_iter().zip(loaded) {
+        let loaded = loaded.map_err(|e| offline_error(e, offline))?;
         plan_opts
             .image_env
-            .insert(reference.clone(), loaded.1.env_pairs());
+            .insert(key.0.clone(), loaded.1.env_pairs());
         plan_opts
             .image_workdir
-            .insert(reference.clone(), loaded.1.config.workdir.clone());
-        bases.insert(base_key, loaded);
+            .insert(key.0.clone(), loaded.1.config.workdir.clone());
+        bases.insert(key, loaded);
     }
     Ok(bases)
 }
