@@ -955,12 +955,14 @@ fn split_platform_builds_merge_into_one_index() {
         &format!("FROM {host}/multi:1 AS a\nFROM {host}/other:1\nCOPY --from=a /arch /a-arch\n"),
     );
     let out = dir.join("out-two");
-    ok(&mut kiln_env(
+    let built = run(&mut kiln_env(
         &[],
         &dir.join("fresh-two"),
         &[
             "build",
             &insecure,
+            "--progress",
+            "plain",
             "--platform",
             "linux/arm64",
             "-o",
@@ -968,6 +970,26 @@ fn split_platform_builds_merge_into_one_index() {
             p(&ctx),
         ],
     ));
+    let log = text(&built.stderr);
+    assert!(built.status.success(), "{log}");
+    // each pull is a vertex with its blobs' bytes, as BuildKit shows them
+    for repo in ["multi", "other"] {
+        let name = format!("FROM {host}/{repo}:1 (pull, linux/arm64)");
+        let line = log
+            .lines()
+            .find(|l| l.ends_with(&name))
+            .unwrap_or_else(|| panic!("{name}:\n{log}"));
+        let id = line.split(' ').next().unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.starts_with(&format!("{id} sha256:")) && l.ends_with(" done")),
+            "{log}"
+        );
+        assert!(
+            log.lines().any(|l| l.starts_with(&format!("{id} DONE"))),
+            "{log}"
+        );
+    }
     assert_eq!(fs::read_to_string(out.join("a-arch")).unwrap(), "arm64");
     assert_eq!(fs::read_to_string(out.join("arch")).unwrap(), "arm64");
 }

@@ -10,10 +10,19 @@ use kiln_snapshotter::snapshot::Snapshotter;
 
 use super::error::{Error, Result, StepError};
 use super::image_state::{ImageState, LayerRef};
-use super::solver::Engine;
+use super::progress::Progress;
+use super::solver::{Engine, Shared};
 use super::step_cache::{Key, KeyBuilder};
 use super::{BuildOptions, FromSource};
 use crate::frontend::{self, Base, Plan, PlanOptions, Platform, Stage, Step};
+
+/// Where a pull reports: a vertex of the build's progress, with the bytes
+/// of each blob as they arrive.
+#[derive(Clone, Copy)]
+pub struct Report<'a> {
+    pub progress: &'a Arc<Progress>,
+    pub shared: &'a Shared,
+}
 
 /// The bases of a stage, by name and platform, loaded before the plan is
 /// made again with their environment and working directory.
@@ -27,6 +36,7 @@ pub fn load_bases(
     opts: &BuildOptions,
     first: &Plan,
     plan_opts: &mut PlanOptions,
+    report: Report<'_>,
 ) -> Result<Bases> {
     // --network=none: nothing is fetched on the build's behalf
     let offline = opts.network == kiln_runtime::Network::None;
@@ -52,7 +62,7 @@ pub fn load_bases(
                     let handle = handle.clone();
                     s.spawn(move || {
                         let _runtime = handle.enter();
-                        load_base(snap, registry, opts.pull, reference, platform)
+                        load_base(snap, registry, opts.pull, reference, platform, report)
                     })
                 })
                 .collect();
@@ -95,6 +105,7 @@ fn load_base(
     pull: bool,
     name: &str,
     platform: &Platform,
+    report: Report<'_>,
 ) -> Result<(Key, ImageState)> {
     let want = crate::image::Platform {
         os: platform.os.clone(),
@@ -107,12 +118,12 @@ fn load_base(
     let pinned = crate::image::reference::Reference::parse(name).is_ok_and(|r| r.digest.is_some());
     let image = match (stored, registry) {
         (Err(crate::image::store::Error::NotFound(_)), Some(reg)) => {
-            pull_into(snap, reg, name, &want)?;
+            pull_into(snap, reg, name, &want, report)?;
             store.resolve(name)
         }
         // --pull: the registry says what a tag means today
         (Ok(_), Some(reg)) if pull && !pinned => {
-            pull_into(snap, reg, name, &want)?;
+            pull_into(snap, reg, name, &want, report)?;
             store.resolve(name)
         }
         (r, _) => r,
@@ -128,16 +139,26 @@ fn load_base(
 }
 
 /// Pull `name` for `want` into the store (on a runtime worker, where
-/// unpacking may block in place).
+/// unpacking may block in place), as a progress vertex `FROM name` with
+/// each blob's bytes.
 fn pull_into(
     snap: &Arc<Snapshotter>,
     reg: &crate::registry::Registry,
     name: &str,
     want: &crate::image::Platform,
+    report: Report<'_>,
 ) -> Result<()> {
-    let (snap2, reg, n, p) = (snap.clone(), reg.clone(), name.to_string(), want.clone());
+    let vertex = report.shared.next_vertex();
+    let progress = Arc::clone(report.progress);
+    progress.started(vertex, &format!("FROM {name} (pull, {want})"));
+    let started = std::time::Instant::now();
+    let sink = Arc::clone(&progress);
+    let reg = reg.on_bytes(Arc::new(move |digest, done, total| {
+        sink.transfer(vertex, digest.as_ref(), done, total);
+    }));
+    let (snap2, n, p) = (snap.clone(), name.to_string(), want.clone());
     let handle = tokio::runtime::Handle::current();
-    handle
+    let pulled = handle
         .block_on(handle.spawn(async move {
             let store = crate::image::ImageStore::new(&snap2).with_platform(p.clone());
             reg.pull(&store, &n, &p).await.map(|_| ())
@@ -148,7 +169,12 @@ fn pull_into(
                 reason: crate::error_chain(&e),
             }))
         })?
-        .map_err(|e| Error::Pull(Box::new(e)))
+        .map_err(|e| Error::Pull(Box::new(e)));
+    match &pulled {
+        Ok(()) => progress.done(vertex, started.elapsed().as_secs_f64()),
+        Err(e) => progress.error(vertex, &crate::error_chain(e)),
+    }
+    pulled
 }
 
 /// The image store choosing `platform`'s manifest from an index.
@@ -335,8 +361,19 @@ impl Engine {
     ) -> Result<(Key, ImageState)> {
         let offline = self.opts.network == kiln_runtime::Network::None;
         let registry = self.opts.registry.as_ref().filter(|_| !offline);
-        load_base(&self.snap, registry, self.opts.pull, reference, platform)
-            .map_err(|e| offline_error(e, offline))
+        let report = Report {
+            progress: &self.progress,
+            shared: &self.shared,
+        };
+        load_base(
+            &self.snap,
+            registry,
+            self.opts.pull,
+            reference,
+            platform,
+            report,
+        )
+        .map_err(|e| offline_error(e, offline))
     }
 
     /// What `--build-context NAME=SOURCE` gives a `COPY --from=NAME`: a

@@ -130,7 +130,12 @@ pub struct Progress {
     /// rawjson: each vertex's digest, name and start, which BuildKit
     /// sends again with every change of the vertex
     vertices: Mutex<BTreeMap<usize, SolveVertex>>,
+    /// when each transfer (vertex, blob) was last reported
+    transfers: Mutex<BTreeMap<(usize, String), Instant>>,
 }
+
+/// How often a transfer's bytes are reported while it runs.
+const TRANSFER_EVERY: Duration = Duration::from_millis(500);
 
 /// A vertex as rawjson reports it.
 #[derive(Clone)]
@@ -163,6 +168,7 @@ impl Progress {
                 finished: false,
             })),
             vertices: Mutex::new(BTreeMap::new()),
+            transfers: Mutex::new(BTreeMap::new()),
         };
         if mode == Mode::Tty {
             // The ticker only holds weak references: it ends by itself when
@@ -321,6 +327,60 @@ impl Progress {
                     "timestamp": now,
                     "completed": now,
                 }]}))
+            },
+        );
+    }
+
+    /// Bytes of a transfer of vertex `id` (`what`: a blob being pulled):
+    /// `done` of `total`. Reported when it starts, at most every half
+    /// second while it runs, and when it is whole.
+    pub fn transfer(&self, id: usize, what: &str, done: u64, total: u64) {
+        let whole = done >= total;
+        {
+            let mut seen = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (id, what.to_string());
+            match seen.get(&key) {
+                Some(t) if !whole && t.elapsed() < TRANSFER_EVERY => return,
+                _ => {}
+            }
+            seen.insert(key, Instant::now());
+        }
+        let line = format!(
+            "{what} {} / {}{}",
+            bytes(done),
+            bytes(total),
+            if whole { " done" } else { "" }
+        );
+        self.tty_update(&[], |s| {
+            if let Some(v) = s.running.get_mut(&id) {
+                match v.tail.iter_mut().find(|l| l.starts_with(what)) {
+                    Some(l) => *l = line.clone(),
+                    None => {
+                        if v.tail.len() == TTY_TAIL_LINES {
+                            v.tail.pop_front();
+                        }
+                        v.tail.push_back(line.clone());
+                    }
+                }
+            }
+        });
+        self.emit(
+            || format!("#{id} {line}"),
+            || json!({"vertex": id, "transfer": what, "current": done, "total": total}),
+            || {
+                let now = now_rfc3339();
+                let mut status = json!({
+                    "id": what,
+                    "vertex": self.vertex_digest(id),
+                    "name": what,
+                    "current": done,
+                    "total": total,
+                    "timestamp": now,
+                });
+                if whole {
+                    status["completed"] = now.into();
+                }
+                Some(json!({"statuses": [status]}))
             },
         );
     }
@@ -530,6 +590,20 @@ mod tests {
         assert!(text.contains("#2 [2/2] COPY a b\n#2 CACHED\n"), "{text}");
         assert!(text.contains("#3 ERROR: exit 1\n"), "{text}");
         assert!(text.ends_with("built in 2.0s\n"), "{text}");
+    }
+
+    #[test]
+    fn transfers_are_reported_at_start_while_throttled_and_when_whole() {
+        let buf = Shared::default();
+        let p = Progress::new(Mode::Plain, Box::new(buf.clone()), vec![]);
+        p.transfer(1, "sha256:abc", 1_000_000, 4_000_000);
+        p.transfer(1, "sha256:abc", 2_000_000, 4_000_000);
+        p.transfer(1, "sha256:abc", 4_000_000, 4_000_000);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "#1 sha256:abc 1.0 MB / 4.0 MB\n#1 sha256:abc 4.0 MB / 4.0 MB done\n"
+        );
     }
 
     #[test]

@@ -51,6 +51,11 @@ impl Shared {
         })
     }
 
+    /// A new progress vertex number.
+    pub(super) fn next_vertex(&self) -> usize {
+        self.vertex.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// The lock of one step key; hold it from the cache lookup until the
     /// result is recorded.
     pub(super) fn key_lock(&self, key: &Key) -> Arc<Mutex<()>> {
@@ -99,7 +104,7 @@ struct Planned {
 /// them, then plan again with their environment and working directory
 /// (variables may come from them). The network policy is checked before
 /// any base is pulled.
-fn plan(opts: &BuildOptions, progress: &Progress) -> Result<Planned> {
+fn plan(opts: &BuildOptions, progress: &Arc<Progress>, shared: &Shared) -> Result<Planned> {
     let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
         path: opts.dockerfile.clone(),
         source,
@@ -136,7 +141,8 @@ fn plan(opts: &BuildOptions, progress: &Progress) -> Result<Planned> {
             return Err(Error::CacheFromOffline(reference.to_string()));
         }
     }
-    let bases = bases::load_bases(&snap, opts, &first, &mut plan_opts)?;
+    let report = bases::Report { progress, shared };
+    let bases = bases::load_bases(&snap, opts, &first, &mut plan_opts, report)?;
     let plan = frontend::plan(&ast, &plan_opts)?;
     for w in &plan.warnings {
         let at = w.line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
@@ -158,7 +164,7 @@ pub(super) async fn build_shared(
     shared: Arc<Shared>,
 ) -> Result<Built> {
     let started = Instant::now();
-    let planned = plan(&opts, &progress)?;
+    let planned = plan(&opts, &progress, &shared)?;
     let imported = remote_cache::import_all(
         &opts.cache_from,
         opts.registry.as_ref(),
@@ -430,7 +436,7 @@ impl Engine {
                 key = k;
                 continue;
             }
-            let vertex = self.shared.vertex.fetch_add(1, Ordering::Relaxed);
+            let vertex = self.shared.next_vertex();
             let name = format!(
                 "{}[{stage_name} {}/{total}] {}",
                 self.step_label(step, &state),

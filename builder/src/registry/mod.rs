@@ -98,7 +98,12 @@ pub const PARALLEL_BLOBS: usize = 4;
 pub struct Registry {
     client: Arc<http::Client>,
     config: Arc<config::Config>,
+    /// told the bytes of each blob as they arrive (see [`Registry::on_bytes`])
+    on_bytes: Option<OnBytes>,
 }
+
+/// A blob's progress: its digest, the bytes received so far and its size.
+pub type OnBytes = Arc<dyn Fn(&oci_spec::image::Digest, u64, u64) + Send + Sync>;
 
 /// The largest manifest, index or image config kiln reads, as containerd
 /// limits them: refused before more is read.
@@ -179,7 +184,17 @@ impl Registry {
                 tokens: http::Tokens::default(),
             }),
             config: Arc::new(config),
+            on_bytes: None,
         })
+    }
+
+    /// This client, telling `f` how many bytes of each blob it fetches
+    /// have arrived (at least once per blob fetched, when it is whole).
+    pub fn on_bytes(&self, f: OnBytes) -> Self {
+        Registry {
+            on_bytes: Some(f),
+            ..self.clone()
+        }
     }
 
     /// A client from the default registries config plus `insecure` hosts

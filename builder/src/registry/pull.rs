@@ -261,6 +261,9 @@ impl Registry {
             }
             w.write_all(&chunk)
                 .map_err(|e| bad(crate::error_chain(&e)))?;
+            if let Some(f) = &self.on_bytes {
+                f(desc.digest(), w.size(), desc.size());
+            }
         }
         if w.size() != desc.size() {
             return Err(bad(format!(
