@@ -790,18 +790,38 @@ fn a_registry_output_pushes_its_names() {
     let state = dir.join("state");
     import_busybox(&dir, &state);
     let ctx = context(&dir, "ctx", "FROM localhost/bb\nRUN echo pushed > /o\n");
-    let out = ok(&mut kiln_env(
+    let built = run(&mut kiln_env(
         &[],
         &state,
         &[
             "build",
             &insecure,
+            "--progress",
+            "plain",
             "-o",
             &format!("type=registry,name={host}/out:1"),
             p(&ctx),
         ],
     ));
+    let (out, log) = (text(&built.stdout), text(&built.stderr));
+    assert!(built.status.success(), "{log}");
     let digest = out.trim().lines().last().unwrap().to_string();
+    // the push is a vertex with its blobs' bytes
+    let name = format!("pushing {host}/out:1");
+    let line = log
+        .lines()
+        .find(|l| l.ends_with(&name))
+        .unwrap_or_else(|| panic!("{name}:\n{log}"));
+    let id = line.split(' ').next().unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with(&format!("{id} sha256:")) && l.ends_with(" done")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with(&format!("{id} DONE"))),
+        "{log}"
+    );
     let raw = curl(&[
         "-H",
         "Accept: application/vnd.oci.image.manifest.v1+json",

@@ -219,6 +219,7 @@ pub fn run(
                 &source,
                 &exported.names,
                 spec.push_by_digest,
+                &progress,
             )?;
             // what the registry has is what buildx reports
             exported.manifest = sent.clone();
@@ -590,6 +591,7 @@ fn build_multi_platform(
                 &source,
                 &e.names,
                 spec.push_by_digest,
+                progress,
             )?;
             e.manifest = sent;
         }

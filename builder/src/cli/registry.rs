@@ -113,19 +113,40 @@ pub fn push_names(
     source: &str,
     names: &[String],
     by_digest: bool,
+    progress: &Arc<crate::engine::progress::Progress>,
 ) -> anyhow::Result<Descriptor> {
     if names.is_empty() {
         bail!("push=true needs a name: add -t NAME or name=NAME");
     }
-    let reg = client(insecure)?;
     let rt = runtime()?;
     let mut last = None;
     for n in names {
-        let (snap, reg, source, n) = (snap.clone(), reg.clone(), source.to_string(), n.clone());
-        let pushed = rt.block_on(rt.spawn(async move {
-            let store = ImageStore::new(&snap);
-            reg.push(&store, &source, Some(&n), by_digest).await
-        }))??;
+        // each push is a vertex with its blobs' bytes
+        let vertex = progress.new_vertex();
+        progress.started(vertex, &format!("pushing {n}"));
+        let started = std::time::Instant::now();
+        let sink = Arc::clone(progress);
+        let reg = client(insecure)?.on_bytes(Arc::new(move |digest, done, total| {
+            sink.transfer(vertex, digest.as_ref(), done, total);
+        }));
+        let (snap, source, n) = (snap.clone(), source.to_string(), n.clone());
+        let pushed = rt
+            .block_on(rt.spawn(async move {
+                let store = ImageStore::new(&snap);
+                reg.push(&store, &source, Some(&n), by_digest).await
+            }))
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.map_err(anyhow::Error::from));
+        let pushed = match pushed {
+            Ok(p) => {
+                progress.done(vertex, started.elapsed().as_secs_f64());
+                p
+            }
+            Err(e) => {
+                progress.error(vertex, &format!("{e:#}"));
+                return Err(e);
+            }
+        };
         eprintln!("pushed {} {}", pushed.reference, pushed.digest);
         last = Some(pushed);
     }

@@ -132,6 +132,8 @@ pub struct Progress {
     vertices: Mutex<BTreeMap<usize, SolveVertex>>,
     /// when each transfer (vertex, blob) was last reported
     transfers: Mutex<BTreeMap<(usize, String), Instant>>,
+    /// the highest vertex number reported, for [`Progress::new_vertex`]
+    highest: std::sync::atomic::AtomicUsize,
 }
 
 /// How often a transfer's bytes are reported while it runs.
@@ -169,6 +171,7 @@ impl Progress {
             })),
             vertices: Mutex::new(BTreeMap::new()),
             transfers: Mutex::new(BTreeMap::new()),
+            highest: std::sync::atomic::AtomicUsize::new(0),
         };
         if mode == Mode::Tty {
             // The ticker only holds weak references: it ends by itself when
@@ -248,7 +251,17 @@ impl Progress {
         draw(&mut **out, &mut state, permanent, self.start, &self.redact);
     }
 
+    /// A vertex number after every one reported so far, for work after
+    /// the build (an output's push).
+    pub fn new_vertex(&self) -> usize {
+        self.highest
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
     pub fn started(&self, id: usize, name: &str) {
+        self.highest
+            .fetch_max(id, std::sync::atomic::Ordering::Relaxed);
         self.tty_update(&[], |s| {
             s.running.insert(
                 id,
@@ -267,6 +280,8 @@ impl Progress {
     }
 
     pub fn cached(&self, id: usize, name: &str) {
+        self.highest
+            .fetch_max(id, std::sync::atomic::Ordering::Relaxed);
         self.tty_update(&[format!("#{id} {name}"), format!("#{id} CACHED")], |s| {
             s.running.remove(&id);
         });

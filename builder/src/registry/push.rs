@@ -116,22 +116,7 @@ impl Registry {
                 context: "cannot read a blob to push",
                 source: Box::new(e.into()),
             })?;
-        let chunks = futures_util::stream::unfold(Some(reader), |state| async move {
-            let mut reader = state?;
-            let mut buf = vec![0u8; 1 << 20];
-            // a local file read: short enough to do in place on a worker
-            match tokio::task::block_in_place(|| std::io::Read::read(&mut reader, &mut buf)) {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(bytes::Bytes::from(buf)), Some(reader)))
-                }
-                Err(e) => {
-                    let e = reader.map_read_error(e);
-                    Some((Err(std::io::Error::other(e)), None))
-                }
-            }
-        });
+        let chunks = upload_chunks(reader, self.on_bytes.clone(), desc);
         // the body can be sent once: the session's token is fresh from
         // the POST above
         let token = c.tokens.get(&remote, Op::Push).flatten();
@@ -461,4 +446,37 @@ fn mount_sources(store: &ImageStore<'_>, image: &Image, dest: &Reference) -> Vec
         }
     }
     out
+}
+
+/// A blob read from the store in 1 MiB chunks for an upload body, each
+/// chunk's running total told to `on_bytes`.
+fn upload_chunks(
+    reader: kiln_snapshotter::content::VerifyingReader,
+    on_bytes: Option<super::OnBytes>,
+    desc: &Descriptor,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> {
+    let (blob, total) = (desc.digest().clone(), desc.size());
+    futures_util::stream::unfold((Some(reader), 0u64), move |(state, sent)| {
+        let (on_bytes, blob) = (on_bytes.clone(), blob.clone());
+        async move {
+            let mut reader = state?;
+            let mut buf = vec![0u8; 1 << 20];
+            // a local file read: short enough to do in place on a worker
+            match tokio::task::block_in_place(|| std::io::Read::read(&mut reader, &mut buf)) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    let sent = sent + n as u64;
+                    if let Some(f) = &on_bytes {
+                        f(&blob, sent, total);
+                    }
+                    Some((Ok(bytes::Bytes::from(buf)), (Some(reader), sent)))
+                }
+                Err(e) => {
+                    let e = reader.map_read_error(e);
+                    Some((Err(std::io::Error::other(e)), (None, sent)))
+                }
+            }
+        }
+    })
 }
