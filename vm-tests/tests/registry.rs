@@ -807,21 +807,7 @@ fn a_registry_output_pushes_its_names() {
     assert!(built.status.success(), "{log}");
     let digest = out.trim().lines().last().unwrap().to_string();
     // the push is a vertex with its blobs' bytes
-    let name = format!("pushing {host}/out:1");
-    let line = log
-        .lines()
-        .find(|l| l.ends_with(&name))
-        .unwrap_or_else(|| panic!("{name}:\n{log}"));
-    let id = line.split(' ').next().unwrap();
-    assert!(
-        log.lines()
-            .any(|l| l.starts_with(&format!("{id} sha256:")) && l.ends_with(" done")),
-        "{log}"
-    );
-    assert!(
-        log.lines().any(|l| l.starts_with(&format!("{id} DONE"))),
-        "{log}"
-    );
+    assert_transfer_vertex(&log, &format!("pushing {host}/out:1"));
     let raw = curl(&[
         "-H",
         "Accept: application/vnd.oci.image.manifest.v1+json",
@@ -994,24 +980,29 @@ fn split_platform_builds_merge_into_one_index() {
     assert!(built.status.success(), "{log}");
     // each pull is a vertex with its blobs' bytes, as BuildKit shows them
     for repo in ["multi", "other"] {
-        let name = format!("FROM {host}/{repo}:1 (pull, linux/arm64)");
-        let line = log
-            .lines()
-            .find(|l| l.ends_with(&name))
-            .unwrap_or_else(|| panic!("{name}:\n{log}"));
-        let id = line.split(' ').next().unwrap();
-        assert!(
-            log.lines()
-                .any(|l| l.starts_with(&format!("{id} sha256:")) && l.ends_with(" done")),
-            "{log}"
-        );
-        assert!(
-            log.lines().any(|l| l.starts_with(&format!("{id} DONE"))),
-            "{log}"
-        );
+        assert_transfer_vertex(&log, &format!("FROM {host}/{repo}:1 (pull, linux/arm64)"));
     }
     assert_eq!(fs::read_to_string(out.join("a-arch")).unwrap(), "arm64");
     assert_eq!(fs::read_to_string(out.join("arch")).unwrap(), "arm64");
+}
+
+/// In a plain progress `log`, the vertex named `name` reported a blob's
+/// bytes through to "done", then ended.
+fn assert_transfer_vertex(log: &str, name: &str) {
+    let line = log
+        .lines()
+        .find(|l| l.ends_with(name))
+        .unwrap_or_else(|| panic!("{name}:\n{log}"));
+    let id = line.split(' ').next().unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with(&format!("{id} sha256:")) && l.ends_with(" done")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with(&format!("{id} DONE"))),
+        "{log}"
+    );
 }
 
 fn login_with(cmd: &mut Command, input: &str) -> Output {
