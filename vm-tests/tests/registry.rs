@@ -1223,6 +1223,9 @@ fn a_registry_cache_and_an_inline_cache_warm_a_fresh_state_directory() {
         ],
     );
     assert!(err.contains("2 steps run"), "{err}");
+    // the cache export and the push are vertices with their bytes
+    assert_transfer_vertex(&err, &format!("exporting cache to {cache_ref}"));
+    assert_transfer_vertex(&err, &format!("pushing {image_ref}"));
     // the build stored its layers plain; the push sent them as gzip
     let manifest: serde_json::Value = serde_json::from_slice(&curl(&[
         "-H",

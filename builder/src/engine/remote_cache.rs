@@ -1116,7 +1116,7 @@ pub async fn export(
     registry: Option<&crate::registry::Registry>,
     to: &Export,
     records: &[Record],
-    progress: &super::progress::Progress,
+    progress: &std::sync::Arc<super::progress::Progress>,
 ) -> Result<()> {
     match export_one(snap, registry, to, records, progress).await {
         Err(e) if to.ignore_error() => {
@@ -1135,7 +1135,7 @@ async fn export_one(
     registry: Option<&crate::registry::Registry>,
     to: &Export,
     records: &[Record],
-    progress: &super::progress::Progress,
+    progress: &std::sync::Arc<super::progress::Progress>,
 ) -> Result<()> {
     if matches!(to, Export::Inline) {
         return Ok(());
@@ -1153,8 +1153,22 @@ async fn export_one(
                 spec: format!("type=registry,ref={reference}"),
                 why: "this build has no registry client".into(),
             })?;
+            // a vertex with the bytes of each blob uploaded
+            let vertex = progress.new_vertex();
+            progress.started(vertex, &format!("exporting cache to {reference}"));
+            let started = std::time::Instant::now();
+            let sink = std::sync::Arc::clone(progress);
+            let registry = registry.on_bytes(std::sync::Arc::new(move |digest, done, total| {
+                sink.transfer(vertex, digest.as_ref(), done, total);
+            }));
             let store = crate::image::ImageStore::new(snap);
-            export_registry(registry, &store, records, reference).await?;
+            match export_registry(&registry, &store, records, reference).await {
+                Ok(()) => progress.done(vertex, started.elapsed().as_secs_f64()),
+                Err(e) => {
+                    progress.error(vertex, &crate::error_chain(&e));
+                    return Err(e);
+                }
+            }
             reference.clone()
         }
         Export::Inline => return Ok(()),
