@@ -262,14 +262,7 @@ fn namespaces(list: &[oci_spec::runtime::LinuxNamespace]) -> Result<bool> {
         }
         seen.push(ns.typ());
     }
-    for required in [
-        LinuxNamespaceType::User,
-        LinuxNamespaceType::Mount,
-        LinuxNamespaceType::Pid,
-        LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Uts,
-        LinuxNamespaceType::Cgroup,
-    ] {
+    for required in crate::spec::REQUIRED_NAMESPACES {
         if !seen.contains(&required) {
             return Err(Error::Unsupported(format!(
                 "running without a new {required:?} namespace"

@@ -17,6 +17,16 @@ use crate::error::{Error, Result};
 /// Annotation naming the seccomp profile: `default`, `unconfined`, or the
 /// path of a profile in seccompiler's JSON format.
 pub const SECCOMP_ANNOTATION: &str = "run.kiln.seccomp";
+/// The namespaces every sandbox gets (a network namespace too, unless the
+/// network is the host's).
+pub const REQUIRED_NAMESPACES: [LinuxNamespaceType; 6] = [
+    LinuxNamespaceType::User,
+    LinuxNamespaceType::Mount,
+    LinuxNamespaceType::Pid,
+    LinuxNamespaceType::Ipc,
+    LinuxNamespaceType::Uts,
+    LinuxNamespaceType::Cgroup,
+];
 /// The size of the sandbox's /dev/shm in bytes (64 MiB when absent, as
 /// Docker's default).
 pub const SHM_SIZE_ANNOTATION: &str = "run.kiln.shm-size";
@@ -301,14 +311,7 @@ impl SandboxConfig {
         std::collections::HashMap<String, String>,
     )> {
         let invalid = |e: oci_spec::OciSpecError| Error::InvalidSpec(e.to_string());
-        let mut namespaces = vec![
-            LinuxNamespaceType::User,
-            LinuxNamespaceType::Mount,
-            LinuxNamespaceType::Pid,
-            LinuxNamespaceType::Ipc,
-            LinuxNamespaceType::Uts,
-            LinuxNamespaceType::Cgroup,
-        ];
+        let mut namespaces = REQUIRED_NAMESPACES.to_vec();
         let mut annotations: std::collections::HashMap<String, String> =
             [(SECCOMP_ANNOTATION.to_string(), self.seccomp.clone())]
                 .into_iter()

@@ -150,21 +150,10 @@ pub fn run(
         progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?
     };
     let opts = build_options(root, insecure, &args)?;
-    let epoch = opts.source_date_epoch;
     let outputs = outputs(&args)?;
     let platforms = platforms(&args)?;
     if platforms.len() <= 1 {
-        use crate::image::output::AnnotationLevel::{Index, IndexDescriptor};
-        if let Some(a) = outputs
-            .iter()
-            .flat_map(|o| &o.annotations)
-            .find(|a| a.levels.contains(&Index) || a.levels.contains(&IndexDescriptor))
-        {
-            bail!(
-                "--annotation {}: a single-platform image has no index; use the manifest or manifest-descriptor level, or build several platforms",
-                a.key
-            );
-        }
+        index_annotations_need_an_index(&outputs)?;
     }
     let progress = Arc::new(progress::Progress::new(
         mode,
@@ -174,56 +163,105 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let export_opts = ExportOptions {
-        source_date_epoch: epoch,
+    let ex = Exporting {
+        args: &args,
+        outputs: &outputs,
+        export_opts: ExportOptions {
+            source_date_epoch: opts.source_date_epoch,
+        },
+        progress: &progress,
+        insecure,
     };
     if platforms.len() > 1 {
-        return build_multi_platform(
-            &runtime,
-            opts,
-            &args,
-            &platforms,
-            &outputs,
-            &export_opts,
-            &progress,
-            insecure,
+        return build_multi_platform(&runtime, opts, &platforms, &ex);
+    }
+    build_one_platform(&runtime, opts, platforms.first(), &ex)
+}
+
+/// What the outputs of a build need besides the image: the command line,
+/// the outputs asked for, and where progress goes.
+struct Exporting<'a> {
+    args: &'a BuildArgs,
+    outputs: &'a [OutputSpec],
+    export_opts: ExportOptions,
+    progress: &'a Arc<progress::Progress>,
+    insecure: &'a [String],
+}
+
+impl Exporting<'_> {
+    /// Push `exported`'s names when `spec` asks (`push=true`); what the
+    /// registry then has replaces its manifest, as buildx reports it.
+    fn push(
+        &self,
+        snap: &Arc<kiln_snapshotter::snapshot::Snapshotter>,
+        spec: &OutputSpec,
+        exported: &mut crate::image::export::Exported,
+    ) -> anyhow::Result<()> {
+        if spec.push {
+            // the exporter named the image in the store; push those names
+            let source = exported.manifest.digest().to_string();
+            exported.manifest = super::registry::push_names(
+                snap,
+                self.insecure,
+                &source,
+                &exported.names,
+                spec.push_by_digest,
+                self.progress,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `index` and `index-descriptor` annotations on a build that writes no
+/// index are an error (nothing would carry them).
+fn index_annotations_need_an_index(outputs: &[OutputSpec]) -> anyhow::Result<()> {
+    use crate::image::output::AnnotationLevel::{Index, IndexDescriptor};
+    if let Some(a) = outputs
+        .iter()
+        .flat_map(|o| &o.annotations)
+        .find(|a| a.levels.contains(&Index) || a.levels.contains(&IndexDescriptor))
+    {
+        bail!(
+            "--annotation {}: a single-platform image has no index; use the manifest or manifest-descriptor level, or build several platforms",
+            a.key
         );
     }
-    let built = match platforms.first() {
+    Ok(())
+}
+
+/// Build one platform (`platform`, else the host's) and write its outputs.
+fn build_one_platform(
+    runtime: &tokio::runtime::Runtime,
+    opts: engine::BuildOptions,
+    platform: Option<&Platform>,
+    ex: &Exporting<'_>,
+) -> anyhow::Result<i32> {
+    let progress = Arc::clone(ex.progress);
+    let built = match platform {
         Some(p) => {
             runtime
                 .block_on(engine::build_platforms(
                     opts,
                     std::slice::from_ref(p),
-                    Arc::clone(&progress),
+                    progress,
                 ))?
                 .remove(0)
                 .1
         }
-        None => runtime.block_on(engine::build(opts, Arc::clone(&progress)))?,
+        None => runtime.block_on(engine::build(opts, progress))?,
     };
     let store = crate::image::ImageStore::new(&built.snap);
     let image = store.get(&built.manifest, None)?;
     let mut reported = None;
     let mut pushed = None;
-    for spec in &outputs {
+    for spec in ex.outputs {
         let t = std::time::Instant::now();
-        let mut exported = export(&store, &image, spec, &export_opts)?;
-        exported_line(&progress, spec, t);
+        let mut exported = export(&store, &image, spec, &ex.export_opts)?;
+        exported_line(ex.progress, spec, t);
+        ex.push(&built.snap, spec, &mut exported)?;
         if spec.push {
-            // the exporter named the image in the store; push those names
-            let source = exported.manifest.digest().to_string();
-            let sent = super::registry::push_names(
-                &built.snap,
-                insecure,
-                &source,
-                &exported.names,
-                spec.push_by_digest,
-                &progress,
-            )?;
-            // what the registry has is what buildx reports
-            exported.manifest = sent.clone();
-            pushed.get_or_insert(sent);
+            pushed.get_or_insert(exported.manifest.clone());
         }
         if reported.is_none() && names_an_image(spec) {
             reported = Some(exported);
@@ -231,15 +269,15 @@ pub fn run(
     }
     // --load without a name: kept in the store as an unnamed image (listed
     // as <none>, removed by `kiln prune --all`), as docker keeps one
-    if args.load && args.tag.is_empty() {
+    if ex.args.load && ex.args.tag.is_empty() {
         store.add_unnamed(&image.target)?;
     }
     // the ID buildx reports: the config digest the image output wrote
     let image_id = reported
         .as_ref()
         .map_or_else(|| built.config_digest.to_string(), |e| e.config.to_string());
-    write_reports(&args, &image_id, metadata(reported.as_ref(), true))?;
-    if args.quiet {
+    write_reports(ex.args, &image_id, metadata(reported.as_ref(), true))?;
+    if ex.args.quiet {
         println!("{image_id}");
     } else {
         // the pushed manifest's digest when the image was pushed (the one a
@@ -344,13 +382,7 @@ fn build_options(
         Some(f) => std::path::absolute(f)?,
         None => context.join("Dockerfile"),
     };
-    let mut named_contexts = BTreeMap::new();
-    for c in &args.build_context {
-        let (k, v) = c
-            .split_once('=')
-            .with_context(|| format!("--build-context {c:?}: expected NAME=SOURCE"))?;
-        named_contexts.insert(k.to_string(), v.to_string());
-    }
+    let named_contexts = named_contexts(&args.build_context)?;
     Ok(engine::BuildOptions {
         session: Arc::new(session(args)?),
         cache_to: args
@@ -438,7 +470,7 @@ fn entitlements(allow: &[String]) -> anyhow::Result<bool> {
 
 /// `--build-arg K=V`, and `--build-arg K`, which takes K from the
 /// environment as docker does (and is dropped when unset).
-fn build_args(flags: &[String]) -> BTreeMap<String, String> {
+pub(crate) fn build_args(flags: &[String]) -> BTreeMap<String, String> {
     let mut build_args = BTreeMap::new();
     for a in flags {
         match a.split_once('=') {
@@ -453,6 +485,18 @@ fn build_args(flags: &[String]) -> BTreeMap<String, String> {
         }
     }
     build_args
+}
+
+/// `--build-context NAME=SOURCE`, by name.
+pub(crate) fn named_contexts(flags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    flags
+        .iter()
+        .map(|c| {
+            c.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--build-context {c:?}: expected NAME=SOURCE"))
+        })
+        .collect()
 }
 
 /// SOURCE_DATE_EPOCH, from the build args else the environment.
@@ -537,32 +581,25 @@ fn platforms(args: &BuildArgs) -> anyhow::Result<Vec<Platform>> {
 }
 
 /// Build several platforms and export them as one index.
-#[allow(clippy::too_many_arguments)]
 fn build_multi_platform(
     runtime: &tokio::runtime::Runtime,
     opts: engine::BuildOptions,
-    args: &BuildArgs,
     platforms: &[Platform],
-    outputs: &[OutputSpec],
-    export_opts: &ExportOptions,
-    progress: &Arc<progress::Progress>,
-    insecure: &[String],
+    ex: &Exporting<'_>,
 ) -> anyhow::Result<i32> {
+    use crate::image::output::OutputType;
     // refused before the build, not after it
-    if let Some(o) = outputs
-        .iter()
-        .find(|o| o.kind == crate::image::output::OutputType::Docker)
-    {
+    if let Some(o) = ex.outputs.iter().find(|o| o.kind == OutputType::Docker) {
         bail!(crate::image::export::Error::DockerMultiPlatform(format!(
             "{} in {:?}",
-            args.platform.join(","),
+            ex.args.platform.join(","),
             o.kind.as_str()
         )));
     }
     let built = runtime.block_on(engine::build_platforms(
         opts,
         platforms,
-        Arc::clone(progress),
+        Arc::clone(ex.progress),
     ))?;
     let store = crate::image::ImageStore::new(&built[0].1.snap);
     let mut images = Vec::new();
@@ -578,31 +615,17 @@ fn build_multi_platform(
     }
     let mut digest = None;
     let mut reported = None;
-    for spec in outputs {
+    for spec in ex.outputs {
         let t = std::time::Instant::now();
-        let mut e = export_platforms(&store, &images, spec, export_opts)?;
-        exported_line(progress, spec, t);
-        if spec.push {
-            // the index and its manifests, under the names it was given
-            let source = e.manifest.digest().to_string();
-            let sent = super::registry::push_names(
-                &built[0].1.snap,
-                insecure,
-                &source,
-                &e.names,
-                spec.push_by_digest,
-                progress,
-            )?;
-            e.manifest = sent;
-        }
-        if matches!(
-            spec.kind,
-            crate::image::output::OutputType::Image | crate::image::output::OutputType::Oci
-        ) {
+        let mut e = export_platforms(&store, &images, spec, &ex.export_opts)?;
+        exported_line(ex.progress, spec, t);
+        // the index and its manifests, under the names it was given
+        ex.push(&built[0].1.snap, spec, &mut e)?;
+        if matches!(spec.kind, OutputType::Image | OutputType::Oci) {
             digest = Some(e.manifest.digest().clone());
         }
-        if args.load && spec.kind == crate::image::output::OutputType::Image && e.names.is_empty() {
-            // --load without a name: the index, unnamed (see run)
+        if ex.args.load && spec.kind == OutputType::Image && e.names.is_empty() {
+            // --load without a name: the index, unnamed (see build_one_platform)
             store.add_unnamed(&e.manifest)?;
         }
         if reported.is_none() && names_an_image(spec) {
@@ -611,7 +634,7 @@ fn build_multi_platform(
     }
     // a multi-platform image's ID is its index's digest
     let image_id = digest.as_ref().map(ToString::to_string).unwrap_or_default();
-    write_reports(args, &image_id, metadata(reported.as_ref(), false))?;
+    write_reports(ex.args, &image_id, metadata(reported.as_ref(), false))?;
     match digest {
         Some(d) => println!("{d}"),
         None => {

@@ -162,8 +162,7 @@ async fn create(reg: &Registry, store: &ImageStore<'_>, args: &CreateArgs) -> an
         "manifests": entries,
     });
     let bytes = serde_json::to_vec(&index)?;
-    let digest =
-        kiln_snapshotter::content::sha256_digest(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    let digest = crate::registry::digest_of(&bytes);
     if args.dry_run {
         println!("{}", serde_json::to_string_pretty(&index)?);
         return Ok(0);
@@ -249,9 +248,7 @@ async fn copy_manifest(
     }
     // what the bytes hash to (fetch_manifest checked it against a pinned
     // source's digest)
-    let digest =
-        kiln_snapshotter::content::sha256_digest(<sha2::Sha256 as sha2::Digest>::digest(bytes))
-            .to_string();
+    let digest = crate::registry::digest_of(bytes).to_string();
     for t in targets {
         if t.domain == src.domain && t.path == src.path {
             continue;

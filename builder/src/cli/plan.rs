@@ -2,10 +2,9 @@
 //! build options, and print the plan as JSON, so the frontend can be checked
 //! without running a build.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::frontend::{self, dockerignore, PlanOptions, Platform};
 
@@ -58,26 +57,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let mut build_args = BTreeMap::new();
-    for a in &args.build_args {
-        match a.split_once('=') {
-            Some((k, v)) => {
-                build_args.insert(k.to_string(), v.to_string());
-            }
-            None => {
-                if let Ok(v) = std::env::var(a) {
-                    build_args.insert(a.clone(), v);
-                }
-            }
-        }
-    }
-    let mut named_contexts = BTreeMap::new();
-    for c in &args.build_contexts {
-        let Some((k, v)) = c.split_once('=') else {
-            bail!("invalid --build-context {c:?}; expected NAME=SOURCE");
-        };
-        named_contexts.insert(k.to_string(), v.to_string());
-    }
+    let build_args = super::build::build_args(&args.build_args);
+    let named_contexts = super::build::named_contexts(&args.build_contexts)?;
     let target_platform = args
         .platform
         .as_deref()

@@ -218,7 +218,7 @@ impl Progress {
             let name = name.unwrap_or_default().to_string();
             let hash = <sha2::Sha256 as sha2::Digest>::digest(format!("kiln-vertex {id} {name}"));
             SolveVertex {
-                digest: format!("sha256:{}", hex(&hash)),
+                digest: format!("sha256:{}", kiln_snapshotter::content::hex(&hash)),
                 name,
                 started: now_rfc3339(),
             }
@@ -453,10 +453,6 @@ impl Progress {
         lines.push(last);
         self.tty_update(&lines, |_| {});
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn terminal_width() -> usize {

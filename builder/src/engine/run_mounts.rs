@@ -524,7 +524,7 @@ impl Setup<'_, '_> {
             ..
         } = m
         else {
-            return Ok(());
+            unreachable!("mount() hands only Mount::Cache here")
         };
         let cache_err = |source| Error::Cache {
             id: id.clone(),
@@ -592,6 +592,18 @@ impl Setup<'_, '_> {
         Ok(())
     }
 
+    /// A file of the sandbox's private tmpfs at `dest`, with its mode and
+    /// owner (`mode`, `uid`, `gid`).
+    fn private(&mut self, dest: &str, (mode, uid, gid): (u32, u32, u32), content: PrivateContent) {
+        self.out.private.push(PrivateFile {
+            dest: dest.to_string(),
+            mode,
+            uid,
+            gid,
+            content,
+        });
+    }
+
     /// `type=secret`: the secret's bytes as a file in the sandbox's
     /// private tmpfs, and/or as an environment variable.
     fn secret(&mut self, m: &Mount) -> Result<()> {
@@ -605,7 +617,7 @@ impl Setup<'_, '_> {
             gid,
         } = m
         else {
-            return Ok(());
+            unreachable!("mount() hands only Mount::Secret here")
         };
         let Some(value) = self.res.secrets.get(id) else {
             if *required {
@@ -621,13 +633,8 @@ impl Setup<'_, '_> {
         if let Some(target) = target {
             check_not_nested(target, self.mounts)?;
             self.ensure(target, false)?;
-            self.out.private.push(PrivateFile {
-                dest: target.clone(),
-                mode: *mode,
-                uid: *uid,
-                gid: *gid,
-                content: PrivateContent::Bytes(value.clone()),
-            });
+            let content = PrivateContent::Bytes(value.clone());
+            self.private(target, (*mode, *uid, *gid), content);
         }
         Ok(())
     }
@@ -644,7 +651,7 @@ impl Setup<'_, '_> {
             gid,
         } = m
         else {
-            return Ok(());
+            unreachable!("mount() hands only Mount::Ssh here")
         };
         let Some(agent) = self.res.agents.get(id) else {
             if *required {
@@ -666,13 +673,7 @@ impl Setup<'_, '_> {
             let listener = receive_fd(&ours)?;
             agent.serve(listener).ok()
         })));
-        self.out.private.push(PrivateFile {
-            dest: target.clone(),
-            mode: *mode,
-            uid: *uid,
-            gid: *gid,
-            content: PrivateContent::Socket(theirs),
-        });
+        self.private(target, (*mode, *uid, *gid), PrivateContent::Socket(theirs));
         if self.ssh_first {
             self.out.env.push(("SSH_AUTH_SOCK".into(), target.clone()));
             self.ssh_first = false;

@@ -128,7 +128,7 @@ impl StatCache {
             id.update(m.dev().to_le_bytes());
             id.update(m.ino().to_le_bytes());
         }
-        let file = dir.join(hex(&id.finalize()));
+        let file = dir.join(kiln_snapshotter::content::hex(&id.finalize()));
         let entries = std::fs::File::open(&file)
             .ok()
             .and_then(|f| {
@@ -230,10 +230,6 @@ fn sweep(dir: &Path, keep: &Path) {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The bytes of a cache file of `entries`: all of them, or only those this

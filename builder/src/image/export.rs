@@ -238,7 +238,6 @@ pub fn export_platforms(
             })
         }
         OutputType::Image | OutputType::Oci => {
-            let snap = store.snapshotter();
             let store_err = |context: &str| {
                 let context = context.to_string();
                 move |source| Error::Store {
@@ -246,42 +245,7 @@ pub fn export_platforms(
                     source: Box::new(source),
                 }
             };
-            let mut manifests = Vec::new();
-            let mut blobs = Vec::new();
-            for (p, image) in images {
-                let p_text = p.to_string();
-                let img = rewrite(store, image, spec, opts, Some(&p_text))?;
-                let mut d = img.manifest_descriptor.clone();
-                d.set_annotations(
-                    spec.annotations_at(AnnotationLevel::ManifestDescriptor, Some(&p_text)),
-                );
-                let mut platform = oci_spec::image::PlatformBuilder::default()
-                    .os(oci_spec::image::Os::from(p.os.as_str()))
-                    .architecture(oci_spec::image::Arch::from(p.architecture.as_str()))
-                    .build()
-                    .expect("os and architecture set");
-                platform.set_variant(p.variant.clone());
-                d.set_platform(Some(platform));
-                blobs.extend(img.layers().iter().cloned());
-                blobs.push(img.manifest.config().clone());
-                blobs.push(d.clone());
-                manifests.push(d);
-            }
-            let mut index = oci_spec::image::ImageIndexBuilder::default()
-                .schema_version(2u32)
-                .media_type(MediaType::ImageIndex)
-                .manifests(manifests)
-                .build()
-                .expect("index has its fields");
-            index.set_annotations(spec.annotations_at(AnnotationLevel::Index, None));
-            let bytes = store::canonical_json(&index);
-            let index_desc = {
-                let _no_gc = snap.layers().gc_guard(false)?;
-                let d = snap.content().put_bytes(MediaType::ImageIndex, &bytes)?;
-                snap.lease().add_blob(d.digest())?;
-                d
-            };
-            blobs.push(index_desc.clone());
+            let (index_desc, blobs) = write_index(store, images, spec, opts)?;
             let mut names = Vec::new();
             if spec.kind == OutputType::Image {
                 for n in &spec.names {
@@ -327,6 +291,53 @@ fn layer_media_type(c: Compression, oci: bool) -> MediaType {
         // docker's media types have no zstd; BuildKit uses the OCI one
         (c, _) => c.media_type(),
     }
+}
+
+/// The index of a multi-platform image output: each platform's image
+/// re-written as `spec` asks, named in an index with its platform and
+/// annotations; the index's descriptor, and every blob it reaches.
+fn write_index(
+    store: &ImageStore<'_>,
+    images: &[(store::Platform, Image)],
+    spec: &OutputSpec,
+    opts: &ExportOptions,
+) -> Result<(Descriptor, Vec<Descriptor>)> {
+    let snap = store.snapshotter();
+    let mut manifests = Vec::new();
+    let mut blobs = Vec::new();
+    for (p, image) in images {
+        let p_text = p.to_string();
+        let img = rewrite(store, image, spec, opts, Some(&p_text))?;
+        let mut d = img.manifest_descriptor.clone();
+        d.set_annotations(spec.annotations_at(AnnotationLevel::ManifestDescriptor, Some(&p_text)));
+        let mut platform = oci_spec::image::PlatformBuilder::default()
+            .os(oci_spec::image::Os::from(p.os.as_str()))
+            .architecture(oci_spec::image::Arch::from(p.architecture.as_str()))
+            .build()
+            .expect("os and architecture set");
+        platform.set_variant(p.variant.clone());
+        d.set_platform(Some(platform));
+        blobs.extend(img.layers().iter().cloned());
+        blobs.push(img.manifest.config().clone());
+        blobs.push(d.clone());
+        manifests.push(d);
+    }
+    let mut index = oci_spec::image::ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(manifests)
+        .build()
+        .expect("index has its fields");
+    index.set_annotations(spec.annotations_at(AnnotationLevel::Index, None));
+    let bytes = store::canonical_json(&index);
+    let index_desc = {
+        let _no_gc = snap.layers().gc_guard(false)?;
+        let d = snap.content().put_bytes(MediaType::ImageIndex, &bytes)?;
+        snap.lease().add_blob(d.digest())?;
+        d
+    };
+    blobs.push(index_desc.clone());
+    Ok((index_desc, blobs))
 }
 
 /// The image with layers, config and media types as `spec` asks; the
@@ -404,19 +415,8 @@ fn rewrite(
         };
         let target = target_of(current);
         let (digest, size, diff_id) = if spec.rewrite_timestamp {
-            let blob = diff::write_layer(
-                &snap.layers().layer_dir(&chains[index]),
-                content,
-                DiffOptions {
-                    compression: target,
-                    source_date_epoch: opts.source_date_epoch,
-                },
-            )
-            .map_err(|source| Error::Diff {
-                index,
-                source: Box::new(source),
-            })?;
-            (blob.digest, blob.size, blob.diff_id)
+            let epoch = opts.source_date_epoch;
+            retimed_layer(store, &chains[index], target, epoch, index)?
         } else if let Some((d, s)) = recompressed.remove(&index) {
             (d, s, diff_ids[index].clone())
         } else {
@@ -442,6 +442,32 @@ fn rewrite(
         annotations,
     };
     store_rewritten(store, image, spec, layers, &diff_ids)
+}
+
+/// Layer `index` written again from its unpacked `chain` with file times
+/// clamped to `epoch`, in `target` compression: its digest, size and
+/// diffID.
+fn retimed_layer(
+    store: &ImageStore<'_>,
+    chain: &Digest,
+    target: Compression,
+    epoch: Option<i64>,
+    index: usize,
+) -> Result<(Digest, u64, Digest)> {
+    let snap = store.snapshotter();
+    let blob = diff::write_layer(
+        &snap.layers().layer_dir(chain),
+        snap.content(),
+        DiffOptions {
+            compression: target,
+            source_date_epoch: epoch,
+        },
+    )
+    .map_err(|source| Error::Diff {
+        index,
+        source: Box::new(source),
+    })?;
+    Ok((blob.digest, blob.size, blob.diff_id))
 }
 
 /// The layers of a re-written image, and whether any differs from the

@@ -102,6 +102,11 @@ pub struct Registry {
     on_bytes: Option<OnBytes>,
 }
 
+/// The sha256 digest of `bytes` (a manifest or index as sent or fetched).
+pub fn digest_of(bytes: &[u8]) -> oci_spec::image::Digest {
+    kiln_snapshotter::content::sha256_digest(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
 /// A blob's progress: its digest, the bytes received so far and its size.
 pub type OnBytes = Arc<dyn Fn(&oci_spec::image::Digest, u64, u64) + Send + Sync>;
 

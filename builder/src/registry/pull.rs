@@ -3,9 +3,8 @@
 //! once, each verified while it streams into the content store), then the
 //! config and manifests, unpack, and name the image.
 
-use kiln_snapshotter::content::{self, sha256_digest, ContentStore};
+use kiln_snapshotter::content::{self, ContentStore};
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
-use sha2::{Digest as _, Sha256};
 use std::io::Write;
 
 use super::http::{Op, Remote, Subject};
@@ -156,7 +155,7 @@ impl Registry {
         // the credentials of the host asked, which may be a mirror: the
         // origin's login is never sent to another registry
         let bytes = self.get_manifest(&name, host, &remote).await?;
-        let digest = sha256_digest(Sha256::digest(&bytes));
+        let digest = super::digest_of(&bytes);
         if let Some(want) = &r.digest {
             if digest.to_string() != *want {
                 return Err(Error::BadBlob {

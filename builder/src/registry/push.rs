@@ -321,7 +321,7 @@ impl Registry {
             self.push_manifest_tree(store, &r, &image, &mount_from, &mut counts)
                 .await?
         };
-        let top_digest = digest_of(&bytes);
+        let top_digest = super::digest_of(&bytes);
         let top_size = bytes.len() as u64;
         let at = if by_digest {
             Reference {
@@ -390,7 +390,7 @@ impl Registry {
             let mbytes = self
                 .push_manifest_tree(store, r, &child_img, mount_from, counts)
                 .await?;
-            let digest = digest_of(&mbytes);
+            let digest = super::digest_of(&mbytes);
             let by_digest = Reference {
                 tag: None,
                 digest: Some(digest.to_string()),
@@ -421,10 +421,6 @@ impl Registry {
         };
         Ok(bytes)
     }
-}
-
-fn digest_of(bytes: &[u8]) -> Digest {
-    kiln_snapshotter::content::sha256_digest(<sha2::Sha256 as sha2::Digest>::digest(bytes))
 }
 
 /// Other repositories on `dest`'s registry that the store says hold this
