@@ -1,0 +1,4 @@
+pub mod case;
+pub mod run;
+pub mod serve;
+pub mod table;
