@@ -116,6 +116,14 @@ pub enum StepError {
     },
     #[error("cannot open the source files")]
     Source(#[source] std::io::Error),
+    #[error("WORKDIR {dir}: cannot resolve USER {user:?}")]
+    WorkdirUser {
+        dir: String,
+        user: String,
+        source: kiln_runtime::Error,
+    },
+    #[error("WORKDIR {dir}: cannot make the directory")]
+    Workdir { dir: String, source: std::io::Error },
     #[error("cannot use the named build context's ignore file")]
     Ignore(#[source] frontend::dockerignore::DockerignoreError),
     #[error(transparent)]

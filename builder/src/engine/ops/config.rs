@@ -1,9 +1,16 @@
-//! Steps that only change the image config (ENV, LABEL, WORKDIR, USER,
-//! CMD, ...): no layer and no sandbox, a new key and a history entry.
+//! Steps that only change the image config (ENV, LABEL, USER, CMD, ...):
+//! no layer and no sandbox, a new key and a history entry. WORKDIR also
+//! makes its directory, as a layer ([`Engine::workdir_op`]).
 
+use std::path::Path;
+
+use super::{Done, StepCtx};
 use crate::engine::commit::{now_or_epoch, HISTORY_COMMENT};
-use crate::engine::image_state::{History, ImageState};
-use crate::engine::step_cache::{Key, KeyBuilder};
+use crate::engine::error::StepError;
+use crate::engine::fsutil::Root;
+use crate::engine::image_state::{join_workdir, History, ImageState};
+use crate::engine::solver::Engine;
+use crate::engine::step_cache::{self, Key, KeyBuilder};
 use crate::frontend::instructions::Instruction;
 use crate::frontend::Step;
 
@@ -20,6 +27,12 @@ pub fn key(parent: &Key, step: &Step) -> Key {
 /// None when the step is not a config step (the state is then unchanged).
 /// `epoch` is SOURCE_DATE_EPOCH.
 pub fn apply(step: &Step, parent: &Key, state: &mut ImageState, epoch: Option<i64>) -> Option<Key> {
+    if let Instruction::Workdir(w) = &step.instruction {
+        if join_workdir(&state.config.workdir, w) != "/" {
+            // a step of its own: it makes the directory
+            return None;
+        }
+    }
     if !state.apply_config(&step.instruction) {
         return None;
     }
@@ -39,4 +52,72 @@ pub fn apply(step: &Step, parent: &Key, state: &mut ImageState, epoch: Option<i6
         });
     }
     Some(key(parent, step))
+}
+
+/// What goes into a WORKDIR key: the parent's key, the instruction as
+/// planned and the USER that will own the directories it makes.
+fn workdir_key(parent: &Key, step: &Step, user: &str) -> Key {
+    let mut k = KeyBuilder::new("workdir");
+    k.str(&parent.0)
+        .str(&serde_json::to_string(&step.instruction).unwrap_or_default())
+        .str(user);
+    k.finish()
+}
+
+impl Engine {
+    /// WORKDIR, as BuildKit: the directory and its missing parents are
+    /// made, mode 0755 and owned by the image's USER (resolved in the
+    /// image), in a layer of its own, and the config's working directory
+    /// is set.
+    pub(super) fn workdir_op(&self, ctx: &StepCtx) -> Result<Done, StepError> {
+        let mut state = ctx.state.clone();
+        state.apply_config(&ctx.step.instruction);
+        let dir = state.config.workdir.clone();
+        let user = state.config.user.clone();
+        let key = workdir_key(&ctx.parent, &ctx.step, &user);
+        let lock = self.shared.key_lock(&key);
+        let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = self.hit(ctx, &key) {
+            return Ok(hit);
+        }
+        self.progress.started(ctx.vertex, &ctx.name);
+        let view = self
+            .snap
+            .prepare(&step_cache::view_key("workdir", &key), ctx.chain().as_ref())?;
+        if let Err(e) = make_dir(view.path(), &dir, &user) {
+            let _ = self.snap.remove(view);
+            return Err(e);
+        }
+        self.commit(view, &mut state, format!("WORKDIR {dir}"), ctx.vertex)?;
+        self.record(&key, &state);
+        Ok(Done {
+            key,
+            state,
+            cached: false,
+        })
+    }
+}
+
+/// `dir` and its missing parents in `rootfs`, owned by `user` (root when
+/// the image sets no USER).
+fn make_dir(rootfs: &Path, dir: &str, user: &str) -> Result<(), StepError> {
+    let (uid, gid) = if user.is_empty() {
+        (0, 0)
+    } else {
+        let ids =
+            kiln_runtime::user::resolve(rootfs, user).map_err(|source| StepError::WorkdirUser {
+                dir: dir.into(),
+                user: user.into(),
+                source,
+            })?;
+        (ids.uid, ids.gid)
+    };
+    let err = |source| StepError::Workdir {
+        dir: dir.into(),
+        source,
+    };
+    let root = Root::open(rootfs).map_err(err)?;
+    root.mkdir_all(Path::new(dir.trim_start_matches('/')), uid, gid)
+        .map_err(err)?;
+    Ok(())
 }

@@ -4,8 +4,9 @@
 //! [`config::key`]); the solver ([`super::solver`]) only schedules, looks
 //! keys up and records results.
 //!
-//! - [`config`]: ENV, LABEL, WORKDIR and the other steps that only change
-//!   the image config (no layer, no sandbox).
+//! - [`config`]: ENV, LABEL and the other steps that only change the
+//!   image config (no layer, no sandbox); WORKDIR, which also makes its
+//!   directory in a layer.
 //! - [`run`]: RUN, in a sandbox on a writable view of the parent layers.
 //! - [`copy`]: COPY and ADD, copied host-side (Landlock-confined) into a
 //!   writable view.
@@ -71,6 +72,7 @@ impl Engine {
     pub(super) fn execute(&self, ctx: &StepCtx) -> Result<Done, StepError> {
         match &ctx.step.instruction {
             Instruction::Run(run) => self.run_op(ctx, run),
+            Instruction::Workdir(_) => self.workdir_op(ctx),
             Instruction::Copy(c) => self.copy_op(ctx, &copy::CopyOp::copy(c)),
             Instruction::Add(a) => {
                 super::filecopy::check_local(&a.sources)?;
