@@ -2,9 +2,10 @@
 //! flags scripts pass and the files they read afterwards, checked end to
 //! end with the real binary as the unprivileged test user.
 
+use std::fs;
 use std::process::Command;
 
-use kiln_vm_tests::{expect_failure, expect_success, run_checked, Project};
+use kiln_vm_tests::{expect_failure, expect_success, kiln, run_checked, Project};
 
 /// The image ID docker and buildx print and write: a sha256 digest.
 fn is_digest(s: &str) -> bool {
@@ -270,4 +271,93 @@ fn annotations_land_on_the_levels_buildx_puts_them() {
             _ => assert!(manifest.get("annotations").is_none(), "{manifest}"),
         }
     }
+}
+
+/// `kiln build` with `input` on standard input and `args` (the context or
+/// `-f` among them), as the test user.
+fn build_with_stdin(p: &Project, args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut all = vec!["--root".to_string(), p.state("state"), "build".into()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let mut child = kiln(&all)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln build");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().expect("wait for kiln")
+}
+
+#[test]
+fn a_context_or_a_dockerfile_comes_from_standard_input() {
+    let p = Project::new(
+        "stdin-input",
+        "FROM scratch\nCOPY rootfs/bin/busybox /bin/busybox\nCOPY hello /hello\n",
+    );
+    p.write("hello", "from the tar\n");
+    let out_dir = p.dir.join("out");
+    let local = format!("type=local,dest={}", out_dir.display());
+    // a gzipped tar of the context: its Dockerfile is used
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(p.ctx())
+        .args(["-czf", "-", "."])
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    expect_success(build_with_stdin(&p, &["-o", &local, "-"], &tar.stdout));
+    assert_eq!(
+        fs::read_to_string(out_dir.join("hello")).unwrap(),
+        "from the tar\n"
+    );
+    // -f names a file inside the tar
+    p.write("other.Dockerfile", "FROM scratch\nCOPY hello /again\n");
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(p.ctx())
+        .args(["-cf", "-", "."])
+        .output()
+        .unwrap();
+    expect_success(build_with_stdin(
+        &p,
+        &["-o", &local, "-f", "other.Dockerfile", "-"],
+        &tar.stdout,
+    ));
+    assert_eq!(
+        fs::read_to_string(out_dir.join("again")).unwrap(),
+        "from the tar\n"
+    );
+    // -f - with a context directory
+    let ctx = p.ctx().display().to_string();
+    expect_success(build_with_stdin(
+        &p,
+        &["-o", &local, "-f", "-", &ctx],
+        b"FROM scratch\nCOPY hello /from-stdin\n",
+    ));
+    assert_eq!(
+        fs::read_to_string(out_dir.join("from-stdin")).unwrap(),
+        "from the tar\n"
+    );
+    // a Dockerfile alone: the context is empty
+    let err = expect_failure(build_with_stdin(
+        &p,
+        &["-o", &local, "-"],
+        b"FROM scratch\nCOPY hello /x\n",
+    ));
+    assert!(err.contains("\"hello\" not found"), "{err}");
+    expect_success(build_with_stdin(
+        &p,
+        &["-o", &local, "-"],
+        b"FROM scratch\nLABEL a=b\n",
+    ));
+    // both at once
+    let err = expect_failure(build_with_stdin(&p, &["-f", "-", "-"], b"FROM scratch\n"));
+    assert!(
+        err.contains("cannot both be read from standard input"),
+        "{err}"
+    );
+    // nothing left behind in the state directory
+    let left: Vec<_> = fs::read_dir(p.dir.join("state/stdin")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }

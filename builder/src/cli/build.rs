@@ -16,10 +16,12 @@ use crate::image::OutputSpec;
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// Build context directory
+    /// Build context: a directory, or `-` for a tar (plain or compressed;
+    /// or a Dockerfile alone, with an empty context) on standard input
     #[arg(value_name = "CONTEXT")]
     context: PathBuf,
-    /// Dockerfile (default: CONTEXT/Dockerfile)
+    /// Dockerfile (default: CONTEXT/Dockerfile; `-` reads it from standard
+    /// input; with a tar context, a path inside the tar)
     #[arg(long, short = 'f', value_name = "FILE")]
     file: Option<PathBuf>,
     /// Name the image (several allowed)
@@ -142,8 +144,10 @@ pub struct BuildArgs {
 pub fn run(
     root: Option<&std::path::Path>,
     insecure: &[String],
-    args: BuildArgs,
+    mut args: BuildArgs,
 ) -> anyhow::Result<i32> {
+    let state_root = crate::image::StateDir::open(root)?;
+    let _stdin = super::stdin_input::take(&mut args.context, &mut args.file, state_root.root())?;
     let mode = if args.quiet {
         progress::Mode::Quiet
     } else {

@@ -12,6 +12,7 @@ pub mod prune;
 pub mod registry;
 pub mod run;
 pub mod sandbox;
+pub mod stdin_input;
 
 /// The error and its causes, joined the way a user reads them: "what:
 /// why: why". Every error kiln defines says what failed and leaves the why
