@@ -48,6 +48,16 @@ impl Server {
                     }
                 }
                 let path = request.split(' ').nth(1).unwrap_or("");
+                if path == "/files/a.tar.gz" {
+                    let body = tar_gz();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes());
+                    let _ = conn.write_all(&body);
+                    continue;
+                }
                 let response = match path {
                     "/files/hello.txt" => format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nConnection: close\r\n\r\n{BODY}",
@@ -256,15 +266,50 @@ fn add_url_chown_sets_the_owner() {
     );
 }
 
+/// A gzipped tar holding `dir/inner.txt` (mode 0640, owner 5:6).
+fn tar_gz() -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    let data = b"inside the archive\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o640);
+    h.set_uid(5);
+    h.set_gid(6);
+    h.set_cksum();
+    b.append_data(&mut h, "dir/inner.txt", &data[..]).unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
 #[test]
-fn add_url_unpack_is_a_clear_error_not_a_silent_copy() {
+fn add_url_unpack_extracts_an_archive_and_copies_anything_else() {
     let s = Server::start();
-    let url = s.url("/files/hello.txt");
+    let archive = s.url("/files/a.tar.gz");
+    let plain = s.url("/files/hello.txt");
     let p = Project::new(
         "add-url-unpack",
-        &format!("FROM scratch\nADD --unpack=true {url} /d/\n"),
+        &format!(
+            "FROM scratch\nADD --unpack=true {archive} /d/\nADD --unpack=true {plain} /p/\nADD {archive} /kept/\n"
+        ),
     );
-    let err = failed(&p.build("out"));
-    assert!(err.contains(&url), "{err}");
-    assert!(err.contains("not supported yet"), "{err}");
+    ok(&p.build("out"));
+    let out = p.dir.join("out");
+    assert_eq!(
+        std::fs::read_to_string(out.join("d/dir/inner.txt")).unwrap(),
+        "inside the archive\n"
+    );
+    let mode = std::fs::metadata(out.join("d/dir/inner.txt"))
+        .unwrap()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o640);
+    assert!(!out.join("d/a.tar.gz").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("p/hello.txt")).unwrap(),
+        BODY
+    );
+    // without --unpack a downloaded archive stays as it is, as BuildKit
+    assert_eq!(std::fs::read(out.join("kept/a.tar.gz")).unwrap(), tar_gz());
 }

@@ -566,18 +566,7 @@ impl Source<'_> {
     /// by content, never by the file name).
     fn is_archive(&self, rel: &Path) -> Result<bool> {
         let f = self.open(rel).map_err(|e| self.read_err(rel, e))?;
-        let Ok(mut reader) = archive_reader(f) else {
-            return Ok(false);
-        };
-        let mut block = [0u8; 512];
-        let mut n = 0;
-        while n < block.len() {
-            match reader.read(&mut block[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
-        Ok(n == block.len() && tar_header_ok(&block))
+        Ok(starts_a_tar(f))
     }
 
     /// Add the content checksum of `entries` to a cache key: destination
@@ -962,9 +951,7 @@ fn extract(source: &Source<'_>, e: &Entry, target: &Root, attrs: &CopyAttrs<'_>)
     std::fs::create_dir_all(attrs.tmp).map_err(scratch_err)?;
     std::fs::create_dir(&scratch).map_err(scratch_err)?;
     let result = (|| {
-        let f = source
-            .open(&e.src)
-            .map_err(|err| source.read_err(&e.src, err))?;
+        let f = source.open_entry(e)?;
         let stream = archive_reader(f).map_err(|err| source.read_err(&e.src, err))?;
         kiln_snapshotter::apply::apply(stream, &scratch, &[]).map_err(|err| Error::Archive {
             path: name.clone(),
@@ -985,6 +972,36 @@ fn extract(source: &Source<'_>, e: &Entry, target: &Root, attrs: &CopyAttrs<'_>)
     // cleaned by the snapshotter's tmp sweep.
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// Whether the downloaded entry `e` (`ADD --unpack=true <url>`) is a tar
+/// archive, plain or compressed, told by its content as for local ones.
+pub fn downloaded_archive(e: &Entry) -> Result<bool> {
+    let Some(file) = &e.downloaded else {
+        return Ok(false);
+    };
+    let path = || rel_str(&e.dest);
+    let f = from_start(file).map_err(|source| Error::Write {
+        path: path(),
+        source,
+    })?;
+    Ok(starts_a_tar(f))
+}
+
+/// Whether `f`, decompressed if it is, starts with a valid tar header.
+fn starts_a_tar(f: std::fs::File) -> bool {
+    let Ok(mut reader) = archive_reader(f) else {
+        return false;
+    };
+    let mut block = [0u8; 512];
+    let mut n = 0;
+    while n < block.len() {
+        match reader.read(&mut block[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n == block.len() && tar_header_ok(&block)
 }
 
 /// Resolve `--chown` against the destination's /etc/passwd and

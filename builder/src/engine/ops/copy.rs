@@ -34,7 +34,7 @@ pub struct CopyOp<'a> {
     unpack: bool,
     /// ADD --checksum of a URL source (`sha256:<hex>`)
     checksum: Option<&'a str>,
-    /// ADD --unpack=true, which would extract a downloaded archive
+    /// ADD --unpack=true: extract a downloaded archive
     unpack_urls: bool,
     /// COPY --from: reads the step's first source, not the context
     from_source: bool,
@@ -105,6 +105,8 @@ struct Dest {
 struct Remote {
     url: String,
     to: PathBuf,
+    /// `--unpack=true`: the directory an archive is extracted into
+    unpack_to: Option<PathBuf>,
     download: Option<Download>,
 }
 
@@ -149,7 +151,16 @@ impl Engine {
             if let Some(sum) = op.checksum {
                 d.verify(&r.url, sum)?;
             }
-            entries.push(d.into_entry(r.to));
+            let mut entry = d.into_entry(r.to);
+            // --unpack=true: an archive is extracted into the destination
+            // directory; anything else is copied as a file
+            if let Some(dir) = r.unpack_to {
+                if filecopy::downloaded_archive(&entry)? {
+                    entry.archive = true;
+                    entry.dest = dir;
+                }
+            }
+            entries.push(entry);
         }
         let view = self
             .snap
@@ -214,13 +225,6 @@ impl Engine {
         let mut remote = Vec::new();
         for u in urls {
             let Source::Path(url) = u else { continue };
-            if op.unpack_urls {
-                return Err(filecopy::Error::Remote {
-                    url: url.clone(),
-                    kind: "an archive from a URL with --unpack",
-                }
-                .into());
-            }
             let to = if dest.is_dir {
                 dest_rel.join(filecopy::url_file_name(url))
             } else {
@@ -240,9 +244,14 @@ impl Engine {
                 }
             };
             k.str("url").str(&to.to_string_lossy());
+            let unpack_to = op.unpack_urls.then(|| dest_rel.clone());
+            if unpack_to.is_some() {
+                k.str("unpack");
+            }
             remote.push(Remote {
                 url: url.clone(),
                 to,
+                unpack_to,
                 download,
             });
         }
