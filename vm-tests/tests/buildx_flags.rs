@@ -361,3 +361,23 @@ fn a_context_or_a_dockerfile_comes_from_standard_input() {
     let left: Vec<_> = fs::read_dir(p.dir.join("state/stdin")).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_syntax_directive_naming_another_frontend_is_a_warning() {
+    let p = Project::new(
+        "syntax-other",
+        "# syntax=example.com/acme/frontend:2\nFROM scratch\nLABEL a=b\n",
+    );
+    let (_, err) = expect_success(p.build(&["--progress", "plain"]));
+    assert!(
+        err.contains("WARNING: Dockerfile:1: # syntax=example.com/acme/frontend:2 names a frontend image kiln does not run"),
+        "{err}"
+    );
+    fs::write(
+        p.ctx().join("Dockerfile"),
+        "# syntax=docker/dockerfile:1\nFROM scratch\nLABEL a=b\n",
+    )
+    .unwrap();
+    let (_, err) = expect_success(p.build(&["--progress", "plain"]));
+    assert!(!err.contains("WARNING"), "{err}");
+}

@@ -1019,6 +1019,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     }
     apply_check_directive(ast, &mut warnings)?;
     warnings.extend(unused_build_args_warning(opts, &consumed));
+    warnings.extend(ast.directive("syntax").and_then(other_frontend_warning));
     Ok(Plan {
         syntax: ast.directive("syntax").map(str::to_string),
         build_platform: opts.build_platform.clone(),
@@ -1116,6 +1117,32 @@ fn apply_check_directive(ast: &Ast, warnings: &mut Vec<PlanWarning>) -> Result<(
     Err(Error {
         location: first.map(|l| Box::new(ast.source.find(l, ""))),
         kind: PlanError::LintViolation(rules.join(", ")).into(),
+    })
+}
+
+/// `# syntax=` naming a frontend image other than BuildKit's Dockerfile
+/// frontend (`docker/dockerfile`, `docker/dockerfile-upstream`, any tag
+/// or digest): kiln never pulls and runs a frontend image, so the build
+/// is its built-in Dockerfile frontend's, and the user is told.
+fn other_frontend_warning(syntax: &str) -> Option<PlanWarning> {
+    let name = syntax.split(['@']).next().unwrap_or(syntax);
+    let repo = match name.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => name,
+    };
+    let repo = repo
+        .strip_prefix("docker.io/")
+        .or_else(|| repo.strip_prefix("index.docker.io/"))
+        .unwrap_or(repo);
+    if matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream") {
+        return None;
+    }
+    Some(PlanWarning {
+        line: Some(1),
+        rule: None,
+        message: format!(
+            "# syntax={syntax} names a frontend image kiln does not run: the build uses kiln's built-in Dockerfile frontend"
+        ),
     })
 }
 
@@ -1239,6 +1266,34 @@ impl Step {
         match &self.instruction {
             Instruction::Run(r) => &r.mounts,
             _ => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::other_frontend_warning;
+
+    #[test]
+    fn only_other_frontends_than_dockerfile_are_warned_about() {
+        for ok in [
+            "docker/dockerfile:1",
+            "docker/dockerfile:1.7-labs",
+            "docker.io/docker/dockerfile:1",
+            "docker/dockerfile-upstream:master",
+            "docker/dockerfile@sha256:ac85f380a63b13dfcefa89046420e1781752bab202122f8f50032edf31be0021",
+            "docker/dockerfile",
+        ] {
+            assert!(other_frontend_warning(ok).is_none(), "{ok}");
+        }
+        for other in [
+            "tonistiigi/dockerfile:master",
+            "example.com:5000/docker/dockerfile:1",
+            "ghcr.io/acme/frontend",
+        ] {
+            let w = other_frontend_warning(other).expect(other);
+            assert!(w.message.contains(other), "{}", w.message);
+            assert!(w.message.contains("built-in Dockerfile frontend"));
         }
     }
 }
