@@ -17,7 +17,9 @@ use kiln_vm_tests::{busybox_rootfs, give_to_test_user, kiln, missing_prerequisit
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::process::{Child, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -102,6 +104,69 @@ fn import_bases(state: &Path, rootfs: &Path) {
     );
 }
 
+/// Whether a case names `@REGISTRY@` anywhere.
+fn uses_registry(c: &Case) -> bool {
+    std::iter::once(&c.first).chain(&c.then).any(|b| {
+        b.args
+            .iter()
+            .chain(&b.env)
+            .chain(b.dockerfile.iter())
+            .chain(b.setup.iter())
+            .any(|s| s.contains("@REGISTRY@"))
+    })
+}
+
+/// Debian's docker-registry on 127.0.0.1 (plain HTTP), run as the test
+/// user for the cases that push and pull; killed on drop.
+struct Registry {
+    child: Child,
+    host: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let rdir = dir.join("registry");
+        fs::create_dir_all(rdir.join("data")).unwrap();
+        let config = rdir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                rdir.join("data").display()
+            ),
+        )
+        .unwrap();
+        give_to_test_user(&rdir);
+        let child = kiln_vm_tests::unprivileged(Path::new("/usr/bin/docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Registry {
+            child,
+            host: format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn buildkit_dockerfile_integration_tests() {
     if !go_tests_dir().is_dir() {
@@ -140,6 +205,7 @@ fn buildkit_dockerfile_integration_tests() {
             .collect(),
     );
     let next = AtomicUsize::new(0);
+    let registry: OnceLock<Registry> = OnceLock::new();
     let workers: usize = std::env::var("KILN_CONFORMANCE_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -155,6 +221,11 @@ fn buildkit_dockerfile_integration_tests() {
                 fs::create_dir_all(&case_dir).expect("case dir");
                 let mut place = Place {
                     http: String::new(),
+                    registry: if uses_registry(c) {
+                        registry.get_or_init(|| Registry::start(&dir)).host.clone()
+                    } else {
+                        String::new()
+                    },
                     state: if c.own_state {
                         case_dir.join("state")
                     } else {

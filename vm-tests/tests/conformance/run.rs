@@ -15,8 +15,11 @@ use std::process::{Command, Stdio};
 pub struct Place {
     pub dir: PathBuf,
     pub state: PathBuf,
-    /// `$HTTP`: the case's server, when it has files or repositories.
+    /// `@HTTP@`: the case's server, when it has files or repositories.
     pub http: String,
+    /// `@REGISTRY@`: HOST:PORT of the run's registry (plain HTTP on
+    /// 127.0.0.1), empty when no case needs one.
+    pub registry: String,
 }
 
 /// Run every build of `case`; the first failed check is the error.
@@ -46,6 +49,7 @@ pub fn run_case(case: &Case, place: &mut Place) -> Result<(), String> {
 
 fn subst(s: &str, place: &Place) -> String {
     s.replace("@HTTP@", &place.http)
+        .replace("@REGISTRY@", &place.registry)
         .replace("@CTX@", &place.dir.join("ctx").display().to_string())
         .replace("@DIR@", &place.dir.display().to_string())
 }
@@ -174,6 +178,10 @@ fn one_build(b: &Build, i: usize, place: &Place) -> Result<(), String> {
         "--progress".into(),
         "plain".into(),
     ];
+    if !place.registry.is_empty() {
+        args.push("--insecure-registry".into());
+        args.push(place.registry.clone());
+    }
     if let Some(f) = &b.file {
         args.push("-f".into());
         args.push(place.dir.join("ctx").join(f).display().to_string());
