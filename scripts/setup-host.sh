@@ -29,7 +29,7 @@ if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || { echo "setup-host.sh: run as root or install sudo" >&2; exit 1; }
     SUDO=sudo
 fi
-PKGS="uidmap dnsmasq-base fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq
+PKGS="uidmap dnsmasq-base fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq git
       iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns
       docker-registry apache2-utils openssl curl g++ qemu-user-static"
 missing=""

@@ -16,8 +16,8 @@ use conformance::table::{self, Outcome, Row};
 use kiln_vm_tests::{busybox_rootfs, give_to_test_user, kiln, missing_prerequisite, test_dir};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -241,16 +241,19 @@ fn buildkit_dockerfile_integration_tests() {
                     Ok(()) => Outcome::Pass,
                     Err(e) => Outcome::Fail(e),
                 };
-                eprintln!(
-                    "{} {}:{}",
-                    if outcome == Outcome::Pass {
-                        "pass"
-                    } else {
-                        "FAIL"
-                    },
-                    suites[si].0,
-                    c.name
-                );
+                match &outcome {
+                    Outcome::Fail(e) => {
+                        let short: String = e.chars().take(1500).collect();
+                        eprintln!(
+                            "FAIL {}:{} ({:?})\n  {}",
+                            suites[si].0,
+                            c.name,
+                            c.status,
+                            short.replace('\n', "\n  ")
+                        );
+                    }
+                    _ => eprintln!("pass {}:{}", suites[si].0, c.name),
+                }
                 outcomes.lock().unwrap()[si][ci] = outcome;
             });
         }

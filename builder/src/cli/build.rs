@@ -16,8 +16,10 @@ use crate::image::OutputSpec;
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// Build context: a directory, or `-` for a tar (plain or compressed;
-    /// or a Dockerfile alone, with an empty context) on standard input
+    /// Build context: a directory; `-` for a tar (plain or compressed;
+    /// or a Dockerfile alone, with an empty context) on standard input; a
+    /// git URL (`https://host/repo.git#ref:subdir`); or an HTTP(S) URL of
+    /// a tar or a Dockerfile
     #[arg(value_name = "CONTEXT")]
     context: PathBuf,
     /// Dockerfile (default: CONTEXT/Dockerfile; `-` reads it from standard
@@ -148,6 +150,20 @@ pub fn run(
 ) -> anyhow::Result<i32> {
     let state_root = crate::image::StateDir::open(root)?;
     let _stdin = super::stdin_input::take(&mut args.context, &mut args.file, state_root.root())?;
+    let _remote = match super::stdin_input::is_remote(&args.context) {
+        true => {
+            let keep_git_dir = build_args(&args.build_arg)
+                .get("BUILDKIT_CONTEXT_KEEP_GIT_DIR")
+                .is_some_and(|v| matches!(v.as_str(), "1" | "true"));
+            let remote = super::stdin_input::Remote {
+                network: network(&args)?.0,
+                keep_git_dir,
+                state_root: state_root.root(),
+            };
+            Some(remote.take(&mut args.context, &mut args.file)?)
+        }
+        false => None,
+    };
     let mode = if args.quiet {
         progress::Mode::Quiet
     } else {
@@ -353,6 +369,21 @@ fn write_reports(
 }
 
 /// What the engine is asked to build, from the command line.
+/// The build's default network and whether `network.host` is granted,
+/// checked as every step checks them.
+fn network(args: &BuildArgs) -> anyhow::Result<(kiln_runtime::Network, bool)> {
+    let allow_network_host = entitlements(&args.allow)?;
+    // `default` is buildx's name for the build's default network
+    let network_name = match args.network.as_str() {
+        "default" => "sandbox",
+        other => other,
+    };
+    let network = kiln_runtime::Network::parse(network_name, args.allow_host_loopback)?;
+    // the same check every step makes, once before anything runs
+    crate::engine::entitled_network(None, network, allow_network_host)?;
+    Ok((network, allow_network_host))
+}
+
 fn build_options(
     root: Option<&std::path::Path>,
     insecure: &[String],
@@ -365,15 +396,7 @@ fn build_options(
         "copy" => Some(BackendKind::Copy),
         other => bail!("unknown --snapshotter {other:?}: use auto, fuse, overlay or copy"),
     };
-    let allow_network_host = entitlements(&args.allow)?;
-    // `default` is buildx's name for the build's default network
-    let network_name = match args.network.as_str() {
-        "default" => "sandbox",
-        other => other,
-    };
-    let network = kiln_runtime::Network::parse(network_name, args.allow_host_loopback)?;
-    // the same check every step makes, once before anything runs
-    crate::engine::entitled_network(None, network, allow_network_host)?;
+    let (network, allow_network_host) = network(args)?;
     if args.pull && network == kiln_runtime::Network::None {
         bail!(
             "--pull asks the registries, and --network=none fetches nothing: drop one of the two"

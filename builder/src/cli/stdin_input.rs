@@ -1,12 +1,15 @@
-//! `kiln build -` and `-f -`, as `docker buildx build` takes them: the
-//! context on standard input (a tar, plain or compressed, or a Dockerfile
-//! alone, with an empty context), or the Dockerfile on standard input with
-//! a context directory. What comes in is written under the state
-//! directory for the build's lifetime; a tar is unpacked by the same
-//! guarded code as an image layer (paths kept inside, the layer size and
-//! entry limits applied).
+//! Contexts that are not a directory, as `docker buildx build` takes them:
+//! `kiln build -` and `-f -` (the context on standard input: a tar, plain
+//! or compressed, or a Dockerfile alone, with an empty context; or the
+//! Dockerfile on standard input with a context directory), a git URL
+//! (fetched as `ADD` fetches one, [`crate::engine::git`]) and an HTTP(S)
+//! URL of a tar or a Dockerfile (downloaded as `ADD <url>` is). Both are
+//! fetched under the build's network policy. What comes in is written
+//! under the state directory for the build's lifetime; a tar is unpacked
+//! by the same guarded code as an image layer (paths kept inside, the
+//! layer size and entry limits applied).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -14,6 +17,19 @@ use anyhow::{bail, Context};
 /// The directory holding what standard input gave; removed on drop.
 pub struct StdinInput {
     dir: PathBuf,
+}
+
+impl StdinInput {
+    /// `STATE/stdin/PID`, made empty; what killed builds left is swept.
+    fn new(state_root: &Path) -> anyhow::Result<StdinInput> {
+        let parent = state_root.join("stdin");
+        std::fs::create_dir_all(&parent).with_context(|| parent.display().to_string())?;
+        sweep(&parent);
+        let dir = parent.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).with_context(|| dir.display().to_string())?;
+        Ok(StdinInput { dir })
+    }
 }
 
 impl Drop for StdinInput {
@@ -40,41 +56,114 @@ pub fn take(
     if ctx_stdin && file_stdin {
         bail!("the context and the Dockerfile (-f) cannot both be read from standard input");
     }
-    let parent = state_root.join("stdin");
-    std::fs::create_dir_all(&parent).with_context(|| parent.display().to_string())?;
-    sweep(&parent);
-    let dir = parent.join(std::process::id().to_string());
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).with_context(|| dir.display().to_string())?;
-    let input = StdinInput { dir };
+    let input = StdinInput::new(state_root)?;
     let mut stdin = BufReader::with_capacity(1 << 20, std::io::stdin().lock());
     if file_stdin {
-        *file = Some(write_dockerfile(&mut stdin, &input.dir)?);
+        *file = Some(write_dockerfile(
+            &mut stdin,
+            &input.dir,
+            Path::new("Dockerfile"),
+        )?);
         return Ok(Some(input));
     }
-    let ctx = input.dir.join("context");
-    std::fs::create_dir(&ctx)?;
-    if is_archive(stdin.fill_buf().context("cannot read standard input")?) {
-        kiln_snapshotter::apply::apply(stdin, &ctx, &[])
-            .context("cannot unpack the build context tar from standard input")?;
-        // -f names a file of the tar, as docker takes it
-        if let Some(f) = file.as_mut() {
-            if f.is_relative() {
-                *f = ctx.join(&*f);
-            }
-        }
-    } else {
-        if file.is_some() {
-            bail!("-f with a Dockerfile on standard input: the Dockerfile is standard input");
-        }
-        *file = Some(write_dockerfile(&mut stdin, &input.dir)?);
-    }
-    *context = ctx;
+    unpack_or_dockerfile(&mut stdin, &input, context, file, "standard input")?;
     Ok(Some(input))
 }
 
-/// Write the Dockerfile from standard input to `dir/Dockerfile`.
-fn write_dockerfile(stdin: &mut impl Read, dir: &Path) -> anyhow::Result<PathBuf> {
+/// `input` (a tar or a Dockerfile) as the context: a tar is unpacked into
+/// `dir/context`; anything else is the Dockerfile, with an empty context.
+fn unpack_or_dockerfile(
+    input: &mut impl BufRead,
+    dir: &StdinInput,
+    context: &mut PathBuf,
+    file: &mut Option<PathBuf>,
+    from: &str,
+) -> anyhow::Result<()> {
+    let ctx = dir.dir.join("context");
+    std::fs::create_dir(&ctx)?;
+    if is_archive(
+        input
+            .fill_buf()
+            .with_context(|| format!("cannot read {from}"))?,
+    ) {
+        kiln_snapshotter::apply::apply(input, &ctx, &[])
+            .with_context(|| format!("cannot unpack the build context tar from {from}"))?;
+        in_context(file, &ctx);
+    } else {
+        // the Dockerfile alone; -f names it, as BuildKit does for a
+        // context that is one file
+        let name = match file.as_deref().and_then(Path::file_name) {
+            Some(n) => PathBuf::from(n),
+            None => PathBuf::from("Dockerfile"),
+        };
+        *file = Some(write_dockerfile(input, &dir.dir, &name)?);
+    }
+    *context = ctx;
+    Ok(())
+}
+
+/// `-f` names a file of a context that is not a directory (a tar, a git
+/// repository), as docker takes it.
+fn in_context(file: &mut Option<PathBuf>, ctx: &Path) {
+    if let Some(f) = file.as_mut() {
+        if f.is_relative() {
+            *f = ctx.join(&*f);
+        }
+    }
+}
+
+/// Whether the context names a git repository or an HTTP(S) URL.
+pub fn is_remote(context: &Path) -> bool {
+    let s = context.to_string_lossy();
+    crate::frontend::instructions::is_remote(&s)
+}
+
+/// Where a remote context is fetched from, and how.
+pub struct Remote<'a> {
+    pub network: kiln_runtime::Network,
+    /// `BUILDKIT_CONTEXT_KEEP_GIT_DIR`
+    pub keep_git_dir: bool,
+    pub state_root: &'a Path,
+}
+
+impl Remote<'_> {
+    /// Fetch the remote `context` and replace it (and a relative `-f`) by
+    /// local paths.
+    pub fn take(
+        &self,
+        context: &mut PathBuf,
+        file: &mut Option<PathBuf>,
+    ) -> anyhow::Result<StdinInput> {
+        let url = context.to_string_lossy().into_owned();
+        let input = StdinInput::new(self.state_root)?;
+        if crate::frontend::instructions::is_git(&url) {
+            let mut g = crate::engine::git::GitRef::parse(&url)?;
+            g.keep_git_dir |= self.keep_git_dir;
+            let checkout = crate::engine::git::fetch(&g, None, self.network, &input.dir)
+                .with_context(|| format!("cannot fetch the build context {url}"))?;
+            in_context(file, &checkout.tree);
+            *context = checkout.tree;
+            return Ok(input);
+        }
+        let fetcher = crate::engine::download::Fetcher {
+            network: self.network,
+            ca_files: crate::registry::config::Config::load(&[])?.ca_files,
+            limit: crate::engine::download::DEFAULT_MAX_SIZE,
+            dir: crate::engine::download::download_dir(self.state_root)?,
+        };
+        let d = fetcher
+            .fetch(&url)
+            .with_context(|| format!("cannot fetch the build context {url}"))?;
+        let mut f = d.file;
+        f.seek(std::io::SeekFrom::Start(0))?;
+        let mut reader = BufReader::new(f);
+        unpack_or_dockerfile(&mut reader, &input, context, file, &url)?;
+        Ok(input)
+    }
+}
+
+/// Write the Dockerfile read from `stdin` to `dir/name`.
+fn write_dockerfile(stdin: &mut impl Read, dir: &Path, name: &Path) -> anyhow::Result<PathBuf> {
     let mut text = Vec::new();
     stdin
         .take(MAX_DOCKERFILE + 1)
@@ -83,7 +172,7 @@ fn write_dockerfile(stdin: &mut impl Read, dir: &Path) -> anyhow::Result<PathBuf
     if text.len() as u64 > MAX_DOCKERFILE {
         bail!("the Dockerfile on standard input is larger than {MAX_DOCKERFILE} bytes");
     }
-    let path = dir.join("Dockerfile");
+    let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| path.display().to_string())?;
     Ok(path)
 }

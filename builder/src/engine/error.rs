@@ -116,11 +116,15 @@ pub enum StepError {
     },
     #[error("cannot open the source files")]
     Source(#[source] std::io::Error),
+    #[error("ADD of a git repository takes that one source")]
+    GitSources,
+    #[error("ADD of a git repository")]
+    Git(#[from] crate::engine::git::Error),
     #[error("WORKDIR {dir}: cannot resolve USER {user:?}")]
     WorkdirUser {
         dir: String,
         user: String,
-        source: kiln_runtime::Error,
+        source: Box<kiln_runtime::Error>,
     },
     #[error("WORKDIR {dir}: cannot make the directory")]
     Workdir { dir: String, source: std::io::Error },

@@ -172,21 +172,9 @@ fn parents_pivot(pattern: &str) -> usize {
         None => 0,
     }
 }
-
-/// Reject ADD sources kiln cannot fetch yet (Git repositories), naming
-/// them.
-pub fn check_local(sources: &[instructions::Source]) -> Result<()> {
-    for s in sources {
-        if let instructions::Source::Path(p) = s {
-            if instructions::is_git(p) {
-                return Err(Error::Remote {
-                    url: p.clone(),
-                    kind: "a Git repository",
-                });
-            }
-        }
-    }
-    Ok(())
+/// Whether an ADD source is a git repository.
+pub fn is_git(src: &instructions::Source) -> bool {
+    matches!(src, instructions::Source::Path(p) if instructions::is_git(p))
 }
 
 /// Whether an ADD source is an HTTP(S) file to download.

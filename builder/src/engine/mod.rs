@@ -33,6 +33,7 @@ pub mod error;
 pub mod exec;
 pub mod filecopy;
 pub mod fsutil;
+pub mod git;
 pub mod image_state;
 pub mod network;
 pub mod ops;

@@ -114,6 +114,9 @@ pub struct Build {
     /// `ensurePruneAll`); use with `own_state`.
     #[serde(default)]
     pub prune: bool,
+    /// The exit status kiln must end with (default 0; with `error`,
+    /// any failure).
+    pub exit: Option<i32>,
     /// The build must fail, with this text in its error output.
     pub error: Option<String>,
     /// Texts the error output must contain (warnings, progress).
@@ -160,6 +163,7 @@ pub const BUILD_KEYS: &[&str] = &[
     "env",
     "context",
     "prune",
+    "exit",
     "error",
     "stderr",
     "not_stderr",
@@ -294,7 +298,12 @@ pub fn load(path: &Path) -> Result<Suite, String> {
             ));
         }
         let runs = matches!(c.status, Status::Run | Status::Differs | Status::Fails);
-        if runs && c.first.dockerfile.is_none() {
+        let remote = c
+            .first
+            .context
+            .as_deref()
+            .is_some_and(|x| x.contains("://") || x.starts_with("git@"));
+        if runs && c.first.dockerfile.is_none() && !remote {
             return Err(format!(
                 "{}: case {}: no dockerfile",
                 path.display(),

@@ -211,6 +211,10 @@ fn one_build(b: &Build, i: usize, place: &Place) -> Result<(), String> {
     let stdin_tar = b.context.as_deref() == Some("-");
     match b.context.as_deref() {
         Some("-") => args.push("-".into()),
+        // a URL (a git context): as it is
+        Some(c) if subst(c, place).contains("://") || c.starts_with("git@") => {
+            args.push(subst(c, place))
+        }
         Some(c) => args.push(place.dir.join(c).display().to_string()),
         None => args.push(place.dir.join("ctx").display().to_string()),
     }
@@ -248,7 +252,17 @@ fn one_build(b: &Build, i: usize, place: &Place) -> Result<(), String> {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let tail = || last_lines(&stderr, 15);
-    match (&b.error, out.status.success()) {
+    if let Some(code) = b.exit {
+        if out.status.code() != Some(code) {
+            return Err(format!(
+                "exit status {:?}, not {code}:\n{}\nstdout:\n{}",
+                out.status.code(),
+                tail(),
+                last_lines(&stdout, 15)
+            ));
+        }
+    }
+    match (&b.error, out.status.success() || b.exit.is_some()) {
         (Some(want), true) => {
             return Err(format!(
                 "built, but should have failed with {want:?}\n{}",

@@ -144,7 +144,8 @@ fn git_backend(
     repo_root: &Path,
 ) -> std::io::Result<()> {
     let mut cmd = Command::new("git");
-    cmd.arg("http-backend")
+    // the repositories belong to the test user; the backend runs as root
+    cmd.args(["-c", "safe.directory=*", "http-backend"])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("GIT_PROJECT_ROOT", repo_root)

@@ -13,6 +13,9 @@ pub enum Outcome {
     NotRun,
 }
 
+/// A case in the table: its name, status, reason and how it ended.
+pub type CaseRow = (String, Status, String, Outcome);
+
 pub struct Row {
     pub file: String,
     /// BuildKit test functions in the Go file.
@@ -20,7 +23,7 @@ pub struct Row {
     /// Go test functions with no case.
     pub untranslated: Vec<String>,
     /// (case, status, reason, outcome)
-    pub cases: Vec<(String, Status, String, Outcome)>,
+    pub cases: Vec<CaseRow>,
 }
 
 pub const BEGIN: &str =
@@ -36,9 +39,7 @@ pub fn render(rows: &[Row]) -> String {
     let mut tot = [0usize; 6];
     let mut reasons: BTreeMap<(&str, String), Vec<String>> = BTreeMap::new();
     for r in rows {
-        let count = |f: &dyn Fn(&(String, Status, String, Outcome)) -> bool| {
-            r.cases.iter().filter(|c| f(c)).count()
-        };
+        let count = |f: &dyn Fn(&CaseRow) -> bool| r.cases.iter().filter(|c| f(c)).count();
         let pass = count(&|c| c.3 == Outcome::Pass);
         let fail = count(&|c| matches!(c.3, Outcome::Fail(_)));
         let na = count(&|c| c.1 == Status::Na);
@@ -80,11 +81,7 @@ pub fn render(rows: &[Row]) -> String {
     s.push_str(&format!(
         "\n{applicable} of {} cases ({}%) are applicable (everything but n/a); {} of them pass.\n",
         tot[1],
-        if tot[1] == 0 {
-            0
-        } else {
-            applicable * 100 / tot[1]
-        },
+        (applicable * 100).checked_div(tot[1]).unwrap_or(0),
         tot[2]
     ));
     let mut last = "";

@@ -108,7 +108,7 @@ fn make_dir(rootfs: &Path, dir: &str, user: &str) -> Result<(), StepError> {
             kiln_runtime::user::resolve(rootfs, user).map_err(|source| StepError::WorkdirUser {
                 dir: dir.into(),
                 user: user.into(),
-                source,
+                source: Box::new(source),
             })?;
         (ids.uid, ids.gid)
     };

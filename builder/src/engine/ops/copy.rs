@@ -18,7 +18,7 @@ use crate::engine::fsutil::Root;
 use crate::engine::solver::Engine;
 use crate::engine::statcache::StatCache;
 use crate::engine::step_cache::{self, Key, KeyBuilder};
-use crate::engine::{download, network, progress, FromSource};
+use crate::engine::{download, git, network, progress, FromSource};
 use crate::frontend::dockerignore::{self, Matcher};
 use crate::frontend::instructions::{Add, Chmod, Copy, Source};
 
@@ -85,6 +85,8 @@ enum Tree {
         ignore: Matcher,
         cache: Arc<StatCache>,
     },
+    /// a git checkout (`ADD <git url>`), named by its URL and commit
+    Git { name: String, root: Root },
     /// a stage's or an image's result, in a read-only view
     Image {
         key: Key,
@@ -116,7 +118,67 @@ impl Engine {
     pub(super) fn copy_op(&self, ctx: &StepCtx, op: &CopyOp<'_>) -> Result<Done, StepError> {
         let from = ctx.from.first().filter(|_| op.from_source);
         let tree = self.copy_tree(from)?;
-        let source = self.tree_source(&tree);
+        self.copy_from_tree(ctx, op, &tree)
+    }
+
+    /// `ADD <git url> DEST`: the repository fetched host-side under the
+    /// build's network policy ([`git::fetch`]) into a scratch directory of
+    /// the state, then its tree copied as a COPY of a directory is, keyed
+    /// by the content copied.
+    pub(super) fn git_add_op(&self, ctx: &StepCtx, a: &Add) -> Result<Done, StepError> {
+        let [Source::Path(url)] = a.sources.as_slice() else {
+            return Err(StepError::GitSources);
+        };
+        let mut g = git::GitRef::parse(url)?;
+        g.keep_git_dir |= a.keep_git_dir;
+        let network = self.fetcher()?.network;
+        let scratch = download::download_dir(self.opts.state.root())
+            .map_err(StepError::Source)?
+            .join(self.snap.layers().unique("git"));
+        std::fs::create_dir(&scratch).map_err(StepError::Source)?;
+        let result = (|| {
+            let t = Instant::now();
+            let checkout = git::fetch(&g, a.checksum.as_deref(), network, &scratch)?;
+            self.progress
+                .phase(ctx.vertex, &format!("git fetch {}", &checkout.commit), t);
+            let tree = Tree::Git {
+                name: format!(
+                    "{}#{}:{} keep-git-dir={} submodules={}",
+                    g.remote,
+                    checkout.commit,
+                    g.subdir.as_deref().unwrap_or(""),
+                    g.keep_git_dir,
+                    g.submodules
+                ),
+                root: Root::open(&checkout.tree).map_err(StepError::Source)?,
+            };
+            let sources = [Source::Path(".".into())];
+            let op = CopyOp {
+                sources: &sources,
+                dest: &a.dest,
+                chown: a.chown.as_deref(),
+                chmod: a.chmod.as_ref(),
+                parents: false,
+                excludes: &a.excludes,
+                unpack: false,
+                checksum: None,
+                unpack_urls: false,
+                from_source: false,
+            };
+            self.copy_from_tree(ctx, &op, &tree)
+        })();
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    /// COPY and ADD of `tree`'s files.
+    fn copy_from_tree(
+        &self,
+        ctx: &StepCtx,
+        op: &CopyOp<'_>,
+        tree: &Tree,
+    ) -> Result<Done, StepError> {
+        let source = self.tree_source(tree);
         let dest = self.destination(ctx, op);
         // ADD of URLs: downloaded by this process, never in the sandbox.
         let (urls, locals): (Vec<_>, Vec<_>) =
@@ -136,7 +198,7 @@ impl Engine {
         let mut entries = source.collect(&locals, &dest.path, dest.is_dir, &rules)?;
         self.progress
             .phase(ctx.vertex, &format!("list {} sources", entries.len()), t);
-        let (key, remote) = self.copy_key(ctx, op, &tree, &source, &entries, &dest, &urls)?;
+        let (key, remote) = self.copy_key(ctx, op, tree, &source, &entries, &dest, &urls)?;
         let lock = self.shared.key_lock(&key);
         let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = self.hit(ctx, &key) {
@@ -166,7 +228,7 @@ impl Engine {
             .snap
             .prepare(&step_cache::view_key("copy", &key), ctx.chain().as_ref())?;
         let t = Instant::now();
-        if let Err(e) = self.copy_into(&view, op, chmod, &tree, &source, &entries) {
+        if let Err(e) = self.copy_into(&view, op, chmod, tree, &source, &entries) {
             let _ = self.snap.remove(view);
             return Err(e);
         }
@@ -203,8 +265,12 @@ impl Engine {
         urls: &[Source],
     ) -> Result<(Key, Vec<Remote>), StepError> {
         let mut k = KeyBuilder::new("step");
-        k.str(&ctx.parent.0)
-            .str(&serde_json::to_string(&ctx.step.instruction).unwrap_or_default());
+        k.str(&ctx.parent.0);
+        match tree {
+            // the commit, not how the URL named it (nor --checksum)
+            Tree::Git { .. } => k.str(&op.excludes.join("\n")),
+            _ => k.str(&serde_json::to_string(&ctx.step.instruction).unwrap_or_default()),
+        };
         match tree {
             Tree::Context(_) => {}
             Tree::Dir { name, .. } => {
@@ -213,9 +279,17 @@ impl Engine {
             Tree::Image { key, .. } => {
                 k.str(&key.0);
             }
+            Tree::Git { name, .. } => {
+                k.str("git").str(name);
+            }
         }
         let t = Instant::now();
-        let hashed = source.checksum(entries, &mut k)?;
+        // a git tree is keyed by its commit (in its name), as BuildKit
+        // keys it: a kept .git directory is never the same twice
+        let hashed = match tree {
+            Tree::Git { .. } => 0,
+            _ => source.checksum(entries, &mut k)?,
+        };
         self.progress.phase(
             ctx.vertex,
             &format!("checksum {}", progress::bytes(hashed)),
@@ -306,6 +380,12 @@ impl Engine {
                 what: "named build context",
                 ignore: Some(ignore),
                 stat_cache: Some(cache),
+            },
+            Tree::Git { root, .. } => filecopy::Source {
+                root,
+                what: "git repository",
+                ignore: None,
+                stat_cache: None,
             },
             Tree::Image { root, .. } => filecopy::Source {
                 root,

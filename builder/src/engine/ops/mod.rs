@@ -74,10 +74,10 @@ impl Engine {
             Instruction::Run(run) => self.run_op(ctx, run),
             Instruction::Workdir(_) => self.workdir_op(ctx),
             Instruction::Copy(c) => self.copy_op(ctx, &copy::CopyOp::copy(c)),
-            Instruction::Add(a) => {
-                super::filecopy::check_local(&a.sources)?;
-                self.copy_op(ctx, &copy::CopyOp::add(a))
+            Instruction::Add(a) if a.sources.iter().any(super::filecopy::is_git) => {
+                self.git_add_op(ctx, a)
             }
+            Instruction::Add(a) => self.copy_op(ctx, &copy::CopyOp::add(a)),
             other => Err(StepError::Instruction(
                 serde_json::to_value(other)
                     .ok()
