@@ -165,7 +165,7 @@ fn from_with_undefined_variable_warns() {
     assert!(p
         .warnings
         .iter()
-        .any(|w| w.message.contains("$SUFFIX") && w.line == Some(1)));
+        .any(|w| w.message == "FROM argument 'SUFFIX' is not declared" && w.line == Some(1)));
 }
 
 #[test]
@@ -238,11 +238,6 @@ fn unneeded_stage_errors_do_not_fail_but_needed_ones_do() {
 #[test]
 fn graph_errors() {
     let cases: &[(&str, &str, usize)] = &[
-        (
-            "FROM a AS x\nFROM b AS X\n",
-            "duplicate stage name \"x\", first defined on line 1",
-            2,
-        ),
         (
             "FROM alpine AS a\nRUN --mount=from=b,target=/b x\nFROM alpine AS b\nRUN --mount=from=a,target=/a y\n",
             "circular dependency detected between stages: b -> a -> b",
@@ -495,7 +490,7 @@ fn undefined_variables_warn_only_when_everything_is_known() {
     assert!(p
         .warnings
         .iter()
-        .any(|w| w.message.contains("undefined variable $NOPE") && w.line == Some(2)));
+        .any(|w| w.message == "Usage of undefined variable '$NOPE'" && w.line == Some(2)));
 }
 
 #[test]
@@ -677,7 +672,11 @@ fn check_directive_skips_rules_or_makes_them_errors() {
     );
     let p = plan_of(&format!("# check=skip=UndefinedVar\n{body}"), &opts());
     assert!(p.warnings.is_empty());
-    let e = plan_err(&format!("# check=error=true\n{body}"), &opts());
+    let src = format!("# check=error=true\n{body}");
+    let ast = parse(src.as_bytes(), "Dockerfile").unwrap();
+    let p = plan(&ast, &opts()).unwrap();
+    assert_eq!(p.warnings.len(), 1, "the findings are kept for the report");
+    let e = p.lint_error(&ast).expect("error=true makes them an error");
     assert!(
         e.to_string()
             .starts_with("Dockerfile:4:1: lint violation found for rules: UndefinedVar"),

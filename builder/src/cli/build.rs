@@ -141,6 +141,15 @@ pub struct BuildArgs {
     /// default), index, manifest-descriptor or index-descriptor
     #[arg(long, value_name = "[LEVEL:]KEY=VALUE")]
     annotation: Vec<String>,
+    /// Run the build checks (BuildKit's lint rules) on every stage and
+    /// print what they find, with the Dockerfile lines, instead of
+    /// building (as `--call check`); exits 1 when they find anything
+    #[arg(long)]
+    check: bool,
+    /// What to do instead of building, as buildx: `check` (as --check) or
+    /// `build` (the default)
+    #[arg(long, value_name = "METHOD")]
+    call: Option<String>,
 }
 
 pub fn run(
@@ -169,7 +178,9 @@ pub fn run(
     } else {
         progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?
     };
-    let opts = build_options(root, insecure, &args)?;
+    let call = call(&args)?;
+    let mut opts = build_options(root, insecure, &args)?;
+    opts.check = call.is_some();
     let outputs = outputs(&args)?;
     let platforms = platforms(&args)?;
     if platforms.len() <= 1 {
@@ -183,6 +194,9 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(Call::Check) = call {
+        return check(&runtime, &opts, &progress);
+    }
     let ex = Exporting {
         args: &args,
         outputs: &outputs,
@@ -192,10 +206,63 @@ pub fn run(
         progress: &progress,
         insecure,
     };
-    if platforms.len() > 1 {
-        return build_multi_platform(&runtime, opts, &platforms, &ex);
+    let result = if platforms.len() > 1 {
+        build_multi_platform(&runtime, opts, &platforms, &ex)
+    } else {
+        build_one_platform(&runtime, opts, platforms.first(), &ex)
+    };
+    // the build checks' findings, after the build (also a failed one)
+    let findings = progress.take_lint();
+    if matches!(mode, progress::Mode::Plain | progress::Mode::Tty) {
+        if let Some(text) = super::check::summary(&findings) {
+            eprint!("{text}");
+        }
     }
-    build_one_platform(&runtime, opts, platforms.first(), &ex)
+    result
+}
+
+/// `--check` or `--call check`: lint instead of building. None: build.
+fn call(args: &BuildArgs) -> anyhow::Result<Option<Call>> {
+    let method = match (&args.call, args.check) {
+        (Some(c), true) if c != "check" => bail!("--check and --call {c}: give one of the two"),
+        (_, true) => "check",
+        (Some(c), false) => c.as_str(),
+        (None, false) => return Ok(None),
+    };
+    match method {
+        "build" => Ok(None),
+        "check" => Ok(Some(Call::Check)),
+        m if m.starts_with("check,") => bail!("--call {m}: only plain `check` is supported (no format or ignore options yet)"),
+        m => bail!("--call {m}: kiln supports `build` and `check` (outline, targets and subrequests are not supported yet)"),
+    }
+}
+
+/// What `--call` asked for instead of a build.
+enum Call {
+    Check,
+}
+
+/// `kiln build --check`: the report on standard output; 1 when the
+/// checks found anything, as buildx exits.
+fn check(
+    runtime: &tokio::runtime::Runtime,
+    opts: &engine::BuildOptions,
+    progress: &Arc<progress::Progress>,
+) -> anyhow::Result<i32> {
+    let result = runtime.block_on(engine::check(opts, progress));
+    let findings = progress.take_lint();
+    let file = opts
+        .dockerfile
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    let source = std::fs::read_to_string(&opts.dockerfile).unwrap_or_default();
+    print!("{}", super::check::report(&findings, &file, &source));
+    if result.is_err() && !findings.is_empty() {
+        println!();
+    }
+    result?;
+    Ok(i32::from(!findings.is_empty()))
 }
 
 /// What the outputs of a build need besides the image: the command line,
@@ -465,6 +532,7 @@ fn build_options(
             .iter()
             .map(|u| kiln_runtime::spec::Rlimit::parse_docker(u))
             .collect::<Result<_, _>>()?,
+        check: false,
     })
 }
 

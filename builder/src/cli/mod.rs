@@ -3,6 +3,7 @@
 //! code. Errors are `anyhow` here and nowhere below.
 
 pub mod build;
+pub mod check;
 pub mod du;
 pub mod images;
 pub mod imagetools;

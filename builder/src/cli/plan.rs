@@ -74,6 +74,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     };
     let plan =
         frontend::plan(&ast, &opts).map_err(|e| anyhow::anyhow!("{}", crate::error_chain(&e)))?;
+    if let Some(e) = plan.lint_error(&ast) {
+        anyhow::bail!("{}", crate::error_chain(&e));
+    }
     for w in &plan.warnings {
         match w.line {
             Some(l) => eprintln!("warning: {name}:{l}: {}", w.message),

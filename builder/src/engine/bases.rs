@@ -78,6 +78,12 @@ pub fn load_bases(
     let mut bases = BTreeMap::new();
     for (key, loaded) in wanted.into_iter().zip(loaded) {
         let loaded = loaded.map_err(|e| offline_error(e, offline))?;
+        let got = &loaded.1.platform;
+        if got.os != key.1.os || got.architecture != key.1.architecture {
+            plan_opts
+                .base_platforms
+                .insert((key.0.clone(), key.1.to_string()), got.to_string());
+        }
         plan_opts
             .image_env
             .insert(key.0.clone(), loaded.1.env_pairs());

@@ -55,6 +55,9 @@ pub struct RunConfig {
     pub shell: Option<Vec<String>>,
     pub healthcheck: Option<Value>,
     pub onbuild: Vec<String>,
+    /// MAINTAINER: the image's `author` (a top-level field, not `config`)
+    #[serde(default)]
+    pub author: Option<String>,
 }
 
 /// Everything a step's result is.
@@ -166,6 +169,7 @@ impl ImageState {
             Instruction::Volume(v) => cfg.volumes.extend(v.iter().cloned()),
             Instruction::StopSignal(s) => cfg.stop_signal = Some(s.clone()),
             Instruction::Onbuild(o) => cfg.onbuild.push(o.expression.clone()),
+            Instruction::Maintainer(m) => cfg.author = Some(m.clone()),
             Instruction::Healthcheck(h) => cfg.healthcheck = Some(healthcheck_json(h, &shell)),
             Instruction::Arg(_) => {}
             _ => return false,
@@ -251,6 +255,9 @@ impl ImageState {
         if let Some(v) = &self.platform.variant {
             root["variant"] = json!(v);
         }
+        if let Some(a) = &c.author {
+            root["author"] = json!(a);
+        }
         root
     }
 
@@ -290,6 +297,7 @@ impl ImageState {
             shell: strings(&c["Shell"]),
             healthcheck: c.get("Healthcheck").filter(|v| !v.is_null()).cloned(),
             onbuild: strings(&c["OnBuild"]).unwrap_or_default(),
+            author: root["author"].as_str().map(String::from),
         };
         ImageState {
             chain: None,

@@ -105,6 +105,8 @@ pub struct BuildOptions {
     pub shm_size: Option<u64>,
     /// `--ulimit`: resource limits of RUN steps
     pub ulimits: Vec<kiln_runtime::spec::Rlimit>,
+    /// `--check`: lint every stage, not only those built
+    pub check: bool,
 }
 
 /// A built image, stored in the content store.
@@ -128,6 +130,15 @@ pub struct Built {
 pub enum FromSource {
     Image(Key, Box<ImageState>),
     Dir { name: String, path: PathBuf },
+}
+
+/// `kiln build --check`: plan the build (base images loaded, nothing
+/// run) and return the build checks' findings for every stage, in
+/// [`Progress::take_lint`]; the error is a Dockerfile that does not plan
+/// or a `# check=error=true` violation.
+pub async fn check(opts: &BuildOptions, progress: &Arc<Progress>) -> Result<()> {
+    let shared = Shared::new(opts.jobs, false);
+    solver::plan(opts, progress, &shared).map(|_| ())
 }
 
 /// Build `opts` with progress reported to `progress`.

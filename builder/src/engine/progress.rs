@@ -134,6 +134,8 @@ pub struct Progress {
     transfers: Mutex<BTreeMap<(usize, String), Instant>>,
     /// the highest vertex number reported, for [`Progress::new_vertex`]
     highest: std::sync::atomic::AtomicUsize,
+    /// the build checks' findings, shown after the build
+    lint: Mutex<Option<Vec<crate::frontend::plan::PlanWarning>>>,
 }
 
 /// How often a transfer's bytes are reported while it runs.
@@ -172,6 +174,7 @@ impl Progress {
             vertices: Mutex::new(BTreeMap::new()),
             transfers: Mutex::new(BTreeMap::new()),
             highest: std::sync::atomic::AtomicUsize::new(0),
+            lint: Mutex::new(None),
         };
         if mode == Mode::Tty {
             // The ticker only holds weak references: it ends by itself when
@@ -253,6 +256,24 @@ impl Progress {
 
     /// A vertex number after every one reported so far, for work after
     /// the build (an output's push).
+    /// Keep the build checks' findings of a planned build; the first
+    /// platform's only, as buildx shows them once.
+    pub fn add_lint(&self, findings: Vec<crate::frontend::plan::PlanWarning>) {
+        let mut lint = self.lint.lock().unwrap_or_else(|e| e.into_inner());
+        if lint.is_none() {
+            *lint = Some(findings);
+        }
+    }
+
+    /// The build checks' findings kept by [`Progress::add_lint`].
+    pub fn take_lint(&self) -> Vec<crate::frontend::plan::PlanWarning> {
+        self.lint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
     pub fn new_vertex(&self) -> usize {
         self.highest
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)

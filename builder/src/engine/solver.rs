@@ -93,7 +93,7 @@ pub(super) struct Engine {
 }
 
 /// The parsed and planned build, before anything runs.
-struct Planned {
+pub(super) struct Planned {
     file: String,
     snap: Arc<Snapshotter>,
     plan: Plan,
@@ -104,7 +104,11 @@ struct Planned {
 /// them, then plan again with their environment and working directory
 /// (variables may come from them). The network policy is checked before
 /// any base is pulled.
-fn plan(opts: &BuildOptions, progress: &Arc<Progress>, shared: &Shared) -> Result<Planned> {
+pub(super) fn plan(
+    opts: &BuildOptions,
+    progress: &Arc<Progress>,
+    shared: &Shared,
+) -> Result<Planned> {
     let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
         path: opts.dockerfile.clone(),
         source,
@@ -128,6 +132,9 @@ fn plan(opts: &BuildOptions, progress: &Arc<Progress>, shared: &Shared) -> Resul
         named_contexts: opts.named_contexts.clone(),
         target: opts.target.clone(),
         target_platform: opts.platform.clone(),
+        lint_all: opts.check,
+        // a broken .dockerignore fails the build later, with its error
+        ignore: frontend::dockerignore::load(&opts.context, &opts.dockerfile).ok(),
         ..PlanOptions::default()
     };
     let first = frontend::plan(&ast, &plan_opts)?;
@@ -144,9 +151,21 @@ fn plan(opts: &BuildOptions, progress: &Arc<Progress>, shared: &Shared) -> Resul
     let report = bases::Report { progress, shared };
     let bases = bases::load_bases(&snap, opts, &first, &mut plan_opts, report)?;
     let plan = frontend::plan(&ast, &plan_opts)?;
-    for w in &plan.warnings {
+    // kiln's own notices now; the build checks' findings after the build,
+    // as buildx shows them (once, for the first platform)
+    for w in plan.warnings.iter().filter(|w| w.rule.is_none()) {
         let at = w.line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
         progress.summary(&format!("WARNING: {at}{}", w.message));
+    }
+    progress.add_lint(
+        plan.warnings
+            .iter()
+            .filter(|w| w.rule.is_some())
+            .cloned()
+            .collect(),
+    );
+    if let Some(e) = plan.lint_error(&ast) {
+        return Err(e.into());
     }
     Ok(Planned {
         file,

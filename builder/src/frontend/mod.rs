@@ -36,6 +36,7 @@ use std::fmt;
 
 pub mod dockerignore;
 pub mod instructions;
+pub mod lint;
 pub mod location;
 pub mod mount_flags;
 pub mod parser;

@@ -126,9 +126,52 @@ pub struct CheckOptions {
 }
 
 impl CheckOptions {
+    /// Parse `skip=A,B;error=true;experimental=C`, as the `# check=`
+    /// directive and the BUILDKIT_DOCKERFILE_CHECK build arg give it; the
+    /// error is the option at fault.
+    pub fn parse(value: &str) -> std::result::Result<CheckOptions, String> {
+        let bad = |opt: &str| opt.to_string();
+        let mut out = CheckOptions::default();
+        for opt in value.split(';').map(str::trim).filter(|o| !o.is_empty()) {
+            let Some((k, v)) = opt.split_once('=') else {
+                return Err(bad(opt));
+            };
+            let list = || -> Vec<String> {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "skip" => out.skip = list(),
+                "experimental" => out.experimental = list(),
+                "error" => {
+                    out.error = match v.trim().to_ascii_lowercase().as_str() {
+                        "1" | "t" | "true" => true,
+                        "0" | "f" | "false" => false,
+                        _ => return Err(bad(opt)),
+                    }
+                }
+                _ => return Err(bad(opt)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Is `rule` switched off?
     pub fn skips(&self, rule: &str) -> bool {
         self.skip.iter().any(|s| s == "all" || s == rule)
+    }
+
+    /// Is `rule` reported? An experimental rule only when named in
+    /// `experimental=` (or `all`), which `skip=` does not change.
+    pub fn reports(&self, rule: &str, experimental: bool) -> bool {
+        if experimental {
+            self.experimental.iter().any(|e| e == "all" || e == rule)
+        } else {
+            !self.skips(rule)
+        }
     }
 }
 
@@ -226,36 +269,10 @@ impl Ast {
         let Some(d) = self.directives.iter().find(|d| d.name == "check") else {
             return Ok(CheckOptions::default());
         };
-        let bad = |opt: &str| LocatedParseError {
-            location: self.source.find(d.line, opt),
-            kind: ParseError::CheckOption(opt.to_string()),
-        };
-        let mut out = CheckOptions::default();
-        for opt in d.value.split(';').map(str::trim).filter(|o| !o.is_empty()) {
-            let Some((k, v)) = opt.split_once('=') else {
-                return Err(bad(opt));
-            };
-            let list = || -> Vec<String> {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|r| !r.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            };
-            match k.trim().to_ascii_lowercase().as_str() {
-                "skip" => out.skip = list(),
-                "experimental" => out.experimental = list(),
-                "error" => {
-                    out.error = match v.trim().to_ascii_lowercase().as_str() {
-                        "1" | "t" | "true" => true,
-                        "0" | "f" | "false" => false,
-                        _ => return Err(bad(opt)),
-                    }
-                }
-                _ => return Err(bad(opt)),
-            }
-        }
-        Ok(out)
+        CheckOptions::parse(&d.value).map_err(|opt| LocatedParseError {
+            location: self.source.find(d.line, &opt),
+            kind: ParseError::CheckOption(opt),
+        })
     }
 
     /// The value of directive `name`, if present.

@@ -51,11 +51,6 @@ pub enum PlanError {
         /// ` (did you mean x?)` for a near miss, else empty.
         hint: String,
     },
-    /// Two stages with the same name.
-    #[error(
-        "duplicate stage name {name:?}, first defined on line {first_line}; rename one of them"
-    )]
-    DuplicateStage { name: String, first_line: usize },
     /// Stages that need each other.
     #[error("circular dependency detected between stages: {0}")]
     Cycle(String),
@@ -74,8 +69,11 @@ pub enum PlanError {
     #[error("{0:?} is not a build stage, a named context or a valid image reference; check the spelling (image names are lower-case)")]
     InvalidReference(String),
     /// `# check=error=true` and a lint rule fired.
-    #[error("lint violation found for rules: {0}; fix them or skip them with # check=skip=RULE")]
+    #[error("lint violation found for rules: {0}")]
     LintViolation(String),
+    /// A BUILDKIT_DOCKERFILE_CHECK build arg that does not parse.
+    #[error("--build-arg BUILDKIT_DOCKERFILE_CHECK: invalid option {0:?}; use skip=RULE,...;error=true|false;experimental=RULE,...")]
+    CheckArg(String),
     /// A FROM --platform or option platform that does not parse.
     #[error(transparent)]
     Platform(#[from] PlatformError),
@@ -99,6 +97,14 @@ pub struct PlanOptions {
     /// Config working directory of base images, by reference as written in
     /// FROM (an image listed in `image_env` but not here starts in `/`).
     pub image_workdir: BTreeMap<String, String>,
+    /// Report the lint findings of every stage, not only of those built
+    /// (`--check`).
+    pub lint_all: bool,
+    /// The context's .dockerignore (the CopyIgnoredFile rule).
+    pub ignore: Option<crate::frontend::dockerignore::Matcher>,
+    /// Base images whose platform is not the one asked for: (reference,
+    /// platform asked for) -> the image's (InvalidBaseImagePlatform).
+    pub base_platforms: BTreeMap<(String, String), String>,
 }
 
 impl Default for PlanOptions {
@@ -111,6 +117,9 @@ impl Default for PlanOptions {
             named_contexts: BTreeMap::new(),
             image_env: BTreeMap::new(),
             image_workdir: BTreeMap::new(),
+            lint_all: false,
+            ignore: None,
+            base_platforms: BTreeMap::new(),
         }
     }
 }
@@ -222,6 +231,9 @@ pub struct Stage {
 pub struct PlanWarning {
     /// Line it concerns, when it concerns one.
     pub line: Option<usize>,
+    /// The last line of the instruction it concerns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_line: Option<usize>,
     /// BuildKit's lint rule name (`UndefinedVar`, ...), which
     /// `# check=skip=...` and `# check=error=true` refer to; None for
     /// kiln's own notices.
@@ -249,9 +261,30 @@ pub struct Plan {
     /// Warnings: parser findings, unused build args, and undefined variables
     /// in the stages that are built.
     pub warnings: Vec<PlanWarning>,
+    /// `# check=error=true` and these rules fired: the build fails after
+    /// their warnings are shown ([`Plan::lint_error`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lint_violation: Option<LintViolation>,
+}
+
+/// The rules that fired under `# check=error=true`, and the line of the
+/// first finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LintViolation {
+    pub rules: String,
+    pub line: Option<usize>,
 }
 
 impl Plan {
+    /// The error a `# check=error=true` violation is.
+    pub fn lint_error(&self, ast: &Ast) -> Option<Error> {
+        let v = self.lint_violation.as_ref()?;
+        Some(Error {
+            location: v.line.map(|l| Box::new(ast.source.find(l, ""))),
+            kind: PlanError::LintViolation(v.rules.clone()).into(),
+        })
+    }
+
     /// The stage with Dockerfile index `index`, if it is part of the plan.
     pub fn stage(&self, index: usize) -> Option<&Stage> {
         self.stages.iter().find(|s| s.index == index)
@@ -311,6 +344,8 @@ struct Planner<'a> {
     opts: &'a PlanOptions,
     target_platform: Platform,
     names: BTreeMap<String, (usize, usize)>,
+    /// every stage of each name, in order
+    all_names: BTreeMap<String, Vec<usize>>,
     globals: BTreeMap<String, String>,
     global_declared: BTreeSet<String>,
     predefined: BTreeMap<String, String>,
@@ -448,13 +483,26 @@ impl Planner<'_> {
         let Instruction::From(from) = ins else {
             unreachable!("stages start with FROM");
         };
+        let undeclared = unmatched.iter().any(|v| !self.global_declared.contains(v));
+        let options: Vec<&str> = if undeclared && self.global_declared.len() <= 1000 {
+            self.global_declared
+                .iter()
+                .map(String::as_str)
+                .chain(self.predefined.keys().map(String::as_str))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let warnings = unmatched
             .iter()
+            .filter(|v| !self.global_declared.contains(*v))
             .map(|v| PlanWarning {
                 line: Some(node.start_line),
+                end_line: Some(node.end_line),
                 rule: Some("UndefinedArgInFrom"),
                 message: format!(
-                    "FROM uses undefined variable ${v}; declare it with ARG before the first FROM"
+                    "FROM argument '{v}' is not declared{}",
+                    did_you_mean(v, &options, "")
                 ),
             })
             .collect();
@@ -496,7 +544,11 @@ impl Planner<'_> {
         if let Some(src) = self.opts.named_contexts.get(&from.image) {
             return Ok(Start::context(&from.image, src, platform));
         }
-        if let Some(&(i, _)) = self.names.get(&lower).filter(|(i, _)| *i < index) {
+        let earlier = self
+            .all_names
+            .get(&lower)
+            .and_then(|all| all.iter().rev().find(|&&i| i < index));
+        if let Some(&i) = earlier {
             return Ok(Start::stage(i, done[i].as_ref(), platform));
         }
         if lower == "scratch" {
@@ -644,12 +696,31 @@ impl Planner<'_> {
             return unmatched.into_iter().collect();
         }
         // A declared ARG without a value is not reported.
-        for v in unmatched.iter().filter(|v| !d.declared.contains(*v)) {
+        let undefined: Vec<&String> = unmatched
+            .iter()
+            .filter(|v| !d.declared.contains(*v))
+            .collect();
+        if undefined.is_empty() {
+            return Vec::new();
+        }
+        // suggestions among a bounded number of names (lint::suggest)
+        let options: Vec<&str> = if d.env.len() + d.args.len() <= 1000 {
+            d.env
+                .keys()
+                .chain(d.args.keys())
+                .map(String::as_str)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for v in undefined {
             d.warnings.push(PlanWarning {
                 line: Some(node.start_line),
+                end_line: Some(node.end_line),
                 rule: Some("UndefinedVar"),
                 message: format!(
-                    "usage of undefined variable ${v}; define it with ARG or ENV first"
+                    "Usage of undefined variable '${v}'{}",
+                    did_you_mean(v, &options, "$")
                 ),
             });
         }
@@ -801,6 +872,7 @@ impl<'a> Planner<'a> {
             opts,
             target_platform,
             names: BTreeMap::new(),
+            all_names: BTreeMap::new(),
             globals: BTreeMap::new(),
             global_declared: BTreeSet::new(),
             predefined: BTreeMap::new(),
@@ -809,8 +881,9 @@ impl<'a> Planner<'a> {
                 .iter()
                 .map(|w| PlanWarning {
                     line: Some(w.line),
+                    end_line: None,
                     rule: Some("NoEmptyContinuation"),
-                    message: w.message.clone(),
+                    message: "Empty continuation line".into(),
                 })
                 .collect(),
         }
@@ -818,7 +891,7 @@ impl<'a> Planner<'a> {
 }
 
 impl Planner<'_> {
-    /// Record each `FROM ... AS name`; a name used twice is an error.
+    /// Record each `FROM ... AS name`.
     fn name_stages(&mut self, stage_nodes: &[&[Node]]) -> Result<(), Error> {
         for (i, nodes) in stage_nodes.iter().enumerate() {
             let n = &nodes[0];
@@ -828,17 +901,11 @@ impl Planner<'_> {
             if !as_.eq_ignore_ascii_case("as") {
                 continue;
             }
+            // A name used twice is BuildKit's DuplicateStageName warning:
+            // `--from` and `--target` find the last stage of that name, a
+            // FROM the last one before it.
             let name = name.to_lowercase();
-            if let Some(&(_, first_line)) = self.names.get(&name) {
-                return Err(self.err_at(
-                    n,
-                    PlanError::DuplicateStage {
-                        name: name.clone(),
-                        first_line,
-                    },
-                    &name,
-                ));
-            }
+            self.all_names.entry(name.clone()).or_default().push(i);
             self.names.insert(name, (i, n.start_line));
         }
         Ok(())
@@ -1011,13 +1078,47 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     )?;
     let consumed = planner.consumed_build_args(&order, &checked);
     let mut warnings = std::mem::take(&mut planner.warnings);
-    // Findings about stages that are not built are not the user's concern now.
-    for &i in &order {
-        if let Some(d) = &mut checked.drafts[i] {
+    // Findings about stages that are not built are not the user's concern
+    // now (under --check they all are).
+    let built: BTreeSet<usize> = order.iter().copied().collect();
+    let linted = |i: usize| opts.lint_all || built.contains(&i);
+    for (i, d) in checked.drafts.iter_mut().enumerate() {
+        if let Some(d) = d.as_mut().filter(|_| linted(i)) {
             warnings.append(&mut d.warnings);
         }
     }
-    apply_check_directive(ast, &mut warnings)?;
+    for (i, d) in checked.drafts.iter().enumerate() {
+        let Some(d) = d.as_ref().filter(|_| built.contains(&i)) else {
+            continue;
+        };
+        let Base::Image { reference } = &d.base else {
+            continue;
+        };
+        let expected = d.platform.to_string();
+        if let Some(actual) = opts
+            .base_platforms
+            .get(&(reference.clone(), expected.clone()))
+        {
+            warnings.push(PlanWarning {
+                line: Some(d.line),
+                end_line: Some(d.line),
+                rule: Some("InvalidBaseImagePlatform"),
+                message: format!(
+                    "Base image {reference} was pulled with platform \"{actual}\", expected \"{expected}\" for current build"
+                ),
+            });
+        }
+    }
+    let defaults = global_defaults(ast, first_from, &planner.predefined);
+    let target_platform_text = target_platform.to_string();
+    let inputs = super::lint::Inputs {
+        global_defaults: &defaults,
+        target_platform: &target_platform_text,
+        ignore: opts.ignore.as_ref(),
+    };
+    warnings.extend(super::lint::findings(ast, &linted, &inputs));
+    warnings.sort_by_key(|w| w.line.unwrap_or(0));
+    let lint_violation = apply_check_directive(ast, opts, &mut warnings)?;
     warnings.extend(unused_build_args_warning(opts, &consumed));
     warnings.extend(ast.directive("syntax").and_then(other_frontend_warning));
     Ok(Plan {
@@ -1033,6 +1134,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         warnings,
+        lint_violation,
     })
 }
 
@@ -1097,27 +1199,102 @@ fn platform_args(bp: &Platform, tp: &Platform) -> BTreeMap<String, String> {
 }
 
 /// `# check=`: drop the warnings of skipped rules, and with `error=true`
-/// fail on the rules left.
-fn apply_check_directive(ast: &Ast, warnings: &mut Vec<PlanWarning>) -> Result<(), Error> {
-    let check = ast.check_options()?;
-    warnings.retain(|w| w.rule.is_none_or(|r| !check.skips(r)));
+/// say which rules left are a violation.
+fn apply_check_directive(
+    ast: &Ast,
+    opts: &PlanOptions,
+    warnings: &mut Vec<PlanWarning>,
+) -> Result<Option<LintViolation>, Error> {
+    // the BUILDKIT_DOCKERFILE_CHECK build arg replaces the directive
+    let check = match opts.build_args.get("BUILDKIT_DOCKERFILE_CHECK") {
+        Some(v) => crate::frontend::parser::CheckOptions::parse(v).map_err(|opt| Error {
+            location: None,
+            kind: PlanError::CheckArg(opt).into(),
+        })?,
+        None => ast.check_options()?,
+    };
+    let nodes: BTreeMap<usize, &Node> = ast.nodes.iter().map(|n| (n.start_line, n)).collect();
+    warnings.retain(|w| {
+        w.rule.is_none_or(|r| {
+            let experimental = super::lint::find(r).is_some_and(|x| x.experimental);
+            // a `# check=` comment right above an instruction adds to the
+            // file's for that instruction only
+            let local = w
+                .line
+                .and_then(|l| nodes.get(&l))
+                .and_then(|n| local_check(n));
+            let skipped_here = local.as_ref().is_some_and(|c| !experimental && c.skips(r));
+            let enabled_here = local
+                .as_ref()
+                .is_some_and(|c| experimental && c.reports(r, true));
+            (check.reports(r, experimental) || enabled_here) && !skipped_here
+        })
+    });
     if !check.error {
-        return Ok(());
+        return Ok(None);
     }
     let mut rules: Vec<&str> = warnings.iter().filter_map(|w| w.rule).collect();
     rules.sort_unstable();
     rules.dedup();
     if rules.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let first = warnings
+    let line = warnings
         .iter()
         .find(|w| w.rule.is_some())
         .and_then(|w| w.line);
-    Err(Error {
-        location: first.map(|l| Box::new(ast.source.find(l, ""))),
-        kind: PlanError::LintViolation(rules.join(", ")).into(),
+    Ok(Some(LintViolation {
+        rules: rules.join(", "),
+        line,
+    }))
+}
+
+/// The `# check=` comment right above `node` (its
+/// value up to the first space, as BuildKit reads it), if any.
+fn local_check(node: &Node) -> Option<crate::frontend::parser::CheckOptions> {
+    node.comments.iter().find_map(|c| {
+        let (name, value) = c.split_once('=')?;
+        if name.trim() != "check" {
+            return None;
+        }
+        let value = value.split(' ').next().unwrap_or("");
+        crate::frontend::parser::CheckOptions::parse(value).ok()
     })
+}
+
+/// The global ARGs' default values and the platform args, as BuildKit's
+/// InvalidDefaultArgInFrom rule expands FROM with them (no build arg
+/// given).
+fn global_defaults(
+    ast: &Ast,
+    first_from: usize,
+    predefined: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let lex = crate::frontend::shell::Lexer::new(ast.escape);
+    // the platform args (TARGETARCH...) are set as in any build
+    let mut out: BTreeMap<String, String> = predefined.clone();
+    for node in ast.nodes[..first_from]
+        .iter()
+        .filter(|n| n.instruction == "arg")
+    {
+        for a in &node.args {
+            if let Some((k, v)) = a.split_once('=') {
+                let v = lex
+                    .process_word(v, &Scope([&out, &BTreeMap::new()]))
+                    .unwrap_or_default();
+                out.insert(k.to_string(), v);
+            }
+        }
+    }
+    out
+}
+
+/// BuildKit's ` (did you mean X?)` after an undefined name, or nothing.
+fn did_you_mean(name: &str, options: &[&str], sigil: &str) -> String {
+    match super::lint::suggest(name, options) {
+        Some(m) => format!(" (did you mean {sigil}{m}?)"),
+        None => String::new(),
+    }
 }
 
 /// `# syntax=` naming a frontend image other than BuildKit's Dockerfile
@@ -1139,6 +1316,7 @@ fn other_frontend_warning(syntax: &str) -> Option<PlanWarning> {
     }
     Some(PlanWarning {
         line: Some(1),
+        end_line: None,
         rule: None,
         message: format!(
             "# syntax={syntax} names a frontend image kiln does not run: the build uses kiln's built-in Dockerfile frontend"
@@ -1168,6 +1346,7 @@ fn unused_build_args_warning(
     }
     Some(PlanWarning {
         line: None,
+        end_line: None,
         rule: None,
         message: format!(
             "one or more build-args [{}] were not consumed; declare them with ARG in a stage that is built",
