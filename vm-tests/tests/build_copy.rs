@@ -347,19 +347,14 @@ fn add_copies_local_files_and_extracts_local_archives() {
 }
 
 #[test]
-fn add_of_a_url_or_git_repository_is_a_clear_error() {
-    for (src, word) in [
-        ("https://example.com/repo.git#main", "Git"),
-        ("git@example.com:org/repo.git", "Git"),
-    ] {
-        let p = Project::new("add-remote", &format!("FROM scratch\n\nADD {src} /dest/\n"));
-        p.chown();
-        let err = failed(p.build(&[]));
-        assert!(err.contains("Dockerfile:3"), "{err}");
-        assert!(err.contains(src), "names the source: {err}");
-        assert!(err.contains("not supported yet"), "{err}");
-        assert!(err.contains(word), "{err}");
-    }
+fn add_of_a_git_repository_over_ssh_is_a_clear_error() {
+    let src = "git@example.com:org/repo.git";
+    let p = Project::new("add-remote", &format!("FROM scratch\n\nADD {src} /dest/\n"));
+    p.chown();
+    let err = failed(p.build(&[]));
+    assert!(err.contains("Dockerfile:3"), "{err}");
+    assert!(err.contains(src), "names the source: {err}");
+    assert!(err.contains("git over SSH is not supported yet"), "{err}");
 }
 
 #[test]
@@ -375,13 +370,13 @@ fn errors_name_the_line_and_the_source() {
         err.contains("Dockerfile:3") && err.contains("missing-file.txt"),
         "{err}"
     );
+    // a wildcard that matches nothing copies nothing, as in BuildKit, and
+    // the destination directory is still made
     let p = Project::new("copy-errors-glob", "FROM scratch\nCOPY nothing-*.txt /b/\n");
     p.chown();
-    let err = failed(p.build(&[]));
-    assert!(
-        err.contains("Dockerfile:2") && err.contains("nothing-*.txt"),
-        "{err}"
-    );
+    let out = p.build_local("out");
+    assert!(out.join("b").is_dir());
+    assert_eq!(std::fs::read_dir(out.join("b")).unwrap().count(), 0);
     let p = Project::new(
         "copy-errors-many",
         "FROM scratch\nCOPY a.txt b.txt /notdir\n",

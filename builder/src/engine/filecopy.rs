@@ -149,7 +149,7 @@ pub struct Rules<'a> {
     pub unpack: bool,
 }
 
-fn has_glob(s: &str) -> bool {
+pub fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
@@ -242,6 +242,32 @@ impl Source<'_> {
         }
     }
 
+    /// `dirs` and every directory below them (symlinks not followed),
+    /// each once.
+    fn with_subdirs(&self, dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack = dirs;
+        stack.reverse();
+        while let Some(d) = stack.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if let Ok(names) = self.root.list(&d) {
+                let mut subs: Vec<PathBuf> = names
+                    .into_iter()
+                    .map(|n| d.join(String::from_utf8_lossy(&n).into_owned()))
+                    .filter(|p| self.root.lstat(p).is_ok_and(|m| m.is_dir()))
+                    .collect();
+                subs.sort();
+                subs.reverse();
+                stack.extend(subs);
+            }
+            out.push(d);
+        }
+        out
+    }
+
     /// Every path of the root at the depth of `pattern` that matches it.
     fn glob(&self, pattern: &Path) -> Result<Vec<PathBuf>> {
         let comps: Vec<String> = pattern
@@ -250,6 +276,11 @@ impl Source<'_> {
             .collect();
         let mut level = vec![PathBuf::new()];
         for comp in &comps {
+            if comp == "**" {
+                // any number of directories, none included
+                level = self.with_subdirs(level);
+                continue;
+            }
             let matcher =
                 Matcher::new([comp.as_str()]).map_err(|_| Error::Pattern(comp.clone()))?;
             let mut next = Vec::new();
@@ -305,11 +336,12 @@ impl Source<'_> {
                 instructions::Source::Heredoc { name, content } => inline.push((name, content)),
             }
         }
-        let many = matches.len() + inline.len() > 1 || sources.len() > 1;
-        let dest_is_dir = dest_is_dir || rules.parents;
-        if many && !dest_is_dir {
+        // As BuildKit: several source arguments need a destination that
+        // is a directory; one wildcard matching several paths makes it one.
+        if sources.len() > 1 && !(dest_is_dir || rules.parents) {
             return Err(Error::DestNotDir(dest.to_string()));
         }
+        let dest_is_dir = dest_is_dir || rules.parents || matches.len() + inline.len() > 1;
         let mut out = Vec::new();
         for (m, pivot) in matches {
             self.entries_of(m, pivot, &dest_rel, dest_is_dir, rules, &mut out)?;
@@ -339,13 +371,12 @@ impl Source<'_> {
     fn matches_of(&self, pattern: &str, rules: &Rules<'_>) -> Result<Vec<PathBuf>> {
         let rel = clean_rel(pattern);
         if has_glob(pattern) {
-            let all = self.glob(&rel)?;
-            if !all.is_empty() {
-                return Ok(all
-                    .into_iter()
-                    .filter(|p| !rules.excludes.matches(&rel_str(p)))
-                    .collect());
-            }
+            // a wildcard that matches nothing copies nothing, as BuildKit
+            return Ok(self
+                .glob(&rel)?
+                .into_iter()
+                .filter(|p| !rules.excludes.matches(&rel_str(p)))
+                .collect());
         } else if self.root.stat(&rel).is_ok() && !self.ignored(&rel) {
             return Ok(vec![rel]);
         }
@@ -828,6 +859,9 @@ pub struct CopyAttrs<'a> {
     pub tmp: &'a Path,
     /// a unique name for each scratch directory
     pub unique: &'a dyn Fn() -> String,
+    /// without `--chown`, keep the sources' owners (COPY --from a stage
+    /// or an image, as BuildKit) instead of 0:0
+    pub keep_owner: bool,
 }
 
 /// Copy `entries` from `source` into `target`.
@@ -837,7 +871,7 @@ pub fn copy(
     target: &Root,
     attrs: &CopyAttrs<'_>,
 ) -> Result<()> {
-    copy_entries(source, entries, target, attrs, false)
+    copy_entries(source, entries, target, attrs, attrs.keep_owner)
 }
 
 fn copy_entries(
@@ -855,6 +889,11 @@ fn copy_entries(
         entries.iter().all(|e| seen.insert(e.dest.as_path()))
     };
     let mut files = Vec::new();
+    // the parents a numeric --chmod's copy makes get its mode
+    let parent_mode = match &attrs.chmod {
+        Some(Mode::Octal(m)) => Some(*m),
+        _ => None,
+    };
     for e in entries {
         let werr = write_err(e);
         let (uid, gid) = match attrs.owner {
@@ -869,7 +908,9 @@ fn copy_entries(
             continue;
         }
         let (parent, name) = fsutil::split(&e.dest);
-        let dir = target.mkdir_all(parent, puid, pgid).map_err(werr)?;
+        let dir = target
+            .mkdir_all_mode(parent, puid, pgid, parent_mode)
+            .map_err(werr)?;
         let mode = match &attrs.chmod {
             Some(m) => m.apply(e.meta.mode, e.meta.is_dir()),
             None => e.meta.mode & 0o7777,
@@ -890,9 +931,12 @@ fn copy_entries(
             files.push((e, mode, uid, gid));
         } else if e.meta.is_file() {
             copy_file(source, e, dirfd, name, (mode, uid, gid))?;
+        } else if e.meta.mode & libc::S_IFMT == libc::S_IFSOCK {
+            // a socket becomes an empty regular file, as BuildKit copies it
+            fsutil::create(dirfd, name, Node::Bytes(&[]), mode, uid, gid, &e.meta).map_err(werr)?;
         }
-        // Devices, fifos and sockets in a context are skipped, as BuildKit
-        // does for special files it cannot recreate.
+        // Devices and fifos in a context are skipped: an unprivileged
+        // copy cannot make a device, and BuildKit's rootless one neither.
     }
     let written = parallel_map(&files, 16, |&(e, mode, uid, gid)| {
         let (parent, name) = fsutil::split(&e.dest);

@@ -226,6 +226,18 @@ impl Root {
     /// owned by `uid:gid`), resolving existing components inside the root.
     /// Returns a descriptor of the last one.
     pub fn mkdir_all(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<OwnedFd> {
+        self.mkdir_all_mode(rel, uid, gid, None)
+    }
+
+    /// [`Root::mkdir_all`], the directories it makes given `mode` (as
+    /// BuildKit gives a COPY --chmod's mode to the parents it creates).
+    pub fn mkdir_all_mode(
+        &self,
+        rel: &Path,
+        uid: u32,
+        gid: u32,
+        mode: Option<u32>,
+    ) -> io::Result<OwnedFd> {
         // most often it is there already: one lookup, not one a component
         match self.open_at(rel, libc::O_PATH | libc::O_DIRECTORY) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -260,6 +272,12 @@ impl Root {
                             libc::AT_SYMLINK_NOFOLLOW,
                         )
                     })?;
+                    if let Some(mode) = mode {
+                        // SAFETY: as fchownat above; the name is the
+                        // directory just made (fchmodat never follows a
+                        // link in the last component when it is one).
+                        check(unsafe { libc::fchmodat(fd.as_raw_fd(), n.as_ptr(), mode, 0) })?;
+                    }
                     fd = self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY)?;
                 }
                 Err(e) => return Err(e),

@@ -91,10 +91,21 @@ pub const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 
 impl ImageState {
     pub fn scratch(platform: Platform) -> Self {
+        // as BuildKit's empty image: the default PATH (not on Windows)
+        // and `/` as the working directory
+        let env = if platform.os == "windows" {
+            Vec::new()
+        } else {
+            vec![format!("PATH={}", crate::frontend::plan::DEFAULT_PATH)]
+        };
         ImageState {
             chain: None,
             layers: Vec::new(),
-            config: RunConfig::default(),
+            config: RunConfig {
+                env,
+                workdir: "/".into(),
+                ..RunConfig::default()
+            },
             history: Vec::new(),
             platform,
         }
@@ -127,10 +138,14 @@ impl ImageState {
     }
 
     pub fn shell(&self) -> Vec<String> {
-        self.config
-            .shell
-            .clone()
-            .unwrap_or_else(|| DEFAULT_SHELL.map(String::from).to_vec())
+        self.config.shell.clone().unwrap_or_else(|| {
+            // as BuildKit: Windows images run `cmd /S /C`
+            if self.platform.os == "windows" {
+                ["cmd", "/S", "/C"].map(String::from).to_vec()
+            } else {
+                DEFAULT_SHELL.map(String::from).to_vec()
+            }
+        })
     }
 
     /// Apply an instruction that only changes the configuration; returns
@@ -409,6 +424,7 @@ mod tests {
         s.set_env("A", "1");
         s.set_env("B", "2");
         s.set_env("A", "3");
-        assert_eq!(s.config.env, vec!["A=3", "B=2"]);
+        let path = format!("PATH={}", crate::frontend::plan::DEFAULT_PATH);
+        assert_eq!(s.config.env, vec![path.as_str(), "A=3", "B=2"]);
     }
 }

@@ -492,6 +492,7 @@ impl Setup<'_, '_> {
                         chmod: None,
                         tmp: &layers.tmp_dir(),
                         unique: &unique,
+                        keep_owner: false,
                     },
                 )
             },
@@ -697,6 +698,7 @@ fn seed_cache(
         chmod: None,
         tmp: &layers.tmp_dir(),
         unique: &unique,
+        keep_owner: false,
     };
     if let Some(src) = dir_source(res, from)? {
         let entries = dir_entries(&src, source)?;

@@ -228,7 +228,7 @@ impl Engine {
             .snap
             .prepare(&step_cache::view_key("copy", &key), ctx.chain().as_ref())?;
         let t = Instant::now();
-        if let Err(e) = self.copy_into(&view, op, chmod, tree, &source, &entries) {
+        if let Err(e) = self.copy_into(&view, op, chmod, tree, &source, &entries, &dest) {
             let _ = self.snap.remove(view);
             return Err(e);
         }
@@ -443,12 +443,22 @@ impl Engine {
         tree: &Tree,
         source: &filecopy::Source<'_>,
         entries: &[Entry],
+        dest: &Dest,
     ) -> Result<(), StepError> {
         let mut rules = self.confinement();
         if let Tree::Dir { path, .. } = tree {
             rules = rules.read(path);
         }
         let view_path = view.path().to_path_buf();
+        let keep_owner = matches!(tree, Tree::Image { .. });
+        // nothing to copy into a directory, or from wildcards (whose
+        // matches make the destination one): it is still made
+        let wildcard = op
+            .sources
+            .iter()
+            .any(|s| matches!(s, Source::Path(p) if filecopy::has_glob(p)));
+        let empty_dir = (entries.is_empty() && (dest.is_dir || wildcard))
+            .then(|| std::path::PathBuf::from(dest.path.trim_start_matches('/')));
         run_confined(Component::ContextCopy, &rules, || {
             let target = Root::open(&view_path).map_err(StepError::Source)?;
             let owner = match op.chown {
@@ -467,8 +477,15 @@ impl Engine {
                 chmod,
                 tmp: &layers.tmp_dir(),
                 unique: &unique,
+                keep_owner,
             };
             filecopy::copy(source, entries, &target, &attrs)?;
+            // nothing to copy (a wildcard that matched nothing, everything
+            // excluded): the destination directory is still made
+            if let Some(dir) = &empty_dir {
+                let (uid, gid) = owner.unwrap_or((0, 0));
+                target.mkdir_all(dir, uid, gid).map_err(StepError::Source)?;
+            }
             Ok::<(), StepError>(())
         })
         .map_err(|e| StepError::Snapshot(e.into()))
