@@ -121,9 +121,12 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<Ids> {
                 .ok_or_else(|| Error::UnknownGroup(g.into()))?,
         },
     };
-    // Supplementary groups only when the group was not given explicitly,
-    // as Docker does.
-    let mut additional_gids = Vec::new();
+    // The primary group is always a supplementary one (containerd's fix
+    // of CVE-2023-25173, which BuildKit follows: dropping a group must not
+    // be bypassed by a file whose group has fewer rights than others);
+    // the groups that list the user only when the group was not given
+    // explicitly, as Docker does.
+    let mut additional_gids = vec![gid];
     if let (Some(p), None) = (entry, group) {
         for (_, id, members) in &groups {
             if members.contains(&p.name) && *id != gid && !additional_gids.contains(id) {
@@ -165,14 +168,18 @@ mod tests {
         let ids = resolve(r.path(), "user").unwrap();
         assert_eq!(
             (ids.uid, ids.gid, ids.additional_gids.clone()),
-            (1000, 1000, vec![10, 29])
+            (1000, 1000, vec![1000, 10, 29])
         );
         assert_eq!(ids.home.as_deref(), Some("/home/user"));
         assert_eq!(resolve(r.path(), "1000").unwrap().gid, 1000);
         let ids = resolve(r.path(), "4242").unwrap();
         assert_eq!((ids.uid, ids.gid), (4242, 0));
+        assert_eq!(resolve(r.path(), "4242").unwrap().additional_gids, [0]);
         let ids = resolve(r.path(), "user:wheel").unwrap();
-        assert_eq!((ids.uid, ids.gid, ids.additional_gids.len()), (1000, 10, 0));
+        assert_eq!(
+            (ids.uid, ids.gid, ids.additional_gids),
+            (1000, 10, vec![10])
+        );
         assert_eq!(resolve(r.path(), "5:7").unwrap().gid, 7);
     }
 

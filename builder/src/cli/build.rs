@@ -474,6 +474,11 @@ fn build_options(
     let context = std::path::absolute(&args.context)?;
     let dockerfile = match &args.file {
         Some(f) => std::path::absolute(f)?,
+        // as BuildKit: a lower-case `dockerfile` when there is no
+        // `Dockerfile`
+        None if !context.join("Dockerfile").exists() && context.join("dockerfile").is_file() => {
+            context.join("dockerfile")
+        }
         None => context.join("Dockerfile"),
     };
     let named_contexts = named_contexts(&args.build_context)?;

@@ -78,6 +78,8 @@ pub struct RunSpec<'a> {
     /// `--shm-size` and `--ulimit`
     pub shm_size: Option<u64>,
     pub ulimits: &'a [kiln_runtime::spec::Rlimit],
+    /// the step's host name (`BUILDKIT_SANDBOX_HOSTNAME`, else `kiln`)
+    pub hostname: &'a str,
 }
 
 /// argv and the script to feed on stdin (for `#!` heredocs).
@@ -193,8 +195,13 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
     // --network=sandbox: the helper that carries the traffic, and the
     // step's resolv.conf and hosts naming what it can reach.
     let mut private = std::mem::take(&mut spec.private);
-    let (network_stack, network_files) =
-        network_setup(rootfs, spec.network, "kiln", spec.extra_hosts, &mut private)?;
+    let (network_stack, network_files) = network_setup(
+        rootfs,
+        spec.network,
+        spec.hostname,
+        spec.extra_hosts,
+        &mut private,
+    )?;
 
     let (out_r, out_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Pipe(e.into()))?;
@@ -250,7 +257,7 @@ fn sandbox_config(rootfs: &Path, spec: &RunSpec<'_>, args: Vec<String>) -> Resul
     let mut config = SandboxConfig::new(rootfs, args);
     config.cwd = spec.workdir.to_string();
     config.network = spec.network;
-    config.hostname = "kiln".into();
+    config.hostname = spec.hostname.into();
     config.mounts = spec.mounts.clone();
     config.shm_size = spec.shm_size;
     config.rlimits = spec.ulimits.to_vec();

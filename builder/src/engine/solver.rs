@@ -444,11 +444,14 @@ impl Engine {
             .chain(triggers.iter())
             .chain(stage.steps.iter())
             .collect();
-        let total = steps.len();
+        // as BuildKit numbers them: an image's FROM is step 1 (its pull),
+        // scratch and a stage are none; an unnamed stage is `stage-N`
+        let from_step = usize::from(from_image);
+        let total = steps.len() + from_step;
         let stage_name = stage
             .name
             .clone()
-            .unwrap_or_else(|| stage.index.to_string());
+            .unwrap_or_else(|| format!("stage-{}", stage.index));
         for (i, step) in steps.into_iter().enumerate() {
             if let Some(k) = ops::config::apply(step, &key, &mut state, self.opts.source_date_epoch)
             {
@@ -459,7 +462,7 @@ impl Engine {
             let name = format!(
                 "{}[{stage_name} {}/{total}] {}",
                 self.step_label(step, &state),
-                i + 1,
+                i + 1 + from_step,
                 step.original
             );
             (key, state) = self

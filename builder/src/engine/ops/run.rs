@@ -14,6 +14,10 @@ use crate::engine::step_cache::{self, Key, KeyBuilder};
 use crate::engine::{emulation, exec, network, run_mounts};
 use crate::frontend::instructions::{Run, SecurityMode};
 
+/// The build arg that names RUN steps' host, as in BuildKit (kiln's own
+/// name for it is `kiln`).
+const SANDBOX_HOSTNAME: &str = "BUILDKIT_SANDBOX_HOSTNAME";
+
 impl Engine {
     /// RUN: key the step, take a hit, else run it and commit its layer.
     pub(super) fn run_op(&self, ctx: &StepCtx, run: &Run) -> Result<Done, StepError> {
@@ -98,6 +102,9 @@ impl Engine {
             k.str(&format!("add-host {name} {ip}"));
         }
         // as BuildKit's exec op: the step's /dev/shm and limits
+        if let Some(h) = self.opts.build_args.get(SANDBOX_HOSTNAME) {
+            k.str(&format!("hostname {h}"));
+        }
         if let Some(size) = self.opts.shm_size {
             k.str(&format!("shm-size {size}"));
         }
@@ -144,6 +151,11 @@ impl Engine {
             emulators,
             shm_size: self.opts.shm_size,
             ulimits: &self.opts.ulimits,
+            hostname: self
+                .opts
+                .build_args
+                .get(SANDBOX_HOSTNAME)
+                .map_or("kiln", String::as_str),
         };
         let r = exec::run(view.path(), spec, &self.progress);
         for warning in mounted.stop_agents() {
