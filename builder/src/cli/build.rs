@@ -470,7 +470,6 @@ fn build_options(
         );
     }
     let build_args = build_args(&args.build_arg);
-    let epoch = source_date_epoch(&build_args)?;
     let context = std::path::absolute(&args.context)?;
     let dockerfile = match &args.file {
         Some(f) => std::path::absolute(f)?,
@@ -481,6 +480,7 @@ fn build_options(
         }
         None => context.join("Dockerfile"),
     };
+    let epoch = source_date_epoch(&build_args, &dockerfile)?;
     let named_contexts = named_contexts(&args.build_context)?;
     Ok(engine::BuildOptions {
         session: Arc::new(session(args)?),
@@ -600,16 +600,38 @@ pub(crate) fn named_contexts(flags: &[String]) -> anyhow::Result<BTreeMap<String
 }
 
 /// SOURCE_DATE_EPOCH, from the build args else the environment.
-fn source_date_epoch(build_args: &BTreeMap<String, String>) -> anyhow::Result<Option<i64>> {
+fn source_date_epoch(
+    build_args: &BTreeMap<String, String>,
+    dockerfile: &std::path::Path,
+) -> anyhow::Result<Option<i64>> {
     build_args
         .get("SOURCE_DATE_EPOCH")
         .cloned()
         .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .or_else(|| dockerfile_epoch(dockerfile))
+        .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<i64>()
                 .with_context(|| format!("SOURCE_DATE_EPOCH {s:?} is not a number of seconds"))
         })
         .transpose()
+}
+
+/// The default of a global `ARG SOURCE_DATE_EPOCH=...` in the Dockerfile,
+/// which BuildKit takes as the build's epoch when no build arg sets it.
+/// (A Dockerfile that does not parse fails the build later, with its
+/// error.)
+fn dockerfile_epoch(dockerfile: &std::path::Path) -> Option<String> {
+    let text = std::fs::read(dockerfile).ok()?;
+    let ast = crate::frontend::parse(&text, "Dockerfile").ok()?;
+    ast.nodes
+        .iter()
+        .take_while(|n| n.instruction != "from")
+        .filter(|n| n.instruction == "arg")
+        .flat_map(|n| n.args.iter())
+        .filter_map(|a| a.strip_prefix("SOURCE_DATE_EPOCH="))
+        .last()
+        .map(|v| v.trim_matches('"').to_string())
 }
 
 /// `--secret` and `--ssh`: what the build's steps may mount.

@@ -254,6 +254,12 @@ fn image_base(
             size: l.size(),
             media_type: l.media_type().to_string(),
             stored_plain: false,
+            // the base's own record of clamped times is kept
+            rewritten_timestamp: l
+                .annotations()
+                .as_ref()
+                .and_then(|a| a.get(super::commit::REWRITTEN_TIMESTAMP))
+                .and_then(|v| v.parse().ok()),
         })
         .collect();
     let mut key = KeyBuilder::new("image");

@@ -28,6 +28,19 @@ pub fn now_or_epoch(epoch: Option<i64>) -> String {
     crate::image::time::format_rfc3339(secs)
 }
 
+/// A layer's descriptor in the image manifest.
+fn layer_descriptor(l: &LayerRef) -> serde_json::Value {
+    let mut d = json!({"mediaType": l.media_type, "digest": l.digest, "size": l.size});
+    if let Some(e) = l.rewritten_timestamp {
+        d["annotations"] = json!({ REWRITTEN_TIMESTAMP: e.to_string() });
+    }
+    d
+}
+
+/// BuildKit's annotation on a layer whose file times were clamped to
+/// SOURCE_DATE_EPOCH.
+pub const REWRITTEN_TIMESTAMP: &str = "buildkit/rewritten-timestamp";
+
 impl Engine {
     /// Make the layer of a finished step's `view` and add it, with its
     /// history entry, to `state`.
@@ -65,6 +78,7 @@ impl Engine {
             size: committed.blob.size(),
             media_type: committed.blob.media_type().to_string(),
             stored_plain: false,
+            rewritten_timestamp: epoch,
         });
         let created = Some(now_or_epoch(self.opts.source_date_epoch));
         state.history.push(History {
@@ -133,7 +147,7 @@ impl Engine {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_desc.digest().to_string(), "size": config_desc.size()},
-            "layers": state.layers.iter().map(|l| json!({"mediaType": l.media_type, "digest": l.digest, "size": l.size})).collect::<Vec<_>>(),
+            "layers": state.layers.iter().map(layer_descriptor).collect::<Vec<_>>(),
         });
         let manifest_bytes = serde_json::to_vec(&manifest).map_err(|source| Error::Json {
             what: "manifest",

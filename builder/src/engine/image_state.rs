@@ -28,6 +28,11 @@ pub struct LayerRef {
     /// image a cold build stores. Never set in a local record.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stored_plain: bool,
+    /// The layer's file times were clamped to this SOURCE_DATE_EPOCH
+    /// when it was made: its descriptor says so with BuildKit's
+    /// `buildkit/rewritten-timestamp` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewritten_timestamp: Option<i64>,
 }
 
 /// A history entry, as BuildKit writes it.

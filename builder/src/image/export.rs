@@ -430,7 +430,13 @@ fn rewrite(
         let media = layer_media_type(target, spec.oci_mediatypes);
         changed |= digest != *layer.digest() || media != *layer.media_type();
         let mut d = Descriptor::new(media, size, digest);
-        d.set_annotations(layer.annotations().clone());
+        let mut notes = layer.annotations().clone();
+        if let (true, Some(e)) = (spec.rewrite_timestamp, opts.source_date_epoch) {
+            notes
+                .get_or_insert_with(Default::default)
+                .insert("buildkit/rewritten-timestamp".into(), e.to_string());
+        }
+        d.set_annotations(notes);
         new_layers.push(d);
         new_diff_ids.push(diff_id);
     }
