@@ -339,7 +339,10 @@ impl Engine {
             Base::Stage { index } => self.stage_result(*index).await?,
             Base::Context { name, source } => {
                 let platform = &stage.platform;
-                if let Some(reference) = source.strip_prefix("docker-image://") {
+                if source == "docker-image://scratch" {
+                    // the empty image, as BuildKit takes it
+                    scratch(platform)
+                } else if let Some(reference) = source.strip_prefix("docker-image://") {
                     tokio::task::block_in_place(|| self.load_image(reference, platform))?
                 } else if let Some(layout) = source.strip_prefix("oci-layout://") {
                     tokio::task::block_in_place(|| {
@@ -389,20 +392,29 @@ impl Engine {
     }
 
     /// What `--build-context NAME=SOURCE` gives a `COPY --from=NAME`: a
-    /// local directory, or `docker-image://REF` from the local store.
+    /// local directory, `docker-image://REF` from the local store (or
+    /// pulled; `scratch` is the empty image) or `oci-layout://DIR`.
     pub(super) fn context_source(
         &self,
         name: &str,
         source: &str,
         platform: &Platform,
     ) -> std::result::Result<FromSource, StepError> {
+        let image_err = |e| StepError::ContextImage {
+            name: name.to_string(),
+            source: Box::new(e),
+        };
+        if source == "docker-image://scratch" {
+            let (k, st) = scratch(platform);
+            return Ok(FromSource::Image(k, Box::new(st)));
+        }
         if let Some(reference) = source.strip_prefix("docker-image://") {
+            let (k, st) = self.load_image(reference, platform).map_err(image_err)?;
+            return Ok(FromSource::Image(k, Box::new(st)));
+        }
+        if let Some(layout) = source.strip_prefix("oci-layout://") {
             let (k, st) =
-                self.load_image(reference, platform)
-                    .map_err(|e| StepError::ContextImage {
-                        name: name.to_string(),
-                        source: Box::new(e),
-                    })?;
+                load_layout_base(&self.snap, name, layout, platform).map_err(image_err)?;
             return Ok(FromSource::Image(k, Box::new(st)));
         }
         let refuse = |why| StepError::NamedContext {
@@ -412,7 +424,7 @@ impl Engine {
         };
         if source.contains("://") {
             return Err(refuse(
-                "only local directories and docker-image:// are supported yet",
+                "only local directories, docker-image:// and oci-layout:// are supported",
             ));
         }
         let path: PathBuf = std::path::absolute(source).map_err(StepError::Source)?;

@@ -105,6 +105,10 @@ pub struct Resources<'a> {
     pub cache_mounts: &'a CacheMounts,
     /// Landlock rules for copying sources (see `kiln_snapshotter::confine`)
     pub confinement: kiln_snapshotter::confine::Rules,
+    /// `--no-cache` for this step: its cache mounts start empty, in a
+    /// scratch directory of their own, and the stored ones are left as
+    /// they are (as BuildKit)
+    pub fresh_caches: bool,
 }
 
 /// Where a mount with `from=` reads, paired with the mount.
@@ -536,20 +540,35 @@ impl Setup<'_, '_> {
             uid: *uid,
             gid: *gid,
         };
-        let lease = self
-            .res
-            .cache_mounts
-            .acquire(id, *sharing, init)
-            .map_err(cache_err)?;
-        let cache_root = Root::open(lease.path()).map_err(|e| Error::Source {
+        let open_err = |e| Error::Source {
             what: "cache mount",
             path: id.clone(),
             source: e,
-        })?;
-        if lease.fresh() && from.is_some() {
+        };
+        let (cache_root, lease) = if self.res.fresh_caches {
+            let layers = self.res.snap.layers();
+            let scratch = layers.tmp_dir().join(layers.unique("cache"));
+            self.out.holds.push(Hold::Scratch(scratch.clone()));
+            std::fs::create_dir_all(&scratch).map_err(open_err)?;
+            let made = std::fs::set_permissions(
+                &scratch,
+                std::os::unix::fs::PermissionsExt::from_mode(*mode),
+            )
+            .and_then(|()| std::os::unix::fs::chown(&scratch, Some(*uid), Some(*gid)));
+            made.map_err(open_err)?;
+            (Root::open(&scratch).map_err(open_err)?, None)
+        } else {
+            let lease = self
+                .res
+                .cache_mounts
+                .acquire(id, *sharing, init)
+                .map_err(cache_err)?;
+            (Root::open(lease.path()).map_err(open_err)?, Some(lease))
+        };
+        if lease.as_ref().is_none_or(CacheLease::fresh) && from.is_some() {
             seed_cache(self.res, from, source.as_deref(), &cache_root)?;
         }
-        if *sharing == Sharing::Shared {
+        if let Some(lease) = lease.as_ref().filter(|_| *sharing == Sharing::Shared) {
             lease.share().map_err(cache_err)?;
         }
         // Without from=, source= is a directory inside the cache, made and
@@ -568,7 +587,9 @@ impl Setup<'_, '_> {
             .spec_mounts
             .push(bind(target, &fd_path(&fd), *readonly)?);
         self.out.holds.push(Hold::Fd(fd));
-        self.out.holds.push(Hold::Lease(lease));
+        if let Some(lease) = lease {
+            self.out.holds.push(Hold::Lease(lease));
+        }
         Ok(())
     }
 

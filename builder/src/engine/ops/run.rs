@@ -14,6 +14,19 @@ use crate::engine::step_cache::{self, Key, KeyBuilder};
 use crate::engine::{emulation, exec, network, run_mounts};
 use crate::frontend::instructions::{Run, SecurityMode};
 
+/// The proxy build args as a step's environment: each in both letter
+/// cases (`http_proxy` also sets `HTTP_PROXY`), as BuildKit's proxy env;
+/// a name given in both cases keeps each value.
+fn proxy_env(given: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut out: std::collections::BTreeMap<String, String> = given.clone();
+    for (k, v) in given {
+        for other in [k.to_uppercase(), k.to_lowercase()] {
+            out.entry(other).or_insert_with(|| v.clone());
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// The build arg that names RUN steps' host, as in BuildKit (kiln's own
 /// name for it is `kiln`).
 const SANDBOX_HOSTNAME: &str = "BUILDKIT_SANDBOX_HOSTNAME";
@@ -40,6 +53,7 @@ impl Engine {
             agents: &self.opts.session.agents,
             cache_mounts: &self.cache_mounts,
             confinement: self.confinement(),
+            fresh_caches: ctx.no_cache,
         };
         let key = self.run_key(ctx, run, &workdir, network, &resources)?;
         let lock = self.shared.key_lock(&key);
@@ -130,12 +144,7 @@ impl Engine {
         let mut mounted = run_mounts::mount(view.path(), &run.mounts, &ctx.from, resources)?;
         // the build args in scope and the proxy args: the step's environment
         let mut args = ctx.step.args.clone();
-        args.extend(
-            self.plan
-                .proxy_args
-                .iter()
-                .map(|(a, b)| (a.clone(), b.clone())),
-        );
+        args.extend(proxy_env(&self.plan.proxy_args));
         let spec = exec::RunSpec {
             run,
             state: &ctx.state,
