@@ -893,3 +893,78 @@ fn decoded_logs(text: &str) -> String {
         .map(|d| String::from_utf8_lossy(&d).into_owned())
         .collect()
 }
+
+#[test]
+fn add_of_a_git_repository_over_ssh_uses_the_ssh_agent_and_known_hosts() {
+    let p = Project::new("add-git-ssh", "FROM scratch\n");
+    let keys = p.dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("id_ed25519");
+    run_checked(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+    );
+    let authorized = keys.join("authorized_keys");
+    std::fs::copy(keys.join("id_ed25519.pub"), &authorized).unwrap();
+    // the repository the sshd's user serves with git-upload-pack
+    let repo = p.dir.join("repo.git");
+    std::fs::create_dir_all(&repo).unwrap();
+    run_checked(
+        Command::new("sh")
+            .arg("-ec")
+            .arg("git init -q -b main . && echo over-ssh > hello && git add hello && git -c user.name=k -c user.email=k@example.invalid commit -qm one")
+            .current_dir(&repo),
+    );
+    // HOME holds the known_hosts kiln checks the server's key against
+    let home = p.dir.join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    let known = home.join(".ssh/known_hosts");
+    std::fs::write(&known, "").unwrap();
+    give_to_test_user(&p.dir);
+    run_checked(Command::new("chmod").arg("600").arg(&key));
+    let sshd = start_sshd(&p.dir.join("sshd"), &authorized);
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}#main",
+        sshd.user,
+        sshd.port,
+        repo.display()
+    );
+    std::fs::write(
+        p.ctx().join("Dockerfile"),
+        format!("FROM scratch\nADD {url} /src/\n"),
+    )
+    .unwrap();
+    let host_key = std::fs::read_to_string(p.dir.join("sshd/host_key.pub")).unwrap();
+    let home_s = home.display().to_string();
+    let key_s = format!("default={}", key.display());
+    let local = p.local_out();
+    let args = [
+        "--network",
+        "host",
+        "--allow",
+        "network.host",
+        "--ssh",
+        &key_s,
+        "-o",
+        &local,
+    ];
+    // an unknown host key is refused, never accepted on first use
+    let err = failed(build_env(&p, &[("HOME", &home_s)], &args));
+    assert!(err.contains("Host key verification failed"), "{err}");
+    // without --ssh the error says what to give
+    let err = failed(build_env(
+        &p,
+        &[("HOME", &home_s)],
+        &["--network", "host", "--allow", "network.host"],
+    ));
+    assert!(err.contains("--ssh default"), "{err}");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{} {}", sshd.port, host_key.trim()),
+    )
+    .unwrap();
+    ok(build_env(&p, &[("HOME", &home_s)], &args));
+    assert_eq!(p.out("src/hello"), "over-ssh\n");
+    assert!(!p.dir.join("out/src/.git").exists());
+}

@@ -168,6 +168,7 @@ pub fn run(
                 network: network(&args)?.0,
                 keep_git_dir,
                 state_root: state_root.root(),
+                ssh: session(&args)?.agents.get("default").cloned(),
             };
             Some(remote.take(&mut args.context, &mut args.file)?)
         }

@@ -124,6 +124,8 @@ pub struct Remote<'a> {
     /// `BUILDKIT_CONTEXT_KEEP_GIT_DIR`
     pub keep_git_dir: bool,
     pub state_root: &'a Path,
+    /// the `--ssh default` agent, for a git context over SSH
+    pub ssh: Option<std::sync::Arc<crate::session::ssh::Agent>>,
 }
 
 impl Remote<'_> {
@@ -139,8 +141,9 @@ impl Remote<'_> {
         if crate::frontend::instructions::is_git(&url) {
             let mut g = crate::engine::git::GitRef::parse(&url)?;
             g.keep_git_dir |= self.keep_git_dir;
-            let checkout = crate::engine::git::fetch(&g, None, self.network, &input.dir)
-                .with_context(|| format!("cannot fetch the build context {url}"))?;
+            let checkout =
+                crate::engine::git::fetch(&g, None, self.network, self.ssh.as_ref(), &input.dir)
+                    .with_context(|| format!("cannot fetch the build context {url}"))?;
             in_context(file, &checkout.tree);
             *context = checkout.tree;
             return Ok(input);

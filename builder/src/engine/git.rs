@@ -69,8 +69,13 @@ pub enum Error {
     Offline { url: String },
     #[error("{url}: subdirectory {subdir:?} is not a directory inside the repository")]
     Subdir { url: String, subdir: String },
-    #[error("{url}: git over SSH is not supported yet; use an https:// URL")]
+    #[error("{url}: git over SSH needs an agent: give --ssh default (your agent, $SSH_AUTH_SOCK) or --ssh default=KEYFILE")]
     Ssh { url: String },
+    #[error("{url}: cannot serve the --ssh agent to git")]
+    Agent {
+        url: String,
+        source: Box<crate::session::ssh::SshError>,
+    },
     #[error("{url}: cannot set up the fetch")]
     Setup { url: String, source: std::io::Error },
     #[error("{url}: cannot reach the network to fetch it")]
@@ -228,11 +233,26 @@ pub struct Checkout {
 
 /// Fetch `g` into `dir` (an empty directory kiln made) under `network`;
 /// `checksum` is ADD's `--checksum` (a commit hash or prefix).
-pub fn fetch(g: &GitRef, checksum: Option<&str>, network: Network, dir: &Path) -> Result<Checkout> {
+pub fn fetch(
+    g: &GitRef,
+    checksum: Option<&str>,
+    network: Network,
+    ssh: Option<&std::sync::Arc<crate::session::ssh::Agent>>,
+    dir: &Path,
+) -> Result<Checkout> {
     let url = g.remote.clone();
-    if g.is_ssh() {
-        return Err(Error::Ssh { url });
-    }
+    // over SSH: the build's `default` agent, served to git on a socket of
+    // its own for the fetch
+    let (_serving, ssh_env) = if g.is_ssh() {
+        let agent = ssh.ok_or_else(|| Error::Ssh { url: url.clone() })?;
+        let (serving, env) = serve_agent(agent, g, dir).map_err(|source| Error::Agent {
+            url: url.clone(),
+            source: Box::new(source),
+        })?;
+        (Some(serving), env)
+    } else {
+        (None, Vec::new())
+    };
     let expected = match (checksum, &g.commit) {
         (Some(c), _) if !is_hex(c) => {
             return Err(Error::Url {
@@ -256,6 +276,7 @@ pub fn fetch(g: &GitRef, checksum: Option<&str>, network: Network, dir: &Path) -
             url: url.clone(),
             dir: dir.to_path_buf(),
             resolve: resolve.clone(),
+            env: ssh_env.clone(),
         };
         git.checkout(g, expected.as_deref())
     };
@@ -277,6 +298,76 @@ pub fn fetch(g: &GitRef, checksum: Option<&str>, network: Network, dir: &Path) -
             )?
         }
     }
+}
+
+/// The agent served on `dir/ssh/agent.sock` (a directory only kiln can
+/// enter), and git's environment for it: ssh with no configuration file,
+/// no password prompts, and the host key checked against the user's
+/// `~/.ssh/known_hosts` (an unknown host is an error, never accepted on
+/// first use); the host's address resolved here, so ssh in the sandbox's
+/// namespace needs no resolver.
+fn serve_agent(
+    agent: &std::sync::Arc<crate::session::ssh::Agent>,
+    g: &GitRef,
+    dir: &Path,
+) -> std::result::Result<
+    (crate::session::ssh::Serving, Vec<(String, String)>),
+    crate::session::ssh::SshError,
+> {
+    use std::os::unix::fs::DirBuilderExt;
+    let serve_err = |what, source| crate::session::ssh::SshError::Serve {
+        id: agent.id().to_string(),
+        what,
+        source,
+    };
+    let sock_dir = dir.join("ssh");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&sock_dir)
+        .map_err(|e| serve_err("making its directory", e))?;
+    let sock = sock_dir.join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock)
+        .map_err(|e| serve_err("binding its socket", e))?;
+    let serving = agent.serve(std::os::fd::OwnedFd::from(listener))?;
+    let known = std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".ssh/known_hosts"))
+        .unwrap_or_else(|| PathBuf::from("/dev/null"));
+    let mut ssh = format!(
+        "ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/etc/ssh/ssh_known_hosts",
+        known.display()
+    );
+    if let Some((host, addr)) = ssh_host(&g.remote).and_then(|h| {
+        use std::net::ToSocketAddrs;
+        let addr = (h.as_str(), 22).to_socket_addrs().ok()?.next()?;
+        Some((h, addr.ip()))
+    }) {
+        if host.parse::<std::net::IpAddr>().is_err() {
+            ssh.push_str(&format!(" -o HostKeyAlias={host} -o HostName={addr}"));
+        }
+    }
+    Ok((
+        serving,
+        vec![
+            ("SSH_AUTH_SOCK".into(), sock.display().to_string()),
+            ("GIT_SSH_COMMAND".into(), ssh),
+        ],
+    ))
+}
+
+/// The host of an SSH git URL (`git@host:path`, `ssh://user@host:port/path`).
+fn ssh_host(remote: &str) -> Option<String> {
+    let rest = remote.strip_prefix("ssh://").unwrap_or(remote);
+    let authority = if remote.starts_with("ssh://") {
+        rest.split('/').next()?
+    } else {
+        rest.split(':').next()?
+    };
+    let hostport = authority.rsplit('@').next()?;
+    let host = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => hostport.split(':').next()?,
+    };
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 /// `http.curloptResolve` entries for the URL's host, resolved here (in
@@ -321,6 +412,8 @@ struct Git {
     url: String,
     dir: PathBuf,
     resolve: Vec<String>,
+    /// more environment (SSH_AUTH_SOCK, GIT_SSH_COMMAND for SSH)
+    env: Vec<(String, String)>,
 }
 
 impl Git {
@@ -337,7 +430,7 @@ impl Git {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_ALLOW_PROTOCOL", "http:https:git")
+            .env("GIT_ALLOW_PROTOCOL", "http:https:git:ssh")
             .args([
                 "-c",
                 "core.hooksPath=/dev/null",
@@ -353,6 +446,7 @@ impl Git {
         for r in &self.resolve {
             c.args(["-c", r]);
         }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         for var in [
             "HTTP_PROXY",
             "HTTPS_PROXY",
@@ -576,5 +670,14 @@ mod tests {
         let g = GitRef::parse("https://h/r.git#:only-sub").unwrap();
         assert_eq!((g.reference, g.subdir.as_deref()), (None, Some("only-sub")));
         assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(
+            ssh_host("git@example.com:org/r.git").as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            ssh_host("ssh://git@h.example:2222/r.git").as_deref(),
+            Some("h.example")
+        );
+        assert_eq!(ssh_host("ssh://[::1]:22/r.git").as_deref(), Some("::1"));
     }
 }

@@ -138,7 +138,8 @@ impl Engine {
         std::fs::create_dir(&scratch).map_err(StepError::Source)?;
         let result = (|| {
             let t = Instant::now();
-            let checkout = git::fetch(&g, a.checksum.as_deref(), network, &scratch)?;
+            let agent = self.opts.session.agents.get("default");
+            let checkout = git::fetch(&g, a.checksum.as_deref(), network, agent, &scratch)?;
             self.progress
                 .phase(ctx.vertex, &format!("git fetch {}", &checkout.commit), t);
             let tree = Tree::Git {
