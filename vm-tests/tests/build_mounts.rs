@@ -496,6 +496,21 @@ RUN --mount=type=cache,id=../../../../../../../tmp,target=/f touch /f/{marker}
     );
 }
 
+/// A client key pair in `keys` and an authorized_keys file holding its
+/// public half: (private key, authorized_keys).
+fn client_key(keys: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(keys).unwrap();
+    let key = keys.join("id_ed25519");
+    run_checked(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+    );
+    let authorized = keys.join("authorized_keys");
+    std::fs::copy(keys.join("id_ed25519.pub"), &authorized).unwrap();
+    (key, authorized)
+}
+
 /// An sshd on 127.0.0.1, run as the test user, accepting one key.
 struct Sshd {
     child: std::process::Child,
@@ -599,16 +614,7 @@ RUN --mount=type=ssh,id=default,target=/tmp/agent.sock,mode=0660,uid=1000,gid=10
 fn ssh_agents_reach_a_real_sshd_and_give_no_key_away() {
     let p = Project::new("mount-ssh", SSH_DOCKERFILE);
     install_ssh_client(&p.ctx().join("rootfs"));
-    let keys = p.dir.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    let key = keys.join("id_ed25519");
-    run_checked(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key),
-    );
-    let authorized = keys.join("authorized_keys");
-    std::fs::copy(keys.join("id_ed25519.pub"), &authorized).unwrap();
+    let (key, authorized) = client_key(&p.dir.join("keys"));
     give_to_test_user(&p.dir);
     run_checked(Command::new("chmod").arg("600").arg(&key));
     let sshd = start_sshd(&p.dir.join("sshd"), &authorized);
@@ -897,16 +903,7 @@ fn decoded_logs(text: &str) -> String {
 #[test]
 fn add_of_a_git_repository_over_ssh_uses_the_ssh_agent_and_known_hosts() {
     let p = Project::new("add-git-ssh", "FROM scratch\n");
-    let keys = p.dir.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    let key = keys.join("id_ed25519");
-    run_checked(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key),
-    );
-    let authorized = keys.join("authorized_keys");
-    std::fs::copy(keys.join("id_ed25519.pub"), &authorized).unwrap();
+    let (key, authorized) = client_key(&p.dir.join("keys"));
     // the repository the sshd's user serves with git-upload-pack
     let repo = p.dir.join("repo.git");
     std::fs::create_dir_all(&repo).unwrap();
