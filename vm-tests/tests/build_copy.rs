@@ -347,14 +347,17 @@ fn add_copies_local_files_and_extracts_local_archives() {
 }
 
 #[test]
-fn add_of_a_git_repository_over_ssh_is_a_clear_error() {
+fn add_of_a_git_repository_over_ssh_without_an_agent_is_a_clear_error() {
     let src = "git@example.com:org/repo.git";
     let p = Project::new("add-remote", &format!("FROM scratch\n\nADD {src} /dest/\n"));
     p.chown();
     let err = failed(p.build(&[]));
     assert!(err.contains("Dockerfile:3"), "{err}");
     assert!(err.contains(src), "names the source: {err}");
-    assert!(err.contains("git over SSH is not supported yet"), "{err}");
+    assert!(
+        err.contains("git over SSH needs an agent: give --ssh default"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -105,10 +105,11 @@ pub struct Resources<'a> {
     pub cache_mounts: &'a CacheMounts,
     /// Landlock rules for copying sources (see `kiln_snapshotter::confine`)
     pub confinement: kiln_snapshotter::confine::Rules,
-    /// `--no-cache` for this step: its cache mounts start empty, in a
-    /// scratch directory of their own, and the stored ones are left as
-    /// they are (as BuildKit)
-    pub fresh_caches: bool,
+    /// `--no-cache` for this step: its cache mounts are this build's own
+    /// (the id with this token; empty at first, shared by the build's
+    /// steps, removed after the build), the stored ones left as they are
+    /// (as BuildKit)
+    pub no_cache_token: Option<&'a str>,
 }
 
 /// Where a mount with `from=` reads, paired with the mount.
@@ -128,6 +129,11 @@ fn rel(path: &str) -> PathBuf {
             _ => None,
         })
         .collect()
+}
+
+/// The store id of cache mount `id` in a `--no-cache` build `token`.
+pub fn no_cache_id(id: &str, token: &str) -> String {
+    format!("{id} (--no-cache build {token})")
 }
 
 /// A directory source of a bind or cache mount: the context or a named
@@ -545,26 +551,17 @@ impl Setup<'_, '_> {
             path: id.clone(),
             source: e,
         };
-        let (cache_root, lease) = if self.res.fresh_caches {
-            let layers = self.res.snap.layers();
-            let scratch = layers.tmp_dir().join(layers.unique("cache"));
-            self.out.holds.push(Hold::Scratch(scratch.clone()));
-            std::fs::create_dir_all(&scratch).map_err(open_err)?;
-            let made = std::fs::set_permissions(
-                &scratch,
-                std::os::unix::fs::PermissionsExt::from_mode(*mode),
-            )
-            .and_then(|()| std::os::unix::fs::chown(&scratch, Some(*uid), Some(*gid)));
-            made.map_err(open_err)?;
-            (Root::open(&scratch).map_err(open_err)?, None)
-        } else {
-            let lease = self
-                .res
-                .cache_mounts
-                .acquire(id, *sharing, init)
-                .map_err(cache_err)?;
-            (Root::open(lease.path()).map_err(open_err)?, Some(lease))
+        let store_id = match self.res.no_cache_token {
+            Some(token) => no_cache_id(id, token),
+            None => id.clone(),
         };
+        let lease = self
+            .res
+            .cache_mounts
+            .acquire(&store_id, *sharing, init)
+            .map_err(cache_err)?;
+        let cache_root = Root::open(lease.path()).map_err(open_err)?;
+        let lease = Some(lease);
         if lease.as_ref().is_none_or(CacheLease::fresh) && from.is_some() {
             seed_cache(self.res, from, source.as_deref(), &cache_root)?;
         }

@@ -90,6 +90,8 @@ pub(super) struct Engine {
     pub(super) executed: AtomicUsize,
     cached: AtomicUsize,
     results: BTreeMap<usize, watch::Receiver<StageResult>>,
+    /// names this build's own cache mounts under --no-cache
+    pub(super) build_token: String,
 }
 
 /// The parsed and planned build, before anything runs.
@@ -205,10 +207,23 @@ pub(super) async fn build_shared(
     let engine = Arc::new(engine);
     let state = engine.run_stages(bases, senders).await;
     engine.save_stat_caches();
+    engine.remove_no_cache_mounts();
     engine.finish(state?, started).await
 }
 
 impl Engine {
+    /// Remove the cache mounts this build made for its --no-cache steps
+    /// (a failure only leaves them for `kiln prune`).
+    fn remove_no_cache_mounts(&self) {
+        let marker = super::run_mounts::no_cache_id("", &self.build_token);
+        let Ok(usage) = self.cache_mounts.usage() else {
+            return;
+        };
+        for u in usage.iter().filter(|u| u.id.ends_with(&marker)) {
+            let _ = self.cache_mounts.remove(&u.instance);
+        }
+    }
+
     /// The build's state for `plan`, and one channel per stage that
     /// carries its result to the stages that need it.
     #[allow(clippy::too_many_arguments)]
@@ -249,6 +264,14 @@ impl Engine {
             context,
             ignore,
             stat_caches: Mutex::new(BTreeMap::new()),
+            build_token: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ),
             cache_mounts,
             redactor,
             imported,

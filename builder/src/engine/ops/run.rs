@@ -53,7 +53,7 @@ impl Engine {
             agents: &self.opts.session.agents,
             cache_mounts: &self.cache_mounts,
             confinement: self.confinement(),
-            fresh_caches: ctx.no_cache,
+            no_cache_token: ctx.no_cache.then_some(self.build_token.as_str()),
         };
         let key = self.run_key(ctx, run, &workdir, network, &resources)?;
         let lock = self.shared.key_lock(&key);
