@@ -116,15 +116,23 @@ fn command(spec: &RunSpec<'_>) -> Result<(Vec<String>, Option<String>)> {
     })
 }
 
-/// The history `created_by` of this RUN, as BuildKit writes it.
-pub fn created_by(run: &Run, state: &ImageState) -> String {
+/// The history `created_by` of this RUN, as BuildKit writes it: the
+/// stage's build args as `|N K=V...` (in the order declared), then the
+/// command line (the shell's words first for the shell form).
+pub fn created_by(run: &Run, state: &ImageState, args: &[(String, String)]) -> String {
     let shell = state.shell().join(" ");
     let body = match &run.command {
-        RunCommand::Exec(v) => serde_json::to_string(v).unwrap_or_default(),
+        RunCommand::Exec(v) => v.join(" "),
         RunCommand::Shell(s) => format!("{shell} {s}"),
         RunCommand::Heredoc { content, .. } => format!("{shell} {content}"),
     };
-    format!("RUN {body} # buildkit")
+    let prefix = if args.is_empty() {
+        String::new()
+    } else {
+        let pairs: Vec<String> = args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("|{} {} ", args.len(), pairs.join(" "))
+    };
+    format!("RUN {prefix}{body} # buildkit")
 }
 
 /// The files a sandbox under `--network=sandbox` gets (`stack` given):

@@ -334,6 +334,8 @@ struct StageDraft {
     env_complete: bool,
     workdir: Option<String>,
     args: BTreeMap<String, String>,
+    /// the ARGs' names in the order they were first declared
+    arg_order: Vec<String>,
     warnings: Vec<PlanWarning>,
     used_globals: BTreeSet<String>,
     declared: BTreeSet<String>,
@@ -523,6 +525,7 @@ impl Planner<'_> {
             env_complete: start.env_complete,
             workdir: start.workdir,
             args: start.args,
+            arg_order: start.arg_order,
             warnings,
             used_globals: matched,
             declared: BTreeSet::new(),
@@ -607,7 +610,13 @@ impl Planner<'_> {
         }
         let unresolved = self.unresolved(node, unmatched, d);
         let args = match ins {
-            Instruction::Run(_) => d.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            // in the order they were declared, as BuildKit's history
+            // prefix (`RUN |2 a=1 b=2 ...`) lists them
+            Instruction::Run(_) => d
+                .arg_order
+                .iter()
+                .filter_map(|k| d.args.get(k).map(|v| (k.clone(), v.clone())))
+                .collect(),
             _ => Vec::new(),
         };
         Ok(Step {
@@ -653,7 +662,9 @@ impl Planner<'_> {
         // An ARG without a value leaves an earlier one in place.
         if let Some(v) = value {
             d.env.insert(decl.key.clone(), v.clone());
-            d.args.insert(decl.key.clone(), v);
+            if d.args.insert(decl.key.clone(), v).is_none() {
+                d.arg_order.push(decl.key.clone());
+            }
         }
         Ok(missing)
     }
@@ -739,6 +750,7 @@ struct Start {
     env_complete: bool,
     workdir: Option<String>,
     args: BTreeMap<String, String>,
+    arg_order: Vec<String>,
 }
 
 impl Start {
@@ -755,6 +767,7 @@ impl Start {
             env_complete: false,
             workdir: None,
             args: BTreeMap::new(),
+            arg_order: Vec::new(),
         }
     }
 
@@ -769,6 +782,7 @@ impl Start {
             env_complete: parent.is_some_and(|p| p.env_complete),
             workdir: parent.and_then(|p| p.workdir.clone()),
             args: parent.map(|p| p.args.clone()).unwrap_or_default(),
+            arg_order: parent.map(|p| p.arg_order.clone()).unwrap_or_default(),
         }
     }
 
@@ -782,6 +796,7 @@ impl Start {
             env_complete: true,
             workdir: Some("/".into()),
             args: BTreeMap::new(),
+            arg_order: Vec::new(),
         }
     }
 
@@ -807,6 +822,7 @@ impl Start {
             deps: BTreeSet::new(),
             workdir,
             args: BTreeMap::new(),
+            arg_order: Vec::new(),
         }
     }
 }

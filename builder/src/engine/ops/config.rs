@@ -36,22 +36,52 @@ pub fn apply(step: &Step, parent: &Key, state: &mut ImageState, epoch: Option<i6
     if !state.apply_config(&step.instruction) {
         return None;
     }
-    if !matches!(step.instruction, Instruction::Arg(_)) {
-        // Config-only steps take the time of the step before them, so a
-        // rebuild from cache gives the same image.
-        let created = state
-            .history
-            .last()
-            .and_then(|h| h.created.clone())
-            .or_else(|| Some(now_or_epoch(epoch)));
-        state.history.push(History {
-            created_by: step.original.clone(),
-            empty_layer: true,
-            comment: Some(HISTORY_COMMENT.into()),
-            created,
-        });
-    }
+    // Config-only steps take the time of the step before them, so a
+    // rebuild from cache gives the same image.
+    let created = state
+        .history
+        .last()
+        .and_then(|h| h.created.clone())
+        .or_else(|| Some(now_or_epoch(epoch)));
+    state.history.push(History {
+        created_by: history_text(step),
+        empty_layer: true,
+        comment: Some(HISTORY_COMMENT.into()),
+        created,
+    });
     Some(key(parent, step))
+}
+
+/// A config step's history `created_by`, as BuildKit writes the ones
+/// it rewrites (ARG with the values in force, EXPOSE as its sorted port
+/// list); the instruction as written for the others.
+fn history_text(step: &Step) -> String {
+    match &step.instruction {
+        Instruction::Arg(decls) => {
+            let parts: Vec<String> = decls
+                .iter()
+                .map(|d| match &d.value {
+                    Some(v) => format!("{}={v}", d.key),
+                    None => d.key.clone(),
+                })
+                .collect();
+            format!("ARG {}", parts.join(" "))
+        }
+        Instruction::Expose(ports) => {
+            let mut all: Vec<String> = Vec::new();
+            for p in ports {
+                // a range is its ports, as BuildKit lists them (bounded:
+                // the history names at most the first 1024)
+                for port in (p.start..=p.end).take(1024) {
+                    all.push(format!("{port}/{}", p.protocol));
+                }
+            }
+            all.sort();
+            all.dedup();
+            format!("EXPOSE [{}]", all.join(" "))
+        }
+        _ => step.original.clone(),
+    }
 }
 
 /// What goes into a WORKDIR key: the parent's key, the instruction as

@@ -73,6 +73,41 @@ impl<'a> CopyOp<'a> {
     }
 }
 
+/// COPY's and ADD's history `created_by`, as BuildKit writes it: the
+/// instruction with `--parents`, `--chown` and `--chmod` (not `--from`,
+/// `--link` or `--exclude`), its sources and destination.
+fn copy_history(step: &crate::frontend::Step) -> String {
+    let (name, sources, dest, parents, chown, chmod) = match &step.instruction {
+        crate::frontend::instructions::Instruction::Copy(c) => {
+            ("COPY", &c.sources, &c.dest, c.parents, &c.chown, &c.chmod)
+        }
+        crate::frontend::instructions::Instruction::Add(a) => {
+            ("ADD", &a.sources, &a.dest, false, &a.chown, &a.chmod)
+        }
+        _ => return step.original.clone(),
+    };
+    let mut out = String::from(name);
+    if parents {
+        out.push_str(" --parents");
+    }
+    if let Some(c) = chown {
+        out.push_str(&format!(" --chown={c}"));
+    }
+    match chmod {
+        Some(Chmod::Octal(m)) => out.push_str(&format!(" --chmod={m:o}")),
+        Some(Chmod::Symbolic(m)) => out.push_str(&format!(" --chmod={m}")),
+        None => {}
+    }
+    for s in sources {
+        match s {
+            Source::Path(p) => out.push_str(&format!(" {p}")),
+            Source::Heredoc { name, .. } => out.push_str(&format!(" <<{name}")),
+        }
+    }
+    out.push_str(&format!(" {dest}"));
+    out
+}
+
 /// The tree a COPY reads, held open for the step.
 enum Tree {
     /// the build context (the engine holds it open)
@@ -235,7 +270,7 @@ impl Engine {
         }
         self.progress.phase(ctx.vertex, "copy", t);
         let mut state = ctx.state.clone();
-        let created_by = format!("{} # buildkit", ctx.step.original);
+        let created_by = format!("{} # buildkit", copy_history(&ctx.step));
         self.commit(view, &mut state, created_by, ctx.vertex)?;
         self.record(&key, &state);
         Ok(Done {

@@ -78,7 +78,7 @@ impl Engine {
         self.commit(
             view,
             &mut state,
-            exec::created_by(run, &ctx.state),
+            exec::created_by(run, &ctx.state, &ctx.step.args),
             ctx.vertex,
         )?;
         self.record(&key, &state);
