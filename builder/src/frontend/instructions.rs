@@ -1155,8 +1155,24 @@ fn check_onbuild(node: &Node, _: &mut Expander<'_>) -> Result<Instruction> {
         }
         _ => {}
     }
+    // a heredoc's body and terminator are part of the trigger, as BuildKit
+    // stores it in the image's OnBuild
+    let mut expression = sub.original.trim().to_string();
+    let heredocs = if sub.heredocs.is_empty() {
+        &node.heredocs
+    } else {
+        &sub.heredocs
+    };
+    for h in heredocs {
+        expression.push('\n');
+        expression.push_str(&h.content);
+        if !h.content.is_empty() && !h.content.ends_with('\n') {
+            expression.push('\n');
+        }
+        expression.push_str(&h.name);
+    }
     Ok(Instruction::Onbuild(Onbuild {
-        expression: sub.original.trim().to_string(),
+        expression,
         instruction: sub.instruction.clone(),
     }))
 }
