@@ -238,6 +238,53 @@ impl Root {
         gid: u32,
         mode: Option<u32>,
     ) -> io::Result<OwnedFd> {
+        self.mkdir_all_depth(rel, uid, gid, mode, 0)
+    }
+
+    /// Where the symlink `link` (a path inside the root, its parent open
+    /// as `parent`) points, as a path inside the root; None when it is
+    /// not a symlink.
+    fn link_target(&self, link: &Path, parent: &OwnedFd) -> io::Result<Option<std::path::PathBuf>> {
+        match self.lstat(link) {
+            Ok(m) if m.is_symlink() => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let target = std::path::PathBuf::from(OsStr::from_bytes(&self.read_link(link)?));
+        let fd_path = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}"));
+        let root = fd_path(self.fd.as_raw_fd())?;
+        let base = if target.is_absolute() {
+            std::path::PathBuf::new()
+        } else {
+            // the link's real directory, as the kernel resolved it
+            let real = fd_path(parent.as_raw_fd())?;
+            real.strip_prefix(&root)
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        };
+        let mut out = std::path::PathBuf::new();
+        for c in base.join(&target).components() {
+            match c {
+                std::path::Component::Normal(n) => out.push(n),
+                // `..` stops at the root, as resolution inside it does
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn mkdir_all_depth(
+        &self,
+        rel: &Path,
+        uid: u32,
+        gid: u32,
+        mode: Option<u32>,
+        depth: usize,
+    ) -> io::Result<OwnedFd> {
         // most often it is there already: one lookup, not one a component
         match self.open_at(rel, libc::O_PATH | libc::O_DIRECTORY) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -253,6 +300,16 @@ impl Root {
             match self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY) {
                 Ok(next) => fd = next,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    // a symlink to a missing directory: make that
+                    // directory (inside the root), as BuildKit's copy does
+                    if let Some(target) = self.link_target(&done, &fd)? {
+                        if depth >= 40 {
+                            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                        }
+                        self.mkdir_all_depth(&target, uid, gid, mode, depth + 1)?;
+                        fd = self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY)?;
+                        continue;
+                    }
                     let n = cstr(name)?;
                     // SAFETY: `fd` is a directory descriptor, `n` a name.
                     let rc = unsafe { libc::mkdirat(fd.as_raw_fd(), n.as_ptr(), 0o755) };
@@ -400,4 +457,28 @@ pub fn create(
         ))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    #[test]
+    fn mkdir_all_makes_what_a_dangling_link_points_at_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("../tmp/target", t.path().join("link")).unwrap();
+        std::os::unix::fs::symlink("/data/dir", t.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("loop", t.path().join("loop")).unwrap();
+        let root = Root::open(t.path()).unwrap();
+        // SAFETY: getuid and getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        root.mkdir_all(Path::new("link/sub"), uid, gid).unwrap();
+        assert!(t.path().join("tmp/target/sub").is_dir());
+        root.mkdir_all(Path::new("abs/x"), uid, gid).unwrap();
+        assert!(
+            t.path().join("data/dir/x").is_dir(),
+            "an absolute link is inside the root"
+        );
+        assert!(root.mkdir_all(Path::new("loop/x"), uid, gid).is_err());
+    }
 }
