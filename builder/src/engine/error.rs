@@ -109,6 +109,11 @@ pub enum StepError {
     },
     #[error("--build-context {name}: cannot load its image")]
     ContextImage { name: String, source: Box<Error> },
+    #[error("cannot load the image {reference:?} it reads from")]
+    SourceImage {
+        reference: String,
+        source: Box<Error>,
+    },
     #[error("cannot resolve --chown {spec:?}")]
     Chown {
         spec: String,

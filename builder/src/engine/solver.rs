@@ -529,9 +529,16 @@ impl Engine {
                     FromSource::Image(k, Box::new(st))
                 }
                 SourceRef::Image { reference } => {
-                    let (k, st) = tokio::task::block_in_place(|| {
-                        self.load_image(reference, &stage.platform)
-                    })?;
+                    let (k, st) =
+                        tokio::task::block_in_place(|| self.load_image(reference, &stage.platform))
+                            .map_err(|e| {
+                                // named by the step that reads it, as BuildKit does
+                                let e = StepError::SourceImage {
+                                    reference: reference.clone(),
+                                    source: Box::new(e),
+                                };
+                                self.step_error(step, e)
+                            })?;
                     FromSource::Image(k, Box::new(st))
                 }
                 SourceRef::Context { name, source } => self
