@@ -90,6 +90,11 @@ pub fn load_bases(
         plan_opts
             .image_workdir
             .insert(key.0.clone(), loaded.1.config.workdir.clone());
+        if !loaded.1.config.onbuild.is_empty() {
+            plan_opts
+                .image_onbuild
+                .insert(key.0.clone(), loaded.1.config.onbuild.clone());
+        }
         bases.insert(key, loaded);
     }
     Ok(bases)

@@ -151,8 +151,25 @@ pub(super) fn plan(
         }
     }
     let report = bases::Report { progress, shared };
-    let bases = bases::load_bases(&snap, opts, &first, &mut plan_opts, report)?;
-    let plan = frontend::plan(&ast, &plan_opts)?;
+    let mut bases = bases::load_bases(&snap, opts, &first, &mut plan_opts, report)?;
+    let mut plan = frontend::plan(&ast, &plan_opts)?;
+    // A base image's ONBUILD trigger may need another stage, which may
+    // need images the first plan did not: load them and plan again.
+    for _ in 0..4 {
+        let missing = plan.stages.iter().any(|s| match &s.base {
+            frontend::Base::Image { reference } => {
+                !bases.contains_key(&(reference.clone(), s.platform.clone()))
+            }
+            _ => false,
+        });
+        if !missing {
+            break;
+        }
+        let report = bases::Report { progress, shared };
+        let more = bases::load_bases(&snap, opts, &plan, &mut plan_opts, report)?;
+        bases.extend(more);
+        plan = frontend::plan(&ast, &plan_opts)?;
+    }
     // kiln's own notices now; the build checks' findings after the build,
     // as buildx shows them (once, for the first platform)
     for w in plan.warnings.iter().filter(|w| w.rule.is_none()) {
@@ -451,17 +468,22 @@ impl Engine {
         // ONBUILD triggers of a base image run first, in this stage, with
         // this build's context; the resulting image does not inherit them.
         // (Triggers of an earlier stage are inserted by the frontend.)
+        // (A registry image's triggers are planned as the stage's first
+        // steps, so they can name this Dockerfile's stages; an image named
+        // by --build-context is loaded only now, its triggers planned here.)
         let from_image = matches!(
             stage.base,
             frontend::Base::Image { .. } | frontend::Base::Context { .. }
         ) && dir_root.is_none();
-        let triggers = if from_image && !state.config.onbuild.is_empty() {
-            let t = bases::onbuild_steps(&state, &self.file)?;
-            state.config.onbuild.clear();
-            t
-        } else {
-            Vec::new()
+        let triggers = match stage.base {
+            frontend::Base::Context { .. } if from_image && !state.config.onbuild.is_empty() => {
+                bases::onbuild_steps(&state, &self.file)?
+            }
+            _ => Vec::new(),
         };
+        if from_image {
+            state.config.onbuild.clear();
+        }
         let steps: Vec<&Step> = dir_root
             .iter()
             .chain(triggers.iter())

@@ -71,6 +71,9 @@ pub enum PlanError {
     /// `# check=error=true` and a lint rule fired.
     #[error("lint violation found for rules: {0}")]
     LintViolation(String),
+    /// A base image's ONBUILD trigger that does not parse.
+    #[error("an ONBUILD trigger of the base image: {0}")]
+    Trigger(String),
     /// A BUILDKIT_DOCKERFILE_CHECK build arg that does not parse.
     #[error("--build-arg BUILDKIT_DOCKERFILE_CHECK: invalid option {0:?}; use skip=RULE,...;error=true|false;experimental=RULE,...")]
     CheckArg(String),
@@ -97,6 +100,9 @@ pub struct PlanOptions {
     /// Config working directory of base images, by reference as written in
     /// FROM (an image listed in `image_env` but not here starts in `/`).
     pub image_workdir: BTreeMap<String, String>,
+    /// ONBUILD triggers of base images, by reference as written in FROM:
+    /// planned as the first steps of the stages built on them.
+    pub image_onbuild: BTreeMap<String, Vec<String>>,
     /// Report the lint findings of every stage, not only of those built
     /// (`--check`).
     pub lint_all: bool,
@@ -117,6 +123,7 @@ impl Default for PlanOptions {
             named_contexts: BTreeMap::new(),
             image_env: BTreeMap::new(),
             image_workdir: BTreeMap::new(),
+            image_onbuild: BTreeMap::new(),
             lint_all: false,
             ignore: None,
             base_platforms: BTreeMap::new(),
@@ -452,11 +459,18 @@ impl Planner<'_> {
         let mut draft = self.stage_from(index, &nodes[0], done)?;
         // A stage built FROM another stage first runs that stage's ONBUILD
         // triggers (its own only: BuildKit clears inherited ones).
+        // A stage FROM an image runs the image's triggers, planned here so
+        // that a trigger naming a stage (COPY --from=build) finds this
+        // Dockerfile's stage, as BuildKit resolves it.
         let inherited = match &draft.base {
             Base::Stage { index: i } => done[*i]
                 .as_ref()
                 .map(|p| p.triggers.clone())
                 .unwrap_or_default(),
+            Base::Image { reference } => match self.opts.image_onbuild.get(reference) {
+                Some(triggers) => image_triggers(triggers, &nodes[0])?,
+                None => Vec::new(),
+            },
             _ => Vec::new(),
         };
         for (k, node) in inherited.iter().chain(&nodes[1..]).enumerate() {
@@ -846,6 +860,26 @@ fn onbuild_trigger(node: &Node) -> Option<Node> {
     t.end_line = node.end_line;
     t.heredocs.clone_from(&node.heredocs);
     Some(t)
+}
+
+/// A base image's ONBUILD triggers as instructions of the stage built on
+/// it, each at the line of its FROM.
+fn image_triggers(triggers: &[String], from: &Node) -> Result<Vec<Node>, Error> {
+    let text = format!("{}\n", triggers.join("\n"));
+    let ast = crate::frontend::parse(text.as_bytes(), "ONBUILD triggers of the base image")
+        .map_err(|e| Error {
+            location: e.location.clone(),
+            kind: PlanError::Trigger(e.kind.to_string()).into(),
+        })?;
+    Ok(ast
+        .nodes
+        .into_iter()
+        .map(|mut n| {
+            n.start_line = from.start_line;
+            n.end_line = from.end_line;
+            n
+        })
+        .collect())
 }
 
 /// The working directory after `WORKDIR w` in `cur` (unknown stays
