@@ -139,7 +139,9 @@ pub(super) fn plan(
         ignore: frontend::dockerignore::load(&opts.context, &opts.dockerfile).ok(),
         ..PlanOptions::default()
     };
-    let first = frontend::plan(&ast, &plan_opts)?;
+    let first = frontend::plan(&ast, &plan_opts).inspect_err(|_| {
+        progress.add_lint(frontend::plan::findings_before_error(&ast, &plan_opts));
+    })?;
     network::check_plan(&first, &file, opts.network, opts.allow_network_host)?;
     if opts.network == kiln_runtime::Network::None {
         if let Some(remote_cache::Import::Registry { reference }) = opts
@@ -152,7 +154,9 @@ pub(super) fn plan(
     }
     let report = bases::Report { progress, shared };
     let mut bases = bases::load_bases(&snap, opts, &first, &mut plan_opts, report)?;
-    let mut plan = frontend::plan(&ast, &plan_opts)?;
+    let mut plan = frontend::plan(&ast, &plan_opts).inspect_err(|_| {
+        progress.add_lint(frontend::plan::findings_before_error(&ast, &plan_opts));
+    })?;
     // A base image's ONBUILD trigger may need another stage, which may
     // need images the first plan did not: load them and plan again.
     for _ in 0..4 {

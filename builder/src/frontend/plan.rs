@@ -1188,6 +1188,88 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     })
 }
 
+/// The findings of the rules BuildKit runs while parsing (every stage),
+/// for a Dockerfile that does not plan: they are reported before its
+/// error, as BuildKit reports what it found before it stopped.
+pub fn findings_before_error(ast: &Ast, opts: &PlanOptions) -> Vec<PlanWarning> {
+    let defaults = BTreeMap::new();
+    let inputs = super::lint::Inputs {
+        global_defaults: &defaults,
+        target_platform: "",
+        ignore: None,
+    };
+    let mut warnings: Vec<PlanWarning> = super::lint::findings(ast, &|_| false, &inputs)
+        .into_iter()
+        .filter(|w| {
+            !matches!(
+                w.rule,
+                Some(
+                    "RedundantTargetPlatform"
+                        | "FromPlatformFlagConstDisallowed"
+                        | "InvalidDefaultArgInFrom"
+                )
+            )
+        })
+        .collect();
+    warnings.extend(undeclared_in_from(ast, opts));
+    warnings.sort_by_key(|w| w.line.unwrap_or(0));
+    // a check directive that does not parse is the error itself
+    let _ = apply_check_directive(ast, opts, &mut warnings);
+    warnings
+}
+
+/// UndefinedArgInFrom for every FROM, from the Dockerfile alone (for a
+/// Dockerfile that does not plan): the variables its base name and
+/// `--platform` use that no global ARG declares and no platform arg is.
+fn undeclared_in_from(ast: &Ast, opts: &PlanOptions) -> Vec<PlanWarning> {
+    let Some(first_from) = ast.nodes.iter().position(|n| n.instruction == "from") else {
+        return Vec::new();
+    };
+    let tp = opts
+        .target_platform
+        .clone()
+        .unwrap_or_else(|| opts.build_platform.clone());
+    let mut known = platform_args(&opts.build_platform, &tp);
+    known.insert("TARGETSTAGE".into(), String::new());
+    for node in ast.nodes[..first_from]
+        .iter()
+        .filter(|n| n.instruction == "arg")
+    {
+        for a in &node.args {
+            let (k, v) = a.split_once('=').unwrap_or((a, ""));
+            known.insert(k.to_string(), v.to_string());
+        }
+    }
+    let lex = crate::frontend::shell::Lexer::new(ast.escape);
+    let names: Vec<&str> = known.keys().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for node in ast.nodes.iter().filter(|n| n.instruction == "from") {
+        let words = node
+            .flags
+            .iter()
+            .filter_map(|f| f.strip_prefix("--platform="))
+            .chain(node.args.first().map(String::as_str));
+        let mut unmatched = BTreeSet::new();
+        for w in words {
+            if let Ok(x) = lex.process(w, &Scope([&known, &BTreeMap::new()])) {
+                unmatched.extend(x.unmatched);
+            }
+        }
+        for v in unmatched {
+            out.push(PlanWarning {
+                line: Some(node.start_line),
+                end_line: Some(node.end_line),
+                rule: Some("UndefinedArgInFrom"),
+                message: format!(
+                    "FROM argument '{v}' is not declared{}",
+                    did_you_mean(&v, &names, "")
+                ),
+            });
+        }
+    }
+    out
+}
+
 /// The error for a Dockerfile without FROM: what stands where it should
 /// be, or that there is nothing at all.
 fn no_from_error(ast: &Ast) -> Error {
