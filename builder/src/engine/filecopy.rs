@@ -909,7 +909,7 @@ fn copy_entries(
         }
         let (parent, name) = fsutil::split(&e.dest);
         let dir = target
-            .mkdir_all_mode(parent, puid, pgid, parent_mode)
+            .mkdir_dest(parent, puid, pgid, parent_mode)
             .map_err(werr)?;
         let mode = match &attrs.chmod {
             Some(m) => m.apply(e.meta.mode, e.meta.is_dir()),

@@ -238,7 +238,21 @@ impl Root {
         gid: u32,
         mode: Option<u32>,
     ) -> io::Result<OwnedFd> {
-        self.mkdir_all_depth(rel, uid, gid, mode, 0)
+        self.mkdir_all_depth(rel, uid, gid, mode, None)
+    }
+
+    /// [`Root::mkdir_all_mode`] for a copy's destination: a symlink to a
+    /// directory that does not exist makes that directory (resolved
+    /// inside the root), as BuildKit's copy does. Cache mount sources and
+    /// the like do not follow links this way: they use `mkdir_all`.
+    pub fn mkdir_dest(
+        &self,
+        rel: &Path,
+        uid: u32,
+        gid: u32,
+        mode: Option<u32>,
+    ) -> io::Result<OwnedFd> {
+        self.mkdir_all_depth(rel, uid, gid, mode, Some(0))
     }
 
     /// Where the symlink `link` (a path inside the root, its parent open
@@ -283,7 +297,8 @@ impl Root {
         uid: u32,
         gid: u32,
         mode: Option<u32>,
-        depth: usize,
+        // links followed so far, when dangling links are followed
+        links: Option<usize>,
     ) -> io::Result<OwnedFd> {
         // most often it is there already: one lookup, not one a component
         match self.open_at(rel, libc::O_PATH | libc::O_DIRECTORY) {
@@ -302,11 +317,15 @@ impl Root {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                     // a symlink to a missing directory: make that
                     // directory (inside the root), as BuildKit's copy does
-                    if let Some(target) = self.link_target(&done, &fd)? {
+                    let target = match links {
+                        Some(_) => self.link_target(&done, &fd)?,
+                        None => None,
+                    };
+                    if let (Some(target), Some(depth)) = (target, links) {
                         if depth >= 40 {
                             return Err(io::Error::from_raw_os_error(libc::ELOOP));
                         }
-                        self.mkdir_all_depth(&target, uid, gid, mode, depth + 1)?;
+                        self.mkdir_all_depth(&target, uid, gid, mode, Some(depth + 1))?;
                         fd = self.open_at(&done, libc::O_PATH | libc::O_DIRECTORY)?;
                         continue;
                     }
@@ -464,7 +483,7 @@ mod link_tests {
     use super::*;
 
     #[test]
-    fn mkdir_all_makes_what_a_dangling_link_points_at_inside_the_root() {
+    fn mkdir_dest_makes_what_a_dangling_link_points_at_inside_the_root() {
         let t = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("../tmp/target", t.path().join("link")).unwrap();
         std::os::unix::fs::symlink("/data/dir", t.path().join("abs")).unwrap();
@@ -472,13 +491,18 @@ mod link_tests {
         let root = Root::open(t.path()).unwrap();
         // SAFETY: getuid and getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        root.mkdir_all(Path::new("link/sub"), uid, gid).unwrap();
+        // mkdir_all itself never follows a dangling link
+        assert!(root.mkdir_all(Path::new("link/sub"), uid, gid).is_err());
+        root.mkdir_dest(Path::new("link/sub"), uid, gid, None)
+            .unwrap();
         assert!(t.path().join("tmp/target/sub").is_dir());
-        root.mkdir_all(Path::new("abs/x"), uid, gid).unwrap();
+        root.mkdir_dest(Path::new("abs/x"), uid, gid, None).unwrap();
         assert!(
             t.path().join("data/dir/x").is_dir(),
             "an absolute link is inside the root"
         );
-        assert!(root.mkdir_all(Path::new("loop/x"), uid, gid).is_err());
+        assert!(root
+            .mkdir_dest(Path::new("loop/x"), uid, gid, None)
+            .is_err());
     }
 }
