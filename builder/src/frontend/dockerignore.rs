@@ -189,8 +189,11 @@ impl Matcher {
     fn numbered<S: AsRef<str>>(patterns: impl IntoIterator<Item = (usize, S)>) -> Result<Self> {
         let mut out = Vec::new();
         for (line, p) in patterns {
-            let p = p.as_ref().trim();
-            if p.is_empty() {
+            // cleaned patterns are taken as they are: a space can be a
+            // path component (`a/ ` names the directory ` ` in `a`), and
+            // trimming it would make `a/ ` the pattern `a`
+            let p = p.as_ref();
+            if p.trim().is_empty() {
                 continue;
             }
             let (exclusion, body) = match p.strip_prefix('!') {
@@ -550,5 +553,22 @@ mod tests {
         )
         .unwrap()
         .is_empty());
+    }
+}
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// Found by the dockerignore fuzz target: a pattern ending in a
+    /// space component matched differently once its cleaned text was
+    /// compiled again (the space was trimmed away).
+    #[test]
+    fn cleaned_patterns_compile_to_the_same_matcher() {
+        let m = Matcher::from_dockerignore(b"a/ /  /\n.b//!/\xfb").unwrap();
+        let again = Matcher::new(m.patterns()).unwrap();
+        for path in ["a/b~", "a/ ", "a/ /x", "a"] {
+            assert_eq!(m.matches(path), again.matches(path), "{path:?}");
+        }
+        assert!(!again.matches("a/b~"));
     }
 }

@@ -31,8 +31,13 @@ pub enum InstructionError {
     #[error("ADD --checksum needs exactly one source, an HTTP(S) URL or a Git repository")]
     ChecksumSource,
     /// A flag the instruction does not take.
-    #[error("unknown flag: --{flag} for {instruction}")]
-    UnknownFlag { instruction: String, flag: String },
+    #[error("unknown flag: --{flag} for {instruction}{hint}")]
+    UnknownFlag {
+        instruction: String,
+        flag: String,
+        /// ` (did you mean X?)` for a near miss, else empty
+        hint: String,
+    },
     /// `--flag` without `=value` for a flag that needs one.
     #[error("missing a value on flag: --{0}; write --{0}=VALUE")]
     FlagNeedsValue(String),
@@ -512,10 +517,15 @@ impl Flags {
                 return Err(at(InstructionError::BadFlag(f.clone()), f));
             }
             let Some(i) = spec.iter().position(|(n, _)| *n == name) else {
+                let names: Vec<&str> = spec.iter().map(|(n, _)| *n).collect();
+                let hint = crate::frontend::lint::suggest(name, &names)
+                    .map(|m| format!(" (did you mean {m}?)"))
+                    .unwrap_or_default();
                 return Err(at(
                     InstructionError::UnknownFlag {
                         instruction: instruction.to_uppercase(),
                         flag: name.to_string(),
+                        hint,
                     },
                     f,
                 ));
@@ -1471,14 +1481,16 @@ mod tests {
             err("COPY --bogus=1 a b"),
             InstructionError::UnknownFlag {
                 instruction: "COPY".into(),
-                flag: "bogus".into()
+                flag: "bogus".into(),
+                hint: String::new()
             }
         );
         assert_eq!(
             err("ADD --from=x a b"),
             InstructionError::UnknownFlag {
                 instruction: "ADD".into(),
-                flag: "from".into()
+                flag: "from".into(),
+                hint: String::new()
             }
         );
         assert_eq!(
@@ -1745,10 +1757,15 @@ mod tests {
         ));
         assert_eq!(err("COPY a"), InstructionError::NeedsDestination("COPY"));
         assert_eq!(
+            err("RUN --mont=type=tmpfs,target=/t true").to_string(),
+            "unknown flag: --mont for RUN (did you mean mount?)"
+        );
+        assert_eq!(
             err("ADD --parents a b"),
             InstructionError::UnknownFlag {
                 instruction: "ADD".into(),
-                flag: "parents".into()
+                flag: "parents".into(),
+                hint: String::new()
             }
         );
     }

@@ -11,15 +11,47 @@ use super::clean_path;
 use super::shell::ShellError;
 use crate::options::{self, Quotes};
 
+/// The mount types, and every key of any type (for "did you mean").
+const TYPES: [&str; 5] = ["bind", "cache", "tmpfs", "secret", "ssh"];
+const KEYS: [&str; 18] = [
+    "type",
+    "target",
+    "dst",
+    "destination",
+    "source",
+    "src",
+    "from",
+    "readonly",
+    "ro",
+    "readwrite",
+    "rw",
+    "required",
+    "id",
+    "sharing",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+];
+
+/// BuildKit's ` (did you mean X?)` for a misspelled name, or nothing.
+fn did_you_mean(name: &str, options: &[&str]) -> String {
+    match crate::frontend::lint::suggest(name, options) {
+        Some(m) => format!(" (did you mean {m}?)"),
+        None => String::new(),
+    }
+}
+
 /// Why a `--mount` value was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MountError {
     /// `type=` with an unknown type.
-    #[error("unsupported mount type {0:?}; use bind, cache, tmpfs, secret or ssh")]
+    #[error("unsupported mount type {0:?}{hint}; use bind, cache, tmpfs, secret or ssh", hint = did_you_mean(.0, &TYPES))]
     UnknownType(String),
     /// A key no mount type knows.
     #[error(
-        "unexpected key {0:?} in --mount; see the RUN --mount reference for the keys of each type"
+        "unexpected key {0:?} in --mount{hint}; see the RUN --mount reference for the keys of each type",
+        hint = did_you_mean(.0, &KEYS)
     )]
     UnknownKey(String),
     /// A key that does not apply to this type.
@@ -578,6 +610,12 @@ mod tests {
             m("target=/x,bogus=1"),
             Err(MountError::UnknownKey("bogus".into()))
         );
+        assert!(MountError::UnknownType("tmp".into())
+            .to_string()
+            .contains("unsupported mount type \"tmp\" (did you mean tmpfs?)"));
+        assert!(MountError::UnknownKey("typ".into())
+            .to_string()
+            .contains("(did you mean type?)"));
         assert!(matches!(
             m("target=/x,mode=0755"),
             Err(MountError::KeyNotForType { .. })
