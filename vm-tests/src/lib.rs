@@ -467,6 +467,27 @@ pub fn give_to_test_user(dir: &Path) {
     }
 }
 
+/// Debian's docker-registry serving `config` as the test user, returned
+/// once it accepts connections on 127.0.0.1:`port`.
+pub fn spawn_registry(config: &Path, port: u16) -> std::process::Child {
+    let child = unprivileged(Path::new("/usr/bin/docker-registry"))
+        .arg("serve")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start docker-registry (apt-get install docker-registry)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "docker-registry did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+}
+
 /// Rootless podman as the test user, with its storage under `dir` (vfs,
 /// cgroupfs: this host's hybrid cgroups stop podman's default setup).
 /// `tag` keeps the run directory of concurrent test binaries apart; podman

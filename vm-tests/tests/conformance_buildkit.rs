@@ -16,10 +16,9 @@ use conformance::table::{self, Outcome, Row};
 use kiln_vm_tests::{busybox_rootfs, give_to_test_user, kiln, missing_prerequisite, test_dir};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -141,18 +140,7 @@ impl Registry {
         )
         .unwrap();
         give_to_test_user(&rdir);
-        let child = kiln_vm_tests::unprivileged(Path::new("/usr/bin/docker-registry"))
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = kiln_vm_tests::spawn_registry(&config, port);
         Registry {
             child,
             host: format!("127.0.0.1:{port}"),

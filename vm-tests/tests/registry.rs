@@ -11,7 +11,6 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use kiln_vm_tests::{busybox_rootfs, kiln_binary, run_checked, stage_file, test_dir, unprivileged};
 
@@ -106,18 +105,7 @@ impl Registry {
         let config = dir.join("registry.yml");
         fs::write(&config, yaml).unwrap();
         chown_to_test_user(dir);
-        let child = unprivileged(Path::new("/usr/bin/docker-registry"))
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = kiln_vm_tests::spawn_registry(&config, port);
         Registry {
             child,
             port,
