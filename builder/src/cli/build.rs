@@ -158,13 +158,13 @@ pub fn run(
     mut args: BuildArgs,
 ) -> anyhow::Result<i32> {
     let state_root = crate::image::StateDir::open(root)?;
-    let _stdin = super::stdin_input::take(&mut args.context, &mut args.file, state_root.root())?;
-    let _remote = match super::stdin_input::is_remote(&args.context) {
+    let _stdin = super::context_input::take(&mut args.context, &mut args.file, state_root.root())?;
+    let _remote = match super::context_input::is_remote(&args.context) {
         true => {
             let keep_git_dir = build_args(&args.build_arg)
                 .get("BUILDKIT_CONTEXT_KEEP_GIT_DIR")
                 .is_some_and(|v| matches!(v.as_str(), "1" | "true"));
-            let remote = super::stdin_input::Remote {
+            let remote = super::context_input::Remote {
                 network: network(&args)?.0,
                 keep_git_dir,
                 state_root: state_root.root(),

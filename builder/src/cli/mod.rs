@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod check;
+pub mod context_input;
 pub mod du;
 pub mod images;
 pub mod imagetools;
@@ -13,7 +14,6 @@ pub mod prune;
 pub mod registry;
 pub mod run;
 pub mod sandbox;
-pub mod stdin_input;
 
 /// The error and its causes, joined the way a user reads them: "what:
 /// why: why". Every error kiln defines says what failed and leaves the why

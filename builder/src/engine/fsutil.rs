@@ -226,24 +226,14 @@ impl Root {
     /// owned by `uid:gid`), resolving existing components inside the root.
     /// Returns a descriptor of the last one.
     pub fn mkdir_all(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<OwnedFd> {
-        self.mkdir_all_mode(rel, uid, gid, None)
+        self.mkdir_all_depth(rel, uid, gid, None, None)
     }
 
-    /// [`Root::mkdir_all`], the directories it makes given `mode` (as
-    /// BuildKit gives a COPY --chmod's mode to the parents it creates).
-    pub fn mkdir_all_mode(
-        &self,
-        rel: &Path,
-        uid: u32,
-        gid: u32,
-        mode: Option<u32>,
-    ) -> io::Result<OwnedFd> {
-        self.mkdir_all_depth(rel, uid, gid, mode, None)
-    }
-
-    /// [`Root::mkdir_all_mode`] for a copy's destination: a symlink to a
-    /// directory that does not exist makes that directory (resolved
-    /// inside the root), as BuildKit's copy does. Cache mount sources and
+    /// [`Root::mkdir_all`] for a copy's destination: the directories it
+    /// makes get `mode` (as BuildKit gives a COPY --chmod's mode to the
+    /// parents it creates), and a symlink to a directory that does not
+    /// exist makes that directory (resolved inside the root), as
+    /// BuildKit's copy does. Cache mount sources and
     /// the like do not follow links this way: they use `mkdir_all`.
     pub fn mkdir_dest(
         &self,
