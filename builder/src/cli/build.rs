@@ -181,7 +181,7 @@ pub fn run(
     };
     let call = call(&args)?;
     let mut opts = build_options(root, insecure, &args)?;
-    opts.check = call.is_some();
+    opts.check = matches!(call, Some(Call::Check));
     let outputs = outputs(&args)?;
     let platforms = platforms(&args)?;
     if platforms.len() <= 1 {
@@ -195,8 +195,8 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Some(Call::Check) = call {
-        return check(&runtime, &opts, &progress);
+    if let Some(call) = &call {
+        return answer(call, &runtime, &opts, &progress);
     }
     let ex = Exporting {
         args: &args,
@@ -222,25 +222,96 @@ pub fn run(
     result
 }
 
-/// `--check` or `--call check`: lint instead of building. None: build.
+/// `--check` or `--call METHOD[,format=json|text]`: what to do instead
+/// of building. None: build.
 fn call(args: &BuildArgs) -> anyhow::Result<Option<Call>> {
-    let method = match (&args.call, args.check) {
+    let value = match (&args.call, args.check) {
         (Some(c), true) if c != "check" => bail!("--check and --call {c}: give one of the two"),
         (_, true) => "check",
         (Some(c), false) => c.as_str(),
         (None, false) => return Ok(None),
     };
+    let mut parts = value.split(',');
+    let method = parts.next().unwrap_or("");
+    let mut json = false;
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("format", "json")) if method != "check" => json = true,
+            Some(("format", "text" | "")) if method != "check" => json = false,
+            Some(("format", f)) if method != "check" => {
+                bail!("--call {value}: unknown format {f:?}; use json or text")
+            }
+            _ if method == "check" => bail!(
+                "--call {value}: only plain `check` is supported (no format or ignore options yet)"
+            ),
+            _ => {
+                bail!("--call {value}: unknown option {opt:?}; the only option is format=json|text")
+            }
+        }
+    }
     match method {
-        "build" => Ok(None),
+        "build" if value == "build" => Ok(None),
         "check" => Ok(Some(Call::Check)),
-        m if m.starts_with("check,") => bail!("--call {m}: only plain `check` is supported (no format or ignore options yet)"),
-        m => bail!("--call {m}: kiln supports `build` and `check` (outline, targets and subrequests are not supported yet)"),
+        "outline" => Ok(Some(Call::Outline { json })),
+        "targets" => Ok(Some(Call::Targets { json })),
+        "subrequests.describe" => Ok(Some(Call::Describe { json })),
+        // as BuildKit's frontend answers a request it does not know
+        m => bail!(
+            "unsupported request frontend.{m}; kiln answers build, check, outline, targets and subrequests.describe"
+        ),
     }
 }
 
 /// What `--call` asked for instead of a build.
 enum Call {
     Check,
+    Outline { json: bool },
+    Targets { json: bool },
+    Describe { json: bool },
+}
+
+/// The result of a `--call` request on standard output: its JSON (as
+/// BuildKit's `result.json`) or its text.
+fn print_result<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(0)
+}
+
+/// `--call outline`, `targets` or `subrequests.describe`.
+fn answer(
+    call: &Call,
+    runtime: &tokio::runtime::Runtime,
+    opts: &engine::BuildOptions,
+    progress: &Arc<progress::Progress>,
+) -> anyhow::Result<i32> {
+    use crate::frontend::outline;
+    match *call {
+        Call::Check => check(runtime, opts, progress),
+        Call::Outline { json } => {
+            let o = runtime.block_on(engine::outline(opts, progress))?;
+            print_result(json, &o, || o.text())
+        }
+        Call::Targets { json } => {
+            let source = std::fs::read(&opts.dockerfile)
+                .with_context(|| format!("reading {}", opts.dockerfile.display()))?;
+            let file = opts.dockerfile.display().to_string();
+            let ast = crate::frontend::parse(&source, &file)?;
+            let t = outline::targets(&ast, &source);
+            print_result(json, &t, || t.text())
+        }
+        Call::Describe { json } => {
+            let d = outline::describe();
+            print_result(json, &d, || outline::describe_text(&d))
+        }
+    }
 }
 
 /// `kiln build --check`: the report on standard output; 1 when the

@@ -141,6 +141,22 @@ pub async fn check(opts: &BuildOptions, progress: &Arc<Progress>) -> Result<()> 
     solver::plan(opts, progress, &shared).map(|_| ())
 }
 
+/// `kiln build --call outline`: plan the build (base images loaded,
+/// nothing run) and outline its target.
+pub async fn outline(
+    opts: &BuildOptions,
+    progress: &Arc<Progress>,
+) -> Result<crate::frontend::outline::Outline> {
+    let shared = Shared::new(opts.jobs, false);
+    let planned = solver::plan(opts, progress, &shared)?;
+    Ok(crate::frontend::outline::outline(
+        &planned.ast,
+        &planned.plan,
+        &opts.build_args,
+        &planned.source,
+    ))
+}
+
 /// Build `opts` with progress reported to `progress`.
 pub async fn build(opts: BuildOptions, progress: Arc<Progress>) -> Result<Built> {
     let shared = Shared::new(opts.jobs, false);

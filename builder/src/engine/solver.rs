@@ -97,8 +97,11 @@ pub(super) struct Engine {
 /// The parsed and planned build, before anything runs.
 pub(super) struct Planned {
     file: String,
+    /// the Dockerfile as read, and parsed
+    pub(super) source: Vec<u8>,
+    pub(super) ast: frontend::Ast,
     snap: Arc<Snapshotter>,
-    plan: Plan,
+    pub(super) plan: Plan,
     bases: Bases,
 }
 
@@ -192,6 +195,8 @@ pub(super) fn plan(
     }
     Ok(Planned {
         file,
+        source: text,
+        ast,
         snap,
         plan,
         bases,

@@ -12,7 +12,8 @@
 //! - [`platform`]: `os/arch[/variant]` values, normalised, and the host's;
 //! - [`mod@plan`]: ARG/ENV scoping, expansion, the stage graph and `--target`;
 //! - [`location`]: the `file:line:column` and caret snippet of diagnostics;
-//! - [`dockerignore`]: the `.dockerignore` matcher used by context transfer.
+//! - [`dockerignore`]: the `.dockerignore` matcher used by context transfer;
+//! - [`outline`]: `--call outline`, `targets` and `subrequests.describe`.
 //!
 //! From the rest of the builder it uses only pure string handling: image
 //! names are checked with [`crate::image::reference`] and `--mount` values
@@ -39,6 +40,7 @@ pub mod instructions;
 pub mod lint;
 pub mod location;
 pub mod mount_flags;
+pub mod outline;
 pub mod parser;
 pub mod plan;
 pub mod platform;
