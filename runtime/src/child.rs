@@ -454,7 +454,11 @@ fn setup_dev(p: &Plan, root: RawFd) {
 /// the rootfs as a descriptor so no symlink in the image can redirect it.
 fn setup_spec_mounts(p: &Plan, root: RawFd) -> Result<(), Errno> {
     for m in &p.mounts {
-        let fd = sys::open_path_in_root(root, &m.dest)?;
+        let dir = match &m.kind {
+            MountKind::Bind { tree } => is_dir_fd(*tree),
+            MountKind::Tmpfs { .. } => true,
+        };
+        let fd = open_or_make_dest(root, &m.dest, dir)?;
         match &m.kind {
             MountKind::Bind { tree } => sys::move_mount_fd(*tree, fd)?,
             MountKind::Tmpfs { data } => sys::mount(
@@ -468,6 +472,98 @@ fn setup_spec_mounts(p: &Plan, root: RawFd) -> Result<(), Errno> {
         close(fd);
     }
     Ok(())
+}
+
+fn is_dir_fd(fd: RawFd) -> bool {
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open (the caller holds it) and `st` is ours.
+    let rc = unsafe { libc::fstat(fd, &raw mut st) };
+    rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// Open mount destination `dest` inside `root`; when it is missing (the
+/// caller made every mount point in the rootfs, so it is inside an
+/// earlier mount of this step, as a cache mount inside another), create
+/// it there as runc does: missing directories, then the last component
+/// as a directory (`dir`) or an empty file. Each component is looked up
+/// with RESOLVE_IN_ROOT and created with mkdirat/openat on its parent,
+/// which never follow a symlink at the new name. No allocation: paths
+/// are copied into stack buffers.
+fn open_or_make_dest(root: RawFd, dest: &CStr, dir: bool) -> Result<RawFd, Errno> {
+    match sys::open_path_in_root(root, dest) {
+        Err(Errno::ENOENT) => {}
+        r => return r,
+    }
+    let bytes = dest.to_bytes();
+    let mut prefix = [0u8; 4096];
+    let mut name = [0u8; 256];
+    if bytes.len() >= prefix.len() {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        while i < bytes.len() && bytes[i] == b'/' {
+            i += 1;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'/' {
+            i += 1;
+        }
+        let comp = &bytes[start..i];
+        if comp.is_empty() || comp == b"." || comp == b".." {
+            continue;
+        }
+        let last = bytes[i..].iter().all(|&b| b == b'/');
+        // the parent: "/" followed by the components before this one
+        prefix[0] = b'/';
+        prefix[1..=start].copy_from_slice(&bytes[..start]);
+        prefix[start + 1] = 0;
+        let parent_path = CStr::from_bytes_until_nul(&prefix).map_err(|_| Errno::EINVAL)?;
+        let parent = sys::openat2(
+            root,
+            parent_path,
+            libc::O_PATH | libc::O_DIRECTORY,
+            sys::RESOLVE_IN_ROOT | sys::RESOLVE_NO_MAGICLINKS,
+        )?;
+        if comp.len() >= name.len() {
+            close(parent);
+            return Err(Errno::ENAMETOOLONG);
+        }
+        name[..comp.len()].copy_from_slice(comp);
+        name[comp.len()] = 0;
+        let n = CStr::from_bytes_until_nul(&name).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: `parent` is an open directory descriptor and `n` a
+        // NUL-terminated single name; neither call follows a symlink at it.
+        let rc = unsafe {
+            if last && !dir {
+                let f = libc::openat(
+                    parent,
+                    n.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if f >= 0 {
+                    libc::close(f);
+                    0
+                } else {
+                    -1
+                }
+            } else {
+                libc::mkdirat(parent, n.as_ptr(), 0o755)
+            }
+        };
+        let e = Errno::last();
+        close(parent);
+        if rc != 0 && e != Errno::EEXIST {
+            return Err(e);
+        }
+    }
+    sys::open_path_in_root(root, dest)
 }
 
 /// Where a private node is staged, in the /dev kiln just made.

@@ -98,9 +98,15 @@ fn tmpfs_mounts_are_memory_with_their_size_and_leave_nothing() {
 COPY rootfs/ /
 RUN --mount=type=tmpfs,target=/scratch/deep,size=1m grep ' /scratch/deep ' /proc/mounts > /out-mount && echo x > /scratch/deep/f
 RUN --mount=type=tmpfs,target=/sys/kernel echo y > /sys/kernel/f && grep ' /sys/kernel ' /proc/mounts > /out-sys
+RUN --mount=type=tmpfs,target=/t --mount=type=cache,target=/t/c/d --mount=type=bind,source=a,target=/t/one cat /t/one > /out-nested && grep -c ' /t' /proc/mounts >> /out-nested
 "#,
     );
+    p.write("a", "alpha\n");
     ok(p.build(&["-o", &p.local_out()]));
+    // mounts inside a mount of the same step get their mount points made
+    // in it (a file for a file), as runc makes them
+    assert_eq!(p.out("out-nested"), "alpha\n3\n");
+    assert!(!p.dir.join("out/t").exists());
     let m = p.out("out-mount");
     assert!(m.contains("tmpfs") && m.contains("size=1024k"), "{m}");
     assert!(m.contains("nosuid") && m.contains("nodev"), "{m}");
