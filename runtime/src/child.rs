@@ -533,34 +533,13 @@ fn open_or_make_dest(root: RawFd, dest: &CStr, dir: bool) -> Result<RawFd, Errno
         name[..comp.len()].copy_from_slice(comp);
         name[comp.len()] = 0;
         let n = CStr::from_bytes_until_nul(&name).map_err(|_| Errno::EINVAL)?;
-        // SAFETY: `parent` is an open directory descriptor and `n` a
-        // NUL-terminated single name; neither call follows a symlink at it.
-        let rc = unsafe {
-            if last && !dir {
-                let f = libc::openat(
-                    parent,
-                    n.as_ptr(),
-                    libc::O_CREAT
-                        | libc::O_EXCL
-                        | libc::O_WRONLY
-                        | libc::O_NOFOLLOW
-                        | libc::O_CLOEXEC,
-                    0o644,
-                );
-                if f >= 0 {
-                    libc::close(f);
-                    0
-                } else {
-                    -1
-                }
-            } else {
-                libc::mkdirat(parent, n.as_ptr(), 0o755)
-            }
-        };
-        let e = Errno::last();
+        let made = kiln_sys::create_at(parent, n, dir || !last);
         close(parent);
-        if rc != 0 && e != Errno::EEXIST {
-            return Err(e);
+        match made {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                return Err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+            _ => {}
         }
     }
     sys::open_path_in_root(root, dest)

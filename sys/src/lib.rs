@@ -1,13 +1,14 @@
 //! The small helpers around raw system calls that more than one of kiln's
 //! crates needs (the runtime and the snapshotter do not depend on each
 //! other): C strings from paths, a syscall's return value as a result, a
-//! whole write to a descriptor, the kernel release, and an error's cause
+//! whole write to a descriptor, a new directory or empty file that follows
+//! no symlink, the kernel release, and an error's cause
 //! chain as one line of text.
 //!
 //! It owns no policy and no state but the cached kernel release: which
 //! path is safe to touch, and what an error means, stay with the callers.
-//! Anything only one crate needs stays in that crate. [`check`] and
-//! [`write_all`] allocate nothing, so the sandbox child (which must stay
+//! Anything only one crate needs stays in that crate. [`check`],
+//! [`write_all`] and [`create_at`] allocate nothing, so the sandbox child (which must stay
 //! async-signal-safe) may call them.
 
 // Functions stay a screenful or two long (clippy.toml sets the limit).
@@ -55,6 +56,24 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Create `name` in the directory `parent`: a directory (mode 0755) when
+/// `dir`, else an empty file (0644, made with O_EXCL). Neither follows a
+/// symlink at `name`: one there is EEXIST. Allocates nothing, so the
+/// sandbox child may call it.
+pub fn create_at(parent: RawFd, name: &std::ffi::CStr, dir: bool) -> io::Result<()> {
+    if dir {
+        // SAFETY: `name` is NUL-terminated; a bad `parent` fails with EBADF.
+        return check(unsafe { libc::mkdirat(parent, name.as_ptr(), 0o755) });
+    }
+    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: as above; the new descriptor is closed right away.
+    let fd = unsafe { libc::openat(parent, name.as_ptr(), flags, 0o644) };
+    check(fd)?;
+    // SAFETY: `fd` was just opened here and nothing else holds it.
+    unsafe { libc::close(fd) };
     Ok(())
 }
 

@@ -837,32 +837,7 @@ fn ensure(
         let last = i + 1 == comps.len();
         let make_dir = !last || dir;
         let n = kiln_sys::cstr(name).map_err(err)?;
-        // SAFETY: `parent` is a directory descriptor and `n` a single
-        // NUL-terminated name; neither call follows a symlink at `n`.
-        let rc = unsafe {
-            if make_dir {
-                libc::mkdirat(parent.as_raw_fd(), n.as_ptr(), 0o755)
-            } else {
-                let fd = libc::openat(
-                    parent.as_raw_fd(),
-                    n.as_ptr(),
-                    libc::O_CREAT
-                        | libc::O_EXCL
-                        | libc::O_WRONLY
-                        | libc::O_NOFOLLOW
-                        | libc::O_CLOEXEC,
-                    0o644,
-                );
-                if fd >= 0 {
-                    libc::close(fd);
-                    0
-                } else {
-                    -1
-                }
-            }
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = kiln_sys::create_at(parent.as_raw_fd(), &n, make_dir) {
             if e.raw_os_error() == Some(libc::EEXIST) {
                 // ENOENT on open but EEXIST on create: a dangling symlink
                 return Err(Error::DanglingTarget {
