@@ -198,6 +198,7 @@ pub fn run(
     if let Some(call) = &call {
         return answer(call, &runtime, &opts, &progress);
     }
+    let dockerfile = opts.dockerfile.clone();
     let ex = Exporting {
         args: &args,
         outputs: &outputs,
@@ -212,6 +213,14 @@ pub fn run(
     } else {
         build_one_platform(&runtime, opts, platforms.first(), &ex)
     };
+    // a failed step's lines, as buildx shows them above the error
+    if let Some(text) = result
+        .as_ref()
+        .err()
+        .and_then(|e| step_source(e, &dockerfile))
+    {
+        eprint!("{text}");
+    }
     // the build checks' findings, after the build (also a failed one)
     let findings = progress.take_lint();
     if matches!(mode, progress::Mode::Plain | progress::Mode::Tty) {
@@ -220,6 +229,25 @@ pub fn run(
         }
     }
     result
+}
+
+/// The Dockerfile lines of the step `e` failed in, with their
+/// neighbours, as BuildKit prints a failed step's source.
+fn step_source(e: &anyhow::Error, dockerfile: &std::path::Path) -> Option<String> {
+    let engine::Error::Step {
+        file,
+        line,
+        end_line,
+        ..
+    } = e.downcast_ref::<engine::Error>()?
+    else {
+        return None;
+    };
+    let source = std::fs::read_to_string(dockerfile).ok()?;
+    let lines: Vec<&str> = source.split('\n').collect();
+    let mut out = String::new();
+    super::check::snippet(&mut out, file, &lines, *line, *end_line);
+    (!out.is_empty()).then_some(out)
 }
 
 /// `--check` or `--call METHOD[,format=json|text]`: what to do instead

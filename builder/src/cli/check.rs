@@ -41,7 +41,7 @@ pub fn report(findings: &[PlanWarning], file: &str, source: &str) -> String {
 
 /// The lines `start..=end` of `lines` with context, marked, as BuildKit
 /// prints a source range.
-fn snippet(out: &mut String, file: &str, lines: &[&str], start: usize, end: usize) {
+pub(crate) fn snippet(out: &mut String, file: &str, lines: &[&str], start: usize, end: usize) {
     if start < 1 || start > lines.len() {
         return;
     }

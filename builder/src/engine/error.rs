@@ -30,6 +30,8 @@ pub enum Error {
     Step {
         file: String,
         line: usize,
+        /// the instruction's last line (continuation lines, heredocs)
+        end_line: usize,
         instruction: String,
         source: Box<StepError>,
     },

@@ -100,6 +100,7 @@ pub fn check_plan(
                 return Err(Error::Step {
                     file: file.to_string(),
                     line: step.line,
+                    end_line: step.end_line,
                     instruction: step.original.clone(),
                     source: Box::new(StepError::Network(e)),
                 });

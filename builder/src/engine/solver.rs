@@ -431,6 +431,7 @@ impl Engine {
         Error::Step {
             file: self.file.clone(),
             line: step.line,
+            end_line: step.end_line,
             instruction: step.original.clone(),
             source: Box::new(e),
         }
