@@ -827,11 +827,7 @@ fn build_multi_platform(
     let mut images = Vec::new();
     for (p, b) in &built {
         images.push((
-            crate::image::store::Platform {
-                os: p.os.clone(),
-                architecture: p.architecture.clone(),
-                variant: p.variant.clone(),
-            },
+            crate::image::store::Platform::from(p),
             store.get(&b.manifest, None)?,
         ));
     }

@@ -92,7 +92,7 @@ pub fn push(root: Option<&Path>, insecure: &[String], args: PushArgs) -> anyhow:
     let reg = client(insecure)?;
     let rt = runtime()?;
     let pushed = rt.block_on(rt.spawn(async move {
-        let store = ImageStore::new(&snap);
+        let store = ImageStore::new(&snap).any_platform();
         reg.push(&store, &args.source, args.dest.as_deref(), false)
             .await
     }))??;
@@ -132,7 +132,8 @@ pub fn push_names(
         let (snap, source, n) = (snap.clone(), source.to_string(), n.clone());
         let pushed = rt
             .block_on(rt.spawn(async move {
-                let store = ImageStore::new(&snap);
+                // an index of other platforms than the host's is pushed too
+                let store = ImageStore::new(&snap).any_platform();
                 reg.push(&store, &source, Some(&n), by_digest).await
             }))
             .map_err(anyhow::Error::from)

@@ -118,11 +118,7 @@ fn load_base(
     platform: &Platform,
     report: Report<'_>,
 ) -> Result<(Key, ImageState)> {
-    let want = crate::image::Platform {
-        os: platform.os.clone(),
-        architecture: platform.architecture.clone(),
-        variant: platform.variant.clone(),
-    };
+    let want = crate::image::Platform::from(platform);
     let store = crate::image::ImageStore::new(snap).with_platform(want.clone());
     let stored = store.resolve(name);
     // a name pinned by digest means one image: a stored one needs no request
@@ -190,11 +186,7 @@ fn pull_into(
 
 /// The image store choosing `platform`'s manifest from an index.
 fn store_for<'s>(snap: &'s Snapshotter, platform: &Platform) -> crate::image::ImageStore<'s> {
-    crate::image::ImageStore::new(snap).with_platform(crate::image::store::Platform {
-        os: platform.os.clone(),
-        architecture: platform.architecture.clone(),
-        variant: platform.variant.clone(),
-    })
+    crate::image::ImageStore::new(snap).with_platform(crate::image::store::Platform::from(platform))
 }
 
 /// A base from `--build-context NAME=oci-layout://DIR[:TAG|@DIGEST]`: the
@@ -242,6 +234,11 @@ fn image_base(
                 .unwrap_or(&platform.architecture)
                 .to_string(),
             variant: config["variant"].as_str().map(String::from),
+            // the base's, when the build asked for none (BuildKit keeps it)
+            os_version: config["os.version"]
+                .as_str()
+                .map(String::from)
+                .or_else(|| platform.os_version.clone()),
         },
     );
     state.chain = chain.map(|c| c.to_string());

@@ -275,6 +275,9 @@ impl ImageState {
         if let Some(v) = &self.platform.variant {
             root["variant"] = json!(v);
         }
+        if let Some(v) = &self.platform.os_version {
+            root["os.version"] = json!(v);
+        }
         if let Some(a) = &c.author {
             root["author"] = json!(a);
         }

@@ -1311,7 +1311,7 @@ fn split_stages(nodes: &[Node], first_from: usize) -> Vec<&[Node]> {
 /// The automatic platform args, for a build on `bp` for `tp`.
 fn platform_args(bp: &Platform, tp: &Platform) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("BUILDPLATFORM".into(), bp.to_string()),
+        ("BUILDPLATFORM".into(), bp.without_os_version()),
         ("BUILDOS".into(), bp.os.clone()),
         ("BUILDARCH".into(), bp.architecture.clone()),
         (
@@ -1325,8 +1325,14 @@ fn platform_args(bp: &Platform, tp: &Platform) -> BTreeMap<String, String> {
             "TARGETVARIANT".into(),
             tp.variant.clone().unwrap_or_default(),
         ),
-        ("BUILDOSVERSION".into(), String::new()),
-        ("TARGETOSVERSION".into(), String::new()),
+        (
+            "BUILDOSVERSION".into(),
+            bp.os_version.clone().unwrap_or_default(),
+        ),
+        (
+            "TARGETOSVERSION".into(),
+            tp.os_version.clone().unwrap_or_default(),
+        ),
     ])
 }
 

@@ -1,4 +1,4 @@
-//! Platforms (`os/arch[/variant]`) as BuildKit normalises them, and the
+//! Platforms (`os[(version)]/arch[/variant]`) as BuildKit normalises them, and the
 //! host's platform for `BUILDPLATFORM`.
 //!
 //! Only parsing and normalisation live here; choosing which platform a stage
@@ -26,14 +26,33 @@ pub struct Platform {
     /// `v7`, `v8`, ... when it matters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// The OS version (`10.0.20348.1006`), written `os(VERSION)/arch`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os_version: Option<String>,
 }
 
 impl Platform {
-    /// Parse and normalise `os/arch[/variant]` (or a bare `arch`, taken as
-    /// Linux) the way containerd's platform parser does.
+    /// Parse and normalise `os[(version)]/arch[/variant]` (or a bare
+    /// `arch`, taken as Linux) the way containerd's platform parser does;
+    /// the OS version keeps its case.
     pub fn parse(s: &str) -> Result<Self, PlatformError> {
         let bad = || PlatformError::Malformed(s.to_string());
-        let lower = s.trim().to_ascii_lowercase();
+        let s_trim = s.trim();
+        let (os_version, rest) = match (s_trim.find('('), s_trim.find(')')) {
+            (Some(open), Some(close)) if open < close && !s_trim[..open].contains('/') => {
+                let v = &s_trim[open + 1..close];
+                if v.is_empty() || v.contains('/') {
+                    return Err(bad());
+                }
+                (
+                    Some(v.to_string()),
+                    format!("{}{}", &s_trim[..open], &s_trim[close + 1..]),
+                )
+            }
+            (None, None) => (None, s_trim.to_string()),
+            _ => return Err(bad()),
+        };
+        let lower = rest.to_ascii_lowercase();
         let parts: Vec<&str> = lower.split('/').collect();
         if parts.iter().any(|p| p.is_empty()) || parts.len() > 3 {
             return Err(bad());
@@ -50,6 +69,7 @@ impl Platform {
             os: os.to_string(),
             architecture,
             variant,
+            os_version,
         })
     }
 
@@ -60,13 +80,28 @@ impl Platform {
             os: "linux".into(),
             architecture: arch.into(),
             variant: variant.map(str::to_string),
+            os_version: None,
         }
+    }
+
+    /// `os/arch[/variant]`, without the OS version (containerd's Format;
+    /// [`Display`](fmt::Display) is its FormatAll).
+    pub fn without_os_version(&self) -> String {
+        Platform {
+            os_version: None,
+            ..self.clone()
+        }
+        .to_string()
     }
 }
 
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
+        write!(f, "{}", self.os)?;
+        if let Some(v) = &self.os_version {
+            write!(f, "({v})")?;
+        }
+        write!(f, "/{}", self.architecture)?;
         if let Some(v) = &self.variant {
             write!(f, "/{v}")?;
         }
@@ -144,6 +179,19 @@ mod tests {
         assert!(Platform::parse("linux//x").is_err());
         assert!(Platform::parse("").is_err());
         assert!(Platform::parse("a/b/c/d").is_err());
+    }
+
+    #[test]
+    fn an_os_version_is_kept_in_parentheses() {
+        let p = Platform::parse("windows(10.0.20348.1006)/AMD64").unwrap();
+        assert_eq!(p.os, "windows");
+        assert_eq!(p.os_version.as_deref(), Some("10.0.20348.1006"));
+        assert_eq!(p.architecture, "amd64");
+        assert_eq!(p.to_string(), "windows(10.0.20348.1006)/amd64");
+        assert_eq!(p.without_os_version(), "windows/amd64");
+        assert!(Platform::parse("windows()/amd64").is_err());
+        assert!(Platform::parse("windows(1/amd64").is_err());
+        assert!(Platform::parse("linux/amd64(1)").is_err());
     }
 
     #[test]

@@ -316,6 +316,7 @@ fn write_index(
             .build()
             .expect("os and architecture set");
         platform.set_variant(p.variant.clone());
+        platform.set_os_version(p.os_version.clone());
         d.set_platform(Some(platform));
         blobs.extend(img.layers().iter().cloned());
         blobs.push(img.manifest.config().clone());

@@ -67,12 +67,25 @@ pub enum Error {
 /// Result type of the image store.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// An OS/architecture pair (`linux/amd64`, `linux/arm64/v8`).
+/// An OS/architecture pair (`linux/amd64`, `linux/arm64/v8`), with the
+/// OS version when one is asked for (`windows(10.0.20348)/amd64`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Platform {
     pub os: String,
     pub architecture: String,
     pub variant: Option<String>,
+    pub os_version: Option<String>,
+}
+
+impl From<&crate::frontend::Platform> for Platform {
+    fn from(p: &crate::frontend::Platform) -> Self {
+        Platform {
+            os: p.os.clone(),
+            architecture: p.architecture.clone(),
+            variant: p.variant.clone(),
+            os_version: p.os_version.clone(),
+        }
+    }
 }
 
 impl Platform {
@@ -82,6 +95,7 @@ impl Platform {
             os: Os::default().to_string(),
             architecture: Arch::default().to_string(),
             variant: None,
+            os_version: None,
         }
     }
 
@@ -98,19 +112,28 @@ impl Platform {
             os: os.to_string(),
             architecture: architecture.to_string(),
             variant,
+            os_version: None,
         })
     }
 
-    fn matches(&self, p: &oci_spec::image::Platform) -> bool {
+    /// Whether an index entry's `p` is this platform: the variant and OS
+    /// version are compared only when this one names them.
+    pub fn matches(&self, p: &oci_spec::image::Platform) -> bool {
         p.os().to_string() == self.os
             && p.architecture().to_string() == self.architecture
             && (self.variant.is_none() || p.variant().as_deref() == self.variant.as_deref())
+            && (self.os_version.is_none()
+                || p.os_version().as_deref() == self.os_version.as_deref())
     }
 }
 
 impl std::fmt::Display for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
+        write!(f, "{}", self.os)?;
+        if let Some(v) = &self.os_version {
+            write!(f, "({v})")?;
+        }
+        write!(f, "/{}", self.architecture)?;
         if let Some(v) = &self.variant {
             write!(f, "/{v}")?;
         }
@@ -241,6 +264,8 @@ fn is_index(d: &Descriptor, bytes: &[u8]) -> bool {
 pub struct ImageStore<'s> {
     snap: &'s Snapshotter,
     platform: Platform,
+    /// an index without that platform gives its first image instead
+    any_platform: bool,
 }
 
 impl<'s> ImageStore<'s> {
@@ -249,7 +274,16 @@ impl<'s> ImageStore<'s> {
         ImageStore {
             snap,
             platform: Platform::host(),
+            any_platform: false,
         }
+    }
+
+    /// The store for a caller that wants an index whatever its platforms
+    /// (a push of every image in it): an index without the host's
+    /// platform resolves to its first image instead of failing.
+    pub fn any_platform(mut self) -> Self {
+        self.any_platform = true;
+        self
     }
 
     /// Choose `platform` instead of the host's when a name points at an
@@ -325,6 +359,9 @@ impl<'s> ImageStore<'s> {
             if only.platform().is_none() {
                 return Ok((*only).clone());
             }
+        }
+        if let Some(first) = present.first().filter(|_| self.any_platform) {
+            return Ok((*first).clone());
         }
         let available: Vec<String> = present
             .iter()

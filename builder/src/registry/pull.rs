@@ -137,9 +137,7 @@ pub fn resolve_document(
 }
 
 fn platform_matches(want: &Platform, p: &oci_spec::image::Platform) -> bool {
-    p.os().to_string() == want.os
-        && p.architecture().to_string() == want.architecture
-        && (want.variant.is_none() || p.variant().as_deref() == want.variant.as_deref())
+    want.matches(p)
 }
 
 impl Registry {
