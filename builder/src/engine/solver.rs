@@ -518,13 +518,34 @@ impl Engine {
                 "{}[{stage_name} {}/{total}] {}",
                 self.step_label(step, &state),
                 i + 1 + from_step,
-                step.original
+                self.display_command(step, &state)
             );
             (key, state) = self
                 .run_step(stage, step, &key, &state, vertex, &name)
                 .await?;
         }
         Ok((key, state))
+    }
+
+    /// How progress names a step: a RUN as BuildKit names it, with the
+    /// variables set at that point expanded and those a secret mount sets
+    /// shown as `****` (the name says where the value comes from, never
+    /// the value); other instructions as written.
+    fn display_command(&self, step: &Step, state: &ImageState) -> String {
+        let Instruction::Run(run) = &step.instruction else {
+            return step.original.clone();
+        };
+        let mut env: BTreeMap<String, String> = step.args.iter().cloned().collect();
+        env.extend(state.env_pairs());
+        for m in &run.mounts {
+            if let frontend::mount_flags::Mount::Secret {
+                env: Some(name), ..
+            } = m
+            {
+                env.insert(name.clone(), "****".into());
+            }
+        }
+        frontend::shell::Lexer::display_command(self.plan.escape, &step.original, &env)
     }
 
     /// BuildKit shows a step's platform when several are built; an

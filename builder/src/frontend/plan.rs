@@ -255,6 +255,8 @@ pub struct PlanWarning {
 pub struct Plan {
     /// `# syntax=` if given.
     pub syntax: Option<String>,
+    /// The escape character (`# escape=`).
+    pub escape: char,
     /// Where the build runs.
     pub build_platform: Platform,
     /// What it builds for.
@@ -1173,6 +1175,7 @@ pub fn plan(ast: &Ast, opts: &PlanOptions) -> Result<Plan, Error> {
     warnings.extend(ast.directive("syntax").and_then(other_frontend_warning));
     Ok(Plan {
         syntax: ast.directive("syntax").map(str::to_string),
+        escape: ast.escape,
         build_platform: opts.build_platform.clone(),
         target_platform,
         target,

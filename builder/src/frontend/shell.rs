@@ -134,6 +134,24 @@ impl Lexer {
         }
     }
 
+    /// A RUN's command line as BuildKit names its step: the variables set
+    /// in `env` expanded, unset ones and quotes left as written, the
+    /// instruction's name in capitals; `text` itself if it does not lex.
+    pub fn display_command(escape: char, text: &str, env: &(impl Env + ?Sized)) -> String {
+        let lex = Lexer {
+            raw_quotes: true,
+            skip_unset_env: true,
+            ..Lexer::new(escape)
+        };
+        let expanded = lex
+            .process_word(text, env)
+            .unwrap_or_else(|_| text.to_string());
+        match expanded.split_once(' ') {
+            Some((ins, rest)) => format!("{} {rest}", ins.to_uppercase()),
+            None => expanded.to_uppercase(),
+        }
+    }
+
     /// Expand `input` into one word (as ENV, WORKDIR, COPY arguments do).
     pub fn process_word(&self, input: &str, env: &(impl Env + ?Sized)) -> Result<String> {
         Ok(self.process(input, env)?.word)
