@@ -218,6 +218,19 @@ fn reproducible_with_source_date_epoch_across_state_dirs() {
     ))
     .0;
     assert_eq!(a, b, "same digest from two state directories");
+    // a cache made without an epoch, or with another one, gives its
+    // layers to no build with this one: their file times differ
+    let quiet_with = |epoch: Option<&str>| {
+        let mut args = vec!["--progress", "quiet"];
+        if let Some(e) = epoch {
+            args.extend(["--build-arg", e]);
+        }
+        ok(p.build_in("state-c", &args)).0
+    };
+    quiet_with(None);
+    quiet_with(Some("SOURCE_DATE_EPOCH=1600000000"));
+    let c = quiet_with(Some("SOURCE_DATE_EPOCH=1700000000"));
+    assert_eq!(a, c, "same digest after builds with other epochs");
 }
 
 #[test]

@@ -107,8 +107,13 @@ impl Project {
     }
 
     fn build(&self, out: &str) -> Output {
+        self.build_with(out, &[])
+    }
+
+    /// [`Project::build`] with `extra` flags.
+    fn build_with(&self, out: &str, extra: &[String]) -> Output {
         let dest = self.dir.join(out);
-        kiln([
+        let mut args = vec![
             "--root".to_string(),
             self.dir.join("state").display().to_string(),
             "build".into(),
@@ -122,10 +127,10 @@ impl Project {
             "plain".into(),
             "-o".into(),
             format!("type=local,dest={}", dest.display()),
-            self.dir.join("ctx").display().to_string(),
-        ])
-        .output()
-        .expect("run kiln build")
+        ];
+        args.extend(extra.iter().cloned());
+        args.push(self.dir.join("ctx").display().to_string());
+        kiln(args).output().expect("run kiln build")
     }
 }
 
@@ -312,4 +317,50 @@ fn add_url_unpack_extracts_an_archive_and_copies_anything_else() {
     );
     // without --unpack a downloaded archive stays as it is, as BuildKit
     assert_eq!(std::fs::read(out.join("kept/a.tar.gz")).unwrap(), tar_gz());
+}
+
+#[test]
+fn build_contexts_from_urls_are_fetched_and_give_their_time() {
+    let s = Server::start();
+    let p = Project::new(
+        "named-context-url",
+        "ARG SOURCE_DATE_EPOCH=one\nFROM scratch\nCOPY --from=arch dir/inner.txt /a\nCOPY --from=one hello.txt /h\n",
+    );
+    let o = p.build_with(
+        "out",
+        &[
+            "--build-context".into(),
+            format!("arch={}", s.url("/files/a.tar.gz")),
+            "--build-context".into(),
+            format!("one={}", s.url("/files/hello.txt")),
+        ],
+    );
+    ok(&o);
+    let out = p.dir.join("out");
+    // an archive is its files; a single file is a context holding it
+    assert_eq!(
+        std::fs::read_to_string(out.join("a")).unwrap(),
+        "inside the archive\n"
+    );
+    assert_eq!(std::fs::read_to_string(out.join("h")).unwrap(), BODY);
+    // SOURCE_DATE_EPOCH naming the context took its Last-Modified
+    for f in ["a", "h"] {
+        let m = std::fs::symlink_metadata(out.join(f)).unwrap().mtime();
+        assert!(
+            m <= LAST_MODIFIED,
+            "{f} mtime {m} not clamped to {LAST_MODIFIED}"
+        );
+    }
+    let missing = p.build_with(
+        "out2",
+        &[
+            "--build-context".into(),
+            format!("arch={}", s.url("/files/missing.tar")),
+        ],
+    );
+    let err = failed(&missing);
+    assert!(
+        err.contains("--build-context arch=") && err.contains("404"),
+        "{err}"
+    );
 }

@@ -159,28 +159,51 @@ pub fn run(
 ) -> anyhow::Result<i32> {
     let state_root = crate::image::StateDir::open(root)?;
     let _stdin = super::context_input::take(&mut args.context, &mut args.file, state_root.root())?;
-    let _remote = match super::context_input::is_remote(&args.context) {
-        true => {
-            let keep_git_dir = build_args(&args.build_arg)
-                .get("BUILDKIT_CONTEXT_KEEP_GIT_DIR")
-                .is_some_and(|v| matches!(v.as_str(), "1" | "true"));
-            let remote = super::context_input::Remote {
-                network: network(&args)?.0,
-                keep_git_dir,
-                state_root: state_root.root(),
-                ssh: session(&args)?.agents.get("default").cloned(),
-            };
-            Some(remote.take(&mut args.context, &mut args.file)?)
-        }
-        false => None,
+    let session = session(&args)?;
+    let remote = super::context_input::Remote {
+        network: network(&args)?.0,
+        keep_git_dir: build_args(&args.build_arg)
+            .get("BUILDKIT_CONTEXT_KEEP_GIT_DIR")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true")),
+        state_root: state_root.root(),
+        ssh: session.agents.get("default").cloned(),
     };
+    let mut times = super::epoch::SourceTimes::default();
+    let mut _fetched = Vec::new();
+    if super::context_input::is_remote(&args.context) {
+        let (input, epoch) = remote.take(&mut args.context, &mut args.file)?;
+        _fetched.push(input);
+        times.context = epoch;
+    }
+    // --build-context NAME=URL: fetched now, then a directory
+    for c in &mut args.build_context {
+        let Some((name, url)) = c.split_once('=') else {
+            continue;
+        };
+        let remote_url = !url.starts_with("docker-image://")
+            && !url.starts_with("oci-layout://")
+            && super::context_input::is_remote(std::path::Path::new(url));
+        if !remote_url {
+            times.named.insert(name.to_string(), None);
+            continue;
+        }
+        let (input, dir, epoch) = remote.named(name, url)?;
+        times.named.insert(name.to_string(), epoch);
+        *c = format!("{name}={}", dir.display());
+        _fetched.push(input);
+    }
     let mode = if args.quiet {
         progress::Mode::Quiet
     } else {
         progress::Mode::parse_for_stderr(&args.progress).map_err(anyhow::Error::msg)?
     };
     let call = call(&args)?;
-    let mut opts = build_options(root, insecure, &args)?;
+    let sources = Sources {
+        session,
+        times: &times,
+        remote: &remote,
+    };
+    let mut opts = build_options(root, insecure, &args, sources)?;
     opts.check = matches!(call, Some(Call::Check));
     let outputs = outputs(&args)?;
     let platforms = platforms(&args)?;
@@ -551,10 +574,20 @@ fn network(args: &BuildArgs) -> anyhow::Result<(kiln_runtime::Network, bool)> {
     Ok((network, allow_network_host))
 }
 
+/// What the build's sources need besides the command line: the
+/// session's secrets and agents, and the times of the remote sources
+/// (for SOURCE_DATE_EPOCH) with the means to fetch a stage's.
+struct Sources<'a> {
+    session: crate::session::Session,
+    times: &'a super::epoch::SourceTimes,
+    remote: &'a super::context_input::Remote<'a>,
+}
+
 fn build_options(
     root: Option<&std::path::Path>,
     insecure: &[String],
     args: &BuildArgs,
+    sources: Sources<'_>,
 ) -> anyhow::Result<engine::BuildOptions> {
     let backend = match args.snapshotter.as_str() {
         "auto" => None,
@@ -569,7 +602,7 @@ fn build_options(
             "--pull asks the registries, and --network=none fetches nothing: drop one of the two"
         );
     }
-    let build_args = build_args(&args.build_arg);
+    let mut build_args = build_args(&args.build_arg);
     let context = std::path::absolute(&args.context)?;
     let dockerfile = match &args.file {
         Some(f) => std::path::absolute(f)?,
@@ -580,10 +613,10 @@ fn build_options(
         }
         None => context.join("Dockerfile"),
     };
-    let epoch = source_date_epoch(&build_args, &dockerfile)?;
+    let epoch = source_date_epoch(&mut build_args, &dockerfile, &sources)?;
     let named_contexts = named_contexts(&args.build_context)?;
     Ok(engine::BuildOptions {
-        session: Arc::new(session(args)?),
+        session: Arc::new(sources.session),
         cache_to: args
             .cache_to
             .iter()
@@ -699,22 +732,37 @@ pub(crate) fn named_contexts(flags: &[String]) -> anyhow::Result<BTreeMap<String
         .collect()
 }
 
-/// SOURCE_DATE_EPOCH, from the build args else the environment.
+/// SOURCE_DATE_EPOCH, from the build args, else the environment, else
+/// the Dockerfile's default, resolved as BuildKit resolves it
+/// ([`super::epoch`]); a value that names a source becomes the build
+/// arg's value (seconds, or empty when the source has no time).
 fn source_date_epoch(
-    build_args: &BTreeMap<String, String>,
+    build_args: &mut BTreeMap<String, String>,
     dockerfile: &std::path::Path,
+    sources: &Sources<'_>,
 ) -> anyhow::Result<Option<i64>> {
-    build_args
+    let Some(value) = build_args
         .get("SOURCE_DATE_EPOCH")
         .cloned()
         .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
         .or_else(|| dockerfile_epoch(dockerfile))
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<i64>()
-                .with_context(|| format!("SOURCE_DATE_EPOCH {s:?} is not a number of seconds"))
-        })
-        .transpose()
+    else {
+        return Ok(None);
+    };
+    let epoch = super::epoch::resolve(
+        &value,
+        sources.times,
+        dockerfile,
+        build_args,
+        sources.remote,
+    )?;
+    if value.parse::<i64>().is_err() && !value.is_empty() {
+        build_args.insert(
+            "SOURCE_DATE_EPOCH".into(),
+            epoch.map(|e| e.to_string()).unwrap_or_default(),
+        );
+    }
+    Ok(epoch)
 }
 
 /// The default of a global `ARG SOURCE_DATE_EPOCH=...` in the Dockerfile,

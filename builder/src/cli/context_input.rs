@@ -20,12 +20,15 @@ pub struct StdinInput {
 }
 
 impl StdinInput {
-    /// `STATE/stdin/PID`, made empty; what killed builds left is swept.
+    /// `STATE/stdin/PID-N` (the Nth of this process), made empty; what
+    /// killed builds left is swept.
     fn new(state_root: &Path) -> anyhow::Result<StdinInput> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let parent = state_root.join("stdin");
         std::fs::create_dir_all(&parent).with_context(|| parent.display().to_string())?;
         sweep(&parent);
-        let dir = parent.join(std::process::id().to_string());
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = parent.join(format!("{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).with_context(|| dir.display().to_string())?;
         Ok(StdinInput { dir })
@@ -130,23 +133,82 @@ pub struct Remote<'a> {
 
 impl Remote<'_> {
     /// Fetch the remote `context` and replace it (and a relative `-f`) by
-    /// local paths.
+    /// local paths. Also returns the context's time, as BuildKit takes it
+    /// for `SOURCE_DATE_EPOCH=context`.
     pub fn take(
         &self,
         context: &mut PathBuf,
         file: &mut Option<PathBuf>,
-    ) -> anyhow::Result<StdinInput> {
+    ) -> anyhow::Result<(StdinInput, Option<i64>)> {
         let url = context.to_string_lossy().into_owned();
         let input = StdinInput::new(self.state_root)?;
-        if crate::frontend::instructions::is_git(&url) {
-            let mut g = crate::engine::git::GitRef::parse(&url)?;
+        let what = format!("the build context {url}");
+        let epoch = match self.fetch(&url, &input.dir.join("context"), &what)? {
+            Fetched::Tree { tree, epoch } => {
+                in_context(file, &tree);
+                *context = tree;
+                epoch
+            }
+            // one file that is not an archive: the Dockerfile, with an
+            // empty context (-f names it, as BuildKit does)
+            Fetched::File { path, epoch } => {
+                let ctx = input.dir.join("empty-context");
+                std::fs::create_dir(&ctx)?;
+                let name = match file.as_deref().and_then(Path::file_name) {
+                    Some(n) => PathBuf::from(n),
+                    None => PathBuf::from("Dockerfile"),
+                };
+                let mut f = std::fs::File::open(&path)?;
+                *file = Some(write_dockerfile(&mut f, &input.dir, &name)?);
+                *context = ctx;
+                epoch
+            }
+        };
+        Ok((input, epoch))
+    }
+
+    /// Fetch `--build-context NAME=URL` (a git repository, or a tar or a
+    /// single file over HTTP(S)) into a directory; also its time.
+    pub fn named(
+        &self,
+        name: &str,
+        url: &str,
+    ) -> anyhow::Result<(StdinInput, PathBuf, Option<i64>)> {
+        let input = StdinInput::new(self.state_root)?;
+        let what = format!("--build-context {name}={url}");
+        Ok(match self.fetch(url, &input.dir.join("context"), &what)? {
+            Fetched::Tree { tree, epoch } => (input, tree, epoch),
+            Fetched::File { path, epoch } => {
+                let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                (input, dir, epoch)
+            }
+        })
+    }
+
+    /// The time of the source `url` (an `ADD` of a source-only stage), as
+    /// BuildKit takes it for SOURCE_DATE_EPOCH: a commit's committer
+    /// time, a Last-Modified header, or the newest file of an archive.
+    pub fn time_of(&self, url: &str, what: &str) -> anyhow::Result<Option<i64>> {
+        let input = StdinInput::new(self.state_root)?;
+        Ok(match self.fetch(url, &input.dir.join("source"), what)? {
+            Fetched::Tree { epoch, .. } | Fetched::File { epoch, .. } => epoch,
+        })
+    }
+
+    /// Fetch `url` into `dir` (which must not exist) under the build's
+    /// network policy: a git checkout, an unpacked archive, or one file.
+    fn fetch(&self, url: &str, dir: &Path, what: &str) -> anyhow::Result<Fetched> {
+        if crate::frontend::instructions::is_git(url) {
+            let mut g = crate::engine::git::GitRef::parse(url)?;
             g.keep_git_dir |= self.keep_git_dir;
+            std::fs::create_dir(dir)?;
             let checkout =
-                crate::engine::git::fetch(&g, None, self.network, self.ssh.as_ref(), &input.dir)
-                    .with_context(|| format!("cannot fetch the build context {url}"))?;
-            in_context(file, &checkout.tree);
-            *context = checkout.tree;
-            return Ok(input);
+                crate::engine::git::fetch(&g, None, self.network, self.ssh.as_ref(), dir)
+                    .with_context(|| format!("cannot fetch {what}"))?;
+            return Ok(Fetched::Tree {
+                tree: checkout.tree,
+                epoch: Some(checkout.committed),
+            });
         }
         let fetcher = crate::engine::download::Fetcher {
             network: self.network,
@@ -155,14 +217,73 @@ impl Remote<'_> {
             dir: crate::engine::download::download_dir(self.state_root)?,
         };
         let d = fetcher
-            .fetch(&url)
-            .with_context(|| format!("cannot fetch the build context {url}"))?;
+            .fetch(url)
+            .with_context(|| format!("cannot fetch {what}"))?;
+        let last_modified = (d.mtime > 0).then_some(d.mtime);
         let mut f = d.file;
         f.seek(std::io::SeekFrom::Start(0))?;
         let mut reader = BufReader::new(f);
-        unpack_or_dockerfile(&mut reader, &input, context, file, &url)?;
-        Ok(input)
+        std::fs::create_dir(dir)?;
+        if is_archive(
+            reader
+                .fill_buf()
+                .with_context(|| format!("cannot read {what}"))?,
+        ) {
+            kiln_snapshotter::apply::apply(&mut reader, dir, &[])
+                .with_context(|| format!("cannot unpack {what}"))?;
+            let epoch = last_modified.or_else(|| newest_file(dir));
+            return Ok(Fetched::Tree {
+                tree: dir.to_path_buf(),
+                epoch,
+            });
+        }
+        let name = url
+            .split(['?', '#'])
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+            .unwrap_or("__unnamed__");
+        let path = dir.join(name);
+        let mut out = std::fs::File::create(&path).with_context(|| path.display().to_string())?;
+        std::io::copy(&mut reader, &mut out).with_context(|| format!("cannot save {what}"))?;
+        Ok(Fetched::File {
+            path,
+            epoch: last_modified,
+        })
     }
+}
+
+/// What a remote source became.
+enum Fetched {
+    /// a directory: a checkout or an unpacked archive
+    Tree { tree: PathBuf, epoch: Option<i64> },
+    /// one downloaded file that is not an archive
+    File { path: PathBuf, epoch: Option<i64> },
+}
+
+/// The newest modification time of a regular file under `dir` (the
+/// archive's newest file, as BuildKit reads it from the tar), not
+/// following symlinks.
+fn newest_file(dir: &Path) -> Option<i64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                newest = newest.max(Some(m.mtime()));
+            }
+        }
+    }
+    newest
 }
 
 /// Write the Dockerfile read from `stdin` to `dir/name`.
@@ -199,7 +320,8 @@ fn sweep(parent: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let pid = name.to_str().map(|n| n.split('-').next().unwrap_or(n));
+        let Some(pid) = pid.and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         if !Path::new("/proc").join(pid.to_string()).exists() {

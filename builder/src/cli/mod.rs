@@ -6,6 +6,7 @@ pub mod build;
 pub mod check;
 pub mod context_input;
 pub mod du;
+pub mod epoch;
 pub mod images;
 pub mod imagetools;
 pub mod info;

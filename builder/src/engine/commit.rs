@@ -42,6 +42,15 @@ fn layer_descriptor(l: &LayerRef) -> serde_json::Value {
 pub const REWRITTEN_TIMESTAMP: &str = "buildkit/rewritten-timestamp";
 
 impl Engine {
+    /// The time a committed layer's files are clamped to, if any. It is
+    /// part of every layer-making step's key: a layer clamped to another
+    /// epoch (or not at all) is another layer.
+    pub(super) fn layer_epoch(&self) -> Option<i64> {
+        self.opts
+            .source_date_epoch
+            .filter(|_| self.opts.rewrite_timestamp)
+    }
+
     /// Make the layer of a finished step's `view` and add it, with its
     /// history entry, to `state`.
     pub(super) fn commit(
@@ -52,11 +61,7 @@ impl Engine {
         vertex: usize,
     ) -> std::result::Result<(), StepError> {
         let t = Instant::now();
-        let epoch = if self.opts.rewrite_timestamp {
-            self.opts.source_date_epoch
-        } else {
-            None
-        };
+        let epoch = self.layer_epoch();
         // plain tar: no step waits for a compressor; outputs that leave
         // the store compress what they send (kiln_snapshotter::variants)
         let committed = self.snap.commit(

@@ -229,6 +229,8 @@ fn percent_decode(s: &str) -> String {
 pub struct Checkout {
     pub tree: PathBuf,
     pub commit: String,
+    /// the commit's committer time, seconds since the epoch
+    pub committed: i64,
 }
 
 /// Fetch `g` into `dir` (an empty directory kiln made) under `network`;
@@ -587,6 +589,11 @@ impl Git {
                 actual: head.trim().to_string(),
             });
         }
+        let committed = self
+            .run(&tree, &["show", "-s", "--format=%ct", "HEAD"])?
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(0);
         if g.submodules && tree.join(".gitmodules").exists() {
             self.run(
                 &tree,
@@ -607,7 +614,11 @@ impl Git {
             None => tree,
             Some(s) => self.subdir(&tree, s)?,
         };
-        Ok(Checkout { tree, commit })
+        Ok(Checkout {
+            tree,
+            commit,
+            committed,
+        })
     }
 
     /// `sub` of the checkout at `tree`, which must resolve inside it.

@@ -85,12 +85,16 @@ fn history_text(step: &Step) -> String {
 }
 
 /// What goes into a WORKDIR key: the parent's key, the instruction as
-/// planned and the USER that will own the directories it makes.
-fn workdir_key(parent: &Key, step: &Step, user: &str) -> Key {
+/// planned, the USER that will own the directories it makes and the
+/// epoch its layer's times are clamped to.
+fn workdir_key(parent: &Key, step: &Step, user: &str, epoch: Option<i64>) -> Key {
     let mut k = KeyBuilder::new("workdir");
     k.str(&parent.0)
         .str(&serde_json::to_string(&step.instruction).unwrap_or_default())
         .str(user);
+    if let Some(e) = epoch {
+        k.str(&format!("epoch {e}"));
+    }
     k.finish()
 }
 
@@ -104,7 +108,7 @@ impl Engine {
         state.apply_config(&ctx.step.instruction);
         let dir = state.config.workdir.clone();
         let user = state.config.user.clone();
-        let key = workdir_key(&ctx.parent, &ctx.step, &user);
+        let key = workdir_key(&ctx.parent, &ctx.step, &user, self.layer_epoch());
         let lock = self.shared.key_lock(&key);
         let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = self.hit(ctx, &key) {

@@ -302,6 +302,9 @@ impl Engine {
     ) -> Result<(Key, Vec<Remote>), StepError> {
         let mut k = KeyBuilder::new("step");
         k.str(&ctx.parent.0);
+        if let Some(e) = self.layer_epoch() {
+            k.str(&format!("epoch {e}"));
+        }
         match tree {
             // the commit, not how the URL named it (nor --checksum)
             Tree::Git { .. } => k.str(&op.excludes.join("\n")),

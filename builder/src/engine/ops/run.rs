@@ -126,6 +126,9 @@ impl Engine {
             k.str(&format!("ulimit {:?} {} {}", u.kind, u.soft, u.hard));
         }
         run_mounts::key_inputs(&run.mounts, &ctx.from, resources, &mut k)?;
+        if let Some(e) = self.layer_epoch() {
+            k.str(&format!("epoch {e}"));
+        }
         Ok(k.finish())
     }
 
