@@ -621,3 +621,47 @@ fn the_stat_cache_sees_a_file_rewritten_with_its_old_size_and_mtime() {
         "a stale checksum was used"
     );
 }
+
+#[test]
+fn an_archive_is_extracted_through_the_images_directory_links_never_out_of_it() {
+    use kiln_vm_tests::rawtar::{archive, entry};
+    let p = Project::new(
+        "add-through-links",
+        "FROM scratch\nADD base.tar /\nADD payload.tar /\n",
+    );
+    // the image: /real a directory, /abs -> /real, /up -> a path that
+    // climbs out of any root, /file -> /real/f (not a directory)
+    let base = archive(&[
+        entry("real/", b'5', "", b"", 0o755),
+        entry("abs", b'2', "/real", b"", 0o777),
+        entry(
+            "up",
+            b'2',
+            "../../../../../../../../tmp/kiln-through-links",
+            b"",
+            0o777,
+        ),
+    ]);
+    // the payload names those links as directories
+    let payload = archive(&[
+        entry("abs/", b'5', "", b"", 0o755),
+        entry("abs/a.txt", b'0', "", b"through\n", 0o644),
+        entry("up/", b'5', "", b"", 0o755),
+        entry("up/b.txt", b'0', "", b"not out\n", 0o644),
+    ]);
+    std::fs::write(p.ctx().join("base.tar"), base).unwrap();
+    std::fs::write(p.ctx().join("payload.tar"), payload).unwrap();
+    p.chown();
+    let _ = std::fs::remove_dir_all("/tmp/kiln-through-links");
+    let out = p.build_local("out");
+    // a link to a directory is written through and kept
+    assert_eq!(read(&out.join("real/a.txt")), "through\n");
+    assert_eq!(
+        std::fs::read_link(out.join("abs")).unwrap(),
+        Path::new("/real")
+    );
+    // a link to nothing in the image is replaced, as docker's untar does;
+    // nothing is written outside the image
+    assert_eq!(read(&out.join("up/b.txt")), "not out\n");
+    assert!(!Path::new("/tmp/kiln-through-links").exists());
+}

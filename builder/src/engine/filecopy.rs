@@ -871,15 +871,20 @@ pub fn copy(
     target: &Root,
     attrs: &CopyAttrs<'_>,
 ) -> Result<()> {
-    copy_entries(source, entries, target, attrs, attrs.keep_owner)
+    copy_entries(source, entries, target, attrs, attrs.keep_owner, false)
 }
 
+/// With `through_links` (an archive's contents), a directory whose
+/// destination is a symlink to a directory in the image (`var/run ->
+/// /run`) is written through the link, as docker's untar resolves the
+/// paths it writes, instead of replacing it.
 fn copy_entries(
     source: &Source<'_>,
     entries: &[Entry],
     target: &Root,
     attrs: &CopyAttrs<'_>,
     keep_owner: bool,
+    through_links: bool,
 ) -> Result<()> {
     // Regular files are written last, on every core, once their
     // directories exist; only when no two entries share a destination and
@@ -926,6 +931,9 @@ fn copy_entries(
             fsutil::create(dirfd, name, Node::Bytes(bytes), mode, uid, gid, &e.meta)
                 .map_err(werr)?;
         } else if e.meta.is_dir() {
+            if through_links && target.is_link_to_dir(&e.dest) {
+                continue;
+            }
             fsutil::create(dirfd, name, Node::Dir, mode, uid, gid, &e.meta).map_err(werr)?;
         } else if e.meta.is_file() && parallel {
             files.push((e, mode, uid, gid));
@@ -998,7 +1006,7 @@ fn extract(source: &Source<'_>, e: &Entry, target: &Root, attrs: &CopyAttrs<'_>)
         };
         let mut entries = Vec::new();
         tree.walk_from(Path::new(""), &e.dest, &Matcher::default(), &mut entries)?;
-        copy_entries(&tree, &entries, target, attrs, true)
+        copy_entries(&tree, &entries, target, attrs, true, true)
     })();
     // The scratch tree only ever held the archive's contents; a leftover is
     // cleaned by the snapshotter's tmp sweep.

@@ -197,6 +197,20 @@ impl Root {
         stat_fd(fd.as_raw_fd(), &cstr("")?, libc::AT_EMPTY_PATH)
     }
 
+    /// Whether `rel` is a symlink that resolves, inside the root, to a
+    /// directory.
+    pub fn is_link_to_dir(&self, rel: &Path) -> bool {
+        let (parent, name) = split(rel);
+        let Ok(dir) = self.open_at(parent, libc::O_PATH | libc::O_DIRECTORY) else {
+            return false;
+        };
+        let Ok(name) = cstr(name) else {
+            return false;
+        };
+        stat_fd(dir.as_raw_fd(), &name, libc::AT_SYMLINK_NOFOLLOW).is_ok_and(|m| m.is_symlink())
+            && self.stat(rel).is_ok_and(|m| m.is_dir())
+    }
+
     /// Open a regular file for reading, inside the root.
     pub fn open_file(&self, rel: &Path) -> io::Result<File> {
         Ok(File::from(
