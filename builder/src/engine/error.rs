@@ -101,6 +101,8 @@ pub enum StepError {
     Network(#[from] network::Denied),
     #[error("RUN --security=insecure is not allowed: kiln never runs a step privileged")]
     Insecure,
+    #[error("RUN --device={0},required: kiln gives steps no host devices (no CDI devices); drop the device or make it optional")]
+    Device(String),
     #[error("{0} is not supported by the build engine yet")]
     Instruction(String),
     #[error("--build-context {name}={spec}: {why}")]

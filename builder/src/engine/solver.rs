@@ -146,6 +146,7 @@ pub(super) fn plan(
         progress.add_lint(frontend::plan::findings_before_error(&ast, &plan_opts));
     })?;
     network::check_plan(&first, &file, opts.network, opts.allow_network_host)?;
+    check_devices(&first, &file, progress)?;
     if opts.network == kiln_runtime::Network::None {
         if let Some(remote_cache::Import::Registry { reference }) = opts
             .cache_from
@@ -201,6 +202,35 @@ pub(super) fn plan(
         plan,
         bases,
     })
+}
+
+/// `RUN --device`: kiln gives a step no host device (a Dockerfile is not
+/// trusted with the host's hardware, and there are no CDI specs), so a
+/// required device fails the build before anything runs, and an optional
+/// one is left out with a warning, as BuildKit leaves out an optional
+/// device it does not have.
+fn check_devices(plan: &Plan, file: &str, progress: &Progress) -> Result<()> {
+    for step in plan.stages.iter().flat_map(|s| &s.steps) {
+        let Instruction::Run(run) = &step.instruction else {
+            continue;
+        };
+        for d in &run.devices {
+            if d.required {
+                return Err(Error::Step {
+                    file: file.to_string(),
+                    line: step.line,
+                    end_line: step.end_line,
+                    instruction: step.original.clone(),
+                    source: Box::new(StepError::Device(d.name.clone())),
+                });
+            }
+            progress.summary(&format!(
+                "WARNING: {file}:{}: RUN --device={}: kiln gives steps no host devices; the step runs without it",
+                step.line, d.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Build one platform's image; `shared` is what it shares with the builds
