@@ -540,3 +540,52 @@ fn an_ignore_file_that_cannot_be_read_or_parsed_stops_the_build() {
     );
     assert!(!out.join("ctx/secret.key").exists());
 }
+
+/// Whether the step named `name` (a prefix of its progress name) was
+/// reported CACHED in the plain progress `err`.
+fn was_cached(err: &str, name: &str) -> bool {
+    let vertex = err.lines().find_map(|l| {
+        let (v, rest) = l.split_once(' ')?;
+        rest.starts_with(name).then_some(v)
+    });
+    vertex.is_some_and(|v| err.lines().any(|l| l == format!("{v} CACHED")))
+}
+
+#[test]
+fn steps_reading_a_rebuilt_stage_hit_when_its_files_are_the_same() {
+    let p = Project::new(
+        "build-content-keys",
+        "FROM scratch AS tools\nCOPY rootfs/ /\n\nFROM scratch AS src\nCOPY bust /bust\nCOPY word /out\n\nFROM tools AS copier\nCOPY --from=src /out /out\n\nFROM tools AS mounter\nRUN --mount=from=src,source=/out,target=/m cat /m > /seen\n",
+    );
+    let build = |bust: &str, word: &str| {
+        std::fs::write(p.ctx().join("bust"), bust).unwrap();
+        std::fs::write(p.ctx().join("word"), word).unwrap();
+        p.chown();
+        let a = ok(p.build(&["--progress", "plain", "--target", "copier"])).1;
+        let b = ok(p.build(&["--progress", "plain", "--target", "mounter"])).1;
+        (a, b)
+    };
+    build("1", "same");
+    // src is made again (its first input changed) into the same /out: the
+    // COPY --from and the RUN that mounts it hit by what they read
+    let (copier, mounter) = build("2", "same");
+    assert!(!was_cached(&copier, "[src 2/2] COPY word /out"), "{copier}");
+    assert!(
+        was_cached(&copier, "[copier 1/1] COPY --from=src /out /out"),
+        "{copier}"
+    );
+    assert!(
+        was_cached(&mounter, "[mounter 1/1] RUN --mount=from=src"),
+        "{mounter}"
+    );
+    // a source made again into other files is a miss
+    let (copier, mounter) = build("3", "other");
+    assert!(
+        !was_cached(&copier, "[copier 1/1] COPY --from=src"),
+        "{copier}"
+    );
+    assert!(
+        !was_cached(&mounter, "[mounter 1/1] RUN --mount=from=src"),
+        "{mounter}"
+    );
+}

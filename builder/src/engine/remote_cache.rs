@@ -614,7 +614,9 @@ fn parse_reference(place: &str) -> Result<crate::image::reference::Reference> {
 }
 
 /// Read the cache at registry reference `reference`: a cache manifest
-/// (`type=registry` export) or an image whose config holds inline records.
+/// (`type=registry` export), an image whose config holds inline records,
+/// or an index of such images (a multi-platform image with inline cache:
+/// the records of every image in it).
 pub async fn read_registry(
     registry: &crate::registry::Registry,
     content: &ContentStore,
@@ -627,13 +629,59 @@ pub async fn read_registry(
         source: Box::new(e),
     };
     let host = r.domain.clone();
-    let (bytes, _digest, _media) = registry.fetch_manifest(&r, &host).await.map_err(reg_err)?;
-    let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+    let (bytes, _digest, media) = registry.fetch_manifest(&r, &host).await.map_err(reg_err)?;
+    let index = media.contains("index") || media.contains("manifest.list");
+    if !index {
+        return manifest_records(registry, content, &r, &bytes, &place).await;
+    }
+    let index: oci_spec::image::ImageIndex =
+        serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+            place: place.clone(),
+            why: format!("not an image index: {e}"),
+        })?;
+    let mut all = CacheConfig::default();
+    for d in index.manifests() {
+        // attestation manifests (platform unknown/unknown) hold no cache
+        if d.platform()
+            .as_ref()
+            .is_some_and(|p| p.os().to_string() == "unknown")
+        {
+            continue;
+        }
+        let child = crate::image::reference::Reference {
+            digest: Some(d.digest().to_string()),
+            tag: None,
+            ..r.clone()
+        };
+        let (bytes, _, _) = registry
+            .fetch_manifest(&child, &host)
+            .await
+            .map_err(reg_err)?;
+        let records = manifest_records(registry, content, &child, &bytes, &place).await?;
+        all.records.extend(records.records);
+    }
+    Ok(all)
+}
+
+/// The records of one manifest (`bytes`, fetched from `r`): its config's.
+async fn manifest_records(
+    registry: &crate::registry::Registry,
+    content: &ContentStore,
+    r: &crate::image::reference::Reference,
+    bytes: &[u8],
+    place: &str,
+) -> Result<CacheConfig> {
+    let place = place.to_string();
+    let reg_err = |e| Error::Registry {
+        place: place.clone(),
+        source: Box::new(e),
+    };
+    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| Error::Format {
         place: place.clone(),
         why: format!("not an image or cache manifest: {e}"),
     })?;
     registry
-        .fetch_blob(content, &r, &host, manifest.config(), "cache config")
+        .fetch_blob(content, r, &r.domain, manifest.config(), "cache config")
         .await
         .map_err(reg_err)?;
     let config = content

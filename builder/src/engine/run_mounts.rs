@@ -214,16 +214,28 @@ fn dir_entries(src: &DirSource<'_>, source: Option<&str>) -> Result<Vec<filecopy
 
 /// Add what the mounts bring into the step to its cache key: the content
 /// of bind sources from a directory, the key of a stage or image they read
-/// from. Secrets, ssh agents, tmpfs and the contents of cache mounts are
-/// never part of the key (as BuildKit).
+/// from; `by_content`, the checksum of what a bind mount of a stage or
+/// image shows (its `source` path in a read-only view of that result)
+/// instead of the result's key, as BuildKit's content-based key of an
+/// exec's mounts (a source stage made again into the same files gives
+/// the same key). Secrets, ssh agents, tmpfs and the contents of cache
+/// mounts are never part of the key (as BuildKit).
 pub fn key_inputs(
     mounts: &[Mount],
     sources: &[FromSource],
     res: &Resources<'_>,
     key: &mut KeyBuilder,
+    by_content: bool,
 ) -> Result<()> {
     for (m, from) in mounts.iter().zip(froms(mounts, sources)) {
         match (m, from) {
+            (Mount::Bind { source, .. }, Some(FromSource::Image(k, st))) if by_content => {
+                with_result_view(res, "mount-key", k, st, |src| {
+                    let entries = dir_entries(src, source.as_deref())?;
+                    key.str("mount-content");
+                    Ok(src.source().checksum(&entries, key)?)
+                })?;
+            }
             (_, Some(FromSource::Image(k, _))) => {
                 key.str("mount-from").str(&k.0);
             }
@@ -242,6 +254,46 @@ pub fn key_inputs(
         }
     }
     Ok(())
+}
+
+/// Whether a bind mount of the step reads a stage or image: the step then
+/// has a content key too ([`key_inputs`] by content).
+pub fn binds_an_image(mounts: &[Mount], sources: &[FromSource]) -> bool {
+    mounts
+        .iter()
+        .zip(froms(mounts, sources))
+        .any(|(m, f)| matches!((m, f), (Mount::Bind { .. }, Some(FromSource::Image(..)))))
+}
+
+/// Run `f` on a read-only view of the result `st` (keyed `k`) as a
+/// directory source; the view is removed afterwards.
+fn with_result_view<T>(
+    res: &Resources<'_>,
+    what: &str,
+    k: &step_cache::Key,
+    st: &crate::engine::image_state::ImageState,
+    f: impl FnOnce(&DirSource<'_>) -> Result<T>,
+) -> Result<T> {
+    let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
+    let view = res
+        .snap
+        .view(&step_cache::view_key(what, k), chain.as_ref())?;
+    let done = Root::open(view.path())
+        .map_err(|e| Error::Source {
+            what: "source stage",
+            path: "/".into(),
+            source: e,
+        })
+        .and_then(|root| {
+            f(&DirSource {
+                root: RootRef::Owned(root),
+                ignore: None,
+                what: "source stage",
+                stat_cache: None,
+            })
+        });
+    let _ = res.snap.remove(view);
+    done
 }
 
 /// A mount point kiln created: its real path inside the rootfs.
@@ -722,27 +774,10 @@ fn seed_cache(
         let entries = dir_entries(&src, source)?;
         filecopy::copy(&src.source(), &entries, cache_root, &attrs)?;
     } else if let Some(FromSource::Image(k, st)) = from {
-        let chain: Option<Digest> = st.chain.as_ref().and_then(|c| c.parse().ok());
-        let view = res
-            .snap
-            .view(&step_cache::view_key("cache-seed", k), chain.as_ref())?;
-        let copied = (|| {
-            let src = DirSource {
-                root: RootRef::Owned(Root::open(view.path()).map_err(|e| Error::Source {
-                    what: "source stage",
-                    path: "/".into(),
-                    source: e,
-                })?),
-                ignore: None,
-                what: "source stage",
-                stat_cache: None,
-            };
-            let entries = dir_entries(&src, source)?;
-            filecopy::copy(&src.source(), &entries, cache_root, &attrs)?;
-            Ok::<(), Error>(())
-        })();
-        let _ = res.snap.remove(view);
-        copied?;
+        with_result_view(res, "cache-seed", k, st, |src| {
+            let entries = dir_entries(src, source)?;
+            Ok(filecopy::copy(&src.source(), &entries, cache_root, &attrs)?)
+        })?;
     }
     Ok(())
 }

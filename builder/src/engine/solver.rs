@@ -85,6 +85,10 @@ pub(super) struct Engine {
     imported: remote_cache::Imported,
     /// every step's key and resulting state, for `--cache-to`
     trail: Mutex<Vec<(Key, ImageState)>>,
+    /// the trail's content keys (ops::Keys): not in an inline cache, which
+    /// is part of the image and so must not depend on whether a step hit
+    /// by definition or ran
+    content_keys: Mutex<std::collections::HashSet<Key>>,
     pub(super) file: String,
     pub(super) shared: Arc<Shared>,
     pub(super) executed: AtomicUsize,
@@ -332,6 +336,7 @@ impl Engine {
             redactor,
             imported,
             trail: Mutex::new(Vec::new()),
+            content_keys: Mutex::new(std::collections::HashSet::new()),
             file,
             executed: AtomicUsize::new(0),
             cached: AtomicUsize::new(0),
@@ -392,8 +397,18 @@ impl Engine {
         let mut inline = None;
         for to in &self.opts.cache_to {
             if *to == remote_cache::Export::Inline {
+                let content = self
+                    .content_keys
+                    .lock()
+                    .map(|c| c.clone())
+                    .unwrap_or_default();
+                let by_definition: Vec<(Key, ImageState)> = trail
+                    .iter()
+                    .filter(|(k, _)| !content.contains(k))
+                    .cloned()
+                    .collect();
                 inline = Some(remote_cache::select(
-                    &trail,
+                    &by_definition,
                     &state,
                     remote_cache::Mode::Min,
                 ));
@@ -669,6 +684,12 @@ impl Engine {
             Ok(done) => {
                 if let Ok(mut t) = self.trail.lock() {
                     t.push((done.key.clone(), done.state.clone()));
+                    if let Some(k) = &done.content_key {
+                        t.push((k.clone(), done.state.clone()));
+                        if let Ok(mut c) = self.content_keys.lock() {
+                            c.insert(k.clone());
+                        }
+                    }
                 }
                 if done.cached {
                     self.cached.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,7 @@ pub struct Key(pub String);
 
 /// Builds a key from parts; each part is length-prefixed so that no two
 /// different sequences of parts hash alike.
+#[derive(Clone)]
 pub struct KeyBuilder(Sha256);
 
 impl KeyBuilder {

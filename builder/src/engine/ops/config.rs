@@ -126,6 +126,7 @@ impl Engine {
         self.record(&key, &state);
         Ok(Done {
             key,
+            content_key: None,
             state,
             cached: false,
         })

@@ -234,10 +234,11 @@ impl Engine {
         let mut entries = source.collect(&locals, &dest.path, dest.is_dir, &rules)?;
         self.progress
             .phase(ctx.vertex, &format!("list {} sources", entries.len()), t);
-        let (key, remote) = self.copy_key(ctx, op, tree, &source, &entries, &dest, &urls)?;
+        let (keys, remote) = self.copy_key(ctx, op, tree, &source, &entries, &dest, &urls)?;
+        let key = keys.key.clone();
         let lock = self.shared.key_lock(&key);
         let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hit) = self.hit(ctx, &key) {
+        if let Some(hit) = self.hit_either(ctx, &keys) {
             return Ok(hit);
         }
         self.progress.started(ctx.vertex, &ctx.name);
@@ -272,23 +273,26 @@ impl Engine {
         let mut state = ctx.state.clone();
         let created_by = format!("{} # buildkit", copy_history(&ctx.step));
         self.commit(view, &mut state, created_by, ctx.vertex)?;
-        self.record(&key, &state);
+        self.record_keys(&keys, &state);
         Ok(Done {
             key,
+            content_key: keys.content,
             state,
             cached: false,
         })
     }
 
     /// What goes into a COPY or ADD key: the parent's key and the
-    /// instruction as planned; the source tree (a named context's name, a
-    /// source stage's key; nothing for the build context, whose files are
-    /// checksummed); a checksum of exactly the entries copied (mode, owner,
-    /// size, link target and bytes, [`filecopy::Source::checksum`]); each
-    /// URL's content digest, or its `--checksum` when given (then a hit
+    /// instruction as planned; the source tree (a named context's name;
+    /// nothing for the build context, whose files are checksummed); a
+    /// checksum of exactly the entries copied (mode, owner, size, link
+    /// target and bytes, [`filecopy::Source::checksum`]); each URL's
+    /// content digest, or its `--checksum` when given (then a hit
     /// downloads nothing), and where it lands; `--chown`, `--chmod` and
-    /// the destination. Downloads made for the key are returned for the
-    /// copy.
+    /// the destination. A COPY --from a stage or image has two keys
+    /// ([`super::Keys`]): by the source's key instead of the checksum,
+    /// and by the checksum alone. Downloads made for the key are returned
+    /// for the copy.
     #[allow(clippy::too_many_arguments)]
     fn copy_key(
         &self,
@@ -299,7 +303,7 @@ impl Engine {
         entries: &[Entry],
         dest: &Dest,
         urls: &[Source],
-    ) -> Result<(Key, Vec<Remote>), StepError> {
+    ) -> Result<(super::Keys, Vec<Remote>), StepError> {
         let mut k = KeyBuilder::new("step");
         k.str(&ctx.parent.0);
         if let Some(e) = self.layer_epoch() {
@@ -311,17 +315,24 @@ impl Engine {
             _ => k.str(&serde_json::to_string(&ctx.step.instruction).unwrap_or_default()),
         };
         match tree {
-            Tree::Context(_) => {}
+            Tree::Context(_) | Tree::Image { .. } => {}
             Tree::Dir { name, .. } => {
                 k.str("context").str(name);
-            }
-            Tree::Image { key, .. } => {
-                k.str(&key.0);
             }
             Tree::Git { name, .. } => {
                 k.str("git").str(name);
             }
         }
+        // the definition key of a copy from a stage or image: the same
+        // inputs with the source's key where the checksum goes
+        let mut by_source = match tree {
+            Tree::Image { key, .. } => {
+                let mut d = k.clone();
+                d.str("from-key").str(&key.0);
+                Some(d)
+            }
+            _ => None,
+        };
         let t = Instant::now();
         // a git tree is keyed by its commit (in its name), as BuildKit
         // keys it: a kept .git directory is never the same twice
@@ -368,10 +379,22 @@ impl Engine {
                 download,
             });
         }
-        k.str(op.chown.unwrap_or(""))
-            .str(&format!("{:?}", op.chmod))
-            .str(&dest.path);
-        Ok((k.finish(), remote))
+        for b in [Some(&mut k), by_source.as_mut()].into_iter().flatten() {
+            b.str(op.chown.unwrap_or(""))
+                .str(&format!("{:?}", op.chmod))
+                .str(&dest.path);
+        }
+        let keys = match by_source {
+            Some(d) => super::Keys {
+                key: d.finish(),
+                content: Some(k.finish()),
+            },
+            None => super::Keys {
+                key: k.finish(),
+                content: None,
+            },
+        };
+        Ok((keys, remote))
     }
 
     /// Open the tree a COPY reads: `from`, else the build context.

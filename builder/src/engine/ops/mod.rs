@@ -1,6 +1,6 @@
 //! The ops: what each kind of step does, and what goes into its cache key.
 //! As in BuildKit, each op has one function that says what keys it
-//! ([`run`]'s `Engine::run_key`, [`copy`]'s `Engine::copy_key`,
+//! ([`run`]'s `Engine::run_keys`, [`copy`]'s `Engine::copy_key`,
 //! [`config::key`]); the solver ([`super::solver`]) only schedules, looks
 //! keys up and records results.
 //!
@@ -63,8 +63,22 @@ impl StepCtx {
 /// the cache.
 pub struct Done {
     pub key: Key,
+    /// the step's content key, when it has one ([`Keys`]): recorded too
+    pub content_key: Option<Key>,
     pub state: ImageState,
     pub cached: bool,
+}
+
+/// A step's keys. As BuildKit keys a step that reads another stage (COPY
+/// --from, RUN --mount=from=) twice: by definition (the source stage's
+/// key, known before that stage's files are, so a cache that holds only
+/// the final stage still hits) and by content (what it reads from the
+/// source, so a source stage that was rebuilt into the same files still
+/// hits). The first is the step's key; a hit on either is a hit, and a
+/// result is recorded under both.
+pub struct Keys {
+    pub key: Key,
+    pub content: Option<Key>,
 }
 
 impl Engine {
@@ -89,12 +103,43 @@ impl Engine {
 
     /// A cache hit for `key`, reported as such, or None.
     fn hit(&self, ctx: &StepCtx, key: &Key) -> Option<Done> {
-        let state = self.lookup(key, ctx.no_cache)?;
+        self.hit_either(
+            ctx,
+            &Keys {
+                key: key.clone(),
+                content: None,
+            },
+        )
+    }
+
+    /// A cache hit for either of `keys`, reported as such, or None. A hit
+    /// by content is recorded under the definition key too; a hit by
+    /// definition is not recorded under the content key, since the layer
+    /// may have been made from other files than the source has now.
+    fn hit_either(&self, ctx: &StepCtx, keys: &Keys) -> Option<Done> {
+        let (state, content_key) = match self.lookup(&keys.key, ctx.no_cache) {
+            Some(s) => (s, None),
+            None => {
+                let k = keys.content.as_ref()?;
+                let s = self.lookup(k, ctx.no_cache)?;
+                self.record(&keys.key, &s);
+                (s, Some(k.clone()))
+            }
+        };
         self.progress.cached(ctx.vertex, &ctx.name);
         Some(Done {
-            key: key.clone(),
+            key: keys.key.clone(),
+            content_key,
             state,
             cached: true,
         })
+    }
+
+    /// Record a step's new `state` under both `keys`.
+    fn record_keys(&self, keys: &Keys, state: &ImageState) {
+        self.record(&keys.key, state);
+        if let Some(k) = &keys.content {
+            self.record(k, state);
+        }
     }
 }
