@@ -97,6 +97,37 @@ pub fn load_bases(
         }
         bases.insert(key, loaded);
     }
+    // an image named by --build-context: its ONBUILD triggers are planned
+    // with the Dockerfile, so that one naming a stage finds it (the image
+    // itself is loaded again when the stage starts)
+    for stage in &first.stages {
+        let Base::Context { name, source } = &stage.base else {
+            continue;
+        };
+        let loaded = if let Some(layout) = source.strip_prefix("oci-layout://") {
+            load_layout_base(snap, name, layout, &stage.platform)?
+        } else if let Some(reference) = source
+            .strip_prefix("docker-image://")
+            .filter(|r| *r != "scratch")
+        {
+            load_base(
+                snap,
+                registry,
+                opts.pull,
+                reference,
+                &stage.platform,
+                report,
+            )
+            .map_err(|e| offline_error(e, offline))?
+        } else {
+            continue;
+        };
+        if !loaded.1.config.onbuild.is_empty() {
+            plan_opts
+                .image_onbuild
+                .insert(source.clone(), loaded.1.config.onbuild.clone());
+        }
+    }
     Ok(bases)
 }
 

@@ -530,8 +530,12 @@ impl Engine {
             stage.base,
             frontend::Base::Image { .. } | frontend::Base::Context { .. }
         ) && dir_root.is_none();
+        // (planned with the Dockerfile when the plan knew the image)
+        let planned = stage.steps.iter().any(|s| s.trigger);
         let triggers = match stage.base {
-            frontend::Base::Context { .. } if from_image && !state.config.onbuild.is_empty() => {
+            frontend::Base::Context { .. }
+                if from_image && !planned && !state.config.onbuild.is_empty() =>
+            {
                 bases::onbuild_steps(&state, &self.file)?
             }
             _ => Vec::new(),

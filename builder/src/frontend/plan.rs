@@ -100,8 +100,9 @@ pub struct PlanOptions {
     /// Config working directory of base images, by reference as written in
     /// FROM (an image listed in `image_env` but not here starts in `/`).
     pub image_workdir: BTreeMap<String, String>,
-    /// ONBUILD triggers of base images, by reference as written in FROM:
-    /// planned as the first steps of the stages built on them.
+    /// ONBUILD triggers of base images, by reference as written in FROM
+    /// (an image named by `--build-context`: by its source): planned as
+    /// the first steps of the stages built on them.
     pub image_onbuild: BTreeMap<String, Vec<String>>,
     /// Report the lint findings of every stage, not only of those built
     /// (`--check`).
@@ -469,10 +470,13 @@ impl Planner<'_> {
                 .as_ref()
                 .map(|p| p.triggers.clone())
                 .unwrap_or_default(),
-            Base::Image { reference } => match self.opts.image_onbuild.get(reference) {
-                Some(triggers) => image_triggers(triggers, &nodes[0])?,
-                None => Vec::new(),
-            },
+            // an image named by --build-context: keyed by its source
+            Base::Image { reference: key } | Base::Context { source: key, .. } => {
+                match self.opts.image_onbuild.get(key) {
+                    Some(triggers) => image_triggers(triggers, &nodes[0])?,
+                    None => Vec::new(),
+                }
+            }
             _ => Vec::new(),
         };
         for (k, node) in inherited.iter().chain(&nodes[1..]).enumerate() {
