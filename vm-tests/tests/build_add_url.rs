@@ -112,6 +112,12 @@ impl Project {
 
     /// [`Project::build`] with `extra` flags.
     fn build_with(&self, out: &str, extra: &[String]) -> Output {
+        self.build_env(out, extra, &[])
+    }
+
+    /// [`Project::build_with`] with environment variables `env` (K=V; the
+    /// test user's kiln gets a clean environment, so through env(1)).
+    fn build_env(&self, out: &str, extra: &[String], env: &[String]) -> Output {
         let dest = self.dir.join(out);
         let mut args = vec![
             "--root".to_string(),
@@ -130,7 +136,14 @@ impl Project {
         ];
         args.extend(extra.iter().cloned());
         args.push(self.dir.join("ctx").display().to_string());
-        kiln(args).output().expect("run kiln build")
+        if env.is_empty() {
+            return kiln(args).output().expect("run kiln build");
+        }
+        let mut cmd = kiln_vm_tests::unprivileged(Path::new("/usr/bin/env"));
+        cmd.args(env);
+        cmd.arg(kiln_vm_tests::stage_file(&kiln_vm_tests::kiln_binary()));
+        cmd.args(args);
+        cmd.output().expect("run kiln build")
     }
 }
 
@@ -361,6 +374,64 @@ fn build_contexts_from_urls_are_fetched_and_give_their_time() {
     let err = failed(&missing);
     assert!(
         err.contains("--build-context arch=") && err.contains("404"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_source_policy_converts_and_denies_sources() {
+    let s = Server::start();
+    let p = Project::new(
+        "source-policy",
+        &format!("FROM scratch\nADD {} /hello\n", s.url("/moved/hello.txt")),
+    );
+    let policy = p.dir.join("policy.json");
+    let port = s.port;
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"rules":[
+  {{"action":"DENY","selector":{{"identifier":"docker-image://*"}}}},
+  {{"action":"CONVERT","selector":{{"identifier":"http://127.0.0.1:{port}/moved/*"}},
+    "updates":{{"identifier":"http://127.0.0.1:{port}/files/$1","attrs":{{"http.checksum":"{sum}"}}}}}}
+]}}"#,
+            sum = digest()
+        ),
+    )
+    .unwrap();
+    kiln_vm_tests::give_to_test_user(&p.dir);
+    let env = [format!(
+        "EXPERIMENTAL_BUILDKIT_SOURCE_POLICY={}",
+        policy.display()
+    )];
+    let build = |dockerfile: &str| {
+        std::fs::write(p.dir.join("ctx/Dockerfile"), dockerfile).unwrap();
+        kiln_vm_tests::give_to_test_user(&p.dir);
+        p.build_env("out", &[], &env)
+    };
+    // the URL is read where the policy sends it, checked against the
+    // checksum the policy gives
+    let dockerfile = std::fs::read_to_string(p.dir.join("ctx/Dockerfile")).unwrap();
+    ok(&build(&dockerfile));
+    assert_eq!(
+        std::fs::read_to_string(p.dir.join("out/hello")).unwrap(),
+        BODY
+    );
+    // every image is denied
+    let err = failed(&build("FROM busybox\n"));
+    assert!(
+        err.contains("source \"docker-image://docker.io/library/busybox:latest\" denied by policy"),
+        "{err}"
+    );
+    // a policy that does not parse is an error naming the file
+    std::fs::write(
+        &policy,
+        r#"{"rules":[{"action":"MAYBE","selector":{"identifier":"x"}}]}"#,
+    )
+    .unwrap();
+    let err = failed(&build(&dockerfile));
+    assert!(
+        err.contains("policy.json") && err.contains("MAYBE"),
         "{err}"
     );
 }

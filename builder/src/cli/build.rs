@@ -168,6 +168,7 @@ pub fn run(
         state_root: state_root.root(),
         ssh: session.agents.get("default").cloned(),
     };
+    contexts_under_policy(&session, &mut args)?;
     let mut times = super::epoch::SourceTimes::default();
     let mut _fetched = Vec::new();
     if super::context_input::is_remote(&args.context) {
@@ -574,6 +575,88 @@ fn network(args: &BuildArgs) -> anyhow::Result<(kiln_runtime::Network, bool)> {
     Ok((network, allow_network_host))
 }
 
+/// The source policy on the build context and the `--build-context`s:
+/// a denied one is an error; a named context the policy converts to an
+/// image, an OCI layout, a URL or another named directory (`local://NAME`,
+/// `local://context` the build context) becomes that.
+fn contexts_under_policy(
+    session: &crate::session::Session,
+    args: &mut BuildArgs,
+) -> anyhow::Result<()> {
+    use crate::session::source_policy::{PolicyError, Source};
+    if session.policy.is_none() {
+        return Ok(());
+    }
+    let ident = |name: &str, value: &str| -> Source {
+        if let Some(r) = value.strip_prefix("docker-image://") {
+            Source::image(r)
+        } else if crate::frontend::instructions::is_git(value) {
+            Source::git(value, value.split('#').next().unwrap_or(value))
+        } else if value.contains("://") {
+            Source::new(value)
+        } else {
+            Source::new(format!("local://{name}"))
+        }
+    };
+    let context = args.context.to_string_lossy().into_owned();
+    for src in [
+        ident("context", &context),
+        Source::new("local://dockerfile"),
+    ] {
+        let got = session.source(src.clone())?;
+        if got != src {
+            return Err(PolicyError::Unsupported {
+                ident: src.identifier,
+                to: got.identifier,
+                why:
+                    "kiln does not convert the build context or the Dockerfile (allow or deny them)"
+                        .into(),
+            }
+            .into());
+        }
+    }
+    // the named directories, by name, as given
+    let mut dirs: BTreeMap<String, String> = named_contexts(&args.build_context)?
+        .into_iter()
+        .filter(|(_, v)| !v.contains("://") && !v.starts_with("git@"))
+        .collect();
+    dirs.entry("context".into()).or_insert(context);
+    for c in &mut args.build_context {
+        let Some((name, value)) = c.split_once('=') else {
+            continue;
+        };
+        let src = ident(name, value);
+        let got = session.source(src.clone())?;
+        if got == src {
+            continue;
+        }
+        let to = &got.identifier;
+        let new = if let Some(n) = to.strip_prefix("local://") {
+            dirs.get(n)
+                .cloned()
+                .ok_or_else(|| PolicyError::Unsupported {
+                    ident: src.identifier.clone(),
+                    to: to.clone(),
+                    why: format!("names no --build-context directory {n:?}"),
+                })?
+        } else if ["docker-image://", "oci-layout://", "http://", "https://"]
+            .iter()
+            .any(|p| to.starts_with(p))
+        {
+            to.clone()
+        } else {
+            return Err(PolicyError::Unsupported {
+                ident: src.identifier,
+                to: to.clone(),
+                why: "is not an image, OCI layout, URL or named directory".into(),
+            }
+            .into());
+        };
+        *c = format!("{name}={new}");
+    }
+    Ok(())
+}
+
 /// What the build's sources need besides the command line: the
 /// session's secrets and agents, and the times of the remote sources
 /// (for SOURCE_DATE_EPOCH) with the means to fetch a stage's.
@@ -784,9 +867,16 @@ fn dockerfile_epoch(dockerfile: &std::path::Path) -> Option<String> {
 
 /// `--secret` and `--ssh`: what the build's steps may mount.
 fn session(args: &BuildArgs) -> anyhow::Result<crate::session::Session> {
+    let policy = match std::env::var_os("EXPERIMENTAL_BUILDKIT_SOURCE_POLICY") {
+        Some(p) if !p.is_empty() => Some(Arc::new(
+            crate::session::source_policy::SourcePolicy::load(std::path::Path::new(&p))?,
+        )),
+        _ => None,
+    };
     let mut session = crate::session::Session {
         secrets: crate::session::secrets::Secrets::load(&args.secret, |k| std::env::var_os(k))?,
         agents: BTreeMap::new(),
+        policy,
     };
     for flag in &args.ssh {
         let cfg = crate::session::ssh::parse_flag(flag, |k| std::env::var_os(k))?;

@@ -62,7 +62,8 @@ pub fn load_bases(
                     let handle = handle.clone();
                     s.spawn(move || {
                         let _runtime = handle.enter();
-                        load_base(snap, registry, opts.pull, reference, platform, report)
+                        let from = (registry, &*opts.session);
+                        load_base(snap, from, opts.pull, reference, platform, report)
                     })
                 })
                 .collect();
@@ -112,7 +113,7 @@ pub fn load_bases(
         {
             load_base(
                 snap,
-                registry,
+                (registry, &opts.session),
                 opts.pull,
                 reference,
                 &stage.platform,
@@ -141,14 +142,17 @@ fn offline_error(e: Error, offline: bool) -> Error {
 
 /// Load a base image from the local image store: its key, state (config,
 /// history, layers) and unpacked chain.
+/// The source policy decides first which image is read (or refuses it).
 fn load_base(
     snap: &Arc<Snapshotter>,
-    registry: Option<&crate::registry::Registry>,
+    (registry, session): (Option<&crate::registry::Registry>, &crate::session::Session),
     pull: bool,
     name: &str,
     platform: &Platform,
     report: Report<'_>,
 ) -> Result<(Key, ImageState)> {
+    let converted = session.image(name)?;
+    let name = converted.as_str();
     let want = crate::image::Platform::from(platform);
     let store = crate::image::ImageStore::new(snap).with_platform(want.clone());
     let stored = store.resolve(name);
@@ -415,7 +419,7 @@ impl Engine {
         };
         load_base(
             &self.snap,
-            registry,
+            (registry, &self.opts.session),
             self.opts.pull,
             reference,
             platform,

@@ -12,6 +12,8 @@ use crate::frontend;
 pub enum Error {
     #[error(transparent)]
     Frontend(#[from] frontend::Error),
+    #[error(transparent)]
+    Policy(#[from] crate::session::source_policy::PolicyError),
     #[error("cannot pull the base image")]
     Pull(#[source] Box<crate::registry::Error>),
     #[error("cannot read the Dockerfile {path}")]
@@ -101,6 +103,8 @@ pub enum StepError {
     Network(#[from] network::Denied),
     #[error("RUN --security=insecure is not allowed: kiln never runs a step privileged")]
     Insecure,
+    #[error(transparent)]
+    Policy(#[from] crate::session::source_policy::PolicyError),
     #[error("RUN --device={0},required: kiln gives steps no host devices (no CDI devices); drop the device or make it optional")]
     Device(String),
     #[error("{0} is not supported by the build engine yet")]

@@ -2,7 +2,9 @@
 //! the test user for each of its builds, and check what they produced.
 
 use super::case::{Build, Case, FileCheck, FileSpec};
-use kiln_vm_tests::{kiln, run_checked, running_as_root, test_ids};
+use kiln_vm_tests::{
+    kiln, kiln_binary, run_checked, running_as_root, stage_file, test_ids, unprivileged,
+};
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::Write;
@@ -218,12 +220,23 @@ fn one_build(b: &Build, i: usize, place: &Place) -> Result<(), String> {
         Some(c) => args.push(place.dir.join(c).display().to_string()),
         None => args.push(place.dir.join("ctx").display().to_string()),
     }
-    let mut cmd = kiln(&args);
-    for kv in &b.env {
-        let kv = subst(kv, place);
-        let (k, v) = kv.split_once('=').ok_or(format!("env {kv:?}: not K=V"))?;
-        cmd.env(k, v);
-    }
+    // the test user's kiln gets a clean environment (setpriv): variables
+    // go through env(1)
+    let mut cmd = if b.env.is_empty() {
+        kiln(&args)
+    } else {
+        let mut cmd = unprivileged(Path::new("/usr/bin/env"));
+        for kv in &b.env {
+            let kv = subst(kv, place);
+            if !kv.contains('=') {
+                return Err(format!("env {kv:?}: not K=V"));
+            }
+            cmd.arg(kv);
+        }
+        cmd.arg(stage_file(&kiln_binary()));
+        cmd.args(&args);
+        cmd
+    };
     let out = if stdin_tar {
         let tar = run_checked(
             Command::new("tar")

@@ -141,6 +141,8 @@ struct Dest {
 /// needed it already.
 struct Remote {
     url: String,
+    /// `--checksum`, or the one the source policy set
+    checksum: Option<String>,
     to: PathBuf,
     /// `--unpack=true`: the directory an archive is extracted into
     unpack_to: Option<PathBuf>,
@@ -166,6 +168,7 @@ impl Engine {
         };
         let mut g = git::GitRef::parse(url)?;
         g.keep_git_dir |= a.keep_git_dir;
+        self.opts.session.git(url, &g.remote)?;
         let network = self.fetcher()?.network;
         let scratch = download::download_dir(self.opts.state.root())
             .map_err(StepError::Source)?
@@ -247,7 +250,7 @@ impl Engine {
                 Some(d) => d,
                 None => self.fetcher()?.fetch(&r.url)?,
             };
-            if let Some(sum) = op.checksum {
+            if let Some(sum) = &r.checksum {
                 d.verify(&r.url, sum)?;
             }
             let mut entry = d.into_entry(r.to);
@@ -348,15 +351,19 @@ impl Engine {
         let dest_rel = PathBuf::from(dest.path.trim_start_matches('/'));
         let mut remote = Vec::new();
         for u in urls {
-            let Source::Path(url) = u else { continue };
+            let Source::Path(written) = u else { continue };
+            // where it lands is named by the URL as written; what is read
+            // is what the source policy says
             let to = if dest.is_dir {
-                dest_rel.join(filecopy::url_file_name(url))
+                dest_rel.join(filecopy::url_file_name(written))
             } else {
                 dest_rel.clone()
             };
+            let (url, checksum) = self.url_under_policy(written, op.checksum)?;
+            let url = &url;
             // With --checksum the checksum is the key: a hit needs no
             // download. Without it the content digest is, as BuildKit does.
-            let download = match op.checksum {
+            let download = match &checksum {
                 Some(sum) => {
                     k.str(sum);
                     None
@@ -367,6 +374,9 @@ impl Engine {
                     Some(d)
                 }
             };
+            if url != written {
+                k.str("url-from-policy").str(url);
+            }
             k.str("url").str(&to.to_string_lossy());
             let unpack_to = op.unpack_urls.then(|| dest_rel.clone());
             if unpack_to.is_some() {
@@ -374,6 +384,7 @@ impl Engine {
             }
             remote.push(Remote {
                 url: url.clone(),
+                checksum,
                 to,
                 unpack_to,
                 download,
@@ -395,6 +406,31 @@ impl Engine {
             },
         };
         Ok((keys, remote))
+    }
+
+    /// The URL `ADD` reads for `written` (with its `--checksum`) under the
+    /// source policy, and the checksum to hold it to.
+    fn url_under_policy(
+        &self,
+        written: &str,
+        checksum: Option<&str>,
+    ) -> Result<(String, Option<String>), StepError> {
+        use crate::session::source_policy::{PolicyError, Source};
+        let mut src = Source::new(written);
+        if let Some(sum) = checksum {
+            src.attrs.insert("http.checksum".into(), sum.to_string());
+        }
+        let mut src = self.opts.session.source(src)?;
+        if !src.identifier.starts_with("http://") && !src.identifier.starts_with("https://") {
+            return Err(PolicyError::Unsupported {
+                ident: written.to_string(),
+                to: src.identifier,
+                why: "is not an HTTP(S) URL, and kiln converts a URL only to another URL".into(),
+            }
+            .into());
+        }
+        let sum = src.attrs.remove("http.checksum");
+        Ok((src.identifier, sum))
     }
 
     /// Open the tree a COPY reads: `from`, else the build context.
