@@ -271,6 +271,30 @@ fn annotations_land_on_the_levels_buildx_puts_them() {
             _ => assert!(manifest.get("annotations").is_none(), "{manifest}"),
         }
     }
+
+    // the same as the exporter's annotation keys of -o: the same index
+    let keys = p.dir.join("keys");
+    expect_success(p.build(&[
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-o",
+        &format!(
+            "type=oci,dest={},tar=false,annotation-index.i=1,annotation-manifest[linux/arm64].m=arm,annotation-manifest-descriptor.md=2,annotation-index-descriptor.x=3",
+            keys.display()
+        ),
+    ]));
+    let by_keys: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(keys.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        by_keys["manifests"][0]["digest"],
+        layout["manifests"][0]["digest"]
+    );
+    assert_eq!(
+        by_keys["manifests"][0]["annotations"]["x"], "3",
+        "{by_keys}"
+    );
+    let err = expect_failure(p.build(&["-o", "type=oci,dest=/tmp/x,annotation-oops.k=v"]));
+    assert!(err.contains("unknown level \"oops\""), "{err}");
 }
 
 /// `kiln build` with `input` on standard input and `args` (the context or
@@ -380,4 +404,46 @@ fn a_syntax_directive_naming_another_frontend_is_a_warning() {
     .unwrap();
     let (_, err) = expect_success(p.build(&["--progress", "plain"]));
     assert!(!err.contains("WARNING"), "{err}");
+}
+
+#[test]
+fn name_canonical_also_names_the_image_by_its_digest() {
+    let p = Project::new("buildx-canonical", "FROM scratch\nCOPY rootfs/ /\n");
+    let meta = p.dir.join("meta.json");
+    expect_success(p.build(&[
+        "-o",
+        "type=image,name=canon:v1,name-canonical=true",
+        "--metadata-file",
+        &meta.display().to_string(),
+    ]));
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
+    let digest = m["containerimage.digest"].as_str().unwrap().to_string();
+    let listed = |args: &[&str]| {
+        let mut all = vec!["--root".to_string(), p.state("state"), "images".into()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        expect_success(kiln(&all).output().expect("kiln images")).0
+    };
+    let rows = listed(&["--digests", "canon"]);
+    // the tag, and the canonical name (no tag), both at the digest
+    let at_digest: Vec<&str> = rows.lines().filter(|l| l.contains(&digest)).collect();
+    assert_eq!(at_digest.len(), 2, "{rows}");
+    assert!(at_digest.iter().any(|l| l.contains("<none>")), "{rows}");
+    // the canonical name resolves
+    let by_digest = format!("canon@{digest}");
+    let out = p.dir.join("saved");
+    expect_success(
+        kiln([
+            "--root",
+            &p.state("state"),
+            "save",
+            "--output",
+            &format!("type=local,dest={}", out.display()),
+            &by_digest,
+        ])
+        .output()
+        .expect("kiln save"),
+    );
+    // only type=image names an image in the store
+    let err = expect_failure(p.build(&["-o", "type=oci,dest=/tmp/x.tar,name-canonical=true"]));
+    assert!(err.contains("unknown key \"name-canonical\""), "{err}");
 }

@@ -922,8 +922,11 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
     } else if args.push {
         bail!("--push pushes the -t names: add -t NAME");
     }
+    // --annotation first, then the output's own annotation keys (later
+    // ones win)
     for o in outputs.iter_mut().filter(|o| names_an_image(o)) {
-        o.annotations.clone_from(&annotations);
+        let own = std::mem::take(&mut o.annotations);
+        o.annotations = annotations.iter().cloned().chain(own).collect();
     }
     Ok(outputs)
 }

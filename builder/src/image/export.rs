@@ -147,12 +147,7 @@ pub fn export_to(
             let mut names = Vec::new();
             match spec.kind {
                 OutputType::Image => {
-                    for n in &spec.names {
-                        names.push(store.tag(n, &img.target).map_err(|source| Error::Store {
-                            context: format!("cannot name the image {n}"),
-                            source: Box::new(source),
-                        })?);
-                    }
+                    names = store_names(store, spec, &img.target)?;
                 }
                 _ => {
                     names.clone_from(&spec.names);
@@ -238,23 +233,10 @@ pub fn export_platforms(
             })
         }
         OutputType::Image | OutputType::Oci => {
-            let store_err = |context: &str| {
-                let context = context.to_string();
-                move |source| Error::Store {
-                    context,
-                    source: Box::new(source),
-                }
-            };
             let (index_desc, blobs) = write_index(store, images, spec, opts)?;
             let mut names = Vec::new();
             if spec.kind == OutputType::Image {
-                for n in &spec.names {
-                    names.push(
-                        store
-                            .tag(n, &index_desc)
-                            .map_err(store_err(&format!("cannot name the image index {n}")))?,
-                    );
-                }
+                names = store_names(store, spec, &index_desc)?;
             } else {
                 names.clone_from(&spec.names);
                 write_archive(
@@ -295,6 +277,30 @@ fn layer_media_type(c: Compression, oci: bool) -> MediaType {
 
 /// The index of a multi-platform image output: each platform's image
 /// re-written as `spec` asks, named in an index with its platform and
+/// Name `target` in the store by each of `spec`'s names (and with
+/// `name-canonical=true` also by `repo@digest`); the names to push.
+fn store_names(
+    store: &ImageStore<'_>,
+    spec: &OutputSpec,
+    target: &Descriptor,
+) -> Result<Vec<String>> {
+    let err = |n: &str| {
+        let context = format!("cannot name the image {n}");
+        move |source| Error::Store {
+            context,
+            source: Box::new(source),
+        }
+    };
+    let mut names = Vec::new();
+    for n in &spec.names {
+        names.push(store.tag(n, target).map_err(err(n))?);
+        if spec.name_canonical {
+            store.tag_canonical(n, target).map_err(err(n))?;
+        }
+    }
+    Ok(names)
+}
+
 /// annotations; the index's descriptor, and every blob it reaches.
 fn write_index(
     store: &ImageStore<'_>,

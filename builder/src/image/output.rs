@@ -33,6 +33,12 @@ pub enum Error {
     Field { spec: String, field: String },
     #[error("--output {spec:?}: key {key:?} is given twice")]
     Duplicate { spec: String, key: String },
+    #[error("--output {spec:?}: {key:?}: {why}")]
+    Annotation {
+        spec: String,
+        key: String,
+        why: String,
+    },
     #[error("--output {spec:?}: type= is missing; use type=image, oci, docker, local or tar")]
     MissingType { spec: String },
     #[error(
@@ -119,9 +125,9 @@ impl OutputType {
 
     fn allowed(self) -> &'static str {
         match self {
-            OutputType::Image => "name, push, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
-            OutputType::Oci => "dest, tar, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
-            OutputType::Docker => "dest, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp",
+            OutputType::Image => "name, name-canonical, push, push-by-digest, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp, annotation.KEY",
+            OutputType::Oci => "dest, tar, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp, annotation.KEY",
+            OutputType::Docker => "dest, name, compression, compression-level, force-compression, oci-mediatypes, rewrite-timestamp, annotation.KEY",
             OutputType::Local => "dest, keep-setid",
             OutputType::Tar => "dest",
         }
@@ -138,7 +144,10 @@ impl OutputType {
         ];
         match self {
             OutputType::Image => {
-                key == "push" || key == "push-by-digest" || image_keys.contains(&key)
+                key == "push"
+                    || key == "push-by-digest"
+                    || key == "name-canonical"
+                    || image_keys.contains(&key)
             }
             OutputType::Oci => key == "dest" || key == "tar" || image_keys.contains(&key),
             OutputType::Docker => key == "dest" || image_keys.contains(&key),
@@ -181,6 +190,9 @@ pub struct OutputSpec {
     /// push under the manifest's digest only, leaving tags as they are
     /// (`push-by-digest=true`, for the split multi-platform pattern)
     pub push_by_digest: bool,
+    /// type=image: also name the image `repo@digest` in the store
+    /// (`name-canonical=true`)
+    pub name_canonical: bool,
     /// `--annotation`s, for the image outputs (image, oci, docker)
     pub annotations: Vec<Annotation>,
     /// type=local: keep setuid/setgid bits on the files written (they
@@ -244,6 +256,20 @@ impl OutputSpec {
         value: &str,
         compression: &mut CompressionRequest,
     ) -> Result<()> {
+        if key.starts_with("annotation")
+            && matches!(
+                self.kind,
+                OutputType::Image | OutputType::Oci | OutputType::Docker
+            )
+        {
+            let a = Annotation::from_output_key(key, value).map_err(|why| Error::Annotation {
+                spec: spec.into(),
+                key: key.into(),
+                why,
+            })?;
+            self.annotations.push(a);
+            return Ok(());
+        }
         if !self.kind.takes(key) {
             return Err(Error::UnknownKey {
                 spec: spec.into(),
@@ -272,6 +298,7 @@ impl OutputSpec {
             "tar" => self.tar = Some(boolean()?),
             "push" => self.push = boolean()?,
             "push-by-digest" => self.push_by_digest = boolean()?,
+            "name-canonical" => self.name_canonical = boolean()?,
             "keep-setid" => self.keep_setid = boolean()?,
             _ => unreachable!("takes() lists every key handled here"),
         }
@@ -356,6 +383,7 @@ impl OutputSpec {
             tar: None,
             push: false,
             push_by_digest: false,
+            name_canonical: false,
             annotations: Vec::new(),
             keep_setid: false,
         }
@@ -506,6 +534,54 @@ pub struct Annotation {
 }
 
 impl Annotation {
+    /// An exporter's `annotation[-LEVEL][[PLATFORM]].KEY=VALUE` key of
+    /// `-o` (BuildKit's form; no level means the manifest; a platform
+    /// only for the manifest levels).
+    pub fn from_output_key(k: &str, value: &str) -> std::result::Result<Self, String> {
+        let re =
+            regex::Regex::new(r"^annotation(?:-([a-z-]+))?(?:\[([A-Za-z0-9_/()._-]+)\])?\.(\S+)$")
+                .expect("a valid expression");
+        let c = re
+            .captures(k)
+            .ok_or_else(|| "a key of the form annotation[-LEVEL][[PLATFORM]].KEY".to_string())?;
+        let level = match c.get(1).map(|m| m.as_str()) {
+            None | Some("manifest") => AnnotationLevel::Manifest,
+            Some("manifest-descriptor") => AnnotationLevel::ManifestDescriptor,
+            Some("index") => AnnotationLevel::Index,
+            Some("index-descriptor") => AnnotationLevel::IndexDescriptor,
+            Some(other) => {
+                return Err(format!(
+                    "unknown level {other:?}; use manifest, index, manifest-descriptor or index-descriptor"
+                ))
+            }
+        };
+        let platform = match c.get(2) {
+            Some(p)
+                if matches!(
+                    level,
+                    AnnotationLevel::Index | AnnotationLevel::IndexDescriptor
+                ) =>
+            {
+                return Err(format!(
+                    "a platform ({}) applies only to manifest levels",
+                    p.as_str()
+                ))
+            }
+            Some(p) => Some(
+                crate::frontend::Platform::parse(p.as_str())
+                    .map_err(|e| e.to_string())?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(Annotation {
+            levels: vec![level],
+            platform,
+            key: c[3].to_string(),
+            value: value.to_string(),
+        })
+    }
+
     /// Parse one `--annotation` value (buildx's syntax; no level means the
     /// manifest).
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
@@ -728,6 +804,43 @@ mod tests {
                 .is_some_and(|w| w.contains("\"Upper\"") && w.contains("lower-case")),
             "{why:?}"
         );
+    }
+
+    #[test]
+    fn exporter_annotation_keys_name_their_level_and_platform() {
+        let o = OutputSpec::parse(
+            "type=image,annotation.a=1,annotation-index.b=2,annotation-manifest[linux/arm64].c=3,annotation-index-descriptor.d=4",
+        )
+        .unwrap();
+        let got: Vec<(AnnotationLevel, Option<&str>, &str, &str)> = o
+            .annotations
+            .iter()
+            .map(|a| {
+                (
+                    a.levels[0],
+                    a.platform.as_deref(),
+                    a.key.as_str(),
+                    a.value.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (AnnotationLevel::Manifest, None, "a", "1"),
+                (AnnotationLevel::Index, None, "b", "2"),
+                (AnnotationLevel::Manifest, Some("linux/arm64"), "c", "3"),
+                (AnnotationLevel::IndexDescriptor, None, "d", "4"),
+            ]
+        );
+        for bad in [
+            "type=image,annotation-oops.a=1",
+            "type=image,annotation-index[linux/amd64].a=1",
+            "type=image,annotation.=1",
+            "type=local,dest=x,annotation.a=1",
+        ] {
+            assert!(OutputSpec::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -468,6 +468,21 @@ impl<'s> ImageStore<'s> {
         Ok(full)
     }
 
+    /// Also name `target` by `name`'s repository and its digest
+    /// (`repo@sha256:...`, the `name-canonical=true` of an image output);
+    /// returns that name.
+    pub fn tag_canonical(&self, name: &str, target: &Descriptor) -> Result<String> {
+        let r = Reference::parse(name)?;
+        let full = Reference {
+            tag: None,
+            digest: Some(target.digest().to_string()),
+            ..r
+        }
+        .to_string();
+        self.content().set_ref(&full, &without_name(target))?;
+        Ok(full)
+    }
+
     /// Keep `target` in the store without a name (an untagged load), unless
     /// some entry already refers to it.
     pub fn add_unnamed(&self, target: &Descriptor) -> Result<()> {
