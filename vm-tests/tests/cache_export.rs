@@ -146,3 +146,50 @@ fn a_damaged_or_missing_cache_only_costs_a_rebuild() {
     assert!(err.contains("WARNING: --cache-from"), "{err}");
     assert!(err.contains("2 steps run"), "{err}");
 }
+
+#[test]
+fn a_zstd_cache_warms_an_empty_state_directory() {
+    let p = project("cache-export-zstd");
+    let dir = p.state("cache-zstd");
+    let (digest, _) = build(
+        &p,
+        "state-1",
+        &[
+            "--cache-to",
+            &format!("type=local,dest={dir},mode=max,compression=zstd,compression-level=5"),
+        ],
+    );
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let cache = std::path::Path::new(&dir);
+    let index = read(cache.join("index.json"));
+    let manifest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = read(cache.join("blobs/sha256").join(&manifest[7..]));
+    let types = kiln_vm_tests::layer_media_types(&manifest);
+    assert!(
+        !types.is_empty() && types.iter().all(|t| t.ends_with("+zstd")),
+        "{types:?}"
+    );
+    let (digest2, err) = build(
+        &p,
+        "state-2",
+        &["--cache-from", &format!("type=local,src={dir}")],
+    );
+    assert!(err.contains("0 steps run"), "{err}");
+    assert_eq!(digest, digest2);
+    let bad = kiln(p.build_args(
+        "state-1",
+        &[
+            "--cache-to",
+            &format!("type=local,dest={dir},compression=brotli"),
+        ],
+    ))
+    .output()
+    .unwrap();
+    let err = kiln_vm_tests::expect_failure(bad);
+    assert!(
+        err.contains("compression") && err.contains("brotli"),
+        "{err}"
+    );
+}

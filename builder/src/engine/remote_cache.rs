@@ -84,11 +84,21 @@ fn is_plain_layer(media_type: &str) -> bool {
 }
 
 /// The records as an export sends them: layers the store holds as plain
-/// tar named by their gzip variants (made once and kept, as for a push)
-/// and marked `stored_plain`, so a cache is no larger than the image a
-/// push sends and an import can store them plain again.
-pub fn compressed(content: &ContentStore, records: &[Record]) -> Result<Vec<Record>> {
+/// tar named by their variants in `compression` (made once and kept, as
+/// for a push; gzip by default) and marked `stored_plain`, so a cache is
+/// no larger than the image a push sends and an import can store them
+/// plain again. `uncompressed` sends them as they are.
+pub fn compressed(
+    content: &ContentStore,
+    records: &[Record],
+    compression: kiln_snapshotter::Compression,
+) -> Result<Vec<Record>> {
     let mut out = records.to_vec();
+    let media = match compression {
+        kiln_snapshotter::Compression::None => return Ok(out),
+        kiln_snapshotter::Compression::Gzip { .. } => MediaType::ImageLayerGzip,
+        kiln_snapshotter::Compression::Zstd { .. } => MediaType::ImageLayerZstd,
+    };
     let mut made: BTreeMap<String, (String, u64)> = BTreeMap::new();
     for layer in out.iter_mut().flat_map(|r| r.state.layers.iter_mut()) {
         if !is_plain_layer(&layer.media_type) {
@@ -106,13 +116,9 @@ pub fn compressed(content: &ContentStore, records: &[Record]) -> Result<Vec<Reco
                     place: "the build cache".into(),
                     why: format!("layer digest {:?} is malformed", layer.digest),
                 })?;
-                let (d, s) = kiln_snapshotter::variants::get_or_make(
-                    content,
-                    &src,
-                    kiln_snapshotter::Compression::default(),
-                    false,
-                )
-                .map_err(err)?;
+                let (d, s) =
+                    kiln_snapshotter::variants::get_or_make(content, &src, compression, false)
+                        .map_err(err)?;
                 let v = (d.to_string(), s);
                 made.insert(layer.digest.clone(), v.clone());
                 v
@@ -120,7 +126,7 @@ pub fn compressed(content: &ContentStore, records: &[Record]) -> Result<Vec<Reco
         };
         layer.digest = digest;
         layer.size = size;
-        layer.media_type = MediaType::ImageLayerGzip.to_string();
+        layer.media_type = media.to_string();
         layer.stored_plain = true;
     }
     Ok(out)
@@ -146,11 +152,14 @@ pub enum Export {
         dest: PathBuf,
         mode: Mode,
         ignore_error: bool,
+        /// of the layers the store holds plain
+        compression: kiln_snapshotter::Compression,
     },
     Registry {
         reference: String,
         mode: Mode,
         ignore_error: bool,
+        compression: kiln_snapshotter::Compression,
     },
     Inline,
 }
@@ -218,16 +227,16 @@ fn no_more(dir: &'static str, spec: &str, rest: &BTreeMap<String, String>) -> Re
     }
 }
 
-/// buildx's `--cache-to` keys about the exported form, checked against
-/// the one form kiln writes: an OCI image manifest (`image-manifest=true`,
-/// `oci-mediatypes=true`) with gzip level 6 layers (`compression=gzip`,
-/// `compression-level=6`: the variants a push sends, shared with it).
-/// Other values are an error naming them, never silently another form.
+/// buildx's `--cache-to` keys about the exported form: an OCI image
+/// manifest (`image-manifest=true`, `oci-mediatypes=true`, the one form
+/// kiln writes; other values are an error naming them), and the layers'
+/// compression (`compression=gzip|zstd|uncompressed`, `compression-level`;
+/// gzip level 6 by default, the variants a push sends, shared with it).
 fn format_options(
     dir: &'static str,
     spec: &str,
     rest: &mut BTreeMap<String, String>,
-) -> Result<()> {
+) -> Result<kiln_snapshotter::Compression> {
     let refuse = |why: String| Error::Spec {
         dir,
         spec: spec.into(),
@@ -244,22 +253,12 @@ fn format_options(
             }
         }
     }
-    match rest.remove("compression").as_deref() {
-        None | Some("gzip") => {}
-        Some(v) => {
-            return Err(refuse(format!(
-                "compression={v}: kiln's cache layers are gzip (compression=gzip)"
-            )))
-        }
-    }
-    if let Some(v) = rest.remove("compression-level") {
-        if v != "6" {
-            return Err(refuse(format!(
-                "compression-level={v}: kiln's cache layers are gzip level 6, the variants a push sends"
-            )));
-        }
-    }
-    Ok(())
+    let name = rest.remove("compression");
+    let level = rest.remove("compression-level");
+    let place = format!("--cache-{dir} {spec:?}");
+    crate::image::output::parse_compression(&place, name.as_deref(), level.as_deref())
+        .map(Option::unwrap_or_default)
+        .map_err(|e| refuse(e.to_string()))
 }
 
 impl Export {
@@ -268,6 +267,16 @@ impl Export {
         match self {
             Export::Local { mode, .. } | Export::Registry { mode, .. } => *mode,
             Export::Inline => Mode::Min,
+        }
+    }
+
+    /// How the layers the store holds plain are compressed for it.
+    pub fn compression(&self) -> kiln_snapshotter::Compression {
+        match self {
+            Export::Local { compression, .. } | Export::Registry { compression, .. } => {
+                *compression
+            }
+            Export::Inline => kiln_snapshotter::Compression::default(),
         }
     }
 
@@ -296,7 +305,7 @@ impl Export {
                 })
             }
         };
-        format_options(d, spec, &mut rest)?;
+        let compression = format_options(d, spec, &mut rest)?;
         let ignore_error = match rest.remove("ignore-error").as_deref() {
             None => None,
             Some("true") => Some(true),
@@ -314,11 +323,13 @@ impl Export {
                 dest: PathBuf::from(take(d, spec, &mut rest, "dest")?),
                 mode,
                 ignore_error: ignore_error.unwrap_or(false),
+                compression,
             },
             "registry" => Export::Registry {
                 reference: take(d, spec, &mut rest, "ref")?,
                 mode,
                 ignore_error: ignore_error.unwrap_or(false),
+                compression,
             },
             "inline" if ignore_error.is_some() => {
                 return Err(Error::Spec {
@@ -902,11 +913,11 @@ pub fn cache_config_from(place: &str, media_type: &str, config: &[u8]) -> Result
 
 /// Store the plain tar of the compressed layer blob `compressed` (which
 /// must unpack to `diff_id`, the plain blob's digest), and record the
-/// compressed blob as its gzip variant.
+/// compressed blob as its variant in `kind`.
 fn store_plain(
     content: &ContentStore,
     place: &str,
-    compressed: &Digest,
+    (compressed, kind): (&Digest, kiln_snapshotter::Compression),
     diff_id: &Digest,
 ) -> Result<()> {
     use kiln_snapshotter::{variants, Compression};
@@ -919,7 +930,7 @@ fn store_plain(
             why: format!("layer {compressed} unpacks to {plain}, its record says {diff_id}"),
         });
     }
-    record_variant(content, place, compressed, diff_id)
+    record_variant(content, place, (compressed, kind), diff_id)
 }
 
 /// Unpack the compressed layer blob `compressed` on `parent`; its tar must
@@ -959,21 +970,21 @@ fn unpack_compressed(
     Ok(())
 }
 
-/// Record the compressed blob `compressed` as the gzip variant of the
-/// plain blob `diff_id`.
+/// Record the compressed blob `compressed` as the variant in `kind` of
+/// the plain blob `diff_id`.
 fn record_variant(
     content: &ContentStore,
     place: &str,
-    compressed: &Digest,
+    (compressed, kind): (&Digest, kiln_snapshotter::Compression),
     diff_id: &Digest,
 ) -> Result<()> {
-    use kiln_snapshotter::{variants, Compression};
+    use kiln_snapshotter::variants;
     let size = content.size(compressed).map_err(|source| Error::Blob {
         place: place.to_string(),
         digest: compressed.to_string(),
         source: Box::new(source),
     })?;
-    variants::record(content, diff_id, Compression::default(), compressed, size)
+    variants::record(content, diff_id, kind, compressed, size)
         .map_err(|e| variant_err(place, compressed, e))
 }
 
@@ -1049,10 +1060,16 @@ impl Imported {
                                 source: Box::new(source),
                             }
                         })?;
+                        // gzip (level 6) or zstd, as the cache's media type says
+                        let kind = kiln_snapshotter::Compression::of_layer_media_type(
+                            desc.media_type().as_ref(),
+                        )
+                        .unwrap_or_default();
+                        let blob = (&digest, kind);
                         if kept {
-                            record_variant(snap.content(), &place, &digest, &diff_id)?;
+                            record_variant(snap.content(), &place, blob, &diff_id)?;
                         } else {
-                            store_plain(snap.content(), &place, &digest, &diff_id)?;
+                            store_plain(snap.content(), &place, blob, &diff_id)?;
                         }
                     }
                     let size = snap
@@ -1188,8 +1205,9 @@ async fn export_one(
     if matches!(to, Export::Inline) {
         return Ok(());
     }
-    // plain layers go as their gzip variants, as a push sends them
-    let records = &tokio::task::block_in_place(|| compressed(snap.content(), records))?;
+    // plain layers go as their variants, gzip as a push sends them
+    let records =
+        &tokio::task::block_in_place(|| compressed(snap.content(), records, to.compression()))?;
     let place = match to {
         Export::Local { dest, .. } => {
             tokio::task::block_in_place(|| export_local(snap, records, dest))?;
@@ -1240,6 +1258,7 @@ mod tests {
                 dest: "/c".into(),
                 mode: Mode::Min,
                 ignore_error: false,
+                compression: kiln_snapshotter::Compression::Gzip { level: 6 },
             }
         );
         // a bare reference is a registry cache; ignore-error as buildx
@@ -1263,10 +1282,16 @@ mod tests {
             "type=local,dest=/c,image-manifest=true,oci-mediatypes=true,compression=gzip,compression-level=6"
         )
         .is_ok());
+        assert_eq!(
+            Export::parse("type=local,dest=/c,compression=zstd,compression-level=9")
+                .unwrap()
+                .compression(),
+            kiln_snapshotter::Compression::Zstd { level: 9 }
+        );
         for other in [
             "image-manifest=false",
             "oci-mediatypes=false",
-            "compression=zstd",
+            "compression=brotli",
             "compression-level=12",
         ] {
             let e = Export::parse(&format!("type=local,dest=/c,{other}")).unwrap_err();
@@ -1279,6 +1304,7 @@ mod tests {
                 reference: "r/c:t".into(),
                 mode: Mode::Max,
                 ignore_error: false,
+                compression: kiln_snapshotter::Compression::default(),
             }
         );
         assert_eq!(Export::parse("type=inline").unwrap(), Export::Inline);

@@ -443,6 +443,31 @@ fn value_error(spec: &str, key: &str, value: &str, expected: &'static str) -> Er
     }
 }
 
+/// `compression=` and `compression-level=` of another option than
+/// `--output` (a `--cache-to`), read as an output reads them; `spec`
+/// names the option in errors. None when neither is given.
+pub fn parse_compression(
+    spec: &str,
+    name: Option<&str>,
+    level: Option<&str>,
+) -> Result<Option<Compression>> {
+    let mut c = CompressionRequest::default();
+    if let Some(n) = name {
+        c.set_name(spec, n)?;
+    }
+    if let Some(l) = level {
+        c.level = Some(l.parse().map_err(|_| {
+            value_error(
+                spec,
+                "compression-level",
+                l,
+                "an integer (gzip 0-9, zstd 0-22)",
+            )
+        })?);
+    }
+    c.resolve(spec)
+}
+
 /// `compression=` and `compression-level=` as given, resolved together
 /// once every field is read.
 #[derive(Default)]
