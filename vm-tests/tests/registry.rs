@@ -1240,12 +1240,20 @@ fn a_registry_cache_and_an_inline_cache_warm_a_fresh_state_directory() {
         "{types:?}"
     );
 
-    // type=registry, mode=max: nothing runs on a fresh state directory.
+    // type=registry, mode=max: nothing runs on a fresh state directory;
+    // the layers a cached step brings in show their bytes on its line
     let err = build(
         &dir.join("fresh-1"),
         &["--cache-from", &format!("type=registry,ref={cache_ref}")],
     );
     assert!(err.contains("0 steps run"), "{err}");
+    let cached_with_bytes = err.lines().any(|l| {
+        let id = l.split(' ').next().unwrap_or("");
+        l.contains(" sha256:")
+            && l.ends_with(" done")
+            && err.lines().any(|m| m == format!("{id} CACHED"))
+    });
+    assert!(cached_with_bytes, "{err}");
 
     // inline (min): the image's own steps hit; the builder stage's RUN,
     // not on the final image's chain, runs.

@@ -531,8 +531,13 @@ pub trait BlobSource: Send + Sync {
     /// For messages: the directory or reference.
     fn place(&self) -> String;
     /// Copy blob `desc` into `content`, verified against its digest (a
-    /// mismatch keeps nothing).
-    fn fetch_into(&self, content: &ContentStore, desc: &Descriptor) -> Result<()>;
+    /// mismatch keeps nothing), telling `on_bytes` how much arrived.
+    fn fetch_into(
+        &self,
+        content: &ContentStore,
+        desc: &Descriptor,
+        on_bytes: Option<&crate::registry::OnBytes>,
+    ) -> Result<()>;
 }
 
 /// An OCI layout directory's blobs.
@@ -556,7 +561,12 @@ impl BlobSource for LayoutBlobs {
         self.dir.display().to_string()
     }
 
-    fn fetch_into(&self, content: &ContentStore, desc: &Descriptor) -> Result<()> {
+    fn fetch_into(
+        &self,
+        content: &ContentStore,
+        desc: &Descriptor,
+        on_bytes: Option<&crate::registry::OnBytes>,
+    ) -> Result<()> {
         let blob_err = |source| Error::Blob {
             place: self.place(),
             digest: desc.digest().to_string(),
@@ -570,7 +580,11 @@ impl BlobSource for LayoutBlobs {
                 place: self.place(),
                 source,
             })?;
-        w.commit().map(drop).map_err(blob_err)
+        w.commit().map_err(blob_err)?;
+        if let Some(f) = on_bytes {
+            f(desc.digest(), desc.size(), desc.size());
+        }
+        Ok(())
     }
 }
 
@@ -588,8 +602,16 @@ impl BlobSource for RegistryBlobs {
         self.reference.to_string()
     }
 
-    fn fetch_into(&self, content: &ContentStore, desc: &Descriptor) -> Result<()> {
-        let registry = self.registry.clone();
+    fn fetch_into(
+        &self,
+        content: &ContentStore,
+        desc: &Descriptor,
+        on_bytes: Option<&crate::registry::OnBytes>,
+    ) -> Result<()> {
+        let registry = match on_bytes {
+            Some(f) => self.registry.on_bytes(std::sync::Arc::clone(f)),
+            None => self.registry.clone(),
+        };
         let reference = self.reference.clone();
         let desc = desc.clone();
         let content = content.clone();
@@ -1030,6 +1052,7 @@ impl Imported {
         key: &Key,
         cache: &Cache,
         snap: &Snapshotter,
+        on_bytes: Option<&crate::registry::OnBytes>,
     ) -> Result<Option<ImageState>> {
         for (records, blobs) in &self.sources {
             let Some(state) = records.get(&key.0) else {
@@ -1045,7 +1068,7 @@ impl Imported {
                     // stored as the exporting store held it: plain
                     if !snap.content().contains(&diff_id) {
                         if !snap.content().contains(&digest) {
-                            blobs.fetch_into(snap.content(), &desc)?;
+                            blobs.fetch_into(snap.content(), &desc, on_bytes)?;
                         }
                         if !snap.layers().contains(&chain) {
                             // unpacked straight from the compressed blob;
@@ -1090,7 +1113,7 @@ impl Imported {
                 if !snap.layers().contains(&chain) {
                     if !snap.content().contains(&digest) {
                         // verifies the digest; a mismatch keeps nothing
-                        blobs.fetch_into(snap.content(), &desc)?;
+                        blobs.fetch_into(snap.content(), &desc, on_bytes)?;
                     }
                     let reader =
                         snap.content()

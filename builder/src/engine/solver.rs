@@ -710,7 +710,14 @@ impl Engine {
     }
 
     /// The recorded result of `key`, locally or from `--cache-from`.
-    pub(super) fn lookup(&self, key: &Key, no_cache: bool) -> Option<ImageState> {
+    /// A record for `key` in the local cache, else in the `--cache-from`
+    /// imports (its blobs fetched then, their bytes on `vertex`'s line).
+    pub(super) fn lookup(
+        &self,
+        key: &Key,
+        no_cache: bool,
+        vertex: Option<usize>,
+    ) -> Option<ImageState> {
         if no_cache {
             return None;
         }
@@ -721,7 +728,16 @@ impl Engine {
         if self.imported.is_empty() {
             return None;
         }
-        match self.imported.materialize(key, &self.cache, &self.snap) {
+        let on_bytes: Option<crate::registry::OnBytes> = vertex.map(|v| {
+            let progress = Arc::clone(&self.progress);
+            Arc::new(move |d: &oci_spec::image::Digest, done: u64, total: u64| {
+                progress.transfer(v, d.as_ref(), done, total);
+            }) as crate::registry::OnBytes
+        });
+        match self
+            .imported
+            .materialize(key, &self.cache, &self.snap, on_bytes.as_ref())
+        {
             Ok(hit) => hit,
             Err(e) => {
                 // a broken imported cache costs a rebuild of the step

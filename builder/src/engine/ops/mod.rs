@@ -117,11 +117,12 @@ impl Engine {
     /// definition is not recorded under the content key, since the layer
     /// may have been made from other files than the source has now.
     fn hit_either(&self, ctx: &StepCtx, keys: &Keys) -> Option<Done> {
-        let (state, content_key) = match self.lookup(&keys.key, ctx.no_cache) {
+        let vertex = Some(ctx.vertex);
+        let (state, content_key) = match self.lookup(&keys.key, ctx.no_cache, vertex) {
             Some(s) => (s, None),
             None => {
                 let k = keys.content.as_ref()?;
-                let s = self.lookup(k, ctx.no_cache)?;
+                let s = self.lookup(k, ctx.no_cache, vertex)?;
                 self.record(&keys.key, &s);
                 (s, Some(k.clone()))
             }
