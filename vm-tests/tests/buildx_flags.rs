@@ -90,6 +90,35 @@ fn iidfile_metadata_quiet_tags_and_labels_as_buildx_writes_them() {
         serde_json::json!({"from": "flag", "team": "ci"})
     );
     assert_eq!(config["history"].as_array().map(Vec::len), Some(3));
+
+    // what a docker-compatible tool calls the image's ID is the iidfile's:
+    // rootless podman loads the docker archive of the same build
+    let archive = p.dir.join("img-docker.tar");
+    let (out2, _) = expect_success(p.build(&[
+        "-q",
+        "-t",
+        "kiln-flags:v1",
+        "--label",
+        "team=ci",
+        "--label",
+        "from=flag",
+        "-o",
+        &format!("type=docker,dest={}", archive.display()),
+    ]));
+    assert_eq!(out2.trim(), id, "a rebuild gives the same ID");
+    let archive_arg = archive.display().to_string();
+    let load = kiln_vm_tests::podman(&p.dir, "bxf", &["load", "-i", &archive_arg]);
+    expect_success(load);
+    let inspect = kiln_vm_tests::podman(
+        &p.dir,
+        "bxf",
+        &["image", "inspect", "--format", "{{.Id}}", "kiln-flags:v1"],
+    );
+    let (podman_id, _) = expect_success(inspect);
+    assert_eq!(
+        format!("sha256:{}", podman_id.trim()),
+        std::fs::read_to_string(&iid).unwrap()
+    );
 }
 
 #[test]
