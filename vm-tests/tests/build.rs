@@ -589,3 +589,48 @@ fn steps_reading_a_rebuilt_stage_hit_when_its_files_are_the_same() {
         "{mounter}"
     );
 }
+
+#[test]
+fn stages_that_need_no_image_run_while_the_images_are_pulled() {
+    use std::io::{BufRead, BufReader, Write};
+    // a registry that answers every request after a second, with a 404
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let _ = conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    let p = Project::new(
+        "build-early-stages",
+        &format!(
+            "FROM scratch AS early\nCOPY rootfs/ /\nRUN echo early > /x\n\nFROM 127.0.0.1:{port}/base:1\nCOPY --from=early /x /x\n"
+        ),
+    );
+    let insecure = format!("--insecure-registry=127.0.0.1:{port}");
+    let o = p.build(&["--progress", "plain", &insecure]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{err}");
+    // the pull failed, and the stage that needs no image had run by then
+    assert!(err.contains("cannot pull the base image"), "{err}");
+    let run = err
+        .lines()
+        .find_map(|l| l.strip_suffix(" [early 2/2] RUN echo early > /x"))
+        .unwrap_or_else(|| panic!("no early RUN step:\n{err}"));
+    assert!(
+        err.lines()
+            .any(|l| l == format!("{run} DONE") || l.starts_with(&format!("{run} DONE "))),
+        "{err}"
+    );
+}

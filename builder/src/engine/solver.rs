@@ -6,7 +6,7 @@
 //! It owns scheduling and cache lookups; what a step does, and what goes
 //! into its key, is the op's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,15 +98,26 @@ pub(super) struct Engine {
     pub(super) build_token: String,
 }
 
+/// A running stage: its index and its task.
+type StageTask = (usize, tokio::task::JoinHandle<Result<(Key, ImageState)>>);
+
 /// The parsed and planned build, before anything runs.
 pub(super) struct Planned {
-    file: String,
     /// the Dockerfile as read, and parsed
     pub(super) source: Vec<u8>,
     pub(super) ast: frontend::Ast,
-    snap: Arc<Snapshotter>,
     pub(super) plan: Plan,
     bases: Bases,
+}
+
+/// The Dockerfile read, parsed and planned without its base images.
+pub(super) struct FirstPlan {
+    file: String,
+    source: Vec<u8>,
+    ast: frontend::Ast,
+    snap: Arc<Snapshotter>,
+    plan: Plan,
+    plan_opts: PlanOptions,
 }
 
 /// Read and plan the Dockerfile: plan once to learn the base images, load
@@ -118,6 +129,12 @@ pub(super) fn plan(
     progress: &Arc<Progress>,
     shared: &Shared,
 ) -> Result<Planned> {
+    plan_rest(plan_first(opts, progress)?, opts, progress, shared)
+}
+
+/// Read, parse and plan the Dockerfile without its base images; the
+/// network policy, devices and build checks are checked on that plan.
+fn plan_first(opts: &BuildOptions, progress: &Arc<Progress>) -> Result<FirstPlan> {
     let text = std::fs::read(&opts.dockerfile).map_err(|source| Error::Dockerfile {
         path: opts.dockerfile.clone(),
         source,
@@ -136,7 +153,7 @@ pub(super) fn plan(
         Snapshotter::open(&opts.state.snapshotter_root(), backend)
             .map_err(|e| Error::State(Box::new(e)))?,
     );
-    let mut plan_opts = PlanOptions {
+    let plan_opts = PlanOptions {
         build_args: opts.build_args.clone(),
         named_contexts: opts.named_contexts.clone(),
         target: opts.target.clone(),
@@ -160,6 +177,32 @@ pub(super) fn plan(
             return Err(Error::CacheFromOffline(reference.to_string()));
         }
     }
+    Ok(FirstPlan {
+        file,
+        source: text,
+        ast,
+        snap,
+        plan: first,
+        plan_opts,
+    })
+}
+
+/// Load the bases of the first plan (pulling what the store lacks) and
+/// plan again with them.
+fn plan_rest(
+    first: FirstPlan,
+    opts: &BuildOptions,
+    progress: &Arc<Progress>,
+    shared: &Shared,
+) -> Result<Planned> {
+    let FirstPlan {
+        file,
+        source,
+        ast,
+        snap,
+        plan: first,
+        mut plan_opts,
+    } = first;
     let report = bases::Report { progress, shared };
     let mut bases = bases::load_bases(&snap, opts, &first, &mut plan_opts, report)?;
     let mut plan = frontend::plan(&ast, &plan_opts).inspect_err(|_| {
@@ -199,13 +242,32 @@ pub(super) fn plan(
         return Err(e.into());
     }
     Ok(Planned {
-        file,
-        source: text,
+        source,
         ast,
-        snap,
         plan,
         bases,
     })
+}
+
+/// The stages of `plan` that need no base image, directly or through the
+/// stage they are built on: they can start while the images are pulled
+/// (a base image's environment cannot change how they are planned).
+fn imageless_stages(plan: &Plan) -> BTreeSet<usize> {
+    let by_index: BTreeMap<usize, &Stage> = plan.stages.iter().map(|s| (s.index, s)).collect();
+    let mut out = BTreeSet::new();
+    // stages come dependencies first
+    for s in &plan.stages {
+        let free = match &s.base {
+            frontend::Base::Scratch => true,
+            frontend::Base::Context { source, .. } => !source.contains("://"),
+            frontend::Base::Stage { index } => by_index.contains_key(index) && out.contains(index),
+            frontend::Base::Image { .. } => false,
+        };
+        if free {
+            out.insert(s.index);
+        }
+    }
+    out
 }
 
 /// `RUN --device`: kiln gives a step no host device (a Dockerfile is not
@@ -245,27 +307,89 @@ pub(super) async fn build_shared(
     shared: Arc<Shared>,
 ) -> Result<Built> {
     let started = Instant::now();
-    let planned = plan(&opts, &progress, &shared)?;
+    let first = plan_first(&opts, &progress)?;
+    // a `# check=error=true` violation fails the build before anything
+    // runs (the base images only add InvalidBaseImagePlatform)
+    if let Some(e) = first.plan.lint_error(&first.ast) {
+        progress.add_lint(
+            first
+                .plan
+                .warnings
+                .iter()
+                .filter(|w| w.rule.is_some())
+                .cloned()
+                .collect(),
+        );
+        return Err(e.into());
+    }
+    let early = imageless_stages(&first.plan);
     let imported = remote_cache::import_all(
         &opts.cache_from,
         opts.registry.as_ref(),
-        &planned.snap,
+        &first.snap,
         &progress,
     )
     .await
     .map_err(Error::CacheIo)?;
-    let bases = Arc::new(planned.bases);
-    let (engine, senders) = Engine::new(
-        opts,
-        progress,
-        shared,
-        planned.snap,
-        planned.plan,
-        planned.file,
+    // Every stage of the Dockerfile has a channel: the stages that need no
+    // image start now, the others once the images are in and the plan
+    // is made again with them.
+    let count = first
+        .ast
+        .nodes
+        .iter()
+        .filter(|n| n.instruction == "from")
+        .count();
+    let (engine, mut senders) = Engine::new(
+        opts.clone(),
+        Arc::clone(&progress),
+        Arc::clone(&shared),
+        Arc::clone(&first.snap),
+        first.plan.clone(),
+        first.file.clone(),
         imported,
+        (0..count).collect(),
     )?;
     let engine = Arc::new(engine);
-    let state = engine.run_stages(bases, senders).await;
+    let target = first.plan.target;
+    let early_stages: Vec<Stage> = first
+        .plan
+        .stages
+        .iter()
+        .filter(|s| early.contains(&s.index))
+        .cloned()
+        .collect();
+    let mut tasks = engine.spawn_stages(early_stages, &Arc::new(Bases::new()), &mut senders);
+    // the pulls and the second plan, off the build's async threads
+    let rest = {
+        let (opts, progress, shared) = (opts.clone(), Arc::clone(&progress), Arc::clone(&shared));
+        tokio::task::spawn_blocking(move || plan_rest(first, &opts, &progress, &shared))
+            .await
+            .map_err(Error::Task)
+            .and_then(|r| r)
+    };
+    let state = match rest {
+        Ok(planned) => {
+            let later: Vec<Stage> = planned
+                .plan
+                .stages
+                .iter()
+                .filter(|s| !early.contains(&s.index))
+                .cloned()
+                .collect();
+            tasks.extend(engine.spawn_stages(later, &Arc::new(planned.bases), &mut senders));
+            // a stage no plan needs has nothing to wait for
+            drop(senders);
+            Engine::collect(tasks, target).await
+        }
+        Err(e) => {
+            // the stages already running end (one waiting for a stage that
+            // will not run fails), then the plan's error is the build's
+            drop(senders);
+            let _ = Engine::collect(tasks, target).await;
+            Err(e)
+        }
+    };
     engine.save_stat_caches();
     engine.remove_no_cache_mounts();
     engine.finish(state?, started).await
@@ -284,8 +408,8 @@ impl Engine {
         }
     }
 
-    /// The build's state for `plan`, and one channel per stage that
-    /// carries its result to the stages that need it.
+    /// The build's state for `plan`, and one channel per stage (of
+    /// `stage_indices`) that carries its result to the stages that need it.
     #[allow(clippy::too_many_arguments)]
     fn new(
         opts: BuildOptions,
@@ -295,6 +419,7 @@ impl Engine {
         plan: Plan,
         file: String,
         imported: remote_cache::Imported,
+        stage_indices: Vec<usize>,
     ) -> Result<(Engine, BTreeMap<usize, watch::Sender<StageResult>>)> {
         let context = fsutil::Root::open(&opts.context).map_err(|source| Error::Context {
             path: opts.context.clone(),
@@ -309,10 +434,10 @@ impl Engine {
         let redactor = Arc::new(opts.session.secrets.redactor());
         let mut senders = BTreeMap::new();
         let mut results = BTreeMap::new();
-        for stage in &plan.stages {
+        for index in stage_indices {
             let (tx, rx) = watch::channel(None);
-            senders.insert(stage.index, tx);
-            results.insert(stage.index, rx);
+            senders.insert(index, tx);
+            results.insert(index, rx);
         }
         let engine = Engine {
             snap,
@@ -345,33 +470,46 @@ impl Engine {
         Ok((engine, senders))
     }
 
-    /// Start every stage at once and wait for all of them; the target
-    /// stage's state, or the first error.
-    async fn run_stages(
+    /// Start `stages` at once, each sending its result on its channel
+    /// (taken from `senders`).
+    fn spawn_stages(
         self: &Arc<Self>,
-        bases: Arc<Bases>,
-        mut senders: BTreeMap<usize, watch::Sender<StageResult>>,
-    ) -> Result<ImageState> {
+        stages: Vec<Stage>,
+        bases: &Arc<Bases>,
+        senders: &mut BTreeMap<usize, watch::Sender<StageResult>>,
+    ) -> Vec<StageTask> {
         let mut tasks = Vec::new();
-        for stage in self.plan.stages.clone() {
+        for stage in stages {
+            let Some(tx) = senders.remove(&stage.index) else {
+                continue;
+            };
             let engine = Arc::clone(self);
-            let bases = Arc::clone(&bases);
-            let tx = senders.remove(&stage.index).expect("a sender per stage");
-            tasks.push(tokio::spawn(async move {
-                let r = engine.build_stage(&stage, &bases).await;
-                let _ = tx.send(Some(
-                    r.as_ref()
-                        .map(|v| v.clone())
-                        .map_err(|e| crate::error_chain(&e)),
-                ));
-                r
-            }));
+            let bases = Arc::clone(bases);
+            let index = stage.index;
+            tasks.push((
+                index,
+                tokio::spawn(async move {
+                    let r = engine.build_stage(&stage, &bases).await;
+                    let _ = tx.send(Some(
+                        r.as_ref()
+                            .map(|v| v.clone())
+                            .map_err(|e| crate::error_chain(&e)),
+                    ));
+                    r
+                }),
+            ));
         }
-        let mut target = None;
+        tasks
+    }
+
+    /// Wait for every stage task; the state of stage `target`, or the
+    /// first error.
+    async fn collect(tasks: Vec<StageTask>, target: usize) -> Result<ImageState> {
+        let mut out = None;
         let mut first_error = None;
-        for (task, stage) in tasks.into_iter().zip(self.plan.stages.iter()) {
+        for (index, task) in tasks {
             match task.await {
-                Ok(Ok((_, state))) if stage.index == self.plan.target => target = Some(state),
+                Ok(Ok((_, state))) if index == target => out = Some(state),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     first_error.get_or_insert(e);
@@ -383,7 +521,7 @@ impl Engine {
         }
         match first_error {
             Some(e) => Err(e),
-            None => target.ok_or(Error::NoTarget),
+            None => out.ok_or(Error::NoTarget),
         }
     }
 
