@@ -109,7 +109,15 @@ impl Stage {
             }
             (Stage::MountProc, Errno::EPERM) => {
                 " (the kernel refused a fresh /proc: it does this when the host's /proc has \
-                 masked or read-only submounts, e.g. inside another container; run kiln where /proc is fully visible)"
+                 masked or read-only submounts, as inside a container. Run kiln's container with /proc \
+                 unmasked: podman/docker --security-opt unmask=/proc/*, or Kubernetes \
+                 securityContext.procMount: Unmasked with hostUsers: false)"
+            }
+            (Stage::Hostname, Errno::EPERM) => {
+                " (the seccomp profile kiln runs under refuses sethostname in the step's own UTS \
+                 namespace, as the default profiles of Docker, Podman and Kubernetes do. Run kiln's \
+                 container without it: podman/docker --security-opt seccomp=unconfined, Kubernetes \
+                 securityContext.seccompProfile.type: Unconfined; every step still gets kiln's own profile)"
             }
             (Stage::SetUid | Stage::SetGid, Errno::EINVAL) => {
                 " (the id is not mapped in the sandbox: give your user a range in /etc/subuid and /etc/subgid)"

@@ -524,11 +524,23 @@ impl Helper {
             let mut text = String::new();
             let _ = log.rewind();
             let _ = log.read_to_string(&mut text);
-            let stderr = text
+            let mut stderr = text
                 .lines()
                 .filter(|l| !l.contains("to syslog") && !l.trim().is_empty())
                 .collect::<Vec<_>>()
                 .join("; ");
+            // both stacks need the tun device; in a container it is often
+            // simply not there
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun");
+            if let Err(e) = tun {
+                stderr.push_str(&format!(
+                    " (/dev/net/tun cannot be opened here: {e}. In a container, give it the device: \
+                     podman/docker --device /dev/net/tun, Kubernetes a hostPath or device plugin for /dev/net/tun)"
+                ));
+            }
             return Err(Error::NetworkStack {
                 stack: stack.name(),
                 what,

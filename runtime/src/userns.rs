@@ -116,6 +116,24 @@ fn join(pid: i32, uid: u32) -> Result<()> {
     Ok(())
 }
 
+/// CAP_SYS_ADMIN's bit.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether the process has capability `cap` in its effective set (from
+/// /proc/self/status; false when it cannot be read).
+pub fn has_effective_cap(cap: u32) -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << cap) != 0)
+}
+
+fn in_initial(env: &IdEnv) -> bool {
+    env.own_uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"]
+}
+
 /// Whether [`enter`] also gives the process a mount namespace of its own
 /// (needed to mount snapshots; `kiln sandbox` does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +150,16 @@ pub enum Mounts {
 pub fn enter(mounts: Mounts) -> Result<Entered> {
     let env = IdEnv::from_host();
     let mapping = IdMapping::decide(&env);
-    let entered = if !matches!(mapping.method, Method::Helpers { .. }) {
+    // Inside a container's user namespace (Podman, Docker, a pod with
+    // hostUsers: false) kiln is uid 0 but without CAP_SYS_ADMIN: it cannot
+    // make mount namespaces there. A namespace of its own, nested in the
+    // container's with the ids the container has, gives it that; mapping
+    // it needs only CAP_SETUID and CAP_SETGID, which those runtimes keep.
+    let nested_without_admin = matches!(mapping.method, Method::Direct { .. })
+        && mapping.limited.is_none()
+        && !in_initial(&env)
+        && !has_effective_cap(CAP_SYS_ADMIN);
+    let entered = if !matches!(mapping.method, Method::Helpers { .. }) && !nested_without_admin {
         if env.own_uid_map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"] {
             Entered::AlreadyInside
         } else {

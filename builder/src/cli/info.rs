@@ -46,6 +46,8 @@ pub struct User {
     pub method: String,
     /// why only id 0 is mapped, when it is
     pub limited: Option<String>,
+    /// where the ids come from, and why those
+    pub source: String,
 }
 
 /// Landlock: host-side confinement and step scoping.
@@ -123,8 +125,66 @@ impl HostFacts {
                     Method::Direct { .. } => "written directly".into(),
                 },
                 limited: mapping.limited.map(String::from),
+                source: id_source(&env, &mapping),
             },
         }
+    }
+}
+
+/// Where a sandbox's ids come from, in words, for `kiln info`.
+fn id_source(env: &kiln_runtime::idmap::IdEnv, mapping: &kiln_runtime::idmap::IdMapping) -> String {
+    use kiln_runtime::idmap::{Method, ROOT_FALLBACK_START};
+    let initial =
+        env.own_uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+    if !initial {
+        // each line of our own map: ids here and what they are outside
+        let outer = env
+            .own_uid_map
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                (f.len() == 3 && f[2] > 0).then(|| {
+                    format!(
+                        "{}-{} are {}-{}",
+                        f[0],
+                        f[0] + f[2] - 1,
+                        f[1],
+                        f[1] + f[2] - 1
+                    )
+                })
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let own_ns = if env.euid == 0
+            && mapping.limited.is_none()
+            && !kiln_runtime::userns::has_effective_cap(21)
+        {
+            "; kiln has no CAP_SYS_ADMIN there, so it makes a user namespace of its own inside it (CAP_SETUID and CAP_SETGID suffice)"
+        } else {
+            ""
+        };
+        return format!(
+            "the ids of the user namespace kiln runs in (a container's, or another tool's), never more: its uids {outer} outside it{own_ns}"
+        );
+    }
+    match (&mapping.method, env.euid) {
+        (Method::Helpers { .. }, _) => {
+            "your ranges in /etc/subuid and /etc/subgid, written by the setuid helpers".into()
+        }
+        (Method::Direct { .. }, 0)
+            if mapping.uids.first().map(|r| r.outside) == Some(ROOT_FALLBACK_START) =>
+        {
+            format!(
+                "kiln's fixed range at {ROOT_FALLBACK_START} (root has no /etc/subuid entry); a step is never real root"
+            )
+        }
+        (Method::Direct { .. }, 0) => {
+            "root's ranges in /etc/subuid and /etc/subgid; a step is never real root".into()
+        }
+        (Method::Direct { .. }, _) => "your own id only".into(),
     }
 }
 
@@ -202,6 +262,7 @@ impl Info {
             u.gid_map.join(", "),
             u.method
         ));
+        out.push_str(&format!("  ids from: {}\n", u.source));
         if let Some(why) = &u.limited {
             out.push_str(&format!("  only id 0 is mapped: {why}\n"));
         }

@@ -137,17 +137,21 @@ impl Fetcher {
                 }
             })?);
         }
-        reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .tls_certs_merge(certs)
-            .dns_resolver(Arc::new(HostResolver::start()))
-            .build()
-            .map_err(|e| Error::Fetch {
-                url: url.to_string(),
-                reason: format!("cannot make the HTTP client: {e}"),
-            })
+        let resolver = Arc::new(HostResolver::start());
+        crate::registry::with_roots(
+            || {
+                reqwest::Client::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(READ_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+                    .dns_resolver(Arc::clone(&resolver))
+            },
+            certs,
+        )
+        .map_err(|e| Error::Fetch {
+            url: url.to_string(),
+            reason: format!("cannot make the HTTP client: {e}"),
+        })
     }
 
     /// GET `url` into `file`, hashing as it goes, refusing more than the

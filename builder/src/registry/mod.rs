@@ -108,6 +108,20 @@ pub fn digest_of(bytes: &[u8]) -> oci_spec::image::Digest {
 }
 
 /// A blob's progress: its digest, the bytes received so far and its size.
+/// `builder` built trusting the system's CA certificates plus `roots`;
+/// on a system without any (a minimal container image), `roots` alone,
+/// so a build that never speaks TLS still runs and one that does fails
+/// at that connection, naming the certificate it could not trust.
+pub(crate) fn with_roots(
+    builder: impl Fn() -> reqwest::ClientBuilder,
+    roots: Vec<reqwest::Certificate>,
+) -> reqwest::Result<reqwest::Client> {
+    match builder().tls_certs_merge(roots.clone()).build() {
+        Ok(c) => Ok(c),
+        Err(e) => builder().tls_certs_only(roots).build().map_err(|_| e),
+    }
+}
+
 pub type OnBytes = Arc<dyn Fn(&oci_spec::image::Digest, u64, u64) + Send + Sync>;
 
 /// The largest manifest, index or image config kiln reads, as containerd
@@ -168,15 +182,18 @@ impl Registry {
                 })?,
             );
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(30))
-            .read_timeout(std::time::Duration::from_secs(300))
-            .tls_certs_merge(roots)
-            .build()
-            .map_err(|e| Error::Ca {
-                path: "certs.d".into(),
-                reason: crate::error_chain(&e),
-            })?;
+        let http = with_roots(
+            || {
+                reqwest::Client::builder()
+                    .connect_timeout(std::time::Duration::from_secs(30))
+                    .read_timeout(std::time::Duration::from_secs(300))
+            },
+            roots,
+        )
+        .map_err(|e| Error::Ca {
+            path: "certs.d".into(),
+            reason: crate::error_chain(&e),
+        })?;
         let insecure = config
             .insecure
             .iter()

@@ -1,0 +1,136 @@
+//! kiln inside a container: rootless Podman (runc) as the unprivileged
+//! test user runs kiln from a rootfs holding it, pasta and busybox, with
+//! the options README documents (`--security-opt seccomp=unconfined`,
+//! `--security-opt unmask=/proc/*`, `--device /dev/net/tun`; no added
+//! capability, not privileged). A two-stage build with a cache mount, a
+//! `--network sandbox` step and a USER switch must pass, and the nested
+//! step must have the posture it has on a bare host; with each option
+//! removed the build fails naming that option.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_vm_tests::{busybox_rootfs, give_to_test_user, kiln_binary, run_checked, test_dir};
+
+const DOCKERFILE: &str = r#"FROM scratch AS base
+COPY rootfs/ /
+
+FROM base AS cached
+RUN --mount=type=cache,target=/cache echo from-cache > /cache/c && cp /cache/c /from-cache
+
+FROM base
+COPY --from=cached /from-cache /from-cache
+RUN --network=sandbox ip -o link show > /links
+USER 1000:1000
+RUN mkdir /tmp/p && grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status > /tmp/p/posture && id -u > /tmp/p/uid && for n in user pid mnt net; do readlink /proc/self/ns/$n; done > /tmp/p/ns
+"#;
+
+/// Copy `bin` to the same path under `root`, with the shared libraries
+/// ldd names for it.
+fn install(root: &Path, bin: &Path, at: &str) {
+    let dest = root.join(at.trim_start_matches('/'));
+    fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    fs::copy(bin, &dest).unwrap();
+    let ldd = run_checked(Command::new("ldd").arg(bin));
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = root.join(lib.trim_start_matches('/'));
+        if !to.exists() {
+            fs::create_dir_all(to.parent().unwrap()).unwrap();
+            fs::copy(lib, &to).unwrap();
+        }
+    }
+}
+
+/// The container's root: busybox, kiln, pasta, and the build's context.
+fn container_root(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    busybox_rootfs(&root);
+    install(&root, &kiln_binary(), "/bin/kiln");
+    assert!(
+        Path::new("/usr/bin/pasta").exists(),
+        "pasta is missing: run scripts/setup-host.sh (apt-get install passt)"
+    );
+    install(&root, Path::new("/usr/bin/pasta"), "/usr/bin/pasta");
+    fs::create_dir_all(root.join("dev/net")).unwrap();
+    let ctx = root.join("work/ctx");
+    busybox_rootfs(&ctx.join("rootfs"));
+    fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
+    give_to_test_user(dir);
+    root
+}
+
+/// `podman run` of the build in `root` with `options`, as the test user.
+fn run_build(dir: &Path, root: &Path, options: &[&str]) -> Output {
+    let script = "for n in user pid mnt net; do readlink /proc/self/ns/$n; done > /work/outer-ns && cd /work && HOME=/work kiln --root /work/state build --no-cache --progress plain -o type=local,dest=/work/out ctx";
+    let mut args = vec!["run", "--rm", "--runtime", "runc"];
+    args.extend_from_slice(options);
+    let root_arg = root.display().to_string();
+    args.extend(["--rootfs", &root_arg, "/bin/sh", "-c", script]);
+    kiln_vm_tests::podman(dir, "inc", &args)
+}
+
+const OPTIONS: [[&str; 2]; 3] = [
+    ["--security-opt", "seccomp=unconfined"],
+    ["--security-opt", "unmask=/proc/*"],
+    ["--device", "/dev/net/tun"],
+];
+
+#[test]
+fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
+    assert!(
+        Path::new("/usr/sbin/runc").exists(),
+        "runc is missing: run scripts/setup-host.sh"
+    );
+    let dir = test_dir("in-container");
+    let root = container_root(&dir);
+    let all: Vec<&str> = OPTIONS.iter().flatten().copied().collect();
+    let out = run_build(&dir, &root, &all);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "the build failed in the container:\n{err}"
+    );
+    let work = root.join("work");
+    let read =
+        |p: &str| fs::read_to_string(work.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{err}"));
+    assert_eq!(read("out/from-cache"), "from-cache\n");
+    // --network sandbox: the step had its own loopback and a tap
+    assert!(read("out/links").contains("lo:"), "{}", read("out/links"));
+    assert_eq!(read("out/tmp/p/uid"), "1000\n");
+    // the nested step's posture, as on a bare host
+    let posture = read("out/tmp/p/posture");
+    for want in [
+        "Seccomp:\t2",
+        "NoNewPrivs:\t1",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t00000000a80405fb",
+    ] {
+        assert!(posture.contains(want), "{want} missing from:\n{posture}");
+    }
+    // its own user, PID, mount and network namespaces, none the container's
+    let outer: Vec<String> = read("outer-ns").lines().map(String::from).collect();
+    let inner: Vec<String> = read("out/tmp/p/ns").lines().map(String::from).collect();
+    assert_eq!(outer.len(), 4, "{outer:?}");
+    assert_eq!(inner.len(), 4, "{inner:?}");
+    for (o, i) in outer.iter().zip(&inner) {
+        assert_ne!(o, i, "the step shares a namespace with the container");
+    }
+
+    // each documented option left out: the build fails naming it
+    for (i, [_, opt]) in OPTIONS.iter().enumerate() {
+        let fewer: Vec<&str> = OPTIONS
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, o)| o.iter().copied())
+            .collect();
+        let out = run_build(&dir, &root, &fewer);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "built without {opt}:\n{err}");
+        assert!(err.contains(opt), "the error does not name {opt}:\n{err}");
+    }
+}
