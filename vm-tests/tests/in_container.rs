@@ -134,3 +134,81 @@ fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
         assert!(err.contains(opt), "the error does not name {opt}:\n{err}");
     }
 }
+
+#[test]
+fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
+    let dir = test_dir("kiln-image");
+    // scripts/image.sh and deploy/Dockerfile as the repository has them
+    let repo = dir.join("repo");
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for f in ["scripts/image.sh", "deploy/Dockerfile"] {
+        let to = repo.join(f);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(here.join(f), &to).unwrap();
+    }
+    let kiln = dir.join("kiln");
+    fs::copy(kiln_binary(), &kiln).unwrap();
+    let archive = dir.join("kiln-image.tar");
+    let ctx = dir.join("ctx");
+    busybox_rootfs(&ctx.join("rootfs"));
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nRUN --network=sandbox ip -o link show > /links && echo built-in-kiln > /made\n",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.join("out")).unwrap();
+    give_to_test_user(&dir);
+    // the image, built by kiln as the test user (its state under
+    // XDG_DATA_HOME, as scripts/image.sh passes its options to `kiln build`)
+    let mut image = kiln_vm_tests::unprivileged(Path::new("/usr/bin/env"));
+    image
+        .arg(format!("XDG_DATA_HOME={}", dir.join("xdg").display()))
+        .arg("/bin/bash")
+        .arg(repo.join("scripts/image.sh"))
+        .arg("-b")
+        .arg(&kiln)
+        .args(["-t", "kiln:dev", "-o"])
+        .arg(format!("type=docker,dest={}", archive.display()));
+    let out = image.output().expect("scripts/image.sh");
+    assert!(
+        out.status.success(),
+        "scripts/image.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archive_arg = archive.display().to_string();
+    let load = kiln_vm_tests::podman(&dir, "kim", &["load", "-i", &archive_arg]);
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let ctx_vol = format!("{}:/work/ctx:ro", ctx.display());
+    let out_vol = format!("{}:/work/out", dir.join("out").display());
+    let mut args = vec!["run", "--rm", "--runtime", "runc"];
+    args.extend(OPTIONS.iter().flatten().copied());
+    args.extend([
+        "--volume",
+        &ctx_vol,
+        "--volume",
+        &out_vol,
+        "docker.io/library/kiln:dev",
+        "--root",
+        "/work/state",
+        "build",
+        "--progress",
+        "plain",
+        "-o",
+        "type=local,dest=/work/out",
+        "/work/ctx",
+    ]);
+    let run = kiln_vm_tests::podman(&dir, "kim", &args);
+    let err = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "kiln's image could not build:\n{err}");
+    assert_eq!(
+        fs::read_to_string(dir.join("out/made")).unwrap(),
+        "built-in-kiln\n"
+    );
+    assert!(fs::read_to_string(dir.join("out/links"))
+        .unwrap()
+        .contains("lo:"));
+}
