@@ -71,7 +71,7 @@ pub enum Error {
         helper: &'static str,
         source: std::io::Error,
     },
-    #[error("cannot write {path}")]
+    #[error("cannot write {path}{}", write_map_hint(source))]
     WriteIdMap {
         path: String,
         source: std::io::Error,
@@ -163,5 +163,17 @@ impl Error {
             Error::ExecFailed { .. } => EXIT_CANNOT_EXECUTE,
             _ => EXIT_SANDBOX_FAILURE,
         }
+    }
+}
+
+/// What to do when a uid_map or gid_map cannot be written: writing one
+/// that maps more than the writer's own id needs CAP_SETUID/CAP_SETGID
+/// over the parent namespace, which a container keeps unless dropped.
+fn write_map_hint(source: &std::io::Error) -> &'static str {
+    if source.raw_os_error() == Some(libc::EPERM) {
+        " (mapping ids into a user namespace needs CAP_SETUID and CAP_SETGID: in a container, \
+         do not drop them: podman/docker --cap-drop, Kubernetes securityContext.capabilities.drop)"
+    } else {
+        ""
     }
 }

@@ -231,6 +231,7 @@ fn start_pause(mapping: &IdMapping, lock_path: &std::path::Path) -> Result<i32> 
     let init = crate::sandbox::init_memfd()?;
     let lock_fd = lock.as_raw_fd();
     let (ready_w_fd, go_r_fd) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
+    let (go_w_fd, ready_r_fd) = (go_w.as_raw_fd(), ready_r.as_raw_fd());
     // SAFETY: the child only makes async-signal-safe, allocation-free calls
     // and leaves by exec or _exit.
     let cloned = unsafe { sys::clone3_fork(libc::CLONE_NEWUSER as u64) };
@@ -238,7 +239,15 @@ fn start_pause(mapping: &IdMapping, lock_path: &std::path::Path) -> Result<i32> 
         Err(e) => Err(Error::Clone(e.into())),
         Ok(None) => {
             // The pause process: wait for the maps, take the lock, detach
-            // from the caller's session and become `kiln-init pause`.
+            // from the caller's session and become `kiln-init pause`. Its
+            // copies of the parent's ends go first: holding the write end
+            // of `go` itself, it would never see the EOF of a parent that
+            // could not write the maps, and wait forever.
+            // SAFETY: closing descriptors this forked child inherited.
+            unsafe {
+                libc::close(go_w_fd);
+                libc::close(ready_r_fd);
+            }
             let mut b = [0u8; 1];
             let ok = matches!(sys::read_full(go_r_fd, &mut b), Ok(1));
             // SAFETY: between clone and exec in the single-threaded child:

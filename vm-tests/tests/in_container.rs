@@ -133,6 +133,14 @@ fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
         assert!(!out.status.success(), "built without {opt}:\n{err}");
         assert!(err.contains(opt), "the error does not name {opt}:\n{err}");
     }
+    // without CAP_SETUID/CAP_SETGID kiln cannot map its namespace: it says
+    // so (it used to wait forever for a pause process that waited for it)
+    let mut fewer = all.clone();
+    fewer.extend(["--cap-drop", "setuid,setgid", "--timeout", "60"]);
+    let out = run_build(&dir, &root, &fewer);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "built without CAP_SETUID:\n{err}");
+    assert!(err.contains("needs CAP_SETUID and CAP_SETGID"), "{err}");
 }
 
 #[test]
