@@ -32,6 +32,13 @@ fuzz_target!(|data: &[u8]| {
             os: "linux".into(),
             architecture: "arm".into(),
             variant: Some("v7".into()),
+            os_version: None,
+        },
+        Platform {
+            os: "windows".into(),
+            architecture: "amd64".into(),
+            variant: None,
+            os_version: Some("10.0.20348".into()),
         },
     ] {
         let _ = resolve_document("fuzz.example/x:1", media, doc, &platform);
