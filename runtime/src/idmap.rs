@@ -69,6 +69,12 @@ pub struct IdEnv {
 }
 
 impl IdEnv {
+    /// Whether the process lives in the initial user namespace (not in a
+    /// container's or kiln's own).
+    pub fn in_initial_userns(&self) -> bool {
+        in_initial_userns(&self.own_uid_map)
+    }
+
     /// Snapshot the calling process and the host's id configuration.
     pub fn from_host() -> Self {
         let euid = nix::unistd::geteuid().as_raw();

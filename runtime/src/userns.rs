@@ -117,7 +117,7 @@ fn join(pid: i32, uid: u32) -> Result<()> {
 }
 
 /// CAP_SYS_ADMIN's bit.
-const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// Whether the process has capability `cap` in its effective set (from
 /// /proc/self/status; false when it cannot be read).
@@ -128,10 +128,6 @@ pub fn has_effective_cap(cap: u32) -> bool {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .is_some_and(|mask| mask & (1u64 << cap) != 0)
-}
-
-fn in_initial(env: &IdEnv) -> bool {
-    env.own_uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"]
 }
 
 /// Whether [`enter`] also gives the process a mount namespace of its own
@@ -157,10 +153,10 @@ pub fn enter(mounts: Mounts) -> Result<Entered> {
     // it needs only CAP_SETUID and CAP_SETGID, which those runtimes keep.
     let nested_without_admin = matches!(mapping.method, Method::Direct { .. })
         && mapping.limited.is_none()
-        && !in_initial(&env)
+        && !env.in_initial_userns()
         && !has_effective_cap(CAP_SYS_ADMIN);
     let entered = if !matches!(mapping.method, Method::Helpers { .. }) && !nested_without_admin {
-        if env.own_uid_map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"] {
+        if !env.in_initial_userns() {
             Entered::AlreadyInside
         } else {
             Entered::NotNeeded

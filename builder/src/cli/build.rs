@@ -608,9 +608,7 @@ fn contexts_under_policy(
             return Err(PolicyError::Unsupported {
                 ident: src.identifier,
                 to: got.identifier,
-                why:
-                    "kiln does not convert the build context or the Dockerfile (allow or deny them)"
-                        .into(),
+                why: "kiln cannot follow: it does not convert the build context or the Dockerfile (a rule may allow or deny them)".into(),
             }
             .into());
         }

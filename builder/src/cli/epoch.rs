@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use crate::frontend::instructions::{self, Expander, Instruction, Source};
-use crate::frontend::parser::{Ast, Node};
+use crate::frontend::parser::Ast;
 
 /// The times of the sources fetched before the build.
 #[derive(Default)]
@@ -70,21 +70,13 @@ fn stage_source(
     name: &str,
     build_args: &BTreeMap<String, String>,
 ) -> anyhow::Result<Option<String>> {
-    let first_from = ast.nodes.iter().position(|n| n.instruction == "from");
-    let globals = global_args(ast, build_args, first_from.unwrap_or(ast.nodes.len()));
-    let mut stages: Vec<&[Node]> = Vec::new();
-    let mut start = None;
-    for (i, n) in ast.nodes.iter().enumerate() {
-        if n.instruction == "from" {
-            if let Some(s) = start {
-                stages.push(&ast.nodes[s..i]);
-            }
-            start = Some(i);
-        }
-    }
-    if let Some(s) = start {
-        stages.push(&ast.nodes[s..]);
-    }
+    let Some(first_from) = ast.nodes.iter().position(|n| n.instruction == "from") else {
+        return Ok(None);
+    };
+    // the global ARGs without SOURCE_DATE_EPOCH, as BuildKit expands the stage
+    let mut globals = crate::frontend::outline::global_values(ast, build_args);
+    globals.remove("SOURCE_DATE_EPOCH");
+    let stages = crate::frontend::plan::split_stages(&ast.nodes, first_from);
     let Some(nodes) = stages.into_iter().find(|nodes| {
         matches!(nodes[0].args.as_slice(), [_, kw, n] if kw.eq_ignore_ascii_case("as") && n.eq_ignore_ascii_case(name))
     }) else {
@@ -137,36 +129,6 @@ fn stage_source(
     }
     url.map(Some)
         .ok_or_else(|| anyhow::anyhow!("a SOURCE_DATE_EPOCH stage must contain exactly one ADD"))
-}
-
-/// The global ARGs' values (build args win), SOURCE_DATE_EPOCH left out
-/// as BuildKit leaves it out when it expands the stage.
-fn global_args(
-    ast: &Ast,
-    build_args: &BTreeMap<String, String>,
-    first_from: usize,
-) -> BTreeMap<String, String> {
-    let mut values = BTreeMap::new();
-    for node in &ast.nodes[..first_from] {
-        let empty = BTreeMap::new();
-        let Ok(Instruction::Arg(decls)) =
-            instructions::check(node, &mut Expander::new(ast.escape, &empty))
-        else {
-            continue;
-        };
-        for d in decls {
-            let v = match (build_args.get(&d.key), &d.default) {
-                (Some(v), _) => Some(v.clone()),
-                (None, Some(raw)) => Expander::new(ast.escape, &values).word(raw).ok(),
-                (None, None) => None,
-            };
-            if let Some(v) = v {
-                values.insert(d.key, v);
-            }
-        }
-    }
-    values.remove("SOURCE_DATE_EPOCH");
-    values
 }
 
 #[cfg(test)]

@@ -134,9 +134,7 @@ impl HostFacts {
 /// Where a sandbox's ids come from, in words, for `kiln info`.
 fn id_source(env: &kiln_runtime::idmap::IdEnv, mapping: &kiln_runtime::idmap::IdMapping) -> String {
     use kiln_runtime::idmap::{Method, ROOT_FALLBACK_START};
-    let initial =
-        env.own_uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
-    if !initial {
+    if !env.in_initial_userns() {
         // each line of our own map: ids here and what they are outside
         let outer = env
             .own_uid_map
@@ -160,7 +158,7 @@ fn id_source(env: &kiln_runtime::idmap::IdEnv, mapping: &kiln_runtime::idmap::Id
             .join(", ");
         let own_ns = if env.euid == 0
             && mapping.limited.is_none()
-            && !kiln_runtime::userns::has_effective_cap(21)
+            && !kiln_runtime::userns::has_effective_cap(kiln_runtime::userns::CAP_SYS_ADMIN)
         {
             "; kiln has no CAP_SYS_ADMIN there, so it makes a user namespace of its own inside it (CAP_SETUID and CAP_SETGID suffice)"
         } else {

@@ -253,14 +253,13 @@ fn plan_rest(
 /// stage they are built on: they can start while the images are pulled
 /// (a base image's environment cannot change how they are planned).
 fn imageless_stages(plan: &Plan) -> BTreeSet<usize> {
-    let by_index: BTreeMap<usize, &Stage> = plan.stages.iter().map(|s| (s.index, s)).collect();
     let mut out = BTreeSet::new();
     // stages come dependencies first
     for s in &plan.stages {
         let free = match &s.base {
             frontend::Base::Scratch => true,
             frontend::Base::Context { source, .. } => !source.contains("://"),
-            frontend::Base::Stage { index } => by_index.contains_key(index) && out.contains(index),
+            frontend::Base::Stage { index } => out.contains(index),
             frontend::Base::Image { .. } => false,
         };
         if free {

@@ -181,6 +181,8 @@ pub fn targets(ast: &Ast, source: &[u8]) -> Targets {
 /// (last) declared and the global ARGs its default used.
 struct GlobalArg {
     value: String,
+    /// false for `ARG NAME` without a default or build arg
+    set: bool,
     node: usize,
     key: String,
     deps: BTreeSet<String>,
@@ -224,6 +226,7 @@ fn global_args(ast: &Ast, build_args: &BTreeMap<String, String>) -> BTreeMap<Str
             infos.insert(
                 d.key.clone(),
                 GlobalArg {
+                    set: value.is_some(),
                     value: value.unwrap_or_default(),
                     node: i,
                     key: d.key,
@@ -233,6 +236,19 @@ fn global_args(ast: &Ast, build_args: &BTreeMap<String, String>) -> BTreeMap<Str
         }
     }
     infos
+}
+
+/// The values of the global ARGs that have one (build args win over
+/// defaults).
+pub(crate) fn global_values(
+    ast: &Ast,
+    build_args: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    global_args(ast, build_args)
+        .into_iter()
+        .filter(|(_, g)| g.set)
+        .map(|(k, g)| (k, g.value))
+        .collect()
 }
 
 /// The stages of `plan` in BuildKit's outline order: the target, then
@@ -341,10 +357,7 @@ pub fn outline(
     source: &[u8],
 ) -> Outline {
     let globals = global_args(ast, build_args);
-    let global_values: BTreeMap<String, String> = globals
-        .iter()
-        .map(|(k, g)| (k.clone(), g.value.clone()))
-        .collect();
+    let global_values = global_values(ast, build_args);
     let froms = from_nodes(ast);
     let mut args = Vec::new();
     let mut needs = Needs::default();

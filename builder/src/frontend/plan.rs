@@ -1303,7 +1303,8 @@ fn before_from_error(node: &Node) -> ErrorKind {
 }
 
 /// The nodes of each stage, from its FROM to the next.
-fn split_stages(nodes: &[Node], first_from: usize) -> Vec<&[Node]> {
+/// The nodes of each stage: its FROM and what follows up to the next.
+pub(crate) fn split_stages(nodes: &[Node], first_from: usize) -> Vec<&[Node]> {
     let mut stages: Vec<&[Node]> = Vec::new();
     let mut start = first_from;
     for i in first_from + 1..=nodes.len() {

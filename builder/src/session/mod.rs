@@ -47,7 +47,7 @@ impl Session {
             return Err(source_policy::PolicyError::Unsupported {
                 ident: src.identifier,
                 to: got.identifier,
-                why: "kiln does not convert git sources (allow or deny them)".into(),
+                why: "kiln cannot follow: it does not convert git sources (a rule may allow or deny them)".into(),
             });
         }
         Ok(())

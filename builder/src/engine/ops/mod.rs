@@ -1,6 +1,6 @@
 //! The ops: what each kind of step does, and what goes into its cache key.
 //! As in BuildKit, each op has one function that says what keys it
-//! ([`run`]'s `Engine::run_keys`, [`copy`]'s `Engine::copy_key`,
+//! ([`run`]'s `Engine::run_key`, [`copy`]'s `Engine::copy_key`,
 //! [`config::key`]); the solver ([`super::solver`]) only schedules, looks
 //! keys up and records results.
 //!
@@ -103,37 +103,41 @@ impl Engine {
 
     /// A cache hit for `key`, reported as such, or None.
     fn hit(&self, ctx: &StepCtx, key: &Key) -> Option<Done> {
-        self.hit_either(
-            ctx,
-            &Keys {
-                key: key.clone(),
-                content: None,
-            },
-        )
+        let state = self.lookup(key, ctx.no_cache, Some(ctx.vertex))?;
+        Some(self.cached_done(ctx, key, None, state))
     }
 
-    /// A cache hit for either of `keys`, reported as such, or None. A hit
-    /// by content is recorded under the definition key too; a hit by
-    /// definition is not recorded under the content key, since the layer
-    /// may have been made from other files than the source has now.
+    /// A cache hit for either of `keys` (the definition key first).
     fn hit_either(&self, ctx: &StepCtx, keys: &Keys) -> Option<Done> {
-        let vertex = Some(ctx.vertex);
-        let (state, content_key) = match self.lookup(&keys.key, ctx.no_cache, vertex) {
-            Some(s) => (s, None),
-            None => {
-                let k = keys.content.as_ref()?;
-                let s = self.lookup(k, ctx.no_cache, vertex)?;
-                self.record(&keys.key, &s);
-                (s, Some(k.clone()))
-            }
-        };
+        self.hit(ctx, &keys.key)
+            .or_else(|| self.hit_by_content(ctx, keys))
+    }
+
+    /// A cache hit for the content key of `keys`, recorded under the
+    /// definition key too. (A hit by definition is never recorded under
+    /// the content key: its layer may have been made from other files
+    /// than the source has now.)
+    fn hit_by_content(&self, ctx: &StepCtx, keys: &Keys) -> Option<Done> {
+        let k = keys.content.as_ref()?;
+        let state = self.lookup(k, ctx.no_cache, Some(ctx.vertex))?;
+        self.record(&keys.key, &state);
+        Some(self.cached_done(ctx, &keys.key, Some(k.clone()), state))
+    }
+
+    fn cached_done(
+        &self,
+        ctx: &StepCtx,
+        key: &Key,
+        content_key: Option<Key>,
+        state: ImageState,
+    ) -> Done {
         self.progress.cached(ctx.vertex, &ctx.name);
-        Some(Done {
-            key: keys.key.clone(),
+        Done {
+            key: key.clone(),
             content_key,
             state,
             cached: true,
-        })
+        }
     }
 
     /// Record a step's new `state` under both `keys`.

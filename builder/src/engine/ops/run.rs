@@ -1,4 +1,4 @@
-//! RUN: the step's keys ([`Engine::run_keys`]), then on a miss a writable
+//! RUN: the step's key ([`Engine::run_key`]), then on a miss a writable
 //! view of the parent layers, the step's mounts ([`run_mounts`]), the
 //! process in a sandbox ([`exec`]), and the view's diff as a layer.
 
@@ -10,7 +10,7 @@ use kiln_runtime::Network;
 use super::{Done, StepCtx};
 use crate::engine::error::StepError;
 use crate::engine::solver::Engine;
-use crate::engine::step_cache::{self, KeyBuilder};
+use crate::engine::step_cache::{self, Key, KeyBuilder};
 use crate::engine::{emulation, exec, network, run_mounts};
 use crate::frontend::instructions::{Run, SecurityMode};
 
@@ -55,11 +55,24 @@ impl Engine {
             confinement: self.confinement(),
             no_cache_token: ctx.no_cache.then_some(self.build_token.as_str()),
         };
-        let keys = self.run_keys(ctx, run, &workdir, network, &resources)?;
-        let key = keys.key.clone();
+        let (key, by_content) = self.run_key(ctx, run, &workdir, network, &resources)?;
         let lock = self.shared.key_lock(&key);
         let _same_step = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hit) = self.hit_either(ctx, &keys) {
+        if let Some(hit) = self.hit(ctx, &key) {
+            return Ok(hit);
+        }
+        // the content key only on a miss: it reads the mounted stage's files
+        let content = by_content
+            .map(|mut c| {
+                run_mounts::key_inputs(&run.mounts, &ctx.from, &resources, &mut c, true)
+                    .map(|()| c.finish())
+            })
+            .transpose()?;
+        let keys = super::Keys {
+            key: key.clone(),
+            content,
+        };
+        if let Some(hit) = self.hit_by_content(ctx, &keys) {
             return Ok(hit);
         }
         // checked before the step starts: a missing qemu or an old kernel
@@ -100,16 +113,17 @@ impl Engine {
     /// ([`run_mounts::key_inputs`]: the key of a `from=` source, the
     /// checksum of a bind-mounted context directory).
     /// When a bind mount reads a stage or image, the step also has a
-    /// content key: the same with what the mount shows instead of the
-    /// source's key ([`run_mounts::key_inputs`], [`super::Keys`]).
-    pub(super) fn run_keys(
+    /// content key ([`super::Keys`]): the same with what the mount shows
+    /// instead of the source's key. Returned is the builder of its common
+    /// part, to finish only when the key misses.
+    pub(super) fn run_key(
         &self,
         ctx: &StepCtx,
         run: &Run,
         workdir: &str,
         network: Network,
         resources: &run_mounts::Resources<'_>,
-    ) -> Result<super::Keys, StepError> {
+    ) -> Result<(Key, Option<KeyBuilder>), StepError> {
         let mut k = KeyBuilder::new("step");
         k.str(&ctx.parent.0)
             .str(&serde_json::to_string(&ctx.step.instruction).unwrap_or_default());
@@ -133,15 +147,9 @@ impl Engine {
         if let Some(e) = self.layer_epoch() {
             k.str(&format!("epoch {e}"));
         }
-        let mut content = run_mounts::binds_an_image(&run.mounts, &ctx.from).then(|| k.clone());
+        let content = run_mounts::binds_an_image(&run.mounts, &ctx.from).then(|| k.clone());
         run_mounts::key_inputs(&run.mounts, &ctx.from, resources, &mut k, false)?;
-        if let Some(c) = content.as_mut() {
-            run_mounts::key_inputs(&run.mounts, &ctx.from, resources, c, true)?;
-        }
-        Ok(super::Keys {
-            key: k.finish(),
-            content: content.map(KeyBuilder::finish),
-        })
+        Ok((k.finish(), content))
     }
 
     /// Mount the step's `--mount`s on `view` and run its process there.
