@@ -5,12 +5,14 @@
 #![warn(clippy::too_many_lines)]
 
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod frontend;
 pub mod image;
 pub mod options;
 pub mod registry;
 pub mod session;
+pub mod units;
 
 /// An error and its causes as one line, "what: why: why" (see
 /// [`kiln_sys::error_chain`]): every error kiln defines says what failed

@@ -78,7 +78,7 @@ fn main() {
     // exits here, before anything of kiln's own is set up
     kiln_snapshotter::backend::fuse::serve_if_asked();
     let cli = Cli::parse();
-    match cli::prune::parse_size(&cli.max_layer_size) {
+    match kiln_builder::units::parse_size(&cli.max_layer_size) {
         Ok(max_bytes) => {
             kiln_snapshotter::targuard::Limits::set_current(kiln_snapshotter::targuard::Limits {
                 max_bytes,
@@ -91,6 +91,20 @@ fn main() {
         // Parsing and planning never start a sandbox: no namespace needed.
         finish(kiln_builder::cli::plan::run_debug(cmd).map(|()| 0));
     }
+    // Owners read as on the host only out here: a state directory or a
+    // config file another user could change is refused before use.
+    let checked = match &cli.command {
+        Command::Sandbox(_) | Command::Login(_) | Command::Logout(_) => false,
+        Command::Prune(args) => !args.after_build(),
+        _ => true,
+    };
+    if checked {
+        finish_on_error(check_state_dir(cli.root.as_deref()));
+    }
+    let settings = match load_settings(checked) {
+        Ok(s) => s,
+        Err(err) => finish(Err(err)),
+    };
     // `kiln info` reads the caller's id facts here, outside kiln's user
     // namespace, and probes the snapshotter inside it, below.
     let host_facts = matches!(cli.command, Command::Info(_)).then(cli::info::HostFacts::gather);
@@ -108,9 +122,11 @@ fn main() {
     }
     let root = cli.root.as_deref();
     let insecure = &cli.insecure_registry;
+    let built = matches!(cli.command, Command::Build(_));
+    let gc_settings = settings.clone();
     let result = match cli.command {
         Command::Sandbox(args) => cli::sandbox::run(args),
-        Command::Build(args) => cli::build::run(root, insecure, *args),
+        Command::Build(args) => cli::build::run(root, insecure, settings, *args),
         Command::Pull(args) => cli::registry::pull(root, insecure, args),
         Command::Push(args) => cli::registry::push(root, insecure, args),
         Command::Imagetools(cmd) => cli::imagetools::run(root, insecure, cmd),
@@ -123,16 +139,46 @@ fn main() {
         Command::Rmi(args) => cli::images::rmi(root, args),
         Command::Tag(args) => cli::images::tag(root, args),
         Command::Save(args) => cli::images::save(root, args),
-        Command::Du(args) => cli::du::run(root, args),
-        Command::Prune(args) => cli::prune::run(root, args),
+        Command::Du(args) => cli::du::run(root, &settings, args),
+        Command::Prune(args) => cli::prune::run(root, &settings, args),
         Command::Info(args) => cli::info::run(
             root,
             host_facts.expect("gathered before entering the namespace"),
+            &settings,
             args,
         ),
         Command::Debug(_) => unreachable!("handled above"),
     };
+    // the build's result is out; the collector runs on its own
+    if built {
+        cli::autogc::spawn_after_build(root, &gc_settings);
+    }
     finish(result)
+}
+
+/// The state directory (`--root`, else the default), checked as
+/// [`kiln_builder::image::state_dir::check_private`] does.
+fn check_state_dir(root: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let path = match root {
+        Some(r) => r.to_path_buf(),
+        None => kiln_builder::image::StateDir::default_path()?,
+    };
+    kiln_builder::image::state_dir::check_private(&path)?;
+    Ok(())
+}
+
+/// kiln.toml's layers; the user's file checked as the state directory is.
+fn load_settings(check: bool) -> anyhow::Result<kiln_builder::config::Settings> {
+    if let Some(user) = kiln_builder::config::user_path().filter(|_| check) {
+        kiln_builder::image::state_dir::check_private(&user)?;
+    }
+    Ok(kiln_builder::config::Settings::load()?)
+}
+
+fn finish_on_error(result: anyhow::Result<()>) {
+    if let Err(err) = result {
+        finish(Err(err));
+    }
 }
 
 fn finish(result: anyhow::Result<i32>) -> ! {

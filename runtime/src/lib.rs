@@ -14,6 +14,7 @@
 
 #[cfg(test)]
 mod bpf;
+pub mod cgroup;
 pub mod child;
 pub mod emulation;
 pub mod error;

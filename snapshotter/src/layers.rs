@@ -470,15 +470,35 @@ impl LayerStore {
     /// `du` of the layer store.
     pub fn usage(&self) -> Result<Usage> {
         let mut usage = Usage::default();
-        let mut seen = HashSet::new();
         for l in self.list()? {
-            let dir = self.layer_dir(&l.chain_id);
-            let mut bytes = 0u64;
-            du(&dir, &mut seen, &mut bytes).map_err(io_err(&dir))?;
+            let bytes = self.layer_bytes(&l.chain_id)?;
             usage.total += bytes;
             usage.layers.insert(l.chain_id.to_string(), bytes);
         }
         Ok(usage)
+    }
+
+    /// The bytes a layer's tree takes on disk (hard links counted once;
+    /// they never cross layers). A committed layer never changes, so the
+    /// walk is done once and its answer kept beside `layer.json` (a
+    /// collector after every build measures the store).
+    fn layer_bytes(&self, chain: &Digest) -> Result<u64> {
+        let kept = self.layer_root(chain).join("du");
+        if let Some(n) = fs::read_to_string(&kept)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Ok(n);
+        }
+        let dir = self.layer_dir(chain);
+        let mut bytes = 0u64;
+        du(&dir, &mut HashSet::new(), &mut bytes).map_err(io_err(&dir))?;
+        // best effort: without it the next count walks again
+        let tmp = kept.with_extension(format!("tmp-{}", std::process::id()));
+        if fs::write(&tmp, bytes.to_string()).is_ok() && fs::rename(&tmp, &kept).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        Ok(bytes)
     }
 }
 

@@ -886,3 +886,19 @@ pub fn layer_media_types(manifest: &serde_json::Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Processes whose command line is `sleep SECS` (a test's marker: pick
+/// a number no other test sleeps).
+pub fn sleepers(secs: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if cmdline == format!("sleep\0{secs}\0").as_bytes() {
+            out.push(pid);
+        }
+    }
+    out
+}

@@ -431,21 +431,6 @@ fn prune_during_a_build_takes_nothing_the_build_uses() {
     );
 }
 
-/// Processes of the test user whose command line is `sleep SECS`.
-fn sleepers(secs: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if cmdline == format!("sleep\0{secs}\0").as_bytes() {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_killed_build_leaves_no_step_running() {
     let df = "FROM scratch\nCOPY rootfs/ /\nRUN echo long-run-started && sleep 37\n";
@@ -467,7 +452,7 @@ fn a_killed_build_leaves_no_step_running() {
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let left = sleepers("37");
+    let left = kiln_vm_tests::sleepers("37");
     for pid in &left {
         // SAFETY: plain kill of a pid this test's build started.
         unsafe { libc::kill(i32::try_from(*pid).unwrap(), libc::SIGKILL) };

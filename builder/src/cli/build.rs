@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kiln_snapshotter::backend::BackendKind;
 
+use crate::config::{NetworkName, Settings};
 use crate::engine::{self, progress};
 use crate::frontend::Platform;
 use crate::image::export::{export, export_platforms, ExportOptions};
@@ -55,9 +56,10 @@ pub struct BuildArgs {
     /// (several allowed; default: the local image store under the -t names)
     #[arg(long, short = 'o', value_name = "SPEC")]
     output: Vec<String>,
-    /// Snapshotter backend: auto, fuse, overlay or copy
-    #[arg(long, default_value = "auto")]
-    snapshotter: String,
+    /// Snapshotter backend: auto, fuse, overlay or copy (default: kiln.toml's
+    /// `snapshotter`, else auto)
+    #[arg(long)]
+    snapshotter: Option<String>,
     /// Target platforms, comma-separated or repeated (`linux/amd64,linux/arm64`):
     /// one build per platform, combined into an OCI image index; foreign
     /// RUN steps run under qemu-user (see `kiln info`)
@@ -66,9 +68,10 @@ pub struct BuildArgs {
     /// Network of RUN steps: `sandbox` (own network namespace, outbound
     /// through pasta or slirp4netns; `default` is the same, as buildx
     /// names it), `none` (only loopback) or `host` (needs --allow
-    /// network.host); RUN --network overrides it per step
-    #[arg(long, default_value = "sandbox", value_name = "MODE")]
-    network: String,
+    /// network.host); RUN --network overrides it per step (default:
+    /// kiln.toml's `network`, else sandbox)
+    #[arg(long, value_name = "MODE")]
+    network: Option<String>,
     /// Under --network=sandbox, let steps reach the host's loopback
     /// services (through the gateway address), link-local addresses
     /// (169.254.0.0/16: cloud metadata) and the host's own addresses,
@@ -133,9 +136,28 @@ pub struct BuildArgs {
     #[arg(long = "shm-size", value_name = "SIZE")]
     shm_size: Option<String>,
     /// A resource limit of RUN steps, as docker: NAME=SOFT[:HARD], e.g.
-    /// nofile=1024:4096 (several allowed)
+    /// nofile=1024:4096 (several allowed; over kiln.toml's `[limits]`)
     #[arg(long, value_name = "NAME=SOFT[:HARD]")]
     ulimit: Vec<String>,
+    /// Kill a RUN step (its whole PID namespace) that runs longer than
+    /// this, e.g. 30m, 1h30m; the build fails naming the step
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    step_timeout: Option<std::time::Duration>,
+    /// Fail the build when it runs longer than this, killing the step
+    /// running then
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Memory limit of each RUN step (e.g. 2g); needs cgroup v2 controllers
+    /// delegated to the user (see `kiln info`), else an error
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Task limit of each RUN step; needs delegated cgroup v2 controllers
+    #[arg(long, value_name = "N")]
+    pids_limit: Option<u64>,
+    /// CPU limit of each RUN step (e.g. 1.5); needs delegated cgroup v2
+    /// controllers
+    #[arg(long, value_name = "N")]
+    cpus: Option<f64>,
     /// An annotation on the image outputs, as buildx:
     /// [LEVEL[,LEVEL...]][\[PLATFORM\]]:KEY=VALUE with LEVEL manifest (the
     /// default), index, manifest-descriptor or index-descriptor
@@ -155,13 +177,19 @@ pub struct BuildArgs {
 pub fn run(
     root: Option<&std::path::Path>,
     insecure: &[String],
+    mut settings: Settings,
     mut args: BuildArgs,
 ) -> anyhow::Result<i32> {
+    apply_flags(&mut settings, &args)?;
+    let settings = settings;
+    if let Some(limit) = settings.timeout.value {
+        watchdog(limit);
+    }
     let state_root = crate::image::StateDir::open(root)?;
     let _stdin = super::context_input::take(&mut args.context, &mut args.file, state_root.root())?;
     let session = session(&args)?;
     let remote = super::context_input::Remote {
-        network: network(&args)?.0,
+        network: network(&settings, &args)?.0,
         keep_git_dir: build_args(&args.build_arg)
             .get("BUILDKIT_CONTEXT_KEEP_GIT_DIR")
             .is_some_and(|v| matches!(v.as_str(), "1" | "true")),
@@ -204,7 +232,7 @@ pub fn run(
         times: &times,
         remote: &remote,
     };
-    let mut opts = build_options(root, insecure, &args, sources)?;
+    let mut opts = build_options(root, insecure, &args, &settings, sources)?;
     opts.check = matches!(call, Some(Call::Check));
     let outputs = outputs(&args)?;
     let platforms = platforms(&args)?;
@@ -559,16 +587,114 @@ fn write_reports(
     Ok(())
 }
 
-/// What the engine is asked to build, from the command line.
+/// `--timeout`: a RUN step running at the deadline is killed by its own
+/// limit and fails the build; anything else (a pull, a copy, an export)
+/// is stopped by this thread a moment later, and kiln exits. Steps die
+/// with kiln (their parent-death signal); the store stays consistent, as
+/// after any crash.
+fn watchdog(limit: std::time::Duration) {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+    std::thread::spawn(move || {
+        std::thread::sleep(limit + GRACE);
+        eprintln!(
+            "kiln: error: the build ran past --timeout {}s and was stopped",
+            limit.as_secs_f64()
+        );
+        std::process::exit(1);
+    });
+}
+
+/// The command line's settings over kiln.toml's, each checked against
+/// what the host file enforces.
+fn apply_flags(settings: &mut Settings, args: &BuildArgs) -> anyhow::Result<()> {
+    if let Some(n) = &args.network {
+        let name = match n.as_str() {
+            // `default` is buildx's name for the build's default network
+            "default" => "sandbox",
+            other => other,
+        };
+        settings.flag("network", NetworkName(name.into()), "--network")?;
+    }
+    if args.allow.iter().any(|a| a == "network.host") {
+        settings.check_network_grant("--allow network.host", "host")?;
+    }
+    if args.allow_host_loopback {
+        // the host's own services: as open as its network
+        settings.check_network_grant("--allow-host-loopback", "host")?;
+    }
+    if let Some(v) = &args.snapshotter {
+        settings.flag("snapshotter", v.clone(), "--snapshotter")?;
+    }
+    if let Some(j) = args.jobs {
+        if j == 0 {
+            bail!("--jobs 0: at least one step must run at a time");
+        }
+        settings.flag("jobs", Some(j), "--jobs")?;
+    }
+    if let Some(d) = args.step_timeout {
+        settings.flag("limits.step-timeout", Some(d), "--step-timeout")?;
+    }
+    if let Some(d) = args.timeout {
+        settings.flag("limits.timeout", Some(d), "--timeout")?;
+    }
+    for u in &args.ulimit {
+        let r = kiln_runtime::spec::Rlimit::parse_docker(u)?;
+        let name = u.split_once('=').map_or("", |(n, _)| n);
+        settings.flag_ulimit(name, r)?;
+    }
+    if let Some(m) = &args.memory {
+        let bytes = crate::units::parse_size(m).context("--memory")?;
+        settings.flag("limits.memory", Some(bytes), "--memory")?;
+    }
+    if let Some(p) = args.pids_limit {
+        settings.flag("limits.pids", Some(p), "--pids-limit")?;
+    }
+    if let Some(c) = args.cpus {
+        if !(c > 0.0 && c.is_finite()) {
+            bail!("--cpus {c}: a positive number of CPUs");
+        }
+        settings.flag("limits.cpus", Some(c), "--cpus")?;
+    }
+    cgroup_limits(settings)
+}
+
+/// Memory, task and CPU limits need a cgroup of the step's own; kiln
+/// does not make one, so such a limit is refused, never ignored.
+fn cgroup_limits(settings: &Settings) -> anyhow::Result<()> {
+    let asked: Vec<String> = [
+        (
+            "memory",
+            settings.memory.value.is_some(),
+            &settings.memory.from,
+        ),
+        ("pids", settings.pids.value.is_some(), &settings.pids.from),
+        ("cpus", settings.cpus.value.is_some(), &settings.cpus.from),
+    ]
+    .iter()
+    .filter(|(_, set, _)| *set)
+    .map(|(k, _, from)| format!("limits.{k} (from {from})"))
+    .collect();
+    if asked.is_empty() {
+        return Ok(());
+    }
+    let why = match kiln_runtime::cgroup::detect() {
+        Err(e) => e.to_string(),
+        Ok(d) => format!(
+            "this host delegates cgroup {} to the user, but kiln does not yet place steps in cgroups",
+            d.path.display()
+        ),
+    };
+    bail!(
+        "cannot enforce {}: {why}; kiln enforces rlimits only here (--ulimit, kiln.toml [limits] nofile, nproc, fsize, core)",
+        asked.join(", ")
+    )
+}
+
 /// The build's default network and whether `network.host` is granted,
 /// checked as every step checks them.
-fn network(args: &BuildArgs) -> anyhow::Result<(kiln_runtime::Network, bool)> {
+fn network(settings: &Settings, args: &BuildArgs) -> anyhow::Result<(kiln_runtime::Network, bool)> {
     let allow_network_host = entitlements(&args.allow)?;
-    // `default` is buildx's name for the build's default network
-    let network_name = match args.network.as_str() {
-        "default" => "sandbox",
-        other => other,
-    };
+    let network_name = settings.network.value.0.as_str();
     let network = kiln_runtime::Network::parse(network_name, args.allow_host_loopback)?;
     // the same check every step makes, once before anything runs
     crate::engine::entitled_network(None, network, allow_network_host)?;
@@ -668,16 +794,17 @@ fn build_options(
     root: Option<&std::path::Path>,
     insecure: &[String],
     args: &BuildArgs,
+    settings: &Settings,
     sources: Sources<'_>,
 ) -> anyhow::Result<engine::BuildOptions> {
-    let backend = match args.snapshotter.as_str() {
+    let backend = match settings.snapshotter.value.as_str() {
         "auto" => None,
         "fuse" => Some(BackendKind::Fuse),
         "overlay" => Some(BackendKind::Overlay),
         "copy" => Some(BackendKind::Copy),
         other => bail!("unknown --snapshotter {other:?}: use auto, fuse, overlay or copy"),
     };
-    let (network, allow_network_host) = network(args)?;
+    let (network, allow_network_host) = network(settings, args)?;
     if args.pull && network == kiln_runtime::Network::None {
         bail!(
             "--pull asks the registries, and --network=none fetches nothing: drop one of the two"
@@ -715,7 +842,7 @@ fn build_options(
         target: args.target.clone(),
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter.clone(),
-        jobs: args.jobs.unwrap_or_else(|| {
+        jobs: settings.jobs.value.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2)
@@ -729,8 +856,7 @@ fn build_options(
             .iter()
             .map(|h| parse_add_host(h))
             .collect::<anyhow::Result<_>>()?,
-        add_max_size: crate::cli::prune::parse_size(&args.add_max_size)
-            .context("--add-max-size")?,
+        add_max_size: crate::units::parse_size(&args.add_max_size).context("--add-max-size")?,
         source_date_epoch: epoch,
         // SOURCE_DATE_EPOCH also clamps the time of every file in the
         // layers kiln writes, so two builds of the same inputs give the
@@ -744,14 +870,17 @@ fn build_options(
         shm_size: args
             .shm_size
             .as_deref()
-            .map(|s| crate::cli::prune::parse_size(s).context("--shm-size"))
+            .map(|s| crate::units::parse_size(s).context("--shm-size"))
             .transpose()?,
-        ulimits: args
-            .ulimit
-            .iter()
-            .map(|u| kiln_runtime::spec::Rlimit::parse_docker(u))
-            .collect::<Result<_, _>>()?,
+        ulimits: settings.ulimits.values().map(|u| u.value).collect(),
         check: false,
+        time_limits: engine::exec::TimeLimits {
+            step: settings.step_timeout.value,
+            build: settings
+                .timeout
+                .value
+                .map(|d| (d, std::time::Instant::now() + d)),
+        },
     })
 }
 

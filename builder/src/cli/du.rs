@@ -9,8 +9,10 @@ use std::path::Path;
 use anyhow::Context;
 use clap::Args;
 
+use super::autogc;
 use super::images::{human_size, open_state};
 use super::prune::cache_entries;
+use crate::config::Settings;
 use crate::engine::step_cache::Cache;
 use crate::image::cache_mounts::{CacheMounts, CacheUsage};
 use crate::image::gc::{self, CacheRoot, Row};
@@ -56,8 +58,44 @@ fn print_table(table: &[Vec<String>]) {
     }
 }
 
+/// The automatic GC's policy and its last run.
+#[derive(serde::Serialize)]
+struct GcStatus {
+    enabled: bool,
+    keep_storage: u64,
+    keep_duration_seconds: u64,
+    last_run: Option<autogc::LastRun>,
+}
+
+impl GcStatus {
+    fn text(&self) -> String {
+        if !self.enabled {
+            return "Automatic GC: off (kiln.toml gc = false)".into();
+        }
+        let last = match &self.last_run {
+            None => "never ran".into(),
+            Some(r) => match &r.error {
+                Some(e) => format!("last ran {} and failed: {e}", r.started),
+                None => format!(
+                    "last ran {} ({:.2}s): {} -> {}, {} removed",
+                    r.started,
+                    r.seconds,
+                    human_size(r.before),
+                    human_size(r.after),
+                    r.removed
+                ),
+            },
+        };
+        format!(
+            "Automatic GC: after each build, when over {}; records used within {}h go last; {last}",
+            human_size(self.keep_storage),
+            self.keep_duration_seconds / 3600
+        )
+    }
+}
+
 /// `kiln du`.
-pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
+pub fn run(root: Option<&Path>, settings: &Settings, args: DuArgs) -> anyhow::Result<i32> {
     let (state, snap) = open_state(root)?;
     let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
     let entries = cache_entries(&cache, &snap)?;
@@ -70,8 +108,16 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
         None => Vec::new(),
     };
     usage.add_cache_mounts(&mounts);
+    let gc = GcStatus {
+        enabled: settings.gc.value,
+        keep_storage: autogc::limit(settings, &state),
+        keep_duration_seconds: settings.gc_keep_duration.value.as_secs(),
+        last_run: autogc::last_run(&state),
+    };
     if args.format == "json" {
-        println!("{}", serde_json::to_string_pretty(&usage)?);
+        let mut v = serde_json::to_value(usage)?;
+        v["gc"] = serde_json::to_value(&gc)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     let row = |name: &str, r: &Row| {
@@ -97,6 +143,7 @@ pub fn run(root: Option<&Path>, args: DuArgs) -> anyhow::Result<i32> {
         row("Cache Mounts", &usage.cache_mounts),
     ]);
     println!("\nTotal on disk: {}", human_size(usage.on_disk));
+    println!("{}", gc.text());
     if args.verbose {
         let sizes = gc::record_sizes(&snap, &roots)?;
         let now = std::time::SystemTime::now();

@@ -199,12 +199,16 @@ pub struct Info {
     pub network_stack: String,
     /// platforms RUN steps can run on, natively or emulated, and how
     pub platforms: Vec<PlatformSupport>,
+    /// the effective kiln.toml settings and where each came from
+    pub settings: Vec<crate::config::Row>,
+    /// how step limits are enforced here
+    pub limits: String,
 }
 
 impl Info {
     /// The facts of this host; `state` is where the snapshotter probe
     /// (and its cached answer) lives.
-    pub fn gather(host: HostFacts, state: &Path) -> Self {
+    pub fn gather(host: HostFacts, state: &Path, settings: &crate::config::Settings) -> Self {
         let abi = kiln_snapshotter::confine::abi();
         let bpf = kiln_runtime::seccomp::default_profile_bytes();
         Info {
@@ -237,6 +241,17 @@ impl Info {
                 Err(e) => format!("none: {}", crate::error_chain(&e)),
             },
             platforms: emulation::host_support(),
+            settings: settings.rows(),
+            limits: match kiln_runtime::cgroup::detect() {
+                Ok(d) => format!(
+                    "rlimits only: cgroup {} is delegated (controllers: {}), but kiln does not place steps in cgroups; --memory, --pids-limit and --cpus are refused",
+                    d.path.display(),
+                    d.controllers.join(" ")
+                ),
+                Err(why) => format!(
+                    "rlimits only ({why}); --memory, --pids-limit and --cpus are refused"
+                ),
+            },
         }
     }
 
@@ -289,13 +304,28 @@ impl Info {
                 out.push_str(&format!("  {:<16}   {fix}\n", ""));
             }
         }
+        out.push_str("Settings (kiln.toml):\n");
+        let width = self.settings.iter().map(|r| r.key.len()).max().unwrap_or(0);
+        for r in &self.settings {
+            let enforced = if r.enforced { ", enforced" } else { "" };
+            out.push_str(&format!(
+                "  {:<width$} {} (from {}{enforced})\n",
+                r.key, r.value, r.from
+            ));
+        }
+        out.push_str(&format!("Step limits: {}\n", self.limits));
         out
     }
 }
 
-pub fn run(root: Option<&Path>, host: HostFacts, args: InfoArgs) -> anyhow::Result<i32> {
+pub fn run(
+    root: Option<&Path>,
+    host: HostFacts,
+    settings: &crate::config::Settings,
+    args: InfoArgs,
+) -> anyhow::Result<i32> {
     let state = crate::image::StateDir::open(root)?;
-    let info = Info::gather(host, state.root());
+    let info = Info::gather(host, state.root(), settings);
     if args.format == "json" {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

@@ -2,6 +2,7 @@
 //! a clap `Args` struct and a `run` function returning the process exit
 //! code. Errors are `anyhow` here and nowhere below.
 
+pub mod autogc;
 pub mod build;
 pub mod check;
 pub mod context_input;

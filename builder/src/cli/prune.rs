@@ -25,6 +25,7 @@ use kiln_snapshotter::snapshot::Snapshotter;
 use oci_spec::image::Digest;
 
 use super::images::{human_size, open_state};
+use crate::config::Settings;
 use crate::engine::image_state::ImageState;
 use crate::engine::step_cache::{self, Cache, KeepPolicy, PruneCandidate, Record};
 use crate::image::cache_mounts::CacheMounts;
@@ -38,11 +39,20 @@ pub struct PruneArgs {
     all: bool,
     /// Keep the build cache at most this big, freeing the least recently
     /// used first (e.g. 10GB, 512MB; units are powers of 1024, as docker's)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
     keep_storage: Option<u64>,
     /// Keep cache used within this long (e.g. 48h, 30m, 1h30m)
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     keep_duration: Option<Duration>,
+    /// Apply kiln.toml's GC policy (what runs after every build): free the
+    /// build cache only when the state directory is over gc-keep-storage
+    #[arg(long)]
+    auto: bool,
+    /// Set by the build that starts the collector: it runs inside kiln's
+    /// user namespace, where owners cannot be checked, and the build
+    /// checked the state directory and config already
+    #[arg(long, hide = true, requires = "auto")]
+    after_build: bool,
     /// Accepted for docker compatibility: kiln never asks
     #[arg(long, short = 'f', hide = true)]
     force: bool,
@@ -128,42 +138,103 @@ fn disk_bytes(snap: &Snapshotter, cache: &Cache) -> anyhow::Result<u64> {
     Ok(snap.content().usage()? + snap.layers().usage()?.total + cache.usage())
 }
 
-/// `kiln prune`.
-pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
-    let _ = args.force;
-    let (state, snap) = open_state(root)?;
-    let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
-    let before = disk_bytes(&snap, &cache)?;
+impl PruneArgs {
+    /// Started by a build, which checked the state directory's owners.
+    pub fn after_build(&self) -> bool {
+        self.after_build
+    }
+}
 
-    if args.all {
-        drop_unnamed_images(&snap)?;
+/// `kiln prune`.
+pub fn run(root: Option<&Path>, settings: &Settings, args: PruneArgs) -> anyhow::Result<i32> {
+    let _ = args.force;
+    if args.auto {
+        if args.all || args.keep_storage.is_some() || args.keep_duration.is_some() {
+            bail!("--auto applies kiln.toml's GC policy: it takes no --all, --keep-storage or --keep-duration");
+        }
+        return super::autogc::run(root, settings);
+    }
+    let (state, snap) = open_state(root)?;
+    let policy = KeepPolicy {
+        storage: args.keep_storage,
+        duration: args.keep_duration,
+    };
+    let report = prune(&state, &snap, args.all, true, |candidates, _| {
+        step_cache::select_for_prune(candidates, policy, SystemTime::now())
+    })?;
+    println!("Total reclaimed space: {}", human_size(report.freed));
+    Ok(0)
+}
+
+/// What a prune did: the state's bytes before and after (blobs, layers,
+/// cache records and cache mounts) and what it freed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Report {
+    pub before: u64,
+    pub after: u64,
+    pub freed: u64,
+    /// records and cache mounts removed
+    pub removed: usize,
+}
+
+/// Bytes the state directory holds: blobs, layers, cache records and
+/// cache mounts (what [`Report`] counts).
+pub fn state_bytes(state: &StateDir, snap: &Snapshotter) -> anyhow::Result<u64> {
+    let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
+    let mounts = match CacheMounts::open_existing(&state.cache_mounts_dir())
+        .context("cannot open the cache mount store")?
+    {
+        Some(m) => m.usage().context("cannot measure the cache mounts")?,
+        None => Vec::new(),
+    };
+    Ok(disk_bytes(snap, &cache)? + mounts.iter().map(|m| m.bytes).sum::<u64>())
+}
+
+/// Free the build cache records and cache mounts `select` picks from the
+/// candidates (given with the state's total bytes), then everything only
+/// they held; with `all`, unnamed images first. Named images, and records
+/// whose layers one holds (unless `all`), are never candidates. `print`:
+/// list what goes, as `docker builder prune` does.
+pub fn prune(
+    state: &StateDir,
+    snap: &Snapshotter,
+    all: bool,
+    print: bool,
+    select: impl FnOnce(&[PruneCandidate], u64) -> Vec<step_cache::Key>,
+) -> anyhow::Result<Report> {
+    let cache = Cache::open(&state.cache_dir()).context("cannot open the build cache")?;
+    let mounts = CacheMounts::open(&state.cache_mounts_dir())
+        .context("cannot open the cache mount store")?;
+    let mount_usage = mounts.usage().context("cannot measure the cache mounts")?;
+    let mount_bytes: u64 = mount_usage.iter().map(|m| m.bytes).sum();
+    let before = disk_bytes(snap, &cache)? + mount_bytes;
+
+    if all {
+        drop_unnamed_images(snap, print)?;
     }
 
     cache
         .remove_orphans()
         .context("cannot clean the build cache")?;
-    let entries = cache_entries(&cache, &snap)?;
+    let entries = cache_entries(&cache, snap)?;
     // records whose step made a layer a named image stands on free nothing
     // and save a rebuild: they stay unless --all (see gc::held_by_images)
     let named = gc::image_roots(snap.content())?.named;
     let named_layers = gc::layer_closure(&snap.layers().list()?, &named.chains);
-    let in_use = |e: &CacheEntry| !args.all && gc::held_by_images(&e.root, &named, &named_layers);
+    let in_use = |e: &CacheEntry| !all && gc::held_by_images(&e.root, &named, &named_layers);
     let (held, entries): (Vec<CacheEntry>, Vec<CacheEntry>) = entries.into_iter().partition(in_use);
     let mut keep = Roots::default();
     for e in &held {
         keep.extend(&e.root.roots);
     }
     let roots: Vec<CacheRoot> = entries.iter().map(|e| e.root.clone()).collect();
-    let sizes = gc::record_sizes(&snap, &roots)?;
+    let sizes = gc::record_sizes(snap, &roots)?;
     // records that can never hit again hold nothing worth keeping
     let mut doomed: Vec<step_cache::Key> = entries
         .iter()
         .filter(|e| !e.root.usable)
         .map(|e| e.record.key.clone())
         .collect();
-    let mounts = CacheMounts::open(&state.cache_mounts_dir())
-        .context("cannot open the cache mount store")?;
-    let mount_usage = mounts.usage().context("cannot measure the cache mounts")?;
     let mut candidates: Vec<PruneCandidate> = entries
         .iter()
         .zip(&sizes)
@@ -184,12 +255,8 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
                 bytes: m.bytes,
             }),
     );
-    let policy = KeepPolicy {
-        storage: args.keep_storage,
-        duration: args.keep_duration,
-    };
     let (doomed_mounts, selected): (Vec<step_cache::Key>, Vec<step_cache::Key>) =
-        step_cache::select_for_prune(&candidates, policy, SystemTime::now())
+        select(&candidates, before)
             .into_iter()
             .partition(|k| k.0.starts_with(MOUNT_KEY));
     doomed.extend(selected);
@@ -198,28 +265,31 @@ pub fn run(root: Option<&Path>, args: PruneArgs) -> anyhow::Result<i32> {
             keep.extend(&e.root.roots);
         }
     }
-    if !doomed.is_empty() || !doomed_mounts.is_empty() {
+    if print && (!doomed.is_empty() || !doomed_mounts.is_empty()) {
         println!("Deleted build cache objects:");
     }
     for key in &doomed {
         cache
             .remove(key)
             .with_context(|| format!("cannot remove cache record {}", key.0))?;
-        println!("{}", &key.0[..key.0.len().min(25)]);
+        if print {
+            println!("{}", &key.0[..key.0.len().min(25)]);
+        }
     }
-    let mounts_freed = remove_mounts(&mounts, &doomed_mounts, &mount_usage)?;
-    gc::collect(&snap, &keep).context("garbage collection")?;
+    let mounts_freed = remove_mounts(&mounts, &doomed_mounts, &mount_usage, print)?;
+    gc::collect(snap, &keep).context("garbage collection")?;
     snap.cleanup()?;
-    let after = disk_bytes(&snap, &cache)?;
-    println!(
-        "Total reclaimed space: {}",
-        human_size(before.saturating_sub(after) + mounts_freed)
-    );
-    Ok(0)
+    let after = disk_bytes(snap, &cache)? + mount_bytes - mounts_freed;
+    Ok(Report {
+        before,
+        after,
+        freed: before.saturating_sub(after),
+        removed: doomed.len() + doomed_mounts.len(),
+    })
 }
 
 /// `--all`: drop every image that has no name from the store's index.
-fn drop_unnamed_images(snap: &Snapshotter) -> anyhow::Result<()> {
+fn drop_unnamed_images(snap: &Snapshotter, print: bool) -> anyhow::Result<()> {
     let mut dropped = Vec::new();
     snap.content().update_index(|m| {
         m.retain(|d| {
@@ -233,7 +303,7 @@ fn drop_unnamed_images(snap: &Snapshotter) -> anyhow::Result<()> {
             named
         });
     })?;
-    if !dropped.is_empty() {
+    if print && !dropped.is_empty() {
         println!("Deleted Images:");
         for d in &dropped {
             println!("deleted: {d}");
@@ -248,6 +318,7 @@ fn remove_mounts(
     mounts: &CacheMounts,
     doomed: &[step_cache::Key],
     usage: &[crate::image::cache_mounts::CacheUsage],
+    print: bool,
 ) -> anyhow::Result<u64> {
     let mut mounts_freed = 0;
     for key in doomed {
@@ -262,121 +333,10 @@ fn remove_mounts(
                 .iter()
                 .find(|m| m.instance == instance)
                 .map_or("?", |m| m.id.as_str());
-            println!("cache mount {id} ({instance})");
+            if print {
+                println!("cache mount {id} ({instance})");
+            }
         }
     }
     Ok(mounts_freed)
-}
-
-/// A size as docker's `--keep-storage` takes it: a number with an optional
-/// unit b, k, m, g, t (optionally followed by `b` or `ib`, any case), each a
-/// power of 1024 (docker's RAMInBytes).
-pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .with_context(|| format!("size {s:?}: expected a number and a unit, such as 10GB"))?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b'))
-        .unwrap_or(&unit);
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        _ => bail!("size {s:?}: unknown unit; use B, KB, MB, GB, TB or PB"),
-    };
-    // a fractional size (1.5GB) is rounded down to whole bytes
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let bytes = (value * (1u64 << shift) as f64) as u64;
-    Ok(bytes)
-}
-
-/// A duration as Go's `time.ParseDuration` reads it (what docker's
-/// `--keep-duration` uses): a sequence of numbers with units h, m, s, ms,
-/// us, ns, such as `48h`, `30m`, `1h30m`, `1.5h`. `d` (days) is accepted
-/// too.
-pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = t;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        bail!("duration {s:?} is empty: use e.g. 48h or 30m");
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let value: f64 = rest[..n]
-            .parse()
-            .with_context(|| format!("duration {s:?}: expected a number before each unit"))?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let secs = match &rest[..u] {
-            "d" => 86_400.0,
-            "h" => 3_600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            "" => bail!("duration {s:?}: missing unit; use h, m or s (e.g. 48h)"),
-            other => bail!("duration {s:?}: unknown unit {other:?}; use h, m, s or ms"),
-        };
-        total += value * secs;
-        rest = &rest[u..];
-    }
-    Duration::try_from_secs_f64(total).with_context(|| format!("duration {s:?} is out of range"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_use_docker_units() {
-        assert_eq!(parse_size("10GB").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512MB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1KiB").unwrap(), 1024);
-        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert_eq!(parse_size("0").unwrap(), 0);
-        assert!(parse_size("10XB").is_err());
-        assert!(parse_size("GB").is_err());
-    }
-
-    #[test]
-    fn durations_read_like_go() {
-        assert_eq!(
-            parse_duration("48h").unwrap(),
-            Duration::from_secs(48 * 3600)
-        );
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_duration("48").is_err());
-        assert!(parse_duration("2w").is_err());
-        assert!(parse_duration("").is_err());
-    }
 }

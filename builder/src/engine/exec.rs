@@ -41,6 +41,10 @@ pub enum Error {
     NetworkFiles(#[from] super::run_mounts::Error),
     #[error("a heredoc script needs an interpreter on its #! line")]
     EmptyShebang,
+    #[error("the step ran past {limit} and was killed with every process it started{}", tail_text(.tail))]
+    TimedOut { limit: String, tail: Vec<String> },
+    #[error("the build ran past {limit} before this step started")]
+    BuildTimedOut { limit: String },
 }
 
 fn tail_text(tail: &[String]) -> String {
@@ -80,6 +84,54 @@ pub struct RunSpec<'a> {
     pub ulimits: &'a [kiln_runtime::spec::Rlimit],
     /// the step's host name (`BUILDKIT_SANDBOX_HOSTNAME`, else `kiln`)
     pub hostname: &'a str,
+    /// when the step's PID namespace is killed
+    pub time_limit: Option<TimeLimit>,
+}
+
+/// How long a step may run, and which limit that is (for the error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeLimit {
+    pub after: std::time::Duration,
+    pub limit: String,
+}
+
+/// `--step-timeout` and `--timeout`: a step gets the shorter of its own
+/// limit and what is left of the build's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeLimits {
+    pub step: Option<std::time::Duration>,
+    /// the build's limit and when it ends
+    pub build: Option<(std::time::Duration, std::time::Instant)>,
+}
+
+impl TimeLimits {
+    /// The limit of a step starting now.
+    pub fn for_step(&self) -> Result<Option<TimeLimit>> {
+        let step = self.step.map(|d| TimeLimit {
+            after: d,
+            limit: format!("--step-timeout {}", secs(d)),
+        });
+        let Some((limit, deadline)) = self.build else {
+            return Ok(step);
+        };
+        let text = format!("--timeout {} (the build's)", secs(limit));
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(Error::BuildTimedOut { limit: text });
+        }
+        Ok(Some(match step {
+            Some(s) if s.after <= left => s,
+            _ => TimeLimit {
+                after: left,
+                limit: text,
+            },
+        }))
+    }
+}
+
+/// A duration as a user wrote it, in seconds (`90s`, `1.5s`).
+fn secs(d: std::time::Duration) -> String {
+    format!("{}s", d.as_secs_f64())
 }
 
 /// argv and the script to feed on stdin (for `#!` heredocs).
@@ -225,6 +277,7 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
             private,
             network_stack,
             emulators: std::mem::take(&mut spec.emulators),
+            timeout: spec.time_limit.as_ref().map(|t| t.after),
             ..Default::default()
         },
     );
@@ -239,6 +292,10 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
     drop(network_files);
     let tail: Vec<String> = reader.join().unwrap_or_default().into();
     let status = status?;
+    if status == ExitStatus::TimedOut {
+        let limit = spec.time_limit.map(|t| t.limit).unwrap_or_default();
+        return Err(Error::TimedOut { limit, tail });
+    }
     if !status.success() {
         return Err(Error::Failed { status, tail });
     }

@@ -107,6 +107,8 @@ pub struct BuildOptions {
     pub ulimits: Vec<kiln_runtime::spec::Rlimit>,
     /// `--check`: lint every stage, not only those built
     pub check: bool,
+    /// `--step-timeout` and `--timeout`
+    pub time_limits: exec::TimeLimits,
 }
 
 /// A built image, stored in the content store.

@@ -20,6 +20,15 @@ pub enum Error {
     Io { path: PathBuf, source: io::Error },
     #[error("state directory {0} is not a directory; pass --root DIR to use another one")]
     NotADirectory(PathBuf),
+    #[error("{path} is {what} (mode {mode:04o}, owner uid {uid}): another user could change {of}; {fix}")]
+    Shared {
+        of: PathBuf,
+        path: PathBuf,
+        what: &'static str,
+        mode: u32,
+        uid: u32,
+        fix: String,
+    },
 }
 
 /// Result type of the state directory.
@@ -117,9 +126,126 @@ impl StateDir {
     }
 }
 
+/// Refuse `path` (kiln's state directory or a config file) when a user
+/// other than the caller (and root) could write into it, or replace it or
+/// one of its parents: each existing directory on the way must be owned by
+/// the caller or root and writable by no one else, unless it is sticky
+/// (`/tmp`: others cannot rename what they do not own); `path` itself must
+/// be the caller's (or root's, for a file) and writable by no one else. A
+/// group-writable entry passes when its group is the caller's own private
+/// group (the user-private-group convention: same name, no other members).
+///
+/// Run outside kiln's user namespace, where owners read as on the host.
+pub fn check_private(path: &Path) -> Result<()> {
+    let abs = std::path::absolute(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let mut at = PathBuf::from("/");
+    let parts: Vec<_> = abs.components().skip(1).collect();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        let meta = match fs::symlink_metadata(&at) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(Error::Io { path: at, source }),
+        };
+        let leaf = i + 1 == parts.len();
+        if meta.file_type().is_symlink() {
+            // its directory was checked; the target is checked from `/`
+            let target = fs::canonicalize(&at).map_err(|source| Error::Io {
+                path: at.clone(),
+                source,
+            })?;
+            let rest: PathBuf = parts[i + 1..].iter().collect();
+            return check_private(&target.join(rest));
+        }
+        check_entry(&abs, &at, &meta, me, leaf)?;
+    }
+    Ok(())
+}
+
+fn check_entry(of: &Path, at: &Path, meta: &fs::Metadata, me: u32, leaf: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    let shared = |what, fix: String| Error::Shared {
+        of: of.into(),
+        path: at.into(),
+        what,
+        mode,
+        uid: meta.uid(),
+        fix,
+    };
+    let owner_ok = meta.uid() == me || (meta.uid() == 0 && !(leaf && meta.is_dir()));
+    if !owner_ok {
+        return Err(shared(
+            "owned by another user",
+            "use a directory of your own (--root DIR, or $KILN_CONFIG)".into(),
+        ));
+    }
+    let sticky = meta.is_dir() && mode & 0o1000 != 0 && !leaf;
+    let group_private = mode & 0o002 == 0 && private_group(meta.gid(), me);
+    let others_write = mode & 0o002 != 0 || (mode & 0o020 != 0 && !group_private);
+    if others_write && !sticky {
+        return Err(shared(
+            "writable by other users",
+            format!("chmod go-w {}", at.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `gid` is the private group of the user `uid`: named as the
+/// user, with no members listed besides the user.
+fn private_group(gid: u32, uid: u32) -> bool {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid));
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid));
+    match (user, group) {
+        (Ok(Some(u)), Ok(Some(g))) => {
+            u.gid.as_raw() == gid && g.name == u.name && g.mem.iter().all(|m| *m == u.name)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_directory_others_can_change_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("kiln");
+        // missing: its existing parents decide
+        check_private(&root).unwrap();
+        StateDir::open(Some(&root)).unwrap();
+        check_private(&root).unwrap();
+        // world-writable: refused, naming it and the mode
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_private(&root).unwrap_err().to_string();
+        assert!(
+            err.contains(&root.display().to_string())
+                && err.contains("0777")
+                && err.contains("chmod go-w"),
+            "{err}"
+        );
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
+        // a parent others can write into (and so replace the state dir): refused
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_private(&root).unwrap_err().to_string();
+        assert!(err.contains(&tmp.path().display().to_string()), "{err}");
+        // unless it is sticky, as /tmp is
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        check_private(&root).unwrap();
+        // a link to a shared place is judged where it leads
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&open, tmp.path().join("link")).unwrap();
+        assert!(check_private(&tmp.path().join("link/kiln")).is_err());
+    }
 
     #[test]
     fn default_path_prefers_absolute_xdg_then_home() {

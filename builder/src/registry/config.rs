@@ -27,6 +27,15 @@ pub enum Error {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("cannot read kiln's settings")]
+    Settings(#[source] Box<crate::config::Error>),
+    #[error("{path}: [[registry]] has no key {key:?}; kiln reads location, insecure and mirror (with location and insecure)")]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("a [[registry]] table of {path} is not valid; see README.md, \"Registries\"")]
+    Table {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
 }
 
 /// Result type of the registries config.
@@ -109,6 +118,22 @@ impl Config {
             Some(p) if p.exists() => Self::read(&p)?,
             _ => Config::default(),
         };
+        // kiln.toml's [[registry]] tables, after registries.toml's
+        let tables = crate::config::Settings::load()
+            .map_err(|e| Error::Settings(Box::new(e)))?
+            .registries;
+        let mut entries = Vec::new();
+        for (path, value) in tables {
+            if let Some(key) = unknown_key(&value) {
+                return Err(Error::UnknownKey { path, key });
+            }
+            let entry: RegistryEntry = value.try_into().map_err(|source| Error::Table {
+                path,
+                source: Box::new(source),
+            })?;
+            entries.push(entry);
+        }
+        cfg.add(File { registry: entries });
         cfg.insecure
             .extend(insecure_flags.iter().map(|h| host_of(h)));
         if let Some(dir) = certs_dir() {
@@ -134,6 +159,12 @@ impl Config {
     fn parse(text: &str) -> std::result::Result<Self, toml::de::Error> {
         let file: File = toml::from_str(text)?;
         let mut cfg = Config::default();
+        cfg.add(file);
+        Ok(cfg)
+    }
+
+    fn add(&mut self, file: File) {
+        let cfg = self;
         for r in file.registry {
             let host = host_of(&r.location);
             if r.insecure {
@@ -147,7 +178,6 @@ impl Config {
                 cfg.mirrors.entry(host.clone()).or_default().push(mh);
             }
         }
-        Ok(cfg)
     }
 
     /// Whether `host` is spoken to over plain HTTP.
@@ -161,6 +191,25 @@ impl Config {
         out.push(host.to_string());
         out
     }
+}
+
+/// A key of a kiln.toml `[[registry]]` table (or of one of its mirrors)
+/// that kiln does not read. registries.toml, shared with containers'
+/// tools, may hold keys kiln leaves to them; kiln.toml is kiln's alone.
+fn unknown_key(table: &toml::Value) -> Option<String> {
+    let known = |t: &toml::Value, keys: &[&str]| {
+        t.as_table()
+            .and_then(|t| t.keys().find(|k| !keys.contains(&k.as_str())).cloned())
+    };
+    if let Some(k) = known(table, &["location", "insecure", "mirror"]) {
+        return Some(k);
+    }
+    table
+        .get("mirror")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .find_map(|m| known(m, &["location", "insecure"]).map(|k| format!("mirror.{k}")))
 }
 
 /// Every `*.crt` one level below `dir` (`dir/HOST:PORT/ca.crt`). A CA is

@@ -164,6 +164,7 @@ impl Engine {
         resources: &run_mounts::Resources<'_>,
         emulators: Vec<kiln_runtime::Emulator>,
     ) -> Result<(), StepError> {
+        let time_limit = self.opts.time_limits.for_step()?;
         let mut mounted = run_mounts::mount(view.path(), &run.mounts, &ctx.from, resources)?;
         // the build args in scope and the proxy args: the step's environment
         let mut args = ctx.step.args.clone();
@@ -188,6 +189,7 @@ impl Engine {
                 .build_args
                 .get(SANDBOX_HOSTNAME)
                 .map_or("kiln", String::as_str),
+            time_limit,
         };
         let r = exec::run(view.path(), spec, &self.progress);
         for warning in mounted.stop_agents() {
