@@ -1,9 +1,10 @@
 #!/bin/sh
 # Run `kiln build` in a rootless Podman container, with the least the
 # outer container needs (tested in CI by vm-tests/tests/in_container.rs):
-#   --security-opt seccomp=unconfined  kiln's steps set up their own UTS
-#       namespace (sethostname), which the default profile refuses; every
-#       step still runs under kiln's own seccomp profile
+#   --security-opt seccomp=deploy/seccomp.json  Moby's default profile plus
+#       the namespace and mount calls kiln's sandbox setup makes (the
+#       runtimes' defaults refuse them without CAP_SYS_ADMIN); every step
+#       still runs under kiln's own, narrower profile
 #   --security-opt unmask=/proc/*      a step's fresh /proc is refused by
 #       the kernel while the container's /proc has masked submounts
 #   --device /dev/net/tun              only for --network sandbox (the
@@ -17,8 +18,9 @@
 set -eu
 rootfs=$1 context=$2
 shift 2
+here=$(cd "$(dirname "$0")" && pwd)
 exec podman run --rm --runtime runc \
-    --security-opt seccomp=unconfined \
+    --security-opt seccomp="$here/seccomp.json" \
     --security-opt unmask=/proc/* \
     --device /dev/net/tun \
     --volume "$context:/work/ctx:ro" \

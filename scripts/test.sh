@@ -18,6 +18,7 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+python3 deploy/make-seccomp.py --check
 if [ "${KILN_FUZZ_SECONDS:-30}" != 0 ]; then
     scripts/fuzz.sh "${KILN_FUZZ_SECONDS:-30}"
 fi

@@ -116,8 +116,10 @@ impl Stage {
             (Stage::Hostname, Errno::EPERM) => {
                 " (the seccomp profile kiln runs under refuses sethostname in the step's own UTS \
                  namespace, as the default profiles of Docker, Podman and Kubernetes do. Run kiln's \
-                 container without it: podman/docker --security-opt seccomp=unconfined, Kubernetes \
-                 securityContext.seccompProfile.type: Unconfined; every step still gets kiln's own profile)"
+                 container with kiln's profile, Moby's default plus what kiln's sandbox setup calls: \
+                 podman/docker --security-opt seccomp=deploy/seccomp.json (in kiln's repository), \
+                 Kubernetes securityContext.seccompProfile type Localhost with that file; every step \
+                 still gets kiln's own profile)"
             }
             (Stage::SetUid | Stage::SetGid, Errno::EINVAL) => {
                 " (the id is not mapped in the sandbox: give your user a range in /etc/subuid and /etc/subgid)"

@@ -1,6 +1,6 @@
 //! kiln inside a container: rootless Podman (runc) as the unprivileged
 //! test user runs kiln from a rootfs holding it, pasta and busybox, with
-//! the options README documents (`--security-opt seccomp=unconfined`,
+//! the options README documents (`--security-opt seccomp=deploy/seccomp.json`,
 //! `--security-opt unmask=/proc/*`, `--device /dev/net/tun`; no added
 //! capability, not privileged). A two-stage build with a cache mount, a
 //! `--network sandbox` step and a USER switch must pass, and the nested
@@ -73,11 +73,25 @@ fn run_build(dir: &Path, root: &Path, options: &[&str]) -> Output {
     kiln_vm_tests::podman(dir, "inc", &args)
 }
 
-const OPTIONS: [[&str; 2]; 3] = [
-    ["--security-opt", "seccomp=unconfined"],
-    ["--security-opt", "unmask=/proc/*"],
-    ["--device", "/dev/net/tun"],
-];
+/// The documented options; the seccomp profile is `deploy/seccomp.json`,
+/// copied where the test user can read it.
+fn options(dir: &Path) -> [[String; 2]; 3] {
+    let profile = dir.join("seccomp.json");
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/seccomp.json"),
+        &profile,
+    )
+    .unwrap();
+    give_to_test_user(&profile);
+    [
+        [
+            "--security-opt".into(),
+            format!("seccomp={}", profile.display()),
+        ],
+        ["--security-opt".into(), "unmask=/proc/*".into()],
+        ["--device".into(), "/dev/net/tun".into()],
+    ]
+}
 
 #[test]
 fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
@@ -87,7 +101,8 @@ fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
     );
     let dir = test_dir("in-container");
     let root = container_root(&dir);
-    let all: Vec<&str> = OPTIONS.iter().flatten().copied().collect();
+    let options = options(&dir);
+    let all: Vec<&str> = options.iter().flatten().map(String::as_str).collect();
     let out = run_build(&dir, &root, &all);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
@@ -121,13 +136,15 @@ fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
     }
 
     // each documented option left out: the build fails naming it
-    for (i, [_, opt]) in OPTIONS.iter().enumerate() {
-        let fewer: Vec<&str> = OPTIONS
+    for (i, [_, opt]) in options.iter().enumerate() {
+        let fewer: Vec<&str> = options
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .flat_map(|(_, o)| o.iter().copied())
+            .flat_map(|(_, o)| o.iter().map(String::as_str))
             .collect();
+        // the error names the option's key (`seccomp=`), not the path
+        let opt = opt.split('=').next().map_or(opt.as_str(), |k| k);
         let out = run_build(&dir, &root, &fewer);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "built without {opt}:\n{err}");
@@ -192,8 +209,9 @@ fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
     );
     let ctx_vol = format!("{}:/work/ctx:ro", ctx.display());
     let out_vol = format!("{}:/work/out", dir.join("out").display());
+    let options = options(&dir);
     let mut args = vec!["run", "--rm", "--runtime", "runc"];
-    args.extend(OPTIONS.iter().flatten().copied());
+    args.extend(options.iter().flatten().map(String::as_str));
     args.extend([
         "--volume",
         &ctx_vol,
