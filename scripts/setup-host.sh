@@ -21,6 +21,9 @@
 #  - dnsmasq-base: test resolvers for the DNS layouts of --network=sandbox
 #  - docker-registry, apache2-utils (htpasswd), openssl and curl for the
 #    registry tests (a local registry, plain HTTP and TLS with a private CA)
+#  - AppArmor 4's apparmor_parser (Debian 13's, with its glibc, unpacked
+#    in /var/tmp/kiln-fixtures/apparmor4, not installed: Debian 12's 3.0
+#    does not know the `userns` rule) to check deploy/apparmor/kiln
 # and /dev/fuse and /dev/net/tun are made 0666, as standard distributions
 # ship them (some CI machines have them 0600).
 set -euo pipefail
@@ -51,5 +54,19 @@ if ! ls "$FIXTURES"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
     $SUDO mkdir -p "$FIXTURES"
     (cd "$FIXTURES" && $SUDO apt-get download -q busybox-static:arm64)
     $SUDO chmod -R a+rX "$FIXTURES"
+fi
+AA="$FIXTURES/apparmor4"
+if [ ! -x "$AA/usr/sbin/apparmor_parser" ]; then
+    apt_dir=$(mktemp -d)
+    echo "deb http://deb.debian.org/debian trixie main" > "$apt_dir/sources.list"
+    apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+              -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+    $SUDO apt-get "${apt_opts[@]}" update
+    (cd "$apt_dir" && $SUDO apt-get "${apt_opts[@]}" download apparmor libc6)
+    $SUDO mkdir -p "$AA"
+    for deb in "$apt_dir"/*.deb; do $SUDO dpkg-deb -x "$deb" "$AA"; done
+    $SUDO chmod -R a+rX "$AA"
+    $SUDO rm -rf "$apt_dir"
 fi
 exit 0

@@ -19,6 +19,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 python3 deploy/make-seccomp.py --check
+scripts/check-apparmor.sh
 if [ "${KILN_FUZZ_SECONDS:-30}" != 0 ]; then
     scripts/fuzz.sh "${KILN_FUZZ_SECONDS:-30}"
 fi
