@@ -476,3 +476,28 @@ fn name_canonical_also_names_the_image_by_its_digest() {
     let err = expect_failure(p.build(&["-o", "type=oci,dest=/tmp/x.tar,name-canonical=true"]));
     assert!(err.contains("unknown key \"name-canonical\""), "{err}");
 }
+
+#[test]
+fn attestations_turned_off_are_taken_and_asked_for_are_refused() {
+    let p = Project::new("attest-flags", "FROM scratch\nCOPY rootfs/bin/busybox /\n");
+    // what CI scripts pass for registries without attestation support
+    expect_success(p.build(&[
+        "-q",
+        "--provenance=false",
+        "--sbom=false",
+        "--attest",
+        "type=provenance,disabled=true",
+    ]));
+    for (flags, named) in [
+        (&["--provenance"][..], "--provenance=true"),
+        (&["--provenance=mode=max"][..], "--provenance=mode=max"),
+        (&["--sbom=true"][..], "--sbom=true"),
+        (&["--attest", "type=sbom"][..], "--attest type=sbom"),
+    ] {
+        let err = expect_failure(p.build(flags));
+        assert!(
+            err.contains(named) && err.contains("does not make attestations yet"),
+            "{flags:?}: {err}"
+        );
+    }
+}

@@ -172,6 +172,16 @@ pub struct BuildArgs {
     /// `build` (the default)
     #[arg(long, value_name = "METHOD")]
     call: Option<String>,
+    /// buildx's provenance attestation: kiln makes none yet, so only
+    /// `false` (or `0`) is accepted; anything else is an error
+    #[arg(long, value_name = "VALUE", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    provenance: Option<String>,
+    /// buildx's SBOM attestation: as --provenance, only `false`
+    #[arg(long, value_name = "VALUE", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    sbom: Option<String>,
+    /// buildx's `--attest type=...`: only `type=provenance|sbom,disabled=true`
+    #[arg(long, value_name = "SPEC")]
+    attest: Vec<String>,
 }
 
 pub fn run(
@@ -181,6 +191,7 @@ pub fn run(
     mut args: BuildArgs,
 ) -> anyhow::Result<i32> {
     apply_flags(&mut settings, &args)?;
+    attestations(&args)?;
     let settings = settings;
     if let Some(limit) = settings.timeout.value {
         watchdog(limit);
@@ -300,6 +311,37 @@ fn step_source(e: &anyhow::Error, dockerfile: &std::path::Path) -> Option<String
     let mut out = String::new();
     super::check::snippet(&mut out, file, &lines, *line, *end_line);
     (!out.is_empty()).then_some(out)
+}
+
+/// `--provenance`, `--sbom`, `--attest`: kiln makes no attestations yet
+/// (issue 21), so a CI script's `--provenance=false` or `--sbom=false`
+/// (asking for none) is taken, and asking for one is an error, never a
+/// build without it.
+fn attestations(args: &BuildArgs) -> anyhow::Result<()> {
+    let off = |v: &str| matches!(v, "false" | "0");
+    for (flag, value) in [("--provenance", &args.provenance), ("--sbom", &args.sbom)] {
+        if let Some(v) = value.as_deref().filter(|v| !off(v)) {
+            bail!(
+                "{flag}={v}: kiln does not make attestations yet; use {flag}=false or leave it out"
+            );
+        }
+    }
+    for spec in &args.attest {
+        let fields = crate::options::split(spec, crate::options::Quotes::FieldStart)?;
+        let mut kind = None;
+        let mut disabled = false;
+        for f in &fields {
+            match f.split_once('=') {
+                Some(("type", t)) if matches!(t, "provenance" | "sbom") => kind = Some(t),
+                Some(("disabled", v)) => disabled = matches!(v, "true" | "1"),
+                _ => {}
+            }
+        }
+        if kind.is_none() || !disabled {
+            bail!("--attest {spec}: kiln does not make attestations yet; only type=provenance|sbom,disabled=true is taken");
+        }
+    }
+    Ok(())
 }
 
 /// `--check` or `--call METHOD[,format=json|text]`: what to do instead
