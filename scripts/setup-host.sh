@@ -21,6 +21,9 @@
 #  - dnsmasq-base: test resolvers for the DNS layouts of --network=sandbox
 #  - docker-registry, apache2-utils (htpasswd), openssl and curl for the
 #    registry tests (a local registry, plain HTTP and TLS with a private CA)
+#  - docker.io and rootlesskit for the rootless Docker test of kiln's
+#    image (the rootful daemon is not started: a policy-rc.d denies it
+#    during the install, and its units are disabled)
 #  - AppArmor 4's apparmor_parser (Debian 13's, with its glibc, unpacked
 #    in /var/tmp/kiln-fixtures/apparmor4, not installed: Debian 12's 3.0
 #    does not know the `userns` rule) to check deploy/apparmor/kiln
@@ -39,11 +42,26 @@ missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
 done
+# rootless Docker only: the system daemon must not start (its iptables
+# rules and bridge would change the network the other tests see)
+for p in docker.io rootlesskit; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+done
 if [ -n "$missing" ]; then
     echo "setup-host.sh: installing$missing"
+    no_start=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod 755 /usr/sbin/policy-rc.d
+        no_start=1
+    fi
     $SUDO apt-get update -q
     # shellcheck disable=SC2086
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+    [ -z "$no_start" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now docker.service docker.socket containerd.service >/dev/null 2>&1 || true
+    fi
 fi
 for dev in /dev/fuse /dev/net/tun; do
     [ -e "$dev" ] && $SUDO chmod 0666 "$dev"

@@ -110,8 +110,9 @@ impl Stage {
             (Stage::MountProc, Errno::EPERM) => {
                 " (the kernel refused a fresh /proc: it does this when the host's /proc has \
                  masked or read-only submounts, as inside a container. Run kiln's container with /proc \
-                 unmasked: podman/docker --security-opt unmask=/proc/*, or Kubernetes \
-                 securityContext.procMount: Unmasked with hostUsers: false)"
+                 unmasked: podman --security-opt unmask=/proc/*, docker --security-opt \
+                 systempaths=unconfined, or Kubernetes securityContext.procMount: Unmasked with \
+                 hostUsers: false)"
             }
             (Stage::Hostname, Errno::EPERM) => {
                 " (the seccomp profile kiln runs under refuses sethostname in the step's own UTS \

@@ -60,6 +60,17 @@ pub enum Error {
     UserNamespacesDisabled(&'static str),
     #[error("cannot create the sandbox: {0}")]
     Clone(std::io::Error),
+    #[error(
+        "cannot create the sandbox: the seccomp filter kiln runs under refuses {call} with namespace \
+         flags, as the default profiles of Docker and Kubernetes do without CAP_SYS_ADMIN. Run kiln's \
+         container with kiln's profile: podman/docker --security-opt seccomp=deploy/seccomp.json (in \
+         kiln's repository), Kubernetes securityContext.seccompProfile type Localhost with that file; \
+         every step still gets kiln's own profile"
+    )]
+    SeccompRefused {
+        call: &'static str,
+        source: std::io::Error,
+    },
     #[error("{helper} failed to map ids for the sandbox ({status}): {stderr}; check the ranges for your user in /etc/subuid and /etc/subgid")]
     IdMapHelper {
         helper: &'static str,
@@ -176,4 +187,21 @@ fn write_map_hint(source: &std::io::Error) -> &'static str {
     } else {
         ""
     }
+}
+
+/// A namespace-creating call that failed: when a seccomp filter is on
+/// this process and the answer is one a filter gives (ENOSYS for clone3,
+/// EPERM), say so and name the fix; else the plain error.
+pub fn namespace_call_failed(call: &'static str, e: nix::errno::Errno) -> Error {
+    let filtered = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2'))
+    });
+    if filtered && matches!(e, nix::errno::Errno::ENOSYS | nix::errno::Errno::EPERM) {
+        return Error::SeccompRefused {
+            call,
+            source: e.into(),
+        };
+    }
+    Error::Clone(e.into())
 }

@@ -492,7 +492,7 @@ fn clone_error(e: Errno) -> Error {
             );
         }
     }
-    Error::Clone(e.into())
+    crate::error::namespace_call_failed("clone", e)
 }
 
 /// Stack of a sandbox child that shares kiln's memory (touched only as far

@@ -208,7 +208,7 @@ pub fn enter(mounts: Mounts) -> Result<Entered> {
     };
     if entered != Entered::NotNeeded && mounts == Mounts::Private {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-            .map_err(|e| Error::Clone(e.into()))?;
+            .map_err(|e| crate::error::namespace_call_failed("unshare", e))?;
         sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
             .map_err(|e| Error::Clone(e.into()))?;
     }
@@ -232,7 +232,7 @@ fn start_pause(mapping: &IdMapping, lock_path: &std::path::Path) -> Result<i32> 
     // and leaves by exec or _exit.
     let cloned = unsafe { sys::clone3_fork(libc::CLONE_NEWUSER as u64) };
     match cloned {
-        Err(e) => Err(Error::Clone(e.into())),
+        Err(e) => Err(crate::error::namespace_call_failed("clone3", e)),
         Ok(None) => {
             // The pause process: wait for the maps, take the lock, detach
             // from the caller's session and become `kiln-init pause`. Its

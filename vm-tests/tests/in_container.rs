@@ -160,10 +160,11 @@ fn kiln_builds_in_rootless_podman_with_the_documented_options_only() {
     assert!(err.contains("needs CAP_SETUID and CAP_SETGID"), "{err}");
 }
 
-#[test]
-fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
-    let dir = test_dir("kiln-image");
-    // scripts/image.sh and deploy/Dockerfile as the repository has them
+/// kiln's own image, built by kiln as the test user from
+/// `scripts/image.sh` and `deploy/Dockerfile` as the repository has them,
+/// as a docker-archive in `dir`; and a context under `dir/ctx` whose one
+/// RUN uses the sandbox network and writes `/made`, `/links`, `/posture`.
+fn kiln_image(dir: &Path) -> PathBuf {
     let repo = dir.join("repo");
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for f in ["scripts/image.sh", "deploy/Dockerfile"] {
@@ -178,13 +179,13 @@ fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
     busybox_rootfs(&ctx.join("rootfs"));
     fs::write(
         ctx.join("Dockerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nRUN --network=sandbox ip -o link show > /links && echo built-in-kiln > /made\n",
+        "FROM scratch\nCOPY rootfs/ /\nRUN --network=sandbox ip -o link show > /links && echo built-in-kiln > /made && grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status > /posture\n",
     )
     .unwrap();
     fs::create_dir_all(dir.join("out")).unwrap();
-    give_to_test_user(&dir);
-    // the image, built by kiln as the test user (its state under
-    // XDG_DATA_HOME, as scripts/image.sh passes its options to `kiln build`)
+    give_to_test_user(dir);
+    // built by kiln as the test user (its state under XDG_DATA_HOME, as
+    // scripts/image.sh passes its options to `kiln build`)
     let mut image = kiln_vm_tests::unprivileged(Path::new("/usr/bin/env"));
     image
         .arg(format!("XDG_DATA_HOME={}", dir.join("xdg").display()))
@@ -200,6 +201,52 @@ fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
         "scripts/image.sh failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    archive
+}
+
+/// The build `kiln_image`'s context asks for, in its container: what it
+/// wrote, and that its step had a sandbox network and kiln's posture.
+fn assert_built_in_container(dir: &Path, err: &str) {
+    let read = |p: &str| {
+        fs::read_to_string(dir.join("out").join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{err}"))
+    };
+    assert_eq!(read("made"), "built-in-kiln\n");
+    assert!(read("links").contains("lo:"));
+    let posture = read("posture");
+    assert!(
+        posture.contains("Seccomp:\t2") && posture.contains("NoNewPrivs:\t1"),
+        "{posture}"
+    );
+}
+
+/// The `run` arguments of kiln's image building `/work/ctx` into
+/// `/work/out`, after `options`.
+fn image_run_args(dir: &Path, options: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["run".into(), "--rm".into()];
+    args.extend(options.iter().map(|o| o.to_string()));
+    args.extend([
+        "--volume".into(),
+        format!("{}:/work/ctx:ro", dir.join("ctx").display()),
+        "--volume".into(),
+        format!("{}:/work/out", dir.join("out").display()),
+        "docker.io/library/kiln:dev".into(),
+        "--root".into(),
+        "/work/state".into(),
+        "build".into(),
+        "--no-cache".into(),
+        "--progress".into(),
+        "plain".into(),
+        "-o".into(),
+        "type=local,dest=/work/out".into(),
+        "/work/ctx".into(),
+    ]);
+    args
+}
+
+#[test]
+fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
+    let dir = test_dir("kiln-image");
+    let archive = kiln_image(&dir);
     let archive_arg = archive.display().to_string();
     let load = kiln_vm_tests::podman(&dir, "kim", &["load", "-i", &archive_arg]);
     assert!(
@@ -207,34 +254,131 @@ fn kilns_own_image_built_by_kiln_runs_a_build_in_podman() {
         "{}",
         String::from_utf8_lossy(&load.stderr)
     );
-    let ctx_vol = format!("{}:/work/ctx:ro", ctx.display());
-    let out_vol = format!("{}:/work/out", dir.join("out").display());
     let options = options(&dir);
-    let mut args = vec!["run", "--rm", "--runtime", "runc"];
-    args.extend(options.iter().flatten().map(String::as_str));
-    args.extend([
-        "--volume",
-        &ctx_vol,
-        "--volume",
-        &out_vol,
-        "docker.io/library/kiln:dev",
-        "--root",
-        "/work/state",
-        "build",
-        "--progress",
-        "plain",
-        "-o",
-        "type=local,dest=/work/out",
-        "/work/ctx",
-    ]);
+    let mut opts = vec!["--runtime", "runc"];
+    opts.extend(options.iter().flatten().map(String::as_str));
+    let args = image_run_args(&dir, &opts);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = kiln_vm_tests::podman(&dir, "kim", &args);
     let err = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "kiln's image could not build:\n{err}");
-    assert_eq!(
-        fs::read_to_string(dir.join("out/made")).unwrap(),
-        "built-in-kiln\n"
+    assert_built_in_container(&dir, &err);
+}
+
+/// A rootless Docker daemon of the test user, stopped when dropped.
+struct RootlessDocker {
+    daemon: std::process::Child,
+    run: PathBuf,
+}
+
+impl RootlessDocker {
+    fn start(dir: &Path) -> RootlessDocker {
+        let script = Path::new("/usr/share/docker.io/contrib/dockerd-rootless.sh");
+        assert!(
+            script.exists(),
+            "{} is missing: run scripts/setup-host.sh (apt-get install docker.io rootlesskit)",
+            script.display()
+        );
+        let run = dir.join("docker-run");
+        fs::create_dir_all(&run).unwrap();
+        give_to_test_user(dir);
+        run_checked(Command::new("chmod").arg("700").arg(&run));
+        let mut cmd = kiln_vm_tests::unprivileged(Path::new("/usr/bin/env"));
+        cmd.arg(format!("XDG_RUNTIME_DIR={}", run.display()))
+            .arg("PATH=/usr/share/docker.io/contrib:/usr/bin:/usr/sbin:/bin:/sbin")
+            .arg(script)
+            .arg("--data-root")
+            .arg(dir.join("docker-data"))
+            .args(["--storage-driver", "vfs", "--exec-root"])
+            .arg(run.join("exec"))
+            .arg("--pidfile")
+            .arg(run.join("docker.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(dir.join("dockerd.log")).unwrap());
+        let daemon = cmd.spawn().expect("start rootless dockerd");
+        let d = RootlessDocker { daemon, run };
+        let start = std::time::Instant::now();
+        while !d.docker(&["info"]).status.success() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "rootless dockerd did not start:\n{}",
+                fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        d
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        let mut cmd = kiln_vm_tests::unprivileged(Path::new("/usr/bin/env"));
+        cmd.arg(format!(
+            "DOCKER_HOST=unix://{}",
+            self.run.join("docker.sock").display()
+        ))
+        .arg("/usr/bin/docker")
+        .args(args);
+        cmd.output().expect("run docker")
+    }
+}
+
+impl Drop for RootlessDocker {
+    fn drop(&mut self) {
+        // rootlesskit passes SIGTERM on to dockerd, which stops its
+        // containers and exits; the whole tree goes with it
+        if let Ok(pid) = fs::read_to_string(self.run.join("docker.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = Command::new("kill")
+            .arg(self.daemon.id().to_string())
+            .status();
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn kilns_own_image_runs_a_build_in_rootless_docker_with_the_documented_options() {
+    let dir = test_dir("in-docker");
+    let archive = kiln_image(&dir);
+    let docker = RootlessDocker::start(&dir);
+    let load = docker.docker(&["load", "-i", &archive.display().to_string()]);
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
     );
-    assert!(fs::read_to_string(dir.join("out/links"))
-        .unwrap()
-        .contains("lo:"));
+    let profile = options(&dir)[0][1].clone();
+    // Docker's names for what Podman calls unmask=/proc/*
+    let all = [
+        ["--security-opt", profile.as_str()],
+        ["--security-opt", "systempaths=unconfined"],
+        ["--device", "/dev/net/tun"],
+    ];
+    let flat: Vec<&str> = all.iter().flatten().copied().collect();
+    let run = docker.docker(
+        &image_run_args(&dir, &flat)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let err = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(
+        run.status.success(),
+        "kiln's image could not build in rootless Docker:\n{err}"
+    );
+    assert_built_in_container(&dir, &err);
+    // each option left out: the error names it
+    for (i, [_, opt]) in all.iter().enumerate() {
+        let fewer: Vec<&str> = all
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, o)| o.iter().copied())
+            .collect();
+        let args = image_run_args(&dir, &fewer);
+        let run = docker.docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(!run.status.success(), "built without {opt}:\n{err}");
+        let key = opt.split('=').next().unwrap_or(opt);
+        assert!(err.contains(key), "the error does not name {key}:\n{err}");
+    }
 }
