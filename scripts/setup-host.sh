@@ -24,6 +24,9 @@
 #  - docker.io and rootlesskit for the rootless Docker test of kiln's
 #    image (the rootful daemon is not started: a policy-rc.d denies it
 #    during the install, and its units are disabled)
+#  - qemu-system-x86 and Debian 12's kernel image (unpacked in
+#    /var/tmp/kiln-fixtures/kernel, not installed) for the cgroup limit
+#    test, which boots it with cgroup v2 alone (these hosts are hybrid)
 #  - AppArmor 4's apparmor_parser (Debian 13's, with its glibc, unpacked
 #    in /var/tmp/kiln-fixtures/apparmor4, not installed: Debian 12's 3.0
 #    does not know the `userns` rule) to check deploy/apparmor/kiln
@@ -37,7 +40,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 PKGS="uidmap dnsmasq-base fuse3 busybox-static gcc libc6-dev skopeo umoci fuse-overlayfs bubblewrap crun runc podman hyperfine jq git
       iproute2 procps util-linux zstd debootstrap xz-utils bzip2 liblzma-dev pkg-config openssh-client openssh-server passt slirp4netns
-      docker-registry apache2-utils openssl curl g++ qemu-user-static"
+      docker-registry apache2-utils openssl curl g++ qemu-user-static qemu-system-x86 binutils"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
@@ -72,6 +75,15 @@ if ! ls "$FIXTURES"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
     $SUDO mkdir -p "$FIXTURES"
     (cd "$FIXTURES" && $SUDO apt-get download -q busybox-static:arm64)
     $SUDO chmod -R a+rX "$FIXTURES"
+fi
+KERNEL="$FIXTURES/kernel"
+if ! ls "$KERNEL"/boot/vmlinuz-* >/dev/null 2>&1; then
+    image=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    $SUDO mkdir -p "$KERNEL"
+    (cd "$KERNEL" && $SUDO apt-get download -q "$image" && \
+        dpkg-deb --fsys-tarfile "$image"_*.deb | $SUDO tar -x --wildcards './boot/vmlinuz-*' && \
+        $SUDO rm -f "$image"_*.deb)
+    $SUDO chmod -R a+rX "$KERNEL"
 fi
 AA="$FIXTURES/apparmor4"
 if [ ! -x "$AA/usr/sbin/apparmor_parser" ]; then

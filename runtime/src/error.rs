@@ -60,6 +60,11 @@ pub enum Error {
     UserNamespacesDisabled(&'static str),
     #[error("cannot create the sandbox: {0}")]
     Clone(std::io::Error),
+    #[error("cannot move the sandbox into its cgroup ({path})")]
+    Cgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "cannot create the sandbox: the seccomp filter kiln runs under refuses {call} with namespace \
          flags, as the default profiles of Docker and Kubernetes do without CAP_SYS_ADMIN. Run kiln's \

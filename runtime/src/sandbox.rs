@@ -106,6 +106,9 @@ pub struct RunOptions {
     /// foreign architectures the command may execute, registered in the
     /// sandbox's own binfmt_misc (see [`crate::emulation`])
     pub emulators: Vec<crate::emulation::Emulator>,
+    /// a cgroup (v2 directory) the sandbox is moved into before its
+    /// command runs; everything it starts stays there
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// A file or unix socket that exists only inside one sandbox: kiln mounts
@@ -557,6 +560,15 @@ pub fn run(spec: &Spec, mut opts: RunOptions) -> Result<ExitStatus> {
     // namespace and wait until it is configured, then release the child:
     // the user's command never runs before its network is up.
     // (the reap guard kills and reaps the child on the way out)
+    if let Some(cg) = &opts.cgroup {
+        let procs = cg.join("cgroup.procs");
+        if let Err(source) = std::fs::write(&procs, pid.to_string()) {
+            return finish(Err(Error::Cgroup {
+                path: procs,
+                source,
+            }));
+        }
+    }
     if let Err(e) = prepared.mapping.apply(pid) {
         return finish(Err(e));
     }

@@ -902,3 +902,32 @@ pub fn sleepers(secs: &str) -> Vec<u32> {
     }
     out
 }
+
+/// Copy `bin` to `at` under `root` (with `strip`, its debug info left
+/// out: an initramfs stays small), with the shared libraries ldd names
+/// for it at their own paths.
+pub fn install_with_libs(root: &Path, bin: &Path, at: &str, strip: bool) {
+    let dest = root.join(at.trim_start_matches('/'));
+    fs::create_dir_all(dest.parent().expect("a parent")).expect("mkdir");
+    if strip {
+        run_checked(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(bin)
+                .arg(&dest),
+        );
+    } else {
+        fs::copy(bin, &dest).expect("copy the binary");
+    }
+    let ldd = run_checked(Command::new("ldd").arg(bin));
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = root.join(lib.trim_start_matches('/'));
+        if !to.exists() {
+            fs::create_dir_all(to.parent().expect("a parent")).expect("mkdir");
+            fs::copy(lib, &to).expect("copy a library");
+        }
+    }
+}

@@ -26,35 +26,16 @@ USER 1000:1000
 RUN mkdir /tmp/p && grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status > /tmp/p/posture && id -u > /tmp/p/uid && for n in user pid mnt net; do readlink /proc/self/ns/$n; done > /tmp/p/ns
 "#;
 
-/// Copy `bin` to the same path under `root`, with the shared libraries
-/// ldd names for it.
-fn install(root: &Path, bin: &Path, at: &str) {
-    let dest = root.join(at.trim_start_matches('/'));
-    fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    fs::copy(bin, &dest).unwrap();
-    let ldd = run_checked(Command::new("ldd").arg(bin));
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let to = root.join(lib.trim_start_matches('/'));
-        if !to.exists() {
-            fs::create_dir_all(to.parent().unwrap()).unwrap();
-            fs::copy(lib, &to).unwrap();
-        }
-    }
-}
-
 /// The container's root: busybox, kiln, pasta, and the build's context.
 fn container_root(dir: &Path) -> PathBuf {
     let root = dir.join("root");
     busybox_rootfs(&root);
-    install(&root, &kiln_binary(), "/bin/kiln");
+    kiln_vm_tests::install_with_libs(&root, &kiln_binary(), "/bin/kiln", false);
     assert!(
         Path::new("/usr/bin/pasta").exists(),
         "pasta is missing: run scripts/setup-host.sh (apt-get install passt)"
     );
-    install(&root, Path::new("/usr/bin/pasta"), "/usr/bin/pasta");
+    kiln_vm_tests::install_with_libs(&root, Path::new("/usr/bin/pasta"), "/usr/bin/pasta", false);
     fs::create_dir_all(root.join("dev/net")).unwrap();
     let ctx = root.join("work/ctx");
     busybox_rootfs(&ctx.join("rootfs"));

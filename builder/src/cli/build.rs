@@ -697,39 +697,43 @@ fn apply_flags(settings: &mut Settings, args: &BuildArgs) -> anyhow::Result<()> 
         }
         settings.flag("limits.cpus", Some(c), "--cpus")?;
     }
-    cgroup_limits(settings)
+    Ok(())
 }
 
-/// Memory, task and CPU limits need a cgroup of the step's own; kiln
-/// does not make one, so such a limit is refused, never ignored.
-fn cgroup_limits(settings: &Settings) -> anyhow::Result<()> {
+/// Memory, task and CPU limits: each RUN step gets a cgroup of its own
+/// under the cgroup the host delegates to the user; without delegation
+/// such a limit is refused, never ignored.
+fn step_cgroups(
+    settings: &Settings,
+) -> anyhow::Result<Option<Arc<kiln_runtime::cgroup::StepCgroups>>> {
+    let limits = kiln_runtime::cgroup::Limits {
+        memory: settings.memory.value,
+        pids: settings.pids.value,
+        cpus: settings.cpus.value,
+    };
     let asked: Vec<String> = [
-        (
-            "memory",
-            settings.memory.value.is_some(),
-            &settings.memory.from,
-        ),
-        ("pids", settings.pids.value.is_some(), &settings.pids.from),
-        ("cpus", settings.cpus.value.is_some(), &settings.cpus.from),
+        ("memory", limits.memory.is_some(), &settings.memory.from),
+        ("pids", limits.pids.is_some(), &settings.pids.from),
+        ("cpus", limits.cpus.is_some(), &settings.cpus.from),
     ]
     .iter()
     .filter(|(_, set, _)| *set)
     .map(|(k, _, from)| format!("limits.{k} (from {from})"))
     .collect();
     if asked.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let why = match kiln_runtime::cgroup::detect() {
-        Err(e) => e.to_string(),
-        Ok(d) => format!(
-            "this host delegates cgroup {} to the user, but kiln does not yet place steps in cgroups",
-            d.path.display()
+    let delegated = match kiln_runtime::cgroup::detect() {
+        Ok(d) => d,
+        Err(why) => bail!(
+            "cannot enforce {}: {why}; kiln enforces rlimits only here (--ulimit, kiln.toml [limits] nofile, nproc, fsize, core)",
+            asked.join(", ")
         ),
     };
-    bail!(
-        "cannot enforce {}: {why}; kiln enforces rlimits only here (--ulimit, kiln.toml [limits] nofile, nproc, fsize, core)",
-        asked.join(", ")
-    )
+    let cgroups = delegated
+        .prepare(limits)
+        .with_context(|| format!("cannot enforce {}", asked.join(", ")))?;
+    Ok(Some(Arc::new(cgroups)))
 }
 
 /// The build's default network and whether `network.host` is granted,
@@ -914,8 +918,18 @@ fn build_options(
             .as_deref()
             .map(|s| crate::units::parse_size(s).context("--shm-size"))
             .transpose()?,
-        ulimits: settings.ulimits.values().map(|u| u.value).collect(),
+        ulimits: settings
+            .ulimits
+            .values()
+            .map(|u| match u.from {
+                // kiln's own defaults never ask more than this process
+                // may give (a small VM's nproc hard limit is below 8192)
+                crate::config::Origin::Default => within_own_hard_limit(u.value),
+                _ => u.value,
+            })
+            .collect(),
         check: false,
+        step_cgroups: step_cgroups(settings)?,
         time_limits: engine::exec::TimeLimits {
             step: settings.step_timeout.value,
             build: settings
@@ -924,6 +938,25 @@ fn build_options(
                 .map(|d| (d, std::time::Instant::now() + d)),
         },
     })
+}
+
+/// `r` lowered to this process's own hard limit of the same resource.
+fn within_own_hard_limit(r: kiln_runtime::spec::Rlimit) -> kiln_runtime::spec::Rlimit {
+    use nix::sys::resource::{getrlimit, Resource};
+    use oci_spec::runtime::PosixRlimitType as T;
+    let resource = match r.kind {
+        T::RlimitNproc => Resource::RLIMIT_NPROC,
+        T::RlimitCore => Resource::RLIMIT_CORE,
+        _ => return r,
+    };
+    match getrlimit(resource) {
+        Ok((_, hard)) => kiln_runtime::spec::Rlimit {
+            soft: r.soft.min(hard),
+            hard: r.hard.min(hard),
+            ..r
+        },
+        Err(_) => r,
+    }
 }
 
 /// `--label K=V`, in order (a later K wins).

@@ -244,7 +244,7 @@ impl Info {
             settings: settings.rows(),
             limits: match kiln_runtime::cgroup::detect() {
                 Ok(d) => format!(
-                    "rlimits only: cgroup {} is delegated (controllers: {}), but kiln does not place steps in cgroups; --memory, --pids-limit and --cpus are refused",
+                    "rlimits, and cgroup v2 under {} (delegated; controllers: {}): --memory, --pids-limit and --cpus give each RUN step a cgroup of its own",
                     d.path.display(),
                     d.controllers.join(" ")
                 ),

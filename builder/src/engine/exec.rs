@@ -45,6 +45,10 @@ pub enum Error {
     TimedOut { limit: String, tail: Vec<String> },
     #[error("the build ran past {limit} before this step started")]
     BuildTimedOut { limit: String },
+    #[error("the step was killed for using more than its memory limit ({limit} bytes: --memory or limits.memory){}", tail_text(.tail))]
+    OutOfMemory { limit: u64, tail: Vec<String> },
+    #[error("cannot give the step its cgroup")]
+    Cgroup(#[from] kiln_runtime::cgroup::SetupError),
 }
 
 fn tail_text(tail: &[String]) -> String {
@@ -86,6 +90,8 @@ pub struct RunSpec<'a> {
     pub hostname: &'a str,
     /// when the step's PID namespace is killed
     pub time_limit: Option<TimeLimit>,
+    /// the step's own cgroup with its limits (removed when dropped)
+    pub cgroup: Option<kiln_runtime::cgroup::StepCgroup>,
 }
 
 /// How long a step may run, and which limit that is (for the error).
@@ -278,6 +284,7 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
             network_stack,
             emulators: std::mem::take(&mut spec.emulators),
             timeout: spec.time_limit.as_ref().map(|t| t.after),
+            cgroup: spec.cgroup.as_ref().map(|c| c.path.clone()),
             ..Default::default()
         },
     );
@@ -297,6 +304,10 @@ pub fn run(rootfs: &Path, mut spec: RunSpec<'_>, progress: &Arc<Progress>) -> Re
         return Err(Error::TimedOut { limit, tail });
     }
     if !status.success() {
+        if let Some(cg) = spec.cgroup.as_ref().filter(|c| c.oom_killed()) {
+            let limit = cg.limits.memory.unwrap_or_default();
+            return Err(Error::OutOfMemory { limit, tail });
+        }
         return Err(Error::Failed { status, tail });
     }
     Ok(())

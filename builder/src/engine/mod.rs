@@ -109,6 +109,9 @@ pub struct BuildOptions {
     pub check: bool,
     /// `--step-timeout` and `--timeout`
     pub time_limits: exec::TimeLimits,
+    /// `--memory`, `--pids-limit`, `--cpus`: each RUN step in a cgroup of
+    /// its own under the delegated one
+    pub step_cgroups: Option<Arc<kiln_runtime::cgroup::StepCgroups>>,
 }
 
 /// A built image, stored in the content store.

@@ -165,6 +165,10 @@ impl Engine {
         emulators: Vec<kiln_runtime::Emulator>,
     ) -> Result<(), StepError> {
         let time_limit = self.opts.time_limits.for_step()?;
+        let cgroup = match &self.opts.step_cgroups {
+            Some(c) => Some(c.make().map_err(exec::Error::from)?),
+            None => None,
+        };
         let mut mounted = run_mounts::mount(view.path(), &run.mounts, &ctx.from, resources)?;
         // the build args in scope and the proxy args: the step's environment
         let mut args = ctx.step.args.clone();
@@ -190,6 +194,7 @@ impl Engine {
                 .get(SANDBOX_HOSTNAME)
                 .map_or("kiln", String::as_str),
             time_limit,
+            cgroup,
         };
         let r = exec::run(view.path(), spec, &self.progress);
         for warning in mounted.stop_agents() {
