@@ -149,11 +149,25 @@ fn main() {
         ),
         Command::Debug(_) => unreachable!("handled above"),
     };
-    // the build's result is out; the collector runs on its own
+    // the build's result (or its error) is out first; then the state is
+    // measured, and a collector started only when it is over its limit
     if built {
-        cli::autogc::spawn_after_build(root, &gc_settings);
+        let code = report(result);
+        cli::autogc::after_build(root, &gc_settings);
+        std::process::exit(code);
     }
     finish(result)
+}
+
+/// Print an error with its cause chain; the exit code.
+fn report(result: anyhow::Result<i32>) -> i32 {
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kiln: error: {}", cli::chain(&err));
+            cli::exit_code(&err)
+        }
+    }
 }
 
 /// The state directory (`--root`, else the default), checked as
@@ -182,11 +196,5 @@ fn finish_on_error(result: anyhow::Result<()>) {
 }
 
 fn finish(result: anyhow::Result<i32>) -> ! {
-    match result {
-        Ok(code) => std::process::exit(code),
-        Err(err) => {
-            eprintln!("kiln: error: {}", cli::chain(&err));
-            std::process::exit(cli::exit_code(&err));
-        }
-    }
+    std::process::exit(report(result))
 }

@@ -1,7 +1,11 @@
-//! Automatic garbage collection: after every build, a detached `kiln prune
-//! --auto` applies kiln.toml's GC policy to the state directory, so a
-//! long-lived runner's disk does not fill up. The build's result is
-//! reported and its process gone before the collection starts.
+//! Automatic garbage collection: after every build, once its result is
+//! reported, kiln measures its state directory against kiln.toml's GC
+//! policy (a stat per blob and each layer's size, kept beside it: a few
+//! milliseconds), and only when the state is over the limit starts a
+//! detached `kiln prune --auto` to collect, so a long-lived runner's disk
+//! does not fill up and the build never waits for a collection. Within
+//! the limit (the usual case) nothing runs after kiln exits: a script may
+//! remove the state directory right away.
 //!
 //! The policy, BuildKit's default in kiln's terms: when the state
 //! directory holds more than `gc-keep-storage` (default: a tenth of its
@@ -66,13 +70,28 @@ pub fn limit(settings: &Settings, state: &StateDir) -> u64 {
         .unwrap_or_else(|| crate::config::default_keep_storage(state.root()))
 }
 
-/// After a build: start `kiln prune --auto` detached (its own process
-/// group, no terminal, output discarded), unless kiln.toml turns GC off.
-/// Never fails the build: a collector that cannot start is a warning.
-pub fn spawn_after_build(root: Option<&Path>, settings: &Settings) {
+/// After a build, its result reported: when the state directory is over
+/// the policy's limit, start `kiln prune --auto` detached (its own process
+/// group, no terminal, output discarded). Never fails the build: a check
+/// or a collector that cannot run is a warning.
+pub fn after_build(root: Option<&Path>, settings: &Settings) {
     if !settings.gc.value {
         return;
     }
+    let over = open_state(root).and_then(|(state, snap)| {
+        Ok(super::prune::state_bytes(&state, &snap)? > limit(settings, &state))
+    });
+    match over {
+        Ok(true) => spawn(root),
+        Ok(false) => {}
+        Err(e) => eprintln!(
+            "kiln: warning: cannot measure the state directory for garbage collection: {}",
+            super::chain(&e)
+        ),
+    }
+}
+
+fn spawn(root: Option<&Path>) {
     let mut cmd = match std::env::current_exe() {
         Ok(exe) => std::process::Command::new(exe),
         Err(e) => {
