@@ -10,8 +10,10 @@ build then fails, except for fsopen, fsconfig and fsmount, which only an
 overlay view of more layers than one page of mount options lists needs
 (the test's chains are short). Rules that Moby's profile
 grants only with a capability kiln's container does not get (CAP_SYS_ADMIN,
-CAP_SYS_PTRACE, ...) are left out: the profile is no wider than Moby's
-for anything but kiln's additions.
+CAP_SYS_PTRACE, ...) are left out, except chroot (CAP_SYS_CHROOT is in
+every container's default set): the profile is no wider than Moby's for
+anything but kiln's additions. It is no narrower than kiln's own step
+profile either (--check verifies): the two filters stack.
 
 Run it after changing the lists; scripts/test.sh runs it with --check.
 """
@@ -20,7 +22,8 @@ import pathlib
 import sys
 
 # Moby's default profile (profiles/seccomp/default.json), its unconditional
-# allow list, as of Moby 25-27.
+# allow list, as of Moby 27 (the last line: calls of newer kernels it
+# added).
 MOBY_ALLOWED = """
 accept accept4 access adjtimex alarm bind brk capget capset chdir chmod chown
 chown32 clock_adjtime clock_adjtime64 clock_getres clock_getres_time64
@@ -73,7 +76,12 @@ tkill truncate truncate64 ugetrlimit umask uname unlink unlinkat utime
 utimensat utimensat_time64 utimes vfork vmsplice wait4 waitid waitpid write
 writev
 process_vm_readv process_vm_writev ptrace
+cachestat fchmodat2 futex_requeue futex_wait futex_wake map_shadow_stack mseal
 """.split()
+
+# Allowed by Moby's profile with CAP_SYS_CHROOT, which is in the default
+# capability set of Docker and Podman containers.
+MOBY_WITH_DEFAULT_CAPS = ["chroot"]
 
 # What kiln's sandbox setup calls that Moby's profile allows only with
 # CAP_SYS_ADMIN (which a rootless container's kiln has only in the user
@@ -110,6 +118,11 @@ def profile():
                 "names": MOBY_ALLOWED,
                 "action": "SCMP_ACT_ALLOW",
                 "comment": "Moby's default: what every container may call",
+            },
+            {
+                "names": MOBY_WITH_DEFAULT_CAPS,
+                "action": "SCMP_ACT_ALLOW",
+                "comment": "Moby's default with CAP_SYS_CHROOT, which containers get by default",
             },
             {
                 "names": ["socket"],
@@ -154,5 +167,13 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
         if out.read_text() != text:
             sys.exit(f"{out} is not what {sys.argv[0]} writes: run it and commit the result")
+        # the outer filter must not take back what kiln's own step
+        # profile gives a step (filters stack: the stricter answer wins)
+        step = json.loads((out.parent.parent / "seccomp-profiles/default.json").read_text())
+        step_calls = {f["syscall"] for sec in step.values() for f in sec.get("filter", [])}
+        outer = {n for r in profile()["syscalls"] for n in r["names"]}
+        missing = sorted(step_calls - outer)
+        if missing:
+            sys.exit(f"{out} refuses what kiln's step profile allows: {' '.join(missing)}")
     else:
         out.write_text(text)

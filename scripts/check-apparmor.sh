@@ -17,4 +17,4 @@ echo "policy-features=$AA/usr/share/apparmor-features/features" > "$conf"
 "$AA/usr/lib64/ld-linux-x86-64.so.2" --library-path "$AA/usr/lib/x86_64-linux-gnu" \
     "$AA/usr/sbin/apparmor_parser" -QT --config-file "$conf" \
     --base "$AA/etc/apparmor.d" -I "$AA/etc/apparmor.d" deploy/apparmor/kiln
-echo "deploy/apparmor/kiln compiles with $("$AA/usr/lib64/ld-linux-x86-64.so.2" --library-path "$AA/usr/lib/x86_64-linux-gnu" "$AA/usr/sbin/apparmor_parser" --version | head -1)"
+echo "deploy/apparmor/kiln compiles with $("$AA/usr/lib64/ld-linux-x86-64.so.2" --library-path "$AA/usr/lib/x86_64-linux-gnu" "$AA/usr/sbin/apparmor_parser" --version 2>/dev/null | head -1)"

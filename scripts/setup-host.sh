@@ -52,19 +52,22 @@ for p in docker.io rootlesskit; do
 done
 if [ -n "$missing" ]; then
     echo "setup-host.sh: installing$missing"
-    no_start=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod 755 /usr/sbin/policy-rc.d
-        no_start=1
+        # removed however the install ends: it would block later installs
+        trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     $SUDO apt-get update -q
     # shellcheck disable=SC2086
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
-    [ -z "$no_start" ] || $SUDO rm -f /usr/sbin/policy-rc.d
-    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-        $SUDO systemctl disable --now docker.service docker.socket containerd.service >/dev/null 2>&1 || true
-    fi
+    # a docker.io installed here (not one the host had) stays off
+    case " $missing " in
+    *" docker.io "*)
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            $SUDO systemctl disable --now docker.service docker.socket containerd.service >/dev/null 2>&1 || true
+        fi ;;
+    esac
 fi
 for dev in /dev/fuse /dev/net/tun; do
     [ -e "$dev" ] && $SUDO chmod 0666 "$dev"

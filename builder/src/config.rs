@@ -456,15 +456,20 @@ impl Settings {
             self.put("jobs", Some(v), from)?;
         }
         let l = raw.limits;
+        // "0" or "unlimited" clears a limit an earlier layer set (unless
+        // the host enforces it)
+        let unset = |v: &str| v == "unlimited" || v == "0";
         if let Some(v) = &l.step_timeout {
-            self.put(
-                "limits.step-timeout",
-                Some(duration("limits.step-timeout", v)?),
-                from,
-            )?;
+            let d = (!unset(v))
+                .then(|| duration("limits.step-timeout", v))
+                .transpose()?;
+            self.put("limits.step-timeout", d, from)?;
         }
         if let Some(v) = &l.timeout {
-            self.put("limits.timeout", Some(duration("limits.timeout", v)?), from)?;
+            let d = (!unset(v))
+                .then(|| duration("limits.timeout", v))
+                .transpose()?;
+            self.put("limits.timeout", d, from)?;
         }
         for (name, v) in [
             ("nofile", l.nofile),
@@ -484,20 +489,22 @@ impl Settings {
             }
         }
         if let Some(v) = &l.memory {
-            self.put("limits.memory", Some(size("limits.memory", v)?), from)?;
+            let m = (!unset(v)).then(|| size("limits.memory", v)).transpose()?;
+            self.put("limits.memory", m, from)?;
         }
         if let Some(v) = l.pids {
-            self.put("limits.pids", Some(v), from)?;
+            // 0: unlimited, as docker's --pids-limit
+            self.put("limits.pids", (v > 0).then_some(v), from)?;
         }
         if let Some(v) = l.cpus {
-            if !(v > 0.0 && v.is_finite()) {
+            if !(v >= 0.0 && v.is_finite()) {
                 return Err(bad(
                     "limits.cpus",
                     &v.to_string(),
-                    "a positive number of CPUs",
+                    "a number of CPUs (0: unlimited)",
                 ));
             }
-            self.put("limits.cpus", Some(v), from)?;
+            self.put("limits.cpus", (v > 0.0).then_some(v), from)?;
         }
         if let Origin::File(path) = from {
             self.registries
@@ -959,6 +966,25 @@ mod tests {
         // a key the host does not enforce is the user's to loosen
         let s = load("[limits]\nnofile = 10\n", "[limits]\nnofile = 100\n").unwrap();
         assert_eq!(s.ulimits["nofile"].value.soft, 100);
+    }
+
+    #[test]
+    fn a_later_layer_clears_a_limit_an_earlier_one_set_unless_enforced() {
+        let s = load(
+            "[limits]\nmemory = \"2GB\"\nstep-timeout = \"1h\"\npids = 100\ncpus = 2.0\n",
+            "[limits]\nmemory = \"unlimited\"\nstep-timeout = \"0\"\npids = 0\ncpus = 0.0\n",
+        )
+        .unwrap();
+        assert_eq!(s.memory.value, None);
+        assert_eq!(s.step_timeout.value, None);
+        assert_eq!(s.pids.value, None);
+        assert_eq!(s.cpus.value, None);
+        let err = load(
+            "enforce = [\"limits.memory\"]\n[limits]\nmemory = \"2GB\"\n",
+            "[limits]\nmemory = \"unlimited\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("looser"), "{err}");
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl Delegated {
                 r => r?,
             }
         }
+        remove_stale_steps(&self.path);
         let enable: Vec<String> = limits
             .controllers()
             .iter()
@@ -185,6 +186,24 @@ impl Delegated {
     }
 }
 
+/// Remove the `step-PID-N` cgroups of kiln processes that are gone (a
+/// kiln killed mid-step leaves its step's cgroup; an empty one can be
+/// removed, a busy one stays).
+fn remove_stale_steps(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("step-").and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// Where steps' cgroups are made, and their limits.
 #[derive(Debug)]
 pub struct StepCgroups {
@@ -196,12 +215,17 @@ pub struct StepCgroups {
 impl StepCgroups {
     /// A new cgroup with the limits, for one step; removed when dropped.
     pub fn make(&self) -> Result<StepCgroup, SetupError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.parent.join(format!("step-{}-{n}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|source| SetupError::Make {
-            path: path.clone(),
-            source,
-        })?;
+        let path = loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let path = self.parent.join(format!("step-{}-{n}", std::process::id()));
+            match std::fs::create_dir(&path) {
+                Ok(()) => break path,
+                // left by an earlier kiln of the same pid that still had
+                // a process in it: take the next name
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(SetupError::Make { path, source }),
+            }
+        };
         let cg = StepCgroup {
             path,
             limits: self.limits,

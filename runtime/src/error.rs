@@ -194,10 +194,31 @@ fn write_map_hint(source: &std::io::Error) -> &'static str {
     }
 }
 
-/// A namespace-creating call that failed: when a seccomp filter is on
-/// this process and the answer is one a filter gives (ENOSYS for clone3,
-/// EPERM), say so and name the fix; else the plain error.
+/// A namespace-creating call that failed, in the user's terms: user
+/// namespaces turned off by a sysctl or AppArmor; else, when a seccomp
+/// filter is on this process and the answer is one a filter gives
+/// (ENOSYS for clone3, EPERM), the filter and its fix; else the plain
+/// error.
 pub fn namespace_call_failed(call: &'static str, e: nix::errno::Errno) -> Error {
+    use nix::errno::Errno;
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    if matches!(e, Errno::EPERM | Errno::ENOSPC | Errno::EUSERS) {
+        if read("/proc/sys/user/max_user_namespaces") == "0" {
+            return Error::UserNamespacesDisabled("user.max_user_namespaces is 0");
+        }
+        if read("/proc/sys/kernel/unprivileged_userns_clone") == "0" {
+            return Error::UserNamespacesDisabled("kernel.unprivileged_userns_clone is 0");
+        }
+        if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" {
+            return Error::UserNamespacesDisabled(
+                "AppArmor's kernel.apparmor_restrict_unprivileged_userns is 1",
+            );
+        }
+    }
     let filtered = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
         s.lines()
             .any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2'))

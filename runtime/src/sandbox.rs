@@ -477,24 +477,6 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 
 /// Why clone failed, in the user's terms.
 fn clone_error(e: Errno) -> Error {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    };
-    if matches!(e, Errno::EPERM | Errno::ENOSPC | Errno::EUSERS) {
-        if read("/proc/sys/user/max_user_namespaces") == "0" {
-            return Error::UserNamespacesDisabled("user.max_user_namespaces is 0");
-        }
-        if read("/proc/sys/kernel/unprivileged_userns_clone") == "0" {
-            return Error::UserNamespacesDisabled("kernel.unprivileged_userns_clone is 0");
-        }
-        if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" {
-            return Error::UserNamespacesDisabled(
-                "AppArmor's kernel.apparmor_restrict_unprivileged_userns is 1",
-            );
-        }
-    }
     crate::error::namespace_call_failed("clone", e)
 }
 

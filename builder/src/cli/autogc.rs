@@ -174,7 +174,8 @@ fn unix_secs(t: SystemTime) -> i64 {
 /// else the candidates least recently used first, those used within
 /// `keep` only after all older ones, until the state is within it.
 /// Whatever is not a candidate (images, records they hold) counts
-/// against the limit but never goes.
+/// against the limit but never goes; when it alone fills the limit, only
+/// records older than `keep` go.
 pub fn select(
     candidates: &[PruneCandidate],
     total: u64,
@@ -197,6 +198,11 @@ pub fn select(
         },
         now,
     );
+    // what no collection may free (images) fills the limit by itself:
+    // records used lately stay, or every build would find its cache gone
+    if fixed >= limit {
+        return out;
+    }
     let rest: Vec<PruneCandidate> = candidates
         .iter()
         .filter(|c| !out.contains(&c.key))
@@ -248,7 +254,8 @@ mod tests {
             keys(select(&cands, 500, 250, keep, now)),
             ["old-a", "old-b", "recent-old"]
         );
-        // images alone over the limit: every candidate goes, images stay
-        assert_eq!(select(&cands, 500, 50, keep, now).len(), 4);
+        // images alone over the limit: the old records go, the ones used
+        // within keep-duration stay (else every build would start cold)
+        assert_eq!(keys(select(&cands, 500, 50, keep, now)), ["old-a", "old-b"]);
     }
 }

@@ -140,22 +140,23 @@ pub struct BuildArgs {
     #[arg(long, value_name = "NAME=SOFT[:HARD]")]
     ulimit: Vec<String>,
     /// Kill a RUN step (its whole PID namespace) that runs longer than
-    /// this, e.g. 30m, 1h30m; the build fails naming the step
+    /// this, e.g. 30m, 1h30m (0: no limit); the build fails naming the step
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     step_timeout: Option<std::time::Duration>,
     /// Fail the build when it runs longer than this, killing the step
-    /// running then
+    /// running then (0: no limit)
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     timeout: Option<std::time::Duration>,
-    /// Memory limit of each RUN step (e.g. 2g); needs cgroup v2 controllers
-    /// delegated to the user (see `kiln info`), else an error
+    /// Memory limit of each RUN step (e.g. 2g; 0: none); needs cgroup v2
+    /// controllers delegated to the user (see `kiln info`), else an error
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
-    /// Task limit of each RUN step; needs delegated cgroup v2 controllers
+    /// Task limit of each RUN step (0: none); needs delegated cgroup v2
+    /// controllers
     #[arg(long, value_name = "N")]
     pids_limit: Option<u64>,
-    /// CPU limit of each RUN step (e.g. 1.5); needs delegated cgroup v2
-    /// controllers
+    /// CPU limit of each RUN step (e.g. 1.5; 0: none); needs delegated
+    /// cgroup v2 controllers
     #[arg(long, value_name = "N")]
     cpus: Option<f64>,
     /// An annotation on the image outputs, as buildx:
@@ -190,12 +191,10 @@ pub fn run(
     mut settings: Settings,
     mut args: BuildArgs,
 ) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
     apply_flags(&mut settings, &args)?;
-    attestations(&args)?;
-    let settings = settings;
-    if let Some(limit) = settings.timeout.value {
-        watchdog(limit);
-    }
+    // disarmed when this function returns, whichever way
+    let _watchdog = settings.timeout.value.map(|l| Watchdog::arm(l, started));
     let state_root = crate::image::StateDir::open(root)?;
     let _stdin = super::context_input::take(&mut args.context, &mut args.file, state_root.root())?;
     let session = session(&args)?;
@@ -242,6 +241,7 @@ pub fn run(
         session,
         times: &times,
         remote: &remote,
+        started,
     };
     let mut opts = build_options(root, insecure, &args, &settings, sources)?;
     opts.check = matches!(call, Some(Call::Check));
@@ -633,17 +633,38 @@ fn write_reports(
 /// limit and fails the build; anything else (a pull, a copy, an export)
 /// is stopped by this thread a moment later, and kiln exits. Steps die
 /// with kiln (their parent-death signal); the store stays consistent, as
-/// after any crash.
-fn watchdog(limit: std::time::Duration) {
-    const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
-    std::thread::spawn(move || {
-        std::thread::sleep(limit + GRACE);
-        eprintln!(
-            "kiln: error: the build ran past --timeout {}s and was stopped",
-            limit.as_secs_f64()
-        );
-        std::process::exit(1);
-    });
+/// after any crash. Disarmed when dropped: a build that ended in time is
+/// never stopped afterwards.
+struct Watchdog {
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn arm(limit: std::time::Duration, started: std::time::Instant) -> Watchdog {
+        const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::clone(&done);
+        std::thread::spawn(move || {
+            std::thread::sleep(
+                (started + limit + GRACE).saturating_duration_since(std::time::Instant::now()),
+            );
+            if seen.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            eprintln!(
+                "kiln: error: the build ran past --timeout {}s and was stopped",
+                limit.as_secs_f64()
+            );
+            std::process::exit(1);
+        });
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The command line's settings over kiln.toml's, each checked against
@@ -673,11 +694,13 @@ fn apply_flags(settings: &mut Settings, args: &BuildArgs) -> anyhow::Result<()> 
         }
         settings.flag("jobs", Some(j), "--jobs")?;
     }
+    // 0 clears a limit kiln.toml set (unless the host enforces it)
     if let Some(d) = args.step_timeout {
-        settings.flag("limits.step-timeout", Some(d), "--step-timeout")?;
+        let d = (!d.is_zero()).then_some(d);
+        settings.flag("limits.step-timeout", d, "--step-timeout")?;
     }
     if let Some(d) = args.timeout {
-        settings.flag("limits.timeout", Some(d), "--timeout")?;
+        settings.flag("limits.timeout", (!d.is_zero()).then_some(d), "--timeout")?;
     }
     for u in &args.ulimit {
         let r = kiln_runtime::spec::Rlimit::parse_docker(u)?;
@@ -686,18 +709,18 @@ fn apply_flags(settings: &mut Settings, args: &BuildArgs) -> anyhow::Result<()> 
     }
     if let Some(m) = &args.memory {
         let bytes = crate::units::parse_size(m).context("--memory")?;
-        settings.flag("limits.memory", Some(bytes), "--memory")?;
+        settings.flag("limits.memory", (bytes > 0).then_some(bytes), "--memory")?;
     }
     if let Some(p) = args.pids_limit {
-        settings.flag("limits.pids", Some(p), "--pids-limit")?;
+        settings.flag("limits.pids", (p > 0).then_some(p), "--pids-limit")?;
     }
     if let Some(c) = args.cpus {
-        if !(c > 0.0 && c.is_finite()) {
-            bail!("--cpus {c}: a positive number of CPUs");
+        if !(c >= 0.0 && c.is_finite()) {
+            bail!("--cpus {c}: a number of CPUs (0: unlimited)");
         }
-        settings.flag("limits.cpus", Some(c), "--cpus")?;
+        settings.flag("limits.cpus", (c > 0.0).then_some(c), "--cpus")?;
     }
-    Ok(())
+    attestations(args)
 }
 
 /// Memory, task and CPU limits: each RUN step gets a cgroup of its own
@@ -834,6 +857,8 @@ struct Sources<'a> {
     session: crate::session::Session,
     times: &'a super::epoch::SourceTimes,
     remote: &'a super::context_input::Remote<'a>,
+    /// when the build started: `--timeout` counts from here
+    started: std::time::Instant,
 }
 
 fn build_options(
@@ -932,10 +957,7 @@ fn build_options(
         step_cgroups: step_cgroups(settings)?,
         time_limits: engine::exec::TimeLimits {
             step: settings.step_timeout.value,
-            build: settings
-                .timeout
-                .value
-                .map(|d| (d, std::time::Instant::now() + d)),
+            build: settings.timeout.value.map(|d| (d, sources.started + d)),
         },
     })
 }

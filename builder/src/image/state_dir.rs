@@ -89,6 +89,10 @@ impl StateDir {
             }
             Err(e) => return Err(io_err(e)),
         }
+        // [`check_private`] ran before this directory existed, or before
+        // another user could have made it in a shared (sticky) parent:
+        // what is used now must be the caller's and closed to others
+        check_own(&root)?;
         Ok(StateDir { root })
     }
 
@@ -153,7 +157,20 @@ pub fn check_private(path: &Path) -> Result<()> {
         };
         let leaf = i + 1 == parts.len();
         if meta.file_type().is_symlink() {
-            // its directory was checked; the target is checked from `/`
+            // its directory was checked, but in a sticky one (/tmp) the
+            // link's owner can replace it: it must be ours (or root's);
+            // the target is checked from `/`
+            use std::os::unix::fs::MetadataExt;
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(Error::Shared {
+                    of: abs.clone(),
+                    path: at,
+                    what: "a symbolic link owned by another user",
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    fix: "use a directory of your own (--root DIR, or $KILN_CONFIG)".into(),
+                });
+            }
             let target = fs::canonicalize(&at).map_err(|source| Error::Io {
                 path: at.clone(),
                 source,
@@ -164,6 +181,38 @@ pub fn check_private(path: &Path) -> Result<()> {
         check_entry(&abs, &at, &meta, me, leaf)?;
     }
     Ok(())
+}
+
+/// The state directory as opened: owned by this process's user (in the
+/// namespace it runs in) and writable by no one else.
+fn check_own(root: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(root).map_err(|source| Error::Io {
+        path: root.into(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let (what, fix) = if meta.uid() != me {
+        (
+            "owned by another user",
+            "use a directory of your own (--root DIR)".to_string(),
+        )
+    } else if meta.mode() & 0o002 != 0 {
+        (
+            "writable by other users",
+            format!("chmod go-w {}", root.display()),
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::Shared {
+        of: root.into(),
+        path: root.into(),
+        what,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        fix,
+    })
 }
 
 fn check_entry(of: &Path, at: &Path, meta: &fs::Metadata, me: u32, leaf: bool) -> Result<()> {
@@ -263,6 +312,41 @@ mod tests {
         );
         assert!(matches!(p(None, None), Err(Error::NoHome)));
         assert!(matches!(p(None, Some("")), Err(Error::NoHome)));
+    }
+
+    #[test]
+    fn a_state_directory_or_link_of_another_user_is_refused() {
+        // changing owners needs root (CI runs the unit tests as root)
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let other = nix::unistd::Uid::from_raw(54321);
+        let tmp = tempfile::tempdir().unwrap();
+        // made by someone else before kiln came to use it (the window
+        // between the check of a missing path and opening it)
+        let theirs = tmp.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).unwrap();
+        nix::unistd::chown(&theirs, Some(other), None).unwrap();
+        let err = StateDir::open(Some(&theirs)).unwrap_err().to_string();
+        assert!(err.contains("owned by another user"), "{err}");
+        // a link another user owns, in a sticky directory they may share
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        let mine = tmp.path().join("mine");
+        fs::create_dir(&mine).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&mine, &link).unwrap();
+        check_private(&link).unwrap();
+        nix::unistd::fchownat(
+            None,
+            &link,
+            Some(other),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        let err = check_private(&link).unwrap_err().to_string();
+        assert!(err.contains("symbolic link owned by another user"), "{err}");
     }
 
     #[test]
