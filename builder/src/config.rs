@@ -173,32 +173,21 @@ impl Ceiling for Duration {
     }
 }
 
-impl Ceiling for u64 {
-    fn within(&self, ceiling: &u64) -> bool {
-        self <= ceiling
-    }
-    fn show(&self) -> String {
-        self.to_string()
-    }
+/// Numbers: the smaller is the tighter.
+macro_rules! ceiling_by_size {
+    ($($t:ty),+) => {$(
+        impl Ceiling for $t {
+            fn within(&self, ceiling: &$t) -> bool {
+                self <= ceiling
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )+};
 }
 
-impl Ceiling for usize {
-    fn within(&self, ceiling: &usize) -> bool {
-        self <= ceiling
-    }
-    fn show(&self) -> String {
-        self.to_string()
-    }
-}
-
-impl Ceiling for f64 {
-    fn within(&self, ceiling: &f64) -> bool {
-        self <= ceiling
-    }
-    fn show(&self) -> String {
-        self.to_string()
-    }
-}
+ceiling_by_size!(u64, usize, f64);
 
 /// `None` is "no limit": the loosest value.
 impl<T: Ceiling> Ceiling for Option<T> {
@@ -292,10 +281,14 @@ impl Default for Settings {
             soft: 0,
             hard: 0,
         };
+        // never more than this process may give (a small VM's nproc hard
+        // limit is below 8192, and a step asking more fails to start)
+        let nproc_hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
+            .map_or(DEFAULT_NPROC, |(_, hard)| hard);
         let nproc = Rlimit {
             kind: oci_spec::runtime::PosixRlimitType::RlimitNproc,
-            soft: DEFAULT_NPROC,
-            hard: DEFAULT_NPROC,
+            soft: DEFAULT_NPROC.min(nproc_hard),
+            hard: DEFAULT_NPROC.min(nproc_hard),
         };
         Settings {
             gc: Set::default(true),
@@ -653,11 +646,6 @@ impl Settings {
             ceiling: c.value.show(),
             host: c.from.clone(),
         })))
-    }
-
-    /// The enforced keys, in order.
-    pub fn enforced(&self) -> impl Iterator<Item = &str> {
-        self.enforced.iter().map(String::as_str)
     }
 
     /// Every setting, for `kiln info`.

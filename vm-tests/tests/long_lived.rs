@@ -386,6 +386,15 @@ fn a_fork_bomb_is_stopped_by_nproc() {
 fn limits_kiln_cannot_enforce_here_are_refused() {
     let df = "FROM scratch\nCOPY rootfs/ /\nRUN true\n";
     let r = Runner::new("cgroup-limits", &[("Dockerfile", df)], "");
+    // where the host delegates cgroups these flags work (cgroup_limits.rs
+    // tests that in a VM); this test is about a host that does not
+    let (info, _) = expect_success(r.kiln(&["info"]).output().unwrap());
+    if !info.contains("Step limits: rlimits only") {
+        kiln_vm_tests::missing_prerequisite(
+            "this host delegates cgroup v2 controllers: no refusal to test here",
+        );
+        return;
+    }
     for (flag, value) in [("--memory", "1g"), ("--pids-limit", "100"), ("--cpus", "1")] {
         let err = expect_failure(r.build("Dockerfile", &[flag, value]));
         assert!(
@@ -427,4 +436,26 @@ fn a_state_directory_other_users_can_change_is_refused() {
         err.contains("kiln.toml is writable by other users"),
         "{err}"
     );
+}
+
+#[test]
+fn kilns_own_rlimit_defaults_do_not_split_the_cache_between_hosts() {
+    let df = "FROM scratch\nCOPY rootfs/ /\nRUN echo nproc=$(ulimit -u)\n";
+    let r = Runner::new("default-ulimits-key", &[("Dockerfile", df)], "");
+    let (_, err) = expect_success(r.build("Dockerfile", &[]));
+    assert!(err.contains("nproc=8192"), "{err}");
+    // the same build where the caller's own hard limit is lower (a small
+    // VM): kiln's default nproc is lowered to it, and the step still hits
+    // the cache the first build made
+    let out = unprivileged(Path::new("/usr/bin/prlimit"))
+        .args(["--nproc=4000:4000", "--", "/usr/bin/env"])
+        .arg(format!("KILN_CONFIG={}", r.dir.join("kiln.toml").display()))
+        .arg(stage_file(&kiln_binary()))
+        .arg("--root")
+        .arg(r.state())
+        .args(["build", "--progress", "plain"])
+        .arg(r.dir.join("ctx"))
+        .output()
+        .unwrap();
+    assert!(steps_run(out).contains("0 steps run"));
 }

@@ -126,7 +126,7 @@ pub fn run(root: Option<&Path>, settings: &Settings) -> anyhow::Result<i32> {
     };
     let limit = limit(settings, &state);
     let keep = settings.gc_keep_duration.value;
-    let started = SystemTime::now();
+    let started = crate::image::time::now();
     let t = Instant::now();
     // within the limit (the usual case): measured, nothing collected
     let result = super::prune::state_bytes(&state, &snap).and_then(|total| {
@@ -142,7 +142,7 @@ pub fn run(root: Option<&Path>, settings: &Settings) -> anyhow::Result<i32> {
         })
     });
     let record = LastRun {
-        started: crate::image::time::format_rfc3339(unix_secs(started)),
+        started: crate::image::time::format_rfc3339(started),
         seconds: t.elapsed().as_secs_f64(),
         limit,
         before: result.as_ref().map_or(0, |r| r.before),
@@ -163,11 +163,6 @@ pub fn run(root: Option<&Path>, settings: &Settings) -> anyhow::Result<i32> {
         super::images::human_size(limit)
     );
     Ok(0)
-}
-
-fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What goes: nothing while the state (`total` bytes) is within `limit`;

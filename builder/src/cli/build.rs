@@ -192,7 +192,7 @@ pub fn run(
     mut args: BuildArgs,
 ) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
-    apply_flags(&mut settings, &args)?;
+    check_flags(&mut settings, &args)?;
     // disarmed when this function returns, whichever way
     let _watchdog = settings.timeout.value.map(|l| Watchdog::arm(l, started));
     let state_root = crate::image::StateDir::open(root)?;
@@ -667,9 +667,10 @@ impl Drop for Watchdog {
     }
 }
 
-/// The command line's settings over kiln.toml's, each checked against
-/// what the host file enforces.
-fn apply_flags(settings: &mut Settings, args: &BuildArgs) -> anyhow::Result<()> {
+/// What the command line asks, checked before anything runs: its
+/// settings over kiln.toml's (each against what the host file enforces)
+/// and the attestation flags.
+fn check_flags(settings: &mut Settings, args: &BuildArgs) -> anyhow::Result<()> {
     if let Some(n) = &args.network {
         let name = match n.as_str() {
             // `default` is buildx's name for the build's default network
@@ -943,16 +944,11 @@ fn build_options(
             .as_deref()
             .map(|s| crate::units::parse_size(s).context("--shm-size"))
             .transpose()?,
-        ulimits: settings
-            .ulimits
-            .values()
-            .map(|u| match u.from {
-                // kiln's own defaults never ask more than this process
-                // may give (a small VM's nproc hard limit is below 8192)
-                crate::config::Origin::Default => within_own_hard_limit(u.value),
-                _ => u.value,
-            })
-            .collect(),
+        // the cache key holds what a user set (as BuildKit's exec op);
+        // kiln's own defaults, like its seccomp profile, are not keyed,
+        // so caches stay shared between hosts whose hard limits differ
+        ulimits: ulimits(settings, false),
+        default_ulimits: ulimits(settings, true),
         check: false,
         step_cgroups: step_cgroups(settings)?,
         time_limits: engine::exec::TimeLimits {
@@ -962,23 +958,15 @@ fn build_options(
     })
 }
 
-/// `r` lowered to this process's own hard limit of the same resource.
-fn within_own_hard_limit(r: kiln_runtime::spec::Rlimit) -> kiln_runtime::spec::Rlimit {
-    use nix::sys::resource::{getrlimit, Resource};
-    use oci_spec::runtime::PosixRlimitType as T;
-    let resource = match r.kind {
-        T::RlimitNproc => Resource::RLIMIT_NPROC,
-        T::RlimitCore => Resource::RLIMIT_CORE,
-        _ => return r,
-    };
-    match getrlimit(resource) {
-        Ok((_, hard)) => kiln_runtime::spec::Rlimit {
-            soft: r.soft.min(hard),
-            hard: r.hard.min(hard),
-            ..r
-        },
-        Err(_) => r,
-    }
+/// The step rlimits kiln.toml and `--ulimit` set (`defaults` false), or
+/// kiln's own defaults that neither overrode (`defaults` true).
+fn ulimits(settings: &Settings, defaults: bool) -> Vec<kiln_runtime::spec::Rlimit> {
+    settings
+        .ulimits
+        .values()
+        .filter(|u| (u.from == crate::config::Origin::Default) == defaults)
+        .map(|u| u.value)
+        .collect()
 }
 
 /// `--label K=V`, in order (a later K wins).

@@ -86,6 +86,8 @@ pub struct RunSpec<'a> {
     /// `--shm-size` and `--ulimit`
     pub shm_size: Option<u64>,
     pub ulimits: &'a [kiln_runtime::spec::Rlimit],
+    /// kiln's own defaults for the kinds `ulimits` leaves out
+    pub default_ulimits: &'a [kiln_runtime::spec::Rlimit],
     /// the step's host name (`BUILDKIT_SANDBOX_HOSTNAME`, else `kiln`)
     pub hostname: &'a str,
     /// when the step's PID namespace is killed
@@ -336,7 +338,12 @@ fn sandbox_config(rootfs: &Path, spec: &RunSpec<'_>, args: Vec<String>) -> Resul
     config.hostname = spec.hostname.into();
     config.mounts = spec.mounts.clone();
     config.shm_size = spec.shm_size;
-    config.rlimits = spec.ulimits.to_vec();
+    config.rlimits = spec
+        .default_ulimits
+        .iter()
+        .chain(spec.ulimits)
+        .copied()
+        .collect();
     let user = if spec.state.config.user.is_empty() {
         "0"
     } else {

@@ -103,8 +103,12 @@ pub struct BuildOptions {
     pub pull: bool,
     /// `--shm-size`: /dev/shm of RUN steps, in bytes
     pub shm_size: Option<u64>,
-    /// `--ulimit`: resource limits of RUN steps
+    /// `--ulimit` and kiln.toml's `[limits]`: resource limits of RUN
+    /// steps, part of their keys
     pub ulimits: Vec<kiln_runtime::spec::Rlimit>,
+    /// kiln's own rlimit defaults (no core dumps, nproc) for the kinds the
+    /// above leaves out: applied, not keyed
+    pub default_ulimits: Vec<kiln_runtime::spec::Rlimit>,
     /// `--check`: lint every stage, not only those built
     pub check: bool,
     /// `--step-timeout` and `--timeout`

@@ -188,6 +188,7 @@ impl Engine {
             emulators,
             shm_size: self.opts.shm_size,
             ulimits: &self.opts.ulimits,
+            default_ulimits: &self.opts.default_ulimits,
             hostname: self
                 .opts
                 .build_args
